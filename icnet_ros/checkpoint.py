@@ -1,0 +1,214 @@
+"""Native checkpoints: one ``.safetensors`` file whose header carries the model's JSON metadata.
+
+Loading never executes code: tensors come from safetensors, metadata from JSON. The metadata (``model.meta``):
+
+.. code-block:: text
+
+    format          "icnet_ros"           version  1
+    arch            ICNetConfig fields (backbone, num_classes, width, ppm, cff, aux_heads, aux_dropout)
+    dataset         class-set name        classes  [names]    palette [[r, g, b], ...]    ignore_index 255
+    normalization   {"mean": [3], "std": [3], "channel_order": "RGB"|"BGR"}  applied to 0..255 pixel values
+    input_size      [H, W] recommended inference size, or null (native frame size)
+    provenance      free-form dict: source, command, iterations, val mIoU, date, ...
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .classes import CITYSCAPES, IGNORE_INDEX, ClassSet, class_set_from_meta, generic_palette
+from .models.icnet import ICNet, ICNetConfig
+
+FORMAT = "icnet_ros"
+FORMAT_VERSION = 1
+META_KEY = "icnet_ros"
+
+# mmseg's data preprocessor, in RGB, on 0..255 pixel values
+MMSEG_NORMALIZATION: dict[str, Any] = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375],
+                                       "channel_order": "RGB"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, corrupt, truncated, not ICNet, or not matching its architecture."""
+
+
+def build_meta(config: ICNetConfig, class_set: ClassSet | None = None,
+               normalization: dict[str, Any] | None = None, input_size: tuple[int, int] | list[int] | None = None,
+               provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Complete metadata for a model of ``config``; missing parts get defaults (generic class names and palette,
+    mmseg normalization)."""
+    if class_set is None:
+        n = config.num_classes
+        class_set = CITYSCAPES if n == 19 else ClassSet("custom", tuple(f"class_{i}" for i in range(n)),
+                                                        generic_palette(n))
+    if class_set.num_classes != config.num_classes:
+        raise CheckpointError(f"class set {class_set.name!r} has {class_set.num_classes} classes but the model "
+                              f"predicts {config.num_classes}")
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "arch": config.to_dict(), **class_set.to_meta(),
+            "normalization": dict(normalization or MMSEG_NORMALIZATION),
+            "input_size": list(input_size) if input_size else None, "provenance": dict(provenance or {})}
+    validate_meta(meta)
+    return meta
+
+
+def validate_meta(meta: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` naming the first problem in ``meta``."""
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"not an icnet_ros checkpoint (metadata format {meta.get('format')!r})")
+    if int(meta.get("version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format version {meta['version']} is newer than this icnet_ros "
+                              f"supports ({FORMAT_VERSION}); upgrade icnet_ros")
+    try:
+        config = ICNetConfig.from_dict(meta["arch"])
+        class_set = class_set_from_meta(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"invalid checkpoint metadata: {e}") from e
+    if class_set.num_classes != config.num_classes:
+        raise CheckpointError(f"metadata lists {class_set.num_classes} classes but arch.num_classes is "
+                              f"{config.num_classes}")
+    norm = meta.get("normalization") or {}
+    if (len(norm.get("mean", ())) != 3 or len(norm.get("std", ())) != 3 or any(s <= 0 for s in norm["std"])
+            or norm.get("channel_order") not in ("RGB", "BGR")):
+        raise CheckpointError(f"invalid normalization in metadata: {norm!r} (need mean[3], std[3] > 0, "
+                              "channel_order RGB or BGR)")
+    size = meta.get("input_size")
+    if size is not None and (len(size) != 2 or min(size) < 64):
+        raise CheckpointError(f"invalid input_size in metadata: {size!r} (need [H, W], each >= 64)")
+
+
+def save_checkpoint(model: ICNet, path: str | os.PathLike, meta: dict[str, Any] | None = None, *,
+                    fp16: bool = False, include_aux: bool = True) -> None:
+    """Write ``model`` (weights, BN statistics) and ``meta`` (default: ``model.meta``) to a safetensors file.
+
+    ``fp16`` halves the file; ``include_aux=False`` drops the training-only auxiliary heads (deployment)."""
+    from safetensors.torch import save_file
+
+    meta = dict(meta if meta is not None else model.meta)
+    if not meta:
+        meta = build_meta(model.config)
+    arch = dict(meta.get("arch") or model.config.to_dict())
+    if not include_aux:
+        arch["aux_heads"] = False
+    meta["arch"] = arch
+    validate_meta(meta)
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if not include_aux and k.startswith("auxiliary_head."):
+            continue
+        v = v.detach().to("cpu")
+        if fp16 and v.is_floating_point():
+            v = v.half()
+        tensors[k] = v.contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a native checkpoint, without loading its tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (corrupt or truncated?): {e}") from e
+    if META_KEY not in header:
+        raise CheckpointError(f"{path}: safetensors file without icnet_ros metadata; not an icnet_ros checkpoint "
+                              "(convert mmseg .pth checkpoints with icnet-convert)")
+    try:
+        meta = json.loads(header[META_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata is not valid JSON: {e}") from e
+    try:
+        validate_meta(meta)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return meta
+
+
+def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                         allow_missing_aux: bool = True) -> None:
+    """Copy ``state`` into ``model`` after checking every key and shape; errors name what is wrong."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not (allow_missing_aux and k.startswith("auxiliary_head."))]
+    unexpected = [k for k in state if k not in own]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:5])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:5])})")
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:5])})")
+    if problems:
+        raise CheckpointError(f"{source} does not match the ICNet architecture: " + "; ".join(problems))
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].dtype))
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> ICNet:
+    """Load a native checkpoint (default: the package's default model) as an eval-mode ICNet with ``.meta``.
+
+    Raises :class:`CheckpointError` for missing, corrupt, truncated or mismatching files, and for mmseg ``.pth``
+    checkpoints (convert those first with ``icnet-convert``).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if path is None:
+        path = default_model_path()
+    path = _existing(path)
+    if path.suffix in (".pth", ".pt"):
+        raise CheckpointError(f"{path}: PyTorch pickle checkpoint; convert it first: "
+                              f"icnet-convert {path} {path.with_suffix('.safetensors')}")
+    meta = read_metadata(path)
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read tensors (corrupt or truncated?): {e}") from e
+    config = ICNetConfig.from_dict(meta["arch"])
+    model = ICNet(config)
+    load_state_dict_into(model, state, source=str(path), allow_missing_aux=not config.aux_heads)
+    model.meta = meta
+    return model.to(device).eval()
+
+
+def default_model_path() -> Path:
+    """The package's default model: ``icnet_ros/weights/`` (pip) or ``share/icnet_ros/models`` (colcon)."""
+    name = "icnet_camvid.safetensors"
+    candidates = [Path(__file__).resolve().parent / "weights" / name]
+    try:  # colcon / ament install
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory("icnet_ros")) / "models" / name)
+    except Exception:  # noqa: BLE001 - no ament index (plain pip install) or package not in it
+        pass
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise CheckpointError("the default model is not installed (looked in: "
+                          + ", ".join(str(c) for c in candidates) + "); pass a model path")
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {p}")
+    return p
+
+
+__all__ = ["CheckpointError", "MMSEG_NORMALIZATION", "build_meta", "default_model_path", "load_model",
+           "load_state_dict_into", "read_metadata", "save_checkpoint", "validate_meta", "IGNORE_INDEX"]

@@ -1,0 +1,114 @@
+"""Class sets (names, palettes, ignore index, raw-label mapping): the one place that training, evaluation,
+checkpoints, the Segmenter and the node take them from.
+
+Convention everywhere in icnet_ros: class ids are 0..N-1 and **255 means ignore / unknown** (in training labels,
+in metrics, and in the Segmenter's label output for pixels it does not classify).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    """A labelled class set. ``label_map`` maps raw label values in dataset files to train ids (others: ignore)."""
+
+    name: str
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    ignore_index: int = IGNORE_INDEX
+    label_map: dict[int, int] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.classes) != len(self.palette):
+            raise ValueError(f"class set {self.name!r}: {len(self.classes)} classes but {len(self.palette)} colors")
+        if not 1 <= len(self.classes) <= 255:
+            raise ValueError(f"class set {self.name!r}: 1..255 classes supported, got {len(self.classes)}")
+        for c in self.palette:
+            if len(c) != 3 or any(not 0 <= int(v) <= 255 for v in c):
+                raise ValueError(f"class set {self.name!r}: bad color {c!r}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def palette_array(self) -> np.ndarray:
+        """256 x 3 uint8 RGB lookup table; ids without a class (the ignore value included) are black."""
+        lut = np.zeros((256, 3), np.uint8)
+        lut[: self.num_classes] = np.asarray(self.palette, np.uint8)
+        return lut
+
+    def label_lut(self) -> np.ndarray:
+        """256-entry uint8 table mapping raw label values to train ids (identity when no ``label_map``)."""
+        if self.label_map is None:
+            lut = np.full(256, self.ignore_index, np.uint8)
+            lut[: self.num_classes] = np.arange(self.num_classes, dtype=np.uint8)
+            return lut
+        lut = np.full(256, self.ignore_index, np.uint8)
+        for raw, train_id in self.label_map.items():
+            lut[raw] = train_id
+        return lut
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"dataset": self.name, "classes": list(self.classes), "palette": [list(c) for c in self.palette],
+                "ignore_index": self.ignore_index}
+
+
+CAMVID = ClassSet(
+    name="camvid",
+    classes=("sky", "building", "pole", "road", "sidewalk", "tree", "sign_symbol", "fence", "car", "pedestrian",
+             "bicyclist"),
+    palette=((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+             (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)),
+    # raw 0..10 are classes, 11 is void
+    label_map={i: i for i in range(11)},
+)
+
+CITYSCAPES = ClassSet(
+    name="cityscapes",
+    classes=("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+             "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"),
+    palette=((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+             (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+             (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)),
+    # gtFine *_labelIds.png label ids -> train ids
+    label_map={7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
+               27: 14, 28: 15, 31: 16, 32: 17, 33: 18},
+)
+
+CLASS_SETS: dict[str, ClassSet] = {c.name: c for c in (CAMVID, CITYSCAPES)}
+
+
+def get_class_set(name: str) -> ClassSet:
+    try:
+        return CLASS_SETS[name]
+    except KeyError:
+        raise ValueError(f"unknown class set {name!r}; known: {sorted(CLASS_SETS)}") from None
+
+
+def generic_palette(n: int) -> tuple[tuple[int, int, int], ...]:
+    """Distinct, deterministic colors for class sets that bring none (bit-interleaved, as in PASCAL VOC)."""
+    out = []
+    for i in range(n):
+        r = g = b = 0
+        c = i + 1
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out.append((r, g, b))
+    return tuple(out)
+
+
+def class_set_from_meta(meta: dict[str, Any]) -> ClassSet:
+    """The class set stored in a checkpoint's metadata (``classes``, ``palette``, ``ignore_index``)."""
+    classes = tuple(meta["classes"])
+    palette = tuple(tuple(int(v) for v in c) for c in meta.get("palette") or generic_palette(len(classes)))
+    return ClassSet(name=meta.get("dataset", "custom"), classes=classes, palette=palette,
+                    ignore_index=int(meta.get("ignore_index", IGNORE_INDEX)))

