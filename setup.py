@@ -52,6 +52,8 @@ setup(
             "icnet-bench = icnet_ros.tools.bench:main",
             "icnet-train = icnet_ros.train:main",
             "icnet-eval = icnet_ros.evaluate:main",
+            "icnet-record = icnet_ros.tools.record:main",
+            "icnet-demo = icnet_ros.tools.demo:main",
         ],
     },
 )

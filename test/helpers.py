@@ -1,0 +1,40 @@
+"""Shared test helpers: where the read-only data lives, and tiny real checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+CAMVID = DATA / "camvid"
+VIDEO = DATA / "video" / "solidWhiteRight.mp4"
+
+
+def require(path: Path) -> Path:
+    """Skip the calling test, with the reason, when the shared data is not there."""
+    if not path.exists():
+        pytest.skip(f"shared data not found: {path}")
+    return path
+
+
+def make_checkpoint(path: Path, arch: str = "icnet_r18", width: float = 0.25, num_classes: int = 11,
+                    seed: int = 0, **meta_kwargs) -> Path:
+    """A small, randomly initialised but real native checkpoint (BN statistics perturbed so outputs vary)."""
+    import torch
+
+    from icnet_ros.checkpoint import build_meta, save_checkpoint
+    from icnet_ros.classes import CAMVID as CAMVID_CLASSES
+    from icnet_ros.models import build_icnet
+
+    torch.manual_seed(seed)
+    model = build_icnet(arch, width=width, num_classes=num_classes)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    class_set = CAMVID_CLASSES if num_classes == 11 else None
+    meta = build_meta(model.config, class_set, **meta_kwargs)
+    save_checkpoint(model, path, meta)
+    return path
