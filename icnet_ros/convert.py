@@ -1,0 +1,134 @@
+"""Import MMSegmentation ICNet checkpoints (``.pth``) into the native format.
+
+The file is read with ``torch.load(weights_only=True)``: no code from it runs. Depth, width, number of classes and
+auxiliary heads are inferred from tensor shapes; class names and palette come from the checkpoint's ``meta`` (mmseg
+1.x ``meta.dataset_meta`` or mmseg 0.x ``meta.CLASSES/PALETTE``), otherwise Cityscapes for 19 classes. The
+normalization is mmseg's (RGB, ImageNet mean/std).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import MMSEG_NORMALIZATION, CheckpointError, build_meta, load_state_dict_into, save_checkpoint
+from .classes import CITYSCAPES, ClassSet, generic_palette
+from .models.icnet import ICNet, ICNetConfig
+
+# mmseg keeps the pyramid pooling on the ICNet backbone; icnet_ros groups it in `backbone.ppm`
+_RENAMES = (("backbone.psp_modules.", "backbone.ppm.psp_modules."),
+            ("backbone.psp_bottleneck.", "backbone.ppm.psp_bottleneck."))
+
+
+def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, meta) of a ``.pth`` file, with or without the ``state_dict`` wrapper, loaded safely."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refusing to load: the file holds Python objects other than tensors and "
+                              f"plain containers, and loading it could run code ({str(e).splitlines()[0]}). "
+                              "Re-save only its state_dict.") from e
+    except Exception as e:  # noqa: BLE001 - torch raises many types on damaged files (RuntimeError, IndexError, ...)
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict (state_dict or {{'state_dict': ...}}), got {type(obj).__name__}")
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    state = obj.get("state_dict", obj)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(state).__name__}, not a dict of tensors")
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    if all(k.startswith("module.") for k in tensors):  # saved from DataParallel / DDP
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors, meta
+
+
+def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> ICNetConfig:
+    """The :class:`ICNetConfig` of an mmseg ICNet state_dict, from its keys and shapes."""
+    required = ("backbone.conv_sub1.0.conv.weight", "backbone.backbone.stem.0.weight", "neck.cff_24.conv_low.conv.weight",
+                "decode_head.conv_seg.weight")
+    missing = [k for k in required if k not in state]
+    if missing:
+        hint = ""
+        if any(k.startswith("backbone.layer") or k.startswith("layer1.") for k in state):
+            hint = " (it looks like a plain ResNet classifier)"
+        elif any(k.startswith("decode_head.") for k in state):
+            hint = " (it looks like another mmseg segmentor)"
+        raise CheckpointError(f"{source} is not an ICNet checkpoint{hint}: missing {', '.join(missing)}")
+    bottleneck = "backbone.backbone.layer1.0.conv3.weight" in state
+    blocks = {i: len({k.split(".")[3] for k in state if k.startswith(f"backbone.backbone.layer{i}.")})
+              for i in range(1, 5)}
+    counts = (blocks[1], blocks[2], blocks[3], blocks[4])
+    depths = {(False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34, (True, (3, 4, 6, 3)): 50,
+              (True, (3, 4, 23, 3)): 101}
+    depth = depths.get((bottleneck, counts))
+    if depth is None:
+        raise CheckpointError(f"{source}: unsupported ResNet layout ({'Bottleneck' if bottleneck else 'BasicBlock'} "
+                              f"blocks per stage {counts}); supported depths 18, 34, 50, 101")
+    width = state["backbone.backbone.stem.0.weight"].shape[0] / 32.0
+    ppm = "concat" if "backbone.psp_modules.0.1.conv.weight" in state else "sum"
+    num_classes = int(state["decode_head.conv_seg.weight"].shape[0])
+    aux = "auxiliary_head.0.conv_seg.weight" in state
+    try:
+        return ICNetConfig(backbone=f"resnet{depth}", num_classes=num_classes, width=width, ppm=ppm, aux_heads=aux)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from e
+
+
+def class_set_from_mmseg_meta(meta: dict[str, Any], num_classes: int) -> ClassSet:
+    dataset_meta = meta.get("dataset_meta") or {}
+    classes = dataset_meta.get("classes") or meta.get("CLASSES")
+    palette = dataset_meta.get("palette") or meta.get("PALETTE")
+    if classes and len(classes) == num_classes:
+        if not palette or len(palette) != num_classes:
+            palette = generic_palette(num_classes)
+        return ClassSet(name=str(dataset_meta.get("dataset", "mmseg")), classes=tuple(map(str, classes)),
+                        palette=tuple(tuple(int(v) for v in c) for c in palette))
+    if num_classes == CITYSCAPES.num_classes:
+        return CITYSCAPES
+    return ClassSet("mmseg", tuple(f"class_{i}" for i in range(num_classes)), generic_palette(num_classes))
+
+
+def import_mmseg_checkpoint(path: str | os.PathLike, class_set: ClassSet | None = None) -> ICNet:
+    """An eval-mode :class:`ICNet` with ``.meta`` from an mmseg ICNet ``.pth`` checkpoint."""
+    path = Path(path).expanduser()
+    state, mm_meta = read_torch_checkpoint(path)
+    config = infer_config(state, str(path))
+    for old, new in _RENAMES:
+        state = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state.items()}
+    model = ICNet(config)
+    load_state_dict_into(model, state, source=str(path), allow_missing_aux=False)
+    class_set = class_set or class_set_from_mmseg_meta(mm_meta, config.num_classes)
+    provenance = {"source": "mmsegmentation", "file": path.name, "sha256": _sha256(path)}
+    for k in ("mmseg_version", "mmcv_version", "time", "iter", "epoch"):
+        if k in mm_meta and isinstance(mm_meta[k], (str, int, float)):
+            provenance[k] = mm_meta[k]
+    model.meta = build_meta(config, class_set, MMSEG_NORMALIZATION, None, provenance)
+    return model.eval()
+
+
+def convert_mmseg_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, class_set: ClassSet | None = None,
+                             fp16: bool = False, include_aux: bool = True,
+                             input_size: tuple[int, int] | None = None) -> ICNet:
+    """Convert ``src`` (mmseg ``.pth``) to ``dst`` (native ``.safetensors``); returns the imported model."""
+    model = import_mmseg_checkpoint(src, class_set)
+    if input_size is not None:
+        model.meta["input_size"] = list(input_size)
+    save_checkpoint(model, dst, model.meta, fp16=fp16, include_aux=include_aux)
+    return model
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,48 @@
+"""icnet-convert: MMSegmentation ICNet checkpoint (.pth) -> native icnet_ros checkpoint (.safetensors)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..checkpoint import CheckpointError
+from ..classes import CLASS_SETS, get_class_set
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="icnet-convert",
+        description="Convert an MMSegmentation ICNet checkpoint (.pth, read with weights_only=True) into a native "
+                    "icnet_ros checkpoint (safetensors + metadata). Depth, width and classes are inferred.")
+    p.add_argument("src", help="mmseg ICNet checkpoint (.pth), with or without the 'state_dict' wrapper")
+    p.add_argument("dst", help="output .safetensors file")
+    p.add_argument("--classes", choices=sorted(CLASS_SETS),
+                   help="class set to record (default: the checkpoint's meta, else Cityscapes for 19 classes)")
+    p.add_argument("--fp16", action="store_true", help="store weights in half precision (half the size)")
+    p.add_argument("--no-aux", action="store_true", help="drop the training-only auxiliary heads")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="recommended inference size to record (default: native frame size)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..convert import convert_mmseg_checkpoint
+    from ..models import count_parameters
+
+    try:
+        class_set = get_class_set(args.classes) if args.classes else None
+        model = convert_mmseg_checkpoint(args.src, args.dst, class_set=class_set, fp16=args.fp16,
+                                         include_aux=not args.no_aux,
+                                         input_size=tuple(args.input_size) if args.input_size else None)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"icnet-convert: error: {e}", file=sys.stderr)
+        return 2
+    c = model.config
+    print(f"{args.src} -> {args.dst}: ICNet {c.backbone} width {c.width:g}, {c.num_classes} classes "
+          f"({model.meta['dataset']}), {count_parameters(model, include_aux=not args.no_aux) / 1e6:.1f}M parameters"
+          f"{', fp16' if args.fp16 else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Native checkpoints: metadata round trip, fp16, aux-less files, and every error path with a clear message."""
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from helpers import make_checkpoint
+from icnet_ros import CheckpointError, build_icnet, load_model, read_metadata, save_checkpoint
+from icnet_ros.checkpoint import build_meta
+from icnet_ros.classes import CAMVID
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.safetensors", input_size=(360, 480),
+                           provenance={"command": "test", "iterations": 3})
+
+
+def test_round_trip_weights_and_metadata(ckpt):
+    model = load_model(ckpt)
+    assert not model.training
+    meta = model.meta
+    assert meta["format"] == "icnet_ros" and meta["arch"]["backbone"] == "resnet18"
+    assert meta["classes"] == list(CAMVID.classes) and meta["palette"][3] == [128, 64, 128]
+    assert meta["ignore_index"] == 255 and meta["input_size"] == [360, 480]
+    assert meta["normalization"]["channel_order"] == "RGB" and len(meta["normalization"]["std"]) == 3
+    assert meta["provenance"] == {"command": "test", "iterations": 3}
+    assert read_metadata(ckpt) == meta
+    # same weights as a second load; outputs deterministic
+    x = torch.randn(1, 3, 96, 128)
+    with torch.inference_mode():
+        assert torch.equal(model(x), load_model(ckpt)(x))
+    assert model(x).shape == (1, 11, 12, 16)
+
+
+def test_fp16_and_no_aux(tmp_path, ckpt):
+    model = load_model(ckpt)
+    half = tmp_path / "half.safetensors"
+    save_checkpoint(model, half, fp16=True, include_aux=False)
+    assert half.stat().st_size < ckpt.stat().st_size * 0.55
+    m2 = load_model(half)
+    assert m2.auxiliary_head is None and m2.meta["arch"]["aux_heads"] is False
+    assert next(m2.parameters()).dtype == torch.float32  # fp16 on disk, fp32 in memory
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        a, b = model(x), m2(x)
+    assert (a - b).abs().max() <= 2e-2 * a.abs().max()
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.99
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="not a file"):
+        load_model(tmp_path)
+
+
+def test_truncated_file(tmp_path, ckpt):
+    bad = tmp_path / "truncated.safetensors"
+    data = ckpt.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(bad)
+
+
+def test_corrupt_header(tmp_path):
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(struct.pack("<Q", 20) + b"{not json at all!!!}" + b"\0" * 64)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(bad)
+    bad.write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(bad)
+
+
+def test_safetensors_without_icnet_metadata(tmp_path):
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(CheckpointError, match="not an icnet_ros checkpoint"):
+        load_model(other)
+
+
+def test_pth_files_are_pointed_at_the_converter(tmp_path):
+    p = tmp_path / "model.pth"
+    torch.save({"state_dict": {}}, p)
+    with pytest.raises(CheckpointError, match="icnet-convert"):
+        load_model(p)
+
+
+def _with_tensors(tmp_path, name, tensors, meta):
+    path = tmp_path / name
+    save_file(tensors, str(path), metadata={"icnet_ros": json.dumps(meta)})
+    return path
+
+
+def test_missing_unexpected_and_mismatched_keys(tmp_path):
+    model = build_icnet("icnet_r18", width=0.25, num_classes=11)
+    meta = build_meta(model.config, CAMVID)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    missing = dict(state)
+    del missing["backbone.backbone.layer1.0.conv1.weight"]
+    with pytest.raises(CheckpointError, match=r"1 missing keys \(e.g. backbone.backbone.layer1.0.conv1.weight"):
+        load_model(_with_tensors(tmp_path, "missing.safetensors", missing, meta))
+    extra = dict(state, **{"head.extra.weight": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match=r"1 unexpected keys \(e.g. head.extra.weight"):
+        load_model(_with_tensors(tmp_path, "extra.safetensors", extra, meta))
+    shaped = dict(state, **{"decode_head.conv_seg.weight": torch.zeros(12, 32, 1, 1)})
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*decode_head.conv_seg.weight: checkpoint \(12, 32, 1, 1\)"):
+        load_model(_with_tensors(tmp_path, "shape.safetensors", shaped, meta))
+
+
+@pytest.mark.parametrize("patch, match", [
+    ({"format": "something"}, "not an icnet_ros checkpoint"),
+    ({"version": 99}, "newer than this icnet_ros"),
+    ({"arch": {"backbone": "vgg16", "num_classes": 11}}, "invalid checkpoint metadata"),
+    ({"classes": ["a", "b"], "palette": [[0, 0, 0], [1, 1, 1]]}, "2 classes but arch.num_classes is 11"),
+    ({"normalization": {"mean": [0, 0], "std": [1, 1, 1], "channel_order": "RGB"}}, "invalid normalization"),
+    ({"input_size": [10, 10]}, "invalid input_size"),
+])
+def test_invalid_metadata(tmp_path, patch, match):
+    model = build_icnet("icnet_r18", width=0.25, num_classes=11)
+    meta = {**build_meta(model.config, CAMVID), **patch}
+    path = _with_tensors(tmp_path, "meta.safetensors", {k: v.contiguous() for k, v in model.state_dict().items()}, meta)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(path)
+
+
+def test_metadata_not_json(tmp_path):
+    path = tmp_path / "notjson.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"icnet_ros": "{oops"})
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        read_metadata(path)
+
+
+def test_save_is_atomic_and_validates(tmp_path):
+    model = build_icnet("icnet_r18", width=0.25, num_classes=11)
+    with pytest.raises(CheckpointError, match="class set 'camvid' has 11 classes but the model predicts 3"):
+        build_meta(build_icnet("icnet_r18", width=0.25, num_classes=3).config, CAMVID)
+    out = tmp_path / "sub" / "m.safetensors"
+    save_checkpoint(model, out)  # default metadata when the model has none
+    assert load_model(out).meta["classes"][0] == "class_0"
+    assert not list(out.parent.glob("*.tmp"))

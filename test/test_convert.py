@@ -1,0 +1,170 @@
+"""mmseg checkpoint import: parity with the reference implementation, icnet-convert, and its error paths."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from icnet_ros import CheckpointError, load_model
+from icnet_ros.convert import import_mmseg_checkpoint, infer_config, read_torch_checkpoint
+from icnet_ros.tools.convert import main as convert_main
+
+reference = pytest.importorskip("icnet_ros.reference")
+
+
+def _mmseg_model(depth, num_classes=19, width=1.0, seed=0):
+    """mmseg's ICNet with random weights and non-trivial BN statistics (so BN is not an identity)."""
+    try:
+        model = reference.build_mmseg_icnet(depth, num_classes, width)
+    except reference.MMSegUnavailable as e:
+        if os.environ.get("CI"):
+            raise  # the parity test must run in CI
+        pytest.skip(str(e))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.num_batches_tracked.fill_(1000)
+    return model.eval()
+
+
+@pytest.mark.mmseg
+@pytest.mark.parametrize("depth, sizes", [(18, [(256, 512), (193, 321)]), (50, [(128, 256), (161, 243)])])
+def test_parity_with_mmseg(tmp_path, depth, sizes):
+    ref = _mmseg_model(depth)
+    path = tmp_path / f"icnet_r{depth}.pth"
+    torch.save({"meta": {"dataset_meta": {"classes": [f"c{i}" for i in range(19)]}}, "state_dict": ref.state_dict()},
+               path)
+    ours = import_mmseg_checkpoint(path)
+    assert ours.config.backbone == f"resnet{depth}" and ours.config.num_classes == 19
+    assert ours.meta["classes"][0] == "c0"
+    g = torch.Generator().manual_seed(1)
+    for h, w in sizes:
+        x = torch.randn(2, 3, h, w, generator=g)
+        with torch.no_grad():
+            expected = reference.mmseg_logits(ref, x)
+            got = ours(x)
+        assert got.shape == expected.shape == (2, 19, -(-h // 8), -(-w // 8))
+        rel = ((got - expected).abs().max() / expected.abs().max()).item()
+        assert rel <= 1e-5, f"R{depth} at {h}x{w}: max |ours - ref| / max |ref| = {rel:.2e}"
+
+
+@pytest.mark.mmseg
+def test_width_half_matches_mmseg_with_scaled_channels(tmp_path):
+    ref = _mmseg_model(18, num_classes=5, width=0.5)
+    path = tmp_path / "half.pth"
+    torch.save(ref.state_dict(), path)  # bare state_dict, no wrapper
+    ours = import_mmseg_checkpoint(path)
+    assert ours.config.width == 0.5 and ours.config.num_classes == 5 and ours.meta["classes"][0] == "class_0"
+    x = torch.randn(1, 3, 160, 224)
+    with torch.no_grad():
+        expected, got = reference.mmseg_logits(ref, x), ours(x)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def mmseg_r18_file(tmp_path_factory):
+    """A real mmseg-layout checkpoint file (DDP 'module.' prefix, mmseg 0.x meta with CLASSES/PALETTE)."""
+    from icnet_ros.models import build_icnet
+
+    model = build_icnet("icnet_r18", width=0.25, num_classes=3)
+    state = {("module." + k.replace("backbone.ppm.", "backbone.")): v for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("mm") / "icnet_r18.pth"
+    torch.save({"meta": {"CLASSES": ("road", "car", "sky"), "PALETTE": [[1, 2, 3], [4, 5, 6], [7, 8, 9]],
+                         "mmcv_version": "1.3.13", "iter": 160000},
+                "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}, path)
+    return path, model
+
+
+def test_convert_cli_round_trip(tmp_path, mmseg_r18_file, capsys):
+    src, model = mmseg_r18_file
+    dst = tmp_path / "out" / "model.safetensors"
+    assert convert_main([str(src), str(dst), "--fp16", "--input-size", "512", "1024"]) == 0
+    assert "resnet18 width 0.25, 3 classes" in capsys.readouterr().out
+    loaded = load_model(dst)
+    assert loaded.meta["classes"] == ["road", "car", "sky"] and loaded.meta["palette"][2] == [7, 8, 9]
+    assert loaded.meta["input_size"] == [512, 1024]
+    assert loaded.meta["normalization"]["mean"] == [123.675, 116.28, 103.53]
+    assert loaded.meta["provenance"]["source"] == "mmsegmentation" and loaded.meta["provenance"]["iter"] == 160000
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        a, b = model.eval()(x), loaded(x)
+    assert (a - b).abs().max() <= 1e-2 * a.abs().max()  # fp16 storage
+
+
+def test_convert_cli_errors_are_one_line(tmp_path, capsys):
+    assert convert_main([str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icnet-convert: error: checkpoint not found") and err.count("\n") == 1
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_truncated_and_corrupt_pth(tmp_path, mmseg_r18_file):
+    src, _ = mmseg_r18_file
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(src.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        read_torch_checkpoint(cut)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt or truncated|refusing"):
+        read_torch_checkpoint(junk)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Payload()}, evil, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        read_torch_checkpoint(evil)
+
+
+def test_not_icnet_checkpoints(tmp_path):
+    resnet = tmp_path / "resnet.pth"
+    torch.save({"layer1.0.conv1.weight": torch.zeros(64, 64, 3, 3), "fc.weight": torch.zeros(10, 512)}, resnet)
+    with pytest.raises(CheckpointError, match="not an ICNet checkpoint"):
+        import_mmseg_checkpoint(resnet)
+    other = tmp_path / "pspnet.pth"
+    torch.save({"state_dict": {"decode_head.conv_seg.weight": torch.zeros(19, 512, 1, 1)}}, other)
+    with pytest.raises(CheckpointError, match="another mmseg segmentor"):
+        import_mmseg_checkpoint(other)
+    notdict = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], notdict)
+    with pytest.raises(CheckpointError, match="expected a dict"):
+        read_torch_checkpoint(notdict)
+
+
+def test_missing_unexpected_and_mismatched_mmseg_keys(tmp_path, mmseg_r18_file):
+    src, _ = mmseg_r18_file
+    state, _ = read_torch_checkpoint(src)
+    cases = {
+        "missing": ({k: v for k, v in state.items() if k != "neck.cff_12.conv_high.bn.weight"}, "missing keys"),
+        "unexpected": (dict(state, **{"backbone.extra.weight": torch.zeros(1)}), "unexpected keys"),
+        "shape": (dict(state, **{"neck.cff_12.conv_high.conv.weight": torch.zeros(33, 16, 1, 1)}), "shape mismatch"),
+        "layout": ({k: v for k, v in state.items() if not k.startswith("backbone.backbone.layer3.1.")},
+                   "unsupported ResNet layout"),
+    }
+    for name, (bad, match) in cases.items():
+        p = tmp_path / f"{name}.pth"
+        torch.save({"state_dict": bad}, p)
+        with pytest.raises(CheckpointError, match=match):
+            import_mmseg_checkpoint(p)
+
+
+def test_infer_config_variants():
+    from icnet_ros.models import build_icnet
+
+    for arch, kw in [("icnet_r50", {"width": 0.5}), ("icnet_r50_half", {}), ("icnet_r18", {"aux_heads": False})]:
+        m = build_icnet(arch, **kw)
+        state = {k.replace("backbone.ppm.", "backbone."): v for k, v in m.state_dict().items()}
+        cfg = infer_config(state)
+        assert (cfg.backbone, cfg.width, cfg.ppm, cfg.aux_heads) == (
+            m.config.backbone, m.config.width, m.config.ppm, m.config.aux_heads)

@@ -1,0 +1,112 @@
+"""ICNet architecture: shapes at many sizes, train vs eval outputs, presets, width multiplier, config errors."""
+import pytest
+import torch
+
+from icnet_ros.models import MODEL_CONFIGS, CascadeLogits, ICNetConfig, build_icnet, count_parameters
+from icnet_ros.models.resnet import ResNetV1c
+
+
+@pytest.fixture(scope="module")
+def r18_small():
+    torch.manual_seed(0)
+    return build_icnet("icnet_r18", width=0.25, num_classes=11).eval()
+
+
+@pytest.mark.parametrize("size", [(64, 64), (65, 97), (360, 480), (513, 1023)])
+def test_eval_output_is_main_logits_at_one_eighth(r18_small, size):
+    h, w = size
+    with torch.inference_mode():
+        y = r18_small(torch.randn(1, 3, h, w))
+    assert isinstance(y, torch.Tensor)
+    assert y.shape == (1, 11, -(-h // 8), -(-w // 8))
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.slow
+def test_full_resolution_odd_size_r18():
+    model = build_icnet("icnet_r18", width=0.5, num_classes=19).eval()
+    with torch.inference_mode():
+        y = model(torch.randn(1, 3, 1025, 2049))
+    assert y.shape == (1, 19, 129, 257)
+
+
+def test_train_mode_returns_three_branch_logits(r18_small):
+    r18_small.train()
+    try:
+        out = r18_small(torch.randn(2, 3, 128, 160))
+    finally:
+        r18_small.eval()
+    assert isinstance(out, CascadeLogits)
+    assert out.main.shape == (2, 11, 16, 20)
+    assert out.sub12.shape == (2, 11, 16, 20)  # 1/8
+    assert out.sub24.shape == (2, 11, 9, 11)  # ~1/16 (ceil-mode max pool: 32 -> 17 -> 9)
+    loss = sum(t.mean() for t in out)
+    loss.backward()  # every branch is differentiable
+    assert r18_small.auxiliary_head[0].conv_seg.weight.grad is not None
+    r18_small.zero_grad(set_to_none=True)
+
+
+def test_model_without_aux_heads_returns_none_branches():
+    model = build_icnet("icnet_r18", width=0.25, num_classes=3, aux_heads=False).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.sub24 is None and out.sub12 is None and out.main.shape == (2, 3, 8, 8)
+    assert not any(k.startswith("auxiliary_head") for k in model.state_dict())
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 63, 128), (1, 3, 128, 40), (1, 1, 128, 128), (3, 128, 128)])
+def test_bad_input_shapes_raise_clear_errors(r18_small, shape):
+    with pytest.raises(ValueError, match="ICNet"):
+        r18_small(torch.randn(*shape))
+
+
+def test_mmseg_entry_and_parameter_counts():
+    # spec section 2: entry counts R18 240, R50 438, R101 744; 25.2M / 47.8M / 66.8M parameters with aux heads
+    expected = {"icnet_r18": (240, 25.2), "icnet_r50": (438, 47.8), "icnet_r101": (744, 66.8)}
+    for name, (entries, params) in expected.items():
+        model = build_icnet(name)
+        assert len(model.state_dict()) == entries
+        assert count_parameters(model) / 1e6 == pytest.approx(params, abs=0.05)
+
+
+def test_paper_compressed_model_size():
+    # ResNet-50 at half width with the paper's sum-PPM: the paper's ~6.7M-parameter compressed model
+    model = build_icnet("icnet_r50_half")
+    assert 6.0e6 < count_parameters(model) < 7.0e6
+    assert model.config.width == 0.5 and model.config.ppm == "sum" and model.config.cff == "paper"
+
+
+def test_width_multiplier_scales_channels():
+    full, half = build_icnet("icnet_r50"), build_icnet("icnet_r50", width=0.5)
+    assert full.backbone.backbone.low_channels == 2048 and half.backbone.backbone.low_channels == 1024
+    assert half.neck.cff_12.conv_low.conv.out_channels == 64
+    assert 3.5 < count_parameters(full) / count_parameters(half) < 4.5
+
+
+def test_resnet_dilation_layout():
+    r = ResNetV1c(50)
+    # contract dilation: first block of stage 3 dilation 1, rest 2; stage 4 first 2, rest 4; strides only in stage 2
+    assert r.layer3[0].conv2.dilation == (1, 1) and r.layer3[1].conv2.dilation == (2, 2)
+    assert r.layer4[0].conv2.dilation == (2, 2) and r.layer4[2].conv2.dilation == (4, 4)
+    assert r.layer2[0].conv2.stride == (2, 2) and r.layer3[0].conv2.stride == (1, 1)
+    assert r.maxpool.ceil_mode
+    x = torch.randn(1, 3, 240, 480)
+    med, low = r.eval()(x)
+    assert med.shape[2:] == (31, 61) and low.shape[2:] == (15, 30)  # ceil-mode pool: 120 -> 61
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_classes": 0}, "num_classes"), ({"num_classes": 256}, "num_classes"), ({"width": 0}, "width"),
+    ({"ppm": "max"}, "ppm"), ({"cff": "x"}, "cff"), ({"backbone": "resnet42"}, "unknown backbone"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ICNetConfig(**kwargs)
+
+
+def test_config_dict_round_trip_and_unknown_fields():
+    for cfg in MODEL_CONFIGS.values():
+        assert ICNetConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown ICNet architecture fields"):
+        ICNetConfig.from_dict({"backbone": "resnet18", "depth": 18})
+    with pytest.raises(ValueError, match="unknown ICNet preset"):
+        build_icnet("icnet_r999")
