@@ -1,0 +1,17 @@
+"""Test session set-up. DDS traffic must stay on this machine: before any test can import rclpy, force
+localhost-only discovery, a Fast DDS profile bound to 127.0.0.1, a ROS domain of this session's own (1-100) and a
+private log folder. Tests that start processes pass this environment on."""
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+TEST_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(TEST_DIR))  # `import helpers`, `import ros_support`
+
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(TEST_DIR / "fastdds_loopback.xml")
+os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
+os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="icnet_ros_test_roslog_"))
+os.environ.pop("ROS_LOCALHOST_ONLY", None)  # deprecated; RANGE=LOCALHOST replaces it
