@@ -13,7 +13,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
-    package_data={PACKAGE: ["weights/*.safetensors", "data/*.yaml"]},
+    package_data={PACKAGE: ["weights/*.safetensors", "data/*.yaml", "data/*.xml"]},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
@@ -54,6 +54,7 @@ setup(
             "icnet-eval = icnet_ros.evaluate:main",
             "icnet-record = icnet_ros.tools.record:main",
             "icnet-demo = icnet_ros.tools.demo:main",
+            "icnet-node-bench = icnet_ros.tools.node_bench:main",
         ],
     },
 )

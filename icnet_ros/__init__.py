@@ -1,22 +1,24 @@
 """icnet_ros: ICNet real-time semantic segmentation, ROS-free core plus a thin ROS 2 node.
 
-Public API: :func:`load_model`, :func:`build_icnet`, :func:`save_checkpoint`, :class:`Segmenter`.
-Nothing here imports rclpy.
+Public API: :func:`load_model`, :func:`build_icnet`, :func:`save_checkpoint`, :func:`read_metadata`,
+:class:`Segmenter`, :class:`CheckpointError`. Nothing here imports rclpy, and attributes load lazily, so the ROS
+tools that never touch PyTorch (``icnet-play``, ``icnet-record``) start without importing it.
 """
+from importlib import import_module
 from typing import Any
-
-from .checkpoint import CheckpointError, load_model, read_metadata, save_checkpoint
-from .models import MODEL_CONFIGS, ICNet, ICNetConfig, build_icnet
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ICNet", "ICNetConfig", "MODEL_CONFIGS", "Segmenter", "build_icnet", "load_model",
-           "read_metadata", "save_checkpoint", "__version__"]
+_LAZY = {
+    "CheckpointError": "checkpoint", "load_model": "checkpoint", "read_metadata": "checkpoint",
+    "save_checkpoint": "checkpoint", "ICNet": "models", "ICNetConfig": "models", "MODEL_CONFIGS": "models",
+    "build_icnet": "models", "Segmenter": "engine",
+}
+
+__all__ = [*_LAZY, "__version__"]
 
 
-def __getattr__(name: str) -> Any:  # lazy: the engine pulls in OpenCV
-    if name == "Segmenter":
-        from .engine import Segmenter
-
-        return Segmenter
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'icnet_ros' has no attribute {name!r}")

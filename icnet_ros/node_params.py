@@ -1,0 +1,338 @@
+"""Every parameter of ``icnet_node`` in one place: name, default, description, constraints and validation.
+
+``config/icnet.yaml`` carries the same defaults (a test keeps them equal). :func:`parse` turns raw values into a
+checked :class:`NodeConfig` or raises :class:`ParameterError` naming the parameter, the bad value and what is
+allowed. Validation is ROS-free; :func:`declare` (rclpy imported lazily) declares the parameters on a node with
+descriptions, so ``ros2 param describe`` shows them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+NODE_NAME = "icnet_node"
+OUTPUT_KINDS = ("label", "color", "overlay", "confidence")
+RELIABILITY = ("best_effort", "reliable")
+DURABILITY = ("volatile", "transient_local")
+
+
+class ParameterError(ValueError):
+    """A parameter with a bad value; the message names the parameter, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One node parameter. ``check`` returns an error message (or None) for a value of the right type."""
+
+    name: str
+    default: Any
+    description: str
+    constraints: str = ""
+    check: Callable[[Any], str | None] | None = None
+    read_only: bool = True  # False: may be changed while the node runs
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.default)
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        inner = {_type_name(v) for v in value}
+        return (inner.pop() if len(inner) == 1 else "mixed") + "_array"
+    return type(value).__name__
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _range(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        ok = (v > lo if lo_open else v >= lo) and v <= hi and not (isinstance(v, float) and math.isnan(v))
+        return None if ok else f"must be in {'(' if lo_open else '['}{lo}, {hi}]"
+    return check
+
+
+_TOPIC = re.compile(r"^~?/?[A-Za-z_{][A-Za-z0-9_/{}]*$")
+
+
+def _check_topics(topics: Any) -> str | None:
+    if not topics:
+        return "must list at least one image topic"
+    for t in topics:
+        if not _TOPIC.match(t) or "//" in t or t.endswith("/"):
+            return f"{t!r} is not a valid ROS topic name"
+    if len(set(topics)) != len(topics):
+        return "lists a topic twice"
+    bases = [base_topic(t)[0] for t in topics]
+    if len(set(bases)) != len(bases):
+        return "lists the raw and the compressed topic of the same camera"
+    return None
+
+
+def _check_outputs(outputs: Any) -> str | None:
+    bad = [o for o in outputs if o not in OUTPUT_KINDS]
+    if bad:
+        return f"unknown output(s) {bad}; choose from {', '.join(OUTPUT_KINDS)}"
+    if not outputs:
+        return "must name at least one output"
+    return None
+
+
+def _check_device(v: Any) -> str | None:
+    return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N"
+
+
+def _check_input_size(v: Any) -> str | None:
+    try:
+        parse_input_size(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _check_name(v: Any) -> str | None:
+    return None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*", v) else \
+        "must be a relative topic namespace such as 'semantic'"
+
+
+def _check_classes_topic(v: Any) -> str | None:
+    return None if _TOPIC.match(v) and not v.endswith("/") else "is not a valid ROS topic name"
+
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("image_topics", ["/camera/image_raw"],
+              "Camera image topics (sensor_msgs/Image). A topic ending in '/compressed' is subscribed as "
+              "sensor_msgs/CompressedImage (jpeg or png). Outputs are published next to each input: "
+              "/cam/image_raw -> /cam/semantic/{label,color,overlay,confidence,camera_info}.",
+              "at least one valid topic name, no duplicates", _check_topics),
+    ParamSpec("model", "", "Path to a native .safetensors checkpoint; empty = the package's default model.",
+              "an existing icnet_ros checkpoint file or empty"),
+    ParamSpec("device", "auto", "Inference device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
+              "auto | cpu | cuda | cuda:N", _check_device),
+    ParamSpec("precision", "fp32", "Inference precision: fp32, fp16 or bf16 (fp16/bf16 mainly for CUDA).",
+              "fp32 | fp16 | bf16", _one_of(("fp32", "fp16", "bf16"))),
+    ParamSpec("input_size", "native",
+              "Network input size: 'native' (each frame at its own size), 'checkpoint' (the size recommended in "
+              "the model's metadata), 'HxW' such as '512x1024', or a scale factor such as '0.5'.",
+              "native | checkpoint | HxW (each >= 64) | scale in (0, 4]", _check_input_size),
+    ParamSpec("output_size", "input", "Resolution of the outputs: 'input' (the camera's) or 'model' (the network "
+              "input's; camera_info is scaled to match).", "input | model", _one_of(("input", "model"))),
+    ParamSpec("outputs", list(OUTPUT_KINDS),
+              "Outputs to advertise per camera. Each is computed only while someone subscribes to it.",
+              "subset of label, color, overlay, confidence", _check_outputs),
+    ParamSpec("output_namespace", "semantic", "Namespace of the outputs next to each input topic.",
+              "relative name", _check_name),
+    ParamSpec("publish_camera_info", True,
+              "Republish the camera's camera_info at the label's resolution as <ns>/semantic/camera_info "
+              "(only for cameras that publish <ns>/camera_info)."),
+    ParamSpec("overlay_alpha", 0.5, "Overlay = alpha * class color + (1 - alpha) * image.", "[0, 1]",
+              _range(0.0, 1.0)),
+    ParamSpec("max_age", 0.5, "Drop frames whose header stamp is older than this many seconds when they reach "
+              "the network (0 = never; frames with a zero stamp are never too old).", "[0, 3600] s",
+              _range(0.0, 3600.0), read_only=False),
+    ParamSpec("max_batch", 4, "Most cameras batched into one forward pass.", "[1, 64]", _range(1, 64),
+              read_only=False),
+    ParamSpec("batch_timeout", 0.0, "After the first frame is ready, wait up to this many seconds for the other "
+              "cameras' frames so they share one forward pass (0 = take the frames that are there).", "[0, 1] s",
+              _range(0.0, 1.0), read_only=False),
+    ParamSpec("input_qos.reliability", "best_effort", "Reliability of the image subscriptions (REP-2003: "
+              "sensor data is best effort by default).", "best_effort | reliable", _one_of(RELIABILITY)),
+    ParamSpec("input_qos.depth", 1, "History depth of the image subscriptions (only the newest frame per camera "
+              "is ever processed).", "[1, 100]", _range(1, 100)),
+    ParamSpec("output_qos.reliability", "reliable", "Reliability of the output publishers (reliable publishers "
+              "serve both reliable and best-effort subscribers).", "best_effort | reliable", _one_of(RELIABILITY)),
+    ParamSpec("output_qos.depth", 5, "History depth of the output publishers.", "[1, 100]", _range(1, 100)),
+    ParamSpec("classes_topic", "~/classes", "Topic of the class metadata (std_msgs/String with JSON; transient "
+              "local, published once).", "topic name", _check_classes_topic),
+    ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", "(0, 60]",
+              _range(0.0, 60.0, lo_open=True)),
+    ParamSpec("num_threads", 0, "PyTorch CPU threads (0 = PyTorch's default).", "[0, 256]", _range(0, 256)),
+)
+SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
+
+# Read-only parameters the node declares after loading the model (class metadata, readable with `ros2 param get`).
+CLASS_PARAMS: dict[str, str] = {
+    "classes.names": "Class names, index = class id (read-only, from the model).",
+    "classes.colors": "Class colors as '#rrggbb', index = class id (read-only, from the model).",
+    "classes.ignore_index": "Label value of unclassified pixels (read-only).",
+    "classes.json": "The class metadata JSON also published on classes_topic (read-only).",
+}
+
+
+def defaults() -> dict[str, Any]:
+    """Every parameter's default value (what config/icnet.yaml carries)."""
+    return {p.name: (list(p.default) if isinstance(p.default, list) else p.default) for p in PARAMS}
+
+
+def parse_input_size(value: str) -> str | tuple[int, int] | float:
+    """'native' | 'checkpoint' | 'HxW' -> (H, W) | '0.5' -> 0.5. Raises ValueError with what is allowed."""
+    v = str(value).strip().lower()
+    if v in ("native", "checkpoint"):
+        return v
+    m = re.fullmatch(r"(\d+)\s*x\s*(\d+)", v)
+    if m:
+        h, w = int(m.group(1)), int(m.group(2))
+        if min(h, w) < 64:
+            raise ValueError(f"'{value}': height and width must each be >= 64")
+        return h, w
+    try:
+        scale = float(v)
+    except ValueError:
+        raise ValueError(f"'{value}' is not 'native', 'checkpoint', 'HxW' or a scale factor") from None
+    if not 0.0 < scale <= 4.0 or math.isnan(scale):
+        raise ValueError(f"scale {value} must be in (0, 4]")
+    return scale
+
+
+def base_topic(topic: str) -> tuple[str, bool]:
+    """(the camera's raw image topic, whether ``topic`` is its CompressedImage topic)."""
+    if topic.endswith("/compressed"):
+        return topic[: -len("/compressed")], True
+    return topic, False
+
+
+def camera_namespace(topic: str) -> str:
+    """The namespace that holds a camera's topics: '/cam/image_raw' -> '/cam'; 'image_raw' -> ''; '/img' -> '/'."""
+    base, _ = base_topic(topic)
+    head, sep, _tail = base.rpartition("/")
+    if not sep:
+        return ""
+    return head if head not in ("", "~") else head + "/"
+
+
+def sibling_topic(topic: str, name: str) -> str:
+    """A topic next to ``topic``: sibling_topic('/cam/image_raw', 'semantic/label') == '/cam/semantic/label'."""
+    ns = camera_namespace(topic)
+    if ns == "":
+        return name
+    return ns + name if ns.endswith("/") else f"{ns}/{name}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Checked parameter values."""
+
+    image_topics: tuple[str, ...]
+    model: str
+    device: str
+    precision: str
+    input_size: str | tuple[int, int] | float
+    output_size: str
+    outputs: tuple[str, ...]
+    output_namespace: str
+    publish_camera_info: bool
+    overlay_alpha: float
+    max_age: float
+    max_batch: int
+    batch_timeout: float
+    input_reliability: str
+    input_depth: int
+    output_reliability: str
+    output_depth: int
+    classes_topic: str
+    diagnostics_period: float
+    num_threads: int
+
+
+def check_value(name: str, value: Any) -> Any:
+    """Type-check and validate one value; returns it (ints accepted for doubles). Raises :class:`ParameterError`."""
+    spec = SPECS.get(name)
+    if spec is None:
+        raise ParameterError(f"unknown parameter {name!r}")
+    expected = spec.type_name
+    if expected == "double" and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, tuple):
+        value = list(value)
+    if value is None and expected.endswith("_array"):  # rclpy reports an empty YAML list as None
+        value = []
+    got = _type_name(value)
+    if got != expected and not (expected.endswith("_array") and value == []):
+        raise ParameterError(f"parameter {name!r}: expected {expected}, got {got} {value!r}")
+    if spec.check is not None:
+        problem = spec.check(value)
+        if problem:
+            raise ParameterError(f"parameter {name!r} = {value!r}: {problem}")
+    return value
+
+
+def parse(values: dict[str, Any]) -> NodeConfig:
+    """Validate raw parameter values (missing ones take their defaults) into a :class:`NodeConfig`."""
+    v = defaults()
+    unknown = sorted(set(values) - set(SPECS))
+    if unknown:
+        raise ParameterError(f"unknown parameter(s) {unknown}; known: {', '.join(SPECS)}")
+    for name, value in values.items():
+        v[name] = check_value(name, value)
+    return NodeConfig(
+        image_topics=tuple(v["image_topics"]), model=v["model"], device=v["device"], precision=v["precision"],
+        input_size=parse_input_size(v["input_size"]), output_size=v["output_size"], outputs=tuple(v["outputs"]),
+        output_namespace=v["output_namespace"], publish_camera_info=v["publish_camera_info"],
+        overlay_alpha=v["overlay_alpha"], max_age=v["max_age"], max_batch=v["max_batch"],
+        batch_timeout=v["batch_timeout"],
+        input_reliability=v["input_qos.reliability"], input_depth=v["input_qos.depth"],
+        output_reliability=v["output_qos.reliability"], output_depth=v["output_qos.depth"],
+        classes_topic=v["classes_topic"], diagnostics_period=v["diagnostics_period"], num_threads=v["num_threads"])
+
+
+def class_metadata(class_set: Any, model: str = "") -> dict[str, Any]:
+    """The class metadata document (ids, names, '#rrggbb' colors, ignore index) published as JSON."""
+    return {"dataset": class_set.name, "model": model, "ignore_index": int(class_set.ignore_index),
+            "classes": [{"id": i, "name": n, "color": "#%02x%02x%02x" % tuple(int(c) for c in col)}
+                        for i, (n, col) in enumerate(zip(class_set.classes, class_set.palette))]}
+
+
+def class_metadata_json(class_set: Any, model: str = "") -> str:
+    return json.dumps(class_metadata(class_set, model), separators=(",", ":"))
+
+
+def close_matches(name: str) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(name, list(SPECS), n=2)
+
+
+def declare(node: Any) -> dict[str, Any]:
+    """Declare every parameter on an rclpy node (with description, constraints, read-only flag) and return the
+    values in effect (overrides from the command line or a params file applied).
+
+    Raises :class:`ParameterError` when an override has the wrong type."""
+    from rcl_interfaces.msg import ParameterDescriptor
+    from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+
+    values: dict[str, Any] = {}
+    for spec in PARAMS:
+        desc = ParameterDescriptor(description=spec.description, additional_constraints=spec.constraints,
+                                   read_only=spec.read_only)
+        try:
+            param = node.declare_parameter(spec.name, spec.default, desc)
+        except InvalidParameterTypeException:
+            given = (getattr(node, "_parameter_overrides", None) or {}).get(spec.name)
+            value = getattr(given, "value", None)
+            if value is None or value == []:  # an empty list in YAML carries no type
+                value = []
+            if value == [] and spec.type_name.endswith("_array"):
+                values[spec.name] = []
+                check_value(spec.name, [])  # raises the parameter's own message (e.g. "must list ...")
+                node.declare_parameter(spec.name, spec.default, desc, ignore_override=True)
+                continue
+            hint = " (write 1.0, not 1)" if spec.type_name == "double" and isinstance(value, int) else ""
+            raise ParameterError(f"parameter {spec.name!r}: expected a {spec.type_name}, got {_type_name(value)} "
+                                 f"{value!r}{hint}") from None
+        except InvalidParameterValueException as e:
+            raise ParameterError(f"parameter {spec.name!r}: {e}") from None
+        values[spec.name] = param.value
+    return values

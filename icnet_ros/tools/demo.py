@@ -1,0 +1,232 @@
+"""``icnet-demo``: run icnet_node for real, on the default model (or ``--model``).
+
+    icnet-demo                          # the node on /camera/image_raw, waiting for frames (Ctrl-C stops)
+    icnet-demo video.mp4                # play it, segment every frame, save the overlays received over the
+    icnet-demo frames/ --output out/    #   overlay topic to ./out/overlays (or --output), then stop
+
+With an input, one process runs three ROS nodes: the segmentation node (the same code as ``icnet_node``), a player
+(as ``icnet-play``: sensor_msgs/Image + camera_info) and a recorder (as ``icnet-record``), all talking over DDS
+topics. The player/recorder pair and the node's input and output use RELIABLE QoS with deep queues, so no frame the
+node produced is lost. By default the player waits for each frame's overlay before it publishes the next one
+(``--rate 0``), so every frame is segmented whatever the machine's speed; ``--rate FPS`` plays in real time
+instead, and the node then drops the frames it cannot keep up with (counted in the summary). The demo waits at most
+``--timeout`` seconds for any one overlay, then stops by itself at the end of the input.
+
+DDS stays on this machine unless you configure it: when unset, ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and
+FASTDDS_DEFAULT_PROFILES_FILE=<package>/data/fastdds_loopback.xml (UDP on 127.0.0.1 + shared memory) are used; with
+an input and no ROS_DOMAIN_ID, a random domain 1-100 keeps other ROS programs' /camera/image_raw out (it is
+printed: set it in another shell to watch with rviz2).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+PROG = "icnet-demo"
+DEFAULT_OUTPUT = "out/overlays"
+
+
+def loopback_profile() -> Path:
+    """The Fast DDS profile shipped in the package (UDP bound to 127.0.0.1 + shared memory, 4 MiB buffers)."""
+    return Path(__file__).resolve().parents[1] / "data" / "fastdds_loopback.xml"
+
+
+def configure_dds(isolated_domain: bool) -> list[str]:
+    """Default the DDS environment to loopback-only (before rclpy is imported); returns what was set."""
+    notes = []
+    if "ROS_AUTOMATIC_DISCOVERY_RANGE" not in os.environ and "ROS_LOCALHOST_ONLY" not in os.environ:
+        os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+        notes.append("ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST")
+    if "FASTDDS_DEFAULT_PROFILES_FILE" not in os.environ and loopback_profile().is_file():
+        os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(loopback_profile())
+        notes.append(f"FASTDDS_DEFAULT_PROFILES_FILE={loopback_profile()}")
+    if isolated_domain and "ROS_DOMAIN_ID" not in os.environ:
+        os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
+        notes.append(f"ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}")
+    return notes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", ""),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Examples:\n" + __doc__.split("\n\n")[1])
+    p.add_argument("input", nargs="?", default=None, help="video file or image folder (none: serve the camera "
+                   "topic until Ctrl-C)")
+    p.add_argument("--model", default=None, help="checkpoint (.safetensors); default: the package's default model")
+    p.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help="where overlays are saved (default: "
+                   "%(default)s)")
+    p.add_argument("--topic", default="/camera/image_raw", help="camera topic (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--input-size", default="native", help="network input size: native, HxW or a scale factor "
+                   "(default: %(default)s)")
+    p.add_argument("--rate", type=float, default=0.0, help="playback fps; 0 (default) = one frame at a time, "
+                   "each after the previous overlay arrived (no frame dropped)")
+    p.add_argument("--max-frames", type=int, default=None, help="play at most this many frames")
+    p.add_argument("--format", choices=("png", "jpg"), default="png", help="overlay file format (default: png)")
+    p.add_argument("--video", default=None, help="also write the overlays to this video file (e.g. overlay.mp4)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any one overlay and for the "
+                   "node to get ready (default: %(default)s)")
+    return p
+
+
+def _error(message: str, code: int = 2) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _resolve_model(model: str | None) -> str:
+    from ..checkpoint import default_model_path, read_metadata
+
+    if model is None:
+        return str(default_model_path())  # CheckpointError when the default model is not installed
+    read_metadata(model)  # fail now, with the checkpoint's own message
+    return str(model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.rate < 0 or args.timeout <= 0 or (args.max_frames is not None and args.max_frames <= 0):
+        return _error("--rate must be >= 0, --timeout > 0 and --max-frames > 0")
+    notes = configure_dds(isolated_domain=args.input is not None)
+
+    from ..checkpoint import CheckpointError
+
+    try:
+        model = _resolve_model(args.model)
+    except CheckpointError as e:
+        message = str(e).removesuffix("; pass a model path")
+        return _error(f"{message}; pass a checkpoint with --model PATH" if args.model is None else message)
+    source = None
+    if args.input is not None:
+        from ..video import SourceError, open_source
+
+        try:
+            source = open_source(args.input, max_frames=args.max_frames)
+        except SourceError as e:
+            return _error(str(e))
+        if len(source) == 0:
+            return _error(f"no frames in {args.input}")
+    if notes:
+        print(f"{PROG}: DDS kept on this machine: {', '.join(notes)}", flush=True)
+    return _run(args, model, source)
+
+
+def _node_overrides(args: argparse.Namespace, model: str, reliable: bool) -> list[Any]:
+    from rclpy.parameter import Parameter
+
+    values: dict[str, Any] = {"image_topics": [args.topic], "model": model, "device": args.device,
+                              "precision": args.precision, "input_size": args.input_size}
+    if reliable:  # the demo's own player and recorder: never lose a frame between them and the node
+        values.update({"input_qos.reliability": "reliable", "input_qos.depth": 10,
+                       "output_qos.reliability": "reliable", "output_qos.depth": 100, "max_age": 0.0})
+    return [Parameter(k, value=v) for k, v in values.items()]
+
+
+def _run(args: argparse.Namespace, model: str, source: Any) -> int:
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    from ..node import SegmentationNode, StartupError
+
+    rclpy.init()
+    executor = MultiThreadedExecutor(num_threads=2)
+    node = None
+    try:
+        try:
+            node = SegmentationNode(parameter_overrides=_node_overrides(args, model, reliable=source is not None))
+        except StartupError as e:
+            return _error(str(e))
+        executor.add_node(node)
+        if source is None:
+            print(f"{PROG}: segmenting {args.topic} -> "
+                  f"{args.topic.rsplit('/', 1)[0]}/semantic/{{label,color,overlay,confidence}}; waiting for "
+                  "frames (Ctrl-C to stop)", flush=True)
+            try:
+                executor.spin()
+            except (KeyboardInterrupt, ExternalShutdownException):
+                pass
+            return 0
+        return _play_and_record(args, node, executor, source)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        if node is not None:
+            node.destroy_node()
+        if source is not None:
+            source.close()
+        rclpy.try_shutdown()
+
+
+def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source: Any) -> int:
+    import rclpy
+
+    from ..node_params import sibling_topic
+    from .play import Player, play
+    from .record import Recorder
+
+    helper = rclpy.create_node("icnet_demo")
+    executor.add_node(helper)
+    spinner = threading.Thread(target=executor.spin, name="icnet_demo_executor", daemon=True)
+    spinner.start()
+    overlay_topic = sibling_topic(args.topic, "semantic/overlay")
+    camera = node.cameras[0]
+    recorder = Recorder(helper, [overlay_topic], args.output, args.format, reliability="reliable", depth=1000,
+                        video=args.video, fps=source.fps or 10.0, subdirs=False)
+    player = Player(helper, args.topic, frame_id="camera", reliable=True, depth=10)
+    try:
+        deadline = time.monotonic() + args.timeout
+        while not (player.image_pub.get_subscription_count() >= 1 and recorder.publisher_count() >= 1
+                   and camera.publishers["overlay"].get_subscription_count() >= 1):
+            if time.monotonic() > deadline:
+                return _error(f"the node, player and recorder did not connect within {args.timeout:g} s")
+            time.sleep(0.05)
+        lockstep = args.rate == 0
+        rate_text = "one frame at a time" if lockstep else f"{args.rate:g} fps"
+        print(f"{PROG}: {source.description} ({len(source)} frames, {rate_text}) -> {args.topic} -> "
+              f"{overlay_topic} -> {Path(args.output)}/", flush=True)
+        missed = []
+
+        def wait_for_overlay(index: int, header: Any) -> None:
+            if lockstep and not recorder.wait_for(index + 1 - len(missed), args.timeout):
+                missed.append(index)
+                print(f"{PROG}: warning: no overlay for frame {index} within {args.timeout:g} s", file=sys.stderr)
+
+        t0 = time.monotonic()
+        published = play(player, source, args.rate, after_publish=wait_for_overlay, progress=True)
+        # end of input: wait until the node has dealt with every frame and its overlays have arrived
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            s = camera.stats
+            settled = camera.pending is None and s.processed + sum(s.dropped.values()) >= s.received
+            if s.received >= published and settled and recorder.received >= s.computed.get("overlay", 0):
+                break
+            time.sleep(0.05)
+        elapsed = time.monotonic() - t0
+    finally:
+        recorder.close()
+        executor.remove_node(helper)
+        helper.destroy_node()
+    s = camera.stats
+    drops = {k: v for k, v in s.dropped.items() if v}
+    snap = node.stats_snapshot()[camera.topic]
+    lat50, lat95 = snap["latency_p50_ms"], snap["latency_p95_ms"]
+    print(f"{PROG}: published {published} frames; node processed {s.processed}"
+          f"{f', dropped {drops}' if drops else ''}; received {recorder.received} overlays, saved {recorder.saved} "
+          f"to {Path(args.output)}/ in {elapsed:.1f} s ({recorder.received / elapsed if elapsed else 0:.2f} fps, "
+          f"latency p50 {lat50:.0f} ms, p95 {lat95:.0f} ms)", flush=True)
+    if recorder.failed or recorder.received == 0:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Measure icnet_node's overhead over the Segmenter alone, in one process and one run.
+
+    python -m icnet_ros.tools.node_bench --model model.safetensors --size 360x480 --size 1024x2048 --frames 20
+
+For each frame size, frames are published as sensor_msgs/Image to a running node one at a time (the next after
+the previous frame's outputs arrived). End-to-end latency (``e2e``) = header stamp (set at publish) -> arrival of
+the last subscribed output: message conversion, DDS transport both ways, scheduling, decoding, output encoding and
+publishing included. The node's overhead for a frame = its e2e - the node's own ``Segmenter.segment`` time for that
+frame (same object, same thread, same moment); ``overhead_ratio`` = median overhead / median segment time.
+As a second reference, the same Segmenter object is also timed when called directly from the benchmark thread,
+interleaved with the node frames (``segmenter_alone_ms``; noisier on a shared machine). Last, frames are published
+at twice the Segmenter's rate for a while: outputs per second = the node's sustained throughput (extra frames are
+dropped by design: the newest frame wins), compared with 1 / segment time.
+
+DDS stays on loopback (the demo's defaults apply when unset).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from .demo import configure_dds
+from .play import parse_size
+
+
+def _frame(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[: h // 2] = rng.integers(0, 256, 3)
+    img[h // 2:] = rng.integers(0, 256, 3)
+    return np.clip(img.astype(np.int16) + rng.integers(-20, 21, img.shape, dtype=np.int16), 0, 255).astype(np.uint8)
+
+
+class _Sink:
+    """Counts arrivals per stamp on the subscribed outputs; ``done(stamp)`` when all of them arrived."""
+
+    def __init__(self, kinds: list[str]) -> None:
+        self.kinds = kinds
+        self.arrivals: dict[int, dict[str, int]] = {}
+        self.complete: list[tuple[int, int]] = []  # (stamp ns, arrival ns of the last output)
+        self._cond = threading.Condition()
+
+    def callback(self, kind: str, clock: Any) -> Any:
+        def on_msg(msg: Any) -> None:
+            now = clock.now().nanoseconds
+            stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+            with self._cond:
+                got = self.arrivals.setdefault(stamp, {})
+                got[kind] = now
+                if len(got) == len(self.kinds):
+                    self.complete.append((stamp, max(got.values())))
+                    self._cond.notify_all()
+        return on_msg
+
+    def wait(self, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.complete) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+
+def bench_size(node: Any, helper: Any, size: tuple[int, int], frames: int, kinds: list[str], encoding: str,
+               throughput_s: float) -> dict[str, Any]:
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from ..ros_image import numpy_to_image
+
+    h, w = size
+    imgs = [_frame(h, w, i) for i in range(4)]
+    order = "BGR" if encoding == "bgr8" else "RGB"
+    seg = node.segmenter
+    seg.segment([imgs[0]], channel_order=order, outputs=kinds)  # warm-up at this size
+    # publisher and output subscriptions of this measurement
+    camera = node.cameras[0]
+    qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    pub = helper.create_publisher(Image, camera.topic, qos)
+    sink = _Sink(kinds)
+    subs = [helper.create_subscription(Image, camera.publishers[k].topic_name, sink.callback(k, helper.get_clock()),
+                                       qos) for k in kinds]
+    deadline = time.monotonic() + 30
+    while not (pub.get_subscription_count() >= 1 and all(camera.publishers[k].get_subscription_count() >= 1
+                                                         for k in kinds)):
+        if time.monotonic() > deadline:
+            raise RuntimeError("benchmark publisher/subscribers did not match the node within 30 s")
+        time.sleep(0.02)
+    timeout = 120.0
+
+    def publish(i: int) -> None:
+        msg = numpy_to_image(imgs[i % 4], encoding, Image())
+        msg.header.frame_id = "bench"
+        msg.header.stamp = helper.get_clock().now().to_msg()
+        pub.publish(msg)
+
+    publish(0)  # warm-up through the node
+    if not sink.wait(1, timeout):
+        raise RuntimeError("no output from the node")
+    node.cameras[0].stats.latency_ms.clear()
+    # (1) + (2), interleaved so that load changes on a shared machine hit both alike: the Segmenter alone (the
+    # node's own object, same outputs, called from this thread), then the same frame through the node. The
+    # overhead is taken per frame against the node's own segment() time for that frame (same object, same worker
+    # thread, same moment): on a loaded machine the two threads' OpenMP pools make the separate call a noisy
+    # reference, reported as well.
+    seg_ms, e2e_ms, infer_ms = [], [], []
+    for i in range(frames):
+        t0 = time.perf_counter()
+        seg.segment([imgs[i % 4]], channel_order=order, outputs=kinds)
+        seg_ms.append((time.perf_counter() - t0) * 1e3)
+        start = len(sink.complete)
+        publish(i)
+        if not sink.wait(start + 1, timeout):
+            raise RuntimeError(f"frame {i}: no output within {timeout:.0f} s")
+        stamp, arrival = sink.complete[-1]
+        e2e_ms.append((arrival - stamp) / 1e6)
+        infer_ms.append(node.cameras[0].stats.inference_ms[-1])  # this frame's segment() call, in the node
+    internal = list(node.cameras[0].stats.latency_ms)
+    # (3) sustained throughput: publish at twice the Segmenter's rate (its time inside the node)
+    seg_fps = 1e3 / statistics.median(infer_ms)
+    period = 1.0 / (2 * seg_fps)
+    done_before = len(sink.complete)
+    t0 = time.monotonic()
+    t0_ns = helper.get_clock().now().nanoseconds
+    i = 0
+    while time.monotonic() - t0 < throughput_s:
+        publish(i)
+        i += 1
+        time.sleep(max(0.0, t0 + i * period - time.monotonic()))
+    t1_ns = helper.get_clock().now().nanoseconds
+    sink.wait(done_before + 1, timeout)  # let the frame in flight finish before the next measurement
+    time.sleep(2 / seg_fps)
+    served = sum(1 for _, arrival in sink.complete[done_before:] if t0_ns <= arrival <= t1_ns)
+    node_fps = served / ((t1_ns - t0_ns) / 1e9)
+    for s in subs:
+        helper.destroy_subscription(s)
+    helper.destroy_publisher(pub)
+    seg_med, e2e_med, inf_med = (statistics.median(v) for v in (seg_ms, e2e_ms, infer_ms))
+    overhead = [e - g for e, g in zip(e2e_ms, infer_ms)]
+    return {"size": f"{h}x{w}", "outputs": kinds, "encoding": encoding, "frames": frames,
+            "e2e_ms_p50": round(e2e_med, 2), "e2e_ms_p95": round(float(np.percentile(e2e_ms, 95)), 2),
+            "segmenter_in_node_ms_p50": round(inf_med, 2),
+            "overhead_ms_p50": round(statistics.median(overhead), 2),
+            "overhead_ratio": round(statistics.median(overhead) / inf_med, 4),
+            "segmenter_alone_ms_p50": round(seg_med, 2),
+            "overhead_vs_alone_ratio": round((e2e_med - seg_med) / seg_med, 4),
+            "node_internal_ms_p50": round(statistics.median(internal), 2) if internal else None,
+            "segmenter_fps": round(seg_fps, 2), "node_fps_sustained": round(node_fps, 2),
+            "throughput_ratio": round(node_fps / seg_fps, 3), "published_in_throughput_run": i,
+            "served_in_throughput_run": served}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="icnet-node-bench", description=__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("--model", required=True, help="checkpoint (.safetensors)")
+    p.add_argument("--size", type=parse_size, action="append", default=None, metavar="HxW",
+                   help="frame size, repeatable (default: 360x480 and 1024x2048)")
+    p.add_argument("--frames", type=int, default=20, help="frames per measurement (default: %(default)s)")
+    p.add_argument("--outputs", default="label", help="comma-separated outputs to subscribe (default: label)")
+    p.add_argument("--encoding", choices=("rgb8", "bgr8"), default="rgb8")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: PyTorch's default)")
+    p.add_argument("--throughput-seconds", type=float, default=5.0)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    kinds = [k.strip() for k in args.outputs.split(",") if k.strip()]
+    configure_dds(isolated_domain=True)
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from ..node import SegmentationNode
+
+    rclpy.init()
+    node = SegmentationNode(parameter_overrides=[
+        Parameter("image_topics", value=["/bench/image_raw"]), Parameter("model", value=args.model),
+        Parameter("device", value=args.device), Parameter("num_threads", value=args.threads),
+        Parameter("input_qos.reliability", value="reliable"), Parameter("max_age", value=0.0),
+        Parameter("publish_camera_info", value=False)])
+    helper = rclpy.create_node("icnet_node_bench")
+    executor = MultiThreadedExecutor(num_threads=2)
+    executor.add_node(node)
+    executor.add_node(helper)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    results = []
+    try:
+        import torch
+
+        print(f"# {node.segmenter.describe() if hasattr(node.segmenter, 'describe') else args.model}; "
+              f"torch threads {torch.get_num_threads()}", flush=True)
+        for size in args.size or [(360, 480), (1024, 2048)]:
+            r = bench_size(node, helper, size, args.frames, kinds, args.encoding, args.throughput_seconds)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        node.destroy_node()
+        helper.destroy_node()
+        rclpy.try_shutdown()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

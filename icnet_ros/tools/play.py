@@ -1,0 +1,297 @@
+"""``icnet-play``: publish a video, an image folder or an image as a camera (sensor_msgs/Image + CameraInfo).
+
+    icnet-play video.mp4                                   # /camera/image_raw + /camera/camera_info, video fps
+    icnet-play frames/ --rate 10 --loop --frame-id front_camera --topic /front/image_raw
+    icnet-play video.mp4 --compressed jpeg                 # sensor_msgs/CompressedImage on <topic>/compressed
+
+Every frame gets the current ROS time as stamp and ``--frame-id``; camera_info (same header) comes from
+``--camera-info`` (a camera_calibration YAML file) or is a pinhole model with ``--fov`` degrees horizontal field of
+view. Publishers are reliable (REP-2003: sensor drivers publish reliable; best-effort subscribers still match).
+Lets users try icnet_node without a camera. The DDS settings come from the environment, as for any ROS tool.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..video import DEFAULT_IMAGE_FPS, Frame, FrameSource, SourceError, open_source
+
+ENCODINGS = ("bgr8", "rgb8", "mono8")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'360x480' -> (360, 480) (height x width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be HEIGHTxWIDTH, e.g. 360x480; got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return h, w
+
+
+def convert_frame(bgr: np.ndarray, encoding: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A BGR frame from a source -> the array to publish in ``encoding`` (optionally resized to (H, W))."""
+    import cv2
+
+    if size is not None and bgr.shape[:2] != tuple(size):
+        bgr = cv2.resize(bgr, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    if encoding == "bgr8":
+        return bgr
+    if encoding == "rgb8":
+        return np.ascontiguousarray(bgr[:, :, ::-1])
+    if encoding == "mono8":
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+
+
+def pinhole_camera_info(width: int, height: int, fov_deg: float = 60.0) -> dict[str, Any]:
+    """CameraInfo fields of an ideal pinhole camera (no distortion) with ``fov_deg`` horizontal field of view."""
+    if not 0.0 < fov_deg < 180.0:
+        raise ValueError(f"field of view must be in (0, 180) degrees, got {fov_deg}")
+    f = (width / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
+    cx, cy = width / 2.0, height / 2.0
+    return {"width": width, "height": height, "distortion_model": "plumb_bob", "d": [0.0] * 5,
+            "k": [f, 0.0, cx, 0.0, f, cy, 0.0, 0.0, 1.0], "r": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+            "p": [f, 0.0, cx, 0.0, 0.0, f, cy, 0.0, 0.0, 0.0, 1.0, 0.0]}
+
+
+def load_camera_info(path: str | Path) -> dict[str, Any]:
+    """CameraInfo fields from a ROS camera_calibration YAML file (image_width, camera_matrix, ...)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+        fields = {"width": int(doc["image_width"]), "height": int(doc["image_height"]),
+                  "distortion_model": str(doc.get("distortion_model", "plumb_bob")),
+                  "d": [float(v) for v in doc["distortion_coefficients"]["data"]],
+                  "k": [float(v) for v in doc["camera_matrix"]["data"]],
+                  "r": [float(v) for v in (doc.get("rectification_matrix") or {}).get(
+                      "data", [1, 0, 0, 0, 1, 0, 0, 0, 1])],
+                  "p": [float(v) for v in doc["projection_matrix"]["data"]]}
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a camera_calibration YAML file ({type(e).__name__}: {e})") from None
+    if len(fields["k"]) != 9 or len(fields["r"]) != 9 or len(fields["p"]) != 12:
+        raise ValueError(f"{path}: camera_matrix needs 9 values, rectification_matrix 9, projection_matrix 12")
+    return fields
+
+
+class Player:
+    """Publishes frames as one camera: ``<topic>`` (Image) or ``<topic>/compressed`` and ``<ns>/camera_info``."""
+
+    def __init__(self, node: Any, topic: str = "/camera/image_raw", frame_id: str = "camera",
+                 encoding: str = "bgr8", compressed: str | None = None, camera_info: dict[str, Any] | None = None,
+                 fov_deg: float = 60.0, size: tuple[int, int] | None = None, reliable: bool = True,
+                 depth: int = 10) -> None:
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+
+        from ..node_params import base_topic, sibling_topic
+
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        if compressed not in (None, "jpeg", "png"):
+            raise ValueError(f"compressed must be jpeg or png, got {compressed!r}")
+        self.node, self.frame_id, self.encoding, self.compressed = node, frame_id, encoding, compressed
+        self.size, self.fov_deg, self.camera_info = size, fov_deg, camera_info
+        qos = QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE if reliable else
+                         ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE)
+        base, _ = base_topic(topic)
+        self.image_topic = f"{base}/compressed" if compressed else base
+        self._msg_types = (Image, CompressedImage, CameraInfo)
+        self.image_pub = node.create_publisher(CompressedImage if compressed else Image, self.image_topic, qos)
+        self.info_pub = node.create_publisher(CameraInfo, sibling_topic(base, "camera_info"), qos)
+        self.published = 0
+        self._info_cache: tuple[tuple[int, int], Any] | None = None
+
+    def wait_for_subscribers(self, count: int, timeout: float, stop: threading.Event | None = None) -> bool:
+        """Wait until ``count`` subscriptions match the image publisher (discovery takes a moment)."""
+        deadline = time.monotonic() + timeout
+        while self.image_pub.get_subscription_count() < count:
+            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+                return False
+            time.sleep(0.05)
+        return True
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until reliable subscribers acknowledged everything published (True at once for best effort)."""
+        from rclpy.duration import Duration
+
+        ok = self.image_pub.wait_for_all_acked(Duration(seconds=timeout))
+        return self.info_pub.wait_for_all_acked(Duration(seconds=timeout)) and ok
+
+    def _info_msg(self, width: int, height: int) -> Any:
+        if self._info_cache is None or self._info_cache[0] != (width, height):
+            _, _, CameraInfo = self._msg_types
+            fields = self.camera_info or pinhole_camera_info(width, height, self.fov_deg)
+            if self.camera_info is not None and (fields["width"], fields["height"]) != (width, height):
+                from ..ros_image import scale_camera_info
+
+                src = CameraInfo(**{k: v for k, v in fields.items()})
+                info = scale_camera_info(src, width, height, CameraInfo())
+            else:
+                info = CameraInfo(**fields)
+            self._info_cache = ((width, height), info)
+        return self._info_cache[1]
+
+    def publish(self, bgr: np.ndarray, stamp: Any = None) -> Any:
+        """Publish one BGR frame (converted to the encoding, resized) and its camera_info; returns the header."""
+        from ..ros_image import numpy_to_compressed, numpy_to_image
+
+        Image, CompressedImage, _ = self._msg_types
+        img = convert_frame(bgr, self.encoding, self.size)
+        stamp = stamp if stamp is not None else self.node.get_clock().now().to_msg()
+        if self.compressed:
+            order = {"bgr8": "BGR", "rgb8": "RGB", "mono8": "BGR"}[self.encoding]
+            fmt, data = numpy_to_compressed(img, order, self.compressed)
+            msg = CompressedImage(format=fmt)
+            msg.data = data
+        else:
+            msg = numpy_to_image(img, self.encoding, Image())
+        msg.header.stamp = stamp
+        msg.header.frame_id = self.frame_id
+        info = self._info_msg(img.shape[1], img.shape[0])
+        info.header = msg.header
+        self.info_pub.publish(info)
+        self.image_pub.publish(msg)
+        self.published += 1
+        return msg.header
+
+
+def frames(source: FrameSource, loop: bool, max_frames: int | None) -> Iterator[Frame]:
+    """The source's frames, repeated when ``loop``, at most ``max_frames``."""
+    count = 0
+    while True:
+        empty = True
+        for f in source:
+            empty = False
+            if max_frames is not None and count >= max_frames:
+                return
+            yield f
+            count += 1
+        if not loop or empty:
+            return
+
+
+def play(player: Player, source: FrameSource, rate: float, loop: bool = False, max_frames: int | None = None,
+         stop: threading.Event | None = None, after_publish: Callable[[int, Any], None] | None = None,
+         progress: bool = False) -> int:
+    """Publish the source's frames at ``rate`` Hz (0: as fast as ``after_publish`` lets it). Returns the count.
+
+    ``after_publish(index, header)`` runs after each frame (the demo uses it to wait for the node's output)."""
+    from tqdm import tqdm
+
+    period = 1.0 / rate if rate > 0 else 0.0
+    total = None if loop else (min(len(source), max_frames) if max_frames is not None else len(source))
+    bar = tqdm(total=total, unit="frame", desc="publishing", disable=not progress, leave=False)
+    next_t = time.monotonic()
+    n = 0
+    try:
+        for f in frames(source, loop, max_frames):
+            if stop is not None and stop.is_set():
+                break
+            if period:
+                delay = next_t - time.monotonic()
+                if delay > 0:
+                    if stop is not None:
+                        if stop.wait(delay):
+                            break
+                    else:
+                        time.sleep(delay)
+                next_t = max(next_t + period, time.monotonic() - period)  # no burst after a stall
+            header = player.publish(f.bgr)
+            n += 1
+            bar.update(1)
+            if after_publish is not None:
+                after_publish(n - 1, header)
+    finally:
+        bar.close()
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="icnet-play", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Examples:\n" + __doc__.split("\n\n")[1])
+    p.add_argument("source", help="video file, folder of images, or one image")
+    p.add_argument("--topic", default="/camera/image_raw", help="image topic (default: %(default)s); camera_info "
+                   "goes next to it")
+    p.add_argument("--frame-id", default="camera", help="header frame_id (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=None, help="frames per second (default: the video's rate, "
+                   f"{DEFAULT_IMAGE_FPS:g} for images; 0 = as fast as possible)")
+    p.add_argument("--loop", action="store_true", help="start over at the end (until Ctrl-C or --max-frames)")
+    p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--encoding", choices=ENCODINGS, default="bgr8", help="image encoding (default: %(default)s)")
+    p.add_argument("--compressed", choices=("jpeg", "png"), default=None,
+                   help="publish sensor_msgs/CompressedImage on <topic>/compressed instead")
+    p.add_argument("--size", type=parse_size, default=None, metavar="HxW", help="resize frames, e.g. 360x480")
+    p.add_argument("--camera-info", default=None, metavar="YAML", help="camera_calibration YAML file (default: "
+                   "an ideal pinhole camera, see --fov)")
+    p.add_argument("--fov", type=float, default=60.0, help="horizontal field of view of the default pinhole "
+                   "camera_info, degrees (default: %(default)s)")
+    p.add_argument("--best-effort", action="store_true", help="best-effort publishers (default: reliable)")
+    p.add_argument("--wait-subscribers", type=int, default=0, metavar="N",
+                   help="wait until N subscribers match before the first frame (default: %(default)s)")
+    p.add_argument("--wait-timeout", type=float, default=30.0, help="seconds for --wait-subscribers "
+                   "(default: %(default)s)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.rate is not None and args.rate < 0:
+        print("icnet-play: error: --rate must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        source = open_source(args.source)
+        camera_info = load_camera_info(args.camera_info) if args.camera_info else None
+        if camera_info is None:
+            pinhole_camera_info(1, 1, args.fov)  # validates --fov
+    except (SourceError, ValueError) as e:
+        print(f"icnet-play: error: {e}", file=sys.stderr)
+        return 2
+    if len(source) == 0:
+        print(f"icnet-play: error: no frames in {args.source}", file=sys.stderr)
+        return 2
+    rate = args.rate if args.rate is not None else (source.fps or DEFAULT_IMAGE_FPS)
+
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+
+    rclpy.init()
+    node = rclpy.create_node("icnet_play")
+    n, t0 = 0, time.monotonic()
+    try:
+        player = Player(node, args.topic, args.frame_id, args.encoding, args.compressed, camera_info, args.fov,
+                        args.size, reliable=not args.best_effort)
+        if args.wait_subscribers and not player.wait_for_subscribers(args.wait_subscribers, args.wait_timeout):
+            print(f"icnet-play: error: fewer than {args.wait_subscribers} subscriber(s) on {player.image_topic} "
+                  f"after {args.wait_timeout:g} s", file=sys.stderr)
+            return 1
+        print(f"icnet-play: {source.description} -> {player.image_topic} at "
+              f"{'max rate' if rate == 0 else f'{rate:g} fps'}{' (loop)' if args.loop else ''}", flush=True)
+        t0 = time.monotonic()
+        n = play(player, source, rate, args.loop, args.max_frames, progress=args.progress)
+        player.flush()  # reliable: let the last samples be acknowledged before the participant goes away
+    except (KeyboardInterrupt, ExternalShutdownException):
+        n = player.published if "player" in locals() else n
+    finally:
+        source.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    dt = time.monotonic() - t0
+    print(f"icnet-play: published {n} frames in {dt:.1f} s ({n / dt if dt > 0 else 0:.1f} fps)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""``icnet-record``: save the images received on ROS topics to disk (overlays by default).
+
+    icnet-record                                              # /camera/semantic/overlay -> ./out/overlays/*.png
+    icnet-record /front/semantic/overlay /rear/semantic/overlay --output out/ --max-frames 100
+    icnet-record /camera/semantic/color --video color.mp4 --fps 10 --idle-timeout 5
+
+Files are named ``<index>_<stamp sec>.<nanosec>.<ext>`` (one folder per topic when several are recorded), so they
+sort in arrival order and can be matched to their input frames by stamp. sensor_msgs/Image in rgb8, bgr8, rgba8,
+bgra8, mono8 and mono16 (16-bit PNG) is supported; ``<topic>/compressed`` topics are saved as received (jpeg/png).
+Writing happens on a separate thread, so slow disks do not stall the subscription. ``--reliability auto`` (default)
+subscribes reliable when every publisher of a topic is reliable (no frame lost), best effort otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_TOPIC = "/camera/semantic/overlay"
+DEFAULT_OUTPUT = "out/overlays"
+
+
+def to_bgr(img: np.ndarray, encoding: str) -> np.ndarray:
+    """A decoded Image array -> what cv2.imwrite expects (BGR, grey, or 16-bit grey)."""
+    import cv2
+
+    if encoding in ("bgr8", "mono8", "mono16", "8UC1", "8UC3", "16UC1"):
+        return img
+    if encoding == "rgb8":
+        return img[:, :, ::-1]
+    if encoding == "rgba8":
+        return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGBA2BGR)
+    if encoding == "bgra8":
+        return img[:, :, :3]
+    raise ValueError(f"cannot save images with encoding {encoding!r}")
+
+
+def topic_slug(topic: str) -> str:
+    return topic.strip("/~").replace("/", "_") or "image"
+
+
+class Recorder:
+    """Subscribes to image topics on ``node`` and writes every received frame (and optionally a video).
+
+    Counters: ``received``, ``saved``, ``failed``; ``stamps`` holds the (sec, nanosec) of every received frame."""
+
+    def __init__(self, node: Any, topics: list[str], output: str | Path, fmt: str = "png",
+                 reliability: str = "auto", depth: int = 100, video: str | Path | None = None,
+                 fps: float = 10.0, subdirs: bool | None = None) -> None:
+        if fmt not in ("png", "jpg"):
+            raise ValueError(f"format must be png or jpg, got {fmt!r}")
+        if reliability not in ("auto", "reliable", "best_effort"):
+            raise ValueError(f"reliability must be auto, reliable or best_effort, got {reliability!r}")
+        if not topics:
+            raise ValueError("no topics to record")
+        self.node, self.topics, self.fmt, self.depth = node, list(topics), fmt, depth
+        self.output = Path(output)
+        self.reliability = reliability
+        self.subdirs = len(topics) > 1 if subdirs is None else subdirs
+        self.received = 0
+        self.saved = 0
+        self.failed = 0
+        self.stamps: list[tuple[int, int]] = []
+        self.first_received: float | None = None
+        self.last_received: float | None = None
+        self._counts: dict[str, int] = {t: 0 for t in topics}
+        self._lock = threading.Condition()
+        self._queue: queue.Queue[tuple[Any, str, Path] | None] = queue.Queue()
+        self._subs: dict[str, Any] = {}
+        self._video = None
+        if video is not None:
+            from ..video import VideoWriter
+
+            self._video = VideoWriter(video, fps)
+        self.output.mkdir(parents=True, exist_ok=True)
+        self._writer = threading.Thread(target=self._write_loop, name="icnet_record_writer", daemon=True)
+        self._writer.start()
+        self.subscribe_ready()
+
+    # -- subscriptions
+    def _qos(self, topic: str) -> Any | None:
+        """The QoS to subscribe ``topic`` with, or None while 'auto' has no publisher to look at yet."""
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+        if self.reliability == "auto":
+            infos = self.node.get_publishers_info_by_topic(topic)
+            if not infos:
+                return None
+            reliable = all(i.qos_profile.reliability == ReliabilityPolicy.RELIABLE for i in infos)
+        else:
+            reliable = self.reliability == "reliable"
+        return QoSProfile(depth=self.depth, reliability=ReliabilityPolicy.RELIABLE if reliable else
+                          ReliabilityPolicy.BEST_EFFORT)
+
+    def subscribe_ready(self) -> bool:
+        """Subscribe the topics whose QoS is known (all of them unless 'auto' waits for publishers).
+        Returns True when every topic is subscribed."""
+        from sensor_msgs.msg import CompressedImage, Image
+
+        for topic in self.topics:
+            if topic in self._subs:
+                continue
+            qos = self._qos(topic)
+            if qos is None:
+                continue
+            msg_type = CompressedImage if topic.endswith("/compressed") else Image
+            self._subs[topic] = self.node.create_subscription(msg_type, topic,
+                                                              lambda m, t=topic: self._on_msg(t, m), qos)
+        return len(self._subs) == len(self.topics)
+
+    def publisher_count(self) -> int:
+        return sum(s.get_publisher_count() for s in self._subs.values())
+
+    # -- receiving and writing
+    def _on_msg(self, topic: str, msg: Any) -> None:
+        with self._lock:
+            index = self._counts[topic]
+            self._counts[topic] += 1
+            self.received += 1
+            self.stamps.append((msg.header.stamp.sec, msg.header.stamp.nanosec))
+            now = time.monotonic()
+            self.first_received = self.first_received or now
+            self.last_received = now
+            self._lock.notify_all()
+        folder = self.output / topic_slug(topic) if self.subdirs else self.output
+        stem = f"{index:06d}_{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}"
+        self._queue.put((msg, topic, folder / stem))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            msg, topic, stem = item
+            try:
+                self._write(msg, topic, stem)
+                with self._lock:
+                    self.saved += 1
+                    self._lock.notify_all()
+            except Exception as e:  # noqa: BLE001 - keep recording; report the failure
+                with self._lock:
+                    self.failed += 1
+                    self._lock.notify_all()
+                self.node.get_logger().error(f"{topic}: cannot save frame {stem.name}: {e}")
+
+    def _write(self, msg: Any, topic: str, stem: Path) -> None:
+        from ..ros_image import compressed_to_numpy, compression_format, image_to_numpy
+        from ..video import write_image
+
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        if topic.endswith("/compressed"):
+            codec = compression_format(msg.format) or "png"
+            path = stem.with_name(stem.name + (".jpg" if codec == "jpeg" else ".png"))
+            path.write_bytes(bytes(msg.data))
+            bgr = compressed_to_numpy(msg)[0] if self._video is not None else None
+        else:
+            bgr = to_bgr(image_to_numpy(msg), msg.encoding)
+            if bgr.dtype == np.uint16 and self.fmt == "jpg":
+                path = stem.with_name(stem.name + ".png")  # 16-bit images need PNG
+            else:
+                path = stem.with_name(f"{stem.name}.{self.fmt}")
+            write_image(path, np.ascontiguousarray(bgr))
+        if self._video is not None and bgr is not None:
+            if bgr.ndim == 2:
+                bgr = np.repeat(bgr[:, :, None], 3, axis=2)
+            if bgr.dtype != np.uint8:
+                bgr = (bgr >> 8).astype(np.uint8)
+            self._video.write(np.ascontiguousarray(bgr))
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` frames were received."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self.received < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(left)
+        return True
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop receiving, write every queued frame, close the video."""
+        for sub in self._subs.values():
+            self.node.destroy_subscription(sub)
+        self._subs.clear()
+        self._queue.put(None)
+        self._writer.join(timeout)
+        if self._video is not None:
+            self._video.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="icnet-record", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Examples:\n" + __doc__.split("\n\n")[1])
+    p.add_argument("topics", nargs="*", default=[DEFAULT_TOPIC], help=f"image topics (default: {DEFAULT_TOPIC})")
+    p.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help="output folder (default: %(default)s)")
+    p.add_argument("--format", choices=("png", "jpg"), default="png", help="image file format (default: png)")
+    p.add_argument("--video", default=None, help="also write the frames to this video file (e.g. overlay.mp4)")
+    p.add_argument("--fps", type=float, default=10.0, help="frame rate of --video (default: %(default)s)")
+    p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames (all topics)")
+    p.add_argument("--idle-timeout", type=float, default=None, help="stop when no frame arrived for this many "
+                   "seconds (counted from the first frame)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--reliability", choices=("auto", "reliable", "best_effort"), default="auto",
+                   help="subscription reliability (default: auto = reliable when all publishers are)")
+    p.add_argument("--depth", type=int, default=100, help="subscription queue depth (default: %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("max_frames", "idle_timeout", "duration"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            print(f"icnet-record: error: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
+            return 2
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+
+    rclpy.init()
+    node = rclpy.create_node("icnet_record")
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    recorder = None
+    t0 = time.monotonic()
+    reason = "interrupted"
+    try:
+        recorder = Recorder(node, args.topics, args.output, args.format, args.reliability, args.depth,
+                            args.video, args.fps)
+        print(f"icnet-record: {', '.join(args.topics)} -> {recorder.output}/", flush=True)
+        hinted = False
+        while True:
+            executor.spin_once(timeout_sec=0.1)
+            subscribed = recorder.subscribe_ready()
+            now = time.monotonic()
+            if not hinted and now - t0 > 5.0 and (not subscribed or recorder.publisher_count() == 0):
+                hinted = True
+                print(f"icnet-record: still waiting for a publisher on {', '.join(args.topics)} (check the topic "
+                      "name, ROS_DOMAIN_ID and the DDS settings)", flush=True)
+            if args.max_frames is not None and recorder.received >= args.max_frames:
+                reason = f"{args.max_frames} frames"
+                break
+            if args.duration is not None and now - t0 >= args.duration:
+                reason = f"{args.duration:g} s"
+                break
+            if (args.idle_timeout is not None and recorder.last_received is not None
+                    and now - recorder.last_received >= args.idle_timeout):
+                reason = f"no frame for {args.idle_timeout:g} s"
+                break
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (ValueError, OSError) as e:
+        print(f"icnet-record: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if recorder is not None:
+            recorder.close()
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        rclpy.try_shutdown()
+    dt = time.monotonic() - t0
+    print(f"icnet-record: stopped ({reason}): received {recorder.received}, saved {recorder.saved}"
+          f"{f', failed {recorder.failed}' if recorder.failed else ''} in {dt:.1f} s -> {recorder.output}/",
+          flush=True)
+    return 0 if recorder.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""launch/icnet.launch.py, config/icnet.rviz and the installed data, checked without `launch` installed.
+
+`launch` and `launch_ros` are not on PyPI, so the launch file is parsed (ast), not run: it must be a standard
+LaunchDescription starting the package's icnet_node, and every launch argument must either be a launch-level
+option or map to a parameter the node declares.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from icnet_ros import node_params
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch" / "icnet.launch.py"
+LAUNCH_ONLY = {"params_file", "namespace", "rviz"}  # arguments that are not node parameters
+REQUIRED = {"params_file", "model", "image_topics", "device", "namespace"}
+
+
+@pytest.fixture(scope="module")
+def tree() -> ast.Module:
+    return ast.parse(LAUNCH.read_text(), filename=str(LAUNCH))
+
+
+def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and
+            ((isinstance(n.func, ast.Name) and n.func.id == name) or
+             (isinstance(n.func, ast.Attribute) and n.func.attr == name))]
+
+
+def _constants(tree: ast.Module) -> dict[str, Any]:
+    """Module-level NAME = <literal> assignments."""
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return out
+
+
+def _value(node: ast.AST, constants: dict[str, Any]) -> Any:
+    if isinstance(node, ast.Name) and node.id in constants:
+        return constants[node.id]
+    return ast.literal_eval(node)
+
+
+def _kwargs(call: ast.Call, constants: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for kw in call.keywords:
+        try:
+            out[kw.arg] = _value(kw.value, constants)
+        except ValueError:
+            out[kw.arg] = kw.value  # a substitution or expression: keep the node
+    return out
+
+
+def test_launch_file_is_standard(tree: ast.Module):
+    imports = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert ("launch", "LaunchDescription") in imports
+    assert ("launch.actions", "DeclareLaunchArgument") in imports
+    assert ("launch_ros.actions", "Node") in imports
+    funcs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert "generate_launch_description" in funcs
+    compile(tree, str(LAUNCH), "exec")
+
+
+def test_launch_starts_icnet_node_of_this_package(tree: ast.Module):
+    constants = _constants(tree)
+    nodes = [_kwargs(c, constants) for c in _calls(tree, "Node")]
+    ours = [n for n in nodes if n.get("executable") == "icnet_node"]
+    assert len(ours) == 1, nodes
+    assert ours[0]["package"] == "icnet_ros" and ours[0]["name"] == "icnet_node"
+    assert "namespace" in ours[0] and "parameters" in ours[0]
+    setup = (REPO / "setup.py").read_text()
+    assert "icnet_node = icnet_ros.node:main" in setup  # the executable exists
+
+
+def test_launch_arguments_map_to_node_parameters(tree: ast.Module):
+    constants = _constants(tree)
+    declared = {}
+    for call in _calls(tree, "DeclareLaunchArgument"):
+        name = _value(call.args[0], constants)
+        kw = _kwargs(call, constants)
+        assert isinstance(kw.get("description"), str) and kw["description"], f"{name}: no description"
+        assert "default_value" in kw, f"{name}: no default"
+        declared[name] = kw
+    assert REQUIRED <= set(declared), f"missing launch arguments: {REQUIRED - set(declared)}"
+    overrides = constants["OVERRIDES"]
+    for arg in declared:
+        assert arg in LAUNCH_ONLY or arg in overrides, f"launch argument {arg!r} reaches no node parameter"
+    for arg, param in overrides.items():
+        assert arg in declared, f"OVERRIDES names an undeclared argument {arg!r}"
+        assert param in node_params.SPECS, f"launch argument {arg!r} maps to unknown parameter {param!r}"
+        # an empty override means "keep the params file's value", so the defaults must be empty
+        assert declared[arg]["default_value"] == "", arg
+
+
+def test_image_topics_argument_parsing(tree: ast.Module):
+    """The launch file's own _topics() (extracted, run without launch): YAML list or comma-separated."""
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_topics")
+    namespace: dict[str, Any] = {"yaml": yaml}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(LAUNCH), "exec"), namespace)  # noqa: S102
+    topics = namespace["_topics"]
+    expected = ["/front/image_raw", "/rear/image_raw/compressed"]
+    assert topics("[/front/image_raw, /rear/image_raw/compressed]") == expected
+    assert topics("['/front/image_raw','/rear/image_raw/compressed']") == expected
+    assert topics("/front/image_raw, /rear/image_raw/compressed") == expected
+    assert topics("/camera/image_raw") == ["/camera/image_raw"]
+    node_params.check_value("image_topics", topics("[/a/image_raw, /b/image_raw]"))
+
+
+def test_params_file_and_rviz_are_where_the_launch_file_looks(tree: ast.Module):
+    text = LAUNCH.read_text()
+    assert '"config", "icnet.yaml"' in text and '"config", "icnet.rviz"' in text
+    assert (REPO / "config" / "icnet.yaml").is_file()
+    setup = (REPO / "setup.py").read_text()
+    assert 'glob("launch/*.launch.py")' in setup and 'glob("config/*.yaml") + glob("config/*.rviz")' in setup
+
+
+def test_rviz_config_shows_input_overlay_and_color():
+    doc = yaml.safe_load((REPO / "config" / "icnet.rviz").read_text())
+    displays = doc["Visualization Manager"]["Displays"]
+    images = {d["Topic"]["Value"] for d in displays if d["Class"] == "rviz_default_plugins/Image" and d["Enabled"]}
+    camera = node_params.defaults()["image_topics"][0]
+    ns = node_params.defaults()["output_namespace"]
+    assert images == {camera, node_params.sibling_topic(camera, f"{ns}/overlay"),
+                      node_params.sibling_topic(camera, f"{ns}/color")}
+    for d in displays:  # best effort matches both best-effort cameras and the node's reliable outputs
+        assert d["Topic"]["Reliability Policy"] == "Best Effort"
+
+
+def test_dds_profiles_bind_loopback_only():
+    import xml.etree.ElementTree as ET
+
+    for path in (REPO / "test" / "fastdds_loopback.xml", REPO / "icnet_ros" / "data" / "fastdds_loopback.xml"):
+        root = ET.parse(path).getroot()
+        ns = {"d": "http://www.eprosima.com"}
+        udp = [t for t in root.iterfind(".//d:transport_descriptor", ns) if t.findtext("d:type", None, ns) == "UDPv4"]
+        assert udp and all([a.text for a in t.iterfind(".//d:interfaceWhiteList/d:address", ns)] == ["127.0.0.1"]
+                           for t in udp), path
+        assert root.findtext(".//d:participant/d:rtps/d:useBuiltinTransports", None, ns) == "false", path
+        assert int(udp[0].findtext("d:receiveBufferSize", "0", ns)) >= 4 * 1024 * 1024, path
+
+
+def test_node_param_helpers():
+    assert node_params.sibling_topic("/cam_front/image_raw", "semantic/label") == "/cam_front/semantic/label"
+    assert node_params.sibling_topic("/image_raw", "semantic/label") == "/semantic/label"
+    assert node_params.sibling_topic("image_raw", "semantic/label") == "semantic/label"
+    assert node_params.sibling_topic("cam/image_raw/compressed", "camera_info") == "cam/camera_info"
+    assert node_params.base_topic("/c/image_raw/compressed") == ("/c/image_raw", True)
+    assert node_params.parse_input_size("512x1024") == (512, 1024)
+    assert node_params.parse_input_size("0.5") == 0.5
+    for bad in ("0", "5", "32x64", "abc", "nan"):
+        with pytest.raises(ValueError):
+            node_params.parse_input_size(bad)
+    with pytest.raises(node_params.ParameterError, match="unknown parameter"):
+        node_params.parse({"image_topic": ["/a"]})
+    with pytest.raises(node_params.ParameterError, match="expected a double|expected double"):
+        node_params.check_value("max_age", "soon")
+    assert node_params.check_value("max_age", 2) == 2.0  # ints are fine for doubles at run time
+    with pytest.raises(node_params.ParameterError, match="not a valid ROS topic"):
+        node_params.check_value("image_topics", ["/bad topic"])

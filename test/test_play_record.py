@@ -1,0 +1,204 @@
+"""icnet-play, icnet-record and icnet-demo as real processes talking to this test process over DDS (loopback)."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import ros_support
+from helpers import VIDEO, make_checkpoint, require
+from ros_support import Process, RosHarness, image_msg, ros  # noqa: F401 - fixture
+
+ros_support.require_rclpy()
+
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
+
+from icnet_ros.ros_image import compressed_to_numpy, image_to_numpy  # noqa: E402
+
+pytestmark = pytest.mark.ros
+
+H, W = 120, 160
+
+
+def write_frames(folder: Path, n: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` BGR PNG frames with flat regions and noise; returns them in file order."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = []
+    for i in range(n):
+        img = np.zeros((H, W, 3), np.uint8)
+        img[: H // 2] = rng.integers(0, 256, 3)
+        img[H // 2:] = rng.integers(0, 256, 3)
+        img = np.clip(img.astype(int) + rng.integers(-15, 16, img.shape), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(folder / f"frame_{i:03d}.png"), img)
+        frames.append(img)
+    return frames
+
+
+def test_play_folder_loops_with_stamps_frame_id_and_camera_info(ros: RosHarness, tmp_path: Path):
+    frames = write_frames(tmp_path / "frames", 3)
+    images = ros.collect(Image, "/t_play/image_raw")
+    infos = ros.collect(CameraInfo, "/t_play/camera_info")
+    res = ros_support.run_module("icnet_ros.tools.play", [
+        str(tmp_path / "frames"), "--topic", "/t_play/image_raw", "--frame-id", "cam_x", "--rate", "25", "--loop",
+        "--max-frames", "7", "--encoding", "rgb8", "--fov", "90", "--wait-subscribers", "1"], timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "published 7 frames" in res.stdout
+    assert images.wait_for(lambda m: len(m) >= 7, 10), f"received {len(images.messages)} of 7 images"
+    ros.unsubscribe(images)
+    ros.unsubscribe(infos)
+    stamps = []
+    for i, m in enumerate(images.messages):
+        assert m.header.frame_id == "cam_x" and m.encoding == "rgb8" and (m.height, m.width) == (H, W)
+        np.testing.assert_array_equal(image_to_numpy(m), frames[i % 3][:, :, ::-1])  # looped, in order
+        stamps.append(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec)
+    assert all(b > a for a, b in zip(stamps, stamps[1:])), "stamps must increase"
+    period = np.median(np.diff(stamps)) / 1e9
+    assert 0.02 < period < 0.2, f"published at {1 / period:.1f} fps, asked for 25"
+    assert len(infos.messages) >= 5
+    f = (W / 2) / math.tan(math.radians(45))
+    for info in infos.messages:
+        assert info.header.stamp.sec * 10**9 + info.header.stamp.nanosec in stamps
+        assert info.header.frame_id == "cam_x" and (info.width, info.height) == (W, H)
+        np.testing.assert_allclose(info.k, [f, 0, W / 2, 0, f, H / 2, 0, 0, 1])
+
+
+def test_play_video_compressed_resized(ros: RosHarness):
+    video = require(VIDEO)
+    col = ros.collect(CompressedImage, "/t_vid/image_raw/compressed")
+    res = ros_support.run_module("icnet_ros.tools.play", [
+        str(video), "--topic", "/t_vid/image_raw", "--compressed", "jpeg", "--size", "180x320", "--max-frames", "3",
+        "--rate", "0", "--wait-subscribers", "1"], timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert col.wait_for(lambda m: len(m) >= 3, 10)
+    ros.unsubscribe(col)
+    for m in col.messages:
+        img, order = compressed_to_numpy(m)
+        assert "jpeg" in m.format and order == "BGR" and img.shape == (180, 320, 3)
+    assert len(col.messages) == 3
+
+
+def test_play_rejects_bad_input(tmp_path: Path):
+    res = ros_support.run_module("icnet_ros.tools.play", [str(tmp_path / "missing.mp4")], timeout=60)
+    assert res.returncode == 2 and "icnet-play: error: input not found" in res.stderr
+
+
+def test_record_saves_every_frame(ros: RosHarness, tmp_path: Path):
+    out = tmp_path / "rec"
+    rng = np.random.default_rng(5)
+    sent = [("rgb8", rng.integers(0, 256, (H, W, 3), dtype=np.uint8)),
+            ("bgr8", rng.integers(0, 256, (H, W, 3), dtype=np.uint8)),
+            ("mono8", rng.integers(0, 256, (H, W), dtype=np.uint8)),
+            ("rgba8", rng.integers(0, 256, (H, W, 4), dtype=np.uint8))]
+    pub = ros.publisher(Image, "/t_rec/semantic/overlay", RosHarness.qos(reliable=True, depth=10))
+    rec = Process("icnet_ros.tools.record", ["/t_rec/semantic/overlay", "--output", str(out), "--max-frames", "4",
+                                             "--video", str(tmp_path / "rec.mp4"), "--fps", "5"], tmp_path)
+    try:
+        ros.wait_matched(pub)  # 'auto' reliability: the recorder subscribes once it has seen this publisher
+        for i, (enc, img) in enumerate(sent):
+            pub.publish(image_msg(img, enc, ros.now(), frame_id=f"f{i}"))
+        assert rec.wait(30) == 0, rec.output()
+    finally:
+        rec.kill()
+        ros.node.destroy_publisher(pub)
+    assert "received 4, saved 4" in rec.output()
+    files = sorted(out.glob("*.png"))
+    assert [re.match(r"\d{6}_\d+\.\d{9}\.png$", f.name) is not None for f in files] == [True] * 4
+    expected = [sent[0][1][:, :, ::-1], sent[1][1], sent[2][1], sent[3][1][:, :, 2::-1]]
+    for f, exp in zip(files, expected):
+        got = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(got, exp)
+    cap = cv2.VideoCapture(str(tmp_path / "rec.mp4"))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    assert n == 4
+
+
+# ---------------------------------------------------------------------------------------------- icnet-demo
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("demo") / "tiny.safetensors")
+
+
+@pytest.mark.slow
+def test_demo_segments_a_folder_and_stops_by_itself(checkpoint: Path, tmp_path: Path):
+    frames = write_frames(tmp_path / "frames", 3, seed=3)
+    out = tmp_path / "overlays"
+    res = ros_support.run_module("icnet_ros.tools.demo", [str(tmp_path / "frames"), "--model", str(checkpoint),
+                                                          "--output", str(out), "--device", "cpu"], timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.search(r"published 3 frames; node processed 3; received 3 overlays, saved 3", res.stdout), res.stdout
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 3
+    # the overlays are the Segmenter's, for the same frames (bgr8 in, bgr8 overlay out)
+    from icnet_ros.engine import Segmenter
+
+    seg = Segmenter(str(checkpoint), device="cpu", outputs=("overlay",), warmup=False)
+    for f, img in zip(files, frames):
+        got = cv2.imread(str(f))
+        expected = seg.segment([img], channel_order="BGR")[0].overlay
+        assert got.shape == (H, W, 3)
+        assert (np.abs(got.astype(int) - expected).max(axis=2) <= 1).mean() > 0.99
+
+
+def test_demo_without_a_model_points_to_the_model_option(tmp_path: Path):
+    from icnet_ros.checkpoint import CheckpointError, default_model_path
+
+    try:
+        default_model_path()
+        pytest.skip("the default model is installed")
+    except CheckpointError:
+        pass
+    write_frames(tmp_path / "frames", 1)
+    res = ros_support.run_module("icnet_ros.tools.demo", [str(tmp_path / "frames")], timeout=60)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("icnet-demo: error:") and "--model" in lines[0], res.stderr
+
+
+@pytest.mark.slow
+def test_demo_live_mode_serves_the_camera_topic_until_ctrl_c(ros: RosHarness, checkpoint: Path, tmp_path: Path):
+    demo = Process("icnet_ros.tools.demo", ["--model", str(checkpoint), "--topic", "/t_live/image_raw",
+                                            "--device", "cpu"], tmp_path, name="demo_live")
+    try:
+        demo.wait_for_output("waiting for frames", 120)
+        pub = ros.publisher(Image, "/t_live/image_raw")
+        col = ros.collect(Image, "/t_live/semantic/overlay")
+        ros.wait_matched(pub)
+        ros.wait_matched(col.subscription)
+        img = write_frames(tmp_path / "live", 1)[0]
+        for _ in range(5):  # best-effort input: resend until served
+            pub.publish(image_msg(img, "bgr8", ros.now()))
+            if col.wait_for(lambda m: len(m) >= 1, 3):
+                break
+        assert col.messages, "the demo node did not serve the camera topic"
+        assert col.messages[0].encoding == "bgr8" and (col.messages[0].height, col.messages[0].width) == (H, W)
+        ros.unsubscribe(col)
+        ros.node.destroy_publisher(pub)
+        assert demo.interrupt(30) == 0, demo.output()
+        assert "Traceback" not in demo.output()
+    finally:
+        demo.kill()
+
+
+def test_play_reads_camera_calibration_yaml(tmp_path: Path):
+    from icnet_ros.tools.play import load_camera_info
+
+    path = tmp_path / "cam.yaml"
+    path.write_text("image_width: 640\nimage_height: 480\ncamera_name: front\n"
+                    "camera_matrix: {rows: 3, cols: 3, data: [500, 0, 320, 0, 500, 240, 0, 0, 1]}\n"
+                    "distortion_model: plumb_bob\n"
+                    "distortion_coefficients: {rows: 1, cols: 5, data: [0.1, -0.05, 0, 0, 0]}\n"
+                    "rectification_matrix: {rows: 3, cols: 3, data: [1, 0, 0, 0, 1, 0, 0, 0, 1]}\n"
+                    "projection_matrix: {rows: 3, cols: 4, data: [500, 0, 320, 0, 0, 500, 240, 0, 0, 0, 1, 0]}\n")
+    info = load_camera_info(path)
+    assert (info["width"], info["height"]) == (640, 480) and info["k"][0] == 500.0 and info["d"][0] == 0.1
+    path.write_text("image_width: 640\n")
+    with pytest.raises(ValueError, match="not a camera_calibration YAML"):
+        load_camera_info(path)

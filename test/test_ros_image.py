@@ -1,0 +1,239 @@
+"""icnet_ros.ros_image: Image/CompressedImage fields <-> numpy, on plain objects and on real rclpy messages."""
+from __future__ import annotations
+
+import array
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from icnet_ros.ros_image import (ImageFormatError, compressed_to_numpy, compression_format, image_to_numpy,
+                                 numpy_to_compressed, numpy_to_image, pixel_format, segmenter_input,
+                                 set_image_data)
+
+
+def fake_msg(img: np.ndarray, encoding: str, pad: int = 0, big: bool = False, data_type=array.array):
+    """A hand-built Image-like object with ``pad`` bytes of row padding, data as rclpy stores it."""
+    h, w = img.shape[:2]
+    raw = img.astype(img.dtype.newbyteorder(">" if big else "<")) if img.dtype.itemsize > 1 else img
+    rows = raw.reshape(h, -1).view(np.uint8)
+    padded = np.zeros((h, rows.shape[1] + pad), np.uint8)
+    padded[:, : rows.shape[1]] = rows
+    data = padded.tobytes()
+    data = array.array("B", data) if data_type is array.array else data_type(data)
+    return SimpleNamespace(height=h, width=w, encoding=encoding, is_bigendian=int(big), step=padded.shape[1],
+                           data=data)
+
+
+def empty_msg():
+    return SimpleNamespace(height=0, width=0, encoding="", is_bigendian=0, step=0, data=b"")
+
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("encoding,channels", [("rgb8", 3), ("bgr8", 3), ("rgba8", 4), ("bgra8", 4), ("mono8", 1),
+                                               ("8UC3", 3)])
+@pytest.mark.parametrize("pad", [0, 5])
+def test_decode_8bit_with_row_padding_is_a_view(encoding, channels, pad):
+    img = RNG.integers(0, 256, (7, 9, channels) if channels > 1 else (7, 9), dtype=np.uint8)
+    msg = fake_msg(img, encoding, pad=pad)
+    out = image_to_numpy(msg)
+    np.testing.assert_array_equal(out, img)
+    assert np.shares_memory(out, np.frombuffer(msg.data, np.uint8)), "decoding must not copy the pixels"
+
+
+@pytest.mark.parametrize("big", [False, True])
+@pytest.mark.parametrize("encoding,channels", [("mono16", 1), ("rgb16", 3), ("16UC1", 1)])
+def test_decode_16bit_honours_is_bigendian(encoding, channels, big):
+    img = RNG.integers(0, 65536, (4, 6, channels) if channels > 1 else (4, 6), dtype=np.uint16)
+    msg = fake_msg(img, encoding, pad=2, big=big)
+    out = image_to_numpy(msg)
+    assert out.dtype.byteorder == (">" if big else "<") or out.dtype.byteorder == "="
+    np.testing.assert_array_equal(out.astype(np.uint16), img)
+    # reading the same bytes with the wrong flag gives byte-swapped values: the flag really is honoured
+    msg.is_bigendian = int(not big)
+    assert not np.array_equal(image_to_numpy(msg).astype(np.uint16), img)
+
+
+def test_decode_float_and_bytes_data():
+    img = RNG.random((3, 5)).astype(np.float32)
+    msg = fake_msg(img, "32FC1", data_type=bytes)
+    np.testing.assert_array_equal(image_to_numpy(msg), img)
+
+
+def test_decode_list_data_from_hand_built_messages():
+    img = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    msg = SimpleNamespace(height=2, width=2, encoding="rgb8", is_bigendian=0, step=6, data=list(img.reshape(-1)))
+    np.testing.assert_array_equal(image_to_numpy(msg), img)
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda m: setattr(m, "encoding", "yuv422"), "encoding"),
+    (lambda m: setattr(m, "encoding", "bayer_rggb8"), "encoding"),
+    (lambda m: setattr(m, "encoding", ""), "encoding"),
+    (lambda m: (setattr(m, "height", 0)), "size"),
+    (lambda m: (setattr(m, "width", 0)), "size"),
+    (lambda m: setattr(m, "step", m.width * 3 - 1), "step"),
+    (lambda m: setattr(m, "data", m.data[: len(m.data) - 1]), "truncated"),
+    (lambda m: setattr(m, "data", b""), "truncated"),
+])
+def test_bad_messages_raise_with_a_reason(mutate, reason):
+    msg = fake_msg(RNG.integers(0, 256, (4, 5, 3), dtype=np.uint8), "rgb8")
+    mutate(msg)
+    with pytest.raises(ImageFormatError) as e:
+        image_to_numpy(msg)
+    assert e.value.reason == reason
+    assert str(e.value)
+
+
+def test_last_row_padding_may_be_absent():
+    img = RNG.integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    msg = fake_msg(img, "rgb8", pad=4)
+    msg.data = msg.data[:-4]
+    np.testing.assert_array_equal(image_to_numpy(msg), img)
+
+
+@pytest.mark.parametrize("encoding,order", [("rgb8", "RGB"), ("bgr8", "BGR"), ("rgba8", "RGB"), ("bgra8", "BGR"),
+                                            ("mono8", "RGB")])
+def test_segmenter_input(encoding, order):
+    c = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}[encoding]
+    img = RNG.integers(0, 256, (5, 6, c) if c > 1 else (5, 6), dtype=np.uint8)
+    frame, got = segmenter_input(fake_msg(img, encoding, pad=3))
+    assert got == order
+    np.testing.assert_array_equal(frame, img[:, :, :3] if c == 4 else img)
+    assert frame.dtype == np.uint8 and frame.ndim == (2 if c == 1 else 3)
+
+
+@pytest.mark.parametrize("encoding", ["mono16", "16UC1", "32FC1", "8UC3"])
+def test_segmenter_input_rejects_other_encodings(encoding):
+    fmt = pixel_format(encoding)
+    img = np.zeros((4, 4, fmt.channels), fmt.dtype)
+    with pytest.raises(ImageFormatError) as e:
+        segmenter_input(fake_msg(img[..., 0] if fmt.channels == 1 else img, encoding))
+    assert e.value.reason == "encoding" and encoding in str(e.value)
+
+
+@pytest.mark.parametrize("encoding,shape,dtype", [("rgb8", (5, 7, 3), np.uint8), ("mono8", (5, 7), np.uint8),
+                                                  ("mono16", (5, 7), np.uint16), ("bgra8", (2, 3, 4), np.uint8)])
+def test_encode_roundtrip_plain_object(encoding, shape, dtype):
+    img = RNG.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+    msg = numpy_to_image(img, encoding, SimpleNamespace())
+    assert (msg.height, msg.width, msg.encoding, msg.is_bigendian) == (shape[0], shape[1], encoding, 0)
+    assert msg.step == shape[1] * pixel_format(encoding).pixel_bytes
+    assert isinstance(msg.data, bytes) and len(msg.data) == msg.step * msg.height
+    np.testing.assert_array_equal(image_to_numpy(msg), img)
+
+
+def test_encode_big_endian_and_non_contiguous():
+    img = RNG.integers(0, 65535, (4, 6), dtype=np.uint16).astype(">u2")
+    msg = numpy_to_image(img, "mono16", SimpleNamespace())
+    assert msg.is_bigendian == 1
+    np.testing.assert_array_equal(image_to_numpy(msg), img)
+    view = RNG.integers(0, 255, (6, 8, 3), dtype=np.uint8)[::2, ::2]
+    np.testing.assert_array_equal(image_to_numpy(numpy_to_image(view, "rgb8", SimpleNamespace())), view)
+
+
+@pytest.mark.parametrize("img,encoding", [(np.zeros((4, 4, 3), np.uint8), "mono8"),
+                                          (np.zeros((4, 4), np.uint16), "mono8"),
+                                          (np.zeros((0, 4, 3), np.uint8), "rgb8")])
+def test_encode_rejects_mismatches(img, encoding):
+    with pytest.raises(ValueError):
+        numpy_to_image(img, encoding, SimpleNamespace())
+
+
+def test_real_rclpy_message_fast_path_serializes():
+    """The ndarray stored by set_image_data goes through rclpy's C converter unchanged (one copy, at publish)."""
+    pytest.importorskip("rclpy")
+    from rclpy.serialization import deserialize_message, serialize_message
+    from sensor_msgs.msg import Image
+
+    img = RNG.integers(0, 256, (31, 17, 3), dtype=np.uint8)
+    msg = numpy_to_image(img, "bgr8", Image())
+    msg.header.frame_id = "cam"
+    assert isinstance(msg.data, np.ndarray)  # the fast path was taken
+    back = deserialize_message(serialize_message(msg), Image)
+    assert isinstance(back.data, array.array)
+    assert (back.height, back.width, back.step, back.encoding, back.header.frame_id) == (31, 17, 51, "bgr8", "cam")
+    np.testing.assert_array_equal(image_to_numpy(back), img)
+    frame, order = segmenter_input(back)
+    assert order == "BGR" and np.shares_memory(frame, np.frombuffer(back.data, np.uint8))
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "png"])
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_compressed_roundtrip(codec, order):
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:, :30] = (250, 10, 10)  # a strong colour so a channel swap would show even through jpeg
+    fmt, data = numpy_to_compressed(img, order, codec)
+    assert compression_format(fmt) == codec
+    out, got_order = compressed_to_numpy(SimpleNamespace(format=fmt, data=array.array("B", data)))
+    assert got_order == "BGR" and out.shape == img.shape
+    expected = img[:, :, ::-1] if order == "RGB" else img
+    err = np.abs(out.astype(int) - expected)
+    if codec == "png":
+        assert err.max() == 0
+    else:  # jpeg rings at the edge; a channel swap would give a mean error near 160
+        assert err.mean() < 4
+
+
+def test_compressed_mono_and_alpha():
+    import cv2
+
+    grey = RNG.integers(0, 256, (10, 12), dtype=np.uint8)
+    fmt, data = numpy_to_compressed(grey, codec="png")
+    out, order = compressed_to_numpy(SimpleNamespace(format=fmt, data=data))
+    assert order == "MONO"
+    np.testing.assert_array_equal(out, grey)
+    rgba = RNG.integers(0, 256, (6, 7, 4), dtype=np.uint8)
+    ok, buf = cv2.imencode(".png", rgba)
+    out, order = compressed_to_numpy(SimpleNamespace(format="png", data=buf.tobytes()))
+    assert order == "BGR"
+    np.testing.assert_array_equal(out, rgba[:, :, :3])
+
+
+@pytest.mark.parametrize("fmt,expected", [("jpeg", "jpeg"), ("JPG", "jpeg"), ("png", "png"), ("", ""),
+                                          ("rgb8; jpeg compressed bgr8", "jpeg"), ("mono8; png compressed ", "png")])
+def test_compression_format(fmt, expected):
+    assert compression_format(fmt) == expected
+
+
+@pytest.mark.parametrize("fmt", ["16UC1; compressedDepth png", "theora", "webp"])
+def test_compression_format_rejects(fmt):
+    with pytest.raises(ImageFormatError) as e:
+        compression_format(fmt)
+    assert e.value.reason == "encoding"
+
+
+def test_corrupt_compressed_raises():
+    fmt, data = numpy_to_compressed(np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(ImageFormatError) as e:
+        compressed_to_numpy(SimpleNamespace(format=fmt, data=b"\x00garbage" + data[20:40]))
+    assert e.value.reason == "decode"
+    with pytest.raises(ImageFormatError) as e:
+        compressed_to_numpy(SimpleNamespace(format="jpeg", data=b""))
+    assert e.value.reason == "size"
+
+
+def test_set_image_data_on_plain_object_gives_bytes():
+    obj = SimpleNamespace(data=None)
+    set_image_data(obj, np.arange(6, dtype=np.uint8).reshape(2, 3))
+    assert obj.data == bytes(range(6))
+
+
+def test_scale_camera_info():
+    from icnet_ros.ros_image import scale_camera_info
+
+    roi = SimpleNamespace(x_offset=10, y_offset=20, width=100, height=60, do_rectify=True)
+    info = SimpleNamespace(width=200, height=100, distortion_model="plumb_bob", d=[0.1, -0.2, 0, 0, 0],
+                           k=[150.0, 0, 100.0, 0, 150.0, 50.0, 0, 0, 1], r=[1, 0, 0, 0, 1, 0, 0, 0, 1],
+                           p=[150.0, 0, 100.0, 7.5, 0, 150.0, 50.0, 0, 0, 0, 1, 0], binning_x=0, binning_y=0, roi=roi)
+    out = scale_camera_info(info, 100, 25, SimpleNamespace(roi=SimpleNamespace()))
+    assert (out.width, out.height) == (100, 25)
+    assert out.k == [75.0, 0, 50.0, 0, 37.5, 12.5, 0, 0, 1]
+    assert out.p == [75.0, 0, 50.0, 3.75, 0, 37.5, 12.5, 0, 0, 0, 1, 0]
+    assert out.d == [0.1, -0.2, 0, 0, 0] and out.distortion_model == "plumb_bob" and out.r == info.r
+    assert (out.roi.x_offset, out.roi.y_offset, out.roi.width, out.roi.height) == (5, 5, 50, 15)
+    uncalibrated = SimpleNamespace(**{**vars(info), "width": 0, "height": 0, "k": [0.0] * 9})
+    out = scale_camera_info(uncalibrated, 64, 48, SimpleNamespace(roi=SimpleNamespace()))
+    assert (out.width, out.height) == (64, 48) and out.k == [0.0] * 9
