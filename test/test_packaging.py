@@ -1,0 +1,59 @@
+"""Both install paths: every console script resolves (pip), and `colcon build` lays the package out as ROS 2 expects
+(executables in lib/icnet_ros, launch/config/models in share/icnet_ros, the ament index marker)."""
+import os
+import shutil
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+
+EXECUTABLES = ["icnet_node", "icnet-play", "icnet-record", "icnet-demo", "icnet-convert", "icnet-segment",
+               "icnet-bench", "icnet-train", "icnet-eval", "icnet-node-bench"]
+
+
+def test_console_scripts_resolve():
+    eps = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.value.startswith("icnet_ros.")}
+    assert sorted(eps) == sorted(EXECUTABLES)
+    for name, ep in eps.items():
+        assert callable(ep.load()), name
+
+
+def test_package_xml_is_format3_ament_python():
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(REPO / "package.xml").getroot()
+    assert root.get("format") == "3" and root.findtext("name") == "icnet_ros"
+    deps = {e.text for e in root.findall("exec_depend")}
+    assert {"rclpy", "sensor_msgs", "std_msgs", "diagnostic_msgs", "python3-numpy", "python3-opencv",
+            "python3-yaml"} <= deps
+    assert root.find("export/build_type").text == "ament_python"
+    assert (REPO / "resource" / "icnet_ros").is_file()
+
+
+@pytest.mark.slow
+def test_colcon_build_installs_ros_layout(tmp_path):
+    colcon = shutil.which("colcon") or str(Path(sys.executable).with_name("colcon"))
+    if not Path(colcon).exists():
+        pytest.skip("colcon not installed (test extra: colcon-common-extensions)")
+    src = tmp_path / "src" / "icnet_ros"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "out", "build", "install", "log",
+                                                            "*.egg-info", "__pycache__", ".pytest_cache"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COLCON")}
+    proc = subprocess.run([colcon, "build", "--base-paths", str(tmp_path / "src"), "--build-base",
+                           str(tmp_path / "build"), "--install-base", str(tmp_path / "install")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    prefix = tmp_path / "install" / "icnet_ros"
+    for exe in EXECUTABLES:
+        path = prefix / "lib" / "icnet_ros" / exe
+        assert path.is_file() and os.access(path, os.X_OK), exe
+    share = prefix / "share" / "icnet_ros"
+    for rel in ["package.xml", "launch/icnet.launch.py", "config/icnet.yaml", "config/icnet.rviz"]:
+        assert (share / rel).is_file(), rel
+    assert (prefix / "share" / "ament_index" / "resource_index" / "packages" / "icnet_ros").is_file()
+    shipped = sorted(p.name for p in (REPO / "icnet_ros" / "weights").glob("*.safetensors"))
+    assert sorted(p.name for p in (share / "models").glob("*.safetensors")) == shipped
