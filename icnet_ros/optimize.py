@@ -1,0 +1,245 @@
+"""Inference-time model optimisations, each independently switchable and measurable (``icnet-bench --ablation``).
+
+- :func:`fold_batchnorm`: folds every eval-mode BatchNorm2d into the convolution that feeds it (conv weights are
+  scaled per output channel, the BN shift becomes the conv bias) and replaces the BN by ``nn.Identity``. Conv -> BN
+  pairs are found by running the model once on a probe input with hooks (no reliance on module names), so the
+  function works for any backbone. Folding happens in float64 and is exact up to rounding: on CPU fp32 the logits
+  of a folded ICNet match the plain model to ``max|diff| / max|logit| <= 1e-4`` (:data:`FOLD_RTOL`, tested).
+  A folded model is for inference only (no BN left to train; do not save it as a checkpoint).
+- :func:`to_channels_last`: NHWC weights/activations (tensor cores on CUDA; oneDNN's native layout with bf16 on CPU).
+- :func:`compile_model`: ``torch.compile`` for fixed shapes (needs a C++ compiler on CPU, Triton on CUDA).
+- :class:`CUDAGraphRunner`: captures a function of fixed-shape tensors once and replays it (removes the per-kernel
+  launch overhead that dominates small models on fast GPUs).
+- :func:`compare_logits`: the agreement measures used to accept an optimisation (max abs diff, relative diff,
+  argmax agreement).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+#: accepted relative logit error of BN folding on CPU fp32 (max |folded - plain| / max |plain|)
+FOLD_RTOL = 1e-4
+#: accepted argmax agreement of any optimisation against the plain fp32 model
+MIN_ARGMAX_AGREEMENT = 0.999
+
+
+def fuse_conv_bn_(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold ``bn`` (eval statistics) into ``conv`` in place: ``bn(conv(x)) == conv'(x)``. Computed in float64."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+    if conv.out_channels != bn.num_features:
+        raise ValueError(f"conv has {conv.out_channels} output channels but the BN {bn.num_features} features")
+    with torch.no_grad():
+        w = conv.weight.detach().double()
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
+        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
+        scale = gamma / torch.sqrt(var + bn.eps)
+        bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(mean)
+        new_w = w * scale.view(-1, *([1] * (w.dim() - 1)))
+        new_b = (bias - mean) * scale + beta
+        dtype, device = conv.weight.dtype, conv.weight.device
+        conv.weight.copy_(new_w.to(dtype))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_b.to(device=device, dtype=dtype), requires_grad=conv.weight.requires_grad)
+        else:
+            conv.bias.copy_(new_b.to(dtype))
+
+
+def find_conv_bn_pairs(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> list[tuple[str, str]]:
+    """Names of (conv, bn) pairs where the BN's input is exactly the conv's output, found by one probe forward.
+
+    A pair is kept only when both modules run exactly once, the conv is not transposed, and the BN (eval mode,
+    with running statistics) is the only pairing of either module."""
+    names = {m: n for n, m in model.named_modules()}
+    produced: dict[int, tuple[nn.Module, Tensor]] = {}
+    calls: dict[nn.Module, int] = {}
+    candidates: list[tuple[nn.Module, nn.Module]] = []
+
+    def conv_hook(mod: nn.Module, _inp: tuple, out: Tensor) -> None:
+        calls[mod] = calls.get(mod, 0) + 1
+        if isinstance(out, Tensor):
+            produced[id(out)] = (mod, out)  # keep the tensor alive so its id cannot be reused
+
+    def bn_pre_hook(mod: nn.Module, inp: tuple) -> None:
+        calls[mod] = calls.get(mod, 0) + 1
+        x = inp[0] if inp else None
+        entry = produced.get(id(x))
+        if entry is not None and entry[1] is x:
+            candidates.append((entry[0], mod))
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_pre_hook(bn_pre_hook))
+    inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        produced.clear()
+    convs = [c for c, _ in candidates]
+    bns = [b for _, b in candidates]
+    pairs = []
+    for conv, bn in candidates:
+        if calls.get(conv) != 1 or calls.get(bn) != 1 or convs.count(conv) != 1 or bns.count(bn) != 1:
+            continue
+        if not bn.track_running_stats or bn.running_mean is None:
+            continue
+        pairs.append((names[conv], names[bn]))
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module, example_input: Tensor | Sequence[Tensor], verify: bool = True) -> int:
+    """Fold every foldable BN of ``model`` into its conv, in place; returns the number folded.
+
+    ``example_input`` drives the probe forward (any valid input; for ICNet e.g. ``torch.randn(1, 3, 128, 128)``).
+    Running statistics are used (eval semantics): copy the model first if the original must stay trainable.
+    ``verify`` compares the model's output on ``example_input`` before and after folding (float32 models); beyond
+    :data:`FOLD_RTOL` or below :data:`MIN_ARGMAX_AGREEMENT` (a conv output that also feeds something other than
+    its BN) it restores the model unfolded and raises ``RuntimeError``.
+    """
+    inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
+    before = _probe(model, inputs) if verify else None
+    pairs = find_conv_bn_pairs(model, inputs)
+    modules = dict(model.named_modules())
+    undo: list[tuple[nn.Conv2d, Tensor, Tensor | None, nn.Module, str, nn.Module]] = []
+    for conv_name, bn_name in pairs:
+        conv, bn = modules[conv_name], modules[bn_name]
+        parent_name, _, attr = bn_name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        undo.append((conv, conv.weight.detach().clone(), None if conv.bias is None else conv.bias.detach().clone(),
+                     parent, attr, bn))
+        fuse_conv_bn_(conv, bn)
+        setattr(parent, attr, nn.Identity())
+    if before is not None and before.dtype == torch.float32:
+        after = _probe(model, inputs)
+        agreement = compare_logits(before, after) if after is not None else None
+        if agreement is not None and not agreement.ok():
+            with torch.no_grad():  # put the model back as it was
+                for conv, w, b, parent, attr, bn in undo:
+                    conv.weight.copy_(w)
+                    if b is None:
+                        conv.bias = None
+                    else:
+                        conv.bias.copy_(b)
+                    setattr(parent, attr, bn)
+            raise RuntimeError(f"BN folding changed the model's output beyond tolerance ({agreement}); the model "
+                               "was restored unfolded (a conv output probably also feeds something besides its BN)")
+    return len(pairs)
+
+
+def _probe(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor | None:
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            out = model(*inputs)
+    finally:
+        model.train(was_training)
+    return out.clone() if isinstance(out, Tensor) and out.dim() >= 2 else None
+
+
+def count_batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Convert 4-D parameters and buffers to channels_last (NHWC) memory format, in place."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def compile_model(model: nn.Module, mode: str | None = None, dynamic: bool = False) -> Callable[..., Tensor]:
+    """``torch.compile`` the model for fixed shapes (``dynamic=False``: a recompilation per new input shape).
+
+    ``mode``: None/"default", "reduce-overhead" (adds CUDA graphs on GPU) or "max-autotune". Compilation happens
+    on the first call (seconds to minutes); on CPU it needs a working C++ compiler."""
+    return torch.compile(model, mode=None if mode in (None, "default") else mode, dynamic=dynamic, fullgraph=False)
+
+
+class CUDAGraphRunner:
+    """Capture ``fn(*inputs)`` (CUDA tensors of fixed shape, dtype and strides) in a CUDA graph and replay it.
+
+    ``runner(*new_inputs)`` copies the new inputs into the captured (static) input tensors, replays the graph and
+    returns the static output tensors: they are overwritten by the next replay, so consume or copy them first.
+    ``fn`` must not synchronise with the host nor allocate differently between calls (ICNet's forward qualifies).
+    Capture and replay must happen under the same autograd mode (the Segmenter uses ``torch.inference_mode``).
+    """
+
+    def __init__(self, fn: Callable[..., Tensor | tuple[Tensor, ...]], example_inputs: Sequence[Tensor],
+                 warmup_iters: int = 3) -> None:
+        if not example_inputs or any(not isinstance(t, Tensor) or t.device.type != "cuda" for t in example_inputs):
+            raise ValueError("CUDAGraphRunner needs CUDA tensor inputs")
+        self.device = example_inputs[0].device
+        self.static_inputs = [t.clone() for t in example_inputs]  # clone keeps the memory format
+        self.fn = fn
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+            for _ in range(max(1, warmup_iters)):
+                fn(*self.static_inputs)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            out = fn(*self.static_inputs)
+        self._single = isinstance(out, Tensor)
+        self.static_outputs: tuple[Tensor, ...] = (out,) if self._single else tuple(out)
+
+    def matches(self, *inputs: Tensor) -> bool:
+        """Whether ``inputs`` have the captured shapes, dtypes, devices and strides."""
+        return len(inputs) == len(self.static_inputs) and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.stride() == b.stride()
+            for a, b in zip(inputs, self.static_inputs))
+
+    def __call__(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        if not self.matches(*inputs):
+            raise ValueError("CUDAGraphRunner: inputs differ from the captured shapes/dtypes/strides")
+        for dst, src in zip(self.static_inputs, inputs):
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        return self.static_outputs[0] if self._single else self.static_outputs
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How closely two logit tensors agree (``test`` against ``reference``)."""
+
+    max_abs_diff: float
+    max_abs_reference: float
+    argmax_agreement: float
+
+    @property
+    def relative_diff(self) -> float:
+        return self.max_abs_diff / max(self.max_abs_reference, 1e-12)
+
+    def ok(self, rtol: float = FOLD_RTOL, min_agreement: float = MIN_ARGMAX_AGREEMENT) -> bool:
+        return self.relative_diff <= rtol and self.argmax_agreement >= min_agreement
+
+    def __str__(self) -> str:
+        return (f"max|diff| {self.max_abs_diff:.3g} (relative {self.relative_diff:.3g}), "
+                f"argmax agreement {100 * self.argmax_agreement:.3f}%")
+
+
+def compare_logits(reference: Tensor, test: Tensor) -> Agreement:
+    """Agreement of ``test`` logits with ``reference`` logits (N x C x H x W; compared in float32)."""
+    if reference.shape != test.shape:
+        raise ValueError(f"logit shapes differ: {tuple(reference.shape)} vs {tuple(test.shape)}")
+    ref, tst = reference.detach().float(), test.detach().float().to(reference.device)
+    return Agreement(max_abs_diff=float((ref - tst).abs().max()), max_abs_reference=float(ref.abs().max()),
+                     argmax_agreement=float((ref.argmax(1) == tst.argmax(1)).float().mean()))
+
+
+__all__ = ["Agreement", "CUDAGraphRunner", "FOLD_RTOL", "MIN_ARGMAX_AGREEMENT", "compare_logits", "compile_model",
+           "count_batchnorms", "find_conv_bn_pairs", "fold_batchnorm", "fuse_conv_bn_", "to_channels_last"]

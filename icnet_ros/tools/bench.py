@@ -1,0 +1,680 @@
+"""icnet-bench: time the network alone, the full Segmenter pipeline, its stages, and the mmseg reference.
+
+For each combination of model (``--model`` checkpoints and/or ``--arch`` x ``--width`` presets), input size,
+batch and precision, on one device:
+
+- ``model``: the Segmenter's optimised network on a prepared input (what the GPU/CPU spends on ICNet itself);
+- ``pipeline``: ``Segmenter.segment`` from uint8 frames on the host to the requested uint8 outputs on the host
+  (default: label + overlay), including upload, resize, normalisation, upsampling, argmax, colour/overlay, copy back;
+- ``--stages``: the pipeline run stage by stage with a synchronisation after each, in the paper's time-budget view
+  (high / medium / low branches, pyramid pooling, CFF, head, upsample+argmax, colour/overlay, host transfer);
+- ``--reference mmseg``: MMSegmentation 1.2.2's ICNet forward (``EncoderDecoder._forward``, no_grad, the same
+  precision) on the same input, and the ratio ``mmseg forward / our pipeline``;
+- ``--ablation``: the network alone with each optimisation switched on in turn, each checked against the plain
+  fp32 model (relative logit difference and argmax agreement).
+
+Timings: warm-up iterations first, then ``--iters`` timed iterations (stopping early, after at least 3, once
+``--max-seconds`` is spent on one measurement), CUDA synchronised before and after each iteration; median, mean,
+p10/p90, min/max are reported. ``--sweep`` runs the BENCHMARKS.md grid; ``--json``/``--markdown`` write the results.
+
+Timing presets build randomly initialised networks (speed does not depend on the weights); ``--model`` times a
+real checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SWEEP_ARCHS = ("icnet_r18", "icnet_r50")
+SWEEP_WIDTHS = (1.0, 0.5)
+SWEEP_SIZES = ((512, 1024), (1024, 2048))
+DEFAULT_OUTPUTS = ("label", "overlay")
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    """Summary of timed iterations, in milliseconds; ``fps`` = batch / median."""
+
+    n: int
+    median_ms: float
+    mean_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    max_ms: float
+    fps: float
+
+    @classmethod
+    def from_samples(cls, samples_s: list[float], batch: int = 1) -> Timing:
+        ms = np.asarray(samples_s, dtype=np.float64) * 1000.0
+        med = float(np.median(ms))
+        return cls(n=len(ms), median_ms=med, mean_ms=float(ms.mean()), p10_ms=float(np.percentile(ms, 10)),
+                   p90_ms=float(np.percentile(ms, 90)), min_ms=float(ms.min()), max_ms=float(ms.max()),
+                   fps=batch * 1000.0 / med if med > 0 else math.inf)
+
+    def __str__(self) -> str:
+        return (f"median {self.median_ms:9.2f} ms  p10 {self.p10_ms:9.2f}  p90 {self.p90_ms:9.2f}  "
+                f"({self.fps:7.2f} fps, n={self.n})")
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_fn(fn: Callable[[], Any], sync: Callable[[], None], iters: int = 10, warmup: int = 2,
+            max_seconds: float = 30.0, min_iters: int = 3, batch: int = 1) -> Timing:
+    """Time ``fn``: ``warmup`` untimed calls, then up to ``iters`` timed calls, each bracketed by ``sync``;
+    stops early (after ``min_iters``) once ``max_seconds`` have been spent timing."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples: list[float] = []
+    spent = 0.0
+    while len(samples) < max(1, iters):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        dt = time.perf_counter() - t0
+        samples.append(dt)
+        spent += dt
+        if spent > max_seconds and len(samples) >= min(min_iters, iters):
+            break
+    return Timing.from_samples(samples, batch)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], sync: Callable[[], None], iters: int = 10,
+                     warmup: int = 2, max_seconds: float = 30.0, min_iters: int = 3,
+                     batch: int = 1) -> dict[str, Timing]:
+    """Time several functions round-robin (the start rotates every round), so that all of them see the same
+    machine load: ratios stay meaningful on a shared or throttling machine. Same stopping rule as
+    :func:`time_fn`, with ``max_seconds`` per function."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    sync()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    spent = 0.0
+    for r in range(max(1, iters)):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            sync()
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            dt = time.perf_counter() - t0
+            samples[name].append(dt)
+            spent += dt
+        if spent > max_seconds * len(names) and r + 1 >= min(min_iters, iters):
+            break
+    return {n: Timing.from_samples(v, batch) for n, v in samples.items()}
+
+
+# ---------------------------------------------------------------------------------------------- model specs
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to time: a checkpoint path, or a preset architecture at a width."""
+
+    arch: str | None = None
+    width: float = 1.0
+    num_classes: int = 19
+    path: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.path:
+            return Path(self.path).name
+        return f"{self.arch} w{self.width:g}"
+
+    def build(self) -> nn.Module:
+        """An eval-mode ICNet with ``.meta`` (random weights with non-trivial BN statistics for presets)."""
+        from icnet_ros.checkpoint import build_meta, load_model
+        from icnet_ros.models import build_icnet
+
+        if self.path:
+            return load_model(self.path, "cpu")
+        torch.manual_seed(0)
+        model = build_icnet(self.arch, width=self.width, num_classes=self.num_classes, aux_heads=False)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+        model.meta = build_meta(model.config)
+        return model.eval()
+
+
+def reference_depth(model: nn.Module) -> tuple[int, float, str | None]:
+    """(ResNet depth, width, caveat) of the mmseg reference matching ``model``; raises ValueError if none can."""
+    cfg = model.config
+    if not (cfg.backbone.startswith("resnet") and cfg.backbone[6:].isdigit()):
+        raise ValueError(f"no mmseg reference for backbone {cfg.backbone!r} (mmseg's ICNet uses ResNetV1c)")
+    caveat = None
+    if cfg.ppm != "concat" or cfg.cff != "mmseg":
+        caveat = (f"model uses ppm={cfg.ppm!r}/cff={cfg.cff!r}; the mmseg reference uses the concat PPM and mmseg "
+                  "CFF (slightly more work)")
+    return int(cfg.backbone[6:]), float(cfg.width), caveat
+
+
+def build_reference(model: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, str | None]:
+    from icnet_ros.reference import build_mmseg_icnet
+
+    depth, width, caveat = reference_depth(model)
+    with warnings.catch_warnings():  # mmcv-lite / mmseg deprecation chatter
+        warnings.simplefilter("ignore", UserWarning)
+        ref = build_mmseg_icnet(depth, num_classes=model.config.num_classes, width=width)
+    return ref.to(device=device, dtype=dtype).eval(), caveat
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+STAGES = ("preprocess", "high branch (sub1)", "medium branch (sub2)", "low branch (sub4)", "pyramid pooling",
+          "CFF", "head", "upsample+argmax", "color/overlay", "host transfer")
+#: the paper-style grouping of stages for the summary line
+STAGE_GROUPS = {
+    "pre/post-processing": ("preprocess", "upsample+argmax", "color/overlay", "host transfer"),
+    "high-res branch": ("high branch (sub1)",),
+    "medium-res branch": ("medium branch (sub2)",),
+    "low-res branch (+PPM)": ("low branch (sub4)", "pyramid pooling", "low+medium encoder"),
+    "fusion + head": ("CFF", "head"),
+}
+
+
+def _encoder_split(encoder: nn.Module) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None:
+    """(medium, low) stage functions of a cascade encoder whose structure is known, else None."""
+    if all(hasattr(encoder, a) for a in ("stem", "maxpool", "layer1", "layer2", "layer3", "layer4")):
+        def medium(x: Tensor) -> Tensor:
+            return encoder.layer2(encoder.layer1(encoder.maxpool(encoder.stem(x))))
+
+        def low(m: Tensor) -> Tensor:
+            m = F.interpolate(m, scale_factor=0.5, mode="bilinear", align_corners=False)
+            return encoder.layer4(encoder.layer3(m))
+        return medium, low
+    if hasattr(encoder, "medium_index") and hasattr(encoder, "_blocks") and callable(getattr(encoder, "stem", None)):
+        k = encoder.medium_index + 1
+
+        def medium_e(x: Tensor) -> Tensor:
+            x = encoder.stem(x)
+            for b in encoder._blocks[:k]:
+                x = b(x)
+            return x
+
+        def low_e(m: Tensor) -> Tensor:
+            for b in encoder._blocks[k:]:
+                m = b(m)
+            return m
+        return medium_e, low_e
+    return None
+
+
+def run_stages(seg: Any, arrays: list[np.ndarray], order: str, want: frozenset[str],
+               record: Callable[[str], None]) -> dict[str, Any]:
+    """One pass of the Segmenter pipeline, stage by stage; ``record(stage)`` is called after each stage (it
+    synchronises and takes the time). Returns the intermediate results (``logits``, ``label`` ...)."""
+    model = seg.model
+    bb = model.backbone
+    split = _encoder_split(bb.backbone)
+    h, w = arrays[0].shape[:2]
+    net_size = seg.network_size(h, w)
+    out_size = (h, w) if seg.output_size == "input" else net_size
+    with torch.inference_mode():
+        u = seg.upload(arrays)
+        x = seg.prepare(u, order, net_size)
+        record("preprocess")
+        sub1 = bb.conv_sub1(x)
+        record("high branch (sub1)")
+        x_half = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+        if split is not None:
+            medium = split[0](x_half)
+            sub2 = bb.conv_sub2(medium)
+            record("medium branch (sub2)")
+            low = split[1](medium)
+            record("low branch (sub4)")
+        else:
+            medium, low = bb.backbone(x_half)
+            sub2 = bb.conv_sub2(medium)
+            record("low+medium encoder")
+        sub4 = bb.conv_sub4(bb.ppm(low))
+        record("pyramid pooling")
+        _, _, x_cff = model.neck(sub1, sub2, sub4)
+        record("CFF")
+        logits = model.decode_head(x_cff)
+        record("head")
+        label, conf = seg.labels(logits, out_size, "confidence" in want)
+        record("upsample+argmax")
+        outs: dict[str, Tensor] = {"label": label}
+        if "color" in want or "overlay" in want:
+            outs.update(seg.render(label, u, order, out_size, want))
+        if conf is not None:
+            outs["confidence"] = conf
+        record("color/overlay")
+        host = seg.to_host([outs])
+        record("host transfer")
+    return {"input": x, "logits": logits, "label": label, "host": host[0]}
+
+
+def stage_breakdown(seg: Any, arrays: list[np.ndarray], want: frozenset[str], iters: int, warmup: int,
+                    max_seconds: float, order: str = "RGB") -> dict[str, Timing]:
+    """Per-stage timings (each stage synchronised) over several passes."""
+    sync = synchronizer(seg.device)
+    samples: dict[str, list[float]] = {}
+    spent, timed = 0.0, 0
+    for it in range(warmup + max(1, iters)):
+        clock = [0.0]
+        keep = it >= warmup
+
+        def record(stage: str, _clock: list[float] = clock, _keep: bool = keep) -> None:
+            sync()
+            now = time.perf_counter()
+            if _keep:
+                samples.setdefault(stage, []).append(now - _clock[0])
+            _clock[0] = now
+        sync()
+        t_start = clock[0] = time.perf_counter()
+        run_stages(seg, arrays, order, want, record)
+        if keep:
+            timed += 1
+            spent += time.perf_counter() - t_start
+            if spent > max_seconds and timed >= min(3, iters):
+                break
+    batch = len(arrays)
+    return {k: Timing.from_samples(v, batch) for k, v in samples.items()}
+
+
+def format_stages(stages: dict[str, Timing], pipeline: Timing | None = None) -> str:
+    total = sum(t.median_ms for t in stages.values())
+    lines = [f"  {'stage':<24}{'median ms':>11}{'share':>8}"]
+    for name, t in stages.items():
+        lines.append(f"  {name:<24}{t.median_ms:>11.2f}{100 * t.median_ms / total:>7.1f}%")
+    lines.append(f"  {'sum of stages':<24}{total:>11.2f}{100.0:>7.1f}%")
+    if pipeline is not None:
+        lines.append(f"  {'pipeline (no stage syncs)':<24}{pipeline.median_ms:>11.2f}")
+    groups = []
+    for g, members in STAGE_GROUPS.items():
+        ms = sum(stages[m].median_ms for m in members if m in stages)
+        if ms:
+            groups.append(f"{g} {100 * ms / total:.0f}%")
+    lines.append("  budget: " + ", ".join(groups))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- ablation
+ABLATION_STEPS = (
+    ("plain fp32 (no_grad)", dict(fold=False, channels_last=False, precision="fp32", mode="no_grad")),
+    ("+ inference_mode", dict(fold=False, channels_last=False, precision="fp32", mode="inference")),
+    ("+ BN folding", dict(fold=True, channels_last=False, precision="fp32", mode="inference")),
+    ("+ BN folding + channels_last", dict(fold=True, channels_last=True, precision="fp32", mode="inference")),
+    ("bf16 + BN folding", dict(fold=True, channels_last=False, precision="bf16", mode="inference")),
+    ("bf16 + BN folding + channels_last", dict(fold=True, channels_last=True, precision="bf16", mode="inference")),
+    ("fp16 + BN folding + channels_last", dict(fold=True, channels_last=True, precision="fp16", mode="inference")),
+)
+
+
+def ablation(model: nn.Module, size: tuple[int, int], batch: int, device: torch.device, iters: int, warmup: int,
+             max_seconds: float, compile_mode: str | None = None) -> list[dict[str, Any]]:
+    """The network alone under each optimisation step; each checked against the plain fp32 logits."""
+    from icnet_ros.optimize import compare_logits, compile_model, fold_batchnorm
+
+    sync = synchronizer(device)
+    gen = torch.Generator().manual_seed(0)
+    x32 = torch.randn(batch, 3, *size, generator=gen).to(device)
+    plain = copy.deepcopy(model).to(device).eval()
+    with torch.inference_mode():
+        ref_logits = plain(x32).float()
+    steps = list(ABLATION_STEPS)
+    if compile_mode:
+        steps.append((f"+ torch.compile ({compile_mode})",
+                      dict(fold=True, channels_last=device.type == "cuda", precision="fp32", mode="inference",
+                           compile=compile_mode)))
+    runs: dict[str, Callable[[], Tensor]] = {}
+    agreements = {}
+    for name, opt in steps:
+        if opt["precision"] == "fp16" and device.type != "cuda":
+            continue
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[opt["precision"]]
+        m = copy.deepcopy(model).eval()
+        if opt["fold"]:
+            fold_batchnorm(m, torch.randn(1, 3, 128, 128, generator=gen))
+        fmt = torch.channels_last if opt["channels_last"] else torch.contiguous_format
+        m = m.to(device=device, dtype=dtype, memory_format=fmt)
+        x = x32.to(dtype=dtype, memory_format=fmt)
+        fn_model = compile_model(m, opt["compile"]) if opt.get("compile") else m
+        ctx = torch.no_grad if opt["mode"] == "no_grad" else torch.inference_mode
+
+        def run(fn_model: Callable = fn_model, x: Tensor = x, ctx: Callable = ctx) -> Tensor:
+            with ctx():
+                return fn_model(x)
+        agreements[name] = compare_logits(ref_logits, run())
+        runs[name] = run
+    timings = time_interleaved(runs, sync, iters, warmup, max_seconds, batch=batch)
+    return [{"step": name, "timing": asdict(timings[name]), "relative_logit_diff": agreements[name].relative_diff,
+             "argmax_agreement": agreements[name].argmax_agreement} for name in runs]
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+@dataclass
+class BenchConfig:
+    spec: ModelSpec
+    size: tuple[int, int]
+    batch: int
+    precision: str
+
+
+@dataclass
+class BenchResult:
+    model: str
+    arch: dict[str, Any]
+    size: list[int]
+    batch: int
+    device: str
+    precision: str
+    outputs: list[str]
+    optimizations: str
+    model_timing: dict[str, float] | None = None
+    pipeline_timing: dict[str, float] | None = None
+    reference_timing: dict[str, float] | None = None
+    reference_ratio: float | None = None  # mmseg forward median / our pipeline median
+    reference_note: str | None = None
+    reference_precision: str | None = None
+    stages: dict[str, dict[str, float]] | None = None
+    ablation: list[dict[str, Any]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    env = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
+           "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": str(device)}
+    with contextlib.suppress(OSError, AttributeError):
+        env["loadavg_1m"] = round(os.getloadavg()[0], 2)  # > cpu_count: other processes competed for the CPU
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+_ABLATED: set[tuple] = set()
+
+
+def wants_detail(cfg: BenchConfig, selectors: list[str] | None) -> bool:
+    """Whether --stages/--ablation apply to ``cfg``: no --detail means all configurations; otherwise one of the
+    ``NAME[:WIDTH]@HxW`` selectors must match (NAME: an --arch preset or a --model file name)."""
+    if not selectors:
+        return True
+    for sel in selectors:
+        name, _, size = sel.partition("@")
+        arch, _, width = name.partition(":")
+        if size and tuple(parse_size(size)) != tuple(cfg.size):
+            continue
+        spec = cfg.spec
+        if spec.path:
+            if Path(spec.path).name == name or spec.path == name:
+                return True
+        elif spec.arch == arch and (not width or float(width) == spec.width):
+            return True
+    return False
+
+
+def bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], None]) -> BenchResult:
+    from icnet_ros.engine import Segmenter
+
+    want = frozenset(args.outputs) | {"label"}
+    model = cfg.spec.build()
+    with warnings.catch_warnings():  # fallbacks are logged below (res.notes)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        seg = Segmenter(model, device=args.device, precision=cfg.precision, input_size=None, outputs=tuple(want),
+                        optimize=not args.no_optimize, warmup=False, compile=args.compile or False,
+                        cuda_graphs=args.cuda_graphs)
+    sync = synchronizer(seg.device)
+    h, w = cfg.size
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(cfg.batch)]
+    res = BenchResult(model=cfg.spec.name, arch=dict(seg.meta["arch"]), size=[h, w], batch=cfg.batch,
+                      device=str(seg.device), precision=seg.precision, outputs=sorted(want),
+                      optimizations=seg.describe().rsplit("optimizations: ", 1)[-1], notes=list(seg.notes))
+    log(f"== {cfg.spec.name} | {h}x{w} x{cfg.batch} | {seg.device} {seg.precision} | {res.optimizations}")
+    for note in seg.notes:
+        log(f"  note      {note}")
+    it, wu, mx = args.iters, args.warmup, args.max_seconds
+
+    with torch.inference_mode():
+        x = seg.prepare(seg.upload(arrays), "RGB", (h, w))
+
+    def run_model() -> Tensor:
+        with torch.inference_mode():
+            return seg.forward(x)
+    fns: dict[str, Callable[[], Any]] = {"model": run_model,
+                                         "pipeline": lambda: seg.segment(arrays, outputs=tuple(want))}
+    caveat = None
+    if args.reference:
+        try:
+            ref_prec = seg.precision if args.reference_precision == "same" else args.reference_precision
+            ref_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ref_prec]
+            ref, caveat = build_reference(model, ref_dtype, seg.device)
+        except (ImportError, ValueError) as e:
+            res.reference_note = f"reference unavailable: {e}"
+        else:
+            xr = x.to(dtype=ref_dtype, memory_format=torch.contiguous_format)
+            res.reference_precision = ref_prec
+
+            def run_ref() -> Tensor:
+                with torch.no_grad():
+                    return ref._forward(xr)
+            fns["mmseg"] = run_ref
+    timings = time_interleaved(fns, sync, it, wu, mx, batch=cfg.batch)
+    res.model_timing = asdict(timings["model"])
+    res.pipeline_timing = asdict(timings["pipeline"])
+    log(f"  model     {timings['model']}")
+    log(f"  pipeline  {timings['pipeline']}   [uint8 in -> {'+'.join(sorted(want))} on host]")
+    if "mmseg" in timings:
+        t_ref = timings["mmseg"]
+        res.reference_timing = asdict(t_ref)
+        res.reference_ratio = t_ref.median_ms / timings["pipeline"].median_ms
+        res.reference_note = caveat
+        log(f"  mmseg     {t_ref}   [forward only, {res.reference_precision}]")
+        log(f"  ratio     mmseg forward / our pipeline = {res.reference_ratio:.2f}x"
+            + (f"  ({caveat})" if caveat else ""))
+        del fns["mmseg"], ref
+    elif args.reference:
+        log(f"  mmseg     {res.reference_note}")
+
+    detailed = wants_detail(cfg, args.detail)
+    if args.stages and detailed:
+        stages = stage_breakdown(seg, arrays, want, it, wu, mx)
+        res.stages = {k: asdict(v) for k, v in stages.items()}
+        log(format_stages(stages, timings["pipeline"]))
+
+    key = (cfg.spec, cfg.size, cfg.batch)
+    if args.ablation and detailed and key not in _ABLATED:  # independent of --precision: once per model, size and batch
+        _ABLATED.add(key)
+        rows = ablation(model, cfg.size, cfg.batch, seg.device, it, wu, mx,
+                        compile_mode=args.ablation_compile)
+        res.ablation = rows
+        base = rows[0]["timing"]["median_ms"]
+        for r in rows:
+            t = r["timing"]
+            log(f"  ablation  {r['step']:<36} {t['median_ms']:9.2f} ms  x{base / t['median_ms']:.2f}  "
+                f"rel.diff {r['relative_logit_diff']:.1e}  argmax {100 * r['argmax_agreement']:.2f}%")
+    return res
+
+
+def markdown_table(results: list[BenchResult]) -> str:
+    head = ("| model | input | batch | device | precision | model ms | pipeline ms | pipeline fps | mmseg fwd ms "
+            "| mmseg / ours |\n|---|---|---|---|---|---:|---:|---:|---:|---:|")
+    rows = []
+    for r in results:
+        ref = (f"{r.reference_timing['median_ms']:.1f} ({r.reference_precision})" if r.reference_timing else "-")
+        ratio = f"{r.reference_ratio:.2f}x" if r.reference_ratio else "-"
+        rows.append(f"| {r.model} | {r.size[0]}x{r.size[1]} | {r.batch} | {r.device} | {r.precision} | "
+                    f"{r.model_timing['median_ms']:.1f} | {r.pipeline_timing['median_ms']:.1f} | "
+                    f"{r.pipeline_timing['fps']:.2f} | {ref} | {ratio} |")
+    out = [head + "\n" + "\n".join(rows)]
+    for r in results:
+        if r.stages:
+            total = sum(s["median_ms"] for s in r.stages.values())
+            out.append(f"\nStages, {r.model} {r.size[0]}x{r.size[1]} {r.device} {r.precision}:\n\n"
+                       "| stage | median ms | share |\n|---|---:|---:|\n" + "\n".join(
+                           f"| {k} | {v['median_ms']:.2f} | {100 * v['median_ms'] / total:.1f}% |"
+                           for k, v in r.stages.items()))
+        if r.ablation:
+            base = r.ablation[0]["timing"]["median_ms"]
+            out.append(f"\nOptimizations (network alone), {r.model} {r.size[0]}x{r.size[1]} {r.device}:\n\n"
+                       "| step | median ms | speed-up | rel. logit diff | argmax agreement |\n"
+                       "|---|---:|---:|---:|---:|\n"
+                       + "\n".join(f"| {a['step']} | {a['timing']['median_ms']:.1f} | "
+                                   f"{base / a['timing']['median_ms']:.2f}x | {a['relative_logit_diff']:.1e} | "
+                                   f"{100 * a['argmax_agreement']:.2f}% |" for a in r.ablation))
+    return "\n".join(out) + "\n"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be HxW (e.g. 512x1024), got {text!r}") from None
+    if h < 64 or w < 64:
+        raise argparse.ArgumentTypeError(f"size {text} is below the network minimum 64x64")
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="icnet-bench", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  icnet-bench --arch icnet_r50 --size 512x1024 --stages --reference mmseg\n"
+               "  icnet-bench --model model.safetensors --device cuda --precision fp16 --batch 4\n"
+               "  icnet-bench --sweep --precision fp32 bf16 --reference mmseg --stages --ablation \\\n"
+               "      --detail icnet_r50:1.0@512x1024 --markdown bench.md --json bench.json")
+    p.add_argument("--model", nargs="+", default=[], metavar="PATH", help="native checkpoint(s) to time")
+    p.add_argument("--arch", nargs="+", default=[], help="preset architecture(s), e.g. icnet_r18 icnet_r50")
+    p.add_argument("--width", nargs="+", type=float, default=None, help="width multiplier(s) for --arch (1.0)")
+    p.add_argument("--num-classes", type=int, default=19, help="classes of --arch models (default 19)")
+    p.add_argument("--size", nargs="+", type=parse_size, default=None, metavar="HxW",
+                   help="input size(s) (default 512x1024)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1], help="batch size(s) (default 1)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
+                   help="pipeline outputs, comma-separated (default label,overlay)")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per measurement (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up iterations (default 2)")
+    p.add_argument("--max-seconds", type=float, default=20.0,
+                   help="stop a measurement early (after 3 iterations) past this many seconds (default 20)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--stages", action="store_true", help="per-stage time budget")
+    p.add_argument("--detail", nargs="+", default=None, metavar="NAME[:W]@HxW",
+                   help="run --stages/--ablation only for these configurations, e.g. icnet_r50:1.0@512x1024 "
+                        "(default: all)")
+    p.add_argument("--reference", choices=["mmseg"], default=None, help="also time the mmseg reference forward")
+    p.add_argument("--reference-precision", default="fp32", choices=["fp32", "bf16", "fp16", "same"],
+                   help="precision of the mmseg reference (default fp32, mmseg's usual inference; 'same' = ours)")
+    p.add_argument("--ablation", action="store_true", help="time each optimisation of the network alone")
+    p.add_argument("--ablation-compile", default=None, metavar="MODE",
+                   help="add a torch.compile step to --ablation (e.g. default; slow to compile on CPU)")
+    p.add_argument("--no-optimize", action="store_true", help="Segmenter without optimisations")
+    p.add_argument("--compile", default=None, metavar="MODE", help="torch.compile the Segmenter's network")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the Segmenter's network")
+    p.add_argument("--sweep", action="store_true",
+                   help="BENCHMARKS.md grid: icnet_r18/icnet_r50 x width 1.0/0.5 x 512x1024/1024x2048 "
+                        "(explicit --arch/--width/--size override parts of it)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON ('-' for stdout)")
+    p.add_argument("--markdown", default=None, metavar="PATH", help="write a Markdown table ('-' for stdout)")
+    p.add_argument("--quiet", action="store_true", help="no per-measurement log lines")
+    return p
+
+
+def configs(args: argparse.Namespace) -> Iterator[BenchConfig]:
+    archs = args.arch or (list(SWEEP_ARCHS) if args.sweep else [])
+    widths = args.width or (list(SWEEP_WIDTHS) if args.sweep else [1.0])
+    sizes = args.size or (list(SWEEP_SIZES) if args.sweep else [(512, 1024)])
+    specs = [ModelSpec(path=m) for m in args.model]
+    specs += [ModelSpec(arch=a, width=w, num_classes=args.num_classes) for a, w in itertools.product(archs, widths)]
+    if not specs:
+        specs = [ModelSpec(arch="icnet_r50", num_classes=args.num_classes)]
+    for spec, size, batch, prec in itertools.product(specs, sizes, args.batch, args.precision):
+        yield BenchConfig(spec, size, batch, prec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from icnet_ros.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    _ABLATED.clear()
+    try:
+        args.outputs = [o for o in args.outputs.replace(",", " ").split() if o]
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.arch:
+            from icnet_ros.models import MODEL_CONFIGS
+            bad = [a for a in args.arch if a not in MODEL_CONFIGS]
+            if bad:
+                raise ValueError(f"unknown --arch {bad}; known: {sorted(MODEL_CONFIGS)}")
+        if any(b < 1 for b in args.batch) or args.iters < 1 or args.warmup < 0:
+            raise ValueError("--batch and --iters must be >= 1, --warmup >= 0")
+        log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+        load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+        results = []
+        device = None
+        for cfg in configs(args):
+            r = bench_one(cfg, args, log)
+            device = torch.device(r.device)
+            results.append(r)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"icnet-bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("icnet-bench: interrupted", file=sys.stderr)
+        return 130
+    env = environment(device or torch.device("cpu"))
+    env["load_start"] = load_start
+    if args.json:
+        doc = json.dumps({"environment": env, "results": [asdict(r) for r in results]}, indent=2)
+        if args.json == "-":
+            print(doc)
+        else:
+            Path(args.json).write_text(doc + "\n")
+    if args.markdown:
+        load = f", load average {env['load_start']} -> {env.get('loadavg_1m')}" if "loadavg_1m" in env else ""
+        md = (f"Environment: {env['cpu']} ({env['cpu_threads']} torch threads, {env['cpu_count']} CPUs{load})"
+              + (f", {env['gpu']}" if "gpu" in env else "") + f", torch {env['torch']}\n\n" + markdown_table(results))
+        if args.markdown == "-":
+            print(md)
+        else:
+            Path(args.markdown).write_text(md)
+    if not args.quiet and len(results) > 1:
+        print(f"\n{len(results)} configurations; median pipeline fps: "
+              + ", ".join(f"{r.model} {r.size[0]}x{r.size[1]} {r.precision}: {r.pipeline_timing['fps']:.2f}"
+                          for r in results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""icnet-segment: offline segmentation of images, image folders and video files.
+
+Writes, under ``--output``:
+
+- ``label/<name>.png``: class ids (uint8, single channel; 255 = unknown), at the frame's resolution;
+- ``color/<name>.png``: the colour mask (class palette);
+- ``overlay/<name>.png`` for image inputs, ``overlay/<video>.mp4`` for a video input (``--overlay-frames`` also
+  writes the video's overlays as PNGs);
+- ``confidence/<name>.png`` when requested: ``round(255 * max softmax probability)``.
+
+Video frames are named ``<video stem>_<frame index:06d>`` and written to ``<kind>/<video stem>/``. Image names are
+the file stems (relative paths for ``--recursive`` folders); when two inputs would write the same name, the input's
+stem is prefixed. Decoding and file writing run in background threads, overlapping the inference.
+"""
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KINDS = ("label", "color", "overlay", "confidence")
+_END = object()
+
+
+@dataclass
+class _Item:
+    source_index: int
+    name: str
+    bgr: Any
+    is_video: bool
+    video_stem: str
+
+
+def _parse_size(text: str) -> Any:
+    t = text.strip().lower()
+    if t == "native":
+        return None
+    if "x" in t:
+        try:
+            h, w = (int(v) for v in t.split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--input-size: expected native, HxW or a scale, got {text!r}") from None
+        return (h, w)
+    try:
+        return float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-size: expected native, HxW or a scale, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="icnet-segment", description="Segment images, image folders and videos with an ICNet checkpoint.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, video files")
+    p.add_argument("--model", "-m", default=None, help="native .safetensors checkpoint (default: the package model)")
+    p.add_argument("--output", "-o", required=True, help="output folder (created)")
+    p.add_argument("--outputs", default="label,color,overlay",
+                   help="what to write, comma-separated: label,color,overlay,confidence (default label,color,overlay)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--input-size", type=_parse_size, default=None, metavar="SIZE",
+                   help="network input: native (default), HxW, or a scale factor such as 0.5")
+    p.add_argument("--output-size", default="input", choices=["input", "model"],
+                   help="outputs at the frame's resolution (default) or the network input's")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask (default 0.5)")
+    p.add_argument("--confidence-threshold", type=float, default=None, metavar="P",
+                   help="label pixels whose max softmax probability is below P as 255 (unknown)")
+    p.add_argument("--batch", type=int, default=0, help="frames per forward pass (default: 4 on CUDA, 1 on CPU)")
+    p.add_argument("--recursive", action="store_true", help="walk sub-folders of folder inputs")
+    p.add_argument("--stride", type=int, default=1, help="videos: segment every N-th frame (default 1)")
+    p.add_argument("--max-frames", type=int, default=None, help="videos: at most this many frames each")
+    p.add_argument("--overlay-frames", action="store_true", help="videos: also write overlay PNGs per frame")
+    p.add_argument("--fourcc", default="mp4v", help="video codec for overlay videos (default mp4v)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 can be faster on an oversubscribed machine)")
+    p.add_argument("--no-optimize", action="store_true", help="disable BN folding / channels_last")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    return p
+
+
+class _Writer:
+    """Writes results in a background thread (PNG encoding is slow); videos stay open until closed."""
+
+    def __init__(self, out: Path, kinds: frozenset[str], overlay_frames: bool, fourcc: str,
+                 video_fps: dict[int, float]) -> None:
+        self.out, self.kinds, self.overlay_frames, self.fourcc = out, kinds, overlay_frames, fourcc
+        self.video_fps = video_fps
+        self.videos: dict[int, Any] = {}
+        self.written: list[Path] = []
+        self.error: BaseException | None = None
+        self.q: queue.Queue = queue.Queue(maxsize=16)
+        self.thread = threading.Thread(target=self._loop, name="icnet-segment-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, item: _Item, result: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((item, result))
+
+    def _loop(self) -> None:
+        while True:
+            job = self.q.get()
+            if job is _END:
+                return
+            if self.error is not None:
+                continue  # drain
+            try:
+                self._write(*job)
+            except BaseException as e:  # noqa: BLE001 - reported to the main thread
+                self.error = e
+
+    def _write(self, item: _Item, r: Any) -> None:
+        from icnet_ros.video import VideoWriter, write_image
+
+        sub = Path(item.video_stem) if item.is_video else Path()
+        for kind in ("label", "color", "confidence"):
+            if kind in self.kinds:
+                path = self.out / kind / sub / f"{item.name}.png"
+                write_image(path, getattr(r, kind))
+                self.written.append(path)
+        if "overlay" in self.kinds:
+            if item.is_video:
+                vw = self.videos.get(item.source_index)
+                if vw is None:
+                    path = self.out / "overlay" / f"{item.video_stem}.mp4"
+                    vw = self.videos[item.source_index] = VideoWriter(path, self.video_fps[item.source_index],
+                                                                      self.fourcc)
+                    self.written.append(path)
+                vw.write(r.overlay)
+            if not item.is_video or self.overlay_frames:
+                path = self.out / "overlay" / sub / f"{item.name}.png"
+                write_image(path, r.overlay)
+                self.written.append(path)
+
+    def close(self) -> None:
+        self.q.put(_END)
+        self.thread.join()
+        for vw in self.videos.values():
+            vw.close()
+        if self.error is not None:
+            raise self.error
+
+
+def _reader(sources: list[Any], names: list[dict[int, str] | None], q: queue.Queue, stop: threading.Event) -> None:
+    """Decode frames in a background thread into ``q``; ends with _END (or an exception object)."""
+    try:
+        for si, src in enumerate(sources):
+            with src:
+                stem = Path(src.description).stem
+                for frame in src:
+                    if stop.is_set():
+                        return
+                    name = names[si][frame.index] if names[si] else frame.name
+                    q.put(_Item(si, name, frame.bgr, src.is_video, stem))
+        q.put(_END)
+    except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+        q.put(e)
+
+
+def _unique_names(sources: list[Any]) -> list[dict[int, str] | None]:
+    """Per image source, names that do not collide with other inputs' (prefix the input's stem if needed)."""
+    seen: dict[str, int] = {}
+    image_names: list[list[str] | None] = []
+    for src in sources:
+        if src.is_video:
+            image_names.append(None)
+            continue
+        ns = list(src.names)
+        image_names.append(ns)
+        for n in ns:
+            seen[n] = seen.get(n, 0) + 1
+    out: list[dict[int, str] | None] = []
+    for src, ns in zip(sources, image_names):
+        if ns is None:
+            out.append(None)
+            continue
+        prefix = Path(src.description).stem or "input"
+        out.append({i: (f"{prefix}__{n}" if seen[n] > 1 else n) for i, n in enumerate(ns)})
+    return out
+
+
+def _batches(q: queue.Queue, batch: int) -> Iterator[list[_Item]]:
+    items: list[_Item] = []
+    while True:
+        got = q.get()
+        if got is _END:
+            break
+        if isinstance(got, BaseException):
+            raise got
+        items.append(got)
+        # a batch never mixes sizes needlessly: flush when full or when the next frame is not yet decoded
+        if len(items) >= batch or (q.empty() and items):
+            yield items
+            items = []
+    if items:
+        yield items
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from icnet_ros.checkpoint import CheckpointError
+    from icnet_ros.video import SourceError, open_source
+
+    kinds = frozenset(k for k in args.outputs.replace(",", " ").split() if k)
+    bad = sorted(kinds - set(KINDS))
+    if bad or not kinds:
+        print(f"icnet-segment: error: --outputs {args.outputs!r}: choose from {', '.join(KINDS)}", file=sys.stderr)
+        return 2
+    if args.batch < 0 or args.stride < 1 or (args.max_frames is not None and args.max_frames < 0):
+        print("icnet-segment: error: --batch must be >= 0, --stride >= 1, --max-frames >= 0", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print("icnet-segment: error: --threads must be >= 1", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
+    stop = threading.Event()
+    writer: _Writer | None = None
+    try:
+        sources = [open_source(p, recursive=args.recursive, stride=args.stride, max_frames=args.max_frames)
+                   for p in args.inputs]
+        from icnet_ros.engine import Segmenter
+
+        with warnings.catch_warnings():  # fallbacks are printed below, once
+            warnings.simplefilter("ignore", RuntimeWarning)
+            seg = Segmenter(args.model, device=args.device, precision=args.precision, input_size=args.input_size,
+                            outputs=tuple(kinds | {"label"}), overlay_alpha=args.alpha, output_size=args.output_size,
+                            optimize=not args.no_optimize, warmup=False,
+                            confidence_threshold=args.confidence_threshold)
+        for note in seg.notes:
+            print(f"icnet-segment: warning: {note}", file=sys.stderr)
+        batch = args.batch or (4 if seg.device.type == "cuda" else 1)
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        video_fps = {i: (s.fps or 10.0) / (args.stride if s.is_video else 1) for i, s in enumerate(sources)}
+        total = sum(len(s) for s in sources)
+        names = _unique_names(sources)
+        q: queue.Queue = queue.Queue(maxsize=max(4, 2 * batch))
+        reader = threading.Thread(target=_reader, args=(sources, names, q, stop), name="icnet-segment-reader",
+                                  daemon=True)
+        writer = _Writer(out, kinds, args.overlay_frames, args.fourcc, video_fps)
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        busy = 0.0
+        frames = 0
+        reader.start()
+        with tqdm(total=total or None, unit="frame", disable=args.quiet, dynamic_ncols=True,
+                  desc="icnet-segment") as bar:
+            for items in _batches(q, batch):
+                t1 = time.perf_counter()
+                results = seg.segment([it.bgr for it in items], channel_order="BGR")
+                busy += time.perf_counter() - t1
+                for it, r in zip(items, results):
+                    writer.put(it, r)
+                frames += len(items)
+                bar.update(len(items))
+        writer.close()
+        elapsed = time.perf_counter() - t0
+    except (CheckpointError, SourceError, ValueError, OSError) as e:
+        stop.set()
+        if writer is not None:
+            try:
+                writer.close()
+            except BaseException:  # noqa: BLE001 - the first error is the one to report
+                pass
+        print(f"icnet-segment: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        stop.set()
+        print("icnet-segment: interrupted", file=sys.stderr)
+        return 130
+    fps = frames / elapsed if elapsed > 0 else float("inf")
+    seg_fps = frames / busy if busy > 0 else float("inf")
+    print(f"icnet-segment: {frames} frames from {len(sources)} input(s) in {elapsed:.1f} s: {fps:.2f} fps overall, "
+          f"{seg_fps:.2f} fps segmentation ({seg.describe()}); outputs in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

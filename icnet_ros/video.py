@@ -1,0 +1,284 @@
+"""ROS-free frame sources and a video writer, on OpenCV.
+
+A frame source is an iterable of :class:`Frame` ``(index, name, bgr, timestamp_s)``:
+
+- ``index``: 0-based position in the source;
+- ``name``: a stem usable in output file names (the image's file stem, or ``<video stem>_<index:06d>``);
+- ``bgr``: the frame, uint8 H x W x 3 in OpenCV's BGR order (grey images are expanded to 3 channels);
+- ``timestamp_s``: seconds from the start of the source: ``index / fps`` with the video's nominal frame rate (the
+  decoder's position when the container has none), and a synthetic ``index / fps`` for images (``fps`` is a
+  constructor argument of the image sources).
+
+:func:`open_source` picks the right source for a path (image file, folder of images, video file), and
+:func:`iter_frames` chains several. Sources are context managers; videos release their decoder on ``close()``.
+Reading never goes through ``cv2.imread`` (which fails silently on non-ASCII paths on some systems): files are
+read as bytes and decoded with ``cv2.imdecode``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
+                                              ".pgm", ".pnm"})
+VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg",
+                                              ".wmv", ".flv"})
+DEFAULT_IMAGE_FPS = 10.0
+
+
+class Frame(NamedTuple):
+    """One decoded frame: see the module docstring."""
+
+    index: int
+    name: str
+    bgr: np.ndarray
+    timestamp_s: float
+
+
+class SourceError(ValueError):
+    """An input that cannot be read: missing, not an image or video, or undecodable."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file to uint8 BGR H x W x 3 (grey and 16-bit images are converted; alpha is dropped)."""
+    p = Path(path)
+    try:
+        data = np.fromfile(p, dtype=np.uint8)
+    except OSError as e:
+        raise SourceError(f"cannot read image {p}: {e}") from e
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise SourceError(f"cannot decode image {p} (not an image, or corrupt)")
+    return img
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Encode ``image`` (uint8 H x W, or H x W x 3 in BGR) to ``path``; the format follows the extension."""
+    p = Path(path)
+    ok, buf = cv2.imencode(p.suffix or ".png", image)
+    if not ok:
+        raise OSError(f"cannot encode {p.suffix or '.png'} image for {p}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    buf.tofile(p)
+
+
+class FrameSource:
+    """Base class: an iterable of :class:`Frame` with a known or unknown length and an optional frame rate."""
+
+    #: human-readable description (the path)
+    description: str = ""
+    #: frames per second (nominal for videos, synthetic for images), or None when unknown
+    fps: float | None = None
+    #: True for video files (outputs that are sequences become video files)
+    is_video: bool = False
+
+    def __iter__(self) -> Iterator[Frame]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        """Number of frames (for videos: the container's frame count, which can be an estimate)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources (decoders); iterating again reopens them."""
+
+    def __enter__(self) -> FrameSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description!r})"
+
+
+class ImageFiles(FrameSource):
+    """A list of image files, in the given order; timestamps are ``index / fps``."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], fps: float = DEFAULT_IMAGE_FPS,
+                 description: str | None = None) -> None:
+        if fps <= 0:
+            raise ValueError(f"fps must be > 0, got {fps}")
+        self.paths = [Path(p) for p in paths]
+        #: frame names (file stems), in order
+        self.names = [p.stem for p in self.paths]
+        self.fps = float(fps)
+        self.description = description or (str(self.paths[0]) if len(self.paths) == 1 else f"{len(self.paths)} images")
+        for p in self.paths:
+            if not p.is_file():
+                raise SourceError(f"image not found: {p}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[Frame]:
+        for i, (p, name) in enumerate(zip(self.paths, self.names)):
+            yield Frame(i, name, read_image(p), i / self.fps)
+
+
+class ImageFolder(ImageFiles):
+    """Every image in a folder (by extension, sorted by name; ``recursive`` walks sub-folders, and then names are
+    the relative paths with ``/`` replaced by ``__`` so that outputs do not collide)."""
+
+    def __init__(self, folder: str | os.PathLike, recursive: bool = False, fps: float = DEFAULT_IMAGE_FPS) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise SourceError(f"not a folder: {self.folder}")
+        pattern = "**/*" if recursive else "*"
+        paths = sorted(p for p in self.folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {self.folder}")
+        super().__init__(paths, fps=fps, description=str(self.folder))
+        self.names = ["__".join(p.relative_to(self.folder).with_suffix("").parts) for p in paths]
+
+
+class VideoFile(FrameSource):
+    """Frames of a video file decoded by OpenCV; ``start``/``stride``/``max_frames`` select a sub-sequence (indices
+    stay those of the video). Timestamps are ``index / fps`` (nominal rate), else the decoder's position."""
+
+    is_video = True
+
+    def __init__(self, path: str | os.PathLike, start: int = 0, stride: int = 1, max_frames: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SourceError(f"video not found: {self.path}")
+        if start < 0 or stride < 1 or (max_frames is not None and max_frames < 0):
+            raise ValueError(f"need start >= 0, stride >= 1, max_frames >= 0; got {start}, {stride}, {max_frames}")
+        self.description = str(self.path)
+        self.start, self.stride, self.max_frames = start, stride, max_frames
+        cap = self._open()
+        try:
+            fps = cap.get(cv2.CAP_PROP_FPS)
+            self.fps = float(fps) if fps and fps > 0 and np.isfinite(fps) else None
+            self._count = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+            self.width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+            self.height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        finally:
+            cap.release()
+        self._cap: cv2.VideoCapture | None = None
+
+    def _open(self) -> cv2.VideoCapture:
+        cap = cv2.VideoCapture(str(self.path))
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"cannot open video {self.path} (unsupported container or codec?)")
+        return cap
+
+    def __len__(self) -> int:
+        n = max(0, self._count - self.start)
+        n = (n + self.stride - 1) // self.stride
+        return n if self.max_frames is None else min(n, self.max_frames)
+
+    def __iter__(self) -> Iterator[Frame]:
+        self.close()
+        self._cap = cap = self._open()
+        stem = self.path.stem
+        index, emitted = 0, 0
+        try:
+            if self.start:
+                # seeking is not frame-exact for every codec: decode (grab) up to the start instead
+                while index < self.start and cap.grab():
+                    index += 1
+                if index < self.start:
+                    return
+            while self.max_frames is None or emitted < self.max_frames:
+                ok, frame = cap.read()
+                if not ok or frame is None:
+                    return
+                if self.fps:
+                    ts = index / self.fps
+                else:
+                    pos_ms = cap.get(cv2.CAP_PROP_POS_MSEC)
+                    ts = pos_ms / 1000.0 if pos_ms and pos_ms > 0 else float(index)
+                if (index - self.start) % self.stride == 0:
+                    if frame.ndim == 2:
+                        frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+                    yield Frame(index, f"{stem}_{index:06d}", frame, ts)
+                    emitted += 1
+                index += 1
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+def open_source(path: str | os.PathLike, *, fps: float = DEFAULT_IMAGE_FPS, recursive: bool = False,
+                max_frames: int | None = None, stride: int = 1) -> FrameSource:
+    """The frame source for ``path``: a folder -> :class:`ImageFolder`; an image -> :class:`ImageFiles`; a video
+    (by extension) -> :class:`VideoFile`. Raises :class:`SourceError` for anything else."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return ImageFolder(p, recursive=recursive, fps=fps)
+    if not p.exists():
+        raise SourceError(f"input not found: {p}")
+    ext = p.suffix.lower()
+    if ext in IMAGE_EXTENSIONS:
+        return ImageFiles([p], fps=fps)
+    if ext in VIDEO_EXTENSIONS:
+        return VideoFile(p, stride=stride, max_frames=max_frames)
+    raise SourceError(f"unsupported input {p}: expected an image ({', '.join(sorted(IMAGE_EXTENSIONS))}), a folder "
+                      f"of images, or a video ({', '.join(sorted(VIDEO_EXTENSIONS))})")
+
+
+def iter_frames(sources: Iterable[FrameSource]) -> Iterator[tuple[FrameSource, Frame]]:
+    """All frames of several sources, in order, each with its source; closes every source when done."""
+    for src in sources:
+        with src:
+            for frame in src:
+                yield src, frame
+
+
+class VideoWriter:
+    """An MP4 (``mp4v``) or other OpenCV video writer that opens on the first frame (its size sets the video size).
+
+    Frames are uint8 BGR H x W x 3; frames of another size are resized to the first frame's size.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float, fourcc: str = "mp4v") -> None:
+        if fps <= 0:
+            raise ValueError(f"fps must be > 0, got {fps}")
+        self.path = Path(path)
+        self.fps = float(fps)
+        self.fourcc = fourcc
+        self.size: tuple[int, int] | None = None  # (W, H)
+        self.frames = 0
+        self._writer: cv2.VideoWriter | None = None
+
+    def write(self, bgr: np.ndarray) -> None:
+        if bgr.dtype != np.uint8 or bgr.ndim != 3 or bgr.shape[2] != 3:
+            raise ValueError(f"VideoWriter expects uint8 H x W x 3 frames, got {bgr.dtype} {bgr.shape}")
+        if self._writer is None:
+            self.size = (bgr.shape[1], bgr.shape[0])
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, self.size)
+            if not self._writer.isOpened():
+                self._writer = None
+                raise OSError(f"cannot open a {self.fourcc!r} video writer for {self.path}")
+        if (bgr.shape[1], bgr.shape[0]) != self.size:
+            bgr = cv2.resize(bgr, self.size, interpolation=cv2.INTER_LINEAR)
+        self._writer.write(np.ascontiguousarray(bgr))
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["DEFAULT_IMAGE_FPS", "Frame", "FrameSource", "IMAGE_EXTENSIONS", "ImageFiles", "ImageFolder",
+           "SourceError", "VIDEO_EXTENSIONS", "VideoFile", "VideoWriter", "iter_frames", "open_source", "read_image",
+           "write_image"]

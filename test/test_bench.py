@@ -1,0 +1,135 @@
+"""icnet-bench: timing statistics, the stage-by-stage pipeline (same result as the fused one), JSON/Markdown
+output, the mmseg reference comparison and error handling. Sizes are tiny: these test the tool, not the speed."""
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_checkpoint
+
+from icnet_ros.engine import Segmenter
+from icnet_ros.tools.bench import (STAGES, Timing, main, run_stages, stage_breakdown, time_fn,
+                                   time_interleaved)
+
+TINY = ["--arch", "icnet_r18", "--width", "0.25", "--num-classes", "11", "--size", "64x96", "--device", "cpu",
+        "--iters", "2", "--warmup", "1"]
+
+
+def test_timing_statistics():
+    t = Timing.from_samples([0.010, 0.020, 0.030, 0.040, 0.100], batch=2)
+    assert t.n == 5 and t.median_ms == pytest.approx(30.0) and t.mean_ms == pytest.approx(40.0)
+    assert t.min_ms == pytest.approx(10.0) and t.max_ms == pytest.approx(100.0)
+    assert t.p10_ms == pytest.approx(14.0) and t.p90_ms == pytest.approx(76.0)
+    assert t.fps == pytest.approx(2 / 0.030)
+
+
+def test_time_fn_warmup_sync_and_time_budget():
+    calls, syncs = [], []
+    t = time_fn(lambda: calls.append(1), lambda: syncs.append(1), iters=4, warmup=3)
+    assert len(calls) == 7 and t.n == 4 and len(syncs) >= 2 * 4
+    slow = time_fn(lambda: time.sleep(0.02), lambda: None, iters=100, warmup=0, max_seconds=0.05)
+    assert slow.n == 3 and slow.median_ms >= 19  # stops after the minimum once past the budget
+
+
+def test_time_interleaved_round_robin():
+    order = []
+    res = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, lambda: None,
+                           iters=3, warmup=1)
+    assert order[:2] == ["a", "b"]  # warm-up
+    assert order[2:] == ["a", "b", "b", "a", "a", "b"]  # the first function rotates every round
+    assert res["a"].n == res["b"].n == 3
+
+
+@pytest.fixture(scope="module")
+def seg(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("bench") / "r18.safetensors")
+    return Segmenter(path, device="cpu", outputs=("label", "color", "overlay", "confidence"), warmup=False)
+
+
+def test_stage_by_stage_equals_fused_pipeline(seg):
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (80, 112, 3), dtype=np.uint8)]
+    recorded = []
+    want = frozenset({"label", "overlay", "confidence"})
+    out = run_stages(seg, arrays, "RGB", want, recorded.append)
+    assert recorded == list(STAGES)
+    with torch.inference_mode():
+        fused = seg.forward(out["input"])
+    torch.testing.assert_close(out["logits"], fused)
+    (r,) = seg.segment(arrays, outputs=tuple(want))
+    np.testing.assert_array_equal(out["host"]["label"][0], r.label)
+    np.testing.assert_array_equal(out["host"]["overlay"][0], r.overlay)
+    np.testing.assert_array_equal(out["host"]["confidence"][0], r.confidence)
+
+
+def test_stage_breakdown_timings(seg):
+    arrays = [np.zeros((64, 64, 3), np.uint8)]
+    stages = stage_breakdown(seg, arrays, frozenset({"label", "overlay"}), iters=2, warmup=1, max_seconds=10)
+    assert list(stages) == list(STAGES)
+    assert all(t.n == 2 and t.median_ms >= 0 for t in stages.values())
+
+
+def test_cli_json_markdown_stages_ablation(tmp_path, capsys):
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    assert main([*TINY, "--stages", "--ablation", "--json", str(js), "--markdown", str(md)]) == 0
+    log = capsys.readouterr().out
+    assert "pipeline" in log and "budget:" in log and "ablation" in log
+    doc = json.loads(js.read_text())
+    assert doc["environment"]["device"] == "cpu" and doc["environment"]["torch"] == torch.__version__
+    (r,) = doc["results"]
+    assert r["size"] == [64, 96] and r["precision"] == "fp32" and r["outputs"] == ["label", "overlay"]
+    assert r["model_timing"]["n"] == 2 and r["pipeline_timing"]["median_ms"] > 0
+    assert list(r["stages"]) == list(STAGES)
+    steps = {a["step"]: a for a in r["ablation"]}
+    assert "+ BN folding" in steps and "bf16 + BN folding + channels_last" in steps
+    assert not any("fp16" in s for s in steps)  # fp16 is skipped on the CPU
+    assert steps["+ BN folding"]["relative_logit_diff"] <= 1e-4
+    assert steps["+ BN folding"]["argmax_agreement"] >= 0.999
+    text = md.read_text()
+    assert "| icnet_r18 w0.25 | 64x96 | 1 | cpu | fp32 |" in text and "| stage | median ms | share |" in text
+
+
+def test_cli_grid_and_checkpoint(tmp_path, capsys):
+    path = make_checkpoint(tmp_path / "m.safetensors")
+    assert main(["--model", str(path), "--arch", "icnet_r18", "--width", "0.25", "--size", "64x96",
+                 "--precision", "fp32", "bf16", "--device", "cpu", "--iters", "1", "--warmup", "0",
+                 "--json", "-", "--quiet"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    combos = {(r["model"], tuple(r["size"]), r["precision"]) for r in doc["results"]}
+    assert combos == {(m, (64, 96), p) for m in ("m.safetensors", "icnet_r18 w0.25") for p in ("fp32", "bf16")}
+
+
+@pytest.mark.mmseg
+def test_cli_reference_mmseg(tmp_path, capsys):
+    reference = pytest.importorskip("icnet_ros.reference")
+    try:
+        reference.import_mmseg()
+    except reference.MMSegUnavailable as e:
+        pytest.skip(str(e))
+    js = tmp_path / "r.json"
+    assert main([*TINY, "--reference", "mmseg", "--json", str(js)]) == 0
+    assert "mmseg forward / our pipeline" in capsys.readouterr().out
+    (r,) = json.loads(js.read_text())["results"]
+    assert r["reference_timing"]["n"] == 2 and r["reference_precision"] == "fp32"
+    assert r["reference_ratio"] == pytest.approx(r["reference_timing"]["median_ms"]
+                                                 / r["pipeline_timing"]["median_ms"])
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["--arch", "icnet_r999", "--device", "cpu"]) == 2
+    assert "unknown --arch" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "none.safetensors"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icnet-bench: error: checkpoint not found") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["--size", "32x32"])
+
+
+def test_detail_selects_configurations_for_stages(tmp_path, capsys):
+    js = tmp_path / "d.json"
+    assert main(["--arch", "icnet_r18", "--width", "0.25", "--num-classes", "11", "--size", "64x64", "64x96",
+                 "--device", "cpu", "--iters", "1", "--warmup", "0", "--stages", "--detail", "icnet_r18:0.25@64x96",
+                 "--json", str(js), "--quiet"]) == 0
+    staged = {tuple(r["size"]): r["stages"] is not None for r in json.loads(js.read_text())["results"]}
+    assert staged == {(64, 64): False, (64, 96): True}

@@ -1,0 +1,358 @@
+"""Segmenter on the CPU: outputs, sizes, channel orders, palette/overlay/confidence maths, batching, optimised vs
+plain agreement, model sources and input errors. Reference values are computed independently in the tests from
+the plain network and numpy."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_checkpoint
+
+from icnet_ros.checkpoint import CheckpointError, build_meta, default_model_path, load_model
+from icnet_ros.classes import CAMVID
+from icnet_ros.engine import UNKNOWN, SegmentResult, Segmenter, resolve_device
+from icnet_ros.models import build_icnet
+
+ALL = ("label", "color", "overlay", "confidence")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("engine") / "r18.safetensors")
+
+
+@pytest.fixture(scope="module")
+def seg(ckpt):
+    return Segmenter(ckpt, device="cpu", outputs=ALL, warmup=False)
+
+
+@pytest.fixture(scope="module")
+def plain_model(ckpt):
+    return load_model(ckpt, "cpu")
+
+
+def frame(h, w, seed=0, channels=3):
+    rng = np.random.default_rng(seed)
+    shape = (h, w) if channels is None else (h, w, channels)
+    # smooth-ish content (random blobs) so that predictions vary across the image
+    small = rng.integers(0, 256, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+    big = np.asarray(torch.nn.functional.interpolate(torch.from_numpy(small).permute(2, 0, 1)[None].float(),
+                                                     size=(h, w), mode="bilinear")[0].permute(1, 2, 0))
+    img = np.clip(big + rng.normal(0, 20, big.shape), 0, 255).astype(np.uint8)
+    if channels is None:
+        return img[:, :, 0]
+    return img if channels == 3 else img[:, :, :channels]
+
+
+def reference(model, meta, rgb, alpha=0.5):
+    """Independent implementation: normalise in numpy, plain network, upsample, argmax/softmax, palette, blend."""
+    norm = meta["normalization"]
+    assert norm["channel_order"] == "RGB"
+    x = (rgb.astype(np.float32) - np.float32(norm["mean"])) / np.float32(norm["std"])
+    with torch.no_grad():
+        logits = model.eval()(torch.from_numpy(x).permute(2, 0, 1)[None])
+        up = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear", align_corners=False)
+        prob = up.softmax(1)
+    label = up.argmax(1)[0].numpy().astype(np.uint8)
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: len(meta["palette"])] = np.asarray(meta["palette"], np.uint8)
+    color = palette[label]
+    overlay = np.round(alpha * color.astype(np.float64) + (1 - alpha) * rgb.astype(np.float64)).astype(np.uint8)
+    conf = np.round(255 * prob.max(1).values[0].numpy()).astype(np.uint8)
+    return label, color, overlay, conf, logits
+
+
+def agreement(a, b):
+    return float((a == b).mean())
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def test_outputs_shapes_dtypes_and_values(seg):
+    (r,) = seg.segment([frame(96, 160)])
+    assert isinstance(r, SegmentResult)
+    assert r.label.shape == (96, 160) and r.label.dtype == np.uint8
+    assert r.color.shape == r.overlay.shape == (96, 160, 3) and r.color.dtype == r.overlay.dtype == np.uint8
+    assert r.confidence.shape == (96, 160) and r.confidence.dtype == np.uint8
+    assert r.label.max() < CAMVID.num_classes  # argmax never yields UNKNOWN
+    assert r.confidence.min() >= round(255 / CAMVID.num_classes) - 1  # max prob >= 1/C
+    assert r.model_size == (96, 160)
+    assert len(np.unique(r.label)) > 1, "test model should predict several classes"
+
+
+def test_default_outputs_label_only(ckpt):
+    s = Segmenter(ckpt, device="cpu", warmup=False)
+    (r,) = s.segment([frame(80, 80)])
+    assert r.label.shape == (80, 80) and r.color is None and r.overlay is None and r.confidence is None
+    (r,) = s.segment([frame(80, 80)], outputs=("color",))  # per-call override; the label always comes back
+    assert r.color.shape == (80, 80, 3) and r.label is not None and r.overlay is None
+
+
+def test_matches_independent_reference(seg, plain_model):
+    rgb = frame(120, 200, seed=3)
+    label, color, overlay, conf, _ = reference(plain_model, seg.meta, rgb)
+    (r,) = seg.segment([rgb], channel_order="RGB")
+    assert agreement(r.label, label) >= 0.999
+    same = r.label == label
+    np.testing.assert_array_equal(r.color[same], color[same])
+    assert np.abs(r.overlay[same].astype(int) - overlay[same].astype(int)).max() <= 1
+    assert np.abs(r.confidence.astype(int) - conf.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("h, w", [(64, 64), (65, 97), (101, 203), (200, 67)])
+def test_odd_sizes_come_back_at_input_resolution(seg, h, w):
+    (r,) = seg.segment([frame(h, w, seed=h)])
+    assert r.label.shape == (h, w) and r.overlay.shape == (h, w, 3) and r.confidence.shape == (h, w)
+
+
+def test_rgb_bgr_equivalence(seg):
+    rgb = frame(90, 150, seed=5)
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    r_rgb, r_bgr = seg.segment([rgb, bgr], channel_order=["RGB", "BGR"])
+    np.testing.assert_array_equal(r_rgb.label, r_bgr.label)
+    np.testing.assert_array_equal(r_rgb.confidence, r_bgr.confidence)
+    np.testing.assert_array_equal(r_rgb.color, r_bgr.color[:, :, ::-1])  # colour comes back in the frame's order
+    np.testing.assert_array_equal(r_rgb.overlay, r_bgr.overlay[:, :, ::-1])
+
+
+def test_mono8_frames(seg):
+    g = frame(72, 100, seed=7, channels=None)
+    r2, r1, r3 = seg.segment([g, g[:, :, None], np.repeat(g[:, :, None], 3, axis=2)])
+    np.testing.assert_array_equal(r2.label, r3.label)
+    np.testing.assert_array_equal(r1.label, r3.label)
+    np.testing.assert_array_equal(r2.overlay, r3.overlay)
+    assert r2.overlay.shape == (72, 100, 3)
+
+
+def test_palette_and_overlay_on_constant_prediction(tmp_path):
+    """Hand-made network: classifier weights zero, bias one-hot -> every pixel is class 4; check exact colours."""
+    model = build_icnet("icnet_r18", width=0.25, num_classes=11)
+    with torch.no_grad():
+        model.decode_head.conv_seg.weight.zero_()
+        model.decode_head.conv_seg.bias.copy_(torch.arange(11) == 4)
+    model.meta = build_meta(model.config, CAMVID)
+    s = Segmenter(model, device="cpu", outputs=ALL, overlay_alpha=0.25, warmup=False)
+    rgb = frame(64, 96, seed=1)
+    (r,) = s.segment([rgb])
+    assert (r.label == 4).all()
+    np.testing.assert_array_equal(r.color, np.broadcast_to(np.uint8(CAMVID.palette[4]), rgb.shape))
+    expected = np.round(0.25 * np.float64(CAMVID.palette[4]) + 0.75 * rgb.astype(np.float64)).astype(np.uint8)
+    assert np.abs(r.overlay.astype(int) - expected.astype(int)).max() <= 1
+    p = np.exp(1) / (np.exp(1) + 10)  # softmax of a one-hot logit vector over 11 classes
+    assert (r.confidence == round(255 * p)).all()
+    (rb,) = s.segment([rgb[:, :, ::-1].copy()], channel_order="BGR")
+    np.testing.assert_array_equal(rb.color[0, 0], np.uint8(CAMVID.palette[4])[::-1])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_overlay_alpha_extremes(ckpt, alpha):
+    s = Segmenter(ckpt, device="cpu", outputs=ALL, overlay_alpha=alpha, warmup=False)
+    rgb = frame(64, 80)
+    (r,) = s.segment([rgb])
+    np.testing.assert_array_equal(r.overlay, rgb if alpha == 0.0 else r.color)
+
+
+def test_confidence_threshold_marks_unknown(ckpt, seg):
+    rgb = frame(80, 120, seed=11)
+    (base,) = seg.segment([rgb])
+    thr = float(np.median(base.confidence)) / 255
+    s = Segmenter(ckpt, device="cpu", outputs=ALL, confidence_threshold=thr, warmup=False)
+    (r,) = s.segment([rgb])
+    low = base.confidence.astype(float) / 255 < thr - 1 / 255
+    high = base.confidence.astype(float) / 255 > thr + 1 / 255
+    assert low.any() and high.any()
+    assert (r.label[low] == UNKNOWN).all()
+    np.testing.assert_array_equal(r.label[high], base.label[high])
+    assert (r.color[r.label == UNKNOWN] == 0).all()  # unknown is black in the colour mask
+    np.testing.assert_array_equal(r.overlay[r.label == UNKNOWN], rgb[r.label == UNKNOWN])  # and keeps the frame
+    # without the confidence output the threshold still applies
+    (r2,) = s.segment([rgb], outputs=("label",))
+    np.testing.assert_array_equal(r2.label, r.label)
+
+
+# ---------------------------------------------------------------------------------------------- batching
+def test_mixed_size_batch_equals_single_frames(seg):
+    frames = [frame(96, 128, 1), frame(64, 200, 2), frame(96, 128, 3), frame(70, 70, 4, channels=None)]
+    orders = ["RGB", "BGR", "RGB", "RGB"]
+    batch = seg.segment(frames, channel_order=orders)
+    assert len(batch) == 4
+    for f, o, b in zip(frames, orders, batch):
+        (single,) = seg.segment([f], channel_order=o)
+        assert b.label.shape == f.shape[:2]
+        assert agreement(b.label, single.label) >= 0.999
+        np.testing.assert_array_equal(b.color[b.label == single.label], single.color[b.label == single.label])
+
+
+def test_batch_as_4d_array_and_empty_list(seg):
+    frames = np.stack([frame(64, 96, 1), frame(64, 96, 2)])
+    rs = seg.segment(frames)
+    assert len(rs) == 2 and rs[1].label.shape == (64, 96)
+    assert seg.segment([]) == []
+
+
+def test_fixed_input_size_resizes_and_batches(ckpt, plain_model):
+    s = Segmenter(ckpt, device="cpu", input_size=(96, 128), outputs=ALL, warmup=False)
+    frames = [frame(48, 50, 1), frame(192, 256, 2), frame(100, 333, 3)]  # small frames are fine when upscaled
+    rs = s.segment(frames)
+    for f, r in zip(frames, rs):
+        assert r.label.shape == f.shape[:2] and r.model_size == (96, 128)
+    m = Segmenter(ckpt, device="cpu", input_size=(96, 128), output_size="model", outputs=ALL, warmup=False)
+    (r,) = m.segment([frames[1]])
+    assert r.label.shape == (96, 128) and r.overlay.shape == (96, 128, 3)
+    # a 2x downscaled frame at output_size=model equals the reference on the resized frame
+    resized = F.interpolate(torch.from_numpy(frames[1]).permute(2, 0, 1)[None].float(), size=(96, 128),
+                            mode="bilinear", align_corners=False)[0].permute(1, 2, 0).round().numpy().astype(np.uint8)
+    label, *_ = reference(plain_model, s.meta, resized)
+    assert agreement(r.label, label) >= 0.98  # the engine resizes in float, the reference input is rounded
+
+
+def test_scale_factor_policy(ckpt):
+    s = Segmenter(ckpt, device="cpu", input_size=0.5, outputs=("label", "overlay"), warmup=False)
+    (r,) = s.segment([frame(200, 300)])
+    assert r.model_size == (100, 150) and r.label.shape == (200, 300)
+    assert s.network_size(201, 301) == (100, 150)
+    for native in (None, "native", (), []):
+        assert Segmenter(ckpt, device="cpu", input_size=native, warmup=False).network_size(70, 90) == (70, 90)
+    assert Segmenter(ckpt, device="cpu", input_size="64x96", warmup=False).network_size(1, 1) == (64, 96)
+    with pytest.raises(ValueError, match="below the minimum"):
+        s.segment([frame(100, 300)])  # 50 x 150 network input
+
+
+# ---------------------------------------------------------------------------------------------- optimisation
+def test_optimized_matches_plain(ckpt):
+    opt = Segmenter(ckpt, device="cpu", outputs=ALL, optimize=True, warmup=False)
+    plain = Segmenter(ckpt, device="cpu", outputs=ALL, optimize=False, warmup=False)
+    assert opt.folded_batchnorms > 30 and plain.folded_batchnorms == 0
+    frames = [frame(128, 192, s) for s in range(3)]
+    for a, b in zip(opt.segment(frames), plain.segment(frames)):
+        assert agreement(a.label, b.label) >= 0.999
+        assert np.abs(a.confidence.astype(int) - b.confidence.astype(int)).max() <= 1
+    x = torch.randn(2, 3, 128, 192)
+    with torch.inference_mode():
+        lo, lp = opt.forward(x), plain.forward(x)
+    assert ((lo - lp).abs().max() / lp.abs().max()).item() <= 1e-4
+
+
+def test_bf16_on_cpu_runs(ckpt, seg):
+    s = Segmenter(ckpt, device="cpu", precision="bf16", outputs=ALL, warmup=False)
+    assert s.precision == "bf16" and s.channels_last
+    rgb = frame(96, 128, seed=2)
+    (r,) = s.segment([rgb])
+    (ref,) = seg.segment([rgb])
+    assert r.label.dtype == np.uint8 and r.label.max() < CAMVID.num_classes
+    assert agreement(r.label, ref.label) >= 0.9  # random weights: many near-ties, bf16 has 8 mantissa bits
+
+
+def test_warmup_and_describe(ckpt):
+    s = Segmenter(ckpt, device="cpu", input_size=(64, 96), warmup=True)
+    text = s.describe()
+    assert "resnet18" in text and "cpu fp32" in text and "64x96" in text and "bn-fold" in text
+    assert s.last_latency_s is not None and s.last_latency_s > 0  # warm-up ran the pipeline
+
+
+# ---------------------------------------------------------------------------------------------- model sources
+def test_module_source_is_copied_not_modified():
+    model = build_icnet("icnet_r18", width=0.25, num_classes=5)  # no .meta: built from .config
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    s = Segmenter(model, device="cpu", warmup=False)
+    assert s.class_set.num_classes == 5 and s.folded_batchnorms > 0
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == n_bn
+    assert model.auxiliary_head is not None and model.training
+
+
+def test_bad_models(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        Segmenter(tmp_path / "missing.safetensors", device="cpu", warmup=False)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError):
+        Segmenter(bad, device="cpu", warmup=False)
+    with pytest.raises(CheckpointError, match="neither .meta nor .config"):
+        Segmenter(torch.nn.Conv2d(3, 3, 1), device="cpu", warmup=False)
+    with pytest.raises(CheckpointError):
+        Segmenter(42, device="cpu", warmup=False)
+
+
+def test_default_model_missing_is_a_checkpoint_error():
+    try:
+        default_model_path()
+    except CheckpointError:
+        with pytest.raises(CheckpointError, match="default model"):
+            Segmenter(device="cpu", warmup=False)
+    else:
+        pytest.skip("the default model is installed")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((64, 64, 3), np.float32), "dtype float32, expected uint8"),
+    (np.zeros((64, 64, 3), np.uint16), "dtype uint16"),
+    (np.zeros((64, 64, 4), np.uint8), "drop the alpha channel"),
+    (np.zeros((64, 64, 2), np.uint8), r"shape \(64, 64, 2\)"),
+    (np.zeros((0, 64, 3), np.uint8), "empty frame"),
+    (np.zeros((64, 0), np.uint8), "empty frame"),
+    (np.zeros((40, 50, 3), np.uint8), "below the minimum 64x64"),
+    (np.zeros((2, 64, 64, 3), np.uint8)[0, :, :, :, None], "shape"),
+    ([[1, 2], [3, 4]], "expected a numpy uint8 array"),
+])
+def test_bad_frames(seg, bad, match):
+    with pytest.raises(ValueError, match=match):
+        seg.segment([frame(64, 64), bad])
+
+
+def test_bad_call_arguments(seg):
+    f = frame(64, 64)
+    with pytest.raises(ValueError, match="wrap one frame"):
+        seg.segment(f)
+    with pytest.raises(ValueError, match="channel_order"):
+        seg.segment([f], channel_order="RGBA")
+    with pytest.raises(ValueError, match="2 entries for 1 frames"):
+        seg.segment([f], channel_order=["RGB", "BGR"])
+    with pytest.raises(ValueError, match="unknown outputs"):
+        seg.segment([f], outputs=("label", "depth"))
+
+
+def test_read_only_and_non_contiguous_frames(seg):
+    f = frame(80, 96, seed=9)
+    ro = f.copy()
+    ro.flags.writeable = False
+    flipped = f[:, ::-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (a,) = seg.segment([ro])
+    (b,) = seg.segment([f])
+    (c,) = seg.segment([flipped])
+    (d,) = seg.segment([np.ascontiguousarray(flipped)])
+    np.testing.assert_array_equal(a.label, b.label)
+    np.testing.assert_array_equal(c.label, d.label)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(device="tpu"), "device must be"),
+    (dict(precision="int8"), "precision must be"),
+    (dict(precision="fp16"), "not supported on the CPU"),
+    (dict(input_size=(32, 64)), "below the network minimum"),
+    (dict(input_size=-1.0), "scale factor must be > 0"),
+    (dict(input_size="big"), "input_size"),
+    (dict(outputs=("label", "edges")), "unknown outputs"),
+    (dict(overlay_alpha=1.5), "overlay_alpha"),
+    (dict(output_size="half"), "output_size"),
+    (dict(confidence_threshold=2.0), "confidence_threshold"),
+    (dict(cuda_graphs=True), "needs a CUDA device"),
+])
+def test_bad_options(ckpt, kwargs, match):
+    opts = dict(device="cpu", warmup=False)
+    opts.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        Segmenter(ckpt, **opts)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_auto_device_falls_back_to_cpu_with_warning(ckpt):
+    with pytest.warns(RuntimeWarning) as record:
+        s = Segmenter(ckpt, device="auto", precision="fp16", warmup=False)
+    messages = [str(w.message) for w in record]
+    assert any("CUDA is not available" in m for m in messages) and any("using fp32" in m for m in messages)
+    assert s.device.type == "cpu" and s.precision == "fp32" and len(s.notes) == 2
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda:0")

@@ -1,0 +1,150 @@
+"""Inference optimisations: BN folding (exactness, coverage, safety), channels_last, agreement measures,
+torch.compile (slow) and the CUDA-graph runner's input checks."""
+import copy
+
+import pytest
+import torch
+from helpers import make_checkpoint
+from torch import nn
+
+from icnet_ros.checkpoint import load_model
+from icnet_ros.models import build_icnet
+from icnet_ros.optimize import (FOLD_RTOL, MIN_ARGMAX_AGREEMENT, CUDAGraphRunner, compare_logits, compile_model,
+                                count_batchnorms, find_conv_bn_pairs, fold_batchnorm, fuse_conv_bn_,
+                                to_channels_last)
+
+
+def _randomise_bn(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.3)
+    return module
+
+
+def test_fuse_conv_bn_single_pair():
+    torch.manual_seed(0)
+    for bias, groups in ((False, 1), (True, 1), (False, 4)):
+        conv = nn.Conv2d(8, 12, 3, padding=2, dilation=2, bias=bias, groups=groups)
+        bn = _randomise_bn(nn.BatchNorm2d(12, eps=1e-3)).eval()
+        x = torch.randn(2, 8, 17, 23)
+        with torch.no_grad():
+            expected = bn(conv(x))
+            fuse_conv_bn_(conv, bn)
+            got = conv(x)
+        assert conv.bias is not None
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["icnet_r18", "icnet_r50", "icnet_r50_half"])
+def test_fold_icnet_matches_plain(tmp_path, arch):
+    """Non-trivial BN statistics (make_checkpoint), odd input size: logits within FOLD_RTOL, argmax >= 99.9%."""
+    plain = load_model(make_checkpoint(tmp_path / "m.safetensors", arch=arch, width=0.25), "cpu")
+    folded = copy.deepcopy(plain)
+    n_bn = count_batchnorms(plain)
+    n = fold_batchnorm(folded, torch.randn(1, 3, 128, 128))
+    aux_bn = sum(isinstance(m, nn.BatchNorm2d) for m in plain.auxiliary_head.modules())
+    assert n == n_bn - aux_bn  # every BN the eval forward uses is folded (aux heads do not run in eval)
+    assert count_batchnorms(folded) == aux_bn
+    x = torch.randn(2, 3, 100, 130)
+    with torch.inference_mode():
+        a = compare_logits(plain(x), folded(x))
+    assert a.relative_diff <= FOLD_RTOL, str(a)
+    assert a.argmax_agreement >= MIN_ARGMAX_AGREEMENT, str(a)
+    assert a.ok()
+
+
+def test_fold_does_not_touch_unpaired_bns():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn_in = nn.BatchNorm2d(3)  # BN on the input: no conv before it
+            self.shared = nn.Conv2d(3, 3, 1, bias=False)  # called twice: not foldable
+            self.bn_a = nn.BatchNorm2d(3)
+            self.bn_b = nn.BatchNorm2d(3)
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = self.bn_in(x)
+            x = self.bn_a(self.shared(x)) + self.bn_b(self.shared(x))
+            return self.bn(self.conv(x))
+
+    net = _randomise_bn(Net()).eval()
+    assert find_conv_bn_pairs(net, torch.randn(1, 3, 8, 8)) == [("conv", "bn")]
+    x = torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        expected = net(x)
+    assert fold_batchnorm(net, torch.randn(1, 3, 8, 8)) == 1
+    assert isinstance(net.bn, nn.Identity) and isinstance(net.bn_a, nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_verification_restores_model_when_conv_output_is_reused():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # the conv output also bypasses the BN: folding would be wrong
+
+    net = _randomise_bn(Branchy()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = net(x)
+    with pytest.raises(RuntimeError, match="restored unfolded"):
+        fold_batchnorm(net, x)
+    assert isinstance(net.bn, nn.BatchNorm2d) and net.conv.bias is None
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected)
+
+
+def test_channels_last_keeps_outputs():
+    model = _randomise_bn(build_icnet("icnet_r18", width=0.25, num_classes=7, aux_heads=False)).eval()
+    x = torch.randn(1, 3, 96, 128)
+    with torch.inference_mode():
+        expected = model(x)
+        cl = to_channels_last(copy.deepcopy(model))
+        got = cl(x.contiguous(memory_format=torch.channels_last))
+    assert cl.backbone.conv_sub1[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    a = compare_logits(expected, got)
+    assert a.relative_diff <= FOLD_RTOL and a.argmax_agreement >= MIN_ARGMAX_AGREEMENT
+
+
+def test_compare_logits_measures():
+    ref = torch.zeros(1, 3, 2, 2)
+    ref[:, 0] = 1.0
+    test = ref.clone()
+    test[0, 1, 0, 0] = 2.0  # one pixel of four flips to class 1
+    a = compare_logits(ref, test)
+    assert a.max_abs_diff == 2.0 and a.max_abs_reference == 1.0 and a.argmax_agreement == 0.75
+    assert not a.ok() and "75.000%" in str(a)
+    with pytest.raises(ValueError, match="shapes differ"):
+        compare_logits(ref, ref[:, :2])
+
+
+def test_cuda_graph_runner_needs_cuda_tensors():
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        CUDAGraphRunner(lambda x: x * 2, [torch.zeros(2)])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_torch_compile_matches_plain_on_cpu():
+    """torch.compile (inductor, needs a C++ compiler) on a tiny ICNet; about a minute of compilation."""
+    model = _randomise_bn(build_icnet("icnet_r18", width=0.25, num_classes=5, aux_heads=False)).eval()
+    folded = copy.deepcopy(model)
+    fold_batchnorm(folded, torch.randn(1, 3, 64, 64))
+    compiled = compile_model(folded)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        a = compare_logits(model(x), compiled(x))
+    assert a.relative_diff <= 1e-3 and a.argmax_agreement >= MIN_ARGMAX_AGREEMENT, str(a)

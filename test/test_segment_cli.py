@@ -1,0 +1,195 @@
+"""icnet-segment end to end on real files (synthetic images and videos, and the shared CamVid / video data when
+present), plus the frame sources of icnet_ros.video it is built on."""
+import cv2
+import numpy as np
+import pytest
+from helpers import CAMVID, VIDEO, make_checkpoint, require
+
+from icnet_ros.checkpoint import CheckpointError, default_model_path
+from icnet_ros.classes import CAMVID as CAMVID_CLASSES
+from icnet_ros.tools.segment import main
+from icnet_ros.video import (Frame, ImageFiles, ImageFolder, SourceError, VideoFile, VideoWriter, iter_frames,
+                             open_source, read_image, write_image)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("cli") / "r18.safetensors")
+
+
+def _img(h, w, seed):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 16 + 2, w // 16 + 2, 3), dtype=np.uint8)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _video(path, n=8, size=(96, 128), fps=12.0):
+    with VideoWriter(path, fps) as vw:
+        for i in range(n):
+            vw.write(_img(*size, seed=i))
+    return path
+
+
+def _palette_bgr():
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: CAMVID_CLASSES.num_classes] = np.asarray(CAMVID_CLASSES.palette, np.uint8)[:, ::-1]
+    return lut
+
+
+# ---------------------------------------------------------------------------------------------- frame sources
+def test_image_sources(tmp_path):
+    d = tmp_path / "imgs"
+    write_image(d / "b.png", _img(64, 80, 1))
+    write_image(d / "a.jpg", _img(70, 90, 2))
+    write_image(d / "sub" / "c.png", _img(64, 64, 3))
+    (d / "notes.txt").write_text("not an image")
+    grey = _img(64, 64, 4)[:, :, 0]
+    write_image(tmp_path / "grey.png", grey)
+
+    folder = ImageFolder(d, fps=5.0)
+    frames = list(folder)
+    assert len(folder) == 2 and [f.name for f in frames] == ["a", "b"]
+    assert all(isinstance(f, Frame) and f.bgr.dtype == np.uint8 and f.bgr.ndim == 3 for f in frames)
+    assert [f.index for f in frames] == [0, 1] and frames[1].timestamp_s == pytest.approx(0.2)
+    assert frames[1].bgr.shape == (64, 80, 3)
+    assert [f.name for f in ImageFolder(d, recursive=True)] == ["a", "b", "sub__c"]
+    (g,) = list(open_source(tmp_path / "grey.png"))
+    assert g.bgr.shape == (64, 64, 3) and (g.bgr[:, :, 0] == grey).all()
+    assert isinstance(open_source(d), ImageFolder) and isinstance(open_source(tmp_path / "grey.png"), ImageFiles)
+
+
+def test_video_source(tmp_path):
+    path = _video(tmp_path / "clip.mp4", n=9, fps=12.0)
+    src = open_source(path)
+    assert isinstance(src, VideoFile) and src.is_video and src.fps == pytest.approx(12.0) and len(src) == 9
+    frames = list(src)
+    assert len(frames) == 9 and frames[0].bgr.shape == (96, 128, 3)
+    assert frames[3].name == "clip_000003" and frames[3].timestamp_s == pytest.approx(3 / 12)
+    sub = VideoFile(path, start=1, stride=3, max_frames=2)
+    assert len(sub) == 2 and [f.index for f in sub] == [1, 4]
+    assert [f.index for f in VideoFile(path, start=20)] == []
+    assert [s.description for s, _ in iter_frames([open_source(path), ImageFiles([])])] == [str(path)] * 9
+
+
+def test_source_errors(tmp_path):
+    with pytest.raises(SourceError, match="input not found"):
+        open_source(tmp_path / "nope.png")
+    (tmp_path / "data.csv").write_text("a,b")
+    with pytest.raises(SourceError, match="unsupported input"):
+        open_source(tmp_path / "data.csv")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(SourceError, match="cannot decode"):
+        read_image(tmp_path / "broken.png")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no images"):
+        open_source(tmp_path / "empty")
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 100)
+    with pytest.raises(SourceError, match="cannot open video"):
+        open_source(tmp_path / "broken.mp4")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_segment_images_and_folder(tmp_path, ckpt, capsys):
+    write_image(tmp_path / "in" / "one.png", _img(96, 128, 1))
+    write_image(tmp_path / "in" / "two.jpg", _img(75, 101, 2))
+    write_image(tmp_path / "single.png", _img(64, 64, 3))
+    out = tmp_path / "out"
+    rc = main([str(tmp_path / "in"), str(tmp_path / "single.png"), "--model", str(ckpt), "--output", str(out),
+               "--device", "cpu", "--outputs", "label,color,overlay,confidence", "--quiet", "--batch", "2"])
+    assert rc == 0
+    summary = capsys.readouterr().out
+    assert "3 frames from 2 input(s)" in summary and "fps" in summary
+    lut = _palette_bgr()
+    sources = {"one": tmp_path / "in" / "one.png", "two": tmp_path / "in" / "two.jpg",
+               "single": tmp_path / "single.png"}
+    for name, shape in (("one", (96, 128)), ("two", (75, 101)), ("single", (64, 64))):
+        label = cv2.imread(str(out / "label" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        color = cv2.imread(str(out / "color" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        overlay = cv2.imread(str(out / "overlay" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        conf = cv2.imread(str(out / "confidence" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        assert label.shape == shape and label.dtype == np.uint8 and label.max() < CAMVID_CLASSES.num_classes
+        assert color.shape == overlay.shape == (*shape, 3) and conf.shape == shape
+        np.testing.assert_array_equal(color, lut[label])  # colour PNG = palette of the label PNG (BGR file)
+        src = read_image(sources[name])
+        expected = np.round(0.5 * color.astype(float) + 0.5 * src.astype(float))
+        assert np.abs(overlay.astype(float) - expected).max() <= 1
+
+
+def test_segment_video_writes_mp4_overlay(tmp_path, ckpt, capsys):
+    video = _video(tmp_path / "clip.mp4", n=6)
+    out = tmp_path / "out"
+    assert main([str(video), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--stride", "2"]) == 0
+    labels = sorted((out / "label" / "clip").glob("*.png"))
+    assert [p.name for p in labels] == ["clip_000000.png", "clip_000002.png", "clip_000004.png"]
+    assert len(list((out / "color" / "clip").glob("*.png"))) == 3
+    assert not (out / "overlay" / "clip").exists()  # no per-frame overlays without --overlay-frames
+    cap = cv2.VideoCapture(str(out / "overlay" / "clip.mp4"))
+    n = 0
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        assert f.shape == (96, 128, 3)
+        n += 1
+    assert n == 3 and cap.get(cv2.CAP_PROP_FPS) == pytest.approx(6.0)
+    cap.release()
+
+
+def test_name_collisions_get_prefixed(tmp_path, ckpt):
+    for d in ("a", "b"):
+        write_image(tmp_path / d / "same.png", _img(64, 64, ord(d)))
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "-m", str(ckpt), "-o", str(out), "--device", "cpu",
+                 "--quiet", "--outputs", "label"]) == 0
+    assert sorted(p.name for p in (out / "label").iterdir()) == ["a__same.png", "b__same.png"]
+
+
+def test_fixed_input_size_and_model_output_size(tmp_path, ckpt):
+    write_image(tmp_path / "x.png", _img(150, 210, 5))
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "x.png"), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet",
+                 "--input-size", "64x96", "--output-size", "model", "--outputs", "label,overlay"]) == 0
+    assert cv2.imread(str(out / "label" / "x.png"), cv2.IMREAD_UNCHANGED).shape == (64, 96)
+    assert cv2.imread(str(out / "overlay" / "x.png")).shape == (64, 96, 3)
+
+
+def test_errors_are_one_line_exit_2(tmp_path, ckpt, capsys):
+    write_image(tmp_path / "x.png", _img(64, 64, 0))
+    assert main([str(tmp_path / "missing.png"), "-m", str(ckpt), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icnet-segment: error: input not found") and err.count("\n") == 1
+    assert main([str(tmp_path / "x.png"), "-m", str(tmp_path / "nope.safetensors"), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint not found" in err and "Traceback" not in err and err.count("\n") == 1
+    assert main([str(tmp_path / "x.png"), "-m", str(ckpt), "-o", str(tmp_path / "o"), "--outputs", "depth"]) == 2
+    assert "choose from" in capsys.readouterr().err
+    assert main([str(tmp_path / "x.png"), "-m", str(ckpt), "-o", str(tmp_path / "o"), "--device", "cpu",
+                 "--precision", "fp16"]) == 2
+    assert "not supported on the CPU" in capsys.readouterr().err
+
+
+def test_default_model_missing_exits_cleanly(tmp_path, capsys):
+    try:
+        default_model_path()
+    except CheckpointError:
+        pass
+    else:
+        pytest.skip("the default model is installed")
+    write_image(tmp_path / "x.png", _img(64, 64, 0))
+    assert main([str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icnet-segment: error: the default model is not installed") and err.count("\n") == 1
+
+
+def test_shared_data_camvid_images_and_video(tmp_path, ckpt, capsys):
+    images = sorted(require(CAMVID / "val" / "images").glob("*.jpg"))[:2]
+    video = require(VIDEO)
+    out = tmp_path / "out"
+    assert main([*map(str, images), str(video), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet",
+                 "--max-frames", "2", "--input-size", "0.5", "--outputs", "label,overlay"]) == 0
+    assert "4 frames from 3 input(s)" in capsys.readouterr().out
+    assert cv2.imread(str(out / "label" / f"{images[0].stem}.png"), cv2.IMREAD_UNCHANGED).shape == (360, 480)
+    assert len(list((out / "label" / VIDEO.stem).glob("*.png"))) == 2
+    cap = cv2.VideoCapture(str(out / "overlay" / f"{VIDEO.stem}.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 960 and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 2
+    cap.release()
