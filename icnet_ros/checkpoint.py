@@ -108,6 +108,9 @@ def save_checkpoint(model: ICNet, path: str | os.PathLike, meta: dict[str, Any] 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # a normal, shareable file (the temporary file was created private)
     os.replace(tmp, path)  # never leave a half-written checkpoint behind
 
 

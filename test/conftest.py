@@ -15,3 +15,10 @@ os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(TEST_DIR / "fastdds_loopback.x
 os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
 os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="icnet_ros_test_roslog_"))
 os.environ.pop("ROS_LOCALHOST_ONLY", None)  # deprecated; RANGE=LOCALHOST replaces it
+
+# One intra-op thread for this process and the processes tests start (nodes, torchrun workers): the suite runs
+# several torch processes at once on 2 cores, where OpenMP threads spin-waiting on each other cost up to 20x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

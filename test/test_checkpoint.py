@@ -1,5 +1,6 @@
 """Native checkpoints: metadata round trip, fp16, aux-less files, and every error path with a clear message."""
 import json
+import os
 import struct
 
 import pytest
@@ -142,3 +143,6 @@ def test_save_is_atomic_and_validates(tmp_path):
     save_checkpoint(model, out)  # default metadata when the model has none
     assert load_model(out).meta["classes"][0] == "class_0"
     assert not list(out.parent.glob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask

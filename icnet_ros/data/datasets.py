@@ -1,0 +1,452 @@
+"""Segmentation datasets: the CamVid layout, the Cityscapes layout and generic image/label folders.
+
+Layouts (``SPLIT`` is e.g. ``train``, ``val``; ``train+val`` concatenates splits):
+
+- ``camvid``: ``ROOT/SPLIT/images/NAME.{jpg,png}`` and ``ROOT/SPLIT/labels/NAME.png`` holding CamVid ids 0..10
+  (11 = void -> ignore); the class set is :data:`icnet_ros.classes.CAMVID`.
+- ``cityscapes``: ``ROOT/leftImg8bit/SPLIT/CITY/X_leftImg8bit.png`` and ``ROOT/gtFine/SPLIT/CITY/X_gtFine_labelIds.png``
+  (label ids mapped to the 19 train ids; ``X_gtFine_labelTrainIds.png`` is used as is when the label ids are absent).
+- ``folders``: like ``camvid`` (directory patterns and label suffix configurable) with the classes from a *class
+  file* (:func:`load_class_file`); labels hold raw class values, or RGB colours of the class palette.
+
+Samples are returned as ``(image, label)``: an H x W x 3 uint8 RGB tensor and an H x W uint8 tensor of train ids
+(255 = ignore). Normalisation happens later, on the training device (:class:`icnet_ros.preprocess.Normalizer`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import Dataset, Sampler
+
+from ..classes import CAMVID, CITYSCAPES, IGNORE_INDEX, ClassSet, generic_palette, get_class_set
+from .transforms import Transform
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+LAYOUTS = ("camvid", "cityscapes", "folders")
+CLASS_FILE_NAMES = ("classes.yaml", "classes.yml", "classes.json", "classes.txt")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used: missing directories, unmatched files, bad labels or class files."""
+
+
+# --------------------------------------------------------------------------------------------------- class files
+
+def load_class_file(path: str | os.PathLike) -> ClassSet:
+    """Read a class file: the classes of a generic dataset and how raw label values map to them.
+
+    YAML / JSON (``.yaml``, ``.yml``, ``.json``)::
+
+        name: my_dataset            # optional (default: the file's parent directory name)
+        ignore_index: 255           # optional
+        classes:                    # in train-id order
+          - road                    # a bare name: raw label value = list position, colour generated
+          - {name: car, color: [0, 0, 142], id: 26}   # id: the raw value in label files (default: position)
+
+    Plain text (``.txt``): one class per line in train-id order, ``NAME`` or ``NAME R G B``; ``#`` starts a
+    comment. The raw label value of a class is its line's position among the classes.
+
+    Raw values that no class claims become ``ignore_index``.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DatasetError(f"class file not found: {p}")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml", ".json"):
+            entries, name, ignore = _parse_structured_class_file(p)
+        else:
+            entries, name, ignore = _parse_text_class_file(p), None, IGNORE_INDEX
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as e:
+        raise DatasetError(f"{p}: invalid class file: {e}") from e
+    if not entries:
+        raise DatasetError(f"{p}: class file lists no classes")
+    names = tuple(e["name"] for e in entries)
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{p}: duplicate class names in {names}")
+    fallback = generic_palette(len(entries))
+    palette = tuple(tuple(int(v) for v in e["color"]) if e.get("color") is not None else fallback[i]
+                    for i, e in enumerate(entries))
+    raw_ids = [int(e["id"]) if e.get("id") is not None else i for i, e in enumerate(entries)]
+    if len(set(raw_ids)) != len(raw_ids) or any(not 0 <= r <= 255 for r in raw_ids):
+        raise DatasetError(f"{p}: raw label ids must be distinct values in 0..255, got {raw_ids}")
+    if not 0 <= ignore <= 255:
+        raise DatasetError(f"{p}: ignore_index must be in 0..255, got {ignore}")
+    if ignore in raw_ids or ignore < len(entries):
+        raise DatasetError(f"{p}: ignore_index {ignore} collides with a class")
+    try:
+        return ClassSet(name=name or p.resolve().parent.name or "custom", classes=names, palette=palette,
+                        ignore_index=ignore, label_map={r: i for i, r in enumerate(raw_ids)})
+    except ValueError as e:
+        raise DatasetError(f"{p}: {e}") from e
+
+
+def _parse_structured_class_file(p: Path) -> tuple[list[dict[str, Any]], str | None, int]:
+    text = p.read_text(encoding="utf-8")
+    doc = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    if isinstance(doc, list):
+        doc = {"classes": doc}
+    if not isinstance(doc, dict) or not isinstance(doc.get("classes"), list):
+        raise ValueError("expected a mapping with a 'classes' list")
+    unknown = set(doc) - {"name", "ignore_index", "classes", "palette"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)} (known: name, ignore_index, classes, palette)")
+    palette = doc.get("palette")
+    entries = []
+    for i, c in enumerate(doc["classes"]):
+        if isinstance(c, str):
+            c = {"name": c}
+        if not isinstance(c, dict) or "name" not in c:
+            raise ValueError(f"class #{i}: expected a name or a mapping with 'name', got {c!r}")
+        bad = set(c) - {"name", "color", "id"}
+        if bad:
+            raise ValueError(f"class #{i}: unknown keys {sorted(bad)} (known: name, color, id)")
+        entry = {"name": str(c["name"]), "color": c.get("color"), "id": c.get("id")}
+        if entry["color"] is None and palette is not None:
+            entry["color"] = palette[i]
+        entries.append(entry)
+    if palette is not None and len(palette) != len(entries):
+        raise ValueError(f"{len(entries)} classes but {len(palette)} palette colours")
+    return entries, doc.get("name"), int(doc.get("ignore_index", IGNORE_INDEX))
+
+
+def _parse_text_class_file(p: Path) -> list[dict[str, Any]]:
+    entries = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) >= 4 and all(t.lstrip("-").isdigit() for t in parts[-3:]):
+            entries.append({"name": " ".join(parts[:-3]), "color": [int(t) for t in parts[-3:]]})
+        else:
+            entries.append({"name": " ".join(parts)})
+    return entries
+
+
+# --------------------------------------------------------------------------------------------------- file reading
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as an H x W x 3 uint8 RGB array."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DatasetError(f"cannot read image {path} (missing, corrupt or unsupported format)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _is_paletted_png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 and head[25] == 3  # IHDR colour type 3
+
+
+def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | None = None) -> np.ndarray:
+    """A label file as an H x W uint8 array of train ids (``class_set.ignore_index`` for unlabelled pixels).
+
+    Single-channel labels hold raw values mapped through ``lut`` (default: ``class_set.label_lut()``); paletted
+    PNGs are read as their palette indices; RGB labels are matched against the class palette (other colours:
+    ignore)."""
+    path = Path(path)
+    if path.suffix.lower() == ".png" and _is_paletted_png(path):
+        try:
+            from PIL import Image
+        except ImportError as e:
+            raise DatasetError(f"{path} is a paletted PNG; reading its indices needs Pillow (pip install pillow)") \
+                from e
+        with Image.open(path) as im:
+            raw = np.asarray(im)
+    else:
+        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise DatasetError(f"cannot read label {path} (missing, corrupt or unsupported format)")
+    if raw.ndim == 3 and raw.shape[2] == 4:
+        raw = raw[..., :3]
+    if raw.ndim == 3:
+        return colors_to_ids(cv2.cvtColor(raw, cv2.COLOR_BGR2RGB), class_set)
+    if raw.dtype != np.uint8:
+        if raw.size and int(raw.max()) > 255:
+            raise DatasetError(f"{path}: label values up to {int(raw.max())}; only 8-bit class values (0..255) "
+                               "are supported")
+        raw = raw.astype(np.uint8)
+    table = class_set.label_lut() if lut is None else lut
+    return table[raw]
+
+
+def colors_to_ids(rgb: np.ndarray, class_set: ClassSet) -> np.ndarray:
+    """Map an H x W x 3 RGB colour label to train ids via the class palette; unknown colours -> ignore."""
+    keys = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    pal = np.asarray(class_set.palette, np.int32)
+    pal_keys = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+    order = np.argsort(pal_keys)
+    sorted_keys = pal_keys[order]
+    pos = np.clip(np.searchsorted(sorted_keys, keys), 0, len(sorted_keys) - 1)
+    hit = sorted_keys[pos] == keys
+    out = np.full(keys.shape, class_set.ignore_index, np.uint8)
+    out[hit] = order[pos[hit]].astype(np.uint8)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- datasets
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a dataset lives and how to read it (the ``data`` section of a training config)."""
+
+    root: str
+    layout: str = "auto"  # auto | camvid | cityscapes | folders
+    class_set: str | None = None  # a named class set (icnet_ros.classes); default: the layout's
+    class_file: str | None = None  # generic folders: the class file (default: ROOT/classes.{yaml,yml,json,txt})
+    image_dir: str = "{split}/images"  # camvid / folders layouts
+    label_dir: str = "{split}/labels"
+    label_suffix: str = ""  # label file = image stem + suffix + ".png"
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    """``cityscapes`` when ROOT has leftImg8bit/ and gtFine/, ``folders`` when it has a class file, else
+    ``camvid``."""
+    r = Path(root)
+    if (r / "leftImg8bit").is_dir() and (r / "gtFine").is_dir():
+        return "cityscapes"
+    if any((r / n).is_file() for n in CLASS_FILE_NAMES):
+        return "folders"
+    return "camvid"
+
+
+def resolve_class_set(spec: DataSpec, layout: str | None = None) -> ClassSet:
+    """The class set of the dataset ``spec`` describes."""
+    layout = layout or (detect_layout(spec.root) if spec.layout == "auto" else spec.layout)
+    if spec.class_file:
+        return load_class_file(spec.class_file)
+    if spec.class_set:
+        try:
+            return get_class_set(spec.class_set)
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
+    if layout == "cityscapes":
+        return CITYSCAPES
+    if layout == "camvid":
+        return CAMVID
+    for n in CLASS_FILE_NAMES:
+        if (Path(spec.root) / n).is_file():
+            return load_class_file(Path(spec.root) / n)
+    raise DatasetError(f"layout 'folders' needs a class file: set data.class_file (or --class-file), or put one "
+                       f"of {', '.join(CLASS_FILE_NAMES)} in {spec.root}")
+
+
+def split_names(split: str) -> list[str]:
+    """``"train+val"`` -> ``["train", "val"]``."""
+    names = [s.strip() for s in split.split("+") if s.strip()]
+    if not names:
+        raise DatasetError(f"empty split name {split!r}")
+    return names
+
+
+def find_samples(spec: DataSpec, split: str) -> tuple[list[tuple[Path, Path]], str, np.ndarray | None]:
+    """The sorted (image, label) pairs of ``split`` (``a+b`` concatenates), the layout used, and the raw-label
+    lookup table when it differs from the class set's (Cityscapes train-id labels)."""
+    root = Path(spec.root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"dataset root not found: {root} (relative paths are taken from {Path.cwd()})")
+    layout = detect_layout(root) if spec.layout == "auto" else spec.layout
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown dataset layout {layout!r}; known: auto, {', '.join(LAYOUTS)}")
+    samples: list[tuple[Path, Path]] = []
+    lut = None
+    for s in split_names(split):
+        if layout == "cityscapes":
+            pairs, train_ids = _cityscapes_pairs(root, s)
+            if train_ids:
+                lut = _identity_lut(len(CITYSCAPES.classes))
+        else:
+            pairs = _folder_pairs(root, s, spec)
+        samples += pairs
+    return samples, layout, lut
+
+
+def _identity_lut(n: int) -> np.ndarray:
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    lut[:n] = np.arange(n, dtype=np.uint8)
+    return lut
+
+
+def _folder_pairs(root: Path, split: str, spec: DataSpec) -> list[tuple[Path, Path]]:
+    img_dir, lbl_dir = root / spec.image_dir.format(split=split), root / spec.label_dir.format(split=split)
+    for d, what in ((img_dir, "image"), (lbl_dir, "label")):
+        if not d.is_dir():
+            raise DatasetError(f"{what} directory not found: {d} (expected layout ROOT/{spec.image_dir} + "
+                               f"ROOT/{spec.label_dir} with split {split!r})")
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not images:
+        raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {img_dir}")
+    pairs, missing = [], []
+    for im in images:
+        lbl = lbl_dir / f"{im.stem}{spec.label_suffix}.png"
+        (pairs.append((im, lbl)) if lbl.is_file() else missing.append(lbl.name))
+    if missing:
+        raise DatasetError(f"{len(missing)} of {len(images)} images in {img_dir} have no label in {lbl_dir} "
+                           f"(e.g. {', '.join(missing[:3])})")
+    return pairs
+
+
+def _cityscapes_pairs(root: Path, split: str) -> tuple[list[tuple[Path, Path]], bool]:
+    img_dir, gt_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+    if not img_dir.is_dir() or not gt_dir.is_dir():
+        raise DatasetError(f"Cityscapes split {split!r} not found: need {img_dir} and {gt_dir}")
+    images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
+    if not images:
+        raise DatasetError(f"no */*_leftImg8bit.png images in {img_dir}")
+    pairs, train_ids, missing = [], False, []
+    for im in images:
+        stem = im.name[: -len("_leftImg8bit.png")]
+        ids = gt_dir / im.parent.name / f"{stem}_gtFine_labelIds.png"
+        tids = gt_dir / im.parent.name / f"{stem}_gtFine_labelTrainIds.png"
+        if ids.is_file():
+            pairs.append((im, ids))
+        elif tids.is_file():
+            pairs.append((im, tids))
+            train_ids = True
+        else:
+            missing.append(ids.name)
+    if missing:
+        raise DatasetError(f"{len(missing)} Cityscapes images in {img_dir} have no gtFine label "
+                           f"(e.g. {', '.join(missing[:3])})")
+    if train_ids and any(lbl.name.endswith("_labelIds.png") for _, lbl in pairs):
+        raise DatasetError(f"{gt_dir}: some images have only *_labelTrainIds.png and others *_labelIds.png; "
+                           "use one kind")
+    return pairs, train_ids
+
+
+class SegmentationDataset(Dataset):
+    """Image/label pairs with an optional augmentation pipeline.
+
+    ``dataset[i]`` returns the sample without augmentation randomness; ``dataset[(i, seed)]`` (what the training
+    sampler yields) runs ``transform`` with ``numpy.random.default_rng(seed)``, so augmentation depends only on
+    the sampler's seeds."""
+
+    def __init__(self, samples: Sequence[tuple[Path, Path]], class_set: ClassSet, transform: Transform | None = None,
+                 label_lut: np.ndarray | None = None, name: str = "dataset") -> None:
+        if not samples:
+            raise DatasetError(f"{name}: no samples")
+        self.samples = [(Path(a), Path(b)) for a, b in samples]
+        self.class_set = class_set
+        self.transform = transform
+        self.label_lut = class_set.label_lut() if label_lut is None else label_lut
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The raw (image, train-id label) arrays of sample ``index``, checked for matching sizes."""
+        img_path, lbl_path = self.samples[index]
+        image = read_image(img_path)
+        label = read_label(lbl_path, self.class_set, self.label_lut)
+        if image.shape[:2] != label.shape[:2]:
+            raise DatasetError(f"{img_path.name}: image is {image.shape[1]}x{image.shape[0]} but its label "
+                               f"{lbl_path} is {label.shape[1]}x{label.shape[0]}")
+        return image, label
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image, label = self.load(index)
+        if self.transform is not None:
+            image, label = self.transform(image, label, np.random.default_rng(seed))
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label))
+
+
+def build_dataset(spec: DataSpec, split: str, transform: Transform | None = None, limit: int | None = None,
+                  class_set: ClassSet | None = None) -> SegmentationDataset:
+    """The dataset of ``split`` (``a+b`` concatenates splits); ``limit`` keeps the first N samples (sorted)."""
+    samples, layout, lut = find_samples(spec, split)
+    if class_set is None:
+        class_set = resolve_class_set(spec, layout)
+    if limit is not None:
+        if limit < 1:
+            raise DatasetError(f"limit must be >= 1, got {limit}")
+        samples = samples[:limit]
+    return SegmentationDataset(samples, class_set, transform, label_lut=lut, name=f"{spec.root}:{split}")
+
+
+def collate_segmentation(batch: list[tuple[torch.Tensor, torch.Tensor]]
+                         ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | list[torch.Tensor]]:
+    """Stack (image, label) pairs into N x H x W x 3 and N x H x W tensors; when sizes differ, return lists."""
+    images, labels = [b[0] for b in batch], [b[1] for b in batch]
+    if all(i.shape == images[0].shape for i in images) and all(lb.shape == labels[0].shape for lb in labels):
+        return torch.stack(images), torch.stack(labels)
+    return images, labels
+
+
+def worker_init(_worker_id: int) -> None:
+    """DataLoader worker setup: no OpenCV thread pool per worker (the workers are the parallelism)."""
+    cv2.setNumThreads(0)
+
+
+# --------------------------------------------------------------------------------------------------- samplers
+
+class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Endless, resumable, rank-sharded batches of ``(index, augmentation_seed)`` for iteration-based training.
+
+    Epoch ``e`` is a permutation drawn from ``(seed, e)``; it is tiled when the dataset is smaller than one global
+    batch, split across ``world_size`` ranks, and cut into full batches (a partial last batch is dropped). The
+    augmentation seed of every sample is drawn from ``(seed, e, position)``. Starting at batch ``start`` replays
+    exactly the batches an uninterrupted run would have seen from that point.
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 start: int = 0) -> None:
+        if dataset_len < 1 or batch_size < 1:
+            raise ValueError(f"need dataset_len >= 1 and batch_size >= 1, got {dataset_len}, {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
+        self.n, self.batch_size, self.seed = dataset_len, batch_size, seed
+        self.rank, self.world_size, self.start = rank, world_size, start
+        global_batch = batch_size * world_size
+        self.per_epoch_total = max(dataset_len, global_batch)
+        self.batches_per_epoch = self.per_epoch_total // global_batch
+
+    def epoch(self, e: int) -> list[list[tuple[int, int]]]:
+        """The batches of this rank in epoch ``e``."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+        reps = math.ceil(self.per_epoch_total / self.n)
+        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])[: self.per_epoch_total]
+        seeds = torch.randint(0, 2**31 - 1, (len(order),), generator=g)
+        usable = self.batches_per_epoch * self.batch_size * self.world_size
+        mine = list(range(self.rank, usable, self.world_size))
+        return [[(int(order[j]), int(seeds[j])) for j in mine[b * self.batch_size:(b + 1) * self.batch_size]]
+                for b in range(self.batches_per_epoch)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        e, b = divmod(self.start, self.batches_per_epoch)
+        while True:
+            batches = self.epoch(e)
+            yield from batches[b:]
+            e, b = e + 1, 0
+
+
+class ShardSampler(Sampler[int]):
+    """Every ``world_size``-th index from ``rank``, in order, without padding (evaluation: each sample counted
+    once across ranks)."""
+
+    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, dataset_len, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+__all__ = ["CLASS_FILE_NAMES", "DataSpec", "DatasetError", "IMAGE_EXTENSIONS", "LAYOUTS", "SegmentationDataset",
+           "ShardSampler", "TrainBatchSampler", "build_dataset", "collate_segmentation", "colors_to_ids",
+           "detect_layout", "find_samples", "load_class_file", "read_image", "read_label", "resolve_class_set",
+           "split_names", "worker_init"]

@@ -1,0 +1,236 @@
+"""Evaluate an ICNet checkpoint on a labelled split: mIoU, per-class IoU and accuracy, pixel accuracy.
+
+.. code-block:: bash
+
+    icnet-eval --data ../shared/data/camvid --split val                 # the package's default model
+    icnet-eval --model runs/camvid/best.safetensors --data DIR --split val --json
+    icnet-eval --model M --data CITYSCAPES_ROOT --split val --flip --scales 0.75 1.0 1.25
+
+Inputs are normalised as the checkpoint's metadata says, resized to the checkpoint's ``input_size`` (or kept at
+native size with ``--native``), and the logits are upsampled back to the label size before the argmax. The
+confusion matrix is accumulated on the device. ``--json`` prints exactly one JSON object on stdout (percentages);
+progress bars and messages go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from .classes import ClassSet, class_set_from_meta
+from .data.datasets import (DataSpec, DatasetError, ShardSampler, build_dataset, collate_segmentation,
+                            detect_layout, resolve_class_set, worker_init)
+from .data.transforms import base_scale
+from .losses import upsample_logits
+from .metrics import ConfusionMatrix, format_table, to_percent
+from .models.icnet import MIN_INPUT_SIZE
+from .preprocess import Normalizer
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _net_size(h: int, w: int, input_size: Sequence[int] | None, input_scale: float,
+              base_size: Sequence[int] | None, scale: float) -> tuple[int, int]:
+    if input_size:
+        bh, bw = float(input_size[0]), float(input_size[1])
+    else:
+        s = base_scale(h, w, input_scale, tuple(base_size) if base_size else None)
+        bh, bw = h * s, w * s
+    return max(MIN_INPUT_SIZE, round(bh * scale)), max(MIN_INPUT_SIZE, round(bw * scale))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: Tensor, out_size: Sequence[int], input_size: Sequence[int] | None = None,
+                   input_scale: float = 1.0, base_size: Sequence[int] | None = None,
+                   scales: Sequence[float] = (1.0,), flip: bool = False, amp: bool = False) -> Tensor:
+    """Class scores (N x C x H x W at ``out_size``) for normalised images ``x`` (N x 3 x h x w).
+
+    The network input is ``input_size`` (or the image scaled by ``input_scale`` / into ``base_size``) times each
+    of ``scales``, plus its mirror image with ``flip``. One pass returns upsampled logits; several return the sum
+    of softmax probabilities."""
+    h, w = x.shape[-2:]
+    passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+    autocast = torch.autocast(x.device.type, dtype=torch.float16) if amp and x.device.type == "cuda" \
+        else nullcontext()
+    total: Tensor | None = None
+    for s, f in passes:
+        size = _net_size(h, w, input_size, input_scale, base_size, s)
+        xi = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if f:
+            xi = xi.flip(-1)
+        with autocast:
+            logits = model(xi)
+        logits = upsample_logits(logits.float(), out_size)
+        if f:
+            logits = logits.flip(-1)
+        out = logits if len(passes) == 1 else logits.softmax(dim=1)
+        total = out if total is None else total + out
+    assert total is not None
+    return total
+
+
+def model_memory_format(model: nn.Module) -> torch.memory_format:
+    """channels_last when the model's spatial conv weights are stored that way, else contiguous."""
+    for p in model.parameters():
+        if p.dim() == 4 and p.shape[-1] > 1:
+            return torch.channels_last if not p.is_contiguous() and p.is_contiguous(
+                memory_format=torch.channels_last) else torch.contiguous_format
+    return torch.contiguous_format
+
+
+def _groups(images: Tensor | list[Tensor], labels: Tensor | list[Tensor]) -> Iterable[tuple[Tensor, Tensor]]:
+    """Batches of equal-sized samples (collate returns lists when sizes differ)."""
+    if isinstance(images, Tensor):
+        yield images, labels
+    else:
+        for im, lb in zip(images, labels):
+            yield im.unsqueeze(0), lb.unsqueeze(0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, normalizer: Normalizer, num_classes: int, ignore_index: int,
+             device: torch.device, input_size: Sequence[int] | None = None, input_scale: float = 1.0,
+             base_size: Sequence[int] | None = None, scales: Sequence[float] = (1.0,), flip: bool = False,
+             amp: bool = False, progress: bool = True, desc: str = "eval") -> ConfusionMatrix:
+    """Accumulate the confusion matrix of ``model`` over ``loader`` (batches of uint8 N x H x W x 3 RGB images
+    and N x H x W labels); summed over ranks under torch.distributed. The model's train/eval mode is restored."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index, device)
+    fmt = model_memory_format(model)
+    try:
+        total = len(loader) if hasattr(loader, "__len__") else None
+        for images, labels in tqdm(loader, total=total, desc=desc, disable=not progress, leave=False,
+                                   file=sys.stderr, dynamic_ncols=True):
+            for im, lb in _groups(images, labels):
+                im = im.to(device, non_blocking=True)
+                lb = lb.to(device, non_blocking=True)
+                x = normalizer(im, "RGB").contiguous(memory_format=fmt)
+                scores = predict_logits(model, x, lb.shape[-2:], input_size, input_scale, base_size, scales,
+                                        flip, amp)
+                cm.update(scores.argmax(dim=1), lb, check=False)
+    finally:
+        model.train(was_training)
+    cm.all_reduce()
+    return cm
+
+
+def metrics_report(metrics: dict[str, Any], class_names: Sequence[str]) -> dict[str, Any]:
+    """JSON-ready metrics in percent (NaN -> null), per class by name."""
+    return {"mIoU": to_percent(metrics["mIoU"]), "mAcc": to_percent(metrics["mAcc"]),
+            "aAcc": to_percent(metrics["aAcc"]), "pixels": metrics["pixels"],
+            "per_class": {name: {"IoU": to_percent(iou), "Acc": to_percent(acc)}
+                          for name, iou, acc in zip(class_names, metrics["IoU"], metrics["Acc"])}}
+
+
+def _dataset_class_set(spec: DataSpec, model_classes: ClassSet) -> ClassSet:
+    """The dataset's class set; generic folders without a class file take the model's classes (labels hold
+    train ids 0..C-1)."""
+    layout = detect_layout(spec.root) if spec.layout == "auto" else spec.layout
+    try:
+        return resolve_class_set(spec, layout)
+    except DatasetError:
+        if layout != "folders" or spec.class_file:
+            raise
+        return model_classes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="icnet-eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="native checkpoint (.safetensors); default: the package's default model")
+    p.add_argument("--data", required=True, help="dataset root: CamVid layout (DIR/SPLIT/images, DIR/SPLIT/labels), "
+                   "Cityscapes (DIR/leftImg8bit, DIR/gtFine) or generic folders with a class file")
+    p.add_argument("--split", default="val", help="split to evaluate (default: val); a+b concatenates")
+    p.add_argument("--layout", default="auto", choices=("auto", "camvid", "cityscapes", "folders"))
+    p.add_argument("--class-file", help="class file for generic folders (see icnet_ros.data.load_class_file)")
+    p.add_argument("--label-suffix", default="", help="label file = image stem + suffix + .png (generic folders)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: 2)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                      help="network input size (default: the checkpoint's input_size, else native)")
+    size.add_argument("--native", action="store_true", help="run at the label resolution, ignoring input_size")
+    p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale factors (default: 1.0)")
+    p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
+    p.add_argument("--limit", type=int, help="evaluate the first N samples only")
+    p.add_argument("--json", action="store_true", help="print one JSON object (percentages) on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .checkpoint import CheckpointError, load_model
+
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0 or any(s <= 0 for s in args.scales):
+        print("icnet-eval: error: --batch-size >= 1, --workers >= 0 and positive --scales required", file=sys.stderr)
+        return 2
+    try:
+        device = resolve_device(args.device)
+        model = load_model(args.model, device)
+        meta = model.meta
+        model_classes = class_set_from_meta(meta)
+        spec = DataSpec(root=args.data, layout=args.layout, class_file=args.class_file,
+                        label_suffix=args.label_suffix)
+        class_set = _dataset_class_set(spec, model_classes)
+        if class_set.num_classes != model_classes.num_classes:
+            raise DatasetError(f"the dataset has {class_set.num_classes} classes ({class_set.name}) but the model "
+                               f"predicts {model_classes.num_classes} ({model_classes.name})")
+        if list(class_set.classes) != list(model_classes.classes):
+            print(f"icnet-eval: warning: class names differ between the dataset ({class_set.name}) and the model "
+                  f"({model_classes.name}); reporting the dataset's", file=sys.stderr)
+        dataset = build_dataset(spec, args.split, limit=args.limit, class_set=class_set)
+    except (CheckpointError, DatasetError, ValueError, OSError) as e:
+        print(f"icnet-eval: error: {e}", file=sys.stderr)
+        return 2
+    input_size = None if args.native else (args.input_size or meta.get("input_size"))
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=ShardSampler(len(dataset)),
+                        num_workers=args.workers, collate_fn=collate_segmentation, worker_init_fn=worker_init,
+                        pin_memory=device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    t0 = time.perf_counter()
+    cm = evaluate(model, loader, Normalizer(meta.get("normalization")), class_set.num_classes,
+                  class_set.ignore_index, device, input_size=input_size, scales=args.scales, flip=args.flip,
+                  amp=args.amp, progress=not args.no_progress, desc=f"icnet-eval {args.split}")
+    seconds = time.perf_counter() - t0
+    metrics = cm.compute()
+    if args.json:
+        report = {**metrics_report(metrics, class_set.classes), "model": args.model or "default",
+                  "data": args.data, "split": args.split, "images": len(dataset), "classes": class_set.name,
+                  "input_size": list(input_size) if input_size else None, "flip": args.flip,
+                  "scales": list(args.scales), "device": str(device), "seconds": round(seconds, 3)}
+        print(json.dumps(report, allow_nan=False))
+    else:
+        print(f"model: {args.model or 'default'}  data: {args.data} [{args.split}, {len(dataset)} images]  "
+              f"input: {'x'.join(map(str, input_size)) if input_size else 'native'}  flip: {args.flip}  "
+              f"scales: {args.scales}  device: {device}  ({seconds:.1f} s)")
+        print(format_table(metrics, class_set.classes))
+    return 0 if not math.isnan(metrics["mIoU"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

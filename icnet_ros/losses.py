@@ -1,0 +1,111 @@
+"""Cascade label guidance: the ICNet training loss.
+
+``loss = w_main * CE(main) + w_sub24 * CE(sub24) + w_sub12 * CE(sub12)``, each branch's logits upsampled
+bilinearly to the label size first (defaults 1.0 / 0.4 / 0.4, as in MMSegmentation; the paper's TensorFlow port
+used 0.16 for sub24). Pixels labelled ``ignore_index`` count nowhere. Optional class weights (weighted mean, as
+:func:`torch.nn.functional.cross_entropy`) and online hard example mining (OHEM): only pixels whose predicted
+probability of the true class is below ``ohem_thresh`` are kept, but at least ``ohem_min_kept`` per image.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .classes import IGNORE_INDEX
+from .models.icnet import CascadeLogits
+
+
+def upsample_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear (align_corners=False) resize of N x C x h x w logits to ``size`` = (H, W); a no-op at that size."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class SegmentationCE(nn.Module):
+    """Pixel-wise cross entropy on logits upsampled to the label size, with ignore index, class weights and OHEM.
+
+    The result is the (class-weighted) mean over the counted pixels; 0 (with gradient) when none is counted.
+    """
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, class_weights: Sequence[float] | Tensor | None = None,
+                 ohem_thresh: float | None = None, ohem_min_kept: int = 100_000) -> None:
+        super().__init__()
+        if ohem_thresh is not None and not 0 < ohem_thresh <= 1:
+            raise ValueError(f"ohem_thresh must be in (0, 1], got {ohem_thresh}")
+        if ohem_min_kept < 0:
+            raise ValueError(f"ohem_min_kept must be >= 0, got {ohem_min_kept}")
+        self.ignore_index = ignore_index
+        self.ohem_thresh = ohem_thresh
+        self.ohem_min_kept = int(ohem_min_kept)
+        weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        if weights is not None and (weights.dim() != 1 or (weights < 0).any()):
+            raise ValueError("class_weights must be a 1-D sequence of non-negative numbers")
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = upsample_logits(logits.float(), target.shape[-2:])
+        target = target.long()
+        if self.class_weights is not None and self.class_weights.numel() != logits.shape[1]:
+            raise ValueError(f"{self.class_weights.numel()} class weights for {logits.shape[1]} classes")
+        pixel_loss = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none")
+        valid = target != self.ignore_index
+        # class weights applied by hand (not cross_entropy's weight=) so that they combine cleanly with OHEM
+        weight = valid.float()
+        if self.class_weights is not None:
+            weight = weight * self.class_weights[target.clamp(0, logits.shape[1] - 1)]
+        if self.ohem_thresh is not None:
+            weight = weight * self._ohem_mask(logits.detach(), target, valid)
+        # no counted pixel: 0 / eps = 0, still connected to the graph (and no host sync to test for it)
+        return (pixel_loss * weight).sum() / weight.sum().clamp_min(1e-12)
+
+    def _ohem_mask(self, logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+        """1 for kept pixels: probability of the true class below the threshold, plus (when fewer) the
+        ``min_kept`` x batch hardest labelled pixels."""
+        prob = logits.softmax(dim=1).gather(1, target.clamp(0, logits.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        keep = prob < self.ohem_thresh
+        min_kept = self.ohem_min_kept * target.shape[0]
+        if min_kept > 0:
+            n_valid = int(valid.sum())
+            if n_valid > 0:
+                kth = prob.masked_fill(~valid, 2.0).flatten().kthvalue(min(min_kept, n_valid)).values
+                keep |= prob <= kth
+        return (keep & valid).float()
+
+
+class CascadeLoss(nn.Module):
+    """ICNet's cascade label guidance loss over :class:`~icnet_ros.models.icnet.CascadeLogits`.
+
+    Returns ``(total, parts)`` where ``parts`` holds the detached per-branch losses (``main``, ``sub24``,
+    ``sub12``) for logging. Auxiliary branches that are None (model without auxiliary heads) or weighted 0 are
+    skipped."""
+
+    def __init__(self, main_weight: float = 1.0, sub24_weight: float = 0.4, sub12_weight: float = 0.4,
+                 ignore_index: int = IGNORE_INDEX, class_weights: Sequence[float] | Tensor | None = None,
+                 ohem_thresh: float | None = None, ohem_min_kept: int = 100_000) -> None:
+        super().__init__()
+        if min(main_weight, sub24_weight, sub12_weight) < 0:
+            raise ValueError("loss weights must be >= 0")
+        self.weights = {"main": float(main_weight), "sub24": float(sub24_weight), "sub12": float(sub12_weight)}
+        self.ce = SegmentationCE(ignore_index, class_weights, ohem_thresh, ohem_min_kept)
+
+    def forward(self, outputs: CascadeLogits | Tensor, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if isinstance(outputs, Tensor):
+            outputs = CascadeLogits(outputs, None, None)
+        total: Tensor | None = None
+        parts: dict[str, Tensor] = {}
+        for name, logits in zip(("main", "sub24", "sub12"), outputs):
+            w = self.weights[name]
+            if logits is None or (w == 0 and name != "main"):
+                continue
+            loss = self.ce(logits, target)
+            parts[name] = loss.detach()
+            total = loss * w if total is None else total + loss * w
+        assert total is not None
+        return total, parts
+
+
+__all__ = ["CascadeLoss", "SegmentationCE", "upsample_logits"]

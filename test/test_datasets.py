@@ -1,0 +1,321 @@
+"""Datasets (CamVid, Cityscapes and generic layouts, class files, label formats), augmentations and samplers."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from helpers import CAMVID, require
+from icnet_ros.classes import CAMVID as CAMVID_CLASSES
+from icnet_ros.classes import CITYSCAPES, IGNORE_INDEX
+from icnet_ros.data import (DataSpec, DatasetError, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomResize,
+                            TrainBatchSampler, build_dataset, collate_segmentation, detect_layout, find_samples,
+                            load_class_file, read_label, resolve_class_set, train_transforms)
+
+
+# ------------------------------------------------------------------------------------------------ CamVid layout
+
+def test_camvid_layout_reads_rgb_images_and_maps_void_to_ignore():
+    root = require(CAMVID)
+    ds = build_dataset(DataSpec(str(root)), "val", limit=3)
+    assert len(ds) == 3 and ds.class_set is CAMVID_CLASSES
+    image, label = ds[0]
+    assert image.dtype == torch.uint8 and image.shape == (360, 480, 3)
+    assert label.dtype == torch.uint8 and label.shape == (360, 480)
+    img_path, lbl_path = ds.samples[0]
+    bgr = cv2.imread(str(img_path))
+    assert torch.equal(image, torch.from_numpy(bgr[..., ::-1].copy()))  # RGB order
+    raw = cv2.imread(str(lbl_path), cv2.IMREAD_UNCHANGED)
+    assert (raw == 11).any(), "fixture frame should contain void pixels"
+    lab = label.numpy()
+    assert (lab[raw == 11] == IGNORE_INDEX).all()
+    assert (lab[raw < 11] == raw[raw < 11]).all()
+    assert set(np.unique(lab)) <= set(range(11)) | {IGNORE_INDEX}
+
+
+def test_camvid_split_concatenation_and_errors(tmp_path):
+    root = require(CAMVID)
+    spec = DataSpec(str(root))
+    train, _, _ = find_samples(spec, "train")
+    val, _, _ = find_samples(spec, "val")
+    both, layout, _ = find_samples(spec, "train+val")
+    assert layout == "camvid" and both == train + val and len(train) == 367 and len(val) == 101
+    with pytest.raises(DatasetError, match="image directory not found: .*nosuch"):
+        find_samples(spec, "nosuch")
+    with pytest.raises(DatasetError, match="dataset root not found"):
+        find_samples(DataSpec(str(tmp_path / "missing")), "val")
+
+
+def test_missing_label_and_size_mismatch_are_reported(tmp_path):
+    (tmp_path / "val" / "images").mkdir(parents=True)
+    (tmp_path / "val" / "labels").mkdir()
+    img = np.zeros((64, 80, 3), np.uint8)
+    cv2.imwrite(str(tmp_path / "val" / "images" / "a.png"), img)
+    cv2.imwrite(str(tmp_path / "val" / "images" / "b.jpg"), img)
+    cv2.imwrite(str(tmp_path / "val" / "labels" / "a.png"), np.zeros((32, 80), np.uint8))
+    spec = DataSpec(str(tmp_path), layout="camvid")
+    with pytest.raises(DatasetError, match=r"1 of 2 images .* have no label .*b\.png"):
+        build_dataset(spec, "val")
+    (tmp_path / "val" / "images" / "b.jpg").unlink()
+    ds = build_dataset(spec, "val")
+    with pytest.raises(DatasetError, match="a.png: image is 80x64 but its label .* is 80x32"):
+        ds[0]
+
+
+# ------------------------------------------------------------------------------------------------ Cityscapes layout
+
+def _cityscapes_tree(root, split="val"):
+    img_dir = root / "leftImg8bit" / split / "aachen"
+    gt_dir = root / "gtFine" / split / "aachen"
+    img_dir.mkdir(parents=True)
+    gt_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = np.zeros((64, 96), np.uint8)  # 0 = unlabeled -> ignore
+    ids[:, 32:64] = 7  # road -> 0
+    ids[:, 64:] = 26  # car -> 13
+    ids[:8, :8] = 33  # bicycle -> 18
+    for name in ("aachen_000000_000019", "aachen_000001_000019"):
+        cv2.imwrite(str(img_dir / f"{name}_leftImg8bit.png"), rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+        cv2.imwrite(str(gt_dir / f"{name}_gtFine_labelIds.png"), ids)
+        cv2.imwrite(str(gt_dir / f"{name}_gtFine_color.png"), np.zeros((64, 96, 3), np.uint8))
+    return ids
+
+
+def test_cityscapes_layout_maps_label_ids_to_train_ids(tmp_path):
+    ids = _cityscapes_tree(tmp_path)
+    assert detect_layout(tmp_path) == "cityscapes"
+    ds = build_dataset(DataSpec(str(tmp_path)), "val")
+    assert len(ds) == 2 and ds.class_set is CITYSCAPES
+    _, label = ds[1]
+    lab = label.numpy()
+    assert (lab[ids == 0] == IGNORE_INDEX).all()
+    assert (lab[ids == 7] == 0).all() and (lab[ids == 26] == 13).all() and (lab[ids == 33] == 18).all()
+    with pytest.raises(DatasetError, match="Cityscapes split 'train' not found"):
+        build_dataset(DataSpec(str(tmp_path)), "train")
+
+
+def test_cityscapes_train_id_labels_are_used_as_is(tmp_path):
+    img_dir, gt_dir = tmp_path / "leftImg8bit" / "val" / "bonn", tmp_path / "gtFine" / "val" / "bonn"
+    img_dir.mkdir(parents=True)
+    gt_dir.mkdir(parents=True)
+    cv2.imwrite(str(img_dir / "bonn_0_leftImg8bit.png"), np.zeros((64, 64, 3), np.uint8))
+    tids = np.full((64, 64), 255, np.uint8)
+    tids[:32] = 5
+    tids[32:, :10] = 18
+    cv2.imwrite(str(gt_dir / "bonn_0_gtFine_labelTrainIds.png"), tids)
+    _, label = build_dataset(DataSpec(str(tmp_path)), "val")[0]
+    assert np.array_equal(label.numpy(), tids)
+
+
+# ------------------------------------------------------------------------------------------------ generic folders
+
+def test_yaml_class_file_with_raw_ids_and_colors(tmp_path):
+    (tmp_path / "classes.yaml").write_text(
+        "name: yard\nignore_index: 255\nclasses:\n"
+        "  - {name: grass, color: [0, 200, 0], id: 10}\n"
+        "  - {name: path, id: 20}\n"
+        "  - wall\n")
+    cs = load_class_file(tmp_path / "classes.yaml")
+    assert cs.name == "yard" and cs.classes == ("grass", "path", "wall") and cs.palette[0] == (0, 200, 0)
+    lut = cs.label_lut()
+    assert lut[10] == 0 and lut[20] == 1 and lut[2] == 2 and lut[0] == 255 and lut[1] == 255
+
+
+def test_text_class_file(tmp_path):
+    f = tmp_path / "classes.txt"
+    f.write_text("# name [r g b]\nbackground 0 0 0\n\nroad sign 220 220 0  # two-word name\nperson\n")
+    cs = load_class_file(f)
+    assert cs.classes == ("background", "road sign", "person")
+    assert cs.palette[:2] == ((0, 0, 0), (220, 220, 0)) and len(cs.palette[2]) == 3
+    assert cs.name == tmp_path.name
+
+
+@pytest.mark.parametrize("text, message", [
+    ("classes: [a, a]\n", "duplicate class names"),
+    ("classes: []\n", "lists no classes"),
+    ("classes: [{name: a, colour: [1, 2, 3]}]\n", "unknown keys"),
+    ("classes: [{name: a, id: 300}]\n", "raw label ids"),
+    ("classes: [{name: a, color: [1, 2]}]\n", "bad color"),
+    ("classes: [a, b]\nignore_index: 1\n", "collides"),
+    ("[unclosed\n", "invalid class file"),
+])
+def test_bad_class_files(tmp_path, text, message):
+    f = tmp_path / "classes.yaml"
+    f.write_text(text)
+    with pytest.raises(DatasetError, match=message):
+        load_class_file(f)
+    with pytest.raises(DatasetError, match="class file not found"):
+        load_class_file(tmp_path / "nope.yaml")
+
+
+def _folders(root, label_writer, classes_yaml, sizes=((48, 64), (48, 64))):
+    (root / "train" / "images").mkdir(parents=True)
+    (root / "train" / "labels").mkdir(parents=True)
+    (root / "classes.yaml").write_text(classes_yaml)
+    rng = np.random.default_rng(1)
+    for i, (h, w) in enumerate(sizes):
+        cv2.imwrite(str(root / "train" / "images" / f"f{i}.png"), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        label_writer(root / "train" / "labels" / f"f{i}_mask.png", h, w)
+
+
+def test_generic_folders_with_rgb_color_labels(tmp_path):
+    def write(path, h, w):
+        rgb = np.zeros((h, w, 3), np.uint8)
+        rgb[:, : w // 2] = (10, 20, 30)  # class 0
+        rgb[:, w // 2:] = (200, 100, 0)  # class 1
+        rgb[0, 0] = (1, 2, 3)  # unknown colour -> ignore
+        cv2.imwrite(str(path), rgb[..., ::-1])
+
+    _folders(tmp_path, write, "classes:\n  - {name: a, color: [10, 20, 30]}\n  - {name: b, color: [200, 100, 0]}\n")
+    assert detect_layout(tmp_path) == "folders"
+    spec = DataSpec(str(tmp_path), label_suffix="_mask")
+    assert resolve_class_set(spec).classes == ("a", "b")
+    _, label = build_dataset(spec, "train")[0]
+    lab = label.numpy()
+    assert lab[0, 0] == 255 and (lab[1:, :32] == 0).all() and (lab[:, 32:] == 1).all()
+
+
+def test_paletted_png_labels_are_read_as_indices(tmp_path):
+    from PIL import Image
+
+    def write(path, h, w):
+        idx = np.zeros((h, w), np.uint8)
+        idx[h // 2:] = 2
+        idx[:4, :4] = 255
+        im = Image.fromarray(idx, mode="P")
+        im.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [255, 255, 255] * 253)
+        im.save(path)
+
+    _folders(tmp_path, write, "classes: [bg, x, y]\n")
+    ds = build_dataset(DataSpec(str(tmp_path), label_suffix="_mask"), "train")
+    lab = read_label(ds.samples[0][1], ds.class_set)
+    assert lab[0, 0] == 255 and lab[10, 10] == 0 and (lab[24:] == 2).all()
+
+
+def test_folders_without_class_file_is_an_error(tmp_path):
+    (tmp_path / "train" / "images").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="needs a class file"):
+        resolve_class_set(DataSpec(str(tmp_path), layout="folders"))
+
+
+def test_collate_stacks_equal_sizes_and_lists_mixed_sizes(tmp_path):
+    _folders(tmp_path, lambda p, h, w: cv2.imwrite(str(p), np.zeros((h, w), np.uint8)), "classes: [a]\n",
+             sizes=((48, 64), (64, 80)))
+    ds = build_dataset(DataSpec(str(tmp_path), label_suffix="_mask"), "train")
+    images, labels = collate_segmentation([ds[0], ds[1]])
+    assert isinstance(images, list) and images[1].shape == (64, 80, 3) and labels[0].shape == (48, 64)
+    images, labels = collate_segmentation([ds[0], ds[0]])
+    assert images.shape == (2, 48, 64, 3) and labels.shape == (2, 48, 64)
+
+
+# ------------------------------------------------------------------------------------------------ transforms
+
+def _coded_pair(h=90, w=120):
+    """Blocks of classes 0..5; the image encodes the class in every channel (value 40 * class)."""
+    label = np.zeros((h, w), np.uint8)
+    for k in range(6):
+        label[(k // 3) * (h // 2):, (k % 3) * (w // 3):] = k
+    label[:5, :5] = IGNORE_INDEX
+    image = np.repeat((label.astype(np.int32) * 40 % 256).astype(np.uint8)[..., None], 3, axis=2)
+    return image, label
+
+
+def test_geometry_is_identical_for_image_and_label():
+    image, label = _coded_pair()
+    t = train_transforms((64, 80), ratio_range=(0.6, 1.8), scale=1.0, cat_max_ratio=0.75, flip_prob=0.5,
+                         photometric=False, pad_value=(7, 7, 7))
+    for seed in range(12):
+        img, lab = t(image, label, np.random.default_rng(seed))
+        assert img.shape == (64, 80, 3) and lab.shape == (64, 80) and lab.dtype == np.uint8
+        # labels are resized with nearest neighbour: only original values appear
+        assert set(np.unique(lab)) <= set(range(6)) | {IGNORE_INDEX}
+        labelled = lab != IGNORE_INDEX
+        agree = img[..., 0][labelled] == (lab[labelled].astype(np.int32) * 40)
+        assert agree.mean() > 0.9, f"seed {seed}: image/label misaligned ({agree.mean():.2f})"
+
+
+def test_random_resize_range_and_input_scale():
+    image, label = _coded_pair(100, 200)
+    sizes = {RandomResize((0.5, 2.0), scale=2.0)(image, label, np.random.default_rng(s))[0].shape[:2]
+             for s in range(20)}
+    assert all(100 <= h <= 400 and abs(w - 2 * h) <= 1 for h, w in sizes) and len(sizes) > 5
+    img, lab = RandomResize((1.0, 1.0), base_size=(50, 100))(image, label, np.random.default_rng(0))
+    assert img.shape[:2] == lab.shape == (50, 100)
+
+
+def test_random_crop_caps_the_share_of_one_class():
+    label = np.zeros((200, 200), np.uint8)
+    label[:, 150:] = 1  # class 0 covers 75% of the image; crops on the left are all class 0
+    image = np.zeros((200, 200, 3), np.uint8)
+    capped = RandomCrop((100, 100), cat_max_ratio=0.75, max_tries=10)
+    uncapped = RandomCrop((100, 100), cat_max_ratio=1.0)
+
+    def share_of_top_class(lab):
+        counts = np.bincount(lab.ravel(), minlength=2)
+        return counts.max() / counts.sum()
+
+    capped_ok = np.mean([share_of_top_class(capped(image, label, np.random.default_rng(s))[1]) < 0.75
+                         for s in range(40)])
+    uncapped_ok = np.mean([share_of_top_class(uncapped(image, label, np.random.default_rng(s))[1]) < 0.75
+                           for s in range(40)])
+    assert capped_ok > 0.9 and uncapped_ok < 0.5
+
+
+def test_random_crop_pads_small_images_with_ignore():
+    image, label = _coded_pair(50, 60)
+    img, lab = RandomCrop((64, 80), pad_value=(123, 117, 104))(image, label, np.random.default_rng(0))
+    assert img.shape == (64, 80, 3) and lab.shape == (64, 80)
+    assert (lab[50:] == IGNORE_INDEX).all() and (lab[:, 60:] == IGNORE_INDEX).all()
+    assert (img[50:] == (123, 117, 104)).all()
+    assert np.array_equal(lab[:50, :60], label) and np.array_equal(img[:50, :60], image)
+
+
+def test_flip_and_photometric_distortion():
+    image, label = _coded_pair()
+    img, lab = RandomFlip(1.0)(image, label, np.random.default_rng(0))
+    assert np.array_equal(img, image[:, ::-1]) and np.array_equal(lab, label[:, ::-1])
+    rng_img = np.random.default_rng(3).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    changed = 0
+    for s in range(8):
+        out, lab = PhotoMetricDistortion()(rng_img, label[:40, :50], np.random.default_rng(s))
+        assert out.dtype == np.uint8 and out.shape == rng_img.shape and np.array_equal(lab, label[:40, :50])
+        changed += not np.array_equal(out, rng_img)
+    assert changed >= 6
+    # deterministic given the generator
+    a = PhotoMetricDistortion()(rng_img, label, np.random.default_rng(5))[0]
+    assert np.array_equal(a, PhotoMetricDistortion()(rng_img, label, np.random.default_rng(5))[0])
+
+
+def test_dataset_augmentation_depends_only_on_the_sample_seed():
+    root = require(CAMVID)
+    t = train_transforms((96, 128), scale=0.5, photometric=True)
+    ds = build_dataset(DataSpec(str(root)), "train", transform=t, limit=2)
+    a, b = ds[(1, 1234)], ds[(1, 1234)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].shape == (96, 128, 3)
+    c = ds[(1, 99)]
+    assert not torch.equal(a[0], c[0])
+
+
+# ------------------------------------------------------------------------------------------------ samplers
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_train_batch_sampler_resumes_and_shards():
+    full = _take(iter(TrainBatchSampler(10, 3, seed=4)), 12)  # 3 batches per epoch
+    assert all(len(b) == 3 for b in full)
+    epoch0 = [i for b in full[:3] for i, _ in b]
+    assert len(set(epoch0)) == 9  # a permutation, partial batch dropped
+    assert full[:3] != full[3:6]  # new order each epoch
+    resumed = _take(iter(TrainBatchSampler(10, 3, seed=4, start=5)), 7)
+    assert resumed == full[5:]
+    # two ranks: disjoint positions of the same permutation, together one global batch
+    r0 = _take(iter(TrainBatchSampler(10, 2, seed=4, rank=0, world_size=2)), 2)
+    r1 = _take(iter(TrainBatchSampler(10, 2, seed=4, rank=1, world_size=2)), 2)
+    ids = [i for b in r0 + r1 for i, _ in b]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 8
+    # dataset smaller than a global batch: tiled, still full batches
+    small = _take(iter(TrainBatchSampler(2, 2, seed=0, rank=1, world_size=2)), 3)
+    assert all(len(b) == 2 and {i for i, _ in b} <= {0, 1} for b in small)
+    with pytest.raises(ValueError):
+        TrainBatchSampler(0, 2)

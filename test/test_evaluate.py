@@ -1,0 +1,170 @@
+"""icnet-eval: metrics match an independent computation; JSON on stdout; input size, flip, multi-scale, layouts,
+the default model and error paths."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import CAMVID, REPO, make_checkpoint, require
+from icnet_ros import checkpoint as checkpoint_module
+from icnet_ros import load_model
+from icnet_ros.evaluate import main, predict_logits
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: OpenMP threads spin-waiting on an oversubscribed CPU slow everything down."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("eval") / "m.safetensors", input_size=(180, 240))
+
+
+def _run_json(capsys, *args):
+    rc = main([*map(str, args), "--workers", "0", "--no-progress", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, "--json must print exactly one line on stdout"
+    return json.loads(lines[0])
+
+
+def _reference_metrics(ckpt, samples, size):
+    """mIoU etc. computed independently: numpy normalisation, per-image forward, numpy confusion matrix."""
+    model = load_model(ckpt)
+    norm = model.meta["normalization"]
+    conf = np.zeros((11, 11), np.int64)
+    for img_path, lbl_path in samples:
+        rgb = cv2.imread(str(img_path))[..., ::-1].astype(np.float32)
+        x = (rgb - np.array(norm["mean"], np.float32)) / np.array(norm["std"], np.float32)
+        x = torch.from_numpy(x.transpose(2, 0, 1).copy()).unsqueeze(0)
+        raw = cv2.imread(str(lbl_path), cv2.IMREAD_UNCHANGED).astype(np.int64)
+        if size is not None:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            logits = F.interpolate(model(x), size=raw.shape, mode="bilinear", align_corners=False)
+        pred = logits.argmax(1)[0].numpy()
+        keep = raw < 11
+        conf += np.bincount(raw[keep] * 11 + pred[keep], minlength=121).reshape(11, 11)
+    tp = np.diag(conf).astype(float)
+    union = conf.sum(0) + conf.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    return 100 * np.nanmean(iou), 100 * iou, 100 * tp.sum() / conf.sum()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_json_metrics_match_an_independent_computation(capsys, ckpt, native):
+    root = require(CAMVID)
+    extra = ["--native"] if native else []
+    report = _run_json(capsys, "--model", ckpt, "--data", root, "--split", "val", "--limit", 3, "--batch-size", 2,
+                       *extra)
+    from icnet_ros.data import DataSpec, find_samples
+
+    samples = find_samples(DataSpec(str(root)), "val")[0][:3]
+    miou, iou, aacc = _reference_metrics(ckpt, samples, None if native else (180, 240))
+    assert report["mIoU"] == pytest.approx(miou, abs=0.02)
+    assert report["aAcc"] == pytest.approx(aacc, abs=0.02)
+    names = list(report["per_class"])
+    assert names[0] == "sky" and len(names) == 11
+    for name, ref in zip(names, iou):
+        got = report["per_class"][name]["IoU"]
+        assert (got is None and np.isnan(ref)) or got == pytest.approx(ref, abs=0.05)
+    assert report["input_size"] == (None if native else [180, 240]) and report["images"] == 3
+    assert report["pixels"] > 0.8 * 3 * 360 * 480
+
+
+def test_input_size_flag_flip_and_scales_change_the_result(capsys, ckpt):
+    root = require(CAMVID)
+    base = ["--model", ckpt, "--data", root, "--limit", 2]
+    plain = _run_json(capsys, *base)
+    sized = _run_json(capsys, *base, "--input-size", 128, 160)
+    tta = _run_json(capsys, *base, "--flip", "--scales", 0.75, 1.0)
+    assert sized["input_size"] == [128, 160] and tta["flip"] is True and tta["scales"] == [0.75, 1.0]
+    assert len({plain["mIoU"], sized["mIoU"], tta["mIoU"]}) == 3
+
+
+def test_flip_and_multi_scale_average_softmax_probabilities():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AvgPool2d(8)).eval()
+    x = torch.randn(2, 3, 64, 96)
+    out = predict_logits(model, x, (64, 96), scales=(1.0, 1.5), flip=True)
+
+    def probs(inp):
+        return F.interpolate(model(inp), size=(64, 96), mode="bilinear", align_corners=False).softmax(1)
+
+    x15 = F.interpolate(x, size=(96, 144), mode="bilinear", align_corners=False)
+    expected = probs(x) + probs(x.flip(-1)).flip(-1) + probs(x15) + probs(x15.flip(-1)).flip(-1)
+    assert torch.allclose(out, expected, atol=1e-5)
+    single = predict_logits(model, x, (64, 96))
+    assert torch.allclose(single, F.interpolate(model(x), size=(64, 96), mode="bilinear", align_corners=False))
+
+
+def test_stdout_is_one_json_object_with_progress_on_stderr(ckpt):
+    root = require(CAMVID)
+    proc = subprocess.run([sys.executable, "-m", "icnet_ros.evaluate", "--model", str(ckpt), "--data", str(root),
+                           "--split", "val", "--limit", "2", "--workers", "0", "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)  # the whole of stdout parses as one object
+    assert 0.0 <= report["mIoU"] <= 100.0 and report["split"] == "val"
+
+
+def test_readable_table(capsys, ckpt):
+    root = require(CAMVID)
+    assert main(["--model", str(ckpt), "--data", str(root), "--limit", "1", "--workers", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "sidewalk" in out and "bicyclist" in out and "mIoU" in out and "aAcc" in out
+
+
+def test_without_model_uses_the_default_model(capsys, ckpt, monkeypatch):
+    root = require(CAMVID)
+    monkeypatch.setattr(checkpoint_module, "default_model_path", lambda: ckpt)
+    default = _run_json(capsys, "--data", root, "--limit", 1)
+    explicit = _run_json(capsys, "--model", ckpt, "--data", root, "--limit", 1)
+    assert default["model"] == "default" and default["mIoU"] == explicit["mIoU"]
+
+
+def test_cityscapes_layout_and_mixed_size_generic_folders(capsys, tmp_path):
+    from test_datasets import _cityscapes_tree, _folders
+
+    ids = _cityscapes_tree(tmp_path / "cs")
+    city = make_checkpoint(tmp_path / "city.safetensors", num_classes=19)
+    report = _run_json(capsys, "--model", city, "--data", tmp_path / "cs", "--split", "val")
+    assert report["classes"] == "cityscapes" and report["pixels"] == 2 * int(np.isin(ids, (7, 26, 33)).sum())
+    assert list(report["per_class"])[13] == "car"
+    # generic folders without a class file: labels are the model's train ids; images of two sizes
+    root = tmp_path / "generic"
+    _folders(root, lambda p, h, w: cv2.imwrite(str(p), np.full((h, w), 3, np.uint8)), "classes: [a]\n",
+             sizes=((64, 96), (80, 64)))
+    (root / "classes.yaml").unlink()
+    cam = make_checkpoint(tmp_path / "cam.safetensors")
+    rc = main(["--model", str(cam), "--data", str(root), "--split", "train", "--layout", "folders",
+               "--label-suffix", "_mask", "--workers", "0", "--no-progress", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    report = json.loads(out.out)
+    assert report["pixels"] == 64 * 96 + 80 * 64 and report["per_class"]["road"]["Acc"] is not None
+
+
+def test_errors_are_reported_with_exit_code_2(capsys, tmp_path, ckpt):
+    root = require(CAMVID)
+    assert main(["--model", str(ckpt), "--data", str(tmp_path / "nothing")]) == 2
+    assert "dataset root not found" in capsys.readouterr().err
+    city = make_checkpoint(tmp_path / "city.safetensors", num_classes=19)
+    assert main(["--model", str(city), "--data", str(root)]) == 2
+    assert "dataset has 11 classes" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "missing.safetensors"), "--data", str(root)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err

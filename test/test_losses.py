@@ -1,0 +1,131 @@
+"""Cascade label guidance loss against hand computations: weights, ignore index, upsampling, class weights, OHEM."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from icnet_ros.losses import CascadeLoss, SegmentationCE
+from icnet_ros.models import CascadeLogits, build_icnet
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: OpenMP threads spin-waiting on an oversubscribed CPU slow everything down."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# one image, 3 classes, 2 x 2 pixels; pixel (1, 0) is ignored
+LOGITS = [[[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]],
+          [[0.0, 0.0, 3.0], [1.0, 2.0, 0.5]]]  # [row][col] -> class scores
+LABELS = [[0, 1], [255, 0]]
+
+
+def _logits(values=LOGITS):
+    return torch.tensor(values).permute(2, 0, 1).unsqueeze(0)  # 1 x C x H x W
+
+
+def _labels():
+    return torch.tensor([LABELS], dtype=torch.uint8)
+
+
+def _ce(z, y):
+    """-log softmax(z)[y], by hand."""
+    return math.log(sum(math.exp(v) for v in z)) - z[y]
+
+
+def _prob(z, y):
+    return math.exp(z[y]) / sum(math.exp(v) for v in z)
+
+
+COUNTED = [(LOGITS[0][0], 0), (LOGITS[0][1], 1), (LOGITS[1][1], 0)]
+
+
+def test_cross_entropy_ignores_pixels():
+    expected = sum(_ce(z, y) for z, y in COUNTED) / 3
+    assert SegmentationCE()(_logits(), _labels()).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_cascade_loss_equals_hand_computation():
+    main = _logits()
+    sub24 = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)  # 1 x 1: upsampled to a constant 2 x 2 map
+    sub12 = torch.zeros(1, 3, 2, 2)
+    l_main = sum(_ce(z, y) for z, y in COUNTED) / 3
+    l_24 = (2 * _ce([1.0, 0.0, 0.0], 0) + _ce([1.0, 0.0, 0.0], 1)) / 3
+    l_12 = math.log(3.0)
+    total, parts = CascadeLoss()(CascadeLogits(main, sub24, sub12), _labels())
+    assert total.item() == pytest.approx(1.0 * l_main + 0.4 * l_24 + 0.4 * l_12, rel=1e-6)
+    assert parts["main"].item() == pytest.approx(l_main, rel=1e-6)
+    assert parts["sub24"].item() == pytest.approx(l_24, rel=1e-6)
+    assert parts["sub12"].item() == pytest.approx(l_12, rel=1e-6)
+    # configurable weights (the TensorFlow port's 0.16 for sub24)
+    total, _ = CascadeLoss(main_weight=1.0, sub24_weight=0.16, sub12_weight=0.4)(
+        CascadeLogits(main, sub24, sub12), _labels())
+    assert total.item() == pytest.approx(l_main + 0.16 * l_24 + 0.4 * l_12, rel=1e-6)
+    # a model without auxiliary heads: main only
+    total, parts = CascadeLoss()(CascadeLogits(main, None, None), _labels())
+    assert total.item() == pytest.approx(l_main, rel=1e-6) and set(parts) == {"main"}
+
+
+def test_logits_are_upsampled_bilinearly_to_the_label_size():
+    # class-0 scores [0, 4] at width 2 -> width 4 with align_corners=False: [0, 1, 3, 4]
+    logits = torch.tensor([[[[0.0, 4.0]], [[0.0, 0.0]]]])  # 1 x 2 x 1 x 2
+    labels = torch.zeros(1, 1, 4, dtype=torch.long)
+    expected = sum(math.log(1 + math.exp(-z)) for z in (0.0, 1.0, 3.0, 4.0)) / 4
+    assert SegmentationCE()(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_class_weights_give_a_weighted_mean():
+    w = [2.0, 1.0, 0.5]
+    expected = sum(w[y] * _ce(z, y) for z, y in COUNTED) / sum(w[y] for _, y in COUNTED)
+    assert SegmentationCE(class_weights=w)(_logits(), _labels()).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="2 class weights for 3 classes"):
+        SegmentationCE(class_weights=[1.0, 1.0])(_logits(), _labels())
+
+
+def test_ohem_keeps_hard_pixels_and_at_least_min_kept():
+    probs = [_prob(z, y) for z, y in COUNTED]
+    assert probs[0] > 0.7 > probs[1] > probs[2]  # the first pixel is easy
+    hard = sum(_ce(z, y) for (z, y), p in zip(COUNTED, probs) if p < 0.7) / 2
+    assert SegmentationCE(ohem_thresh=0.7, ohem_min_kept=0)(_logits(), _labels()).item() == \
+        pytest.approx(hard, rel=1e-6)
+    # min_kept 3 per image: all three labelled pixels count again
+    plain = sum(_ce(z, y) for z, y in COUNTED) / 3
+    assert SegmentationCE(ohem_thresh=0.7, ohem_min_kept=3)(_logits(), _labels()).item() == \
+        pytest.approx(plain, rel=1e-6)
+    # a threshold below every probability with min_kept 1: only the hardest pixel
+    assert SegmentationCE(ohem_thresh=0.01, ohem_min_kept=1)(_logits(), _labels()).item() == \
+        pytest.approx(_ce(*COUNTED[2]), rel=1e-6)
+
+
+def test_all_ignored_gives_zero_with_gradient():
+    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
+    loss, _ = CascadeLoss()(CascadeLogits(logits, logits * 1.0, logits * 2.0), torch.full((2, 16, 16), 255))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad is not None and torch.count_nonzero(logits.grad) == 0
+
+
+def test_matches_torch_cross_entropy_on_random_data_and_trains_all_heads():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 6, 7)
+    labels = torch.randint(0, 5, (2, 48, 56))
+    labels[:, :3] = 255
+    up = F.interpolate(logits, size=(48, 56), mode="bilinear", align_corners=False)
+    assert SegmentationCE()(logits, labels).item() == pytest.approx(
+        F.cross_entropy(up, labels, ignore_index=255).item(), rel=1e-5)
+    model = build_icnet("icnet_r18", width=0.25, num_classes=5).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    loss, _ = CascadeLoss()(out, torch.randint(0, 5, (2, 64, 64)))
+    loss.backward()
+    for head in (model.decode_head, *model.auxiliary_head):
+        assert head.conv_seg.weight.grad is not None and head.conv_seg.weight.grad.abs().sum() > 0
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="ohem_thresh"):
+        SegmentationCE(ohem_thresh=1.5)
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        CascadeLoss(sub24_weight=-1)

@@ -1,0 +1,229 @@
+"""icnet-train: config handling, the poly schedule, outputs and checkpoint metadata, exact resume, overfitting two
+CamVid frames, and a 2-process gloo run under torchrun whose replicas stay in sync."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import CAMVID, REPO, require
+from icnet_ros import load_model
+from icnet_ros.checkpoint import MMSEG_NORMALIZATION
+from icnet_ros.classes import CAMVID as CAMVID_CLASSES
+from icnet_ros.train import (STATE_FILE, ConfigError, PolyLR, build_model, load_config, main, model_config,
+                             parameter_digest)
+
+FAST = ["train.progress=false"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared, oversubscribed 2-core machine, OpenMP threads spin-waiting for each other
+    make CPU training up to 20x slower; one thread per process is both faster and steadier there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _records(run_dir, kind):
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def _smoke(out_dir, *overrides):
+    rc = main(["smoke", f"data.root={require(CAMVID)}", f"train.output_dir={out_dir}", *FAST, *overrides])
+    assert rc == 0
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+def test_config_files_overrides_and_errors(capsys):
+    c = load_config("smoke", ["optim.lr=0.05", "data.crop_size=[96, 128]", "data.val_split=null",
+                              "loss.class_weights=[1, 2]"])
+    assert c["model"]["arch"] == "icnet_r18" and c["model"]["width"] == 0.25 and c["optim"]["lr"] == 0.05
+    assert c["data"]["crop_size"] == [96, 128] and c["data"]["val_split"] is None
+    assert c["optim"]["momentum"] == 0.9  # default kept
+    for name in ("camvid_r50_half", "camvid_effnet_lite0", "cityscapes_r50"):
+        load_config(name)
+    arch = model_config(load_config("camvid_r50_half"), CAMVID_CLASSES)
+    assert (arch.backbone, arch.width, arch.ppm, arch.num_classes) == ("resnet50", 0.5, "sum", 11)
+    for bad, message in [("optim.lrate=1", "unknown key 'optim.lrate'"), ("optim.lr=fast", "optim.lr must be"),
+                         ("data.crop_size=[0, 5]", "crop_size must be"), ("model.arch=icnet_r7", "not a preset"),
+                         ("train.log_format=xml", "jsonl or csv"), ("optim.iterations=null", "cannot be null"),
+                         ("noequals", "section.key=value")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config("smoke", [bad])
+    with pytest.raises(ConfigError, match="config not found"):
+        load_config("no_such_config")
+    assert main(["smoke", "optim.batch_size=0"]) == 2
+    assert "optim.batch_size >= 1" in capsys.readouterr().err
+    assert main(["smoke", "--print-config", "optim.lr=0.5"]) == 0
+    assert "lr: 0.5" in capsys.readouterr().out
+
+
+def test_poly_schedule_with_warmup():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = PolyLR(opt, lr=0.01, iterations=100, power=0.9, min_lr=1e-4)
+    assert s.step(0) == pytest.approx(0.01) and opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert s.lr_at(50) == pytest.approx((0.01 - 1e-4) * 0.5 ** 0.9 + 1e-4)
+    assert s.lr_at(100) == pytest.approx(1e-4) and s.lr_at(150) == pytest.approx(1e-4)
+    w = PolyLR(opt, lr=0.01, iterations=100, power=1.0, min_lr=0.0, warmup_iters=10, warmup_ratio=0.1)
+    assert w.lr_at(0) == pytest.approx(0.001) and w.lr_at(5) == pytest.approx(0.0095 * 0.55)
+    assert w.lr_at(10) == pytest.approx(0.009)
+
+
+def test_pretrained_backbones():
+    config = load_config("camvid_effnet_lite0")
+    arch = model_config(config, CAMVID_CLASSES)
+    try:
+        from icnet_ros.models.efficientnet import IMAGENET_NORMALIZATION, load_imagenet_state_dict
+
+        reference = load_imagenet_state_dict("efficientnet_lite0")
+    except ModuleNotFoundError as e:
+        pytest.skip(f"EfficientNet-Lite0 ImageNet weights not installed: {e}")
+    model = build_model(config, arch, log=lambda _msg: None)
+    stem = model.backbone.backbone.state_dict()
+    shared = [k for k in reference if k in stem]
+    assert len(shared) > 50 and all(torch.equal(stem[k], reference[k]) for k in shared)
+    from icnet_ros.train import normalization_for
+
+    assert normalization_for(arch) == IMAGENET_NORMALIZATION
+    resnet = load_config("smoke", ["model.pretrained=imagenet"])
+    with pytest.raises(ConfigError, match="efficientnet_lite"):
+        build_model(resnet, model_config(resnet, CAMVID_CLASSES))
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+def test_run_outputs_metadata_and_exact_resume(tmp_path):
+    common = ["optim.iterations=6", "train.checkpoint_interval=3", "train.eval_interval=3", "train.log_interval=1"]
+    full = _smoke(tmp_path / "full", *common)
+    for name in ("best.safetensors", "last.safetensors", STATE_FILE, "metrics.jsonl", "config.yaml",
+                 "summary.json"):
+        assert (full / name).is_file(), name
+    # native checkpoint with complete metadata
+    model = load_model(full / "last.safetensors")
+    meta = model.meta
+    assert meta["classes"] == list(CAMVID_CLASSES.classes) and meta["normalization"] == MMSEG_NORMALIZATION
+    assert meta["input_size"] == [180, 240]  # 480x360 CamVid at data.input_scale 0.5
+    prov = meta["provenance"]
+    assert prov["iterations"] == 6 and prov["config"]["optim"]["iterations"] == 6
+    assert "smoke" in prov["command"] and prov["hardware"]["device"] == "cpu" and prov["wall_time_s"] > 0
+    assert "git_commit" in prov and 0 <= prov["val_mIoU"] <= 100
+    best = load_model(full / "best.safetensors").meta["provenance"]
+    val = _records(full, "val")
+    assert [r["iter"] for r in val] == [3, 6]
+    assert best["val_mIoU"] == max(r["mIoU"] for r in val) and best["iterations"] == best["best_iteration"]
+    train = _records(full, "train")
+    sched = PolyLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01), 0.01, 6, 0.9, 1e-4)
+    assert [r["iter"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in train] == pytest.approx([sched.lr_at(i) for i in range(6)])
+    assert all({"loss_main", "loss_sub24", "loss_sub12", "train_mIoU"} <= set(r) for r in train)
+    state = torch.load(full / STATE_FILE, weights_only=True)  # plain tensors and containers only
+    assert state["iteration"] == 6 and state["scheduler"]["last_iter"] == 5 and len(state["rng"]) == 1
+
+    # interrupted at 3 (a time-limited job), then resumed: the same schedule, data order and RNG
+    part = _smoke(tmp_path / "part", *common, "train.stop_at=3")
+    summary = json.loads((part / "summary.json").read_text())
+    assert summary["iterations"] == 3 and summary["finished"] is False
+    with open(part / "metrics.jsonl", "a", encoding="utf-8") as f:  # as if it crashed after logging iteration 4
+        f.write(json.dumps({"kind": "train", "iter": 4, "lr": 0.5, "loss": 99.0}) + "\n")
+    _smoke(tmp_path / "part", *common, "train.resume=auto")
+    assert [r["iter"] for r in _records(part, "train")] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(train, _records(part, "train")):
+        assert a["lr"] == b["lr"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+    wa, wb = load_file(str(full / "last.safetensors")), load_file(str(part / "last.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-5, atol=1e-6) for k in wa)
+    assert torch.load(part / STATE_FILE, weights_only=True)["optimizer"]["param_groups"][0]["lr"] == \
+        pytest.approx(sched.lr_at(5))
+
+    # resuming into another architecture is refused with a clear message
+    with pytest.raises(ConfigError, match="architecture"):
+        from icnet_ros.train import Trainer
+
+        Trainer(load_config("smoke", [f"data.root={CAMVID}", f"train.output_dir={part}", "model.width=0.5",
+                                      "train.resume=auto", *FAST])).train()
+
+
+@pytest.mark.slow
+def test_overfits_two_camvid_frames(tmp_path, capsys):
+    """2 frames, whole frames at half size, no augmentation: train mIoU must climb far above chance (~5%)."""
+    run = _smoke(tmp_path / "overfit", "data.val_split=train", "data.crop_size=[180, 240]", "data.ratio_range=[1, 1]",
+                 "data.flip=0", "data.photometric=false", "optim.iterations=300", "optim.lr=0.2", "optim.min_lr=0",
+                 "optim.weight_decay=0", "train.eval_interval=300", "train.log_interval=50",
+                 "train.checkpoint_interval=300")
+    train = _records(run, "train")
+    val = _records(run, "val")[-1]
+    with capsys.disabled():
+        print(f"\noverfit: loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, train mIoU (train mode, "
+              f"last 50 iterations) {train[0]['train_mIoU']} -> {train[-1]['train_mIoU']}, eval-mode mIoU on the "
+              f"2 frames {val['mIoU']}")
+    assert train[-1]["loss"] < 0.25 * train[0]["loss"]
+    assert train[-1]["train_mIoU"] > 65.0
+    # the saved model, evaluated by icnet-eval on those frames, reproduces the in-training validation
+    assert val["mIoU"] > 60.0
+    from icnet_ros.evaluate import main as eval_main
+
+    capsys.readouterr()
+    assert eval_main(["--model", str(run / "best.safetensors"), "--data", str(CAMVID), "--split", "train",
+                      "--limit", "2", "--workers", "0", "--no-progress", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mIoU"] == pytest.approx(val["mIoU"], abs=1e-3) and report["input_size"] == [180, 240]
+
+
+def test_torchrun_two_processes_gloo_replicas_in_sync(tmp_path):
+    root = require(CAMVID)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "icnet_ros.train",
+         "config/train/smoke.yaml", f"data.root={root}", f"train.output_dir={out}", "optim.iterations=4",
+         "train.eval_interval=4", "train.log_interval=2", "train.checkpoint_interval=4", "train.log_format=csv",
+         *FAST], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["iterations"] == 4
+    digests = summary["replica_param_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1] and summary["replicas_in_sync"]
+    # the digest is that of the saved weights, and training changed them
+    model = load_model(out / "last.safetensors")
+    assert parameter_digest(model) == digests[0]
+    assert model.meta["provenance"]["hardware"]["processes"] == 2
+    torch.manual_seed(0)
+    assert parameter_digest(build_icnet_like(model)) != digests[0]
+    # CSV logs: one row per logged iteration, the validation after the last
+    train_csv = (out / "train_log.csv").read_text().splitlines()
+    assert train_csv[0].startswith("iter,lr,loss") and len(train_csv) == 3
+    assert len((out / "val_log.csv").read_text().splitlines()) == 2
+
+
+def test_init_from_checkpoint_with_other_classes(tmp_path):
+    from helpers import make_checkpoint
+    from icnet_ros.classes import CITYSCAPES
+    from icnet_ros.train import init_from_checkpoint
+
+    src = load_model(make_checkpoint(tmp_path / "src.safetensors", num_classes=11))
+    config = load_config("smoke", [f"model.init_from={tmp_path / 'src.safetensors'}"])
+    messages = []
+    model = build_model(config, model_config(config, CITYSCAPES), log=messages.append)
+    theirs, ours = src.state_dict(), model.state_dict()
+    assert torch.equal(ours["backbone.conv_sub1.0.conv.weight"], theirs["backbone.conv_sub1.0.conv.weight"])
+    assert torch.equal(ours["neck.cff_12.conv_low.bn.running_var"], theirs["neck.cff_12.conv_low.bn.running_var"])
+    assert ours["decode_head.conv_seg.weight"].shape[0] == 19  # classifier kept fresh
+    assert "kept fresh: auxiliary_head.0.conv_seg.bias" in messages[0]
+    with pytest.raises(Exception, match="checkpoint not found"):
+        init_from_checkpoint(model, str(tmp_path / "missing.safetensors"))
+
+
+def build_icnet_like(model):
+    from icnet_ros.models import build_icnet
+
+    return build_icnet(model.config)
