@@ -38,6 +38,7 @@ from .classes import IGNORE_INDEX, ClassSet, class_set_from_meta
 from .models.icnet import MIN_INPUT_SIZE
 from .optimize import CUDAGraphRunner, compile_model, fold_batchnorm
 from .preprocess import Normalizer
+from .sizes import parse_input_size
 
 #: label value for pixels the segmenter does not classify (see the module docstring)
 UNKNOWN = IGNORE_INDEX
@@ -125,14 +126,14 @@ def _parse_input_size(input_size: Any) -> tuple[str, tuple[int, int] | float | N
             or (isinstance(input_size, (list, tuple)) and len(input_size) == 0)):
         return "native", None
     if isinstance(input_size, str):
-        s = input_size.strip().lower()
         try:
-            if "x" in s:
-                h, w = (int(v) for v in s.split("x"))
-                return _parse_input_size((h, w))
-            return _parse_input_size(float(s))
-        except ValueError:
-            raise ValueError(f"input_size {input_size!r}: expected 'native', 'HxW' or a scale factor") from None
+            parsed = parse_input_size(input_size)
+        except ValueError as e:
+            raise ValueError(f"input_size: {e}") from None
+        if parsed == "checkpoint":
+            raise ValueError("input_size 'checkpoint' is resolved by the caller from the model's metadata "
+                             "(meta['input_size']); pass that size, or None for native")
+        return _parse_input_size(parsed)
     if isinstance(input_size, bool):
         raise ValueError(f"input_size must be None, (H, W) or a scale factor, got {input_size!r}")
     if isinstance(input_size, (int, float)):

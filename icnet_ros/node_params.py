@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .sizes import parse_input_size  # re-exported: the node parameter uses the shared parser
+
 NODE_NAME = "icnet_node"
 OUTPUT_KINDS = ("label", "color", "overlay", "confidence")
 RELIABILITY = ("best_effort", "reliable")
@@ -175,26 +177,6 @@ CLASS_PARAMS: dict[str, str] = {
 def defaults() -> dict[str, Any]:
     """Every parameter's default value (what config/icnet.yaml carries)."""
     return {p.name: (list(p.default) if isinstance(p.default, list) else p.default) for p in PARAMS}
-
-
-def parse_input_size(value: str) -> str | tuple[int, int] | float:
-    """'native' | 'checkpoint' | 'HxW' -> (H, W) | '0.5' -> 0.5. Raises ValueError with what is allowed."""
-    v = str(value).strip().lower()
-    if v in ("native", "checkpoint"):
-        return v
-    m = re.fullmatch(r"(\d+)\s*x\s*(\d+)", v)
-    if m:
-        h, w = int(m.group(1)), int(m.group(2))
-        if min(h, w) < 64:
-            raise ValueError(f"'{value}': height and width must each be >= 64")
-        return h, w
-    try:
-        scale = float(v)
-    except ValueError:
-        raise ValueError(f"'{value}' is not 'native', 'checkpoint', 'HxW' or a scale factor") from None
-    if not 0.0 < scale <= 4.0 or math.isnan(scale):
-        raise ValueError(f"scale {value} must be in (0, 4]")
-    return scale
 
 
 def base_topic(topic: str) -> tuple[str, bool]:

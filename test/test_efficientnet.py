@@ -23,14 +23,6 @@ ALL = sorted(VARIANTS)
 PUBLISHED_PARAMS_K = {"efficientnet_lite0": 4652, "efficientnet_lite1": 5417, "efficientnet_lite2": 6092}
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 def require_weights(variant: str) -> None:
     package = VARIANTS[variant].weights_package
     if importlib.util.find_spec(VARIANTS[variant].weights_module) is None:

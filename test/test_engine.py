@@ -34,7 +34,6 @@ def plain_model(ckpt):
 
 def frame(h, w, seed=0, channels=3):
     rng = np.random.default_rng(seed)
-    shape = (h, w) if channels is None else (h, w, channels)
     # smooth-ish content (random blobs) so that predictions vary across the image
     small = rng.integers(0, 256, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
     big = np.asarray(torch.nn.functional.interpolate(torch.from_numpy(small).permute(2, 0, 1)[None].float(),

@@ -17,15 +17,6 @@ from icnet_ros import load_model
 from icnet_ros.evaluate import main, predict_logits
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: OpenMP threads spin-waiting on an oversubscribed CPU slow everything down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("eval") / "m.safetensors", input_size=(180, 240))

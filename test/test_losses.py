@@ -8,14 +8,6 @@ import torch.nn.functional as F
 from icnet_ros.losses import CascadeLoss, SegmentationCE
 from icnet_ros.models import CascadeLogits, build_icnet
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: OpenMP threads spin-waiting on an oversubscribed CPU slow everything down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # one image, 3 classes, 2 x 2 pixels; pixel (1, 0) is ignored
 LOGITS = [[[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]],

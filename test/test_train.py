@@ -19,16 +19,6 @@ from icnet_ros.train import (STATE_FILE, ConfigError, PolyLR, build_model, load_
 FAST = ["train.progress=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, oversubscribed 2-core machine, OpenMP threads spin-waiting for each other
-    make CPU training up to 20x slower; one thread per process is both faster and steadier there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _records(run_dir, kind):
     with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
         return [r for r in map(json.loads, f) if r["kind"] == kind]

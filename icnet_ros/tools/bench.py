@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..sizes import MIN_INPUT_SIZE, parse_hw
+
 SWEEP_ARCHS = ("icnet_r18", "icnet_r50")
 SWEEP_WIDTHS = (1.0, 0.5)
 SWEEP_SIZES = ((512, 1024), (1024, 2048))
@@ -556,12 +558,9 @@ def markdown_table(results: list[BenchResult]) -> str:
 
 def parse_size(text: str) -> tuple[int, int]:
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be HxW (e.g. 512x1024), got {text!r}") from None
-    if h < 64 or w < 64:
-        raise argparse.ArgumentTypeError(f"size {text} is below the network minimum 64x64")
-    return h, w
+        return parse_hw(text, MIN_INPUT_SIZE)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

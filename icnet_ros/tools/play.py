@@ -22,20 +22,18 @@ from typing import Any
 
 import numpy as np
 
+from ..sizes import parse_hw
 from ..video import DEFAULT_IMAGE_FPS, Frame, FrameSource, SourceError, open_source
 
 ENCODINGS = ("bgr8", "rgb8", "mono8")
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'360x480' -> (360, 480) (height x width)."""
+    """'360x480' -> (360, 480) (height x width), for argparse."""
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be HEIGHTxWIDTH, e.g. 360x480; got {text!r}") from None
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return h, w
+        return parse_hw(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def convert_frame(bgr: np.ndarray, encoding: str, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..sizes import parse_input_size
+
 KINDS = ("label", "color", "overlay", "confidence")
 _END = object()
 
@@ -39,19 +41,14 @@ class _Item:
 
 
 def _parse_size(text: str) -> Any:
-    t = text.strip().lower()
-    if t == "native":
-        return None
-    if "x" in t:
-        try:
-            h, w = (int(v) for v in t.split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--input-size: expected native, HxW or a scale, got {text!r}") from None
-        return (h, w)
     try:
-        return float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--input-size: expected native, HxW or a scale, got {text!r}") from None
+        size = parse_input_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--input-size: {e}") from None
+    if size == "checkpoint":
+        raise argparse.ArgumentTypeError("--input-size: use native, HxW or a scale (the checkpoint's recommended "
+                                         "size is used when it has one and --input-size is not given)")
+    return None if size == "native" else size
 
 
 def build_parser() -> argparse.ArgumentParser:
