@@ -46,7 +46,7 @@ def test_default_model_segments_camvid_val():
             union[c] += (p | g).sum()
     present = union > 0
     miou = float((inter[present] / union[present]).mean())
-    # the shipped model scores ~45-50 mIoU on the whole val split (README model card); a broken checkpoint,
+    # the shipped model scores 49.5 mIoU on the whole val split (README model card); a broken checkpoint,
     # normalisation or channel order scores far below this floor
     assert miou > 0.35, f"default model mIoU on {len(images)} val frames: {miou:.3f}"
 
