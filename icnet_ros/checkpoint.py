@@ -27,6 +27,7 @@ from .models.icnet import ICNet, ICNetConfig
 FORMAT = "icnet_ros"
 FORMAT_VERSION = 1
 META_KEY = "icnet_ros"
+DEFAULT_MODEL_ENV = "ICNET_ROS_DEFAULT_MODEL"  # overrides the package's default model
 
 # mmseg's data preprocessor, in RGB, on 0..255 pixel values
 MMSEG_NORMALIZATION: dict[str, Any] = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375],
@@ -188,7 +189,15 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
 
 
 def default_model_path() -> Path:
-    """The package's default model: ``icnet_ros/weights/`` (pip) or ``share/icnet_ros/models`` (colcon)."""
+    """The default model: ``$ICNET_ROS_DEFAULT_MODEL`` when set (a site-wide choice), else the package's own,
+    ``icnet_ros/weights/`` (pip) or ``share/icnet_ros/models`` (colcon)."""
+    override = os.environ.get(DEFAULT_MODEL_ENV)
+    if override:
+        p = Path(override).expanduser()
+        if p.is_file():
+            return p
+        raise CheckpointError(f"the default model is not installed: {DEFAULT_MODEL_ENV}={override} is not a file; "
+                              "pass a model path")
     name = "icnet_camvid.safetensors"
     candidates = [Path(__file__).resolve().parent / "weights" / name]
     try:  # colcon / ament install

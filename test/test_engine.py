@@ -272,14 +272,12 @@ def test_bad_models(tmp_path):
         Segmenter(42, device="cpu", warmup=False)
 
 
-def test_default_model_missing_is_a_checkpoint_error():
-    try:
+def test_default_model_missing_is_a_checkpoint_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("ICNET_ROS_DEFAULT_MODEL", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CheckpointError, match="default model is not installed"):
         default_model_path()
-    except CheckpointError:
-        with pytest.raises(CheckpointError, match="default model"):
-            Segmenter(device="cpu", warmup=False)
-    else:
-        pytest.skip("the default model is installed")
+    with pytest.raises(CheckpointError, match="default model"):
+        Segmenter(device="cpu", warmup=False)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -148,15 +148,9 @@ def test_demo_segments_a_folder_and_stops_by_itself(checkpoint: Path, tmp_path: 
 
 
 def test_demo_without_a_model_points_to_the_model_option(tmp_path: Path):
-    from icnet_ros.checkpoint import CheckpointError, default_model_path
-
-    try:
-        default_model_path()
-        pytest.skip("the default model is installed")
-    except CheckpointError:
-        pass
     write_frames(tmp_path / "frames", 1)
-    res = ros_support.run_module("icnet_ros.tools.demo", [str(tmp_path / "frames")], timeout=60)
+    env = dict(ros_support.subprocess_env(), ICNET_ROS_DEFAULT_MODEL=str(tmp_path / "missing.safetensors"))
+    res = ros_support.run_module("icnet_ros.tools.demo", [str(tmp_path / "frames")], timeout=60, env=env)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("icnet-demo: error:") and "--model" in lines[0], res.stderr

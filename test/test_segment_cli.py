@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from helpers import CAMVID, VIDEO, make_checkpoint, require
 
-from icnet_ros.checkpoint import CheckpointError, default_model_path
 from icnet_ros.classes import CAMVID as CAMVID_CLASSES
 from icnet_ros.tools.segment import main
 from icnet_ros.video import (Frame, ImageFiles, ImageFolder, SourceError, VideoFile, VideoWriter, iter_frames,
@@ -168,13 +167,8 @@ def test_errors_are_one_line_exit_2(tmp_path, ckpt, capsys):
     assert "not supported on the CPU" in capsys.readouterr().err
 
 
-def test_default_model_missing_exits_cleanly(tmp_path, capsys):
-    try:
-        default_model_path()
-    except CheckpointError:
-        pass
-    else:
-        pytest.skip("the default model is installed")
+def test_default_model_missing_exits_cleanly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ICNET_ROS_DEFAULT_MODEL", str(tmp_path / "missing.safetensors"))
     write_image(tmp_path / "x.png", _img(64, 64, 0))
     assert main([str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
