@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .checkpoint import CheckpointError, build_meta, default_model_path, load_model, validate_meta
 from .classes import IGNORE_INDEX, ClassSet, class_set_from_meta
 from .models.icnet import MIN_INPUT_SIZE
-from .optimize import CUDAGraphRunner, compile_model, fold_batchnorm
+from .optimize import CUDAGraphRunner, compile_model, factorize_pyramid_pooling, fold_batchnorm
 from .preprocess import Normalizer
 from .sizes import parse_input_size
 
@@ -204,14 +204,16 @@ class Segmenter:
         outputs: default outputs, any of ``label``, ``color``, ``overlay``, ``confidence`` (label always included).
         overlay_alpha: overlay = alpha * color + (1 - alpha) * frame, alpha in [0, 1].
         output_size: ``input`` (frame resolution) or ``model`` (network input resolution).
-        optimize: fold BN into convs, channels_last where it pays off (see ``channels_last``); always
+        optimize: fold BN into convs, factorize concat pyramid pooling
+            (:class:`~icnet_ros.optimize.FactorizedPyramidPooling`), channels_last (see ``channels_last``); always
             ``inference_mode`` and a private eval copy of the model.
         warmup: run the pipeline once (twice on CUDA) at construction; True, False, or an (H, W) warm-up size
             (default: the fixed input size, else the checkpoint's input size, else 512x1024 on CUDA and
             256x512 on the CPU).
         confidence_threshold: pixels whose max softmax probability is below it get label :data:`UNKNOWN`
             (default None: off, no softmax unless ``confidence`` is requested).
-        channels_last: None = auto (CUDA: on; CPU: on for bf16, off for fp32, as measured in BENCHMARKS.md).
+        channels_last: None = same as ``optimize``. NHWC pays off on every device and precision measured (CPU fp32:
+            1.2x for ICNet-R50 at 512x1024, 2.1x for the default model at 1024x2048; BENCHMARKS.md).
         compile: False, True or a ``torch.compile`` mode: compile the network (recompiles per input shape).
         cuda_graphs: capture the network forward in CUDA graphs, one per input shape (at most 8 kept); CUDA only.
     """
@@ -255,15 +257,22 @@ class Segmenter:
         self.num_classes = self.class_set.num_classes
         self.optimized = bool(optimize)
         self.folded_batchnorms = 0
+        self.factorized_ppms = 0
         if optimize:
             probe = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+            probe = probe.to(next(model.parameters()).device)
             try:
-                self.folded_batchnorms = fold_batchnorm(model, probe.to(next(model.parameters()).device))
+                self.folded_batchnorms = fold_batchnorm(model, probe)
             except RuntimeError as e:  # the model was restored unfolded: run it as it is
                 warnings.warn(str(e), RuntimeWarning, stacklevel=2)
                 self.notes.append(str(e))
+            try:
+                self.factorized_ppms = factorize_pyramid_pooling(model, probe)
+            except RuntimeError as e:  # restored as it was
+                warnings.warn(str(e), RuntimeWarning, stacklevel=2)
+                self.notes.append(str(e))
         if channels_last is None:
-            channels_last = optimize and (self.device.type == "cuda" or self.precision == "bf16")
+            channels_last = optimize
         self.channels_last = bool(channels_last)
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         model = model.to(device=self.device, dtype=self.dtype)
@@ -345,6 +354,8 @@ class Segmenter:
         opts = []
         if self.folded_batchnorms:
             opts.append(f"bn-fold({self.folded_batchnorms})")
+        if self.factorized_ppms:
+            opts.append("ppm-factorized")
         if self.channels_last:
             opts.append("channels_last")
         if self.compile_mode:

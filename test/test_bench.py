@@ -82,10 +82,12 @@ def test_cli_json_markdown_stages_ablation(tmp_path, capsys):
     assert r["model_timing"]["n"] == 2 and r["pipeline_timing"]["median_ms"] > 0
     assert list(r["stages"]) == list(STAGES)
     steps = {a["step"]: a for a in r["ablation"]}
-    assert "+ BN folding" in steps and "bf16 + BN folding + channels_last" in steps
+    assert "+ BN folding" in steps and "+ BN folding + PPM factorization" in steps
+    assert "bf16 + BN folding + PPM factorization + channels_last" in steps
     assert not any("fp16" in s for s in steps)  # fp16 is skipped on the CPU
     assert steps["+ BN folding"]["relative_logit_diff"] <= 1e-4
     assert steps["+ BN folding"]["argmax_agreement"] >= 0.999
+    assert steps["+ BN folding + PPM factorization"]["relative_logit_diff"] <= 1e-4
     text = md.read_text()
     assert "| icnet_r18 w0.25 | 64x96 | 1 | cpu | fp32 |" in text and "| stage | median ms | share |" in text
 

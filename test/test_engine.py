@@ -222,6 +222,8 @@ def test_optimized_matches_plain(ckpt):
     opt = Segmenter(ckpt, device="cpu", outputs=ALL, optimize=True, warmup=False)
     plain = Segmenter(ckpt, device="cpu", outputs=ALL, optimize=False, warmup=False)
     assert opt.folded_batchnorms > 30 and plain.folded_batchnorms == 0
+    assert opt.factorized_ppms == 1 and plain.factorized_ppms == 0  # the r18 preset has mmseg's concat PPM
+    assert opt.channels_last and not plain.channels_last  # NHWC by default on the CPU too (BENCHMARKS.md)
     frames = [frame(128, 192, s) for s in range(3)]
     for a, b in zip(opt.segment(frames), plain.segment(frames)):
         assert agreement(a.label, b.label) >= 0.999
@@ -246,6 +248,7 @@ def test_warmup_and_describe(ckpt):
     s = Segmenter(ckpt, device="cpu", input_size=(64, 96), warmup=True)
     text = s.describe()
     assert "resnet18" in text and "cpu fp32" in text and "64x96" in text and "bn-fold" in text
+    assert "ppm-factorized" in text
     assert s.last_latency_s is not None and s.last_latency_s > 0  # warm-up ran the pipeline
 
 

@@ -145,3 +145,29 @@ def test_bench_on_cuda(tmp_path, capsys):
     for r in doc["results"]:
         assert r["device"].startswith("cuda") and list(r["stages"]) == list(STAGES)
         assert r["pipeline_timing"]["median_ms"] > 0
+
+
+def test_factorized_ppm_on_cuda_matches_plain(ckpt):
+    """The concat-PPM factorization (a cached resize matrix per shape, dtype and device) on the GPU, fp32 and fp16,
+    inside a CUDA graph too."""
+    import copy
+
+    from icnet_ros.checkpoint import load_model
+    from icnet_ros.optimize import compare_logits, factorize_pyramid_pooling, fold_batchnorm
+
+    plain = load_model(ckpt, "cuda").eval()
+    opt = copy.deepcopy(plain)
+    x = torch.randn(2, 3, 161, 243, device="cuda")
+    fold_batchnorm(opt, x)
+    assert factorize_pyramid_pooling(opt, x) == 1
+    with torch.inference_mode():
+        a = compare_logits(plain(x), opt(x))
+        half = copy.deepcopy(opt).half().to(memory_format=torch.channels_last)
+        b = compare_logits(plain(x), half(x.half().contiguous(memory_format=torch.channels_last)))
+    assert a.relative_diff <= 1e-4 and a.argmax_agreement >= 0.999, str(a)
+    assert b.argmax_agreement >= 0.97, str(b)  # random weights: near-ties flip in fp16
+    seg = Segmenter(ckpt, device="cuda", precision="fp16", input_size=(128, 192), cuda_graphs=True, warmup=True)
+    assert seg.factorized_ppms == 1 and "ppm-factorized" in seg.describe()
+    ref = Segmenter(ckpt, device="cuda", precision="fp16", input_size=(128, 192), cuda_graphs=False, warmup=False)
+    for g, r in zip(seg.segment(frames(2)), ref.segment(frames(2))):
+        np.testing.assert_array_equal(g.label, r.label)

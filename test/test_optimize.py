@@ -1,5 +1,5 @@
 """Inference optimisations: BN folding (exactness, coverage, safety), channels_last, agreement measures,
-torch.compile (slow) and the CUDA-graph runner's input checks."""
+pyramid-pooling factorization (exactness, safety), torch.compile (slow) and the CUDA-graph runner's input checks."""
 import copy
 
 import pytest
@@ -9,9 +9,9 @@ from torch import nn
 
 from icnet_ros.checkpoint import load_model
 from icnet_ros.models import build_icnet
-from icnet_ros.optimize import (FOLD_RTOL, MIN_ARGMAX_AGREEMENT, CUDAGraphRunner, compare_logits, compile_model,
-                                count_batchnorms, find_conv_bn_pairs, fold_batchnorm, fuse_conv_bn_,
-                                to_channels_last)
+from icnet_ros.optimize import (FOLD_RTOL, MIN_ARGMAX_AGREEMENT, CUDAGraphRunner, FactorizedPyramidPooling,
+                                compare_logits, compile_model, count_batchnorms, factorize_pyramid_pooling,
+                                find_conv_bn_pairs, fold_batchnorm, fuse_conv_bn_, to_channels_last)
 
 
 def _randomise_bn(module, seed=0):
@@ -148,3 +148,87 @@ def test_torch_compile_matches_plain_on_cpu():
     with torch.inference_mode():
         a = compare_logits(model(x), compiled(x))
     assert a.relative_diff <= 1e-3 and a.argmax_agreement >= MIN_ARGMAX_AGREEMENT, str(a)
+
+
+# ------------------------------------------------------------------------------ pyramid-pooling factorization
+def _concat_ppm(cin=24, cout=8, seed=0):
+    from icnet_ros.models.icnet import PyramidPooling
+
+    torch.manual_seed(seed)
+    ppm = _randomise_bn(PyramidPooling(cin, cout, style="concat"), seed).eval()
+    with torch.no_grad():
+        for m in ppm.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_(0, 0.2)
+    return ppm
+
+
+@pytest.mark.parametrize("size", [(16, 32), (11, 17), (3, 5), (1, 1), (6, 6)])
+@pytest.mark.parametrize("fold", [False, True])
+def test_factorized_ppm_equals_concat_ppm(size, fold):
+    """Odd sizes, maps smaller than the 6x6 pooling grid, batch 2, BN folded or not (then applied after the sum)."""
+    ppm = _concat_ppm()
+    x = torch.randn(2, 24, *size)
+    if fold:
+        fold_batchnorm(ppm, x)
+    with torch.inference_mode():
+        expected = ppm(x)
+        fact = FactorizedPyramidPooling(ppm).eval()
+        got = fact(x)
+        got_cl = fact(x.contiguous(memory_format=torch.channels_last))
+    assert isinstance(fact.bn, nn.Identity) == fold
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_cl, expected, rtol=1e-5, atol=1e-5)
+    assert fact.conv_x.weight.shape == (8, 24, 3, 3)  # only the feature's channels remain a 3x3 conv
+    assert [getattr(fact, f"taps{i}").shape for i in range(4)] == [(72, 8)] * 4
+
+
+def test_factorized_ppm_resize_matrix_is_cached_per_shape_and_dtype():
+    fact = FactorizedPyramidPooling(_concat_ppm()).eval()
+    a = fact.resize_shift_matrix(5, 7, torch.float32, torch.device("cpu"))
+    assert a.shape == (9 * (1 + 4 + 9 + 36), 35)
+    assert fact.resize_shift_matrix(5, 7, torch.float32, torch.device("cpu")) is a
+    b = fact.resize_shift_matrix(5, 7, torch.bfloat16, torch.device("cpu"))
+    assert b.dtype == torch.bfloat16 and b is not a
+    for k in range(FactorizedPyramidPooling.MAX_CACHED + 3):
+        fact.resize_shift_matrix(4 + k, 4, torch.float32, torch.device("cpu"))
+    assert len(fact._matrices) == FactorizedPyramidPooling.MAX_CACHED
+    # the centre tap of the 1x1 scale is the constant resize: every output pixel reads the pooled value
+    s = 1 + 4 + 9 + 36
+    centre = fact.resize_shift_matrix(5, 7, torch.float32, torch.device("cpu"))[4 * s]
+    torch.testing.assert_close(centre, torch.ones(35))
+
+
+def test_factorize_icnet_matches_plain_and_skips_sum_ppm(tmp_path):
+    plain = load_model(make_checkpoint(tmp_path / "m.safetensors", arch="icnet_r18", width=0.25), "cpu")
+    opt = copy.deepcopy(plain)
+    fold_batchnorm(opt, torch.randn(1, 3, 128, 128))
+    assert factorize_pyramid_pooling(opt, torch.randn(1, 3, 128, 128)) == 1
+    assert isinstance(opt.backbone.ppm, FactorizedPyramidPooling)
+    assert factorize_pyramid_pooling(opt) == 0  # nothing left to replace
+    x = torch.randn(2, 3, 161, 243)
+    with torch.inference_mode():
+        a = compare_logits(plain(x), opt(x))
+        b = compare_logits(plain(x).to(torch.bfloat16).float(), copy.deepcopy(opt).to(torch.bfloat16)(
+            x.to(torch.bfloat16)))
+    assert a.relative_diff <= 1e-5 and a.argmax_agreement >= MIN_ARGMAX_AGREEMENT, str(a)
+    assert b.argmax_agreement > 0.9  # bf16 runs (the resize matrix follows the dtype)
+    half = build_icnet("icnet_r50_half", width=0.25, aux_heads=False).eval()  # sum-style PPM: nothing to do
+    assert factorize_pyramid_pooling(half, torch.randn(1, 3, 64, 64)) == 0
+
+
+def test_factorize_restores_the_model_when_the_output_changes(monkeypatch):
+    model = _randomise_bn(build_icnet("icnet_r18", width=0.25, num_classes=5, aux_heads=False)).eval()
+    original = model.backbone.ppm
+    broken = FactorizedPyramidPooling.forward
+    monkeypatch.setattr(FactorizedPyramidPooling, "forward", lambda self, x: broken(self, x) * 3.0 + 1.0)
+    with pytest.raises(RuntimeError, match="restored"):
+        factorize_pyramid_pooling(model, torch.randn(1, 3, 96, 96))
+    assert model.backbone.ppm is original
+
+
+def test_factorized_ppm_rejects_sum_style():
+    from icnet_ros.models.icnet import PyramidPooling
+
+    with pytest.raises(ValueError, match="concat"):
+        FactorizedPyramidPooling(PyramidPooling(16, 8, style="sum"))

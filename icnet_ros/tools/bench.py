@@ -323,20 +323,26 @@ def format_stages(stages: dict[str, Timing], pipeline: Timing | None = None) -> 
 
 # ---------------------------------------------------------------------------------------------------- ablation
 ABLATION_STEPS = (
-    ("plain fp32 (no_grad)", dict(fold=False, channels_last=False, precision="fp32", mode="no_grad")),
-    ("+ inference_mode", dict(fold=False, channels_last=False, precision="fp32", mode="inference")),
-    ("+ BN folding", dict(fold=True, channels_last=False, precision="fp32", mode="inference")),
-    ("+ BN folding + channels_last", dict(fold=True, channels_last=True, precision="fp32", mode="inference")),
-    ("bf16 + BN folding", dict(fold=True, channels_last=False, precision="bf16", mode="inference")),
-    ("bf16 + BN folding + channels_last", dict(fold=True, channels_last=True, precision="bf16", mode="inference")),
-    ("fp16 + BN folding + channels_last", dict(fold=True, channels_last=True, precision="fp16", mode="inference")),
+    ("plain fp32 (no_grad)", dict(fold=False, ppm=False, channels_last=False, precision="fp32", mode="no_grad")),
+    ("+ inference_mode", dict(fold=False, ppm=False, channels_last=False, precision="fp32", mode="inference")),
+    ("+ BN folding", dict(fold=True, ppm=False, channels_last=False, precision="fp32", mode="inference")),
+    ("+ BN folding + PPM factorization", dict(fold=True, ppm=True, channels_last=False, precision="fp32",
+                                              mode="inference")),
+    ("+ BN folding + PPM factorization + channels_last", dict(fold=True, ppm=True, channels_last=True,
+                                                              precision="fp32", mode="inference")),
+    ("bf16 + BN folding + PPM factorization", dict(fold=True, ppm=True, channels_last=False, precision="bf16",
+                                                   mode="inference")),
+    ("bf16 + BN folding + PPM factorization + channels_last", dict(fold=True, ppm=True, channels_last=True,
+                                                                   precision="bf16", mode="inference")),
+    ("fp16 + BN folding + PPM factorization + channels_last", dict(fold=True, ppm=True, channels_last=True,
+                                                                   precision="fp16", mode="inference")),
 )
 
 
 def ablation(model: nn.Module, size: tuple[int, int], batch: int, device: torch.device, iters: int, warmup: int,
              max_seconds: float, compile_mode: str | None = None) -> list[dict[str, Any]]:
     """The network alone under each optimisation step; each checked against the plain fp32 logits."""
-    from icnet_ros.optimize import compare_logits, compile_model, fold_batchnorm
+    from icnet_ros.optimize import compare_logits, compile_model, factorize_pyramid_pooling, fold_batchnorm
 
     sync = synchronizer(device)
     gen = torch.Generator().manual_seed(0)
@@ -347,7 +353,7 @@ def ablation(model: nn.Module, size: tuple[int, int], batch: int, device: torch.
     steps = list(ABLATION_STEPS)
     if compile_mode:
         steps.append((f"+ torch.compile ({compile_mode})",
-                      dict(fold=True, channels_last=device.type == "cuda", precision="fp32", mode="inference",
+                      dict(fold=True, ppm=True, channels_last=True, precision="fp32", mode="inference",
                            compile=compile_mode)))
     runs: dict[str, Callable[[], Tensor]] = {}
     agreements = {}
@@ -358,6 +364,8 @@ def ablation(model: nn.Module, size: tuple[int, int], batch: int, device: torch.
         m = copy.deepcopy(model).eval()
         if opt["fold"]:
             fold_batchnorm(m, torch.randn(1, 3, 128, 128, generator=gen))
+        if opt["ppm"]:
+            factorize_pyramid_pooling(m)
         fmt = torch.channels_last if opt["channels_last"] else torch.contiguous_format
         m = m.to(device=device, dtype=dtype, memory_format=fmt)
         x = x32.to(dtype=dtype, memory_format=fmt)

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fourcc", default="mp4v", help="video codec for overlay videos (default mp4v)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 can be faster on an oversubscribed machine)")
-    p.add_argument("--no-optimize", action="store_true", help="disable BN folding / channels_last")
+    p.add_argument("--no-optimize", action="store_true", help="disable BN folding, PPM factorization and channels_last")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p
 
