@@ -92,6 +92,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "sync_bn": False, "channels_last": "auto", "train_miou": True, "progress": True,
         "resume": None,  # null | auto | a run directory | a train_state.pt
         "stop_at": None,  # stop (resumably) after this many iterations; the schedule still spans optim.iterations
+        "time_limit": None,  # seconds: stop (resumably, after a validation) once the loop has run this long
     },
 }
 
@@ -102,7 +103,7 @@ _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "model.pretrained": (str,), "model.init_from": (str,), "data.class_set": (str,), "data.class_file": (str,),
     "data.val_split": (str,), "data.train_limit": (int,), "data.val_limit": (int,), "data.base_size": (list,),
     "data.eval_size": (list,), "loss.class_weights": (list,), "optim.grad_clip": (int, float),
-    "train.resume": (str,), "train.stop_at": (int,), "train.cpu_threads": (int,),
+    "train.resume": (str,), "train.stop_at": (int,), "train.time_limit": (int, float), "train.cpu_threads": (int,),
 }
 
 
@@ -254,6 +255,8 @@ def validate_config(c: dict) -> None:
         raise ConfigError(f"train.cpu_threads must be >= 1 or null, got {t['cpu_threads']}")
     if t["stop_at"] is not None and t["stop_at"] < 1:
         raise ConfigError(f"train.stop_at must be >= 1 or null, got {t['stop_at']}")
+    if t["time_limit"] is not None and not t["time_limit"] > 0:
+        raise ConfigError(f"train.time_limit must be > 0 seconds or null, got {t['time_limit']}")
 
 
 def data_spec(config: dict) -> DataSpec:
@@ -796,6 +799,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.iteration, desc="train", disable=not (self.info.main and t["progress"]),
                    file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
         self.ddp.train()
+        deadline = time.monotonic() + t["time_limit"] if t["time_limit"] else None
         tick = time.perf_counter()
         while self.iteration < end:
             images, labels = next(loader_iter)
@@ -825,11 +829,16 @@ class Trainer:
             count += 1
             bar.update(1)
             t_step += time.perf_counter() - tick
+            timed_out = deadline is not None and self._time_up(deadline)
+            if timed_out:
+                end = self.iteration
+                self.say(f"train.time_limit ({t['time_limit']:g} s) reached at iteration {self.iteration}")
             if self.iteration % t["log_interval"] == 0 or self.iteration == end:
                 rec = self._log_train(sums, count, t_data, t_step, lr, train_cm)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
                 sums, count, t_data, t_step = {}, 0, 0.0, 0.0
-            if self.val_set is not None and (self.iteration % t["eval_interval"] == 0 or self.iteration == total):
+            if self.val_set is not None and (self.iteration % t["eval_interval"] == 0 or self.iteration == total
+                                             or timed_out):
                 self.validate(self.iteration)
             if self.iteration % t["checkpoint_interval"] == 0 or self.iteration == end:
                 self.save_state(self.iteration)
@@ -837,6 +846,15 @@ class Trainer:
         bar.close()
         del loader_iter
         return self._finish(end)
+
+    def _time_up(self, deadline: float) -> bool:
+        """Whether the time limit has passed; under DDP every process gets rank 0's answer (they stop together)."""
+        up = time.monotonic() >= deadline
+        if self.info.distributed:
+            flag = torch.tensor([1.0 if up else 0.0], device=self.device)
+            dist.broadcast(flag, src=0)
+            up = bool(flag.item())
+        return up
 
     def _log_train(self, sums: dict[str, torch.Tensor], count: int, t_data: float, t_step: float, lr: float,
                    train_cm: ConfusionMatrix | None) -> dict[str, Any]:
@@ -889,7 +907,8 @@ class Trainer:
 
 
 def _changed_keys(old: dict, new: dict) -> list[str]:
-    ignore = {"train.resume", "train.stop_at", "train.progress", "train.workers", "train.output_dir"}
+    ignore = {"train.resume", "train.stop_at", "train.time_limit", "train.progress", "train.workers",
+              "train.output_dir"}
     out = []
     for section, values in new.items():
         for k, v in values.items():

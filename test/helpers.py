@@ -1,12 +1,15 @@
 """Shared test helpers: where the read-only data lives, and tiny real checkpoints."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+#: the read-only data beside the repository; ICNET_ROS_TEST_DATA points elsewhere (a lent GPU machine, where the
+#: data travels as scripts/device/prepare.sh stages it)
+DATA = Path(os.environ.get("ICNET_ROS_TEST_DATA") or REPO.parent / "shared" / "data")
 CAMVID = DATA / "camvid"
 VIDEO = DATA / "video" / "solidWhiteRight.mp4"
 

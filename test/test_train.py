@@ -141,6 +141,25 @@ def test_run_outputs_metadata_and_exact_resume(tmp_path):
                                       "train.resume=auto", *FAST])).train()
 
 
+def test_time_limit_stops_resumably_after_a_validation(tmp_path, capsys):
+    """train.time_limit (for jobs with a wall-clock budget): stop early, validate, save the state; resume finishes."""
+    common = ["optim.iterations=5", "train.checkpoint_interval=100", "train.eval_interval=100",
+              "train.log_interval=100"]
+    run = _smoke(tmp_path / "run", *common, "train.time_limit=0.001")
+    assert "train.time_limit (0.001 s) reached at iteration 1" in capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["iterations"] == 1 and summary["finished"] is False
+    assert [r["iter"] for r in _records(run, "val")] == [1]  # validated at the stop: best.safetensors is current
+    assert load_model(run / "best.safetensors").meta["provenance"]["iterations"] == 1
+    assert torch.load(run / STATE_FILE, weights_only=True)["iteration"] == 1
+    _smoke(tmp_path / "run", *common, "train.resume=auto")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["iterations"] == 5 and summary["finished"] is True
+    assert [r["iter"] for r in _records(run, "val")] == [1, 5]
+    with pytest.raises(ConfigError, match="time_limit"):
+        load_config("smoke", ["train.time_limit=0"])
+
+
 @pytest.mark.slow
 def test_overfits_two_camvid_frames(tmp_path, capsys):
     """2 frames, whole frames at half size, no augmentation: train mIoU must climb far above chance (~5%)."""

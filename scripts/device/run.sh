@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Runs ON a lent GPU machine (the device tool), from the repository root, after scripts/device/prepare.sh here:
+#   bash scripts/device/run.sh check bench train        (any subset, in that order; results under $OUT)
+# - check: CUDA tests (test/test_engine_cuda.py and the engine/optimisation/model/bench tests) -> pytest_gpu.log
+# - bench: icnet-bench GPU grid (fp32/fp16/bf16, batch 1 and 4, mmseg reference, stages, ablation), CUDA graphs
+#          and torch.compile for R50 fp16 at 1024x2048, and the default model -> bench_gpu.{json,md}, bench_*.log
+# - train: the GPU recipe (config/train/camvid_effnet_lite0.yaml, from .carry/init.safetensors) for at most
+#          TRAIN_SECONDS (default 420) and ITERS iterations (default 20000), then val -> best.safetensors, logs.
+#          The poly schedule spans ITERS: pick ITERS ~ TRAIN_SECONDS / time_per_iter (train.log of an earlier call)
+#          so that it ends inside the budget. TRAIN_OVERRIDES: more key=value overrides (space-separated).
+# Each step's log goes to $OUT; a failing step does not stop the next. The whole call must stay under 10 minutes.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 ICNET_ROS_TEST_DATA="$PWD/.carry/data"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/icnet_site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/icnet_site"
+fi
+{ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } \
+    2>&1 | tee "$OUT/device.txt"
+status=0
+for step in "$@"; do
+    start=$SECONDS
+    case $step in
+    check)
+        python3 -m pytest -q -ra -p no:cacheprovider test/test_engine_cuda.py test/test_optimize.py \
+            test/test_engine.py test/test_model.py test/test_bench.py test/test_convert.py test/test_train.py \
+            > "$OUT/pytest_gpu.log" 2>&1 || status=1
+        tail -5 "$OUT/pytest_gpu.log" ;;
+    bench)
+        python3 -m icnet_ros.tools.bench --sweep --device cuda --precision fp32 fp16 bf16 --batch 1 4 \
+            --reference mmseg --stages --ablation --detail icnet_r50:1.0@1024x2048 --iters 50 --warmup 10 \
+            --max-seconds 10 --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md" \
+            > "$OUT/bench_grid.log" 2>&1 || status=1
+        for extra in "--cuda-graphs" "--compile max-autotune-no-cudagraphs"; do
+            # shellcheck disable=SC2086
+            python3 -m icnet_ros.tools.bench --arch icnet_r50 --size 1024x2048 --device cuda --precision fp16 \
+                --batch 1 4 --iters 100 --warmup 20 $extra >> "$OUT/bench_r50_fp16.log" 2>&1 || status=1
+        done
+        python3 -m icnet_ros.tools.bench --model icnet_ros/weights/icnet_camvid.safetensors --device cuda \
+            --size 360x480 720x960 1024x2048 --precision fp32 fp16 --batch 1 4 --iters 100 --warmup 20 \
+            --cuda-graphs --json "$OUT/bench_default.json" > "$OUT/bench_default.log" 2>&1 || status=1
+        grep -h "ratio\|pipeline  median" "$OUT"/bench_*.log | head -40 ;;
+    train)
+        # shellcheck disable=SC2086
+        python3 -m icnet_ros.train config/train/camvid_effnet_lite0.yaml data.root=.carry/data/camvid \
+            model.pretrained=null model.init_from=.carry/init.safetensors train.output_dir=/tmp/icnet_run \
+            "optim.iterations=${ITERS:-20000}" "train.time_limit=${TRAIN_SECONDS:-420}" train.workers=12 \
+            train.progress=false train.checkpoint_interval=1000000 ${TRAIN_OVERRIDES:-} \
+            > "$OUT/train.log" 2>&1 || status=1
+        cp /tmp/icnet_run/best.safetensors /tmp/icnet_run/metrics.jsonl /tmp/icnet_run/summary.json "$OUT/" || status=1
+        python3 -m icnet_ros.evaluate --model "$OUT/best.safetensors" --data .carry/data/camvid --split val --json \
+            --no-progress > "$OUT/eval_val.json" 2>> "$OUT/train.log" || status=1
+        grep "val mIoU\|stopped\|finished\|Error" "$OUT/train.log" | tail -8 ;;
+    *) echo "unknown step $step (check | bench | train)"; status=2 ;;
+    esac
+    echo "[$step] $((SECONDS - start)) s" | tee -a "$OUT/device.txt"
+done
+exit $status
