@@ -19,6 +19,7 @@ line and exit with status 2.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import threading
 import time
@@ -53,6 +54,20 @@ class StartupError(RuntimeError):
 
 def _reliability(name: str) -> ReliabilityPolicy:
     return ReliabilityPolicy.RELIABLE if name == "reliable" else ReliabilityPolicy.BEST_EFFORT
+
+
+def auto_cpu_threads() -> int:
+    """Intra-op threads for inference on the CPU when ``num_threads`` is 0: all usable cores but one, at least 1.
+
+    PyTorch's OpenMP workers spin-wait between parallel regions. With one per core they starve the executor
+    thread (which holds the GIL while it takes messages) and the camera drivers: on 2 cores, a 360x480 stream
+    offered at twice the inference rate was served at 3-33% of the Segmenter's rate, against 88-100% with one
+    thread (BENCHMARKS.md, node section)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def _stamp_ns(header: Any) -> int:
@@ -157,7 +172,8 @@ class SegmentationNode(Node):
         self._worker = threading.Thread(target=self._run_worker, name="icnet_inference", daemon=True)
         self._worker.start()
         self.get_logger().info(
-            f"ready: model {self.model_path} on {self.segmenter.device} ({self.segmenter.precision}), "
+            f"ready: model {self.model_path} on {self.segmenter.device} ({self.segmenter.precision}, "
+            f"{self.cpu_threads} CPU thread{'s' if self.cpu_threads != 1 else ''}), "
             f"{self.segmenter.class_set.num_classes} classes; cameras: "
             + ", ".join(f"{c.topic}{' (compressed)' if c.compressed else ''} -> "
                         f"{node_params.sibling_topic(node_params.base_topic(c.topic)[0], cfg.output_namespace)}/*"
@@ -189,11 +205,17 @@ class SegmentationNode(Node):
                 input_size = tuple(size) if size else None
                 if input_size is None:
                     self.get_logger().info("input_size 'checkpoint': the model recommends none; using native size")
-            if cfg.num_threads:
-                import torch
+            import torch
 
-                torch.set_num_threads(cfg.num_threads)
-            from .engine import Segmenter
+            from .engine import Segmenter, resolve_device
+
+            with warnings.catch_warnings():  # the Segmenter reports the auto -> CPU fallback
+                warnings.simplefilter("ignore", RuntimeWarning)
+                on_cpu = resolve_device(cfg.device).type == "cpu"
+            threads = cfg.num_threads or (auto_cpu_threads() if on_cpu else 0)
+            if threads:
+                torch.set_num_threads(threads)
+            self.cpu_threads = torch.get_num_threads()
 
             with warnings.catch_warnings():  # fallbacks (auto -> CPU, ...) are logged below, not printed twice
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -417,6 +439,7 @@ class SegmentationNode(Node):
         mean_batch = self.frames_batched / self.batches if self.batches else 0.0
         node_status.values = [KeyValue(key=k, value=str(v)) for k, v in (
             ("device", device), ("model", self.model_path), ("precision", self.segmenter.precision),
+            ("cpu_threads", self.cpu_threads),
             ("classes", self.segmenter.class_set.num_classes), ("batches", self.batches),
             ("frames_processed", self.frames_batched), ("mean_batch_size", f"{mean_batch:.2f}"),
             ("max_batch_size", self.max_batch_seen))]

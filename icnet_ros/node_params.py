@@ -161,7 +161,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "local, published once).", "topic name", _check_classes_topic),
     ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", "(0, 60]",
               _range(0.0, 60.0, lo_open=True)),
-    ParamSpec("num_threads", 0, "PyTorch CPU threads (0 = PyTorch's default).", "[0, 256]", _range(0, 256)),
+    ParamSpec("num_threads", 0, "PyTorch CPU threads. 0 = auto: on the CPU all cores but one (at least 1), so "
+              "that OpenMP workers, which spin between parallel regions, leave a core to the executor, DDS and "
+              "camera drivers; on CUDA PyTorch's default.", "[0, 256]", _range(0, 256)),
 )
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
 

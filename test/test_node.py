@@ -29,6 +29,7 @@ from rcl_interfaces.srv import GetParameters, SetParameters  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
+from icnet_ros import node as node_module  # noqa: E402
 from icnet_ros import node_params  # noqa: E402
 from icnet_ros.classes import CAMVID  # noqa: E402
 from icnet_ros.ros_image import image_to_numpy, numpy_to_compressed  # noqa: E402
@@ -281,6 +282,7 @@ def test_two_cameras_share_one_forward_pass(harness: RosHarness):
     assert int(after["batches"]) - int(before["batches"]) == 1
     assert int(after["frames_processed"]) - int(before["frames_processed"]) == 2
     assert int(after["max_batch_size"]) >= 2
+    assert after["device"] == "cpu" and int(after["cpu_threads"]) == node_module.auto_cpu_threads()
 
 
 def test_lazy_outputs(harness: RosHarness):
@@ -491,6 +493,8 @@ def test_started_as_the_launch_file_starts_it(ros: RosHarness, checkpoint: Path,
                 break
         assert label.messages, proc.output()
         assert "ready: model " + str(checkpoint) in proc.output()
+        threads = node_module.auto_cpu_threads()  # num_threads 0 on the CPU: all cores but one
+        assert f"(fp32, {threads} CPU thread{'s' if threads != 1 else ''})" in proc.output()
         assert proc.interrupt(30) == 0
     finally:
         proc.kill()

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", default="label", help="comma-separated outputs to subscribe (default: label)")
     p.add_argument("--encoding", choices=("rgb8", "bgr8"), default="rgb8")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: PyTorch's default)")
+    p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: the node's auto policy, all cores but one on the CPU)")
     p.add_argument("--throughput-seconds", type=float, default=5.0)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p
