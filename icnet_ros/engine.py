@@ -214,7 +214,8 @@ class Segmenter:
             (default None: off, no softmax unless ``confidence`` is requested).
         channels_last: None = same as ``optimize``. NHWC pays off on every device and precision measured (CPU fp32:
             1.2x for ICNet-R50 at 512x1024, 2.1x for the default model at 1024x2048; BENCHMARKS.md).
-        compile: False, True or a ``torch.compile`` mode: compile the network (recompiles per input shape).
+        compile: False, True or a ``torch.compile`` mode: compile the network (recompiles per input shape) and
+            the colour/overlay rendering (default mode).
         cuda_graphs: capture the network forward in CUDA graphs, one per input shape (at most 8 kept); CUDA only.
     """
 
@@ -280,6 +281,9 @@ class Segmenter:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self._compiled = compile_model(model, None if compile is True else compile) if compile else None
+        # colour/overlay rendering is a chain of memory-bound element-wise ops that inductor fuses into one loop
+        # (CPU, 2 megapixels: ~58 ms eager, ~2 ms compiled, identical bytes)
+        self._render = torch.compile(self.render, dynamic=False) if compile else self.render
         self.compile_mode = (None if not compile else "default" if compile is True else str(compile))
         self.cuda_graphs = bool(cuda_graphs)
         self._graphs: OrderedDict[tuple, CUDAGraphRunner] = OrderedDict()
@@ -453,7 +457,7 @@ class Segmenter:
                 label, conf = self.labels(lg, out_size, "confidence" in want)
                 outs = {"label": label}
                 if "color" in want or "overlay" in want:
-                    outs.update(self.render(label, u, g.order, out_size, want))
+                    outs.update(self._render(label, u, g.order, out_size, want))
                 if "confidence" in want:
                     outs["confidence"] = conf
                 device_outputs.append(outs)

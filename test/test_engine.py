@@ -356,3 +356,19 @@ def test_auto_device_falls_back_to_cpu_with_warning(ckpt):
     assert s.device.type == "cpu" and s.precision == "fp32" and len(s.notes) == 2
     with pytest.raises(ValueError, match="CUDA is not available"):
         resolve_device("cuda:0")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_compiled_segmenter_matches_eager(ckpt):
+    """compile=True: the network (inductor, weights frozen on the CPU) and the colour/overlay rendering; the
+    rendered bytes are identical to eager for identical labels."""
+    comp = Segmenter(ckpt, device="cpu", input_size=(96, 128), outputs=ALL, compile=True, warmup=True)
+    eager = Segmenter(ckpt, device="cpu", input_size=(96, 128), outputs=ALL, warmup=False)
+    assert "compile(default)" in comp.describe()
+    for c, e in zip(comp.segment([frame(96, 128, 5), frame(120, 160, 6)]),
+                    eager.segment([frame(96, 128, 5), frame(120, 160, 6)])):
+        assert agreement(c.label, e.label) >= 0.999
+        same = c.label == e.label
+        np.testing.assert_array_equal(c.color[same], e.color[same])
+        np.testing.assert_array_equal(c.overlay[same], e.overlay[same])
