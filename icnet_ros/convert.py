@@ -1,4 +1,5 @@
-"""Import MMSegmentation ICNet checkpoints (``.pth``) into the native format.
+"""Import MMSegmentation ICNet checkpoints (``.pth``) into the native format, and export native checkpoints for
+deployment (fp16, without the training-only auxiliary heads).
 
 The file is read with ``torch.load(weights_only=True)``: no code from it runs. Depth, width, number of classes and
 auxiliary heads are inferred from tensor shapes; class names and palette come from the checkpoint's ``meta`` (mmseg
@@ -7,6 +8,7 @@ normalization is mmseg's (RGB, ImageNet mean/std).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import pickle
@@ -15,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import MMSEG_NORMALIZATION, CheckpointError, build_meta, load_state_dict_into, save_checkpoint
+from .checkpoint import (MMSEG_NORMALIZATION, CheckpointError, build_meta, load_model, load_state_dict_into,
+                         save_checkpoint)
 from .classes import CITYSCAPES, ClassSet, generic_palette
 from .models.icnet import ICNet, ICNetConfig
 
@@ -124,6 +127,39 @@ def convert_mmseg_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, 
         model.meta["input_size"] = list(input_size)
     save_checkpoint(model, dst, model.meta, fp16=fp16, include_aux=include_aux)
     return model
+
+
+def export_native_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, fp16: bool = False,
+                             include_aux: bool = True, input_size: tuple[int, int] | None = None) -> ICNet:
+    """Re-save native checkpoint ``src`` (e.g. a training run's ``best.safetensors``) as ``dst`` for deployment:
+    fp16 and/or without the auxiliary heads, optionally with another recommended input size. The metadata is
+    kept; its provenance gains ``exported`` (source file name, SHA-256 and what was changed). ``src`` may be
+    ``dst``: it is read whole before anything is written."""
+    src = Path(src).expanduser()
+    model = load_model(src)
+    meta = copy.deepcopy(model.meta)
+    if input_size is not None:
+        meta["input_size"] = list(input_size)
+    meta.setdefault("provenance", {})["exported"] = {
+        "from": src.name, "sha256": _sha256(src), "fp16": fp16,
+        "auxiliary_heads": bool(include_aux and model.config.aux_heads)}
+    save_checkpoint(model, dst, meta, fp16=fp16, include_aux=include_aux)
+    model.meta = meta
+    return model
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, class_set: ClassSet | None = None,
+                       fp16: bool = False, include_aux: bool = True,
+                       input_size: tuple[int, int] | None = None) -> ICNet:
+    """``icnet-convert``: an mmseg ``.pth`` is imported; a native ``.safetensors`` is exported (its classes are
+    its own, so ``class_set`` must be None)."""
+    if Path(src).suffix == ".safetensors":
+        if class_set is not None:
+            raise ValueError(f"{src} is a native checkpoint: its classes are recorded in it (--classes is for "
+                             "mmseg checkpoints)")
+        return export_native_checkpoint(src, dst, fp16=fp16, include_aux=include_aux, input_size=input_size)
+    return convert_mmseg_checkpoint(src, dst, class_set=class_set, fp16=fp16, include_aux=include_aux,
+                                    input_size=input_size)
 
 
 def _sha256(path: Path) -> str:

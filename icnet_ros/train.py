@@ -477,6 +477,18 @@ def git_commit() -> str | None:
         return None
 
 
+def init_provenance(path: str | None) -> dict[str, Any] | None:
+    """What model.init_from's checkpoint records of itself (file name, SHA-256 and its own provenance, nested:
+    a model fine-tuned in stages keeps the whole chain), or None without model.init_from."""
+    if not path:
+        return None
+    from .checkpoint import read_metadata
+
+    p = Path(path).expanduser()
+    own = dict(read_metadata(p).get("provenance") or {})  # a clear CheckpointError for a missing or foreign file
+    return {"checkpoint": str(path), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), **own}
+
+
 def hardware(device: torch.device, info: DistInfo) -> dict[str, Any]:
     hw: dict[str, Any] = {"device": str(device.type), "processes": info.world_size, "torch": torch.__version__,
                           "platform": platform.platform(), "cpu_count": os.cpu_count()}
@@ -566,6 +578,7 @@ class Trainer:
         self.last_val: dict[str, Any] | None = None
         self._input_size: list[int] | None = None
         self._git_commit = git_commit()
+        self._init_provenance = init_provenance(config["model"]["init_from"])
         self._build()
 
     def say(self, msg: str) -> None:
@@ -664,7 +677,8 @@ class Trainer:
                 "best_iteration": self.best_iteration if self.best_miou >= 0 else None,
                 "wall_time_s": round(self.elapsed(), 1), "hardware": hardware(self.device, self.info),
                 "git_commit": self._git_commit,
-                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                **({"initialised_from": self._init_provenance} if self._init_provenance else {})}
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start_time

@@ -96,6 +96,50 @@ def test_convert_cli_round_trip(tmp_path, mmseg_r18_file, capsys):
     assert (a - b).abs().max() <= 1e-2 * a.abs().max()  # fp16 storage
 
 
+def test_export_native_checkpoint_for_deployment(tmp_path, capsys):
+    """A training run's checkpoint -> fp16 without auxiliary heads; metadata kept, the export recorded."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from helpers import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "best.safetensors", provenance={"source": "icnet-train", "iterations": 7},
+                          input_size=(360, 480))
+    original = load_model(src)
+    assert original.config.aux_heads
+    dst = tmp_path / "deploy" / "model.safetensors"
+    assert convert_main([str(src), str(dst), "--fp16", "--no-aux"]) == 0
+    assert "11 classes (camvid)" in capsys.readouterr().out
+    tensors = load_file(str(dst))
+    assert not any(k.startswith("auxiliary_head.") for k in tensors)
+    assert all(v.dtype == torch.float16 for v in tensors.values() if v.is_floating_point())
+    exported = load_model(dst)
+    meta = exported.meta
+    assert not exported.config.aux_heads and meta["arch"]["aux_heads"] is False
+    assert meta["classes"] == original.meta["classes"] and meta["palette"] == original.meta["palette"]
+    assert meta["input_size"] == [360, 480] and meta["normalization"] == original.meta["normalization"]
+    prov = meta["provenance"]
+    assert prov["source"] == "icnet-train" and prov["iterations"] == 7
+    assert prov["exported"] == {"from": "best.safetensors", "sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
+                                "fp16": True, "auxiliary_heads": False}
+    x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = original(x), exported(x)
+    assert (a - b).abs().max() <= 1e-2 * a.abs().max()  # fp16 storage
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.99
+
+    # in place, with a new recommended size: the source is read whole before it is replaced
+    assert convert_main([str(dst), str(dst), "--input-size", "720", "960"]) == 0
+    again = load_model(dst).meta
+    assert again["input_size"] == [720, 960] and again["provenance"]["exported"]["from"] == "model.safetensors"
+    # a native checkpoint carries its own classes
+    assert convert_main([str(src), str(tmp_path / "x.safetensors"), "--classes", "cityscapes"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icnet-convert: error:") and "classes are recorded in it" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     assert convert_main([str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err

@@ -232,6 +232,31 @@ def test_init_from_checkpoint_with_other_classes(tmp_path):
         init_from_checkpoint(model, str(tmp_path / "missing.safetensors"))
 
 
+def test_fine_tuning_records_the_starting_checkpoint(tmp_path):
+    """A model trained in stages keeps the whole chain in its provenance (checkpoint, SHA-256, its provenance)."""
+    import hashlib
+
+    from helpers import make_checkpoint
+
+    start = make_checkpoint(tmp_path / "stage1.safetensors", provenance={"source": "icnet-train", "command": "stage 1",
+                                                                        "val_mIoU": 12.5})
+    run = _smoke(tmp_path / "stage2", f"model.init_from={start}", "optim.iterations=2", "train.eval_interval=2",
+                 "train.checkpoint_interval=2")
+    prov = load_model(run / "best.safetensors").meta["provenance"]
+    assert prov["command"] != "stage 1" and prov["config"]["model"]["init_from"] == str(start)
+    digest = hashlib.sha256(start.read_bytes()).hexdigest()
+    assert prov["initialised_from"] == {"checkpoint": str(start), "sha256": digest, "source": "icnet-train",
+                                       "command": "stage 1", "val_mIoU": 12.5}
+    # a third stage nests the second's record, which holds the first's
+    run3 = _smoke(tmp_path / "stage3", f"model.init_from={run / 'best.safetensors'}", "optim.iterations=1",
+                  "train.eval_interval=1", "train.checkpoint_interval=1")
+    chain = load_model(run3 / "best.safetensors").meta["provenance"]["initialised_from"]
+    assert chain["checkpoint"] == str(run / "best.safetensors")
+    assert chain["initialised_from"]["command"] == "stage 1"
+    # without model.init_from there is nothing to record
+    assert "initialised_from" not in load_model(start).meta["provenance"]
+
+
 def build_icnet_like(model):
     from icnet_ros.models import build_icnet
 

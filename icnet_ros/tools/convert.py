@@ -1,4 +1,5 @@
-"""icnet-convert: MMSegmentation ICNet checkpoint (.pth) -> native icnet_ros checkpoint (.safetensors)."""
+"""icnet-convert: MMSegmentation ICNet checkpoint (.pth) -> native icnet_ros checkpoint (.safetensors), or a native
+checkpoint -> a deployment copy (fp16, no auxiliary heads)."""
 from __future__ import annotations
 
 import argparse
@@ -12,28 +13,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="icnet-convert",
         description="Convert an MMSegmentation ICNet checkpoint (.pth, read with weights_only=True) into a native "
-                    "icnet_ros checkpoint (safetensors + metadata). Depth, width and classes are inferred.")
-    p.add_argument("src", help="mmseg ICNet checkpoint (.pth), with or without the 'state_dict' wrapper")
+                    "icnet_ros checkpoint (safetensors + metadata); depth, width and classes are inferred. Given a "
+                    "native checkpoint (.safetensors, e.g. a training run's best.safetensors), write a deployment "
+                    "copy: --fp16 and --no-aux, metadata kept, the export recorded in its provenance.")
+    p.add_argument("src", help="mmseg ICNet checkpoint (.pth), with or without the 'state_dict' wrapper; or a "
+                               "native .safetensors checkpoint")
     p.add_argument("dst", help="output .safetensors file")
     p.add_argument("--classes", choices=sorted(CLASS_SETS),
-                   help="class set to record (default: the checkpoint's meta, else Cityscapes for 19 classes)")
+                   help="mmseg checkpoints: class set to record (default: the checkpoint's meta, else Cityscapes "
+                        "for 19 classes)")
     p.add_argument("--fp16", action="store_true", help="store weights in half precision (half the size)")
     p.add_argument("--no-aux", action="store_true", help="drop the training-only auxiliary heads")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
-                   help="recommended inference size to record (default: native frame size)")
+                   help="recommended inference size to record (default: mmseg: native frame size; native: "
+                        "the checkpoint's own)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..convert import convert_mmseg_checkpoint
+    from ..convert import convert_checkpoint
     from ..models import count_parameters
 
     try:
         class_set = get_class_set(args.classes) if args.classes else None
-        model = convert_mmseg_checkpoint(args.src, args.dst, class_set=class_set, fp16=args.fp16,
-                                         include_aux=not args.no_aux,
-                                         input_size=tuple(args.input_size) if args.input_size else None)
+        model = convert_checkpoint(args.src, args.dst, class_set=class_set, fp16=args.fp16,
+                                   include_aux=not args.no_aux,
+                                   input_size=tuple(args.input_size) if args.input_size else None)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"icnet-convert: error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,6 @@ rm -rf .whl && mkdir -p .whl
 # the GPU image (Python 3.12) has torch, numpy, opencv, matplotlib, scipy, rich, pyyaml, pillow, packaging
 "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    mmsegmentation==1.2.2 mmengine==0.10.7 mmcv-lite==2.1.0 prettytable wcwidth addict yapf platformdirs termcolor
+    mmsegmentation==1.2.2 mmengine==0.10.7 mmcv-lite==2.1.0 ftfy prettytable wcwidth addict yapf platformdirs termcolor
 du -sh .carry .whl
 echo "carry: [\".carry\", \".whl\"]"
