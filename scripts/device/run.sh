@@ -5,9 +5,10 @@
 # - bench: icnet-bench GPU grid (fp32/fp16/bf16, batch 1 and 4, mmseg reference, stages, ablation), CUDA graphs
 #          and torch.compile for R50 fp16 at 1024x2048, and the default model -> bench_gpu.{json,md}, bench_*.log
 # - train: the GPU recipe (config/train/camvid_effnet_lite0.yaml, from .carry/init.safetensors) for at most
-#          TRAIN_SECONDS (default 420) and ITERS iterations (default 20000), then val -> best.safetensors, logs.
-#          The poly schedule spans ITERS: pick ITERS ~ TRAIN_SECONDS / time_per_iter (train.log of an earlier call)
-#          so that it ends inside the budget. TRAIN_OVERRIDES: more key=value overrides (space-separated).
+#          TRAIN_SECONDS (default 420), then val -> best.safetensors, logs. The poly schedule spans ITERS
+#          iterations; without ITERS a 60-iteration probe run measures the time per iteration first and ITERS is
+#          chosen so that the schedule (and its validations, VAL_SECONDS each, default 20) ends inside the budget.
+#          TRAIN_OVERRIDES: more key=value overrides (space-separated), given to the probe too.
 # Each step's log goes to $OUT; a failing step does not stop the next. The whole call must stay under 10 minutes.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -15,7 +16,8 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 ICNET_ROS_TEST_DATA="$PWD/.carry/data"
 if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/icnet_site .whl/*.whl \
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/icnet_site \
+        .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/icnet_site"
 fi
 { nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } \
@@ -44,16 +46,36 @@ for step in "$@"; do
             --cuda-graphs --json "$OUT/bench_default.json" > "$OUT/bench_default.log" 2>&1 || status=1
         grep -h "ratio\|pipeline  median" "$OUT"/bench_*.log | head -40 ;;
     train)
-        # shellcheck disable=SC2086
-        python3 -m icnet_ros.train config/train/camvid_effnet_lite0.yaml data.root=.carry/data/camvid \
-            model.pretrained=null model.init_from=.carry/init.safetensors train.output_dir=/tmp/icnet_run \
-            "optim.iterations=${ITERS:-20000}" "train.time_limit=${TRAIN_SECONDS:-420}" train.workers=12 \
-            train.progress=false train.checkpoint_interval=1000000 ${TRAIN_OVERRIDES:-} \
-            > "$OUT/train.log" 2>&1 || status=1
-        cp /tmp/icnet_run/best.safetensors /tmp/icnet_run/metrics.jsonl /tmp/icnet_run/summary.json "$OUT/" || status=1
-        python3 -m icnet_ros.evaluate --model "$OUT/best.safetensors" --data .carry/data/camvid --split val --json \
-            --no-progress > "$OUT/eval_val.json" 2>> "$OUT/train.log" || status=1
-        grep "val mIoU\|stopped\|finished\|Error" "$OUT/train.log" | tail -8 ;;
+        recipe=(config/train/camvid_effnet_lite0.yaml data.root=.carry/data/camvid model.pretrained=null
+                model.init_from=.carry/init.safetensors train.workers=12 train.progress=false)
+        rm -rf /tmp/icnet_probe /tmp/icnet_run
+        budget=${TRAIN_SECONDS:-420}
+        iters=${ITERS:-}
+        if [ -z "$iters" ]; then  # probe: the time per iteration of this recipe on this machine
+            probe_start=$SECONDS
+            # shellcheck disable=SC2086
+            python3 -m icnet_ros.train "${recipe[@]}" optim.iterations=1000000 train.stop_at=60 \
+                train.log_interval=30 train.eval_interval=1000000 train.checkpoint_interval=1000000 \
+                train.output_dir=/tmp/icnet_probe ${TRAIN_OVERRIDES:-} > "$OUT/train_probe.log" 2>&1 || status=1
+            budget=$((budget - (SECONDS - probe_start)))
+            # shellcheck disable=SC2086
+            iters=$(python3 scripts/device/schedule.py /tmp/icnet_probe/metrics.jsonl "$budget" \
+                "${VAL_SECONDS:-20}" ${TRAIN_OVERRIDES:-} 2>> "$OUT/train_probe.log") || iters=""
+            echo "probe: $(tail -1 "$OUT/train_probe.log")"
+        fi
+        if [ -z "$iters" ]; then
+            echo "[train] no training: the probe gave no schedule (see train_probe.log)"; status=1
+        else
+            # shellcheck disable=SC2086
+            python3 -m icnet_ros.train "${recipe[@]}" train.output_dir=/tmp/icnet_run "optim.iterations=$iters" \
+                "train.time_limit=$budget" train.checkpoint_interval=1000000 ${TRAIN_OVERRIDES:-} \
+                > "$OUT/train.log" 2>&1 || status=1
+            cp /tmp/icnet_run/best.safetensors /tmp/icnet_run/metrics.jsonl /tmp/icnet_run/summary.json "$OUT/" \
+                || status=1
+            python3 -m icnet_ros.evaluate --model "$OUT/best.safetensors" --data .carry/data/camvid --split val \
+                --json --no-progress > "$OUT/eval_val.json" 2>> "$OUT/train.log" || status=1
+            grep "val mIoU\|stopped\|finished\|Error" "$OUT/train.log" | tail -8
+        fi ;;
     *) echo "unknown step $step (check | bench | train)"; status=2 ;;
     esac
     echo "[$step] $((SECONDS - start)) s" | tee -a "$OUT/device.txt"
