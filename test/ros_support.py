@@ -151,16 +151,13 @@ class RosHarness:
         self.node = rclpy.create_node(name, context=self.context)
         self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
         self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread = threading.Thread(target=self._spin, daemon=True, name="icnet_test_executor")
         self._thread.start()
 
     def _spin(self) -> None:
-        from rclpy.executors import ExternalShutdownException
+        from icnet_ros.ros_spin import spin
 
-        try:
-            self.executor.spin()
-        except ExternalShutdownException:
-            pass
+        spin(self.executor)  # tests destroy their publishers and subscriptions while it spins
 
     @staticmethod
     def qos(reliable: bool = True, depth: int = 10, transient_local: bool = False) -> Any:

@@ -170,12 +170,13 @@ def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source:
     import rclpy
 
     from ..node_params import sibling_topic
+    from ..ros_spin import spin
     from .play import Player, play
     from .record import Recorder
 
     helper = rclpy.create_node("icnet_demo")
     executor.add_node(helper)
-    spinner = threading.Thread(target=executor.spin, name="icnet_demo_executor", daemon=True)
+    spinner = threading.Thread(target=spin, args=(executor,), name="icnet_demo_executor", daemon=True)
     spinner.start()
     overlay_topic = sibling_topic(args.topic, "semantic/overlay")
     camera = node.cameras[0]

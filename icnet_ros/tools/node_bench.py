@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from rclpy.parameter import Parameter
 
     from ..node import SegmentationNode
+    from ..ros_spin import spin
 
     rclpy.init()
     node = SegmentationNode(parameter_overrides=[
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     executor = MultiThreadedExecutor(num_threads=2)
     executor.add_node(node)
     executor.add_node(helper)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner = threading.Thread(target=spin, args=(executor,), daemon=True)
     spinner.start()
     results = []
     try:
