@@ -133,16 +133,19 @@ def export_native_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, 
                              include_aux: bool = True, input_size: tuple[int, int] | None = None) -> ICNet:
     """Re-save native checkpoint ``src`` (e.g. a training run's ``best.safetensors``) as ``dst`` for deployment:
     fp16 and/or without the auxiliary heads, optionally with another recommended input size. The metadata is
-    kept; its provenance gains ``exported`` (source file name, SHA-256 and what was changed). ``src`` may be
-    ``dst``: it is read whole before anything is written."""
+    kept; its provenance gains ``exported`` (source file name, SHA-256 and what was changed; an earlier export
+    record moves under ``previous``). ``src`` may be ``dst``: it is read whole before anything is written."""
     src = Path(src).expanduser()
     model = load_model(src)
     meta = copy.deepcopy(model.meta)
+    record: dict[str, Any] = {"from": src.name, "sha256": _sha256(src), "fp16": fp16,
+                              "auxiliary_heads": bool(include_aux and model.config.aux_heads)}
     if input_size is not None:
-        meta["input_size"] = list(input_size)
-    meta.setdefault("provenance", {})["exported"] = {
-        "from": src.name, "sha256": _sha256(src), "fp16": fp16,
-        "auxiliary_heads": bool(include_aux and model.config.aux_heads)}
+        meta["input_size"] = record["input_size"] = list(input_size)
+    provenance = meta.setdefault("provenance", {})
+    if "exported" in provenance:  # an export of an export: keep the chain
+        record["previous"] = provenance["exported"]
+    provenance["exported"] = record
     save_checkpoint(model, dst, meta, fp16=fp16, include_aux=include_aux)
     model.meta = meta
     return model

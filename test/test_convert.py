@@ -132,7 +132,9 @@ def test_export_native_checkpoint_for_deployment(tmp_path, capsys):
     # in place, with a new recommended size: the source is read whole before it is replaced
     assert convert_main([str(dst), str(dst), "--input-size", "720", "960"]) == 0
     again = load_model(dst).meta
-    assert again["input_size"] == [720, 960] and again["provenance"]["exported"]["from"] == "model.safetensors"
+    record = again["provenance"]["exported"]
+    assert again["input_size"] == [720, 960] and record["from"] == "model.safetensors"
+    assert record["input_size"] == [720, 960] and record["previous"] == prov["exported"]
     # a native checkpoint carries its own classes
     assert convert_main([str(src), str(tmp_path / "x.safetensors"), "--classes", "cityscapes"]) == 2
     err = capsys.readouterr().err
