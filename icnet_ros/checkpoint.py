@@ -13,6 +13,7 @@ Loading never executes code: tensors come from safetensors, metadata from JSON. 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -213,6 +214,15 @@ def default_model_path() -> Path:
                           + ", ".join(str(c) for c in candidates) + "); pass a model path")
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint file (read in 1 MiB chunks), for provenance records."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _existing(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
@@ -222,5 +232,5 @@ def _existing(path: str | os.PathLike) -> Path:
     return p
 
 
-__all__ = ["CheckpointError", "MMSEG_NORMALIZATION", "build_meta", "default_model_path", "load_model",
+__all__ = ["CheckpointError", "MMSEG_NORMALIZATION", "build_meta", "default_model_path", "file_sha256", "load_model",
            "load_state_dict_into", "read_metadata", "save_checkpoint", "validate_meta", "IGNORE_INDEX"]

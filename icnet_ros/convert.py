@@ -9,7 +9,6 @@ normalization is mmseg's (RGB, ImageNet mean/std).
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -17,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (MMSEG_NORMALIZATION, CheckpointError, build_meta, load_model, load_state_dict_into,
-                         save_checkpoint)
+from .checkpoint import (MMSEG_NORMALIZATION, CheckpointError, build_meta, file_sha256, load_model,
+                         load_state_dict_into, save_checkpoint)
 from .classes import CITYSCAPES, ClassSet, generic_palette
 from .models.icnet import ICNet, ICNetConfig
 
@@ -110,7 +109,7 @@ def import_mmseg_checkpoint(path: str | os.PathLike, class_set: ClassSet | None 
     model = ICNet(config)
     load_state_dict_into(model, state, source=str(path), allow_missing_aux=False)
     class_set = class_set or class_set_from_mmseg_meta(mm_meta, config.num_classes)
-    provenance = {"source": "mmsegmentation", "file": path.name, "sha256": _sha256(path)}
+    provenance = {"source": "mmsegmentation", "file": path.name, "sha256": file_sha256(path)}
     for k in ("mmseg_version", "mmcv_version", "time", "iter", "epoch"):
         if k in mm_meta and isinstance(mm_meta[k], (str, int, float)):
             provenance[k] = mm_meta[k]
@@ -138,7 +137,7 @@ def export_native_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, 
     src = Path(src).expanduser()
     model = load_model(src)
     meta = copy.deepcopy(model.meta)
-    record: dict[str, Any] = {"from": src.name, "sha256": _sha256(src), "fp16": fp16,
+    record: dict[str, Any] = {"from": src.name, "sha256": file_sha256(src), "fp16": fp16,
                               "auxiliary_heads": bool(include_aux and model.config.aux_heads)}
     if input_size is not None:
         meta["input_size"] = record["input_size"] = list(input_size)
@@ -163,11 +162,3 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, class_
         return export_native_checkpoint(src, dst, fp16=fp16, include_aux=include_aux, input_size=input_size)
     return convert_mmseg_checkpoint(src, dst, class_set=class_set, fp16=fp16, include_aux=include_aux,
                                     input_size=input_size)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

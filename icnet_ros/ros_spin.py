@@ -8,10 +8,13 @@ wait set no longer holds the destroyed entity, so spinning on is the fix.
 """
 from __future__ import annotations
 
+from time import monotonic
 from typing import Any
 
-#: consecutive InvalidHandle errors after which the error is real (a wait set that can never be built)
+#: InvalidHandle errors in a row (each within RETRY_WINDOW_S of the one before) after which the error is real: a
+#: wait set that can never be built. Races far apart (a long-running process) never add up to it.
 MAX_CONSECUTIVE_INVALID = 100
+RETRY_WINDOW_S = 1.0
 
 
 def spin(executor: Any) -> None:
@@ -19,7 +22,7 @@ def spin(executor: Any) -> None:
     from rclpy.executors import ExternalShutdownException
     from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 
-    failures = 0
+    failures, last = 0, float("-inf")
     while True:
         try:
             executor.spin()
@@ -27,6 +30,8 @@ def spin(executor: Any) -> None:
         except ExternalShutdownException:
             return
         except _rclpy.InvalidHandle:
-            failures += 1
+            now = monotonic()
+            failures = failures + 1 if now - last <= RETRY_WINDOW_S else 1
+            last = now
             if failures >= MAX_CONSECUTIVE_INVALID:
                 raise

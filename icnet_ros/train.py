@@ -482,11 +482,11 @@ def init_provenance(path: str | None) -> dict[str, Any] | None:
     a model fine-tuned in stages keeps the whole chain), or None without model.init_from."""
     if not path:
         return None
-    from .checkpoint import read_metadata
+    from .checkpoint import file_sha256, read_metadata
 
     p = Path(path).expanduser()
     own = dict(read_metadata(p).get("provenance") or {})  # a clear CheckpointError for a missing or foreign file
-    return {"checkpoint": str(path), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), **own}
+    return {"checkpoint": str(path), "sha256": file_sha256(p), **own}
 
 
 def hardware(device: torch.device, info: DistInfo) -> dict[str, Any]:

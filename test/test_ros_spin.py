@@ -47,6 +47,17 @@ def test_spin_gives_up_on_a_wait_set_that_can_never_be_built():
     assert ex.calls == MAX_CONSECUTIVE_INVALID
 
 
+def test_races_far_apart_never_add_up(monkeypatch):
+    """A long-running process meets the race now and then: only errors in quick succession count."""
+    import icnet_ros.ros_spin as ros_spin
+
+    clock = iter(range(0, 10_000, 5))  # each race 5 s after the one before
+    monkeypatch.setattr(ros_spin, "monotonic", lambda: float(next(clock)))  # this module only
+    ex = _RacyExecutor(failures=3 * MAX_CONSECUTIVE_INVALID)
+    spin(ex)
+    assert ex.calls == 3 * MAX_CONSECUTIVE_INVALID + 1
+
+
 def test_messages_flow_while_entities_come_and_go(ros: RosHarness):
     pub = ros.publisher(String, "/icnet_test/spin_race")
     col = ros.collect(String, "/icnet_test/spin_race")
