@@ -12,7 +12,7 @@ import copy
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -99,6 +99,22 @@ def class_set_from_mmseg_meta(meta: dict[str, Any], num_classes: int) -> ClassSe
     return ClassSet("mmseg", tuple(f"class_{i}" for i in range(num_classes)), generic_palette(num_classes))
 
 
+InputSize = tuple[int, int] | Literal["native"] | None
+"""A recommended inference size to record: (H, W); ``"native"`` records none (each frame's own size); None keeps
+what the source has."""
+
+
+def _recorded_size(input_size: tuple[int, int] | str) -> list[int] | None:
+    if isinstance(input_size, str):
+        if input_size != "native":
+            raise ValueError(f"input size must be (H, W) or 'native', got {input_size!r}")
+        return None
+    h, w = (int(v) for v in input_size)
+    if h < 64 or w < 64:
+        raise ValueError(f"input size {h}x{w} is too small (each side >= 64)")
+    return [h, w]
+
+
 def import_mmseg_checkpoint(path: str | os.PathLike, class_set: ClassSet | None = None) -> ICNet:
     """An eval-mode :class:`ICNet` with ``.meta`` from an mmseg ICNet ``.pth`` checkpoint."""
     path = Path(path).expanduser()
@@ -118,29 +134,30 @@ def import_mmseg_checkpoint(path: str | os.PathLike, class_set: ClassSet | None 
 
 
 def convert_mmseg_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, class_set: ClassSet | None = None,
-                             fp16: bool = False, include_aux: bool = True,
-                             input_size: tuple[int, int] | None = None) -> ICNet:
+                             fp16: bool = False, include_aux: bool = True, input_size: InputSize = None) -> ICNet:
     """Convert ``src`` (mmseg ``.pth``) to ``dst`` (native ``.safetensors``); returns the imported model."""
     model = import_mmseg_checkpoint(src, class_set)
     if input_size is not None:
-        model.meta["input_size"] = list(input_size)
+        model.meta["input_size"] = _recorded_size(input_size)
     save_checkpoint(model, dst, model.meta, fp16=fp16, include_aux=include_aux)
     return model
 
 
 def export_native_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, fp16: bool = False,
-                             include_aux: bool = True, input_size: tuple[int, int] | None = None) -> ICNet:
+                             include_aux: bool = True, input_size: InputSize = None) -> ICNet:
     """Re-save native checkpoint ``src`` (e.g. a training run's ``best.safetensors``) as ``dst`` for deployment:
-    fp16 and/or without the auxiliary heads, optionally with another recommended input size. The metadata is
-    kept; its provenance gains ``exported`` (source file name, SHA-256 and what was changed; an earlier export
-    record moves under ``previous``). ``src`` may be ``dst``: it is read whole before anything is written."""
+    fp16 and/or without the auxiliary heads, optionally with another recommended input size (``"native"``
+    removes it: a run trained at a fixed validation size records that size, which would squash frames of another
+    aspect ratio). The metadata is kept; its provenance gains ``exported`` (source file name, SHA-256 and what
+    was changed; an earlier export record moves under ``previous``). ``src`` may be ``dst``: it is read whole
+    before anything is written."""
     src = Path(src).expanduser()
     model = load_model(src)
     meta = copy.deepcopy(model.meta)
     record: dict[str, Any] = {"from": src.name, "sha256": file_sha256(src), "fp16": fp16,
                               "auxiliary_heads": bool(include_aux and model.config.aux_heads)}
     if input_size is not None:
-        meta["input_size"] = record["input_size"] = list(input_size)
+        meta["input_size"] = record["input_size"] = _recorded_size(input_size)
     provenance = meta.setdefault("provenance", {})
     if "exported" in provenance:  # an export of an export: keep the chain
         record["previous"] = provenance["exported"]
@@ -151,8 +168,7 @@ def export_native_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, 
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, class_set: ClassSet | None = None,
-                       fp16: bool = False, include_aux: bool = True,
-                       input_size: tuple[int, int] | None = None) -> ICNet:
+                       fp16: bool = False, include_aux: bool = True, input_size: InputSize = None) -> ICNet:
     """``icnet-convert``: an mmseg ``.pth`` is imported; a native ``.safetensors`` is exported (its classes are
     its own, so ``class_set`` must be None)."""
     if Path(src).suffix == ".safetensors":

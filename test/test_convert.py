@@ -135,6 +135,18 @@ def test_export_native_checkpoint_for_deployment(tmp_path, capsys):
     record = again["provenance"]["exported"]
     assert again["input_size"] == [720, 960] and record["from"] == "model.safetensors"
     assert record["input_size"] == [720, 960] and record["previous"] == prov["exported"]
+    # 'native' removes the recommended size (a run validated at a fixed size records it; it would squash 16:9
+    # frames), and the removal is recorded too
+    assert convert_main([str(dst), str(dst), "--input-size", "native"]) == 0
+    native = load_model(dst).meta
+    assert native["input_size"] is None
+    assert native["provenance"]["exported"]["input_size"] is None
+    assert native["provenance"]["exported"]["previous"] == record
+    for bad in (["720"], ["720", "wide"], ["native", "960"], ["32", "32"]):
+        assert convert_main([str(dst), str(tmp_path / "bad.safetensors"), "--input-size", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("icnet-convert: error:") and "size" in err and err.count("\n") == 1, (bad, err)
+        assert not (tmp_path / "bad.safetensors").exists()
     # a native checkpoint carries its own classes
     assert convert_main([str(src), str(tmp_path / "x.safetensors"), "--classes", "cityscapes"]) == 2
     err = capsys.readouterr().err

@@ -24,10 +24,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "for 19 classes)")
     p.add_argument("--fp16", action="store_true", help="store weights in half precision (half the size)")
     p.add_argument("--no-aux", action="store_true", help="drop the training-only auxiliary heads")
-    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
-                   help="recommended inference size to record (default: mmseg: native frame size; native: "
-                        "the checkpoint's own)")
+    p.add_argument("--input-size", nargs="+", metavar="H W | native",
+                   help="recommended inference size to record: H W, or 'native' for none (tools then run at each "
+                        "frame's own size); default: mmseg: none; native checkpoints: their own")
     return p
+
+
+def _input_size(values: list[str] | None) -> tuple[int, int] | str | None:
+    if values is None:
+        return None
+    if values == ["native"]:
+        return "native"
+    try:
+        if len(values) == 2:
+            return int(values[0]), int(values[1])
+    except ValueError:
+        pass
+    raise ValueError(f"--input-size takes H W (integers) or 'native', got {' '.join(values)!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         class_set = get_class_set(args.classes) if args.classes else None
         model = convert_checkpoint(args.src, args.dst, class_set=class_set, fp16=args.fp16,
-                                   include_aux=not args.no_aux,
-                                   input_size=tuple(args.input_size) if args.input_size else None)
+                                   include_aux=not args.no_aux, input_size=_input_size(args.input_size))
     except (CheckpointError, ValueError, OSError) as e:
         print(f"icnet-convert: error: {e}", file=sys.stderr)
         return 2
