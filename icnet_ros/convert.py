@@ -105,14 +105,12 @@ what the source has."""
 
 
 def _recorded_size(input_size: tuple[int, int] | str) -> list[int] | None:
+    """The metadata value; save_checkpoint's validate_meta checks the size before anything is written."""
     if isinstance(input_size, str):
         if input_size != "native":
             raise ValueError(f"input size must be (H, W) or 'native', got {input_size!r}")
         return None
-    h, w = (int(v) for v in input_size)
-    if h < 64 or w < 64:
-        raise ValueError(f"input size {h}x{w} is too small (each side >= 64)")
-    return [h, w]
+    return [int(v) for v in input_size]
 
 
 def import_mmseg_checkpoint(path: str | os.PathLike, class_set: ClassSet | None = None) -> ICNet:
