@@ -7,7 +7,8 @@
     icnet-eval --model M --data CITYSCAPES_ROOT --split val --flip --scales 0.75 1.0 1.25
 
 Inputs are normalised as the checkpoint's metadata says, resized to the checkpoint's ``input_size`` (or kept at
-native size with ``--native``), and the logits are upsampled back to the label size before the argmax. The
+native size with ``--native``) rounded to multiples of 32 (``--size-divisor``; ICNet's branches misalign at other
+sizes, see :data:`icnet_ros.sizes.SIZE_DIVISOR`), and the logits are upsampled back to the label size before the argmax. The
 confusion matrix is accumulated on the device. ``--json`` prints exactly one JSON object on stdout (percentages);
 progress bars and messages go to stderr.
 """
@@ -33,8 +34,8 @@ from .data.datasets import (DataSpec, DatasetError, ShardSampler, build_dataset,
 from .data.transforms import base_scale
 from .losses import upsample_logits
 from .metrics import ConfusionMatrix, format_table, to_percent
-from .models.icnet import MIN_INPUT_SIZE
 from .preprocess import Normalizer
+from .sizes import SIZE_DIVISOR, aligned_size
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -48,31 +49,33 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def _net_size(h: int, w: int, input_size: Sequence[int] | None, input_scale: float,
-              base_size: Sequence[int] | None, scale: float) -> tuple[int, int]:
+              base_size: Sequence[int] | None, scale: float, size_divisor: int) -> tuple[int, int]:
     if input_size:
         bh, bw = float(input_size[0]), float(input_size[1])
     else:
         s = base_scale(h, w, input_scale, tuple(base_size) if base_size else None)
         bh, bw = h * s, w * s
-    return max(MIN_INPUT_SIZE, round(bh * scale)), max(MIN_INPUT_SIZE, round(bw * scale))
+    return aligned_size(bh * scale, bw * scale, size_divisor)
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: Tensor, out_size: Sequence[int], input_size: Sequence[int] | None = None,
                    input_scale: float = 1.0, base_size: Sequence[int] | None = None,
-                   scales: Sequence[float] = (1.0,), flip: bool = False, amp: bool = False) -> Tensor:
+                   scales: Sequence[float] = (1.0,), flip: bool = False, amp: bool = False,
+                   size_divisor: int = SIZE_DIVISOR) -> Tensor:
     """Class scores (N x C x H x W at ``out_size``) for normalised images ``x`` (N x 3 x h x w).
 
     The network input is ``input_size`` (or the image scaled by ``input_scale`` / into ``base_size``) times each
-    of ``scales``, plus its mirror image with ``flip``. One pass returns upsampled logits; several return the sum
-    of softmax probabilities."""
+    of ``scales``, rounded to multiples of ``size_divisor`` (:func:`~icnet_ros.sizes.aligned_size`; 1: exact),
+    plus its mirror image with ``flip``. One pass returns upsampled logits; several return the sum of softmax
+    probabilities."""
     h, w = x.shape[-2:]
     passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     autocast = torch.autocast(x.device.type, dtype=torch.float16) if amp and x.device.type == "cuda" \
         else nullcontext()
     total: Tensor | None = None
     for s, f in passes:
-        size = _net_size(h, w, input_size, input_scale, base_size, s)
+        size = _net_size(h, w, input_size, input_scale, base_size, s, size_divisor)
         xi = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         if f:
             xi = xi.flip(-1)
@@ -109,7 +112,8 @@ def _groups(images: Tensor | list[Tensor], labels: Tensor | list[Tensor]) -> Ite
 def evaluate(model: nn.Module, loader: Iterable, normalizer: Normalizer, num_classes: int, ignore_index: int,
              device: torch.device, input_size: Sequence[int] | None = None, input_scale: float = 1.0,
              base_size: Sequence[int] | None = None, scales: Sequence[float] = (1.0,), flip: bool = False,
-             amp: bool = False, progress: bool = True, desc: str = "eval") -> ConfusionMatrix:
+             amp: bool = False, progress: bool = True, desc: str = "eval", size_divisor: int = SIZE_DIVISOR
+             ) -> ConfusionMatrix:
     """Accumulate the confusion matrix of ``model`` over ``loader`` (batches of uint8 N x H x W x 3 RGB images
     and N x H x W labels); summed over ranks under torch.distributed. The model's train/eval mode is restored."""
     from tqdm import tqdm
@@ -127,7 +131,7 @@ def evaluate(model: nn.Module, loader: Iterable, normalizer: Normalizer, num_cla
                 lb = lb.to(device, non_blocking=True)
                 x = normalizer(im, "RGB").contiguous(memory_format=fmt)
                 scores = predict_logits(model, x, lb.shape[-2:], input_size, input_scale, base_size, scales,
-                                        flip, amp)
+                                        flip, amp, size_divisor)
                 cm.update(scores.argmax(dim=1), lb, check=False)
     finally:
         model.train(was_training)
@@ -172,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                       help="network input size (default: the checkpoint's input_size, else native)")
     size.add_argument("--native", action="store_true", help="run at the label resolution, ignoring input_size")
+    p.add_argument("--size-divisor", type=int, default=SIZE_DIVISOR,
+                   help=f"round network input sizes to multiples of this (default: {SIZE_DIVISOR}, ICNet's coarsest "
+                   "stride; 1 = exact sizes)")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale factors (default: 1.0)")
     p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
@@ -185,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError, load_model
 
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0 or any(s <= 0 for s in args.scales):
-        print("icnet-eval: error: --batch-size >= 1, --workers >= 0 and positive --scales required", file=sys.stderr)
+    if args.batch_size < 1 or args.workers < 0 or args.size_divisor < 1 or any(s <= 0 for s in args.scales):
+        print("icnet-eval: error: --batch-size >= 1, --workers >= 0, --size-divisor >= 1 and positive --scales "
+              "required", file=sys.stderr)
         return 2
     try:
         device = resolve_device(args.device)
@@ -215,19 +223,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     cm = evaluate(model, loader, Normalizer(meta.get("normalization")), class_set.num_classes,
                   class_set.ignore_index, device, input_size=input_size, scales=args.scales, flip=args.flip,
-                  amp=args.amp, progress=not args.no_progress, desc=f"icnet-eval {args.split}")
+                  amp=args.amp, progress=not args.no_progress, desc=f"icnet-eval {args.split}",
+                  size_divisor=args.size_divisor)
     seconds = time.perf_counter() - t0
     metrics = cm.compute()
     if args.json:
         report = {**metrics_report(metrics, class_set.classes), "model": args.model or "default",
                   "data": args.data, "split": args.split, "images": len(dataset), "classes": class_set.name,
                   "input_size": list(input_size) if input_size else None, "flip": args.flip,
-                  "scales": list(args.scales), "device": str(device), "seconds": round(seconds, 3)}
+                  "scales": list(args.scales), "size_divisor": args.size_divisor, "device": str(device),
+                  "seconds": round(seconds, 3)}
         print(json.dumps(report, allow_nan=False))
     else:
         print(f"model: {args.model or 'default'}  data: {args.data} [{args.split}, {len(dataset)} images]  "
               f"input: {'x'.join(map(str, input_size)) if input_size else 'native'}  flip: {args.flip}  "
-              f"scales: {args.scales}  device: {device}  ({seconds:.1f} s)")
+              f"scales: {args.scales}  size divisor: {args.size_divisor}  device: {device}  ({seconds:.1f} s)")
         print(format_table(metrics, class_set.classes))
     return 0 if not math.isnan(metrics["mIoU"]) else 1
 

@@ -55,16 +55,19 @@ def _reference_metrics(ckpt, samples, size):
     return 100 * np.nanmean(iou), 100 * iou, 100 * tp.sum() / conf.sum()
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_json_metrics_match_an_independent_computation(capsys, ckpt, native):
+# (flags, network input the reference runs at): the checkpoint records 180x240, frames are 360x480; by default
+# sizes are rounded to multiples of 32 (180 -> 192, 240 -> 256, 360 -> 352)
+@pytest.mark.parametrize("native,divisor,size", [(False, None, (192, 256)), (True, None, (352, 480)),
+                                                 (False, 1, (180, 240)), (True, 1, None)])
+def test_json_metrics_match_an_independent_computation(capsys, ckpt, native, divisor, size):
     root = require(CAMVID)
-    extra = ["--native"] if native else []
+    extra = (["--native"] if native else []) + ([] if divisor is None else ["--size-divisor", divisor])
     report = _run_json(capsys, "--model", ckpt, "--data", root, "--split", "val", "--limit", 3, "--batch-size", 2,
                        *extra)
     from icnet_ros.data import DataSpec, find_samples
 
     samples = find_samples(DataSpec(str(root)), "val")[0][:3]
-    miou, iou, aacc = _reference_metrics(ckpt, samples, None if native else (180, 240))
+    miou, iou, aacc = _reference_metrics(ckpt, samples, size)
     assert report["mIoU"] == pytest.approx(miou, abs=0.02)
     assert report["aAcc"] == pytest.approx(aacc, abs=0.02)
     names = list(report["per_class"])
@@ -73,6 +76,7 @@ def test_json_metrics_match_an_independent_computation(capsys, ckpt, native):
         got = report["per_class"][name]["IoU"]
         assert (got is None and np.isnan(ref)) or got == pytest.approx(ref, abs=0.05)
     assert report["input_size"] == (None if native else [180, 240]) and report["images"] == 3
+    assert report["size_divisor"] == (divisor or 32)
     assert report["pixels"] > 0.8 * 3 * 360 * 480
 
 
@@ -90,7 +94,7 @@ def test_flip_and_multi_scale_average_softmax_probabilities():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AvgPool2d(8)).eval()
     x = torch.randn(2, 3, 64, 96)
-    out = predict_logits(model, x, (64, 96), scales=(1.0, 1.5), flip=True)
+    out = predict_logits(model, x, (64, 96), scales=(1.0, 1.5), flip=True, size_divisor=1)
 
     def probs(inp):
         return F.interpolate(model(inp), size=(64, 96), mode="bilinear", align_corners=False).softmax(1)
@@ -100,6 +104,24 @@ def test_flip_and_multi_scale_average_softmax_probabilities():
     assert torch.allclose(out, expected, atol=1e-5)
     single = predict_logits(model, x, (64, 96))
     assert torch.allclose(single, F.interpolate(model(x), size=(64, 96), mode="bilinear", align_corners=False))
+
+
+def test_network_inputs_are_rounded_to_multiples_of_the_divisor():
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return torch.zeros(x.shape[0], 2, x.shape[2] // 8, x.shape[3] // 8)
+
+    x = torch.randn(1, 3, 90, 100)
+    out = predict_logits(Probe(), x, (90, 100), scales=(1.0, 1.5))
+    assert seen == [(96, 96), (128, 160)]  # 90 -> 96, 100 -> 96; x1.5: 135 -> 128, 150 -> 160 (halves go up)
+    assert out.shape == (1, 2, 90, 100)
+    seen.clear()
+    predict_logits(Probe(), x, (90, 100), input_size=(200, 208), size_divisor=1)
+    predict_logits(Probe(), x, (90, 100), input_size=(200, 208), size_divisor=64)
+    assert seen == [(200, 208), (192, 192)]
 
 
 def test_stdout_is_one_json_object_with_progress_on_stderr(ckpt):
