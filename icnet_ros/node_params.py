@@ -129,7 +129,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("input_size", "native",
               "Network input size: 'native' (each frame at its own size), 'checkpoint' (the size recommended in "
               "the model's metadata), 'HxW' such as '512x1024', or a scale factor such as '0.5'. The default "
-              "model was trained on 480x360 CamVid frames upscaled x1.5: give small cameras like that '1.5'.",
+              "model was trained on 480x360 CamVid frames upscaled x1.5: give small cameras like that '1.5'. Sizes are "
+              "rounded to multiples of 32 (ICNet's branches misalign otherwise).",
               "native | checkpoint | HxW (each >= 64) | scale in (0, 4]", _check_input_size),
     ParamSpec("output_size", "input", "Resolution of the outputs: 'input' (the camera's) or 'model' (the network "
               "input's; camera_info is scaled to match).", "input | model", _one_of(("input", "model"))),

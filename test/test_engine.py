@@ -44,13 +44,17 @@ def frame(h, w, seed=0, channels=3):
     return img if channels == 3 else img[:, :, :channels]
 
 
-def reference(model, meta, rgb, alpha=0.5):
-    """Independent implementation: normalise in numpy, plain network, upsample, argmax/softmax, palette, blend."""
+def reference(model, meta, rgb, alpha=0.5, net_size=None):
+    """Independent implementation: normalise in numpy, resize to ``net_size`` (bilinear), plain network, upsample,
+    argmax/softmax, palette, blend."""
     norm = meta["normalization"]
     assert norm["channel_order"] == "RGB"
     x = (rgb.astype(np.float32) - np.float32(norm["mean"])) / np.float32(norm["std"])
+    x = torch.from_numpy(x).permute(2, 0, 1)[None]
+    if net_size is not None:
+        x = F.interpolate(x, size=net_size, mode="bilinear", align_corners=False)
     with torch.no_grad():
-        logits = model.eval()(torch.from_numpy(x).permute(2, 0, 1)[None])
+        logits = model.eval()(x)
         up = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear", align_corners=False)
         prob = up.softmax(1)
     label = up.argmax(1)[0].numpy().astype(np.uint8)
@@ -89,7 +93,8 @@ def test_default_outputs_label_only(ckpt):
 
 def test_matches_independent_reference(seg, plain_model):
     rgb = frame(120, 200, seed=3)
-    label, color, overlay, conf, _ = reference(plain_model, seg.meta, rgb)
+    # the network runs at multiples of 32: 120 -> 128, 200 -> 192
+    label, color, overlay, conf, _ = reference(plain_model, seg.meta, rgb, net_size=(128, 192))
     (r,) = seg.segment([rgb], channel_order="RGB")
     assert agreement(r.label, label) >= 0.999
     same = r.label == label
@@ -208,11 +213,20 @@ def test_fixed_input_size_resizes_and_batches(ckpt, plain_model):
 def test_scale_factor_policy(ckpt):
     s = Segmenter(ckpt, device="cpu", input_size=0.5, outputs=("label", "overlay"), warmup=False)
     (r,) = s.segment([frame(200, 300)])
+    assert r.model_size == (96, 160) and r.label.shape == (200, 300)  # 100 x 150, in multiples of 32
+    assert s.network_size(201, 301) == (96, 160)
+    exact = Segmenter(ckpt, device="cpu", input_size=0.5, outputs=("label", "overlay"), warmup=False, size_divisor=1)
+    (r,) = exact.segment([frame(200, 300)])
     assert r.model_size == (100, 150) and r.label.shape == (200, 300)
-    assert s.network_size(201, 301) == (100, 150)
     for native in (None, "native", (), []):
-        assert Segmenter(ckpt, device="cpu", input_size=native, warmup=False).network_size(70, 90) == (70, 90)
+        assert Segmenter(ckpt, device="cpu", input_size=native, warmup=False).network_size(70, 90) == (64, 96)
+        assert Segmenter(ckpt, device="cpu", input_size=native, warmup=False,
+                         size_divisor=1).network_size(70, 90) == (70, 90)
     assert Segmenter(ckpt, device="cpu", input_size="64x96", warmup=False).network_size(1, 1) == (64, 96)
+    assert Segmenter(ckpt, device="cpu", input_size="80x112", warmup=False).network_size(1, 1) == (96, 128)
+    for bad in (0, -32, 1.5, True, "32"):
+        with pytest.raises(ValueError, match="size_divisor"):
+            Segmenter(ckpt, device="cpu", warmup=False, size_divisor=bad)
     with pytest.raises(ValueError, match="below the minimum"):
         s.segment([frame(100, 300)])  # 50 x 150 network input
 

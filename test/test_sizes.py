@@ -1,0 +1,27 @@
+"""icnet_ros.sizes.aligned_size: network input sizes rounded to ICNet's coarsest stride."""
+import pytest
+
+from icnet_ros.sizes import MIN_INPUT_SIZE, SIZE_DIVISOR, aligned_size
+
+
+def test_rounds_to_the_nearest_multiple_with_halves_up():
+    assert SIZE_DIVISOR == 32
+    assert aligned_size(360, 480) == (352, 480)      # CamVid native
+    assert aligned_size(540, 720) == (544, 736)      # x1.5: 16.875 -> 17, 22.5 -> 23 (a half goes up)
+    assert aligned_size(1080, 1920) == (1088, 1920)  # full HD
+    assert aligned_size(1024, 2048) == (1024, 2048)  # aligned sizes are kept
+    assert aligned_size(112, 111.9) == (128, 96)     # 3.5 -> 4, 3.497 -> 3
+
+
+def test_minimum_and_exact_mode():
+    assert aligned_size(10, 70) == (MIN_INPUT_SIZE, MIN_INPUT_SIZE)
+    assert aligned_size(100, 100, 48) == (96, 96)    # the minimum 64 becomes 96 for divisor 48
+    assert aligned_size(10, 10, 48) == (96, 96)
+    assert aligned_size(359.5, 480.4, 1) == (360, 480)
+    assert aligned_size(10, 70, 1) == (MIN_INPUT_SIZE, 70)
+
+
+@pytest.mark.parametrize("bad", [0, -32])
+def test_bad_divisor(bad):
+    with pytest.raises(ValueError, match="divisor"):
+        aligned_size(100, 100, bad)
