@@ -50,6 +50,7 @@ from .losses import CascadeLoss, upsample_logits
 from .metrics import ConfusionMatrix, format_table
 from .models.icnet import MODEL_CONFIGS, ICNet, ICNetConfig, build_icnet
 from .preprocess import Normalizer
+from .sizes import SIZE_DIVISOR, aligned_size
 
 STATE_FILE = "train_state.pt"
 STATE_VERSION = 1
@@ -633,6 +634,12 @@ class Trainer:
                  + (f", {len(self.val_set)} validation samples ({d['val_split']})" if self.val_set else "")
                  + f"; {self.class_set.num_classes} classes ({self.class_set.name}); {self.info.world_size} "
                  f"process(es) on {self.device}; AMP {'on' if self.use_amp else 'off'}")
+        if any(int(v) % SIZE_DIVISOR for v in d["crop_size"]):
+            h, w = (int(v) for v in d["crop_size"])
+            ah, aw = aligned_size(h, w)
+            self.say(f"warning: data.crop_size {h}x{w} is not a multiple of {SIZE_DIVISOR}: ICNet's branches are "
+                     "misaligned at such sizes, while validation and inference run at multiples of "
+                     f"{SIZE_DIVISOR} (e.g. data.crop_size=[{ah},{aw}])")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 

@@ -100,6 +100,15 @@ def test_cli_grid_and_checkpoint(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     combos = {(r["model"], tuple(r["size"]), r["precision"]) for r in doc["results"]}
     assert combos == {(m, (64, 96), p) for m in ("m.safetensors", "icnet_r18 w0.25") for p in ("fp32", "bf16")}
+    assert all(r["network_size"] == [64, 96] for r in doc["results"])
+
+
+def test_network_size_is_the_rounded_frame_size(tmp_path, capsys):
+    md = tmp_path / "n.md"
+    assert main([*[a if a != "64x96" else "80x100" for a in TINY], "--json", "-", "--quiet", "--markdown", str(md)]) == 0
+    (r,) = json.loads(capsys.readouterr().out)["results"]
+    assert r["size"] == [80, 100] and r["network_size"] == [96, 96]  # multiples of 32, as the node runs it
+    assert "| 80x100 (network 96x96) |" in md.read_text()
 
 
 @pytest.mark.mmseg

@@ -162,8 +162,10 @@ def test_time_limit_stops_resumably_after_a_validation(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_overfits_two_camvid_frames(tmp_path, capsys):
-    """2 frames, whole frames at half size, no augmentation: train mIoU must climb far above chance (~5%)."""
-    run = _smoke(tmp_path / "overfit", "data.val_split=train", "data.crop_size=[180, 240]", "data.ratio_range=[1, 1]",
+    """2 frames, whole frames at 192x256 (multiples of 32, as validation runs), no augmentation: train mIoU must climb
+    far above chance (~5%)."""
+    run = _smoke(tmp_path / "overfit", "data.val_split=train", "data.input_scale=0.5333333",
+                 "data.crop_size=[192, 256]", "data.ratio_range=[1, 1]",
                  "data.flip=0", "data.photometric=false", "optim.iterations=300", "optim.lr=0.2", "optim.min_lr=0",
                  "optim.weight_decay=0", "train.eval_interval=300", "train.log_interval=50",
                  "train.checkpoint_interval=300")
@@ -183,7 +185,17 @@ def test_overfits_two_camvid_frames(tmp_path, capsys):
     assert eval_main(["--model", str(run / "best.safetensors"), "--data", str(CAMVID), "--split", "train",
                       "--limit", "2", "--workers", "0", "--no-progress", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["mIoU"] == pytest.approx(val["mIoU"], abs=1e-3) and report["input_size"] == [180, 240]
+    assert report["mIoU"] == pytest.approx(val["mIoU"], abs=1e-3) and report["input_size"] == [192, 256]
+
+
+def test_crop_size_off_the_network_grid_warns(tmp_path, capsys):
+    _smoke(tmp_path / "grid", "data.crop_size=[100, 150]", "optim.iterations=1", "train.eval_interval=1",
+           "train.checkpoint_interval=1", "data.val_limit=1")
+    err = capsys.readouterr().err
+    assert "data.crop_size 100x150 is not a multiple of 32" in err and "data.crop_size=[96,160]" in err
+    _smoke(tmp_path / "on_grid", "data.crop_size=[96, 160]", "optim.iterations=1", "train.eval_interval=1",
+           "train.checkpoint_interval=1", "data.val_limit=1")
+    assert "not a multiple of 32" not in capsys.readouterr().err
 
 
 def test_torchrun_two_processes_gloo_replicas_in_sync(tmp_path):

@@ -401,6 +401,7 @@ class BenchResult:
     precision: str
     outputs: list[str]
     optimizations: str
+    network_size: list[int] | None = None  # the network's input (frame size rounded to multiples of 32)
     model_timing: dict[str, float] | None = None
     pipeline_timing: dict[str, float] | None = None
     reference_timing: dict[str, float] | None = None
@@ -410,6 +411,14 @@ class BenchResult:
     stages: dict[str, dict[str, float]] | None = None
     ablation: list[dict[str, Any]] | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def _size_text(r: BenchResult) -> str:
+    """'360x480', or '360x480 (network 352x480)' when the network input differs from the frame."""
+    text = f"{r.size[0]}x{r.size[1]}"
+    if r.network_size and list(r.network_size) != list(r.size):
+        text += f" (network {r.network_size[0]}x{r.network_size[1]})"
+    return text
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -469,13 +478,15 @@ def bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], N
     res = BenchResult(model=cfg.spec.name, arch=dict(seg.meta["arch"]), size=[h, w], batch=cfg.batch,
                       device=str(seg.device), precision=seg.precision, outputs=sorted(want),
                       optimizations=seg.describe().rsplit("optimizations: ", 1)[-1], notes=list(seg.notes))
-    log(f"== {cfg.spec.name} | {h}x{w} x{cfg.batch} | {seg.device} {seg.precision} | {res.optimizations}")
+    net_size = seg.network_size(h, w)
+    res.network_size = list(net_size)
+    log(f"== {cfg.spec.name} | {_size_text(res)} x{cfg.batch} | {seg.device} {seg.precision} | {res.optimizations}")
     for note in seg.notes:
         log(f"  note      {note}")
     it, wu, mx = args.iters, args.warmup, args.max_seconds
 
     with torch.inference_mode():
-        x = seg.prepare(seg.upload(arrays), "RGB", (h, w))
+        x = seg.prepare(seg.upload(arrays), "RGB", net_size)  # the network alone, at the size the pipeline uses
 
     def run_model() -> Tensor:
         with torch.inference_mode():
@@ -524,7 +535,7 @@ def bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], N
     key = (cfg.spec, cfg.size, cfg.batch)
     if args.ablation and detailed and key not in _ABLATED:  # independent of --precision: once per model, size and batch
         _ABLATED.add(key)
-        rows = ablation(model, cfg.size, cfg.batch, seg.device, it, wu, mx,
+        rows = ablation(model, net_size, cfg.batch, seg.device, it, wu, mx,
                         compile_mode=args.ablation_compile)
         res.ablation = rows
         base = rows[0]["timing"]["median_ms"]
@@ -542,7 +553,7 @@ def markdown_table(results: list[BenchResult]) -> str:
     for r in results:
         ref = (f"{r.reference_timing['median_ms']:.1f} ({r.reference_precision})" if r.reference_timing else "-")
         ratio = f"{r.reference_ratio:.2f}x" if r.reference_ratio else "-"
-        rows.append(f"| {r.model} | {r.size[0]}x{r.size[1]} | {r.batch} | {r.device} | {r.precision} | "
+        rows.append(f"| {r.model} | {_size_text(r)} | {r.batch} | {r.device} | {r.precision} | "
                     f"{r.model_timing['median_ms']:.1f} | {r.pipeline_timing['median_ms']:.1f} | "
                     f"{r.pipeline_timing['fps']:.2f} | {ref} | {ratio} |")
     out = [head + "\n" + "\n".join(rows)]
