@@ -8,8 +8,8 @@
 
 Inputs are normalised as the checkpoint's metadata says, resized to the checkpoint's ``input_size`` (or kept at
 native size with ``--native``) rounded to multiples of 32 (``--size-divisor``; ICNet's branches misalign at other
-sizes, see :data:`icnet_ros.sizes.SIZE_DIVISOR`), and the logits are upsampled back to the label size before the argmax. The
-confusion matrix is accumulated on the device. ``--json`` prints exactly one JSON object on stdout (percentages);
+sizes, see :data:`icnet_ros.sizes.SIZE_DIVISOR`), and the logits are upsampled back to the label size before the
+argmax. The confusion matrix is accumulated on the device. ``--json`` prints exactly one JSON object on stdout (percentages);
 progress bars and messages go to stderr.
 """
 from __future__ import annotations

@@ -105,7 +105,8 @@ def test_cli_grid_and_checkpoint(tmp_path, capsys):
 
 def test_network_size_is_the_rounded_frame_size(tmp_path, capsys):
     md = tmp_path / "n.md"
-    assert main([*[a if a != "64x96" else "80x100" for a in TINY], "--json", "-", "--quiet", "--markdown", str(md)]) == 0
+    args = [a if a != "64x96" else "80x100" for a in TINY]
+    assert main([*args, "--json", "-", "--quiet", "--markdown", str(md)]) == 0
     (r,) = json.loads(capsys.readouterr().out)["results"]
     assert r["size"] == [80, 100] and r["network_size"] == [96, 96]  # multiples of 32, as the node runs it
     assert "| 80x100 (network 96x96) |" in md.read_text()
