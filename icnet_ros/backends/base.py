@@ -1,0 +1,80 @@
+"""The backend contract: a backend only maps a normalised input batch to logits.
+
+The Segmenter owns everything around it (:mod:`icnet_ros.engine`): upload, resize to the network size,
+normalisation and channel order before; upsampling, argmax, confidence, palette, overlay and the copy back after.
+A backend is created from a model file by its module's ``open_backend(path, options)`` (or, for the torch backend,
+from a module) and is called from one thread at a time.
+
+Contract of ``backend(x)``:
+
+- ``x``: ``N x 3 x H x W`` tensor on ``backend.device`` with dtype ``backend.input_dtype``, normalised exactly
+  as the model's metadata says (the Segmenter does it), contiguous in ``backend.memory_format``.
+  ``N <= backend.max_batch`` when that is set; ``(H, W) == backend.fixed_size`` when that is set.
+- returns: ``N x classes x ceil(H/8) x ceil(W/8)`` logits, a float tensor (any float dtype) on ``backend.device``.
+  The caller consumes it before the next call (a backend may return a view of a reused buffer).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+#: backend name -> (module that implements it, pip extra that installs its runtime)
+BACKENDS: dict[str, tuple[str, str | None]] = {
+    "torch": ("icnet_ros.backends.torch_backend", None),
+    "onnxruntime": ("icnet_ros.backends.onnxruntime", "onnx"),
+    "openvino": ("icnet_ros.backends.openvino", "openvino"),
+    "tensorrt": ("icnet_ros.backends.tensorrt", "tensorrt"),
+}
+
+
+class MissingRuntimeError(RuntimeError):
+    """The runtime a backend needs is not installed; the message names the pip extra (one line)."""
+
+    def __init__(self, backend: str, module: str, extra: str) -> None:
+        super().__init__(f"backend {backend!r} needs the Python package {module!r}, which is not installed: "
+                         f"pip install 'icnet_ros[{extra}]'")
+        self.backend, self.module, self.extra = backend, module, extra
+
+
+def require(backend: str, module: str, extra: str) -> Any:
+    """Import a runtime module or raise :class:`MissingRuntimeError` naming the extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingRuntimeError(backend, module, extra) from None
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What a backend needs to know beyond the model file (a subset of the Segmenter's configuration)."""
+
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (torch only) | int8 (an INT8 model file)
+    threads: int = 0  # runtime intra-op threads on the CPU; 0 = the process's torch.get_num_threads()
+    cache_dir: str | None = None  # TensorRT engine cache (ORT TensorRT EP / native TensorRT); None = next to the model
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """See the module docstring for the call contract."""
+
+    name: str  # "torch" | "onnxruntime" | "openvino" | "tensorrt"
+    provider: str  # what actually runs it, e.g. "CPUExecutionProvider", "CPU", "cuda:0 (TensorRT 10.x)"
+    device: torch.device  # where inputs must live and logits come back
+    input_dtype: torch.dtype
+    memory_format: torch.memory_format
+    fixed_size: tuple[int, int] | None  # exported models have a fixed network input (H, W); None = any size
+    max_batch: int | None  # None = any batch size
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def describe(self) -> str: ...  # one line for logs and /diagnostics
+
+    def close(self) -> None: ...  # release the session / engine / device memory
+
+
+__all__ = ["BACKENDS", "Backend", "BackendOptions", "MissingRuntimeError", "require"]
