@@ -10,6 +10,18 @@ Loading never executes code: tensors come from safetensors, metadata from JSON. 
     normalization   {"mean": [3], "std": [3], "channel_order": "RGB"|"BGR"}  applied to 0..255 pixel values
     input_size      [H, W] recommended inference size, or null (native frame size)
     provenance      free-form dict: source, command, iterations, val mIoU, date, ...
+
+Optional keys (absent in older files and in mmseg imports):
+
+.. code-block:: text
+
+    network_width   int in [64, 4096]: the network input width the model was trained and validated at (training's
+                    data.input_scale x the data's frame width, rounded to a multiple of 32 by
+                    icnet_ros.sizes.aligned_size; CamVid's 480x360 frames at x1.5 -> 736). Inference with
+                    ``input_size: auto`` resizes each frame, keeping its aspect ratio, to this width, so that
+                    objects have the pixel size the model learnt them at whatever the camera's resolution.
+    license         str, one line: the terms of the weights, e.g. "CC BY-NC 4.0 (trained on CamVid; non-commercial
+                    use only)"; weights inherit the terms of their training data. Printed by icnet-eval and the node.
 """
 from __future__ import annotations
 
@@ -24,11 +36,16 @@ from torch import nn
 
 from .classes import CITYSCAPES, IGNORE_INDEX, ClassSet, class_set_from_meta, generic_palette
 from .models.icnet import ICNet, ICNetConfig
+from .sizes import MIN_INPUT_SIZE, aligned_size
 
 FORMAT = "icnet_ros"
 FORMAT_VERSION = 1
 META_KEY = "icnet_ros"
 DEFAULT_MODEL_ENV = "ICNET_ROS_DEFAULT_MODEL"  # overrides the package's default model
+#: largest network_width a checkpoint may record: ``auto`` inference resizes every frame to it, so a file must not
+#: be able to ask for unbounded work (4096: 2304x4096 for 16:9 frames)
+MAX_NETWORK_WIDTH = 4096
+MAX_LICENSE_CHARS = 300  # a license is one printable line
 
 # mmseg's data preprocessor, in RGB, on 0..255 pixel values
 MMSEG_NORMALIZATION: dict[str, Any] = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375],
@@ -41,9 +58,10 @@ class CheckpointError(ValueError):
 
 def build_meta(config: ICNetConfig, class_set: ClassSet | None = None,
                normalization: dict[str, Any] | None = None, input_size: tuple[int, int] | list[int] | None = None,
-               provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+               provenance: dict[str, Any] | None = None, *, network_width: int | None = None,
+               license: str | None = None) -> dict[str, Any]:
     """Complete metadata for a model of ``config``; missing parts get defaults (generic class names and palette,
-    mmseg normalization)."""
+    mmseg normalization). ``network_width`` and ``license`` are recorded only when given."""
     if class_set is None:
         n = config.num_classes
         class_set = CITYSCAPES if n == 19 else ClassSet("custom", tuple(f"class_{i}" for i in range(n)),
@@ -54,8 +72,24 @@ def build_meta(config: ICNetConfig, class_set: ClassSet | None = None,
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "arch": config.to_dict(), **class_set.to_meta(),
             "normalization": dict(normalization or MMSEG_NORMALIZATION),
             "input_size": list(input_size) if input_size else None, "provenance": dict(provenance or {})}
+    if network_width is not None:
+        meta["network_width"] = network_width
+    if license is not None:
+        meta["license"] = license
     validate_meta(meta)
     return meta
+
+
+def network_width_for(frame_width: float, input_scale: float) -> int:
+    """The ``network_width`` to record for a model trained at ``input_scale`` x frames ``frame_width`` pixels wide:
+    rounded to a multiple of 32 (480 x 1.5 = 720 -> 736)."""
+    if not frame_width > 0 or not input_scale > 0:
+        raise ValueError(f"frame width and input scale must be > 0, got {frame_width} and {input_scale}")
+    width = aligned_size(MIN_INPUT_SIZE, frame_width * input_scale)[1]
+    if width > MAX_NETWORK_WIDTH:
+        raise ValueError(f"network width {width} (frame width {frame_width:g} x input scale {input_scale:g}) is "
+                         f"above the {MAX_NETWORK_WIDTH} a checkpoint may record")
+    return width
 
 
 def validate_meta(meta: dict[str, Any]) -> None:
@@ -81,6 +115,16 @@ def validate_meta(meta: dict[str, Any]) -> None:
     size = meta.get("input_size")
     if size is not None and (len(size) != 2 or min(size) < 64):
         raise CheckpointError(f"invalid input_size in metadata: {size!r} (need [H, W], each >= 64)")
+    width = meta.get("network_width")
+    if width is not None and (not isinstance(width, int) or isinstance(width, bool)
+                              or not MIN_INPUT_SIZE <= width <= MAX_NETWORK_WIDTH):
+        raise CheckpointError(f"invalid network_width in metadata: {width!r} (need an integer in "
+                              f"[{MIN_INPUT_SIZE}, {MAX_NETWORK_WIDTH}])")
+    text = meta.get("license")
+    if text is not None and (not isinstance(text, str) or not text.strip() or len(text) > MAX_LICENSE_CHARS
+                             or not text.isprintable()):
+        raise CheckpointError(f"invalid license in metadata: {str(text)[:80]!r} (need one line of printable text, "
+                              f"1 to {MAX_LICENSE_CHARS} characters)")
 
 
 def save_checkpoint(model: ICNet, path: str | os.PathLike, meta: dict[str, Any] | None = None, *,
@@ -232,5 +276,6 @@ def _existing(path: str | os.PathLike) -> Path:
     return p
 
 
-__all__ = ["CheckpointError", "MMSEG_NORMALIZATION", "build_meta", "default_model_path", "file_sha256", "load_model",
-           "load_state_dict_into", "read_metadata", "save_checkpoint", "validate_meta", "IGNORE_INDEX"]
+__all__ = ["CheckpointError", "MAX_NETWORK_WIDTH", "MMSEG_NORMALIZATION", "build_meta", "default_model_path",
+           "file_sha256", "load_model", "load_state_dict_into", "network_width_for", "read_metadata",
+           "save_checkpoint", "validate_meta", "IGNORE_INDEX"]

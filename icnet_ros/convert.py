@@ -103,6 +103,10 @@ InputSize = tuple[int, int] | Literal["native"] | None
 """A recommended inference size to record: (H, W); ``"native"`` records none (each frame's own size); None keeps
 what the source has."""
 
+NetworkWidth = int | Literal["none"] | None
+"""A ``network_width`` to record (see :mod:`icnet_ros.checkpoint`); ``"none"`` removes it (``auto`` inference then
+runs at each frame's own size); None keeps what the source has."""
+
 
 def _recorded_size(input_size: tuple[int, int] | str) -> list[int] | None:
     """The metadata value; save_checkpoint's validate_meta checks the size before anything is written."""
@@ -111,6 +115,31 @@ def _recorded_size(input_size: tuple[int, int] | str) -> list[int] | None:
             raise ValueError(f"input size must be (H, W) or 'native', got {input_size!r}")
         return None
     return [int(v) for v in input_size]
+
+
+def _apply_records(meta: dict[str, Any], record: dict[str, Any] | None, input_size: InputSize,
+                   network_width: NetworkWidth, license: str | None) -> None:
+    """Set the requested ``input_size`` / ``network_width`` / ``license`` in ``meta`` (and note each change in the
+    export ``record``); save_checkpoint's validate_meta checks the values before anything is written."""
+    changes: dict[str, Any] = {}
+    if input_size is not None:
+        meta["input_size"] = changes["input_size"] = _recorded_size(input_size)
+    if network_width is not None:
+        if network_width == "none":
+            meta.pop("network_width", None)
+            changes["network_width"] = None
+        else:
+            if isinstance(network_width, bool) or not isinstance(network_width, int):
+                raise ValueError(f"network width must be an integer or 'none', got {network_width!r}")
+            meta["network_width"] = changes["network_width"] = network_width
+    if license is not None:
+        if license == "":
+            meta.pop("license", None)
+            changes["license"] = None
+        else:
+            meta["license"] = changes["license"] = license
+    if record is not None:
+        record.update(changes)
 
 
 def import_mmseg_checkpoint(path: str | os.PathLike, class_set: ClassSet | None = None) -> ICNet:
@@ -132,30 +161,30 @@ def import_mmseg_checkpoint(path: str | os.PathLike, class_set: ClassSet | None 
 
 
 def convert_mmseg_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, class_set: ClassSet | None = None,
-                             fp16: bool = False, include_aux: bool = True, input_size: InputSize = None) -> ICNet:
+                             fp16: bool = False, include_aux: bool = True, input_size: InputSize = None,
+                             network_width: NetworkWidth = None, license: str | None = None) -> ICNet:
     """Convert ``src`` (mmseg ``.pth``) to ``dst`` (native ``.safetensors``); returns the imported model."""
     model = import_mmseg_checkpoint(src, class_set)
-    if input_size is not None:
-        model.meta["input_size"] = _recorded_size(input_size)
+    _apply_records(model.meta, None, input_size, network_width, license)
     save_checkpoint(model, dst, model.meta, fp16=fp16, include_aux=include_aux)
     return model
 
 
 def export_native_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, fp16: bool = False,
-                             include_aux: bool = True, input_size: InputSize = None) -> ICNet:
+                             include_aux: bool = True, input_size: InputSize = None,
+                             network_width: NetworkWidth = None, license: str | None = None) -> ICNet:
     """Re-save native checkpoint ``src`` (e.g. a training run's ``best.safetensors``) as ``dst`` for deployment:
     fp16 and/or without the auxiliary heads, optionally with another recommended input size (``"native"``
     removes it: a run trained at a fixed validation size records that size, which would squash frames of another
-    aspect ratio). The metadata is kept; its provenance gains ``exported`` (source file name, SHA-256 and what
-    was changed; an earlier export record moves under ``previous``). ``src`` may be ``dst``: it is read whole
-    before anything is written."""
+    aspect ratio), ``network_width`` (``"none"`` removes it) or ``license`` (``""`` removes it). The metadata is
+    kept; its provenance gains ``exported`` (source file name, SHA-256 and what was changed; an earlier export
+    record moves under ``previous``). ``src`` may be ``dst``: it is read whole before anything is written."""
     src = Path(src).expanduser()
     model = load_model(src)
     meta = copy.deepcopy(model.meta)
     record: dict[str, Any] = {"from": src.name, "sha256": file_sha256(src), "fp16": fp16,
                               "auxiliary_heads": bool(include_aux and model.config.aux_heads)}
-    if input_size is not None:
-        meta["input_size"] = record["input_size"] = _recorded_size(input_size)
+    _apply_records(meta, record, input_size, network_width, license)
     provenance = meta.setdefault("provenance", {})
     if "exported" in provenance:  # an export of an export: keep the chain
         record["previous"] = provenance["exported"]
@@ -166,13 +195,15 @@ def export_native_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, 
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, class_set: ClassSet | None = None,
-                       fp16: bool = False, include_aux: bool = True, input_size: InputSize = None) -> ICNet:
+                       fp16: bool = False, include_aux: bool = True, input_size: InputSize = None,
+                       network_width: NetworkWidth = None, license: str | None = None) -> ICNet:
     """``icnet-convert``: an mmseg ``.pth`` is imported; a native ``.safetensors`` is exported (its classes are
     its own, so ``class_set`` must be None)."""
     if Path(src).suffix == ".safetensors":
         if class_set is not None:
             raise ValueError(f"{src} is a native checkpoint: its classes are recorded in it (--classes is for "
                              "mmseg checkpoints)")
-        return export_native_checkpoint(src, dst, fp16=fp16, include_aux=include_aux, input_size=input_size)
+        return export_native_checkpoint(src, dst, fp16=fp16, include_aux=include_aux, input_size=input_size,
+                                        network_width=network_width, license=license)
     return convert_mmseg_checkpoint(src, dst, class_set=class_set, fp16=fp16, include_aux=include_aux,
-                                    input_size=input_size)
+                                    input_size=input_size, network_width=network_width, license=license)

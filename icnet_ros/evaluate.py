@@ -232,12 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "data": args.data, "split": args.split, "images": len(dataset), "classes": class_set.name,
                   "input_size": list(input_size) if input_size else None, "flip": args.flip,
                   "scales": list(args.scales), "size_divisor": args.size_divisor, "device": str(device),
-                  "seconds": round(seconds, 3)}
+                  "seconds": round(seconds, 3), "license": meta.get("license")}
         print(json.dumps(report, allow_nan=False))
     else:
         print(f"model: {args.model or 'default'}  data: {args.data} [{args.split}, {len(dataset)} images]  "
               f"input: {'x'.join(map(str, input_size)) if input_size else 'native'}  flip: {args.flip}  "
               f"scales: {args.scales}  size divisor: {args.size_divisor}  device: {device}  ({seconds:.1f} s)")
+        print(f"license of the weights: {meta.get('license') or 'not recorded'}")
         print(format_table(metrics, class_set.classes))
     return 0 if not math.isnan(metrics["mIoU"]) else 1
 

@@ -40,7 +40,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import MMSEG_NORMALIZATION, CheckpointError, build_meta, load_state_dict_into, save_checkpoint
+from .checkpoint import (MAX_LICENSE_CHARS, MMSEG_NORMALIZATION, CheckpointError, build_meta, load_state_dict_into,
+                         network_width_for, save_checkpoint)
 from .classes import ClassSet
 from .data.datasets import (DataSpec, DatasetError, SegmentationDataset, ShardSampler, TrainBatchSampler,
                             build_dataset, collate_segmentation, resolve_class_set, split_names, worker_init)
@@ -74,6 +75,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "ratio_range": [0.5, 2.0], "crop_size": [512, 512], "cat_max_ratio": 0.75, "flip": 0.5,
         "photometric": True,
         "eval_size": None,  # [H, W] network input for validation (default: native x input_scale)
+        "license": None,  # the terms of the data, recorded in checkpoints as the weights' license (one line)
     },
     "loss": {
         "main_weight": 1.0, "sub24_weight": 0.4, "sub12_weight": 0.4, "class_weights": None,
@@ -103,7 +105,7 @@ _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "model.cff": (str,), "model.aux_heads": (bool,), "model.aux_dropout": (int, float),
     "model.pretrained": (str,), "model.init_from": (str,), "data.class_set": (str,), "data.class_file": (str,),
     "data.val_split": (str,), "data.train_limit": (int,), "data.val_limit": (int,), "data.base_size": (list,),
-    "data.eval_size": (list,), "loss.class_weights": (list,), "optim.grad_clip": (int, float),
+    "data.eval_size": (list,), "data.license": (str,), "loss.class_weights": (list,), "optim.grad_clip": (int, float),
     "train.resume": (str,), "train.stop_at": (int,), "train.time_limit": (int, float), "train.cpu_threads": (int,),
 }
 
@@ -236,6 +238,10 @@ def validate_config(c: dict) -> None:
     for k in ("train_limit", "val_limit"):
         if d[k] is not None and d[k] < 1:
             raise ConfigError(f"data.{k} must be >= 1 or null, got {d[k]}")
+    if d["license"] is not None and (not d["license"].strip() or len(d["license"]) > MAX_LICENSE_CHARS
+                                     or not d["license"].isprintable()):
+        raise ConfigError(f"data.license must be one line of printable text, 1 to {MAX_LICENSE_CHARS} "
+                          f"characters, got {d['license'][:80]!r}")
     if min(lo["main_weight"], lo["sub24_weight"], lo["sub12_weight"]) < 0 or lo["main_weight"] <= 0:
         raise ConfigError("loss weights must be >= 0 and loss.main_weight > 0")
     if o["iterations"] < 1 or o["batch_size"] < 1 or o["lr"] <= 0 or not 0 <= o["min_lr"] <= o["lr"]:
@@ -578,6 +584,7 @@ class Trainer:
         self.best_iteration = 0
         self.last_val: dict[str, Any] | None = None
         self._input_size: list[int] | None = None
+        self._network_width: int | None = None
         self._git_commit = git_commit()
         self._init_provenance = init_provenance(config["model"]["init_from"])
         self._build()
@@ -675,6 +682,19 @@ class Trainer:
             self._input_size = [max(64, round(h * s)), max(64, round(w * s))]
         return list(self._input_size)
 
+    def network_width(self) -> int:
+        """The network width recorded in checkpoints (``input_size: auto`` resizes frames to it): data.eval_size's
+        width, else the first training image's width at the working scale (data.input_scale, or data.base_size),
+        rounded to a multiple of 32 (CamVid's 480-wide frames at x1.5: 736)."""
+        d = self.config["data"]
+        if d["eval_size"]:
+            return network_width_for(int(d["eval_size"][1]), 1.0)
+        if self._network_width is None:
+            h, w = self.train_set.load(0)[0].shape[:2]
+            s = base_scale(h, w, d["input_scale"], tuple(d["base_size"]) if d["base_size"] else None)
+            self._network_width = network_width_for(w, s)
+        return self._network_width
+
     # ---- checkpoints and state
     def provenance(self, iteration: int, val_miou: float | None) -> dict[str, Any]:
         return {"source": "icnet-train", "command": " ".join(self.command), "config": self.config,
@@ -692,7 +712,8 @@ class Trainer:
 
     def save_weights(self, name: str, iteration: int, val_miou: float | None) -> Path:
         meta = build_meta(self.arch, self.class_set, self.normalization, self.eval_input_size(),
-                          self.provenance(iteration, val_miou))
+                          self.provenance(iteration, val_miou), network_width=self.network_width(),
+                          license=self.config["data"]["license"])
         path = self.out_dir / name
         save_checkpoint(self.model, path, meta)
         return path

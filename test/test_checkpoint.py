@@ -119,6 +119,14 @@ def test_missing_unexpected_and_mismatched_keys(tmp_path):
     ({"classes": ["a", "b"], "palette": [[0, 0, 0], [1, 1, 1]]}, "2 classes but arch.num_classes is 11"),
     ({"normalization": {"mean": [0, 0], "std": [1, 1, 1], "channel_order": "RGB"}}, "invalid normalization"),
     ({"input_size": [10, 10]}, "invalid input_size"),
+    ({"network_width": 32}, "invalid network_width"),
+    ({"network_width": 100000}, "invalid network_width"),  # auto inference resizes every frame to it: bounded
+    ({"network_width": "736"}, "invalid network_width"),
+    ({"network_width": True}, "invalid network_width"),
+    ({"license": ""}, "invalid license"),
+    ({"license": "two\nlines"}, "invalid license"),
+    ({"license": "x" * 301}, "invalid license"),
+    ({"license": ["CC BY"]}, "invalid license"),
 ])
 def test_invalid_metadata(tmp_path, patch, match):
     model = build_icnet("icnet_r18", width=0.25, num_classes=11)
@@ -146,3 +154,26 @@ def test_save_is_atomic_and_validates(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_network_width_and_license_round_trip(tmp_path):
+    licence = "CC BY-NC 4.0 (trained on CamVid; non-commercial use only)"
+    path = make_checkpoint(tmp_path / "m.safetensors", network_width=736, license=licence)
+    meta = read_metadata(path)
+    assert meta["network_width"] == 736 and meta["license"] == licence
+    assert load_model(path).meta == meta
+    # both optional: absent from files that do not record them (mmseg imports, older files)
+    plain = read_metadata(make_checkpoint(tmp_path / "plain.safetensors"))
+    assert "network_width" not in plain and "license" not in plain
+
+
+def test_network_width_for_training_scales():
+    from icnet_ros.checkpoint import network_width_for
+
+    assert network_width_for(480, 1.5) == 736  # CamVid at x1.5: 720, rounded to a multiple of 32
+    assert network_width_for(480, 2.0) == 960 and network_width_for(480, 1.0) == 480
+    assert network_width_for(2048, 0.5) == 1024 and network_width_for(100, 0.1) == 64  # the network's minimum
+    with pytest.raises(ValueError, match="above the 4096"):
+        network_width_for(2048, 2.5)
+    with pytest.raises(ValueError, match="> 0"):
+        network_width_for(480, 0)

@@ -147,6 +147,29 @@ def test_export_native_checkpoint_for_deployment(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("icnet-convert: error:") and "size" in err and err.count("\n") == 1, (bad, err)
         assert not (tmp_path / "bad.safetensors").exists()
+    # network width (input_size auto) and license: set, kept by later exports, removed; each change recorded
+    licence = "CC BY-NC 4.0 (trained on CamVid; non-commercial use only)"
+    assert convert_main([str(dst), str(dst), "--network-width", "736", "--license", licence]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"network width 736; license: {licence}")
+    recorded = load_model(dst).meta
+    assert recorded["network_width"] == 736 and recorded["license"] == licence
+    assert recorded["provenance"]["exported"]["network_width"] == 736
+    assert recorded["provenance"]["exported"]["license"] == licence
+    assert convert_main([str(dst), str(tmp_path / "kept.safetensors"), "--fp16"]) == 0
+    kept = load_model(tmp_path / "kept.safetensors").meta
+    assert kept["network_width"] == 736 and kept["license"] == licence
+    assert "network_width" not in kept["provenance"]["exported"]  # nothing changed, nothing recorded
+    assert convert_main([str(dst), str(dst), "--network-width", "none", "--license", ""]) == 0
+    removed = load_model(dst).meta
+    assert "network_width" not in removed and "license" not in removed
+    assert removed["provenance"]["exported"]["network_width"] is None
+    for bad, message in ((["--network-width", "wide"], "--network-width takes"),
+                         (["--network-width", "16"], "invalid network_width"),
+                         (["--license", "two\nlines"], "invalid license")):
+        assert convert_main([str(dst), str(tmp_path / "bad.safetensors"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("icnet-convert: error:") and message in err and err.count("\n") == 1, (bad, err)
+        assert not (tmp_path / "bad.safetensors").exists()
     # a native checkpoint carries its own classes
     assert convert_main([str(src), str(tmp_path / "x.safetensors"), "--classes", "cityscapes"]) == 2
     err = capsys.readouterr().err

@@ -140,6 +140,17 @@ def test_readable_table(capsys, ckpt):
     assert main(["--model", str(ckpt), "--data", str(root), "--limit", "1", "--workers", "0", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "sidewalk" in out and "bicyclist" in out and "mIoU" in out and "aAcc" in out
+    assert "license of the weights: not recorded" in out
+
+
+def test_license_of_the_weights_is_printed(capsys, tmp_path):
+    root = require(CAMVID)
+    licence = "CC BY-NC 4.0 (trained on CamVid; non-commercial use only)"
+    model = make_checkpoint(tmp_path / "licensed.safetensors", license=licence)
+    args = ["--model", str(model), "--data", str(root), "--limit", "1", "--workers", "0", "--no-progress"]
+    assert main(args) == 0
+    assert f"license of the weights: {licence}\n" in capsys.readouterr().out
+    assert _run_json(capsys, *args)["license"] == licence
 
 
 def test_without_model_uses_the_default_model(capsys, ckpt, monkeypatch):

@@ -40,12 +40,15 @@ def test_config_files_overrides_and_errors(capsys):
     assert c["optim"]["momentum"] == 0.9  # default kept
     for name in ("camvid_r50_half", "camvid_effnet_lite0", "cityscapes_r50"):
         load_config(name)
+    for name in ("camvid_r50_half", "camvid_effnet_lite0"):  # CamVid is CC BY-NC 4.0: so are weights trained on it
+        assert load_config(name)["data"]["license"].startswith("CC BY-NC 4.0")
     arch = model_config(load_config("camvid_r50_half"), CAMVID_CLASSES)
     assert (arch.backbone, arch.width, arch.ppm, arch.num_classes) == ("resnet50", 0.5, "sum", 11)
     for bad, message in [("optim.lrate=1", "unknown key 'optim.lrate'"), ("optim.lr=fast", "optim.lr must be"),
                          ("data.crop_size=[0, 5]", "crop_size must be"), ("model.arch=icnet_r7", "not a preset"),
                          ("train.log_format=xml", "jsonl or csv"), ("optim.iterations=null", "cannot be null"),
-                         ("noequals", "section.key=value")]:
+                         ("noequals", "section.key=value"), ("data.license=''", "data.license must be"),
+                         ("data.license=5", "data.license must be str")]:
         with pytest.raises(ConfigError, match=message):
             load_config("smoke", [bad])
     with pytest.raises(ConfigError, match="config not found"):
@@ -101,6 +104,8 @@ def test_run_outputs_metadata_and_exact_resume(tmp_path):
     meta = model.meta
     assert meta["classes"] == list(CAMVID_CLASSES.classes) and meta["normalization"] == MMSEG_NORMALIZATION
     assert meta["input_size"] == [180, 240]  # 480x360 CamVid at data.input_scale 0.5
+    assert meta["network_width"] == 256  # 480 x 0.5 = 240, rounded to a multiple of 32
+    assert "license" not in meta  # the smoke config records none
     prov = meta["provenance"]
     assert prov["iterations"] == 6 and prov["config"]["optim"]["iterations"] == 6
     assert "smoke" in prov["command"] and prov["hardware"]["device"] == "cpu" and prov["wall_time_s"] > 0
@@ -186,6 +191,18 @@ def test_overfits_two_camvid_frames(tmp_path, capsys):
                       "--limit", "2", "--workers", "0", "--no-progress", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["mIoU"] == pytest.approx(val["mIoU"], abs=1e-3) and report["input_size"] == [192, 256]
+
+
+def test_checkpoints_record_network_width_and_license(tmp_path):
+    """network_width follows the working scale (data.input_scale x the frames' width, or data.eval_size), rounded to
+    a multiple of 32; data.license is recorded as the weights' license."""
+    one = ["optim.iterations=1", "train.eval_interval=1", "train.checkpoint_interval=1", "data.val_limit=1"]
+    licence = "CC BY-NC 4.0 (trained on CamVid; non-commercial use only)"
+    run = _smoke(tmp_path / "x15", *one, "data.input_scale=1.5", "data.val_split=null", f"data.license={licence}")
+    meta = load_model(run / "last.safetensors").meta
+    assert meta["network_width"] == 736 and meta["license"] == licence  # 480 x 1.5 = 720 -> 736
+    run = _smoke(tmp_path / "eval_size", *one, "data.eval_size=[96, 160]")
+    assert load_model(run / "best.safetensors").meta["network_width"] == 160
 
 
 def test_crop_size_off_the_network_grid_warns(tmp_path, capsys):

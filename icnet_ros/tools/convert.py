@@ -1,5 +1,6 @@
 """icnet-convert: MMSegmentation ICNet checkpoint (.pth) -> native icnet_ros checkpoint (.safetensors), or a native
-checkpoint -> a deployment copy (fp16, no auxiliary heads)."""
+checkpoint -> a deployment copy (fp16, no auxiliary heads), optionally recording the input size, the network width
+that ``input_size: auto`` resizes frames to, and the license of the weights."""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", nargs="+", metavar="H W | native",
                    help="recommended inference size to record: H W, or 'native' for none (tools then run at each "
                         "frame's own size); default: mmseg: none; native checkpoints: their own")
+    p.add_argument("--network-width", metavar="W | none",
+                   help="record the network input width the model was trained at (input_size 'auto' resizes "
+                        "each frame, keeping its aspect ratio, to it; e.g. 736 for CamVid trained at x1.5), or "
+                        "'none' to remove it; default: keep the source's")
+    p.add_argument("--license", metavar="TEXT",
+                   help="record the license of the weights (one line, e.g. 'CC BY-NC 4.0 (trained on CamVid; "
+                        "non-commercial use only)'); '' removes it; default: keep the source's")
     return p
+
+
+def _network_width(value: str | None) -> int | str | None:
+    if value is None or value == "none":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--network-width takes an integer width or 'none', got {value!r}") from None
 
 
 def _input_size(values: list[str] | None) -> tuple[int, int] | str | None:
@@ -51,14 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         class_set = get_class_set(args.classes) if args.classes else None
         model = convert_checkpoint(args.src, args.dst, class_set=class_set, fp16=args.fp16,
-                                   include_aux=not args.no_aux, input_size=_input_size(args.input_size))
+                                   include_aux=not args.no_aux, input_size=_input_size(args.input_size),
+                                   network_width=_network_width(args.network_width), license=args.license)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"icnet-convert: error: {e}", file=sys.stderr)
         return 2
     c = model.config
     print(f"{args.src} -> {args.dst}: ICNet {c.backbone} width {c.width:g}, {c.num_classes} classes "
           f"({model.meta['dataset']}), {count_parameters(model, include_aux=not args.no_aux) / 1e6:.1f}M parameters"
-          f"{', fp16' if args.fp16 else ''}")
+          f"{', fp16' if args.fp16 else ''}"
+          + (f", network width {model.meta['network_width']}" if "network_width" in model.meta else "")
+          + (f"; license: {model.meta['license']}" if "license" in model.meta else ""))
     return 0
 
 
