@@ -1,0 +1,250 @@
+"""Training configuration: the sections and defaults, YAML files plus ``section.key=value`` overrides, checking (an
+unknown key or a wrong type is a one-line :class:`ConfigError` naming the key), and what the config builds: the
+data spec, the architecture and its input normalization."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import MAX_LICENSE_CHARS, MMSEG_NORMALIZATION
+from ..classes import ClassSet
+from ..data.datasets import DataSpec
+from ..models.icnet import MODEL_CONFIGS, ICNetConfig
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {
+        "arch": "icnet_r50_half",  # preset (icnet_r18, icnet_r50, icnet_r101, icnet_r50_half) or null
+        "backbone": None, "width": None, "ppm": None, "cff": None, "aux_heads": None, "aux_dropout": None,
+        "pretrained": None,  # "imagenet": ImageNet weights for efficientnet_lite* backbones
+        "init_from": None,  # a native checkpoint to start from (tensors whose shapes differ are skipped)
+    },
+    "data": {
+        "root": "../shared/data/camvid", "layout": "auto", "class_set": None, "class_file": None,
+        "image_dir": "{split}/images", "label_dir": "{split}/labels", "label_suffix": "",
+        "train_split": "train", "val_split": "val",  # "train+val" concatenates; val_split null: no validation
+        "train_limit": None, "val_limit": None,  # first N samples only (smoke runs)
+        "input_scale": 1.0,  # working resolution relative to the files (2.0: CamVid at 960x720)
+        "base_size": None,  # [H, W]: fit images into this box instead of input_scale
+        "ratio_range": [0.5, 2.0], "crop_size": [512, 512], "cat_max_ratio": 0.75, "flip": 0.5,
+        "photometric": True,
+        "eval_size": None,  # [H, W] network input for validation (default: native x input_scale)
+        "license": None,  # the terms of the data, recorded in checkpoints as the weights' license (one line)
+    },
+    "loss": {
+        "main_weight": 1.0, "sub24_weight": 0.4, "sub12_weight": 0.4, "class_weights": None,
+        "ohem": False, "ohem_thresh": 0.7, "ohem_min_kept": 100000,
+    },
+    "optim": {
+        "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
+        "poly_power": 0.9, "min_lr": 1e-4, "warmup_iters": 0, "warmup_ratio": 0.1,
+        "iterations": 80000, "batch_size": 8, "amp": True, "grad_clip": None,
+    },
+    "train": {
+        "output_dir": "runs/icnet", "seed": 0, "device": "auto", "workers": 2,
+        "cpu_threads": None,  # torch intra-op threads per process (default: torch's choice)
+        "eval_interval": 1000, "eval_batch_size": 4, "log_interval": 50, "checkpoint_interval": 1000,
+        "log_format": "jsonl",  # jsonl | csv
+        "tensorboard": "auto",  # auto (when installed) | true | false
+        "sync_bn": False, "channels_last": "auto", "train_miou": True, "progress": True,
+        "resume": None,  # null | auto | a run directory | a train_state.pt
+        "stop_at": None,  # stop (resumably) after this many iterations; the schedule still spans optim.iterations
+        "time_limit": None,  # seconds: stop (resumably, after a validation) once the loop has run this long
+    },
+}
+
+# keys whose default is None: the types they accept
+_OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
+    "model.arch": (str,), "model.backbone": (str,), "model.width": (int, float), "model.ppm": (str,),
+    "model.cff": (str,), "model.aux_heads": (bool,), "model.aux_dropout": (int, float),
+    "model.pretrained": (str,), "model.init_from": (str,), "data.class_set": (str,), "data.class_file": (str,),
+    "data.val_split": (str,), "data.train_limit": (int,), "data.val_limit": (int,), "data.base_size": (list,),
+    "data.eval_size": (list,), "data.license": (str,), "loss.class_weights": (list,), "optim.grad_clip": (int, float),
+    "train.resume": (str,), "train.stop_at": (int,), "train.time_limit": (int, float), "train.cpu_threads": (int,),
+}
+
+
+# keys with a non-null default that may be set to null
+_NULLABLE = {"model.arch", "data.val_split"}
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used; the message names the key."""
+
+
+def config_dirs() -> list[Path]:
+    """Where config names are looked up: ./config/train, the source tree's, the installed package share."""
+    dirs = [Path.cwd() / "config" / "train", Path(__file__).resolve().parents[2] / "config" / "train"]
+    try:  # colcon / ament install
+        from ament_index_python.packages import get_package_share_directory
+
+        dirs.append(Path(get_package_share_directory("icnet_ros")) / "config" / "train")
+    except Exception:  # noqa: BLE001 - no ament index, or the package is not in it
+        pass
+    return list(dict.fromkeys(dirs))
+
+
+def find_config(name: str) -> Path:
+    """``name`` as a path, else ``NAME[.yaml]`` in one of :func:`config_dirs`."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    stem = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    dirs = config_dirs()
+    for d in dirs:
+        if (d / stem).is_file():
+            return d / stem
+    raise ConfigError(f"config not found: {name} (also looked for {stem} in {', '.join(map(str, dirs))})")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``section.key=value`` with a YAML value (``[1, 2]``, ``null``, ``true``, ``0.01``, ``text``)."""
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, _, raw = item.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+    return key.strip(), value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Defaults <- YAML file <- ``key=value`` overrides, checked: unknown keys and wrong types are errors."""
+    import yaml
+
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        p = find_config(str(path))
+        try:
+            doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections ({', '.join(DEFAULTS)})")
+        for section, values in doc.items():
+            if section not in DEFAULTS:
+                raise ConfigError(f"{p}: unknown section {section!r}; known: {', '.join(DEFAULTS)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{p}: section {section!r} must be a mapping")
+            for k, v in values.items():
+                _set(config, f"{section}.{k}", v, source=str(p))
+    for item in overrides:
+        key, value = parse_override(item)
+        _set(config, key, value, source="command line")
+    validate_config(config)
+    return config
+
+
+def _set(config: dict, dotted: str, value: Any, source: str) -> None:
+    section, _, key = dotted.partition(".")
+    if section not in DEFAULTS or not key:
+        raise ConfigError(f"{source}: unknown key {dotted!r}; sections: {', '.join(DEFAULTS)}")
+    if key not in DEFAULTS[section]:
+        raise ConfigError(f"{source}: unknown key {dotted!r}; known in {section}: {', '.join(DEFAULTS[section])}")
+    default = DEFAULTS[section][key]
+    if value is not None:
+        allowed = _OPTIONAL_TYPES.get(dotted) if default is None else (
+            (int, float) if isinstance(default, float) else (type(default),))
+        if isinstance(default, str) and isinstance(value, bool) and dotted in ("train.channels_last",
+                                                                               "train.tensorboard"):
+            allowed = (bool,)
+        if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+            names = "/".join(t.__name__ for t in allowed)
+            raise ConfigError(f"{source}: {dotted} must be {names}, got {value!r}")
+    elif default is not None and dotted not in _NULLABLE:
+        raise ConfigError(f"{source}: {dotted} cannot be null")
+    config[section][key] = value
+
+
+def _pair(config: dict, key: str, minimum: float = 1) -> None:
+    section, _, k = key.partition(".")
+    v = config[section][k]
+    if v is None:
+        return
+    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                        and x >= minimum for x in v)):
+        raise ConfigError(f"{key} must be a list of two numbers >= {minimum}, got {v!r}")
+
+
+def validate_config(c: dict) -> None:
+    """Raise :class:`ConfigError` naming the first bad value."""
+    m, d, lo, o, t = c["model"], c["data"], c["loss"], c["optim"], c["train"]
+    if m["arch"] is not None and m["arch"] not in MODEL_CONFIGS:
+        raise ConfigError(f"model.arch {m['arch']!r} is not a preset; known: {', '.join(MODEL_CONFIGS)} "
+                          "(or null with model.backbone etc.)")
+    if m["arch"] is None and m["backbone"] is None:
+        raise ConfigError("set model.arch (a preset) or model.backbone")
+    if m["pretrained"] not in (None, "imagenet"):
+        raise ConfigError(f"model.pretrained must be null or 'imagenet', got {m['pretrained']!r}")
+    _pair(c, "data.crop_size", 32)
+    _pair(c, "data.ratio_range", 1e-6)
+    _pair(c, "data.base_size", 16)
+    _pair(c, "data.eval_size", 64)
+    if d["ratio_range"][0] > d["ratio_range"][1]:
+        raise ConfigError(f"data.ratio_range must be [low, high] with low <= high, got {d['ratio_range']}")
+    if d["input_scale"] <= 0:
+        raise ConfigError(f"data.input_scale must be > 0, got {d['input_scale']}")
+    if not 0 < d["cat_max_ratio"] <= 1 or not 0 <= d["flip"] <= 1:
+        raise ConfigError("data.cat_max_ratio must be in (0, 1] and data.flip in [0, 1]")
+    for k in ("train_limit", "val_limit"):
+        if d[k] is not None and d[k] < 1:
+            raise ConfigError(f"data.{k} must be >= 1 or null, got {d[k]}")
+    if d["license"] is not None and (not d["license"].strip() or len(d["license"]) > MAX_LICENSE_CHARS
+                                     or not d["license"].isprintable()):
+        raise ConfigError(f"data.license must be one line of printable text, 1 to {MAX_LICENSE_CHARS} "
+                          f"characters, got {d['license'][:80]!r}")
+    if min(lo["main_weight"], lo["sub24_weight"], lo["sub12_weight"]) < 0 or lo["main_weight"] <= 0:
+        raise ConfigError("loss weights must be >= 0 and loss.main_weight > 0")
+    if o["iterations"] < 1 or o["batch_size"] < 1 or o["lr"] <= 0 or not 0 <= o["min_lr"] <= o["lr"]:
+        raise ConfigError("need optim.iterations >= 1, optim.batch_size >= 1, optim.lr > 0, 0 <= min_lr <= lr")
+    if o["warmup_iters"] < 0 or not 0 < o["warmup_ratio"] <= 1:
+        raise ConfigError("need optim.warmup_iters >= 0 and optim.warmup_ratio in (0, 1]")
+    for k in ("eval_interval", "log_interval", "checkpoint_interval", "eval_batch_size"):
+        if t[k] < 1:
+            raise ConfigError(f"train.{k} must be >= 1, got {t[k]}")
+    if t["workers"] < 0:
+        raise ConfigError(f"train.workers must be >= 0, got {t['workers']}")
+    if t["log_format"] not in ("jsonl", "csv"):
+        raise ConfigError(f"train.log_format must be jsonl or csv, got {t['log_format']!r}")
+    for k in ("channels_last", "tensorboard"):
+        if t[k] not in ("auto", True, False):
+            raise ConfigError(f"train.{k} must be auto, true or false, got {t[k]!r}")
+    if t["cpu_threads"] is not None and t["cpu_threads"] < 1:
+        raise ConfigError(f"train.cpu_threads must be >= 1 or null, got {t['cpu_threads']}")
+    if t["stop_at"] is not None and t["stop_at"] < 1:
+        raise ConfigError(f"train.stop_at must be >= 1 or null, got {t['stop_at']}")
+    if t["time_limit"] is not None and not t["time_limit"] > 0:
+        raise ConfigError(f"train.time_limit must be > 0 seconds or null, got {t['time_limit']}")
+
+
+def data_spec(config: dict) -> DataSpec:
+    d = config["data"]
+    return DataSpec(root=d["root"], layout=d["layout"], class_set=d["class_set"], class_file=d["class_file"],
+                    image_dir=d["image_dir"], label_dir=d["label_dir"], label_suffix=d["label_suffix"])
+
+
+def model_config(config: dict, class_set: ClassSet) -> ICNetConfig:
+    """The architecture: the preset in model.arch with the non-null model fields and the class count applied."""
+    m = config["model"]
+    base = MODEL_CONFIGS[m["arch"]].to_dict() if m["arch"] else ICNetConfig().to_dict()
+    for k in ("backbone", "width", "ppm", "cff", "aux_heads", "aux_dropout"):
+        if m[k] is not None:
+            base[k] = m[k]
+    base["num_classes"] = class_set.num_classes
+    try:
+        return ICNetConfig.from_dict(base)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from e
+
+
+def normalization_for(arch: ICNetConfig) -> dict[str, Any]:
+    """ImageNet EfficientNet-Lite preprocessing for those backbones, mmseg's otherwise."""
+    if arch.backbone.startswith("efficientnet_lite"):
+        from ..models.efficientnet import IMAGENET_NORMALIZATION
+
+        return dict(IMAGENET_NORMALIZATION)
+    return dict(MMSEG_NORMALIZATION)

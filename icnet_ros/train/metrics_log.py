@@ -1,0 +1,80 @@
+"""The run's metrics log: ``metrics.jsonl`` or ``{kind}_log.csv``, mirrored to TensorBoard when installed, and cut
+back to the resumed iteration on resume."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+
+class MetricsLog:
+    """Append records to ``metrics.jsonl`` (one JSON object per line, with ``kind``) or to ``{kind}_log.csv``;
+    mirror scalars to TensorBoard when available. Only rank 0 writes."""
+
+    def __init__(self, out_dir: Path, fmt: str = "jsonl", tensorboard: bool | str = "auto",
+                 enabled: bool = True) -> None:
+        self.out_dir, self.fmt, self.enabled = out_dir, fmt, enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                if tensorboard is True:
+                    raise ConfigError("train.tensorboard=true but TensorBoard is not installed "
+                                      "(pip install tensorboard)") from None
+
+    def log(self, kind: str, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.fmt == "jsonl":
+            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"kind": kind, **record}) + "\n")
+        else:
+            path = self.out_dir / f"{kind}_log.csv"
+            flat = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in record.items()}
+            new = not path.exists()
+            with open(path, "a", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=list(flat), extrasaction="ignore")
+                if new:
+                    w.writeheader()
+                w.writerow(flat)
+        if self.tb is not None:
+            step = int(record.get("iter", 0))
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iter":
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def truncate(self, after_iter: int) -> None:
+        """Drop records logged after iteration ``after_iter`` (a resumed run repeats those iterations)."""
+        if not self.enabled:
+            return
+        paths = [self.out_dir / "metrics.jsonl"] if self.fmt == "jsonl" else sorted(self.out_dir.glob("*_log.csv"))
+        for path in paths:
+            if not path.is_file():
+                continue
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if self.fmt == "jsonl":
+                keep = [ln for ln in lines if ln.strip() and _record_iter(json.loads(ln)) <= after_iter]
+            else:
+                rows = list(csv.DictReader(lines))
+                keep = lines[:1] + [ln for ln, row in zip(lines[1:], rows) if _record_iter(row) <= after_iter]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(keep), encoding="utf-8")
+            os.replace(tmp, path)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _record_iter(record: dict[str, Any]) -> int:
+    try:
+        return int(record.get("iter", 0))
+    except (TypeError, ValueError):
+        return 0
