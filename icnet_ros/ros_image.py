@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["ImageFormatError", "PixelFormat", "SEGMENTER_ENCODINGS", "compressed_to_numpy", "compression_format",
            "image_to_numpy", "numpy_to_compressed", "numpy_to_image", "pixel_format", "scale_camera_info",
-           "segmenter_input", "set_image_data"]
+           "segmenter_frame", "segmenter_input", "set_image_data"]
 
 
 class ImageFormatError(ValueError):
@@ -125,6 +125,18 @@ def segmenter_input(msg: Any) -> tuple[np.ndarray, str]:
     if img.ndim == 3 and img.shape[2] == 4:
         img = img[:, :, :3]
     return img, order
+
+
+def segmenter_frame(msg: Any, compressed: bool) -> tuple[np.ndarray, str]:
+    """``(frame, channel_order)`` for :meth:`Segmenter.segment` from a ``sensor_msgs/Image`` (``compressed``
+    False, see :func:`segmenter_input`) or a ``sensor_msgs/CompressedImage`` (8-bit jpeg/png; grey frames are
+    passed as "RGB", the Segmenter replicates them). Raises :class:`ImageFormatError`."""
+    if not compressed:
+        return segmenter_input(msg)
+    img, order = compressed_to_numpy(msg)
+    if img.dtype != np.uint8:
+        raise ImageFormatError("encoding", f"{img.dtype} CompressedImage (only 8-bit images are segmented)")
+    return img, ("RGB" if order == "MONO" else order)
 
 
 def set_image_data(msg: Any, data: np.ndarray) -> None:

@@ -206,9 +206,9 @@ def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source:
         # end of input: wait until the node has dealt with every frame and its overlays have arrived
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
-            s = camera.stats
-            settled = camera.pending is None and s.processed + sum(s.dropped.values()) >= s.received
-            if s.received >= published and settled and recorder.received >= s.computed.get("overlay", 0):
+            s = node.pipeline.snapshot()["cameras"][camera.topic]
+            settled = node.pipeline.idle() and s["processed"] + sum(s["dropped"].values()) >= s["received"]
+            if s["received"] >= published and settled and recorder.received >= s["computed"].get("overlay", 0):
                 break
             time.sleep(0.05)
         elapsed = time.monotonic() - t0
@@ -216,11 +216,10 @@ def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source:
         recorder.close()
         executor.remove_node(helper)
         helper.destroy_node()
-    s = camera.stats
-    drops = {k: v for k, v in s.dropped.items() if v}
-    snap = node.stats_snapshot()[camera.topic]
+    snap = node.pipeline.snapshot()["cameras"][camera.topic]
+    drops = {k: v for k, v in snap["dropped"].items() if v}
     lat50, lat95 = snap["latency_p50_ms"], snap["latency_p95_ms"]
-    print(f"{PROG}: published {published} frames; node processed {s.processed}"
+    print(f"{PROG}: published {published} frames; node processed {snap['processed']}"
           f"{f', dropped {drops}' if drops else ''}; received {recorder.received} overlays, saved {recorder.saved} "
           f"to {Path(args.output)}/ in {elapsed:.1f} s ({recorder.received / elapsed if elapsed else 0:.2f} fps, "
           f"latency p50 {lat50:.0f} ms, p95 {lat95:.0f} ms)", flush=True)

@@ -103,10 +103,22 @@ def bench_size(node: Any, helper: Any, size: tuple[int, int], frames: int, kinds
         msg.header.stamp = helper.get_clock().now().to_msg()
         pub.publish(msg)
 
+    pipeline = node.pipeline
+    first = pipeline.samples(camera.topic)["processed"] + 1
     publish(0)  # warm-up through the node
     if not sink.wait(1, timeout):
         raise RuntimeError("no output from the node")
-    node.cameras[0].stats.latency_ms.clear()
+
+    def samples_after(processed: int) -> dict[str, Any]:
+        """The node's samples once it has counted ``processed`` frames (it counts just after publishing)."""
+        end = time.monotonic() + 10
+        while True:
+            got = pipeline.samples(camera.topic)
+            if got["processed"] >= processed or time.monotonic() > end:
+                return got
+            time.sleep(0.001)
+
+    samples_after(first)
     # (1) + (2), interleaved so that load changes on a shared machine hit both alike: the Segmenter alone (the
     # node's own object, same outputs, called from this thread), then the same frame through the node. The
     # overhead is taken per frame against the node's own segment() time for that frame (same object, same worker
@@ -123,8 +135,8 @@ def bench_size(node: Any, helper: Any, size: tuple[int, int], frames: int, kinds
             raise RuntimeError(f"frame {i}: no output within {timeout:.0f} s")
         stamp, arrival = sink.complete[-1]
         e2e_ms.append((arrival - stamp) / 1e6)
-        infer_ms.append(node.cameras[0].stats.inference_ms[-1])  # this frame's segment() call, in the node
-    internal = list(node.cameras[0].stats.latency_ms)
+        infer_ms.append(samples_after(first + i + 1)["inference_ms"][-1])  # this frame's segment() call
+    internal = samples_after(first + frames)["latency_ms"][-frames:]
     # (3) sustained throughput: publish at twice the Segmenter's rate (its time inside the node)
     seg_fps = 1e3 / statistics.median(infer_ms)
     period = 1.0 / (2 * seg_fps)
