@@ -1,0 +1,374 @@
+"""OpenVINO: export a native checkpoint to OpenVINO IR (fp32, fp16 weights or NNCF INT8), and run IR files.
+
+Export (:func:`export_openvino`): the eval-mode network without its auxiliary heads is converted from the PyTorch
+module (traced with an example input, then ``openvino.convert_model``) at a fixed network input H x W (the pyramid
+pooling bins depend on it) and a dynamic batch by default (``batch=None``; OpenVINO compiles one model for every
+batch size, no slower at batch 1 than a fixed batch, see the notes in BENCHMARKS.md) or a fixed one. The IR is an
+``.xml`` + ``.bin`` pair. The checkpoint's metadata travels in the model's ``rt_info`` under ``icnet_ros`` as JSON
+(it survives ``save_model`` / ``read_model``), with ``network_size`` = [H, W] and an export record in
+``provenance["exported"]`` (format, size, batch, precision, OpenVINO version, source file and SHA-256, date; an
+earlier record moves under ``previous``, as with ``icnet-convert``).
+
+INT8 (``int8=True``): post-training quantization with NNCF (``nncf.quantize``) of the converted fp32 model,
+calibrated on ``calib_count`` images of ``calib_dir`` (an image folder, or a dataset split folder with an
+``images/`` subfolder), each resized to the export size exactly as the Segmenter does (bilinear, align_corners
+False, float32) and normalised with the checkpoint's normalisation. Settings: NNCF's defaults for CNNs
+(``preset=PERFORMANCE``: symmetric weights and activations, what the CPU plugin runs fastest; ``model_type``
+None; fast bias correction) -- measured on the default model, see BENCHMARKS.md for the accuracy cost.
+
+Backend (:func:`open_backend`): reads an IR (or an ``.onnx`` file: OpenVINO reads those directly) and compiles it
+for the CPU (``device="cpu"``) or an Intel GPU (``device="xpu"``, OpenVINO's ``GPU``), latency hint, one stream,
+``options.threads`` (0: ``torch.get_num_threads()``) inference threads. fp32 is exact: OpenVINO's CPU plugin
+otherwise runs fp32 models in bf16 on CPUs with AVX512-BF16/AMX (2% logit error, <99.9% argmax agreement on the
+default model), so the inference precision is always set explicitly. Inputs and logits stay in host memory:
+the input tensor is shared with OpenVINO without a copy; the logits are a view of the request's output buffer
+(valid until the next call, as the backend contract allows).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import io
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checkpoint import META_KEY, CheckpointError, file_sha256, load_model, validate_meta
+from ..models.icnet import MIN_INPUT_SIZE
+from ..preprocess import Normalizer
+from ..sizes import SIZE_DIVISOR
+from .base import BackendOptions, require
+
+NAME = "openvino"
+#: OpenVINO inference precision per BackendOptions.precision ("int8": the quantized layers run in INT8 whatever
+#: this says; the layers NNCF left in float run in f32)
+INFERENCE_PRECISIONS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def _ov() -> Any:
+    return require(NAME, "openvino", "openvino")
+
+
+# ------------------------------------------------------------------------------------------------------ export
+
+def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[int, int] = (512, 1024),
+                    batch: int | None = None, fp16: bool = False, int8: bool = False,
+                    calib_dir: str | os.PathLike | None = None, calib_count: int = 300,
+                    progress: bool = True) -> Path:
+    """Export a native checkpoint (path) or an ICNet module with ``.meta`` to OpenVINO IR; returns the ``.xml``.
+
+    ``size``: the fixed network input (H, W). ``batch``: None or 0 = dynamic, N = fixed. ``fp16``: weights stored
+    as fp16 (half the file; OpenVINO decompresses them at load time). ``int8``: NNCF post-training quantization
+    calibrated on ``calib_count`` images from ``calib_dir`` (see the module docstring). ``output``: the ``.xml``
+    path (``.xml`` is appended when missing); the ``.bin`` goes beside it. Files are written atomically."""
+    ov = _ov()
+    h, w = _check_size(size)
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 0):
+        raise ValueError(f"batch must be None or 0 (dynamic) or a positive integer, got {batch!r}")
+    batch = batch or None
+    if fp16 and int8:
+        raise ValueError("choose fp16 or int8, not both (an INT8 model keeps its remaining float layers in fp32)")
+    if int8 and calib_dir is None:
+        raise ValueError("int8 export needs calibration images: pass calib_dir (an image folder or a dataset split "
+                         "folder with images/)")
+    calib_images = _calibration_images(calib_dir, calib_count) if int8 else []
+    out = Path(output).expanduser()
+    if out.suffix != ".xml":
+        out = out.with_name(out.name + ".xml")
+
+    model, meta, source = _export_model(model_or_path)
+    example = torch.zeros(1, 3, h, w)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input checks in forward are constants here
+        # tracing here (once, unchecked) is about twice as fast as letting convert_model trace the module
+        # (torch 2.13 deprecates torch.jit.trace; convert_model's own PyTorch path traces the same way)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(model, example, check_trace=False)
+        ov_model = ov.convert_model(traced, example_input=example, input=[ov.PartialShape([batch or -1, 3, h, w])])
+    del traced
+    ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
+    ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
+    ov_model.set_friendly_name("icnet")
+
+    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
+    record: dict[str, Any] = {"format": "openvino", **source, "size": [h, w], "batch": batch or "dynamic",
+                              "precision": precision, "openvino": ov.get_version().split("-")[0],
+                              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if int8:
+        import nncf
+
+        folder = Path(calib_dir).expanduser()  # type: ignore[arg-type]
+        record["calibration"] = {"folder": folder.name if folder.name != "images" else folder.parent.name,
+                                 "count": len(calib_images), "nncf": nncf.__version__, "preset": "performance",
+                                 "fast_bias_correction": True}
+        ov_model = quantize_int8(ov_model, calib_images, (h, w), meta["normalization"], progress=progress)
+    meta["network_size"] = [h, w]
+    provenance = meta.setdefault("provenance", {})
+    if "exported" in provenance:  # an export of an export: keep the chain
+        record["previous"] = provenance["exported"]
+    provenance["exported"] = record
+    validate_meta(meta)
+    ov_model.set_rt_info(json.dumps(meta), META_KEY)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.xml")
+    try:
+        ov.save_model(ov_model, str(tmp), compress_to_fp16=fp16)
+        os.replace(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
+        os.replace(tmp, out)  # the .xml last: a reader never finds a new .xml next to an old .bin
+    finally:
+        for t in (tmp, tmp.with_suffix(".bin")):
+            t.unlink(missing_ok=True)
+    return out
+
+
+def _check_size(size: Any) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be (H, W), got {size!r}") from None
+    if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
+        raise ValueError(f"size {h}x{w} is below the network minimum {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}")
+    if h % SIZE_DIVISOR or w % SIZE_DIVISOR:
+        warnings.warn(f"export size {h}x{w} is not a multiple of {SIZE_DIVISOR}: ICNet's cascade misaligns there "
+                      "and loses accuracy (the Segmenter itself uses multiples of 32)", RuntimeWarning, stacklevel=3)
+    return h, w
+
+
+def _export_model(model_or_path: Any) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """A private eval-mode float32 copy without auxiliary heads, its metadata (a copy) and the source record."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        path = Path(model_or_path).expanduser()
+        model = load_model(path)
+        source: dict[str, Any] = {"from": path.name, "sha256": file_sha256(path)}
+    elif isinstance(model_or_path, nn.Module):
+        if not getattr(model_or_path, "meta", None):
+            raise CheckpointError(f"{type(model_or_path).__name__} has no .meta; export a checkpoint file or a "
+                                  "model loaded with icnet_ros.checkpoint.load_model")
+        model = copy.deepcopy(model_or_path).float()
+        source = {"from": None}
+    else:
+        raise CheckpointError(f"model_or_path must be a checkpoint path or an ICNet module, got "
+                              f"{type(model_or_path).__name__}")
+    meta = copy.deepcopy(model.meta)
+    validate_meta(meta)
+    model.eval()
+    if getattr(model, "auxiliary_head", None) is not None:
+        model.auxiliary_head = None
+    meta["arch"] = {**meta["arch"], "aux_heads": False}
+    return model, meta, source
+
+
+# ------------------------------------------------------------------------------------------------------ INT8
+
+def _calibration_images(calib_dir: str | os.PathLike | None, count: int) -> list[Path]:
+    """``count`` images spread evenly over the sorted image files of ``calib_dir`` (or ``calib_dir/images``)."""
+    from ..data.datasets import IMAGE_EXTENSIONS
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"calib_count must be a positive integer, got {count!r}")
+    root = Path(calib_dir).expanduser()  # type: ignore[arg-type]
+    if not root.is_dir():
+        raise ValueError(f"calibration folder not found: {root}")
+    folder = root / "images" if (root / "images").is_dir() else root
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    if len(files) <= count:
+        return files
+    step = len(files) / count
+    return [files[int(i * step)] for i in range(count)]
+
+
+def calibration_input(image: np.ndarray, size: tuple[int, int], normalizer: Normalizer) -> np.ndarray:
+    """An H x W x 3 uint8 RGB image -> the 1 x 3 x H x W float32 network input the Segmenter would feed."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0).permute(0, 3, 1, 2).float()
+    if tuple(x.shape[2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return normalizer(x, "RGB", channels_last_input=False).contiguous().numpy()
+
+
+class _CalibrationSet:
+    """Re-iterable calibration inputs, read lazily (one image in memory at a time; NNCF iterates more than once)."""
+
+    def __init__(self, files: list[Path], size: tuple[int, int], normalization: dict[str, Any]) -> None:
+        self.files, self.size = files, size
+        self.normalizer = Normalizer(normalization)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        from ..data.datasets import read_image
+
+        for f in self.files:
+            yield calibration_input(read_image(f), self.size, self.normalizer)
+
+
+def quantize_int8(ov_model: Any, calib_images: list[Path], size: tuple[int, int], normalization: dict[str, Any],
+                  progress: bool = True, **nncf_options: Any) -> Any:
+    """NNCF post-training INT8 quantization of an OpenVINO model, calibrated on ``calib_images`` (see the module
+    docstring); ``nncf_options`` override ``nncf.quantize``'s arguments (for accuracy experiments). NNCF draws
+    its own progress bars (statistics collection, bias correction) on stdout; ``progress=False`` hides them."""
+    nncf = require(NAME, "nncf", "openvino")
+    options: dict[str, Any] = {"subset_size": len(calib_images), "preset": nncf.QuantizationPreset.PERFORMANCE,
+                               "fast_bias_correction": True, **nncf_options}
+    quiet = contextlib.redirect_stdout(io.StringIO()) if not progress else contextlib.nullcontext()
+    with quiet:
+        return nncf.quantize(ov_model, nncf.Dataset(_CalibrationSet(calib_images, size, normalization)), **options)
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+
+def _read_model(core: Any, path: str | os.PathLike) -> tuple[Any, Path]:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"model not found: {p}")
+    if not p.is_file():
+        raise CheckpointError(f"model path is not a file: {p}")
+    if p.suffix not in (".xml", ".onnx"):
+        raise CheckpointError(f"{p}: not an OpenVINO model (expected an IR .xml with its .bin, or .onnx)")
+    if p.suffix == ".xml" and not p.with_suffix(".bin").is_file():
+        raise CheckpointError(f"{p}: the weights file {p.with_suffix('.bin').name} is missing beside it")
+    try:
+        if p.suffix == ".onnx":  # only the ONNX frontend: read_model would also try others on a damaged file
+            from openvino.frontend import FrontEndManager
+
+            frontend = FrontEndManager().load_by_framework("onnx")
+            return frontend.convert(frontend.load(str(p))), p
+        return core.read_model(str(p)), p
+    except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses with multi-line messages
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{p}: OpenVINO cannot read it (corrupt, truncated or not a model?): {first}") from e
+
+
+def _meta_of(ov_model: Any, path: Path) -> dict[str, Any]:
+    if not ov_model.has_rt_info(META_KEY):
+        raise CheckpointError(f"{path}: no icnet_ros metadata in the model (rt_info '{META_KEY}'); not an icnet_ros "
+                              "export (export checkpoints with icnet-export)")
+    try:
+        meta = json.loads(ov_model.get_rt_info(META_KEY).astype(str))
+    except (json.JSONDecodeError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path}: icnet_ros metadata is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: icnet_ros metadata is not a JSON object")
+    try:
+        validate_meta(meta)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return meta
+
+
+def read_openvino_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The icnet_ros metadata of an exported model (validated; :class:`CheckpointError` with one line if the file
+    is missing, unreadable, foreign or truncated)."""
+    core = _ov().Core()
+    ov_model, p = _read_model(core, path)
+    return _meta_of(ov_model, p)
+
+
+# ------------------------------------------------------------------------------------------------------ backend
+
+class OpenVINOBackend:
+    """A compiled OpenVINO model behind the backend contract (base.py); see the module docstring."""
+
+    name = NAME
+    input_dtype = torch.float32
+    memory_format = torch.contiguous_format
+
+    def __init__(self, path: str | os.PathLike, options: BackendOptions = BackendOptions()) -> None:
+        ov = _ov()
+        core = ov.Core()
+        ov_model, self.path = _read_model(core, path)
+        self.meta = _meta_of(ov_model, self.path)
+        shape = ov_model.inputs[0].get_partial_shape() if len(ov_model.inputs) == 1 else None
+        if (shape is None or len(ov_model.outputs) != 1 or shape.rank.is_dynamic or shape.rank.get_length() != 4
+                or shape[1].is_dynamic or shape[1].get_length() != 3):
+            raise CheckpointError(f"{self.path}: not an ICNet export (expected one N x 3 x H x W input and one "
+                                  "output)")
+        if shape[2].is_dynamic or shape[3].is_dynamic:
+            raise CheckpointError(f"{self.path}: the network input size is not fixed (export with a fixed H x W)")
+        self.fixed_size: tuple[int, int] | None = (shape[2].get_length(), shape[3].get_length())
+        self.max_batch: int | None = None if shape[0].is_dynamic else shape[0].get_length()
+        self.int8 = any(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ops())
+        precision = options.precision
+        if precision not in INFERENCE_PRECISIONS:
+            raise ValueError(f"openvino precision must be one of {sorted(INFERENCE_PRECISIONS)}, got {precision!r}")
+        if precision == "int8" and not self.int8:
+            raise ValueError(f"{self.path} is not an INT8 model; export one with --int8 (NNCF) or use precision "
+                             "fp32")
+        self.precision = "int8" if self.int8 else precision
+
+        # torch device -> OpenVINO device: the CPU, or an Intel GPU (torch's "xpu"); tensors stay on the host
+        if options.device.type == "cpu":
+            ov_device = "CPU"
+        elif options.device.type == "xpu":
+            ov_device = "GPU"
+            if not any(d.startswith("GPU") for d in core.available_devices):
+                raise ValueError(f"device {options.device}: OpenVINO finds no Intel GPU (available: "
+                                 f"{', '.join(core.available_devices)})")
+            if options.device.index is not None:
+                ov_device = f"GPU.{options.device.index}"
+        else:
+            raise ValueError(f"the openvino backend runs on the CPU or an Intel GPU (device 'xpu'), not "
+                             f"{options.device}; use the torch, onnxruntime or tensorrt backend there")
+        self.device = torch.device("cpu")
+        self.threads = int(options.threads or torch.get_num_threads())
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+                                  "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[precision]}
+        if ov_device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        if options.cache_dir:
+            config["CACHE_DIR"] = str(options.cache_dir)
+        try:
+            self._compiled = core.compile_model(ov_model, ov_device, config)
+        except Exception as e:  # noqa: BLE001 - e.g. a precision the device does not support
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{self.path}: OpenVINO cannot compile it for {ov_device} with {precision}: "
+                             f"{first}") from e
+        self._request = self._compiled.create_infer_request()
+        self.version = ov.get_version().split("-")[0]
+        self.provider = ov_device
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or tuple(x.shape[2:]) != self.fixed_size or x.shape[1] != 3:
+            raise ValueError(f"openvino model {self.path.name} takes N x 3 x {self.fixed_size[0]} x "
+                             f"{self.fixed_size[1]} inputs, got {tuple(x.shape)}")
+        if self.max_batch is not None and x.shape[0] != self.max_batch:
+            raise ValueError(f"openvino model {self.path.name} was exported with a fixed batch of {self.max_batch}, "
+                             f"got {x.shape[0]} frames")
+        a = x.detach().to("cpu", torch.float32).numpy()
+        if not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)
+        self._request.infer({0: a}, share_inputs=True, share_outputs=True)
+        return torch.from_numpy(self._request.get_output_tensor(0).data)
+
+    def describe(self) -> str:
+        size = "x".join(map(str, self.fixed_size or ()))
+        batch = self.max_batch or "dynamic"
+        threads = f", {self.threads} threads" if self.provider == "CPU" else ""
+        return (f"openvino {self.version} on {self.provider} | {self.precision}{threads} | input {size}, "
+                f"batch {batch} | {self.path.name}")
+
+    def close(self) -> None:
+        self._request = None
+        self._compiled = None
+
+
+def open_backend(path: str | os.PathLike, options: BackendOptions = BackendOptions()) -> OpenVINOBackend:
+    """An :class:`OpenVINOBackend` for an exported model (``.xml`` IR or ``.onnx``)."""
+    return OpenVINOBackend(path, options)
+
+
+__all__ = ["INFERENCE_PRECISIONS", "OpenVINOBackend", "calibration_input", "export_openvino", "open_backend",
+           "quantize_int8", "read_openvino_metadata"]

@@ -1,0 +1,271 @@
+"""OpenVINO backend: IR export (metadata, provenance, fp16, INT8 with NNCF), parity with the PyTorch model, bad
+files refused with one line, and the missing-runtime error. Real OpenVINO and NNCF (the test extra installs
+them), tiny random checkpoints; the default model on CamVid frames where the shared data is present."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from helpers import CAMVID, make_checkpoint, require
+from icnet_ros.backends.base import BackendOptions, MissingRuntimeError
+from icnet_ros.checkpoint import CheckpointError, default_model_path, file_sha256, load_model, read_metadata
+
+needs_openvino = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None,
+    reason="openvino/nncf not installed in this environment (the test extra installs them: "
+           "pip install -e '.[test]' or '.[openvino]')")
+
+SIZE = (128, 192)
+
+
+def torch_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def assert_parity(out: torch.Tensor, ref: torch.Tensor, agreement: float = 0.999, rel: float = 1e-4) -> None:
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
+    assert err <= rel, f"max logit error {err:.2e} relative to the logit range"
+    assert agree >= agreement, f"argmax agreement {agree:.5f}"
+
+
+@pytest.fixture(scope="module")
+def r18(tmp_path_factory):
+    """A tiny R18 checkpoint and its fp32 IR export (dynamic batch) at 128x192."""
+    from icnet_ros.backends.openvino import export_openvino
+
+    d = tmp_path_factory.mktemp("ov_r18")
+    ckpt = make_checkpoint(d / "r18.safetensors", "icnet_r18", width=0.25)
+    xml = export_openvino(ckpt, d / "r18_ov", size=SIZE, progress=False)
+    return ckpt, xml
+
+
+@needs_openvino
+def test_export_writes_ir_with_metadata_and_provenance(r18):
+    from icnet_ros.backends.openvino import read_openvino_metadata
+
+    ckpt, xml = r18
+    assert xml.name == "r18_ov.xml" and xml.is_file() and xml.with_suffix(".bin").is_file()
+    assert sorted(p.name for p in xml.parent.iterdir()) == ["r18.safetensors", "r18_ov.bin", "r18_ov.xml"]
+    meta, src = read_openvino_metadata(xml), read_metadata(ckpt)
+    for key in ("classes", "palette", "normalization", "dataset", "ignore_index", "input_size"):
+        assert meta[key] == src[key], key
+    assert meta["arch"] == {**src["arch"], "aux_heads": False}  # exported without the training-only heads
+    assert meta["network_size"] == list(SIZE)
+    record = meta["provenance"]["exported"]
+    assert record["format"] == "openvino" and record["precision"] == "fp32" and record["batch"] == "dynamic"
+    assert record["size"] == list(SIZE) and record["from"] == ckpt.name and record["sha256"] == file_sha256(ckpt)
+    import openvino
+
+    assert openvino.get_version().startswith(record["openvino"]) and record["date"].startswith("20")
+
+
+@needs_openvino
+def test_backend_matches_torch_at_batch_1_and_3(r18):
+    from icnet_ros.backends.openvino import open_backend
+
+    ckpt, xml = r18
+    backend = open_backend(xml, BackendOptions(threads=1))
+    assert (backend.name, backend.provider, backend.device) == ("openvino", "CPU", torch.device("cpu"))
+    assert backend.fixed_size == SIZE and backend.max_batch is None and backend.precision == "fp32"
+    assert backend.input_dtype == torch.float32 and backend.memory_format == torch.contiguous_format
+    assert "openvino" in backend.describe() and "128x192" in backend.describe()
+    model = load_model(ckpt)
+    gen = torch.Generator().manual_seed(1)
+    for n in (1, 3, 1):
+        x = torch.randn(n, 3, *SIZE, generator=gen)
+        assert_parity(backend(x).clone(), torch_logits(model, x))
+    with pytest.raises(ValueError, match="takes N x 3 x 128 x 192"):
+        backend(torch.zeros(1, 3, 160, 192))
+    backend.close()
+
+
+@needs_openvino
+@pytest.mark.parametrize("arch,size,batch", [("icnet_r50", (160, 224), 2), ("icnet_r18", (100, 150), None)])
+def test_parity_other_architectures_sizes_and_fixed_batch(tmp_path, arch, size, batch):
+    """R50 (Bottleneck, concat pyramid pooling) with a fixed batch; R18 at an odd size (warned about)."""
+    from icnet_ros.backends.openvino import export_openvino, open_backend
+
+    ckpt = make_checkpoint(tmp_path / "m.safetensors", arch, width=0.25, seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        xml = export_openvino(ckpt, tmp_path / "m.xml", size=size, batch=batch, progress=False)
+    misaligned = [w for w in caught if "not a multiple of 32" in str(w.message)]
+    assert len(misaligned) == (1 if size[0] % 32 else 0)
+    backend = open_backend(xml, BackendOptions(threads=2))
+    assert backend.fixed_size == size and backend.max_batch == batch
+    n = batch or 1
+    x = torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(2))
+    assert_parity(backend(x), torch_logits(load_model(ckpt), x))
+    if batch:
+        with pytest.raises(ValueError, match="fixed batch of 2"):
+            backend(torch.zeros(3, 3, *size))
+
+
+@needs_openvino
+def test_default_model_parity_on_camvid_val_frames(tmp_path):
+    from icnet_ros.backends.openvino import calibration_input, export_openvino, open_backend
+    from icnet_ros.data.datasets import read_image
+    from icnet_ros.preprocess import Normalizer
+
+    frames = sorted((require(CAMVID / "val" / "images")).iterdir())[:3]
+    size = (352, 480)
+    xml = export_openvino(default_model_path(), tmp_path / "camvid.xml", size=size, progress=False)
+    backend = open_backend(xml, BackendOptions())
+    model = load_model(default_model_path())
+    norm = Normalizer(model.meta["normalization"])
+    x = torch.from_numpy(np.concatenate([calibration_input(read_image(f), size, norm) for f in frames]))
+    assert_parity(backend(x), torch_logits(model, x))
+
+
+@needs_openvino
+def test_fp16_weights_halve_the_file_and_stay_close(tmp_path, r18):
+    from icnet_ros.backends.openvino import export_openvino, open_backend, read_openvino_metadata
+
+    ckpt, fp32_xml = r18
+    xml = export_openvino(ckpt, tmp_path / "half.xml", size=SIZE, fp16=True, progress=False)
+    assert xml.with_suffix(".bin").stat().st_size < 0.6 * fp32_xml.with_suffix(".bin").stat().st_size
+    assert read_openvino_metadata(xml)["provenance"]["exported"]["precision"] == "fp16"
+    x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(4))
+    assert_parity(open_backend(xml)(x), torch_logits(load_model(ckpt), x), agreement=0.99, rel=1e-2)
+
+
+@needs_openvino
+def test_int8_export_calibrates_and_mostly_agrees_with_fp32(tmp_path, r18):
+    """NNCF INT8 on a handful of calibration images: a quantized model that runs, records its calibration, and
+    labels most pixels as the fp32 model does (a loose bound: random weights, 6 calibration images)."""
+    from icnet_ros.backends.openvino import calibration_input, export_openvino, open_backend, read_openvino_metadata
+    from icnet_ros.data.datasets import read_image
+    from icnet_ros.preprocess import Normalizer
+
+    ckpt, fp32_xml = r18
+    calib = tmp_path / "calib" / "images"  # a split folder: export finds its images/
+    calib.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):  # smooth gradients + blobs + noise, different sizes (resized like the Segmenter does)
+        h, w = (240 + 16 * i, 320 + 24 * i)
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([(xx * (i + 1)) % 256, (yy * 3) % 256, (xx + yy) // 3 % 256], -1).astype(np.float32)
+        img += rng.normal(0, 20, img.shape)
+        cv2.imwrite(str(calib / f"{i:02d}.png"), np.clip(img, 0, 255).astype(np.uint8))
+    (calib / "notes.txt").write_text("not an image")
+    xml = export_openvino(ckpt, tmp_path / "int8.xml", size=SIZE, int8=True, calib_dir=calib.parent,
+                          calib_count=6, progress=False)
+    record = read_openvino_metadata(xml)["provenance"]["exported"]
+    assert record["precision"] == "int8"
+    assert record["calibration"]["folder"] == "calib" and record["calibration"]["count"] == 6
+    backend = open_backend(xml, BackendOptions(precision="int8"))
+    assert backend.int8 and backend.precision == "int8" and "int8" in backend.describe()
+    norm = Normalizer(read_metadata(ckpt)["normalization"])
+    x = torch.from_numpy(np.concatenate([calibration_input(read_image(p), SIZE, norm)
+                                         for p in sorted(calib.glob("*.png"))]))
+    fp32 = open_backend(fp32_xml)
+    ref = fp32(x).clone()
+    out = backend(x)
+    agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
+    assert agree >= 0.9, f"INT8 vs fp32 argmax agreement {agree:.3f}"  # 0.95 measured (OpenVINO 2026.4, NNCF 3.4)
+    with pytest.raises(ValueError, match="not an INT8 model"):
+        open_backend(fp32_xml, BackendOptions(precision="int8"))
+
+
+@needs_openvino
+def test_export_argument_errors(tmp_path, r18):
+    from icnet_ros.backends.openvino import export_openvino
+
+    ckpt, _ = r18
+    with pytest.raises(ValueError, match="below the network minimum"):
+        export_openvino(ckpt, tmp_path / "a.xml", size=(32, 64))
+    with pytest.raises(ValueError, match="fp16 or int8"):
+        export_openvino(ckpt, tmp_path / "a.xml", size=SIZE, fp16=True, int8=True, calib_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs calibration images"):
+        export_openvino(ckpt, tmp_path / "a.xml", size=SIZE, int8=True)
+    with pytest.raises(ValueError, match="no images"):
+        export_openvino(ckpt, tmp_path / "a.xml", size=SIZE, int8=True, calib_dir=tmp_path)
+    with pytest.raises(ValueError, match="batch must be"):
+        export_openvino(ckpt, tmp_path / "a.xml", size=SIZE, batch=-1)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        export_openvino(tmp_path / "missing.safetensors", tmp_path / "a.xml", size=SIZE)
+    assert not list(tmp_path.glob("a*"))
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+@needs_openvino
+def test_bad_files_are_refused_with_one_line(tmp_path, r18):
+    import openvino as ov
+
+    from icnet_ros.backends.openvino import open_backend, read_openvino_metadata
+
+    _, xml = r18
+    xml_text, bin_bytes = xml.read_text(), xml.with_suffix(".bin").read_bytes()
+    cases = {}
+    (tmp_path / "missing_bin.xml").write_text(xml_text)
+    cases["missing_bin.xml"] = "weights file missing_bin.bin is missing"
+    (tmp_path / "truncated_xml.xml").write_text(xml_text[: len(xml_text) // 2])
+    (tmp_path / "truncated_xml.bin").write_bytes(bin_bytes)
+    cases["truncated_xml.xml"] = "OpenVINO cannot read it"
+    (tmp_path / "truncated_bin.xml").write_text(xml_text)
+    (tmp_path / "truncated_bin.bin").write_bytes(bin_bytes[: len(bin_bytes) // 2])
+    cases["truncated_bin.xml"] = "OpenVINO cannot read it"
+    (tmp_path / "garbage.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    cases["garbage.onnx"] = "OpenVINO cannot read it"
+    cases["r18.safetensors"] = "not an OpenVINO model"
+    (tmp_path / "r18.safetensors").write_bytes(b"x")
+    cases["nothing_here.xml"] = "model not found"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace, which convert_model uses
+        foreign = ov.convert_model(torch.nn.Conv2d(3, 4, 3).eval(), example_input=torch.zeros(1, 3, 64, 64))
+    ov.save_model(foreign, str(tmp_path / "foreign.xml"))
+    cases["foreign.xml"] = "no icnet_ros metadata"
+    bad = ov.Core().read_model(str(xml))
+    bad.set_rt_info("{not json", "icnet_ros")
+    ov.save_model(bad, str(tmp_path / "badjson.xml"))
+    cases["badjson.xml"] = "not valid JSON"
+    meta = read_openvino_metadata(xml)
+    bad.set_rt_info(json.dumps({**meta, "classes": meta["classes"][:3]}), "icnet_ros")
+    ov.save_model(bad, str(tmp_path / "badmeta.xml"))
+    cases["badmeta.xml"] = "invalid checkpoint metadata"
+    for name, match in cases.items():
+        for fn in (read_openvino_metadata, open_backend):
+            with pytest.raises(CheckpointError, match=match) as e:
+                fn(tmp_path / name)
+            assert _one_line(e).startswith(str(tmp_path / name)) or "not found" in str(e.value), str(e.value)
+
+
+@needs_openvino
+def test_device_and_precision_errors(r18):
+    from icnet_ros.backends.openvino import open_backend
+
+    _, xml = r18
+    with pytest.raises(ValueError, match="CPU or an Intel GPU") as e:
+        open_backend(xml, BackendOptions(device=torch.device("cuda", 0)))
+    _one_line(e)
+    with pytest.raises(ValueError, match="finds no Intel GPU"):
+        open_backend(xml, BackendOptions(device=torch.device("xpu")))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        open_backend(xml, BackendOptions(precision="fp64"))
+
+
+def test_missing_openvino_names_the_extra(monkeypatch, tmp_path):
+    from icnet_ros.backends import openvino as backend_module
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError, as when not installed
+    for call in (lambda: backend_module.open_backend(tmp_path / "m.xml"),
+                 lambda: backend_module.read_openvino_metadata(tmp_path / "m.xml"),
+                 lambda: backend_module.export_openvino(tmp_path / "m.safetensors", tmp_path / "m.xml", (64, 64))):
+        with pytest.raises(MissingRuntimeError, match=r"pip install 'icnet_ros\[openvino\]'") as e:
+            call()
+        assert e.value.extra == "openvino" and e.value.backend == "openvino"
