@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs ON a lent GPU machine (the device tool), from the repository root, after scripts/device/prepare.sh here:
 #   bash scripts/device/run.sh check bench train        (any subset, in that order; results under $OUT)
+#   ITERS=N bash scripts/device/run.sh trainval
 # - check: CUDA tests (test/test_engine_cuda.py and the engine/optimisation/model/bench tests) -> pytest_gpu.log
 # - bench: icnet-bench GPU grid (fp32/fp16/bf16, batch 1 and 4, mmseg reference, stages, ablation), CUDA graphs
 #          and torch.compile for R50 fp16 at 1024x2048, and the default model -> bench_gpu.{json,md}, bench_*.log
@@ -8,7 +9,11 @@
 #          TRAIN_SECONDS (default 420), then val -> best.safetensors, logs. The poly schedule spans ITERS
 #          iterations; without ITERS a 60-iteration probe run measures the time per iteration first and ITERS is
 #          chosen so that the schedule (and its validations, VAL_SECONDS each, default 20) ends inside the budget.
-#          TRAIN_OVERRIDES: more key=value overrides (space-separated), given to the probe too.
+#          TRAIN_OVERRIDES: more key=value overrides (space-separated), given to the probe too; the scale that
+#          won on the CPU: TRAIN_OVERRIDES='data.input_scale=1.5 data.crop_size=[544,736]'.
+# - trainval: the standard protocol's last step: the same recipe (same TRAIN_OVERRIDES) and the schedule chosen on
+#          train -> val (ITERS, required: the iteration count the train step printed), on train+val without
+#          validation or selection -> last.safetensors; its val mIoU (eval_val.json) then measures fit only.
 # Each step's log goes to $OUT; a failing step does not stop the next. The whole call must stay under 10 minutes.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -45,12 +50,22 @@ for step in "$@"; do
             --size 360x480 720x960 1024x2048 --precision fp32 fp16 --batch 1 4 --iters 100 --warmup 20 \
             --cuda-graphs --json "$OUT/bench_default.json" > "$OUT/bench_default.log" 2>&1 || status=1
         grep -h "ratio\|pipeline  median" "$OUT"/bench_*.log | head -40 ;;
-    train)
+    train|trainval)
         recipe=(config/train/camvid_effnet_lite0.yaml data.root=.carry/data/camvid model.pretrained=null
                 model.init_from=.carry/init.safetensors train.workers=12 train.progress=false)
+        weights=best.safetensors
         rm -rf /tmp/icnet_probe /tmp/icnet_run
         budget=${TRAIN_SECONDS:-420}
         iters=${ITERS:-}
+        if [ "$step" = trainval ]; then
+            if [ -z "$iters" ]; then
+                echo "[trainval] set ITERS to the schedule chosen on train -> val (no probe: no selection)"
+                status=2
+                continue
+            fi
+            recipe+=(data.train_split=train+val data.val_split=null)
+            weights=last.safetensors
+        fi
         if [ -z "$iters" ]; then  # probe: the time per iteration of this recipe on this machine
             probe_start=$SECONDS
             # shellcheck disable=SC2086
@@ -70,13 +85,14 @@ for step in "$@"; do
             python3 -m icnet_ros.train "${recipe[@]}" train.output_dir=/tmp/icnet_run "optim.iterations=$iters" \
                 "train.time_limit=$budget" train.checkpoint_interval=1000000 ${TRAIN_OVERRIDES:-} \
                 > "$OUT/train.log" 2>&1 || status=1
-            cp /tmp/icnet_run/best.safetensors /tmp/icnet_run/metrics.jsonl /tmp/icnet_run/summary.json "$OUT/" \
+            cp "/tmp/icnet_run/$weights" /tmp/icnet_run/metrics.jsonl /tmp/icnet_run/summary.json "$OUT/" \
                 || status=1
-            python3 -m icnet_ros.evaluate --model "$OUT/best.safetensors" --data .carry/data/camvid --split val \
+            python3 -m icnet_ros.evaluate --model "$OUT/$weights" --data .carry/data/camvid --split val \
                 --json --no-progress > "$OUT/eval_val.json" 2>> "$OUT/train.log" || status=1
             grep "val mIoU\|stopped\|finished\|Error" "$OUT/train.log" | tail -8
+            grep -o '"mIoU": [0-9.]*' "$OUT/eval_val.json" | sed "s/^/[$step] val /"
         fi ;;
-    *) echo "unknown step $step (check | bench | train)"; status=2 ;;
+    *) echo "unknown step $step (check | bench | train | trainval)"; status=2 ;;
     esac
     echo "[$step] $((SECONDS - start)) s" | tee -a "$OUT/device.txt"
 done
