@@ -18,6 +18,9 @@ def test_default_model_is_shipped_compact_and_complete():
     meta = read_metadata(path)
     assert meta["classes"] == list(CAMVID_CLASSES.classes) and meta["ignore_index"] == 255
     assert meta["arch"]["aux_heads"] is False  # deployment file: no training-only heads
+    # trained at x1.5 on 480-wide frames: input_size auto runs it 736 wide; CamVid's terms are non-commercial
+    assert meta["network_width"] == 736 and meta["input_size"] is None
+    assert meta["license"].startswith("CC BY-NC 4.0") and "non-commercial" in meta["license"]
     prov = meta["provenance"]
     for key in ("command", "iterations", "val_mIoU", "hardware", "exported"):
         assert key in prov, key
