@@ -6,17 +6,23 @@
 
 Parameters come from ``params_file`` (default: the installed config/icnet.yaml); the ``model``, ``image_topics``,
 ``device`` and ``precision`` arguments override it only when given (empty = keep the file's value). Every other
-parameter is set in a copy of the params file. ``image_topics`` takes a YAML list or a comma-separated list.
+parameter is set in a copy of the params file. ``image_topics`` takes a YAML list or a comma-separated list. The
+overrides are checked with the node's own validation (icnet_ros.node_params) before the node starts: a bad one
+(an empty or malformed ``image_topics``, an unknown device) ends the launch with the node's one-line error.
+``rviz:=true`` starts RViz2 when it is installed, and otherwise says so and starts the node alone.
 """
 import os
 
 import yaml
+from ament_index_python.packages import PackageNotFoundError, get_package_prefix
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
+
+from icnet_ros.node_params import NODE_NAME, ParameterError, check_value
 
 PACKAGE = "icnet_ros"
 # launch argument -> icnet_node parameter it overrides when not empty
@@ -24,11 +30,19 @@ OVERRIDES = {"model": "model", "image_topics": "image_topics", "device": "device
 
 
 def _topics(text):
-    """'[/a/image_raw, /b/image_raw]' (YAML) or '/a/image_raw,/b/image_raw' -> a list of topic names."""
+    """'[/a/image_raw, /b/image_raw]' (YAML) or '/a/image_raw,/b/image_raw' -> a list of topic names.
+
+    Text that is not a YAML list of names comes back unchanged (a string), which the node's validation rejects
+    ("expected a string_array")."""
     text = text.strip()
     if text.startswith("["):
-        value = yaml.safe_load(text)
-        return [str(t) for t in value or []]
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        if not isinstance(value, list) or not all(isinstance(t, (str, int, float)) for t in value):
+            return text
+        return [str(t) for t in value]
     return [t for t in (part.strip() for part in text.split(",")) if t]
 
 
@@ -37,7 +51,11 @@ def _icnet_node(context):
     for argument, parameter in OVERRIDES.items():
         value = LaunchConfiguration(argument).perform(context).strip()
         if value:
-            overrides[parameter] = _topics(value) if parameter == "image_topics" else value
+            value = _topics(value) if parameter == "image_topics" else value
+            try:  # the node's own validation: launch_ros cannot even pass an empty list on to the node
+                overrides[parameter] = check_value(parameter, value)
+            except ParameterError as e:
+                raise RuntimeError(f"{NODE_NAME}: error: {e}") from None
     params_file = LaunchConfiguration("params_file").perform(context)
     if not os.path.isfile(params_file):
         raise RuntimeError(f"params_file {params_file!r} does not exist")
@@ -49,6 +67,22 @@ def _icnet_node(context):
         parameters=[params_file, overrides],
         output="screen",
         emulate_tty=True,
+    )]
+
+
+def _rviz(context):
+    """RViz2 with config/icnet.rviz when it is installed; otherwise a note (the node starts anyway)."""
+    try:
+        get_package_prefix("rviz2")
+    except PackageNotFoundError:
+        return [LogInfo(msg="rviz:=true but rviz2 is not installed (apt install ros-$ROS_DISTRO-rviz2); "
+                            "starting icnet_node without it")]
+    return [Node(
+        package="rviz2",
+        executable="rviz2",
+        name="rviz2",
+        arguments=["-d", PathJoinSubstitution([FindPackageShare(PACKAGE), "config", "icnet.rviz"])],
+        output="screen",
     )]
 
 
@@ -79,12 +113,5 @@ def generate_launch_description():
             "rviz", default_value="false",
             description="Also start RViz2 with config/icnet.rviz (input, overlay and colour mask)"),
         OpaqueFunction(function=_icnet_node),
-        Node(
-            package="rviz2",
-            executable="rviz2",
-            name="rviz2",
-            arguments=["-d", PathJoinSubstitution([share, "config", "icnet.rviz"])],
-            condition=IfCondition(LaunchConfiguration("rviz")),
-            output="screen",
-        ),
+        OpaqueFunction(function=_rviz, condition=IfCondition(LaunchConfiguration("rviz"))),
     ])

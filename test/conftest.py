@@ -22,3 +22,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def colcon_ws(tmp_path_factory: pytest.TempPathFactory):
+    """The package built with colcon in a temporary workspace, once per test session (test/launch_support.py);
+    skips when the ROS 2 launch stack is not installed."""
+    import launch_support
+
+    reason = launch_support.launch_stack_missing()
+    if reason:
+        pytest.skip(reason)
+    ws = launch_support.build_workspace(tmp_path_factory.mktemp("colcon_ws"))
+    print(f"\ncolcon build of icnet_ros: {ws.build_seconds:.1f} s")
+    return ws

@@ -1,84 +1,171 @@
-"""Run launch/icnet.launch.py without `launch` / `launch_ros` (not installable from PyPI): minimal stand-ins for
-the classes it uses record their arguments, so the file's own code runs (argument defaults, the OpaqueFunction
-that builds the node's parameters, the params-file check), and :func:`node_command` turns the resulting Node
-action into the command line launch_ros would run."""
+"""The real ROS 2 launch stack in tests: the package built with colcon in a temporary workspace, and ``ros2``
+commands (launch, param, topic, lifecycle) run against it.
+
+The launch stack comes from ../shared/ros2-launch (scripts/bootstrap.sh installs it with the test extra: launch,
+launch_ros, launch_testing, ros2cli; PyPI lacks them). Without it the tests that need it skip. The build is shared by
+the whole test session (conftest.py's ``colcon_ws`` fixture). Every process gets the loopback-only DDS environment of
+this session (ros_support.subprocess_env).
+"""
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
 import sys
-import types
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
+import pytest
+
+import ros_support
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCH = REPO / "launch" / "icnet.launch.py"
+PACKAGE = "icnet_ros"
+# What colcon needs of the package (the rest of the repository is not part of it).
+PACKAGE_FILES = ("setup.py", "setup.cfg", "package.xml", "resource", "launch", "config", PACKAGE)
+TRACEBACK = "Traceback (most recent call last)"
 
 
-class Action:
-    """Records the arguments it was built with (stand-in for launch / launch_ros classes)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args, self.kwargs = args, kwargs
-
-
-class LaunchConfiguration(Action):
-    def perform(self, context: Any) -> str:
-        return context.launch_configurations[self.args[0]]
-
-
-def stand_in_modules() -> dict[str, types.ModuleType]:
-    mods = {name: types.ModuleType(name) for name in (
-        "launch", "launch.actions", "launch.conditions", "launch.substitutions", "launch_ros", "launch_ros.actions",
-        "launch_ros.substitutions")}
-    mods["launch"].LaunchDescription = type("LaunchDescription", (Action,), {})
-    for name in ("DeclareLaunchArgument", "OpaqueFunction"):
-        setattr(mods["launch.actions"], name, type(name, (Action,), {}))
-    mods["launch.conditions"].IfCondition = type("IfCondition", (Action,), {})
-    mods["launch.substitutions"].LaunchConfiguration = LaunchConfiguration
-    mods["launch.substitutions"].PathJoinSubstitution = type("PathJoinSubstitution", (Action,), {})
-    mods["launch_ros.actions"].Node = type("Node", (Action,), {})
-    mods["launch_ros.substitutions"].FindPackageShare = type("FindPackageShare", (Action,), {})
-    return mods
+def launch_stack_missing() -> str | None:
+    """Why the real launch tests cannot run here, or None."""
+    for module in ("launch", "launch_ros", "ros2cli", "ros2launch", "colcon_core"):
+        if importlib.util.find_spec(module) is None:
+            return (f"{module} is not installed (bash scripts/test.sh installs ../shared/ros2-launch and colcon; "
+                    f"CPython 3.11 only)")
+    if not (Path(sys.executable).parent / "ros2").exists():
+        return "the ros2 command is not installed next to this interpreter"
+    return None
 
 
-def load_launch_file(monkeypatch: Any) -> types.ModuleType:
-    """Import the launch file with the stand-ins in sys.modules (undone by ``monkeypatch``)."""
-    for name, mod in stand_in_modules().items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    spec = importlib.util.spec_from_file_location("icnet_launch_under_test", LAUNCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@dataclass
+class Workspace:
+    """A colcon workspace with the package built and installed; ``env`` is ``source install/setup.bash``'s."""
+
+    root: Path
+    env: dict[str, str]
+    build_seconds: float
+
+    @property
+    def prefix(self) -> Path:
+        return self.root / "install" / PACKAGE
 
 
-def launch(module: types.ModuleType, **arguments: str) -> tuple[dict[str, Any], list[Any]]:
-    """generate_launch_description(), then its OpaqueFunction with the declared defaults overridden by
-    ``arguments`` (as `ros2 launch icnet_ros icnet.launch.py name:=value` does). Returns (declared defaults, the
-    actions the function returns)."""
-    description = module.generate_launch_description()
-    actions = description.args[0]
-    declared = {a.args[0]: a.kwargs["default_value"] for a in actions if type(a).__name__ == "DeclareLaunchArgument"}
-    configs = {k: v for k, v in declared.items() if isinstance(v, str)}
-    configs["params_file"] = str(REPO / "config" / "icnet.yaml")  # the installed share path, resolved
-    configs.update(arguments)
-    context = type("Context", (), {"launch_configurations": configs})()
-    (opaque,) = [a for a in actions if type(a).__name__ == "OpaqueFunction"]
-    return declared, opaque.kwargs["function"](context)
+def _copy_package(dest: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    dest.mkdir(parents=True)
+    for name in PACKAGE_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=ignore)
+        else:
+            shutil.copy2(src, dest / name)
 
 
-def node_command(node: Action, namespace: str, tmp_dir: Path) -> list[str]:
-    """The ``--ros-args`` launch_ros passes for this Node action: node name and namespace remaps, each entry of
-    ``parameters`` as a params file (a dict is written to a temporary YAML file under ``/**``, as launch_ros
-    does)."""
-    args = ["--ros-args", "-r", f"__node:={node.kwargs['name']}"]
-    if namespace:
-        args += ["-r", f"__ns:=/{namespace.strip('/')}"]
-    for i, entry in enumerate(node.kwargs["parameters"]):
-        if isinstance(entry, dict):
-            path = tmp_dir / f"launch_params_{i}.yaml"
-            path.write_text(yaml.safe_dump({"/**": {"ros__parameters": entry}}), encoding="utf-8")
-            entry = str(path)
-        args += ["--params-file", str(entry)]
-    return args
+def sourced_env(setup_bash: Path, base: dict[str, str]) -> dict[str, str]:
+    """The environment after ``source setup_bash`` in bash, starting from ``base``."""
+    out = subprocess.run(["bash", "-c", f'source "{setup_bash}" >/dev/null && env -0'], env=base, check=True,
+                         capture_output=True, timeout=60).stdout
+    env = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
+    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
+    return env
+
+
+def readme_colcon_command() -> list[str]:
+    """The README's colcon command (``python -m colcon build ...``), with this interpreter as ``python``."""
+    text = (REPO / "README.md").read_text()
+    lines = [line.split("#")[0].strip() for line in text.splitlines() if line.startswith("python -m colcon build")]
+    if len(lines) != 1:
+        pytest.fail(f"README.md should give one 'python -m colcon build' command, found {lines}")
+    return [sys.executable, *shlex.split(lines[0])[1:]]
+
+
+def build_workspace(root: Path) -> Workspace:
+    """The README's ``python -m colcon build`` (with this interpreter, so the executables' shebang is this venv's
+    Python) in ``root`` with a copy of the package in ``src/``: the README's recipe, minus the clone."""
+    _copy_package(root / "src" / PACKAGE)
+    base = ros_support.subprocess_env()
+    base["AMENT_PREFIX_PATH"] = os.pathsep.join(p for p in (sys.prefix, base.get("AMENT_PREFIX_PATH", "")) if p)
+    base.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    t0 = time.perf_counter()
+    proc = subprocess.run(readme_colcon_command(), cwd=root, env=base, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        pytest.fail(f"colcon build failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return Workspace(root, sourced_env(root / "install" / "setup.bash", base), seconds)
+
+
+class Launched:
+    """A command (``ros2 launch ...``) running in its own process group, as a terminal runs a foreground job;
+    output to a file. ``interrupt()`` sends SIGINT to the whole group, like Ctrl-C in that terminal."""
+
+    def __init__(self, args: list[str], ws: Workspace, log_dir: Path, name: str = "launch") -> None:
+        self.args = args
+        self.log_path = Path(log_dir) / f"{name}.log"
+        self._log = open(self.log_path, "w+b")  # noqa: SIM115 - closed in kill()
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=ws.env, cwd=ws.root,
+                                     start_new_session=True)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_output(self, pattern: str, timeout: float) -> re.Match[str]:
+        """Wait until the regular expression ``pattern`` matches the output; fail with the output otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.output())
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                m = re.search(pattern, self.output())
+                if m:
+                    return m
+                pytest.fail(f"{self.args} exited with {self.proc.returncode} before printing {pattern!r}:\n"
+                            f"{self.output()}")
+            time.sleep(0.1)
+        pytest.fail(f"{self.args} did not print {pattern!r} within {timeout} s:\n{self.output()}")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.args} did not exit within {timeout} s:\n{self.output()}")
+
+    def interrupt(self, timeout: float = 30.0) -> tuple[int, float]:
+        """Ctrl-C: SIGINT to the process group. Returns (exit status, seconds until exit)."""
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+        return self.wait(timeout), time.monotonic() - t0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        self._log.close()
+
+
+def ros2(ws: Workspace, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``ros2 ARGS`` (without the daemon) to completion; output captured."""
+    return subprocess.run(["ros2", *args], env=ws.env, cwd=ws.root, capture_output=True, text=True, timeout=timeout)
+
+
+def poll_ros2(ws: Workspace, args: list[str], expect: str, timeout: float = 60.0) -> str:
+    """Repeat ``ros2 ARGS`` until its output contains ``expect`` (graph queries can miss an entity that is up)."""
+    deadline = time.monotonic() + timeout
+    out = ""
+    while time.monotonic() < deadline:
+        proc = ros2(ws, *args)
+        out = proc.stdout + proc.stderr
+        if expect in out:
+            return out
+        time.sleep(0.5)
+    pytest.fail(f"`ros2 {' '.join(args)}` did not show {expect!r} within {timeout} s; last output:\n{out}")

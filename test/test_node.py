@@ -466,38 +466,3 @@ def test_model_resolution_outputs_remapped_names(ros: RosHarness, checkpoint: Pa
     assert lab.header == col.header == inf.header and lab.header.frame_id == "cam_c"
     assert (inf.width, inf.height) == (128, 96)
     np.testing.assert_allclose(inf.k, [80.0, 0, 64.0, 0, 80.0, 48.0, 0, 0, 1.0])
-
-
-@pytest.mark.slow
-def test_started_as_the_launch_file_starts_it(ros: RosHarness, checkpoint: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch):
-    """launch/icnet.launch.py run against launch stand-ins (launch is not on PyPI), then the real node started with
-    the command line launch_ros builds from its Node action: params file, argument overrides, namespace. A relative
-    camera topic resolves inside the namespace, and so do the outputs."""
-    import launch_support
-
-    module = launch_support.load_launch_file(monkeypatch)
-    _, (node,) = launch_support.launch(module, model=str(checkpoint), device="cpu", image_topics="[cam/image_raw]",
-                                       namespace="robot7")
-    proc = Process("icnet_ros.node", launch_support.node_command(node, "robot7", tmp_path), tmp_path,
-                   name="launched")
-    pub = ros.publisher(Image, "/robot7/cam/image_raw")
-    label = ros.collect(Image, "/robot7/cam/semantic/label")
-    try:
-        proc.wait_for_output("ready:", 120)
-        ros.wait_matched(label.subscription)
-        ros.wait_matched(pub)
-        for i in range(5):  # best-effort input: resend until served
-            pub.publish(image_msg(frame(60 + i), "rgb8", ros.now().to_msg(), frame_id="cam"))
-            if label.wait_for(lambda m: len(m) >= 1, 4):
-                break
-        assert label.messages, proc.output()
-        assert "ready: model " + str(checkpoint) in proc.output()
-        threads = node_module.auto_cpu_threads()  # num_threads 0 on the CPU: all cores but one
-        assert f"(fp32, {threads} CPU thread{'s' if threads != 1 else ''})" in proc.output()
-        assert proc.interrupt(30) == 0
-    finally:
-        proc.kill()
-        ros.unsubscribe(label)
-        ros.node.destroy_publisher(pub)
-    assert label.messages[0].header.frame_id == "cam" and label.messages[0].encoding == "mono8"

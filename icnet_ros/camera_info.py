@@ -1,0 +1,111 @@
+"""camera_info for the segmentation outputs (ROS-free: works on ``sensor_msgs/CameraInfo`` or any object with its
+fields).
+
+:class:`CameraInfoCache` keeps a camera's recent camera_info messages by header stamp, so that each image is paired
+with the camera_info taken with it (as image_pipeline's camera subscribers pair them), not with whatever arrived
+last. :func:`scale_camera_info` rescales a camera_info for an output image of another size the way image_proc's
+resize does.
+
+CameraInfo's calibration (``width``, ``height``, ``K``, ``P``, ``roi``) is in full-resolution, unbinned sensor
+coordinates; the image a camera delivers is ``roi`` (or the full frame) divided by ``binning``. Resizing that image
+by ``s`` (output size / input image size) is described exactly by a sensor ``s`` times the size: K, P (focal
+lengths, principal point and the projection's translation), ``width``/``height`` and the ROI scale by ``s``, and
+binning, D, R and the distortion model stay. Dividing by ``info.width`` instead of the image's own width would
+apply the binning or the ROI twice.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+__all__ = ["CameraInfoCache", "scale_camera_info", "stamp_ns"]
+
+
+def stamp_ns(header: Any) -> int:
+    """A header's stamp in nanoseconds."""
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+class CameraInfoCache:
+    """The camera_info messages of one camera, keyed by stamp (at most ``capacity``, the oldest go first).
+
+    ``add`` is called from the subscription callback, ``match`` from the worker thread (a lock guards both).
+    ``match(stamp)`` returns the camera_info with exactly the image's stamp. A camera_info with a zero stamp
+    describes every frame (a static calibration publisher): the newest such one serves images whose stamp has no
+    camera_info of its own. Otherwise there is no match: the caller publishes no camera_info for that frame rather
+    than one taken at another time (image_pipeline pairs exactly, too)."""
+
+    def __init__(self, capacity: int = 32) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._by_stamp: OrderedDict[int, Any] = OrderedDict()
+        self._static: Any | None = None
+        self._lock = threading.Lock()
+        self.received = 0
+
+    def add(self, info: Any) -> None:
+        stamp = stamp_ns(info.header)
+        with self._lock:
+            self.received += 1
+            if stamp == 0:
+                self._static = info
+                return
+            self._by_stamp[stamp] = info
+            self._by_stamp.move_to_end(stamp)
+            while len(self._by_stamp) > self.capacity:
+                self._by_stamp.popitem(last=False)
+
+    def match(self, stamp: int) -> Any | None:
+        """The camera_info for an image stamped ``stamp`` (ns), or None."""
+        with self._lock:
+            info = self._by_stamp.get(stamp)
+            return info if info is not None else self._static
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_stamp) + (self._static is not None)
+
+
+def _copy_calibration(info: Any, out: Any) -> Any:
+    out.width, out.height = int(info.width), int(info.height)
+    out.distortion_model = info.distortion_model
+    out.d = [float(v) for v in info.d]
+    out.k = [float(v) for v in info.k]
+    out.r = [float(v) for v in info.r]
+    out.p = [float(v) for v in info.p]
+    out.binning_x, out.binning_y = int(info.binning_x), int(info.binning_y)
+    roi_in, roi = info.roi, out.roi
+    roi.x_offset, roi.y_offset = int(roi_in.x_offset), int(roi_in.y_offset)
+    roi.width, roi.height = int(roi_in.width), int(roi_in.height)
+    roi.do_rectify = bool(roi_in.do_rectify)
+    return out
+
+
+def scale_camera_info(info: Any, image_size: tuple[int, int], output_size: tuple[int, int], out: Any) -> Any:
+    """Fill ``out`` with ``info`` (the camera_info of an image of ``image_size`` = (height, width)) for the same
+    image resized to ``output_size`` (height, width), as image_proc's resize does; the header is left to the
+    caller. At equal sizes the calibration passes through unchanged.
+
+    The scale is the image size ratio (not ``output / info.width``): K and P (fx, cx, Tx by the x ratio; fy, cy, Ty
+    by the y ratio), ``width``/``height`` and the ROI scale; binning, D, R and the distortion model stay. An
+    uncalibrated camera_info (width or height 0) stays uncalibrated."""
+    (in_h, in_w), (out_h, out_w) = image_size, output_size
+    if in_h <= 0 or in_w <= 0 or out_h <= 0 or out_w <= 0:
+        raise ValueError(f"image sizes must be positive, got {image_size} -> {output_size}")
+    _copy_calibration(info, out)
+    if (in_h, in_w) == (out_h, out_w):
+        return out
+    sx, sy = out_w / in_w, out_h / in_h
+    out.width, out.height = int(round(info.width * sx)), int(round(info.height * sy))
+    k = out.k
+    k[0], k[2], k[4], k[5] = k[0] * sx, k[2] * sx, k[4] * sy, k[5] * sy
+    out.k = k
+    p = out.p
+    p[0], p[2], p[3], p[5], p[6], p[7] = p[0] * sx, p[2] * sx, p[3] * sx, p[5] * sy, p[6] * sy, p[7] * sy
+    out.p = p
+    roi = out.roi
+    roi.x_offset, roi.width = int(round(roi.x_offset * sx)), int(round(roi.width * sx))
+    roi.y_offset, roi.height = int(round(roi.y_offset * sy)), int(round(roi.height * sy))
+    return out

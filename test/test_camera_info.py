@@ -1,0 +1,142 @@
+"""icnet_ros.camera_info: pairing camera_info with images by stamp, and scaling it as image_proc's resize does.
+
+The scaling is checked by what a camera_info means (CameraInfo.msg): a 3D point projected with the effective
+intrinsics of the delivered image (K in full-resolution sensor coordinates, minus the ROI offset, divided by the
+binning) must land at the same place, times the resize factor, before and after scaling."""
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from icnet_ros.camera_info import CameraInfoCache, scale_camera_info, stamp_ns
+
+
+def info(width=640, height=480, fx=500.0, fy=510.0, cx=320.5, cy=240.5, tx=-25.0, binning=(0, 0),
+         roi=(0, 0, 0, 0), stamp=(0, 0)):
+    return SimpleNamespace(
+        header=SimpleNamespace(stamp=SimpleNamespace(sec=stamp[0], nanosec=stamp[1]), frame_id="cam"),
+        width=width, height=height, distortion_model="plumb_bob", d=[0.1, -0.2, 0.001, 0.002, 0.0],
+        k=[fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0], r=[1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0],
+        p=[fx, 0.0, cx, tx, 0.0, fy, cy, 0.0, 0.0, 0.0, 1.0, 0.0],
+        binning_x=binning[0], binning_y=binning[1],
+        roi=SimpleNamespace(x_offset=roi[0], y_offset=roi[1], width=roi[2], height=roi[3], do_rectify=False))
+
+
+def empty():
+    return SimpleNamespace(roi=SimpleNamespace())
+
+
+def delivered_size(ci):
+    """The size (h, w) of the image a camera with this camera_info delivers."""
+    bx, by = max(ci.binning_x, 1), max(ci.binning_y, 1)
+    w = ci.roi.width or ci.width
+    h = ci.roi.height or ci.height
+    return h // by, w // bx
+
+
+def project(ci, point):
+    """Pixel (u, v) of a 3D point in the delivered image (image_geometry's K adjusted for binning and ROI)."""
+    bx, by = max(ci.binning_x, 1), max(ci.binning_y, 1)
+    fx, cx, fy, cy = ci.k[0], ci.k[2], ci.k[4], ci.k[5]
+    x, y, z = point
+    u_full, v_full = fx * x / z + cx, fy * y / z + cy
+    return np.array([(u_full - ci.roi.x_offset) / bx, (v_full - ci.roi.y_offset) / by])
+
+
+@pytest.mark.parametrize("binning,roi", [((0, 0), (0, 0, 0, 0)), ((2, 2), (0, 0, 0, 0)), ((1, 2), (0, 0, 0, 0)),
+                                         ((0, 0), (100, 40, 320, 240)), ((2, 2), (64, 32, 512, 384))])
+@pytest.mark.parametrize("factor", [0.5, 1.5, (0.25, 0.75)])
+def test_scaled_camera_info_projects_like_the_resized_image(binning, roi, factor):
+    src = info(binning=binning, roi=roi)
+    in_h, in_w = delivered_size(src)
+    fy_, fx_ = (factor, factor) if isinstance(factor, float) else factor
+    out_h, out_w = round(in_h * fy_), round(in_w * fx_)
+    out = scale_camera_info(src, (in_h, in_w), (out_h, out_w), empty())
+    sx, sy = out_w / in_w, out_h / in_h
+    assert delivered_size(out) == (out_h, out_w)  # the scaled info describes the output image's size
+    for point in ((0.0, 0.0, 2.0), (0.4, -0.3, 1.5), (-1.0, 0.5, 4.0)):
+        np.testing.assert_allclose(project(out, point), project(src, point) * [sx, sy], rtol=1e-9, atol=1e-9)
+    assert (out.binning_x, out.binning_y) == binning  # binning stays, as image_proc's resize keeps it
+    assert out.d == src.d and out.r == src.r and out.distortion_model == src.distortion_model
+    assert out.p[3] == pytest.approx(src.p[3] * sx)  # the projection's translation (stereo baseline * fx)
+
+
+def test_binned_camera_is_not_scaled_twice():
+    """A 2x2-binned 640x480 sensor delivers 320x240 images; the label at 160x120 halves them. The old scaling by
+    output / info.width gave fx 125 (a quarter), which binning then halved again."""
+    src = info(binning=(2, 2))
+    out = scale_camera_info(src, (240, 320), (120, 160), empty())
+    assert out.k[0] == pytest.approx(250.0) and (out.width, out.height) == (320, 240)
+
+
+def test_same_size_passes_through_unchanged():
+    src = info(binning=(2, 1), roi=(10, 20, 300, 200))
+    out = scale_camera_info(src, (200, 150), (200, 150), empty())
+    for field in ("width", "height", "distortion_model", "d", "k", "r", "p", "binning_x", "binning_y"):
+        assert getattr(out, field) == getattr(src, field), field
+    assert vars(out.roi) == vars(src.roi)
+
+
+def test_uncalibrated_stays_uncalibrated():
+    src = info(width=0, height=0, fx=0.0, fy=0.0, cx=0.0, cy=0.0, tx=0.0)
+    out = scale_camera_info(src, (480, 640), (240, 320), empty())
+    assert (out.width, out.height) == (0, 0) and not any(out.k[:8])
+    with pytest.raises(ValueError, match="positive"):
+        scale_camera_info(src, (0, 640), (240, 320), empty())
+
+
+def test_real_camera_info_message():
+    pytest.importorskip("sensor_msgs")
+    from sensor_msgs.msg import CameraInfo
+
+    src = CameraInfo(width=640, height=480, distortion_model="plumb_bob", d=[0.1, 0.0, 0.0, 0.0, 0.0],
+                     k=[500.0, 0, 320.0, 0, 500.0, 240.0, 0, 0, 1], p=[500.0, 0, 320.0, 0, 0, 500.0, 240.0, 0, 0, 0, 1,
+                                                                        0], binning_x=2, binning_y=2)
+    out = scale_camera_info(src, (240, 320), (360, 480), CameraInfo())
+    assert (out.width, out.height) == (960, 720) and out.binning_x == 2
+    np.testing.assert_allclose(out.k, [750.0, 0, 480.0, 0, 750.0, 360.0, 0, 0, 1])
+    np.testing.assert_allclose(out.p[:3], [750.0, 0, 480.0])
+
+
+def test_cache_pairs_by_stamp():
+    cache = CameraInfoCache(capacity=3)
+    msgs = [info(fx=100.0 + i, stamp=(10, i)) for i in range(5)]
+    for m in msgs:
+        cache.add(m)
+    assert len(cache) == 3 and cache.received == 5
+    assert cache.match(stamp_ns(msgs[3].header)) is msgs[3]  # not the newest one
+    assert cache.match(stamp_ns(msgs[4].header)) is msgs[4]
+    assert cache.match(stamp_ns(msgs[0].header)) is None  # evicted: no camera_info from another time
+    assert cache.match(123) is None
+    static = info(fx=42.0, stamp=(0, 0))  # a zero stamp: a calibration that holds for every frame
+    cache.add(static)
+    assert cache.match(123) is static and cache.match(stamp_ns(msgs[4].header)) is msgs[4]
+    with pytest.raises(ValueError):
+        CameraInfoCache(capacity=0)
+
+
+def test_cache_is_thread_safe():
+    cache = CameraInfoCache(capacity=8)
+    errors = []
+
+    def writer():
+        for i in range(2000):
+            cache.add(info(stamp=(1, i)))
+
+    def reader():
+        try:
+            for i in range(2000):
+                m = cache.match(1_000_000_000 + i)
+                assert m is None or stamp_ns(m.header) == 1_000_000_000 + i
+        except AssertionError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(cache) == 8
