@@ -19,9 +19,23 @@ Interface (all thread-safe):
 
 Drop reasons (per camera, in ``snapshot()["cameras"][key]["dropped"]``): ``superseded`` (a newer frame replaced an
 unprocessed one: the newest-frame policy), ``no_subscribers``, ``too_old`` (``max_age``), the decoder's reasons
-(``encoding``, ``size``, ``step``, ``truncated``, ``decode``; :class:`~icnet_ros.ros_image.ImageFormatError`),
-``rejected`` (the Segmenter refused the frame, e.g. below the network minimum), ``inference_error`` (the forward
-pass failed for this frame alone) and ``publish_error``.
+(``encoding``, ``size`` (also: above ``max_pixels``), ``step``, ``truncated``, ``decode``;
+:class:`~icnet_ros.ros_image.ImageFormatError`), ``rejected`` (the Segmenter refused the frame, e.g. below the
+network minimum), ``inference_error`` (the forward pass failed for this frame alone), ``out_of_memory`` (it failed
+for lack of device memory even alone), ``device_error`` (the device became unusable) and ``publish_error``.
+
+Clocks: ``max_age`` is measured from when the frame was received (``max_age_from="receipt"``, the default), so
+frames stamped by another clock (a camera's hardware clock, a bag replayed without ``use_sim_time``) are served;
+``max_age_from="stamp"`` measures the header stamp's age on the node's clock instead. Stamps more than
+:data:`FOREIGN_CLOCK_S` away from the node's clock at receipt are reported once per camera, with the fix. A latency
+sample is header stamp -> published when the stamp is plausible (on this clock, not in the future), else receipt ->
+published; ``latency_from`` in the snapshot says which (``stamp``, ``receipt`` or ``mixed``).
+
+Failures: a failed batch is retried frame by frame, so one frame's fault is that frame's. Out of device memory:
+the allocator's cache is released, the frames are retried one by one, and the batch limit halves (it grows back by
+one after :data:`REGROW_AFTER` good batches); each step is counted. An unrecoverable device error (a CUDA error
+that poisons the context) stops the worker, is kept as ``fatal_error`` in the snapshot and reported once through
+``on_fatal(message)``: the node's cue to report ERROR and exit non-zero so that a supervisor restarts it.
 """
 from __future__ import annotations
 
@@ -35,12 +49,17 @@ from typing import Any
 
 import numpy as np
 
-from .ros_image import ImageFormatError, segmenter_frame
+from .ros_image import DEFAULT_MAX_PIXELS, ImageFormatError, segmenter_frame
 
-__all__ = ["CameraStats", "FramePipeline", "PipelineOptions", "LATENCY_WINDOW", "WARN_PERIOD_S"]
+__all__ = ["AGE_FROM", "CameraStats", "FOREIGN_CLOCK_S", "FramePipeline", "LATENCY_WINDOW", "PipelineOptions",
+           "REGROW_AFTER", "WARN_PERIOD_S", "device_failure"]
 
 WARN_PERIOD_S = 5.0  # throttle for repeated per-camera warnings and errors of one kind
 LATENCY_WINDOW = 300  # latency samples kept per camera for the percentiles
+FOREIGN_CLOCK_S = 10.0  # a header stamp further than this from the node's clock at receipt: another clock
+RECENT_S = 5.0  # batch_timeout waits for a camera only if it sent a frame this recently (or within 3 periods)
+REGROW_AFTER = 100  # good batches after an out-of-memory shrink before the batch limit grows by one
+AGE_FROM = ("receipt", "stamp")
 
 Wanted = Callable[[str], "set[str] | frozenset[str]"]
 Publish = Callable[[str, Any, str, Any, "set[str] | frozenset[str]"], Iterable[str]]
@@ -53,6 +72,14 @@ class PipelineOptions:
     max_age: float = 0.5  # seconds; 0 = never too old
     max_batch: int = 4  # most cameras per Segmenter call
     batch_timeout: float = 0.0  # seconds to wait for other cameras' frames after the first one is ready
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger frames are refused (``size``) before decoding
+    max_age_from: str = "receipt"  # "receipt": max_age counts from reception; "stamp": from the header stamp
+
+    def __post_init__(self) -> None:
+        if self.max_age_from not in AGE_FROM:
+            raise ValueError(f"max_age_from must be one of {AGE_FROM}, got {self.max_age_from!r}")
+        if self.max_batch < 1 or self.max_pixels < 1 or self.max_age < 0 or self.batch_timeout < 0:
+            raise ValueError(f"invalid pipeline options {self}")
 
     @classmethod
     def from_config(cls, config: Any) -> PipelineOptions:
@@ -62,6 +89,31 @@ class PipelineOptions:
 
 def _stamp_ns(header: Any) -> int:
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+def device_failure(e: BaseException) -> str | None:
+    """``"oom"`` for an out-of-memory error (CUDA, host, ONNX Runtime's allocator), ``"fatal"`` for an error that
+    leaves the device unusable (a sticky CUDA error: illegal address, device-side assert, launch failure, ...), else
+    None (an error of this frame)."""
+    text = str(e)
+    low = text.lower()
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "out of memory" in low \
+            or "failed to allocate memory" in low:
+        return "oom"
+    if type(e).__name__ == "AcceleratorError" or any(m in text for m in (
+            "CUDA error", "CUDNN_STATUS_", "CUBLAS_STATUS_", "device-side assert", "illegal memory access",
+            "unspecified launch failure", "CUDA driver", "NVML")):
+        return "fatal"
+    return None
+
+
+def release_device_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back (after an out-of-memory error); no-op without CUDA."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _percentiles(samples: Iterable[float]) -> tuple[float, float]:
@@ -80,9 +132,12 @@ class CameraStats:
         self.processed = 0
         self.dropped: Counter[str] = Counter()
         self.computed: Counter[str] = Counter()  # outputs computed and published, by kind
-        self.latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)  # header stamp -> published
+        self.latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)  # header stamp (or receipt) -> published
+        self.latency_from_receipt: deque[bool] = deque(maxlen=LATENCY_WINDOW)  # per latency sample
         self.inference_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)  # the Segmenter call that served the frame
         self.last_received: float | None = None  # time.monotonic() of the newest frame
+        self.period: float | None = None  # smoothed time between frames (s)
+        self.clock_offset_s: float | None = None  # receipt - header stamp of the newest stamped frame
         self._last_report = (time.monotonic(), 0, 0)  # (t, received, processed) at the previous rates() call
 
     def rates(self) -> tuple[float, float]:
@@ -96,10 +151,14 @@ class CameraStats:
     def snapshot(self, now: float) -> dict[str, Any]:
         lat50, lat95 = _percentiles(self.latency_ms)
         inf50, inf95 = _percentiles(self.inference_ms)
+        receipt = sum(self.latency_from_receipt)
+        latency_from = ("none" if not self.latency_ms else "receipt" if receipt == len(self.latency_ms)
+                        else "stamp" if receipt == 0 else "mixed")
         return {"received": self.received, "processed": self.processed, "dropped": dict(self.dropped),
                 "computed": dict(self.computed), "latency_p50_ms": lat50, "latency_p95_ms": lat95,
-                "inference_p50_ms": inf50, "inference_p95_ms": inf95,
-                "seconds_since_last_frame": None if self.last_received is None else now - self.last_received}
+                "latency_from": latency_from, "inference_p50_ms": inf50, "inference_p95_ms": inf95,
+                "seconds_since_last_frame": None if self.last_received is None else now - self.last_received,
+                "clock_offset_s": self.clock_offset_s}
 
 
 @dataclasses.dataclass
@@ -107,14 +166,18 @@ class _Camera:
     key: str
     compressed: bool
     stats: CameraStats = dataclasses.field(default_factory=CameraStats)
-    pending: Any | None = None  # newest unprocessed message
+    pending: _Item | None = None  # newest unprocessed frame
     last_log: dict[str, float] = dataclasses.field(default_factory=dict)  # reason -> time.monotonic()
+    clock_warned: bool = False  # the foreign-clock warning is given once per camera
+    problem: str | None = None  # a standing problem for /diagnostics (e.g. stamps from another clock)
 
 
 @dataclasses.dataclass
 class _Item:
     cam: _Camera
     msg: Any
+    received_mono: float  # time.monotonic() at submit
+    received_ns: int  # the node's clock at submit
     wanted: set[str] | frozenset[str] = frozenset()
     frame: np.ndarray | None = None
     order: str = "RGB"
@@ -128,7 +191,7 @@ class FramePipeline:
 
     def __init__(self, segmenter: Any, cameras: Sequence[tuple[str, bool]], *, wanted: Wanted, publish: Publish,
                  clock_ns: Callable[[], int] = time.time_ns, options: PipelineOptions | None = None,
-                 logger: Any = None) -> None:
+                 logger: Any = None, on_fatal: Callable[[str], None] | None = None) -> None:
         keys = [k for k, _ in cameras]
         if not keys or len(set(keys)) != len(keys):
             raise ValueError(f"cameras must be a non-empty list of distinct keys, got {keys}")
@@ -143,9 +206,14 @@ class FramePipeline:
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._rr = 0  # round-robin start of the next batch
+        self._on_fatal = on_fatal
         self.batches = 0  # Segmenter calls that served at least one frame
         self.frames_batched = 0
         self.max_batch_seen = 0
+        self.batch_limit = self.options.max_batch  # max_batch, lowered after out-of-memory errors
+        self._good_batches = 0  # since the last shrink
+        self.faults: Counter[str] = Counter()  # out_of_memory, oom_retries, batch_shrinks, device_error
+        self.fatal_error: str | None = None
 
     # ------------------------------------------------------------------ the adapter's side
     @property
@@ -159,12 +227,17 @@ class FramePipeline:
     def submit(self, key: str, msg: Any) -> None:
         """Store ``msg`` as camera ``key``'s newest frame (an unprocessed older one is dropped as ``superseded``)."""
         cam = self._by_key[key]
+        item = _Item(cam, msg, time.monotonic(), self._clock_ns())
         with self._lock:
-            cam.stats.received += 1
-            cam.stats.last_received = time.monotonic()
+            s = cam.stats
+            s.received += 1
+            if s.last_received is not None:
+                dt = item.received_mono - s.last_received
+                s.period = dt if s.period is None else 0.8 * s.period + 0.2 * dt
+            s.last_received = item.received_mono
             if cam.pending is not None:
-                cam.stats.dropped["superseded"] += 1
-            cam.pending = msg
+                s.dropped["superseded"] += 1
+            cam.pending = item
             self._lock.notify_all()
 
     def configure(self, **changes: Any) -> None:
@@ -175,6 +248,8 @@ class FramePipeline:
             raise ValueError(f"unknown pipeline option(s) {unknown}; known: {sorted(names)}")
         with self._lock:
             self.options = dataclasses.replace(self.options, **changes)
+            if "max_batch" in changes:
+                self.batch_limit = self.options.max_batch
             self._lock.notify_all()
 
     def swap_segmenter(self, segmenter: Any, timeout: float | None = None) -> Any:
@@ -218,9 +293,13 @@ class FramePipeline:
 
     def snapshot(self, update_rates: bool = False) -> dict[str, Any]:
         """Counters and percentiles, read under the lock: ``batches``, ``frames_processed``, ``mean_batch_size``,
-        ``max_batch_size`` and ``cameras`` (per key: ``received``, ``processed``, ``dropped``, ``computed``,
-        latency and inference p50/p95 in ms, ``seconds_since_last_frame``; with ``update_rates`` also
-        ``input_rate_hz`` and ``processed_fps`` since the previous such call)."""
+        ``max_batch_size``, ``batch_limit`` (max_batch or less after out-of-memory errors), ``faults`` (counts of
+        ``out_of_memory``, ``oom_retries``, ``batch_shrinks``, ``device_error``), ``fatal_error`` (None or the
+        message) and ``cameras`` (per key: ``received``, ``processed``, ``dropped``, ``computed``, latency
+        (``latency_from``: stamp, receipt, mixed or none) and inference p50/p95 in ms, ``seconds_since_last_frame``,
+        ``clock_offset_s`` (receipt - header stamp, newest stamped frame), ``problem`` (None or a standing problem
+        such as stamps from another clock); with ``update_rates`` also ``input_rate_hz`` and ``processed_fps``
+        since the previous such call)."""
         now = time.monotonic()
         with self._lock:
             cams = {}
@@ -229,9 +308,12 @@ class FramePipeline:
                 if update_rates:
                     snap["input_rate_hz"], snap["processed_fps"] = c.stats.rates()
                 cams[c.key] = snap
+            for c in self._cameras:
+                cams[c.key]["problem"] = c.problem
             return {"batches": self.batches, "frames_processed": self.frames_batched,
                     "mean_batch_size": self.frames_batched / self.batches if self.batches else 0.0,
-                    "max_batch_size": self.max_batch_seen, "cameras": cams}
+                    "max_batch_size": self.max_batch_seen, "batch_limit": self.batch_limit,
+                    "faults": dict(self.faults), "fatal_error": self.fatal_error, "cameras": cams}
 
     def samples(self, key: str) -> dict[str, Any]:
         """Camera ``key``'s ``processed`` count and its recent ``latency_ms`` and ``inference_ms`` samples (oldest
@@ -282,26 +364,73 @@ class FramePipeline:
             return []
         opts = self.options
         n = len(self._cameras)
-        if opts.batch_timeout > 0 and n > 1:
+        limit = min(opts.max_batch, self.batch_limit)
+        if opts.batch_timeout > 0 and n > 1 and limit > 1:
             batch_deadline = time.monotonic() + opts.batch_timeout
+            now = time.monotonic()
+            expected = sum(c.pending is not None or self._recent(c, now) for c in self._cameras)
             while not self._stop.is_set():
                 ready = sum(c.pending is not None for c in self._cameras)
                 left = batch_deadline - time.monotonic()
-                if ready >= min(n, opts.max_batch) or left <= 0:
+                if ready >= min(expected, limit) or left <= 0:
                     break
                 self._lock.wait(left)
         batch = []
         for i in range(n):
             cam = self._cameras[(self._rr + i) % n]
-            if cam.pending is not None and len(batch) < opts.max_batch:
-                batch.append(_Item(cam, cam.pending))
+            if cam.pending is not None and len(batch) < limit:
+                batch.append(cam.pending)
                 cam.pending = None
         self._rr = (self._rr + 1) % n
         return batch
 
+    @staticmethod
+    def _recent(cam: _Camera, now: float) -> bool:
+        """Whether ``cam`` is still publishing: a frame within :data:`RECENT_S` s or three of its periods."""
+        s = cam.stats
+        if s.last_received is None:
+            return False
+        return now - s.last_received <= max(RECENT_S, 3 * (s.period or 0.0))
+
+    def _check_clock(self, it: _Item, stamp: int) -> None:
+        """Warn once per camera about header stamps far from the node's clock (another clock domain)."""
+        offset = (it.received_ns - stamp) / 1e9
+        with self._lock:
+            it.cam.stats.clock_offset_s = offset
+        if abs(offset) <= FOREIGN_CLOCK_S or it.cam.clock_warned:
+            return
+        it.cam.clock_warned = True
+        where = f"{offset:.1f} s behind" if offset > 0 else f"{-offset:.1f} s ahead of"
+        if self.options.max_age_from == "stamp" and self.options.max_age > 0:
+            effect = ("with max_age_from 'stamp' its frames are dropped as too_old" if offset > 0 else
+                      "its frames are served, but max_age cannot judge their age")
+        else:
+            effect = "its frames are served; freshness and latency are measured from receipt"
+        it.cam.problem = f"header stamps {where} this node's clock (another clock?)"
+        self.log.warning(
+            f"{it.cam.key}: header stamps are {where} this node's clock: they come from another clock (a camera's "
+            f"hardware clock, a bag replayed without use_sim_time, synthetic stamps); {effect}. Fix: "
+            "use_sim_time:=true with `ros2 bag play --clock`, synchronise the clocks (chrony/PTP), or stamp "
+            "frames with the ROS clock. (Reported once per camera.)")
+
+    def _too_old(self, it: _Item, stamp: int) -> str | None:
+        """Why ``it`` is too old to serve, or None."""
+        opts = self.options
+        if opts.max_age <= 0:
+            return None
+        if opts.max_age_from == "receipt":
+            waited = time.monotonic() - it.received_mono
+            return (f"waited {waited:.3f} s since it was received (max_age {opts.max_age} s)"
+                    if waited > opts.max_age else None)
+        if stamp <= 0:  # a zero stamp is never too old
+            return None
+        age = (self._clock_ns() - stamp) / 1e9
+        return (f"header stamp is {age:.3f} s old (max_age {opts.max_age} s, max_age_from 'stamp'); check "
+                "clock sync/use_sim_time, raise max_age or use max_age_from 'receipt'" if age > opts.max_age
+                else None)
+
     def _serve(self, seg: Any, batch: list[_Item]) -> None:
         opts = self.options
-        now_ns = self._clock_ns()
         items = []
         for it in batch:
             it.wanted = self._wanted(it.cam.key)
@@ -309,14 +438,19 @@ class FramePipeline:
                 self._drop(it.cam, "no_subscribers")
                 continue
             stamp = _stamp_ns(it.msg.header)
-            if opts.max_age > 0 and stamp > 0 and (now_ns - stamp) > opts.max_age * 1e9:
-                self._drop(it.cam, "too_old", f"header stamp is {(now_ns - stamp) / 1e9:.3f} s old (max_age "
-                                              f"{opts.max_age} s); check clock sync/use_sim_time or raise max_age")
+            if stamp > 0:
+                self._check_clock(it, stamp)
+            why = self._too_old(it, stamp)
+            if why is not None:
+                self._drop(it.cam, "too_old", why)
                 continue
             try:
-                it.frame, it.order = segmenter_frame(it.msg, it.cam.compressed)
+                it.frame, it.order = segmenter_frame(it.msg, it.cam.compressed, opts.max_pixels)
             except ImageFormatError as e:
                 self._drop(it.cam, e.reason, str(e))
+                continue
+            except Exception as e:  # noqa: BLE001 - any other decoder failure is this frame's
+                self._drop(it.cam, "decode", f"{type(e).__name__}: {e}")
                 continue
             items.append(it)
         if not items:
@@ -331,6 +465,11 @@ class FramePipeline:
                 self.batches += 1
                 self.frames_batched += len(served)
                 self.max_batch_seen = max(self.max_batch_seen, len(served))
+                if self.batch_limit < self.options.max_batch:  # grow back after an out-of-memory shrink
+                    self._good_batches += 1
+                    if self._good_batches >= REGROW_AFTER:
+                        self.batch_limit += 1
+                        self._good_batches = 0
         for it, res in served:
             try:
                 kinds = list(self._publish(it.cam.key, it.msg, it.order, res, it.wanted))
@@ -340,33 +479,86 @@ class FramePipeline:
                 self._drop(it.cam, "publish_error", f"{type(e).__name__}: {e}", level="error")
                 continue
             stamp = _stamp_ns(it.msg.header)
-            done_ns = self._clock_ns()
+            done_ns, done_mono = self._clock_ns(), time.monotonic()
+            # header stamp -> published when the stamp is on this clock; else receipt -> published
+            from_stamp = stamp > 0 and abs(it.received_ns - stamp) <= FOREIGN_CLOCK_S * 1e9 and done_ns >= stamp
+            latency = (done_ns - stamp) / 1e6 if from_stamp else (done_mono - it.received_mono) * 1e3
             with self._lock:
                 s = it.cam.stats
                 s.processed += 1
                 s.computed.update(kinds)
                 s.inference_ms.append(infer_ms)
-                if stamp > 0:
-                    s.latency_ms.append((done_ns - stamp) / 1e6)
+                s.latency_ms.append(latency)
+                s.latency_from_receipt.append(not from_stamp)
 
     def _segment(self, seg: Any, items: list[_Item], outputs: tuple[str, ...]) -> list[Any]:
         """One Segmenter call for the batch; if it fails, each frame alone, so that one frame's fault is that
-        frame's (``rejected`` for a frame the Segmenter refuses, ``inference_error`` otherwise)."""
+        frame's (``rejected`` for a frame the Segmenter refuses, ``inference_error`` otherwise). Out of memory:
+        release the cache, retry frame by frame, halve the batch limit. Unrecoverable device error: stop."""
         try:
             return seg.segment([it.frame for it in items], channel_order=[it.order for it in items],
                                outputs=outputs)
-        except Exception as e:  # noqa: BLE001 - classified per frame below
-            if len(items) == 1:
+        except Exception as e:  # noqa: BLE001 - classified below
+            kind = device_failure(e)
+            if kind == "fatal":
+                self._fatal(e, items)
+                return [None] * len(items)
+            if kind == "oom":
+                self._out_of_memory(e, len(items))
+            elif len(items) == 1:
                 self._frame_failed(items[0], e)
                 return [None]
-        results = []
+        results: list[Any] = []
         for it in items:
+            if self.fatal_error is not None:
+                self._drop(it.cam, "device_error")
+                results.append(None)
+                continue
             try:
                 results.append(seg.segment([it.frame], channel_order=[it.order], outputs=outputs)[0])
             except Exception as e:  # noqa: BLE001 - classified
-                self._frame_failed(it, e)
+                kind = device_failure(e)
+                if kind == "fatal":
+                    self._fatal(e, [it])
+                elif kind == "oom":
+                    release_device_memory()
+                    with self._lock:
+                        self.faults["out_of_memory"] += 1
+                    self._drop(it.cam, "out_of_memory", f"{type(e).__name__}: {e}", level="error")
+                else:
+                    self._frame_failed(it, e)
                 results.append(None)
         return results
+
+    def _out_of_memory(self, e: Exception, n: int) -> None:
+        """A batch of ``n`` frames ran out of memory: release the cache; the caller retries frame by frame."""
+        release_device_memory()
+        with self._lock:
+            self.faults["out_of_memory"] += 1
+            self.faults["oom_retries"] += 1
+            if n > 1:
+                self.batch_limit = max(1, min(self.batch_limit, n) // 2)
+                self._good_batches = 0
+                self.faults["batch_shrinks"] += 1
+            limit = self.batch_limit
+        self.log.warning(f"out of device memory for a batch of {n} frame(s) ({type(e).__name__}: {e}); cache "
+                         f"released, retrying frame by frame; batch limit now {limit}")
+
+    def _fatal(self, e: Exception, items: list[_Item]) -> None:
+        """The device is unusable: count the frames, stop taking frames, report once."""
+        message = f"unrecoverable device error: {type(e).__name__}: {e}"
+        with self._lock:
+            first = self.fatal_error is None
+            if first:
+                self.fatal_error = message
+            self.faults["device_error"] += 1
+        for it in items:
+            self._drop(it.cam, "device_error")
+        self._stop.set()
+        if first:
+            self.log.error(message)
+            if self._on_fatal is not None:
+                self._on_fatal(message)
 
     def _frame_failed(self, it: _Item, e: Exception) -> None:
         if isinstance(e, ValueError):

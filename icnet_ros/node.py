@@ -105,7 +105,8 @@ class SegmentationNode(Node):
         self.pipeline = FramePipeline(
             self.segmenter, [(t, node_params.base_topic(t)[1]) for t in cfg.image_topics], wanted=self._wanted,
             publish=self._publish, clock_ns=lambda: self.get_clock().now().nanoseconds,
-            options=PipelineOptions.from_config(cfg), logger=self.get_logger())
+            options=PipelineOptions.from_config(cfg), logger=self.get_logger(), on_fatal=self._on_fatal)
+        self.fatal_error: str | None = None  # set on an unrecoverable device error: main() exits with status 1
         self.cameras: list[Camera] = []
         for topic in cfg.image_topics:
             base, compressed = node_params.base_topic(topic)
@@ -224,6 +225,14 @@ class SegmentationNode(Node):
         cam.camera_info = msg
 
     # ------------------------------------------------------------------ called by the pipeline's worker thread
+    def _on_fatal(self, message: str) -> None:
+        """The device is unusable: report ERROR on /diagnostics and end spinning, so that main() exits with
+        status 1 and launch's ``respawn`` can restart the node."""
+        self.fatal_error = message
+        self.get_logger().fatal(f"{message}; exiting with status 1 (respawn restarts the node)")
+        self._publish_diagnostics()
+        rclpy.try_shutdown(context=self.context)
+
     def _wanted(self, topic: str) -> set[str]:
         return {kind for kind, pub in self._by_topic[topic].publishers.items() if pub.get_subscription_count() > 0}
 
@@ -263,14 +272,17 @@ class SegmentationNode(Node):
         arr.header.stamp = self.get_clock().now().to_msg()
         device = str(seg.device)
         name = self.get_fully_qualified_name()
-        node_status = DiagnosticStatus(level=DiagnosticStatus.OK, name=f"{name}: segmenter", hardware_id=device,
-                                       message=f"{snap['batches']} batches")
+        fatal = snap["fatal_error"]
+        node_status = DiagnosticStatus(level=DiagnosticStatus.ERROR if fatal else DiagnosticStatus.OK,
+                                       name=f"{name}: segmenter", hardware_id=device,
+                                       message=fatal or f"{snap['batches']} batches")
         node_status.values = [KeyValue(key=k, value=str(v)) for k, v in (
             ("device", device), ("model", self.model_path), ("precision", seg.precision),
             ("cpu_threads", self.cpu_threads),
             ("classes", seg.class_set.num_classes), ("batches", snap["batches"]),
             ("frames_processed", snap["frames_processed"]), ("mean_batch_size", f"{snap['mean_batch_size']:.2f}"),
-            ("max_batch_size", snap["max_batch_size"]))]
+            ("max_batch_size", snap["max_batch_size"]), ("batch_limit", snap["batch_limit"]),
+            *((f"fault_{k}", v) for k, v in sorted(snap["faults"].items())))]
         arr.status.append(node_status)
         for cam in self.cameras:
             s = snap["cameras"][cam.topic]
@@ -285,10 +297,13 @@ class SegmentationNode(Node):
                 level, message = DiagnosticStatus.WARN, f"no frames for {silent:.0f} s"
             elif bad:
                 level, message = DiagnosticStatus.WARN, f"{fps:.1f} fps; {bad} bad frames dropped"
+            elif s["problem"]:
+                level, message = DiagnosticStatus.WARN, f"{fps:.1f} fps; {s['problem']}"
             st = DiagnosticStatus(level=level, name=f"{name}: {cam.topic}", hardware_id=device, message=message)
             values = [("input_rate_hz", f"{s['input_rate_hz']:.2f}"), ("processed_fps", f"{fps:.2f}"),
                       ("latency_p50_ms", f"{s['latency_p50_ms']:.1f}"),
-                      ("latency_p95_ms", f"{s['latency_p95_ms']:.1f}"),
+                      ("latency_p95_ms", f"{s['latency_p95_ms']:.1f}"), ("latency_from", s["latency_from"]),
+                      ("clock_offset_s", "n/a" if s["clock_offset_s"] is None else f"{s['clock_offset_s']:.3f}"),
                       ("inference_p50_ms", f"{s['inference_p50_ms']:.1f}"),
                       ("inference_p95_ms", f"{s['inference_p95_ms']:.1f}"),
                       ("frames_received", s["received"]), ("frames_processed", s["processed"]),
@@ -331,7 +346,7 @@ def main(args: list[str] | None = None) -> int:
         finally:
             executor.shutdown(timeout_sec=1.0)
             node.destroy_node()
-        return 0
+        return 1 if node.fatal_error else 0
     finally:
         rclpy.try_shutdown()
 

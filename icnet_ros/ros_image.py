@@ -7,20 +7,41 @@ Decoding is zero-copy: :func:`image_to_numpy` returns a strided view onto ``msg.
 padding) and ``is_bigendian`` (multi-byte encodings). Every malformed message raises :class:`ImageFormatError`,
 whose ``reason`` is a short stable key (``encoding``, ``size``, ``step``, ``truncated``, ``decode``) that callers use to
 count dropped frames.
+
+Untrusted input: the size an image declares (``height`` x ``width``, or the JPEG SOF / PNG IHDR header, parsed here
+with bounded work) is checked against ``max_pixels`` BEFORE anything is decoded or allocated (reason ``size``), so a
+small message cannot make the decoder allocate gigabytes. Compressed images are decoded with Pillow, not OpenCV:
+Pillow reports every problem as an exception (here: reason ``decode``) and writes nothing to stderr, whereas
+OpenCV's libpng and libjpeg print straight to file descriptor 2 (``libpng error: IHDR: CRC error``, ``Corrupt JPEG
+data: ...``, several lines per bad frame, bypassing ROS logging) and raise ``cv2.error`` for headers it refuses.
+Silencing fd 2 around each decode is no option in a multi-threaded node: the redirect is process-wide and would
+swallow other threads' output (rclpy's logging among it).
 """
 from __future__ import annotations
 
 import array
+import io
 import re
+import struct
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ImageFormatError", "PixelFormat", "SEGMENTER_ENCODINGS", "compressed_to_numpy", "compression_format",
-           "image_to_numpy", "numpy_to_compressed", "numpy_to_image", "pixel_format", "scale_camera_info",
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageFormatError", "PixelFormat", "SEGMENTER_ENCODINGS", "compressed_header",
+           "compressed_to_numpy", "compression_format", "image_to_numpy", "numpy_to_compressed", "numpy_to_image", "pixel_format", "scale_camera_info",
            "segmenter_frame", "segmenter_input", "set_image_data"]
+
+
+#: default pixel limit per frame: 3840 x 2160 (4K UHD); larger frames are refused before decoding
+DEFAULT_MAX_PIXELS = 3840 * 2160
+#: scans a JPEG may have (a baseline JPEG has 1, a progressive one about 10): each scan is a pass over all the
+#: image's coefficients, so thousands of tiny scans make a small file take minutes to decode
+MAX_JPEG_SCANS = 100
+#: marker segments a JPEG header may have before its first scan (real files: tens)
+MAX_JPEG_SEGMENTS = 1000
 
 
 class ImageFormatError(ValueError):
@@ -112,28 +133,38 @@ def image_to_numpy(msg: Any) -> np.ndarray:
                       strides=(step, fmt.channels * isz, isz))
 
 
-def segmenter_input(msg: Any) -> tuple[np.ndarray, str]:
+def check_pixels(height: int, width: int, max_pixels: int | None, what: str = "image") -> None:
+    """Raise :class:`ImageFormatError` (reason ``size``) when ``height`` x ``width`` exceeds ``max_pixels``."""
+    if max_pixels is not None and height * width > max_pixels:
+        raise ImageFormatError("size", f"{what} of {width}x{height} = {height * width} pixels exceeds max_pixels "
+                                       f"{max_pixels}")
+
+
+def segmenter_input(msg: Any, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
     """A frame for :meth:`Segmenter.segment` from an 8-bit ``sensor_msgs/Image``, without copying pixels.
 
     Returns ``(frame, channel_order)``: H x W x 3 (alpha dropped by a strided view) or H x W (mono8), and "RGB" or
-    "BGR". Any other encoding raises :class:`ImageFormatError` (reason ``encoding``)."""
+    "BGR". Any other encoding raises :class:`ImageFormatError` (reason ``encoding``); a declared size above
+    ``max_pixels`` raises it with reason ``size``."""
     order = SEGMENTER_ENCODINGS.get(msg.encoding)
     if order is None:
         raise ImageFormatError("encoding", f"unsupported image encoding {msg.encoding!r} for segmentation "
                                            f"(supported: {', '.join(SEGMENTER_ENCODINGS)})")
+    check_pixels(int(msg.height), int(msg.width), max_pixels)
     img = image_to_numpy(msg)
     if img.ndim == 3 and img.shape[2] == 4:
         img = img[:, :, :3]
     return img, order
 
 
-def segmenter_frame(msg: Any, compressed: bool) -> tuple[np.ndarray, str]:
+def segmenter_frame(msg: Any, compressed: bool, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
     """``(frame, channel_order)`` for :meth:`Segmenter.segment` from a ``sensor_msgs/Image`` (``compressed``
     False, see :func:`segmenter_input`) or a ``sensor_msgs/CompressedImage`` (8-bit jpeg/png; grey frames are
-    passed as "RGB", the Segmenter replicates them). Raises :class:`ImageFormatError`."""
+    passed as "RGB", the Segmenter replicates them). Frames above ``max_pixels`` are refused before decoding.
+    Raises :class:`ImageFormatError`."""
     if not compressed:
-        return segmenter_input(msg)
-    img, order = compressed_to_numpy(msg)
+        return segmenter_input(msg, max_pixels)
+    img, order = compressed_to_numpy(msg, max_pixels)
     if img.dtype != np.uint8:
         raise ImageFormatError("encoding", f"{img.dtype} CompressedImage (only 8-bit images are segmented)")
     return img, ("RGB" if order == "MONO" else order)
@@ -198,27 +229,140 @@ def compression_format(fmt: str) -> str:
     raise ImageFormatError("encoding", f"unsupported CompressedImage format {fmt!r} (supported: jpeg, png)")
 
 
-def compressed_to_numpy(msg: Any) -> tuple[np.ndarray, str]:
-    """Decode a ``sensor_msgs/CompressedImage`` (jpeg or png) with OpenCV.
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}  # colour type -> depths
+# start-of-frame markers (SOF0-SOF15 without DHT C4, JPG C8, DAC CC): they carry the image size
+_JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+# in entropy-coded data, 0xFF is followed by 0x00 (stuffing), a restart marker (D0-D7) or fill bytes (FF); any
+# other byte starts the next marker segment
+_JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
-    Returns ``(image, order)``: H x W x 3 in "BGR" (colour; an alpha channel is dropped by a view), or H x W in
-    "MONO" (grey). 16-bit PNGs come back as uint16. Raises :class:`ImageFormatError` (``encoding`` or
-    ``decode``)."""
-    import cv2
 
-    compression_format(msg.format)
+def _png_header(buf: np.ndarray) -> tuple[int, int]:
+    """(height, width) from a PNG's IHDR chunk, its CRC checked."""
+    head = buf[:33].tobytes()
+    if len(head) < 33:
+        raise ImageFormatError("decode", f"PNG of {buf.size} bytes is shorter than its header")
+    length, ctype = struct.unpack(">I4s", head[8:16])
+    if length != 13 or ctype != b"IHDR":
+        raise ImageFormatError("decode", "PNG does not start with an IHDR chunk")
+    width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
+    if struct.unpack(">I", head[29:33])[0] != zlib.crc32(head[12:29]):
+        raise ImageFormatError("decode", "PNG header (IHDR) fails its CRC check")
+    if depth not in _PNG_DEPTHS.get(colour, ()):
+        raise ImageFormatError("decode", f"PNG header: invalid colour type {colour} / bit depth {depth}")
+    return height, width
+
+
+def _jpeg_header(buf: np.ndarray) -> tuple[int, int]:
+    """(height, width) from a JPEG's start-of-frame segment. Walks every marker segment (entropy-coded data is
+    skipped with a C-speed search), so the structure is checked and the number of scans bounded: the work is
+    linear in the size of the message."""
+    data = memoryview(buf)
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        raise ImageFormatError("decode", "JPEG does not start with an SOI marker")
+    i, size, scans, segments = 2, None, 0, 0
+    while i < n:
+        if data[i] != 0xFF:
+            raise ImageFormatError("decode", f"JPEG: expected a marker at byte {i}")
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            break
+        marker = data[i]
+        i += 1
+        if marker == 0xD9:  # EOI
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length field
+            continue
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise ImageFormatError("decode", f"JPEG has more than {MAX_JPEG_SEGMENTS} marker segments")
+        if i + 2 > n:
+            raise ImageFormatError("decode", "JPEG ends inside a marker segment")
+        length = (data[i] << 8) | data[i + 1]
+        end = i + length
+        if length < 2 or end > n:
+            raise ImageFormatError("decode", f"JPEG marker segment 0x{marker:02X} of length {length} runs past the "
+                                             f"end of the data ({n} bytes)")
+        if marker in _JPEG_SOF:
+            if length < 8:
+                raise ImageFormatError("decode", "JPEG frame header too short")
+            if size is not None:
+                raise ImageFormatError("decode", "JPEG has more than one frame header")
+            size = ((data[i + 3] << 8) | data[i + 4], (data[i + 5] << 8) | data[i + 6])
+        elif marker == 0xDA:  # start of scan: skip its entropy-coded data
+            scans += 1
+            if size is None:
+                raise ImageFormatError("decode", "JPEG scan before the frame header")
+            if scans > MAX_JPEG_SCANS:
+                raise ImageFormatError("decode", f"JPEG has more than {MAX_JPEG_SCANS} scans")
+            m = _JPEG_NEXT_MARKER.search(data, end)
+            end = n if m is None else m.start()
+        i = end
+    if size is None:
+        raise ImageFormatError("decode", "JPEG has no frame header (SOF)")
+    return size
+
+
+def compressed_header(msg: Any) -> tuple[str, int, int]:
+    """``(codec, height, width)`` of a ``sensor_msgs/CompressedImage`` from its bytes (PNG IHDR or JPEG SOF),
+    without decoding. Raises :class:`ImageFormatError` (``encoding`` for other codecs, ``size`` for no data or a
+    zero size, ``decode`` for a malformed header)."""
+    declared = compression_format(msg.format)
     buf = _buffer(msg.data)
     if buf.size == 0:
         raise ImageFormatError("size", "empty CompressedImage (no data)")
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
-        raise ImageFormatError("decode", f"cannot decode CompressedImage ({buf.size} bytes, format "
-                                         f"{msg.format!r}): corrupt or not jpeg/png")
-    if img.ndim == 2:
-        return img, "MONO"
-    if img.shape[2] == 1:
-        return img[:, :, 0], "MONO"
-    return img[:, :, :3], "BGR"
+    if buf[:8].tobytes() == _PNG_SIGNATURE:
+        codec, (height, width) = "png", _png_header(buf)
+    elif buf[:2].tobytes() == b"\xff\xd8":
+        codec, (height, width) = "jpeg", _jpeg_header(buf)
+    else:
+        raise ImageFormatError("decode", f"CompressedImage ({buf.size} bytes, format {msg.format!r}) is neither "
+                                         "PNG nor JPEG")
+    if declared and declared != codec:
+        raise ImageFormatError("decode", f"CompressedImage format {msg.format!r} but the data is {codec}")
+    if height == 0 or width == 0:
+        raise ImageFormatError("size", f"{codec} declares an empty image ({width}x{height})")
+    return codec, height, width
+
+
+def compressed_to_numpy(msg: Any, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
+    """Decode a ``sensor_msgs/CompressedImage`` (jpeg or png).
+
+    Returns ``(image, order)``: H x W x 3 in "RGB" (colour; alpha dropped by a view; palette, CMYK and YCbCr
+    images converted), or H x W in "MONO" (grey; uint16 for 16-bit grey PNGs). The header is checked first
+    (:func:`compressed_header`; above ``max_pixels``: reason ``size``); any decoder failure raises
+    :class:`ImageFormatError` with reason ``decode``."""
+    from PIL import Image as PILImage
+
+    codec, height, width = compressed_header(msg)
+    check_pixels(height, width, max_pixels, codec)
+    buf = _buffer(msg.data)
+    try:
+        with PILImage.open(io.BytesIO(buf), formats=("PNG" if codec == "png" else "JPEG",)) as im:
+            if im.size != (width, height):
+                raise ImageFormatError("decode", f"{codec}: decoder size {im.size} differs from the header's "
+                                                 f"{width}x{height}")
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I"):
+                img = np.asarray(im)
+                return (img.astype(np.uint16) if img.dtype != np.uint16 else img), "MONO"
+            if mode in ("1", "L", "LA", "La"):
+                return np.asarray(im.convert("L") if mode != "L" else im), "MONO"
+            if mode not in ("RGB", "RGBA"):
+                im = im.convert("RGB")  # palette, CMYK, YCbCr, ...
+            img = np.asarray(im)
+    except ImageFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, zlib.error, ...)
+        raise ImageFormatError("decode", f"cannot decode CompressedImage ({buf.size} bytes, {codec} "
+                                         f"{width}x{height}): {type(e).__name__}: {e}") from None
+    if img.ndim != 3 or img.shape[:2] != (height, width):
+        raise ImageFormatError("decode", f"{codec}: decoded shape {img.shape} differs from the header's "
+                                         f"{width}x{height}")
+    return img[:, :, :3], "RGB"
 
 
 def numpy_to_compressed(img: np.ndarray, order: str = "BGR", codec: str = "jpeg", quality: int = 90) -> tuple[str,

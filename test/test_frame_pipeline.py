@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -100,10 +100,14 @@ def test_batch_of_two_cameras_is_one_segmenter_call(segmenter: Segmenter):
         assert cam["processed"] == 1 and cam["computed"] == {k: 1 for k in KINDS}
         assert cam["latency_p50_ms"] == pytest.approx((1000 if key == "/a" else 2000) / 1e6)
         assert cam["inference_p50_ms"] > 0
-    # compressed frames are BGR: the colour mask comes back in the frame's order
+    # decoded compressed frames are RGB
     res_b = next(r for k, _, _, r in sink.published if k == "/b")
-    palette = segmenter.class_set.palette_array()[:, ::-1]
-    np.testing.assert_array_equal(res_b.color, palette[res_b.label])
+    np.testing.assert_array_equal(res_b.color, segmenter.class_set.palette_array()[res_b.label])
+    # raw bgr8 frames: the colour mask comes back in the frame's order
+    pipe.submit("/a", image(3, encoding="bgr8"))
+    pipe.step()
+    res_a = sink.published[-1][3]
+    np.testing.assert_array_equal(res_a.color, segmenter.class_set.palette_array()[:, ::-1][res_a.label])
 
 
 def test_newest_frame_wins_and_older_is_counted_superseded(segmenter: Segmenter):
@@ -129,17 +133,68 @@ def test_only_wanted_outputs_are_computed_and_unwatched_cameras_skipped(segmente
     assert snap["/b"]["dropped"] == {"no_subscribers": 1} and snap["/b"]["processed"] == 0
 
 
-def test_max_age_drops_old_frames_zero_stamps_never_old(segmenter: Segmenter):
+def test_max_age_from_stamp_drops_old_frames_zero_stamps_never_old(segmenter: Segmenter):
     now = 10**12
-    pipe, sink, log = make(segmenter, now_ns=now, max_age=0.5)
+    pipe, sink, log = make(segmenter, now_ns=now, max_age=0.5, max_age_from="stamp")
     pipe.submit("/a", image(1, stamp_ns=now - 2 * 10**9))
     pipe.submit("/b", image(2, stamp_ns=0))
     pipe.step()
     snap = pipe.snapshot()["cameras"]
     assert snap["/a"]["dropped"] == {"too_old": 1}
     assert snap["/b"]["processed"] == 1 and [k for k, *_ in sink.published] == ["/b"]
-    assert snap["/b"]["latency_p50_ms"] != snap["/b"]["latency_p50_ms"]  # NaN: a zero stamp gives no latency
+    assert snap["/b"]["latency_from"] == "receipt"  # a zero stamp: latency from receipt
     assert any("too_old" in text and "2.000 s old" in text for _, text in log.lines)
+
+
+def test_max_age_from_receipt_is_the_time_a_frame_waited(segmenter: Segmenter):
+    pipe, sink, log = make(segmenter, max_age=0.1)
+    pipe.submit("/a", image(1, stamp_ns=10**12))
+    time.sleep(0.25)
+    pipe.submit("/b", image(2, stamp_ns=10**12))
+    pipe.step()
+    snap = pipe.snapshot()["cameras"]
+    assert snap["/a"]["dropped"] == {"too_old": 1} and snap["/b"]["processed"] == 1
+    assert any("waited 0.2" in text for _, text in log.lines)
+
+
+@pytest.mark.parametrize("offset_s", [-1000.0, 1e6])
+def test_foreign_clock_frames_are_served_and_reported_once(segmenter: Segmenter, offset_s: float):
+    """Stamps from another clock (1000 s ahead, or 11.6 days behind): served under the default receipt policy,
+    one warning with the fix, latency from receipt (no impossible samples), output header untouched."""
+    now = 2 * 10**15
+    stamp = int(now - offset_s * 1e9)
+    pipe, sink, log = make(segmenter, now_ns=now, max_age=0.5)
+    for i in range(3):
+        pipe.submit("/a", image(i, stamp_ns=stamp + i))
+        pipe.step()
+    cam = pipe.snapshot()["cameras"]["/a"]
+    assert cam["processed"] == 3 and not cam["dropped"]
+    assert [st for _, st, *_ in sink.published] == [stamp, stamp + 1, stamp + 2]  # headers are the input's
+    assert cam["latency_from"] == "receipt" and 0 <= cam["latency_p50_ms"] < 10_000
+    assert cam["clock_offset_s"] == pytest.approx(offset_s, rel=1e-6)
+    warnings = [text for _, text in log.lines if "another clock" in text]
+    assert len(warnings) == 1 and "use_sim_time" in warnings[0]
+    assert ("ahead of" if offset_s < 0 else "behind") in warnings[0]
+    assert "another clock" in cam["problem"]
+    # the explicit header-stamp policy drops the old ones
+    pipe.configure(max_age_from="stamp")
+    pipe.submit("/a", image(9, stamp_ns=stamp))
+    pipe.step()
+    cam = pipe.snapshot()["cameras"]["/a"]
+    assert cam["dropped"] == ({"too_old": 1} if offset_s > 0 else {}), cam
+
+
+def test_stamps_on_this_clock_give_stamp_latency_never_negative(segmenter: Segmenter):
+    now = [10**12]
+    sink = Sink()
+    pipe = FramePipeline(segmenter, [("/a", False), ("/b", False)], wanted=sink.wanted, publish=sink.publish,
+                         clock_ns=lambda: now[0])
+    pipe.submit("/a", image(1, stamp_ns=10**12 - 5 * 10**6))  # 5 ms before receipt
+    pipe.submit("/b", image(2, stamp_ns=10**12 + 10**6))  # 1 ms in the future (clock skew)
+    pipe.step()
+    cams = pipe.snapshot()["cameras"]
+    assert cams["/a"]["latency_from"] == "stamp" and cams["/a"]["latency_p50_ms"] == pytest.approx(5.0)
+    assert cams["/b"]["latency_from"] == "receipt" and cams["/b"]["latency_p50_ms"] >= 0
 
 
 def test_malformed_frame_is_that_frames_drop(segmenter: Segmenter):
@@ -214,15 +269,123 @@ def test_configure_live_and_unknown_option(segmenter: Segmenter):
         pipe.configure(max_pixels_typo=3)
     cfg = SimpleNamespace(max_age=1.5, max_batch=2, batch_timeout=0.1, model="x")
     assert PipelineOptions.from_config(cfg) == PipelineOptions(1.5, 2, 0.1)
+    with pytest.raises(ValueError, match="max_age_from"):
+        pipe.configure(max_age_from="header")
 
 
 def test_batch_timeout_waits_for_the_other_camera(segmenter: Segmenter):
     pipe, sink, _ = make(segmenter, batch_timeout=2.0)
+    pipe.submit("/b", image(0))  # /b has been publishing
+    pipe.step()
     pipe.submit("/a", image(1))
     threading.Timer(0.2, lambda: pipe.submit("/b", image(2))).start()
     t0 = time.monotonic()
     assert pipe.step() == 2
     assert time.monotonic() - t0 < 2.0  # did not wait for the whole timeout once both were there
+
+
+def test_batch_timeout_does_not_wait_for_silent_cameras(segmenter: Segmenter):
+    """/b never sent a frame (or stopped long ago): a frame of /a is taken at once, not after batch_timeout."""
+    pipe, sink, _ = make(segmenter, batch_timeout=5.0)
+    pipe.submit("/a", image(1))
+    t0 = time.monotonic()
+    assert pipe.step() == 1
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_max_pixels_refuses_large_frames_before_decoding(segmenter: Segmenter):
+    pipe, sink, log = make(segmenter, compressed_b=True, max_pixels=H * W - 1)
+    pipe.submit("/a", image(1))
+    pipe.submit("/b", compressed(2))
+    pipe.step()
+    cams = pipe.snapshot()["cameras"]
+    assert cams["/a"]["dropped"] == {"size": 1} and cams["/b"]["dropped"] == {"size": 1}
+    assert any("exceeds max_pixels" in text for _, text in log.lines)
+
+
+def _failing_forward(seg: Segmenter, monkeypatch: pytest.MonkeyPatch, error: Callable[[int], Exception | None]
+                     ) -> list[int]:
+    """Make the Segmenter's network forward raise ``error(batch size)`` (when not None); returns the batch sizes
+    seen. The Segmenter is real; only the device's failure is induced, at the engine boundary: no GPU exists here,
+    so a CUDA out-of-memory or a sticky CUDA error cannot happen for real."""
+    sizes: list[int] = []
+    real = seg.forward
+
+    def forward(x: Any) -> Any:
+        sizes.append(int(x.shape[0]))
+        e = error(int(x.shape[0]))
+        if e is not None:
+            raise e
+        return real(x)
+
+    monkeypatch.setattr(seg, "forward", forward)
+    return sizes
+
+
+def test_out_of_memory_retries_frame_by_frame_and_shrinks_the_batch(segmenter: Segmenter,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    sizes = _failing_forward(segmenter, monkeypatch, lambda n: torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB") if n > 1 else None)
+    pipe, sink, log = make(segmenter, max_batch=4)
+    pipe.submit("/a", image(1))
+    pipe.submit("/b", image(2))
+    pipe.step()
+    snap = pipe.snapshot()
+    assert sizes == [2, 1, 1]  # the batch, then each frame alone
+    assert sorted(k for k, *_ in sink.published) == ["/a", "/b"]  # nobody lost a frame
+    assert snap["faults"] == {"out_of_memory": 1, "oom_retries": 1, "batch_shrinks": 1}
+    assert snap["batch_limit"] == 1
+    assert any("out of device memory" in text and "batch limit now 1" in text for _, text in log.lines)
+    # the next batches hold one frame each (no second out-of-memory)
+    pipe.submit("/a", image(3))
+    pipe.submit("/b", image(4))
+    pipe.step()
+    pipe.step()
+    assert sizes[3:] == [1, 1] and len(sink.published) == 4
+    pipe.configure(max_batch=2)  # a new max_batch resets the limit
+    assert pipe.snapshot()["batch_limit"] == 2
+
+
+def test_out_of_memory_for_one_frame_alone_is_that_frames_drop(segmenter: Segmenter,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    big = H * 2  # frames of /a are twice as tall: only they run out of memory
+    _failing_forward(segmenter, monkeypatch, lambda n: None)
+    monkeypatch.setattr(segmenter, "forward", (lambda real: lambda x: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory")) if x.shape[2] >= big else real(x))(segmenter.forward))
+    pipe, sink, log = make(segmenter)
+    pipe.submit("/a", image(1, h=big * 2))
+    pipe.submit("/b", image(2))
+    pipe.step()
+    cams = pipe.snapshot()["cameras"]
+    assert cams["/a"]["dropped"] == {"out_of_memory": 1} and cams["/b"]["processed"] == 1
+
+
+def test_unrecoverable_device_error_stops_and_reports_once(segmenter: Segmenter, monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    _failing_forward(segmenter, monkeypatch, lambda n: torch.AcceleratorError(
+        "CUDA error: an illegal memory access was encountered"))
+    fatal: list[str] = []
+    sink = Sink()
+    log = Log()
+    pipe = FramePipeline(segmenter, [("/a", False), ("/b", False)], wanted=sink.wanted, publish=sink.publish,
+                         logger=log, on_fatal=fatal.append)
+    pipe.start()
+    pipe.submit("/a", image(1))
+    pipe.submit("/b", image(2))
+    deadline = time.monotonic() + 30
+    while not fatal and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pipe.stop(30)
+    snap = pipe.snapshot()
+    assert len(fatal) == 1 and "illegal memory access" in fatal[0] and snap["fatal_error"] == fatal[0]
+    dropped = sum(c["dropped"].get("device_error", 0) for c in snap["cameras"].values())
+    assert dropped == 2 and not sink.published
+    assert not pipe.running  # the worker stopped taking frames by itself
 
 
 def test_worker_thread_start_stop_and_segmenter_swap(segmenter: Segmenter, tmp_path: Path):

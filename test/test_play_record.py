@@ -78,7 +78,7 @@ def test_play_video_compressed_resized(ros: RosHarness):
     ros.unsubscribe(col)
     for m in col.messages:
         img, order = compressed_to_numpy(m)
-        assert "jpeg" in m.format and order == "BGR" and img.shape == (180, 320, 3)
+        assert "jpeg" in m.format and order == "RGB" and img.shape == (180, 320, 3)
     assert len(col.messages) == 3
 
 

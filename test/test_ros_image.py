@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import array
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -168,8 +169,8 @@ def test_compressed_roundtrip(codec, order):
     fmt, data = numpy_to_compressed(img, order, codec)
     assert compression_format(fmt) == codec
     out, got_order = compressed_to_numpy(SimpleNamespace(format=fmt, data=array.array("B", data)))
-    assert got_order == "BGR" and out.shape == img.shape
-    expected = img[:, :, ::-1] if order == "RGB" else img
+    assert got_order == "RGB" and out.shape == img.shape
+    expected = img[:, :, ::-1] if order == "BGR" else img
     err = np.abs(out.astype(int) - expected)
     if codec == "png":
         assert err.max() == 0
@@ -188,8 +189,8 @@ def test_compressed_mono_and_alpha():
     rgba = RNG.integers(0, 256, (6, 7, 4), dtype=np.uint8)
     ok, buf = cv2.imencode(".png", rgba)
     out, order = compressed_to_numpy(SimpleNamespace(format="png", data=buf.tobytes()))
-    assert order == "BGR"
-    np.testing.assert_array_equal(out, rgba[:, :, :3])
+    assert order == "RGB"  # OpenCV wrote BGRA
+    np.testing.assert_array_equal(out, rgba[:, :, 2::-1])
 
 
 @pytest.mark.parametrize("fmt,expected", [("jpeg", "jpeg"), ("JPG", "jpeg"), ("png", "png"), ("", ""),
@@ -237,3 +238,155 @@ def test_scale_camera_info():
     uncalibrated = SimpleNamespace(**{**vars(info), "width": 0, "height": 0, "k": [0.0] * 9})
     out = scale_camera_info(uncalibrated, 64, 48, SimpleNamespace(roi=SimpleNamespace()))
     assert (out.width, out.height) == (64, 48) and out.k == [0.0] * 9
+
+
+# ---------------------------------------------------------------------------------------------- untrusted input
+def _png(img: np.ndarray) -> bytes:
+    return numpy_to_compressed(img, "RGB", "png")[1]
+
+
+def _with_ihdr_size(png: bytes, height: int, width: int) -> bytes:
+    """A PNG whose IHDR declares another size (with a valid CRC): the decompression-bomb shape."""
+    import struct
+    import zlib
+
+    ihdr = png[12:16] + struct.pack(">II", width, height) + png[24:29]
+    return png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
+
+
+def _with_sof_size(jpg: bytes, height: int, width: int) -> bytes:
+    i = jpg.index(b"\xff\xc0")
+    return jpg[: i + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpg[i + 9:]
+
+
+def test_compressed_header_reads_sizes_without_decoding():
+    from icnet_ros.ros_image import compressed_header
+
+    img = RNG.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for codec in ("png", "jpeg"):
+        fmt, data = numpy_to_compressed(img, "RGB", codec)
+        assert compressed_header(SimpleNamespace(format=fmt, data=data)) == (codec, 37, 53)
+    prog = _progressive_jpeg(img)
+    assert compressed_header(SimpleNamespace(format="jpeg", data=prog)) == ("jpeg", 37, 53)
+
+
+def _progressive_jpeg(img: np.ndarray, quality: int = 90) -> bytes:
+    import io
+
+    from PIL import Image as PILImage
+
+    out = io.BytesIO()
+    PILImage.fromarray(img).save(out, "JPEG", progressive=True, quality=quality)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("codec", ["png", "jpeg"])
+def test_declared_size_above_max_pixels_is_refused_before_decoding(codec, monkeypatch):
+    """A small message declaring 20000 x 20000 pixels: refused as ``size`` from the header, the decoder never runs
+    (Pillow's open is replaced by a function that fails the test)."""
+    import PIL.Image
+
+    img = np.zeros((16, 16, 3), np.uint8)
+    fmt, data = numpy_to_compressed(img, "RGB", codec)
+    data = _with_ihdr_size(data, 20000, 20000) if codec == "png" else _with_sof_size(data, 20000, 20000)
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("decoded a frame above max_pixels"))
+    with pytest.raises(ImageFormatError) as e:
+        compressed_to_numpy(SimpleNamespace(format=fmt, data=data), max_pixels=4096 * 4096)
+    assert e.value.reason == "size" and "20000x20000" in str(e.value)
+
+
+def test_raw_image_declared_size_above_max_pixels():
+    msg = fake_msg(np.zeros((4, 5, 3), np.uint8), "rgb8")
+    msg.height, msg.width = 100000, 100000  # the data is far too short as well: the size is checked first
+    with pytest.raises(ImageFormatError) as e:
+        segmenter_input(msg, max_pixels=10**6)
+    assert e.value.reason == "size"
+    msg = fake_msg(np.zeros((40, 50, 3), np.uint8), "rgb8")
+    assert segmenter_input(msg, max_pixels=2000)[0].shape == (40, 50, 3)
+    with pytest.raises(ImageFormatError):
+        segmenter_input(msg, max_pixels=1999)
+
+
+def _bad_compressed() -> dict[str, tuple[str, bytes, str]]:
+    img = RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    png, jpg = _png(img), numpy_to_compressed(img, "RGB", "jpeg")[1]
+    idat = png.index(b"IDAT")
+    return {
+        "png truncated": ("png", png[: len(png) // 2], "decode"),
+        "png IHDR CRC": ("png", png[:30] + bytes([png[30] ^ 0xFF]) + png[31:], "decode"),
+        "png IDAT CRC": ("png", png[: idat + 10] + bytes([png[idat + 10] ^ 0xFF]) + png[idat + 11:], "decode"),
+        "png bad depth": ("png", png[:24] + b"\x05" + png[25:], "decode"),
+        "png zero size": ("png", _with_ihdr_size(png, 0, 32), "size"),
+        "png header only": ("png", png[:33], "decode"),
+        "png bigger than its data": ("png", _with_ihdr_size(png, 240, 320), "decode"),
+        "jpeg truncated": ("jpeg", jpg[: len(jpg) // 2], "decode"),
+        "jpeg no SOF": ("jpeg", b"\xff\xd8\xff\xd9", "decode"),
+        "jpeg segment past the end": ("jpeg", jpg[:2] + b"\xff\xe0\xff\xff" + jpg[6:40], "decode"),
+        "jpeg zero height (DNL)": ("jpeg", _with_sof_size(jpg, 0, 32), "size"),
+        "jpeg garbage scan": ("jpeg", jpg[:-200] + bytes(range(256))[:198] + b"\xff\xd9", "decode"),
+        "not an image": ("", b"GIF89a" + bytes(100), "decode"),
+        "format says png, data is jpeg": ("png", jpg, "decode"),
+        "empty": ("jpeg", b"", "size"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_compressed()))
+def test_bad_compressed_images_raise_with_a_reason_and_print_nothing(case, capfd):
+    """Every failure is an ImageFormatError, none a cv2.error/OSError, and nothing reaches stderr (libpng and
+    libjpeg print there from C when OpenCV decodes; Pillow does not)."""
+    fmt, data, reason = _bad_compressed()[case]
+    try:
+        compressed_to_numpy(SimpleNamespace(format=fmt, data=data), max_pixels=10**6)
+    except ImageFormatError as e:
+        assert e.reason == reason, str(e)
+    else:  # libjpeg may conceal a corrupt scan; then the frame must have its declared size
+        assert reason == "decode" and case == "jpeg garbage scan"
+    out, err = capfd.readouterr()
+    assert err == "" and out == ""
+
+
+def test_jpeg_with_too_many_scans_is_refused():
+    """A progressive JPEG's scans each cost a pass over all coefficients: thousands of tiny scans would make a
+    small message take minutes to decode."""
+    from icnet_ros.ros_image import MAX_JPEG_SCANS
+
+    jpg = _progressive_jpeg(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    sos = jpg.index(b"\xff\xda")
+    eoi = jpg.rindex(b"\xff\xd9")
+    scan = jpg[sos: jpg.index(b"\xff\xc4", sos) if b"\xff\xc4" in jpg[sos:] else eoi]
+    bomb = jpg[:eoi] + scan * (MAX_JPEG_SCANS + 1) + b"\xff\xd9"
+    with pytest.raises(ImageFormatError) as e:
+        compressed_to_numpy(SimpleNamespace(format="jpeg", data=bomb))
+    assert e.value.reason == "decode" and "scans" in str(e.value)
+
+
+def test_compressed_special_modes():
+    """Palette, 1-bit, grey+alpha and 16-bit grey PNGs; a CMYK JPEG."""
+    import io
+
+    from PIL import Image as PILImage
+
+    rgb = RNG.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+
+    def encode(im: Any, fmt: str = "PNG") -> bytes:
+        out = io.BytesIO()
+        im.save(out, fmt)
+        return out.getvalue()
+
+    pal = PILImage.fromarray(rgb).convert("P")
+    out, order = compressed_to_numpy(SimpleNamespace(format="png", data=encode(pal)))
+    assert order == "RGB" and out.shape == (9, 11, 3)
+    np.testing.assert_array_equal(out, np.asarray(pal.convert("RGB")))
+    for mode in ("1", "LA"):
+        out, order = compressed_to_numpy(SimpleNamespace(format="png", data=encode(
+            PILImage.fromarray(rgb).convert(mode))))
+        assert order == "MONO" and out.shape == (9, 11) and out.dtype == np.uint8
+    deep = RNG.integers(0, 65536, (9, 11), dtype=np.uint16)
+    import cv2
+
+    out, order = compressed_to_numpy(SimpleNamespace(format="png", data=cv2.imencode(".png", deep)[1].tobytes()))
+    assert order == "MONO" and out.dtype == np.uint16
+    np.testing.assert_array_equal(out, deep)
+    cmyk = encode(PILImage.fromarray(rgb).convert("CMYK"), "JPEG")
+    out, order = compressed_to_numpy(SimpleNamespace(format="jpeg", data=cmyk))
+    assert order == "RGB" and out.shape == (9, 11, 3)

@@ -158,7 +158,10 @@ class Recorder:
             codec = compression_format(msg.format) or "png"
             path = stem.with_name(stem.name + (".jpg" if codec == "jpeg" else ".png"))
             path.write_bytes(bytes(msg.data))
-            bgr = compressed_to_numpy(msg)[0] if self._video is not None else None
+            bgr = None
+            if self._video is not None:
+                img, order = compressed_to_numpy(msg)
+                bgr = img[:, :, ::-1] if order == "RGB" else img
         else:
             bgr = to_bgr(image_to_numpy(msg), msg.encoding)
             if bgr.dtype == np.uint16 and self.fmt == "jpg":
