@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageFormatError", "PixelFormat", "SEGMENTER_ENCODINGS", "compressed_header",
-           "compressed_to_numpy", "compression_format", "image_to_numpy", "numpy_to_compressed", "numpy_to_image", "pixel_format", "scale_camera_info",
-           "segmenter_frame", "segmenter_input", "set_image_data"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageFormatError", "PixelFormat", "SEGMENTER_ENCODINGS", "check_pixels",
+           "compressed_header", "compressed_to_numpy", "compression_format", "image_to_numpy", "numpy_to_compressed",
+           "numpy_to_image", "pixel_format", "scale_camera_info", "segmenter_frame", "segmenter_input",
+           "set_image_data"]
 
 
 #: default pixel limit per frame: 3840 x 2160 (4K UHD); larger frames are refused before decoding
