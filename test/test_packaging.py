@@ -11,8 +11,8 @@ import pytest
 
 from helpers import REPO
 
-EXECUTABLES = ["icnet_node", "icnet-play", "icnet-record", "icnet-demo", "icnet-convert", "icnet-segment",
-               "icnet-bench", "icnet-train", "icnet-eval", "icnet-node-bench"]
+EXECUTABLES = ["icnet_node", "icnet-play", "icnet-record", "icnet-demo", "icnet-convert", "icnet-export",
+               "icnet-segment", "icnet-bench", "icnet-train", "icnet-eval", "icnet-node-bench"]
 
 
 def test_console_scripts_resolve():

@@ -1,0 +1,190 @@
+"""ONNX Runtime backend: runs an ``icnet-export`` ONNX file (see :mod:`icnet_ros.export`) behind the Segmenter.
+
+Execution providers: the CPU provider on the CPU. On CUDA (``options.device``) the TensorRT provider when this
+onnxruntime build has it (engines cached in ``options.cache_dir``, default ``<model>.ort-trt/`` beside the model;
+fp16 when ``options.precision == "fp16"``; one optimisation profile for batches 1..the export's ``batch``), else
+the CUDA provider; asking for CUDA with a CPU-only onnxruntime is a one-line error (``pip install
+onnxruntime-gpu``). ``provider`` names the provider the session actually uses.
+
+Threads: ``intra_op_num_threads = options.threads or torch.get_num_threads()``, one inter-op thread, and spinning
+disabled for both pools. ORT's worker threads otherwise busy-wait after each operator for work that, in this
+process, only comes with the next frame; on a machine with as many cores as threads they then compete with
+PyTorch's own threads, which run the Segmenter's pre- and post-processing between two ORT calls.
+
+Data path: on the CPU the input tensor's memory is given to ORT as a numpy view (no copy when contiguous) and the
+logits come back as a tensor sharing ORT's output array. On CUDA, IO binding hands ORT the torch tensors' device
+pointers (input and a preallocated output): no host round trip. ORT runs on torch's current CUDA stream at open
+time (``user_compute_stream``); a call from another stream is ordered against it with stream waits.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..checkpoint import CheckpointError
+from ..export import INPUT_NAME, OUTPUT_NAME, profile_batch, read_onnx_metadata
+from .base import BackendOptions, require
+
+_TYPES: dict[str, tuple[torch.dtype, type]] = {"tensor(float)": (torch.float32, np.float32),
+                                               "tensor(float16)": (torch.float16, np.float16)}
+PRECISIONS = ("fp32", "fp16")
+
+
+def session_options(ort: Any, threads: int) -> Any:
+    """SessionOptions with ``threads`` intra-op threads, one inter-op thread and no spinning (module docstring)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
+
+
+class OnnxRuntimeBackend:
+    """A :class:`~icnet_ros.backends.base.Backend` running an exported ONNX model in an ONNX Runtime session."""
+
+    name = "onnxruntime"
+    memory_format = torch.contiguous_format
+
+    def __init__(self, path: str | Path, options: BackendOptions = BackendOptions()) -> None:
+        ort = require("onnxruntime", "onnxruntime", "onnx")
+        self.path = Path(path).expanduser()
+        self.meta = read_onnx_metadata(self.path)  # a truncated / foreign file fails here, with one line
+        if options.precision not in PRECISIONS:
+            raise ValueError(f"backend 'onnxruntime' runs fp32 or fp16 ONNX files, not precision "
+                             f"{options.precision!r}")
+        self.device = torch.device(options.device)
+        self.threads = int(options.threads) or torch.get_num_threads()
+        record = (self.meta.get("provenance") or {}).get("exported") or {}
+        self.file_precision = "fp16" if record.get("fp16") else "fp32"
+        self._stream = None
+        providers = self._providers(ort, options)
+        try:
+            self.session = ort.InferenceSession(str(self.path), session_options(ort, self.threads),
+                                                providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types (Fail, InvalidGraph, ...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{self.path}: ONNX Runtime cannot load the model: {first}") from None
+        self.provider = self.session.get_providers()[0]
+        if self.device.type == "cuda" and self.provider == "CPUExecutionProvider":
+            raise ValueError(f"device {self.device}: this onnxruntime has no working CUDA execution provider "
+                             "(install onnxruntime-gpu instead of onnxruntime, with a matching CUDA)")
+        self.precision = "fp16" if (options.precision == "fp16" and self.provider == "TensorrtExecutionProvider"
+                                    ) else self.file_precision
+        self._check_io()
+
+    def _providers(self, ort: Any, options: BackendOptions) -> list[Any]:
+        if self.device.type == "cpu":
+            return ["CPUExecutionProvider"]
+        if self.device.type != "cuda":
+            raise ValueError(f"backend 'onnxruntime' runs on the CPU or CUDA, not {self.device}")
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)
+        self._stream = torch.cuda.current_stream(self.device)
+        stream = str(self._stream.cuda_stream)
+        available = ort.get_available_providers()
+        providers: list[Any] = []
+        if "TensorrtExecutionProvider" in available:
+            h, w = self.meta["network_size"]
+            batch = profile_batch(self.meta)
+            cache = Path(options.cache_dir).expanduser() if options.cache_dir else self.path.with_name(
+                self.path.name + ".ort-trt")
+            cache.mkdir(parents=True, exist_ok=True)
+            trt = {"device_id": index, "user_compute_stream": stream, "trt_engine_cache_enable": True,
+                   "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
+                   "trt_timing_cache_path": str(cache), "trt_fp16_enable": options.precision == "fp16"}
+            if batch is not None:  # dynamic batch axis: one profile for 1..batch instead of rebuilds per shape
+                trt.update(trt_profile_min_shapes=f"{INPUT_NAME}:1x3x{h}x{w}",
+                           trt_profile_opt_shapes=f"{INPUT_NAME}:{batch}x3x{h}x{w}",
+                           trt_profile_max_shapes=f"{INPUT_NAME}:{batch}x3x{h}x{w}")
+            providers.append(("TensorrtExecutionProvider", trt))
+        if "CUDAExecutionProvider" in available:
+            providers.append(("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": stream}))
+        return providers + ["CPUExecutionProvider"]
+
+    def _check_io(self) -> None:
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
+            raise CheckpointError(f"{self.path}: expected one input {INPUT_NAME!r} and one output {OUTPUT_NAME!r}, "
+                                  f"got inputs {[i.name for i in inputs]}, outputs {[o.name for o in outputs]}")
+        inp, out = inputs[0], outputs[0]
+        if inp.type not in _TYPES or out.type not in _TYPES or len(inp.shape) != 4 or inp.shape[1] != 3:
+            raise CheckpointError(f"{self.path}: unsupported input {inp.type} {inp.shape} / output {out.type}")
+        self.input_dtype, self._np_in = _TYPES[inp.type]
+        self.output_dtype, self._np_out = _TYPES[out.type]
+        n, _, h, w = inp.shape
+        self.max_batch: int | None = n if isinstance(n, int) else None
+        if self.provider == "TensorrtExecutionProvider" and self.max_batch is None:
+            self.max_batch = profile_batch(self.meta)
+        self.fixed_size: tuple[int, int] | None = (h, w) if isinstance(h, int) and isinstance(w, int) else None
+        self.num_classes = int(self.meta["arch"]["num_classes"])
+        if self.device.type == "cuda":
+            self._binding = self.session.io_binding()
+            self._run_options = self._ort_run_options()
+
+    def _ort_run_options(self) -> Any:
+        ort = require("onnxruntime", "onnxruntime", "onnx")
+        ro = ort.RunOptions()
+        # ORT runs on self._stream, whose order torch keeps: no device synchronisation after each run
+        ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        return ro
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an N x 3 x H x W batch, got shape {tuple(x.shape)}")
+        if self.fixed_size is not None and tuple(x.shape[2:]) != self.fixed_size:
+            raise ValueError(f"{self.path.name} was exported for {self.fixed_size[0]}x{self.fixed_size[1]} inputs, "
+                             f"got {x.shape[2]}x{x.shape[3]}")
+        if self.max_batch is not None and x.shape[0] > self.max_batch:
+            raise ValueError(f"batch of {x.shape[0]} exceeds this model's maximum batch {self.max_batch}")
+        if x.dtype != self.input_dtype or x.device != self.device:
+            raise ValueError(f"expected a {self.input_dtype} tensor on {self.device}, got {x.dtype} on {x.device}")
+        x = x.contiguous()
+        if self.device.type == "cpu":
+            out = self.session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+            return torch.from_numpy(out)
+        return self._run_cuda(x)
+
+    def _run_cuda(self, x: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        out = torch.empty((n, self.num_classes, math.ceil(h / 8), math.ceil(w / 8)), dtype=self.output_dtype,
+                          device=self.device)
+        b, idx = self._binding, self.device.index
+        b.bind_input(INPUT_NAME, "cuda", idx, self._np_in, list(x.shape), x.data_ptr())
+        b.bind_output(OUTPUT_NAME, "cuda", idx, self._np_out, list(out.shape), out.data_ptr())
+        current = torch.cuda.current_stream(self.device)
+        other = current != self._stream
+        if other:
+            self._stream.wait_stream(current)  # the input is written on the caller's stream
+        self.session.run_with_iobinding(b, self._run_options)
+        if other:
+            current.wait_stream(self._stream)
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        return out
+
+    def describe(self) -> str:
+        size = "x".join(map(str, self.fixed_size)) if self.fixed_size else "any size"
+        batch = "dynamic batch" if self.max_batch is None else f"batch <= {self.max_batch}"
+        threads = f", {self.threads} threads" if self.device.type == "cpu" else ""
+        return (f"onnxruntime {require('onnxruntime', 'onnxruntime', 'onnx').__version__} {self.provider} "
+                f"({self.device}{threads}) | {self.path.name} {self.precision} | input {size}, {batch}")
+
+    def close(self) -> None:
+        self.__dict__.pop("_binding", None)
+        self.__dict__.pop("session", None)
+
+
+def open_backend(path: str | Path, options: BackendOptions = BackendOptions()) -> OnnxRuntimeBackend:
+    """An ONNX Runtime session for an exported ONNX file (see the module docstring)."""
+    return OnnxRuntimeBackend(path, options)
+
+
+__all__ = ["OnnxRuntimeBackend", "open_backend", "session_options"]

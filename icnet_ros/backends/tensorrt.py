@@ -1,0 +1,213 @@
+"""Native TensorRT backend: an engine built from an ``icnet-export`` ONNX file, cached, run on torch CUDA tensors.
+
+``open_backend(path, options)`` takes the ``.onnx`` file (the model: its metadata is the icnet_ros metadata, see
+:mod:`icnet_ros.export`). The engine is built on first use (minutes for a large model) and cached in
+``options.cache_dir`` or beside the ONNX file, under a name made of the ONNX file's SHA-256, the TensorRT version,
+the GPU's name and compute capability and the precision: a changed ONNX file, another TensorRT or another GPU
+builds a new engine (a file that TensorRT cannot deserialize is rebuilt as well). Writes are atomic.
+
+Precision: the engine runs in the ONNX file's precision. An fp16 export (``icnet-export --fp16``: fp16 weights
+and activations, fp32 input and output) builds a strongly typed fp16 engine; this is the only fp16 route in
+TensorRT 11, which removed the builder's FP16 flag. ``options.precision == "fp16"`` with an fp32 file sets that
+flag on TensorRT 10 (TensorRT then picks fp16 kernels per layer) and is a one-line error on TensorRT 11.
+
+Batch: a dynamic batch axis gets one optimisation profile for batches 1..the export's ``batch``
+(:func:`icnet_ros.export.profile_batch`), optimised for that batch; ``max_batch`` says so to the Segmenter.
+
+Execution follows TensorRT's own samples (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) on
+torch's current CUDA stream with the torch tensors' memory: no copies, no host synchronisation.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import CheckpointError, file_sha256
+from ..export import INPUT_NAME, OUTPUT_NAME, profile_batch, read_onnx_metadata
+from .base import BackendOptions, require
+
+log = logging.getLogger(__name__)
+#: builder workspace limit (TensorRT uses less when it can)
+WORKSPACE_BYTES = 2 << 30
+_LOGGER: Any = None
+
+
+def _trt() -> Any:
+    return require("tensorrt", "tensorrt", "tensorrt")
+
+
+def _logger(trt: Any) -> Any:
+    global _LOGGER
+    if _LOGGER is None:  # one logger per process, as TensorRT recommends
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
+def engine_path(onnx_path: Path, meta: dict[str, Any], device: torch.device, precision: str,
+                cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the engine for ``onnx_path`` on ``device`` in ``precision`` is cached (see the module docstring)."""
+    trt = _trt()
+    props = torch.cuda.get_device_properties(device)
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", props.name).strip("-")
+    digest = file_sha256(onnx_path)[:16]
+    batch = profile_batch(meta)
+    name = (f"{onnx_path.stem}.{digest}.trt{trt.__version__}.{gpu}-sm{props.major}{props.minor}.{precision}"
+            f"{f'.b{batch}' if batch else ''}.engine")
+    folder = Path(cache_dir).expanduser() if cache_dir else onnx_path.parent
+    return folder / name
+
+
+def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, fp16_flag: bool = False,
+                 max_batch: int | None = None) -> Path:
+    """Build a serialized TensorRT engine from an exported ONNX file and write it atomically to ``output``.
+
+    ``fp16_flag``: TensorRT 10's weak-typing FP16 flag (an fp32 file); an fp16 file builds strongly typed.
+    ``max_batch``: for a dynamic batch axis, the profile covers batches 1..max_batch (default: the export's)."""
+    trt = _trt()
+    onnx_path, output = Path(onnx_path).expanduser(), Path(output).expanduser()
+    meta = read_onnx_metadata(onnx_path)
+    fp16_file = bool(((meta.get("provenance") or {}).get("exported") or {}).get("fp16"))
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    flags = 0
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if fp16_file and strongly_typed is not None:  # the file's own types decide (TensorRT 11: always)
+        flags |= 1 << int(strongly_typed)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise CheckpointError(f"{onnx_path}: TensorRT cannot parse the ONNX model: {errors or 'unknown error'}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if fp16_flag and not fp16_file:
+        if not hasattr(trt.BuilderFlag, "FP16"):
+            raise ValueError(f"TensorRT {trt.__version__} has no FP16 builder flag (strong typing only): export "
+                             "an fp16 ONNX file (icnet-export --fp16) for an fp16 engine")
+        config.set_flag(trt.BuilderFlag.FP16)
+    inp = network.get_input(0)
+    _, c, h, w = inp.shape
+    if inp.shape[0] == -1:  # dynamic batch
+        n = max_batch or profile_batch(meta) or 1
+        profile = builder.create_optimization_profile()
+        profile.set_shape(inp.name, (1, c, h, w), (n, c, h, w), (n, c, h, w))
+        config.add_optimization_profile(profile)
+    log.info("building a TensorRT %s engine for %s (first use; this takes a while)", trt.__version__, onnx_path.name)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"{onnx_path}: TensorRT failed to build an engine (see TensorRT's log above)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + f".{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(serialized))
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return output
+
+
+class TensorRTBackend:
+    """A :class:`~icnet_ros.backends.base.Backend` running a TensorRT engine on torch CUDA tensors."""
+
+    name = "tensorrt"
+    memory_format = torch.contiguous_format
+
+    def __init__(self, path: str | os.PathLike, options: BackendOptions = BackendOptions()) -> None:
+        trt = _trt()
+        self.path = Path(path).expanduser()
+        if self.path.suffix.lower() != ".onnx":
+            raise CheckpointError(f"{self.path}: the tensorrt backend takes the exported .onnx file (the engine is "
+                                  "built from it and cached beside it)")
+        self.meta = read_onnx_metadata(self.path)
+        device = torch.device(options.device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"backend 'tensorrt' needs a CUDA device, got {options.device} "
+                             f"(CUDA available: {torch.cuda.is_available()})")
+        self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        if options.precision not in ("fp32", "fp16"):
+            raise ValueError(f"backend 'tensorrt' runs fp32 or fp16 engines, not precision {options.precision!r}")
+        fp16_file = bool(((self.meta.get("provenance") or {}).get("exported") or {}).get("fp16"))
+        fp16_flag = options.precision == "fp16" and not fp16_file
+        self.precision = "fp16" if fp16_file or fp16_flag else "fp32"
+        tag = "fp16" if fp16_file else ("fp16-flag" if fp16_flag else "fp32")
+        with torch.cuda.device(self.device):
+            self.engine_file = engine_path(self.path, self.meta, self.device, tag, options.cache_dir)
+            runtime = trt.Runtime(_logger(trt))
+            engine = None
+            if self.engine_file.is_file():
+                engine = runtime.deserialize_cuda_engine(self.engine_file.read_bytes())
+                if engine is None:
+                    log.warning("cached TensorRT engine %s cannot be loaded; rebuilding it", self.engine_file)
+            if engine is None:
+                build_engine(self.path, self.engine_file, fp16_flag=fp16_flag)
+                engine = runtime.deserialize_cuda_engine(self.engine_file.read_bytes())
+                if engine is None:
+                    raise RuntimeError(f"TensorRT cannot load the engine it just built: {self.engine_file}")
+            self.engine = engine
+            self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        if sorted(names) != sorted([INPUT_NAME, OUTPUT_NAME]):
+            raise CheckpointError(f"{self.path}: expected tensors {INPUT_NAME!r} and {OUTPUT_NAME!r}, got {names}")
+        self.input_dtype = _torch_dtype(trt, engine.get_tensor_dtype(INPUT_NAME))
+        self.output_dtype = _torch_dtype(trt, engine.get_tensor_dtype(OUTPUT_NAME))
+        n, _, h, w = engine.get_tensor_shape(INPUT_NAME)
+        self.fixed_size: tuple[int, int] | None = (int(h), int(w))
+        if n == -1:
+            self.max_batch: int | None = int(engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
+        else:
+            self.max_batch = int(n)
+        self.num_classes = int(self.meta["arch"]["num_classes"])
+        self.provider = f"{self.device} ({torch.cuda.get_device_name(self.device)}, TensorRT {trt.__version__})"
+        self._version = trt.__version__
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != self.fixed_size:
+            raise ValueError(f"expected an N x 3 x {self.fixed_size[0]} x {self.fixed_size[1]} batch, got shape "
+                             f"{tuple(x.shape)}")
+        if x.shape[0] > self.max_batch:
+            raise ValueError(f"batch of {x.shape[0]} exceeds the engine's maximum batch {self.max_batch}")
+        if x.dtype != self.input_dtype or x.device != self.device:
+            raise ValueError(f"expected a {self.input_dtype} tensor on {self.device}, got {x.dtype} on {x.device}")
+        x = x.contiguous()
+        n, _, h, w = x.shape
+        out = torch.empty((n, self.num_classes, math.ceil(h / 8), math.ceil(w / 8)), dtype=self.output_dtype,
+                          device=self.device)
+        ctx = self.context
+        ctx.set_input_shape(INPUT_NAME, tuple(x.shape))
+        ctx.set_tensor_address(INPUT_NAME, x.data_ptr())
+        ctx.set_tensor_address(OUTPUT_NAME, out.data_ptr())
+        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see TensorRT's log)")
+        return out
+
+    def describe(self) -> str:
+        h, w = self.fixed_size
+        return (f"tensorrt {self._version} {self.provider} | {self.path.name} {self.precision} | input {h}x{w}, "
+                f"batch <= {self.max_batch} | engine {self.engine_file.name}")
+
+    def close(self) -> None:
+        self.__dict__.pop("context", None)
+        self.__dict__.pop("engine", None)
+
+
+def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+    if dtype not in table:
+        raise CheckpointError(f"unsupported TensorRT tensor type {dtype}")
+    return table[dtype]
+
+
+def open_backend(path: str | os.PathLike, options: BackendOptions = BackendOptions()) -> TensorRTBackend:
+    """A TensorRT engine for an exported ONNX file, built or loaded from the cache (see the module docstring)."""
+    return TensorRTBackend(path, options)
+
+
+__all__ = ["TensorRTBackend", "build_engine", "engine_path", "open_backend"]

@@ -1,0 +1,322 @@
+"""ONNX export of ICNet checkpoints for the ONNX Runtime and TensorRT backends, and reading an export's metadata.
+
+:func:`export_onnx` writes one self-contained ``.onnx`` file: the network's graph at a fixed input size with a
+dynamic (or fixed) batch axis, and the checkpoint's metadata as JSON in the ONNX ``metadata_props`` under the key
+``icnet_ros`` (the same key as in native checkpoints), so the file is a complete model for the node and the CLIs.
+
+The graph:
+
+- input ``input``: ``N x 3 x H x W`` float32, normalised as the metadata's ``normalization`` says (the Segmenter
+  does it); output ``logits``: ``N x classes x H/8 x W/8`` float32. H and W are fixed (the pyramid pooling's bins
+  depend on them) and multiples of 32 (ICNet's branches only line up there, :data:`icnet_ros.sizes.SIZE_DIVISOR`);
+  the metadata records them as ``network_size`` (and as the recommended ``input_size``).
+- the model as the torch backend runs it: an eval-mode private copy without the training-only auxiliary heads,
+  BatchNorm folded into the convolutions and a concat pyramid pooling factorized
+  (:func:`icnet_ros.optimize.factorize_pyramid_pooling`, about half the multiply-adds of R50's bottleneck; its
+  resize matrices become constants of the fixed size). Both are exact up to float rounding and verified when
+  applied.
+- ``fp16=True``: weights and activations in float16, input and output stay float32 (one Cast at each end), so an
+  fp16 file has the same interface as an fp32 one and the Segmenter feeds both the same way; the file is half the
+  size. It is also TensorRT's fp16 route: TensorRT builds it as a strongly typed fp16 engine (TensorRT 11 has no
+  other; :mod:`icnet_ros.backends.tensorrt`).
+
+The exporter is ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript): the TorchScript exporter
+(``dynamo=False``) cannot export adaptive average pooling whose output size does not divide its input (the 3- and
+6-bin pooling of a 16 x 32 low-branch map), which ICNet has at most sizes. The decomposition the dynamo exporter
+uses (ReduceMean over gathered windows) runs in ONNX Runtime and TensorRT.
+
+:func:`read_onnx_metadata` reads only the file's top-level protobuf fields (the graph is skipped, not parsed), so
+it is cheap on large models, needs no ``onnx`` package and runs no code; a truncated file, a non-ONNX file and an
+ONNX model without icnet_ros metadata raise :class:`~icnet_ros.checkpoint.CheckpointError` with one line.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import nn
+
+from .backends.base import require
+from .checkpoint import META_KEY, CheckpointError, default_model_path, file_sha256, validate_meta
+from .models.icnet import MIN_INPUT_SIZE
+from .optimize import factorize_pyramid_pooling, fold_batchnorm
+from .sizes import SIZE_DIVISOR, aligned_size
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+#: the metadata of an export is at most this large (a guard against hostile files; real metadata is a few KiB)
+MAX_METADATA_BYTES = 16 << 20
+
+
+def check_export_size(size: tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(H, W) as ints if both are multiples of :data:`SIZE_DIVISOR` and at least the network minimum; else
+    ValueError naming the nearest valid size."""
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"export size must be (H, W), got {size!r}") from None
+    if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE or h % SIZE_DIVISOR or w % SIZE_DIVISOR:
+        ah, aw = aligned_size(h, w)
+        raise ValueError(f"export size {h}x{w}: height and width must be multiples of {SIZE_DIVISOR} and at least "
+                         f"{MIN_INPUT_SIZE} (ICNet's branches misalign otherwise); nearest valid size: {ah}x{aw}")
+    return h, w
+
+
+class _Float16(nn.Module):
+    """The network in float16 with float32 input and output (see the module docstring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.half()).float()
+
+
+def inference_model(model_or_path: Any, size: tuple[int, int], fp16: bool = False
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """The module to export and its metadata: a private eval copy (no auxiliary heads) with BatchNorm folded and
+    the pyramid pooling factorized, run once at ``size`` so that size's constants are computed outside the
+    graph."""
+    from .engine import _model_and_meta  # the Segmenter's private-copy logic (late import: engine is large)
+
+    model, meta = _model_and_meta(model_or_path)
+    probe = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    fold_batchnorm(model, probe)  # exact up to rounding; verified (restores and raises otherwise)
+    factorize_pyramid_pooling(model, probe)
+    if fp16:
+        model = _Float16(model)
+    with torch.inference_mode():
+        model(probe)  # caches the factorized pooling's resize matrices for this size and dtype
+    return model.eval(), meta
+
+
+def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, int] = (512, 1024), batch: int = 1,
+                dynamic_batch: bool = True, fp16: bool = False, opset: int | None = None,
+                command: str | None = None) -> Path:
+    """Export a model to a self-contained ONNX file (see the module docstring); returns the output path.
+
+    ``model_or_path``: None (the package's default model), a native ``.safetensors`` checkpoint or an ICNet module.
+    ``size``: the fixed network input (H, W), multiples of 32. ``batch``: with ``dynamic_batch`` the batch axis is
+    dynamic and ``batch`` is only recorded (TensorRT builds its optimisation profile for 1..batch); without it the
+    batch is fixed to ``batch``. ``opset``: ONNX opset (default: the exporter's). ``command``: recorded in the
+    provenance (the CLI passes its command line). The file is written atomically."""
+    onnx = require("onnx", "onnx", "onnx")  # the onnx extra installs onnx, onnxscript and onnxruntime
+    require("onnx", "onnxscript", "onnx")
+    h, w = check_export_size(size)
+    if int(batch) < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    batch = int(batch)
+    output = Path(output).expanduser()
+    if model_or_path is None:
+        model_or_path = default_model_path()
+    source_file = None if isinstance(model_or_path, nn.Module) else Path(model_or_path).expanduser()
+    model, meta = inference_model(model_or_path, (h, w), fp16)
+    meta = copy.deepcopy(meta)
+    # dynamic batch: an example batch of 2 (torch.export specialises a batch of 1 to the constant 1)
+    example = torch.randn(max(2, batch) if dynamic_batch else batch, 3, h, w)
+    dynamic_shapes = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+    with _quiet_exporter():
+        program = torch.onnx.export(model, (example,), None, dynamo=True, external_data=False, verbose=False,
+                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+                                    dynamic_shapes=dynamic_shapes, optimize=True)
+    proto = program.model_proto
+    used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+
+    meta["arch"] = {**meta["arch"], "aux_heads": False}
+    meta["network_size"] = [h, w]
+    meta["input_size"] = [h, w]
+    record: dict[str, Any] = {
+        "format": "onnx", "size": [h, w], "batch": batch, "dynamic_batch": bool(dynamic_batch), "fp16": bool(fp16),
+        "opset": used_opset, "exporter": "torch.onnx (dynamo)", "torch": torch.__version__,
+        "onnx": getattr(onnx, "__version__", None),
+        "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
+    if source_file is not None:
+        record["from"] = source_file.name
+        record["sha256"] = file_sha256(source_file)
+    if command:
+        record["command"] = command
+    provenance = meta.setdefault("provenance", {})
+    if "exported" in provenance:  # an export of an export (e.g. icnet-convert --fp16, then this): keep the chain
+        record["previous"] = provenance["exported"]
+    provenance["exported"] = record
+    validate_meta(meta)
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(meta)
+    proto.producer_name, proto.doc_string = "icnet_ros", f"ICNet {meta['arch']['backbone']} ({meta['dataset']})"
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    try:
+        onnx.save_model(proto, str(tmp))
+        os.replace(tmp, output)  # never leave a half-written model behind
+    finally:
+        tmp.unlink(missing_ok=True)
+    return output
+
+
+def profile_batch(meta: dict[str, Any]) -> int | None:
+    """For an export with a dynamic batch axis: the largest batch a TensorRT optimisation profile covers (the
+    export's ``batch``, at least 1); None for a fixed-batch export."""
+    record = (meta.get("provenance") or {}).get("exported") or {}
+    if not record.get("dynamic_batch", True):
+        return None
+    return max(1, int(record.get("batch") or 1))
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs a warning per missing optional operator library (torchvision) and torch.export warns about
+    its own deprecated internals; those are noise here."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+# ----------------------------------------------------------------------------------------------- reading metadata
+# ONNX files are protobuf ModelProto messages. Only the top level is scanned: field 14 is metadata_props
+# (repeated StringStringEntryProto {1: key, 2: value}), field 7 the graph (skipped by its length), field 1 the IR
+# version. Wire types: 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32.
+_IR_VERSION, _GRAPH, _METADATA_PROPS = 1, 7, 14
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The icnet_ros metadata of an exported ``.onnx`` file, validated, without loading the graph.
+
+    Raises :class:`CheckpointError` (one line) for a missing, truncated or non-ONNX file and for an ONNX model
+    without icnet_ros metadata."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"model not found: {path}" if not path.exists() else f"model path is not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            props = _scan_model_proto(f, os.fstat(f.fileno()).st_size)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from e
+    except _Malformed as e:
+        raise CheckpointError(f"{path}: not a complete ONNX model ({e})") from None
+    if META_KEY not in props:
+        raise CheckpointError(f"{path}: ONNX model without icnet_ros metadata (not exported by icnet-export; export "
+                              "a native checkpoint with: icnet-export MODEL --format onnx)")
+    try:
+        meta = json.loads(props[META_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: icnet_ros metadata is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: icnet_ros metadata is not a JSON object")
+    try:
+        validate_meta(meta)
+        size = meta.get("network_size")
+        if (not isinstance(size, list) or len(size) != 2 or not all(isinstance(v, int) for v in size)
+                or min(size) < MIN_INPUT_SIZE):
+            raise CheckpointError(f"invalid network_size in metadata: {size!r} (need [H, W])")
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return meta
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _scan_model_proto(f: BinaryIO, size: int) -> dict[str, str]:
+    """metadata_props of the ModelProto in ``f`` (``size`` bytes); raises _Malformed naming the first problem."""
+    props: dict[str, str] = {}
+    seen: set[int] = set()
+    pos = 0
+    while pos < size:
+        tag, pos = _read_varint(f, pos, size)
+        field, wire = tag >> 3, tag & 7
+        if field == 0:
+            raise _Malformed(f"invalid field number 0 at byte {pos}")
+        if wire == 0:
+            _, pos = _read_varint(f, pos, size)
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > size:
+                raise _Malformed(f"truncated: a field ends at byte {pos}, the file has {size}")
+            f.seek(pos)
+        elif wire == 2:
+            length, pos = _read_varint(f, pos, size)
+            if pos + length > size:
+                raise _Malformed(f"truncated: field {field} needs {length} bytes at byte {pos}, the file has {size}")
+            if field == _METADATA_PROPS:
+                if length > MAX_METADATA_BYTES:
+                    raise _Malformed(f"a metadata entry of {length} bytes (limit {MAX_METADATA_BYTES})")
+                key, value = _parse_entry(f.read(length))
+                props[key] = value
+            else:
+                f.seek(pos + length)
+            pos += length
+        else:
+            raise _Malformed(f"invalid wire type {wire} at byte {pos}")
+        if field in (_IR_VERSION, _GRAPH) and wire != (0 if field == _IR_VERSION else 2):
+            raise _Malformed(f"field {field} has wire type {wire}")
+        seen.add(field)
+    if pos != size:
+        raise _Malformed(f"truncated: the last field ends at byte {pos}, the file has {size}")
+    missing = [n for n, k in (("ir_version", _IR_VERSION), ("graph", _GRAPH)) if k not in seen]
+    if missing:
+        raise _Malformed(f"no {' and no '.join(missing)}")
+    return props
+
+
+def _read_varint(f: BinaryIO, pos: int, size: int) -> tuple[int, int]:
+    value = shift = 0
+    for _ in range(10):
+        if pos >= size:
+            raise _Malformed(f"truncated: the file ends inside a field header at byte {pos}")
+        b = f.read(1)[0]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+    raise _Malformed(f"invalid varint at byte {pos}")
+
+
+def _parse_entry(data: bytes) -> tuple[str, str]:
+    """A StringStringEntryProto: (key, value)."""
+    out = {1: b"", 2: b""}
+    pos = 0
+    while pos < len(data):
+        tag = data[pos]
+        if tag not in (0x0A, 0x12):  # field 1 or 2, wire type 2 (a tag below 128 is one byte)
+            raise _Malformed("invalid metadata entry")
+        length, shift, pos = 0, 0, pos + 1
+        while True:
+            if pos >= len(data) or shift > 63:
+                raise _Malformed("invalid metadata entry")
+            b = data[pos]
+            pos += 1
+            length |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        if pos + length > len(data):
+            raise _Malformed("invalid metadata entry")
+        out[tag >> 3] = data[pos:pos + length]
+        pos += length
+    try:
+        return out[1].decode(), out[2].decode()
+    except UnicodeDecodeError:
+        raise _Malformed("metadata entry is not UTF-8") from None
+
+
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "check_export_size", "export_onnx", "inference_model", "profile_batch",
+           "read_onnx_metadata"]

@@ -1,0 +1,120 @@
+"""icnet-export: a native checkpoint -> a deployment model for ONNX Runtime, OpenVINO or TensorRT, at a fixed
+network size, with the checkpoint's metadata inside (so the exported file is a complete model for the node and the
+CLIs: ``model:=road.onnx``)."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ..backends.base import MissingRuntimeError, require
+from ..checkpoint import CheckpointError, default_model_path
+from ..sizes import parse_hw
+
+FORMATS = ("onnx", "openvino", "tensorrt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="icnet-export",
+        description="Export a native icnet_ros checkpoint (.safetensors) at a fixed network size with a dynamic "
+                    "batch axis. onnx: one .onnx file, the metadata in its metadata_props (ONNX Runtime; pip "
+                    "install 'icnet_ros[onnx]'). openvino: OpenVINO IR (.xml + .bin), optionally INT8 calibrated "
+                    "with NNCF ('icnet_ros[openvino]'). tensorrt: the .onnx file plus its TensorRT engine, built "
+                    "for this GPU and cached beside it ('icnet_ros[tensorrt]', needs an NVIDIA GPU). The export "
+                    "is recorded in the metadata's provenance.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="native .safetensors checkpoint (default: the package's default model)")
+    p.add_argument("--format", "-f", required=True, choices=FORMATS, help="what to export to")
+    p.add_argument("--size", required=True, metavar="HxW",
+                   help="network input size, e.g. 352x480; multiples of 32 (frames are resized to it)")
+    p.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="onnx/tensorrt: the batch axis stays dynamic and TensorRT's profile covers 1..N; with "
+                        "--static-batch the batch is fixed to N (default 1)")
+    p.add_argument("--static-batch", action="store_true", help="a fixed batch of --batch instead of a dynamic one")
+    p.add_argument("--fp16", action="store_true",
+                   help="fp16 weights and activations (fp32 input/output); for tensorrt an fp16 engine")
+    p.add_argument("--int8", action="store_true", help="openvino: INT8 post-training quantization (needs --calib)")
+    p.add_argument("--calib", metavar="DIR", default=None,
+                   help="--int8: calibration images (an image folder, or a dataset split with images/)")
+    p.add_argument("--calib-count", type=int, default=300, metavar="N", help="--int8: images used (default 300)")
+    p.add_argument("--opset", type=int, default=None, help="onnx/tensorrt: ONNX opset (default: the exporter's)")
+    p.add_argument("--output", "-o", required=True,
+                   help="output file: .onnx (onnx, tensorrt: the engine is cached beside it) or .xml (openvino)")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> tuple[int, int]:
+    """The export size; ValueError for flags that do not go together."""
+    from ..export import check_export_size
+
+    size = check_export_size(parse_hw(args.size))
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.int8 and args.format != "openvino":
+        raise ValueError("--int8 is for --format openvino (INT8 quantization with NNCF)")
+    if args.int8 and not args.calib:
+        raise ValueError("--int8 needs calibration images: --calib DIR")
+    if args.int8 and args.fp16:
+        raise ValueError("choose --fp16 or --int8, not both")
+    if args.calib and not args.int8:
+        raise ValueError("--calib is only used with --int8")
+    if args.opset is not None and args.format == "openvino":
+        raise ValueError("--opset is for onnx and tensorrt exports")
+    if args.format != "openvino" and Path(args.output).suffix.lower() != ".onnx":
+        raise ValueError(f"--output {args.output}: an ONNX file name ending in .onnx")
+    if args.model is not None and Path(args.model).suffix.lower() != ".safetensors":
+        raise ValueError(f"{args.model}: expected a native .safetensors checkpoint (convert mmseg .pth files with "
+                         "icnet-convert first)")
+    return size
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = shlex.join(["icnet-export", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        size = _check_args(args)
+        t0 = time.perf_counter()
+        model = args.model or default_model_path()
+        print(f"icnet-export: {model} -> {args.output} ({args.format}, {size[0]}x{size[1]}"
+              f"{', fp16' if args.fp16 else ''}{', int8' if args.int8 else ''}) ...", file=sys.stderr, flush=True)
+        if args.format == "openvino":
+            from ..backends.openvino import export_openvino
+
+            out = export_openvino(model, args.output, size, batch=args.batch if args.static_batch else None,
+                                  fp16=args.fp16, int8=args.int8, calib_dir=args.calib,
+                                  calib_count=args.calib_count, progress=True)
+            print(f"{out} ({time.perf_counter() - t0:.0f} s)")
+            return 0
+        from ..export import export_onnx
+
+        if args.format == "tensorrt":  # fail before minutes of export
+            import torch
+
+            require("tensorrt", "tensorrt", "tensorrt")
+            if not torch.cuda.is_available():
+                raise ValueError("--format tensorrt builds the engine for the GPU it runs on, and CUDA is not "
+                                 "available here: export --format onnx here, then build the engine on the target "
+                                 "(icnet-export --format tensorrt there, or the node on first use)")
+        out = export_onnx(model, args.output, size, batch=args.batch, dynamic_batch=not args.static_batch,
+                          fp16=args.fp16, opset=args.opset, command=command)
+        print(f"{out} ({time.perf_counter() - t0:.0f} s)")
+        if args.format == "tensorrt":
+            from ..backends.base import BackendOptions
+            from ..backends.tensorrt import open_backend
+
+            print("icnet-export: building the TensorRT engine (minutes) ...", file=sys.stderr, flush=True)
+            backend = open_backend(out, BackendOptions(device=torch.device("cuda"),
+                                                       precision="fp16" if args.fp16 else "fp32"))
+            print(f"{backend.engine_file} ({time.perf_counter() - t0:.0f} s)")
+            backend.close()
+    except (CheckpointError, MissingRuntimeError, ValueError, OSError) as e:
+        print(f"icnet-export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

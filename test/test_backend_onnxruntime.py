@@ -1,0 +1,177 @@
+"""ONNX Runtime backend against the torch model it was exported from: logits within 1e-4 relative and argmax
+agreement >= 99.9% (R18/R50 random weights at 32-aligned odd sizes, the default model on CamVid val frames),
+dynamic and fixed batches, the Backend contract, thread/spinning settings, refused inputs and files, a missing
+runtime. CUDA execution providers: cuda-marked, skipped without a GPU and onnxruntime-gpu."""
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import CAMVID, make_checkpoint, require
+
+from icnet_ros.backends.base import Backend, BackendOptions, MissingRuntimeError
+from icnet_ros.checkpoint import CheckpointError, default_model_path, load_model
+from icnet_ros.export import export_onnx
+from icnet_ros.optimize import compare_logits
+from icnet_ros.preprocess import Normalizer
+
+ort = pytest.importorskip("onnxruntime")
+from icnet_ros.backends.onnxruntime import open_backend  # noqa: E402
+
+RTOL, MIN_AGREEMENT = 1e-4, 0.999
+
+
+def _export(tmp_path_factory, arch, width, size, seed=0):
+    folder = tmp_path_factory.mktemp(arch)
+    ckpt = make_checkpoint(folder / f"{arch}.safetensors", arch=arch, width=width, seed=seed)
+    return ckpt, export_onnx(ckpt, folder / f"{arch}.onnx", size=size)
+
+
+@pytest.fixture(scope="module")
+def r18(tmp_path_factory):
+    return _export(tmp_path_factory, "icnet_r18", 0.25, (160, 224))
+
+
+def check_parity(model, backend, x):
+    with torch.no_grad():
+        ref = model(x)
+    got = backend(x)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    agreement = compare_logits(ref, got)
+    assert agreement.relative_diff <= RTOL and agreement.argmax_agreement >= MIN_AGREEMENT, str(agreement)
+    return agreement
+
+
+def test_r18_parity_dynamic_batch_and_contract(r18):
+    ckpt, path = r18
+    backend = open_backend(path, BackendOptions())
+    assert isinstance(backend, Backend)
+    assert backend.name == "onnxruntime" and backend.provider == "CPUExecutionProvider"
+    assert backend.device == torch.device("cpu") and backend.input_dtype == torch.float32
+    assert backend.memory_format == torch.contiguous_format
+    assert backend.fixed_size == (160, 224) and backend.max_batch is None
+    line = backend.describe()
+    assert "\n" not in line and "CPUExecutionProvider" in line and "160x224" in line
+    assert backend.meta["network_size"] == [160, 224]
+    model = load_model(ckpt)
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 3):
+        check_parity(model, backend, torch.randn(n, 3, 160, 224, generator=g))
+    # a non-contiguous (channels_last) input is accepted and gives the same logits
+    x = torch.randn(2, 3, 160, 224, generator=g)
+    torch.testing.assert_close(backend(x.contiguous(memory_format=torch.channels_last)), backend(x))
+    backend.close()
+
+
+def test_refused_inputs(r18):
+    backend = open_backend(r18[1], BackendOptions(threads=1))
+    with pytest.raises(ValueError, match="exported for 160x224"):
+        backend(torch.zeros(1, 3, 128, 224))
+    with pytest.raises(ValueError, match="float32"):
+        backend(torch.zeros(1, 3, 160, 224, dtype=torch.float64))
+    with pytest.raises(ValueError, match="N x 3 x H x W"):
+        backend(torch.zeros(3, 160, 224))
+    with pytest.raises(ValueError, match="fp32 or fp16"):
+        open_backend(r18[1], BackendOptions(precision="bf16"))
+
+
+def test_thread_options(r18):
+    """intra-op threads from the options (0: torch's), one inter-op thread, no spinning in either pool."""
+    for threads, expected in ((1, 1), (2, 2), (0, torch.get_num_threads())):
+        so = open_backend(r18[1], BackendOptions(threads=threads)).session.get_session_options()
+        assert so.intra_op_num_threads == expected and so.inter_op_num_threads == 1
+        assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert so.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    # results do not depend on the thread count
+    x = torch.randn(2, 3, 160, 224, generator=torch.Generator().manual_seed(2))
+    a = open_backend(r18[1], BackendOptions(threads=1))(x)
+    b = open_backend(r18[1], BackendOptions(threads=2))(x)
+    assert compare_logits(a, b).relative_diff <= 1e-5
+
+
+def test_fixed_batch_export(tmp_path, r18):
+    path = export_onnx(r18[0], tmp_path / "b2.onnx", size=(160, 224), batch=2, dynamic_batch=False)
+    backend = open_backend(path, BackendOptions())
+    assert backend.max_batch == 2
+    check_parity(load_model(r18[0]), backend, torch.randn(2, 3, 160, 224, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="maximum batch 2"):
+        backend(torch.zeros(3, 3, 160, 224))
+
+
+def test_refused_files(tmp_path, r18):
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(r18[1].read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="not a complete ONNX model"):
+        open_backend(cut)
+    # valid icnet_ros metadata on a graph without the exported interface
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 64, 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.metadata_props.add(key="icnet_ros", value=onnx.load(str(r18[1])).metadata_props[0].value)
+    onnx.save(model, str(tmp_path / "identity.onnx"))
+    with pytest.raises(CheckpointError) as e:
+        open_backend(tmp_path / "identity.onnx")
+    assert "expected one input 'input'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_runtime(r18, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the import really fails
+    with pytest.raises(MissingRuntimeError) as e:
+        open_backend(r18[1])
+    assert e.value.extra == "onnx" and "pip install 'icnet_ros[onnx]'" in str(e.value)
+
+
+@pytest.mark.slow
+def test_r50_parity(tmp_path_factory):
+    ckpt, path = _export(tmp_path_factory, "icnet_r50", 0.5, (224, 288), seed=1)
+    backend = open_backend(path, BackendOptions())
+    model = load_model(ckpt)
+    g = torch.Generator().manual_seed(4)
+    for n in (1, 3):
+        check_parity(model, backend, torch.randn(n, 3, 224, 288, generator=g))
+
+
+@pytest.mark.slow
+def test_default_model_parity_on_camvid_val(tmp_path):
+    files = sorted((require(CAMVID / "val") / "images").iterdir())[:4]
+    path = export_onnx(None, tmp_path / "default.onnx", size=(352, 480))
+    backend = open_backend(path, BackendOptions())
+    model = load_model(default_model_path())
+    normalizer = Normalizer(model.meta["normalization"])
+    frames = [cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in files]
+    x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float()
+    x = normalizer(F.interpolate(x, size=(352, 480), mode="bilinear", align_corners=False), "RGB",
+                   channels_last_input=False).contiguous()
+    check_parity(model, backend, x)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_execution_provider(r18):
+    if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()):
+        pytest.skip("this onnxruntime has no CUDA execution provider (install onnxruntime-gpu)")
+    ckpt, path = r18
+    backend = open_backend(path, BackendOptions(device=torch.device("cuda")))
+    assert backend.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+    assert backend.device.type == "cuda"
+    model = load_model(ckpt)
+    x = torch.randn(1, 3, 160, 224, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(x)
+    got = backend(x.cuda())
+    assert got.device.type == "cuda"
+    # cuDNN / TensorRT may use TF32 and other algorithms: argmax agreement, logits close
+    agreement = compare_logits(ref, got.float().cpu())
+    assert agreement.argmax_agreement >= 0.99 and agreement.relative_diff <= 1e-2, str(agreement)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # a call from another stream is ordered correctly
+        y = backend(x.cuda())
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, got)

@@ -1,0 +1,219 @@
+"""ONNX export (icnet_ros.export, icnet-export): metadata round trip with the export record, the graph's interface,
+refusal of truncated / non-ONNX / foreign files with one line, fp16 and fixed-batch exports, CLI flags and errors,
+and a missing extra (the import really blocked, in a subprocess)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import REPO, make_checkpoint
+
+from icnet_ros.checkpoint import CheckpointError, file_sha256, load_model, read_metadata
+from icnet_ros.convert import export_native_checkpoint
+from icnet_ros.export import check_export_size, export_onnx, profile_batch, read_onnx_metadata
+from icnet_ros.tools.export import main as export_main
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+SIZE = (128, 192)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("export") / "r18.safetensors", license="CC0 (test weights)",
+                           provenance={"source": "test", "iterations": 7})
+
+
+@pytest.fixture(scope="module")
+def exported(ckpt):
+    """Exported through the CLI (so its flags and the recorded command are covered too)."""
+    out = ckpt.with_name("r18.onnx")
+    assert export_main([str(ckpt), "--format", "onnx", "--size", "128x192", "--batch", "2", "--output",
+                        str(out)]) == 0
+    return out
+
+
+def one_line_error(excinfo, *fragments):
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    for f in fragments:
+        assert f in msg, msg
+
+
+def test_metadata_round_trip_with_export_record(ckpt, exported):
+    src = load_model(ckpt).meta
+    meta = read_onnx_metadata(exported)
+    for key in ("classes", "palette", "dataset", "normalization", "license", "ignore_index"):
+        assert meta[key] == src[key], key
+    assert meta["arch"] == {**src["arch"], "aux_heads": False}
+    assert meta["network_size"] == meta["input_size"] == list(SIZE)
+    assert meta["provenance"]["source"] == "test" and meta["provenance"]["iterations"] == 7
+    record = meta["provenance"]["exported"]
+    assert record["format"] == "onnx" and record["size"] == list(SIZE) and record["batch"] == 2
+    assert record["dynamic_batch"] is True and record["fp16"] is False
+    assert record["from"] == "r18.safetensors" and record["sha256"] == file_sha256(ckpt)
+    assert record["torch"] == torch.__version__ and isinstance(record["opset"], int) and record["date"]
+    assert record["command"].startswith("icnet-export ") and "--size 128x192" in record["command"]
+    assert profile_batch(meta) == 2
+    # the same JSON as the onnx package reads it, and a model the ONNX checker accepts
+    model = onnx.load(str(exported))
+    onnx.checker.check_model(model)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["icnet_ros"]) == meta
+    assert model.opset_import[0].version == record["opset"]
+
+
+def test_graph_interface(exported):
+    model = onnx.load(str(exported), load_external_data=False)
+    assert len(model.graph.initializer) > 0 and not os.path.exists(str(exported) + ".data")  # one file
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == "input" and out.name == "logits"
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1:] == [3, *SIZE]
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)  # folded
+
+
+def test_export_of_an_export_keeps_the_chain(tmp_path, ckpt):
+    half = tmp_path / "half.safetensors"
+    export_native_checkpoint(ckpt, half, fp16=True, include_aux=False)
+    out = export_onnx(half, tmp_path / "half.onnx", size=(64, 96), dynamic_batch=False)
+    record = read_onnx_metadata(out)["provenance"]["exported"]
+    assert record["format"] == "onnx" and record["from"] == "half.safetensors"
+    assert record["previous"]["from"] == "r18.safetensors" and record["previous"]["fp16"] is True
+    assert "command" not in record  # only the CLI passes one
+    assert profile_batch(read_onnx_metadata(out)) is None  # fixed batch
+    model = onnx.load(str(out))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+def _foreign_onnx(path, props=None):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 64, 64])])
+    model = helper.make_model(graph)
+    for k, v in (props or {}).items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.99, "minus1", 20])
+def test_truncated_onnx_refused(tmp_path, exported, cut):
+    data = exported.read_bytes()
+    n = {"minus1": len(data) - 1, 20: 20}.get(cut) or int(len(data) * cut)
+    bad = tmp_path / "cut.onnx"
+    bad.write_bytes(data[:n])
+    with pytest.raises(CheckpointError) as e:
+        read_onnx_metadata(bad)
+    one_line_error(e, str(bad))
+
+
+@pytest.mark.parametrize("kind", ["random", "empty", "safetensors", "text"])
+def test_non_onnx_files_refused(tmp_path, ckpt, kind):
+    bad = tmp_path / f"{kind}.onnx"
+    if kind == "random":
+        bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "safetensors":
+        bad.write_bytes(ckpt.read_bytes())
+    else:
+        bad.write_text("<html>not a model</html>\n" * 10)
+    with pytest.raises(CheckpointError) as e:
+        read_onnx_metadata(bad)
+    one_line_error(e, str(bad), "ONNX")
+
+
+def test_foreign_onnx_refused(tmp_path, ckpt):
+    with pytest.raises(CheckpointError) as e:
+        read_onnx_metadata(_foreign_onnx(tmp_path / "foreign.onnx", {"author": "someone"}))
+    one_line_error(e, "without icnet_ros metadata", "icnet-export")
+    with pytest.raises(CheckpointError) as e:
+        read_onnx_metadata(_foreign_onnx(tmp_path / "badjson.onnx", {"icnet_ros": "{not json"}))
+    one_line_error(e, "not valid JSON")
+    with pytest.raises(CheckpointError) as e:  # icnet_ros metadata from a checkpoint, but no network size
+        meta = read_metadata(ckpt)
+        read_onnx_metadata(_foreign_onnx(tmp_path / "nosize.onnx", {"icnet_ros": json.dumps(meta)}))
+    one_line_error(e, "network_size")
+    with pytest.raises(CheckpointError) as e:
+        read_onnx_metadata(tmp_path / "missing.onnx")
+    one_line_error(e, "not found")
+
+
+def test_export_sizes():
+    assert check_export_size((352, 480)) == (352, 480)
+    with pytest.raises(ValueError, match="multiples of 32.*nearest valid size: 352x480"):
+        check_export_size((360, 480))
+    with pytest.raises(ValueError, match="at least 64"):
+        check_export_size((32, 480))
+
+
+def test_fp16_fixed_batch_export_runs_in_onnxruntime(tmp_path, ckpt):
+    out = export_onnx(ckpt, tmp_path / "fp16.onnx", size=SIZE, batch=2, dynamic_batch=False, fp16=True)
+    meta = read_onnx_metadata(out)
+    assert meta["provenance"]["exported"]["fp16"] is True
+    model = onnx.load(str(out))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 interface
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [2, 3, *SIZE]
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = load_model(ckpt)(x)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.98  # fp16 rounding moves near-ties only
+
+
+def test_cli_errors(tmp_path, ckpt, capsys):
+    out = str(tmp_path / "x.onnx")
+    cases = [
+        (["--size", "360x480"], "multiples of 32"),
+        (["--size", "360"], "HEIGHTxWIDTH"),
+        (["--size", "128x192", "--int8", "--calib", str(tmp_path)], "--format openvino"),
+        (["--size", "128x192", "--batch", "0"], "--batch"),
+    ]
+    for extra, fragment in cases:
+        assert export_main([str(ckpt), "--format", "onnx", "--output", out, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("icnet-export: error:") and fragment in err[-1], err
+    for model, fragment in ((tmp_path / "none.safetensors", "not found"), (tmp_path / "m.pth", "icnet-convert")):
+        assert export_main([str(model), "--format", "onnx", "--size", "128x192", "--output", out]) == 2
+        assert fragment in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    assert export_main([str(bad), "--format", "onnx", "--size", "128x192", "--output", out]) == 2
+    assert "safetensors" in capsys.readouterr().err
+    assert export_main([str(ckpt), "--format", "onnx", "--size", "128x192", "--output", str(tmp_path / "x.bin")]) == 2
+    assert ".onnx" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cli_tensorrt_without_gpu_is_one_line(tmp_path, ckpt, capsys):
+    out = tmp_path / "t.onnx"
+    assert export_main([str(ckpt), "--format", "tensorrt", "--size", "128x192", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "icnet_ros[tensorrt]" in err or "CUDA is not available" in err, err
+    assert not out.exists()  # refused before exporting
+
+
+@pytest.mark.parametrize("blocked", ["onnxscript", "onnx"])
+def test_cli_missing_extra(tmp_path, ckpt, blocked):
+    """The runtime package really cannot be imported (sys.modules entry None blocks it) in a fresh interpreter."""
+    out = tmp_path / "x.onnx"
+    code = (f"import sys; sys.modules[{blocked!r}] = None; from icnet_ros.tools.export import main; "
+            f"sys.exit(main([{str(ckpt)!r}, '--format', 'onnx', '--size', '128x192', '--output', {str(out)!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("icnet-export: error:") and f"'{blocked}'" in last and "icnet_ros[onnx]" in last, last
+    assert not out.exists()
