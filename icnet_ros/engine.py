@@ -1,55 +1,57 @@
 """The inference engine: :class:`Segmenter` turns uint8 frames into labels, colour masks, overlays and confidences.
 
-ROS-free (the node, the CLIs and the benchmarks all use it). Everything between the uint8 frame and the uint8
-outputs runs on the model's device: upload (pinned host memory + non-blocking copy on CUDA), resize to the network
-input size, normalisation (:class:`~icnet_ros.preprocess.Normalizer`, RGB or BGR), the network, bilinear upsampling
-of the logits to the output size, argmax (softmax only when a confidence is needed), palette lookup (a 256 x 3 uint8
-table on the device) and overlay blending. Only the requested uint8 outputs come back to the host, with one
-synchronisation per call.
+ROS-free (the node, the CLIs and the benchmarks all use it). A thin facade over three parts, each in its own file:
 
-Label values: class ids ``0..num_classes-1``; :data:`UNKNOWN` (255, the project-wide ignore value) marks pixels the
-segmenter does not classify. Argmax never produces it; it appears only when ``confidence_threshold`` is set (pixels
-whose max softmax probability is below the threshold). Unknown pixels are black in the colour mask and keep the
-original frame in the overlay.
+1. preprocessing (:class:`~icnet_ros.preprocess.Preprocessor`): upload (pinned host memory + non-blocking copy on
+   CUDA), resize to the network input size, normalisation and channel order;
+2. a **backend** (:mod:`icnet_ros.backends`) that only maps a normalised batch to logits: ``torch`` (the ICNet
+   module, optimised), ``onnxruntime``, ``openvino`` or ``tensorrt`` (exported files, ``icnet-export``);
+3. postprocessing (:class:`~icnet_ros.postprocess.Postprocessor`): bilinear upsampling of the logits, argmax,
+   confidence, palette, overlay, and the copy back with one synchronisation per call.
+
+Every option is a field of :class:`~icnet_ros.engine_config.SegmenterConfig` (defined and documented once there).
 
 Frames in one call may have different sizes and channel orders: frames are grouped by (size, channel order) and
-each group is one forward pass; with a fixed ``input_size`` all frames are resized to it and share one forward.
-Network input sizes are rounded to multiples of ``size_divisor`` (32: ICNet's branches only line up there; a
-480x360 frame runs at 480x352; :data:`icnet_ros.sizes.SIZE_DIVISOR`).
+each network input size is one forward pass (split at the backend's batch limit). Network input sizes come from the
+``input_size`` policy and are rounded to multiples of ``size_divisor`` (32: ICNet's branches only line up there; a
+480x360 frame runs at 480x352 natively, at 544x736 with ``auto`` for the default model;
+:data:`icnet_ros.sizes.SIZE_DIVISOR`). Exported models have a fixed network size: every frame is resized to it.
 """
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import os
 import threading
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backends.base import BACKENDS as BACKEND_MODULES
+from .backends.base import Backend, BackendOptions
+from .backends.torch_backend import TorchBackend, torch_backend_from
 from .checkpoint import CheckpointError, build_meta, default_model_path, load_model, validate_meta
-from .classes import IGNORE_INDEX, ClassSet, class_set_from_meta
+from .classes import ClassSet, class_set_from_meta
+from .engine_config import LIVE_OPTIONS, OUTPUTS, ConfigError, SegmenterConfig, format_input_size, parse_outputs
 from .models.icnet import MIN_INPUT_SIZE
-from .optimize import CUDAGraphRunner, compile_model, factorize_pyramid_pooling, fold_batchnorm
-from .preprocess import Normalizer
-from .sizes import SIZE_DIVISOR, aligned_size, parse_input_size
+from .postprocess import UNKNOWN, Postprocessor
+from .preprocess import Preprocessor
+from .sizes import aligned_size
 
-#: label value for pixels the segmenter does not classify (see the module docstring)
-UNKNOWN = IGNORE_INDEX
-OUTPUTS: tuple[str, ...] = ("label", "color", "overlay", "confidence")
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_PRECISION_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 CHANNEL_ORDERS = ("RGB", "BGR")
-OUTPUT_SIZES = ("input", "model")
-MAX_CUDA_GRAPHS = 8
+#: model file suffix -> backend chosen by ``backend="auto"``
+SUFFIX_BACKENDS = {".safetensors": "torch", ".onnx": "onnxruntime", ".xml": "openvino", ".engine": "tensorrt",
+                   ".plan": "tensorrt"}
+
 
 
 @dataclass
@@ -102,55 +104,6 @@ def resolve_device(device: str | torch.device, notes: list[str] | None = None) -
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-def _parse_precision(precision: str) -> str:
-    p = str(precision).strip().lower()
-    p = _PRECISION_ALIASES.get(p, p)
-    if p not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    return p
-
-
-def _parse_outputs(outputs: Sequence[str] | str | None, what: str = "outputs") -> frozenset[str]:
-    if outputs is None:
-        return frozenset({"label"})
-    if isinstance(outputs, str):
-        outputs = [o for o in outputs.replace(",", " ").split() if o]
-    wanted = frozenset(outputs)
-    unknown = sorted(wanted - set(OUTPUTS))
-    if unknown:
-        raise ValueError(f"unknown {what} {unknown}; choose from {list(OUTPUTS)}")
-    return wanted | {"label"}  # the label is always returned
-
-
-def _parse_input_size(input_size: Any) -> tuple[str, tuple[int, int] | float | None]:
-    """-> ("native", None) | ("fixed", (H, W)) | ("scale", factor)."""
-    if (input_size is None or (isinstance(input_size, str) and input_size.strip().lower() in ("native", ""))
-            or (isinstance(input_size, (list, tuple)) and len(input_size) == 0)):
-        return "native", None
-    if isinstance(input_size, str):
-        try:
-            parsed = parse_input_size(input_size)
-        except ValueError as e:
-            raise ValueError(f"input_size: {e}") from None
-        if parsed == "checkpoint":
-            raise ValueError("input_size 'checkpoint' is resolved by the caller from the model's metadata "
-                             "(meta['input_size']); pass that size, or None for native")
-        return _parse_input_size(parsed)
-    if isinstance(input_size, bool):
-        raise ValueError(f"input_size must be None, (H, W) or a scale factor, got {input_size!r}")
-    if isinstance(input_size, (int, float)):
-        s = float(input_size)
-        if not (math.isfinite(s) and s > 0):
-            raise ValueError(f"input_size scale factor must be > 0, got {input_size!r}")
-        return "scale", s
-    if isinstance(input_size, Sequence) and len(input_size) == 2:
-        h, w = (int(v) for v in input_size)
-        if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
-            raise ValueError(f"input_size {h}x{w} is below the network minimum {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}")
-        return "fixed", (h, w)
-    raise ValueError(f"input_size must be None ('native'), (H, W) or a scale factor, got {input_size!r}")
-
-
 def _model_and_meta(model_or_path: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Load or copy the model (always a private, eval-mode, float32 copy) and its validated metadata."""
     if model_or_path is None:
@@ -191,122 +144,145 @@ class _FrameGroup:
         self.order, self.size, self.channels, self.net_size = order, size, channels, net_size
 
 
-class Segmenter:
-    """Semantic segmentation of uint8 frames with an ICNet; see the module docstring and ``segment``.
+def _file_metadata(kind: str, path: Path) -> dict[str, Any]:
+    """The icnet_ros metadata an exported model file carries (validated; CheckpointError otherwise)."""
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    if kind in ("onnxruntime", "tensorrt"):
+        from .export import read_onnx_metadata
 
-    Args:
-        model_or_path: None (the package's default model), a native ``.safetensors`` checkpoint path, or an ICNet
-            module (its ``.meta``, or metadata built from ``.config``; the module is copied, never modified).
-        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; ``auto`` falls back to the CPU with a warning.
-        precision: ``fp32`` | ``fp16`` | ``bf16`` (weights and activations). fp16 on the CPU raises ValueError,
-            except with ``device="auto"`` where it falls back to fp32 with a warning (fp16 CPU kernels are slow or
-            missing); bf16 on the CPU is fast on CPUs with AVX512-BF16/AMX.
-        input_size: None / ``"native"`` / ``()`` (frame size), ``(H, W)`` or ``"HxW"`` fixed network input, or a
-            float scale factor.
-        outputs: default outputs, any of ``label``, ``color``, ``overlay``, ``confidence`` (label always included).
-        overlay_alpha: overlay = alpha * color + (1 - alpha) * frame, alpha in [0, 1].
-        output_size: ``input`` (frame resolution) or ``model`` (network input resolution).
-        optimize: fold BN into convs, factorize concat pyramid pooling
-            (:class:`~icnet_ros.optimize.FactorizedPyramidPooling`), channels_last (see ``channels_last``); always
-            ``inference_mode`` and a private eval copy of the model.
-        warmup: run the pipeline once (twice on CUDA) at construction; True, False, or an (H, W) warm-up size
-            (default: the fixed input size, else the checkpoint's input size, else 512x1024 on CUDA and
-            256x512 on the CPU).
-        confidence_threshold: pixels whose max softmax probability is below it get label :data:`UNKNOWN`
-            (default None: off, no softmax unless ``confidence`` is requested).
-        channels_last: None = same as ``optimize``. NHWC pays off on every device and precision measured (CPU fp32:
-            1.2x for ICNet-R50 at 512x1024, 2.1x for the default model at 1024x2048; BENCHMARKS.md).
-        compile: False, True or a ``torch.compile`` mode: compile the network (recompiles per input shape) and
-            the colour/overlay rendering (default mode).
-        cuda_graphs: capture the network forward in CUDA graphs, one per input shape (at most 8 kept); CUDA only.
-        size_divisor: network input sizes (every policy) are rounded to the nearest multiples of it (default 32,
-            ICNet's coarsest stride: the cascade misaligns at other sizes and loses accuracy, e.g. 61.2 -> 65.5
-            val mIoU for the default model on 480x360 CamVid frames); 1 keeps sizes exact.
+        return read_onnx_metadata(path)
+    if kind == "openvino":
+        from .backends.openvino import read_openvino_metadata
+
+        return read_openvino_metadata(path)
+    raise CheckpointError(f"backend {kind!r} cannot read {path.name}")
+
+
+def backend_for(model_or_path: Any, backend: str = "auto") -> str:
+    """The backend that runs ``model_or_path``: ``backend`` unless "auto", else by the file's suffix."""
+    if backend != "auto":
+        return backend
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        return "torch"  # None (the default model), a module, or something the torch loader refuses clearly
+    suffix = Path(model_or_path).suffix.lower()
+    if suffix not in SUFFIX_BACKENDS:
+        raise CheckpointError(f"{Path(model_or_path).name}: unknown model file type {suffix!r}; expected "
+                              f"{', '.join(SUFFIX_BACKENDS)} (or set backend explicitly)")
+    return SUFFIX_BACKENDS[suffix]
+
+
+class Segmenter:
+    """Semantic segmentation of uint8 frames with an ICNet; see the module docstring and :meth:`segment`.
+
+    ``Segmenter(model_or_path=None, config=None, **options)``: ``model_or_path`` is None (the package's default
+    model), a model file (native ``.safetensors``; ``.onnx``, OpenVINO ``.xml`` from ``icnet-export``) or an ICNet
+    module (its ``.meta``, or metadata built from ``.config``; copied, never modified). The options are
+    :class:`~icnet_ros.engine_config.SegmenterConfig`'s fields, each documented there: ``backend``, ``device``,
+    ``precision``, ``input_size``, ``size_divisor``, ``outputs``, ``output_size``, ``overlay_alpha``,
+    ``confidence_threshold``, ``optimize``, ``channels_last``, ``compile``, ``cuda_graphs``, ``engine_cache``,
+    ``warmup``; given as a ``config``, as keywords, or both (keywords win). A bad value raises
+    :class:`~icnet_ros.engine_config.ConfigError` (a ValueError) naming the option; an unusable model raises
+    :class:`~icnet_ros.checkpoint.CheckpointError`; a missing runtime :class:`~icnet_ros.backends.base.
+    MissingRuntimeError` naming the pip extra.
+
+    ``device="auto"`` falls back to the CPU with a warning (also in :attr:`notes`); fp16 on the CPU raises, except
+    with ``device="auto"`` where it falls back to fp32. ``warmup`` runs the pipeline once (twice on CUDA) at
+    construction: at the fixed input size, else the checkpoint's, else 512x1024 on CUDA and 256x512 on the CPU.
     """
 
-    def __init__(self, model_or_path: Any = None, device: str | torch.device = "auto", precision: str = "fp32",
-                 input_size: Any = None, outputs: Sequence[str] | str = ("label",), overlay_alpha: float = 0.5,
-                 output_size: str = "input", optimize: bool = True, warmup: bool | tuple[int, int] = True, *,
-                 confidence_threshold: float | None = None, channels_last: bool | None = None,
-                 compile: bool | str = False, cuda_graphs: bool = False,
-                 size_divisor: int = SIZE_DIVISOR) -> None:  # noqa: A002 - torch's word
+    def __init__(self, model_or_path: Any = None, config: SegmenterConfig | None = None, **options: Any) -> None:
         #: warnings raised while building (device / precision fallbacks), for callers that log elsewhere
         self.notes: list[str] = []
-        self.precision = _parse_precision(precision)
-        self.device = resolve_device(device, self.notes)
-        if self.device.type == "cpu" and self.precision == "fp16":
-            if str(device).strip().lower() != "auto":
-                raise ValueError("precision 'fp16' is not supported on the CPU (slow or missing kernels); use "
-                                 "'bf16' or 'fp32', or run on CUDA")
-            msg = "precision 'fp16' requested but running on the CPU: using fp32"
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            self.notes.append(msg)
-            self.precision = "fp32"
-        self.dtype = PRECISIONS[self.precision]
-        self.input_policy, self._input_param = _parse_input_size(input_size)
-        if isinstance(size_divisor, bool) or not isinstance(size_divisor, int) or size_divisor < 1:
-            raise ValueError(f"size_divisor must be an integer >= 1, got {size_divisor!r}")
-        self.size_divisor = size_divisor
-        self.outputs = _parse_outputs(outputs)
-        if not 0.0 <= float(overlay_alpha) <= 1.0:
-            raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha!r}")
-        self.overlay_alpha = float(overlay_alpha)
-        if output_size not in OUTPUT_SIZES:
-            raise ValueError(f"output_size must be one of {list(OUTPUT_SIZES)}, got {output_size!r}")
-        self.output_size = output_size
-        if confidence_threshold is not None and not 0.0 <= float(confidence_threshold) <= 1.0:
-            raise ValueError(f"confidence_threshold must be in [0, 1] or None, got {confidence_threshold!r}")
-        self.confidence_threshold = None if not confidence_threshold else float(confidence_threshold)
-        if cuda_graphs and self.device.type != "cuda":
-            raise ValueError("cuda_graphs=True needs a CUDA device")
-        if cuda_graphs and compile:
-            raise ValueError("use either cuda_graphs or compile (compile mode 'reduce-overhead' uses CUDA graphs)")
+        if config is not None and not isinstance(config, SegmenterConfig):
+            raise ConfigError(f"config must be a SegmenterConfig, got {type(config).__name__}")
+        cfg = (config or SegmenterConfig()).replace(**options)
+        self.device = resolve_device(cfg.device, self.notes)
+        precision = cfg.precision
+        if self.device.type == "cpu" and precision == "fp16":
+            if cfg.device != "auto":
+                raise ConfigError("precision 'fp16' is not supported on the CPU (slow or missing kernels); use "
+                                  "'bf16' or 'fp32', or run on CUDA")
+            self._note("precision 'fp16' requested but running on the CPU: using fp32")
+            precision = "fp32"
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+        if cfg.cuda_graphs and self.device.type != "cuda":
+            raise ConfigError("cuda_graphs needs a CUDA device")
+        if cfg.cuda_graphs and cfg.compile:
+            raise ConfigError("use either cuda_graphs or compile (compile mode 'reduce-overhead' uses CUDA graphs)")
 
-        model, self.meta = _model_and_meta(model_or_path)
+        kind = backend_for(model_or_path, cfg.backend)
+        if kind == "torch":
+            model, self.meta = _model_and_meta(model_or_path)
+            self.backend: Backend = torch_backend_from(model, self.device, self.dtype, cfg, self.notes)
+        else:
+            if model_or_path is None or isinstance(model_or_path, nn.Module):
+                raise ConfigError(f"backend {kind!r} runs an exported model file (icnet-export); got "
+                                  f"{'the default model' if model_or_path is None else 'a module'}")
+            path = Path(model_or_path)
+            self.meta = _file_metadata(kind, path)
+            module = importlib.import_module(BACKEND_MODULES[kind][0])
+            self.backend = module.open_backend(path, BackendOptions(
+                device=self.device, precision=precision, threads=torch.get_num_threads(),
+                cache_dir=cfg.engine_cache or None))
         self.class_set: ClassSet = class_set_from_meta(self.meta)
         self.num_classes = self.class_set.num_classes
-        self.optimized = bool(optimize)
-        self.folded_batchnorms = 0
-        self.factorized_ppms = 0
-        if optimize:
-            probe = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-            probe = probe.to(next(model.parameters()).device)
-            try:
-                self.folded_batchnorms = fold_batchnorm(model, probe)
-            except RuntimeError as e:  # the model was restored unfolded: run it as it is
-                warnings.warn(str(e), RuntimeWarning, stacklevel=2)
-                self.notes.append(str(e))
-            try:
-                self.factorized_ppms = factorize_pyramid_pooling(model, probe)
-            except RuntimeError as e:  # restored as it was
-                warnings.warn(str(e), RuntimeWarning, stacklevel=2)
-                self.notes.append(str(e))
-        if channels_last is None:
-            channels_last = optimize
-        self.channels_last = bool(channels_last)
-        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        model = model.to(device=self.device, dtype=self.dtype)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self._compiled = compile_model(model, None if compile is True else compile) if compile else None
-        # colour/overlay rendering is a chain of memory-bound element-wise ops that inductor fuses into one loop
-        # (CPU, 2 megapixels: ~58 ms eager, ~2 ms compiled, identical bytes)
-        self._render = torch.compile(self.render, dynamic=False) if compile else self.render
-        self.compile_mode = (None if not compile else "default" if compile is True else str(compile))
-        self.cuda_graphs = bool(cuda_graphs)
-        self._graphs: OrderedDict[tuple, CUDAGraphRunner] = OrderedDict()
-
-        self.normalizer = Normalizer(self.meta["normalization"])
-        palette = torch.from_numpy(self.class_set.palette_array()).to(self.device)
-        self._palettes = {"RGB": palette, "BGR": palette.flip(1).contiguous()}
+        self.preprocess = Preprocessor(self.meta["normalization"], self.backend.device, self.backend.input_dtype,
+                                       self.backend.memory_format)
+        self.postprocess = Postprocessor(self.class_set, self.backend.device, cfg.overlay_alpha,
+                                         cfg.confidence_threshold, compile_render=bool(cfg.compile))
         self._lock = threading.Lock()
+        self.config = cfg
+        self._apply_policy(cfg)
         #: seconds the last ``segment`` call took (host wall time, device work included)
         self.last_latency_s: float | None = None
         if self.device.type == "cuda" and self.input_policy == "fixed":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest algorithms
-        if warmup:
-            self.warmup(None if warmup is True else tuple(warmup))
+        if cfg.warmup:
+            self.warmup(None if cfg.warmup is True else tuple(cfg.warmup))
+
+    def _note(self, text: str) -> None:
+        warnings.warn(text, RuntimeWarning, stacklevel=3)
+        self.notes.append(text)
+
+    # ----------------------------------------------------------------------------------------------- options
+    def _apply_policy(self, cfg: SegmenterConfig) -> None:
+        """Derive the input-size policy and the live settings from ``cfg`` (at construction and on reconfigure)."""
+        policy, param = _input_policy(cfg.input_size, self.meta)
+        fixed = self.backend.fixed_size
+        if fixed is not None:
+            if policy == "fixed" and tuple(param) != tuple(fixed):
+                raise ConfigError(f"input_size {format_input_size(param)}: this exported model runs only at "
+                                  f"{fixed[0]}x{fixed[1]} (export it again at another size)")
+            policy, param = "fixed", tuple(fixed)
+        self.input_policy, self._input_param = policy, param
+        self.size_divisor = 1 if fixed is not None else cfg.size_divisor
+        self.outputs = frozenset(cfg.outputs)
+        self.output_size = cfg.output_size
+        self.postprocess.overlay_alpha = cfg.overlay_alpha
+        self.postprocess.confidence_threshold = cfg.confidence_threshold
+
+    def reconfigure(self, **changes: Any) -> SegmenterConfig:
+        """Change live options (:data:`~icnet_ros.engine_config.LIVE_OPTIONS`: input_size, outputs, output_size,
+        overlay_alpha, confidence_threshold) between two ``segment`` calls; returns the new config.
+
+        Raises ConfigError (nothing changed) for a bad value, or for an option that needs a new Segmenter (model,
+        backend, device, precision, ...: build one with ``Segmenter(path, segmenter.config.replace(...))``)."""
+        rebuild = sorted(set(changes) - LIVE_OPTIONS)
+        if rebuild:
+            raise ConfigError(f"option(s) {rebuild} cannot change on a running Segmenter (build a new one); live "
+                              f"options: {', '.join(sorted(LIVE_OPTIONS))}")
+        cfg = self.config.replace(**changes)
+        with self._lock:
+            old = self.config
+            try:
+                self._apply_policy(cfg)
+            except ConfigError:
+                self._apply_policy(old)
+                raise
+            self.config = cfg
+        return cfg
 
     # ----------------------------------------------------------------------------------------------- public API
     def segment(self, frames: Sequence[np.ndarray], channel_order: str | Sequence[str] = "RGB",
@@ -318,13 +294,13 @@ class Segmenter:
         come back in each frame's order. ``outputs``: overrides the default outputs for this call.
         An empty list returns an empty list. Thread-safe (calls are serialised).
         """
-        want = self.outputs if outputs is None else _parse_outputs(outputs)
         frames = self._as_frame_list(frames)
         orders = self._orders(channel_order, len(frames))
-        groups = self._group(frames, orders)
-        if not groups:
-            return []
         with self._lock:
+            want = self.outputs if outputs is None else frozenset(parse_outputs(outputs))
+            groups = self._group(frames, orders)
+            if not groups:
+                return []
             t0 = time.perf_counter()
             results = self._run(groups, want, len(frames))
             self.last_latency_s = time.perf_counter() - t0
@@ -347,6 +323,9 @@ class Segmenter:
         if self.input_policy == "scale":
             s = float(self._input_param)  # type: ignore[arg-type]
             return max(1, int(round(height * s))), max(1, int(round(width * s)))
+        if self.input_policy == "width":
+            w = int(self._input_param)  # type: ignore[arg-type]
+            return max(1, int(round(height * w / width))), w
         return height, width
 
     def warmup(self, size: tuple[int, int] | None = None, iterations: int | None = None) -> None:
@@ -367,30 +346,62 @@ class Segmenter:
             self.segment([frame], outputs=OUTPUTS)
 
     def describe(self) -> str:
-        """One line for logs: model, classes, device, precision, input policy and optimisations."""
+        """One line for logs: model, classes, backend, device, precision, input policy."""
         arch = self.meta["arch"]
-        opts = []
-        if self.folded_batchnorms:
-            opts.append(f"bn-fold({self.folded_batchnorms})")
-        if self.factorized_ppms:
-            opts.append("ppm-factorized")
-        if self.channels_last:
-            opts.append("channels_last")
-        if self.compile_mode:
-            opts.append(f"compile({self.compile_mode})")
-        if self.cuda_graphs:
-            opts.append("cuda-graphs")
         if self.input_policy == "fixed":
             size = "x".join(map(str, self._input_param))  # type: ignore[arg-type]
         elif self.input_policy == "scale":
             size = f"scale {self._input_param:g}"
+        elif self.input_policy == "width":
+            size = f"auto (width {self._input_param})"
         else:
             size = "native"
         if self.size_divisor > 1:
             size += f" (multiples of {self.size_divisor})"
         return (f"ICNet {arch['backbone']} width {arch['width']} | {self.num_classes} classes "
-                f"({self.class_set.name}) | {self.device} {self.precision} | input {size} | "
-                f"optimizations: {', '.join(opts) or 'none'}")
+                f"({self.class_set.name}) | {self.precision} | input {size} | {self.backend.describe()}")
+
+    def close(self) -> None:
+        """Release the backend (its session, engine, graphs and device memory)."""
+        with self._lock:
+            self.backend.close()
+
+    # torch-backend details, for benchmarks and tests
+    @property
+    def model(self) -> nn.Module | None:
+        return getattr(self.backend, "model", None)
+
+    @property
+    def folded_batchnorms(self) -> int:
+        return getattr(self.backend, "folded_batchnorms", 0)
+
+    @property
+    def factorized_ppms(self) -> int:
+        return getattr(self.backend, "factorized_ppms", 0)
+
+    @property
+    def channels_last(self) -> bool:
+        return self.backend.memory_format == torch.channels_last
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return self.backend.memory_format
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return bool(getattr(self.backend, "cuda_graphs", False))
+
+    @property
+    def compile_mode(self) -> str | None:
+        return getattr(self.backend, "compile_mode", None)
+
+    @property
+    def overlay_alpha(self) -> float:
+        return self.config.overlay_alpha
+
+    @property
+    def confidence_threshold(self) -> float | None:
+        return self.config.confidence_threshold or None
 
     # ------------------------------------------------------------------------------------------ input checking
     @staticmethod
@@ -458,26 +469,13 @@ class Segmenter:
             by_size: dict[tuple[int, int], list[int]] = {}
             for gi, g in enumerate(groups):
                 by_size.setdefault(g.net_size, []).append(gi)
-            logits: list[Tensor | None] = [None] * len(groups)
+            device_outputs: list[dict[str, Tensor] | None] = [None] * len(groups)
             for gis in by_size.values():
                 batch = inputs[gis[0]] if len(gis) == 1 else torch.cat([inputs[gi] for gi in gis])
-                out = self.forward(batch)
-                start = 0
-                for gi in gis:
-                    n = inputs[gi].shape[0]
-                    logits[gi] = out[start:start + n]
-                    start += n
-            device_outputs = []
-            for g, u, lg in zip(groups, uploads, logits):
-                out_size = g.size if self.output_size == "input" else g.net_size
-                label, conf = self.labels(lg, out_size, "confidence" in want)
-                outs = {"label": label}
-                if "color" in want or "overlay" in want:
-                    outs.update(self._render(label, u, g.order, out_size, want))
-                if "confidence" in want:
-                    outs["confidence"] = conf
-                device_outputs.append(outs)
-            host = self.to_host(device_outputs)
+                for start, logits in self._forward_chunks(batch):
+                    # consume the logits now: a backend may reuse its output buffer on the next call
+                    self._finish_chunk(groups, uploads, inputs, gis, start, logits, want, device_outputs)
+            host = self.to_host([self._merge(d) for d in device_outputs])  # type: ignore[arg-type]
         results: list[SegmentResult | None] = [None] * n_frames
         for g, outs in zip(groups, host):
             for j, i in enumerate(g.indices):
@@ -486,110 +484,64 @@ class Segmenter:
                                            confidence=_item(outs, "confidence", j), model_size=g.net_size)
         return results  # type: ignore[return-value]
 
+    def _forward_chunks(self, batch: Tensor):
+        """Yield (first row, logits) for ``batch`` in chunks of at most the backend's batch limit."""
+        step = self.backend.max_batch or batch.shape[0]
+        for start in range(0, batch.shape[0], step):
+            yield start, self.forward(batch[start:start + step])
+
+    def _finish_chunk(self, groups: list[_FrameGroup], uploads: list[Tensor], inputs: list[Tensor],
+                      gis: list[int], start: int, logits: Tensor, want: frozenset[str],
+                      device_outputs: list[Any]) -> None:
+        """Post-process rows ``start..start+len(logits)`` of a size batch into each group's outputs."""
+        stop, row = start + logits.shape[0], 0
+        for gi in gis:
+            n = inputs[gi].shape[0]
+            lo, hi = max(start, row), min(stop, row + n)
+            if lo < hi:
+                g = groups[gi]
+                out_size = g.size if self.output_size == "input" else g.net_size
+                label, conf = self.labels(logits[lo - start:hi - start], out_size, "confidence" in want)
+                outs = {"label": label}
+                if "color" in want or "overlay" in want:
+                    outs.update(self.postprocess.render(label, uploads[gi][lo - row:hi - row], g.order, out_size,
+                                                        want))
+                if "confidence" in want:
+                    outs["confidence"] = conf
+                if device_outputs[gi] is None:
+                    device_outputs[gi] = []
+                device_outputs[gi].append(outs)
+            row += n
+
+    @staticmethod
+    def _merge(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        if len(parts) == 1:
+            return parts[0]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    # the three stages, also called one by one by icnet-bench --stages
     def upload(self, arrays: list[np.ndarray]) -> Tensor:
-        """Same-size uint8 frames -> N x H x W x C uint8 tensor on the device (pinned + non-blocking on CUDA)."""
-        shape = (len(arrays), *arrays[0].shape[:2], 1 if arrays[0].ndim == 2 else 3)
-        if self.device.type == "cuda":
-            host = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-            view = host.numpy()
-            for k, a in enumerate(arrays):
-                view[k] = a.reshape(shape[1:])
-            return host.to(self.device, non_blocking=True)
-        if len(arrays) == 1:
-            a = arrays[0].reshape(shape[1:])
-            if not a.flags.c_contiguous:
-                a = np.ascontiguousarray(a)
-            return _from_numpy(a).unsqueeze(0)  # no copy
-        return torch.from_numpy(np.stack([a.reshape(shape[1:]) for a in arrays]))
+        """Same-size uint8 frames -> N x H x W x C uint8 tensor on the device."""
+        return self.preprocess.upload(arrays)
 
     def prepare(self, frames: Tensor, order: str, net_size: tuple[int, int]) -> Tensor:
-        """uint8 N x H x W x C (C = 1 or 3) on the device -> normalised network input (model dtype and layout)."""
-        x = frames.permute(0, 3, 1, 2)  # a view: NCHW with channels_last strides
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = x.to(dtype=torch.float32, memory_format=self.memory_format)  # one pass: convert + lay out
-        if tuple(x.shape[2:]) != tuple(net_size):
-            x = F.interpolate(x, size=net_size, mode="bilinear", align_corners=False)
-        x = self.normalizer(x, order, channels_last_input=False)
-        return x.to(dtype=self.dtype, memory_format=self.memory_format)
+        """uint8 N x H x W x C on the device -> normalised network input (backend dtype and layout)."""
+        return self.preprocess(frames, order, net_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        """The network on a prepared batch: logits N x classes x ceil(H/8) x ceil(W/8) (model dtype)."""
-        if self._compiled is not None:
-            return self._compiled(x)
-        if self.cuda_graphs:
-            key = (tuple(x.shape), x.stride())
-            runner = self._graphs.get(key)
-            if runner is None:
-                runner = CUDAGraphRunner(self.model, [x])
-                self._graphs[key] = runner
-                while len(self._graphs) > MAX_CUDA_GRAPHS:
-                    self._graphs.popitem(last=False)
-            else:
-                self._graphs.move_to_end(key)
-            return runner(x)  # static output: consumed (upsampled) before the next replay
-        return self.model(x)
+        """The backend on a prepared batch: logits N x classes x ceil(H/8) x ceil(W/8)."""
+        return self.backend(x)
 
     def labels(self, logits: Tensor, out_size: tuple[int, int], want_confidence: bool
                ) -> tuple[Tensor, Tensor | None]:
-        """Logits -> (uint8 N x H x W labels, uint8 confidence or None) at ``out_size``: bilinear upsampling in
-        float32, argmax; max softmax probability only for the confidence or the confidence threshold."""
-        # NHWC: the class axis is innermost, so upsampling and the per-pixel argmax/max/sum run on contiguous
-        # memory (on the CPU this is ~2-4x faster than reducing over dim 1 of an NCHW tensor)
-        x = logits.float().contiguous(memory_format=torch.channels_last)
-        if tuple(x.shape[2:]) != tuple(out_size):
-            x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
-        need_prob = want_confidence or self.confidence_threshold is not None
-        if not need_prob:
-            return x.argmax(1).to(torch.uint8), None
-        top, idx = x.max(1)
-        # max softmax probability = 1 / sum_c exp(l_c - l_max); in place only on our own temporary
-        shifted = x.sub_(top.unsqueeze(1)) if x is not logits else x - top.unsqueeze(1)
-        prob = shifted.exp_().sum(1).reciprocal_()
-        label = idx.to(torch.uint8)
-        if self.confidence_threshold is not None:
-            label.masked_fill_(prob < self.confidence_threshold, UNKNOWN)
-        conf = prob.mul_(255.0).round_().to(torch.uint8) if want_confidence else None
-        return label, conf
+        return self.postprocess.labels(logits, out_size, want_confidence)
 
     def render(self, label: Tensor, frames: Tensor, order: str, out_size: tuple[int, int],
                want: frozenset[str]) -> dict[str, Tensor]:
-        """Colour mask (palette lookup) and overlay (blend with the frame), uint8 N x H x W x 3 in ``order``."""
-        color = self._palettes[order].index_select(0, label.reshape(-1).long()).view(*label.shape, 3)
-        out = {}
-        if "color" in want:
-            out["color"] = color
-        if "overlay" in want:
-            base = frames
-            if tuple(base.shape[1:3]) != tuple(out_size):
-                base = F.interpolate(base.permute(0, 3, 1, 2).float(), size=out_size, mode="bilinear",
-                                     align_corners=False).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-            if base.shape[3] == 1:
-                base = base.expand(-1, -1, -1, 3)
-            a = self.overlay_alpha
-            blend = torch.lerp(base.float(), color.float(), a) if 0.0 < a < 1.0 else (
-                color.float() if a == 1.0 else base.float())
-            overlay = blend.round_().to(torch.uint8)
-            if self.confidence_threshold is not None:  # unknown pixels keep the frame
-                overlay = torch.where((label == UNKNOWN).unsqueeze(-1), base, overlay)
-            out["overlay"] = overlay
-        return out
+        return self.postprocess.render(label, frames, order, out_size, want)
 
     def to_host(self, device_outputs: list[dict[str, Tensor]]) -> list[dict[str, np.ndarray]]:
-        """Copy device tensors to numpy: CPU tensors are shared (no copy); CUDA tensors go to pinned buffers with
-        non-blocking copies and one synchronisation."""
-        if self.device.type != "cuda":
-            return [{k: v.contiguous().numpy() for k, v in d.items()} for d in device_outputs]
-        host = []
-        for d in device_outputs:
-            h = {}
-            for k, v in d.items():
-                buf = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
-                buf.copy_(v, non_blocking=True)
-                h[k] = buf
-            host.append(h)
-        torch.cuda.current_stream(self.device).synchronize()
-        return [{k: v.numpy() for k, v in h.items()} for h in host]
+        return self.postprocess.to_host(device_outputs)
 
     def synchronize(self) -> None:
         """Wait for queued device work (for timing)."""
@@ -597,18 +549,26 @@ class Segmenter:
             torch.cuda.synchronize(self.device)
 
 
+def _input_policy(input_size: Any, meta: dict[str, Any]) -> tuple[str, Any]:
+    """A parsed ``input_size`` and the model's metadata -> ("native", None) | ("fixed", (H, W)) |
+    ("scale", factor) | ("width", network width)."""
+    if input_size == "auto":
+        width = meta.get("network_width")
+        return ("width", int(width)) if width else ("native", None)
+    if input_size == "checkpoint":
+        size = meta.get("input_size")
+        return ("fixed", tuple(size)) if size else ("native", None)
+    if input_size == "native":
+        return "native", None
+    if isinstance(input_size, tuple):
+        return "fixed", input_size
+    return "scale", float(input_size)
+
+
 def _item(outs: dict[str, np.ndarray], key: str, j: int) -> np.ndarray | None:
     v = outs.get(key)
     return None if v is None else v[j]
 
 
-def _from_numpy(a: np.ndarray) -> Tensor:
-    """torch.from_numpy that accepts read-only arrays (ROS message buffers): the tensor is never written."""
-    if a.flags.writeable:
-        return torch.from_numpy(a)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
-
-
-__all__ = ["OUTPUTS", "PRECISIONS", "SegmentResult", "Segmenter", "UNKNOWN", "resolve_device"]
+__all__ = ["OUTPUTS", "PRECISIONS", "SegmentResult", "Segmenter", "TorchBackend", "UNKNOWN", "backend_for",
+           "resolve_device"]

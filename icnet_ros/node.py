@@ -35,6 +35,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
 from . import node_params
+from .engine_config import LIVE_OPTIONS
 from .frame_pipeline import FramePipeline, PipelineOptions
 from .node_params import NODE_NAME, NodeConfig, ParameterError
 from .ros_image import numpy_to_image, scale_camera_info
@@ -134,7 +135,8 @@ class SegmentationNode(Node):
         self.pipeline.start()
         self.get_logger().info(
             f"ready: model {self.model_path} on {self.segmenter.device} ({self.segmenter.precision}, "
-            f"{self.cpu_threads} CPU thread{'s' if self.cpu_threads != 1 else ''}), "
+            f"{self.cpu_threads} CPU thread{'s' if self.cpu_threads != 1 else ''}), backend "
+            f"{self.segmenter.backend.name} ({self.segmenter.backend.provider}), "
             f"{self.segmenter.class_set.num_classes} classes; cameras: "
             + ", ".join(f"{c.topic}{' (compressed)' if c.compressed else ''} -> "
                         f"{node_params.sibling_topic(node_params.base_topic(c.topic)[0], cfg.output_namespace)}/*"
@@ -152,27 +154,20 @@ class SegmentationNode(Node):
 
     def _load_segmenter(self, cfg: NodeConfig) -> Any:
         """Build and warm up the Segmenter; every failure becomes a one-line :class:`StartupError`."""
-        from .checkpoint import CheckpointError, default_model_path, read_metadata
+        from .backends.base import MissingRuntimeError
+        from .checkpoint import CheckpointError, default_model_path
 
         model: str | None = cfg.model or None
         try:
             path = default_model_path() if model is None else model
             self.model_path = str(path)
-            input_size: Any = cfg.input_size
-            if input_size == "native":
-                input_size = None
-            elif input_size == "checkpoint":
-                size = read_metadata(path).get("input_size")
-                input_size = tuple(size) if size else None
-                if input_size is None:
-                    self.get_logger().info("input_size 'checkpoint': the model recommends none; using native size")
             import torch
 
             from .engine import Segmenter, resolve_device
 
             with warnings.catch_warnings():  # the Segmenter reports the auto -> CPU fallback
                 warnings.simplefilter("ignore", RuntimeWarning)
-                on_cpu = resolve_device(cfg.device).type == "cpu"
+                on_cpu = resolve_device(cfg.engine.device).type == "cpu"
             threads = cfg.num_threads or (auto_cpu_threads() if on_cpu else 0)
             if threads:
                 torch.set_num_threads(threads)
@@ -180,9 +175,7 @@ class SegmentationNode(Node):
 
             with warnings.catch_warnings():  # fallbacks (auto -> CPU, ...) are logged below, not printed twice
                 warnings.simplefilter("ignore", RuntimeWarning)
-                seg = Segmenter(str(path), device=cfg.device, precision=cfg.precision, input_size=input_size,
-                                outputs=tuple(cfg.outputs), overlay_alpha=cfg.overlay_alpha,
-                                output_size=cfg.output_size, warmup=True)
+                seg = Segmenter(str(path), cfg.engine, outputs=tuple(cfg.outputs), warmup=True)
             for note in getattr(seg, "notes", ()):
                 self.get_logger().warning(note)
             return seg
@@ -190,6 +183,8 @@ class SegmentationNode(Node):
             message = str(e).removesuffix("; pass a model path")
             hint = "" if cfg.model else "; set the 'model' parameter to a .safetensors checkpoint"
             raise StartupError(f"cannot load model: {message}{hint}") from None
+        except MissingRuntimeError as e:
+            raise StartupError(str(e)) from None
         except (ValueError, RuntimeError, OSError) as e:
             raise StartupError(f"cannot start the Segmenter: {e}") from None
 
@@ -213,6 +208,15 @@ class SegmentationNode(Node):
                 changes[p.name] = node_params.check_value(p.name, p.value)
             except ParameterError as e:
                 return SetParametersResult(successful=False, reason=str(e))
+        engine = {k: v for k, v in changes.items() if k in LIVE_OPTIONS}
+        if engine:
+            from .engine_config import ConfigError
+
+            try:
+                self.pipeline.segmenter.reconfigure(**engine)  # applied between two batches
+            except ConfigError as e:
+                return SetParametersResult(successful=False, reason=str(e))
+            self.config = dataclasses.replace(self.config, engine=self.pipeline.segmenter.config)
         live = {f.name for f in dataclasses.fields(PipelineOptions)}
         update = {k: v for k, v in changes.items() if k in live}
         if update:
@@ -278,6 +282,7 @@ class SegmentationNode(Node):
                                        message=fatal or f"{snap['batches']} batches")
         node_status.values = [KeyValue(key=k, value=str(v)) for k, v in (
             ("device", device), ("model", self.model_path), ("precision", seg.precision),
+            ("backend", seg.backend.name), ("provider", seg.backend.provider),
             ("cpu_threads", self.cpu_threads),
             ("classes", seg.class_set.num_classes), ("batches", snap["batches"]),
             ("frames_processed", snap["frames_processed"]), ("mean_batch_size", f"{snap['mean_batch_size']:.2f}"),

@@ -1,6 +1,9 @@
 """Every parameter of ``icnet_node`` in one place: name, default, description, constraints and validation.
 
-``config/icnet.yaml`` carries the same defaults (a test keeps them equal). :func:`parse` turns raw values into a
+The inference engine's parameters (``backend``, ``device``, ``precision``, ``input_size``, ``overlay_alpha``,
+``confidence_threshold``, ...) are derived from :mod:`icnet_ros.engine_config` (each is defined there once: default,
+allowed values, description, whether it can change at run time); the node's own parameters (topics, scheduling, QoS,
+threads) are defined here. ``config/icnet.yaml`` carries the same defaults (a test keeps them equal). :func:`parse` turns raw values into a
 checked :class:`NodeConfig` or raises :class:`ParameterError` naming the parameter, the bad value and what is
 allowed. Validation is ROS-free; :func:`declare` (rclpy imported lazily) declares the parameters on a node with
 descriptions, so ``ros2 param describe`` shows them.
@@ -13,10 +16,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .sizes import parse_input_size  # re-exported: the node parameter uses the shared parser
+from . import engine_config
+from .engine_config import SegmenterConfig
 
 NODE_NAME = "icnet_node"
-OUTPUT_KINDS = ("label", "color", "overlay", "confidence")
+OUTPUT_KINDS = engine_config.OUTPUTS
 RELIABILITY = ("best_effort", "reliable")
 DURABILITY = ("volatile", "transient_local")
 
@@ -93,18 +97,6 @@ def _check_outputs(outputs: Any) -> str | None:
     return None
 
 
-def _check_device(v: Any) -> str | None:
-    return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N"
-
-
-def _check_input_size(v: Any) -> str | None:
-    try:
-        parse_input_size(v)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 def _check_name(v: Any) -> str | None:
     return None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*", v) else \
         "must be a relative topic namespace such as 'semantic'"
@@ -120,20 +112,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               "sensor_msgs/CompressedImage (jpeg or png). Outputs are published next to each input: "
               "/cam/image_raw -> /cam/semantic/{label,color,overlay,confidence,camera_info}.",
               "at least one valid topic name, no duplicates", _check_topics),
-    ParamSpec("model", "", "Path to a native .safetensors checkpoint; empty = the package's default model.",
-              "an existing icnet_ros checkpoint file or empty"),
-    ParamSpec("device", "auto", "Inference device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
-              "auto | cpu | cuda | cuda:N", _check_device),
-    ParamSpec("precision", "fp32", "Inference precision: fp32, fp16 or bf16 (fp16/bf16 mainly for CUDA).",
-              "fp32 | fp16 | bf16", _one_of(("fp32", "fp16", "bf16"))),
-    ParamSpec("input_size", "native",
-              "Network input size: 'native' (each frame at its own size), 'checkpoint' (the size recommended in "
-              "the model's metadata), 'HxW' such as '512x1024', or a scale factor such as '0.5'. The default "
-              "model was trained on 480x360 CamVid frames upscaled x1.5: give small cameras like that '1.5'. Sizes are "
-              "rounded to multiples of 32 (ICNet's branches misalign otherwise).",
-              "native | checkpoint | HxW (each >= 64) | scale in (0, 4]", _check_input_size),
-    ParamSpec("output_size", "input", "Resolution of the outputs: 'input' (the camera's) or 'model' (the network "
-              "input's; camera_info is scaled to match).", "input | model", _one_of(("input", "model"))),
+    ParamSpec("model", "", "Model file: a native .safetensors checkpoint, or an exported .onnx / OpenVINO .xml "
+              "(icnet-export); empty = the package's default model.", "an existing icnet_ros model file or empty"),
     ParamSpec("outputs", list(OUTPUT_KINDS),
               "Outputs to advertise per camera. Each is computed only while someone subscribes to it.",
               "subset of label, color, overlay, confidence", _check_outputs),
@@ -142,8 +122,6 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("publish_camera_info", True,
               "Republish the camera's camera_info at the label's resolution as <ns>/semantic/camera_info "
               "(only for cameras that publish <ns>/camera_info)."),
-    ParamSpec("overlay_alpha", 0.5, "Overlay = alpha * class color + (1 - alpha) * image.", "[0, 1]",
-              _range(0.0, 1.0)),
     ParamSpec("max_age", 0.5, "Drop frames whose header stamp is older than this many seconds when they reach "
               "the network (0 = never; frames with a zero stamp are never too old).", "[0, 3600] s",
               _range(0.0, 3600.0), read_only=False),
@@ -167,6 +145,26 @@ PARAMS: tuple[ParamSpec, ...] = (
               "that OpenMP workers, which spin between parallel regions, leave a core to the executor, DDS and "
               "camera drivers; on CUDA PyTorch's default.", "[0, 256]", _range(0, 256)),
 )
+
+
+def _engine_check(name: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        try:
+            engine_config.check(name, v)
+        except engine_config.ConfigError as e:
+            return str(e).split(": ", 1)[-1]
+        return None
+    return check
+
+
+#: the engine's options as node parameters (derived: defined once in engine_config)
+ENGINE_PARAMS: tuple[ParamSpec, ...] = tuple(
+    ParamSpec(o.name, o.text_default(),
+              o.description + (" Live: can change at run time." if o.live else
+                               " Read-only: set at start-up (a change needs a restart)."),
+              o.allowed, _engine_check(o.name), read_only=not o.live)
+    for o in engine_config.OPTIONS.values() if o.node)
+PARAMS = PARAMS[:2] + ENGINE_PARAMS + PARAMS[2:]  # after image_topics and model
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
 
 # Read-only parameters the node declares after loading the model (class metadata, readable with `ros2 param get`).
@@ -213,14 +211,10 @@ class NodeConfig:
 
     image_topics: tuple[str, ...]
     model: str
-    device: str
-    precision: str
-    input_size: str | tuple[int, int] | float
-    output_size: str
+    engine: SegmenterConfig  # the engine parameters, checked
     outputs: tuple[str, ...]
     output_namespace: str
     publish_camera_info: bool
-    overlay_alpha: float
     max_age: float
     max_batch: int
     batch_timeout: float
@@ -263,11 +257,11 @@ def parse(values: dict[str, Any]) -> NodeConfig:
         raise ParameterError(f"unknown parameter(s) {unknown}; known: {', '.join(SPECS)}")
     for name, value in values.items():
         v[name] = check_value(name, value)
+    engine = SegmenterConfig().replace(**{p.name: v[p.name] for p in ENGINE_PARAMS})
     return NodeConfig(
-        image_topics=tuple(v["image_topics"]), model=v["model"], device=v["device"], precision=v["precision"],
-        input_size=parse_input_size(v["input_size"]), output_size=v["output_size"], outputs=tuple(v["outputs"]),
+        image_topics=tuple(v["image_topics"]), model=v["model"], engine=engine, outputs=tuple(v["outputs"]),
         output_namespace=v["output_namespace"], publish_camera_info=v["publish_camera_info"],
-        overlay_alpha=v["overlay_alpha"], max_age=v["max_age"], max_batch=v["max_batch"],
+        max_age=v["max_age"], max_batch=v["max_batch"],
         batch_timeout=v["batch_timeout"],
         input_reliability=v["input_qos.reliability"], input_depth=v["input_qos.depth"],
         output_reliability=v["output_qos.reliability"], output_depth=v["output_qos.depth"],
@@ -322,3 +316,42 @@ def declare(node: Any) -> dict[str, Any]:
             raise ParameterError(f"parameter {spec.name!r}: {e}") from None
         values[spec.name] = param.value
     return values
+
+
+_PARAMS_FILE_HEADER = """\
+# icnet_node parameters and their defaults, generated from icnet_ros/node_params.py (engine parameters from
+# icnet_ros/engine_config.py): `python -m icnet_ros.node_params > config/icnet.yaml`; a test keeps them equal.
+# Describe one: ros2 param describe /icnet_node <name>. Parameters marked read-only are set at start-up.
+# Use: ros2 run icnet_ros icnet_node --ros-args --params-file config/icnet.yaml
+#      ros2 launch icnet_ros icnet.launch.py params_file:=<your copy>
+# '/**' applies it to the node whatever its name or namespace.
+/**:
+  ros__parameters:
+"""
+
+
+def render_params_file(width: int = 116) -> str:
+    """``config/icnet.yaml``: every parameter with its default, description and allowed values as comments."""
+    import textwrap
+
+    lines = [_PARAMS_FILE_HEADER.rstrip("\n")]
+    group = None
+    for spec in PARAMS:
+        prefix, _, leaf = spec.name.rpartition(".")
+        indent = "    "
+        if prefix:
+            if prefix != group:
+                lines.append(f"    {prefix}:")
+                group = prefix
+            indent = "      "
+        else:
+            group = None
+        text = spec.description + (f" Allowed: {spec.constraints}." if spec.constraints else "")
+        lines += textwrap.wrap(text, width=width, initial_indent=indent + "# ", subsequent_indent=indent + "# ",
+                               break_on_hyphens=False)
+        lines.append(f"{indent}{leaf}: {json.dumps(spec.default)}")  # JSON values are YAML flow values
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_params_file(), end="")

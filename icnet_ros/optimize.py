@@ -214,6 +214,10 @@ class FactorizedPyramidPooling(nn.Module):
         self._matrices: OrderedDict[tuple, Tensor] = OrderedDict()
 
     @torch.compiler.disable
+    def cached_tensors(self) -> list[Tensor]:
+        """The resize matrices cached now (a CUDA graph captured over this module reads them)."""
+        return list(self._matrices.values())
+
     def resize_shift_matrix(self, height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """(9 * sum s^2) x (H * W): row ``tap * S + j`` maps pooled pixel j (all scales' pixels, concatenated) to
         the H x W map, resized (bilinear, align_corners=False) and shifted by the tap's offset (zero outside)."""
@@ -319,7 +323,7 @@ class CUDAGraphRunner:
     """
 
     def __init__(self, fn: Callable[..., Tensor | tuple[Tensor, ...]], example_inputs: Sequence[Tensor],
-                 warmup_iters: int = 3) -> None:
+                 warmup_iters: int = 3, pool: tuple | None = None) -> None:
         if not example_inputs or any(not isinstance(t, Tensor) or t.device.type != "cuda" for t in example_inputs):
             raise ValueError("CUDAGraphRunner needs CUDA tensor inputs")
         self.device = example_inputs[0].device
@@ -332,8 +336,10 @@ class CUDAGraphRunner:
                 fn(*self.static_inputs)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):  # pool: several graphs share one memory pool
             out = fn(*self.static_inputs)
+        #: tensors the graph reads that something else owns (e.g. cached matrices): kept alive with the graph
+        self.keep_alive: list[Tensor] = []
         self._single = isinstance(out, Tensor)
         self.static_outputs: tuple[Tensor, ...] = (out,) if self._single else tuple(out)
 

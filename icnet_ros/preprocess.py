@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import MMSEG_NORMALIZATION
@@ -45,3 +46,56 @@ class Normalizer:
         if channel_order != self.channel_order:
             x = x.flip(1)
         return x
+
+
+class Preprocessor:
+    """uint8 frames on the host -> the backend's normalised input on the device.
+
+    Upload (pinned host memory + one non-blocking copy on CUDA; no copy at all on the CPU for one frame), resize to
+    the network size (bilinear, align_corners False, in float32), normalisation and channel order
+    (:class:`Normalizer`), then the backend's dtype and memory format."""
+
+    def __init__(self, normalization: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                 memory_format: torch.memory_format) -> None:
+        self.normalizer = Normalizer(normalization)
+        self.device, self.dtype, self.memory_format = device, dtype, memory_format
+
+    def upload(self, arrays: list) -> Tensor:
+        """Same-size uint8 frames (H x W x 3 or H x W) -> N x H x W x C uint8 tensor on the device."""
+        import numpy as np
+
+        shape = (len(arrays), *arrays[0].shape[:2], 1 if arrays[0].ndim == 2 else 3)
+        if self.device.type == "cuda":
+            host = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+            view = host.numpy()
+            for k, a in enumerate(arrays):
+                view[k] = a.reshape(shape[1:])
+            return host.to(self.device, non_blocking=True)
+        if len(arrays) == 1:
+            a = arrays[0].reshape(shape[1:])
+            if not a.flags.c_contiguous:
+                a = np.ascontiguousarray(a)
+            return from_numpy(a).unsqueeze(0)  # no copy
+        return torch.from_numpy(np.stack([a.reshape(shape[1:]) for a in arrays]))
+
+    def __call__(self, frames: Tensor, order: str, net_size: tuple[int, int]) -> Tensor:
+        """uint8 N x H x W x C (C = 1 or 3) on the device -> normalised network input (backend dtype and layout)."""
+        x = frames.permute(0, 3, 1, 2)  # a view: NCHW with channels_last strides
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = x.to(dtype=torch.float32, memory_format=self.memory_format)  # one pass: convert + lay out
+        if tuple(x.shape[2:]) != tuple(net_size):
+            x = F.interpolate(x, size=net_size, mode="bilinear", align_corners=False)
+        x = self.normalizer(x, order, channels_last_input=False)
+        return x.to(dtype=self.dtype, memory_format=self.memory_format)
+
+
+def from_numpy(a: Any) -> Tensor:
+    """torch.from_numpy that accepts read-only arrays (ROS message buffers): the tensor is never written."""
+    import warnings
+
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)

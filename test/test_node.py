@@ -162,6 +162,8 @@ def test_params_file_carries_the_declared_defaults():
             flat[k] = v
     assert flat == node_params.defaults()
     node_params.parse(flat)  # and they validate
+    # and the file is exactly what node_params renders (descriptions and allowed values included)
+    assert PARAMS_FILE.read_text() == node_params.render_params_file()
 
 
 # ---------------------------------------------------------------------------------------------- serving

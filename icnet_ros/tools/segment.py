@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..sizes import parse_input_size
+from .. import engine_config
 
 KINDS = ("label", "color", "overlay", "confidence")
 _END = object()
@@ -40,35 +40,14 @@ class _Item:
     video_stem: str
 
 
-def _parse_size(text: str) -> Any:
-    try:
-        size = parse_input_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--input-size: {e}") from None
-    if size == "checkpoint":
-        raise argparse.ArgumentTypeError("--input-size: use native, HxW or a scale (the checkpoint's recommended "
-                                         "size is used when it has one and --input-size is not given)")
-    return None if size == "native" else size
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="icnet-segment", description="Segment images, image folders and videos with an ICNet checkpoint.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, video files")
-    p.add_argument("--model", "-m", default=None, help="native .safetensors checkpoint (default: the package model)")
+    p.add_argument("--model", "-m", default=None, help="model file: native .safetensors, exported .onnx or OpenVINO "
+                   ".xml (default: the package model)")
     p.add_argument("--output", "-o", required=True, help="output folder (created)")
-    p.add_argument("--outputs", default="label,color,overlay",
-                   help="what to write, comma-separated: label,color,overlay,confidence (default label,color,overlay)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--input-size", type=_parse_size, default=None, metavar="SIZE",
-                   help="network input: native (default), HxW, or a scale factor such as 0.5")
-    p.add_argument("--output-size", default="input", choices=["input", "model"],
-                   help="outputs at the frame's resolution (default) or the network input's")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask (default 0.5)")
-    p.add_argument("--confidence-threshold", type=float, default=None, metavar="P",
-                   help="label pixels whose max softmax probability is below P as 255 (unknown)")
     p.add_argument("--batch", type=int, default=0, help="frames per forward pass (default: 4 on CUDA, 1 on CPU)")
     p.add_argument("--recursive", action="store_true", help="walk sub-folders of folder inputs")
     p.add_argument("--stride", type=int, default=1, help="videos: segment every N-th frame (default 1)")
@@ -77,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fourcc", default="mp4v", help="video codec for overlay videos (default mp4v)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 can be faster on an oversubscribed machine)")
-    p.add_argument("--no-optimize", action="store_true", help="disable BN folding, PPM factorization and channels_last")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    engine_config.add_arguments(p, defaults={"outputs": ("label", "color", "overlay")})  # what to write
     return p
 
 
@@ -205,9 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     from icnet_ros.checkpoint import CheckpointError
     from icnet_ros.video import SourceError, open_source
 
-    kinds = frozenset(k for k in args.outputs.replace(",", " ").split() if k)
-    bad = sorted(kinds - set(KINDS))
-    if bad or not kinds:
+    try:
+        config = engine_config.from_args(args)
+    except engine_config.ConfigError as e:
+        print(f"icnet-segment: error: {e}", file=sys.stderr)
+        return 2
+    listed = args.outputs.replace(",", " ").split() if isinstance(args.outputs, str) else args.outputs
+    kinds = frozenset(listed)  # what to write (the label is always computed)
+    if not kinds:
         print(f"icnet-segment: error: --outputs {args.outputs!r}: choose from {', '.join(KINDS)}", file=sys.stderr)
         return 2
     if args.batch < 0 or args.stride < 1 or (args.max_frames is not None and args.max_frames < 0):
@@ -229,10 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with warnings.catch_warnings():  # fallbacks are printed below, once
             warnings.simplefilter("ignore", RuntimeWarning)
-            seg = Segmenter(args.model, device=args.device, precision=args.precision, input_size=args.input_size,
-                            outputs=tuple(kinds | {"label"}), overlay_alpha=args.alpha, output_size=args.output_size,
-                            optimize=not args.no_optimize, warmup=False,
-                            confidence_threshold=args.confidence_threshold)
+            seg = Segmenter(args.model, config, warmup=False)
         for note in seg.notes:
             print(f"icnet-segment: warning: {note}", file=sys.stderr)
         batch = args.batch or (4 if seg.device.type == "cuda" else 1)

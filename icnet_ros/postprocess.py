@@ -1,0 +1,98 @@
+"""Logits -> the uint8 outputs, on the device: upsampling, argmax, confidence, palette, overlay, the copy back.
+
+Label values: class ids ``0..num_classes-1``; :data:`UNKNOWN` (255, the project-wide ignore value) marks pixels
+whose max softmax probability is below ``confidence_threshold`` (never produced by argmax). Unknown pixels are
+black in the colour mask and keep the original frame in the overlay.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .classes import IGNORE_INDEX, ClassSet
+
+#: label value for pixels the segmenter does not classify
+UNKNOWN = IGNORE_INDEX
+
+
+class Postprocessor:
+    """Turns logits into labels, confidences, colour masks and overlays on ``device`` (see the module docstring).
+
+    ``overlay_alpha`` and ``confidence_threshold`` (0 = off) may change between calls."""
+
+    def __init__(self, class_set: ClassSet, device: torch.device, overlay_alpha: float = 0.5,
+                 confidence_threshold: float = 0.0, compile_render: bool = False) -> None:
+        self.device = device
+        self.overlay_alpha = float(overlay_alpha)
+        self.confidence_threshold = float(confidence_threshold)
+        palette = torch.from_numpy(class_set.palette_array()).to(device)
+        self._palettes = {"RGB": palette, "BGR": palette.flip(1).contiguous()}
+        # colour/overlay rendering is a chain of memory-bound element-wise ops that inductor fuses into one loop
+        # (CPU, 2 megapixels: ~58 ms eager, ~2 ms compiled, identical bytes)
+        self.render = torch.compile(self._render, dynamic=False) if compile_render else self._render
+
+    def labels(self, logits: Tensor, out_size: tuple[int, int], want_confidence: bool
+               ) -> tuple[Tensor, Tensor | None]:
+        """Logits -> (uint8 N x H x W labels, uint8 confidence or None) at ``out_size``: bilinear upsampling in
+        float32, argmax; max softmax probability only for the confidence or the confidence threshold."""
+        # NHWC: the class axis is innermost, so upsampling and the per-pixel argmax/max/sum run on contiguous
+        # memory (on the CPU this is ~2-4x faster than reducing over dim 1 of an NCHW tensor)
+        x = logits.float().contiguous(memory_format=torch.channels_last)
+        if tuple(x.shape[2:]) != tuple(out_size):
+            x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+        threshold = self.confidence_threshold
+        if not (want_confidence or threshold > 0):
+            return x.argmax(1).to(torch.uint8), None
+        top, idx = x.max(1)
+        # max softmax probability = 1 / sum_c exp(l_c - l_max); in place only on our own temporary
+        shifted = x.sub_(top.unsqueeze(1)) if x is not logits else x - top.unsqueeze(1)
+        prob = shifted.exp_().sum(1).reciprocal_()
+        label = idx.to(torch.uint8)
+        if threshold > 0:
+            label.masked_fill_(prob < threshold, UNKNOWN)
+        conf = prob.mul_(255.0).round_().to(torch.uint8) if want_confidence else None
+        return label, conf
+
+    def _render(self, label: Tensor, frames: Tensor, order: str, out_size: tuple[int, int],
+                want: frozenset[str]) -> dict[str, Tensor]:
+        """Colour mask (palette lookup) and overlay (blend with the frame), uint8 N x H x W x 3 in ``order``."""
+        color = self._palettes[order].index_select(0, label.reshape(-1).long()).view(*label.shape, 3)
+        out = {}
+        if "color" in want:
+            out["color"] = color
+        if "overlay" in want:
+            base = frames
+            if tuple(base.shape[1:3]) != tuple(out_size):
+                base = F.interpolate(base.permute(0, 3, 1, 2).float(), size=out_size, mode="bilinear",
+                                     align_corners=False).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            if base.shape[3] == 1:
+                base = base.expand(-1, -1, -1, 3)
+            a = self.overlay_alpha
+            blend = torch.lerp(base.float(), color.float(), a) if 0.0 < a < 1.0 else (
+                color.float() if a == 1.0 else base.float())
+            overlay = blend.round_().to(torch.uint8)
+            if self.confidence_threshold > 0:  # unknown pixels keep the frame
+                overlay = torch.where((label == UNKNOWN).unsqueeze(-1), base, overlay)
+            out["overlay"] = overlay
+        return out
+
+    def to_host(self, device_outputs: list[dict[str, Tensor]]) -> list[dict[str, np.ndarray]]:
+        """Copy device tensors to numpy: CPU tensors are shared (no copy); CUDA tensors go to pinned buffers with
+        non-blocking copies and one synchronisation."""
+        if self.device.type != "cuda":
+            return [{k: v.contiguous().numpy() for k, v in d.items()} for d in device_outputs]
+        host = []
+        for d in device_outputs:
+            h = {}
+            for k, v in d.items():
+                buf = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                buf.copy_(v, non_blocking=True)
+                h[k] = buf
+            host.append(h)
+        torch.cuda.current_stream(self.device).synchronize()
+        return [{k: v.numpy() for k, v in h.items()} for h in host]
+
+
+__all__ = ["Postprocessor", "UNKNOWN"]

@@ -1,0 +1,96 @@
+"""The engine's options are defined once (icnet_ros.engine_config); node parameters and CLI flags derive from it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from icnet_ros import engine_config, node_params
+from icnet_ros.engine import Segmenter
+from icnet_ros.engine_config import ConfigError, SegmenterConfig
+from icnet_ros.tools import segment
+
+
+def test_node_parameters_are_the_engine_options():
+    for name, option in engine_config.OPTIONS.items():
+        spec = node_params.SPECS.get(name)
+        if not option.node:
+            assert spec is None or name == "outputs", name  # the node's outputs: what it advertises per camera
+            continue
+        assert spec is not None, f"engine option {name} is not a node parameter"
+        assert spec.default == option.text_default()
+        assert spec.description.startswith(option.description)
+        assert spec.constraints == option.allowed
+        assert spec.read_only == (not option.live)
+    # the node's config carries the checked engine config
+    cfg = node_params.parse({"input_size": "540x720", "confidence_threshold": 0.3, "backend": "torch"})
+    assert cfg.engine.input_size == (540, 720) and cfg.engine.confidence_threshold == 0.3
+    with pytest.raises(node_params.ParameterError, match="must be one of auto, torch"):
+        node_params.parse({"backend": "tflite"})
+
+
+def test_cli_flags_are_the_engine_options():
+    parser = segment.build_parser()
+    flags = {a.dest: a for a in parser._actions}
+    for name, option in engine_config.OPTIONS.items():
+        if option.cli:
+            assert name in flags, f"icnet-segment lacks {option.flag}"
+            assert option.description in flags[name].help
+    args = parser.parse_args(["x.png", "-o", "out", "--input-size", "540", "720", "--confidence-threshold", "0.2",
+                              "--no-optimize", "--backend", "torch"])
+    cfg = engine_config.from_args(args)
+    assert cfg.input_size == (540, 720) and cfg.confidence_threshold == 0.2 and cfg.optimize is False
+    assert cfg.outputs == ("label", "color", "overlay")  # the tool's own default
+    assert engine_config.from_args(parser.parse_args(["x", "-o", "o", "--input-size", "540x720"])).input_size == (540, 720)
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("auto", "auto"), ("native", "native"), (None, "native"), ("checkpoint", "checkpoint"), ("540x720", (540, 720)),
+    ("540 720", (540, 720)), ("540,720", (540, 720)), ((540, 720), (540, 720)), ("1.5", 1.5), (2, 2.0)])
+def test_input_size_forms(value, parsed):
+    assert engine_config.parse_input_size(value) == parsed
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(input_size="32x64"), "must each be >= 64"), (dict(input_size="big"), "input_size = 'big'"),
+    (dict(overlay_alpha=2), r"overlay_alpha = 2: must be in \[0.0, 1.0\]"), (dict(precision="int4"), "precision"),
+    (dict(compile="fast"), "compile"), (dict(nope=1), "unknown engine option"), (dict(size_divisor=0), "size_divisor")])
+def test_bad_values_name_the_option(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        SegmenterConfig().replace(**changes)
+
+
+def test_auto_input_size_follows_the_recorded_width(tmp_path):
+    from helpers import make_checkpoint
+
+    from icnet_ros.checkpoint import load_model
+
+    model = load_model(make_checkpoint(tmp_path / "m.safetensors"))
+    plain = Segmenter(model, device="cpu", warmup=False)  # no network_width recorded: native
+    assert plain.network_size(360, 480) == (352, 480)
+    model.meta = {**model.meta, "network_width": 736}
+    auto = Segmenter(model, device="cpu", warmup=False)
+    assert auto.input_policy == "width"
+    assert auto.network_size(360, 480) == (544, 736)  # 480x360 CamVid frames at x1.5
+    assert auto.network_size(720, 1280) == (416, 736)  # HD: the same width, aspect kept
+    assert auto.network_size(1080, 1920) == (416, 736)
+    assert "auto (width 736)" in auto.describe()
+    assert Segmenter(model, device="cpu", warmup=False, input_size="native").network_size(360, 480) == (352, 480)
+
+
+def test_reconfigure_live_options_between_calls(tmp_path):
+    from helpers import make_checkpoint
+
+    seg = Segmenter(make_checkpoint(tmp_path / "m.safetensors"), device="cpu", warmup=False,
+                    outputs=("label", "overlay"))
+    frame = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    before = seg.segment([frame])[0]
+    cfg = seg.reconfigure(overlay_alpha=1.0, input_size="64x96", confidence_threshold=0.99)
+    assert cfg is seg.config and cfg.overlay_alpha == 1.0 and cfg.input_size == (64, 96)
+    after = seg.segment([frame])[0]
+    assert after.model_size == (64, 96) and before.model_size == (96, 128)
+    assert (after.label == 255).mean() > 0.5  # almost nothing is 99% certain for a random model
+    with pytest.raises(ConfigError, match="cannot change on a running Segmenter"):
+        seg.reconfigure(device="cpu")
+    with pytest.raises(ConfigError, match="overlay_alpha"):
+        seg.reconfigure(overlay_alpha=-1)
+    assert seg.config.overlay_alpha == 1.0  # a refused change changes nothing
