@@ -34,7 +34,7 @@ def test_default_model_is_shipped_compact_and_complete():
     assert model.meta == meta and not model.training
 
 
-@pytest.mark.parametrize("input_size, floor", [(None, 0.62), (1.5, 0.68)])
+@pytest.mark.parametrize("input_size, floor", [(None, 0.62), (1.5, 0.68), ("auto", 0.68)])
 def test_default_model_segments_camvid_val(input_size, floor):
     val = require(CAMVID / "val")
     images = sorted((val / "images").glob("*.jpg"))[::20]  # 6 frames spread over the split
@@ -48,8 +48,11 @@ def test_default_model_segments_camvid_val(input_size, floor):
     for img_path in images:
         frame = cv2.imread(str(img_path))
         gt = lut[cv2.imread(str(val / "labels" / (img_path.stem + ".png")), cv2.IMREAD_GRAYSCALE)]
-        label = seg.segment([frame], channel_order="BGR")[0].label
+        result = seg.segment([frame], channel_order="BGR")[0]
+        label = result.label
         assert label.shape == gt.shape  # labels at the frame's size, whatever the network input
+        if input_size == "auto":  # the recorded network width 736: the size the model was trained and chosen at
+            assert tuple(result.model_size) == (544, 736)
         valid = gt != 255
         for c in range(11):
             p, g = (label == c) & valid, gt == c
