@@ -47,7 +47,7 @@ from torch import nn
 from .backends.base import require
 from .checkpoint import META_KEY, CheckpointError, default_model_path, file_sha256, validate_meta
 from .models.icnet import MIN_INPUT_SIZE
-from .optimize import factorize_pyramid_pooling, fold_batchnorm
+from .optimize import FactorizedPyramidPooling, factorize_pyramid_pooling, fold_batchnorm
 from .sizes import SIZE_DIVISOR, aligned_size
 
 INPUT_NAME = "input"
@@ -84,19 +84,30 @@ class _Float16(nn.Module):
 def inference_model(model_or_path: Any, size: tuple[int, int], fp16: bool = False
                     ) -> tuple[nn.Module, dict[str, Any]]:
     """The module to export and its metadata: a private eval copy (no auxiliary heads) with BatchNorm folded and
-    the pyramid pooling factorized, run once at ``size`` so that size's constants are computed outside the
-    graph."""
+    the pyramid pooling factorized, its resize matrices for ``size`` computed here (constants in the graph)."""
     from .engine import _model_and_meta  # the Segmenter's private-copy logic (late import: engine is large)
 
     model, meta = _model_and_meta(model_or_path)
-    probe = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    probe = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     fold_batchnorm(model, probe)  # exact up to rounding; verified (restores and raises otherwise)
     factorize_pyramid_pooling(model, probe)
-    if fp16:
-        model = _Float16(model)
-    with torch.inference_mode():
-        model(probe)  # caches the factorized pooling's resize matrices for this size and dtype
-    return model.eval(), meta
+    ppms = [m for m in model.modules() if isinstance(m, FactorizedPyramidPooling)]
+    sizes: dict[nn.Module, tuple[int, int]] = {}
+
+    def record_size(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        sizes[module] = tuple(inputs[0].shape[2:])
+
+    hooks = [m.register_forward_pre_hook(record_size) for m in ppms]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, *size))  # fp32 on the CPU: seconds (an fp16 forward there takes minutes)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    dtype = torch.float16 if fp16 else torch.float32
+    for m, (h, w) in sizes.items():
+        m.resize_shift_matrix(h, w, dtype, torch.device("cpu"))  # cached: the traced forward finds it
+    return (_Float16(model) if fp16 else model).eval(), meta
 
 
 def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, int] = (512, 1024), batch: int = 1,

@@ -64,12 +64,41 @@ def engine_path(onnx_path: Path, meta: dict[str, Any], device: torch.device, pre
     return folder / name
 
 
+def _progress_monitor(trt: Any) -> Any:
+    """A TensorRT build progress monitor showing each build phase as a tqdm bar (TensorRT's progress-monitor
+    sample, with tqdm)."""
+    from tqdm import tqdm
+
+    class BuildProgress(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self._bars: dict[str, Any] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            self._bars[phase_name] = tqdm(total=num_steps, desc=f"TensorRT: {phase_name}", unit="step",
+                                          leave=parent_phase is None)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            bar = self._bars.get(phase_name)
+            if bar is not None:
+                bar.update(step + 1 - bar.n)
+            return True  # True: continue building
+
+        def phase_finish(self, phase_name: str) -> None:
+            bar = self._bars.pop(phase_name, None)
+            if bar is not None:
+                bar.close()
+
+    return BuildProgress()
+
+
 def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, fp16_flag: bool = False,
-                 max_batch: int | None = None) -> Path:
+                 max_batch: int | None = None, progress: bool = True) -> Path:
     """Build a serialized TensorRT engine from an exported ONNX file and write it atomically to ``output``.
 
     ``fp16_flag``: TensorRT 10's weak-typing FP16 flag (an fp32 file); an fp16 file builds strongly typed.
-    ``max_batch``: for a dynamic batch axis, the profile covers batches 1..max_batch (default: the export's)."""
+    ``max_batch``: for a dynamic batch axis, the profile covers batches 1..max_batch (default: the export's).
+    ``progress``: tqdm bars for the build phases (TensorRT >= 10)."""
     trt = _trt()
     onnx_path, output = Path(onnx_path).expanduser(), Path(output).expanduser()
     meta = read_onnx_metadata(onnx_path)
@@ -99,15 +128,19 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, fp16_f
         profile = builder.create_optimization_profile()
         profile.set_shape(inp.name, (1, c, h, w), (n, c, h, w), (n, c, h, w))
         config.add_optimization_profile(profile)
+    monitor = _progress_monitor(trt) if progress and hasattr(trt, "IProgressMonitor") else None
+    if monitor is not None:
+        config.progress_monitor = monitor  # kept alive by `monitor` until the build returns
     log.info("building a TensorRT %s engine for %s (first use; this takes a while)", trt.__version__, onnx_path.name)
     serialized = builder.build_serialized_network(network, config)
+    del config, parser, network, builder  # before the progress monitor, which must outlive what uses it
     if serialized is None:
         raise RuntimeError(f"{onnx_path}: TensorRT failed to build an engine (see TensorRT's log above)")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + f".{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(memoryview(serialized))
+            f.write(serialized)
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
