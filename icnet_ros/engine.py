@@ -552,9 +552,11 @@ class Segmenter:
 def _input_policy(input_size: Any, meta: dict[str, Any]) -> tuple[str, Any]:
     """A parsed ``input_size`` and the model's metadata -> ("native", None) | ("fixed", (H, W)) |
     ("scale", factor) | ("width", network width)."""
-    if input_size == "auto":
+    if input_size == "auto":  # the trained width, else the recommended fixed size, else native
         width = meta.get("network_width")
-        return ("width", int(width)) if width else ("native", None)
+        if width:
+            return "width", int(width)
+        input_size = "checkpoint"
     if input_size == "checkpoint":
         size = meta.get("input_size")
         return ("fixed", tuple(size)) if size else ("native", None)

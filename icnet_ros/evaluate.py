@@ -6,10 +6,12 @@
     icnet-eval --model runs/camvid/best.safetensors --data DIR --split val --json
     icnet-eval --model M --data CITYSCAPES_ROOT --split val --flip --scales 0.75 1.0 1.25
 
-Inputs are normalised as the checkpoint's metadata says, resized to the checkpoint's ``input_size`` (or kept at
-native size with ``--native``) rounded to multiples of 32 (``--size-divisor``; ICNet's branches misalign at other
-sizes, see :data:`icnet_ros.sizes.SIZE_DIVISOR`), and the logits are upsampled back to the label size before the
-argmax. The confusion matrix is accumulated on the device. ``--json`` prints exactly one JSON object on stdout (percentages);
+Inputs are normalised as the checkpoint's metadata says and resized as ``--input-size`` says (the engine's option,
+:mod:`icnet_ros.engine_config`; default ``auto``: each image scaled, keeping its aspect ratio, to the width the
+model was trained at, its metadata's ``network_width``; else the metadata's fixed ``input_size``; else native), rounded to multiples of 32
+(``--size-divisor``; ICNet's branches misalign at other sizes, see :data:`icnet_ros.sizes.SIZE_DIVISOR`); the logits
+are upsampled back to the label size before the argmax. Exported models (``.onnx``, OpenVINO ``.xml``, also INT8)
+are evaluated through their backend (``--backend``, chosen by the file type), at their fixed export size. The confusion matrix is accumulated on the device. ``--json`` prints exactly one JSON object on stdout (percentages);
 progress bars and messages go to stderr.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .data.transforms import base_scale
 from .losses import upsample_logits
 from .metrics import ConfusionMatrix, format_table, to_percent
 from .preprocess import Normalizer
+from . import engine_config
 from .sizes import SIZE_DIVISOR, aligned_size
 
 
@@ -49,9 +52,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def _net_size(h: int, w: int, input_size: Sequence[int] | None, input_scale: float,
-              base_size: Sequence[int] | None, scale: float, size_divisor: int) -> tuple[int, int]:
+              base_size: Sequence[int] | None, scale: float, size_divisor: int,
+              network_width: int | None = None) -> tuple[int, int]:
     if input_size:
         bh, bw = float(input_size[0]), float(input_size[1])
+    elif network_width:  # input_size auto: the trained width, aspect ratio kept
+        bh, bw = h * network_width / w, float(network_width)
     else:
         s = base_scale(h, w, input_scale, tuple(base_size) if base_size else None)
         bh, bw = h * s, w * s
@@ -62,10 +68,11 @@ def _net_size(h: int, w: int, input_size: Sequence[int] | None, input_scale: flo
 def predict_logits(model: nn.Module, x: Tensor, out_size: Sequence[int], input_size: Sequence[int] | None = None,
                    input_scale: float = 1.0, base_size: Sequence[int] | None = None,
                    scales: Sequence[float] = (1.0,), flip: bool = False, amp: bool = False,
-                   size_divisor: int = SIZE_DIVISOR) -> Tensor:
+                   size_divisor: int = SIZE_DIVISOR, network_width: int | None = None) -> Tensor:
     """Class scores (N x C x H x W at ``out_size``) for normalised images ``x`` (N x 3 x h x w).
 
-    The network input is ``input_size`` (or the image scaled by ``input_scale`` / into ``base_size``) times each
+    The network input is ``input_size`` (or the image scaled to ``network_width``, or by ``input_scale`` / into
+    ``base_size``) times each
     of ``scales``, rounded to multiples of ``size_divisor`` (:func:`~icnet_ros.sizes.aligned_size`; 1: exact),
     plus its mirror image with ``flip``. One pass returns upsampled logits; several return the sum of softmax
     probabilities."""
@@ -75,7 +82,7 @@ def predict_logits(model: nn.Module, x: Tensor, out_size: Sequence[int], input_s
         else nullcontext()
     total: Tensor | None = None
     for s, f in passes:
-        size = _net_size(h, w, input_size, input_scale, base_size, s, size_divisor)
+        size = _net_size(h, w, input_size, input_scale, base_size, s, size_divisor, network_width)
         xi = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         if f:
             xi = xi.flip(-1)
@@ -90,8 +97,11 @@ def predict_logits(model: nn.Module, x: Tensor, out_size: Sequence[int], input_s
     return total
 
 
-def model_memory_format(model: nn.Module) -> torch.memory_format:
-    """channels_last when the model's spatial conv weights are stored that way, else contiguous."""
+def model_memory_format(model: Any) -> torch.memory_format:
+    """channels_last when the model's spatial conv weights are stored that way, else contiguous (a backend
+    says its own)."""
+    if not isinstance(model, nn.Module):
+        return model.memory_format
     for p in model.parameters():
         if p.dim() == 4 and p.shape[-1] > 1:
             return torch.channels_last if not p.is_contiguous() and p.is_contiguous(
@@ -112,16 +122,20 @@ def _groups(images: Tensor | list[Tensor], labels: Tensor | list[Tensor]) -> Ite
 def evaluate(model: nn.Module, loader: Iterable, normalizer: Normalizer, num_classes: int, ignore_index: int,
              device: torch.device, input_size: Sequence[int] | None = None, input_scale: float = 1.0,
              base_size: Sequence[int] | None = None, scales: Sequence[float] = (1.0,), flip: bool = False,
-             amp: bool = False, progress: bool = True, desc: str = "eval", size_divisor: int = SIZE_DIVISOR
-             ) -> ConfusionMatrix:
+             amp: bool = False, progress: bool = True, desc: str = "eval", size_divisor: int = SIZE_DIVISOR,
+             network_width: int | None = None) -> ConfusionMatrix:
     """Accumulate the confusion matrix of ``model`` over ``loader`` (batches of uint8 N x H x W x 3 RGB images
-    and N x H x W labels); summed over ranks under torch.distributed. The model's train/eval mode is restored."""
+    and N x H x W labels); summed over ranks under torch.distributed. The model's train/eval mode is restored.
+    ``model`` may also be a backend (:mod:`icnet_ros.backends`): its input dtype and layout are used."""
     from tqdm import tqdm
 
-    was_training = model.training
-    model.eval()
+    is_module = isinstance(model, nn.Module)
+    was_training = model.training if is_module else False
+    if is_module:
+        model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index, device)
     fmt = model_memory_format(model)
+    dtype = torch.float32 if is_module else model.input_dtype
     try:
         total = len(loader) if hasattr(loader, "__len__") else None
         for images, labels in tqdm(loader, total=total, desc=desc, disable=not progress, leave=False,
@@ -129,12 +143,13 @@ def evaluate(model: nn.Module, loader: Iterable, normalizer: Normalizer, num_cla
             for im, lb in _groups(images, labels):
                 im = im.to(device, non_blocking=True)
                 lb = lb.to(device, non_blocking=True)
-                x = normalizer(im, "RGB").contiguous(memory_format=fmt)
+                x = normalizer(im, "RGB").to(dtype).contiguous(memory_format=fmt)
                 scores = predict_logits(model, x, lb.shape[-2:], input_size, input_scale, base_size, scales,
-                                        flip, amp, size_divisor)
+                                        flip, amp, size_divisor, network_width)
                 cm.update(scores.argmax(dim=1), lb, check=False)
     finally:
-        model.train(was_training)
+        if is_module:
+            model.train(was_training)
     cm.all_reduce()
     return cm
 
@@ -162,29 +177,24 @@ def _dataset_class_set(spec: DataSpec, model_classes: ClassSet) -> ClassSet:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="icnet-eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="native checkpoint (.safetensors); default: the package's default model")
+    p.add_argument("--model", help="model file: native .safetensors, or an exported .onnx / OpenVINO .xml "
+                   "(icnet-export, also INT8); default: the package's default model")
     p.add_argument("--data", required=True, help="dataset root: CamVid layout (DIR/SPLIT/images, DIR/SPLIT/labels), "
                    "Cityscapes (DIR/leftImg8bit, DIR/gtFine) or generic folders with a class file")
     p.add_argument("--split", default="val", help="split to evaluate (default: val); a+b concatenates")
     p.add_argument("--layout", default="auto", choices=("auto", "camvid", "cityscapes", "folders"))
     p.add_argument("--class-file", help="class file for generic folders (see icnet_ros.data.load_class_file)")
     p.add_argument("--label-suffix", default="", help="label file = image stem + suffix + .png (generic folders)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: 2)")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
-                      help="network input size (default: the checkpoint's input_size, else native)")
-    size.add_argument("--native", action="store_true", help="run at the label resolution, ignoring input_size")
-    p.add_argument("--size-divisor", type=int, default=SIZE_DIVISOR,
-                   help=f"round network input sizes to multiples of this (default: {SIZE_DIVISOR}, ICNet's coarsest "
-                   "stride; 1 = exact sizes)")
+    p.add_argument("--native", action="store_true", help="same as --input-size native")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale factors (default: 1.0)")
     p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
     p.add_argument("--limit", type=int, help="evaluate the first N samples only")
     p.add_argument("--json", action="store_true", help="print one JSON object (percentages) on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    engine_config.add_arguments(p, names=("backend", "device", "input_size", "size_divisor"))
     return p
 
 
@@ -192,14 +202,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError, load_model
 
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0 or args.size_divisor < 1 or any(s <= 0 for s in args.scales):
-        print("icnet-eval: error: --batch-size >= 1, --workers >= 0, --size-divisor >= 1 and positive --scales "
-              "required", file=sys.stderr)
+    if args.native:
+        args.input_size = ["native"]
+    if args.batch_size < 1 or args.workers < 0 or any(s <= 0 for s in args.scales):
+        print("icnet-eval: error: --batch-size >= 1, --workers >= 0 and positive --scales required", file=sys.stderr)
         return 2
     try:
-        device = resolve_device(args.device)
-        model = load_model(args.model, device)
-        meta = model.meta
+        cfg = engine_config.from_args(args)
+        device = resolve_device(cfg.device)
+        backend_name = "torch"
+        if args.model is not None:
+            from .engine import backend_for
+
+            backend_name = backend_for(args.model, cfg.backend)
+        if backend_name == "torch":
+            model: Any = load_model(args.model, device)
+            meta = model.meta
+        else:  # an exported model, through its runtime (at its fixed export size)
+            from .engine import Segmenter
+
+            seg = Segmenter(args.model, cfg.replace(input_size="native", warmup=False))
+            model, meta = seg.backend, seg.meta
+            device = seg.backend.device
+        input_size, network_width, input_scale = _eval_size(cfg.input_size, meta, model)
         model_classes = class_set_from_meta(meta)
         spec = DataSpec(root=args.data, layout=args.layout, class_file=args.class_file,
                         label_suffix=args.label_suffix)
@@ -211,10 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"icnet-eval: warning: class names differ between the dataset ({class_set.name}) and the model "
                   f"({model_classes.name}); reporting the dataset's", file=sys.stderr)
         dataset = build_dataset(spec, args.split, limit=args.limit, class_set=class_set)
-    except (CheckpointError, DatasetError, ValueError, OSError) as e:
+    except (CheckpointError, DatasetError, ValueError, OSError, RuntimeError) as e:
         print(f"icnet-eval: error: {e}", file=sys.stderr)
         return 2
-    input_size = None if args.native else (args.input_size or meta.get("input_size"))
+    size_divisor = 1 if backend_name != "torch" else cfg.size_divisor
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=ShardSampler(len(dataset)),
                         num_workers=args.workers, collate_fn=collate_segmentation, worker_init_fn=worker_init,
                         pin_memory=device.type == "cuda")
@@ -222,25 +247,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     t0 = time.perf_counter()
     cm = evaluate(model, loader, Normalizer(meta.get("normalization")), class_set.num_classes,
-                  class_set.ignore_index, device, input_size=input_size, scales=args.scales, flip=args.flip,
-                  amp=args.amp, progress=not args.no_progress, desc=f"icnet-eval {args.split}",
-                  size_divisor=args.size_divisor)
+                  class_set.ignore_index, device, input_size=input_size, input_scale=input_scale, scales=args.scales,
+                  flip=args.flip, amp=args.amp, progress=not args.no_progress, desc=f"icnet-eval {args.split}",
+                  size_divisor=size_divisor, network_width=network_width)
     seconds = time.perf_counter() - t0
     metrics = cm.compute()
+    policy = ("x".join(map(str, input_size)) if input_size else f"auto: width {network_width}" if network_width
+              else f"scale {input_scale:g}" if input_scale != 1.0 else "native")
     if args.json:
         report = {**metrics_report(metrics, class_set.classes), "model": args.model or "default",
                   "data": args.data, "split": args.split, "images": len(dataset), "classes": class_set.name,
-                  "input_size": list(input_size) if input_size else None, "flip": args.flip,
-                  "scales": list(args.scales), "size_divisor": args.size_divisor, "device": str(device),
+                  "input_size": list(input_size) if input_size else None, "network_width": network_width,
+                  "input_policy": policy, "backend": backend_name, "flip": args.flip,
+                  "scales": list(args.scales), "size_divisor": size_divisor, "device": str(device),
                   "seconds": round(seconds, 3), "license": meta.get("license")}
         print(json.dumps(report, allow_nan=False))
     else:
         print(f"model: {args.model or 'default'}  data: {args.data} [{args.split}, {len(dataset)} images]  "
-              f"input: {'x'.join(map(str, input_size)) if input_size else 'native'}  flip: {args.flip}  "
-              f"scales: {args.scales}  size divisor: {args.size_divisor}  device: {device}  ({seconds:.1f} s)")
+              f"input: {policy}  backend: {backend_name}  flip: {args.flip}  scales: {args.scales}  "
+              f"size divisor: {size_divisor}  device: {device}  ({seconds:.1f} s)")
         print(f"license of the weights: {meta.get('license') or 'not recorded'}")
         print(format_table(metrics, class_set.classes))
     return 0 if not math.isnan(metrics["mIoU"]) else 1
+
+
+def _eval_size(policy: Any, meta: dict[str, Any], model: Any) -> tuple[list[int] | None, int | None, float]:
+    """The engine's input_size policy -> (fixed size, network width, scale) for :func:`evaluate`."""
+    fixed = getattr(model, "fixed_size", None)
+    if fixed:
+        return list(fixed), None, 1.0
+    if policy == "auto" and meta.get("network_width"):
+        return None, meta["network_width"], 1.0
+    if policy in ("auto", "checkpoint"):
+        return meta.get("input_size"), None, 1.0
+    if policy == "native":
+        return None, None, 1.0
+    if isinstance(policy, tuple):
+        return list(policy), None, 1.0
+    return None, None, float(policy)
 
 
 if __name__ == "__main__":

@@ -192,3 +192,32 @@ def test_errors_are_reported_with_exit_code_2(capsys, tmp_path, ckpt):
     assert "dataset has 11 classes" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing.safetensors"), "--data", str(root)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_auto_input_size_scales_to_the_recorded_width(capsys, tmp_path):
+    """input_size auto (the default): each image scaled to the metadata's network_width, aspect ratio kept."""
+    root = require(CAMVID)
+    ckpt = make_checkpoint(tmp_path / "w.safetensors", network_width=256)
+    report = _run_json(capsys, "--model", ckpt, "--data", root, "--split", "val", "--limit", 2)
+    assert report["network_width"] == 256 and report["input_policy"] == "auto: width 256"
+    from icnet_ros.data import DataSpec, find_samples
+
+    samples = find_samples(DataSpec(str(root)), "val")[0][:2]
+    miou, _, _ = _reference_metrics(ckpt, samples, (192, 256))  # 360x480 frames -> 192x256
+    assert report["mIoU"] == pytest.approx(miou, abs=0.02)
+    native = _run_json(capsys, "--model", ckpt, "--data", root, "--split", "val", "--limit", 2,
+                       "--input-size", "native")
+    assert native["input_policy"] == "native" and native["mIoU"] != report["mIoU"]
+
+
+def test_exported_onnx_model_is_evaluated_through_onnxruntime(capsys, tmp_path):
+    from icnet_ros.export import export_onnx
+
+    root = require(CAMVID)
+    ckpt = make_checkpoint(tmp_path / "x.safetensors")
+    onnx = export_onnx(ckpt, tmp_path / "x.onnx", size=(192, 256))
+    torch_report = _run_json(capsys, "--model", ckpt, "--data", root, "--split", "val", "--limit", 2,
+                             "--input-size", "192x256")
+    ort_report = _run_json(capsys, "--model", onnx, "--data", root, "--split", "val", "--limit", 2)
+    assert ort_report["backend"] == "onnxruntime" and ort_report["input_size"] == [192, 256]
+    assert ort_report["mIoU"] == pytest.approx(torch_report["mIoU"], abs=0.05)
