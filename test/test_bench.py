@@ -145,3 +145,21 @@ def test_detail_selects_configurations_for_stages(tmp_path, capsys):
                  "--json", str(js), "--quiet"]) == 0
     staged = {tuple(r["size"]): r["stages"] is not None for r in json.loads(js.read_text())["results"]}
     assert staged == {(64, 64): False, (64, 96): True}
+
+
+def test_backends_side_by_side(tmp_path):
+    """--backend: the same weights exported and timed with torch in one round-robin loop (real ONNX Runtime and
+    OpenVINO), reported per backend in the JSON and the markdown table."""
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    rc = main(["--arch", "icnet_r18", "--width", "0.25", "--num-classes", "11", "--size", "96x128",
+                     "--device", "cpu", "--iters", "2", "--warmup", "0", "--backend", "onnxruntime", "openvino",
+                     "--json", str(out), "--markdown", str(md), "--quiet"])
+    assert rc == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert set(r["backends"]) == {"torch", "onnxruntime", "openvino"}
+    assert r["backends"]["onnxruntime"]["provider"] == "CPUExecutionProvider"
+    for b in r["backends"].values():
+        assert b["model_timing"]["n"] == 2 and b["pipeline_timing"]["median_ms"] > 0 and b["pipeline_speedup"] > 0
+    assert "(onnxruntime)" in md.read_text() and "(openvino)" in md.read_text()
+    assert main(["--arch", "icnet_r18", "--size", "96x128", "--device", "cpu", "--backend", "openvino-int8",
+                       "--quiet"]) == 2  # no --calib: one line, exit 2

@@ -11,7 +11,11 @@ batch and precision, on one device:
 - ``--reference mmseg``: MMSegmentation 1.2.2's ICNet forward (``EncoderDecoder._forward``, no_grad, the same
   precision) on the same input, and the ratio ``mmseg forward / our pipeline``;
 - ``--ablation``: the network alone with each optimisation switched on in turn, each checked against the plain
-  fp32 model (relative logit difference and argmax agreement).
+  fp32 model (relative logit difference and argmax agreement);
+- ``--backend torch onnxruntime openvino openvino-int8 tensorrt``: the same weights exported (``icnet-export``'s
+  functions, at the network size, into a temporary folder) and timed side by side with the torch backend, model
+  alone and full pipeline, all measurements round-robin in one loop (with the mmseg reference when asked), so
+  the ratios are measured under the same load. ``openvino-int8`` is calibrated on ``--calib`` images.
 
 Timings: warm-up iterations first, then ``--iters`` timed iterations (stopping early, after at least 3, once
 ``--max-seconds`` is spent on one measurement), CUDA synchronised before and after each iteration; median, mean,
@@ -410,6 +414,9 @@ class BenchResult:
     reference_precision: str | None = None
     stages: dict[str, dict[str, float]] | None = None
     ablation: list[dict[str, Any]] | None = None
+    #: --backend: name -> {"provider", "model_timing", "pipeline_timing", "pipeline_speedup" (torch / it),
+    #: "reference_ratio" (mmseg forward / its pipeline)}; the torch row is the result's own timings
+    backends: dict[str, dict[str, Any]] | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -461,6 +468,40 @@ def wants_detail(cfg: BenchConfig, selectors: list[str] | None) -> bool:
     return False
 
 
+BENCH_BACKENDS = ("torch", "onnxruntime", "openvino", "openvino-int8", "tensorrt")
+
+
+def _exported_segmenter(name: str, model: nn.Module, net_size: tuple[int, int], cfg: BenchConfig,
+                        args: argparse.Namespace, want: frozenset[str]) -> Any:
+    """The same weights exported for backend ``name`` at the network size, behind a Segmenter."""
+    import tempfile
+
+    from icnet_ros.engine import Segmenter
+
+    folder = Path(tempfile.mkdtemp(prefix="icnet_bench_"))
+    fp16 = cfg.precision == "fp16"
+    if name in ("onnxruntime", "tensorrt"):
+        from icnet_ros.export import export_onnx
+
+        path = export_onnx(model, folder / "model.onnx", size=net_size, fp16=fp16)
+    elif name in ("openvino", "openvino-int8"):
+        from icnet_ros.backends.openvino import export_openvino
+
+        int8 = name == "openvino-int8"
+        if int8 and not args.calib:
+            raise ValueError("--backend openvino-int8 needs --calib DIR (calibration images, e.g. a training split)")
+        path = export_openvino(model, folder / "model.xml", size=net_size, fp16=fp16, int8=int8,
+                               calib_dir=args.calib if int8 else None, calib_count=args.calib_count,
+                               progress=not args.quiet)
+    else:
+        raise ValueError(f"unknown --backend {name!r}; choose from {', '.join(BENCH_BACKENDS)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return Segmenter(str(path), backend="openvino" if name.startswith("openvino") else name,
+                         device=args.device, precision="fp32" if name == "openvino-int8" else cfg.precision,
+                         outputs=tuple(want), warmup=False)
+
+
 def bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], None]) -> BenchResult:
     from icnet_ros.engine import Segmenter
 
@@ -493,6 +534,13 @@ def bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], N
             return seg.forward(x)
     fns: dict[str, Callable[[], Any]] = {"model": run_model,
                                          "pipeline": lambda: seg.segment(arrays, outputs=tuple(want))}
+    others = [b for b in (args.backend or []) if b != "torch"]
+    exported = {b: _exported_segmenter(b, model, net_size, cfg, args, want) for b in others}
+    for name, other in exported.items():
+        with torch.inference_mode():
+            xo = other.prepare(other.upload(arrays), "RGB", net_size)
+        fns[f"{name} model"] = lambda other=other, xo=xo: other.forward(xo)
+        fns[f"{name} pipeline"] = lambda other=other: other.segment(arrays, outputs=tuple(want))
     caveat = None
     if args.reference:
         try:
@@ -525,6 +573,21 @@ def bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], N
         del fns["mmseg"], ref
     elif args.reference:
         log(f"  mmseg     {res.reference_note}")
+    if exported:
+        res.backends = {"torch": {"provider": seg.backend.provider, "model_timing": res.model_timing,
+                                  "pipeline_timing": res.pipeline_timing, "pipeline_speedup": 1.0,
+                                  "reference_ratio": res.reference_ratio}}
+        for name, other in exported.items():
+            tm, tp = timings[f"{name} model"], timings[f"{name} pipeline"]
+            speedup = timings["pipeline"].median_ms / tp.median_ms
+            ratio = timings["mmseg"].median_ms / tp.median_ms if "mmseg" in timings else None
+            res.backends[name] = {"provider": other.backend.provider, "model_timing": asdict(tm),
+                                  "pipeline_timing": asdict(tp), "pipeline_speedup": speedup,
+                                  "reference_ratio": ratio}
+            log(f"  {name:<9} model {tm}")
+            log(f"  {name:<9} pipeline {tp}   x{speedup:.2f} vs torch pipeline"
+                + (f", mmseg forward / it = {ratio:.2f}x" if ratio else ""))
+            other.close()
 
     detailed = wants_detail(cfg, args.detail)
     if args.stages and detailed:
@@ -556,6 +619,14 @@ def markdown_table(results: list[BenchResult]) -> str:
         rows.append(f"| {r.model} | {_size_text(r)} | {r.batch} | {r.device} | {r.precision} | "
                     f"{r.model_timing['median_ms']:.1f} | {r.pipeline_timing['median_ms']:.1f} | "
                     f"{r.pipeline_timing['fps']:.2f} | {ref} | {ratio} |")
+        for name, b in (r.backends or {}).items():
+            if name == "torch":
+                continue
+            ratio_b = f"{b['reference_ratio']:.2f}x" if b.get("reference_ratio") else "-"
+            rows.append(f"| {r.model} ({name}) | {_size_text(r)} | {r.batch} | {r.device} | "
+                        f"{'int8' if name.endswith('int8') else r.precision} | {b['model_timing']['median_ms']:.1f} | "
+                        f"{b['pipeline_timing']['median_ms']:.1f} | {b['pipeline_timing']['fps']:.2f} | {ref} | "
+                        f"{ratio_b} |")
     out = [head + "\n" + "\n".join(rows)]
     for r in results:
         if r.stages:
@@ -617,6 +688,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", action="store_true", help="time each optimisation of the network alone")
     p.add_argument("--ablation-compile", default=None, metavar="MODE",
                    help="add a torch.compile step to --ablation (e.g. default; slow to compile on CPU)")
+    p.add_argument("--backend", nargs="+", default=None, choices=BENCH_BACKENDS, metavar="NAME",
+                   help=f"also time these backends side by side with torch: {', '.join(BENCH_BACKENDS)}")
+    p.add_argument("--calib", default=None, metavar="DIR",
+                   help="calibration images for --backend openvino-int8 (an image folder or a split folder)")
+    p.add_argument("--calib-count", type=int, default=300, help="calibration images used (default 300)")
     p.add_argument("--no-optimize", action="store_true", help="Segmenter without optimisations")
     p.add_argument("--compile", default=None, metavar="MODE", help="torch.compile the Segmenter's network")
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the Segmenter's network")
@@ -642,6 +718,7 @@ def configs(args: argparse.Namespace) -> Iterator[BenchConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from icnet_ros.backends.base import MissingRuntimeError
     from icnet_ros.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
@@ -665,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
             r = bench_one(cfg, args, log)
             device = torch.device(r.device)
             results.append(r)
-    except (CheckpointError, ValueError, OSError) as e:
+    except (CheckpointError, ValueError, OSError, MissingRuntimeError) as e:
         print(f"icnet-bench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
