@@ -231,14 +231,19 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: icnet_ros metadata is not a JSON object")
     try:
-        validate_meta(meta)
-        size = meta.get("network_size")
-        if (not isinstance(size, list) or len(size) != 2 or not all(isinstance(v, int) for v in size)
-                or min(size) < MIN_INPUT_SIZE):
-            raise CheckpointError(f"invalid network_size in metadata: {size!r} (need [H, W])")
+        validate_export_meta(meta)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return meta
+
+
+def validate_export_meta(meta: dict[str, Any]) -> None:
+    """:func:`~icnet_ros.checkpoint.validate_meta` plus the export's fixed ``network_size`` [H, W]."""
+    validate_meta(meta)
+    size = meta.get("network_size")
+    if (not isinstance(size, list) or len(size) != 2 or not all(isinstance(v, int) for v in size)
+            or min(size) < MIN_INPUT_SIZE):
+        raise CheckpointError(f"invalid network_size in metadata: {size!r} (need [H, W])")
 
 
 class _Malformed(Exception):
@@ -330,4 +335,4 @@ def _parse_entry(data: bytes) -> tuple[str, str]:
 
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "check_export_size", "export_onnx", "inference_model", "profile_batch",
-           "read_onnx_metadata"]
+           "read_onnx_metadata", "validate_export_meta"]

@@ -37,6 +37,34 @@ def test_refused_without_gpu_or_runtime(tmp_path):
 
 
 
+def test_engine_metadata_side_file(tmp_path):
+    """Engine files carry their metadata in ENGINE.json (no tensorrt needed to read it)."""
+    import json
+
+    from icnet_ros.backends.tensorrt import metadata_path, read_engine_metadata
+    from icnet_ros.checkpoint import CheckpointError
+
+    _, path = _export(tmp_path)
+    assert read_engine_metadata(path)["network_size"] == list(SIZE)  # an .onnx: its own metadata
+    engine = tmp_path / "road.engine"
+    engine.write_bytes(b"serialized engine")
+    with pytest.raises(CheckpointError, match="without its metadata file road.engine.json"):
+        read_engine_metadata(engine)
+    side = metadata_path(engine)
+    assert side.name == "road.engine.json"
+    side.write_text("{not json")
+    with pytest.raises(CheckpointError, match="invalid engine metadata"):
+        read_engine_metadata(engine)
+    meta = read_engine_metadata(path)
+    meta["provenance"]["exported"] = {"format": "tensorrt", "previous": meta["provenance"]["exported"]}
+    side.write_text(json.dumps(meta))
+    assert read_engine_metadata(engine) == meta
+    del meta["network_size"]
+    side.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="network_size"):
+        read_engine_metadata(engine)
+
+
 @pytest.fixture(scope="module")
 def trt():
     return pytest.importorskip("tensorrt")
@@ -80,6 +108,28 @@ def test_engine_parity_batch_and_cache(tmp_path, trt):
     rebuilt.engine_file.write_bytes(b"garbage")
     fixed = open_backend(path, BackendOptions(device=torch.device("cuda"), cache_dir=str(cache)))
     assert fixed.engine_file.stat().st_size > 1000
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cli_engine_file_runs_directly(tmp_path, trt):
+    from icnet_ros.backends.tensorrt import metadata_path, open_backend
+    from icnet_ros.tools.export import main as export_main
+
+    ckpt = make_checkpoint(tmp_path / "r18.safetensors")
+    engine = tmp_path / "road.engine"
+    assert export_main([str(ckpt), "--format", "tensorrt", "--size", "160x224", "--batch", "2", "--output",
+                        str(engine)]) == 0
+    assert engine.is_file() and (tmp_path / "road.onnx").is_file() and metadata_path(engine).is_file()
+    backend = open_backend(engine, BackendOptions(device=torch.device("cuda")))
+    assert backend.engine_file == engine and backend.max_batch == 2
+    assert backend.meta["provenance"]["exported"]["format"] == "tensorrt"
+    x = torch.randn(2, 3, *SIZE, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    with torch.no_grad():
+        ref = load_model(ckpt).cuda()(x)
+    got = backend(x)
+    torch.cuda.synchronize()
+    assert compare_logits(ref, got).argmax_agreement >= 0.99
 
 
 @pytest.mark.cuda

@@ -6,6 +6,11 @@
 the GPU's name and compute capability and the precision: a changed ONNX file, another TensorRT or another GPU
 builds a new engine (a file that TensorRT cannot deserialize is rebuilt as well). Writes are atomic.
 
+An engine file (``.engine``/``.plan``, e.g. from ``icnet-export --format tensorrt --output road.engine``) runs
+directly; its metadata is the side file ``road.engine.json`` written with it (the ONNX metadata plus a
+``tensorrt`` export record: TensorRT version, GPU, precision, the ONNX file's SHA-256). An engine that this
+TensorRT or GPU cannot load is a one-line error asking to rebuild it from the ONNX file.
+
 Precision: the engine runs in the ONNX file's precision. An fp16 export (``icnet-export --fp16``: fp16 weights
 and activations, fp32 input and output) builds a strongly typed fp16 engine; this is the only fp16 route in
 TensorRT 11, which removed the builder's FP16 flag. ``options.precision == "fp16"`` with an fp32 file sets that
@@ -19,6 +24,8 @@ torch's current CUDA stream with the torch tensors' memory: no copies, no host s
 """
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import math
 import os
@@ -30,7 +37,8 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError, file_sha256
-from ..export import INPUT_NAME, OUTPUT_NAME, profile_batch, read_onnx_metadata
+from ..export import (INPUT_NAME, MAX_METADATA_BYTES, OUTPUT_NAME, profile_batch, read_onnx_metadata,
+                      validate_export_meta)
 from .base import BackendOptions, require
 
 log = logging.getLogger(__name__)
@@ -54,14 +62,63 @@ def engine_path(onnx_path: Path, meta: dict[str, Any], device: torch.device, pre
                 cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the engine for ``onnx_path`` on ``device`` in ``precision`` is cached (see the module docstring)."""
     trt = _trt()
-    props = torch.cuda.get_device_properties(device)
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", props.name).strip("-")
     digest = file_sha256(onnx_path)[:16]
     batch = profile_batch(meta)
-    name = (f"{onnx_path.stem}.{digest}.trt{trt.__version__}.{gpu}-sm{props.major}{props.minor}.{precision}"
+    name = (f"{onnx_path.stem}.{digest}.trt{trt.__version__}.{_gpu_tag(device)}.{precision}"
             f"{f'.b{batch}' if batch else ''}.engine")
     folder = Path(cache_dir).expanduser() if cache_dir else onnx_path.parent
     return folder / name
+
+
+def _gpu_tag(device: torch.device) -> str:
+    props = torch.cuda.get_device_properties(device)
+    return f"{re.sub(r'[^A-Za-z0-9]+', '-', props.name).strip('-')}-sm{props.major}{props.minor}"
+
+
+def metadata_path(engine: str | os.PathLike) -> Path:
+    """The side file with an engine's icnet_ros metadata: ``<engine>.json``."""
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".json")
+
+
+def read_engine_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The icnet_ros metadata of a model the tensorrt backend runs: an exported ``.onnx`` file, or an engine file
+    with its ``.json`` side file. CheckpointError (one line) when missing or invalid."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".onnx":
+        return read_onnx_metadata(path)
+    if not path.is_file():
+        raise CheckpointError(f"model not found: {path}")
+    side = metadata_path(path)
+    if not side.is_file():
+        raise CheckpointError(f"{path}: TensorRT engine without its metadata file {side.name} (build engines with "
+                              "icnet-export --format tensorrt, or run the exported .onnx file)")
+    try:
+        if side.stat().st_size > MAX_METADATA_BYTES:
+            raise CheckpointError(f"{side}: larger than {MAX_METADATA_BYTES} bytes; not an icnet_ros metadata file")
+        meta = json.loads(side.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise CheckpointError("not a JSON object")
+        validate_export_meta(meta)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, CheckpointError) as e:
+        raise CheckpointError(f"{side}: invalid engine metadata: {e}") from None
+    return meta
+
+
+def _engine_record(meta: dict[str, Any]) -> dict[str, Any]:
+    record = (meta.get("provenance") or {}).get("exported") or {}
+    return record if record.get("format") == "tensorrt" else {}
+
+
+def _write_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _progress_monitor(trt: Any) -> Any:
@@ -94,7 +151,8 @@ def _progress_monitor(trt: Any) -> Any:
 
 def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, fp16_flag: bool = False,
                  max_batch: int | None = None, progress: bool = True) -> Path:
-    """Build a serialized TensorRT engine from an exported ONNX file and write it atomically to ``output``.
+    """Build a serialized TensorRT engine from an exported ONNX file on the current CUDA device and write it
+    atomically to ``output``, with its metadata side file (:func:`metadata_path`).
 
     ``fp16_flag``: TensorRT 10's weak-typing FP16 flag (an fp32 file); an fp16 file builds strongly typed.
     ``max_batch``: for a dynamic batch axis, the profile covers batches 1..max_batch (default: the export's).
@@ -122,8 +180,8 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, fp16_f
                              "an fp16 ONNX file (icnet-export --fp16) for an fp16 engine")
         config.set_flag(trt.BuilderFlag.FP16)
     inp = network.get_input(0)
-    _, c, h, w = inp.shape
-    if inp.shape[0] == -1:  # dynamic batch
+    n, c, h, w = inp.shape
+    if n == -1:  # dynamic batch
         n = max_batch or profile_batch(meta) or 1
         profile = builder.create_optimization_profile()
         profile.set_shape(inp.name, (1, c, h, w), (n, c, h, w), (n, c, h, w))
@@ -136,14 +194,17 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, fp16_f
     del config, parser, network, builder  # before the progress monitor, which must outlive what uses it
     if serialized is None:
         raise RuntimeError(f"{onnx_path}: TensorRT failed to build an engine (see TensorRT's log above)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + f".{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(serialized)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    device = torch.device("cuda", torch.cuda.current_device())
+    record = {"format": "tensorrt", "from": onnx_path.name, "sha256": file_sha256(onnx_path),
+              "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(device), "gpu_tag": _gpu_tag(device),
+              "precision": "fp16" if fp16_file else ("fp16-flag" if fp16_flag else "fp32"), "max_batch": int(n),
+              "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
+    provenance = meta.setdefault("provenance", {})
+    if "exported" in provenance:
+        record["previous"] = provenance["exported"]
+    provenance["exported"] = record
+    _write_atomic(metadata_path(output), json.dumps(meta).encode())
+    _write_atomic(output, serialized)
     return output
 
 
@@ -156,10 +217,7 @@ class TensorRTBackend:
     def __init__(self, path: str | os.PathLike, options: BackendOptions = BackendOptions()) -> None:
         trt = _trt()
         self.path = Path(path).expanduser()
-        if self.path.suffix.lower() != ".onnx":
-            raise CheckpointError(f"{self.path}: the tensorrt backend takes the exported .onnx file (the engine is "
-                                  "built from it and cached beside it)")
-        self.meta = read_onnx_metadata(self.path)
+        self.meta = read_engine_metadata(self.path)
         device = torch.device(options.device)
         if device.type != "cuda" or not torch.cuda.is_available():
             raise ValueError(f"backend 'tensorrt' needs a CUDA device, got {options.device} "
@@ -167,23 +225,20 @@ class TensorRTBackend:
         self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         if options.precision not in ("fp32", "fp16"):
             raise ValueError(f"backend 'tensorrt' runs fp32 or fp16 engines, not precision {options.precision!r}")
-        fp16_file = bool(((self.meta.get("provenance") or {}).get("exported") or {}).get("fp16"))
-        fp16_flag = options.precision == "fp16" and not fp16_file
-        self.precision = "fp16" if fp16_file or fp16_flag else "fp32"
-        tag = "fp16" if fp16_file else ("fp16-flag" if fp16_flag else "fp32")
         with torch.cuda.device(self.device):
-            self.engine_file = engine_path(self.path, self.meta, self.device, tag, options.cache_dir)
             runtime = trt.Runtime(_logger(trt))
-            engine = None
-            if self.engine_file.is_file():
-                engine = runtime.deserialize_cuda_engine(self.engine_file.read_bytes())
+            if self.path.suffix.lower() == ".onnx":
+                engine = self._cached_engine(trt, runtime, options)
+            else:  # a prebuilt engine: runs as built
+                record = _engine_record(self.meta)
+                self.engine_file = self.path
+                self.precision = "fp16" if str(record.get("precision", "")).startswith("fp16") else "fp32"
+                engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
                 if engine is None:
-                    log.warning("cached TensorRT engine %s cannot be loaded; rebuilding it", self.engine_file)
-            if engine is None:
-                build_engine(self.path, self.engine_file, fp16_flag=fp16_flag)
-                engine = runtime.deserialize_cuda_engine(self.engine_file.read_bytes())
-                if engine is None:
-                    raise RuntimeError(f"TensorRT cannot load the engine it just built: {self.engine_file}")
+                    raise CheckpointError(
+                        f"{self.path}: TensorRT {trt.__version__} cannot load this engine on "
+                        f"{torch.cuda.get_device_name(self.device)} (built by TensorRT {record.get('tensorrt')} for "
+                        f"{record.get('gpu')}); rebuild it from {record.get('from', 'the ONNX export')}")
             self.engine = engine
             self.context = engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -200,6 +255,24 @@ class TensorRTBackend:
         self.num_classes = int(self.meta["arch"]["num_classes"])
         self.provider = f"{self.device} ({torch.cuda.get_device_name(self.device)}, TensorRT {trt.__version__})"
         self._version = trt.__version__
+
+    def _cached_engine(self, trt: Any, runtime: Any, options: BackendOptions) -> Any:
+        """The engine for the ONNX file: from the cache, or built (and cached) now."""
+        fp16_file = bool(((self.meta.get("provenance") or {}).get("exported") or {}).get("fp16"))
+        fp16_flag = options.precision == "fp16" and not fp16_file
+        self.precision = "fp16" if fp16_file or fp16_flag else "fp32"
+        tag = "fp16" if fp16_file else ("fp16-flag" if fp16_flag else "fp32")
+        self.engine_file = engine_path(self.path, self.meta, self.device, tag, options.cache_dir)
+        if self.engine_file.is_file():
+            engine = runtime.deserialize_cuda_engine(self.engine_file.read_bytes())
+            if engine is not None:
+                return engine
+            log.warning("cached TensorRT engine %s cannot be loaded; rebuilding it", self.engine_file)
+        build_engine(self.path, self.engine_file, fp16_flag=fp16_flag)
+        engine = runtime.deserialize_cuda_engine(self.engine_file.read_bytes())
+        if engine is None:
+            raise RuntimeError(f"TensorRT cannot load the engine it just built: {self.engine_file}")
+        return engine
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != self.fixed_size:
@@ -243,4 +316,5 @@ def open_backend(path: str | os.PathLike, options: BackendOptions = BackendOptio
     return TensorRTBackend(path, options)
 
 
-__all__ = ["TensorRTBackend", "build_engine", "engine_path", "open_backend"]
+__all__ = ["TensorRTBackend", "build_engine", "engine_path", "metadata_path", "open_backend",
+           "read_engine_metadata"]

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-count", type=int, default=300, metavar="N", help="--int8: images used (default 300)")
     p.add_argument("--opset", type=int, default=None, help="onnx/tensorrt: ONNX opset (default: the exporter's)")
     p.add_argument("--output", "-o", required=True,
-                   help="output file: .onnx (onnx, tensorrt: the engine is cached beside it) or .xml (openvino)")
+                   help="output file: onnx: .onnx; openvino: .xml (+ .bin); tensorrt: .onnx (the engine is cached "
+                        "beside it, found when the .onnx is run) or .engine/.plan (the .onnx beside it, the "
+                        "engine's metadata in ENGINE.json)")
     return p
 
 
@@ -63,8 +65,12 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
         raise ValueError("--calib is only used with --int8")
     if args.opset is not None and args.format == "openvino":
         raise ValueError("--opset is for onnx and tensorrt exports")
-    if args.format != "openvino" and Path(args.output).suffix.lower() != ".onnx":
+    suffix = Path(args.output).suffix.lower()
+    if args.format == "onnx" and suffix != ".onnx":
         raise ValueError(f"--output {args.output}: an ONNX file name ending in .onnx")
+    if args.format == "tensorrt" and suffix not in (".onnx", ".engine", ".plan"):
+        raise ValueError(f"--output {args.output}: .onnx (the engine is cached beside it) or .engine/.plan (the "
+                         "ONNX file goes beside it)")
     if args.model is not None and Path(args.model).suffix.lower() != ".safetensors":
         raise ValueError(f"{args.model}: expected a native .safetensors checkpoint (convert mmseg .pth files with "
                          "icnet-convert first)")
@@ -98,18 +104,23 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--format tensorrt builds the engine for the GPU it runs on, and CUDA is not "
                                  "available here: export --format onnx here, then build the engine on the target "
                                  "(icnet-export --format tensorrt there, or the node on first use)")
-        out = export_onnx(model, args.output, size, batch=args.batch, dynamic_batch=not args.static_batch,
+        output = Path(args.output)
+        onnx_out = output.with_suffix(".onnx")
+        out = export_onnx(model, onnx_out, size, batch=args.batch, dynamic_batch=not args.static_batch,
                           fp16=args.fp16, opset=args.opset, command=command)
         print(f"{out} ({time.perf_counter() - t0:.0f} s)")
         if args.format == "tensorrt":
             from ..backends.base import BackendOptions
-            from ..backends.tensorrt import open_backend
+            from ..backends.tensorrt import build_engine, open_backend
 
             print("icnet-export: building the TensorRT engine (minutes) ...", file=sys.stderr, flush=True)
-            backend = open_backend(out, BackendOptions(device=torch.device("cuda"),
-                                                       precision="fp16" if args.fp16 else "fp32"))
-            print(f"{backend.engine_file} ({time.perf_counter() - t0:.0f} s)")
-            backend.close()
+            if output.suffix.lower() == ".onnx":  # into the engine cache beside the ONNX file
+                backend = open_backend(out, BackendOptions(device=torch.device("cuda")))
+                engine = backend.engine_file
+                backend.close()
+            else:  # an fp16 export builds an fp16 engine (strongly typed)
+                engine = build_engine(out, output)
+            print(f"{engine} ({time.perf_counter() - t0:.0f} s)")
     except (CheckpointError, MissingRuntimeError, ValueError, OSError) as e:
         print(f"icnet-export: error: {e}", file=sys.stderr)
         return 2
