@@ -101,7 +101,7 @@ def test_cuda_graphs_match_eager(ckpt):
         fs = frames(2, seed)
         for g, e in zip(graphs.segment(fs), eager.segment(fs)):
             assert agreement(g.label, e.label) >= 0.999
-    assert 1 <= len(graphs._graphs) <= 3
+    assert 1 <= graphs.backend.graphs <= 3
     assert "cuda-graphs" in graphs.describe()
 
 
@@ -171,3 +171,35 @@ def test_factorized_ppm_on_cuda_matches_plain(ckpt):
     ref = Segmenter(ckpt, device="cuda", precision="fp16", input_size=(128, 192), cuda_graphs=False, warmup=False)
     for g, r in zip(seg.segment(frames(2)), ref.segment(frames(2))):
         np.testing.assert_array_equal(g.label, r.label)
+
+
+def test_cuda_graphs_beyond_every_cache_then_the_first_size_again(ckpt):
+    """More input sizes than the graph cache (MAX_CUDA_GRAPHS) and the pooling's matrix cache hold, then the first
+    size again: every graph must still read valid matrices (the runner keeps what it captured alive)."""
+    from icnet_ros.backends.torch_backend import MAX_CUDA_GRAPHS
+    from icnet_ros.optimize import FactorizedPyramidPooling
+
+    graphs = Segmenter(ckpt, device="cuda", outputs=("label",), cuda_graphs=True, warmup=False)
+    eager = Segmenter(ckpt, device="cuda", outputs=("label",), warmup=False)
+    assert graphs.factorized_ppms == 1
+    cap = max(MAX_CUDA_GRAPHS, FactorizedPyramidPooling.MAX_CACHED) + 3
+    sizes = [(128 + 32 * i, 160) for i in range(cap)] + [(128, 160), (160, 160)]
+    rng = np.random.default_rng(0)
+    for h, w in sizes:
+        f = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        (g,), (e,) = graphs.segment([f]), eager.segment([f])
+        assert agreement(g.label, e.label) >= 0.999, (h, w)
+    assert graphs.backend.graphs == MAX_CUDA_GRAPHS  # bounded
+
+
+def test_no_hidden_synchronisation_in_segment(ckpt):
+    """Only the one explicit synchronisation of the copy back: implicit host syncs (.item(), pageable copies,
+    nonzero) raise under sync debug mode 'error'."""
+    seg = Segmenter(ckpt, device="cuda", outputs=ALL, warmup=True)
+    fs = frames(2)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            seg.segment(fs, channel_order=["RGB", "BGR"])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -534,8 +534,17 @@ def bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], N
             return seg.forward(x)
     fns: dict[str, Callable[[], Any]] = {"model": run_model,
                                          "pipeline": lambda: seg.segment(arrays, outputs=tuple(want))}
-    others = [b for b in (args.backend or []) if b != "torch"]
-    exported = {b: _exported_segmenter(b, model, net_size, cfg, args, want) for b in others}
+    from icnet_ros.backends.base import MissingRuntimeError
+
+    exported = {}
+    for b in (args.backend or []):
+        if b == "torch":
+            continue
+        try:
+            exported[b] = _exported_segmenter(b, model, net_size, cfg, args, want)
+        except (MissingRuntimeError, ValueError) as e:  # e.g. no CUDA build of the runtime: the others still run
+            res.notes.append(f"{b} skipped: {e}")
+            log(f"  {b:<9} skipped: {e}")
     for name, other in exported.items():
         with torch.inference_mode():
             xo = other.prepare(other.upload(arrays), "RGB", net_size)

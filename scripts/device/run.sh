@@ -2,7 +2,11 @@
 # Runs ON a lent GPU machine (the device tool), from the repository root, after scripts/device/prepare.sh here:
 #   bash scripts/device/run.sh check bench train        (any subset, in that order; results under $OUT)
 #   ITERS=N bash scripts/device/run.sh trainval
-# - check: CUDA tests (test/test_engine_cuda.py and the engine/optimisation/model/bench tests) -> pytest_gpu.log
+# - check: CUDA tests (test/test_engine_cuda.py: CUDA graphs past every cache, no hidden synchronisation; the
+#          backends' CUDA tests: ONNX Runtime CUDA/TensorRT providers and native TensorRT against torch, each
+#          skipped with its reason where the runtime is missing; and the engine/optimisation/model/bench tests)
+#          -> pytest_gpu.log. TensorRT and onnxruntime-gpu wheels are larger than the 64 MiB a call may carry:
+#          they run only where the GPU image has them (the cuda image of 2026-11 has neither).
 # - bench: icnet-bench GPU grid (fp32/fp16/bf16, batch 1 and 4, mmseg reference, stages, ablation), CUDA graphs
 #          and torch.compile for R50 fp16 at 1024x2048, and the default model -> bench_gpu.{json,md}, bench_*.log
 # - train: the GPU recipe (config/train/camvid_effnet_lite0.yaml, from .carry/init.safetensors) for at most
@@ -32,7 +36,8 @@ for step in "$@"; do
     start=$SECONDS
     case $step in
     check)
-        python3 -m pytest -q -ra -p no:cacheprovider test/test_engine_cuda.py test/test_optimize.py \
+        python3 -m pytest -q -ra -p no:cacheprovider test/test_engine_cuda.py test/test_backend_tensorrt.py \
+            test/test_backend_onnxruntime.py test/test_export.py test/test_engine_config.py test/test_optimize.py \
             test/test_engine.py test/test_model.py test/test_bench.py test/test_convert.py test/test_train.py \
             > "$OUT/pytest_gpu.log" 2>&1 || status=1
         tail -5 "$OUT/pytest_gpu.log" ;;
@@ -41,7 +46,7 @@ for step in "$@"; do
             --reference mmseg --stages --ablation --detail icnet_r50:1.0@1024x2048 --iters 50 --warmup 10 \
             --max-seconds 10 --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md" \
             > "$OUT/bench_grid.log" 2>&1 || status=1
-        for extra in "--cuda-graphs" "--compile max-autotune-no-cudagraphs"; do
+        for extra in "--cuda-graphs" "--compile max-autotune-no-cudagraphs" "--backend onnxruntime tensorrt"; do
             # shellcheck disable=SC2086
             python3 -m icnet_ros.tools.bench --arch icnet_r50 --size 1024x2048 --device cuda --precision fp16 \
                 --batch 1 4 --iters 100 --warmup 20 $extra >> "$OUT/bench_r50_fp16.log" 2>&1 || status=1
