@@ -488,8 +488,6 @@ def _exported_segmenter(name: str, model: nn.Module, net_size: tuple[int, int], 
         from icnet_ros.backends.openvino import export_openvino
 
         int8 = name == "openvino-int8"
-        if int8 and not args.calib:
-            raise ValueError("--backend openvino-int8 needs --calib DIR (calibration images, e.g. a training split)")
         path = export_openvino(model, folder / "model.xml", size=net_size, fp16=fp16, int8=int8,
                                calib_dir=args.calib if int8 else None, calib_count=args.calib_count,
                                progress=not args.quiet)
@@ -741,6 +739,8 @@ def main(argv: list[str] | None = None) -> int:
             bad = [a for a in args.arch if a not in MODEL_CONFIGS]
             if bad:
                 raise ValueError(f"unknown --arch {bad}; known: {sorted(MODEL_CONFIGS)}")
+        if "openvino-int8" in (args.backend or []) and not args.calib:
+            raise ValueError("--backend openvino-int8 needs --calib DIR (calibration images, e.g. a training split)")
         if any(b < 1 for b in args.batch) or args.iters < 1 or args.warmup < 0:
             raise ValueError("--batch and --iters must be >= 1, --warmup >= 0")
         log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
