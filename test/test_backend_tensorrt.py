@@ -44,8 +44,8 @@ def test_engine_metadata_side_file(tmp_path):
     from icnet_ros.backends.tensorrt import metadata_path, read_engine_metadata
     from icnet_ros.checkpoint import CheckpointError
 
-    _, path = _export(tmp_path)
-    assert read_engine_metadata(path)["network_size"] == list(SIZE)  # an .onnx: its own metadata
+    from icnet_ros.checkpoint import read_metadata
+
     engine = tmp_path / "road.engine"
     engine.write_bytes(b"serialized engine")
     with pytest.raises(CheckpointError, match="without its metadata file road.engine.json"):
@@ -55,8 +55,9 @@ def test_engine_metadata_side_file(tmp_path):
     side.write_text("{not json")
     with pytest.raises(CheckpointError, match="invalid engine metadata"):
         read_engine_metadata(engine)
-    meta = read_engine_metadata(path)
-    meta["provenance"]["exported"] = {"format": "tensorrt", "previous": meta["provenance"]["exported"]}
+    meta = read_metadata(make_checkpoint(tmp_path / "r18.safetensors"))
+    meta["network_size"] = list(SIZE)
+    meta["provenance"]["exported"] = {"format": "tensorrt", "precision": "fp16"}
     side.write_text(json.dumps(meta))
     assert read_engine_metadata(engine) == meta
     del meta["network_size"]

@@ -221,3 +221,19 @@ def test_cli_missing_extra(tmp_path, ckpt, blocked):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("icnet-export: error:") and f"'{blocked}'" in last and "icnet_ros[onnx]" in last, last
     assert not out.exists()
+
+
+def test_cli_openvino_delegates(tmp_path, ckpt, capsys):
+    """--format openvino runs the OpenVINO exporter (real OpenVINO) with the CLI's size and batch."""
+    pytest.importorskip("openvino")
+    from icnet_ros.backends.openvino import read_openvino_metadata
+
+    out = tmp_path / "r18.xml"
+    assert export_main([str(ckpt), "--format", "openvino", "--size", "128x192", "--static-batch", "--batch", "2",
+                        "--output", str(out)]) == 0
+    assert out.is_file() and out.with_suffix(".bin").is_file()
+    record = read_openvino_metadata(out)["provenance"]["exported"]
+    assert record["format"] == "openvino" and record["size"] == list(SIZE) and record["batch"] == 2
+    assert export_main([str(ckpt), "--format", "openvino", "--size", "128x192", "--int8", "--output",
+                        str(tmp_path / "q.xml")]) == 2
+    assert "--calib DIR" in capsys.readouterr().err
