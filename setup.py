@@ -30,6 +30,7 @@ setup(
     install_requires=[
         "numpy",
         "opencv-python-headless",  # same cv2 module as opencv-python, without the libGL dependency
+        "pillow",  # decodes CompressedImage input: errors as exceptions, nothing printed to stderr
         "pyyaml",
         "safetensors",
         "tqdm",
@@ -69,6 +70,7 @@ setup(
             "icnet-record = icnet_ros.tools.record:main",
             "icnet-demo = icnet_ros.tools.demo:main",
             "icnet-node-bench = icnet_ros.tools.node_bench:main",
+            "icnet-node-soak = icnet_ros.tools.soak:main",
         ],
     },
 )

@@ -322,6 +322,20 @@ class FramePipeline:
             s = self._by_key[key].stats
             return {"processed": s.processed, "latency_ms": list(s.latency_ms), "inference_ms": list(s.inference_ms)}
 
+    def wait_taken(self, key: str, received: int, timeout: float) -> bool:
+        """Wait until camera ``key`` has received ``received`` frames and its newest one was taken by the worker
+        (or dropped): a producer that waits for this before sending the next frame never loses one to the
+        newest-frame policy, yet its next frame travels while the previous one is segmented."""
+        cam = self._by_key[key]
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while cam.stats.received < received or cam.pending is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.fatal_error is not None:
+                    return False
+                self._lock.wait(left)
+        return True
+
     def idle(self) -> bool:
         """No frame pending and none in flight."""
         with self._lock:
@@ -382,6 +396,8 @@ class FramePipeline:
                 batch.append(cam.pending)
                 cam.pending = None
         self._rr = (self._rr + 1) % n
+        if batch:
+            self._lock.notify_all()  # wait_taken()
         return batch
 
     @staticmethod

@@ -412,3 +412,12 @@ def test_worker_thread_start_stop_and_segmenter_swap(segmenter: Segmenter, tmp_p
     assert not pipe.running
     pipe.submit("/a", image(3))  # kept pending while stopped
     assert not pipe.idle()
+
+
+def test_wait_taken_returns_once_the_worker_took_the_frame(segmenter: Segmenter):
+    pipe, sink, _ = make(segmenter)
+    assert not pipe.wait_taken("/a", 1, timeout=0.05)  # nothing received yet
+    pipe.submit("/a", image(1))
+    assert not pipe.wait_taken("/a", 1, timeout=0.05)  # received, still pending
+    threading.Timer(0.1, pipe.step).start()
+    assert pipe.wait_taken("/a", 1, timeout=30)

@@ -12,7 +12,7 @@ import pytest
 from helpers import REPO
 
 EXECUTABLES = ["icnet_node", "icnet-play", "icnet-record", "icnet-demo", "icnet-convert", "icnet-export",
-               "icnet-segment", "icnet-bench", "icnet-train", "icnet-eval", "icnet-node-bench"]
+               "icnet-segment", "icnet-bench", "icnet-train", "icnet-eval", "icnet-node-bench", "icnet-node-soak"]
 
 
 def test_console_scripts_resolve():

@@ -7,10 +7,12 @@
 With an input, one process runs three ROS nodes: the segmentation node (the same code as ``icnet_node``), a player
 (as ``icnet-play``: sensor_msgs/Image + camera_info) and a recorder (as ``icnet-record``), all talking over DDS
 topics. The player/recorder pair and the node's input and output use RELIABLE QoS with deep queues, so no frame the
-node produced is lost. By default the player waits for each frame's overlay before it publishes the next one
-(``--rate 0``), so every frame is segmented whatever the machine's speed; ``--rate FPS`` plays in real time
+node produced is lost. By default (``--rate 0``) the player publishes the next frame as soon as the node has taken
+the previous one into a forward pass, so every frame is segmented whatever the machine's speed, and decoding,
+transport and recording of one frame overlap the segmentation of the previous one (waiting for each overlay before
+publishing the next frame left the network idle for the whole round trip). ``--rate FPS`` plays in real time
 instead, and the node then drops the frames it cannot keep up with (counted in the summary). The demo waits at most
-``--timeout`` seconds for any one overlay, then stops by itself at the end of the input.
+``--timeout`` seconds for any one frame, then stops by itself at the end of the input.
 
 DDS stays on this machine unless you configure it: when unset, ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and
 FASTDDS_DEFAULT_PROFILES_FILE=<package>/data/fastdds_loopback.xml (UDP on 127.0.0.1 + shared memory) are used; with
@@ -66,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--input-size", default="native", help="network input size: native, HxW or a scale factor "
                    "(default: %(default)s)")
-    p.add_argument("--rate", type=float, default=0.0, help="playback fps; 0 (default) = one frame at a time, "
-                   "each after the previous overlay arrived (no frame dropped)")
+    p.add_argument("--rate", type=float, default=0.0, help="playback fps; 0 (default) = as fast as the node "
+                   "segments: each frame once the node has taken the previous one (no frame dropped)")
     p.add_argument("--max-frames", type=int, default=None, help="play at most this many frames")
     p.add_argument("--format", choices=("png", "jpg"), default="png", help="overlay file format (default: png)")
     p.add_argument("--video", default=None, help="also write the overlays to this video file (e.g. overlay.mp4)")
@@ -166,60 +168,108 @@ def _run(args: argparse.Namespace, model: str, source: Any) -> int:
         rclpy.try_shutdown()
 
 
-def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source: Any) -> int:
-    import rclpy
+class DemoRun:
+    """The demo's player and recorder (on a helper node in ``executor``) around a running ``SegmentationNode``.
 
-    from ..node_params import sibling_topic
-    from ..ros_spin import spin
-    from .play import Player, play
-    from .record import Recorder
+    :meth:`play` publishes frames to the node's first camera and records the overlays it publishes; usable
+    repeatedly (icnet-node-bench times it against the Segmenter alone). ``handshake`` decides when the next frame is
+    published with ``rate`` 0: ``"taken"`` (default: once the node's pipeline took the previous frame, so the next
+    one travels while the previous one is segmented) or ``"overlay"`` (once the previous overlay arrived: no
+    overlap; kept as the reference the benchmark compares with)."""
 
-    helper = rclpy.create_node("icnet_demo")
-    executor.add_node(helper)
-    spinner = threading.Thread(target=spin, args=(executor,), name="icnet_demo_executor", daemon=True)
-    spinner.start()
-    overlay_topic = sibling_topic(args.topic, "semantic/overlay")
-    camera = node.cameras[0]
-    recorder = Recorder(helper, [overlay_topic], args.output, args.format, reliability="reliable", depth=1000,
-                        video=args.video, fps=source.fps or 10.0, subdirs=False)
-    player = Player(helper, args.topic, frame_id="camera", reliable=True, depth=10)
-    try:
-        deadline = time.monotonic() + args.timeout
-        while not (player.image_pub.get_subscription_count() >= 1 and recorder.publisher_count() >= 1
-                   and camera.publishers["overlay"].get_subscription_count() >= 1):
+    def __init__(self, node: Any, executor: Any, output: str | Path, fmt: str = "png", video: str | None = None,
+                 fps: float = 10.0) -> None:
+        import rclpy
+
+        from ..node_params import sibling_topic
+        from ..ros_spin import spin
+        from .play import Player
+        from .record import Recorder
+
+        self.node, self.executor = node, executor
+        self.camera = node.cameras[0]
+        self.topic = self.camera.topic
+        self.overlay_topic = sibling_topic(self.topic, "semantic/overlay")
+        self.helper = rclpy.create_node("icnet_demo")
+        executor.add_node(self.helper)
+        self._spinner = threading.Thread(target=spin, args=(executor,), name="icnet_demo_executor", daemon=True)
+        self._spinner.start()
+        self.recorder = Recorder(self.helper, [self.overlay_topic], output, fmt, reliability="reliable", depth=1000,
+                                 video=video, fps=fps, subdirs=False)
+        self.player = Player(self.helper, self.topic, frame_id="camera", reliable=True, depth=10)
+
+    def connected(self, timeout: float) -> bool:
+        """Wait until the player, the node and the recorder have matched each other."""
+        deadline = time.monotonic() + timeout
+        while not (self.player.image_pub.get_subscription_count() >= 1 and self.recorder.publisher_count() >= 1
+                   and self.camera.publishers["overlay"].get_subscription_count() >= 1):
             if time.monotonic() > deadline:
-                return _error(f"the node, player and recorder did not connect within {args.timeout:g} s")
+                return False
             time.sleep(0.05)
-        lockstep = args.rate == 0
-        rate_text = "one frame at a time" if lockstep else f"{args.rate:g} fps"
-        print(f"{PROG}: {source.description} ({len(source)} frames, {rate_text}) -> {args.topic} -> "
-              f"{overlay_topic} -> {Path(args.output)}/", flush=True)
-        missed = []
+        return True
 
-        def wait_for_overlay(index: int, header: Any) -> None:
-            if lockstep and not recorder.wait_for(index + 1 - len(missed), args.timeout):
+    def play(self, source: Any, rate: float = 0.0, timeout: float = 60.0, progress: bool = False,
+             handshake: str = "taken") -> dict[str, Any]:
+        """Publish ``source``'s frames (a FrameSource or a list of video Frames) and wait until the node dealt
+        with every one and its overlays arrived. Returns ``published``, ``overlays`` (received during this call),
+        ``elapsed`` (s) and ``missed`` (frames not taken or served within ``timeout``)."""
+        from .play import play
+
+        if handshake not in ("taken", "overlay"):
+            raise ValueError(f"handshake must be 'taken' or 'overlay', got {handshake!r}")
+        pipeline, topic, recorder = self.node.pipeline, self.topic, self.recorder
+        received0 = pipeline.snapshot()["cameras"][topic]["received"]
+        overlays0 = recorder.received
+        missed: list[int] = []
+
+        def after_publish(index: int, header: Any) -> None:
+            if rate != 0:
+                return
+            if handshake == "taken":
+                ok = pipeline.wait_taken(topic, received0 + index + 1, timeout)
+            else:
+                ok = recorder.wait_for(overlays0 + index + 1 - len(missed), timeout)
+            if not ok:
                 missed.append(index)
-                print(f"{PROG}: warning: no overlay for frame {index} within {args.timeout:g} s", file=sys.stderr)
+                print(f"{PROG}: warning: frame {index} not {'taken' if handshake == 'taken' else 'served'} "
+                      f"within {timeout:g} s", file=sys.stderr)
 
         t0 = time.monotonic()
-        published = play(player, source, args.rate, after_publish=wait_for_overlay, progress=True)
+        published = play(self.player, source, rate, after_publish=after_publish, progress=progress)
         # end of input: wait until the node has dealt with every frame and its overlays have arrived
-        deadline = time.monotonic() + args.timeout
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            s = node.pipeline.snapshot()["cameras"][camera.topic]
-            settled = node.pipeline.idle() and s["processed"] + sum(s["dropped"].values()) >= s["received"]
-            if s["received"] >= published and settled and recorder.received >= s["computed"].get("overlay", 0):
+            s = pipeline.snapshot()["cameras"][topic]
+            settled = pipeline.idle() and s["processed"] + sum(s["dropped"].values()) >= s["received"]
+            if (s["received"] >= received0 + published and settled
+                    and recorder.received >= s["computed"].get("overlay", 0)):
                 break
-            time.sleep(0.05)
-        elapsed = time.monotonic() - t0
+            time.sleep(0.005)
+        return {"published": published, "overlays": recorder.received - overlays0,
+                "elapsed": time.monotonic() - t0, "missed": missed}
+
+    def close(self) -> None:
+        self.recorder.close()
+        self.executor.remove_node(self.helper)
+        self.helper.destroy_node()
+
+
+def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source: Any) -> int:
+    run = DemoRun(node, executor, args.output, args.format, video=args.video, fps=source.fps or 10.0)
+    try:
+        if not run.connected(args.timeout):
+            return _error(f"the node, player and recorder did not connect within {args.timeout:g} s")
+        rate_text = "as fast as the node segments" if args.rate == 0 else f"{args.rate:g} fps"
+        print(f"{PROG}: {source.description} ({len(source)} frames, {rate_text}) -> {run.topic} -> "
+              f"{run.overlay_topic} -> {Path(args.output)}/", flush=True)
+        result = run.play(source, args.rate, args.timeout, progress=True)
     finally:
-        recorder.close()
-        executor.remove_node(helper)
-        helper.destroy_node()
-    snap = node.pipeline.snapshot()["cameras"][camera.topic]
+        run.close()
+    recorder, elapsed = run.recorder, result["elapsed"]
+    snap = node.pipeline.snapshot()["cameras"][run.topic]
     drops = {k: v for k, v in snap["dropped"].items() if v}
     lat50, lat95 = snap["latency_p50_ms"], snap["latency_p95_ms"]
-    print(f"{PROG}: published {published} frames; node processed {snap['processed']}"
+    print(f"{PROG}: published {result['published']} frames; node processed {snap['processed']}"
           f"{f', dropped {drops}' if drops else ''}; received {recorder.received} overlays, saved {recorder.saved} "
           f"to {Path(args.output)}/ in {elapsed:.1f} s ({recorder.received / elapsed if elapsed else 0:.2f} fps, "
           f"latency p50 {lat50:.0f} ms, p95 {lat95:.0f} ms)", flush=True)

@@ -12,6 +12,14 @@ interleaved with the node frames (``segmenter_alone_ms``; noisier on a shared ma
 at twice the Segmenter's rate for a while: outputs per second = the node's sustained throughput (extra frames are
 dropped by design: the newest frame wins), compared with 1 / segment time.
 
+With ``--demo VIDEO``, the main job instead: icnet-demo's three nodes in this process (player -> node ->
+recorder saving PNG overlays, exactly as ``icnet-demo VIDEO`` runs them), timed against the node's own Segmenter
+called alone on the same frames with the same outputs (overlay) and threads. Chunks of ``--chunk`` frames
+alternate between the demo with each handshake (``taken``: the next frame is published once the node took the
+previous one, the demo's default; ``overlay``: once the previous overlay arrived, the former behaviour) and the
+Segmenter alone, so load changes on a shared machine hit all of them alike; medians of the per-chunk rates and of
+the per-round ratios are reported.
+
 DDS stays on loopback (the demo's defaults apply when unset).
 """
 from __future__ import annotations
@@ -171,9 +179,53 @@ def bench_size(node: Any, helper: Any, size: tuple[int, int], frames: int, kinds
             "served_in_throughput_run": served}
 
 
+def bench_demo(node: Any, executor: Any, video: str, frames: int, chunk: int) -> dict[str, Any]:
+    """icnet-demo's pipeline vs the Segmenter alone, interleaved by chunks (see the module docstring)."""
+    import tempfile
+
+    from ..video import open_source
+    from .demo import DemoRun
+
+    source = open_source(video, max_frames=frames)
+    clip = list(source)
+    source.close()
+    seg = node.pipeline.segmenter
+    run = DemoRun(node, executor, tempfile.mkdtemp(prefix="icnet_demo_bench_"))
+    rates: dict[str, list[float]] = {"taken": [], "overlay": [], "alone": []}
+    try:
+        if not run.connected(60):
+            raise RuntimeError("the demo's player, node and recorder did not connect within 60 s")
+        run.play(clip[:3])  # warm-up through the whole pipeline
+        seg.segment([clip[0].bgr], channel_order="BGR", outputs=("overlay",))
+        modes = ["taken", "overlay", "alone"]
+        for r, start in enumerate(range(0, len(clip) - chunk + 1, chunk)):
+            part = clip[start:start + chunk]
+            for mode in modes[r % 3:] + modes[:r % 3]:  # rotate the order round by round
+                if mode == "alone":
+                    t0 = time.perf_counter()
+                    for f in part:
+                        seg.segment([f.bgr], channel_order="BGR", outputs=("overlay",))
+                    rates["alone"].append(len(part) / (time.perf_counter() - t0))
+                else:
+                    res = run.play(part, handshake=mode)
+                    if res["missed"] or res["overlays"] != len(part):
+                        raise RuntimeError(f"demo chunk ({mode}) lost frames: {res}")
+                    rates[mode].append(len(part) / res["elapsed"])
+    finally:
+        run.close()
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    ratio = {k: statistics.median([d / a for d, a in zip(rates[k], rates["alone"])]) for k in ("taken", "overlay")}
+    h, w = clip[0].bgr.shape[:2]
+    return {"video": video, "size": f"{h}x{w}", "frames_per_chunk": chunk, "rounds": len(rates["alone"]),
+            "demo_fps_p50": round(med["taken"], 2), "demo_overlay_handshake_fps_p50": round(med["overlay"], 2),
+            "segmenter_alone_fps_p50": round(med["alone"], 2), "demo_vs_alone": round(ratio["taken"], 3),
+            "overlay_handshake_vs_alone": round(ratio["overlay"], 3),
+            "chunk_fps": {k: [round(v, 2) for v in vs] for k, vs in rates.items()}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="icnet-node-bench", description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("--model", required=True, help="checkpoint (.safetensors)")
+    p.add_argument("--model", default=None, help="checkpoint (.safetensors; default: the package's default model)")
     p.add_argument("--size", type=parse_size, action="append", default=None, metavar="HxW",
                    help="frame size, repeatable (default: 360x480 and 1024x2048)")
     p.add_argument("--frames", type=int, default=20, help="frames per measurement (default: %(default)s)")
@@ -183,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: the node's auto policy, all cores but one on the CPU)")
     p.add_argument("--throughput-seconds", type=float, default=5.0)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--demo", default=None, metavar="VIDEO", help="time icnet-demo's pipeline on this video "
+                   "against the Segmenter alone instead (--frames frames in chunks of --chunk)")
+    p.add_argument("--chunk", type=int, default=10, help="frames per chunk with --demo (default: %(default)s)")
     return p
 
 
@@ -197,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     from ..node import SegmentationNode
     from ..ros_spin import spin
 
+    if args.model is None:
+        from ..checkpoint import default_model_path
+
+        args.model = str(default_model_path())
+    if args.demo is not None:
+        return _main_demo(args)
     rclpy.init()
     node = SegmentationNode(parameter_overrides=[
         Parameter("image_topics", value=["/bench/image_raw"]), Parameter("model", value=args.model),
@@ -227,6 +288,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    return 0
+
+
+def _main_demo(args: argparse.Namespace) -> int:
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+
+    from ..node import SegmentationNode
+    from .demo import _node_overrides
+
+    rclpy.init()
+    demo_args = argparse.Namespace(topic="/camera/image_raw", device=args.device, precision="fp32",
+                                   input_size="native")
+    overrides = _node_overrides(demo_args, args.model, reliable=True)
+    if args.threads:
+        from rclpy.parameter import Parameter
+
+        overrides.append(Parameter("num_threads", value=args.threads))
+    node = SegmentationNode(parameter_overrides=overrides)
+    executor = MultiThreadedExecutor(num_threads=2)  # as icnet-demo
+    executor.add_node(node)
+    try:
+        import torch
+
+        print(f"# demo vs Segmenter alone; {node.pipeline.segmenter.describe()}; torch threads "
+              f"{torch.get_num_threads()}", flush=True)
+        result = bench_demo(node, executor, args.demo, args.frames, args.chunk)
+        print(json.dumps(result), flush=True)
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        node.destroy_node()
+        rclpy.try_shutdown()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
     return 0
 
 
