@@ -374,9 +374,9 @@ def test_unrecoverable_device_error_stops_and_reports_once(segmenter: Segmenter,
     log = Log()
     pipe = FramePipeline(segmenter, [("/a", False), ("/b", False)], wanted=sink.wanted, publish=sink.publish,
                          logger=log, on_fatal=fatal.append)
-    pipe.start()
     pipe.submit("/a", image(1))
     pipe.submit("/b", image(2))
+    pipe.start()  # after both frames are pending: one batch
     deadline = time.monotonic() + 30
     while not fatal and time.monotonic() < deadline:
         time.sleep(0.01)
