@@ -112,14 +112,17 @@ def inference_model(model_or_path: Any, size: tuple[int, int], fp16: bool = Fals
 
 def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, int] = (512, 1024), batch: int = 1,
                 dynamic_batch: bool = True, fp16: bool = False, opset: int | None = None,
-                command: str | None = None) -> Path:
+                command: str | None = None, progress: bool = False) -> Path:
     """Export a model to a self-contained ONNX file (see the module docstring); returns the output path.
 
     ``model_or_path``: None (the package's default model), a native ``.safetensors`` checkpoint or an ICNet module.
     ``size``: the fixed network input (H, W), multiples of 32. ``batch``: with ``dynamic_batch`` the batch axis is
     dynamic and ``batch`` is only recorded (TensorRT builds its optimisation profile for 1..batch); without it the
     batch is fixed to ``batch``. ``opset``: ONNX opset (default: the exporter's). ``command``: recorded in the
-    provenance (the CLI passes its command line). The file is written atomically."""
+    provenance (the CLI passes its command line). ``progress``: a tqdm bar over the steps (the exporter's step
+    takes from seconds to minutes). The file is written atomically."""
+    from tqdm import tqdm
+
     onnx = require("onnx", "onnx", "onnx")  # the onnx extra installs onnx, onnxscript and onnxruntime
     require("onnx", "onnxscript", "onnx")
     h, w = check_export_size(size)
@@ -130,26 +133,58 @@ def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, 
     if model_or_path is None:
         model_or_path = default_model_path()
     source_file = None if isinstance(model_or_path, nn.Module) else Path(model_or_path).expanduser()
-    model, meta = inference_model(model_or_path, (h, w), fp16)
-    meta = copy.deepcopy(meta)
-    # dynamic batch: an example batch of 2 (torch.export specialises a batch of 1 to the constant 1)
-    example = torch.randn(max(2, batch) if dynamic_batch else batch, 3, h, w)
-    dynamic_shapes = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
-    with _quiet_exporter():
-        program = torch.onnx.export(model, (example,), None, dynamo=True, external_data=False, verbose=False,
-                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
-                                    dynamic_shapes=dynamic_shapes, optimize=True)
-    proto = program.model_proto
-    used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    bar = tqdm(total=3, desc="export onnx", unit="step", disable=not progress, leave=False)
+    try:
+        bar.set_postfix_str("loading and optimising the model")
+        model, meta = inference_model(model_or_path, (h, w), fp16)
+        bar.update()
+        bar.set_postfix_str("torch.onnx.export (dynamo)")
+        # dynamic batch: an example batch of 2 (torch.export specialises a batch of 1 to the constant 1)
+        example = torch.randn(max(2, batch) if dynamic_batch else batch, 3, h, w)
+        dynamic_shapes = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+        with _quiet_exporter():
+            program = torch.onnx.export(model, (example,), None, dynamo=True, external_data=False, verbose=False,
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+                                        dynamic_shapes=dynamic_shapes, optimize=True)
+        proto = program.model_proto
+        bar.update()
+        bar.set_postfix_str(f"writing {output.name}")
+        used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+        record = {"format": "onnx", "size": [h, w], "batch": batch, "dynamic_batch": bool(dynamic_batch),
+                  "fp16": bool(fp16), "opset": used_opset, "exporter": "torch.onnx (dynamo)",
+                  "onnx": getattr(onnx, "__version__", None)}
+        meta = exported_meta(meta, record, source_file, command)
+        del proto.metadata_props[:]
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_KEY, json.dumps(meta)
+        proto.producer_name, proto.doc_string = "icnet_ros", f"ICNet {meta['arch']['backbone']} ({meta['dataset']})"
 
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(output.name + ".tmp")
+        try:
+            onnx.save_model(proto, str(tmp))
+            os.replace(tmp, output)  # never leave a half-written model behind
+        finally:
+            tmp.unlink(missing_ok=True)
+        bar.update()
+    finally:
+        bar.close()
+    return output
+
+
+def exported_meta(meta: dict[str, Any], record: dict[str, Any], source_file: Path | None = None,
+                  command: str | None = None) -> dict[str, Any]:
+    """A validated copy of a model's metadata for an export at ``record["size"]``: no auxiliary heads, that size as
+    ``network_size`` (and recommended ``input_size``), and ``record`` (what the export did) completed with the
+    torch version, the date, the source file's name and SHA-256 and ``command``, as ``provenance.exported``; an
+    earlier export record moves under ``previous``, as with icnet-convert."""
+    meta = copy.deepcopy(meta)
+    h, w = record["size"]
     meta["arch"] = {**meta["arch"], "aux_heads": False}
     meta["network_size"] = [h, w]
     meta["input_size"] = [h, w]
-    record: dict[str, Any] = {
-        "format": "onnx", "size": [h, w], "batch": batch, "dynamic_batch": bool(dynamic_batch), "fp16": bool(fp16),
-        "opset": used_opset, "exporter": "torch.onnx (dynamo)", "torch": torch.__version__,
-        "onnx": getattr(onnx, "__version__", None),
-        "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
+    record = {**record, "torch": torch.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
     if source_file is not None:
         record["from"] = source_file.name
         record["sha256"] = file_sha256(source_file)
@@ -159,20 +194,8 @@ def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, 
     if "exported" in provenance:  # an export of an export (e.g. icnet-convert --fp16, then this): keep the chain
         record["previous"] = provenance["exported"]
     provenance["exported"] = record
-    validate_meta(meta)
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = META_KEY, json.dumps(meta)
-    proto.producer_name, proto.doc_string = "icnet_ros", f"ICNet {meta['arch']['backbone']} ({meta['dataset']})"
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    try:
-        onnx.save_model(proto, str(tmp))
-        os.replace(tmp, output)  # never leave a half-written model behind
-    finally:
-        tmp.unlink(missing_ok=True)
-    return output
+    validate_export_meta(meta)
+    return meta
 
 
 def profile_batch(meta: dict[str, Any]) -> int | None:
@@ -334,5 +357,5 @@ def _parse_entry(data: bytes) -> tuple[str, str]:
         raise _Malformed("metadata entry is not UTF-8") from None
 
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "check_export_size", "export_onnx", "inference_model", "profile_batch",
-           "read_onnx_metadata", "validate_export_meta"]
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "check_export_size", "export_onnx", "exported_meta", "inference_model",
+           "profile_batch", "read_onnx_metadata", "validate_export_meta"]

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         output = Path(args.output)
         onnx_out = output.with_suffix(".onnx")
         out = export_onnx(model, onnx_out, size, batch=args.batch, dynamic_batch=not args.static_batch,
-                          fp16=args.fp16, opset=args.opset, command=command)
+                          fp16=args.fp16, opset=args.opset, command=command, progress=True)
         print(f"{out} ({time.perf_counter() - t0:.0f} s)")
         if args.format == "tensorrt":
             from ..backends.base import BackendOptions
