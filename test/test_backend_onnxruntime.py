@@ -91,15 +91,6 @@ def test_thread_options(r18):
     assert compare_logits(a, b).relative_diff <= 1e-5
 
 
-def test_fixed_batch_export(tmp_path, r18):
-    path = export_onnx(r18[0], tmp_path / "b2.onnx", size=(160, 224), batch=2, dynamic_batch=False)
-    backend = open_backend(path, BackendOptions())
-    assert backend.max_batch == 2
-    check_parity(load_model(r18[0]), backend, torch.randn(2, 3, 160, 224, generator=torch.Generator().manual_seed(3)))
-    with pytest.raises(ValueError, match="maximum batch 2"):
-        backend(torch.zeros(3, 3, 160, 224))
-
-
 def test_refused_files(tmp_path, r18):
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(r18[1].read_bytes()[:-1000])

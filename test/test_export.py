@@ -171,10 +171,16 @@ def test_fp16_fixed_batch_export_runs_in_onnxruntime(tmp_path, ckpt):
     x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = load_model(ckpt)(x)
-    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    from icnet_ros.backends.base import BackendOptions
+    from icnet_ros.backends.onnxruntime import open_backend
+
+    backend = open_backend(out, BackendOptions())
+    assert backend.max_batch == 2 and backend.precision == "fp16" and backend.input_dtype == torch.float32
+    got = backend(x)
     assert got.dtype == torch.float32 and got.shape == ref.shape
     assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.98  # fp16 rounding moves near-ties only
+    with pytest.raises(ValueError, match="maximum batch 2"):
+        backend(torch.zeros(3, 3, *SIZE))
 
 
 def test_cli_errors(tmp_path, ckpt, capsys):
@@ -210,10 +216,9 @@ def test_cli_tensorrt_without_gpu_is_one_line(tmp_path, ckpt, capsys):
     assert not out.exists()  # refused before exporting
 
 
-@pytest.mark.parametrize("blocked", ["onnxscript", "onnx"])
-def test_cli_missing_extra(tmp_path, ckpt, blocked):
+def test_cli_missing_extra(tmp_path, ckpt):
     """The runtime package really cannot be imported (sys.modules entry None blocks it) in a fresh interpreter."""
-    out = tmp_path / "x.onnx"
+    out, blocked = tmp_path / "x.onnx", "onnx"
     code = (f"import sys; sys.modules[{blocked!r}] = None; from icnet_ros.tools.export import main; "
             f"sys.exit(main([{str(ckpt)!r}, '--format', 'onnx', '--size', '128x192', '--output', {str(out)!r}]))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
