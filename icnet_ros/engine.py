@@ -44,6 +44,7 @@ from .engine_config import LIVE_OPTIONS, OUTPUTS, ConfigError, SegmenterConfig, 
 from .models.icnet import MIN_INPUT_SIZE
 from .postprocess import UNKNOWN, Postprocessor
 from .preprocess import Preprocessor
+from .profiling import stage
 from .sizes import aligned_size
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -463,8 +464,9 @@ class Segmenter:
     # ------------------------------------------------------------------------------------------ device pipeline
     def _run(self, groups: list[_FrameGroup], want: frozenset[str], n_frames: int) -> list[SegmentResult]:
         with torch.inference_mode():
-            uploads = [self.upload(g.arrays) for g in groups]
-            inputs = [self.prepare(u, g.order, g.net_size) for u, g in zip(uploads, groups)]
+            with stage("preprocess"):
+                uploads = [self.upload(g.arrays) for g in groups]
+                inputs = [self.prepare(u, g.order, g.net_size) for u, g in zip(uploads, groups)]
             # one forward per network input size (all frames when the input size is fixed)
             by_size: dict[tuple[int, int], list[int]] = {}
             for gi, g in enumerate(groups):
@@ -475,7 +477,8 @@ class Segmenter:
                 for start, logits in self._forward_chunks(batch):
                     # consume the logits now: a backend may reuse its output buffer on the next call
                     self._finish_chunk(groups, uploads, inputs, gis, start, logits, want, device_outputs)
-            host = self.to_host([self._merge(d) for d in device_outputs])  # type: ignore[arg-type]
+            with stage("host transfer"):
+                host = self.to_host([self._merge(d) for d in device_outputs])  # type: ignore[arg-type]
         results: list[SegmentResult | None] = [None] * n_frames
         for g, outs in zip(groups, host):
             for j, i in enumerate(g.indices):
@@ -501,11 +504,13 @@ class Segmenter:
             if lo < hi:
                 g = groups[gi]
                 out_size = g.size if self.output_size == "input" else g.net_size
-                label, conf = self.labels(logits[lo - start:hi - start], out_size, "confidence" in want)
+                with stage("upsample+argmax"):
+                    label, conf = self.labels(logits[lo - start:hi - start], out_size, "confidence" in want)
                 outs = {"label": label}
                 if "color" in want or "overlay" in want:
-                    outs.update(self.postprocess.render(label, uploads[gi][lo - row:hi - row], g.order, out_size,
-                                                        want))
+                    with stage("color/overlay"):
+                        outs.update(self.postprocess.render(label, uploads[gi][lo - row:hi - row], g.order,
+                                                            out_size, want))
                 if "confidence" in want:
                     outs["confidence"] = conf
                 if device_outputs[gi] is None:

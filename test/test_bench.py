@@ -9,7 +9,7 @@ import torch
 from helpers import make_checkpoint
 
 from icnet_ros.engine import Segmenter
-from icnet_ros.tools.bench import (STAGES, Timing, main, run_stages, stage_breakdown, time_fn,
+from icnet_ros.tools.bench import (STAGES, Timing, main, profile_stages, stage_breakdown, time_fn,
                                    time_interleaved)
 
 TINY = ["--arch", "icnet_r18", "--width", "0.25", "--num-classes", "11", "--size", "64x96", "--device", "cpu",
@@ -47,20 +47,22 @@ def seg(tmp_path_factory):
     return Segmenter(path, device="cpu", outputs=("label", "color", "overlay", "confidence"), warmup=False)
 
 
-def test_stage_by_stage_equals_fused_pipeline(seg):
+def test_stages_come_from_named_ranges_in_the_model_and_engine(seg):
+    """--stages reads the ranges the model and the Segmenter open (icnet_ros.profiling): every stage, in order,
+    once per pipeline call; with ranges off (the default) the same call gives the same outputs."""
+    from icnet_ros import profiling
+
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (80, 112, 3), dtype=np.uint8)]
-    recorded = []
     want = frozenset({"label", "overlay", "confidence"})
-    out = run_stages(seg, arrays, "RGB", want, recorded.append)
-    assert recorded == list(STAGES)
-    with torch.inference_mode():
-        fused = seg.forward(out["input"])
-    torch.testing.assert_close(out["logits"], fused)
-    (r,) = seg.segment(arrays, outputs=tuple(want))
-    np.testing.assert_array_equal(out["host"]["label"][0], r.label)
-    np.testing.assert_array_equal(out["host"]["overlay"][0], r.overlay)
-    np.testing.assert_array_equal(out["host"]["confidence"][0], r.confidence)
+    stages = profile_stages(seg, arrays, want)
+    assert list(stages) == list(STAGES) and all(ms >= 0 for ms in stages.values())
+    (plain,) = seg.segment(arrays, outputs=tuple(want))
+    with profiling.ranges(True):
+        (ranged,) = seg.segment(arrays, outputs=tuple(want))
+    np.testing.assert_array_equal(plain.label, ranged.label)
+    np.testing.assert_array_equal(plain.overlay, ranged.overlay)
+    assert not profiling._enabled  # restored after the block
 
 
 def test_stage_breakdown_timings(seg):

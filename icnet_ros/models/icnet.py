@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..profiling import stage
+
 from .resnet import RESNET_SPECS, ResNetV1c, init_weights, scale_channels
 
 MIN_INPUT_SIZE = 64
@@ -145,10 +147,15 @@ class ICNetBackbone(nn.Module):
         self.out_channels = (c(64), c(256), c(256))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        sub1 = self.conv_sub1(x)
+        with stage("high branch (sub1)"):
+            sub1 = self.conv_sub1(x)
         x_half = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
-        medium, low = self.backbone(x_half)
-        return sub1, self.conv_sub2(medium), self.conv_sub4(self.ppm(low))
+        medium, low = self.backbone(x_half)  # ranges "medium branch (sub2)" and "low branch (sub4)" inside
+        with stage("medium branch (sub2)"):
+            sub2 = self.conv_sub2(medium)
+        with stage("pyramid pooling"):
+            sub4 = self.conv_sub4(self.ppm(low))
+        return sub1, sub2, sub4
 
 
 class CascadeFeatureFusion(nn.Module):
@@ -233,8 +240,11 @@ class ICNet(nn.Module):
         if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
             raise ValueError(f"ICNet needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} px, "
                              f"got {x.shape[2]}x{x.shape[3]}")
-        x_24, x_12, x_cff_12 = self.neck(*self.backbone(x))
-        main = self.decode_head(x_cff_12)
+        sub1, sub2, sub4 = self.backbone(x)
+        with stage("CFF"):
+            x_24, x_12, x_cff_12 = self.neck(sub1, sub2, sub4)
+        with stage("head"):
+            main = self.decode_head(x_cff_12)
         if not self.training:
             return main
         if self.auxiliary_head is None:

@@ -15,6 +15,8 @@ from typing import Protocol
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..profiling import stage
+
 
 def scale_channels(channels: int, width: float) -> int:
     """Channels at a width multiplier: rounded to a multiple of 8 (never below 8), exact at width 1.0."""
@@ -140,9 +142,11 @@ class ResNetV1c(nn.Module):
         return nn.Sequential(*layers), cout
 
     def forward(self, x_half: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.layer2(self.layer1(self.maxpool(self.stem(x_half))))
-        low = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
-        low = self.layer4(self.layer3(low))
+        with stage("medium branch (sub2)"):
+            x = self.layer2(self.layer1(self.maxpool(self.stem(x_half))))
+        with stage("low branch (sub4)"):
+            low = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+            low = self.layer4(self.layer3(low))
         return x, low
 
 

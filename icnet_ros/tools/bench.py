@@ -6,8 +6,10 @@ batch and precision, on one device:
 - ``model``: the Segmenter's optimised network on a prepared input (what the GPU/CPU spends on ICNet itself);
 - ``pipeline``: ``Segmenter.segment`` from uint8 frames on the host to the requested uint8 outputs on the host
   (default: label + overlay), including upload, resize, normalisation, upsampling, argmax, colour/overlay, copy back;
-- ``--stages``: the pipeline run stage by stage with a synchronisation after each, in the paper's time-budget view
-  (high / medium / low branches, pyramid pooling, CFF, head, upsample+argmax, colour/overlay, host transfer);
+- ``--stages``: the pipeline under ``torch.profiler`` with the named ranges of :mod:`icnet_ros.profiling` on, in
+  the paper's time-budget view (high / medium / low branches, pyramid pooling, CFF, head, upsample+argmax,
+  colour/overlay, host transfer); the same ranges show in Nsight Systems (``ICNET_ROS_RANGES=1`` with
+  ``torch.autograd.profiler.emit_nvtx()``);
 - ``--reference mmseg``: MMSegmentation 1.2.2's ICNet forward (``EncoderDecoder._forward``, no_grad, the same
   precision) on the same input, and the ratio ``mmseg forward / our pipeline``;
 - ``--ablation``: the network alone with each optimisation switched on in turn, each checked against the plain
@@ -47,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..profiling import PREFIX, STAGES, ranges
 from ..sizes import MIN_INPUT_SIZE, parse_hw
 
 SWEEP_ARCHS = ("icnet_r18", "icnet_r50")
@@ -195,122 +198,65 @@ def build_reference(model: nn.Module, dtype: torch.dtype, device: torch.device) 
 
 
 # ---------------------------------------------------------------------------------------------------- stages
-STAGES = ("preprocess", "high branch (sub1)", "medium branch (sub2)", "low branch (sub4)", "pyramid pooling",
-          "CFF", "head", "upsample+argmax", "color/overlay", "host transfer")
 #: the paper-style grouping of stages for the summary line
 STAGE_GROUPS = {
     "pre/post-processing": ("preprocess", "upsample+argmax", "color/overlay", "host transfer"),
     "high-res branch": ("high branch (sub1)",),
     "medium-res branch": ("medium branch (sub2)",),
-    "low-res branch (+PPM)": ("low branch (sub4)", "pyramid pooling", "low+medium encoder"),
+    "low-res branch (+PPM)": ("low branch (sub4)", "pyramid pooling"),
     "fusion + head": ("CFF", "head"),
 }
 
 
-def _encoder_split(encoder: nn.Module) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None:
-    """(medium, low) stage functions of a cascade encoder whose structure is known, else None."""
-    if all(hasattr(encoder, a) for a in ("stem", "maxpool", "layer1", "layer2", "layer3", "layer4")):
-        def medium(x: Tensor) -> Tensor:
-            return encoder.layer2(encoder.layer1(encoder.maxpool(encoder.stem(x))))
+def profile_stages(seg: Any, arrays: list[np.ndarray], want: frozenset[str], order: str = "RGB"
+                   ) -> dict[str, float]:
+    """One pipeline call (``Segmenter.segment``) under ``torch.profiler`` with the named ranges on
+    (:mod:`icnet_ros.profiling`): milliseconds per stage, in pipeline order. On CUDA a stage's time is the GPU time
+    of its range (its kernels), on the CPU the range's wall time. The ranges live in the model and the engine, so
+    the table follows the code; no stage is re-implemented here."""
+    from torch.profiler import ProfilerActivity, profile
 
-        def low(m: Tensor) -> Tensor:
-            m = F.interpolate(m, scale_factor=0.5, mode="bilinear", align_corners=False)
-            return encoder.layer4(encoder.layer3(m))
-        return medium, low
-    if hasattr(encoder, "medium_index") and hasattr(encoder, "_blocks") and callable(getattr(encoder, "stem", None)):
-        k = encoder.medium_index + 1
-
-        def medium_e(x: Tensor) -> Tensor:
-            x = encoder.stem(x)
-            for b in encoder._blocks[:k]:
-                x = b(x)
-            return x
-
-        def low_e(m: Tensor) -> Tensor:
-            for b in encoder._blocks[k:]:
-                m = b(m)
-            return m
-        return medium_e, low_e
-    return None
-
-
-def run_stages(seg: Any, arrays: list[np.ndarray], order: str, want: frozenset[str],
-               record: Callable[[str], None]) -> dict[str, Any]:
-    """One pass of the Segmenter pipeline, stage by stage; ``record(stage)`` is called after each stage (it
-    synchronises and takes the time). Returns the intermediate results (``logits``, ``label`` ...)."""
-    model = seg.model
-    bb = model.backbone
-    split = _encoder_split(bb.backbone)
-    h, w = arrays[0].shape[:2]
-    net_size = seg.network_size(h, w)
-    out_size = (h, w) if seg.output_size == "input" else net_size
-    with torch.inference_mode():
-        u = seg.upload(arrays)
-        x = seg.prepare(u, order, net_size)
-        record("preprocess")
-        sub1 = bb.conv_sub1(x)
-        record("high branch (sub1)")
-        x_half = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
-        if split is not None:
-            medium = split[0](x_half)
-            sub2 = bb.conv_sub2(medium)
-            record("medium branch (sub2)")
-            low = split[1](medium)
-            record("low branch (sub4)")
-        else:
-            medium, low = bb.backbone(x_half)
-            sub2 = bb.conv_sub2(medium)
-            record("low+medium encoder")
-        sub4 = bb.conv_sub4(bb.ppm(low))
-        record("pyramid pooling")
-        _, _, x_cff = model.neck(sub1, sub2, sub4)
-        record("CFF")
-        logits = model.decode_head(x_cff)
-        record("head")
-        label, conf = seg.labels(logits, out_size, "confidence" in want)
-        record("upsample+argmax")
-        outs: dict[str, Tensor] = {"label": label}
-        if "color" in want or "overlay" in want:
-            outs.update(seg.render(label, u, order, out_size, want))
-        if conf is not None:
-            outs["confidence"] = conf
-        record("color/overlay")
-        host = seg.to_host([outs])
-        record("host transfer")
-    return {"input": x, "logits": logits, "label": label, "host": host[0]}
+    cuda = seg.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with ranges(True), profile(activities=activities) as prof:
+        seg.segment(arrays, channel_order=order, outputs=tuple(want))
+        seg.synchronize()
+    cpu: dict[str, float] = {}
+    gpu: dict[str, float] = {}
+    for evt in prof.events():
+        if not evt.name.startswith(PREFIX):
+            continue
+        name = evt.name[len(PREFIX):]
+        on_gpu = str(getattr(evt, "device_type", "")).endswith("CUDA")
+        into = gpu if on_gpu else cpu
+        into[name] = into.get(name, 0.0) + evt.time_range.elapsed_us() / 1000.0
+    times = {**cpu, **gpu} if cuda else cpu
+    return {name: times[name] for name in STAGES if name in times}
 
 
 def stage_breakdown(seg: Any, arrays: list[np.ndarray], want: frozenset[str], iters: int, warmup: int,
                     max_seconds: float, order: str = "RGB") -> dict[str, Timing]:
-    """Per-stage timings (each stage synchronised) over several passes."""
-    sync = synchronizer(seg.device)
+    """Per-stage timings (:func:`profile_stages`) over several profiled pipeline calls: medians per stage."""
     samples: dict[str, list[float]] = {}
     spent, timed = 0.0, 0
     for it in range(warmup + max(1, iters)):
-        clock = [0.0]
-        keep = it >= warmup
-
-        def record(stage: str, _clock: list[float] = clock, _keep: bool = keep) -> None:
-            sync()
-            now = time.perf_counter()
-            if _keep:
-                samples.setdefault(stage, []).append(now - _clock[0])
-            _clock[0] = now
-        sync()
-        t_start = clock[0] = time.perf_counter()
-        run_stages(seg, arrays, order, want, record)
-        if keep:
-            timed += 1
-            spent += time.perf_counter() - t_start
-            if spent > max_seconds and timed >= min(3, iters):
-                break
+        t0 = time.perf_counter()
+        stages = profile_stages(seg, arrays, want, order)
+        if it < warmup:
+            continue
+        timed += 1
+        spent += time.perf_counter() - t0
+        for name, ms in stages.items():
+            samples.setdefault(name, []).append(ms / 1000.0)
+        if spent > max_seconds and timed >= min(3, iters):
+            break
     batch = len(arrays)
     return {k: Timing.from_samples(v, batch) for k, v in samples.items()}
 
 
 def format_stages(stages: dict[str, Timing], pipeline: Timing | None = None) -> str:
     total = sum(t.median_ms for t in stages.values())
-    lines = [f"  {'stage':<24}{'median ms':>11}{'share':>8}"]
+    lines = [f"  {'stage (profiled)':<24}{'median ms':>11}{'share':>8}"]
     for name, t in stages.items():
         lines.append(f"  {name:<24}{t.median_ms:>11.2f}{100 * t.median_ms / total:>7.1f}%")
     lines.append(f"  {'sum of stages':<24}{total:>11.2f}{100.0:>7.1f}%")
