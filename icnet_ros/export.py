@@ -247,16 +247,22 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if META_KEY not in props:
         raise CheckpointError(f"{path}: ONNX model without icnet_ros metadata (not exported by icnet-export; export "
                               "a native checkpoint with: icnet-export MODEL --format onnx)")
+    return parse_export_meta(props[META_KEY], path)
+
+
+def parse_export_meta(text: str | bytes, source: str | os.PathLike) -> dict[str, Any]:
+    """An exported model's icnet_ros metadata from its JSON text, validated (:func:`validate_export_meta`);
+    CheckpointError naming ``source`` and the problem, in one line."""
     try:
-        meta = json.loads(props[META_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: icnet_ros metadata is not valid JSON: {e}") from None
+        meta = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{source}: icnet_ros metadata is not valid JSON: {e}") from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: icnet_ros metadata is not a JSON object")
+        raise CheckpointError(f"{source}: icnet_ros metadata is not a JSON object")
     try:
         validate_export_meta(meta)
     except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(f"{source}: {e}") from None
     return meta
 
 
@@ -358,4 +364,4 @@ def _parse_entry(data: bytes) -> tuple[str, str]:
 
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "check_export_size", "export_onnx", "exported_meta", "inference_model",
-           "profile_batch", "read_onnx_metadata", "validate_export_meta"]
+           "parse_export_meta", "profile_batch", "read_onnx_metadata", "validate_export_meta"]

@@ -53,7 +53,7 @@ def test_engine_metadata_side_file(tmp_path):
     side = metadata_path(engine)
     assert side.name == "road.engine.json"
     side.write_text("{not json")
-    with pytest.raises(CheckpointError, match="invalid engine metadata"):
+    with pytest.raises(CheckpointError, match="road.engine.json: icnet_ros metadata is not valid JSON"):
         read_engine_metadata(engine)
     meta = read_metadata(make_checkpoint(tmp_path / "r18.safetensors"))
     meta["network_size"] = list(SIZE)

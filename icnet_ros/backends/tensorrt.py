@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError, file_sha256
-from ..export import (INPUT_NAME, MAX_METADATA_BYTES, OUTPUT_NAME, profile_batch, read_onnx_metadata,
-                      validate_export_meta)
+from ..export import (INPUT_NAME, MAX_METADATA_BYTES, OUTPUT_NAME, parse_export_meta, profile_batch,
+                      read_onnx_metadata)
 from .base import BackendOptions, require
 
 log = logging.getLogger(__name__)
@@ -96,13 +96,10 @@ def read_engine_metadata(path: str | os.PathLike) -> dict[str, Any]:
     try:
         if side.stat().st_size > MAX_METADATA_BYTES:
             raise CheckpointError(f"{side}: larger than {MAX_METADATA_BYTES} bytes; not an icnet_ros metadata file")
-        meta = json.loads(side.read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            raise CheckpointError("not a JSON object")
-        validate_export_meta(meta)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, CheckpointError) as e:
-        raise CheckpointError(f"{side}: invalid engine metadata: {e}") from None
-    return meta
+        text = side.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{side}: cannot read: {e}") from None
+    return parse_export_meta(text, side)
 
 
 def _engine_record(meta: dict[str, Any]) -> dict[str, Any]:
