@@ -11,9 +11,8 @@ disabled for both pools. ORT's worker threads otherwise busy-wait after each ope
 process, only comes with the next frame; on a machine with as many cores as threads they then compete with
 PyTorch's own threads, which run the Segmenter's pre- and post-processing between two ORT calls.
 
-Data path: on the CPU the input tensor's memory is given to ORT as a numpy view (no copy when contiguous) and the
-logits come back as a tensor sharing ORT's output array. On CUDA, IO binding hands ORT the torch tensors' device
-pointers (input and a preallocated output): no host round trip. ORT runs on torch's current CUDA stream at open
+Data path: IO binding hands ORT the torch tensors' memory, the input (no copy when contiguous) and a preallocated
+output, on the CPU as on CUDA (device pointers there: no host round trip). ORT runs on torch's current CUDA stream at open
 time (``user_compute_stream``); a call from another stream is ordered against it with stream waits.
 """
 from __future__ import annotations
@@ -79,6 +78,11 @@ class OnnxRuntimeBackend:
         self.precision = "fp16" if (options.precision == "fp16" and self.provider == "TensorrtExecutionProvider"
                                     ) else self.file_precision
         self._check_io()
+        self._binding = self.session.io_binding()
+        self._run_options = ort.RunOptions()
+        if self._stream is not None:
+            # ORT runs on self._stream, whose order torch keeps: no device synchronisation after each run
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     def _providers(self, ort: Any, options: BackendOptions) -> list[Any]:
         if self.device.type == "cpu":
@@ -125,16 +129,6 @@ class OnnxRuntimeBackend:
             self.max_batch = profile_batch(self.meta)
         self.fixed_size: tuple[int, int] | None = (h, w) if isinstance(h, int) and isinstance(w, int) else None
         self.num_classes = int(self.meta["arch"]["num_classes"])
-        if self.device.type == "cuda":
-            self._binding = self.session.io_binding()
-            self._run_options = self._ort_run_options()
-
-    def _ort_run_options(self) -> Any:
-        ort = require("onnxruntime", "onnxruntime", "onnx")
-        ro = ort.RunOptions()
-        # ORT runs on self._stream, whose order torch keeps: no device synchronisation after each run
-        ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        return ro
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
@@ -147,27 +141,27 @@ class OnnxRuntimeBackend:
         if x.dtype != self.input_dtype or x.device != self.device:
             raise ValueError(f"expected a {self.input_dtype} tensor on {self.device}, got {x.dtype} on {x.device}")
         x = x.contiguous()
-        if self.device.type == "cpu":
-            out = self.session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-            return torch.from_numpy(out)
-        return self._run_cuda(x)
-
-    def _run_cuda(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
         out = torch.empty((n, self.num_classes, math.ceil(h / 8), math.ceil(w / 8)), dtype=self.output_dtype,
                           device=self.device)
-        b, idx = self._binding, self.device.index
-        b.bind_input(INPUT_NAME, "cuda", idx, self._np_in, list(x.shape), x.data_ptr())
-        b.bind_output(OUTPUT_NAME, "cuda", idx, self._np_out, list(out.shape), out.data_ptr())
-        current = torch.cuda.current_stream(self.device)
-        other = current != self._stream
-        if other:
-            self._stream.wait_stream(current)  # the input is written on the caller's stream
-        self.session.run_with_iobinding(b, self._run_options)
-        if other:
-            current.wait_stream(self._stream)
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
+        # IO binding on both devices: ORT reads the input tensor's memory and writes the preallocated output
+        b, kind, idx = self._binding, self.device.type, self.device.index or 0
+        b.bind_input(INPUT_NAME, kind, idx, self._np_in, list(x.shape), x.data_ptr())
+        b.bind_output(OUTPUT_NAME, kind, idx, self._np_out, list(out.shape), out.data_ptr())
+        try:
+            if self._stream is None:
+                self.session.run_with_iobinding(b, self._run_options)
+            else:
+                current = torch.cuda.current_stream(self.device)
+                other = current != self._stream
+                if other:
+                    self._stream.wait_stream(current)  # the input is written on the caller's stream
+                self.session.run_with_iobinding(b, self._run_options)
+                if other:
+                    current.wait_stream(self._stream)
+        finally:
+            b.clear_binding_inputs()
+            b.clear_binding_outputs()
         return out
 
     def describe(self) -> str:
