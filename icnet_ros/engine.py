@@ -149,10 +149,14 @@ def _file_metadata(kind: str, path: Path) -> dict[str, Any]:
     """The icnet_ros metadata an exported model file carries (validated; CheckpointError otherwise)."""
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
-    if kind in ("onnxruntime", "tensorrt"):
+    if kind == "onnxruntime":
         from .export import read_onnx_metadata
 
         return read_onnx_metadata(path)
+    if kind == "tensorrt":  # .onnx (engine built and cached) or .engine/.plan with its metadata side file
+        from .backends.tensorrt import read_engine_metadata
+
+        return read_engine_metadata(path)
     if kind == "openvino":
         from .backends.openvino import read_openvino_metadata
 
