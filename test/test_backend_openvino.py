@@ -269,3 +269,34 @@ def test_missing_openvino_names_the_extra(monkeypatch, tmp_path):
         with pytest.raises(MissingRuntimeError, match=r"pip install 'icnet_ros\[openvino\]'") as e:
             call()
         assert e.value.extra == "openvino" and e.value.backend == "openvino"
+
+
+@needs_openvino
+def test_onnx_files_with_icnet_metadata_run_through_openvino(tmp_path, r18):
+    """An ONNX export (metadata as JSON in metadata_props['icnet_ros']) runs exactly; one without is refused."""
+    if importlib.util.find_spec("onnx") is None:
+        pytest.skip("onnx not installed (the [onnx] extra): cannot write an ONNX file here")
+    import onnx
+
+    from icnet_ros.backends.openvino import open_backend, read_openvino_metadata
+
+    ckpt, _ = r18
+    size = (192, 192)  # torch's ONNX exporter needs pooled sizes (1, 2, 3, 6) dividing the 1/32 feature
+    model = load_model(ckpt)
+    model.auxiliary_head = None
+    plain = tmp_path / "plain.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, *size),), str(plain), dynamo=False, input_names=["input"],
+                          dynamic_axes={"input": {0: "batch"}})
+    with pytest.raises(CheckpointError, match="no icnet_ros metadata in the model \\(metadata_props"):
+        open_backend(plain)
+    proto = onnx.load(str(plain))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "icnet_ros", json.dumps(model.meta)
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    assert read_openvino_metadata(tmp_path / "m.onnx") == model.meta
+    backend = open_backend(tmp_path / "m.onnx")
+    assert backend.fixed_size == size and backend.max_batch is None
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5))
+    assert_parity(backend(x), torch_logits(model, x))

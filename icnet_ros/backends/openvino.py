@@ -253,11 +253,14 @@ def _read_model(core: Any, path: str | os.PathLike) -> tuple[Any, Path]:
 
 
 def _meta_of(ov_model: Any, path: Path) -> dict[str, Any]:
-    if not ov_model.has_rt_info(META_KEY):
-        raise CheckpointError(f"{path}: no icnet_ros metadata in the model (rt_info '{META_KEY}'); not an icnet_ros "
+    # IR: rt_info["icnet_ros"]; ONNX: OpenVINO's ONNX frontend puts metadata_props under rt_info["framework"]
+    key = ["framework", META_KEY] if path.suffix == ".onnx" else [META_KEY]
+    if not ov_model.has_rt_info(key):
+        where = "metadata_props" if path.suffix == ".onnx" else "rt_info"
+        raise CheckpointError(f"{path}: no icnet_ros metadata in the model ({where} '{META_KEY}'); not an icnet_ros "
                               "export (export checkpoints with icnet-export)")
     try:
-        meta = json.loads(ov_model.get_rt_info(META_KEY).astype(str))
+        meta = json.loads(ov_model.get_rt_info(key).astype(str))
     except (json.JSONDecodeError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{path}: icnet_ros metadata is not valid JSON: {e}") from e
     if not isinstance(meta, dict):
