@@ -57,12 +57,12 @@ def test_export_writes_ir_with_metadata_and_provenance(r18):
     assert xml.name == "r18_ov.xml" and xml.is_file() and xml.with_suffix(".bin").is_file()
     assert sorted(p.name for p in xml.parent.iterdir()) == ["r18.safetensors", "r18_ov.bin", "r18_ov.xml"]
     meta, src = read_openvino_metadata(xml), read_metadata(ckpt)
-    for key in ("classes", "palette", "normalization", "dataset", "ignore_index", "input_size"):
+    for key in ("classes", "palette", "normalization", "dataset", "ignore_index"):
         assert meta[key] == src[key], key
     assert meta["arch"] == {**src["arch"], "aux_heads": False}  # exported without the training-only heads
-    assert meta["network_size"] == list(SIZE)
+    assert meta["network_size"] == meta["input_size"] == list(SIZE)
     record = meta["provenance"]["exported"]
-    assert record["format"] == "openvino" and record["precision"] == "fp32" and record["batch"] == "dynamic"
+    assert record["format"] == "openvino" and record["precision"] == "fp32" and record["dynamic_batch"] is True
     assert record["size"] == list(SIZE) and record["from"] == ckpt.name and record["sha256"] == file_sha256(ckpt)
     import openvino
 
@@ -90,20 +90,17 @@ def test_backend_matches_torch_at_batch_1_and_3(r18):
 
 
 @needs_openvino
-@pytest.mark.parametrize("arch,size,batch", [("icnet_r50", (160, 224), 2), ("icnet_r18", (100, 150), None)])
+@pytest.mark.parametrize("arch,size,batch", [("icnet_r50", (160, 224), 2), ("icnet_r50_half", (96, 320), None)])
 def test_parity_other_architectures_sizes_and_fixed_batch(tmp_path, arch, size, batch):
-    """R50 (Bottleneck, concat pyramid pooling) with a fixed batch; R18 at an odd size (warned about)."""
+    """R50 (Bottleneck, concat pyramid pooling, factorized in the export) with a fixed batch; the paper's
+    half-width R50 (sum pooling, paper CFF) at another aspect ratio."""
     from icnet_ros.backends.openvino import export_openvino, open_backend
 
-    ckpt = make_checkpoint(tmp_path / "m.safetensors", arch, width=0.25, seed=3)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        xml = export_openvino(ckpt, tmp_path / "m.xml", size=size, batch=batch, progress=False)
-    misaligned = [w for w in caught if "not a multiple of 32" in str(w.message)]
-    assert len(misaligned) == (1 if size[0] % 32 else 0)
+    ckpt = make_checkpoint(tmp_path / "m.safetensors", arch, width=0.25 if arch == "icnet_r50" else 0.5, seed=3)
+    xml = export_openvino(ckpt, tmp_path / "m.xml", size=size, batch=batch, progress=False)
     backend = open_backend(xml, BackendOptions(threads=2))
     assert backend.fixed_size == size and backend.max_batch == batch
-    n = batch or 1
+    n = batch or 3
     x = torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(2))
     assert_parity(backend(x), torch_logits(load_model(ckpt), x))
     if batch:
@@ -182,8 +179,10 @@ def test_export_argument_errors(tmp_path, r18):
     from icnet_ros.backends.openvino import export_openvino
 
     ckpt, _ = r18
-    with pytest.raises(ValueError, match="below the network minimum"):
+    with pytest.raises(ValueError, match="nearest valid size: 64x64"):
         export_openvino(ckpt, tmp_path / "a.xml", size=(32, 64))
+    with pytest.raises(ValueError, match="multiples of 32.*nearest valid size: 96x160"):
+        export_openvino(ckpt, tmp_path / "a.xml", size=(100, 150))
     with pytest.raises(ValueError, match="fp16 or int8"):
         export_openvino(ckpt, tmp_path / "a.xml", size=SIZE, fp16=True, int8=True, calib_dir=tmp_path)
     with pytest.raises(ValueError, match="needs calibration images"):
@@ -300,3 +299,27 @@ def test_onnx_files_with_icnet_metadata_run_through_openvino(tmp_path, r18):
     assert backend.fixed_size == size and backend.max_batch is None
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5))
     assert_parity(backend(x), torch_logits(model, x))
+
+
+@needs_openvino
+def test_segmenter_runs_the_export_on_mixed_frames_like_torch(tmp_path):
+    """icnet-export --format openvino, then Segmenter(model.xml): mixed frame sizes and channel orders in one
+    call, labels as the torch backend's (the same preprocessing and postprocessing around both)."""
+    from icnet_ros.engine import Segmenter
+    from icnet_ros.tools.export import main as export_main
+
+    ckpt = make_checkpoint(tmp_path / "m.safetensors", "icnet_r18", width=0.25, seed=7)
+    xml = tmp_path / "m.xml"
+    assert export_main([str(ckpt), "--format", "openvino", "--size", "128x192", "--output", str(xml)]) == 0
+    ov_seg = Segmenter(xml, device="cpu", outputs=("label", "color", "confidence"))
+    torch_seg = Segmenter(ckpt, device="cpu", input_size=SIZE, outputs=("label", "color", "confidence"))
+    assert "openvino" in ov_seg.describe() and ov_seg.backend.name == "openvino"
+    assert ov_seg.network_size(480, 640) == SIZE  # an export runs at its own size, whatever the frame
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, s, dtype=np.uint8) for s in ((240, 320, 3), (128, 192, 3), (97, 131), (240, 320, 3))]
+    orders = ["RGB", "BGR", "RGB", "RGB"]
+    got, ref = ov_seg.segment(frames, orders), torch_seg.segment(frames, orders)
+    for f, a, b in zip(frames, got, ref):
+        assert a.label.shape == f.shape[:2] and a.color.shape == (*f.shape[:2], 3)
+        assert (a.label == b.label).mean() >= 0.999
+        assert np.abs(a.confidence.astype(int) - b.confidence.astype(int)).max() <= 1

@@ -1,20 +1,24 @@
 """OpenVINO: export a native checkpoint to OpenVINO IR (fp32, fp16 weights or NNCF INT8), and run IR files.
 
-Export (:func:`export_openvino`): the eval-mode network without its auxiliary heads is converted from the PyTorch
-module (traced with an example input, then ``openvino.convert_model``) at a fixed network input H x W (the pyramid
-pooling bins depend on it) and a dynamic batch by default (``batch=None``; OpenVINO compiles one model for every
-batch size, no slower at batch 1 than a fixed batch, see the notes in BENCHMARKS.md) or a fixed one. The IR is an
-``.xml`` + ``.bin`` pair. The checkpoint's metadata travels in the model's ``rt_info`` under ``icnet_ros`` as JSON
-(it survives ``save_model`` / ``read_model``), with ``network_size`` = [H, W] and an export record in
-``provenance["exported"]`` (format, size, batch, precision, OpenVINO version, source file and SHA-256, date; an
-earlier record moves under ``previous``, as with ``icnet-convert``).
+Export (:func:`export_openvino`): the network as the torch backend runs it (:func:`icnet_ros.export.
+inference_model`: eval-mode copy without the auxiliary heads, BatchNorm folded, concat pyramid pooling factorized)
+is traced with an example input and converted (``openvino.convert_model``) at a fixed network input H x W,
+multiples of 32 (the pyramid pooling bins depend on it; :func:`icnet_ros.export.check_export_size`), with a
+dynamic batch by default (``batch=None``: one compiled model serves every batch the Segmenter forms; it costs
+about 3% at batch 1 against a fixed batch of 1, default model at 544x736 on the 2-core dev machine) or a fixed
+one. The IR is an ``.xml`` + ``.bin`` pair. The checkpoint's metadata travels in the model's ``rt_info`` under
+``icnet_ros`` as JSON (it survives ``save_model`` / ``read_model``), with ``network_size`` = ``input_size`` =
+[H, W] and an export record in ``provenance["exported"]`` (format, size, batch, dynamic_batch, precision,
+OpenVINO version, source file and SHA-256, date; an earlier record moves under ``previous``, as with
+``icnet-convert``), like the ONNX export's.
 
 INT8 (``int8=True``): post-training quantization with NNCF (``nncf.quantize``) of the converted fp32 model,
 calibrated on ``calib_count`` images of ``calib_dir`` (an image folder, or a dataset split folder with an
 ``images/`` subfolder), each resized to the export size exactly as the Segmenter does (bilinear, align_corners
 False, float32) and normalised with the checkpoint's normalisation. Settings: NNCF's defaults for CNNs
 (``preset=PERFORMANCE``: symmetric weights and activations, what the CPU plugin runs fastest; ``model_type``
-None; fast bias correction) -- measured on the default model, see BENCHMARKS.md for the accuracy cost.
+None; fast bias correction), except that the factorized pyramid pooling's MatMuls stay in float
+(:func:`int8_ignored_scope`) -- measured on the default model, see BENCHMARKS.md for the accuracy cost.
 
 Backend (:func:`open_backend`): reads an IR (or an ``.onnx`` file: OpenVINO reads those directly) and compiles it
 for the CPU (``device="cpu"``) or an Intel GPU (``device="xpu"``, OpenVINO's ``GPU``), latency hint, one stream,
@@ -42,10 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import META_KEY, CheckpointError, file_sha256, load_model, validate_meta
-from ..models.icnet import MIN_INPUT_SIZE
+from ..checkpoint import META_KEY, CheckpointError, default_model_path, file_sha256, validate_meta
 from ..preprocess import Normalizer
-from ..sizes import SIZE_DIVISOR
 from .base import BackendOptions, require
 
 NAME = "openvino"
@@ -64,15 +66,19 @@ def _ov() -> Any:
 def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[int, int] = (512, 1024),
                     batch: int | None = None, fp16: bool = False, int8: bool = False,
                     calib_dir: str | os.PathLike | None = None, calib_count: int = 300,
-                    progress: bool = True) -> Path:
-    """Export a native checkpoint (path) or an ICNet module with ``.meta`` to OpenVINO IR; returns the ``.xml``.
+                    progress: bool = True, command: str | None = None) -> Path:
+    """Export a model to OpenVINO IR (see the module docstring); returns the ``.xml`` path.
 
-    ``size``: the fixed network input (H, W). ``batch``: None or 0 = dynamic, N = fixed. ``fp16``: weights stored
-    as fp16 (half the file; OpenVINO decompresses them at load time). ``int8``: NNCF post-training quantization
-    calibrated on ``calib_count`` images from ``calib_dir`` (see the module docstring). ``output``: the ``.xml``
-    path (``.xml`` is appended when missing); the ``.bin`` goes beside it. Files are written atomically."""
+    ``model_or_path``: None (the package's default model), a native ``.safetensors`` checkpoint or an ICNet
+    module. ``size``: the fixed network input (H, W), multiples of 32. ``batch``: None or 0 = dynamic, N = fixed.
+    ``fp16``: weights stored as fp16 (half the file; OpenVINO decompresses them at load time). ``int8``: NNCF
+    post-training quantization calibrated on ``calib_count`` images from ``calib_dir``. ``command``: recorded in
+    the provenance. ``output``: the ``.xml`` path (``.xml`` is appended when missing); the ``.bin`` goes beside
+    it. Files are written atomically."""
+    from ..export import check_export_size, inference_model
+
     ov = _ov()
-    h, w = _check_size(size)
+    h, w = check_export_size(size)
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 0):
         raise ValueError(f"batch must be None or 0 (dynamic) or a positive integer, got {batch!r}")
     batch = batch or None
@@ -85,14 +91,19 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     out = Path(output).expanduser()
     if out.suffix != ".xml":
         out = out.with_name(out.name + ".xml")
-
-    model, meta, source = _export_model(model_or_path)
+    if model_or_path is None:
+        model_or_path = default_model_path()
+    source_file = None if isinstance(model_or_path, nn.Module) else Path(model_or_path).expanduser()
+    # the model as the torch backend runs it: BN folded, concat pyramid pooling factorized (OpenVINO would fold
+    # the BNs itself; the factorized pooling halves R50's bottleneck multiply-adds), no auxiliary heads
+    model, meta = inference_model(model_or_path, (h, w))
+    meta = copy.deepcopy(meta)
     example = torch.zeros(1, 3, h, w)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input checks in forward are constants here
-        # tracing here (once, unchecked) is about twice as fast as letting convert_model trace the module
         # (torch 2.13 deprecates torch.jit.trace; convert_model's own PyTorch path traces the same way)
         warnings.simplefilter("ignore", DeprecationWarning)
+        # tracing here (once, unchecked) is about twice as fast as letting convert_model trace the module
         traced = torch.jit.trace(model, example, check_trace=False)
         ov_model = ov.convert_model(traced, example_input=example, input=[ov.PartialShape([batch or -1, 3, h, w])])
     del traced
@@ -101,18 +112,24 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     ov_model.set_friendly_name("icnet")
 
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
-    record: dict[str, Any] = {"format": "openvino", **source, "size": [h, w], "batch": batch or "dynamic",
-                              "precision": precision, "openvino": ov.get_version().split("-")[0],
+    record: dict[str, Any] = {"format": "openvino", "size": [h, w], "batch": batch or 1,
+                              "dynamic_batch": batch is None, "precision": precision,
+                              "openvino": ov.get_version().split("-")[0],
                               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if source_file is not None:
+        record["from"], record["sha256"] = source_file.name, file_sha256(source_file)
+    if command:
+        record["command"] = command
     if int8:
         import nncf
 
         folder = Path(calib_dir).expanduser()  # type: ignore[arg-type]
         record["calibration"] = {"folder": folder.name if folder.name != "images" else folder.parent.name,
                                  "count": len(calib_images), "nncf": nncf.__version__, "preset": "performance",
-                                 "fast_bias_correction": True}
+                                 "fast_bias_correction": True, "ignored_types": ["MatMul"]}
         ov_model = quantize_int8(ov_model, calib_images, (h, w), meta["normalization"], progress=progress)
-    meta["network_size"] = [h, w]
+    meta["arch"] = {**meta["arch"], "aux_heads": False}
+    meta["network_size"] = meta["input_size"] = [h, w]
     provenance = meta.setdefault("provenance", {})
     if "exported" in provenance:  # an export of an export: keep the chain
         record["previous"] = provenance["exported"]
@@ -130,43 +147,6 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
         for t in (tmp, tmp.with_suffix(".bin")):
             t.unlink(missing_ok=True)
     return out
-
-
-def _check_size(size: Any) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in size)
-    except (TypeError, ValueError):
-        raise ValueError(f"size must be (H, W), got {size!r}") from None
-    if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
-        raise ValueError(f"size {h}x{w} is below the network minimum {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}")
-    if h % SIZE_DIVISOR or w % SIZE_DIVISOR:
-        warnings.warn(f"export size {h}x{w} is not a multiple of {SIZE_DIVISOR}: ICNet's cascade misaligns there "
-                      "and loses accuracy (the Segmenter itself uses multiples of 32)", RuntimeWarning, stacklevel=3)
-    return h, w
-
-
-def _export_model(model_or_path: Any) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """A private eval-mode float32 copy without auxiliary heads, its metadata (a copy) and the source record."""
-    if isinstance(model_or_path, (str, os.PathLike)):
-        path = Path(model_or_path).expanduser()
-        model = load_model(path)
-        source: dict[str, Any] = {"from": path.name, "sha256": file_sha256(path)}
-    elif isinstance(model_or_path, nn.Module):
-        if not getattr(model_or_path, "meta", None):
-            raise CheckpointError(f"{type(model_or_path).__name__} has no .meta; export a checkpoint file or a "
-                                  "model loaded with icnet_ros.checkpoint.load_model")
-        model = copy.deepcopy(model_or_path).float()
-        source = {"from": None}
-    else:
-        raise CheckpointError(f"model_or_path must be a checkpoint path or an ICNet module, got "
-                              f"{type(model_or_path).__name__}")
-    meta = copy.deepcopy(model.meta)
-    validate_meta(meta)
-    model.eval()
-    if getattr(model, "auxiliary_head", None) is not None:
-        model.auxiliary_head = None
-    meta["arch"] = {**meta["arch"], "aux_heads": False}
-    return model, meta, source
 
 
 # ------------------------------------------------------------------------------------------------------ INT8
@@ -215,6 +195,14 @@ class _CalibrationSet:
             yield calibration_input(read_image(f), self.size, self.normalizer)
 
 
+def int8_ignored_scope() -> Any:
+    """What stays in float in an INT8 export: the MatMuls of the factorized pyramid pooling (ICNet's only MatMuls,
+    a few MMACs). Quantized, OpenVINO 2026.4's CPU plugin refuses to compile the model (a per-channel scale check
+    in its oneDNN post-ops fails)."""
+    nncf = require(NAME, "nncf", "openvino")
+    return nncf.IgnoredScope(types=["MatMul"], validate=False)  # validate=False: a model may have none
+
+
 def quantize_int8(ov_model: Any, calib_images: list[Path], size: tuple[int, int], normalization: dict[str, Any],
                   progress: bool = True, **nncf_options: Any) -> Any:
     """NNCF post-training INT8 quantization of an OpenVINO model, calibrated on ``calib_images`` (see the module
@@ -222,7 +210,7 @@ def quantize_int8(ov_model: Any, calib_images: list[Path], size: tuple[int, int]
     its own progress bars (statistics collection, bias correction) on stdout; ``progress=False`` hides them."""
     nncf = require(NAME, "nncf", "openvino")
     options: dict[str, Any] = {"subset_size": len(calib_images), "preset": nncf.QuantizationPreset.PERFORMANCE,
-                               "fast_bias_correction": True, **nncf_options}
+                               "fast_bias_correction": True, "ignored_scope": int8_ignored_scope(), **nncf_options}
     quiet = contextlib.redirect_stdout(io.StringIO()) if not progress else contextlib.nullcontext()
     with quiet:
         return nncf.quantize(ov_model, nncf.Dataset(_CalibrationSet(calib_images, size, normalization)), **options)
@@ -248,8 +236,14 @@ def _read_model(core: Any, path: str | os.PathLike) -> tuple[Any, Path]:
             return frontend.convert(frontend.load(str(p))), p
         return core.read_model(str(p)), p
     except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses with multi-line messages
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{p}: OpenVINO cannot read it (corrupt, truncated or not a model?): {first}") from e
+        raise CheckpointError(f"{p}: OpenVINO cannot read it (corrupt, truncated or not a model?): "
+                              f"{_reason(e)}") from e
+
+
+def _reason(e: Exception) -> str:
+    """One line of an OpenVINO exception: its messages are several lines, source locations first."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("Exception from")]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _meta_of(ov_model: Any, path: Path) -> dict[str, Any]:
@@ -336,9 +330,8 @@ class OpenVINOBackend:
         try:
             self._compiled = core.compile_model(ov_model, ov_device, config)
         except Exception as e:  # noqa: BLE001 - e.g. a precision the device does not support
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"{self.path}: OpenVINO cannot compile it for {ov_device} with {precision}: "
-                             f"{first}") from e
+                             f"{_reason(e)}") from e
         self._request = self._compiled.create_infer_request()
         self.version = ov.get_version().split("-")[0]
         self.provider = ov_device
@@ -373,5 +366,5 @@ def open_backend(path: str | os.PathLike, options: BackendOptions = BackendOptio
     return OpenVINOBackend(path, options)
 
 
-__all__ = ["INFERENCE_PRECISIONS", "OpenVINOBackend", "calibration_input", "export_openvino", "open_backend",
-           "quantize_int8", "read_openvino_metadata"]
+__all__ = ["INFERENCE_PRECISIONS", "OpenVINOBackend", "calibration_input", "export_openvino", "int8_ignored_scope",
+           "open_backend", "quantize_int8", "read_openvino_metadata"]
