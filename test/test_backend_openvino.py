@@ -292,9 +292,10 @@ def test_onnx_files_with_icnet_metadata_run_through_openvino(tmp_path, r18):
         open_backend(plain)
     proto = onnx.load(str(plain))
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "icnet_ros", json.dumps(model.meta)
+    meta = {**model.meta, "network_size": list(size)}
+    entry.key, entry.value = "icnet_ros", json.dumps(meta)
     onnx.save(proto, str(tmp_path / "m.onnx"))
-    assert read_openvino_metadata(tmp_path / "m.onnx") == model.meta
+    assert read_openvino_metadata(tmp_path / "m.onnx") == meta
     backend = open_backend(tmp_path / "m.onnx")
     assert backend.fixed_size == size and backend.max_batch is None
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5))

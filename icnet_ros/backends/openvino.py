@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import META_KEY, CheckpointError, default_model_path, file_sha256, validate_meta
+from ..checkpoint import META_KEY, CheckpointError, default_model_path, file_sha256
 from ..preprocess import Normalizer
 from .base import BackendOptions, require
 
@@ -75,7 +75,7 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     post-training quantization calibrated on ``calib_count`` images from ``calib_dir``. ``command``: recorded in
     the provenance. ``output``: the ``.xml`` path (``.xml`` is appended when missing); the ``.bin`` goes beside
     it. Files are written atomically."""
-    from ..export import check_export_size, inference_model
+    from ..export import check_export_size, inference_model, validate_export_meta
 
     ov = _ov()
     h, w = check_export_size(size)
@@ -134,7 +134,7 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     if "exported" in provenance:  # an export of an export: keep the chain
         record["previous"] = provenance["exported"]
     provenance["exported"] = record
-    validate_meta(meta)
+    validate_export_meta(meta)
     ov_model.set_rt_info(json.dumps(meta), META_KEY)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -253,17 +253,9 @@ def _meta_of(ov_model: Any, path: Path) -> dict[str, Any]:
         where = "metadata_props" if path.suffix == ".onnx" else "rt_info"
         raise CheckpointError(f"{path}: no icnet_ros metadata in the model ({where} '{META_KEY}'); not an icnet_ros "
                               "export (export checkpoints with icnet-export)")
-    try:
-        meta = json.loads(ov_model.get_rt_info(key).astype(str))
-    except (json.JSONDecodeError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{path}: icnet_ros metadata is not valid JSON: {e}") from e
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: icnet_ros metadata is not a JSON object")
-    try:
-        validate_meta(meta)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from e
-    return meta
+    from ..export import parse_export_meta
+
+    return parse_export_meta(ov_model.get_rt_info(key).astype(str), path)
 
 
 def read_openvino_metadata(path: str | os.PathLike) -> dict[str, Any]:
