@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from . import engine_config
 from .engine_config import SegmenterConfig
+from .ros_image import DEFAULT_MAX_PIXELS
 
 NODE_NAME = "icnet_node"
 OUTPUT_KINDS = engine_config.OUTPUTS
@@ -122,9 +123,18 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("publish_camera_info", True,
               "Republish the camera's camera_info at the label's resolution as <ns>/semantic/camera_info "
               "(only for cameras that publish <ns>/camera_info)."),
-    ParamSpec("max_age", 0.5, "Drop frames whose header stamp is older than this many seconds when they reach "
-              "the network (0 = never; frames with a zero stamp are never too old).", "[0, 3600] s",
-              _range(0.0, 3600.0), read_only=False),
+    ParamSpec("max_age", 0.5, "Drop frames older than this many seconds when they reach the network (0 = "
+              "never): measured from when the node received them, or from their header stamp (see max_age_from).",
+              "[0, 3600] s", _range(0.0, 3600.0), read_only=False),
+    ParamSpec("max_age_from", "receipt", "What max_age measures from: 'receipt' (the node's reception of the "
+              "frame; works whatever clock stamped it) or 'stamp' (the header stamp on the node's clock: needs "
+              "synchronised clocks or use_sim_time for replayed bags; zero stamps are never too old). Stamps far "
+              "from the node's clock are reported once either way.", "receipt | stamp",
+              _one_of(("receipt", "stamp")), read_only=False),
+    ParamSpec("max_pixels", DEFAULT_MAX_PIXELS, "Largest frame in pixels (height x width), checked from the "
+              "Image's declared size or the JPEG/PNG header before decoding; larger frames are dropped as 'size' "
+              "(bounds the memory and time one frame can take). Default: 3840 x 2160.", "[1, 268435456]",
+              _range(1, 268435456), read_only=False),
     ParamSpec("max_batch", 4, "Most cameras batched into one forward pass.", "[1, 64]", _range(1, 64),
               read_only=False),
     ParamSpec("batch_timeout", 0.0, "After the first frame is ready, wait up to this many seconds for the other "
@@ -216,6 +226,8 @@ class NodeConfig:
     output_namespace: str
     publish_camera_info: bool
     max_age: float
+    max_age_from: str
+    max_pixels: int
     max_batch: int
     batch_timeout: float
     input_reliability: str
@@ -261,7 +273,7 @@ def parse(values: dict[str, Any]) -> NodeConfig:
     return NodeConfig(
         image_topics=tuple(v["image_topics"]), model=v["model"], engine=engine, outputs=tuple(v["outputs"]),
         output_namespace=v["output_namespace"], publish_camera_info=v["publish_camera_info"],
-        max_age=v["max_age"], max_batch=v["max_batch"],
+        max_age=v["max_age"], max_age_from=v["max_age_from"], max_pixels=v["max_pixels"], max_batch=v["max_batch"],
         batch_timeout=v["batch_timeout"],
         input_reliability=v["input_qos.reliability"], input_depth=v["input_qos.depth"],
         output_reliability=v["output_qos.reliability"], output_depth=v["output_qos.depth"],
