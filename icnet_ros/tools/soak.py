@@ -127,8 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     node_args = ["--ros-args", "-p", f"model:={model}", "-p", "device:=cpu", "-p",
                  f"image_topics:=[{','.join(CAMERAS)}]", "-p", f"num_threads:={args.threads}",
                  "-p", "publish_camera_info:=false"]
-    if "input_qos.reliability" in node_params.SPECS:  # else the node matches the publishers' reliability
-        node_args += ["-p", "input_qos.reliability:=reliable"]
+    # reliable input with a history deeper than one: with KEEP_LAST 1, DDS itself replaces a sample the executor has
+    # not taken yet, uncounted; with more, every frame reaches the node, which counts what it supersedes
+    if "input_qos.reliability" in node_params.SPECS:
+        node_args += ["-p", "input_qos.reliability:=reliable", "-p", "input_qos.depth:=10"]
+    else:  # ROS 2's standard QoS overrides
+        for cam in CAMERAS:
+            node_args += ["-p", f"qos_overrides.{cam}.subscription.reliability:=reliable",
+                          "-p", f"qos_overrides.{cam}.subscription.depth:=10"]
     log_path = Path(tempfile.mkdtemp(prefix="icnet_soak_")) / "node.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
