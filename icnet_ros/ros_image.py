@@ -41,8 +41,10 @@ DEFAULT_MAX_PIXELS = 3840 * 2160
 #: scans a JPEG may have (a baseline JPEG has 1, a progressive one about 10): each scan is a pass over all the
 #: image's coefficients, so thousands of tiny scans make a small file take minutes to decode
 MAX_JPEG_SCANS = 100
-#: marker segments a JPEG header may have before its first scan (real files: tens)
+#: marker segments a JPEG may have (real files: tens)
 MAX_JPEG_SEGMENTS = 1000
+#: chunks a PNG may have (encoders split the image data into chunks of 8-64 KiB: a 4K frame has tens)
+MAX_PNG_CHUNKS = 100000
 
 
 class ImageFormatError(ValueError):
@@ -240,7 +242,9 @@ _JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
 def _png_header(buf: np.ndarray) -> tuple[int, int]:
-    """(height, width) from a PNG's IHDR chunk, its CRC checked."""
+    """(height, width) from a PNG's IHDR chunk. Walks every chunk and checks its CRC (zlib.crc32: C speed, linear
+    in the message), so a corrupt or truncated PNG is refused before the decoder sees it, deterministically (a
+    decoder may stop reading once it has its pixel rows, and miss damage after them)."""
     head = buf[:33].tobytes()
     if len(head) < 33:
         raise ImageFormatError("decode", f"PNG of {buf.size} bytes is shorter than its header")
@@ -248,10 +252,28 @@ def _png_header(buf: np.ndarray) -> tuple[int, int]:
     if length != 13 or ctype != b"IHDR":
         raise ImageFormatError("decode", "PNG does not start with an IHDR chunk")
     width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
-    if struct.unpack(">I", head[29:33])[0] != zlib.crc32(head[12:29]):
-        raise ImageFormatError("decode", "PNG header (IHDR) fails its CRC check")
     if depth not in _PNG_DEPTHS.get(colour, ()):
         raise ImageFormatError("decode", f"PNG header: invalid colour type {colour} / bit depth {depth}")
+    data = memoryview(buf)
+    n, i, chunks, idat = len(data), 8, 0, False
+    while True:
+        if i + 12 > n:
+            raise ImageFormatError("decode", f"PNG truncated at byte {i} of {n} (no IEND chunk)")
+        length, ctype = struct.unpack(">I4s", data[i:i + 8])
+        end = i + 12 + length
+        if end > n:
+            raise ImageFormatError("decode", f"PNG chunk {ctype!r} of {length} bytes runs past the end of the data")
+        if struct.unpack(">I", data[end - 4:end])[0] != zlib.crc32(data[i + 4:end - 4]):
+            raise ImageFormatError("decode", f"PNG chunk {ctype!r} at byte {i} fails its CRC check")
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise ImageFormatError("decode", f"PNG has more than {MAX_PNG_CHUNKS} chunks")
+        idat = idat or ctype == b"IDAT"
+        i = end
+        if ctype == b"IEND":
+            break
+    if not idat:
+        raise ImageFormatError("decode", "PNG has no image data (IDAT)")
     return height, width
 
 
