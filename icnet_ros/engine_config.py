@@ -305,10 +305,12 @@ def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None
             group.add_argument(o.flag, dest=name, default=default, metavar=name.upper(), help=help_text)
 
 
-def from_args(args: argparse.Namespace, base: SegmenterConfig | None = None) -> SegmenterConfig:
-    """The checked config from parsed CLI flags (options absent from ``args`` keep ``base``'s values)."""
+def from_args(args: argparse.Namespace, base: SegmenterConfig | None = None,
+              names: tuple[str, ...] | None = None) -> SegmenterConfig:
+    """The checked config from parsed CLI flags (``names``, default all options; those absent from ``args`` keep
+    ``base``'s values)."""
     values = {}
-    for name in OPTIONS:
+    for name in names or tuple(OPTIONS):
         if hasattr(args, name):
             v = getattr(args, name)
             values[name] = " ".join(map(str, v)) if name == "input_size" and isinstance(v, list) else v

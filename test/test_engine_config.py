@@ -94,3 +94,14 @@ def test_reconfigure_live_options_between_calls(tmp_path):
     with pytest.raises(ConfigError, match="overlay_alpha"):
         seg.reconfigure(overlay_alpha=-1)
     assert seg.config.overlay_alpha == 1.0  # a refused change changes nothing
+
+
+@pytest.mark.parametrize("tool, names", [("icnet_ros.evaluate", ("backend", "device", "input_size", "size_divisor")),
+                                         ("icnet_ros.tools.bench", ("device", "optimize", "compile", "cuda_graphs"))])
+def test_other_tools_take_engine_flags_from_the_config(tool, names):
+    import importlib
+
+    parser = importlib.import_module(tool).build_parser()
+    flags = {a.dest: a for a in parser._actions}
+    for name in names:
+        assert name in flags and engine_config.OPTIONS[name].description in flags[name].help, (tool, name)

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import engine_config
+from ..engine_config import OPTIONS, PRECISIONS
 from ..profiling import PREFIX, STAGES, ranges
 from ..sizes import MIN_INPUT_SIZE, parse_hw
 
@@ -414,6 +416,8 @@ def wants_detail(cfg: BenchConfig, selectors: list[str] | None) -> bool:
     return False
 
 
+#: single-valued engine options taken as they are (--precision and --backend are grids here)
+ENGINE_FLAGS = ("device", "optimize", "compile", "cuda_graphs")
 BENCH_BACKENDS = ("torch", "onnxruntime", "openvino", "openvino-int8", "tensorrt")
 
 
@@ -453,9 +457,8 @@ def bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], N
     model = cfg.spec.build()
     with warnings.catch_warnings():  # fallbacks are logged below (res.notes)
         warnings.simplefilter("ignore", RuntimeWarning)
-        seg = Segmenter(model, device=args.device, precision=cfg.precision, input_size=None, outputs=tuple(want),
-                        optimize=not args.no_optimize, warmup=False, compile=args.compile or False,
-                        cuda_graphs=args.cuda_graphs)
+        seg = Segmenter(model, args.engine, precision=cfg.precision, input_size="native", outputs=tuple(want),
+                        warmup=False)
     sync = synchronizer(seg.device)
     h, w = cfg.size
     rng = np.random.default_rng(0)
@@ -622,8 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", nargs="+", type=parse_size, default=None, metavar="HxW",
                    help="input size(s) (default 512x1024)")
     p.add_argument("--batch", nargs="+", type=int, default=[1], help="batch size(s) (default 1)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS), metavar="PRECISION",
+                   help=f"precision(s) of the grid: {OPTIONS['precision'].description} Default: fp32.")
     p.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
                    help="pipeline outputs, comma-separated (default label,overlay)")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per measurement (default 10)")
@@ -642,19 +645,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-compile", default=None, metavar="MODE",
                    help="add a torch.compile step to --ablation (e.g. default; slow to compile on CPU)")
     p.add_argument("--backend", nargs="+", default=None, choices=BENCH_BACKENDS, metavar="NAME",
-                   help=f"also time these backends side by side with torch: {', '.join(BENCH_BACKENDS)}")
+                   help=f"also time these backends side by side with torch ({', '.join(BENCH_BACKENDS)}; "
+                        f"openvino-int8: an INT8 OpenVINO export). {OPTIONS['backend'].description}")
     p.add_argument("--calib", default=None, metavar="DIR",
                    help="calibration images for --backend openvino-int8 (an image folder or a split folder)")
     p.add_argument("--calib-count", type=int, default=300, help="calibration images used (default 300)")
-    p.add_argument("--no-optimize", action="store_true", help="Segmenter without optimisations")
-    p.add_argument("--compile", default=None, metavar="MODE", help="torch.compile the Segmenter's network")
-    p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the Segmenter's network")
     p.add_argument("--sweep", action="store_true",
                    help="BENCHMARKS.md grid: icnet_r18/icnet_r50 x width 1.0/0.5 x 512x1024/1024x2048 "
                         "(explicit --arch/--width/--size override parts of it)")
     p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON ('-' for stdout)")
     p.add_argument("--markdown", default=None, metavar="PATH", help="write a Markdown table ('-' for stdout)")
     p.add_argument("--quiet", action="store_true", help="no per-measurement log lines")
+    engine_config.add_arguments(p, names=ENGINE_FLAGS)
     return p
 
 
@@ -678,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     _ABLATED.clear()
     try:
         args.outputs = [o for o in args.outputs.replace(",", " ").split() if o]
+        args.engine = engine_config.from_args(args, names=ENGINE_FLAGS)
+        args.device = args.engine.device
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.arch:
