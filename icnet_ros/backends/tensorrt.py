@@ -287,7 +287,9 @@ class TensorRTBackend:
         ctx.set_input_shape(INPUT_NAME, tuple(x.shape))
         ctx.set_tensor_address(INPUT_NAME, x.data_ptr())
         ctx.set_tensor_address(OUTPUT_NAME, out.data_ptr())
-        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        with torch.cuda.device(self.device):  # TensorRT runs on the current CUDA device
+            ok = ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream)
+        if not ok:
             raise RuntimeError("TensorRT execute_async_v3 failed (see TensorRT's log)")
         return out
 
