@@ -193,7 +193,8 @@ class Segmenter:
 
     ``device="auto"`` falls back to the CPU with a warning (also in :attr:`notes`); fp16 on the CPU raises, except
     with ``device="auto"`` where it falls back to fp32. ``warmup`` runs the pipeline once (twice on CUDA) at
-    construction: at the fixed input size, else the checkpoint's, else 512x1024 on CUDA and 256x512 on the CPU.
+    construction: at the given frame sizes, else the fixed input size, else the checkpoint's, else 512x1024 on CUDA
+    and 256x512 on the CPU.
     """
 
     def __init__(self, model_or_path: Any = None, config: SegmenterConfig | None = None, **options: Any) -> None:
@@ -244,8 +245,11 @@ class Segmenter:
         self.last_latency_s: float | None = None
         if self.device.type == "cuda" and self.input_policy == "fixed":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest algorithms
-        if cfg.warmup:
-            self.warmup(None if cfg.warmup is True else tuple(cfg.warmup))
+        if cfg.warmup is True:
+            self.warmup()
+        elif cfg.warmup:
+            for size in cfg.warmup:  # the cameras' sizes: graphs captured now, not on the hot path
+                self.warmup(size)
 
     def _note(self, text: str) -> None:
         warnings.warn(text, RuntimeWarning, stacklevel=3)

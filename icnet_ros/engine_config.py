@@ -151,13 +151,18 @@ def _compile(value: Any) -> str:
     return _choice(COMPILE_MODES)(value)
 
 
-def _warmup(value: Any) -> bool | tuple[int, int]:
+def _warmup(value: Any) -> bool | tuple[tuple[int, int], ...]:
+    """true | false | frame sizes to warm up at (CUDA graphs are captured there, not on the hot path)."""
     if isinstance(value, bool):
         return value
-    size = parse_input_size(value)
-    if not isinstance(size, tuple):
-        raise ValueError("must be true, false or a size HxW")
-    return size
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[;\s]+", value.strip()) if v]
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        value = [value]
+    sizes = tuple(parse_input_size(v) for v in value)
+    if not sizes or not all(isinstance(v, tuple) for v in sizes):
+        raise ValueError("must be true, false or frame sizes HxW[;HxW...]")
+    return sizes
 
 
 def _threshold(value: Any) -> float:
@@ -216,8 +221,9 @@ class SegmenterConfig:
                              "input shape (at warm-up for the configured sizes).", "true | false", _bool)
     engine_cache: str = _opt("", "TensorRT (native or ONNX Runtime's TensorRT provider): folder of the built "
                              "engines ('' = next to the model file).", "a folder or empty", str)
-    warmup: Any = _opt(True, "Run the pipeline once at start-up (true), not (false), or at a size HxW.",
-                       "true | false | HxW", _warmup, node=False, cli=False)
+    warmup: Any = _opt(True, "Run the pipeline at start-up (true), not (false), or at each of these frame sizes "
+                       "(the cameras' sizes: CUDA graphs and kernel choices are then made before the first frame).",
+                       "true | false | HxW[;HxW...]", _warmup, node=False, cli=False)
 
     # ---------------------------------------------------------------------------------------------- building
     @classmethod

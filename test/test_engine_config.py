@@ -105,3 +105,14 @@ def test_other_tools_take_engine_flags_from_the_config(tool, names):
     flags = {a.dest: a for a in parser._actions}
     for name in names:
         assert name in flags and engine_config.OPTIONS[name].description in flags[name].help, (tool, name)
+
+
+def test_warmup_at_the_cameras_sizes(tmp_path):
+    from helpers import make_checkpoint
+
+    assert engine_config.check("warmup", "360x480;720x1280") == ((360, 480), (720, 1280))
+    assert engine_config.check("warmup", (96, 128)) == ((96, 128),)
+    with pytest.raises(ConfigError, match="warmup"):
+        engine_config.check("warmup", "big")
+    seg = Segmenter(make_checkpoint(tmp_path / "m.safetensors"), device="cpu", warmup="96x128;128x160")
+    assert seg.last_latency_s is not None  # it ran

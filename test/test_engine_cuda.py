@@ -203,3 +203,11 @@ def test_no_hidden_synchronisation_in_segment(ckpt):
             seg.segment(fs, channel_order=["RGB", "BGR"])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graphs_captured_at_warmup_for_the_cameras_sizes(ckpt):
+    seg = Segmenter(ckpt, device="cuda", cuda_graphs=True, warmup="128x160;160x192")
+    assert seg.backend.graphs == 2  # captured before the first frame, not on the hot path
+    rng = np.random.default_rng(1)
+    seg.segment([rng.integers(0, 256, (128, 160, 3), dtype=np.uint8)])
+    assert seg.backend.graphs == 2  # replayed, nothing new captured
