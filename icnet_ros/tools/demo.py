@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", default="/camera/image_raw", help="camera topic (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--input-size", default="native", help="network input size: native, HxW or a scale factor "
-                   "(default: %(default)s)")
+    p.add_argument("--input-size", default=None, help="network input size: auto, native, HxW or a scale factor "
+                   "(default: the node's, auto: the width the model was trained at)")
     p.add_argument("--rate", type=float, default=0.0, help="playback fps; 0 (default) = as fast as the node "
                    "segments: each frame once the node has taken the previous one (no frame dropped)")
     p.add_argument("--max-frames", type=int, default=None, help="play at most this many frames")
@@ -124,7 +124,9 @@ def _node_overrides(args: argparse.Namespace, model: str, reliable: bool) -> lis
     from rclpy.parameter import Parameter
 
     values: dict[str, Any] = {"image_topics": [args.topic], "model": model, "device": args.device,
-                              "precision": args.precision, "input_size": args.input_size}
+                              "precision": args.precision}
+    if args.input_size is not None:
+        values["input_size"] = args.input_size
     if reliable:  # the demo's own player and recorder: never lose a frame between them and the node
         values.update({"input_qos.reliability": "reliable", "input_qos.depth": 10,
                        "output_qos.reliability": "reliable", "output_qos.depth": 100, "max_age": 0.0})

@@ -285,10 +285,14 @@ def main(argv: list[str] | None = None) -> int:
         node.destroy_node()
         helper.destroy_node()
         rclpy.try_shutdown()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    _write_json(args.json, results)
     return 0
+
+
+def _write_json(path: str | None, results: Any) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 def _main_demo(args: argparse.Namespace) -> int:
@@ -300,7 +304,7 @@ def _main_demo(args: argparse.Namespace) -> int:
 
     rclpy.init()
     demo_args = argparse.Namespace(topic="/camera/image_raw", device=args.device, precision="fp32",
-                                   input_size="native")
+                                   input_size=None)  # the node's default, as icnet-demo
     overrides = _node_overrides(demo_args, args.model, reliable=True)
     if args.threads:
         from rclpy.parameter import Parameter
@@ -320,9 +324,7 @@ def _main_demo(args: argparse.Namespace) -> int:
         executor.shutdown(timeout_sec=2.0)
         node.destroy_node()
         rclpy.try_shutdown()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    _write_json(args.json, result)
     return 0
 
 
