@@ -24,6 +24,12 @@ unprocessed one: the newest-frame policy), ``no_subscribers``, ``too_old`` (``ma
 network minimum), ``inference_error`` (the forward pass failed for this frame alone), ``out_of_memory`` (it failed
 for lack of device memory even alone), ``device_error`` (the device became unusable) and ``publish_error``.
 
+Fairness: batches are taken round robin; a frame costing more than :data:`BIG_FRAME` times the smallest pending
+frame (in pixels: network input or output size, from the declared size or the compressed header) waits for its
+turn by deficit round robin, so a camera sending frames far larger than the others' (up to ``max_pixels``) gets
+about its share of the worker's time and the other cameras keep getting frames, instead of one per big forward
+pass.
+
 Clocks: ``max_age`` is measured from when the frame was received (``max_age_from="receipt"``, the default), so
 frames stamped by another clock (a camera's hardware clock, a bag replayed without ``use_sim_time``) are served;
 ``max_age_from="stamp"`` measures the header stamp's age on the node's clock instead. Stamps more than
@@ -49,7 +55,8 @@ from typing import Any
 
 import numpy as np
 
-from .ros_image import DEFAULT_MAX_PIXELS, ImageFormatError, segmenter_frame
+from .ros_image import DEFAULT_MAX_PIXELS, ImageFormatError, compressed_header, segmenter_frame, segmenter_input
+from .sizes import MIN_INPUT_SIZE
 
 __all__ = ["AGE_FROM", "CameraStats", "FOREIGN_CLOCK_S", "FramePipeline", "LATENCY_WINDOW", "PipelineOptions",
            "REGROW_AFTER", "WARN_PERIOD_S", "device_failure"]
@@ -58,6 +65,7 @@ WARN_PERIOD_S = 5.0  # throttle for repeated per-camera warnings and errors of o
 LATENCY_WINDOW = 300  # latency samples kept per camera for the percentiles
 FOREIGN_CLOCK_S = 10.0  # a header stamp further than this from the node's clock at receipt: another clock
 RECENT_S = 5.0  # batch_timeout waits for a camera only if it sent a frame this recently (or within 3 periods)
+BIG_FRAME = 4  # a frame costing more than this many times the smallest pending one waits for its turn (fairness)
 REGROW_AFTER = 100  # good batches after an out-of-memory shrink before the batch limit grows by one
 AGE_FROM = ("receipt", "stamp")
 
@@ -169,6 +177,7 @@ class _Camera:
     pending: _Item | None = None  # newest unprocessed frame
     last_log: dict[str, float] = dataclasses.field(default_factory=dict)  # reason -> time.monotonic()
     clock_warned: bool = False  # the foreign-clock warning is given once per camera
+    credit: int = 0  # pixels earned toward its next frame (deficit round robin, see _take_batch)
     problem: str | None = None  # a standing problem for /diagnostics (e.g. stamps from another clock)
 
 
@@ -178,6 +187,7 @@ class _Item:
     msg: Any
     received_mono: float  # time.monotonic() at submit
     received_ns: int  # the node's clock at submit
+    cost: int = 1  # pixels to segment, from the declared size or the compressed header (1: refused when decoded)
     wanted: set[str] | frozenset[str] = frozenset()
     frame: np.ndarray | None = None
     order: str = "RGB"
@@ -227,7 +237,7 @@ class FramePipeline:
     def submit(self, key: str, msg: Any) -> None:
         """Store ``msg`` as camera ``key``'s newest frame (an unprocessed older one is dropped as ``superseded``)."""
         cam = self._by_key[key]
-        item = _Item(cam, msg, time.monotonic(), self._clock_ns())
+        item = _Item(cam, msg, time.monotonic(), self._clock_ns(), self._cost(cam, msg))
         with self._lock:
             s = cam.stats
             s.received += 1
@@ -239,6 +249,25 @@ class FramePipeline:
                 s.dropped["superseded"] += 1
             cam.pending = item
             self._lock.notify_all()
+
+    def _cost(self, cam: _Camera, msg: Any) -> int:
+        """What a frame will cost the worker, in pixels: the larger of its network input and its own size (the
+        outputs are made at that size), from the declared size or the JPEG/PNG header, nothing decoded. 0 for a
+        frame that will be refused before the network (malformed, above max_pixels, below the network minimum)."""
+        try:
+            if cam.compressed:
+                _, height, width = compressed_header(msg)
+            else:
+                segmenter_input(msg)  # a zero-copy view: checks encoding, size, step and length
+                height, width = int(msg.height), int(msg.width)
+            if height * width > self.options.max_pixels:
+                return 0
+            net_h, net_w = self._segmenter.network_size(height, width)
+        except Exception:  # noqa: BLE001 - a malformed frame: refused when decoded, at no cost
+            return 0
+        if min(net_h, net_w) < MIN_INPUT_SIZE:
+            return 0
+        return max(net_h * net_w, height * width)
 
     def configure(self, **changes: Any) -> None:
         """Change options live (``max_age``, ``max_batch``, ``batch_timeout``); the next batch uses them."""
@@ -389,11 +418,26 @@ class FramePipeline:
                 if ready >= min(expected, limit) or left <= 0:
                     break
                 self._lock.wait(left)
+        # deficit round robin on pixels for frames far larger than the smallest pending one (> BIG_FRAME x): such a
+        # frame's camera earns the smallest frame's pixels per batch and is served once it has earned its frame's,
+        # so it cannot hold the worker batch after batch while the other cameras wait. Frames of similar cost (and
+        # frames that will be refused before the network, cost 0) are taken at once, as plain round robin.
+        costs = [c.pending.cost for c in self._cameras if c.pending is not None and c.pending.cost > 0]
+        quantum = min(costs, default=0)
         batch = []
         for i in range(n):
             cam = self._cameras[(self._rr + i) % n]
-            if cam.pending is not None and len(batch) < limit:
-                batch.append(cam.pending)
+            item = cam.pending
+            if item is None:
+                cam.credit = 0
+                continue
+            if item.cost > BIG_FRAME * quantum:
+                cam.credit += quantum
+                if cam.credit < item.cost:
+                    continue
+            if len(batch) < limit:
+                cam.credit = 0
+                batch.append(item)
                 cam.pending = None
         self._rr = (self._rr + 1) % n
         if batch:

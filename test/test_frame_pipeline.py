@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -421,3 +422,17 @@ def test_wait_taken_returns_once_the_worker_took_the_frame(segmenter: Segmenter)
     assert not pipe.wait_taken("/a", 1, timeout=0.05)  # received, still pending
     threading.Timer(0.1, pipe.step).start()
     assert pipe.wait_taken("/a", 1, timeout=30)
+
+
+def test_a_camera_with_much_larger_frames_cannot_starve_the_others(segmenter: Segmenter):
+    """/a sends frames with 16x the pixels of /b's, both as fast as they are taken: /b is served about 16 times
+    per /a frame (deficit round robin on pixels), not once per big forward pass."""
+    pipe, sink, _ = make(segmenter, max_age=0.0)
+    for i in range(34):
+        if pipe.snapshot()["cameras"]["/a"]["received"] == len([k for k, *_ in sink.published if k == "/a"]):
+            pipe.submit("/a", image(i, h=H * 4, w=W * 4))
+        pipe.submit("/b", image(100 + i))
+        pipe.step()
+    served = Counter(k for k, *_ in sink.published)
+    assert served["/b"] == 34 and served["/a"] == 2, served
+    assert pipe.snapshot()["cameras"]["/a"]["dropped"] == {}  # held back, not dropped: it was not superseded
