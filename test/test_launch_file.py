@@ -153,6 +153,9 @@ def test_dds_profiles_bind_loopback_only():
                            for t in udp), path
         assert root.findtext(".//d:participant/d:rtps/d:useBuiltinTransports", None, ns) == "false", path
         assert int(udp[0].findtext("d:receiveBufferSize", "0", ns)) >= 4 * 1024 * 1024, path
+        shm = [t for t in root.iterfind(".//d:transport_descriptor", ns) if t.findtext("d:type", None, ns) == "SHM"]
+        # one 1920x1080 rgb8 frame (6 MiB) must fit the shared-memory segment, or it goes over fragmented UDP
+        assert shm and int(shm[0].findtext("d:segment_size", "0", ns)) >= 1920 * 1080 * 3 * 2, path
 
 
 def test_node_param_helpers():
