@@ -59,7 +59,7 @@ setup(
     tests_require=["pytest"],
     entry_points={
         "console_scripts": [
-            "icnet_node = icnet_ros.node:main",
+            "icnet_node = icnet_ros.node_process:main",  # signal handlers before the heavy imports
             "icnet-play = icnet_ros.tools.play:main",
             "icnet-convert = icnet_ros.tools.convert:main",
             "icnet-export = icnet_ros.tools.export:main",

@@ -19,12 +19,21 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-__all__ = ["CameraInfoCache", "scale_camera_info", "stamp_ns"]
+__all__ = ["CameraInfoCache", "image_size", "scale_camera_info", "stamp_ns"]
 
 
 def stamp_ns(header: Any) -> int:
     """A header's stamp in nanoseconds."""
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+def image_size(info: Any) -> tuple[int, int]:
+    """(height, width) of the images a camera with this camera_info delivers: the ROI (or the full frame) divided
+    by the binning. (0, 0) for an uncalibrated camera_info."""
+    bx, by = max(int(info.binning_x), 1), max(int(info.binning_y), 1)
+    width = int(info.roi.width) or int(info.width)
+    height = int(info.roi.height) or int(info.height)
+    return height // by, width // bx
 
 
 class CameraInfoCache:

@@ -1,56 +1,79 @@
-"""``icnet_node``: a thin rclpy adapter over :class:`icnet_ros.engine.Segmenter`.
+"""``icnet_node``: a managed (lifecycle) rclpy adapter over :class:`icnet_ros.engine.Segmenter`.
 
 Camera topics in (``sensor_msgs/Image`` rgb8/bgr8/rgba8/bgra8/mono8, or ``sensor_msgs/CompressedImage`` jpeg/png
 for topics ending in ``/compressed``); per camera, next to its input topic (``/cam/image_raw`` ->
 ``/cam/semantic/...``): ``label`` (mono8 class ids, 255 = unknown), ``color`` and ``overlay`` (rgb8, bgr8 for BGR
-inputs), ``confidence`` (mono8, 0-255) and ``camera_info`` (at the label's resolution), each with the input's header.
-Class metadata goes out once as JSON on a transient-local ``std_msgs/String`` topic and as read-only parameters;
-``/diagnostics`` carries rates, latencies, drops, device and model.
+inputs), ``confidence`` (mono8, 0-255) and ``camera_info`` (the camera_info with the image's stamp, scaled to the
+label's resolution: :mod:`icnet_ros.camera_info`), each with the input's header. Class metadata goes out once as
+JSON on a transient-local ``std_msgs/String`` topic and as read-only parameters; ``/diagnostics`` carries rates,
+latencies, drops, device and model.
+
+Lifecycle (REP-2002 managed node): *configure* loads and warms up the model and creates the publishers;
+*activate* subscribes and starts the worker; *deactivate* unsubscribes and stops taking frames; *cleanup* frees the
+model and its (GPU) memory; *shutdown* ends the process. With ``autostart`` (default) the node drives itself to
+active at start-up; otherwise a lifecycle manager (or ``ros2 lifecycle set``) does.
 
 Scheduling (:class:`icnet_ros.frame_pipeline.FramePipeline`, ROS-free): subscription callbacks only store the
-newest message per camera (an older pending one is counted as ``superseded``). One worker thread takes the newest
-frame of every camera that has one (up to ``max_batch``), drops frames older than ``max_age`` and malformed ones
-(each counted by reason), hands all of them to ONE ``Segmenter.segment`` call (frames of the same size share one
-forward pass) and publishes through this node. Outputs that nobody subscribes to are not requested from the
-Segmenter (per batch: what any of its cameras needs) nor published.
+newest message per camera; one worker thread serves the newest frame of every camera in one batched
+``Segmenter.segment`` call and publishes through this node.
 
-Parameters: :mod:`icnet_ros.node_params`. Start-up errors (bad parameter, missing or invalid model) print one clear
-line and exit with status 2.
+Parameters (:mod:`icnet_ros.node_params`): live ones apply to the next batch; ``model`` and the engine options that
+need a new Segmenter (``device``, ``precision``, ``backend``, ...) switch by hot swap: the new Segmenter is built and
+warmed up in the parameter service's thread while the worker keeps serving with the current one, then swapped in
+between two batches; a new one that cannot start is refused with the reason (the parameter keeps its value).
+
+QoS: ROS 2's ``qos_overrides`` (rclpy ``QoSOverridingOptions``: history, depth, reliability, durability) on every
+image subscription and output publisher, read at start-up. Outputs default to reliable, depth 5. An image
+subscription without a reliability override follows its publishers (REP-2003 sensor data, best effort, when there
+is none or any of them is best effort; reliable when all are): a reliable camera's large frames then arrive whole,
+which best effort over DDS often does not deliver. When a camera has a publisher but no frame arrives for
+:data:`NO_FRAMES_WARN_S` seconds the node says why that usually happens and what to change.
+
+Start-up errors (bad parameter, missing or invalid model) print one clear line and exit with status 2; the process
+(signals, clean exit) is :mod:`icnet_ros.node_process`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import sys
+import threading
+import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
-from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.lifecycle import Node as LifecycleNode
+from rclpy.lifecycle import State, TransitionCallbackReturn
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSPolicyKind, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
 from . import node_params
-from .engine_config import LIVE_OPTIONS
-from .frame_pipeline import FramePipeline, PipelineOptions
+from .camera_info import CameraInfoCache, image_size, scale_camera_info, stamp_ns
+from .engine_config import LIVE_OPTIONS, OPTIONS, ConfigError
+from .frame_pipeline import FramePipeline, PipelineOptions, release_device_memory
 from .node_params import NODE_NAME, NodeConfig, ParameterError
-from .ros_image import numpy_to_image, scale_camera_info
+from .ros_image import numpy_to_image
 
-__all__ = ["SegmentationNode", "StartupError", "main"]
+__all__ = ["SegmentationNode", "StartupError", "auto_cpu_threads", "main"]
 
 STALE_INPUT_S = 5.0  # a camera silent this long is reported as WARN in /diagnostics
+NO_FRAMES_WARN_S = 5.0  # a camera with a publisher but no frame this long gets a warning with the likely cause
+OUTPUT_DEPTH = 5  # default history depth of the output publishers
+QOS_POLICIES = (QoSPolicyKind.HISTORY, QoSPolicyKind.DEPTH, QoSPolicyKind.RELIABILITY, QoSPolicyKind.DURABILITY)
+SWAP_TIMEOUT_S = 30.0  # the longest a hot swap waits for the batch in flight on the old model
 
 
 class StartupError(RuntimeError):
     """The node cannot start: a bad parameter, a missing or invalid model, an unusable device."""
-
-
-def _reliability(name: str) -> ReliabilityPolicy:
-    return ReliabilityPolicy.RELIABLE if name == "reliable" else ReliabilityPolicy.BEST_EFFORT
 
 
 def auto_cpu_threads() -> int:
@@ -67,22 +90,55 @@ def auto_cpu_threads() -> int:
     return max(1, cores - 1)
 
 
+def input_reliability(publisher_reliabilities: list[str]) -> str:
+    """The reliability an image subscription takes from its publishers (``"reliable"``/``"best_effort"`` each):
+    reliable when there are publishers and all of them are reliable (a reliable subscription cannot match a
+    best-effort publisher), otherwise best effort (REP-2003's sensor data)."""
+    if publisher_reliabilities and all(r == "reliable" for r in publisher_reliabilities):
+        return "reliable"
+    return "best_effort"
+
+
+def no_frames_hint(topic: str, publishers: int, reliability: str) -> str:
+    """The warning for a camera whose ``publishers`` publish but whose frames do not arrive."""
+    head = f"{topic}: {publishers} publisher(s) but no frame received for {NO_FRAMES_WARN_S:.0f} s"
+    if reliability == "best_effort":
+        return (f"{head}. Likely cause: frames too large for best-effort DDS (a frame is sent in many fragments and "
+                f"one lost fragment loses it; Fast DDS's default 512 KiB shared-memory segment holds no 640x480 rgb8 "
+                f"frame). Fix: let the camera publish reliable (this node then subscribes reliable), or set "
+                f"qos_overrides.{topic}.subscription.reliability: reliable, or give Fast DDS a profile with a larger "
+                f"shared-memory segment (icnet_ros/data/fastdds_loopback.xml), or use the camera's /compressed topic")
+    return (f"{head} (subscribed reliable). Likely cause: incompatible QoS or a publisher on another DDS "
+            f"configuration (check `ros2 topic info -v {topic}`: durability, ROS_DOMAIN_ID, "
+            f"ROS_AUTOMATIC_DISCOVERY_RANGE)")
+
+
 @dataclasses.dataclass
 class Camera:
-    """One input topic with its publishers and newest camera_info (its frames and statistics live in the
-    pipeline, under the same topic as key)."""
+    """One input topic with its publishers, its subscription and its recent camera_info (its frames and statistics
+    live in the pipeline, under the same topic as key)."""
 
     topic: str
     compressed: bool
     publishers: dict[str, Any]
     info_publisher: Any | None
-    camera_info: CameraInfo | None = None  # newest camera_info of this camera
+    info_cache: CameraInfoCache
+    subscription: Any | None = None
+    info_subscription: Any | None = None
+    reliability: str = "best_effort"  # of the image subscription
+    fixed_reliability: bool = False  # set by qos_overrides: never follows the publishers
+    waiting_since: float | None = None  # monotonic time since which a publisher exists and no frame came
+    warned_no_frames: bool = False
 
 
-class SegmentationNode(Node):
-    """The ``icnet_node`` node. Raises :class:`StartupError` from the constructor when it cannot run."""
+class SegmentationNode(LifecycleNode):
+    """The ``icnet_node`` lifecycle node.
 
-    def __init__(self, node_name: str = NODE_NAME, **node_kwargs: Any) -> None:
+    ``start``: None (default) follows the ``autostart`` parameter: configure and activate in the constructor,
+    raising :class:`StartupError` when that fails; False leaves the node unconfigured (the process entry point
+    drives it from the executor, so that signals are served while the model loads)."""
+
+    def __init__(self, node_name: str = NODE_NAME, start: bool | None = None, **node_kwargs: Any) -> None:
         super().__init__(node_name, **node_kwargs)
         try:
             raw = node_params.declare(self)
@@ -90,59 +146,251 @@ class SegmentationNode(Node):
         except ParameterError as e:
             raise StartupError(str(e)) from None
         self._warn_unknown_overrides()
-        cfg = self.config
-
-        self.model_path = cfg.model
-        self.segmenter = self._load_segmenter(cfg)
-        self._declare_class_parameters()
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-
-        out_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=cfg.output_depth,
-                             reliability=_reliability(cfg.output_reliability), durability=DurabilityPolicy.VOLATILE)
-        in_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=cfg.input_depth,
-                            reliability=_reliability(cfg.input_reliability), durability=DurabilityPolicy.VOLATILE)
-        info_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
-        # frames go from the subscriptions into the pipeline; its worker (started last) calls back to publish
-        self.pipeline = FramePipeline(
-            self.segmenter, [(t, node_params.base_topic(t)[1]) for t in cfg.image_topics], wanted=self._wanted,
-            publish=self._publish, clock_ns=lambda: self.get_clock().now().nanoseconds,
-            options=PipelineOptions.from_config(cfg), logger=self.get_logger(), on_fatal=self._on_fatal)
-        self.fatal_error: str | None = None  # set on an unrecoverable device error: main() exits with status 1
+        # subscriptions and timers run beside the parameter and lifecycle services (MultiThreadedExecutor), so a
+        # hot swap or a configure can take seconds without stopping the frames
+        self.io_group = MutuallyExclusiveCallbackGroup()
+        self._pub_lock = threading.Lock()  # publishers of the cameras (the worker publishes, `outputs` changes)
+        self.segmenter: Any = None
+        self.pipeline: FramePipeline | None = None
         self.cameras: list[Camera] = []
-        for topic in cfg.image_topics:
-            base, compressed = node_params.base_topic(topic)
-            pubs = {kind: self.create_publisher(Image, node_params.sibling_topic(
-                base, f"{cfg.output_namespace}/{kind}"), out_qos) for kind in cfg.outputs}
-            info_pub = None
-            cam = Camera(topic, compressed, pubs, None)
-            if cfg.publish_camera_info:
-                info_pub = self.create_publisher(CameraInfo, node_params.sibling_topic(
-                    base, f"{cfg.output_namespace}/camera_info"), out_qos)
-                cam.info_publisher = info_pub
-                self.create_subscription(CameraInfo, node_params.sibling_topic(base, "camera_info"),
-                                         lambda m, c=cam: self._on_camera_info(c, m), info_qos)
-            self.create_subscription(CompressedImage if compressed else Image, topic,
-                                     lambda m, t=topic: self.pipeline.submit(t, m), in_qos)
-            self.cameras.append(cam)
-        self._by_topic = {c.topic: c for c in self.cameras}
+        self._by_topic: dict[str, Camera] = {}
+        self.model_path = self.config.model
+        self.cpu_threads = 0
+        self.fatal_error: str | None = None  # an unrecoverable device error: the process exits with status 1
+        self.startup_error: str | None = None  # why the last configure failed
+        self.finished = threading.Event()  # shut down (lifecycle shutdown or fatal error): the process ends
+        self._class_names: tuple[str, ...] | None = None
+        self._classes_pub: Any = None
+        self._active = False
+        self._starting = False
+        self.busy: str | None = None  # a long operation in progress (a model load), for the process's exit
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_timer = self.create_timer(self.config.diagnostics_period, self._publish_diagnostics,
+                                             callback_group=self.io_group)
+        self._watch_timer = self.create_timer(1.0, self._watch_inputs, callback_group=self.io_group)
+        if start is None:
+            start = self.config.autostart
+        if start:
+            self.start()
+        elif not self.config.autostart:
+            self.get_logger().info("unconfigured: waiting for a lifecycle manager (autostart is false)")
 
+    def start(self) -> None:
+        """Configure and activate (autostart); raises :class:`StartupError` when configuring fails."""
+        self._starting = True
+        try:
+            configured = self.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        finally:
+            self._starting = False
+        if not configured:
+            raise StartupError(self.startup_error or "configure failed")
+        if self.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+            raise StartupError("activate failed")
+
+    # ------------------------------------------------------------------ lifecycle transitions
+    def on_configure(self, state: State) -> TransitionCallbackReturn:
+        self.startup_error = None
+        self.get_logger().info(f"configuring: loading {self._model_path(self.config.model)} ...")
+        try:
+            with self._busy("loading the model"):
+                seg = self._load_segmenter(self.config.model, self.config.engine)
+            self._check_classes(seg)
+        except StartupError as e:
+            self.startup_error = str(e)
+            if not self._starting:  # a start-up failure is reported once, by whoever started the node
+                self.get_logger().error(f"configure failed: {e}")
+            return TransitionCallbackReturn.FAILURE
+        self.segmenter = seg
+        self.model_path = self._model_path(self.config.model)
+        cfg = self.config
+        self._declare_class_parameters()
         classes_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                                  durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self._classes_pub = self.create_publisher(String, cfg.classes_topic, classes_qos)
         self._classes_pub.publish(String(data=self.classes_json))
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._diag_timer = self.create_timer(cfg.diagnostics_period, self._publish_diagnostics)
-        self.pipeline.start()
-        self.get_logger().info(
-            f"ready: model {self.model_path} on {self.segmenter.device} ({self.segmenter.precision}, "
-            f"{self.cpu_threads} CPU thread{'s' if self.cpu_threads != 1 else ''}), backend "
-            f"{self.segmenter.backend.name} ({self.segmenter.backend.provider}), "
-            f"{self.segmenter.class_set.num_classes} classes; cameras: "
-            + ", ".join(f"{c.topic}{' (compressed)' if c.compressed else ''} -> "
-                        f"{node_params.sibling_topic(node_params.base_topic(c.topic)[0], cfg.output_namespace)}/*"
-                        for c in self.cameras))
+        self.cameras = []
+        for topic in cfg.image_topics:
+            base, compressed = node_params.base_topic(topic)
+            info_pub = None
+            if cfg.publish_camera_info:
+                info_pub = self._output_publisher(CameraInfo, node_params.sibling_topic(
+                    base, f"{cfg.output_namespace}/camera_info"))
+            cam = Camera(topic, compressed, {}, info_pub, CameraInfoCache())
+            cam.publishers = {kind: self._output_publisher(Image, self._output_topic(cam, kind))
+                              for kind in cfg.outputs}
+            self.cameras.append(cam)
+        self._by_topic = {c.topic: c for c in self.cameras}
+        self.pipeline = FramePipeline(
+            seg, [(c.topic, c.compressed) for c in self.cameras], wanted=self._wanted, publish=self._publish,
+            clock_ns=lambda: self.get_clock().now().nanoseconds, options=PipelineOptions.from_config(cfg),
+            logger=self.get_logger(), on_fatal=self._on_fatal)
+        self.get_logger().info(f"configured: {self._describe_model()}")
+        return super().on_configure(state)
 
-    # ------------------------------------------------------------------ start-up
+    def on_activate(self, state: State) -> TransitionCallbackReturn:
+        for cam in self.cameras:
+            self._subscribe(cam)
+        assert self.pipeline is not None
+        self.pipeline.start()
+        self._active = True
+        cfg = self.config
+        cameras = []
+        for c in self.cameras:
+            outputs = node_params.sibling_topic(self.resolve_topic_name(node_params.base_topic(c.topic)[0]),
+                                                cfg.output_namespace)
+            cameras.append(f"{self.resolve_topic_name(c.topic)}{' (compressed)' if c.compressed else ''} "
+                           f"[{c.reliability}] -> {outputs}/*")
+        self.get_logger().info(f"ready: {self._describe_model()}; cameras: {', '.join(cameras)}")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: State) -> TransitionCallbackReturn:
+        self._active = False
+        for cam in self.cameras:
+            self._unsubscribe(cam)
+        if self.pipeline is not None:
+            self.pipeline.stop()
+        self.get_logger().info("inactive: not taking frames")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: State) -> TransitionCallbackReturn:
+        self._release()
+        self.get_logger().info("unconfigured: model released")
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: State) -> TransitionCallbackReturn:
+        self._release()
+        self.finished.set()
+        return super().on_shutdown(state)
+
+    def on_error(self, state: State) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self, timeout: float = 10.0) -> None:
+        """Stop the worker, drop subscriptions and publishers, free the model and its device memory."""
+        self._active = False
+        if self.pipeline is not None:
+            self.pipeline.stop(timeout)
+        for cam in self.cameras:
+            self._unsubscribe(cam)
+        with self._pub_lock:
+            for cam in self.cameras:
+                for pub in (*cam.publishers.values(), cam.info_publisher):
+                    if pub is not None:
+                        self.destroy_publisher(pub)
+                cam.publishers, cam.info_publisher = {}, None
+        if self._classes_pub is not None:
+            self.destroy_publisher(self._classes_pub)
+            self._classes_pub = None
+        self.cameras, self._by_topic, self.pipeline = [], {}, None
+        if self.segmenter is not None:
+            self.segmenter.close()
+            self.segmenter = None
+            release_device_memory()
+
+    @contextlib.contextmanager
+    def _busy(self, what: str) -> Iterator[None]:
+        """Marks a long operation (a model load) that a process exit does not wait for (:attr:`busy`)."""
+        self.busy = what
+        try:
+            yield
+        finally:
+            self.busy = None
+
+    # ------------------------------------------------------------------ topics and QoS
+    def _output_topic(self, cam: Camera, kind: str) -> str:
+        return node_params.sibling_topic(node_params.base_topic(cam.topic)[0], f"{self.config.output_namespace}/{kind}")
+
+    def _output_publisher(self, msg_type: Any, topic: str) -> Any:
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=OUTPUT_DEPTH, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+        return self.create_publisher(msg_type, topic, qos,
+                                     qos_overriding_options=QoSOverridingOptions(QOS_POLICIES))
+
+    def _override_given(self, topic: str, policy: str) -> bool:
+        name = f"qos_overrides.{self.resolve_topic_name(topic)}.subscription.{policy}"
+        return name in (getattr(self, "_parameter_overrides", None) or {}) or self.has_parameter(name)
+
+    def _publisher_reliabilities(self, topic: str) -> list[str]:
+        return ["reliable" if i.qos_profile.reliability == ReliabilityPolicy.RELIABLE else "best_effort"
+                for i in self.get_publishers_info_by_topic(self.resolve_topic_name(topic))]
+
+    def _subscribe(self, cam: Camera) -> None:
+        """The image subscription (reliability from qos_overrides, else from the publishers) and the camera_info
+        subscription."""
+        cam.fixed_reliability = self._override_given(cam.topic, "reliability")
+        policies = QOS_POLICIES if cam.fixed_reliability else tuple(p for p in QOS_POLICIES
+                                                                    if p != QoSPolicyKind.RELIABILITY)
+        if not cam.fixed_reliability:
+            cam.reliability = input_reliability(self._publisher_reliabilities(cam.topic))
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, durability=DurabilityPolicy.VOLATILE,
+                         reliability=ReliabilityPolicy.RELIABLE if cam.reliability == "reliable"
+                         else ReliabilityPolicy.BEST_EFFORT)
+        events = SubscriptionEventCallbacks(incompatible_qos=lambda e, c=cam: self._incompatible(c, e))
+        cam.subscription = self.create_subscription(
+            CompressedImage if cam.compressed else Image, cam.topic, lambda m, t=cam.topic: self._on_image(t, m),
+            qos, callback_group=self.io_group, event_callbacks=events,
+            qos_overriding_options=QoSOverridingOptions(policies))
+        if cam.fixed_reliability:
+            cam.reliability = ("reliable" if cam.subscription.qos_profile.reliability == ReliabilityPolicy.RELIABLE
+                               else "best_effort")
+        cam.waiting_since, cam.warned_no_frames = None, False
+        if self.config.publish_camera_info and cam.info_subscription is None:
+            info_topic = node_params.sibling_topic(node_params.base_topic(cam.topic)[0], "camera_info")
+            cam.info_subscription = self.create_subscription(
+                CameraInfo, info_topic, cam.info_cache.add, qos_profile_sensor_data, callback_group=self.io_group)
+
+    def _unsubscribe(self, cam: Camera) -> None:
+        for attr in ("subscription", "info_subscription"):
+            sub = getattr(cam, attr)
+            if sub is not None:
+                self.destroy_subscription(sub)
+                setattr(cam, attr, None)
+
+    def _incompatible(self, cam: Camera, event: Any) -> None:
+        self.get_logger().warning(
+            f"{cam.topic}: a publisher's QoS is incompatible with this subscription ({cam.reliability}; policy "
+            f"{getattr(event, 'last_policy_kind', '?')}): its frames cannot arrive; see `ros2 topic info -v "
+            f"{self.resolve_topic_name(cam.topic)}`")
+
+    def _on_image(self, topic: str, msg: Any) -> None:
+        pipeline = self.pipeline
+        if pipeline is not None and self._active:
+            pipeline.submit(topic, msg)
+
+    def _watch_inputs(self) -> None:
+        """Follow the publishers' reliability (unless qos_overrides fixed it) and warn about cameras whose
+        publishers publish but whose frames do not arrive."""
+        if not self._active or self.pipeline is None:
+            return
+        snap = self.pipeline.snapshot()["cameras"]
+        now = time.monotonic()
+        for cam in self.cameras:
+            if cam.subscription is None:
+                continue
+            reliabilities = self._publisher_reliabilities(cam.topic)
+            wanted = input_reliability(reliabilities)
+            if not cam.fixed_reliability and reliabilities and wanted != cam.reliability:
+                self.get_logger().info(f"{cam.topic}: publisher(s) {sorted(set(reliabilities))}: subscribing "
+                                       f"{wanted} (was {cam.reliability})")
+                self._unsubscribe(cam)
+                cam.reliability = wanted
+                self._subscribe(cam)
+                continue
+            s = snap.get(cam.topic, {})
+            silent = s.get("seconds_since_last_frame")
+            if not reliabilities or (silent is not None and silent < NO_FRAMES_WARN_S):
+                cam.waiting_since = None
+                continue
+            if cam.waiting_since is None:
+                cam.waiting_since = now
+            elif now - cam.waiting_since >= NO_FRAMES_WARN_S and not cam.warned_no_frames:
+                cam.warned_no_frames = True
+                self.get_logger().warning(no_frames_hint(self.resolve_topic_name(cam.topic), len(reliabilities),
+                                                         cam.reliability))
+
+    # ------------------------------------------------------------------ model
     def _warn_unknown_overrides(self) -> None:
         overrides = getattr(self, "_parameter_overrides", {}) or {}  # rclpy keeps no public list of overrides
         for name in overrides:
@@ -152,45 +400,68 @@ class SegmentationNode(Node):
             self.get_logger().warning(f"ignoring unknown parameter {name!r}"
                                       + (f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""))
 
-    def _load_segmenter(self, cfg: NodeConfig) -> Any:
-        """Build and warm up the Segmenter; every failure becomes a one-line :class:`StartupError`."""
-        from .backends.base import MissingRuntimeError
-        from .checkpoint import CheckpointError, default_model_path
+    @staticmethod
+    def _model_path(model: str) -> str:
+        from .checkpoint import default_model_path
 
-        model: str | None = cfg.model or None
+        return str(default_model_path()) if not model else model
+
+    def _load_segmenter(self, model: str, engine: Any) -> Any:
+        """Build and warm up a Segmenter; every failure becomes a one-line :class:`StartupError`."""
+        from .backends.base import MissingRuntimeError
+        from .checkpoint import CheckpointError
+
         try:
-            path = default_model_path() if model is None else model
-            self.model_path = str(path)
+            path = self._model_path(model)
             import torch
 
             from .engine import Segmenter, resolve_device
 
             with warnings.catch_warnings():  # the Segmenter reports the auto -> CPU fallback
                 warnings.simplefilter("ignore", RuntimeWarning)
-                on_cpu = resolve_device(cfg.engine.device).type == "cpu"
-            threads = cfg.num_threads or (auto_cpu_threads() if on_cpu else 0)
+                on_cpu = resolve_device(engine.device).type == "cpu"
+            threads = self.config.num_threads or (auto_cpu_threads() if on_cpu else 0)
             if threads:
                 torch.set_num_threads(threads)
             self.cpu_threads = torch.get_num_threads()
 
             with warnings.catch_warnings():  # fallbacks (auto -> CPU, ...) are logged below, not printed twice
                 warnings.simplefilter("ignore", RuntimeWarning)
-                seg = Segmenter(str(path), cfg.engine, outputs=tuple(cfg.outputs), warmup=True)
+                seg = Segmenter(str(path), engine, outputs=tuple(self.config.outputs), warmup=True)
             for note in getattr(seg, "notes", ()):
                 self.get_logger().warning(note)
             return seg
         except CheckpointError as e:
             message = str(e).removesuffix("; pass a model path")
-            hint = "" if cfg.model else "; set the 'model' parameter to a .safetensors checkpoint"
+            hint = "" if model else "; set the 'model' parameter to a .safetensors checkpoint"
             raise StartupError(f"cannot load model: {message}{hint}") from None
         except MissingRuntimeError as e:
             raise StartupError(str(e)) from None
         except (ValueError, RuntimeError, OSError) as e:
             raise StartupError(f"cannot start the Segmenter: {e}") from None
 
+    def _check_classes(self, seg: Any) -> None:
+        """Class ids are a contract with the subscribers: a model with other classes needs a restart."""
+        names = tuple(seg.class_set.classes)
+        if self._class_names is not None and names != self._class_names:
+            seg.close()
+            raise StartupError(f"the model's {len(names)} classes differ from the {len(self._class_names)} this "
+                               f"node announced (class ids would change under its subscribers); restart the node "
+                               f"to use it")
+
+    def _describe_model(self) -> str:
+        seg = self.segmenter
+        license_ = seg.meta.get("license") if isinstance(getattr(seg, "meta", None), dict) else None
+        return (f"model {self.model_path} on {seg.device} ({seg.precision}, {self.cpu_threads} CPU "
+                f"thread{'s' if self.cpu_threads != 1 else ''}), backend {seg.backend.describe()}, "
+                f"{seg.class_set.num_classes} classes" + (f", license {license_}" if license_ else ""))
+
     def _declare_class_parameters(self) -> None:
         cs = self.segmenter.class_set
         self.classes_json = node_params.class_metadata_json(cs, self.model_path)
+        if self._class_names is not None:  # declared at the first configure (same classes: _check_classes)
+            return
+        self._class_names = tuple(cs.classes)
         colors = ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in cs.palette]
         values = {"classes.names": list(cs.classes), "classes.colors": colors,
                   "classes.ignore_index": int(cs.ignore_index), "classes.json": self.classes_json}
@@ -198,92 +469,157 @@ class SegmentationNode(Node):
             self.declare_parameter(name, value, ParameterDescriptor(description=node_params.CLASS_PARAMS[name],
                                                                     read_only=True), ignore_override=True)
 
+    # ------------------------------------------------------------------ parameters at run time
     def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:
-        """Run-time changes of the parameters that are not read-only (validated like at start-up)."""
+        """Run-time changes (validated like at start-up): live ones apply to the next batch, ``model`` and the
+        engine options that need a new Segmenter by hot swap; a failure leaves everything as it was."""
         changes = {}
         for p in params:
             if p.name not in node_params.SPECS:
+                continue
+            spec = node_params.SPECS[p.name]
+            if spec.read_only:  # rclpy refuses these itself; kept for declare-time calls
                 continue
             try:
                 changes[p.name] = node_params.check_value(p.name, p.value)
             except ParameterError as e:
                 return SetParametersResult(successful=False, reason=str(e))
-        engine = {k: v for k, v in changes.items() if k in LIVE_OPTIONS}
-        if engine:
-            from .engine_config import ConfigError
-
-            try:
-                self.pipeline.segmenter.reconfigure(**engine)  # applied between two batches
-            except ConfigError as e:
-                return SetParametersResult(successful=False, reason=str(e))
-            self.config = dataclasses.replace(self.config, engine=self.pipeline.segmenter.config)
-        live = {f.name for f in dataclasses.fields(PipelineOptions)}
-        update = {k: v for k, v in changes.items() if k in live}
-        if update:
-            self.config = dataclasses.replace(self.config, **update)
-            self.pipeline.configure(**update)
+        if not changes:
+            return SetParametersResult(successful=True)
+        try:
+            self._apply(changes)
+        except (StartupError, ConfigError, ValueError) as e:
+            return SetParametersResult(successful=False, reason=str(e))
         return SetParametersResult(successful=True)
 
-    # ------------------------------------------------------------------ callbacks (no inference here)
-    def _on_camera_info(self, cam: Camera, msg: CameraInfo) -> None:
-        cam.camera_info = msg
+    def _apply(self, changes: dict[str, Any]) -> None:
+        engine_changes = {k: v for k, v in changes.items() if k in OPTIONS}
+        rebuild = "model" in changes or any(k not in LIVE_OPTIONS for k in engine_changes)
+        engine = self.config.engine.replace(**engine_changes) if engine_changes else self.config.engine
+        if "model" in changes and changes["model"] and not os.path.isfile(changes["model"]):
+            raise StartupError(f"model {changes['model']!r}: no such file")
+        if rebuild and self.segmenter is not None:
+            self._hot_swap(changes.get("model", self.config.model), engine)
+        elif engine_changes and self.segmenter is not None:
+            engine = self.segmenter.reconfigure(**engine_changes)  # applied between two batches
+        self.config = dataclasses.replace(self.config, engine=engine, **{
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items()
+            if k in {f.name for f in dataclasses.fields(NodeConfig)} and k != "engine"})
+        if "outputs" in changes and self.cameras:
+            self._set_outputs(tuple(changes["outputs"]))
+        live = {f.name for f in dataclasses.fields(PipelineOptions)}
+        update = {k: v for k, v in changes.items() if k in live}
+        if update and self.pipeline is not None:
+            self.pipeline.configure(**update)
+
+    def _hot_swap(self, model: str, engine: Any) -> None:
+        """Build and warm up a Segmenter for ``model``/``engine`` while the current one serves, then swap it in
+        between two batches and free the old one. Raises :class:`StartupError` (nothing changed) when it cannot
+        start."""
+        t0 = time.monotonic()
+        self.get_logger().info(f"hot swap: loading {self._model_path(model)} ...")
+        with self._busy("loading a model (hot swap)"):
+            new = self._load_segmenter(model, engine)
+        self._check_classes(new)
+        old = self.pipeline.swap_segmenter(new, SWAP_TIMEOUT_S) if self.pipeline is not None else self.segmenter
+        self.segmenter = new
+        self.model_path = self._model_path(model)
+        if old is not None and old is not new:
+            old.close()
+            release_device_memory()
+        self.classes_json = node_params.class_metadata_json(new.class_set, self.model_path)
+        if self._classes_pub is not None:
+            self._classes_pub.publish(String(data=self.classes_json))
+        self.get_logger().info(f"hot swap done in {time.monotonic() - t0:.1f} s: {self._describe_model()}")
+
+    def _set_outputs(self, outputs: tuple[str, ...]) -> None:
+        """Advertise exactly ``outputs`` per camera (publishers created or destroyed)."""
+        with self._pub_lock:
+            for cam in self.cameras:
+                for kind in [k for k in cam.publishers if k not in outputs]:
+                    self.destroy_publisher(cam.publishers.pop(kind))
+                for kind in outputs:
+                    if kind not in cam.publishers:
+                        cam.publishers[kind] = self._output_publisher(Image, self._output_topic(cam, kind))
 
     # ------------------------------------------------------------------ called by the pipeline's worker thread
     def _on_fatal(self, message: str) -> None:
-        """The device is unusable: report ERROR on /diagnostics and end spinning, so that main() exits with
-        status 1 and launch's ``respawn`` can restart the node."""
+        """The device is unusable: report ERROR on /diagnostics and end the process with status 1, so that launch's
+        ``respawn`` can restart the node."""
         self.fatal_error = message
         self.get_logger().fatal(f"{message}; exiting with status 1 (respawn restarts the node)")
         self._publish_diagnostics()
-        rclpy.try_shutdown(context=self.context)
+        self.finished.set()  # icnet_node's process exits (node_process)
+        rclpy.try_shutdown(context=self.context)  # and an executor spun by other code (icnet-demo) returns
 
     def _wanted(self, topic: str) -> set[str]:
-        return {kind for kind, pub in self._by_topic[topic].publishers.items() if pub.get_subscription_count() > 0}
+        with self._pub_lock:
+            cam = self._by_topic.get(topic)
+            if cam is None:
+                return set()
+            return {kind for kind, pub in cam.publishers.items() if pub.get_subscription_count() > 0}
 
     def _publish(self, topic: str, msg: Any, order: str, res: Any, wanted: set[str]) -> list[str]:
-        """Publish one frame's outputs (each with the input's header); returns the kinds published."""
-        cam = self._by_topic[topic]
+        """Publish one frame's outputs (each with the input's header) and the camera_info with its stamp; returns
+        the kinds published."""
         published = []
         header = msg.header
         colour_enc = "bgr8" if order == "BGR" else "rgb8"
-        for kind in node_params.OUTPUT_KINDS:
-            if kind not in wanted:
-                continue
-            arr = getattr(res, kind)
-            if arr is None:
-                continue
-            out = numpy_to_image(arr, "mono8" if kind in ("label", "confidence") else colour_enc, Image())
-            out.header = header
-            cam.publishers[kind].publish(out)
-            published.append(kind)
-        info = cam.camera_info
-        if cam.info_publisher is not None and info is not None and cam.info_publisher.get_subscription_count() > 0:
-            h, w = res.label.shape[:2]
-            out_info = scale_camera_info(info, w, h, CameraInfo())
-            out_info.header = header
-            cam.info_publisher.publish(out_info)
+        with self._pub_lock:
+            cam = self._by_topic.get(topic)
+            if cam is None:
+                return published
+            for kind in node_params.OUTPUT_KINDS:
+                pub = cam.publishers.get(kind)
+                arr = getattr(res, kind)
+                if kind not in wanted or pub is None or arr is None:
+                    continue
+                out = numpy_to_image(arr, "mono8" if kind in ("label", "confidence") else colour_enc, Image())
+                out.header = header
+                pub.publish(out)
+                published.append(kind)
+            info_pub = cam.info_publisher
+            if info_pub is not None and info_pub.get_subscription_count() > 0:
+                info = cam.info_cache.match(stamp_ns(header))
+                out_size = tuple(res.label.shape[:2])
+                if cam.compressed:  # the decoded size is the output's at output_size 'input'
+                    in_size = out_size if self.config.engine.output_size == "input" else \
+                        (image_size(info) if info is not None else (0, 0))
+                else:
+                    in_size = (int(msg.height), int(msg.width))
+                if info is not None and min(in_size) > 0:
+                    out_info = scale_camera_info(info, in_size, out_size, CameraInfo())
+                    out_info.header = header
+                    info_pub.publish(out_info)
         return published
 
     # ------------------------------------------------------------------ diagnostics
     def stats_snapshot(self) -> dict[str, dict[str, Any]]:
         """Per-camera counters and latency percentiles (what /diagnostics reports, as numbers)."""
-        return self.pipeline.snapshot()["cameras"]
+        return self.pipeline.snapshot()["cameras"] if self.pipeline is not None else {}
 
     def _publish_diagnostics(self) -> None:
-        snap = self.pipeline.snapshot(update_rates=True)
-        seg = self.pipeline.segmenter
+        pipeline, seg = self.pipeline, self.segmenter
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
-        device = str(seg.device)
         name = self.get_fully_qualified_name()
+        if pipeline is None or seg is None:
+            state = "not configured" + (f": {self.startup_error}" if self.startup_error else "")
+            arr.status.append(DiagnosticStatus(level=DiagnosticStatus.WARN if self.startup_error else
+                                               DiagnosticStatus.OK, name=f"{name}: segmenter", message=state))
+            self._diag_pub.publish(arr)
+            return
+        snap = pipeline.snapshot(update_rates=True)
+        device = str(seg.device)
         fatal = snap["fatal_error"]
         node_status = DiagnosticStatus(level=DiagnosticStatus.ERROR if fatal else DiagnosticStatus.OK,
                                        name=f"{name}: segmenter", hardware_id=device,
-                                       message=fatal or f"{snap['batches']} batches")
+                                       message=fatal or (f"{snap['batches']} batches" if self._active else
+                                                         f"inactive; {snap['batches']} batches"))
         node_status.values = [KeyValue(key=k, value=str(v)) for k, v in (
             ("device", device), ("model", self.model_path), ("precision", seg.precision),
             ("backend", seg.backend.name), ("provider", seg.backend.provider),
-            ("cpu_threads", self.cpu_threads),
+            ("cpu_threads", self.cpu_threads), ("active", self._active),
             ("classes", seg.class_set.num_classes), ("batches", snap["batches"]),
             ("frames_processed", snap["frames_processed"]), ("mean_batch_size", f"{snap['mean_batch_size']:.2f}"),
             ("max_batch_size", snap["max_batch_size"]), ("batch_limit", snap["batch_limit"]),
@@ -298,6 +634,8 @@ class SegmentationNode(Node):
             silent = s["seconds_since_last_frame"]
             if s["received"] == 0 or silent is None:
                 level, message = DiagnosticStatus.WARN, "no frames received yet"
+                if cam.warned_no_frames:
+                    message += " although a publisher exists (QoS or frame size: see the node's log)"
             elif silent > STALE_INPUT_S:
                 level, message = DiagnosticStatus.WARN, f"no frames for {silent:.0f} s"
             elif bad:
@@ -314,6 +652,7 @@ class SegmentationNode(Node):
                       ("frames_received", s["received"]), ("frames_processed", s["processed"]),
                       ("frames_dropped", sum(v for k, v in dropped.items() if k != "no_subscribers")),
                       ("frames_skipped_no_subscribers", dropped.get("no_subscribers", 0)),
+                      ("input_reliability", cam.reliability),
                       ("device", device), ("model", self.model_path)]
             values += [(f"dropped_{k}", v) for k, v in sorted(dropped.items()) if k != "no_subscribers"]
             values += [(f"computed_{k}", s["computed"].get(k, 0)) for k in cam.publishers]
@@ -322,40 +661,27 @@ class SegmentationNode(Node):
         self._diag_pub.publish(arr)
 
     # ------------------------------------------------------------------ shutdown
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker (waits for the forward pass in flight)."""
-        pipeline = getattr(self, "pipeline", None)
-        if pipeline is not None:
-            pipeline.stop(timeout)
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop the worker (waits up to ``timeout`` s for the forward pass in flight); returns whether it ended."""
+        self._active = False
+        pipeline = getattr(self, "pipeline", None)  # None also when the constructor failed
+        return pipeline.stop(timeout) if pipeline is not None else True
 
     def destroy_node(self) -> None:
         self.close()
+        if getattr(self, "segmenter", None) is not None:
+            self.segmenter.close()
         super().destroy_node()
 
 
 def main(args: list[str] | None = None) -> int:
-    """``ros2 run icnet_ros icnet_node [--ros-args ...]``. Returns the exit status (2: could not start)."""
-    rclpy.init(args=args)
-    try:
-        try:
-            node = SegmentationNode()
-        except StartupError as e:
-            print(f"{NODE_NAME}: error: {e}", file=sys.stderr, flush=True)
-            return 2
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        try:
-            executor.spin()
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass
-        finally:
-            executor.shutdown(timeout_sec=1.0)
-            node.destroy_node()
-        return 1 if node.fatal_error else 0
-    finally:
-        rclpy.try_shutdown()
+    """``ros2 run icnet_ros icnet_node [--ros-args ...]`` (see :mod:`icnet_ros.node_process`)."""
+    from .node_process import main as run
+
+    return run(args)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # prefer `python -m icnet_ros.node_process` (signals are handled from its first line)
+    import sys
+
     sys.exit(main())
-

@@ -2,11 +2,17 @@
 
 The inference engine's parameters (``backend``, ``device``, ``precision``, ``input_size``, ``overlay_alpha``,
 ``confidence_threshold``, ...) are derived from :mod:`icnet_ros.engine_config` (each is defined there once: default,
-allowed values, description, whether it can change at run time); the node's own parameters (topics, scheduling, QoS,
-threads) are defined here. ``config/icnet.yaml`` carries the same defaults (a test keeps them equal). :func:`parse` turns raw values into a
-checked :class:`NodeConfig` or raises :class:`ParameterError` naming the parameter, the bad value and what is
-allowed. Validation is ROS-free; :func:`declare` (rclpy imported lazily) declares the parameters on a node with
+allowed values, description, whether it can change at run time); the node's own parameters (topics, scheduling,
+threads, lifecycle) are defined here. ``config/icnet.yaml`` carries the same defaults (a test keeps them equal).
+:func:`parse` turns raw values into a checked :class:`NodeConfig` or raises :class:`ParameterError` naming the
+parameter, the bad value and what is allowed. Validation is ROS-free; :func:`declare` (rclpy imported lazily) declares the parameters on a node with
 descriptions, so ``ros2 param describe`` shows them.
+
+Each parameter's description ends with how it may change while the node runs: **live** (applied to the next batch),
+**hot swap** (the engine options that need a new Segmenter, and ``model``: a new one is built and warmed up while the
+current one serves, then swapped in between two batches; a new one that cannot start is refused and the current one
+keeps serving) or **read-only** (set at start-up). QoS is not a parameter of its own: the node takes ROS 2's standard
+``qos_overrides`` (see the node's module docstring).
 """
 from __future__ import annotations
 
@@ -22,8 +28,10 @@ from .ros_image import DEFAULT_MAX_PIXELS
 
 NODE_NAME = "icnet_node"
 OUTPUT_KINDS = engine_config.OUTPUTS
-RELIABILITY = ("best_effort", "reliable")
-DURABILITY = ("volatile", "transient_local")
+LIVE = " Live: changes at run time."
+HOT_SWAP = (" Hot swap: a change loads and warms up a new model while the current one serves, then swaps it in "
+            "between two batches (refused, with the current one still serving, if the new one cannot start).")
+READ_ONLY = " Read-only: set at start-up."
 
 
 class ParameterError(ValueError):
@@ -40,6 +48,12 @@ class ParamSpec:
     constraints: str = ""
     check: Callable[[Any], str | None] | None = None
     read_only: bool = True  # False: may be changed while the node runs
+    hot_swap: bool = False  # a change needs a new Segmenter (built beside the running one)
+
+    @property
+    def full_description(self) -> str:
+        """The description with how the parameter may change at run time (what ``ros2 param describe`` shows)."""
+        return self.description + (READ_ONLY if self.read_only else HOT_SWAP if self.hot_swap else LIVE)
 
     @property
     def type_name(self) -> str:
@@ -114,10 +128,11 @@ PARAMS: tuple[ParamSpec, ...] = (
               "/cam/image_raw -> /cam/semantic/{label,color,overlay,confidence,camera_info}.",
               "at least one valid topic name, no duplicates", _check_topics),
     ParamSpec("model", "", "Model file: a native .safetensors checkpoint, or an exported .onnx / OpenVINO .xml "
-              "(icnet-export); empty = the package's default model.", "an existing icnet_ros model file or empty"),
+              "(icnet-export); empty = the package's default model.", "an existing icnet_ros model file or empty",
+              read_only=False, hot_swap=True),
     ParamSpec("outputs", list(OUTPUT_KINDS),
               "Outputs to advertise per camera. Each is computed only while someone subscribes to it.",
-              "subset of label, color, overlay, confidence", _check_outputs),
+              "subset of label, color, overlay, confidence", _check_outputs, read_only=False),
     ParamSpec("output_namespace", "semantic", "Namespace of the outputs next to each input topic.",
               "relative name", _check_name),
     ParamSpec("publish_camera_info", True,
@@ -140,13 +155,6 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("batch_timeout", 0.0, "After the first frame is ready, wait up to this many seconds for the other "
               "cameras' frames so they share one forward pass (0 = take the frames that are there).", "[0, 1] s",
               _range(0.0, 1.0), read_only=False),
-    ParamSpec("input_qos.reliability", "best_effort", "Reliability of the image subscriptions (REP-2003: "
-              "sensor data is best effort by default).", "best_effort | reliable", _one_of(RELIABILITY)),
-    ParamSpec("input_qos.depth", 1, "History depth of the image subscriptions (only the newest frame per camera "
-              "is ever processed).", "[1, 100]", _range(1, 100)),
-    ParamSpec("output_qos.reliability", "reliable", "Reliability of the output publishers (reliable publishers "
-              "serve both reliable and best-effort subscribers).", "best_effort | reliable", _one_of(RELIABILITY)),
-    ParamSpec("output_qos.depth", 5, "History depth of the output publishers.", "[1, 100]", _range(1, 100)),
     ParamSpec("classes_topic", "~/classes", "Topic of the class metadata (std_msgs/String with JSON; transient "
               "local, published once).", "topic name", _check_classes_topic),
     ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", "(0, 60]",
@@ -154,6 +162,9 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("num_threads", 0, "PyTorch CPU threads. 0 = auto: on the CPU all cores but one (at least 1), so "
               "that OpenMP workers, which spin between parallel regions, leave a core to the executor, DDS and "
               "camera drivers; on CUDA PyTorch's default.", "[0, 256]", _range(0, 256)),
+    ParamSpec("autostart", True, "Configure (load and warm up the model) and activate by itself at start-up (true), "
+              "or stay unconfigured until a lifecycle manager drives it (false; `ros2 lifecycle set`).",
+              "true | false"),
 )
 
 
@@ -169,10 +180,8 @@ def _engine_check(name: str) -> Callable[[Any], str | None]:
 
 #: the engine's options as node parameters (derived: defined once in engine_config)
 ENGINE_PARAMS: tuple[ParamSpec, ...] = tuple(
-    ParamSpec(o.name, o.text_default(),
-              o.description + (" Live: can change at run time." if o.live else
-                               " Read-only: set at start-up (a change needs a restart)."),
-              o.allowed, _engine_check(o.name), read_only=not o.live)
+    ParamSpec(o.name, o.text_default(), o.description, o.allowed, _engine_check(o.name), read_only=False,
+              hot_swap=not o.live)
     for o in engine_config.OPTIONS.values() if o.node)
 PARAMS = PARAMS[:2] + ENGINE_PARAMS + PARAMS[2:]  # after image_topics and model
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
@@ -230,13 +239,10 @@ class NodeConfig:
     max_pixels: int
     max_batch: int
     batch_timeout: float
-    input_reliability: str
-    input_depth: int
-    output_reliability: str
-    output_depth: int
     classes_topic: str
     diagnostics_period: float
     num_threads: int
+    autostart: bool
 
 
 def check_value(name: str, value: Any) -> Any:
@@ -274,10 +280,8 @@ def parse(values: dict[str, Any]) -> NodeConfig:
         image_topics=tuple(v["image_topics"]), model=v["model"], engine=engine, outputs=tuple(v["outputs"]),
         output_namespace=v["output_namespace"], publish_camera_info=v["publish_camera_info"],
         max_age=v["max_age"], max_age_from=v["max_age_from"], max_pixels=v["max_pixels"], max_batch=v["max_batch"],
-        batch_timeout=v["batch_timeout"],
-        input_reliability=v["input_qos.reliability"], input_depth=v["input_qos.depth"],
-        output_reliability=v["output_qos.reliability"], output_depth=v["output_qos.depth"],
-        classes_topic=v["classes_topic"], diagnostics_period=v["diagnostics_period"], num_threads=v["num_threads"])
+        batch_timeout=v["batch_timeout"], classes_topic=v["classes_topic"],
+        diagnostics_period=v["diagnostics_period"], num_threads=v["num_threads"], autostart=v["autostart"])
 
 
 def class_metadata(class_set: Any, model: str = "") -> dict[str, Any]:
@@ -307,7 +311,7 @@ def declare(node: Any) -> dict[str, Any]:
 
     values: dict[str, Any] = {}
     for spec in PARAMS:
-        desc = ParameterDescriptor(description=spec.description, additional_constraints=spec.constraints,
+        desc = ParameterDescriptor(description=spec.full_description, additional_constraints=spec.constraints,
                                    read_only=spec.read_only)
         try:
             param = node.declare_parameter(spec.name, spec.default, desc)
@@ -333,7 +337,14 @@ def declare(node: Any) -> dict[str, Any]:
 _PARAMS_FILE_HEADER = """\
 # icnet_node parameters and their defaults, generated from icnet_ros/node_params.py (engine parameters from
 # icnet_ros/engine_config.py): `python -m icnet_ros.node_params > config/icnet.yaml`; a test keeps them equal.
-# Describe one: ros2 param describe /icnet_node <name>. Parameters marked read-only are set at start-up.
+# Describe one: ros2 param describe /icnet_node <name>. Live and hot-swap parameters change at run time
+# (ros2 param set), read-only ones are set at start-up. QoS: ROS 2's standard qos_overrides (read at start-up):
+# image subscriptions follow their publisher's reliability (sensor data without one), outputs are reliable, e.g.
+#     qos_overrides:
+#       /camera/image_raw:
+#         subscription: {reliability: reliable, depth: 1, durability: volatile, history: keep_last}
+#       /camera/semantic/label:
+#         publisher: {reliability: reliable, depth: 5, durability: volatile, history: keep_last}
 # Use: ros2 run icnet_ros icnet_node --ros-args --params-file config/icnet.yaml
 #      ros2 launch icnet_ros icnet.launch.py params_file:=<your copy>
 # '/**' applies it to the node whatever its name or namespace.
@@ -358,7 +369,7 @@ def render_params_file(width: int = 116) -> str:
             indent = "      "
         else:
             group = None
-        text = spec.description + (f" Allowed: {spec.constraints}." if spec.constraints else "")
+        text = spec.full_description + (f" Allowed: {spec.constraints}." if spec.constraints else "")
         lines += textwrap.wrap(text, width=width, initial_indent=indent + "# ", subsequent_indent=indent + "# ",
                                break_on_hyphens=False)
         lines.append(f"{indent}{leaf}: {json.dumps(spec.default)}")  # JSON values are YAML flow values

@@ -3,11 +3,12 @@
     ros2 launch icnet_ros icnet.launch.py
     ros2 launch icnet_ros icnet.launch.py image_topics:="[/front/image_raw, /rear/image_raw/compressed]" \
         model:=/path/to/model.safetensors device:=cuda namespace:=robot1 rviz:=true
+    ros2 launch icnet_ros icnet.launch.py autostart:=false   # a lifecycle manager configures and activates it
 
 Parameters come from ``params_file`` (default: the installed config/icnet.yaml); the ``model``, ``image_topics``,
-``device`` and ``precision`` arguments override it only when given (empty = keep the file's value). Every other
-parameter is set in a copy of the params file. ``image_topics`` takes a YAML list or a comma-separated list. The
-overrides are checked with the node's own validation (icnet_ros.node_params) before the node starts: a bad one
+``device``, ``precision`` and ``autostart`` arguments override it only when given (empty = keep the file's value).
+Every other parameter is set in a copy of the params file. ``image_topics`` takes a YAML list or a comma-separated
+list. The overrides are checked with the node's own validation (icnet_ros.node_params) before the node starts: a bad one
 (an empty or malformed ``image_topics``, an unknown device) ends the launch with the node's one-line error.
 ``rviz:=true`` starts RViz2 when it is installed, and otherwise says so and starts the node alone.
 """
@@ -26,7 +27,9 @@ from icnet_ros.node_params import NODE_NAME, ParameterError, check_value
 
 PACKAGE = "icnet_ros"
 # launch argument -> icnet_node parameter it overrides when not empty
-OVERRIDES = {"model": "model", "image_topics": "image_topics", "device": "device", "precision": "precision"}
+OVERRIDES = {"model": "model", "image_topics": "image_topics", "device": "device", "precision": "precision",
+             "autostart": "autostart"}
+BOOLEANS = {"true": True, "false": False}
 
 
 def _topics(text):
@@ -51,7 +54,10 @@ def _icnet_node(context):
     for argument, parameter in OVERRIDES.items():
         value = LaunchConfiguration(argument).perform(context).strip()
         if value:
-            value = _topics(value) if parameter == "image_topics" else value
+            if parameter == "image_topics":
+                value = _topics(value)
+            elif parameter == "autostart":
+                value = BOOLEANS.get(value.lower(), value)
             try:  # the node's own validation: launch_ros cannot even pass an empty list on to the node
                 overrides[parameter] = check_value(parameter, value)
             except ParameterError as e:
@@ -106,6 +112,10 @@ def generate_launch_description():
         DeclareLaunchArgument(
             "precision", default_value="",
             description="fp32 | fp16 | bf16 (empty: the params file's value)"),
+        DeclareLaunchArgument(
+            "autostart", default_value="",
+            description="true: the node configures and activates itself (the params file's default); false: it "
+                        "stays unconfigured for a lifecycle manager (`ros2 lifecycle set /icnet_node configure`)"),
         DeclareLaunchArgument(
             "namespace", default_value="",
             description="Namespace of the node (relative image topics resolve inside it)"),

@@ -7,6 +7,7 @@ without it these tests skip with the reason."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,36 @@ READY = r"\[icnet_node.*\]: ready: "
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("icnet_launch") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def checkpoint2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another model with the same classes (other weights): a hot swap target."""
+    return make_checkpoint(tmp_path_factory.mktemp("icnet_launch2") / "tiny_b.safetensors", seed=7)
+
+
+def ros2_retry(ws: Workspace, *args: str, ok: str, timeout: float = 60.0) -> str:
+    """``ros2 ARGS`` until its output contains ``ok`` (a CLI call without the daemon can miss a node that is up:
+    "Node not found"); fails with the last output."""
+    deadline = time.monotonic() + timeout
+    out = ""
+    while time.monotonic() < deadline:
+        proc = ros2(ws, *args)
+        out = proc.stdout + proc.stderr
+        if ok in out:
+            return out
+        if "Node not found" not in out and "not available" not in out and "Waiting for" not in out:
+            break
+        time.sleep(0.5)
+    pytest.fail(f"`ros2 {' '.join(args)}`: expected {ok!r}, got:\n{out}")
+
+
+def assert_clean_exit(launched: Launched, seconds: float) -> None:
+    """The node exited with status 0 and nothing printed a traceback."""
+    out = launched.output()
+    assert TRACEBACK not in out and "KeyboardInterrupt" not in out, out
+    assert re.search(r"\[icnet_node-\d+\]: process has finished cleanly", out), out
+    assert seconds < 5.0, f"took {seconds:.1f} s to stop:\n{out}"
 
 
 def test_colcon_install_runs_with_the_building_python(colcon_ws: Workspace):
@@ -71,11 +102,12 @@ def _serve(ros: RosHarness, pub: Any, label: Any, make_msg: Any, attempts: int =
 
 @pytest.mark.slow
 def test_readme_launch_with_namespace_cameras_and_rviz(colcon_ws: Workspace, ros: RosHarness, checkpoint: Path,
-                                                      tmp_path: Path):
+                                                      checkpoint2: Path, tmp_path: Path):
     """`ros2 launch icnet_ros icnet.launch.py` with a namespace, a raw camera given relative (it resolves inside the
     namespace), a compressed camera and rviz:=true on a machine without rviz2: the launch says so and the node still
-    serves both cameras; its topics are listed by `ros2 topic list`; a live parameter changes with `ros2 param set`;
-    Ctrl-C ends the launch with status 0."""
+    serves both cameras; its topics are listed by `ros2 topic list`; live parameters change with `ros2 param set`;
+    the model switches by hot swap (bad models refused, the old one serving on); Ctrl-C (SIGINT to the process
+    group: the node gets it twice) ends launch and node with status 0, no traceback, within 5 s."""
     launched = Launched([*LAUNCH, "namespace:=robot1", "image_topics:=[front/image_raw, /rear/image_raw/compressed]",
                          f"model:={checkpoint}", "device:=cpu", "rviz:=true"], colcon_ws, tmp_path)
     raw_pub = ros.publisher(Image, "/robot1/front/image_raw")
@@ -85,10 +117,11 @@ def test_readme_launch_with_namespace_cameras_and_rviz(colcon_ws: Workspace, ros
     try:
         launched.wait_for_output("rviz2 is not installed", 60)
         ready = launched.wait_for_output(READY + r"model (\S+) on cpu.*", 120).group(0)
-        assert str(checkpoint) in ready and "front/image_raw -> front/semantic/*" in ready
+        assert str(checkpoint) in ready, ready  # topics resolved in the namespace, with their subscription's QoS
+        assert re.search(r"/robot1/front/image_raw \[\w+\] -> /robot1/front/semantic/\*", ready), ready
+        assert re.search(r"/rear/image_raw/compressed \(compressed\) \[\w+\] -> /rear/semantic/\*", ready), ready
         threads = auto_cpu_threads()  # num_threads 0 on the CPU: all cores but one
         assert f"(fp32, {threads} CPU thread{'s' if threads != 1 else ''})" in ready
-        assert "/rear/image_raw/compressed (compressed) -> /rear/semantic/*" in ready
         for entity in (front.subscription, rear.subscription, raw_pub, jpeg_pub):
             ros.wait_matched(entity)
 
@@ -116,10 +149,34 @@ def test_readme_launch_with_namespace_cameras_and_rviz(colcon_ws: Workspace, ros
         assert re.search(r"Integer value is: 2\b", out.stdout), out.stdout + out.stderr
         out = ros2(colcon_ws, "param", "set", "/robot1/icnet_node", "max_batch", "0")  # validated like at start-up
         assert "Setting parameter failed: parameter 'max_batch' = 0: must be in [1, 64]" in out.stderr, out
+        ros2_retry(colcon_ws, "param", "set", "/robot1/icnet_node", "overlay_alpha", "0.8", ok="successful")
+        out = ros2(colcon_ws, "param", "get", "/robot1/icnet_node", "overlay_alpha")
+        assert "Double value is: 0.8" in out.stdout, out
 
-        status, _seconds = launched.interrupt(30)
+        # hot swap: a model that does not exist and one that is not a model are refused; the old one serves on
+        bad = tmp_path / "broken.safetensors"
+        bad.write_bytes(b"not a checkpoint")
+        missing = str(tmp_path / "missing.safetensors")
+        out = ros2_retry(colcon_ws, "param", "set", "/robot1/icnet_node", "model", missing,
+                         ok="Setting parameter failed")
+        assert "no such file" in out, out
+        out = ros2_retry(colcon_ws, "param", "set", "/robot1/icnet_node", "model", str(bad), ok="Setting parameter")
+        assert "Setting parameter failed: cannot load model" in out, out
+        front.clear()
+        got = _serve(ros, raw_pub, front, lambda stamp: image_msg(img, "rgb8", stamp, frame_id="front"))
+        old_label = np.frombuffer(bytes(got.data), np.uint8)
+        ros2_retry(colcon_ws, "param", "set", "/robot1/icnet_node", "model", str(checkpoint2),
+                   ok="Set parameter successful")
+        launched.wait_for_output(r"hot swap done in [\d.]+ s: model " + re.escape(str(checkpoint2)), 60)
+        front.clear()
+        got = _serve(ros, raw_pub, front, lambda stamp: image_msg(img, "rgb8", stamp, frame_id="front"))
+        assert not np.array_equal(np.frombuffer(bytes(got.data), np.uint8), old_label)  # the new weights serve
+        out = ros2(colcon_ws, "param", "get", "/robot1/icnet_node", "model")
+        assert str(checkpoint2) in out.stdout, out
+
+        status, seconds = launched.interrupt(30)  # Ctrl-C: SIGINT to the group (the node gets it twice)
         assert status == 0, launched.output()
-        assert "Caught exception in launch" not in launched.output()
+        assert_clean_exit(launched, seconds)
     finally:
         launched.kill()
         for col in (front, rear):
@@ -148,3 +205,68 @@ def test_bad_arguments_get_the_nodes_own_error(colcon_ws: Workspace, tmp_path: P
         assert status != 0 and "process started" not in out and TRACEBACK not in out, out
     finally:
         launched.kill()
+
+
+@pytest.mark.slow
+def test_lifecycle_driven_by_a_manager(colcon_ws: Workspace, ros: RosHarness, checkpoint: Path, tmp_path: Path):
+    """`autostart:=false`: the node waits unconfigured; `ros2 lifecycle set` configures it (model loaded), activates
+    it (frames served), deactivates it (no frames taken), cleans it up (model released) and shuts it down (the
+    process ends, and with it the launch)."""
+    launched = Launched([*LAUNCH, "autostart:=false", f"model:={checkpoint}", "device:=cpu"], colcon_ws, tmp_path)
+    pub = ros.publisher(Image, "/camera/image_raw")
+    label = ros.collect(Image, "/camera/semantic/label")
+    node = "/icnet_node"
+    try:
+        launched.wait_for_output("unconfigured: waiting for a lifecycle manager", 60)
+        ros2_retry(colcon_ws, "lifecycle", "get", node, ok="unconfigured [1]")
+        assert "configuring:" not in launched.output()  # no model loaded yet
+        ros2_retry(colcon_ws, "lifecycle", "set", node, "configure", ok="Transitioning successful")
+        ros2_retry(colcon_ws, "lifecycle", "get", node, ok="inactive [2]")
+        launched.wait_for_output(r"configured: model " + re.escape(str(checkpoint)), 10)
+        ros.wait_matched(label.subscription)
+        img = _frame()
+        pub.publish(image_msg(img, "rgb8", ros.now().to_msg()))
+        assert not label.wait_for(lambda m: len(m) >= 1, 2), "an inactive node published"
+
+        ros2_retry(colcon_ws, "lifecycle", "set", node, "activate", ok="Transitioning successful")
+        launched.wait_for_output(READY, 10)
+        ros.wait_matched(pub)
+        _serve(ros, pub, label, lambda stamp: image_msg(img, "rgb8", stamp))
+
+        ros2_retry(colcon_ws, "lifecycle", "set", node, "deactivate", ok="Transitioning successful")
+        launched.wait_for_output("inactive: not taking frames", 10)
+        label.clear()
+        pub.publish(image_msg(img, "rgb8", ros.now().to_msg()))
+        assert not label.wait_for(lambda m: len(m) >= 1, 2), "a deactivated node published"
+
+        ros2_retry(colcon_ws, "lifecycle", "set", node, "cleanup", ok="Transitioning successful")
+        launched.wait_for_output("unconfigured: model released", 10)
+        ros2_retry(colcon_ws, "lifecycle", "set", node, "shutdown", ok="Transitioning successful")
+        assert launched.wait(30) == 0, launched.output()
+        out = launched.output()
+        assert re.search(r"\[icnet_node-\d+\]: process has finished cleanly", out) and TRACEBACK not in out, out
+    finally:
+        launched.kill()
+        ros.unsubscribe(label)
+        ros.node.destroy_publisher(pub)
+
+
+@pytest.mark.slow
+def test_ros2_run_stops_cleanly_and_reports_a_bad_params_file(colcon_ws: Workspace, checkpoint: Path, tmp_path: Path):
+    """`ros2 run icnet_ros icnet_node`: Ctrl-C (SIGINT to the group: ros2 run and the node) ends it with status 0 and
+    no traceback; a misspelled --params-file is one line and status 2, not an rcl traceback."""
+    out = ros2(colcon_ws, "run", "icnet_ros", "icnet_node", "--ros-args", "--params-file", "config/icnet.yml")
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and TRACEBACK not in out.stderr + out.stdout, out
+    assert lines == ["icnet_node: error: --params-file 'config/icnet.yml': no such file"], out
+
+    run = Launched(["ros2", "run", "icnet_ros", "icnet_node", "--ros-args", "-p", f"model:={checkpoint}",
+                    "-p", "device:=cpu"], colcon_ws, tmp_path, name="run")
+    try:
+        run.wait_for_output(r"\]: ready: ", 90)
+        status, seconds = run.interrupt(30)
+        out = run.output()
+        assert status == 0 and TRACEBACK not in out and "KeyboardInterrupt" not in out, out
+        assert seconds < 5.0, out
+    finally:
+        run.kill()

@@ -78,7 +78,7 @@ def test_launch_starts_icnet_node_of_this_package(tree: ast.Module):
     assert ours[0]["package"] == "icnet_ros" and ours[0]["name"] == "icnet_node"
     assert "namespace" in ours[0] and "parameters" in ours[0]
     setup = (REPO / "setup.py").read_text()
-    assert "icnet_node = icnet_ros.node:main" in setup  # the executable exists
+    assert "icnet_node = icnet_ros.node_process:main" in setup  # the executable exists
 
 
 def test_launch_arguments_map_to_node_parameters(tree: ast.Module):
@@ -164,11 +164,10 @@ def test_node_param_helpers():
     assert node_params.sibling_topic("image_raw", "semantic/label") == "semantic/label"
     assert node_params.sibling_topic("cam/image_raw/compressed", "camera_info") == "cam/camera_info"
     assert node_params.base_topic("/c/image_raw/compressed") == ("/c/image_raw", True)
-    assert node_params.parse_input_size("512x1024") == (512, 1024)
-    assert node_params.parse_input_size("0.5") == 0.5
+    assert node_params.check_value("input_size", "512x1024") == "512x1024"
     for bad in ("0", "5", "32x64", "abc", "nan"):
-        with pytest.raises(ValueError):
-            node_params.parse_input_size(bad)
+        with pytest.raises(node_params.ParameterError):
+            node_params.check_value("input_size", bad)
     with pytest.raises(node_params.ParameterError, match="unknown parameter"):
         node_params.parse({"image_topic": ["/a"]})
     with pytest.raises(node_params.ParameterError, match="expected a double|expected double"):
@@ -176,3 +175,18 @@ def test_node_param_helpers():
     assert node_params.check_value("max_age", 2) == 2.0  # ints are fine for doubles at run time
     with pytest.raises(node_params.ParameterError, match="not a valid ROS topic"):
         node_params.check_value("image_topics", ["/bad topic"])
+
+
+def test_parameter_descriptions_say_how_they_change():
+    """Read-only, live and hot-swap parameters say so in their description (ros2 param describe)."""
+    specs = node_params.SPECS
+    for name in ("image_topics", "num_threads", "autostart", "output_namespace"):
+        assert specs[name].read_only and specs[name].full_description.endswith(node_params.READ_ONLY), name
+    for name in ("overlay_alpha", "confidence_threshold", "input_size", "outputs", "max_age", "max_batch",
+                 "batch_timeout"):
+        assert not specs[name].read_only and not specs[name].hot_swap, name
+        assert specs[name].full_description.endswith(node_params.LIVE), name
+    for name in ("model", "device", "precision", "backend"):
+        assert not specs[name].read_only and specs[name].hot_swap, name
+        assert specs[name].full_description.endswith(node_params.HOT_SWAP), name
+    assert not any(n.startswith(("input_qos.", "output_qos.")) for n in specs)  # QoS: qos_overrides

@@ -128,8 +128,12 @@ def _node_overrides(args: argparse.Namespace, model: str, reliable: bool) -> lis
     if args.input_size is not None:
         values["input_size"] = args.input_size
     if reliable:  # the demo's own player and recorder: never lose a frame between them and the node
-        values.update({"input_qos.reliability": "reliable", "input_qos.depth": 10,
-                       "output_qos.reliability": "reliable", "output_qos.depth": 100, "max_age": 0.0})
+        from ..node_params import OUTPUT_KINDS, sibling_topic
+
+        values.update({f"qos_overrides.{args.topic}.subscription.reliability": "reliable",
+                       f"qos_overrides.{args.topic}.subscription.depth": 10, "max_age": 0.0})
+        for kind in OUTPUT_KINDS:
+            values[f"qos_overrides.{sibling_topic(args.topic, 'semantic/' + kind)}.publisher.depth"] = 100
     return [Parameter(k, value=v) for k, v in values.items()]
 
 

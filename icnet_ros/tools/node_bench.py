@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     node = SegmentationNode(parameter_overrides=[
         Parameter("image_topics", value=["/bench/image_raw"]), Parameter("model", value=args.model),
         Parameter("device", value=args.device), Parameter("num_threads", value=args.threads),
-        Parameter("input_qos.reliability", value="reliable"), Parameter("max_age", value=0.0),
+        Parameter("qos_overrides./bench/image_raw.subscription.reliability", value="reliable"),
+        Parameter("max_age", value=0.0),
         Parameter("publish_camera_info", value=False)])
     helper = rclpy.create_node("icnet_node_bench")
     executor = MultiThreadedExecutor(num_threads=2)

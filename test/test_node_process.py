@@ -1,0 +1,207 @@
+"""The icnet_node process (icnet_ros/node_process.py): one-line errors for bad ROS arguments, and a clean exit on
+SIGINT (once or twice: a terminal and ros2 launch both send one) and SIGTERM in every phase, with real rclpy and
+DDS (loopback only): status 0 within 5 s, no traceback. Also the input QoS (input_reliability, the warning when a
+publisher's frames do not arrive). `ros2 launch` and `ros2 run` are exercised in test_launch.py."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ros_support
+from helpers import make_checkpoint
+from ros_support import RosHarness, image_msg, ros  # noqa: F401 - fixture
+
+ros_support.require_rclpy()
+
+from rcl_interfaces.srv import GetParameters  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+
+from icnet_ros.node import input_reliability, no_frames_hint  # noqa: E402
+from icnet_ros.node_process import check_ros_args  # noqa: E402
+
+pytestmark = pytest.mark.ros
+MODULE = "icnet_ros.node_process"
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def run_node(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", MODULE, *args], capture_output=True, text=True, timeout=timeout,
+                          env=ros_support.subprocess_env())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ros-args", "--params-file", "/no/such/icnet.yaml"], "--params-file '/no/such/icnet.yaml': no such file"),
+    (["--ros-args", "--params-file"], "--params-file needs a file name"),
+    (["--ros-args", "--params-fil", "config/icnet.yaml"], "unknown ROS argument(s) ['--params-fil',"),
+    (["--ros-args", "-p", "max_batch:=0"], "parameter 'max_batch' = 0: must be in [1, 64]"),
+])
+def test_bad_arguments_give_one_line(args: list[str], message: str):
+    proc = run_node(args)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "[rcl]" not in line]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("icnet_node: error: ") and message in lines[0], proc.stderr
+    assert TRACEBACK not in proc.stderr + proc.stdout
+
+
+def test_params_file_checks(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("/**:\n  ros__parameters:\n    image_topics: [/a\n")
+    assert "not valid YAML (line" in check_ros_args(["x", "--ros-args", "--params-file", str(bad)])
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("max_batch: 2\n")
+    assert "expected '<node name or /**>: ros__parameters" in check_ros_args(["x", "--ros-args", "--params-file",
+                                                                              str(flat)])
+    assert check_ros_args(["x", "--ros-args", "--params-file", "config/icnet.yaml"]) is None
+    assert check_ros_args(["x"]) is None
+
+
+def test_input_reliability_follows_the_publishers():
+    assert input_reliability([]) == "best_effort"  # no publisher yet: sensor data
+    assert input_reliability(["reliable"]) == "reliable"
+    assert input_reliability(["reliable", "reliable"]) == "reliable"
+    assert input_reliability(["reliable", "best_effort"]) == "best_effort"  # reliable would not match it
+    hint = no_frames_hint("/cam/image_raw", 1, "best_effort")
+    assert "qos_overrides./cam/image_raw.subscription.reliability: reliable" in hint and "512 KiB" in hint
+
+
+class NodeRun:
+    """One node process in its own process group, output to a file."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self._file = open(log, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen([sys.executable, "-m", MODULE, "--ros-args", *args], stdout=self._file,
+                                     stderr=subprocess.STDOUT, env=ros_support.subprocess_env(),
+                                     start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.output()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no {pattern!r} (status {self.proc.poll()}):\n{self.output()}")
+            time.sleep(0.02)
+
+    def stop(self, sig: int, times: int) -> tuple[int, float]:
+        t0 = time.monotonic()
+        for _ in range(times):
+            os.killpg(self.proc.pid, sig)
+            time.sleep(0.05)
+        try:
+            status = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 30 s after the signal:\n{self.output()}")
+        return status, time.monotonic() - t0
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._file.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("node_process") / "tiny.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase,sig,times", [
+    ("start-up", signal.SIGINT, 2),
+    ("model load", signal.SIGINT, 2),
+    ("ready", signal.SIGTERM, 1),  # SIGINT when ready: test_launch.py (Ctrl-C under ros2 launch)
+    ("forward pass", signal.SIGINT, 2),
+])
+def test_signal_in_every_phase_exits_cleanly(ros: RosHarness, tmp_path: Path, phase: str, sig: int, times: int):
+    """Status 0 within 5 s and no traceback, whatever the node is doing when the signal(s) arrive. The default model
+    at native size on a 1440x2560 frame keeps the forward pass busy for seconds on a CPU thread."""
+    args = ["-p", "device:=cpu", "-p", "num_threads:=1", "-p", "image_topics:=[/sig/image_raw]"]
+    if phase == "forward pass":
+        args += ["-p", "input_size:=native"]
+    run = NodeRun(args, tmp_path / "node.log")
+    label = pub = None
+    try:
+        if phase == "start-up":
+            time.sleep(0.3)  # interpreter start-up, imports, rclpy.init
+        elif phase == "model load":
+            run.wait_for("configuring: loading")
+        else:
+            run.wait_for(r"\]: ready: ")
+        if phase == "forward pass":
+            label = ros.collect(Image, "/sig/semantic/label")
+            pub = ros.publisher(Image, "/sig/image_raw")
+            ros.wait_matched(pub)
+            ros.wait_matched(label.subscription)
+            img = np.random.default_rng(0).integers(0, 256, (1440, 2560, 3), dtype=np.uint8)
+            pub.publish(image_msg(img, "rgb8", ros.now().to_msg()))
+            time.sleep(1.0)  # received and in the network
+        status, seconds = run.stop(sig, times)
+        out = run.output()
+        assert status == 0, out
+        assert TRACEBACK not in out and "KeyboardInterrupt" not in out, out
+        assert seconds < 5.0, f"{seconds:.1f} s:\n{out}"
+        print(f"{phase}, {signal.Signals(sig).name} x{times}: exit status {status} after {seconds:.2f} s")
+    finally:
+        run.close()
+        if label is not None:
+            ros.unsubscribe(label)
+        if pub is not None:
+            ros.node.destroy_publisher(pub)
+
+
+@pytest.mark.slow
+def test_input_qos_follows_a_reliable_camera_and_warns_when_frames_do_not_arrive(
+        ros: RosHarness, checkpoint: Path, tmp_path: Path):
+    """A reliable camera publisher that exists before the node starts: the node subscribes reliable (its large
+    frames arrive whole). A best-effort publisher that exists but sends nothing: after a few seconds the node warns
+    with the likely cause and the fix. qos_overrides fixes a subscription's reliability (no following)."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    reliable_pub = ros.publisher(Image, "/qa/image_raw", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    silent_pub = ros.publisher(Image, "/qb/image_raw", QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+    params = tmp_path / "params.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    qos_overrides:\n      /qc/image_raw:\n        subscription:\n"
+                      "          reliability: reliable\n          depth: 3\n")
+    run = NodeRun(["--params-file", str(params), "-p", f"model:={checkpoint}", "-p", "device:=cpu",
+                   "-p", "image_topics:=[/qa/image_raw, /qb/image_raw, /qc/image_raw]"], tmp_path / "node.log")
+    label = ros.collect(Image, "/qa/semantic/label")
+    try:
+        run.wait_for(r"\]: ready: ")
+        out = run.output()
+        assert "/qa/image_raw [reliable]" in out and "/qb/image_raw [best_effort]" in out, out
+        assert "/qc/image_raw [reliable]" in out, out  # from qos_overrides (no publisher)
+        ros.wait_matched(label.subscription)
+        ros.wait_matched(reliable_pub)
+        img = np.random.default_rng(1).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
+        reliable_pub.publish(image_msg(img, "rgb8", ros.now().to_msg()))  # once: reliable delivers it
+        assert label.wait_for(lambda m: len(m) >= 1, 30), run.output()
+        run.wait_for(r"/qb/image_raw: 1 publisher\(s\) but no frame received for 5 s\. Likely cause: frames too "
+                     r"large for best-effort DDS", 30)
+        infos = ros.node.get_subscriptions_info_by_topic("/qc/image_raw")
+        assert [i.qos_profile.reliability for i in infos] == [ReliabilityPolicy.RELIABLE], infos
+        client = ros.node.create_client(GetParameters, "/icnet_node/get_parameters")
+        try:  # the override is a declared (read-only) parameter, as for any node using qos_overrides
+            assert client.wait_for_service(timeout_sec=10)
+            res = client.call(GetParameters.Request(names=["qos_overrides./qc/image_raw.subscription.depth",
+                                                           "qos_overrides./qa/semantic/label.publisher.reliability"]),
+                              timeout_sec=10)
+        finally:
+            ros.node.destroy_client(client)
+        assert [res.values[0].integer_value, res.values[1].string_value] == [3, "reliable"], res
+        status, _ = run.stop(signal.SIGINT, 1)
+        assert status == 0 and TRACEBACK not in run.output()
+    finally:
+        run.close()
+        ros.unsubscribe(label)
+        ros.node.destroy_publisher(reliable_pub)
+        ros.node.destroy_publisher(silent_pub)
