@@ -158,8 +158,15 @@ def ros2(ws: Workspace, *args: str, timeout: float = 60.0) -> subprocess.Complet
     return subprocess.run(["ros2", *args], env=ws.env, cwd=ws.root, capture_output=True, text=True, timeout=timeout)
 
 
-def poll_ros2(ws: Workspace, args: list[str], expect: str, timeout: float = 60.0) -> str:
-    """Repeat ``ros2 ARGS`` until its output contains ``expect`` (graph queries can miss an entity that is up)."""
+#: what ``ros2`` prints when a call without the daemon missed a node that is up
+NOT_FOUND = ("Node not found", "not available", "Waiting for")
+
+
+def poll_ros2(ws: Workspace, args: list[str], expect: str, timeout: float = 60.0,
+              retry_on: tuple[str, ...] | None = None) -> str:
+    """Repeat ``ros2 ARGS`` until its output contains ``expect`` (graph queries can miss an entity that is up);
+    with ``retry_on``, only while the output contains one of those (e.g. :data:`NOT_FOUND`): any other answer is
+    final. Fails with the last output."""
     deadline = time.monotonic() + timeout
     out = ""
     while time.monotonic() < deadline:
@@ -167,5 +174,7 @@ def poll_ros2(ws: Workspace, args: list[str], expect: str, timeout: float = 60.0
         out = proc.stdout + proc.stderr
         if expect in out:
             return out
+        if retry_on is not None and not any(text in out for text in retry_on):
+            break
         time.sleep(0.5)
-    pytest.fail(f"`ros2 {' '.join(args)}` did not show {expect!r} within {timeout} s; last output:\n{out}")
+    pytest.fail(f"`ros2 {' '.join(args)}`: expected {expect!r} (within {timeout} s); last output:\n{out}")

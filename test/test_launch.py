@@ -7,7 +7,6 @@ without it these tests skip with the reason."""
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 
 import ros_support
 from helpers import make_checkpoint
-from launch_support import TRACEBACK, Launched, Workspace, poll_ros2, ros2
+from launch_support import NOT_FOUND, TRACEBACK, Launched, Workspace, poll_ros2, ros2
 from ros_support import RosHarness, image_msg, ros  # noqa: F401 - fixture
 
 ros_support.require_rclpy()
@@ -42,20 +41,9 @@ def checkpoint2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("icnet_launch2") / "tiny_b.safetensors", seed=7)
 
 
-def ros2_retry(ws: Workspace, *args: str, ok: str, timeout: float = 60.0) -> str:
-    """``ros2 ARGS`` until its output contains ``ok`` (a CLI call without the daemon can miss a node that is up:
-    "Node not found"); fails with the last output."""
-    deadline = time.monotonic() + timeout
-    out = ""
-    while time.monotonic() < deadline:
-        proc = ros2(ws, *args)
-        out = proc.stdout + proc.stderr
-        if ok in out:
-            return out
-        if "Node not found" not in out and "not available" not in out and "Waiting for" not in out:
-            break
-        time.sleep(0.5)
-    pytest.fail(f"`ros2 {' '.join(args)}`: expected {ok!r}, got:\n{out}")
+def ros2_retry(ws: Workspace, *args: str, ok: str) -> str:
+    """``ros2 ARGS`` until it answers ``ok``, retrying only while it has not found the node yet."""
+    return poll_ros2(ws, list(args), ok, retry_on=NOT_FOUND)
 
 
 def assert_clean_exit(launched: Launched, seconds: float) -> None:
