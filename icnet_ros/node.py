@@ -453,8 +453,9 @@ class SegmentationNode(LifecycleNode):
         seg = self.segmenter
         license_ = seg.meta.get("license") if isinstance(getattr(seg, "meta", None), dict) else None
         return (f"model {self.model_path} on {seg.device} ({seg.precision}, {self.cpu_threads} CPU "
-                f"thread{'s' if self.cpu_threads != 1 else ''}), backend {seg.backend.describe()}, "
-                f"{seg.class_set.num_classes} classes" + (f", license {license_}" if license_ else ""))
+                f"thread{'s' if self.cpu_threads != 1 else ''}), backend {seg.backend.name} "
+                f"({seg.backend.provider}): {seg.backend.describe()}, {seg.class_set.num_classes} classes"
+                + (f", license {license_}" if license_ else ""))
 
     def _declare_class_parameters(self) -> None:
         cs = self.segmenter.class_set
@@ -600,15 +601,11 @@ class SegmentationNode(LifecycleNode):
 
     def _publish_diagnostics(self) -> None:
         pipeline, seg = self.pipeline, self.segmenter
+        if pipeline is None or seg is None:  # unconfigured: no segmenter to report on
+            return
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
         name = self.get_fully_qualified_name()
-        if pipeline is None or seg is None:
-            state = "not configured" + (f": {self.startup_error}" if self.startup_error else "")
-            arr.status.append(DiagnosticStatus(level=DiagnosticStatus.WARN if self.startup_error else
-                                               DiagnosticStatus.OK, name=f"{name}: segmenter", message=state))
-            self._diag_pub.publish(arr)
-            return
         snap = pipeline.snapshot(update_rates=True)
         device = str(seg.device)
         fatal = snap["fatal_error"]

@@ -257,8 +257,11 @@ def _start_node(checkpoint: Path) -> tuple[Any, Any, Any, threading.Thread]:
     values: dict[str, Any] = {"image_topics": [CAM_A, CAM_B], "model": str(checkpoint), "device": "cpu",
                               "max_age": 0.0, "max_pixels": MAX_PIXELS, "batch_timeout": 0.5,
                               "publish_camera_info": False, "diagnostics_period": 0.2}
-    if "input_qos.reliability" in node_params.SPECS:  # else the node matches the publisher's reliability
-        values.update({"input_qos.reliability": "reliable", "input_qos.depth": 10, "output_qos.depth": 100})
+    for cam in (CAM_A, CAM_B):  # ROS 2's qos_overrides: reliable input, deep histories (exact counts)
+        values.update({f"qos_overrides.{cam}.subscription.reliability": "reliable",
+                       f"qos_overrides.{cam}.subscription.depth": 10})
+        for kind in node_params.OUTPUT_KINDS:
+            values[f"qos_overrides.{node_params.sibling_topic(cam, 'semantic/' + kind)}.publisher.depth"] = 100
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
     node = SegmentationNode(context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
