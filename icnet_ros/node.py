@@ -374,9 +374,10 @@ class SegmentationNode(LifecycleNode):
             if not cam.fixed_reliability and reliabilities and wanted != cam.reliability:
                 self.get_logger().info(f"{cam.topic}: publisher(s) {sorted(set(reliabilities))}: subscribing "
                                        f"{wanted} (was {cam.reliability})")
-                self._unsubscribe(cam)
+                old = cam.subscription  # the new subscription first, so that no frame falls between the two
                 cam.reliability = wanted
                 self._subscribe(cam)
+                self.destroy_subscription(old)
                 continue
             s = snap.get(cam.topic, {})
             silent = s.get("seconds_since_last_frame")

@@ -163,8 +163,9 @@ def test_signal_in_every_phase_exits_cleanly(ros: RosHarness, tmp_path: Path, ph
 def test_input_qos_follows_a_reliable_camera_and_warns_when_frames_do_not_arrive(
         ros: RosHarness, checkpoint: Path, tmp_path: Path):
     """A reliable camera publisher that exists before the node starts: the node subscribes reliable (its large
-    frames arrive whole). A best-effort publisher that exists but sends nothing: after a few seconds the node warns
-    with the likely cause and the fix. qos_overrides fixes a subscription's reliability (no following)."""
+    frames arrive whole), and follows one that appears later. A best-effort publisher that exists but sends nothing:
+    after a few seconds the node warns with the likely cause and the fix. qos_overrides fixes a subscription's
+    reliability (no following) and sets depths."""
     from rclpy.qos import QoSProfile, ReliabilityPolicy
 
     reliable_pub = ros.publisher(Image, "/qa/image_raw", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
@@ -173,7 +174,9 @@ def test_input_qos_follows_a_reliable_camera_and_warns_when_frames_do_not_arrive
     params.write_text("/**:\n  ros__parameters:\n    qos_overrides:\n      /qc/image_raw:\n        subscription:\n"
                       "          reliability: reliable\n          depth: 3\n")
     run = NodeRun(["--params-file", str(params), "-p", f"model:={checkpoint}", "-p", "device:=cpu",
-                   "-p", "image_topics:=[/qa/image_raw, /qb/image_raw, /qc/image_raw]"], tmp_path / "node.log")
+                   "-p", "image_topics:=[/qa/image_raw, /qb/image_raw, /qc/image_raw, /qd/image_raw]"],
+                  tmp_path / "node.log")
+    late_pub = None
     label = ros.collect(Image, "/qa/semantic/label")
     try:
         run.wait_for(r"\]: ready: ")
@@ -187,6 +190,9 @@ def test_input_qos_follows_a_reliable_camera_and_warns_when_frames_do_not_arrive
         assert label.wait_for(lambda m: len(m) >= 1, 30), run.output()
         run.wait_for(r"/qb/image_raw: 1 publisher\(s\) but no frame received for 5 s\. Likely cause: frames too "
                      r"large for best-effort DDS", 30)
+        # a reliable camera that appears after the node: the subscription follows (new one first, then the old goes)
+        late_pub = ros.publisher(Image, "/qd/image_raw", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+        run.wait_for(r"/qd/image_raw: publisher\(s\) \['reliable'\]: subscribing reliable \(was best_effort\)", 30)
         infos = ros.node.get_subscriptions_info_by_topic("/qc/image_raw")
         assert [i.qos_profile.reliability for i in infos] == [ReliabilityPolicy.RELIABLE], infos
         client = ros.node.create_client(GetParameters, "/icnet_node/get_parameters")
@@ -205,3 +211,5 @@ def test_input_qos_follows_a_reliable_camera_and_warns_when_frames_do_not_arrive
         ros.unsubscribe(label)
         ros.node.destroy_publisher(reliable_pub)
         ros.node.destroy_publisher(silent_pub)
+        if late_pub is not None:
+            ros.node.destroy_publisher(late_pub)
