@@ -213,3 +213,48 @@ def test_input_qos_follows_a_reliable_camera_and_warns_when_frames_do_not_arrive
         ros.node.destroy_publisher(silent_pub)
         if late_pub is not None:
             ros.node.destroy_publisher(late_pub)
+
+
+@pytest.mark.slow
+def test_camera_info_is_paired_by_stamp_and_scaled(ros: RosHarness, checkpoint: Path, tmp_path: Path):
+    """Two camera_infos with different stamps and calibrations; a frame stamped like the older one gets that one
+    (not the newest), scaled by the label/image size ratio (output_size model, input_size 64x96: 120x160 ->
+    64x96), with the image's header."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CameraInfo
+
+    reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    pub = ros.publisher(Image, "/ci/image_raw", reliable)
+    info_pub = ros.publisher(CameraInfo, "/ci/camera_info", reliable)
+    info_out = ros.collect(CameraInfo, "/ci/semantic/camera_info")
+    label = ros.collect(Image, "/ci/semantic/label")
+    run = NodeRun(["-p", f"model:={checkpoint}", "-p", "device:=cpu", "-p", "image_topics:=[/ci/image_raw]",
+                   "-p", "output_size:=model", "-p", "input_size:=64x96"], tmp_path / "n.log")
+    try:
+        run.wait_for(r"\]: ready: ")
+        for entity in (pub, info_pub, info_out.subscription, label.subscription):
+            ros.wait_matched(entity)
+        t_old, t_new = ros.now().to_msg(), ros.now().to_msg()
+        t_new.sec += 1
+        for stamp, fx in ((t_old, 100.0), (t_new, 200.0)):
+            info = CameraInfo(width=160, height=120, k=[fx, 0, 80.0, 0, fx, 60.0, 0, 0, 1.0],
+                              p=[fx, 0, 80.0, 0, 0, fx, 60.0, 0, 0, 0, 1.0, 0])
+            info.header.stamp, info.header.frame_id = stamp, "ci"
+            info_pub.publish(info)
+        time.sleep(0.5)
+        img = np.random.default_rng(2).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+        pub.publish(image_msg(img, "rgb8", t_old, frame_id="ci"))
+        assert info_out.wait_for(lambda m: len(m) >= 1, 30), run.output()
+        out = info_out.messages[0]
+        lab = label.messages[0] if label.wait_for(lambda m: len(m) >= 1, 10) else None
+        assert lab is not None and (lab.height, lab.width) == (64, 96), lab
+        assert (out.header.stamp.sec, out.header.stamp.nanosec) == (t_old.sec, t_old.nanosec)
+        assert out.header.frame_id == "ci" and (out.width, out.height) == (96, 64)
+        np.testing.assert_allclose(out.k, [100.0 * 96 / 160, 0, 80.0 * 96 / 160, 0, 100.0 * 64 / 120,
+                                           60.0 * 64 / 120, 0, 0, 1.0])
+    finally:
+        run.close()
+        ros.unsubscribe(info_out)
+        ros.unsubscribe(label)
+        ros.node.destroy_publisher(pub)
+        ros.node.destroy_publisher(info_pub)
