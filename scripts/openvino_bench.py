@@ -74,9 +74,11 @@ def main() -> int:
     p.add_argument("--calib-count", type=int, default=300)
     p.add_argument("--int8-options", default="{}", help="JSON of extra nncf.quantize arguments (experiments)")
     p.add_argument("--int8-name", default="int8", help="name of the INT8 export in --work")
+    p.add_argument("--bf16", action="store_true", help="also the fp32 export run in bf16 (AVX512-BF16/AMX CPUs)")
     p.add_argument("--eval-data", default=None, help="dataset root: mIoU of every variant on --split")
     p.add_argument("--split", default="val")
     p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--only", nargs="+", default=None, help="evaluate only these variants (e.g. ov_bf16)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
 
@@ -130,6 +132,8 @@ def main() -> int:
             torch.set_num_threads(n)  # the Segmenter gives the OpenVINO backend torch's thread count
             segs = {"torch_fp32": Segmenter(src, device="cpu", input_size=size)}
             segs.update({k: Segmenter(v, device="cpu") for k, v in variants.items()})
+            if args.bf16:  # the fp32 file with OpenVINO's bf16 inference precision
+                segs["ov_bf16"] = Segmenter(variants["ov_fp32"], device="cpu", precision="bf16")
             fns = {}
             for k, seg in segs.items():
                 x = seg.prepare(seg.upload([frame]), "RGB", size)
@@ -158,7 +162,12 @@ def main() -> int:
         nets = {"torch_fp32": model}
         nets.update({k: BackendModule(open_backend(v, BackendOptions(threads=max(args.threads))))
                      for k, v in variants.items()})
+        if args.bf16:
+            nets["ov_bf16"] = BackendModule(open_backend(variants["ov_fp32"], BackendOptions(
+                threads=max(args.threads), precision="bf16")))
         results["mIoU"] = {}
+        if args.only:
+            nets = {k: v for k, v in nets.items() if k in args.only}
         for k, net in nets.items():
             cm = evaluate(net, loader, norm, dataset.class_set.num_classes, dataset.class_set.ignore_index,
                           torch.device("cpu"), input_size=size, desc=k)
