@@ -41,3 +41,18 @@ def make_checkpoint(path: Path, arch: str = "icnet_r18", width: float = 0.25, nu
     meta = build_meta(model.config, class_set, **meta_kwargs)
     save_checkpoint(model, path, meta)
     return path
+
+
+def png_with_size(png: bytes, height: int, width: int) -> bytes:
+    """A PNG whose IHDR declares another size, with a valid CRC (the shape of a decompression bomb)."""
+    import struct
+    import zlib
+
+    ihdr = png[12:16] + struct.pack(">II", width, height) + png[24:29]
+    return png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
+
+
+def jpeg_with_size(jpg: bytes, height: int, width: int) -> bytes:
+    """A baseline JPEG whose frame header (SOF0) declares another size."""
+    i = jpg.index(b"\xff\xc0")
+    return jpg[: i + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpg[i + 9:]

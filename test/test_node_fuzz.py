@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import ros_support
-from helpers import make_checkpoint
+from helpers import jpeg_with_size, make_checkpoint, png_with_size
 from ros_support import RosHarness, diagnostics_values, image_msg, ros  # noqa: F401 - fixture
 
 ros_support.require_rclpy()
@@ -56,16 +56,6 @@ def _frame(rng: np.random.Generator, h: int = H, w: int = W) -> np.ndarray:
     img[: h // 2] = rng.integers(0, 256, 3)
     img[h // 2:] = rng.integers(0, 256, 3)
     return img
-
-
-def _png_resized(png: bytes, height: int, width: int) -> bytes:
-    ihdr = png[12:16] + struct.pack(">II", width, height) + png[24:29]
-    return png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
-
-
-def _jpeg_resized(jpg: bytes, height: int, width: int) -> bytes:
-    i = jpg.index(b"\xff\xc0")
-    return jpg[: i + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpg[i + 9:]
 
 
 def _png_bomb() -> bytes:
@@ -193,14 +183,14 @@ class Cases:
             data[pos] ^= 0x5A
             data = bytes(data)
         elif kind == 4:  # decompression bombs: a header declaring a giant image (CRC valid) or the real thing
-            fmt, data = [("png", _png_resized(png, 30000, 30000)), ("jpeg", _jpeg_resized(jpg, 40000, 60000)),
+            fmt, data = [("png", png_with_size(png, 30000, 30000)), ("jpeg", jpeg_with_size(jpg, 40000, 60000)),
                          ("png", self.png_bomb)][i // 14 % 3]
             reason = "size"
         elif kind == 5:  # empty
             fmt, data, reason = "jpeg", b"", "size"
         elif kind == 6:  # zero size in the header
-            fmt, data, reason = ("png", _png_resized(png, 0, W), "size") if i % 2 else \
-                ("jpeg", _jpeg_resized(jpg, H, 0), "size")
+            fmt, data, reason = ("png", png_with_size(png, 0, W), "size") if i % 2 else \
+                ("jpeg", jpeg_with_size(jpg, H, 0), "size")
         elif kind == 7:  # 16-bit PNG (not segmented)
             data, reason = self.png16, "encoding"
         elif kind == 8:  # the format names another codec than the data's

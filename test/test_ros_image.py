@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from helpers import jpeg_with_size, png_with_size
 from icnet_ros.ros_image import (ImageFormatError, compressed_to_numpy, compression_format, image_to_numpy,
                                  numpy_to_compressed, numpy_to_image, pixel_format, segmenter_input,
                                  set_image_data)
@@ -245,20 +246,6 @@ def _png(img: np.ndarray) -> bytes:
     return numpy_to_compressed(img, "RGB", "png")[1]
 
 
-def _with_ihdr_size(png: bytes, height: int, width: int) -> bytes:
-    """A PNG whose IHDR declares another size (with a valid CRC): the decompression-bomb shape."""
-    import struct
-    import zlib
-
-    ihdr = png[12:16] + struct.pack(">II", width, height) + png[24:29]
-    return png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
-
-
-def _with_sof_size(jpg: bytes, height: int, width: int) -> bytes:
-    i = jpg.index(b"\xff\xc0")
-    return jpg[: i + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpg[i + 9:]
-
-
 def test_compressed_header_reads_sizes_without_decoding():
     from icnet_ros.ros_image import compressed_header
 
@@ -288,7 +275,7 @@ def test_declared_size_above_max_pixels_is_refused_before_decoding(codec, monkey
 
     img = np.zeros((16, 16, 3), np.uint8)
     fmt, data = numpy_to_compressed(img, "RGB", codec)
-    data = _with_ihdr_size(data, 20000, 20000) if codec == "png" else _with_sof_size(data, 20000, 20000)
+    data = png_with_size(data, 20000, 20000) if codec == "png" else jpeg_with_size(data, 20000, 20000)
     monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("decoded a frame above max_pixels"))
     with pytest.raises(ImageFormatError) as e:
         compressed_to_numpy(SimpleNamespace(format=fmt, data=data), max_pixels=4096 * 4096)
@@ -316,13 +303,13 @@ def _bad_compressed() -> dict[str, tuple[str, bytes, str]]:
         "png IHDR CRC": ("png", png[:30] + bytes([png[30] ^ 0xFF]) + png[31:], "decode"),
         "png IDAT CRC": ("png", png[: idat + 10] + bytes([png[idat + 10] ^ 0xFF]) + png[idat + 11:], "decode"),
         "png bad depth": ("png", png[:24] + b"\x05" + png[25:], "decode"),
-        "png zero size": ("png", _with_ihdr_size(png, 0, 32), "size"),
+        "png zero size": ("png", png_with_size(png, 0, 32), "size"),
         "png header only": ("png", png[:33], "decode"),
-        "png bigger than its data": ("png", _with_ihdr_size(png, 240, 320), "decode"),
+        "png bigger than its data": ("png", png_with_size(png, 240, 320), "decode"),
         "jpeg truncated": ("jpeg", jpg[: len(jpg) // 2], "decode"),
         "jpeg no SOF": ("jpeg", b"\xff\xd8\xff\xd9", "decode"),
         "jpeg segment past the end": ("jpeg", jpg[:2] + b"\xff\xe0\xff\xff" + jpg[6:40], "decode"),
-        "jpeg zero height (DNL)": ("jpeg", _with_sof_size(jpg, 0, 32), "size"),
+        "jpeg zero height (DNL)": ("jpeg", jpeg_with_size(jpg, 0, 32), "size"),
         "jpeg garbage scan": ("jpeg", jpg[:-200] + bytes(range(256))[:198] + b"\xff\xd9", "decode"),
         "not an image": ("", b"GIF89a" + bytes(100), "decode"),
         "format says png, data is jpeg": ("png", jpg, "decode"),
