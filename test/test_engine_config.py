@@ -20,7 +20,8 @@ def test_node_parameters_are_the_engine_options():
         assert spec.default == option.text_default()
         assert spec.description.startswith(option.description)
         assert spec.constraints == option.allowed
-        assert spec.read_only == (not option.live)
+        # every engine option changes at run time: live ones in place, the others by hot swap (a new Segmenter)
+        assert not spec.read_only and spec.hot_swap == (not option.live)
     # the node's config carries the checked engine config
     cfg = node_params.parse({"input_size": "540x720", "confidence_threshold": 0.3, "backend": "torch"})
     assert cfg.engine.input_size == (540, 720) and cfg.engine.confidence_threshold == 0.3
