@@ -43,8 +43,9 @@ DEFAULT_MAX_PIXELS = 3840 * 2160
 MAX_JPEG_SCANS = 100
 #: marker segments a JPEG may have (real files: tens)
 MAX_JPEG_SEGMENTS = 1000
-#: chunks a PNG may have (encoders split the image data into chunks of 8-64 KiB: a 4K frame has tens)
-MAX_PNG_CHUNKS = 100000
+#: chunks a PNG may have: this many plus one per 4 KiB of data (encoders write image data in chunks of 8-64 KiB: a
+#: noisy 4K frame from OpenCV has about 3000 in 25 MB); bounds the Python-level work of the chunk walk
+MAX_PNG_CHUNKS = 1000
 
 
 class ImageFormatError(ValueError):
@@ -266,8 +267,9 @@ def _png_header(buf: np.ndarray) -> tuple[int, int]:
         if struct.unpack(">I", data[end - 4:end])[0] != zlib.crc32(data[i + 4:end - 4]):
             raise ImageFormatError("decode", f"PNG chunk {ctype!r} at byte {i} fails its CRC check")
         chunks += 1
-        if chunks > MAX_PNG_CHUNKS:
-            raise ImageFormatError("decode", f"PNG has more than {MAX_PNG_CHUNKS} chunks")
+        if chunks > MAX_PNG_CHUNKS + n // 4096:
+            raise ImageFormatError("decode", f"PNG has more than {MAX_PNG_CHUNKS + n // 4096} chunks "
+                                             f"({n} bytes)")
         idat = idat or ctype == b"IDAT"
         i = end
         if ctype == b"IEND":

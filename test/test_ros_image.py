@@ -377,3 +377,16 @@ def test_compressed_special_modes():
     cmyk = encode(PILImage.fromarray(rgb).convert("CMYK"), "JPEG")
     out, order = compressed_to_numpy(SimpleNamespace(format="jpeg", data=cmyk))
     assert order == "RGB" and out.shape == (9, 11, 3)
+
+
+def test_png_made_of_tiny_chunks_is_refused_quickly():
+    """Thousands of empty ancillary chunks (valid CRCs) cost the chunk walk Python-level work: refused."""
+    import struct
+    import zlib
+
+    png = _png(np.zeros((8, 8, 3), np.uint8))
+    empty = struct.pack(">I", 0) + b"teXt" + struct.pack(">I", zlib.crc32(b"teXt"))
+    bomb = png[:33] + empty * 200_000 + png[33:]  # 2.4 MB: the walk stops after the allowed 1585 chunks
+    with pytest.raises(ImageFormatError) as e:
+        compressed_to_numpy(SimpleNamespace(format="png", data=bomb))
+    assert e.value.reason == "decode" and "more than 1585 chunks" in str(e.value)
