@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import threading
 import time
@@ -287,6 +288,7 @@ class SegmentationNode(LifecycleNode):
         if self.segmenter is not None:
             self.segmenter.close()
             self.segmenter = None
+            gc.collect()  # the model's tensors, before the allocator's cache goes back to the device
             release_device_memory()
 
     @contextlib.contextmanager

@@ -258,3 +258,44 @@ def test_camera_info_is_paired_by_stamp_and_scaled(ros: RosHarness, checkpoint: 
         ros.unsubscribe(label)
         ros.node.destroy_publisher(pub)
         ros.node.destroy_publisher(info_pub)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_lifecycle_in_process_frees_the_model_and_refuses_other_classes(checkpoint: Path, tmp_path: Path,
+                                                                        device: str):
+    """The node's transitions called in-process: configure builds the Segmenter, cleanup closes it (on CUDA its
+    memory goes back), a hot swap to a model with other classes is refused with the reason and changes nothing."""
+    import rclpy
+    import torch
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from icnet_ros.node import SegmentationNode
+
+    other = make_checkpoint(tmp_path / "other_classes.safetensors", num_classes=5)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+        Parameter("model", value=str(checkpoint)), Parameter("device", value=device),
+        Parameter("image_topics", value=["/lc/image_raw"])])
+    try:
+        assert node.segmenter is None and node.pipeline is None
+        base = torch.cuda.memory_allocated() if device == "cuda" else 0
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        seg = node.segmenter
+        assert seg is not None and node.pipeline is not None and not node.pipeline.running
+        if device == "cuda":
+            assert torch.cuda.memory_allocated() > base
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS and node.pipeline.running
+        result = node.set_parameters([Parameter("model", value=str(other))])[0]
+        assert not result.successful and "classes differ" in result.reason, result
+        assert node.segmenter is seg and node.get_parameter("model").value == str(checkpoint)
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS and not node.pipeline.running
+        assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+        assert node.segmenter is None and node.pipeline is None and node.cameras == []
+        if device == "cuda":
+            assert torch.cuda.memory_allocated() <= base
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
