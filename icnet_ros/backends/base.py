@@ -77,4 +77,25 @@ class Backend(Protocol):
     def close(self) -> None: ...  # release the session / engine / device memory
 
 
-__all__ = ["BACKENDS", "Backend", "BackendOptions", "MissingRuntimeError", "require"]
+def checked_input(backend: Any, x: Tensor, name: str) -> Tensor:
+    """``x`` checked against the call contract of an exported ``backend`` (``name``: the model file, for the
+    message): N x 3 x H x W at its fixed size, within its batch limit, in its dtype on its device; contiguous."""
+    fixed = backend.fixed_size
+    if x.dim() != 4 or x.shape[1] != 3 or (fixed is not None and tuple(x.shape[2:]) != tuple(fixed)):
+        size = f"{fixed[0]}x{fixed[1]}" if fixed is not None else "any size"
+        raise ValueError(f"{name} was exported for {size} inputs (N x 3 x H x W), got shape {tuple(x.shape)}")
+    if backend.max_batch is not None and x.shape[0] > backend.max_batch:
+        raise ValueError(f"batch of {x.shape[0]} exceeds {name}'s maximum batch {backend.max_batch}")
+    if x.dtype != backend.input_dtype or x.device != backend.device:
+        raise ValueError(f"expected a {backend.input_dtype} tensor on {backend.device}, got {x.dtype} on {x.device}")
+    return x.contiguous()
+
+
+def logits_buffer(x: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """The output tensor a runtime writes for input ``x``: N x classes x ceil(H/8) x ceil(W/8) on x's device."""
+    n, _, h, w = x.shape
+    return torch.empty((n, num_classes, -(-h // 8), -(-w // 8)), dtype=dtype, device=x.device)
+
+
+__all__ = ["BACKENDS", "Backend", "BackendOptions", "MissingRuntimeError", "checked_input", "logits_buffer",
+           "require"]

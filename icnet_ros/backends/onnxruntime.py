@@ -17,7 +17,6 @@ time (``user_compute_stream``); a call from another stream is ordered against it
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch import Tensor
 
 from ..checkpoint import CheckpointError
 from ..export import INPUT_NAME, OUTPUT_NAME, profile_batch, read_onnx_metadata
-from .base import BackendOptions, require
+from .base import BackendOptions, checked_input, logits_buffer, require
 
 _TYPES: dict[str, tuple[torch.dtype, type]] = {"tensor(float)": (torch.float32, np.float32),
                                                "tensor(float16)": (torch.float16, np.float16)}
@@ -131,19 +130,8 @@ class OnnxRuntimeBackend:
         self.num_classes = int(self.meta["arch"]["num_classes"])
 
     def __call__(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected an N x 3 x H x W batch, got shape {tuple(x.shape)}")
-        if self.fixed_size is not None and tuple(x.shape[2:]) != self.fixed_size:
-            raise ValueError(f"{self.path.name} was exported for {self.fixed_size[0]}x{self.fixed_size[1]} inputs, "
-                             f"got {x.shape[2]}x{x.shape[3]}")
-        if self.max_batch is not None and x.shape[0] > self.max_batch:
-            raise ValueError(f"batch of {x.shape[0]} exceeds this model's maximum batch {self.max_batch}")
-        if x.dtype != self.input_dtype or x.device != self.device:
-            raise ValueError(f"expected a {self.input_dtype} tensor on {self.device}, got {x.dtype} on {x.device}")
-        x = x.contiguous()
-        n, _, h, w = x.shape
-        out = torch.empty((n, self.num_classes, math.ceil(h / 8), math.ceil(w / 8)), dtype=self.output_dtype,
-                          device=self.device)
+        x = checked_input(self, x, self.path.name)
+        out = logits_buffer(x, self.num_classes, self.output_dtype)
         # IO binding on both devices: ORT reads the input tensor's memory and writes the preallocated output
         b, kind, idx = self._binding, self.device.type, self.device.index or 0
         b.bind_input(INPUT_NAME, kind, idx, self._np_in, list(x.shape), x.data_ptr())

@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
 import os
 import re
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch import Tensor
 from ..checkpoint import CheckpointError, file_sha256
 from ..export import (INPUT_NAME, MAX_METADATA_BYTES, OUTPUT_NAME, parse_export_meta, profile_batch,
                       read_onnx_metadata)
-from .base import BackendOptions, require
+from .base import BackendOptions, checked_input, logits_buffer, require
 
 log = logging.getLogger(__name__)
 #: builder workspace limit (TensorRT uses less when it can)
@@ -272,17 +271,8 @@ class TensorRTBackend:
         return engine
 
     def __call__(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != self.fixed_size:
-            raise ValueError(f"expected an N x 3 x {self.fixed_size[0]} x {self.fixed_size[1]} batch, got shape "
-                             f"{tuple(x.shape)}")
-        if x.shape[0] > self.max_batch:
-            raise ValueError(f"batch of {x.shape[0]} exceeds the engine's maximum batch {self.max_batch}")
-        if x.dtype != self.input_dtype or x.device != self.device:
-            raise ValueError(f"expected a {self.input_dtype} tensor on {self.device}, got {x.dtype} on {x.device}")
-        x = x.contiguous()
-        n, _, h, w = x.shape
-        out = torch.empty((n, self.num_classes, math.ceil(h / 8), math.ceil(w / 8)), dtype=self.output_dtype,
-                          device=self.device)
+        x = checked_input(self, x, self.path.name)
+        out = logits_buffer(x, self.num_classes, self.output_dtype)
         ctx = self.context
         ctx.set_input_shape(INPUT_NAME, tuple(x.shape))
         ctx.set_tensor_address(INPUT_NAME, x.data_ptr())

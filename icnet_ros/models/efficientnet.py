@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..profiling import stage
+from .. import profiling
 
 BN_EPS = 1e-3  # TensorFlow's batch_norm_epsilon for EfficientNet; the running variances were estimated with it
 STEM_CHANNELS = 32  # Lite: fixed, not scaled by the width multiplier
@@ -253,12 +253,12 @@ class EfficientNetLiteEncoder(EfficientNetLiteTrunk):
         self.low_channels = self.stage_channels[-1]
 
     def forward(self, x_half: Tensor) -> tuple[Tensor, Tensor]:
-        with stage("medium branch (sub2)"):
+        with profiling.stage("medium branch (sub2)"):
             x = self.stem(x_half)
             for block in self._blocks[: self.medium_index + 1]:
                 x = block(x)
         medium = x
-        with stage("low branch (sub4)"):
+        with profiling.stage("low branch (sub4)"):
             for block in self._blocks[self.medium_index + 1:]:
                 x = block(x)
         return medium, x
