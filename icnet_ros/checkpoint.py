@@ -258,6 +258,15 @@ def default_model_path() -> Path:
                           + ", ".join(str(c) for c in candidates) + "); pass a model path")
 
 
+def record_export(meta: dict[str, Any], record: dict[str, Any]) -> None:
+    """Record an export (conversion, ONNX/OpenVINO export) in ``meta["provenance"]["exported"]``; an earlier
+    record moves under the new one's ``previous``, so an export of an export keeps the whole chain."""
+    provenance = meta.setdefault("provenance", {})
+    if "exported" in provenance:
+        record["previous"] = provenance["exported"]
+    provenance["exported"] = record
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a checkpoint file (read in 1 MiB chunks), for provenance records."""
     h = hashlib.sha256()

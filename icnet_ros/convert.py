@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from .checkpoint import (MMSEG_NORMALIZATION, CheckpointError, build_meta, file_sha256, load_model,
-                         load_state_dict_into, save_checkpoint)
+                         load_state_dict_into, record_export, save_checkpoint)
 from .classes import CITYSCAPES, ClassSet, generic_palette
 from .models.icnet import ICNet, ICNetConfig
 
@@ -185,10 +185,7 @@ def export_native_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, 
     record: dict[str, Any] = {"from": src.name, "sha256": file_sha256(src), "fp16": fp16,
                               "auxiliary_heads": bool(include_aux and model.config.aux_heads)}
     _apply_records(meta, record, input_size, network_width, license)
-    provenance = meta.setdefault("provenance", {})
-    if "exported" in provenance:  # an export of an export: keep the chain
-        record["previous"] = provenance["exported"]
-    provenance["exported"] = record
+    record_export(meta, record)
     save_checkpoint(model, dst, meta, fp16=fp16, include_aux=include_aux)
     model.meta = meta
     return model

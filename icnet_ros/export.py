@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .backends.base import require
-from .checkpoint import META_KEY, CheckpointError, default_model_path, file_sha256, validate_meta
+from .checkpoint import META_KEY, CheckpointError, default_model_path, file_sha256, record_export, validate_meta
 from .models.icnet import MIN_INPUT_SIZE
 from .optimize import FactorizedPyramidPooling, factorize_pyramid_pooling, fold_batchnorm
 from .sizes import SIZE_DIVISOR, aligned_size
@@ -190,10 +190,7 @@ def exported_meta(meta: dict[str, Any], record: dict[str, Any], source_file: Pat
         record["sha256"] = file_sha256(source_file)
     if command:
         record["command"] = command
-    provenance = meta.setdefault("provenance", {})
-    if "exported" in provenance:  # an export of an export (e.g. icnet-convert --fp16, then this): keep the chain
-        record["previous"] = provenance["exported"]
-    provenance["exported"] = record
+    record_export(meta, record)  # an export of an export (e.g. icnet-convert --fp16, then this) keeps the chain
     validate_export_meta(meta)
     return meta
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as _dt
 import io
 import json
 import os
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import META_KEY, CheckpointError, default_model_path, file_sha256
+from ..checkpoint import META_KEY, CheckpointError, default_model_path
 from ..preprocess import Normalizer
 from .base import BackendOptions, require
 
@@ -77,7 +76,7 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     post-training quantization calibrated on ``calib_count`` images from ``calib_dir``. ``command``: recorded in
     the provenance. ``output``: the ``.xml`` path (``.xml`` is appended when missing); the ``.bin`` goes beside
     it. Files are written atomically."""
-    from ..export import check_export_size, inference_model, validate_export_meta
+    from ..export import check_export_size, exported_meta, inference_model
 
     ov = _ov()
     h, w = check_export_size(size)
@@ -116,12 +115,7 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     record: dict[str, Any] = {"format": "openvino", "size": [h, w], "batch": batch or 1,
                               "dynamic_batch": batch is None, "precision": precision,
-                              "openvino": ov.get_version().split("-")[0],
-                              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    if source_file is not None:
-        record["from"], record["sha256"] = source_file.name, file_sha256(source_file)
-    if command:
-        record["command"] = command
+                              "openvino": ov.get_version().split("-")[0]}
     if int8:
         import nncf
 
@@ -130,13 +124,7 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
                                  "count": len(calib_images), "nncf": nncf.__version__, "preset": "performance",
                                  "fast_bias_correction": False, "ignored_types": ["MatMul"]}
         ov_model = quantize_int8(ov_model, calib_images, (h, w), meta["normalization"], progress=progress)
-    meta["arch"] = {**meta["arch"], "aux_heads": False}
-    meta["network_size"] = meta["input_size"] = [h, w]
-    provenance = meta.setdefault("provenance", {})
-    if "exported" in provenance:  # an export of an export: keep the chain
-        record["previous"] = provenance["exported"]
-    provenance["exported"] = record
-    validate_export_meta(meta)
+    meta = exported_meta(meta, record, source_file, command)  # shared with the ONNX export
     ov_model.set_rt_info(json.dumps(meta), META_KEY)
 
     out.parent.mkdir(parents=True, exist_ok=True)
