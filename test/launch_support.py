@@ -153,8 +153,16 @@ class Launched:
         self._log.close()
 
 
+DAEMON_VERBS = {("param", "set"), ("param", "get"), ("lifecycle", "set"), ("lifecycle", "get"),
+                ("topic", "list"), ("node", "list")}  # the verbs that would start (or use) the ros2 daemon
+
+
 def ros2(ws: Workspace, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run ``ros2 ARGS`` (without the daemon) to completion; output captured."""
+    """Run ``ros2 ARGS`` to completion, output captured; never with the daemon (it would outlive the tests, and a
+    daemon that has not seen the graph yet answers wrongly or hangs)."""
+    args = tuple(args)
+    if tuple(args[:2]) in DAEMON_VERBS and "--no-daemon" not in args:
+        args = (*args, "--no-daemon")
     return subprocess.run(["ros2", *args], env=ws.env, cwd=ws.root, capture_output=True, text=True, timeout=timeout)
 
 
@@ -170,7 +178,11 @@ def poll_ros2(ws: Workspace, args: list[str], expect: str, timeout: float = 60.0
     deadline = time.monotonic() + timeout
     out = ""
     while time.monotonic() < deadline:
-        proc = ros2(ws, *args)
+        try:
+            proc = ros2(ws, *args, timeout=30.0)
+        except subprocess.TimeoutExpired:  # a call can hang on discovery under load: ask again
+            out = "timed out"
+            continue
         out = proc.stdout + proc.stderr
         if expect in out:
             return out

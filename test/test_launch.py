@@ -126,7 +126,7 @@ def test_readme_launch_with_namespace_cameras_and_rviz(colcon_ws: Workspace, ros
         got = _serve(ros, jpeg_pub, rear, jpeg)
         assert (got.height, got.width, got.header.frame_id) == (96, 128, "rear")
 
-        topics = poll_ros2(colcon_ws, ["topic", "list", "--no-daemon"], "/robot1/icnet_node/classes")
+        topics = poll_ros2(colcon_ws, ["topic", "list"], "/robot1/icnet_node/classes")
         for topic in ("/robot1/front/semantic/overlay", "/robot1/front/semantic/camera_info",
                       "/rear/semantic/color", "/rear/semantic/confidence", "/diagnostics"):
             assert topic in topics.split(), topics
