@@ -35,6 +35,25 @@ def parse_hw(text: str, minimum: int = 1) -> tuple[int, int]:
     return h, w
 
 
+def parse_sizes(tokens: str | list[str], minimum: int = 1) -> list[tuple[int, int]]:
+    """Command-line sizes, the same way in every tool: ``HxW`` tokens (``540x720``) and/or plain ``H W`` pairs
+    (``540 720``), e.g. ``["540x720", "720", "960"]`` -> [(540, 720), (720, 960)]. Raises ValueError."""
+    items = tokens.split() if isinstance(tokens, str) else [t for tok in tokens for t in str(tok).split()]
+    sizes: list[tuple[int, int]] = []
+    i = 0
+    while i < len(items):
+        if "x" in items[i].lower():
+            sizes.append(parse_hw(items[i], minimum))
+            i += 1
+        elif i + 1 < len(items) and items[i].isdigit() and items[i + 1].isdigit():
+            sizes.append(parse_hw(f"{items[i]}x{items[i + 1]}", minimum))
+            i += 2
+        else:
+            raise ValueError(f"sizes are HEIGHTxWIDTH or HEIGHT WIDTH (HxW or H W), e.g. 540x720 or 540 720; got "
+                             f"{' '.join(items)!r}")
+    return sizes
+
+
 def parse_input_size(value: str) -> str | tuple[int, int] | float:
     """Network input size policy: 'native' | 'checkpoint' (the model's recommended size) | 'HxW' -> (H, W) (each
     >= 64) | '0.5' -> 0.5 (a scale factor in (0, 4]). Raises ValueError with what is allowed."""

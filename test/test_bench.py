@@ -136,8 +136,8 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "none.safetensors"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("icnet-bench: error: checkpoint not found") and err.count("\n") == 1
-    with pytest.raises(SystemExit):
-        main(["--size", "32x32"])
+    assert main(["--size", "32x32"]) == 2  # one line, exit 2
+    assert "must each be >= 64" in capsys.readouterr().err
 
 
 def test_detail_selects_configurations_for_stages(tmp_path, capsys):

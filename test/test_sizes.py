@@ -25,3 +25,24 @@ def test_minimum_and_exact_mode():
 def test_bad_divisor(bad):
     with pytest.raises(ValueError, match="divisor"):
         aligned_size(100, 100, bad)
+
+
+def test_every_cli_takes_sizes_the_same_way():
+    """HxW and H W, in icnet-segment/eval (engine --input-size), icnet-bench --size, icnet-export --size and
+    icnet-convert --input-size."""
+    from icnet_ros.sizes import parse_sizes
+    from icnet_ros.tools import bench, convert, export
+
+    assert parse_sizes(["540x720"]) == parse_sizes(["540", "720"]) == parse_sizes("540 720") == [(540, 720)]
+    assert parse_sizes(["540x720", "720", "960"]) == [(540, 720), (720, 960)]
+    for bad in (["540"], ["540", "x"], ["big"]):
+        with pytest.raises(ValueError, match="HxW or H W"):
+            parse_sizes(bad)
+    assert convert._input_size(["540", "720"]) == convert._input_size(["540x720"]) == (540, 720)
+    for tokens in (["352x480"], ["352", "480"]):
+        args = export.build_parser().parse_args(["m.safetensors", "--format", "onnx", "--size", *tokens,
+                                                 "--output", "m.onnx"])
+        assert export._check_args(args) == (352, 480)
+    for tokens in (["352x480", "544x736"], ["352", "480", "544", "736"]):
+        args = bench.build_parser().parse_args(["--size", *tokens])
+        assert parse_sizes(args.size, 64) == [(352, 480), (544, 736)]

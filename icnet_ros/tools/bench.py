@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from .. import engine_config
 from ..engine_config import OPTIONS, PRECISIONS
 from ..profiling import PREFIX, STAGES, ranges
-from ..sizes import MIN_INPUT_SIZE, parse_hw
+from ..sizes import MIN_INPUT_SIZE, parse_hw, parse_sizes
 
 SWEEP_ARCHS = ("icnet_r18", "icnet_r50")
 SWEEP_WIDTHS = (1.0, 0.5)
@@ -602,10 +602,7 @@ def markdown_table(results: list[BenchResult]) -> str:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    try:
-        return parse_hw(text, MIN_INPUT_SIZE)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return parse_hw(text, MIN_INPUT_SIZE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -621,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", nargs="+", default=[], help="preset architecture(s), e.g. icnet_r18 icnet_r50")
     p.add_argument("--width", nargs="+", type=float, default=None, help="width multiplier(s) for --arch (1.0)")
     p.add_argument("--num-classes", type=int, default=19, help="classes of --arch models (default 19)")
-    p.add_argument("--size", nargs="+", type=parse_size, default=None, metavar="HxW",
+    p.add_argument("--size", nargs="+", default=None, metavar="HxW",
                    help="input size(s) (default 512x1024)")
     p.add_argument("--batch", nargs="+", type=int, default=[1], help="batch size(s) (default 1)")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS), metavar="PRECISION",
@@ -679,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     _ABLATED.clear()
     try:
         args.outputs = [o for o in args.outputs.replace(",", " ").split() if o]
+        args.size = parse_sizes(args.size, MIN_INPUT_SIZE) if args.size else None  # HxW and/or H W, as every tool
         args.engine = engine_config.from_args(args, names=ENGINE_FLAGS)
         args.device = args.engine.device
         if args.threads:

@@ -8,6 +8,7 @@ import sys
 
 from ..checkpoint import CheckpointError
 from ..classes import CLASS_SETS, get_class_set
+from ..sizes import parse_sizes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "for 19 classes)")
     p.add_argument("--fp16", action="store_true", help="store weights in half precision (half the size)")
     p.add_argument("--no-aux", action="store_true", help="drop the training-only auxiliary heads")
-    p.add_argument("--input-size", nargs="+", metavar="H W | native",
+    p.add_argument("--input-size", nargs="+", metavar="HxW | H W | native",
                    help="recommended inference size to record: H W, or 'native' for none (tools then run at each "
                         "frame's own size); default: mmseg: none; native checkpoints: their own")
     p.add_argument("--network-width", metavar="W | none",
@@ -53,11 +54,12 @@ def _input_size(values: list[str] | None) -> tuple[int, int] | str | None:
     if values == ["native"]:
         return "native"
     try:
-        if len(values) == 2:
-            return int(values[0]), int(values[1])
+        sizes = parse_sizes(values)
     except ValueError:
-        pass
-    raise ValueError(f"--input-size takes H W (integers) or 'native', got {' '.join(values)!r}")
+        sizes = []
+    if len(sizes) != 1:
+        raise ValueError(f"--input-size takes H W, HxW or 'native', got {' '.join(values)!r}")
+    return sizes[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..backends.base import MissingRuntimeError, require
 from ..checkpoint import CheckpointError, default_model_path
-from ..sizes import parse_hw
+from ..sizes import parse_sizes
 
 FORMATS = ("onnx", "openvino", "tensorrt")
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None,
                    help="native .safetensors checkpoint (default: the package's default model)")
     p.add_argument("--format", "-f", required=True, choices=FORMATS, help="what to export to")
-    p.add_argument("--size", required=True, metavar="HxW",
+    p.add_argument("--size", required=True, nargs="+", metavar="HxW",
                    help="network input size, e.g. 352x480; multiples of 32 (frames are resized to it)")
     p.add_argument("--batch", type=int, default=1, metavar="N",
                    help="onnx/tensorrt: the batch axis stays dynamic and TensorRT's profile covers 1..N; with "
@@ -52,7 +52,10 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
     """The export size; ValueError for flags that do not go together."""
     from ..export import check_export_size
 
-    size = check_export_size(parse_hw(args.size))
+    sizes = parse_sizes(args.size)
+    if len(sizes) != 1:
+        raise ValueError(f"--size takes one size, HxW or H W, got {' '.join(args.size)!r}")
+    size = check_export_size(sizes[0])
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.int8 and args.format != "openvino":
