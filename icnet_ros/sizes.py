@@ -9,7 +9,7 @@ MIN_INPUT_SIZE = 64  # the network's minimum (icnet_ros.models.icnet.MIN_INPUT_S
 MAX_SCALE = 4.0
 #: ICNet's coarsest map is 1/32 of its input. At other sizes the stride-2 layers round up (45 -> 23 -> 12) and
 #: the cascade's x2 upsampling no longer lands on the finer map's grid: the branches disagree by up to half a
-#: coarse cell (16 px), and the model trained on aligned crops loses accuracy (default model, CamVid val,
+#: coarse cell (16 px), and the model trained on aligned crops loses accuracy (the stage-6 default model, CamVid val,
 #: 480x360 frames: 61.2 mIoU at 360x480, 65.5 at 352x480; BENCHMARKS.md). Network inputs are rounded to it.
 SIZE_DIVISOR = 32
 
