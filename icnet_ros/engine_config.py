@@ -194,11 +194,11 @@ class SegmenterConfig:
                           "CPUs with AVX512-BF16/AMX).", " | ".join(PRECISIONS), parse_precision)
     input_size: Any = _opt(
         "auto", "Network input size: 'auto' (each frame scaled, keeping its aspect ratio, to the width the model "
-        "was trained at, from its metadata; for models without that record the metadata's fixed size if any, else native), 'native' (each frame at its "
-        "own size), 'checkpoint' (the fixed size in the model's metadata), 'HxW' such as '512x1024', or a scale "
-        "factor such as '1.5'. Rounded to multiples of size_divisor.",
-        "auto | native | checkpoint | HxW (each >= 64) | scale in (0, 4]", parse_input_size, live=True,
-        text_type=str)
+        "was trained at, from its metadata; for models without that record the metadata's fixed size if any, "
+        "else native), 'native' (each frame at its own size), 'checkpoint' (the fixed size in the model's "
+        "metadata), 'HxW' such as '512x1024', or a scale factor such as '1.5'. Rounded to multiples of "
+        "size_divisor.", "auto | native | checkpoint | HxW (each >= 64) | scale in (0, 4]", parse_input_size,
+        live=True, text_type=str)
     size_divisor: int = _opt(SIZE_DIVISOR, "Network input sizes are rounded to multiples of this (32: ICNet's "
                              "branches misalign otherwise; 1 keeps sizes exact).", "[1, 256]", _number(1, 256, int))
     outputs: tuple[str, ...] = _opt(("label",), "Outputs computed per frame (label always).",

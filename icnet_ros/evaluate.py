@@ -8,11 +8,12 @@
 
 Inputs are normalised as the checkpoint's metadata says and resized as ``--input-size`` says (the engine's option,
 :mod:`icnet_ros.engine_config`; default ``auto``: each image scaled, keeping its aspect ratio, to the width the
-model was trained at, its metadata's ``network_width``; else the metadata's fixed ``input_size``; else native), rounded to multiples of 32
-(``--size-divisor``; ICNet's branches misalign at other sizes, see :data:`icnet_ros.sizes.SIZE_DIVISOR`); the logits
-are upsampled back to the label size before the argmax. Exported models (``.onnx``, OpenVINO ``.xml``, also INT8)
-are evaluated through their backend (``--backend``, chosen by the file type), at their fixed export size. The confusion matrix is accumulated on the device. ``--json`` prints exactly one JSON object on stdout (percentages);
-progress bars and messages go to stderr.
+model was trained at, its metadata's ``network_width``; else the metadata's fixed ``input_size``; else native),
+rounded to multiples of 32 (``--size-divisor``; ICNet's branches misalign at other sizes, see
+:data:`icnet_ros.sizes.SIZE_DIVISOR`); the logits are upsampled back to the label size before the argmax. Exported
+models (``.onnx``, OpenVINO ``.xml``, also INT8) are evaluated through their backend (``--backend``, chosen by the
+file type), at their fixed export size. The confusion matrix is accumulated on the device. ``--json`` prints exactly
+one JSON object on stdout (percentages); progress bars and messages go to stderr.
 """
 from __future__ import annotations
 

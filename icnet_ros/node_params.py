@@ -5,13 +5,12 @@ The inference engine's parameters (``backend``, ``device``, ``precision``, ``inp
 allowed values, description, whether it can change at run time); the node's own parameters (topics, scheduling,
 threads, lifecycle) are defined here. ``config/icnet.yaml`` carries the same defaults (a test keeps them equal).
 :func:`parse` turns raw values into a checked :class:`NodeConfig` or raises :class:`ParameterError` naming the
-parameter, the bad value and what is allowed. Validation is ROS-free; :func:`declare` (rclpy imported lazily) declares the parameters on a node with
-descriptions, so ``ros2 param describe`` shows them.
-
-Each parameter's description ends with how it may change while the node runs: **live** (applied to the next batch),
-**hot swap** (the engine options that need a new Segmenter, and ``model``: a new one is built and warmed up while the
-current one serves, then swapped in between two batches; a new one that cannot start is refused and the current one
-keeps serving) or **read-only** (set at start-up). QoS is not a parameter of its own: the node takes ROS 2's standard
+parameter, the bad value and what is allowed. Validation is ROS-free; :func:`declare` (rclpy imported lazily)
+declares the parameters on a node with descriptions, so ``ros2 param describe`` shows them. Each parameter's
+description ends with how it may change while the node runs: **live** (applied to the next batch), **hot swap** (the
+engine options that need a new Segmenter, and ``model``: a new one is built and warmed up while the current one
+serves, then swapped in between two batches; a new one that cannot start is refused and the current one keeps
+serving) or **read-only** (set at start-up). QoS is not a parameter of its own: the node takes ROS 2's standard
 ``qos_overrides`` (see the node's module docstring).
 """
 from __future__ import annotations
