@@ -8,14 +8,17 @@ hands it messages with :meth:`submit` and gets results back through two callback
 
 Interface (all thread-safe):
 
-- ``FramePipeline(segmenter, cameras, wanted=..., publish=..., clock_ns=..., options=..., logger=...)``:
+- ``FramePipeline(segmenter, cameras, wanted=..., publish=..., clock_ns=..., options=..., logger=...,
+  on_fatal=...)``:
   ``cameras`` is a list of ``(key, compressed)``; ``key`` (the input topic) names the camera in every call.
   ``wanted(key)`` returns the output kinds someone subscribes to (empty: the frame is skipped as
   ``no_subscribers``); ``publish(key, msg, order, result, wanted)`` publishes one frame's outputs and returns the
-  kinds it published (counted as ``computed``). ``clock_ns()`` is the node's clock (for the header-stamp age).
+  kinds it published (counted as ``computed``). ``clock_ns()`` is the node's clock (stamps are compared with
+  it); ``on_fatal(message)`` is called once, from the worker, when the device became unusable.
 - :meth:`submit` (subscription callbacks; never blocks on inference), :meth:`start` / :meth:`stop` (the worker
   thread: take frames or not), :meth:`configure` (live options), :meth:`swap_segmenter` (between batches),
-  :meth:`snapshot` (counters and percentiles under the lock), :meth:`close`.
+  :meth:`snapshot` (counters and percentiles under the lock), :meth:`wait_taken` (a producer's pacing),
+  :meth:`samples` and :meth:`idle` (benchmarks), :meth:`close`.
 
 Drop reasons (per camera, in ``snapshot()["cameras"][key]["dropped"]``): ``superseded`` (a newer frame replaced an
 unprocessed one: the newest-frame policy), ``no_subscribers``, ``too_old`` (``max_age``), the decoder's reasons
@@ -58,8 +61,8 @@ import numpy as np
 from .ros_image import DEFAULT_MAX_PIXELS, ImageFormatError, compressed_header, segmenter_frame, segmenter_input
 from .sizes import MIN_INPUT_SIZE
 
-__all__ = ["AGE_FROM", "CameraStats", "FOREIGN_CLOCK_S", "FramePipeline", "LATENCY_WINDOW", "PipelineOptions",
-           "REGROW_AFTER", "WARN_PERIOD_S", "device_failure"]
+__all__ = ["AGE_FROM", "BIG_FRAME", "CameraStats", "FOREIGN_CLOCK_S", "FramePipeline", "LATENCY_WINDOW",
+           "PipelineOptions", "RECENT_S", "REGROW_AFTER", "WARN_PERIOD_S", "device_failure", "release_device_memory"]
 
 WARN_PERIOD_S = 5.0  # throttle for repeated per-camera warnings and errors of one kind
 LATENCY_WINDOW = 300  # latency samples kept per camera for the percentiles

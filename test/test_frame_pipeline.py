@@ -13,10 +13,11 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import make_checkpoint
 from icnet_ros.engine import Segmenter
-from icnet_ros.frame_pipeline import FramePipeline, PipelineOptions
+from icnet_ros.frame_pipeline import FramePipeline, PipelineOptions, device_failure
 from icnet_ros.ros_image import numpy_to_compressed, numpy_to_image
 
 H, W = 64, 96
@@ -436,3 +437,19 @@ def test_a_camera_with_much_larger_frames_cannot_starve_the_others(segmenter: Se
     served = Counter(k for k, *_ in sink.published)
     assert served["/b"] == 34 and served["/a"] == 2, served
     assert pipe.snapshot()["cameras"]["/a"]["dropped"] == {}  # held back, not dropped: it was not superseded
+
+
+@pytest.mark.parametrize("error,kind", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "oom"),
+    (RuntimeError("CUDA error: out of memory"), "oom"),
+    (MemoryError(), "oom"),
+    (RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer"),
+     "oom"),
+    (torch.AcceleratorError("CUDA error: an illegal memory access was encountered"), "fatal"),
+    (RuntimeError("CUDA error: device-side assert triggered"), "fatal"),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"), "fatal"),
+    (ValueError("frame 0: 16x16 gives a 16x16 network input, below the minimum 64x64"), None),
+    (RuntimeError("Given groups=1, weight of size [8, 3, 3, 3], expected input to have 3 channels"), None),
+])
+def test_device_failure_classification(error: BaseException, kind: str | None):
+    assert device_failure(error) == kind
