@@ -181,13 +181,19 @@ def test_input_qos_follows_a_reliable_camera_and_warns_when_frames_do_not_arrive
     try:
         run.wait_for(r"\]: ready: ")
         out = run.output()
-        assert "/qa/image_raw [reliable]" in out and "/qb/image_raw [best_effort]" in out, out
+        assert "/qb/image_raw [best_effort]" in out, out
         assert "/qc/image_raw [reliable]" in out, out  # from qos_overrides (no publisher)
+        if "/qa/image_raw [reliable]" not in out:  # not discovered at activation yet: followed within a second
+            run.wait_for(r"/qa/image_raw: publisher\(s\) \['reliable'\]: subscribing reliable", 30)
         ros.wait_matched(label.subscription)
         ros.wait_matched(reliable_pub)
+        time.sleep(0.5)
         img = np.random.default_rng(1).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
-        reliable_pub.publish(image_msg(img, "rgb8", ros.now().to_msg()))  # once: reliable delivers it
-        assert label.wait_for(lambda m: len(m) >= 1, 30), run.output()
+        for _ in range(3):  # reliable: the first one arrives unless it was sent during the switch
+            reliable_pub.publish(image_msg(img, "rgb8", ros.now().to_msg()))
+            if label.wait_for(lambda m: len(m) >= 1, 10):
+                break
+        assert label.messages, run.output()
         run.wait_for(r"/qb/image_raw: 1 publisher\(s\) but no frame received for 5 s\. Likely cause: frames too "
                      r"large for best-effort DDS", 30)
         # a reliable camera that appears after the node: the subscription follows (new one first, then the old goes)
