@@ -190,3 +190,16 @@ def test_parameter_descriptions_say_how_they_change():
         assert not specs[name].read_only and specs[name].hot_swap, name
         assert specs[name].full_description.endswith(node_params.HOT_SWAP), name
     assert not any(n.startswith(("input_qos.", "output_qos.")) for n in specs)  # QoS: qos_overrides
+
+
+def test_readme_lists_each_parameter_under_its_kind():
+    """README's table of live, hot-swap and read-only parameters matches node_params."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    rows = {kind: set(re.findall(r"`([a-z_]+)`", re.search(rf"^\| {kind}[^|]*\|(.*)$", text, re.M).group(1)))
+            for kind in ("live", "hot swap", "read-only")}
+    params = node_params.PARAMS
+    assert rows["live"] == {p.name for p in params if not p.read_only and not p.hot_swap}
+    assert rows["hot swap"] == {p.name for p in params if p.hot_swap}
+    assert rows["read-only"] == {p.name for p in params if p.read_only}
