@@ -32,8 +32,7 @@ import numpy as np
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageFormatError", "PixelFormat", "SEGMENTER_ENCODINGS", "check_pixels",
            "compressed_header", "compressed_to_numpy", "compression_format", "image_to_numpy", "numpy_to_compressed",
-           "numpy_to_image", "pixel_format", "scale_camera_info", "segmenter_frame", "segmenter_input",
-           "set_image_data"]
+           "numpy_to_image", "pixel_format", "segmenter_frame", "segmenter_input", "set_image_data"]
 
 
 #: default pixel limit per frame: 3840 x 2160 (4K UHD); larger frames are refused before decoding
@@ -415,29 +414,3 @@ def numpy_to_compressed(img: np.ndarray, order: str = "BGR", codec: str = "jpeg"
     if not ok:
         raise ValueError(f"OpenCV could not encode a {img.shape} image as {codec}")
     return f"{enc}; {codec} compressed {enc}", data.tobytes()
-
-
-def scale_camera_info(info: Any, width: int, height: int, out: Any) -> Any:
-    """Fill ``out`` (a ``sensor_msgs/CameraInfo`` or any object with its fields) with ``info`` rescaled to a
-    ``width`` x ``height`` image, the way image_proc's resize does: the focal lengths, principal point and ROI scale
-    with the image; D, R, binning and the distortion model are kept. The header is left to the caller.
-
-    An uncalibrated ``info`` (width or height 0) only gets the new size."""
-    sx = width / info.width if info.width else 1.0
-    sy = height / info.height if info.height else 1.0
-    out.width, out.height = int(width), int(height)
-    out.distortion_model = info.distortion_model
-    out.d = list(info.d)
-    k = [float(v) for v in info.k]
-    k[0], k[2], k[4], k[5] = k[0] * sx, k[2] * sx, k[4] * sy, k[5] * sy
-    out.k = k
-    out.r = [float(v) for v in info.r]
-    p = [float(v) for v in info.p]
-    p[0], p[2], p[3], p[5], p[6], p[7] = p[0] * sx, p[2] * sx, p[3] * sx, p[5] * sy, p[6] * sy, p[7] * sy
-    out.p = p
-    out.binning_x, out.binning_y = info.binning_x, info.binning_y
-    roi_in, roi = info.roi, out.roi
-    roi.x_offset, roi.width = int(round(roi_in.x_offset * sx)), int(round(roi_in.width * sx))
-    roi.y_offset, roi.height = int(round(roi_in.y_offset * sy)), int(round(roi_in.height * sy))
-    roi.do_rectify = roi_in.do_rectify
-    return out

@@ -196,3 +196,28 @@ def test_play_reads_camera_calibration_yaml(tmp_path: Path):
     path.write_text("image_width: 640\n")
     with pytest.raises(ValueError, match="not a camera_calibration YAML"):
         load_camera_info(path)
+
+
+def test_player_scales_a_calibration_of_another_size(ros: RosHarness, tmp_path: Path):
+    """A calibration made at 640x480, frames played at 320x240: K and P scaled by the image size ratio
+    (icnet_ros.camera_info, as image_proc's resize); at the calibrated size it passes through unchanged."""
+    from icnet_ros.tools.play import Player, load_camera_info
+
+    path = tmp_path / "cam.yaml"
+    path.write_text("image_width: 640\nimage_height: 480\ncamera_name: front\n"
+                    "camera_matrix: {rows: 3, cols: 3, data: [500, 0, 320, 0, 500, 240, 0, 0, 1]}\n"
+                    "distortion_model: plumb_bob\n"
+                    "distortion_coefficients: {rows: 1, cols: 5, data: [0.1, -0.05, 0, 0, 0]}\n"
+                    "rectification_matrix: {rows: 3, cols: 3, data: [1, 0, 0, 0, 1, 0, 0, 0, 1]}\n"
+                    "projection_matrix: {rows: 3, cols: 4, data: [500, 0, 320, 0, 0, 500, 240, 0, 0, 0, 1, 0]}\n")
+    player = Player(ros.node, topic="/t_cal/image_raw", camera_info=load_camera_info(path))
+    try:
+        half = player._info_msg(320, 240)
+        assert (half.width, half.height) == (320, 240)
+        assert list(half.k) == [250.0, 0, 160.0, 0, 250.0, 120.0, 0, 0, 1.0] and half.p[0] == 250.0
+        assert list(half.d) == [0.1, -0.05, 0, 0, 0]
+        full = player._info_msg(640, 480)
+        assert list(full.k) == [500.0, 0, 320.0, 0, 500.0, 240.0, 0, 0, 1.0]
+    finally:
+        ros.node.destroy_publisher(player.image_pub)
+        ros.node.destroy_publisher(player.info_pub)

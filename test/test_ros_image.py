@@ -223,24 +223,6 @@ def test_set_image_data_on_plain_object_gives_bytes():
     assert obj.data == bytes(range(6))
 
 
-def test_scale_camera_info():
-    from icnet_ros.ros_image import scale_camera_info
-
-    roi = SimpleNamespace(x_offset=10, y_offset=20, width=100, height=60, do_rectify=True)
-    info = SimpleNamespace(width=200, height=100, distortion_model="plumb_bob", d=[0.1, -0.2, 0, 0, 0],
-                           k=[150.0, 0, 100.0, 0, 150.0, 50.0, 0, 0, 1], r=[1, 0, 0, 0, 1, 0, 0, 0, 1],
-                           p=[150.0, 0, 100.0, 7.5, 0, 150.0, 50.0, 0, 0, 0, 1, 0], binning_x=0, binning_y=0, roi=roi)
-    out = scale_camera_info(info, 100, 25, SimpleNamespace(roi=SimpleNamespace()))
-    assert (out.width, out.height) == (100, 25)
-    assert out.k == [75.0, 0, 50.0, 0, 37.5, 12.5, 0, 0, 1]
-    assert out.p == [75.0, 0, 50.0, 3.75, 0, 37.5, 12.5, 0, 0, 0, 1, 0]
-    assert out.d == [0.1, -0.2, 0, 0, 0] and out.distortion_model == "plumb_bob" and out.r == info.r
-    assert (out.roi.x_offset, out.roi.y_offset, out.roi.width, out.roi.height) == (5, 5, 50, 15)
-    uncalibrated = SimpleNamespace(**{**vars(info), "width": 0, "height": 0, "k": [0.0] * 9})
-    out = scale_camera_info(uncalibrated, 64, 48, SimpleNamespace(roi=SimpleNamespace()))
-    assert (out.width, out.height) == (64, 48) and out.k == [0.0] * 9
-
-
 # ---------------------------------------------------------------------------------------------- untrusted input
 def _png(img: np.ndarray) -> bytes:
     return numpy_to_compressed(img, "RGB", "png")[1]

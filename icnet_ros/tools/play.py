@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..camera_info import image_size, scale_camera_info
 from ..sizes import parse_hw
 from ..video import DEFAULT_IMAGE_FPS, Frame, FrameSource, SourceError, open_source
 
@@ -130,13 +131,12 @@ class Player:
         if self._info_cache is None or self._info_cache[0] != (width, height):
             _, _, CameraInfo = self._msg_types
             fields = self.camera_info or pinhole_camera_info(width, height, self.fov_deg)
-            if self.camera_info is not None and (fields["width"], fields["height"]) != (width, height):
-                from ..ros_image import scale_camera_info
-
-                src = CameraInfo(**{k: v for k, v in fields.items()})
-                info = scale_camera_info(src, width, height, CameraInfo())
+            src = CameraInfo(**{k: v for k, v in fields.items()})
+            if self.camera_info is not None and all(image_size(src)) and image_size(src) != (height, width):
+                # the calibration's images have another size than the frames played: scale as image_proc's resize
+                info = scale_camera_info(src, image_size(src), (height, width), CameraInfo())
             else:
-                info = CameraInfo(**fields)
+                info = src
             self._info_cache = ((width, height), info)
         return self._info_cache[1]
 
