@@ -68,6 +68,7 @@ __all__ = ["SegmentationNode", "StartupError", "auto_cpu_threads", "main"]
 
 STALE_INPUT_S = 5.0  # a camera silent this long is reported as WARN in /diagnostics
 NO_FRAMES_WARN_S = 5.0  # a camera with a publisher but no frame this long gets a warning with the likely cause
+RETIRE_S = 5.0  # the longest a replaced image subscription stays while its successor matches the publishers
 OUTPUT_DEPTH = 5  # default history depth of the output publishers
 QOS_POLICIES = (QoSPolicyKind.HISTORY, QoSPolicyKind.DEPTH, QoSPolicyKind.RELIABILITY, QoSPolicyKind.DURABILITY)
 SWAP_TIMEOUT_S = 30.0  # the longest a hot swap waits for the batch in flight on the old model
@@ -130,6 +131,11 @@ class Camera:
     fixed_reliability: bool = False  # set by qos_overrides: never follows the publishers
     waiting_since: float | None = None  # monotonic time since which a publisher exists and no frame came
     warned_no_frames: bool = False
+    # a replaced image subscription serves on until its successor has matched every publisher (DDS matches
+    # asynchronously: a reliable writer delivers only to readers it has matched), then goes; see _watch_inputs
+    retiring: Any | None = None
+    retire_by: float = 0.0  # monotonic deadline for ``retiring``
+    last_stamp: tuple[int, int, str] | None = None  # the last frame submitted while two subscriptions overlap
 
 
 class SegmentationNode(LifecycleNode):
@@ -344,7 +350,7 @@ class SegmentationNode(LifecycleNode):
                 CameraInfo, info_topic, cam.info_cache.add, qos_profile_sensor_data, callback_group=self.io_group)
 
     def _unsubscribe(self, cam: Camera) -> None:
-        for attr in ("subscription", "info_subscription"):
+        for attr in ("subscription", "info_subscription", "retiring"):
             sub = getattr(cam, attr)
             if sub is not None:
                 self.destroy_subscription(sub)
@@ -358,8 +364,16 @@ class SegmentationNode(LifecycleNode):
 
     def _on_image(self, topic: str, msg: Any) -> None:
         pipeline = self.pipeline
-        if pipeline is not None and self._active:
-            pipeline.submit(topic, msg)
+        if pipeline is None or not self._active:
+            return
+        cam = self._by_topic.get(topic)
+        if cam is not None and cam.retiring is not None:  # two subscriptions overlap: take each frame once
+            stamp = msg.header.stamp
+            key = (int(stamp.sec), int(stamp.nanosec), msg.header.frame_id)
+            if key[:2] != (0, 0) and key == cam.last_stamp:
+                return
+            cam.last_stamp = key
+        pipeline.submit(topic, msg)
 
     def _watch_inputs(self) -> None:
         """Follow the publishers' reliability (unless qos_overrides fixed it) and warn about cameras whose
@@ -376,11 +390,17 @@ class SegmentationNode(LifecycleNode):
             if not cam.fixed_reliability and reliabilities and wanted != cam.reliability:
                 self.get_logger().info(f"{cam.topic}: publisher(s) {sorted(set(reliabilities))}: subscribing "
                                        f"{wanted} (was {cam.reliability})")
-                old = cam.subscription  # the new subscription first, so that no frame falls between the two
+                if cam.retiring is not None:
+                    self.destroy_subscription(cam.retiring)
+                # the new subscription first; the old one serves until the new one has matched the publishers
+                cam.retiring, cam.retire_by = cam.subscription, now + RETIRE_S
                 cam.reliability = wanted
                 self._subscribe(cam)
-                self.destroy_subscription(old)
                 continue
+            if cam.retiring is not None and (cam.subscription.get_publisher_count() >= len(reliabilities)
+                                             or now >= cam.retire_by):
+                self.destroy_subscription(cam.retiring)
+                cam.retiring, cam.last_stamp = None, None
             s = snap.get(cam.topic, {})
             silent = s.get("seconds_since_last_frame")
             if not reliabilities or (silent is not None and silent < NO_FRAMES_WARN_S):

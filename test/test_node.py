@@ -465,6 +465,8 @@ def test_model_resolution_outputs_remapped_names(ros: RosHarness, checkpoint: Pa
             if all(c.wait_for(lambda m: len(m) >= 1, 4) for c in (label, colour, info)):
                 break
         assert label.messages and colour.messages and info.messages, proc.output()
+        for col in (label, colour):  # the outputs of the frame the first camera_info went out with
+            col.wait_for(lambda ms: any(m.header == info.messages[0].header for m in ms), 5)
         assert proc.interrupt(30) == 0
     finally:
         proc.kill()
@@ -472,7 +474,12 @@ def test_model_resolution_outputs_remapped_names(ros: RosHarness, checkpoint: Pa
             ros.unsubscribe(col)
         ros.node.destroy_publisher(pub)
         ros.node.destroy_publisher(info_pub)
-    lab, col, inf = label.messages[0], colour.messages[0], info.messages[0]
+    # camera_info goes out only for a frame whose own camera_info (same stamp) the node has: the first frames may
+    # have been served before theirs arrived, so compare the outputs of the frame the first camera_info belongs to
+    inf = info.messages[0]
+    lab = next((m for m in label.messages if m.header == inf.header), None)
+    col = next((m for m in colour.messages if m.header == inf.header), None)
+    assert lab is not None and col is not None, (inf.header, [m.header for m in label.messages])
     assert (lab.height, lab.width) == (96, 128) and (col.height, col.width) == (96, 128)
     assert lab.header == col.header == inf.header and lab.header.frame_id == "cam_c"
     assert (inf.width, inf.height) == (128, 96)
