@@ -181,16 +181,20 @@ def test_demo_live_mode_serves_the_camera_topic_until_ctrl_c(ros: RosHarness, ch
         demo.kill()
 
 
-def test_play_reads_camera_calibration_yaml(tmp_path: Path):
-    from icnet_ros.tools.play import load_camera_info
-
-    path = tmp_path / "cam.yaml"
-    path.write_text("image_width: 640\nimage_height: 480\ncamera_name: front\n"
+#: a camera_calibration YAML made at 640x480 (fx = fy = 500)
+CALIBRATION_YAML = ("image_width: 640\nimage_height: 480\ncamera_name: front\n"
                     "camera_matrix: {rows: 3, cols: 3, data: [500, 0, 320, 0, 500, 240, 0, 0, 1]}\n"
                     "distortion_model: plumb_bob\n"
                     "distortion_coefficients: {rows: 1, cols: 5, data: [0.1, -0.05, 0, 0, 0]}\n"
                     "rectification_matrix: {rows: 3, cols: 3, data: [1, 0, 0, 0, 1, 0, 0, 0, 1]}\n"
                     "projection_matrix: {rows: 3, cols: 4, data: [500, 0, 320, 0, 0, 500, 240, 0, 0, 0, 1, 0]}\n")
+
+
+def test_play_reads_camera_calibration_yaml(tmp_path: Path):
+    from icnet_ros.tools.play import load_camera_info
+
+    path = tmp_path / "cam.yaml"
+    path.write_text(CALIBRATION_YAML)
     info = load_camera_info(path)
     assert (info["width"], info["height"]) == (640, 480) and info["k"][0] == 500.0 and info["d"][0] == 0.1
     path.write_text("image_width: 640\n")
@@ -204,12 +208,7 @@ def test_player_scales_a_calibration_of_another_size(ros: RosHarness, tmp_path: 
     from icnet_ros.tools.play import Player, load_camera_info
 
     path = tmp_path / "cam.yaml"
-    path.write_text("image_width: 640\nimage_height: 480\ncamera_name: front\n"
-                    "camera_matrix: {rows: 3, cols: 3, data: [500, 0, 320, 0, 500, 240, 0, 0, 1]}\n"
-                    "distortion_model: plumb_bob\n"
-                    "distortion_coefficients: {rows: 1, cols: 5, data: [0.1, -0.05, 0, 0, 0]}\n"
-                    "rectification_matrix: {rows: 3, cols: 3, data: [1, 0, 0, 0, 1, 0, 0, 0, 1]}\n"
-                    "projection_matrix: {rows: 3, cols: 4, data: [500, 0, 320, 0, 0, 500, 240, 0, 0, 0, 1, 0]}\n")
+    path.write_text(CALIBRATION_YAML)
     player = Player(ros.node, topic="/t_cal/image_raw", camera_info=load_camera_info(path))
     try:
         half = player._info_msg(320, 240)
