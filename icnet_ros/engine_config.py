@@ -311,6 +311,14 @@ def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None
             group.add_argument(o.flag, dest=name, default=default, metavar=name.upper(), help=help_text)
 
 
+def split_size_tokens(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """``--input-size`` takes one token (``540x720``, ``auto``, ``1.5``) or two integers (``540 720``); argparse
+    hands it everything up to the next flag. Returns (the size's tokens, the rest: positional arguments that
+    followed it, e.g. ``--input-size 1.5 video.mp4``)."""
+    n = 2 if len(tokens) >= 2 and tokens[0].isdigit() and tokens[1].isdigit() else 1
+    return tokens[:n], tokens[n:]
+
+
 def from_args(args: argparse.Namespace, base: SegmenterConfig | None = None,
               names: tuple[str, ...] | None = None) -> SegmenterConfig:
     """The checked config from parsed CLI flags (``names``, default all options; those absent from ``args`` keep
@@ -319,7 +327,13 @@ def from_args(args: argparse.Namespace, base: SegmenterConfig | None = None,
     for name in names or tuple(OPTIONS):
         if hasattr(args, name):
             v = getattr(args, name)
-            values[name] = " ".join(map(str, v)) if name == "input_size" and isinstance(v, list) else v
+            if name == "input_size" and isinstance(v, list):
+                size, rest = split_size_tokens([str(t) for t in v])
+                if rest:
+                    raise ConfigError(f"input_size: {' '.join(rest)!r} follows the size; put positional "
+                                      f"arguments before the options or use --input-size={'x'.join(size)}")
+                v = " ".join(size)
+            values[name] = v
     return (base or SegmenterConfig()).replace(**values)
 
 

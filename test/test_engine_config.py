@@ -117,3 +117,30 @@ def test_warmup_at_the_cameras_sizes(tmp_path):
         engine_config.check("warmup", "big")
     seg = Segmenter(make_checkpoint(tmp_path / "m.safetensors"), device="cpu", warmup="96x128;128x160")
     assert seg.last_latency_s is not None  # it ran
+
+
+def test_input_size_flag_before_positional_arguments():
+    """'--input-size 540 720 a.png' and '--input-size 1.5 a.png' keep a.png an input (argparse hands the flag every
+    token up to the next option); after the split the size parses as everywhere else."""
+    assert engine_config.split_size_tokens(["540", "720", "a.png"]) == (["540", "720"], ["a.png"])
+    assert engine_config.split_size_tokens(["1.5", "a.png", "b"]) == (["1.5"], ["a.png", "b"])
+    assert engine_config.split_size_tokens(["540x720"]) == (["540x720"], [])
+    import argparse
+
+    with pytest.raises(ConfigError, match="follows the size"):
+        engine_config.from_args(argparse.Namespace(input_size=["1.5", "a.png"]))
+
+
+def test_segment_takes_inputs_after_the_size(tmp_path):
+    import cv2
+
+    from helpers import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "m.safetensors")
+    img = np.random.default_rng(0).integers(0, 256, (100, 140, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), img)
+    out = tmp_path / "out"
+    assert segment.main(["--model", str(ckpt), "--device", "cpu", "--input-size", "64", "96", str(tmp_path / "a.png"),
+                         "-o", str(out), "--quiet", "--outputs", "label"]) == 0
+    assert any(out.rglob("*.png"))
+    assert segment.main(["--model", str(ckpt), "-o", str(out), "--input-size", "1.5"]) == 2  # no INPUT

@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import engine_config
+
+DEMO_ENGINE_OPTIONS = ("backend", "device", "precision", "input_size")
+
 PROG = "icnet-demo"
 DEFAULT_OUTPUT = "out/overlays"
 
@@ -64,10 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help="where overlays are saved (default: "
                    "%(default)s)")
     p.add_argument("--topic", default="/camera/image_raw", help="camera topic (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--input-size", default=None, help="network input size: auto, native, HxW or a scale factor "
-                   "(default: the node's, auto: the width the model was trained at)")
     p.add_argument("--rate", type=float, default=0.0, help="playback fps; 0 (default) = as fast as the node "
                    "segments: each frame once the node has taken the previous one (no frame dropped)")
     p.add_argument("--max-frames", type=int, default=None, help="play at most this many frames")
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", default=None, help="also write the overlays to this video file (e.g. overlay.mp4)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any one overlay and for the "
                    "node to get ready (default: %(default)s)")
+    # the engine options a demo user may want, defined once in engine_config (passed on as node parameters)
+    engine_config.add_arguments(p, names=DEMO_ENGINE_OPTIONS)
     return p
 
 
@@ -94,8 +96,18 @@ def _resolve_model(model: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if isinstance(args.input_size, list):  # '--input-size 1.5 video.mp4': the video follows the size
+        args.input_size, rest = engine_config.split_size_tokens(args.input_size)
+        if rest and args.input is None and len(rest) == 1:
+            args.input = rest[0]
+        elif rest:
+            return _error(f"unexpected arguments {' '.join(rest)!r} after --input-size")
     if args.rate < 0 or args.timeout <= 0 or (args.max_frames is not None and args.max_frames <= 0):
         return _error("--rate must be >= 0, --timeout > 0 and --max-frames > 0")
+    try:
+        engine_config.from_args(args, names=DEMO_ENGINE_OPTIONS)
+    except engine_config.ConfigError as e:
+        return _error(str(e))
     notes = configure_dds(isolated_domain=args.input is not None)
 
     from ..checkpoint import CheckpointError
@@ -123,10 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 def _node_overrides(args: argparse.Namespace, model: str, reliable: bool) -> list[Any]:
     from rclpy.parameter import Parameter
 
-    values: dict[str, Any] = {"image_topics": [args.topic], "model": model, "device": args.device,
-                              "precision": args.precision}
-    if args.input_size is not None:
-        values["input_size"] = args.input_size
+    values: dict[str, Any] = {"image_topics": [args.topic], "model": model}
+    engine = engine_config.from_args(args, names=DEMO_ENGINE_OPTIONS)  # checked: one line on a bad value
+    values.update({name: engine_config.format_input_size(getattr(engine, name)) for name in DEMO_ENGINE_OPTIONS})
     if reliable:  # the demo's own player and recorder: never lose a frame between them and the node
         from ..node_params import OUTPUT_KINDS, sibling_topic
 

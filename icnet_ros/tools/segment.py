@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="icnet-segment", description="Segment images, image folders and videos with an ICNet checkpoint.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, video files")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders of images, video files")
     p.add_argument("--model", "-m", default=None, help="model file: native .safetensors, exported .onnx or OpenVINO "
                    ".xml (default: the package model)")
     p.add_argument("--output", "-o", required=True, help="output folder (created)")
@@ -181,6 +181,12 @@ def _batches(q: queue.Queue, batch: int) -> Iterator[list[_Item]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if isinstance(args.input_size, list):  # '--input-size 1.5 a.png': the inputs after the size are inputs
+        args.input_size, rest = engine_config.split_size_tokens(args.input_size)
+        args.inputs += rest
+    if not args.inputs:
+        print("icnet-segment: error: the following arguments are required: INPUT", file=sys.stderr)
+        return 2
     from icnet_ros.checkpoint import CheckpointError
     from icnet_ros.video import SourceError, open_source
 
