@@ -1,5 +1,6 @@
-"""Parsing of image sizes given as text ("HxW", "native", a scale factor): one place for the CLIs, the node
-parameters and the Segmenter. No torch, no ROS."""
+"""Image sizes given as text ("HxW", "H W") and the 32-pixel grid of ICNet's network inputs: one place for the
+CLIs, the node parameters and the Segmenter (the input-size policy itself is parsed by
+:func:`icnet_ros.engine_config.parse_input_size`). No torch, no ROS."""
 from __future__ import annotations
 
 import math
@@ -53,19 +54,3 @@ def parse_sizes(tokens: str | list[str], minimum: int = 1) -> list[tuple[int, in
                              f"{' '.join(items)!r}")
     return sizes
 
-
-def parse_input_size(value: str) -> str | tuple[int, int] | float:
-    """Network input size policy: 'native' | 'checkpoint' (the model's recommended size) | 'HxW' -> (H, W) (each
-    >= 64) | '0.5' -> 0.5 (a scale factor in (0, 4]). Raises ValueError with what is allowed."""
-    v = str(value).strip().lower()
-    if v in ("native", "checkpoint"):
-        return v
-    if "x" in v:
-        return parse_hw(v, MIN_INPUT_SIZE)
-    try:
-        scale = float(v)
-    except ValueError:
-        raise ValueError(f"'{value}' is not 'native', 'checkpoint', 'HxW' or a scale factor") from None
-    if math.isnan(scale) or not 0.0 < scale <= MAX_SCALE:
-        raise ValueError(f"scale {value} must be in (0, {MAX_SCALE:g}]")
-    return scale
