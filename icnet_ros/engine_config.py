@@ -6,7 +6,7 @@ appears elsewhere. The node's parameters (:mod:`icnet_ros.node_params`, ``config
 flags of ``icnet-segment``, ``icnet-eval`` and ``icnet-bench`` are derived from :data:`OPTIONS`, so an option is
 named, documented and validated in this file only. ROS-free and torch-free.
 
-Values: :func:`SegmenterConfig.create` (or ``SegmenterConfig(...)`` followed by ``.checked()``) parses text forms
+Values: ``SegmenterConfig().replace(**options)`` (or ``SegmenterConfig(...).checked()``) parses text forms
 (``"540x720"``, ``"1.5"``, ``"auto"``) into canonical values and raises :class:`ConfigError` naming the option, the
 value and what is allowed.
 """
@@ -226,14 +226,6 @@ class SegmenterConfig:
                        "true | false | HxW[;HxW...]", _warmup, node=False, cli=False)
 
     # ---------------------------------------------------------------------------------------------- building
-    @classmethod
-    def create(cls, **options: Any) -> SegmenterConfig:
-        """A checked config from keyword options (unknown names raise :class:`ConfigError`)."""
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown engine option(s) {unknown}; known: {', '.join(OPTIONS)}")
-        return cls(**options).checked()
-
     def checked(self) -> SegmenterConfig:
         """Every value parsed into its canonical form (raises :class:`ConfigError`)."""
         return dataclasses.replace(self, **{name: check(name, getattr(self, name)) for name in OPTIONS})
