@@ -1,11 +1,12 @@
-"""Cascade label guidance loss against hand computations: weights, ignore index, upsampling, class weights, OHEM."""
+"""Cascade label guidance loss against hand computations: weights, ignore index, upsampling, class weights, OHEM,
+the Lovasz-softmax term."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from icnet_ros.losses import CascadeLoss, SegmentationCE
+from icnet_ros.losses import CascadeLoss, LovaszSoftmax, SegmentationCE
 from icnet_ros.models import CascadeLogits, build_icnet
 
 
@@ -121,3 +122,84 @@ def test_bad_settings_are_rejected():
         SegmentationCE(ohem_thresh=1.5)
     with pytest.raises(ValueError, match="weights must be >= 0"):
         CascadeLoss(sub24_weight=-1)
+
+
+def _jaccard_loss(fg, wrong):
+    """Jaccard loss of one class when the pixels in ``wrong`` are mispredicted: 1 - |fg - wrong| / |fg | wrong|."""
+    return 1.0 - len(fg - wrong) / len(fg | wrong)
+
+
+def _lovasz_by_definition(probs, labels):
+    """The Lovasz extension written out (Berman et al., eq. 8): errors sorted in decreasing order, each weighted by
+    the increase of the Jaccard loss when its pixel joins the mispredicted set; mean over present classes."""
+    total = []
+    for c in sorted(set(labels)):
+        fg = {i for i, y in enumerate(labels) if y == c}
+        errors = sorted(((abs((y == c) - p[c]), i) for i, (p, y) in enumerate(zip(probs, labels))), reverse=True)
+        loss, wrong = 0.0, set()
+        for m, i in errors:
+            before = _jaccard_loss(fg, wrong) if wrong else 0.0
+            wrong = wrong | {i}
+            loss += m * (_jaccard_loss(fg, wrong) - before)
+        total.append(loss)
+    return sum(total) / len(total)
+
+
+def test_lovasz_softmax_equals_its_definition_and_skips_ignored_pixels():
+    probs = [[_prob(z, k) for k in range(3)] for z, _ in COUNTED]
+    expected = _lovasz_by_definition(probs, [y for _, y in COUNTED])
+    assert LovaszSoftmax()(_logits(), _labels()).item() == pytest.approx(expected, rel=1e-6)
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 5, 6)
+    labels = torch.randint(0, 4, (2, 5, 6))
+    labels[0, 0] = 255
+    flat_p = logits.softmax(1).permute(0, 2, 3, 1).reshape(-1, 4)
+    flat_y = labels.reshape(-1)
+    keep = flat_y != 255
+    expected = _lovasz_by_definition(flat_p[keep].tolist(), flat_y[keep].tolist())
+    assert LovaszSoftmax()(logits, labels).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_lovasz_softmax_of_confident_predictions_is_one_minus_iou():
+    # near one-hot probabilities: the Lovasz extension equals the Jaccard loss of the hard prediction
+    pred = torch.tensor([[0, 0, 1, 1], [0, 2, 2, 1], [2, 2, 2, 1]])
+    labels = torch.tensor([[[0, 0, 0, 1], [0, 2, 2, 1], [2, 2, 1, 255]]])
+    logits = F.one_hot(pred, 3).permute(2, 0, 1).unsqueeze(0).float() * 40.0
+    ious = []
+    for c in range(3):
+        p, y = (pred == c) & (labels[0] != 255), labels[0] == c
+        ious.append((p & y).sum().item() / (p | y).sum().item())
+    assert LovaszSoftmax()(logits, labels).item() == pytest.approx(1 - sum(ious) / 3, abs=1e-6)
+    perfect = F.one_hot(labels[0].clamp(max=2), 3).permute(2, 0, 1).unsqueeze(0).float() * 40.0
+    assert LovaszSoftmax()(perfect, labels).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cascade_loss_adds_weighted_lovasz_to_the_main_branch():
+    torch.manual_seed(2)
+    main = torch.randn(1, 3, 4, 4, requires_grad=True)
+    sub24 = torch.randn(1, 3, 2, 2)
+    labels = torch.randint(0, 3, (1, 8, 8))
+    plain, parts = CascadeLoss()(CascadeLogits(main, sub24, None), labels)
+    total, parts = CascadeLoss(lovasz_weight=0.5)(CascadeLogits(main, sub24, None), labels)
+    lovasz = LovaszSoftmax()(main, labels)
+    assert parts["lovasz"].item() == pytest.approx(lovasz.item(), rel=1e-6)
+    assert total.item() == pytest.approx(plain.item() + 0.5 * lovasz.item(), rel=1e-6)
+    total.backward()
+    assert main.grad is not None and main.grad.abs().sum() > 0
+    empty = torch.randn(1, 3, 4, 4, requires_grad=True)
+    zero = LovaszSoftmax()(empty, torch.full((1, 4, 4), 255))
+    zero.backward()
+    assert zero.item() == 0.0 and torch.count_nonzero(empty.grad) == 0
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        CascadeLoss(lovasz_weight=-1)
+
+
+def test_lovasz_label_stride_takes_the_centre_of_each_cell():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 4, 6, 8)
+    labels = torch.randint(0, 4, (2, 12, 16))
+    sub = labels[:, 1::2, 1::2]  # 6 x 8: the logits' own size, no upsampling
+    assert LovaszSoftmax(label_stride=2)(logits, labels).item() == pytest.approx(
+        LovaszSoftmax()(logits, sub).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="label_stride"):
+        LovaszSoftmax(label_stride=0)
