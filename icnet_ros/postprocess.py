@@ -6,6 +6,7 @@ black in the colour mask and keep the original frame in the overlay.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,14 +30,22 @@ class Postprocessor:
         self.confidence_threshold = float(confidence_threshold)
         palette = torch.from_numpy(class_set.palette_array()).to(device)
         self._palettes = {"RGB": palette, "BGR": palette.flip(1).contiguous()}
+        # 256 x 1 x 3 lookup tables for cv2.LUT (the CPU path): label value -> colour, unknown black
+        self._luts = {k: np.ascontiguousarray(v.cpu().numpy().reshape(256, 1, 3)) for k, v in self._palettes.items()}
         # colour/overlay rendering is a chain of memory-bound element-wise ops that inductor fuses into one loop
-        # (CPU, 2 megapixels: ~58 ms eager, ~2 ms compiled, identical bytes)
-        self.render = torch.compile(self._render, dynamic=False) if compile_render else self._render
+        # (CPU, 2 megapixels: ~58 ms eager, ~2 ms compiled, identical bytes); on the CPU OpenCV's table lookup and
+        # weighted sum do the same in about 1 ms at 540x720 (15 ms for the eager torch ops, one thread)
+        if device.type == "cpu":
+            self.render = self._render_cpu
+        else:
+            self.render = torch.compile(self._render, dynamic=False) if compile_render else self._render
 
     def labels(self, logits: Tensor, out_size: tuple[int, int], want_confidence: bool
                ) -> tuple[Tensor, Tensor | None]:
         """Logits -> (uint8 N x H x W labels, uint8 confidence or None) at ``out_size``: bilinear upsampling in
         float32, argmax; max softmax probability only for the confidence or the confidence threshold."""
+        if logits.device.type == "cpu":
+            return self._labels_cpu(logits, out_size, want_confidence)
         # NHWC: the class axis is innermost, so upsampling and the per-pixel argmax/max/sum run on contiguous
         # memory (on the CPU this is ~2-4x faster than reducing over dim 1 of an NCHW tensor)
         x = logits.float().contiguous(memory_format=torch.channels_last)
@@ -54,6 +63,44 @@ class Postprocessor:
             label.masked_fill_(prob < threshold, UNKNOWN)
         conf = prob.mul_(255.0).round_().to(torch.uint8) if want_confidence else None
         return label, conf
+
+    def _labels_cpu(self, logits: Tensor, out_size: tuple[int, int], want_confidence: bool
+                    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`labels` on the CPU, one class plane at a time: OpenCV's single-channel bilinear resize (the same
+        half-pixel sampling as ``F.interpolate(align_corners=False)``, SIMD) and a running maximum, so no
+        N x C x H x W float map is ever allocated. 540x720 from 11 x 68 x 92 on one thread: ~3 ms against ~18 ms
+        for upsampling the whole map and reducing it. Ties keep the lower class id, like argmax."""
+        h, w = out_size
+        n, c = logits.shape[:2]
+        planes = logits.detach().float().contiguous().numpy()
+        same = tuple(planes.shape[2:]) == (h, w)
+
+        def plane(i: int, k: int) -> np.ndarray:
+            p = planes[i, k]
+            return p if same else cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)
+
+        labels = np.zeros((n, h, w), np.uint8)
+        threshold = self.confidence_threshold
+        conf = np.empty((n, h, w), np.uint8) if want_confidence else None
+        for i in range(n):
+            best = plane(i, 0).copy()
+            label = labels[i]
+            for k in range(1, c):
+                p = plane(i, k)
+                higher = p > best
+                np.copyto(best, p, where=higher)
+                label[higher] = k
+            if want_confidence or threshold > 0:
+                # max softmax probability = 1 / sum_k exp(l_k - l_max), a second pass over the planes
+                total = np.zeros((h, w), np.float32)
+                for k in range(c):
+                    total += np.exp(plane(i, k) - best)
+                prob = np.reciprocal(total)
+                if threshold > 0:
+                    label[prob < threshold] = UNKNOWN
+                if conf is not None:
+                    conf[i] = np.rint(prob * 255.0)
+        return torch.from_numpy(labels), None if conf is None else torch.from_numpy(conf)
 
     def _render(self, label: Tensor, frames: Tensor, order: str, out_size: tuple[int, int],
                 want: frozenset[str]) -> dict[str, Tensor]:
@@ -76,6 +123,37 @@ class Postprocessor:
             if self.confidence_threshold > 0:  # unknown pixels keep the frame
                 overlay = torch.where((label == UNKNOWN).unsqueeze(-1), base, overlay)
             out["overlay"] = overlay
+        return out
+
+    def _render_cpu(self, label: Tensor, frames: Tensor, order: str, out_size: tuple[int, int],
+                    want: frozenset[str]) -> dict[str, Tensor]:
+        """:meth:`_render` with OpenCV on CPU tensors: ``cv2.LUT`` for the palette and ``cv2.addWeighted`` for the
+        blend (rounded to nearest; within 1 of the float blend, equal at alpha 0.5)."""
+        if tuple(frames.shape[1:3]) != tuple(out_size):  # output_size: network (rare): the exact float resize
+            return self._render(label, frames, order, out_size, want)
+        labels, bases = label.numpy(), frames.numpy()
+        lut, a = self._luts[order], self.overlay_alpha
+        colors = np.empty((*labels.shape, 3), np.uint8)
+        overlays = np.empty_like(colors) if "overlay" in want else None
+        for i, lab in enumerate(labels):
+            color = cv2.LUT(cv2.cvtColor(lab, cv2.COLOR_GRAY2BGR), lut, dst=colors[i])
+            if overlays is None:
+                continue
+            base = bases[i]
+            base = cv2.cvtColor(base, cv2.COLOR_GRAY2BGR) if base.ndim == 2 or base.shape[2] == 1 else base
+            if a == 1.0:
+                overlays[i] = color
+            elif a == 0.0:
+                overlays[i] = base
+            else:
+                cv2.addWeighted(base, 1.0 - a, color, a, 0.0, dst=overlays[i])
+            if self.confidence_threshold > 0:  # unknown pixels keep the frame
+                np.copyto(overlays[i], base, where=(lab == UNKNOWN)[:, :, None])
+        out = {}
+        if "color" in want:
+            out["color"] = torch.from_numpy(colors)
+        if overlays is not None:
+            out["overlay"] = torch.from_numpy(overlays)
         return out
 
     def to_host(self, device_outputs: list[dict[str, Tensor]]) -> list[dict[str, np.ndarray]]:

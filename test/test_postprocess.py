@@ -1,0 +1,92 @@
+"""Postprocessor on the CPU (OpenCV plane-by-plane upsampling with a running maximum) against the plain torch
+definition: bilinear upsampling of the whole logit map (align_corners=False), argmax, max softmax probability."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from icnet_ros.classes import CAMVID
+from icnet_ros.postprocess import UNKNOWN, Postprocessor
+
+
+def _reference(logits, size):
+    up = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    prob = up.softmax(1)
+    return up.argmax(1).numpy(), prob.max(1).values.numpy(), up.sort(1, descending=True).values.numpy()
+
+
+def _logits(n=2, c=11, h=17, w=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, h, w, generator=g) * 3
+
+
+@pytest.mark.parametrize("size", [(136, 184), (17, 23), (50, 61), (9, 12)])
+def test_labels_and_confidence_match_the_torch_definition(size):
+    logits = _logits()
+    post = Postprocessor(CAMVID, torch.device("cpu"))
+    label, conf = post.labels(logits, size, want_confidence=True)
+    ref_label, ref_prob, ranked = _reference(logits, size)
+    assert label.dtype == torch.uint8 and label.shape == (2, *size) and conf.shape == (2, *size)
+    # where the two best classes are not within float rounding of each other the labels are identical
+    clear = (ranked[:, 0] - ranked[:, 1]) > 1e-4
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(label.numpy()[clear], ref_label[clear])
+    assert np.abs(conf.numpy().astype(int) - np.rint(ref_prob * 255).astype(int)).max() <= 1
+    label_only, none = post.labels(logits, size, want_confidence=False)
+    assert none is None
+    np.testing.assert_array_equal(label_only.numpy(), label.numpy())
+
+
+def test_ties_keep_the_lower_class_like_argmax():
+    logits = torch.zeros(1, 4, 3, 3)
+    logits[0, 2] = 1.0
+    logits[0, 3] = 1.0  # classes 2 and 3 tie everywhere
+    label, conf = Postprocessor(CAMVID, torch.device("cpu")).labels(logits, (6, 6), want_confidence=True)
+    assert (label == 2).all()
+    expected = round(255 * np.exp(1) / (2 + 2 * np.exp(1)))
+    assert (conf == expected).all()
+
+
+def test_confidence_threshold_marks_unknown_without_the_confidence_output():
+    logits = _logits(n=1)
+    post = Postprocessor(CAMVID, torch.device("cpu"), confidence_threshold=0.6)
+    label, conf = post.labels(logits, (40, 50), want_confidence=False)
+    assert conf is None
+    ref_label, ref_prob, _ = _reference(logits, (40, 50))
+    unknown = label.numpy() == UNKNOWN
+    assert unknown[ref_prob < 0.59].all() and not unknown[ref_prob > 0.61].any()
+    assert 0.05 < unknown.mean() < 0.95
+    known = ~unknown & (np.abs(ref_prob - 0.6) > 0.01)
+    assert (label.numpy()[known] == ref_label[known]).mean() > 0.999
+
+
+def test_half_precision_and_non_contiguous_logits():
+    logits = _logits(n=3)
+    view = logits.half()[::2]  # two frames, a strided view
+    label, _ = Postprocessor(CAMVID, torch.device("cpu")).labels(view, (34, 46), want_confidence=False)
+    ref_label, _, ranked = _reference(view.float(), (34, 46))
+    clear = (ranked[:, 0] - ranked[:, 1]) > 1e-3
+    np.testing.assert_array_equal(label.numpy()[clear], ref_label[clear])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_cpu_render_matches_the_torch_blend(alpha, channels):
+    rng = np.random.default_rng(7)
+    label = rng.integers(0, 11, (2, 30, 41), dtype=np.uint8)
+    label[:, :5] = UNKNOWN
+    frames = rng.integers(0, 256, (2, 30, 41, channels), dtype=np.uint8)
+    post = Postprocessor(CAMVID, torch.device("cpu"), overlay_alpha=alpha, confidence_threshold=0.2)
+    want = frozenset({"color", "overlay"})
+    for order in ("RGB", "BGR"):
+        fast = post.render(torch.from_numpy(label), torch.from_numpy(frames), order, (30, 41), want)
+        slow = post._render(torch.from_numpy(label), torch.from_numpy(frames), order, (30, 41), want)
+        np.testing.assert_array_equal(fast["color"].numpy(), slow["color"].numpy())
+        assert np.abs(fast["overlay"].numpy().astype(int) - slow["overlay"].numpy().astype(int)).max() <= 1
+        base = np.broadcast_to(frames, (2, 30, 41, 3))
+        np.testing.assert_array_equal(fast["overlay"].numpy()[:, :5], base[:, :5])  # unknown keeps the frame
+        assert (fast["color"].numpy()[:, :5] == 0).all()
+    palette = CAMVID.palette_array()
+    np.testing.assert_array_equal(fast["color"].numpy()[:, 5:], palette[label[:, 5:]][..., ::-1])  # BGR
+    only_color = post.render(torch.from_numpy(label), torch.from_numpy(frames), "RGB", (30, 41), frozenset({"color"}))
+    assert set(only_color) == {"color"}
