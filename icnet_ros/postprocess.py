@@ -2,7 +2,8 @@
 
 Label values: class ids ``0..num_classes-1``; :data:`UNKNOWN` (255, the project-wide ignore value) marks pixels
 whose max softmax probability is below ``confidence_threshold`` (never produced by argmax). Unknown pixels are
-black in the colour mask and keep the original frame in the overlay.
+black in the colour mask and keep the original frame in the overlay. On the CPU the work runs on OpenCV, one class
+plane at a time (:meth:`Postprocessor._labels_cpu`, :meth:`Postprocessor._render_cpu`); on CUDA in torch.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .classes import IGNORE_INDEX, ClassSet
+from .preprocess import follow_torch_threads
 
 #: label value for pixels the segmenter does not classify
 UNKNOWN = IGNORE_INDEX
@@ -70,6 +72,7 @@ class Postprocessor:
         half-pixel sampling as ``F.interpolate(align_corners=False)``, SIMD) and a running maximum, so no
         N x C x H x W float map is ever allocated. 540x720 from 11 x 68 x 92 on one thread: ~3 ms against ~18 ms
         for upsampling the whole map and reducing it. Ties keep the lower class id, like argmax."""
+        follow_torch_threads()
         h, w = out_size
         n, c = logits.shape[:2]
         planes = logits.detach().float().contiguous().numpy()
@@ -131,6 +134,7 @@ class Postprocessor:
         blend (rounded to nearest; within 1 of the float blend, equal at alpha 0.5)."""
         if tuple(frames.shape[1:3]) != tuple(out_size):  # output_size: network (rare): the exact float resize
             return self._render(label, frames, order, out_size, want)
+        follow_torch_threads()
         labels, bases = label.numpy(), frames.numpy()
         lut, a = self._luts[order], self.overlay_alpha
         colors = np.empty((*labels.shape, 3), np.uint8)

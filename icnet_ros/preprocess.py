@@ -1,4 +1,5 @@
 """Input normalisation shared by the Segmenter, evaluation and training: uint8 images -> the network's input.
+On the CPU the Segmenter's path runs on OpenCV (see :meth:`Preprocessor._prepare_cpu`).
 
 A checkpoint's ``normalization`` (``mean``, ``std`` on 0..255 values, ``channel_order``) says what the network was
 trained on; frames may arrive in either channel order, and the flip is folded into the mean/std lookup.
@@ -7,11 +8,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import MMSEG_NORMALIZATION
+
+
+def follow_torch_threads() -> None:
+    """OpenCV's thread pool follows PyTorch's intra-op thread count (the node's and the CLIs' ``threads``
+    setting), so the CPU pre- and post-processing use no more cores than the network."""
+    n = torch.get_num_threads()
+    if cv2.getNumThreads() != n:
+        cv2.setNumThreads(n)
 
 
 class Normalizer:
@@ -80,6 +91,8 @@ class Preprocessor:
 
     def __call__(self, frames: Tensor, order: str, net_size: tuple[int, int]) -> Tensor:
         """uint8 N x H x W x C (C = 1 or 3) on the device -> normalised network input (backend dtype and layout)."""
+        if frames.device.type == "cpu":
+            return self._prepare_cpu(frames, order, net_size)
         x = frames.permute(0, 3, 1, 2)  # a view: NCHW with channels_last strides
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -88,6 +101,43 @@ class Preprocessor:
             x = F.interpolate(x, size=net_size, mode="bilinear", align_corners=False)
         x = self.normalizer(x, order, channels_last_input=False)
         return x.to(dtype=self.dtype, memory_format=self.memory_format)
+
+
+    def _prepare_cpu(self, frames: Tensor, order: str, net_size: tuple[int, int]) -> Tensor:
+        """:meth:`__call__` on the CPU with OpenCV, frame by frame: float32 conversion, bilinear resize (half-pixel
+        sampling as ``F.interpolate(align_corners=False)``; within 1e-4 of it on 0..255 values), then ``x * scale +
+        shift`` per channel, written straight into the backend's layout. 540x720 -> 544x736 on one thread: ~1.5 ms
+        (channels_last) against 10-20 ms for the torch ops."""
+        if order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {order!r}")
+        follow_torch_threads()
+        h, w = net_size
+        n = frames.shape[0]
+        flip = order != self.normalizer.channel_order  # frames flipped to the model's order, then its mean/std
+        scale, shift = (t.view(3).numpy() for t in self.normalizer._params(
+            torch.device("cpu"), torch.float32, self.normalizer.channel_order))
+        scale4, shift4 = (*map(float, scale), 0.0), (*map(float, shift), 0.0)
+        nhwc = self.memory_format == torch.channels_last
+        out = np.empty((n, h, w, 3) if nhwc else (n, 3, h, w), np.float32)
+        for i, f in enumerate(frames.numpy()):
+            x = f.astype(np.float32)
+            if x.shape[2] == 1:
+                x = cv2.cvtColor(x, cv2.COLOR_GRAY2RGB)
+            if x.shape[:2] != (h, w):
+                x = cv2.resize(x, (w, h), interpolation=cv2.INTER_LINEAR)
+            if flip:
+                x = x[:, :, ::-1]
+            if nhwc:  # OpenCV's per-channel scalars (numpy's broadcast over a last axis of 3 is ~5x slower)
+                cv2.multiply(np.ascontiguousarray(x), scale4, dst=out[i])
+                cv2.add(out[i], shift4, dst=out[i])
+            else:
+                for k in range(3):
+                    np.multiply(x[:, :, k], scale[k], out=out[i, k])
+                    out[i, k] += shift[k]
+        t = torch.from_numpy(out)
+        if nhwc:
+            t = t.permute(0, 3, 1, 2)  # NCHW with channels_last strides, no copy
+        return t if self.dtype == torch.float32 else t.to(dtype=self.dtype, memory_format=self.memory_format)
 
 
 def from_numpy(a: Any) -> Tensor:
