@@ -120,6 +120,31 @@ def test_record_saves_every_frame(ros: RosHarness, tmp_path: Path):
     assert n == 4
 
 
+def test_record_bounds_its_write_queue_and_counts_what_it_drops(ros: RosHarness, tmp_path: Path):
+    """Frames arriving faster than the disk takes them: at most max_queue_bytes wait (one frame always does), the
+    rest are dropped and counted; every frame is saved or dropped, none lost silently."""
+    from icnet_ros.tools.record import Recorder
+
+    rng = np.random.default_rng(9)
+    frames = [rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8) for _ in range(3)]  # noise: slow PNGs
+    size = frames[0].nbytes
+    rec = Recorder(ros.node, ["/t_recq/overlay"], tmp_path / "q", reliability="reliable",
+                   max_queue_bytes=2 * size)
+    try:
+        for i in range(40):  # straight into the callback: 40 x 2.7 MB in far less than one PNG's write time
+            rec._on_msg("/t_recq/overlay", image_msg(frames[i % 3], "rgb8", ros.now(), frame_id="f"))
+        assert rec._queued_bytes <= 2 * size
+    finally:
+        rec.close()
+    assert rec.received == 40 and rec.failed == 0
+    assert rec.dropped >= 30 and rec.saved + rec.dropped == 40
+    files = sorted((tmp_path / "q").glob("*.png"))
+    assert len(files) == rec.saved
+    np.testing.assert_array_equal(cv2.imread(str(files[0])), frames[0][:, :, ::-1])
+    with pytest.raises(ValueError, match="max_queue_bytes"):
+        Recorder(ros.node, ["/t_recq/overlay"], tmp_path / "q", max_queue_bytes=0)
+
+
 # ---------------------------------------------------------------------------------------------- icnet-demo
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -7,7 +7,9 @@
 Files are named ``<index>_<stamp sec>.<nanosec>.<ext>`` (one folder per topic when several are recorded), so they
 sort in arrival order and can be matched to their input frames by stamp. sensor_msgs/Image in rgb8, bgr8, rgba8,
 bgra8, mono8 and mono16 (16-bit PNG) is supported; ``<topic>/compressed`` topics are saved as received (jpeg/png).
-Writing happens on a separate thread, so slow disks do not stall the subscription. ``--reliability auto`` (default)
+Writing happens on a separate thread, so slow disks do not stall the subscription; the frames waiting for it hold
+at most ``--max-queue-mb`` (default 512): beyond that a frame is dropped, counted and warned about (the exit
+status is then 1), never buffered without bound. ``--reliability auto`` (default)
 subscribes reliable when every publisher of a topic is reliable (no frame lost), best effort otherwise.
 """
 from __future__ import annotations
@@ -48,17 +50,20 @@ def topic_slug(topic: str) -> str:
 class Recorder:
     """Subscribes to image topics on ``node`` and writes every received frame (and optionally a video).
 
-    Counters: ``received``, ``saved``, ``failed``; ``stamps`` holds the (sec, nanosec) of every received frame."""
+    Counters: ``received``, ``saved``, ``failed``, ``dropped`` (the write queue held ``max_queue_bytes``);
+    ``stamps`` holds the (sec, nanosec) of every received frame."""
 
     def __init__(self, node: Any, topics: list[str], output: str | Path, fmt: str = "png",
                  reliability: str = "auto", depth: int = 100, video: str | Path | None = None,
-                 fps: float = 10.0, subdirs: bool | None = None) -> None:
+                 fps: float = 10.0, subdirs: bool | None = None, max_queue_bytes: int = 512 << 20) -> None:
         if fmt not in ("png", "jpg"):
             raise ValueError(f"format must be png or jpg, got {fmt!r}")
         if reliability not in ("auto", "reliable", "best_effort"):
             raise ValueError(f"reliability must be auto, reliable or best_effort, got {reliability!r}")
         if not topics:
             raise ValueError("no topics to record")
+        if max_queue_bytes <= 0:
+            raise ValueError(f"max_queue_bytes must be > 0, got {max_queue_bytes}")
         self.node, self.topics, self.fmt, self.depth = node, list(topics), fmt, depth
         self.output = Path(output)
         self.reliability = reliability
@@ -66,6 +71,9 @@ class Recorder:
         self.received = 0
         self.saved = 0
         self.failed = 0
+        self.dropped = 0
+        self.max_queue_bytes = int(max_queue_bytes)
+        self._queued_bytes = 0
         self.stamps: list[tuple[int, int]] = []
         self.first_received: float | None = None
         self.last_received: float | None = None
@@ -128,6 +136,20 @@ class Recorder:
             self.first_received = self.first_received or now
             self.last_received = now
             self._lock.notify_all()
+            size = len(msg.data)
+            # one frame is always taken (an empty queue), whatever its size
+            if self._queued_bytes and self._queued_bytes + size > self.max_queue_bytes:
+                self.dropped += 1
+                dropped = self.dropped
+            else:
+                self._queued_bytes += size
+                dropped = 0
+        if dropped:
+            self.node.get_logger().warning(
+                f"{topic}: frame {index} dropped: {self._queued_bytes >> 20} MiB wait to be written (limit "
+                f"{self.max_queue_bytes >> 20} MiB; {dropped} dropped so far): the disk is slower than the topic; "
+                "use --format jpg, a faster disk or a larger --max-queue-mb", throttle_duration_sec=5.0)
+            return
         folder = self.output / topic_slug(topic) if self.subdirs else self.output
         stem = f"{index:06d}_{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}"
         self._queue.put((msg, topic, folder / stem))
@@ -142,10 +164,12 @@ class Recorder:
                 self._write(msg, topic, stem)
                 with self._lock:
                     self.saved += 1
+                    self._queued_bytes -= len(msg.data)
                     self._lock.notify_all()
             except Exception as e:  # noqa: BLE001 - keep recording; report the failure
                 with self._lock:
                     self.failed += 1
+                    self._queued_bytes -= len(msg.data)
                     self._lock.notify_all()
                 self.node.get_logger().error(f"{topic}: cannot save frame {stem.name}: {e}")
 
@@ -214,12 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reliability", choices=("auto", "reliable", "best_effort"), default="auto",
                    help="subscription reliability (default: auto = reliable when all publishers are)")
     p.add_argument("--depth", type=int, default=100, help="subscription queue depth (default: %(default)s)")
+    p.add_argument("--max-queue-mb", type=float, default=512.0, help="memory for frames waiting to be written; "
+                   "beyond it frames are dropped and counted (default: %(default)s)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("max_frames", "idle_timeout", "duration"):
+    for name in ("max_frames", "idle_timeout", "duration", "max_queue_mb"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             print(f"icnet-record: error: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
@@ -236,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     reason = "interrupted"
     try:
         recorder = Recorder(node, args.topics, args.output, args.format, args.reliability, args.depth,
-                            args.video, args.fps)
+                            args.video, args.fps, max_queue_bytes=int(args.max_queue_mb * (1 << 20)))
         print(f"icnet-record: {', '.join(args.topics)} -> {recorder.output}/", flush=True)
         hinted = False
         while True:
@@ -270,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         rclpy.try_shutdown()
     dt = time.monotonic() - t0
     print(f"icnet-record: stopped ({reason}): received {recorder.received}, saved {recorder.saved}"
-          f"{f', failed {recorder.failed}' if recorder.failed else ''} in {dt:.1f} s -> {recorder.output}/",
-          flush=True)
-    return 0 if recorder.failed == 0 else 1
+          f"{f', failed {recorder.failed}' if recorder.failed else ''}"
+          f"{f', dropped {recorder.dropped} (write queue full)' if recorder.dropped else ''} in {dt:.1f} s -> "
+          f"{recorder.output}/", flush=True)
+    return 0 if recorder.failed == 0 and recorder.dropped == 0 else 1
 
 
 if __name__ == "__main__":
