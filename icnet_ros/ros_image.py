@@ -278,6 +278,40 @@ def _png_header(buf: np.ndarray) -> tuple[int, int]:
     return height, width
 
 
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
+
+
+def _check_png_data_length(buf: np.ndarray) -> None:
+    """Raise ``decode`` when a PNG's image data (its IDAT chunks, inflated) is shorter than its header implies: one
+    filter byte plus the packed samples per row, per Adam7 pass when interlaced. Inflates in 1 MiB steps and stops
+    at the expected length, so the memory stays bounded whatever the stream holds (extra data is ignored, as by
+    the decoders). Call after :func:`_png_header` (chunks walked and CRC-checked)."""
+    data = memoryview(buf)
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    bits = depth * _PNG_CHANNELS[colour]
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    expected = 0
+    for y0, x0, dy, dx in passes:
+        rows, cols = (height - y0 + dy - 1) // dy, (width - x0 + dx - 1) // dx
+        if rows > 0 and cols > 0:
+            expected += rows * (1 + (cols * bits + 7) // 8)
+    inflate, got, i = zlib.decompressobj(), 0, 8
+    while got < expected:
+        length, ctype = struct.unpack(">I4s", data[i:i + 8])
+        if ctype == b"IEND":
+            break
+        if ctype == b"IDAT":
+            chunk = data[i + 8:i + 8 + length]
+            while chunk and got < expected:
+                got += len(inflate.decompress(chunk, min(1 << 20, expected - got)))
+                chunk = inflate.unconsumed_tail
+        i += 12 + length
+    if got < expected:
+        raise ImageFormatError("decode", f"PNG image data ends early: {got} of the {expected} bytes its "
+                                         f"{width}x{height} header needs (rows missing)")
+
+
 def _jpeg_header(buf: np.ndarray) -> tuple[int, int]:
     """(height, width) from a JPEG's start-of-frame segment. Walks every marker segment (entropy-coded data is
     skipped with a C-speed search), so the structure is checked and the number of scans bounded: the work is
@@ -370,19 +404,25 @@ def compressed_to_numpy(msg: Any, max_pixels: int | None = None) -> tuple[np.nda
                 raise ImageFormatError("decode", f"{codec}: decoder size {im.size} differs from the header's "
                                                  f"{width}x{height}")
             mode = im.mode
+            order = "MONO" if mode in ("I;16", "I;16B", "I;16L", "I", "1", "L", "LA", "La") else "RGB"
             if mode in ("I;16", "I;16B", "I;16L", "I"):
                 img = np.asarray(im)
-                return (img.astype(np.uint16) if img.dtype != np.uint16 else img), "MONO"
-            if mode in ("1", "L", "LA", "La"):
-                return np.asarray(im.convert("L") if mode != "L" else im), "MONO"
-            if mode not in ("RGB", "RGBA"):
-                im = im.convert("RGB")  # palette, CMYK, YCbCr, ...
-            img = np.asarray(im)
+                img = img.astype(np.uint16) if img.dtype != np.uint16 else img
+            elif order == "MONO":
+                img = np.asarray(im.convert("L") if mode != "L" else im)
+            else:
+                img = np.asarray(im.convert("RGB") if mode not in ("RGB", "RGBA") else im)  # palette, CMYK, ...
+            # Pillow zero-fills the rows a PNG's (complete, but short) zlib stream does not hold: count the
+            # stream's bytes when the last row is all zero or the image is interlaced (rows in passes)
+            if codec == "png" and (im.info.get("interlace") or not img[-1].any()):
+                _check_png_data_length(buf)
     except ImageFormatError:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, zlib.error, ...)
         raise ImageFormatError("decode", f"cannot decode CompressedImage ({buf.size} bytes, {codec} "
                                          f"{width}x{height}): {type(e).__name__}: {e}") from None
+    if order == "MONO":
+        return img, "MONO"
     if img.ndim != 3 or img.shape[:2] != (height, width):
         raise ImageFormatError("decode", f"{codec}: decoded shape {img.shape} differs from the header's "
                                          f"{width}x{height}")

@@ -314,6 +314,61 @@ def test_bad_compressed_images_raise_with_a_reason_and_print_nothing(case, capfd
     assert err == "" and out == ""
 
 
+def _png_from_rows(rows: bytes, width: int, height: int, colour: int = 2, depth: int = 8,
+                   interlace: int = 0) -> bytes:
+    """A PNG written by hand around already filtered rows (each with its filter byte): valid chunks and CRCs, a
+    complete zlib stream, whatever the rows hold."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def test_png_whose_image_data_ends_early_is_refused():
+    """Pillow zero-fills the rows a short (but complete) zlib stream leaves out: that frame would be segmented
+    with black rows. The data length is checked against the header instead."""
+    img = RNG.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    rows = [b"\x00" + img[r].tobytes() for r in range(30)]
+    whole = _png_from_rows(b"".join(rows), 40, 30)
+    got, order = compressed_to_numpy(SimpleNamespace(format="png", data=whole))
+    np.testing.assert_array_equal(got, img)
+    for cut in (15, 29):  # half the rows; all but the last
+        with pytest.raises(ImageFormatError, match="ends early") as e:
+            compressed_to_numpy(SimpleNamespace(format="png", data=_png_from_rows(b"".join(rows[:cut]), 40, 30)))
+        assert e.value.reason == "decode"
+    # interlaced: the length of the 7 passes; a stream missing its last pass is refused
+    import cv2
+
+    passes = []  # (first row, first column, row step, column step) of each Adam7 pass
+    for y0, x0, dy, dx in ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2),
+                           (1, 0, 2, 1)):
+        sub = img[y0::dy, x0::dx]
+        passes.append(b"".join(b"\x00" + r.tobytes() for r in sub) if sub.size else b"")
+    adam7 = _png_from_rows(b"".join(passes), 40, 30, interlace=1)
+    np.testing.assert_array_equal(compressed_to_numpy(SimpleNamespace(format="png", data=adam7))[0], img)
+    with pytest.raises(ImageFormatError, match="ends early"):
+        compressed_to_numpy(SimpleNamespace(format="png", data=_png_from_rows(b"".join(passes[:6]), 40, 30,
+                                                                              interlace=1)))
+    # frames whose last row is black are checked, and pass: grey, 16-bit grey, palette-free RGB
+    black = img.copy()
+    black[-3:] = 0
+    np.testing.assert_array_equal(compressed_to_numpy(SimpleNamespace(format="png", data=_png(black)))[0], black)
+    grey16 = RNG.integers(0, 65536, (12, 9), dtype=np.uint16)
+    grey16[-1] = 0
+    ok, enc = cv2.imencode(".png", grey16)
+    got, order = compressed_to_numpy(SimpleNamespace(format="png", data=enc.tobytes()))
+    assert order == "MONO" and got.dtype == np.uint16
+    np.testing.assert_array_equal(got, grey16)
+    rows16 = b"".join(b"\x00" + grey16[r].astype(">u2").tobytes() for r in range(11))
+    with pytest.raises(ImageFormatError, match="ends early"):
+        compressed_to_numpy(SimpleNamespace(format="png", data=_png_from_rows(rows16, 9, 12, colour=0, depth=16)))
+
+
 def test_jpeg_with_too_many_scans_is_refused():
     """A progressive JPEG's scans each cost a pass over all coefficients: thousands of tiny scans would make a
     small message take minutes to decode."""
