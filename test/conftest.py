@@ -39,3 +39,15 @@ def colcon_ws(tmp_path_factory: pytest.TempPathFactory):
     ws = launch_support.build_workspace(tmp_path_factory.mktemp("colcon_ws"))
     print(f"\ncolcon build of icnet_ros: {ws.build_seconds:.1f} s")
     return ws
+
+
+_SESSION_START = __import__("time").time()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the Fast DDS shared-memory segments that this session's killed processes left in /dev/shm."""
+    import ros_support
+
+    removed = ros_support.remove_orphaned_fastdds_segments(_SESSION_START)
+    if removed:
+        print(f"\nremoved {len(removed)} orphaned Fast DDS shared-memory files from /dev/shm")

@@ -40,6 +40,42 @@ def ensure_ros_env() -> None:
 ensure_ros_env()
 
 
+def remove_orphaned_fastdds_segments(since: float, shm: str | Path = "/dev/shm", min_age: float = 5.0
+                                     ) -> list[str]:
+    """Delete Fast DDS shared-memory segments (``fastdds_<16 hex>`` and its ``_el`` lock file) created at or after
+    ``since`` (a time.time()) that no live process maps and that are at least ``min_age`` seconds old. Processes the
+    tests kill leave theirs behind (32 MiB loopback segments: hundreds of MB after a few runs). Port files and
+    semaphores are Fast DDS's own business and stay. Returns the names removed."""
+    import re
+
+    shm = Path(shm)
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        mapped.update(m.group(1) for m in re.finditer(r"(\S*/fastdds_[0-9a-f]{16})(?:_el)?\b", text))
+    removed = []
+    now = time.time()
+    for seg in shm.glob("fastdds_*"):
+        m = re.fullmatch(r"(fastdds_[0-9a-f]{16})(_el)?", seg.name)
+        if m is None:
+            continue
+        try:
+            st = seg.stat()
+        except OSError:
+            continue
+        if st.st_ctime < since or now - st.st_ctime < min_age or str(shm / m.group(1)) in mapped:
+            continue
+        try:
+            seg.unlink()
+            removed.append(seg.name)
+        except OSError:
+            pass
+    return removed
+
+
 def require_rclpy() -> Any:
     """Skip the module when rclpy (ROS 2 wheels or a ROS install) is not available."""
     return pytest.importorskip("rclpy", reason="rclpy not installed (pip install -e .[ros])")
