@@ -48,7 +48,9 @@ def test_config_files_overrides_and_errors(capsys):
                          ("data.crop_size=[0, 5]", "crop_size must be"), ("model.arch=icnet_r7", "not a preset"),
                          ("train.log_format=xml", "jsonl or csv"), ("optim.iterations=null", "cannot be null"),
                          ("noequals", "section.key=value"), ("data.license=''", "data.license must be"),
-                         ("data.license=5", "data.license must be str")]:
+                         ("data.license=5", "data.license must be str"),
+                         ("loss.lovasz_weight=-1", "loss weights must be >= 0"),
+                         ("loss.lovasz_stride=0", "lovasz_stride must be >= 1")]:
         with pytest.raises(ConfigError, match=message):
             load_config("smoke", [bad])
     with pytest.raises(ConfigError, match="config not found"):
@@ -144,6 +146,14 @@ def test_run_outputs_metadata_and_exact_resume(tmp_path):
 
         Trainer(load_config("smoke", [f"data.root={CAMVID}", f"train.output_dir={part}", "model.width=0.5",
                                       "train.resume=auto", *FAST])).train()
+
+
+def test_lovasz_term_is_trained_and_logged(tmp_path):
+    run = _smoke(tmp_path / "lovasz", "optim.iterations=2", "train.log_interval=1", "loss.lovasz_weight=0.5")
+    train = _records(run, "train")
+    assert [r["iter"] for r in train] == [1, 2]
+    assert all(0 < r["loss_lovasz"] <= 1 for r in train)  # a Jaccard loss surrogate: in [0, 1]
+    assert load_model(run / "last.safetensors").meta["provenance"]["config"]["loss"]["lovasz_weight"] == 0.5
 
 
 def test_time_limit_stops_resumably_after_a_validation(tmp_path, capsys):
