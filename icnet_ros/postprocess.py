@@ -90,9 +90,10 @@ class Postprocessor:
             label = labels[i]
             for k in range(1, c):
                 p = plane(i, k)
-                higher = p > best
-                np.copyto(best, p, where=higher)
-                label[higher] = k
+                higher = cv2.compare(p, best, cv2.CMP_GT)  # 255 where class k leads so far
+                cv2.max(best, p, dst=best)
+                # every label so far is < k, so "k where higher" is max(label, min(higher, k)): SIMD, no masking
+                cv2.max(label, cv2.min(higher, k), dst=label)
             if want_confidence or threshold > 0:
                 # max softmax probability = 1 / sum_k exp(l_k - l_max), a second pass over the planes
                 total = np.zeros((h, w), np.float32)
