@@ -35,7 +35,7 @@ class Normalizer:
         self.std = torch.tensor(norm["std"], dtype=torch.float32).view(1, 3, 1, 1)
         self._cache: dict[tuple[torch.device, torch.dtype, str], tuple[Tensor, Tensor]] = {}
 
-    def _params(self, device: torch.device, dtype: torch.dtype, order: str) -> tuple[Tensor, Tensor]:
+    def scale_shift(self, device: torch.device, dtype: torch.dtype, order: str) -> tuple[Tensor, Tensor]:
         """scale and shift with the model's channel order mapped onto the input's: out = x * scale + shift."""
         key = (device, dtype, order)
         if key not in self._cache:
@@ -52,7 +52,7 @@ class Normalizer:
         if channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
         x = images.permute(0, 3, 1, 2) if channels_last_input else images
-        scale, shift = self._params(x.device, dtype, channel_order)
+        scale, shift = self.scale_shift(x.device, dtype, channel_order)
         x = x.to(dtype) * scale + shift
         if channel_order != self.channel_order:
             x = x.flip(1)
@@ -114,7 +114,7 @@ class Preprocessor:
         h, w = net_size
         n = frames.shape[0]
         flip = order != self.normalizer.channel_order  # frames flipped to the model's order, then its mean/std
-        scale, shift = (t.view(3).numpy() for t in self.normalizer._params(
+        scale, shift = (t.view(3).numpy() for t in self.normalizer.scale_shift(
             torch.device("cpu"), torch.float32, self.normalizer.channel_order))
         scale4, shift4 = (*map(float, scale), 0.0), (*map(float, shift), 0.0)
         nhwc = self.memory_format == torch.channels_last
