@@ -5,6 +5,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 TEST_DIR = Path(__file__).resolve().parent
@@ -41,7 +42,7 @@ def colcon_ws(tmp_path_factory: pytest.TempPathFactory):
     return ws
 
 
-_SESSION_START = __import__("time").time()
+_SESSION_START = time.time()
 
 
 def pytest_sessionfinish(session, exitstatus):

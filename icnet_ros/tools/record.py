@@ -162,16 +162,17 @@ class Recorder:
             msg, topic, stem = item
             try:
                 self._write(msg, topic, stem)
-                with self._lock:
-                    self.saved += 1
-                    self._queued_bytes -= len(msg.data)
-                    self._lock.notify_all()
+                ok = True
             except Exception as e:  # noqa: BLE001 - keep recording; report the failure
-                with self._lock:
-                    self.failed += 1
-                    self._queued_bytes -= len(msg.data)
-                    self._lock.notify_all()
+                ok = False
                 self.node.get_logger().error(f"{topic}: cannot save frame {stem.name}: {e}")
+            with self._lock:
+                if ok:
+                    self.saved += 1
+                else:
+                    self.failed += 1
+                self._queued_bytes -= len(msg.data)
+                self._lock.notify_all()
 
     def _write(self, msg: Any, topic: str, stem: Path) -> None:
         from ..ros_image import compressed_to_numpy, compression_format, image_to_numpy
