@@ -156,6 +156,70 @@ def test_lovasz_term_is_trained_and_logged(tmp_path):
     assert load_model(run / "last.safetensors").meta["provenance"]["config"]["loss"]["lovasz_weight"] == 0.5
 
 
+def test_model_ema_update():
+    """ema <- d * ema + (1 - d) * model for parameters and float buffers (BN statistics); integer buffers copied."""
+    from icnet_ros.train.ema import ModelEMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = ModelEMA(model, 0.75)
+    assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+    model.train()
+    model(torch.randn(2, 3, 5, 5))  # BN statistics move, num_batches_tracked 0 -> 1
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    now = model.state_dict()
+    for k, v in ema.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, 0.75 * start[k] + 0.25 * now[k]), k
+        else:
+            assert torch.equal(v, now[k]), k
+    assert int(ema.state_dict()["1.num_batches_tracked"]) == 1
+    with pytest.raises(ValueError, match="decay"):
+        ModelEMA(model, 1.0)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        load_config("smoke", ["optim.ema_decay=1.0"])
+
+
+def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path):
+    """optim.ema_decay: the checkpoints hold the average of the weights the plain run goes through (the same
+    training trajectory: averaging draws no random numbers), the state the raw weights; resume is exact."""
+    from icnet_ros.train import Trainer
+
+    d = 0.6
+    common = ["optim.iterations=2", "train.checkpoint_interval=1", "train.eval_interval=1", "train.log_interval=1"]
+    w0 = {k: v.clone() for k, v in Trainer(load_config("smoke", [f"data.root={require(CAMVID)}", *FAST, *common,
+          f"train.output_dir={tmp_path / 'init'}"])).model.state_dict().items()}
+    plain1 = load_file(str(_smoke(tmp_path / "p1", *common, "train.stop_at=1") / "last.safetensors"))
+    plain2 = load_file(str(_smoke(tmp_path / "p2", *common) / "last.safetensors"))
+    ema = _smoke(tmp_path / "ema", *common, f"optim.ema_decay={d}")
+    averaged = load_file(str(ema / "last.safetensors"))
+    raw = torch.load(ema / STATE_FILE, weights_only=True)["train_weights"]
+    floats = [k for k, v in averaged.items() if v.is_floating_point()]
+    assert floats and averaged.keys() == plain2.keys()
+    for k in floats:
+        want = d * d * w0[k] + d * (1 - d) * plain1[k] + (1 - d) * plain2[k]
+        assert torch.allclose(averaged[k], want, rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(raw[k], plain2[k], rtol=1e-4, atol=1e-6), k
+    assert any(not torch.allclose(averaged[k], plain2[k]) for k in floats)  # the average is not the last step
+    # validation measured the average: best.safetensors is one of the averaged checkpoints
+    best = load_file(str(ema / "best.safetensors"))
+    assert load_model(ema / "best.safetensors").meta["provenance"]["config"]["optim"]["ema_decay"] == d
+    assert all(torch.allclose(best[k], averaged[k]) for k in floats) or \
+        load_model(ema / "best.safetensors").meta["provenance"]["iterations"] == 1
+
+    # interrupted after iteration 1, resumed: the same average and the same raw weights
+    _smoke(tmp_path / "part", *common, f"optim.ema_decay={d}", "train.stop_at=1")
+    _smoke(tmp_path / "part", *common, f"optim.ema_decay={d}", "train.resume=auto")
+    resumed = load_file(str(tmp_path / "part" / "last.safetensors"))
+    raw_resumed = torch.load(tmp_path / "part" / STATE_FILE, weights_only=True)["train_weights"]
+    for k in floats:
+        assert torch.allclose(resumed[k], averaged[k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(raw_resumed[k], raw[k], rtol=1e-4, atol=1e-6), k
+
+
 def test_time_limit_stops_resumably_after_a_validation(tmp_path, capsys):
     """train.time_limit (for jobs with a wall-clock budget): stop early, validate, save the state; resume finishes."""
     common = ["optim.iterations=5", "train.checkpoint_interval=100", "train.eval_interval=100",

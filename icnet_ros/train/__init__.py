@@ -7,6 +7,7 @@ One concept per module:
     config.py        sections, defaults, YAML + key=value overrides, checking; the data spec, architecture and
                      normalization a config builds
     schedule.py      PolyLR: poly decay with linear warm-up
+    ema.py           ModelEMA: an exponential moving average of the weights (optim.ema_decay)
     distributed.py   torchrun process group, collective helpers (no-ops with one process)
     metrics_log.py   metrics.jsonl / CSV / TensorBoard
     provenance.py    git commit, init_from chain, hardware: what checkpoints record about their making
@@ -19,14 +20,15 @@ from .config import (DEFAULTS, ConfigError, config_dirs, data_spec, find_config,
                      normalization_for, parse_override, validate_config)
 from .distributed import (DistInfo, barrier, broadcast_buffers, gather_objects, parameter_digest,
                           setup_distributed)
+from .ema import ModelEMA
 from .metrics_log import MetricsLog
 from .model import build_model, init_from_checkpoint
 from .provenance import git_commit, hardware, init_provenance
 from .schedule import PolyLR
 from .trainer import STATE_FILE, STATE_VERSION, Trainer
 
-__all__ = ["DEFAULTS", "STATE_FILE", "STATE_VERSION", "ConfigError", "DistInfo", "MetricsLog", "PolyLR", "Trainer",
-           "barrier", "broadcast_buffers", "build_model", "build_parser", "config_dirs", "data_spec", "find_config",
-           "gather_objects", "git_commit", "hardware", "init_from_checkpoint", "init_provenance", "load_config",
-           "main", "model_config", "normalization_for", "parameter_digest", "parse_override", "setup_distributed",
-           "validate_config"]
+__all__ = ["DEFAULTS", "STATE_FILE", "STATE_VERSION", "ConfigError", "DistInfo", "MetricsLog", "ModelEMA", "PolyLR",
+           "Trainer", "barrier", "broadcast_buffers", "build_model", "build_parser", "config_dirs", "data_spec",
+           "find_config", "gather_objects", "git_commit", "hardware", "init_from_checkpoint", "init_provenance",
+           "load_config", "main", "model_config", "normalization_for", "parameter_digest", "parse_override",
+           "setup_distributed", "validate_config"]

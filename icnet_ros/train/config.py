@@ -42,6 +42,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
         "poly_power": 0.9, "min_lr": 1e-4, "warmup_iters": 0, "warmup_ratio": 0.1,
         "iterations": 80000, "batch_size": 8, "amp": True, "grad_clip": None,
+        "ema_decay": 0.0,  # > 0: validate and save an exponential moving average of the weights (train/ema.py)
     },
     "train": {
         "output_dir": "runs/icnet", "seed": 0, "device": "auto", "workers": 2,
@@ -208,6 +209,8 @@ def validate_config(c: dict) -> None:
         raise ConfigError("need optim.iterations >= 1, optim.batch_size >= 1, optim.lr > 0, 0 <= min_lr <= lr")
     if o["warmup_iters"] < 0 or not 0 < o["warmup_ratio"] <= 1:
         raise ConfigError("need optim.warmup_iters >= 0 and optim.warmup_ratio in (0, 1]")
+    if not 0 <= o["ema_decay"] < 1:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0: no weight averaging), got {o['ema_decay']}")
     for k in ("eval_interval", "log_interval", "checkpoint_interval", "eval_batch_size"):
         if t[k] < 1:
             raise ConfigError(f"train.{k} must be >= 1, got {t[k]}")

@@ -1,6 +1,6 @@
 """One training run (one process of it under torchrun): set-up, the iteration loop with cascade label guidance,
-periodic validation with best-on-val checkpoints, checkpoints with complete metadata, and exact resume from
-``train_state.pt``."""
+periodic validation with best-on-val checkpoints, checkpoints with complete metadata, optional weight averaging
+(:mod:`.ema`), and exact resume from ``train_state.pt``."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -30,6 +30,7 @@ from ..preprocess import Normalizer
 from ..sizes import SIZE_DIVISOR, aligned_size
 from .config import ConfigError, data_spec, model_config, normalization_for
 from .distributed import barrier, broadcast_buffers, gather_objects, parameter_digest, setup_distributed
+from .ema import ModelEMA
 from .metrics_log import MetricsLog
 from .model import build_model
 from .provenance import git_commit, hardware, init_provenance
@@ -92,6 +93,8 @@ class Trainer:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
+        # optim.ema_decay: validation and the saved files use the average (self.averaged), training the raw model
+        self.ema = ModelEMA(model, o["ema_decay"]) if o["ema_decay"] else None
         if self.info.distributed:
             unused = self.arch.aux_heads and min(c["loss"]["sub24_weight"], c["loss"]["sub12_weight"]) == 0
             self.ddp: nn.Module = nn.parallel.DistributedDataParallel(
@@ -181,6 +184,11 @@ class Trainer:
             self._network_width = network_width_for(w, s)
         return self._network_width
 
+    @property
+    def averaged(self) -> nn.Module:
+        """The model that validation measures and the checkpoints hold: the EMA copy when on, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
     # ---- checkpoints and state
     def provenance(self, iteration: int, val_miou: float | None) -> dict[str, Any]:
         return {"source": "icnet-train", "command": " ".join(self.command), "config": self.config,
@@ -201,7 +209,7 @@ class Trainer:
                           self.provenance(iteration, val_miou), network_width=self.network_width(),
                           license=self.config["data"]["license"])
         path = self.out_dir / name
-        save_checkpoint(self.model, path, meta)
+        save_checkpoint(self.averaged, path, meta)
         return path
 
     def save_state(self, iteration: int) -> None:
@@ -218,6 +226,8 @@ class Trainer:
                      "scaler": self.scaler.state_dict() if self.use_amp else None, "rng": rngs,
                      "world_size": self.info.world_size, "elapsed_s": self.elapsed(),
                      "config": json.loads(json.dumps(self.config))}
+            if self.ema is not None:  # last.safetensors holds the average; training goes on from these
+                state["train_weights"] = {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
             tmp = self.out_dir / (STATE_FILE + ".tmp")
             torch.save(state, tmp)
             os.replace(tmp, self.out_dir / STATE_FILE)
@@ -254,8 +264,15 @@ class Trainer:
         if ICNetConfig.from_dict(meta["arch"]) != self.arch:
             raise ConfigError(f"train.resume: {weights} has architecture {meta['arch']} but the config builds "
                               f"{self.arch.to_dict()}")
-        load_state_dict_into(self.model, load_file(str(weights), device="cpu"), source=str(weights),
-                             allow_missing_aux=False)
+        saved = load_file(str(weights), device="cpu")
+        raw = state.get("train_weights")  # present when the run averaged its weights: then ``weights`` is the EMA
+        if raw is not None:
+            load_state_dict_into(self.model, raw, source=str(path), allow_missing_aux=False)
+        else:
+            load_state_dict_into(self.model, saved, source=str(weights), allow_missing_aux=False)
+        if self.ema is not None:  # the average goes on from the saved one (from the weights when there was none)
+            load_state_dict_into(self.ema.module, saved if raw is not None else self.model.state_dict(),
+                                 source=str(weights), allow_missing_aux=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.use_amp and state.get("scaler"):
@@ -283,7 +300,9 @@ class Trainer:
     def validate(self, iteration: int) -> dict[str, Any]:
         d = self.config["data"]
         broadcast_buffers(self.model, self.info)
-        cm = evaluate(self.model, self._val_loader(), self.normalizer, self.class_set.num_classes,
+        if self.ema is not None:
+            broadcast_buffers(self.ema.module, self.info)
+        cm = evaluate(self.averaged, self._val_loader(), self.normalizer, self.class_set.num_classes,
                       self.class_set.ignore_index, self.device,
                       input_size=d["eval_size"], input_scale=d["input_scale"], base_size=d["base_size"],
                       amp=self.use_amp, progress=self.info.main and self.config["train"]["progress"],
@@ -348,6 +367,8 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.model.parameters(), o["grad_clip"])
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.model)
             self.iteration += 1
             for k, v in {"loss": loss.detach(), **{f"loss_{k}": v for k, v in parts.items()}}.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
@@ -409,6 +430,8 @@ class Trainer:
 
     def _finish(self, end: int) -> dict[str, Any]:
         broadcast_buffers(self.model, self.info)
+        if self.ema is not None:
+            broadcast_buffers(self.ema.module, self.info)
         digests = gather_objects(parameter_digest(self.model), self.info)
         in_sync = len(set(digests)) == 1
         if not in_sync:
