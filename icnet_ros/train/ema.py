@@ -15,41 +15,30 @@ from torch import Tensor, nn
 
 
 class ModelEMA:
-    """An exponential moving average of ``model``'s parameters and buffers, kept in a copy of the model."""
+    """An exponential moving average of ``model``'s parameters and buffers, kept in a copy of the model.
+
+    The pairs of tensors are collected once: the model's tensors are updated in place by the optimizer and by
+    ``load_state_dict``, so they stay the same objects for the whole run."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = float(decay)
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @staticmethod
-    def _pairs(model: nn.Module, ema: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-        """(averaged ema tensors, their model tensors, copied ema tensors, their model tensors), in order."""
-        avg_e, avg_m, copy_e, copy_m = [], [], [], []
-        model_t = dict(model.named_parameters())
-        model_t.update(model.named_buffers())
-        ema_t = dict(ema.named_parameters())
-        ema_t.update(ema.named_buffers())
-        if model_t.keys() != ema_t.keys():
-            raise ValueError("the EMA copy and the model have different tensors")
-        for name, e in ema_t.items():
-            m = model_t[name]
-            if e.is_floating_point():
-                avg_e.append(e)
-                avg_m.append(m.detach())
-            else:
-                copy_e.append(e)
-                copy_m.append(m)
-        return avg_e, avg_m, copy_e, copy_m
+        model_t = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        ema_t = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
+        # float tensors are averaged, integer buffers (num_batches_tracked) copied
+        floats = [k for k, e in ema_t.items() if e.is_floating_point()]
+        self._ema_floats = [ema_t[k] for k in floats]
+        self._model_floats = [model_t[k].detach() for k in floats]
+        self._copied = [(e, model_t[k]) for k, e in ema_t.items() if not e.is_floating_point()]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self) -> None:
         """One step: ``ema <- decay * ema + (1 - decay) * model`` (float tensors), integer buffers copied."""
-        avg_e, avg_m, copy_e, copy_m = self._pairs(model, self.module)
-        if avg_e:
-            torch._foreach_lerp_(avg_e, avg_m, 1.0 - self.decay)
-        for e, m in zip(copy_e, copy_m):
+        if self._ema_floats:
+            torch._foreach_lerp_(self._ema_floats, self._model_floats, 1.0 - self.decay)
+        for e, m in self._copied:
             e.copy_(m)
 
     def state_dict(self) -> dict[str, Tensor]:

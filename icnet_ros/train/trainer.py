@@ -368,7 +368,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if self.ema is not None:
-                self.ema.update(self.model)
+                self.ema.update()
             self.iteration += 1
             for k, v in {"loss": loss.detach(), **{f"loss_{k}": v for k, v in parts.items()}}.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
