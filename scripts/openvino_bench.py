@@ -185,29 +185,18 @@ def main() -> int:
 
 def _export_int8_with(src: Path, xml: Path, size, calib_dir, count, extra: dict) -> None:
     """An INT8 export with extra nncf.quantize arguments ("ignored_types": [..] / "ignored_names": [..] become an
-    IgnoredScope; "preset": "mixed"; "fast_bias_correction": false; "model_type"...)."""
+    IgnoredScope, added to the export's own MatMul scope; "preset": "mixed"; "fast_bias_correction": true...)."""
     import nncf
-    import openvino as ov
-
-    from icnet_ros.backends import openvino as ovb
 
     options = dict(extra)
     if "ignored_types" in options or "ignored_names" in options or "ignored_patterns" in options:
-        options["ignored_scope"] = nncf.IgnoredScope(types=options.pop("ignored_types", []),
+        options["ignored_scope"] = nncf.IgnoredScope(types=["matmul", *options.pop("ignored_types", [])],
                                                      names=options.pop("ignored_names", []),
-                                                     patterns=options.pop("ignored_patterns", []))
+                                                     patterns=options.pop("ignored_patterns", []), validate=False)
     if "preset" in options:
         options["preset"] = nncf.QuantizationPreset(options["preset"])
-    fp32 = xml.with_name(xml.stem + ".fp32src.xml")
-    export_openvino(src, fp32, size=size)
-    core = ov.Core()
-    q = ovb.quantize_int8(core.read_model(str(fp32)), ovb._calibration_images(calib_dir, count), size,
-                          load_model(src).meta["normalization"], **options)
-    meta = ovb.read_openvino_metadata(fp32)
-    meta["provenance"]["exported"].update(precision="int8", calibration={"folder": Path(calib_dir).name,
-                                                                        "count": count, "options": extra})
-    q.set_rt_info(json.dumps(meta), "icnet_ros")
-    ov.save_model(q, str(xml), compress_to_fp16=False)
+    export_openvino(src, xml, size=size, int8=True, calib_dir=calib_dir, calib_count=count,
+                    int8_options=options)
 
 
 if __name__ == "__main__":

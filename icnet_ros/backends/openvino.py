@@ -12,15 +12,20 @@ one. The IR is an ``.xml`` + ``.bin`` pair. The checkpoint's metadata travels in
 OpenVINO version, source file and SHA-256, date; an earlier record moves under ``previous``, as with
 ``icnet-convert``), like the ONNX export's.
 
-INT8 (``int8=True``): post-training quantization with NNCF (``nncf.quantize``) of the converted fp32 model,
-calibrated on ``calib_count`` images of ``calib_dir`` (an image folder, or a dataset split folder with an
-``images/`` subfolder), each resized to the export size exactly as the Segmenter does (bilinear, align_corners
-False, float32) and normalised with the checkpoint's normalisation. Settings: NNCF's defaults for CNNs
-(``preset=PERFORMANCE``: symmetric weights and activations, what the CPU plugin runs fastest; ``model_type``
-None) with the full bias correction (``fast_bias_correction=False``), and the factorized pyramid pooling's
-MatMuls left in float (:func:`int8_ignored_scope`). Measured on the default model at 544x736, 300 CamVid train
-images, CamVid val mIoU (fp32: 70.89): 70.96 with these settings; 70.63 with NNCF's fast bias correction (export
-about 25% quicker, same speed); 70.65 with ``preset=MIXED`` (and ~15% slower).
+INT8 (``int8=True``): post-training quantization with NNCF (``nncf.quantize``) of that torch module, before it is
+traced and converted: NNCF's PyTorch backend inserts fake-quantize operations whose ranges it measures on
+``calib_count`` images of ``calib_dir`` (an image folder, or a dataset split folder with an ``images/``
+subfolder), each resized to the export size exactly as the Segmenter does (bilinear, align_corners False,
+float32) and normalised with the checkpoint's normalisation; the conversion turns them into OpenVINO
+``FakeQuantize`` operations, which the CPU plugin runs as INT8 kernels. Settings: ``preset=PERFORMANCE``
+(symmetric weights and activations, what the CPU plugin runs fastest), no bias correction, and the factorized
+pyramid pooling's MatMuls left in float (:func:`int8_ignored_scope`). Measured on the default model at 544x736,
+300 CamVid train images, CamVid val mIoU (BENCHMARKS.md): a model trained on train only (val unseen) 71.09 fp32 ->
+71.31 INT8; the shipped model (val seen in training) 75.89 -> 75.66. The earlier route, quantizing the converted
+OpenVINO model (NNCF's OpenVINO backend, full bias correction), cost 0.51 and 1.08 on the same two models at the
+same speed; with NNCF's fast bias correction the torch route gives 71.02 and 75.40. The module is traced with
+the fake-quantize operations in their export form (plain ``torch.fake_quantize_per_*`` calls), so no NNCF C++
+extension is built or run.
 
 Backend (:func:`open_backend`): reads an IR (or an ``.onnx`` file: OpenVINO reads those directly) and compiles it
 for the CPU (``device="cpu"``) or an Intel GPU (``device="xpu"``, OpenVINO's ``GPU``), latency hint, one stream,
@@ -67,13 +72,15 @@ def _ov() -> Any:
 def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[int, int] = (512, 1024),
                     batch: int | None = None, fp16: bool = False, int8: bool = False,
                     calib_dir: str | os.PathLike | None = None, calib_count: int = 300,
-                    progress: bool = True, command: str | None = None) -> Path:
+                    progress: bool = True, command: str | None = None,
+                    int8_options: dict[str, Any] | None = None) -> Path:
     """Export a model to OpenVINO IR (see the module docstring); returns the ``.xml`` path.
 
     ``model_or_path``: None (the package's default model), a native ``.safetensors`` checkpoint or an ICNet
     module. ``size``: the fixed network input (H, W), multiples of 32. ``batch``: None or 0 = dynamic, N = fixed.
     ``fp16``: weights stored as fp16 (half the file; OpenVINO decompresses them at load time). ``int8``: NNCF
-    post-training quantization calibrated on ``calib_count`` images from ``calib_dir``. ``command``: recorded in
+    post-training quantization calibrated on ``calib_count`` images from ``calib_dir`` (``int8_options``: other
+    ``nncf.quantize`` arguments, for accuracy experiments; recorded). ``command``: recorded in
     the provenance. ``output``: the ``.xml`` path (``.xml`` is appended when missing); the ``.bin`` goes beside
     it. Files are written atomically."""
     from ..export import check_export_size, exported_meta, inference_model
@@ -99,19 +106,6 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     # the BNs itself; the factorized pooling halves R50's bottleneck multiply-adds), no auxiliary heads
     model, meta = inference_model(model_or_path, (h, w))
     meta = copy.deepcopy(meta)
-    example = torch.zeros(1, 3, h, w)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input checks in forward are constants here
-        # (torch 2.13 deprecates torch.jit.trace; convert_model's own PyTorch path traces the same way)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        # tracing here (once, unchecked) is about twice as fast as letting convert_model trace the module
-        traced = torch.jit.trace(model, example, check_trace=False)
-        ov_model = ov.convert_model(traced, example_input=example, input=[ov.PartialShape([batch or -1, 3, h, w])])
-    del traced
-    ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
-    ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
-    ov_model.set_friendly_name("icnet")
-
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     record: dict[str, Any] = {"format": "openvino", "size": [h, w], "batch": batch or 1,
                               "dynamic_batch": batch is None, "precision": precision,
@@ -121,9 +115,24 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
 
         folder = Path(calib_dir).expanduser()  # type: ignore[arg-type]
         record["calibration"] = {"folder": folder.name if folder.name != "images" else folder.parent.name,
-                                 "count": len(calib_images), "nncf": nncf.__version__, "preset": "performance",
-                                 "fast_bias_correction": False, "ignored_types": ["MatMul"]}
-        ov_model = quantize_int8(ov_model, calib_images, (h, w), meta["normalization"], progress=progress)
+                                 "count": len(calib_images), "nncf": nncf.__version__, "quantized": "torch",
+                                 "preset": "performance", "bias_correction": "none", "ignored_types": ["matmul"]}
+        if int8_options:
+            record["calibration"]["options"] = {k: repr(v) for k, v in int8_options.items()}
+        model = quantize_int8(model, calib_images, (h, w), meta["normalization"], progress=progress,
+                              **(int8_options or {}))
+    example = torch.zeros(1, 3, h, w)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input checks in forward are constants here
+        # (torch 2.13 deprecates torch.jit.trace; convert_model's own PyTorch path traces the same way)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # tracing here (once, unchecked) is about twice as fast as letting convert_model trace the module
+        traced = torch.jit.trace(model, example, check_trace=False)
+        ov_model = ov.convert_model(traced, example_input=example, input=[ov.PartialShape([batch or -1, 3, h, w])])
+    del traced, model
+    ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
+    ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
+    ov_model.set_friendly_name("icnet")
     meta = exported_meta(meta, record, source_file, command)  # shared with the ONNX export
     ov_model.set_rt_info(json.dumps(meta), META_KEY)
 
@@ -160,12 +169,12 @@ def _calibration_images(calib_dir: str | os.PathLike | None, count: int) -> list
     return [files[int(i * step)] for i in range(count)]
 
 
-def calibration_input(image: np.ndarray, size: tuple[int, int], normalizer: Normalizer) -> np.ndarray:
+def calibration_input(image: np.ndarray, size: tuple[int, int], normalizer: Normalizer) -> Tensor:
     """An H x W x 3 uint8 RGB image -> the 1 x 3 x H x W float32 network input the Segmenter would feed."""
     x = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0).permute(0, 3, 1, 2).float()
     if tuple(x.shape[2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return normalizer(x, "RGB", channels_last_input=False).contiguous().numpy()
+    return normalizer(x, "RGB", channels_last_input=False).contiguous()
 
 
 class _CalibrationSet:
@@ -178,7 +187,7 @@ class _CalibrationSet:
     def __len__(self) -> int:
         return len(self.files)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[Tensor]:
         from ..data.datasets import read_image
 
         for f in self.files:
@@ -190,20 +199,22 @@ def int8_ignored_scope() -> Any:
     a few MMACs). Quantized, OpenVINO 2026.4's CPU plugin refuses to compile the model (a per-channel scale check
     in its oneDNN post-ops fails)."""
     nncf = require(NAME, "nncf", "openvino")
-    return nncf.IgnoredScope(types=["MatMul"], validate=False)  # validate=False: a model may have none
+    return nncf.IgnoredScope(types=["matmul"], validate=False)  # validate=False: a model may have none
 
 
-def quantize_int8(ov_model: Any, calib_images: list[Path], size: tuple[int, int], normalization: dict[str, Any],
-                  progress: bool = True, **nncf_options: Any) -> Any:
-    """NNCF post-training INT8 quantization of an OpenVINO model, calibrated on ``calib_images`` (see the module
-    docstring); ``nncf_options`` override ``nncf.quantize``'s arguments (for accuracy experiments). NNCF draws
-    its own progress bars (statistics collection, bias correction) on stdout; ``progress=False`` hides them."""
+def quantize_int8(model: nn.Module, calib_images: list[Path], size: tuple[int, int], normalization: dict[str, Any],
+                  progress: bool = True, **nncf_options: Any) -> nn.Module:
+    """NNCF post-training INT8 quantization of an inference module (:func:`icnet_ros.export.inference_model`),
+    calibrated on ``calib_images`` (see the module docstring): the module with fake-quantize operations, to be
+    traced and converted. ``nncf_options`` override ``nncf.quantize``'s arguments (for accuracy experiments).
+    NNCF draws its own progress bars on stdout; ``progress=False`` hides them."""
     nncf = require(NAME, "nncf", "openvino")
     options: dict[str, Any] = {"subset_size": len(calib_images), "preset": nncf.QuantizationPreset.PERFORMANCE,
-                               "fast_bias_correction": False, "ignored_scope": int8_ignored_scope(), **nncf_options}
+                               "fast_bias_correction": None, "ignored_scope": int8_ignored_scope(), **nncf_options}
     quiet = contextlib.redirect_stdout(io.StringIO()) if not progress else contextlib.nullcontext()
     with quiet:
-        return nncf.quantize(ov_model, nncf.Dataset(_CalibrationSet(calib_images, size, normalization)), **options)
+        return nncf.quantize(model.eval(), nncf.Dataset(_CalibrationSet(calib_images, size, normalization)),
+                             **options)
 
 
 # ------------------------------------------------------------------------------------------------------ reading

@@ -132,6 +132,10 @@ def tf_same_pad(x: Tensor, kernel: int, stride: int, dilation: int = 1) -> Tenso
     pixel at the bottom / right."""
     pads: list[int] = []
     for size in (x.shape[-1], x.shape[-2]):  # F.pad order: width first
+        if torch.jit.is_tracing():
+            # constants in a traced graph (exports fix H and W): no shape arithmetic traced as tensor ops, which
+            # would also shift the op order NNCF's quantizers are keyed by (INT8 export)
+            size = int(size)
         out = -(-size // stride)
         total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
         pads += [total // 2, total - total // 2]
