@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from icnet_ros.backends.base import BackendOptions
-from icnet_ros.backends.openvino import export_openvino, open_backend
+from icnet_ros.backends.openvino import INT8_IGNORED_TYPES, export_openvino, open_backend
 from icnet_ros.checkpoint import default_model_path, load_model
 from icnet_ros.engine import Segmenter
 from icnet_ros.preprocess import Normalizer
@@ -190,7 +190,7 @@ def _export_int8_with(src: Path, xml: Path, size, calib_dir, count, extra: dict)
 
     options = dict(extra)
     if "ignored_types" in options or "ignored_names" in options or "ignored_patterns" in options:
-        options["ignored_scope"] = nncf.IgnoredScope(types=["matmul", *options.pop("ignored_types", [])],
+        options["ignored_scope"] = nncf.IgnoredScope(types=[*INT8_IGNORED_TYPES, *options.pop("ignored_types", [])],
                                                      names=options.pop("ignored_names", []),
                                                      patterns=options.pop("ignored_patterns", []), validate=False)
     if "preset" in options:

@@ -61,6 +61,8 @@ NAME = "openvino"
 #: this says; the layers NNCF left in float run in f32)
 INFERENCE_PRECISIONS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+#: NNCF (PyTorch backend) operation types an INT8 export leaves in float (see :func:`int8_ignored_scope`)
+INT8_IGNORED_TYPES = ("matmul",)
 
 
 def _ov() -> Any:
@@ -116,7 +118,8 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
         folder = Path(calib_dir).expanduser()  # type: ignore[arg-type]
         record["calibration"] = {"folder": folder.name if folder.name != "images" else folder.parent.name,
                                  "count": len(calib_images), "nncf": nncf.__version__, "quantized": "torch",
-                                 "preset": "performance", "bias_correction": "none", "ignored_types": ["matmul"]}
+                                 "preset": "performance", "bias_correction": "none",
+                                 "ignored_types": list(INT8_IGNORED_TYPES)}
         if int8_options:
             record["calibration"]["options"] = {k: repr(v) for k, v in int8_options.items()}
         model = quantize_int8(model, calib_images, (h, w), meta["normalization"], progress=progress,
@@ -199,7 +202,7 @@ def int8_ignored_scope() -> Any:
     a few MMACs). Quantized, OpenVINO 2026.4's CPU plugin refuses to compile the model (a per-channel scale check
     in its oneDNN post-ops fails)."""
     nncf = require(NAME, "nncf", "openvino")
-    return nncf.IgnoredScope(types=["matmul"], validate=False)  # validate=False: a model may have none
+    return nncf.IgnoredScope(types=list(INT8_IGNORED_TYPES), validate=False)  # validate=False: a model may have none
 
 
 def quantize_int8(model: nn.Module, calib_images: list[Path], size: tuple[int, int], normalization: dict[str, Any],
@@ -359,5 +362,5 @@ def open_backend(path: str | os.PathLike, options: BackendOptions = BackendOptio
     return OpenVINOBackend(path, options)
 
 
-__all__ = ["INFERENCE_PRECISIONS", "OpenVINOBackend", "calibration_input", "export_openvino", "int8_ignored_scope",
-           "open_backend", "quantize_int8", "read_openvino_metadata"]
+__all__ = ["INFERENCE_PRECISIONS", "INT8_IGNORED_TYPES", "OpenVINOBackend", "calibration_input", "export_openvino",
+           "int8_ignored_scope", "open_backend", "quantize_int8", "read_openvino_metadata"]
