@@ -1,12 +1,12 @@
 """Cascade label guidance loss against hand computations: weights, ignore index, upsampling, class weights, OHEM,
-the Lovasz-softmax term."""
+the Lovasz-softmax term, boundary weights."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from icnet_ros.losses import CascadeLoss, LovaszSoftmax, SegmentationCE
+from icnet_ros.losses import CascadeLoss, LovaszSoftmax, SegmentationCE, label_boundary
 from icnet_ros.models import CascadeLogits, build_icnet
 
 
@@ -203,3 +203,44 @@ def test_lovasz_label_stride_takes_the_centre_of_each_cell():
         LovaszSoftmax()(logits, sub).item(), rel=1e-6)
     with pytest.raises(ValueError, match="label_stride"):
         LovaszSoftmax(label_stride=0)
+
+
+def test_label_boundary_marks_pixels_near_another_class_and_skips_ignored_ones():
+    labels = torch.full((1, 5, 8), 2, dtype=torch.long)
+    labels[0, :, 4:] = 5          # a vertical class edge between columns 3 and 4
+    labels[0, 0, 0] = 255         # an ignored pixel far from the edge: neither boundary nor a neighbour's reason
+    edge = label_boundary(labels, radius=1)
+    expected = torch.zeros(1, 5, 8, dtype=torch.bool)
+    expected[0, :, 3:5] = True
+    assert torch.equal(edge, expected)
+    wide = label_boundary(labels, radius=2)
+    assert wide[0, :, 2:6].all() and not wide[0, :, :2].any() and not wide[0, :, 6:].any()
+    # a 1-pixel-wide pole is boundary as a whole; ignored pixels never are
+    pole = torch.zeros(1, 7, 7, dtype=torch.long)
+    pole[0, :, 3] = 4
+    pole[0, 3, 3] = 255
+    edge = label_boundary(pole, radius=1)
+    assert edge[0, :, 2:5].sum() == 20 and not edge[0, 3, 3] and not edge[0, :, :2].any()
+    with pytest.raises(ValueError, match="radius"):
+        label_boundary(labels, radius=0)
+
+
+def test_boundary_weight_counts_edge_pixels_more_on_top_of_class_weights():
+    # the 2 x 2 example: pixels (0, 0) and (0, 1) differ (classes 0 and 1), (1, 1) is class 0 next to (0, 1)
+    # -> with radius 1 every counted pixel is boundary: boundary weight changes nothing in the weighted mean
+    plain = SegmentationCE(class_weights=[2.0, 1.0, 0.5])(_logits(), _labels())
+    assert SegmentationCE(class_weights=[2.0, 1.0, 0.5], boundary_weight=3.0, boundary_radius=1)(
+        _logits(), _labels()).item() == pytest.approx(plain.item(), rel=1e-6)
+    # a wider map where only some pixels are near the edge: boundary pixels count 1 + w times
+    labels = torch.zeros(1, 1, 6, dtype=torch.long)
+    labels[0, 0, 3:] = 1
+    logits = torch.randn(1, 2, 1, 6, generator=torch.Generator().manual_seed(0))
+    per_pixel = F.cross_entropy(logits, labels, reduction="none")[0, 0]
+    w = torch.tensor([1.0, 1.0, 3.0, 3.0, 1.0, 1.0])  # radius 1, weight 2: columns 2 and 3 are boundary
+    expected = (per_pixel * w).sum() / w.sum()
+    got = SegmentationCE(boundary_weight=2.0, boundary_radius=1)(logits, labels)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    total, _ = CascadeLoss(boundary_weight=2.0, boundary_radius=1)(CascadeLogits(logits, None, None), labels)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="boundary_weight"):
+        SegmentationCE(boundary_weight=-1.0)

@@ -50,7 +50,9 @@ def test_config_files_overrides_and_errors(capsys):
                          ("noequals", "section.key=value"), ("data.license=''", "data.license must be"),
                          ("data.license=5", "data.license must be str"),
                          ("loss.lovasz_weight=-1", "loss weights must be >= 0"),
-                         ("loss.lovasz_stride=0", "lovasz_stride must be >= 1")]:
+                         ("loss.lovasz_stride=0", "lovasz_stride must be >= 1"),
+                         ("loss.boundary_weight=-0.5", "loss weights must be >= 0"),
+                         ("loss.boundary_radius=0", "boundary_radius must be >= 1")]:
         with pytest.raises(ConfigError, match=message):
             load_config("smoke", [bad])
     with pytest.raises(ConfigError, match="config not found"):

@@ -37,6 +37,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "ohem": False, "ohem_thresh": 0.7, "ohem_min_kept": 100000,
         "lovasz_weight": 0.0,  # > 0: add this much Lovasz-softmax (IoU surrogate) to the main branch's loss
         "lovasz_stride": 2,  # Lovasz on every k-th label pixel per direction (its sorts cost ~k**-2)
+        "boundary_weight": 0.0,  # > 0: pixels near another class count 1 + this in the cross entropy
+        "boundary_radius": 3,  # "near": within this many label pixels (a (2r+1)^2 square)
     },
     "optim": {
         "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
@@ -200,11 +202,14 @@ def validate_config(c: dict) -> None:
                                      or not d["license"].isprintable()):
         raise ConfigError(f"data.license must be one line of printable text, 1 to {MAX_LICENSE_CHARS} "
                           f"characters, got {d['license'][:80]!r}")
-    if min(lo["main_weight"], lo["sub24_weight"], lo["sub12_weight"], lo["lovasz_weight"]) < 0 \
+    if min(lo["main_weight"], lo["sub24_weight"], lo["sub12_weight"], lo["lovasz_weight"],
+           lo["boundary_weight"]) < 0 \
             or lo["main_weight"] <= 0:
         raise ConfigError("loss weights must be >= 0 and loss.main_weight > 0")
     if lo["lovasz_stride"] < 1:
         raise ConfigError(f"loss.lovasz_stride must be >= 1, got {lo['lovasz_stride']}")
+    if lo["boundary_radius"] < 1:
+        raise ConfigError(f"loss.boundary_radius must be >= 1, got {lo['boundary_radius']}")
     if o["iterations"] < 1 or o["batch_size"] < 1 or o["lr"] <= 0 or not 0 <= o["min_lr"] <= o["lr"]:
         raise ConfigError("need optim.iterations >= 1, optim.batch_size >= 1, optim.lr > 0, 0 <= min_lr <= lr")
     if o["warmup_iters"] < 0 or not 0 < o["warmup_ratio"] <= 1:

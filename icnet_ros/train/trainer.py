@@ -107,7 +107,8 @@ class Trainer:
         self.criterion = CascadeLoss(lo["main_weight"], lo["sub24_weight"], lo["sub12_weight"],
                                      self.class_set.ignore_index, lo["class_weights"],
                                      lo["ohem_thresh"] if lo["ohem"] else None, lo["ohem_min_kept"],
-                                     lo["lovasz_weight"], lo["lovasz_stride"]).to(self.device)
+                                     lo["lovasz_weight"], lo["lovasz_stride"], lo["boundary_weight"],
+                                     lo["boundary_radius"]).to(self.device)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"],
                                          weight_decay=o["weight_decay"], nesterov=o["nesterov"])
         self.scheduler = PolyLR(self.optimizer, o["lr"], o["iterations"], o["poly_power"], o["min_lr"],
