@@ -158,6 +158,17 @@ def test_lovasz_term_is_trained_and_logged(tmp_path):
     assert load_model(run / "last.safetensors").meta["provenance"]["config"]["loss"]["lovasz_weight"] == 0.5
 
 
+def test_boundary_weight_changes_the_cross_entropy_and_is_recorded(tmp_path):
+    # same seed, same first batch and weights: only the pixel weighting of the cross entropy differs
+    plain = _records(_smoke(tmp_path / "plain", "optim.iterations=1", "train.log_interval=1"), "train")[0]
+    run = _smoke(tmp_path / "edge", "optim.iterations=1", "train.log_interval=1", "loss.boundary_weight=10.0",
+                 "loss.boundary_radius=2")
+    edge = _records(run, "train")[0]
+    assert edge["loss_main"] != pytest.approx(plain["loss_main"], rel=1e-4)
+    loss = load_model(run / "last.safetensors").meta["provenance"]["config"]["loss"]
+    assert (loss["boundary_weight"], loss["boundary_radius"]) == (10.0, 2)
+
+
 def test_model_ema_update():
     """ema <- d * ema + (1 - d) * model for parameters and float buffers (BN statistics); integer buffers copied."""
     from icnet_ros.train.ema import ModelEMA
