@@ -1,5 +1,6 @@
 """Import MMSegmentation ICNet checkpoints (``.pth``) into the native format, and export native checkpoints for
-deployment (fp16, without the training-only auxiliary heads).
+deployment (fp16, without the training-only auxiliary heads), optionally as the uniform average of several runs'
+weights (:func:`average_into`).
 
 The file is read with ``torch.load(weights_only=True)``: no code from it runs. Depth, width, number of classes and
 auxiliary heads are inferred from tensor shapes; class names and palette come from the checkpoint's ``meta`` (mmseg
@@ -12,6 +13,7 @@ import copy
 import os
 import pickle
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -170,20 +172,70 @@ def convert_mmseg_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, 
     return model
 
 
+#: metadata that every checkpoint of an average must share (the weights mean the same thing in each)
+_AVERAGE_MUST_MATCH = ("arch", "classes", "ignore_index", "normalization")
+
+
+def average_into(model: ICNet, others: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """Replace ``model``'s weights and BatchNorm statistics by their uniform average with those of the native
+    checkpoints ``others`` (a "model soup": runs of one recipe from the same starting point, e.g. different seeds;
+    averaging unrelated runs gives a broken model). Architecture, classes and normalization must match. Integer
+    buffers (BatchNorm's batch counters) keep ``model``'s values. Returns one provenance record per other file
+    (name, SHA-256, its training provenance; the starting checkpoint's nested history is shortened to its
+    SHA-256)."""
+    if not others:
+        raise ValueError("nothing to average with: give at least one more checkpoint")
+    sums = {k: v.detach().double().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    records = []
+    for other in others:
+        path = Path(other).expanduser()
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: only native .safetensors checkpoints can be averaged")
+        m = load_model(path)
+        for key in _AVERAGE_MUST_MATCH:
+            mine, theirs = model.meta.get(key), m.meta.get(key)
+            if key == "arch":  # with or without the training-only auxiliary heads: the tensors are checked below
+                mine, theirs = ({k: v for k, v in d.items() if k != "aux_heads"} for d in (mine or {}, theirs or {}))
+            if mine != theirs:
+                raise CheckpointError(f"{path}: its {key} differs from the first checkpoint's; only checkpoints "
+                                      "of the same model (runs of one recipe) can be averaged")
+        state = m.state_dict()
+        missing = sums.keys() - state.keys()
+        if missing:  # e.g. one file without the auxiliary heads
+            raise CheckpointError(f"{path}: lacks {len(missing)} tensors of the first checkpoint (e.g. "
+                                  f"{sorted(missing)[0]}); average files with the same heads")
+        for k in sums:
+            sums[k] += state[k].double()
+        provenance = copy.deepcopy(m.meta.get("provenance") or {})
+        start = provenance.get("initialised_from")
+        if isinstance(start, dict):
+            provenance["initialised_from"] = {"sha256": start.get("sha256")}
+        records.append({"from": path.name, "sha256": file_sha256(path), "provenance": provenance})
+    n = len(others) + 1
+    current = model.state_dict()
+    model.load_state_dict({k: (sums[k] / n).to(v.dtype) if k in sums else v for k, v in current.items()})
+    return records
+
+
 def export_native_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, fp16: bool = False,
                              include_aux: bool = True, input_size: InputSize = None,
-                             network_width: NetworkWidth = None, license: str | None = None) -> ICNet:
+                             network_width: NetworkWidth = None, license: str | None = None,
+                             average: Sequence[str | os.PathLike] = ()) -> ICNet:
     """Re-save native checkpoint ``src`` (e.g. a training run's ``best.safetensors``) as ``dst`` for deployment:
     fp16 and/or without the auxiliary heads, optionally with another recommended input size (``"native"``
     removes it: a run trained at a fixed validation size records that size, which would squash frames of another
-    aspect ratio), ``network_width`` (``"none"`` removes it) or ``license`` (``""`` removes it). The metadata is
-    kept; its provenance gains ``exported`` (source file name, SHA-256 and what was changed; an earlier export
-    record moves under ``previous``). ``src`` may be ``dst``: it is read whole before anything is written."""
+    aspect ratio), ``network_width`` (``"none"`` removes it) or ``license`` (``""`` removes it). ``average``: more
+    native checkpoints whose weights are averaged with ``src``'s (:func:`average_into`). The metadata is
+    ``src``'s; its provenance gains ``exported`` (source file name, SHA-256, the averaged files and what was
+    changed; an earlier export record moves under ``previous``). ``src`` may be ``dst``: it is read whole before
+    anything is written."""
     src = Path(src).expanduser()
     model = load_model(src)
     meta = copy.deepcopy(model.meta)
     record: dict[str, Any] = {"from": src.name, "sha256": file_sha256(src), "fp16": fp16,
                               "auxiliary_heads": bool(include_aux and model.config.aux_heads)}
+    if average:
+        record["averaged_with"] = average_into(model, average)
     _apply_records(meta, record, input_size, network_width, license)
     record_export(meta, record)
     save_checkpoint(model, dst, meta, fp16=fp16, include_aux=include_aux)
@@ -193,14 +245,17 @@ def export_native_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, class_set: ClassSet | None = None,
                        fp16: bool = False, include_aux: bool = True, input_size: InputSize = None,
-                       network_width: NetworkWidth = None, license: str | None = None) -> ICNet:
+                       network_width: NetworkWidth = None, license: str | None = None,
+                       average: Sequence[str | os.PathLike] = ()) -> ICNet:
     """``icnet-convert``: an mmseg ``.pth`` is imported; a native ``.safetensors`` is exported (its classes are
-    its own, so ``class_set`` must be None)."""
+    its own, so ``class_set`` must be None), averaged with ``average`` when given."""
     if Path(src).suffix == ".safetensors":
         if class_set is not None:
             raise ValueError(f"{src} is a native checkpoint: its classes are recorded in it (--classes is for "
                              "mmseg checkpoints)")
         return export_native_checkpoint(src, dst, fp16=fp16, include_aux=include_aux, input_size=input_size,
-                                        network_width=network_width, license=license)
+                                        network_width=network_width, license=license, average=average)
+    if average:
+        raise ValueError(f"{src}: --average takes native .safetensors checkpoints (convert the mmseg files first)")
     return convert_mmseg_checkpoint(src, dst, class_set=class_set, fp16=fp16, include_aux=include_aux,
                                     input_size=input_size, network_width=network_width, license=license)

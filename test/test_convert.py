@@ -249,3 +249,51 @@ def test_infer_config_variants():
         cfg = infer_config(state)
         assert (cfg.backbone, cfg.width, cfg.ppm, cfg.aux_heads) == (
             m.config.backbone, m.config.width, m.config.ppm, m.config.aux_heads)
+
+
+def test_convert_averages_native_checkpoints_and_records_them(tmp_path, capsys):
+    from icnet_ros.checkpoint import file_sha256
+
+    from helpers import make_checkpoint
+
+    a, b, c = (make_checkpoint(tmp_path / f"{n}.safetensors", seed=s) for n, s in (("a", 0), ("b", 1), ("c", 2)))
+    dst = tmp_path / "soup.safetensors"
+    assert convert_main([str(a), str(dst), "--average", str(b), str(c), "--no-aux"]) == 0
+    assert "the average of 3 checkpoints" in capsys.readouterr().out
+    soup, models = load_model(dst), [load_model(p) for p in (a, b, c)]
+    states = [m.state_dict() for m in models]
+    for k, v in soup.state_dict().items():
+        if v.is_floating_point():  # weights and BN statistics: the mean of the three
+            assert torch.allclose(v, sum(s[k] for s in states) / 3, rtol=1e-6, atol=1e-7), k
+        else:  # BN batch counters: the first file's
+            assert torch.equal(v, states[0][k]), k
+    assert not any(k.startswith("auxiliary_head.") for k in soup.state_dict())
+    record = soup.meta["provenance"]["exported"]
+    assert record["from"] == "a.safetensors" and [r["from"] for r in record["averaged_with"]] == \
+        ["b.safetensors", "c.safetensors"]
+    assert [r["sha256"] for r in record["averaged_with"]] == [file_sha256(b), file_sha256(c)]
+    # a file without the auxiliary heads can be the first (its tensors are averaged)
+    assert convert_main([str(dst), str(tmp_path / "again.safetensors"), "--average", str(a)]) == 0
+    capsys.readouterr()
+    again, first = load_model(tmp_path / "again.safetensors").state_dict(), soup.state_dict()
+    assert all(torch.allclose(v, (first[k] + states[0][k]) / 2) for k, v in again.items() if v.is_floating_point())
+    # the averaged model runs: outputs differ from each member's
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        out = soup.eval()(x)
+        assert all(not torch.allclose(out, m.eval()(x)) for m in models)
+
+    # refused with one line, nothing written: another architecture, other classes, missing heads, an mmseg file
+    wide = make_checkpoint(tmp_path / "wide.safetensors", width=0.5)
+    few = make_checkpoint(tmp_path / "few.safetensors", num_classes=5)
+    cases = (([str(a), "--average", str(wide)], "its arch differs"),
+             ([str(a), "--average", str(few)], "differs from the first checkpoint's"),
+             ([str(a), "--average", str(dst)], "lacks"),  # dst has no auxiliary heads
+             ([str(a), "--average", str(tmp_path / "x.pth")], "only native .safetensors"),
+             ([str(tmp_path / "m.pth"), "--average", str(b)], "--average takes native"))
+    for args, message in cases:
+        out = tmp_path / "bad.safetensors"
+        assert convert_main([args[0], str(out), *args[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("icnet-convert: error:") and message in err and err.count("\n") == 1, (args, err)
+        assert not out.exists()

@@ -1,6 +1,7 @@
 """icnet-convert: MMSegmentation ICNet checkpoint (.pth) -> native icnet_ros checkpoint (.safetensors), or a native
-checkpoint -> a deployment copy (fp16, no auxiliary heads), optionally recording the input size, the network width
-that ``input_size: auto`` resizes frames to, and the license of the weights."""
+checkpoint -> a deployment copy (fp16, no auxiliary heads, optionally averaged with other runs of the same recipe),
+optionally recording the input size, the network width that ``input_size: auto`` resizes frames to, and the license
+of the weights."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record the network input width the model was trained at (input_size 'auto' resizes "
                         "each frame, keeping its aspect ratio, to it; e.g. 736 for CamVid trained at x1.5), or "
                         "'none' to remove it; default: keep the source's")
+    p.add_argument("--average", nargs="+", default=[], metavar="CKPT",
+                   help="native checkpoints to average with SRC, weights and BatchNorm statistics uniformly (runs "
+                        "of one recipe from the same starting checkpoint, e.g. other seeds); the files are "
+                        "recorded in the provenance")
     p.add_argument("--license", metavar="TEXT",
                    help="record the license of the weights (one line, e.g. 'CC BY-NC 4.0 (trained on CamVid; "
                         "non-commercial use only)'); '' removes it; default: keep the source's")
@@ -71,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         class_set = get_class_set(args.classes) if args.classes else None
         model = convert_checkpoint(args.src, args.dst, class_set=class_set, fp16=args.fp16,
                                    include_aux=not args.no_aux, input_size=_input_size(args.input_size),
-                                   network_width=_network_width(args.network_width), license=args.license)
+                                   network_width=_network_width(args.network_width), license=args.license,
+                                   average=args.average)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"icnet-convert: error: {e}", file=sys.stderr)
         return 2
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.src} -> {args.dst}: ICNet {c.backbone} width {c.width:g}, {c.num_classes} classes "
           f"({model.meta['dataset']}), {count_parameters(model, include_aux=not args.no_aux) / 1e6:.1f}M parameters"
           f"{', fp16' if args.fp16 else ''}"
+          + (f", the average of {len(args.average) + 1} checkpoints" if args.average else "")
           + (f", network width {model.meta['network_width']}" if "network_width" in model.meta else "")
           + (f"; license: {model.meta['license']}" if "license" in model.meta else ""))
     return 0
