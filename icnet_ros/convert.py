@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch

@@ -45,8 +45,9 @@ def label_boundary(target: Tensor, radius: int, ignore_index: int = IGNORE_INDEX
         x = F.max_pool2d(x, kernel_size=(1, k), stride=1, padding=(0, radius))
         return F.max_pool2d(x, kernel_size=(k, 1), stride=1, padding=(radius, 0))
 
-    highest = square_max(labels.masked_fill(~valid.unsqueeze(1), -1.0))
-    lowest = -square_max(-labels.masked_fill(~valid.unsqueeze(1), float(ignore_index) + 1.0))
+    ignored = ~valid.unsqueeze(1)  # +-inf: never the window's extreme while a labelled pixel is in it
+    highest = square_max(labels.masked_fill(ignored, float("-inf")))
+    lowest = -square_max(-labels.masked_fill(ignored, float("inf")))
     return valid & (highest != lowest).squeeze(1)
 
 

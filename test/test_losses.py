@@ -221,6 +221,9 @@ def test_label_boundary_marks_pixels_near_another_class_and_skips_ignored_ones()
     pole[0, 3, 3] = 255
     edge = label_boundary(pole, radius=1)
     assert edge[0, :, 2:5].sum() == 20 and not edge[0, 3, 3] and not edge[0, :, :2].any()
+    # another ignore index (below the class ids): its pixels still count for nothing
+    other = torch.tensor([[[3, 3, 3, 0, 0], [3, -1, 3, 0, 0]]])
+    assert label_boundary(other, radius=1, ignore_index=-1).int().tolist() == [[[0, 0, 1, 1, 0], [0, 0, 1, 1, 0]]]
     with pytest.raises(ValueError, match="radius"):
         label_boundary(labels, radius=0)
 
