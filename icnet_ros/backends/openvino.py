@@ -22,9 +22,9 @@ float32) and normalised with the checkpoint's normalisation; the conversion turn
 pyramid pooling's MatMuls left in float (:func:`int8_ignored_scope`). Measured on the default model at 544x736,
 300 CamVid train images, CamVid val mIoU (BENCHMARKS.md): a model trained on train only (val unseen) 71.09 fp32 ->
 71.31 INT8; the stage-8 model (val seen in training) 75.89 -> 75.66 (seed 0), 75.87 -> 75.87 (the shipped
-three-seed average). The earlier route, quantizing the converted
-OpenVINO model (NNCF's OpenVINO backend, full bias correction), cost 0.51 and 1.08 on the same two models at the
-same speed; with NNCF's fast bias correction the torch route gives 71.02 and 75.40. The module is traced with
+three-seed average). The earlier route, quantizing the converted OpenVINO model (NNCF's OpenVINO backend, full bias
+correction), cost 0.51 and 1.08 on the train-only and seed-0 models at the same speed; with NNCF's fast bias
+correction the torch route gives 71.02 and 75.40. The module is traced with
 the fake-quantize operations in their export form (plain ``torch.fake_quantize_per_*`` calls), so no NNCF C++
 extension is built or run.
 
