@@ -48,6 +48,11 @@ class Postprocessor:
         float32, argmax; max softmax probability only for the confidence or the confidence threshold."""
         if logits.device.type == "cpu":
             return self._labels_cpu(logits, out_size, want_confidence)
+        return self._labels_torch(logits, out_size, want_confidence)
+
+    def _labels_torch(self, logits: Tensor, out_size: tuple[int, int], want_confidence: bool
+                      ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`labels` in torch ops on any device (the CUDA path; the tests run it on CPU tensors too)."""
         # NHWC: the class axis is innermost, so upsampling and the per-pixel argmax/max/sum run on contiguous
         # memory (on the CPU this is ~2-4x faster than reducing over dim 1 of an NCHW tensor)
         x = logits.float().contiguous(memory_format=torch.channels_last)

@@ -93,6 +93,10 @@ class Preprocessor:
         """uint8 N x H x W x C (C = 1 or 3) on the device -> normalised network input (backend dtype and layout)."""
         if frames.device.type == "cpu":
             return self._prepare_cpu(frames, order, net_size)
+        return self._prepare_torch(frames, order, net_size)
+
+    def _prepare_torch(self, frames: Tensor, order: str, net_size: tuple[int, int]) -> Tensor:
+        """:meth:`__call__` in torch ops on any device (the CUDA path; the tests run it on CPU tensors too)."""
         x = frames.permute(0, 3, 1, 2)  # a view: NCHW with channels_last strides
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -101,7 +105,6 @@ class Preprocessor:
             x = F.interpolate(x, size=net_size, mode="bilinear", align_corners=False)
         x = self.normalizer(x, order, channels_last_input=False)
         return x.to(dtype=self.dtype, memory_format=self.memory_format)
-
 
     def _prepare_cpu(self, frames: Tensor, order: str, net_size: tuple[int, int]) -> Tensor:
         """:meth:`__call__` on the CPU with OpenCV, frame by frame: float32 conversion, bilinear resize (half-pixel

@@ -1,5 +1,6 @@
-"""Postprocessor on the CPU (OpenCV plane-by-plane upsampling with a running maximum) against the plain torch
-definition: bilinear upsampling of the whole logit map (align_corners=False), argmax, max softmax probability."""
+"""Postprocessor on the CPU (OpenCV plane-by-plane upsampling with a running maximum) and its torch path (what runs
+on CUDA, run here on CPU tensors) against the plain torch definition: bilinear upsampling of the whole logit map
+(align_corners=False), argmax, max softmax probability."""
 import numpy as np
 import pytest
 import torch
@@ -15,16 +16,25 @@ def _reference(logits, size):
     return up.argmax(1).numpy(), prob.max(1).values.numpy(), up.sort(1, descending=True).values.numpy()
 
 
+def _labels(post, impl):
+    """The label step of one implementation: 'opencv' (what the CPU runs) or 'torch' (the CUDA path)."""
+    return post.labels if impl == "opencv" else post._labels_torch
+
+
+IMPLS = ["opencv", "torch"]
+
+
 def _logits(n=2, c=11, h=17, w=23, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, c, h, w, generator=g) * 3
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("size", [(136, 184), (17, 23), (50, 61), (9, 12)])
-def test_labels_and_confidence_match_the_torch_definition(size):
+def test_labels_and_confidence_match_the_torch_definition(size, impl):
     logits = _logits()
-    post = Postprocessor(CAMVID, torch.device("cpu"))
-    label, conf = post.labels(logits, size, want_confidence=True)
+    labels = _labels(Postprocessor(CAMVID, torch.device("cpu")), impl)
+    label, conf = labels(logits, size, want_confidence=True)
     ref_label, ref_prob, ranked = _reference(logits, size)
     assert label.dtype == torch.uint8 and label.shape == (2, *size) and conf.shape == (2, *size)
     # where the two best classes are not within float rounding of each other the labels are identical
@@ -32,25 +42,28 @@ def test_labels_and_confidence_match_the_torch_definition(size):
     assert clear.mean() > 0.99
     np.testing.assert_array_equal(label.numpy()[clear], ref_label[clear])
     assert np.abs(conf.numpy().astype(int) - np.rint(ref_prob * 255).astype(int)).max() <= 1
-    label_only, none = post.labels(logits, size, want_confidence=False)
+    label_only, none = labels(logits, size, want_confidence=False)
     assert none is None
     np.testing.assert_array_equal(label_only.numpy(), label.numpy())
+    assert logits.equal(_logits())  # the logits are never written
 
 
-def test_ties_keep_the_lower_class_like_argmax():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ties_keep_the_lower_class_like_argmax(impl):
     logits = torch.zeros(1, 4, 3, 3)
     logits[0, 2] = 1.0
     logits[0, 3] = 1.0  # classes 2 and 3 tie everywhere
-    label, conf = Postprocessor(CAMVID, torch.device("cpu")).labels(logits, (6, 6), want_confidence=True)
+    label, conf = _labels(Postprocessor(CAMVID, torch.device("cpu")), impl)(logits, (6, 6), want_confidence=True)
     assert (label == 2).all()
     expected = round(255 * np.exp(1) / (2 + 2 * np.exp(1)))
     assert (conf == expected).all()
 
 
-def test_confidence_threshold_marks_unknown_without_the_confidence_output():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_confidence_threshold_marks_unknown_without_the_confidence_output(impl):
     logits = _logits(n=1)
     post = Postprocessor(CAMVID, torch.device("cpu"), confidence_threshold=0.6)
-    label, conf = post.labels(logits, (40, 50), want_confidence=False)
+    label, conf = _labels(post, impl)(logits, (40, 50), want_confidence=False)
     assert conf is None
     ref_label, ref_prob, _ = _reference(logits, (40, 50))
     unknown = label.numpy() == UNKNOWN
@@ -60,10 +73,11 @@ def test_confidence_threshold_marks_unknown_without_the_confidence_output():
     assert (label.numpy()[known] == ref_label[known]).mean() > 0.999
 
 
-def test_half_precision_and_non_contiguous_logits():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_half_precision_and_non_contiguous_logits(impl):
     logits = _logits(n=3)
     view = logits.half()[::2]  # two frames, a strided view
-    label, _ = Postprocessor(CAMVID, torch.device("cpu")).labels(view, (34, 46), want_confidence=False)
+    label, _ = _labels(Postprocessor(CAMVID, torch.device("cpu")), impl)(view, (34, 46), want_confidence=False)
     ref_label, _, ranked = _reference(view.float(), (34, 46))
     clear = (ranked[:, 0] - ranked[:, 1]) > 1e-3
     np.testing.assert_array_equal(label.numpy()[clear], ref_label[clear])

@@ -1,5 +1,6 @@
-"""Preprocessor on the CPU (OpenCV, frame by frame) against the torch definition: float32 bilinear resize with
-align_corners=False, then (x - mean) / std in the model's channel order, in the backend's dtype and layout."""
+"""Preprocessor on the CPU (OpenCV, frame by frame) and its torch path (what runs on CUDA, run here on CPU tensors)
+against the torch definition: float32 bilinear resize with align_corners=False, then (x - mean) / std in the
+model's channel order, in the backend's dtype and layout."""
 import numpy as np
 import pytest
 import torch
@@ -19,13 +20,19 @@ def _reference(frames, order, size):
     return Normalizer(NORM)(x, order, channels_last_input=False)
 
 
+def _prepare(pre, impl):
+    """The preprocessing of one implementation: 'opencv' (what the CPU runs) or 'torch' (the CUDA path)."""
+    return pre if impl == "opencv" else pre._prepare_torch
+
+
+@pytest.mark.parametrize("impl", ["opencv", "torch"])
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
 @pytest.mark.parametrize("order", ["RGB", "BGR"])
 @pytest.mark.parametrize("channels,size", [(3, (128, 160)), (1, (64, 96)), (3, (101, 133)), (3, (48, 61))])
-def test_matches_the_torch_definition(memory_format, order, channels, size):
+def test_matches_the_torch_definition(memory_format, order, channels, size, impl):
     frames = np.random.default_rng(3).integers(0, 256, (2, 101, 133, channels), dtype=np.uint8)
     pre = Preprocessor(NORM, torch.device("cpu"), torch.float32, memory_format)
-    x = pre(torch.from_numpy(frames), order, size)
+    x = _prepare(pre, impl)(torch.from_numpy(frames), order, size)
     assert x.shape == (2, 3, *size) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=memory_format)
     # 1e-4 on normalised values is under 0.01 grey levels
@@ -44,9 +51,10 @@ def test_channel_order_is_the_models():
         pre(torch.from_numpy(rgb), "RGBA", (8, 8))
 
 
-def test_backend_dtype():
+@pytest.mark.parametrize("impl", ["opencv", "torch"])
+def test_backend_dtype(impl):
     frames = np.random.default_rng(4).integers(0, 256, (1, 40, 50, 3), dtype=np.uint8)
     pre = Preprocessor(NORM, torch.device("cpu"), torch.bfloat16, torch.channels_last)
-    x = pre(torch.from_numpy(frames), "RGB", (32, 64))
+    x = _prepare(pre, impl)(torch.from_numpy(frames), "RGB", (32, 64))
     assert x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(x.float(), _reference(frames, "RGB", (32, 64)), atol=0.02, rtol=0.01)
