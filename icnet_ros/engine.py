@@ -245,6 +245,8 @@ class Segmenter:
         self.last_latency_s: float | None = None
         if self.device.type == "cuda" and self.input_policy == "fixed":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest algorithms
+        #: the frame sizes (H, W) the pipeline was warmed up at, in order
+        self.warmed_up: list[tuple[int, int]] = []
         if cfg.warmup is True:
             self.warmup()
         elif cfg.warmup:
@@ -353,6 +355,7 @@ class Segmenter:
         frame = np.random.default_rng(0).integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
         for _ in range(n):
             self.segment([frame], outputs=OUTPUTS)
+        self.warmed_up.append((int(size[0]), int(size[1])))
 
     def describe(self) -> str:
         """One line for logs: model, classes, backend, device, precision, input policy."""

@@ -156,13 +156,25 @@ def _warmup(value: Any) -> bool | tuple[tuple[int, int], ...]:
     if isinstance(value, bool):
         return value
     if isinstance(value, str):
+        if value.strip().lower() in ("true", "false"):  # the node parameter's text form
+            return _bool(value)
         value = [v for v in re.split(r"[;\s]+", value.strip()) if v]
     elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
         value = [value]
-    sizes = tuple(parse_input_size(v) for v in value)
-    if not sizes or not all(isinstance(v, tuple) for v in sizes):
-        raise ValueError("must be true, false or frame sizes HxW[;HxW...]")
-    return sizes
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    sizes = []
+    for v in items:
+        try:
+            size = parse_input_size(v)
+        except ValueError:
+            size = None
+        if not isinstance(size, tuple):  # a word, a scale factor, a bad size: not a frame size
+            sizes = []
+            break
+        sizes.append(size)
+    if not sizes:
+        raise ValueError(f"must be true, false or frame sizes HxW[;HxW...] with each side >= {MIN_INPUT_SIZE}")
+    return tuple(sizes)
 
 
 def _threshold(value: Any) -> float:
@@ -221,9 +233,11 @@ class SegmenterConfig:
                              "input shape (at warm-up for the configured sizes).", "true | false", _bool)
     engine_cache: str = _opt("", "TensorRT (native or ONNX Runtime's TensorRT provider): folder of the built "
                              "engines ('' = next to the model file).", "a folder or empty", str)
-    warmup: Any = _opt(True, "Run the pipeline at start-up (true), not (false), or at each of these frame sizes "
-                       "(the cameras' sizes: CUDA graphs and kernel choices are then made before the first frame).",
-                       "true | false | HxW[;HxW...]", _warmup, node=False, cli=False)
+    warmup: Any = _opt(True, "Run the pipeline once at start-up on a synthetic frame (true), not at all (false), "
+                       "or once at each of these frame sizes, e.g. '720x1280;480x640' (the cameras' sizes: the CUDA "
+                       "graphs and torch.compile graphs for one frame of each are then made before the first frame "
+                       "instead of on it).", "true | false | HxW[;HxW...]", _warmup, cli=False,
+                       text_type=str)
 
     # ---------------------------------------------------------------------------------------------- building
     def checked(self) -> SegmenterConfig:
@@ -259,7 +273,7 @@ class Option:
     def text_default(self) -> Any:
         """The default as a node parameter / YAML value (strings for sizes, lists for tuples)."""
         if self.text_type is str:
-            return format_input_size(self.default)
+            return str(self.default).lower() if isinstance(self.default, bool) else format_input_size(self.default)
         return list(self.default) if isinstance(self.default, tuple) else self.default
 
 

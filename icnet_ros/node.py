@@ -450,7 +450,7 @@ class SegmentationNode(LifecycleNode):
 
             with warnings.catch_warnings():  # fallbacks (auto -> CPU, ...) are logged below, not printed twice
                 warnings.simplefilter("ignore", RuntimeWarning)
-                seg = Segmenter(str(path), engine, outputs=tuple(self.config.outputs), warmup=True)
+                seg = Segmenter(str(path), engine, outputs=tuple(self.config.outputs))
             for note in getattr(seg, "notes", ()):
                 self.get_logger().warning(note)
             return seg
@@ -475,9 +475,11 @@ class SegmentationNode(LifecycleNode):
     def _describe_model(self) -> str:
         seg = self.segmenter
         license_ = seg.meta.get("license") if isinstance(getattr(seg, "meta", None), dict) else None
+        warmed = ", ".join(f"{h}x{w}" for h, w in getattr(seg, "warmed_up", ()))
         return (f"model {self.model_path} on {seg.device} ({seg.precision}, {self.cpu_threads} CPU "
                 f"thread{'s' if self.cpu_threads != 1 else ''}), backend {seg.backend.name} "
-                f"({seg.backend.provider}): {seg.backend.describe()}, {seg.class_set.num_classes} classes"
+                f"({seg.backend.provider}): {seg.backend.describe()}, {seg.class_set.num_classes} classes, "
+                + (f"warmed up at {warmed}" if warmed else "no warm-up")
                 + (f", license {license_}" if license_ else ""))
 
     def _declare_class_parameters(self) -> None:

@@ -113,10 +113,19 @@ def test_warmup_at_the_cameras_sizes(tmp_path):
 
     assert engine_config.check("warmup", "360x480;720x1280") == ((360, 480), (720, 1280))
     assert engine_config.check("warmup", (96, 128)) == ((96, 128),)
+    # the node parameter's text forms (a string parameter: "true" is its default)
+    assert engine_config.check("warmup", "true") is True and engine_config.check("warmup", " False ") is False
+    assert node_params.SPECS["warmup"].default == "true"
+    assert node_params.parse({"warmup": "96x128;128x160"}).engine.warmup == ((96, 128), (128, 160))
     with pytest.raises(ConfigError, match="warmup"):
         engine_config.check("warmup", "big")
-    seg = Segmenter(make_checkpoint(tmp_path / "m.safetensors"), device="cpu", warmup="96x128;128x160")
-    assert seg.last_latency_s is not None  # it ran
+    with pytest.raises(node_params.ParameterError, match="'warmup' = '64x': must be true, false or frame sizes"):
+        node_params.parse({"warmup": "64x"})
+    ckpt = make_checkpoint(tmp_path / "m.safetensors")
+    seg = Segmenter(ckpt, device="cpu", warmup="96x128;128x160")
+    assert seg.last_latency_s is not None and seg.warmed_up == [(96, 128), (128, 160)]  # it ran, at those sizes
+    assert Segmenter(ckpt, device="cpu", warmup="false").warmed_up == []
+    assert Segmenter(ckpt, device="cpu", input_size="64x96").warmed_up == [(64, 96)]  # true: the fixed size
 
 
 def test_input_size_flag_before_positional_arguments():

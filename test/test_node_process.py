@@ -308,3 +308,34 @@ def test_lifecycle_in_process_frees_the_model_and_refuses_other_classes(checkpoi
     finally:
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
+
+
+def test_warmup_at_the_cameras_sizes_and_its_hot_swap(checkpoint: Path):
+    """``warmup``: the node warms its Segmenter at the cameras' frame sizes (CUDA graphs and compiled graphs are made
+    there, before the first frame), says so in its ready line, and a new value is a hot swap; a bad one is refused
+    with the reason and the running Segmenter keeps serving."""
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from icnet_ros.node import SegmentationNode
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+        Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
+        Parameter("image_topics", value=["/wu/image_raw"]), Parameter("warmup", value="96x128;120x160")])
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        seg = node.segmenter
+        assert seg.warmed_up == [(96, 128), (120, 160)]
+        assert "warmed up at 96x128, 120x160" in node._describe_model()
+        result = node.set_parameters([Parameter("warmup", value="64x")])[0]
+        assert not result.successful and "must be true, false or frame sizes" in result.reason, result
+        assert node.segmenter is seg
+        assert node.set_parameters([Parameter("warmup", value="false")])[0].successful
+        assert node.segmenter is not seg and node.segmenter.warmed_up == []  # a new Segmenter, not warmed up
+        assert "no warm-up" in node._describe_model()
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)

@@ -8,8 +8,8 @@ CUDA graphs: one graph per input shape (at most :data:`MAX_CUDA_GRAPHS`, least r
 the model's device and on a side stream as capture requires, all in one memory pool. A graph replays raw device
 pointers, so every tensor it reads must outlive it: the runner keeps references to the resize matrices the
 factorized pyramid pooling cached while it was captured (the pooling's own cache may evict them later; the graph
-still reads them). Sizes known in advance are captured at warm-up (:meth:`TorchBackend.prepare_shapes`), not on
-the hot path.
+still reads them). Sizes known in advance are captured at warm-up (the Segmenter's ``warmup`` option with the
+cameras' frame sizes), not on the hot path.
 """
 from __future__ import annotations
 
@@ -94,13 +94,6 @@ class TorchBackend:
         while len(self._graphs) > MAX_CUDA_GRAPHS:
             self._graphs.popitem(last=False)
         return runner
-
-    def prepare_shapes(self, shapes: list[tuple[int, int, int, int]]) -> None:
-        """Capture CUDA graphs (or compile) for these input shapes now, off the hot path."""
-        for shape in shapes[:MAX_CUDA_GRAPHS]:
-            x = torch.zeros(shape, device=self.device, dtype=self.input_dtype).contiguous(
-                memory_format=self.memory_format)
-            self(x)
 
     @property
     def graphs(self) -> int:
