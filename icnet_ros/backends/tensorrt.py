@@ -223,6 +223,8 @@ class TensorRTBackend:
             raise ValueError(f"backend 'tensorrt' runs fp32 or fp16 engines, not precision {options.precision!r}")
         with torch.cuda.device(self.device):
             runtime = trt.Runtime(_logger(trt))
+            if hasattr(runtime, "engine_host_code_allowed"):  # loading a model never runs code: no embedded
+                runtime.engine_host_code_allowed = False      # plugin libraries (TensorRT's default, made explicit)
             if self.path.suffix.lower() == ".onnx":
                 engine = self._cached_engine(trt, runtime, options)
             else:  # a prebuilt engine: runs as built
