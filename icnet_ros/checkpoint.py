@@ -25,6 +25,7 @@ Optional keys (absent in older files and in mmseg imports):
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -258,6 +259,38 @@ def default_model_path() -> Path:
                           + ", ".join(str(c) for c in candidates) + "); pass a model path")
 
 
+def inference_copy(model_or_path: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """A private, eval-mode, float32 copy of a model for inference (without gradients or auxiliary heads) and its
+    validated metadata. ``model_or_path``: a native checkpoint path, an ICNet module (copied, never modified; its
+    ``.meta``, or metadata built from its ``.config``) or None (the package's default model). What the Segmenter
+    and the exporters start from."""
+    if model_or_path is None:
+        model_or_path = default_model_path()  # raises CheckpointError until the default model is installed
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model = load_model(model_or_path, device="cpu")
+        meta = dict(model.meta)
+    elif isinstance(model_or_path, nn.Module):
+        src = model_or_path
+        meta = dict(getattr(src, "meta", None) or {})
+        if not meta:
+            config = getattr(src, "config", None)
+            if config is None:
+                raise CheckpointError(f"{type(src).__name__} is not an ICNet: it has neither .meta nor .config")
+            meta = build_meta(config)
+        model = copy.deepcopy(src).float()
+        model.meta = meta
+    else:
+        raise CheckpointError(f"model_or_path must be None, a checkpoint path or an ICNet module, got "
+                              f"{type(model_or_path).__name__}")
+    validate_meta(meta)
+    model.eval()
+    if getattr(model, "auxiliary_head", None) is not None:
+        model.auxiliary_head = None  # training-only; frees memory in our private copy
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, meta
+
+
 def record_export(meta: dict[str, Any], record: dict[str, Any]) -> None:
     """Record an export (conversion, ONNX/OpenVINO export) in ``meta["provenance"]["exported"]``; an earlier
     record moves under the new one's ``previous``, so an export of an export keeps the whole chain."""
@@ -286,5 +319,5 @@ def _existing(path: str | os.PathLike) -> Path:
 
 
 __all__ = ["CheckpointError", "MAX_NETWORK_WIDTH", "MMSEG_NORMALIZATION", "build_meta", "default_model_path",
-           "file_sha256", "load_model", "load_state_dict_into", "network_width_for", "read_metadata",
+           "file_sha256", "inference_copy", "load_model", "load_state_dict_into", "network_width_for", "read_metadata",
            "save_checkpoint", "validate_meta", "IGNORE_INDEX"]

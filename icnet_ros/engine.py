@@ -19,7 +19,6 @@ each network input size is one forward pass (split at the backend's batch limit)
 """
 from __future__ import annotations
 
-import copy
 import importlib
 import math
 import os
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from .backends.base import BACKENDS as BACKEND_MODULES
 from .backends.base import Backend, BackendOptions
 from .backends.torch_backend import TorchBackend, torch_backend_from
-from .checkpoint import CheckpointError, build_meta, default_model_path, load_model, validate_meta
+from .checkpoint import CheckpointError, inference_copy
 from .classes import ClassSet, class_set_from_meta
 from .engine_config import LIVE_OPTIONS, OUTPUTS, ConfigError, SegmenterConfig, format_input_size, parse_outputs
 from .models.icnet import MIN_INPUT_SIZE
@@ -103,35 +102,6 @@ def resolve_device(device: str | torch.device, notes: list[str] | None = None) -
             raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return torch.device("cuda", index)
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-
-
-def _model_and_meta(model_or_path: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Load or copy the model (always a private, eval-mode, float32 copy) and its validated metadata."""
-    if model_or_path is None:
-        model_or_path = default_model_path()  # raises CheckpointError until the default model is installed
-    if isinstance(model_or_path, (str, os.PathLike)):
-        model = load_model(model_or_path, device="cpu")
-        meta = dict(model.meta)
-    elif isinstance(model_or_path, nn.Module):
-        src = model_or_path
-        meta = dict(getattr(src, "meta", None) or {})
-        if not meta:
-            config = getattr(src, "config", None)
-            if config is None:
-                raise CheckpointError(f"{type(src).__name__} is not an ICNet: it has neither .meta nor .config")
-            meta = build_meta(config)
-        model = copy.deepcopy(src).float()
-        model.meta = meta
-    else:
-        raise CheckpointError(f"model_or_path must be None, a checkpoint path or an ICNet module, got "
-                              f"{type(model_or_path).__name__}")
-    validate_meta(meta)
-    model.eval()
-    if getattr(model, "auxiliary_head", None) is not None:
-        model.auxiliary_head = None  # training-only; frees memory in our private copy
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, meta
 
 
 class _FrameGroup:
@@ -220,7 +190,7 @@ class Segmenter:
 
         kind = backend_for(model_or_path, cfg.backend)
         if kind == "torch":
-            model, self.meta = _model_and_meta(model_or_path)
+            model, self.meta = inference_copy(model_or_path)
             self.backend: Backend = torch_backend_from(model, self.device, self.dtype, cfg, self.notes)
         else:
             if model_or_path is None or isinstance(model_or_path, nn.Module):

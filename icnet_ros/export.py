@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from .backends.base import require
-from .checkpoint import META_KEY, CheckpointError, default_model_path, file_sha256, record_export, validate_meta
+from .checkpoint import (META_KEY, CheckpointError, default_model_path, file_sha256, inference_copy, record_export,
+                         validate_meta)
 from .models.icnet import MIN_INPUT_SIZE
 from .optimize import FactorizedPyramidPooling, factorize_pyramid_pooling, fold_batchnorm
 from .sizes import SIZE_DIVISOR, aligned_size
@@ -85,9 +86,7 @@ def inference_model(model_or_path: Any, size: tuple[int, int], fp16: bool = Fals
                     ) -> tuple[nn.Module, dict[str, Any]]:
     """The module to export and its metadata: a private eval copy (no auxiliary heads) with BatchNorm folded and
     the pyramid pooling factorized, its resize matrices for ``size`` computed here (constants in the graph)."""
-    from .engine import _model_and_meta  # the Segmenter's private-copy logic (late import: engine is large)
-
-    model, meta = _model_and_meta(model_or_path)
+    model, meta = inference_copy(model_or_path)
     probe = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     fold_batchnorm(model, probe)  # exact up to rounding; verified (restores and raises otherwise)
     factorize_pyramid_pooling(model, probe)

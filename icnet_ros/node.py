@@ -64,7 +64,7 @@ from .frame_pipeline import FramePipeline, PipelineOptions, release_device_memor
 from .node_params import NODE_NAME, NodeConfig, ParameterError
 from .ros_image import numpy_to_image
 
-__all__ = ["SegmentationNode", "StartupError", "auto_cpu_threads", "main"]
+__all__ = ["SegmentationNode", "StartupError", "auto_cpu_threads"]
 
 STALE_INPUT_S = 5.0  # a camera silent this long is reported as WARN in /diagnostics
 NO_FRAMES_WARN_S = 5.0  # a camera with a publisher but no frame this long gets a warning with the likely cause
@@ -694,16 +694,3 @@ class SegmentationNode(LifecycleNode):
         if getattr(self, "segmenter", None) is not None:
             self.segmenter.close()
         super().destroy_node()
-
-
-def main(args: list[str] | None = None) -> int:
-    """``ros2 run icnet_ros icnet_node [--ros-args ...]`` (see :mod:`icnet_ros.node_process`)."""
-    from .node_process import main as run
-
-    return run(args)
-
-
-if __name__ == "__main__":  # prefer `python -m icnet_ros.node_process` (signals are handled from its first line)
-    import sys
-
-    sys.exit(main())

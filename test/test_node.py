@@ -51,7 +51,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def node_proc(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    proc = Process("icnet_ros.node", ["--ros-args", "--params-file", str(PARAMS_FILE), "-p", f"model:={checkpoint}",
+    proc = Process("icnet_ros.node_process", ["--ros-args", "--params-file", str(PARAMS_FILE), "-p", f"model:={checkpoint}",
                                       "-p", "device:=cpu", "-p", f"image_topics:=[{CAM_A},{CAM_B}]",
                                       "-p", "max_age:=5.0"],
                    tmp_path_factory.mktemp("icnet_node_log"), name="icnet_node")
@@ -418,7 +418,7 @@ def test_sigint_shuts_down_cleanly(harness: RosHarness, node_proc: Process):
     ("input_size:=big", "'input_size' = 'big'"),
 ])
 def test_bad_parameter_exits_nonzero(override: str, message: str):
-    res = ros_support.run_module("icnet_ros.node", ["--ros-args", "-p", override, "-p", "model:=/unused"], 60)
+    res = ros_support.run_module("icnet_ros.node_process", ["--ros-args", "-p", override, "-p", "model:=/unused"], 60)
     assert res.returncode == 2, res.stdout + res.stderr
     assert message in res.stderr and res.stderr.startswith("icnet_node: error: "), res.stderr
     assert "Traceback" not in res.stderr
@@ -431,7 +431,7 @@ def test_missing_or_invalid_model_exits_nonzero(tmp_path: Path, content: bytes |
     path = tmp_path / "model.safetensors"
     if content is not None:
         path.write_bytes(content)
-    res = ros_support.run_module("icnet_ros.node", ["--ros-args", "-p", f"model:={path}", "-p", "device:=cpu"], 90)
+    res = ros_support.run_module("icnet_ros.node_process", ["--ros-args", "-p", f"model:={path}", "-p", "device:=cpu"], 90)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "icnet_node: error: cannot load model" in res.stderr and message in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
@@ -440,7 +440,7 @@ def test_missing_or_invalid_model_exits_nonzero(tmp_path: Path, content: bytes |
 @pytest.mark.slow
 def test_model_resolution_outputs_remapped_names(ros: RosHarness, checkpoint: Path, tmp_path: Path):
     """A second node: outputs at the network's resolution (camera_info scaled to match) and a remapped output."""
-    proc = Process("icnet_ros.node", ["--ros-args", "-p", f"model:={checkpoint}", "-p", "device:=cpu",
+    proc = Process("icnet_ros.node_process", ["--ros-args", "-p", f"model:={checkpoint}", "-p", "device:=cpu",
                                       "-p", "image_topics:=[/cam_c/image_raw]", "-p", "input_size:=96x128",
                                       "-p", "output_size:=model", "-p", "max_age:=5.0",
                                       "-r", "/cam_c/semantic/label:=/remapped/label"], tmp_path, name="node_c")

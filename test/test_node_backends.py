@@ -38,7 +38,7 @@ def test_node_serves_an_exported_model(ros: RosHarness, tmp_path: Path, kind: st
     checkpoint = make_checkpoint(tmp_path / "tiny.safetensors")
     model = _export(kind, checkpoint, tmp_path)
     topic = f"/exp_{kind}/image_raw"
-    proc = Process("icnet_ros.node", ["--ros-args", "-p", f"model:={model}", "-p", "device:=cpu",
+    proc = Process("icnet_ros.node_process", ["--ros-args", "-p", f"model:={model}", "-p", "device:=cpu",
                                       "-p", f"image_topics:=[{topic}]", "-p", "max_age:=5.0"],
                    tmp_path, name=f"node_{kind}")
     pub = ros.publisher(Image, topic)

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.ros, pytest.mark.slow]
 FAULTY_NODE = '''
 import sys
 import torch
-from icnet_ros import engine, node
+from icnet_ros import engine, node_process
 
 real = engine.Segmenter.forward
 
@@ -39,7 +39,7 @@ def forward(self, x):
     return real(self, x)
 
 engine.Segmenter.forward = forward
-sys.exit(node.main())
+sys.exit(node_process.main())
 '''
 
 

@@ -2,7 +2,7 @@
 
     icnet-node-soak --seconds 600 --rate 10 --json soak.json
 
-One node process (the installed ``python -m icnet_ros.node``) serves two cameras, ``/soak_a/image_raw`` (rgb8
+One node process (``python -m icnet_ros.node_process``, what ``ros2 run icnet_ros icnet_node`` runs) serves two cameras, ``/soak_a/image_raw`` (rgb8
 ``sensor_msgs/Image``) and ``/soak_b/image_raw/compressed`` (JPEG), each published at ``--rate`` Hz by this process
 over reliable QoS. Every ``--cycle`` seconds the output subscriptions are created anew: all four outputs of both
 cameras, then only ``label``, then none (so the node's lazy outputs and DDS matching are exercised over and over).
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.node", *node_args], stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.node_process", *node_args], stdout=log,
                                 stderr=subprocess.STDOUT, env=env)
     rclpy.init()
     helper = rclpy.create_node("icnet_node_soak")
