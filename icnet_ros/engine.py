@@ -215,8 +215,8 @@ class Segmenter:
         self.last_latency_s: float | None = None
         if self.device.type == "cuda" and self.input_policy == "fixed":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest algorithms
-        #: the frame sizes (H, W) the pipeline was warmed up at, in order
-        self.warmed_up: list[tuple[int, int]] = []
+        #: the warm-up runs, in order: (frame height, frame width, batch size)
+        self.warmed_up: list[tuple[int, int, int]] = []
         if cfg.warmup is True:
             self.warmup()
         elif cfg.warmup:
@@ -309,8 +309,9 @@ class Segmenter:
             return max(1, int(round(height * w / width))), w
         return height, width
 
-    def warmup(self, size: tuple[int, int] | None = None, iterations: int | None = None) -> None:
-        """Run the full pipeline on a synthetic frame (allocations, kernel selection, CUDA graph capture)."""
+    def warmup(self, size: tuple[int, int] | None = None, iterations: int | None = None, batch: int = 1) -> None:
+        """Run the full pipeline on ``batch`` synthetic frames of ``size`` (allocations, kernel selection, CUDA graph
+        capture and torch.compile for that input shape)."""
         if size is None:
             if self.input_policy == "fixed":
                 size = self._input_param  # type: ignore[assignment]
@@ -324,8 +325,8 @@ class Segmenter:
         n = iterations if iterations is not None else (2 if self.device.type == "cuda" else 1)
         frame = np.random.default_rng(0).integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
         for _ in range(n):
-            self.segment([frame], outputs=OUTPUTS)
-        self.warmed_up.append((int(size[0]), int(size[1])))
+            self.segment([frame] * batch, outputs=OUTPUTS)
+        self.warmed_up.append((int(size[0]), int(size[1]), int(batch)))
 
     def describe(self) -> str:
         """One line for logs: model, classes, backend, device, precision, input policy."""

@@ -451,6 +451,14 @@ class SegmentationNode(LifecycleNode):
             with warnings.catch_warnings():  # fallbacks (auto -> CPU, ...) are logged below, not printed twice
                 warnings.simplefilter("ignore", RuntimeWarning)
                 seg = Segmenter(str(path), engine, outputs=tuple(self.config.outputs))
+            if isinstance(engine.warmup, tuple):  # the cameras' sizes: also the batches that cameras can form
+                try:
+                    for batch in range(2, min(self.config.max_batch, len(self.config.image_topics)) + 1):
+                        for size in engine.warmup:
+                            seg.warmup(size, batch=batch)
+                except BaseException:
+                    seg.close()
+                    raise
             for note in getattr(seg, "notes", ()):
                 self.get_logger().warning(note)
             return seg
@@ -475,7 +483,10 @@ class SegmentationNode(LifecycleNode):
     def _describe_model(self) -> str:
         seg = self.segmenter
         license_ = seg.meta.get("license") if isinstance(getattr(seg, "meta", None), dict) else None
-        warmed = ", ".join(f"{h}x{w}" for h, w in getattr(seg, "warmed_up", ()))
+        runs = getattr(seg, "warmed_up", ())
+        warmed = ", ".join(dict.fromkeys(f"{h}x{w}" for h, w, _ in runs))
+        if runs and max(b for *_, b in runs) > 1:
+            warmed += f" (batches 1-{max(b for *_, b in runs)})"
         return (f"model {self.model_path} on {seg.device} ({seg.precision}, {self.cpu_threads} CPU "
                 f"thread{'s' if self.cpu_threads != 1 else ''}), backend {seg.backend.name} "
                 f"({seg.backend.provider}): {seg.backend.describe()}, {seg.class_set.num_classes} classes, "

@@ -123,9 +123,11 @@ def test_warmup_at_the_cameras_sizes(tmp_path):
         node_params.parse({"warmup": "64x"})
     ckpt = make_checkpoint(tmp_path / "m.safetensors")
     seg = Segmenter(ckpt, device="cpu", warmup="96x128;128x160")
-    assert seg.last_latency_s is not None and seg.warmed_up == [(96, 128), (128, 160)]  # it ran, at those sizes
+    assert seg.last_latency_s is not None and seg.warmed_up == [(96, 128, 1), (128, 160, 1)]  # it ran there
     assert Segmenter(ckpt, device="cpu", warmup="false").warmed_up == []
-    assert Segmenter(ckpt, device="cpu", input_size="64x96").warmed_up == [(64, 96)]  # true: the fixed size
+    assert Segmenter(ckpt, device="cpu", input_size="64x96").warmed_up == [(64, 96, 1)]  # true: the fixed size
+    seg.warmup((64, 80), batch=3)
+    assert seg.warmed_up[-1] == (64, 80, 3) and seg.last_latency_s is not None
 
 
 def test_input_size_flag_before_positional_arguments():

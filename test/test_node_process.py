@@ -311,9 +311,9 @@ def test_lifecycle_in_process_frees_the_model_and_refuses_other_classes(checkpoi
 
 
 def test_warmup_at_the_cameras_sizes_and_its_hot_swap(checkpoint: Path):
-    """``warmup``: the node warms its Segmenter at the cameras' frame sizes (CUDA graphs and compiled graphs are made
-    there, before the first frame), says so in its ready line, and a new value is a hot swap; a bad one is refused
-    with the reason and the running Segmenter keeps serving."""
+    """``warmup``: the node warms its Segmenter at the cameras' frame sizes and at every batch its cameras can form
+    (CUDA graphs and compiled graphs are made there, before the first frame), says so in its ready line, and a new
+    value is a hot swap; a bad one is refused with the reason and the running Segmenter keeps serving."""
     import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
@@ -324,12 +324,14 @@ def test_warmup_at_the_cameras_sizes_and_its_hot_swap(checkpoint: Path):
     rclpy.init(context=ctx)
     node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
         Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
-        Parameter("image_topics", value=["/wu/image_raw"]), Parameter("warmup", value="96x128;120x160")])
+        Parameter("image_topics", value=["/wu/image_raw", "/wu2/image_raw", "/wu3/image_raw"]),
+        Parameter("max_batch", value=2), Parameter("warmup", value="96x128;120x160")])
     try:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         seg = node.segmenter
-        assert seg.warmed_up == [(96, 128), (120, 160)]
-        assert "warmed up at 96x128, 120x160" in node._describe_model()
+        # three cameras, batches of at most 2: each size at batch 1 (the Segmenter), then at batch 2 (the node)
+        assert seg.warmed_up == [(96, 128, 1), (120, 160, 1), (96, 128, 2), (120, 160, 2)]
+        assert "warmed up at 96x128, 120x160 (batches 1-2)" in node._describe_model()
         result = node.set_parameters([Parameter("warmup", value="64x")])[0]
         assert not result.successful and "must be true, false or frame sizes" in result.reason, result
         assert node.segmenter is seg
