@@ -319,5 +319,5 @@ def _existing(path: str | os.PathLike) -> Path:
 
 
 __all__ = ["CheckpointError", "MAX_NETWORK_WIDTH", "MMSEG_NORMALIZATION", "build_meta", "default_model_path",
-           "file_sha256", "inference_copy", "load_model", "load_state_dict_into", "network_width_for", "read_metadata",
-           "save_checkpoint", "validate_meta", "IGNORE_INDEX"]
+           "file_sha256", "inference_copy", "load_model", "load_state_dict_into", "network_width_for",
+           "read_metadata", "save_checkpoint", "validate_meta", "IGNORE_INDEX"]

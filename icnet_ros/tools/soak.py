@@ -2,8 +2,8 @@
 
     icnet-node-soak --seconds 600 --rate 10 --json soak.json
 
-One node process (``python -m icnet_ros.node_process``, what ``ros2 run icnet_ros icnet_node`` runs) serves two cameras, ``/soak_a/image_raw`` (rgb8
-``sensor_msgs/Image``) and ``/soak_b/image_raw/compressed`` (JPEG), each published at ``--rate`` Hz by this process
+One node process (``python -m icnet_ros.node_process``, what ``ros2 run icnet_ros icnet_node`` runs) serves two
+cameras, ``/soak_a/image_raw`` (rgb8 ``sensor_msgs/Image``) and ``/soak_b/image_raw/compressed`` (JPEG), each published at ``--rate`` Hz by this process
 over reliable QoS. Every ``--cycle`` seconds the output subscriptions are created anew: all four outputs of both
 cameras, then only ``label``, then none (so the node's lazy outputs and DDS matching are exercised over and over).
 The node's resident memory (VmRSS from /proc) is sampled every ``--sample`` seconds.
