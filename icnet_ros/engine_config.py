@@ -233,10 +233,10 @@ class SegmenterConfig:
                              "input shape (at warm-up for the configured sizes).", "true | false", _bool)
     engine_cache: str = _opt("", "TensorRT (native or ONNX Runtime's TensorRT provider): folder of the built "
                              "engines ('' = next to the model file).", "a folder or empty", str)
-    warmup: Any = _opt(True, "Run the pipeline once at start-up on a synthetic frame (true), not at all (false), "
-                       "or once at each of these frame sizes, e.g. '720x1280;480x640' (the cameras' sizes: the CUDA "
-                       "graphs and torch.compile graphs for one frame of each are then made before the first frame "
-                       "instead of on it).", "true | false | HxW[;HxW...]", _warmup, cli=False,
+    warmup: Any = _opt(True, "Run the pipeline at start-up on a synthetic frame (true), not at all (false), or "
+                       "at each of these frame sizes, e.g. '720x1280;480x640' (the cameras' sizes: the CUDA graphs "
+                       "and torch.compile graphs for one frame of each are then made before the first frame instead "
+                       "of on it).", "true | false | HxW[;HxW...]", _warmup, cli=False,
                        text_type=str)
 
     # ---------------------------------------------------------------------------------------------- building
