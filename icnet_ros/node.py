@@ -434,6 +434,9 @@ class SegmentationNode(LifecycleNode):
         from .backends.base import MissingRuntimeError
         from .checkpoint import CheckpointError
 
+        problem = node_params.warmup_problem(engine, self.config.max_pixels)
+        if problem:  # checked at start-up too (node_params.parse); here for a run-time change
+            raise StartupError(problem)
         try:
             path = self._model_path(model)
             import torch

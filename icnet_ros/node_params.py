@@ -275,12 +275,24 @@ def parse(values: dict[str, Any]) -> NodeConfig:
     for name, value in values.items():
         v[name] = check_value(name, value)
     engine = SegmenterConfig().replace(**{p.name: v[p.name] for p in ENGINE_PARAMS})
+    problem = warmup_problem(engine, v["max_pixels"])
+    if problem:
+        raise ParameterError(f"parameter 'warmup' = {v['warmup']!r}: {problem}")
     return NodeConfig(
         image_topics=tuple(v["image_topics"]), model=v["model"], engine=engine, outputs=tuple(v["outputs"]),
         output_namespace=v["output_namespace"], publish_camera_info=v["publish_camera_info"],
         max_age=v["max_age"], max_age_from=v["max_age_from"], max_pixels=v["max_pixels"], max_batch=v["max_batch"],
         batch_timeout=v["batch_timeout"], classes_topic=v["classes_topic"],
         diagnostics_period=v["diagnostics_period"], num_threads=v["num_threads"], autostart=v["autostart"])
+
+
+def warmup_problem(engine: SegmenterConfig, max_pixels: int) -> str | None:
+    """Why the engine's warm-up sizes do not suit a node with this ``max_pixels`` (None when they do): a warm-up
+    frame is bounded like the frames themselves."""
+    for h, w in engine.warmup if isinstance(engine.warmup, tuple) else ():
+        if h * w > max_pixels:
+            return f"warmup size {h}x{w} is larger than max_pixels ({max_pixels}): the node drops frames that large"
+    return None
 
 
 def class_metadata(class_set: Any, model: str = "") -> dict[str, Any]:

@@ -42,6 +42,9 @@ def run_node(args: list[str], timeout: float = 60) -> subprocess.CompletedProces
     (["--ros-args", "--params-file"], "--params-file needs a file name"),
     (["--ros-args", "--params-fil", "config/icnet.yaml"], "unknown ROS argument(s) ['--params-fil',"),
     (["--ros-args", "-p", "max_batch:=0"], "parameter 'max_batch' = 0: must be in [1, 64]"),
+    (["--ros-args", "-p", "warmup:=64x"], "parameter 'warmup' = '64x': must be true, false or frame sizes"),
+    (["--ros-args", "-p", "warmup:=96x128;5000x5000", "-p", "device:=cpu"],
+     "parameter 'warmup' = '96x128;5000x5000': warmup size 5000x5000 is larger than max_pixels (8294400)"),
 ])
 def test_bad_arguments_give_one_line(args: list[str], message: str):
     proc = run_node(args)
@@ -334,6 +337,8 @@ def test_warmup_at_the_cameras_sizes_and_its_hot_swap(checkpoint: Path):
         assert "warmed up at 96x128, 120x160 (batches 1-2)" in node._describe_model()
         result = node.set_parameters([Parameter("warmup", value="64x")])[0]
         assert not result.successful and "must be true, false or frame sizes" in result.reason, result
+        result = node.set_parameters([Parameter("warmup", value="96x128;40000x40000")])[0]  # bounded as frames are
+        assert not result.successful and "warmup size 40000x40000 is larger than max_pixels" in result.reason, result
         assert node.segmenter is seg
         assert node.set_parameters([Parameter("warmup", value="false")])[0].successful
         assert node.segmenter is not seg and node.segmenter.warmed_up == []  # a new Segmenter, not warmed up
