@@ -487,9 +487,8 @@ class SegmentationNode(LifecycleNode):
         seg = self.segmenter
         license_ = seg.meta.get("license") if isinstance(getattr(seg, "meta", None), dict) else None
         runs = getattr(seg, "warmed_up", ())
-        warmed = ", ".join(dict.fromkeys(f"{h}x{w}" for h, w, _ in runs))
-        if runs and max(b for *_, b in runs) > 1:
-            warmed += f" (batches 1-{max(b for *_, b in runs)})"
+        most = max((batch for *_, batch in runs), default=1)
+        warmed = ", ".join(dict.fromkeys(f"{h}x{w}" for h, w, _ in runs)) + (f" (batches 1-{most})" if most > 1 else "")
         return (f"model {self.model_path} on {seg.device} ({seg.precision}, {self.cpu_threads} CPU "
                 f"thread{'s' if self.cpu_threads != 1 else ''}), backend {seg.backend.name} "
                 f"({seg.backend.provider}): {seg.backend.describe()}, {seg.class_set.num_classes} classes, "
