@@ -211,3 +211,10 @@ def test_cuda_graphs_captured_at_warmup_for_the_cameras_sizes(ckpt):
     rng = np.random.default_rng(1)
     seg.segment([rng.integers(0, 256, (128, 160, 3), dtype=np.uint8)])
     assert seg.backend.graphs == 2  # replayed, nothing new captured
+    seg.warmup((128, 160), batch=2)  # what the node adds for two cameras of one size
+    assert seg.backend.graphs == 3
+    two = [rng.integers(0, 256, (128, 160, 3), dtype=np.uint8) for _ in range(2)]
+    eager = Segmenter(ckpt, device="cuda", warmup=False).segment(two)
+    for got, ref in zip(seg.segment(two), eager):
+        assert agreement(got.label, ref.label) > 0.999
+    assert seg.backend.graphs == 3  # the batch of two replayed its warm-up graph
