@@ -19,6 +19,7 @@ each network input size is one forward pass (split at the backend's batch limit)
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -324,8 +325,10 @@ class Segmenter:
                 size = tuple(max(v, int(math.ceil(MIN_INPUT_SIZE / s)) + 1) for v in size)  # type: ignore[assignment]
         n = iterations if iterations is not None else (2 if self.device.type == "cuda" else 1)
         frame = np.random.default_rng(0).integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
-        for _ in range(n):
-            self.segment([frame] * batch, outputs=OUTPUTS)
+        warming_up = getattr(self.backend, "warming_up", contextlib.nullcontext)  # keeps what it makes here
+        with warming_up():
+            for _ in range(n):
+                self.segment([frame] * batch, outputs=OUTPUTS)
         self.warmed_up.append((int(size[0]), int(size[1]), int(batch)))
 
     def describe(self) -> str:

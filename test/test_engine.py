@@ -266,6 +266,44 @@ def test_warmup_and_describe(ckpt):
     assert s.last_latency_s is not None and s.last_latency_s > 0  # warm-up ran the pipeline
 
 
+def test_shape_cache_keeps_warmup_shapes_and_bounds_the_rest():
+    """The policy behind the torch backend's CUDA graphs (its CUDA run: test_engine_cuda.py): what warm-up makes
+    stays; shapes first seen later share max_recent places, least recently used evicted."""
+    from icnet_ros.backends.torch_backend import ShapeCache
+
+    made = []
+
+    def maker(key):
+        return lambda: made.append(key) or f"graph {key}"
+
+    cache = ShapeCache(max_recent=3, max_pinned=2)
+    cache.pinning = True
+    for key in ("cam-a", "cam-b", "cam-a"):
+        assert cache.get(key, maker(key)) == f"graph {key}"
+    cache.pinning = False
+    assert list(cache.pinned) == ["cam-a", "cam-b"] and made == ["cam-a", "cam-b"] and cache.unpinned == 0
+    for key in ("x1", "x2", "x3", "x1", "x4", "x5"):  # x2 and x3 are the least recently used when x4, x5 come
+        cache.get(key, maker(key))
+    assert list(cache.recent) == ["x1", "x4", "x5"] and cache.evictions == 2
+    for key in ("cam-a", "cam-b"):  # never evicted, never made again
+        cache.get(key, maker(key))
+    assert made.count("cam-a") == made.count("cam-b") == 1 and len(cache) == 5
+    cache.get("x2", maker("x2"))  # evicted earlier: made again
+    assert made.count("x2") == 2 and list(cache.recent) == ["x4", "x5", "x2"]
+    cache.pinning = True  # a later warm-up: a hot-path shape moves to the pinned part if there is room ...
+    cache.get("x5", maker("x5"))
+    assert "x5" in cache.recent and cache.unpinned == 1  # ... there is none (max_pinned=2)
+    roomy = ShapeCache(max_recent=1, max_pinned=4)
+    roomy.get("y", maker("y"))
+    roomy.pinning = True
+    roomy.get("y", maker("y"))
+    assert list(roomy.pinned) == ["y"] and not roomy.recent and made.count("y") == 1
+    cache.clear()
+    assert len(cache) == 0
+    with pytest.raises(ValueError):
+        ShapeCache(max_recent=0, max_pinned=1)
+
+
 # ---------------------------------------------------------------------------------------------- model sources
 def test_module_source_is_copied_not_modified():
     model = build_icnet("icnet_r18", width=0.25, num_classes=5)  # no .meta: built from .config

@@ -192,6 +192,28 @@ def test_cuda_graphs_beyond_every_cache_then_the_first_size_again(ckpt):
     assert graphs.backend.graphs == MAX_CUDA_GRAPHS  # bounded
 
 
+def test_cuda_graphs_of_the_warmup_sizes_survive_a_stream_of_other_sizes(ckpt):
+    """The cameras' graphs (captured at warm-up) are kept however many other shapes pass on the hot path; those
+    share MAX_CUDA_GRAPHS places and the first eviction warns once."""
+    from icnet_ros.backends.torch_backend import MAX_CUDA_GRAPHS
+
+    seg = Segmenter(ckpt, device="cuda", outputs=("label",), cuda_graphs=True, warmup="128x160;160x192")
+    eager = Segmenter(ckpt, device="cuda", outputs=("label",), warmup=False)
+    cams = dict(seg.backend._graphs.pinned)
+    assert len(cams) == 2
+    rng = np.random.default_rng(2)
+    with pytest.warns(RuntimeWarning, match="least recently used are evicted") as caught:
+        for i in range(MAX_CUDA_GRAPHS + 3):
+            seg.segment([rng.integers(0, 256, (192 + 32 * i, 160, 3), dtype=np.uint8)])
+    assert sum("evicted" in str(w.message) for w in caught) == 1
+    assert seg.backend.graphs == 2 + MAX_CUDA_GRAPHS  # bounded
+    for h, w in ((128, 160), (160, 192)):
+        f = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        (g,), (e,) = seg.segment([f]), eager.segment([f])
+        assert agreement(g.label, e.label) >= 0.999
+    assert all(seg.backend._graphs.pinned[k] is cams[k] for k in cams)  # the same graphs: never recaptured
+
+
 def test_no_hidden_synchronisation_in_segment(ckpt):
     """Only the one explicit synchronisation of the copy back: implicit host syncs (.item(), pageable copies,
     nonzero) raise under sync debug mode 'error'."""

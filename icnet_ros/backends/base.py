@@ -12,6 +12,9 @@ Contract of ``backend(x)``:
   ``N <= backend.max_batch`` when that is set; ``(H, W) == backend.fixed_size`` when that is set.
 - returns: ``N x classes x ceil(H/8) x ceil(W/8)`` logits, a float tensor (any float dtype) on ``backend.device``.
   The caller consumes it before the next call (a backend may return a view of a reused buffer).
+
+Optional: ``backend.warming_up()``, a context manager the Segmenter's warm-up runs inside; what a backend makes
+per input shape there (the torch backend's CUDA graphs) it keeps for its life instead of in a bounded cache.
 """
 from __future__ import annotations
 

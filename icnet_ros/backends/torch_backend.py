@@ -4,18 +4,22 @@ Optimisations (each switchable, measured in BENCHMARKS.md, implemented in :mod:`
 folded into the convolutions, the concat pyramid pooling factorized, NHWC (channels_last) weights and activations,
 optionally ``torch.compile``, and on CUDA optionally CUDA graphs.
 
-CUDA graphs: one graph per input shape (at most :data:`MAX_CUDA_GRAPHS`, least recently used evicted), captured on
-the model's device and on a side stream as capture requires, all in one memory pool. A graph replays raw device
-pointers, so every tensor it reads must outlive it: the runner keeps references to the resize matrices the
-factorized pyramid pooling cached while it was captured (the pooling's own cache may evict them later; the graph
-still reads them). Sizes known in advance are captured at warm-up (the Segmenter's ``warmup`` option with the
-cameras' frame sizes), not on the hot path.
+CUDA graphs: one graph per input shape, captured on the model's device and on a side stream as capture requires,
+all in one memory pool. A graph replays raw device pointers, so every tensor it reads must outlive it: the runner
+keeps references to the resize matrices the factorized pyramid pooling cached while it was captured (the pooling's
+own cache may evict them later; the graph still reads them). Sizes known in advance are captured at warm-up (the
+Segmenter's ``warmup`` option with the cameras' frame sizes, inside :meth:`TorchBackend.warming_up`), not on the
+hot path, and those graphs are kept for the backend's life (at most :data:`MAX_PINNED_GRAPHS`); shapes first seen
+on the hot path share :data:`MAX_CUDA_GRAPHS` more places, least recently used evicted (:class:`ShapeCache`), so
+a stream of odd sizes can never evict the cameras' graphs and memory stays bounded.
 """
 from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +27,50 @@ from torch import Tensor, nn
 from ..optimize import (CUDAGraphRunner, FactorizedPyramidPooling, compile_model, factorize_pyramid_pooling,
                         fold_batchnorm)
 
-MAX_CUDA_GRAPHS = 8
+MAX_CUDA_GRAPHS = 8  # graphs for shapes first seen on the hot path (least recently used evicted)
+MAX_PINNED_GRAPHS = 32  # graphs captured at warm-up, kept for the backend's life
+
+V = TypeVar("V")
+
+
+class ShapeCache(Generic[V]):
+    """Values by key, bounded: those made while :attr:`pinning` is set are kept for the cache's life (at most
+    ``max_pinned``; beyond that they are treated like the others), the others least recently used, at most
+    ``max_recent`` (the oldest evicted). :attr:`evictions` counts the evicted, :attr:`unpinned` the lookups made
+    while pinning that found no pinned place left."""
+
+    def __init__(self, max_recent: int, max_pinned: int) -> None:
+        if max_recent < 1 or max_pinned < 0:
+            raise ValueError("ShapeCache needs max_recent >= 1 and max_pinned >= 0")
+        self.max_recent, self.max_pinned = max_recent, max_pinned
+        self.pinned: dict[Hashable, V] = {}
+        self.recent: OrderedDict[Hashable, V] = OrderedDict()
+        self.pinning = False
+        self.evictions = 0
+        self.unpinned = 0
+
+    def get(self, key: Hashable, make: Callable[[], V]) -> V:
+        """The value for ``key``, made by ``make()`` the first time (and after an eviction)."""
+        if key in self.pinned:
+            return self.pinned[key]
+        value = self.recent.pop(key) if key in self.recent else make()
+        if self.pinning:  # a warm-up shape (also one seen before)
+            if len(self.pinned) < self.max_pinned:
+                self.pinned[key] = value
+                return value
+            self.unpinned += 1
+        self.recent[key] = value  # (re)inserted as the most recently used
+        while len(self.recent) > self.max_recent:
+            self.recent.popitem(last=False)
+            self.evictions += 1
+        return value
+
+    def __len__(self) -> int:
+        return len(self.pinned) + len(self.recent)
+
+    def clear(self) -> None:
+        self.pinned.clear()
+        self.recent.clear()
 
 
 class TorchBackend:
@@ -64,7 +111,8 @@ class TorchBackend:
         if cuda_graphs and device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
         self.cuda_graphs = bool(cuda_graphs)
-        self._graphs: OrderedDict[tuple, CUDAGraphRunner] = OrderedDict()
+        self._graphs: ShapeCache[CUDAGraphRunner] = ShapeCache(MAX_CUDA_GRAPHS, MAX_PINNED_GRAPHS)
+        self._warned_evictions = False
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.provider = f"{device} eager" + (f" compile({self.compile_mode})" if self.compile_mode else "") + (
             " cuda-graphs" if self.cuda_graphs else "")
@@ -80,19 +128,35 @@ class TorchBackend:
             return self._graph_for(x)(x)  # static output: consumed (upsampled) before the next replay
         return self.model(x)
 
+    @contextmanager
+    def warming_up(self) -> Iterator[None]:
+        """Shapes first run inside this block (the Segmenter's warm-up) keep their CUDA graphs for the backend's
+        life (at most :data:`MAX_PINNED_GRAPHS`)."""
+        unpinned = self._graphs.unpinned
+        self._graphs.pinning = True
+        try:
+            yield
+        finally:
+            self._graphs.pinning = False
+        if self._graphs.unpinned > unpinned:
+            self._note(f"CUDA graphs: warm-up made more than {MAX_PINNED_GRAPHS} input shapes (frame sizes x "
+                       f"batches); the rest are kept like hot-path shapes ({MAX_CUDA_GRAPHS}, least recently used "
+                       f"evicted)")
+
     def _graph_for(self, x: Tensor) -> CUDAGraphRunner:
-        key = (tuple(x.shape), x.stride(), x.dtype)
-        runner = self._graphs.get(key)
-        if runner is not None:
-            self._graphs.move_to_end(key)
-            return runner
+        runner = self._graphs.get((tuple(x.shape), x.stride(), x.dtype), lambda: self._capture(x))
+        if self._graphs.evictions and not self._warned_evictions and not self._graphs.pinning:
+            self._warned_evictions = True
+            warnings.warn(f"CUDA graphs: more than {MAX_CUDA_GRAPHS} input shapes seen after warm-up; the least "
+                          f"recently used are evicted and captured again when they return (slow frames): list the "
+                          f"cameras' frame sizes in 'warmup'", RuntimeWarning, stacklevel=2)
+        return runner
+
+    def _capture(self, x: Tensor) -> CUDAGraphRunner:
         runner = CUDAGraphRunner(self.model, [x], pool=self._pool)
         # the tensors the pooling cached while capturing are baked into the graph: keep them alive with it
         runner.keep_alive = [m for mod in self.model.modules() if isinstance(mod, FactorizedPyramidPooling)
                              for m in mod.cached_tensors()]
-        self._graphs[key] = runner
-        while len(self._graphs) > MAX_CUDA_GRAPHS:
-            self._graphs.popitem(last=False)
         return runner
 
     @property
@@ -128,4 +192,4 @@ def torch_backend_from(model: Any, device: torch.device, dtype: torch.dtype, con
                         compile=config.compile, cuda_graphs=config.cuda_graphs, notes=notes)
 
 
-__all__ = ["MAX_CUDA_GRAPHS", "TorchBackend", "torch_backend_from"]
+__all__ = ["MAX_CUDA_GRAPHS", "MAX_PINNED_GRAPHS", "ShapeCache", "TorchBackend", "torch_backend_from"]
