@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -93,29 +94,43 @@ def network_width_for(frame_width: float, input_scale: float) -> int:
     return width
 
 
+def _numbers(value: Any, n: int) -> bool:
+    """Whether ``value`` is a list of ``n`` finite real numbers (JSON numbers, not booleans)."""
+    return (isinstance(value, (list, tuple)) and len(value) == n
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
 def validate_meta(meta: dict[str, Any]) -> None:
-    """Raise :class:`CheckpointError` naming the first problem in ``meta``."""
+    """Raise :class:`CheckpointError` naming the first problem in ``meta`` (also for values of the wrong type:
+    metadata comes from files)."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"invalid checkpoint metadata: a JSON object is needed, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"not an icnet_ros checkpoint (metadata format {meta.get('format')!r})")
-    if int(meta.get("version", 0)) > FORMAT_VERSION:
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CheckpointError(f"invalid checkpoint format version {version!r} (need an integer)")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint format version {meta['version']} is newer than this icnet_ros "
                               f"supports ({FORMAT_VERSION}); upgrade icnet_ros")
     try:
         config = ICNetConfig.from_dict(meta["arch"])
         class_set = class_set_from_meta(meta)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"invalid checkpoint metadata: {e}") from e
     if class_set.num_classes != config.num_classes:
         raise CheckpointError(f"metadata lists {class_set.num_classes} classes but arch.num_classes is "
                               f"{config.num_classes}")
-    norm = meta.get("normalization") or {}
-    if (len(norm.get("mean", ())) != 3 or len(norm.get("std", ())) != 3 or any(s <= 0 for s in norm["std"])
-            or norm.get("channel_order") not in ("RGB", "BGR")):
-        raise CheckpointError(f"invalid normalization in metadata: {norm!r} (need mean[3], std[3] > 0, "
+    norm = meta.get("normalization")
+    if (not isinstance(norm, dict) or not _numbers(norm.get("mean"), 3) or not _numbers(norm.get("std"), 3)
+            or any(s <= 0 for s in norm["std"]) or norm.get("channel_order") not in ("RGB", "BGR")):
+        raise CheckpointError(f"invalid normalization in metadata: {str(norm)[:200]} (need mean[3], std[3] > 0, "
                               "channel_order RGB or BGR)")
     size = meta.get("input_size")
-    if size is not None and (len(size) != 2 or min(size) < 64):
-        raise CheckpointError(f"invalid input_size in metadata: {size!r} (need [H, W], each >= 64)")
+    if size is not None and (not _numbers(size, 2) or not all(isinstance(v, int) for v in size)
+                             or min(size) < MIN_INPUT_SIZE):
+        raise CheckpointError(f"invalid input_size in metadata: {str(size)[:80]} (need [H, W], integers each >= "
+                              f"{MIN_INPUT_SIZE})")
     width = meta.get("network_width")
     if width is not None and (not isinstance(width, int) or isinstance(width, bool)
                               or not MIN_INPUT_SIZE <= width <= MAX_NETWORK_WIDTH):

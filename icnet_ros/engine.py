@@ -45,7 +45,7 @@ from .models.icnet import MIN_INPUT_SIZE
 from .postprocess import UNKNOWN, Postprocessor
 from .preprocess import Preprocessor
 from .profiling import stage
-from .sizes import aligned_size
+from .sizes import MAX_SCALE, MAX_UPSCALED_PIXELS, aligned_size
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHANNEL_ORDERS = ("RGB", "BGR")
@@ -305,9 +305,9 @@ class Segmenter:
         if self.input_policy == "scale":
             s = float(self._input_param)  # type: ignore[arg-type]
             return max(1, int(round(height * s))), max(1, int(round(width * s)))
-        if self.input_policy == "width":
-            w = int(self._input_param)  # type: ignore[arg-type]
-            return max(1, int(round(height * w / width))), w
+        if self.input_policy == "width":  # upscaling at most MAX_SCALE: a narrow frame stays narrower
+            s = min(int(self._input_param) / width, MAX_SCALE)  # type: ignore[arg-type]
+            return max(1, int(round(height * s))), max(1, int(round(width * s)))
         return height, width
 
     def warmup(self, size: tuple[int, int] | None = None, iterations: int | None = None, batch: int = 1) -> None:
@@ -430,6 +430,9 @@ class Segmenter:
             how = "" if self.input_policy == "fixed" else " (use input_size=(H, W) to upscale small frames)"
             raise ValueError(f"frame {i}: {f.shape[0]}x{f.shape[1]} gives a {h}x{w} network input, below the "
                              f"minimum {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}{how}")
+        if self.input_policy in ("width", "scale") and h * w > max(f.shape[0] * f.shape[1], MAX_UPSCALED_PIXELS):
+            raise ValueError(f"frame {i}: {f.shape[0]}x{f.shape[1]} would be upscaled to a {h}x{w} network input, "
+                             f"more than {MAX_UPSCALED_PIXELS} pixels (an extreme aspect ratio?)")
         return f
 
     def _group(self, frames: list[Any], orders: list[str]) -> list[_FrameGroup]:
@@ -473,10 +476,18 @@ class Segmenter:
         return results  # type: ignore[return-value]
 
     def _forward_chunks(self, batch: Tensor):
-        """Yield (first row, logits) for ``batch`` in chunks of at most the backend's batch limit."""
+        """Yield (first row, logits) for ``batch`` in chunks of at most the backend's batch limit; an export with
+        a fixed batch gets a short chunk padded with copies of its last frame (their logits are not used)."""
         step = self.backend.max_batch or batch.shape[0]
         for start in range(0, batch.shape[0], step):
-            yield start, self.forward(batch[start:start + step])
+            chunk = batch[start:start + step]
+            rows = chunk.shape[0]
+            if self.backend.exact_batch and rows < step:
+                pad = chunk[-1:].expand(step - rows, *chunk.shape[1:])
+                chunk = torch.cat([chunk, pad]).contiguous(memory_format=self.backend.memory_format)
+                yield start, self.forward(chunk)[:rows]
+            else:
+                yield start, self.forward(chunk)
 
     def _finish_chunk(self, groups: list[_FrameGroup], uploads: list[Tensor], inputs: list[Tensor],
                       gis: list[int], start: int, logits: Tensor, want: frozenset[str],

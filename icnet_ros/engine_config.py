@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -151,6 +152,15 @@ def _compile(value: Any) -> str:
     return _choice(COMPILE_MODES)(value)
 
 
+def _folder(value: Any) -> str:
+    """A folder path; None and '' mean none."""
+    if value is None:
+        return ""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"expected a folder path, got {type(value).__name__}")
+    return os.fspath(value)
+
+
 def _warmup(value: Any) -> bool | tuple[tuple[int, int], ...]:
     """true | false | frame sizes to warm up at (CUDA graphs are captured there, not on the hot path)."""
     if isinstance(value, bool):
@@ -206,7 +216,7 @@ class SegmenterConfig:
                           "CPUs with AVX512-BF16/AMX).", " | ".join(PRECISIONS), parse_precision)
     input_size: Any = _opt(
         "auto", "Network input size: 'auto' (each frame scaled, keeping its aspect ratio, to the width the model "
-        "was trained at, from its metadata; for models without that record the metadata's fixed size if any, "
+        "was trained at, from its metadata, upscaled at most 4x; for models without that record the metadata's fixed size if any, "
         "else native), 'native' (each frame at its own size), 'checkpoint' (the fixed size in the model's "
         "metadata), 'HxW' such as '512x1024', or a scale factor such as '1.5'. Rounded to multiples of "
         "size_divisor.", "auto | native | checkpoint | HxW (each >= 64) | scale in (0, 4]", parse_input_size,
@@ -232,7 +242,7 @@ class SegmenterConfig:
     cuda_graphs: bool = _opt(False, "torch backend on CUDA: replay the network from CUDA graphs captured per "
                              "input shape (at warm-up for the configured sizes).", "true | false", _bool)
     engine_cache: str = _opt("", "TensorRT (native or ONNX Runtime's TensorRT provider): folder of the built "
-                             "engines ('' = next to the model file).", "a folder or empty", str)
+                             "engines ('' = next to the model file).", "a folder or empty", _folder)
     warmup: Any = _opt(True, "Run the pipeline at start-up on a synthetic frame (true), not at all (false), or "
                        "at each of these frame sizes, e.g. '720x1280;480x640' (the cameras' sizes: the CUDA graphs "
                        "and torch.compile graphs for one frame of each are then made before the first frame instead "
@@ -292,7 +302,7 @@ def check(name: str, value: Any) -> Any:
         raise ConfigError(f"unknown engine option {name!r}; known: {', '.join(OPTIONS)}")
     try:
         return option.parse(value)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a value of a type the option's parser cannot take
         raise ConfigError(f"{name} = {value!r}: {e}") from None
 
 

@@ -108,9 +108,10 @@ class Preprocessor:
 
     def _prepare_cpu(self, frames: Tensor, order: str, net_size: tuple[int, int]) -> Tensor:
         """:meth:`__call__` on the CPU with OpenCV, frame by frame: float32 conversion, bilinear resize (half-pixel
-        sampling as ``F.interpolate(align_corners=False)``; within 1e-4 of it on 0..255 values), then ``x * scale +
-        shift`` per channel, written straight into the backend's layout. 540x720 -> 544x736 on one thread: ~1.5 ms
-        (channels_last) against 10-20 ms for the torch ops."""
+        sampling as ``F.interpolate(align_corners=False)``; within 0.02 of it on 0..255 values, 1e-4 after
+        normalisation: OpenCV rounds its interpolation weights), then ``x * scale + shift`` per channel, written
+        straight into the backend's layout. 540x720 -> 544x736 on one thread: ~1.5 ms (channels_last) against
+        10-20 ms for the torch ops."""
         if order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {order!r}")
         follow_torch_threads()

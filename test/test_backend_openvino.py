@@ -278,6 +278,20 @@ def test_bad_files_are_refused_with_one_line(tmp_path, r18):
 
 
 @needs_openvino
+def test_upper_case_file_names_open(tmp_path, r18):
+    """MODEL.XML / MODEL.BIN (a FAT-formatted stick, a Windows copy) open like model.xml / model.bin."""
+    from icnet_ros.backends.openvino import open_backend
+
+    _, xml = r18
+    upper = tmp_path / "MODEL.XML"
+    upper.write_bytes(xml.read_bytes())
+    (tmp_path / "MODEL.BIN").write_bytes(xml.with_suffix(".bin").read_bytes())
+    backend = open_backend(upper, BackendOptions(threads=1))
+    x = torch.randn(1, 3, *SIZE, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(backend(x), open_backend(xml, BackendOptions(threads=1))(x))
+
+
+@needs_openvino
 def test_device_and_precision_errors(r18):
     from icnet_ros.backends.openvino import open_backend
 

@@ -136,6 +136,33 @@ def test_invalid_metadata(tmp_path, patch, match):
         load_model(path)
 
 
+def test_metadata_of_any_json_shape_gives_a_checkpoint_error_or_loads():
+    """Metadata comes from files: every top-level and nested value replaced by a value of another JSON type is
+    refused with CheckpointError (one line), never a TypeError/AttributeError from deep inside."""
+    from icnet_ros.checkpoint import validate_meta
+
+    base = build_meta(build_icnet("icnet_r18", width=0.25, num_classes=11).config, CAMVID)
+    for bad in ([], "text", 3, None):
+        with pytest.raises(CheckpointError):
+            validate_meta(bad)
+    others = [None, True, -1, 1.5, "x", [], [1, 2], [["a"]], {}, {"k": 1}]
+    refused = 0
+    for key, value in base.items():
+        nested = [(key, None)] + [(key, k) for k in value] if isinstance(value, dict) else [(key, None)]
+        for outer, inner in nested:
+            for other in others:
+                meta = json.loads(json.dumps(base))
+                if inner is None:
+                    meta[outer] = other
+                else:
+                    meta[outer][inner] = other
+                try:
+                    validate_meta(meta)
+                except CheckpointError:
+                    refused += 1
+    assert refused > 100  # most mutations are refused; the rest (e.g. a provenance field) are harmless
+
+
 def test_metadata_not_json(tmp_path):
     path = tmp_path / "notjson.safetensors"
     save_file({"w": torch.zeros(1)}, str(path), metadata={"icnet_ros": "{oops"})

@@ -60,6 +60,20 @@ def test_bad_values_name_the_option(changes, match):
         SegmenterConfig().replace(**changes)
 
 
+def test_values_of_any_type_are_parsed_or_refused_naming_the_option():
+    """Options come from YAML, params files and code: a value of another type is a ConfigError naming the option
+    (or is taken), never a bare TypeError from inside a parser."""
+    others = [None, True, 0, -1, 1.5, float("nan"), "", "x", [], [1], [512, None], [[480, 640], [720, None]], {},
+              {"a": 1}, object()]
+    for name in engine_config.OPTIONS:
+        for value in others:
+            try:
+                SegmenterConfig().replace(**{name: value})
+            except ConfigError as e:
+                assert str(e).startswith(f"{name} = ") and "\n" not in str(e), str(e)
+    assert SegmenterConfig().replace(engine_cache=None).engine_cache == ""  # none, not a folder named 'None'
+
+
 def test_auto_input_size_follows_the_recorded_width(tmp_path):
     from helpers import make_checkpoint
 
@@ -76,6 +90,19 @@ def test_auto_input_size_follows_the_recorded_width(tmp_path):
     assert auto.network_size(1080, 1920) == (416, 736)
     assert "auto (width 736)" in auto.describe()
     assert Segmenter(model, device="cpu", warmup=False, input_size="native").network_size(360, 480) == (352, 480)
+    # narrow frames are upscaled 4x at most; an extreme aspect ratio is refused before any allocation
+    assert auto.network_size(120, 160) == (480, 640)
+    (r,) = auto.segment([np.zeros((120, 160, 3), np.uint8)])
+    assert r.label.shape == (120, 160) and r.model_size == (480, 640)
+    for shape in ((6000, 184), (30000, 100, 3)):  # 24000x736, 120000x400
+        with pytest.raises(ValueError, match="upscaled to a .* network input, more than 16777216 pixels"):
+            auto.segment([np.zeros(shape, np.uint8)])
+    with pytest.raises(ValueError, match="gives a 4000x4 network input, below the minimum"):
+        auto.segment([np.zeros((1000, 1, 3), np.uint8)])
+    scaled = Segmenter(model, device="cpu", warmup=False, input_size=4.0)
+    with pytest.raises(ValueError, match="more than 16777216 pixels"):
+        scaled.segment([np.zeros((1100, 1100), np.uint8)])
+    assert scaled.network_size(1000, 1000) == (4000, 4000)  # within the bound: as asked
 
 
 def test_reconfigure_live_options_between_calls(tmp_path):

@@ -181,6 +181,33 @@ def test_fp16_fixed_batch_export_runs_in_onnxruntime(tmp_path, ckpt):
     assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.98  # fp16 rounding moves near-ties only
     with pytest.raises(ValueError, match="maximum batch 2"):
         backend(torch.zeros(3, 3, *SIZE))
+    with pytest.raises(ValueError, match="fixed batch of 2, got 1"):
+        backend(torch.zeros(1, 3, *SIZE))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_segmenter_serves_any_number_of_frames_from_a_fixed_batch_export(tmp_path, ckpt, fmt):
+    """icnet-export --batch 2 --static-batch: the Segmenter pads a short batch (1 frame, or the third of 3) with
+    copies of its last frame and keeps the real rows; warm-up (one frame) works; labels as the dynamic export's."""
+    from icnet_ros.engine import Segmenter
+
+    if fmt == "openvino":
+        pytest.importorskip("openvino")
+    suffix = ".onnx" if fmt == "onnx" else ".xml"
+    fixed, dynamic = tmp_path / f"fixed{suffix}", tmp_path / f"dynamic{suffix}"
+    size = f"{SIZE[0]}x{SIZE[1]}"
+    assert export_main([str(ckpt), "--format", fmt, "--size", size, "--batch", "2", "--static-batch",
+                        "--output", str(fixed)]) == 0
+    assert export_main([str(ckpt), "--format", fmt, "--size", size, "--output", str(dynamic)]) == 0
+    seg, ref = Segmenter(fixed, device="cpu"), Segmenter(dynamic, device="cpu", warmup=False)
+    assert seg.backend.max_batch == 2 and seg.backend.exact_batch and not ref.backend.exact_batch
+    rng = np.random.default_rng(4)
+    frames = [rng.integers(0, 256, (120, 160, 3), dtype=np.uint8) for _ in range(3)]
+    for batch in ([frames[0]], frames, frames[1:]):
+        got, want = seg.segment(batch), ref.segment(batch)
+        assert len(got) == len(batch)
+        for a, b in zip(got, want):
+            assert (a.label == b.label).mean() >= 0.999
 
 
 def test_cli_errors(tmp_path, ckpt, capsys):

@@ -9,7 +9,8 @@ Contract of ``backend(x)``:
 
 - ``x``: ``N x 3 x H x W`` tensor on ``backend.device`` with dtype ``backend.input_dtype``, normalised exactly
   as the model's metadata says (the Segmenter does it), contiguous in ``backend.memory_format``.
-  ``N <= backend.max_batch`` when that is set; ``(H, W) == backend.fixed_size`` when that is set.
+  ``N <= backend.max_batch`` when that is set (``N == max_batch`` when ``backend.exact_batch``: the Segmenter
+  pads a short batch); ``(H, W) == backend.fixed_size`` when that is set.
 - returns: ``N x classes x ceil(H/8) x ceil(W/8)`` logits, a float tensor (any float dtype) on ``backend.device``.
   The caller consumes it before the next call (a backend may return a view of a reused buffer).
 
@@ -72,6 +73,7 @@ class Backend(Protocol):
     memory_format: torch.memory_format
     fixed_size: tuple[int, int] | None  # exported models have a fixed network input (H, W); None = any size
     max_batch: int | None  # None = any batch size
+    exact_batch: bool  # True: every call takes exactly max_batch rows (an export with a fixed batch)
 
     def __call__(self, x: Tensor) -> Tensor: ...
 
@@ -89,6 +91,8 @@ def checked_input(backend: Any, x: Tensor, name: str) -> Tensor:
         raise ValueError(f"{name} was exported for {size} inputs (N x 3 x H x W), got shape {tuple(x.shape)}")
     if backend.max_batch is not None and x.shape[0] > backend.max_batch:
         raise ValueError(f"batch of {x.shape[0]} exceeds {name}'s maximum batch {backend.max_batch}")
+    if backend.exact_batch and x.shape[0] != backend.max_batch:
+        raise ValueError(f"{name} was exported with a fixed batch of {backend.max_batch}, got {x.shape[0]} frames")
     if x.dtype != backend.input_dtype or x.device != backend.device:
         raise ValueError(f"expected a {backend.input_dtype} tensor on {backend.device}, got {x.dtype} on {x.device}")
     return x.contiguous()

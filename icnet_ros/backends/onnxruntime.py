@@ -124,6 +124,7 @@ class OnnxRuntimeBackend:
         self.output_dtype, self._np_out = _TYPES[out.type]
         n, _, h, w = inp.shape
         self.max_batch: int | None = n if isinstance(n, int) else None
+        self.exact_batch = self.max_batch is not None  # a fixed batch axis (a TensorRT profile is a limit)
         if self.provider == "TensorrtExecutionProvider" and self.max_batch is None:
             self.max_batch = profile_batch(self.meta)
         self.fixed_size: tuple[int, int] | None = (h, w) if isinstance(h, int) and isinstance(w, int) else None

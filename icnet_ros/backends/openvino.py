@@ -229,17 +229,19 @@ def _read_model(core: Any, path: str | os.PathLike) -> tuple[Any, Path]:
         raise CheckpointError(f"model not found: {p}")
     if not p.is_file():
         raise CheckpointError(f"model path is not a file: {p}")
-    if p.suffix not in (".xml", ".onnx"):
+    suffix = p.suffix.lower()  # as backend_for chose the backend
+    if suffix not in (".xml", ".onnx"):
         raise CheckpointError(f"{p}: not an OpenVINO model (expected an IR .xml with its .bin, or .onnx)")
-    if p.suffix == ".xml" and not p.with_suffix(".bin").is_file():
+    weights = next((b for b in (p.with_suffix(".bin"), p.with_suffix(".BIN")) if b.is_file()), None)
+    if suffix == ".xml" and weights is None:
         raise CheckpointError(f"{p}: the weights file {p.with_suffix('.bin').name} is missing beside it")
     try:
-        if p.suffix == ".onnx":  # only the ONNX frontend: read_model would also try others on a damaged file
+        if suffix == ".onnx":  # only the ONNX frontend: read_model would also try others on a damaged file
             from openvino.frontend import FrontEndManager
 
             frontend = FrontEndManager().load_by_framework("onnx")
             return frontend.convert(frontend.load(str(p))), p
-        return core.read_model(str(p)), p
+        return core.read_model(str(p), str(weights)), p
     except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses with multi-line messages
         raise CheckpointError(f"{p}: OpenVINO cannot read it (corrupt, truncated or not a model?): "
                               f"{_reason(e)}") from e
@@ -253,9 +255,9 @@ def _reason(e: Exception) -> str:
 
 def _meta_of(ov_model: Any, path: Path) -> dict[str, Any]:
     # IR: rt_info["icnet_ros"]; ONNX: OpenVINO's ONNX frontend puts metadata_props under rt_info["framework"]
-    key = ["framework", META_KEY] if path.suffix == ".onnx" else [META_KEY]
+    key = ["framework", META_KEY] if path.suffix.lower() == ".onnx" else [META_KEY]
     if not ov_model.has_rt_info(key):
-        where = "metadata_props" if path.suffix == ".onnx" else "rt_info"
+        where = "metadata_props" if path.suffix.lower() == ".onnx" else "rt_info"
         raise CheckpointError(f"{path}: no icnet_ros metadata in the model ({where} '{META_KEY}'); not an icnet_ros "
                               "export (export checkpoints with icnet-export)")
     from ..export import parse_export_meta
@@ -294,6 +296,7 @@ class OpenVINOBackend:
             raise CheckpointError(f"{self.path}: the network input size is not fixed (export with a fixed H x W)")
         self.fixed_size: tuple[int, int] | None = (shape[2].get_length(), shape[3].get_length())
         self.max_batch: int | None = None if shape[0].is_dynamic else shape[0].get_length()
+        self.exact_batch = self.max_batch is not None
         self.int8 = any(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ops())
         precision = options.precision
         if precision not in INFERENCE_PRECISIONS:

@@ -222,7 +222,7 @@ class TensorRTBackend:
         if options.precision not in ("fp32", "fp16"):
             raise ValueError(f"backend 'tensorrt' runs fp32 or fp16 engines, not precision {options.precision!r}")
         with torch.cuda.device(self.device):
-            runtime = trt.Runtime(_logger(trt))
+            runtime = self._runtime = trt.Runtime(_logger(trt))  # kept: it must outlive its engine
             if hasattr(runtime, "engine_host_code_allowed"):  # loading a model never runs code: no embedded
                 runtime.engine_host_code_allowed = False      # plugin libraries (TensorRT's default, made explicit)
             if self.path.suffix.lower() == ".onnx":
@@ -250,6 +250,7 @@ class TensorRTBackend:
             self.max_batch: int | None = int(engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
         else:
             self.max_batch = int(n)
+        self.exact_batch = n != -1
         self.num_classes = int(self.meta["arch"]["num_classes"])
         self.provider = f"{self.device} ({torch.cuda.get_device_name(self.device)}, TensorRT {trt.__version__})"
         self._version = trt.__version__
@@ -291,8 +292,9 @@ class TensorRTBackend:
                 f"batch <= {self.max_batch} | engine {self.engine_file.name}")
 
     def close(self) -> None:
-        self.__dict__.pop("context", None)
+        self.__dict__.pop("context", None)  # in this order: context, engine, then the runtime
         self.__dict__.pop("engine", None)
+        self.__dict__.pop("_runtime", None)
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:

@@ -81,6 +81,7 @@ class TorchBackend:
     name = "torch"
     fixed_size = None
     max_batch = None
+    exact_batch = False
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, optimize: bool = True,
                  channels_last: bool | None = None, compile: str = "", cuda_graphs: bool = False,  # noqa: A002
