@@ -217,6 +217,7 @@ class FramePipeline:
         self.log = logger or logging.getLogger("icnet_ros.frame_pipeline")
         self._lock = threading.Condition()
         self._stop = threading.Event()
+        self._worker_ending = False  # the worker decided to end (under the lock)
         self._worker: threading.Thread | None = None
         self._rr = 0  # round-robin start of the next batch
         self._on_fatal = on_fatal
@@ -298,11 +299,13 @@ class FramePipeline:
         return old
 
     def start(self) -> None:
-        """Start the worker thread (taking frames); no-op while it runs."""
+        """Start the worker thread (taking frames); no-op while it runs. A worker still finishing its batch after a
+        :meth:`stop` that timed out serves on (it decides whether to end under the same lock)."""
         with self._lock:
-            if self._worker is not None and self._worker.is_alive():
-                return
             self._stop.clear()
+            if self._worker is not None and self._worker.is_alive() and not self._worker_ending:
+                return
+            self._worker_ending = False
             self._worker = threading.Thread(target=self._run_worker, name="icnet_inference", daemon=True)
             self._worker.start()
 
@@ -375,8 +378,13 @@ class FramePipeline:
 
     # ------------------------------------------------------------------ worker
     def _run_worker(self) -> None:
-        while not self._stop.is_set():
-            self.step(timeout=0.2)
+        while True:
+            while not self._stop.is_set():
+                self.step(timeout=0.2)
+            with self._lock:
+                if self._stop.is_set():  # still stopped: end (start() makes a new worker from now on)
+                    self._worker_ending = True
+                    return
 
     def step(self, timeout: float = 0.0) -> int:
         """Take one batch (waiting up to ``timeout`` s for a first frame) and serve it; returns the frames taken.

@@ -78,6 +78,27 @@ class StartupError(RuntimeError):
     """The node cannot start: a bad parameter, a missing or invalid model, an unusable device."""
 
 
+_QOS_ENUMS = {"history": HistoryPolicy, "reliability": ReliabilityPolicy, "durability": DurabilityPolicy}
+
+
+def qos_override_problem(name: str, value: Any) -> str | None:
+    """Why a ``qos_overrides.<topic>.<publisher|subscription>.<policy>`` value cannot be applied (None when it
+    can). rclpy reads these only when it creates the publisher or subscription, which for an output enabled at run
+    time is long after start-up: the node checks every given override at start-up instead. Policies this node
+    does not apply are not checked here (a warning names them)."""
+    policy = name.rsplit(".", 1)[-1]
+    if policy not in {p.name.lower() for p in QOS_POLICIES}:
+        return None
+    if policy == "depth":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10000:
+            return f"parameter {name} = {value!r}: depth must be an integer in [1, 10000]"
+        return None
+    allowed = [m.lower() for m in _QOS_ENUMS[policy].__members__ if m != "UNKNOWN"]
+    if not isinstance(value, str) or value.lower() not in allowed:
+        return f"parameter {name} = {value!r}: {policy} must be one of {', '.join(allowed)}"
+    return None
+
+
 def auto_cpu_threads() -> int:
     """Intra-op threads for inference on the CPU when ``num_threads`` is 0: all usable cores but one, at least 1.
 
@@ -153,6 +174,10 @@ class SegmentationNode(LifecycleNode):
         except ParameterError as e:
             raise StartupError(str(e)) from None
         self._warn_unknown_overrides()
+        for name, param in (getattr(self, "_parameter_overrides", None) or {}).items():
+            problem = qos_override_problem(name, param.value) if name.startswith("qos_overrides.") else None
+            if problem:
+                raise StartupError(problem)
         # subscriptions and timers run beside the parameter and lifecycle services (MultiThreadedExecutor), so a
         # hot swap or a configure can take seconds without stopping the frames
         self.io_group = MutuallyExclusiveCallbackGroup()
@@ -166,7 +191,7 @@ class SegmentationNode(LifecycleNode):
         self.fatal_error: str | None = None  # an unrecoverable device error: the process exits with status 1
         self.startup_error: str | None = None  # why the last configure failed
         self.finished = threading.Event()  # shut down (lifecycle shutdown or fatal error): the process ends
-        self._class_names: tuple[str, ...] | None = None
+        self._class_contract: tuple | None = None  # (names, colors, ignore index) announced as parameters
         self._classes_pub: Any = None
         self._active = False
         self._starting = False
@@ -193,7 +218,7 @@ class SegmentationNode(LifecycleNode):
         if not configured:
             raise StartupError(self.startup_error or "configure failed")
         if self.trigger_activate() != TransitionCallbackReturn.SUCCESS:
-            raise StartupError("activate failed")
+            raise StartupError(self.startup_error or "activate failed")
 
     # ------------------------------------------------------------------ lifecycle transitions
     def on_configure(self, state: State) -> TransitionCallbackReturn:
@@ -204,12 +229,26 @@ class SegmentationNode(LifecycleNode):
                 seg = self._load_segmenter(self.config.model, self.config.engine)
             self._check_classes(seg)
         except StartupError as e:
-            self.startup_error = str(e)
-            if not self._starting:  # a start-up failure is reported once, by whoever started the node
-                self.get_logger().error(f"configure failed: {e}")
-            return TransitionCallbackReturn.FAILURE
+            return self._failed("configure", str(e))
         self.segmenter = seg
         self.model_path = self._model_path(self.config.model)
+        try:
+            self._create_outputs()
+        except Exception as e:  # noqa: BLE001 - rclpy's errors (RCLError, ...): the reason, not a bare "failed"
+            self._release()
+            return self._failed("configure", f"cannot create the node's topics: {type(e).__name__}: {e}")
+        self.get_logger().info(f"configured: {self._describe_model()}")
+        return super().on_configure(state)
+
+    def _failed(self, transition: str, reason: str) -> TransitionCallbackReturn:
+        self.startup_error = reason
+        if not self._starting:  # a start-up failure is reported once, by whoever started the node
+            self.get_logger().error(f"{transition} failed: {reason}")
+        return TransitionCallbackReturn.FAILURE
+
+    def _create_outputs(self) -> None:
+        """The class metadata, the cameras' output publishers (kept where _release finds them, also when one
+        fails) and the frame pipeline."""
         cfg = self.config
         self._declare_class_parameters()
         classes_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
@@ -219,25 +258,28 @@ class SegmentationNode(LifecycleNode):
         self.cameras = []
         for topic in cfg.image_topics:
             base, compressed = node_params.base_topic(topic)
-            info_pub = None
-            if cfg.publish_camera_info:
-                info_pub = self._output_publisher(CameraInfo, node_params.sibling_topic(
-                    base, f"{cfg.output_namespace}/camera_info"))
-            cam = Camera(topic, compressed, {}, info_pub, CameraInfoCache())
-            cam.publishers = {kind: self._output_publisher(Image, self._output_topic(cam, kind))
-                              for kind in cfg.outputs}
+            cam = Camera(topic, compressed, {}, None, CameraInfoCache())
             self.cameras.append(cam)
+            if cfg.publish_camera_info:
+                cam.info_publisher = self._output_publisher(CameraInfo, node_params.sibling_topic(
+                    base, f"{cfg.output_namespace}/camera_info"))
+            for kind in cfg.outputs:
+                cam.publishers[kind] = self._output_publisher(Image, self._output_topic(cam, kind))
         self._by_topic = {c.topic: c for c in self.cameras}
         self.pipeline = FramePipeline(
-            seg, [(c.topic, c.compressed) for c in self.cameras], wanted=self._wanted, publish=self._publish,
-            clock_ns=lambda: self.get_clock().now().nanoseconds, options=PipelineOptions.from_config(cfg),
-            logger=self.get_logger(), on_fatal=self._on_fatal)
-        self.get_logger().info(f"configured: {self._describe_model()}")
-        return super().on_configure(state)
+            self.segmenter, [(c.topic, c.compressed) for c in self.cameras], wanted=self._wanted,
+            publish=self._publish, clock_ns=lambda: self.get_clock().now().nanoseconds,
+            options=PipelineOptions.from_config(cfg), logger=self.get_logger(), on_fatal=self._on_fatal)
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
-        for cam in self.cameras:
-            self._subscribe(cam)
+        self.startup_error = None
+        try:
+            for cam in self.cameras:
+                self._subscribe(cam)
+        except Exception as e:  # noqa: BLE001 - as in on_configure
+            for cam in self.cameras:
+                self._unsubscribe(cam)
+            return self._failed("activate", f"cannot subscribe to the cameras: {type(e).__name__}: {e}")
         assert self.pipeline is not None
         self.pipeline.start()
         self._active = True
@@ -416,7 +458,12 @@ class SegmentationNode(LifecycleNode):
     # ------------------------------------------------------------------ model
     def _warn_unknown_overrides(self) -> None:
         overrides = getattr(self, "_parameter_overrides", {}) or {}  # rclpy keeps no public list of overrides
+        applied = {p.name.lower() for p in QOS_POLICIES}
         for name in overrides:
+            if name.startswith("qos_overrides.") and name.rsplit(".", 1)[-1] not in applied:
+                self.get_logger().warning(f"ignoring {name}: this node applies the QoS policies "
+                                          f"{', '.join(sorted(applied))}")
+                continue
             if name in node_params.SPECS or name == "use_sim_time" or name.startswith(("qos_overrides.", "classes.")):
                 continue
             near = node_params.close_matches(name)
@@ -474,14 +521,23 @@ class SegmentationNode(LifecycleNode):
         except (ValueError, RuntimeError, OSError) as e:
             raise StartupError(f"cannot start the Segmenter: {e}") from None
 
+    @staticmethod
+    def _contract(class_set: Any) -> tuple:
+        return (tuple(class_set.classes), tuple(tuple(int(v) for v in c) for c in class_set.palette),
+                int(class_set.ignore_index))
+
     def _check_classes(self, seg: Any) -> None:
-        """Class ids are a contract with the subscribers: a model with other classes needs a restart."""
-        names = tuple(seg.class_set.classes)
-        if self._class_names is not None and names != self._class_names:
-            seg.close()
-            raise StartupError(f"the model's {len(names)} classes differ from the {len(self._class_names)} this "
-                               f"node announced (class ids would change under its subscribers); restart the node "
-                               f"to use it")
+        """Class ids, colors and the ignore index are a contract with the subscribers (and the read-only classes.*
+        parameters): a model with others needs a restart."""
+        if self._class_contract is None or self._contract(seg.class_set) == self._class_contract:
+            return
+        names, announced = tuple(seg.class_set.classes), self._class_contract[0]
+        seg.close()
+        if names != announced:
+            raise StartupError(f"the model's {len(names)} classes differ from the {len(announced)} this node "
+                               f"announced (class ids would change under its subscribers); restart the node to use it")
+        raise StartupError("the model's class colors or ignore index differ from those this node announced (the "
+                           "classes.* parameters and the color output); restart the node to use it")
 
     def _describe_model(self) -> str:
         seg = self.segmenter
@@ -498,9 +554,9 @@ class SegmentationNode(LifecycleNode):
     def _declare_class_parameters(self) -> None:
         cs = self.segmenter.class_set
         self.classes_json = node_params.class_metadata_json(cs, self.model_path)
-        if self._class_names is not None:  # declared at the first configure (same classes: _check_classes)
+        if self._class_contract is not None:  # declared at the first configure (the same: _check_classes)
             return
-        self._class_names = tuple(cs.classes)
+        self._class_contract = self._contract(cs)
         colors = ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in cs.palette]
         values = {"classes.names": list(cs.classes), "classes.colors": colors,
                   "classes.ignore_index": int(cs.ignore_index), "classes.json": self.classes_json}
@@ -529,6 +585,9 @@ class SegmentationNode(LifecycleNode):
             self._apply(changes)
         except (StartupError, ConfigError, ValueError) as e:
             return SetParametersResult(successful=False, reason=str(e))
+        except Exception as e:  # noqa: BLE001 - an unexpected error refuses the change; it never ends the executor
+            self.get_logger().error(f"could not apply {', '.join(changes)}: {type(e).__name__}: {e}")
+            return SetParametersResult(successful=False, reason=f"{type(e).__name__}: {e}")
         return SetParametersResult(successful=True)
 
     def _apply(self, changes: dict[str, Any]) -> None:
@@ -537,15 +596,24 @@ class SegmentationNode(LifecycleNode):
         engine = self.config.engine.replace(**engine_changes) if engine_changes else self.config.engine
         if "model" in changes and changes["model"] and not os.path.isfile(changes["model"]):
             raise StartupError(f"model {changes['model']!r}: no such file")
-        if rebuild and self.segmenter is not None:
-            self._hot_swap(changes.get("model", self.config.model), engine)
-        elif engine_changes and self.segmenter is not None:
-            engine = self.segmenter.reconfigure(**engine_changes)  # applied between two batches
+        problem = node_params.warmup_problem(engine, changes.get("max_pixels", self.config.max_pixels))
+        if problem:  # a warm-up frame is bounded like the frames, also when max_pixels changes
+            raise StartupError(problem)
+        new_outputs = "outputs" in changes and bool(self.cameras)
+        if new_outputs:
+            self._set_outputs(tuple(changes["outputs"]))  # nothing changed when it fails
+        try:
+            if rebuild and self.segmenter is not None:
+                self._hot_swap(changes.get("model", self.config.model), engine)
+            elif engine_changes and self.segmenter is not None:
+                engine = self.segmenter.reconfigure(**engine_changes)  # applied between two batches
+        except BaseException:
+            if new_outputs:  # the whole change is refused: the outputs as they were
+                self._set_outputs(tuple(self.config.outputs))
+            raise
         self.config = dataclasses.replace(self.config, engine=engine, **{
             k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items()
             if k in {f.name for f in dataclasses.fields(NodeConfig)} and k != "engine"})
-        if "outputs" in changes and self.cameras:
-            self._set_outputs(tuple(changes["outputs"]))
         live = {f.name for f in dataclasses.fields(PipelineOptions)}
         update = {k: v for k, v in changes.items() if k in live}
         if update and self.pipeline is not None:
@@ -572,14 +640,24 @@ class SegmentationNode(LifecycleNode):
         self.get_logger().info(f"hot swap done in {time.monotonic() - t0:.1f} s: {self._describe_model()}")
 
     def _set_outputs(self, outputs: tuple[str, ...]) -> None:
-        """Advertise exactly ``outputs`` per camera (publishers created or destroyed)."""
+        """Advertise exactly ``outputs`` per camera: the new publishers are created first (if one cannot be, those
+        created are destroyed and nothing changed), then the dropped ones destroyed."""
         with self._pub_lock:
+            created: list[tuple[Camera, str, Any]] = []
+            try:
+                for cam in self.cameras:
+                    for kind in outputs:
+                        if kind not in cam.publishers:
+                            created.append((cam, kind, self._output_publisher(Image, self._output_topic(cam, kind))))
+            except Exception as e:
+                for *_, pub in created:
+                    self.destroy_publisher(pub)
+                raise StartupError(f"cannot advertise the outputs: {type(e).__name__}: {e}") from None
+            for cam, kind, pub in created:
+                cam.publishers[kind] = pub
             for cam in self.cameras:
                 for kind in [k for k in cam.publishers if k not in outputs]:
                     self.destroy_publisher(cam.publishers.pop(kind))
-                for kind in outputs:
-                    if kind not in cam.publishers:
-                        cam.publishers[kind] = self._output_publisher(Image, self._output_topic(cam, kind))
 
     # ------------------------------------------------------------------ called by the pipeline's worker thread
     def _on_fatal(self, message: str) -> None:

@@ -12,8 +12,8 @@
   (``os._exit`` after the cleanup, which also skips seconds of interpreter finalisation).
 - The node runs in a MultiThreadedExecutor: the frames (subscriptions, timers) in one callback group, parameter and
   lifecycle services in another, so a model load or a hot swap never stops the frames.
-- Exit status: 0 (stopped), 1 (an unrecoverable device error: launch's ``respawn`` restarts the node), 2 (could not
-  start).
+- Exit status: 0 (stopped), 1 (an unrecoverable device error, or the executor stopped on an exception no callback
+  handled: launch's ``respawn`` restarts the node), 2 (could not start).
 
 The heavy modules (rclpy, the node, torch) are imported after the signal handlers are installed.
 """
@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 NODE_NAME = "icnet_node"
@@ -154,13 +155,28 @@ def _run(stop: StopRequest) -> int:
                 node.startup_error = str(e)
                 node.finished.set()
         starter = node.create_timer(0.0, autostart)
-    spinner = threading.Thread(target=spin, args=(executor,), name="icnet_executor", daemon=True)
+    died: list[BaseException] = []
+
+    def spin_and_report() -> None:
+        try:
+            spin(executor)
+        except BaseException as e:  # noqa: BLE001 - a callback's exception ends rclpy's spin: reported below
+            died.append(e)
+
+    spinner = threading.Thread(target=spin_and_report, name="icnet_executor", daemon=True)
     spinner.start()
     while not stop.event.is_set() and not node.finished.is_set() and spinner.is_alive():
         stop.event.wait(0.1)
 
     status = 0
     if node.fatal_error:
+        status = 1
+    elif died and not stop.event.is_set() and not node.finished.is_set():  # the node no longer serves anything
+        e = died[0]
+        where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+        print(f"{NODE_NAME}: error: the executor stopped on {type(e).__name__}: {e}{at}; exiting with status 1 "
+              f"(respawn restarts the node)", file=sys.stderr, flush=True)
         status = 1
     elif node.config.autostart and node.startup_error and not stop.event.is_set():
         print(f"{NODE_NAME}: error: {node.startup_error}", file=sys.stderr, flush=True)

@@ -416,6 +416,46 @@ def test_worker_thread_start_stop_and_segmenter_swap(segmenter: Segmenter, tmp_p
     assert not pipe.idle()
 
 
+def test_start_after_a_stop_that_timed_out_serves_on(segmenter: Segmenter):
+    """Deactivate while a forward pass outlasts stop()'s timeout, then activate: the worker still finishing its
+    batch serves on (it never ends while a start() says it runs), and the next frames are served."""
+    gate = threading.Event()
+
+    class Slow:  # the real Segmenter behind a gate: a forward pass that takes as long as the test wants
+        def __getattr__(self, name):
+            return getattr(segmenter, name)
+
+        def segment(self, *args, **kwargs):
+            gate.wait(30)
+            return segmenter.segment(*args, **kwargs)
+
+    pipe, sink, _ = make(Slow(), max_age=0.0)
+    pipe.start()
+    try:
+        pipe.submit("/a", image(1, stamp_ns=1))
+        assert pipe.wait_taken("/a", 1, timeout=30)  # in flight, held at the gate
+        assert not pipe.stop(timeout=0.1)  # timed out: the batch is still running
+        worker = pipe._worker
+        pipe.start()  # activate again before the batch ends
+        gate.set()
+        pipe.submit("/a", image(2, stamp_ns=2))
+        deadline = time.monotonic() + 30
+        while len(sink.published) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [stamp for _, stamp, *_ in sink.published] == [1, 2] and pipe.running
+        assert pipe._worker is worker  # the same worker served on
+        for _ in range(20):  # stop/start races with a worker deciding to end: never left without a worker
+            pipe.stop(timeout=0.0)
+            pipe.start()
+        pipe.submit("/a", image(3, stamp_ns=3))
+        while len(sink.published) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(sink.published) == 3 and pipe.running
+    finally:
+        gate.set()
+        assert pipe.stop(30)
+
+
 def test_wait_taken_returns_once_the_worker_took_the_frame(segmenter: Segmenter):
     pipe, sink, _ = make(segmenter)
     assert not pipe.wait_taken("/a", 1, timeout=0.05)  # nothing received yet

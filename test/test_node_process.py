@@ -45,6 +45,12 @@ def run_node(args: list[str], timeout: float = 60) -> subprocess.CompletedProces
     (["--ros-args", "-p", "warmup:=64x"], "parameter 'warmup' = '64x': must be true, false or frame sizes"),
     (["--ros-args", "-p", "warmup:=96x128;5000x5000", "-p", "device:=cpu"],
      "parameter 'warmup' = '96x128;5000x5000': warmup size 5000x5000 is larger than max_pixels (8294400)"),
+    # read by rclpy only when the publisher is made (this one: when the color output is enabled): checked now
+    (["--ros-args", "-p", "qos_overrides./camera/semantic/color.publisher.reliability:=bogus"],
+     "qos_overrides./camera/semantic/color.publisher.reliability = 'bogus': reliability must be one of "
+     "system_default, reliable, best_effort, best_available"),
+    (["--ros-args", "-p", "qos_overrides./camera/image_raw.subscription.depth:=-3"],
+     "qos_overrides./camera/image_raw.subscription.depth = -3: depth must be an integer in [1, 10000]"),
 ])
 def test_bad_arguments_give_one_line(args: list[str], message: str):
     proc = run_node(args)
@@ -283,6 +289,7 @@ def test_lifecycle_in_process_frees_the_model_and_refuses_other_classes(checkpoi
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
+    from icnet_ros.checkpoint import load_model, save_checkpoint
     from icnet_ros.node import SegmentationNode
 
     other = make_checkpoint(tmp_path / "other_classes.safetensors", num_classes=5)
@@ -302,6 +309,11 @@ def test_lifecycle_in_process_frees_the_model_and_refuses_other_classes(checkpoi
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS and node.pipeline.running
         result = node.set_parameters([Parameter("model", value=str(other))])[0]
         assert not result.successful and "classes differ" in result.reason, result
+        recolored = load_model(checkpoint)  # the same classes in other colors: the classes.* parameters would lie
+        meta = {**recolored.meta, "palette": [[255 - v for v in c] for c in recolored.meta["palette"]]}
+        save_checkpoint(recolored, tmp_path / "recolored.safetensors", meta)
+        result = node.set_parameters([Parameter("model", value=str(tmp_path / "recolored.safetensors"))])[0]
+        assert not result.successful and "class colors or ignore index differ" in result.reason, result
         assert node.segmenter is seg and node.get_parameter("model").value == str(checkpoint)
         assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS and not node.pipeline.running
         assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
@@ -339,7 +351,9 @@ def test_warmup_at_the_cameras_sizes_and_its_hot_swap(checkpoint: Path):
         assert not result.successful and "must be true, false or frame sizes" in result.reason, result
         result = node.set_parameters([Parameter("warmup", value="96x128;40000x40000")])[0]  # bounded as frames are
         assert not result.successful and "warmup size 40000x40000 is larger than max_pixels" in result.reason, result
-        assert node.segmenter is seg
+        result = node.set_parameters([Parameter("max_pixels", value=5000)])[0]  # the other side of the same bound
+        assert not result.successful and "warmup size 96x128 is larger than max_pixels (5000)" in result.reason
+        assert node.segmenter is seg and node.config.max_pixels > 5000
         assert node.set_parameters([Parameter("warmup", value="false")])[0].successful
         assert node.segmenter is not seg and node.segmenter.warmed_up == []  # a new Segmenter, not warmed up
         assert "no warm-up" in node._describe_model()
