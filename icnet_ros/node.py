@@ -174,6 +174,10 @@ class SegmentationNode(LifecycleNode):
         except ParameterError as e:
             raise StartupError(str(e)) from None
         self._warn_unknown_overrides()
+        problem = node_params.topic_collision(list(self.config.image_topics), [
+            self.resolve_topic_name(t) for t in self.config.image_topics], self.config.output_namespace)
+        if problem:
+            raise StartupError(problem)
         for name, param in (getattr(self, "_parameter_overrides", None) or {}).items():
             problem = qos_override_problem(name, param.value) if name.startswith("qos_overrides.") else None
             if problem:

@@ -125,7 +125,7 @@ PARAMS: tuple[ParamSpec, ...] = (
               "Camera image topics (sensor_msgs/Image). A topic ending in '/compressed' is subscribed as "
               "sensor_msgs/CompressedImage (jpeg or png). Outputs are published next to each input: "
               "/cam/image_raw -> /cam/semantic/{label,color,overlay,confidence,camera_info}.",
-              "at least one valid topic name, no duplicates", _check_topics),
+              "at least one valid topic name; each camera once, in a namespace of its own", _check_topics),
     ParamSpec("model", "", "Model file: a native .safetensors checkpoint, or an exported .onnx / OpenVINO .xml "
               "(icnet-export); empty = the package's default model.", "an existing icnet_ros model file or empty",
               read_only=False, hot_swap=True),
@@ -214,6 +214,26 @@ def camera_namespace(topic: str) -> str:
     if not sep:
         return ""
     return head if head not in ("", "~") else head + "/"
+
+
+def topic_collision(topics: list[str], resolved: list[str], output_namespace: str) -> str | None:
+    """Why these cameras cannot share one node (None when they can): ``resolved`` are ``topics`` as the node
+    resolves them (its namespace, remappings). Two entries naming one camera would serve each frame twice; two
+    cameras in one namespace would publish to the same output topics."""
+    seen: dict[str, str] = {}
+    outputs: dict[str, str] = {}
+    for topic, full in zip(topics, resolved):
+        base = base_topic(full)[0]
+        if base in seen:
+            return (f"image_topics: {seen[base]!r} and {topic!r} are the same camera ({base}); list each camera "
+                    f"once")
+        seen[base] = topic
+        out = sibling_topic(base, output_namespace)
+        if out in outputs:
+            return (f"image_topics: {outputs[out]!r} and {topic!r} would both publish to {out}/*; give each "
+                    f"camera its own namespace (/cam1/image_raw, /cam2/image_raw) or remap them")
+        outputs[out] = topic
+    return None
 
 
 def sibling_topic(topic: str, name: str) -> str:

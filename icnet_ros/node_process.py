@@ -98,11 +98,18 @@ def check_ros_args(argv: list[str]) -> str | None:
             where = getattr(e, "problem_mark", None)
             return (f"--params-file {path!r}: not valid YAML"
                     + (f" (line {where.line + 1}: {getattr(e, 'problem', e)})" if where else f" ({e})"))
-        if not isinstance(doc, dict) or not all(isinstance(v, dict) and "ros__parameters" in v
-                                                for v in doc.values()):
-            return (f"--params-file {path!r}: expected '<node name or /**>: ros__parameters: {{...}}' "
-                    f"(see config/icnet.yaml)")
+        if not _node_sections(doc):
+            return (f"--params-file {path!r}: expected '<node name or /**>: ros__parameters: {{...}}', the node "
+                    f"optionally nested under its namespaces (see config/icnet.yaml)")
     return None
+
+
+def _node_sections(doc: Any, depth: int = 0) -> bool:
+    """Whether ``doc`` is a params file's mapping: each key a node name (``ros__parameters`` inside) or a namespace
+    holding more of them (``robot1: icnet_node: ros__parameters: ...``), as rcl's parser reads it."""
+    if not isinstance(doc, dict) or not doc or depth > 32:
+        return False
+    return all(isinstance(v, dict) and ("ros__parameters" in v or _node_sections(v, depth + 1)) for v in doc.values())
 
 
 def _rcl_message(e: BaseException) -> str:

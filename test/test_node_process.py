@@ -49,6 +49,10 @@ def run_node(args: list[str], timeout: float = 60) -> subprocess.CompletedProces
     (["--ros-args", "-p", "qos_overrides./camera/semantic/color.publisher.reliability:=bogus"],
      "qos_overrides./camera/semantic/color.publisher.reliability = 'bogus': reliability must be one of "
      "system_default, reliable, best_effort, best_available"),
+    (["--ros-args", "-p", "image_topics:=[image_raw, /image_raw/compressed]"],  # one camera (the node is in /)
+     "image_topics: 'image_raw' and '/image_raw/compressed' are the same camera (/image_raw)"),
+    (["--ros-args", "-p", "image_topics:=[/stereo/left, /stereo/right]"],
+     "image_topics: '/stereo/left' and '/stereo/right' would both publish to /stereo/semantic/*"),
     (["--ros-args", "-p", "qos_overrides./camera/image_raw.subscription.depth:=-3"],
      "qos_overrides./camera/image_raw.subscription.depth = -3: depth must be an integer in [1, 10000]"),
 ])
@@ -69,6 +73,14 @@ def test_params_file_checks(tmp_path: Path):
     assert "expected '<node name or /**>: ros__parameters" in check_ros_args(["x", "--ros-args", "--params-file",
                                                                               str(flat)])
     assert check_ros_args(["x", "--ros-args", "--params-file", "config/icnet.yaml"]) is None
+    nested = tmp_path / "nested.yaml"  # the node under its namespace, as rcl accepts it
+    nested.write_text("robot1:\n  front:\n    icnet_node:\n      ros__parameters:\n        max_batch: 3\n"
+                      "/**:\n  ros__parameters:\n    device: cpu\n")
+    assert check_ros_args(["x", "--ros-args", "--params-file", str(nested)]) is None
+    empty_ns = tmp_path / "empty_ns.yaml"
+    empty_ns.write_text("robot1:\n  icnet_node: {}\n")
+    assert "expected '<node name or /**>: ros__parameters" in check_ros_args(["x", "--ros-args", "--params-file",
+                                                                              str(empty_ns)])
     assert check_ros_args(["x"]) is None
 
 
