@@ -58,11 +58,11 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
 from . import node_params
-from .camera_info import CameraInfoCache, image_size, scale_camera_info, stamp_ns
+from .camera_info import CameraInfoCache, scale_camera_info, stamp_ns
 from .engine_config import LIVE_OPTIONS, OPTIONS, ConfigError
 from .frame_pipeline import FramePipeline, PipelineOptions, release_device_memory
 from .node_params import NODE_NAME, NodeConfig, ParameterError
-from .ros_image import numpy_to_image
+from .ros_image import compressed_header, numpy_to_image
 
 __all__ = ["SegmentationNode", "StartupError", "auto_cpu_threads"]
 
@@ -703,9 +703,9 @@ class SegmentationNode(LifecycleNode):
             if info_pub is not None and info_pub.get_subscription_count() > 0:
                 info = cam.info_cache.match(stamp_ns(header))
                 out_size = tuple(res.label.shape[:2])
-                if cam.compressed:  # the decoded size is the output's at output_size 'input'
+                if cam.compressed:  # the decoded size: the output's at output_size 'input', else the JPEG/PNG header's
                     in_size = out_size if self.config.engine.output_size == "input" else \
-                        (image_size(info) if info is not None else (0, 0))
+                        compressed_header(msg)[1:]  # read (checked) when the frame was taken: cheap, cannot fail
                 else:
                     in_size = (int(msg.height), int(msg.width))
                 if info is not None and min(in_size) > 0:

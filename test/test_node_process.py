@@ -246,35 +246,49 @@ def test_input_qos_follows_a_reliable_camera_and_warns_when_frames_do_not_arrive
 def test_camera_info_is_paired_by_stamp_and_scaled(ros: RosHarness, checkpoint: Path, tmp_path: Path):
     """Two camera_infos with different stamps and calibrations; a frame stamped like the older one gets that one
     (not the newest), scaled by the label/image size ratio (output_size model, input_size 64x96: 120x160 ->
-    64x96), with the image's header."""
+    64x96), with the image's header. A compressed camera's image size comes from its JPEG header, so its
+    camera_info is served too when that is uncalibrated (0x0: it stays so)."""
+    import cv2
     from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import CameraInfo
+    from sensor_msgs.msg import CameraInfo, CompressedImage
 
     reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
     pub = ros.publisher(Image, "/ci/image_raw", reliable)
     info_pub = ros.publisher(CameraInfo, "/ci/camera_info", reliable)
+    jpeg_pub = ros.publisher(CompressedImage, "/cj/image_raw/compressed", reliable)
+    jpeg_info_pub = ros.publisher(CameraInfo, "/cj/camera_info", reliable)
     info_out = ros.collect(CameraInfo, "/ci/semantic/camera_info")
+    jpeg_info_out = ros.collect(CameraInfo, "/cj/semantic/camera_info")
     label = ros.collect(Image, "/ci/semantic/label")
-    run = NodeRun(["-p", f"model:={checkpoint}", "-p", "device:=cpu", "-p", "image_topics:=[/ci/image_raw]",
+    jpeg_label = ros.collect(Image, "/cj/semantic/label")  # a camera is served while one of its images is watched
+    run = NodeRun(["-p", f"model:={checkpoint}", "-p", "device:=cpu",
+                   "-p", "image_topics:=[/ci/image_raw, /cj/image_raw/compressed]",
                    "-p", "output_size:=model", "-p", "input_size:=64x96"], tmp_path / "n.log")
     try:
         run.wait_for(r"\]: ready: ")
-        for entity in (pub, info_pub, info_out.subscription, label.subscription):
+        for entity in (pub, info_pub, jpeg_pub, jpeg_info_pub, info_out.subscription, jpeg_info_out.subscription,
+                       label.subscription, jpeg_label.subscription):
             ros.wait_matched(entity)
         t_old, t_new = ros.now().to_msg(), ros.now().to_msg()
         t_new.sec += 1
         img = np.random.default_rng(2).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+        jpeg = CompressedImage(format="jpeg", data=cv2.imencode(".jpg", img)[1].tobytes())
+        jpeg.header.stamp, jpeg.header.frame_id = t_old, "cj"
         for _ in range(3):  # all again if nothing came back (seen in CI after other node tests in the same
             for stamp, fx in ((t_old, 100.0), (t_new, 200.0)):  # process: a matched subscription missing samples)
                 info = CameraInfo(width=160, height=120, k=[fx, 0, 80.0, 0, fx, 60.0, 0, 0, 1.0],
                                   p=[fx, 0, 80.0, 0, 0, fx, 60.0, 0, 0, 0, 1.0, 0])
                 info.header.stamp, info.header.frame_id = stamp, "ci"
                 info_pub.publish(info)
+            uncalibrated = CameraInfo()
+            uncalibrated.header.stamp, uncalibrated.header.frame_id = t_old, "cj"
+            jpeg_info_pub.publish(uncalibrated)
             time.sleep(0.5)
             pub.publish(image_msg(img, "rgb8", t_old, frame_id="ci"))
-            if info_out.wait_for(lambda m: len(m) >= 1, 10):
+            jpeg_pub.publish(jpeg)
+            if info_out.wait_for(lambda m: len(m) >= 1, 10) and jpeg_info_out.wait_for(lambda m: len(m) >= 1, 10):
                 break
-        assert info_out.messages, run.output()
+        assert info_out.messages and jpeg_info_out.messages, run.output()
         out = info_out.messages[0]
         lab = label.messages[0] if label.wait_for(lambda m: len(m) >= 1, 10) else None
         assert lab is not None and (lab.height, lab.width) == (64, 96), lab
@@ -282,12 +296,14 @@ def test_camera_info_is_paired_by_stamp_and_scaled(ros: RosHarness, checkpoint: 
         assert out.header.frame_id == "ci" and (out.width, out.height) == (96, 64)
         np.testing.assert_allclose(out.k, [100.0 * 96 / 160, 0, 80.0 * 96 / 160, 0, 100.0 * 64 / 120,
                                            60.0 * 64 / 120, 0, 0, 1.0])
+        j = jpeg_info_out.messages[0]
+        assert j.header.frame_id == "cj" and (j.width, j.height) == (0, 0) and not any(j.k)
     finally:
         run.close()
-        ros.unsubscribe(info_out)
-        ros.unsubscribe(label)
-        ros.node.destroy_publisher(pub)
-        ros.node.destroy_publisher(info_pub)
+        for collector in (info_out, jpeg_info_out, label, jpeg_label):
+            ros.unsubscribe(collector)
+        for publisher in (pub, info_pub, jpeg_pub, jpeg_info_pub):
+            ros.node.destroy_publisher(publisher)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
