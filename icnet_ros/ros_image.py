@@ -40,8 +40,16 @@ DEFAULT_MAX_PIXELS = 3840 * 2160
 #: scans a JPEG may have (a baseline JPEG has 1, a progressive one about 10): each scan is a pass over all the
 #: image's coefficients, so thousands of tiny scans make a small file take minutes to decode
 MAX_JPEG_SCANS = 100
-#: marker segments a JPEG may have (real files: tens)
+#: markers a JPEG may have outside its entropy-coded data, with or without a length field (real files: tens); bounds
+#: the Python-level work of the marker walk
 MAX_JPEG_SEGMENTS = 1000
+#: fill bytes (0xFF padding before a marker) a JPEG may have outside its entropy-coded data, all runs together. The
+#: spec allows any number; encoders write none or a few, and Pillow's parser reads each one in Python
+MAX_JPEG_FILL_BYTES = 65536
+#: bytes of metadata (APPn and COM segments, all together) a JPEG may have: camera frames carry none or an Exif block
+#: (at most 64 KiB), photos an ICC profile of a few KiB. Pillow parses them in Python (it joins Exif blocks one
+#: concatenation at a time: 1000 of them took 20 s)
+MAX_JPEG_METADATA_BYTES = 4 << 20
 #: chunks a PNG may have: this many plus one per 4 KiB of data (encoders write image data in chunks of 8-64 KiB: a
 #: noisy 4K frame from OpenCV has about 3000 in 25 MB); bounds the Python-level work of the chunk walk
 MAX_PNG_CHUNKS = 1000
@@ -239,6 +247,8 @@ _JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xC
 # in entropy-coded data, 0xFF is followed by 0x00 (stuffing), a restart marker (D0-D7) or fill bytes (FF); any
 # other byte starts the next marker segment
 _JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# a marker's 0xFF and the fill bytes before it
+_JPEG_FILL = re.compile(rb"\xff+")
 
 
 def _png_header(buf: np.ndarray) -> tuple[int, int]:
@@ -312,31 +322,69 @@ def _check_png_data_length(buf: np.ndarray) -> None:
                                          f"{width}x{height} header needs (rows missing)")
 
 
+def _check_dqt(data: memoryview, start: int, end: int, at: int) -> None:
+    """A DQT segment's body ``data[start:end]`` must be 1 to 4 quantization tables (id 0-3, 8- or 16-bit values),
+    as libjpeg requires; Pillow's parser reads them one by one in Python, so their number is bounded first (at most
+    8 steps here)."""
+    j, tables = start, 0
+    while j < end and tables <= 4 and end - start <= 4 * 129:
+        precision, table = data[j] >> 4, data[j] & 15
+        if precision > 1 or table > 3:
+            break
+        j += 1 + 64 * (precision + 1)
+        tables += 1
+    if j != end or not 1 <= tables <= 4:
+        raise ImageFormatError("decode", f"JPEG: DQT segment of length {end - start + 2} at byte {at} is not 1 to 4 "
+                                         "quantization tables")
+
+
 def _jpeg_header(buf: np.ndarray) -> tuple[int, int]:
-    """(height, width) from a JPEG's start-of-frame segment. Walks every marker segment (entropy-coded data is
-    skipped with a C-speed search), so the structure is checked and the number of scans bounded: the work is
-    linear in the size of the message."""
+    """(height, width) from a JPEG's start-of-frame segment. Walks every marker outside the entropy-coded data in
+    O(markers) Python steps: runs of fill bytes and each scan's entropy-coded data (where 0xFF00 is stuffing and
+    restart markers appear) are skipped with C-speed searches, every marker counts against
+    :data:`MAX_JPEG_SEGMENTS`, fill bytes against :data:`MAX_JPEG_FILL_BYTES`, scans against
+    :data:`MAX_JPEG_SCANS`. Markers that cannot stand between segments (RSTn and TEM outside a scan, a second SOI,
+    0xFF00) are refused, as are hierarchical-mode markers (DHP, EXP: libjpeg cannot decode them), a frame header
+    whose length does not match its component count, a DQT segment that is not 1 to 4 tables, more than
+    :data:`MAX_JPEG_METADATA_BYTES` of APPn/COM segments and a JPEG without a frame header or a scan, so the decoder
+    (whose Python-level parser reads everything before the first scan) never sees such a file."""
     data = memoryview(buf)
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         raise ImageFormatError("decode", "JPEG does not start with an SOI marker")
-    i, size, scans, segments = 2, None, 0, 0
+    i, size, scans, markers, fill, metadata = 2, None, 0, 1, 0, 0  # SOI counted
     while i < n:
         if data[i] != 0xFF:
             raise ImageFormatError("decode", f"JPEG: expected a marker at byte {i}")
-        while i < n and data[i] == 0xFF:  # fill bytes
-            i += 1
+        # the marker's 0xFF and any fill bytes before it, searched only as far as the fill budget reaches
+        run = _JPEG_FILL.match(data, i, min(n, i + MAX_JPEG_FILL_BYTES - fill + 2)).end() - i
+        fill += run - 1
+        if fill > MAX_JPEG_FILL_BYTES:
+            raise ImageFormatError("decode", f"JPEG has more than {MAX_JPEG_FILL_BYTES} fill bytes (0xFF padding "
+                                             f"before markers; at byte {i})")
+        i += run
         if i >= n:
             break
-        marker = data[i]
+        at, marker = i - 1, data[i]
         i += 1
+        markers += 1
+        if markers > MAX_JPEG_SEGMENTS:
+            raise ImageFormatError("decode", f"JPEG has more than {MAX_JPEG_SEGMENTS} markers (at byte {at})")
         if marker == 0xD9:  # EOI
             break
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length field
-            continue
-        segments += 1
-        if segments > MAX_JPEG_SEGMENTS:
-            raise ImageFormatError("decode", f"JPEG has more than {MAX_JPEG_SEGMENTS} marker segments")
+        if 0xD0 <= marker <= 0xD7:
+            raise ImageFormatError("decode", f"JPEG: restart marker RST{marker - 0xD0} at byte {at} outside "
+                                             "entropy-coded data")
+        if marker == 0x01:
+            raise ImageFormatError("decode", f"JPEG: TEM marker at byte {at} outside entropy-coded data")
+        if marker == 0xD8:
+            raise ImageFormatError("decode", f"JPEG: second SOI marker at byte {at}")
+        if marker == 0x00:
+            raise ImageFormatError("decode", f"JPEG: 0xFF00 at byte {at} is not a marker (stuffed byte outside "
+                                             "entropy-coded data)")
+        if marker in (0xDE, 0xDF):
+            raise ImageFormatError("decode", f"JPEG: hierarchical-mode marker {'DHP' if marker == 0xDE else 'EXP'} "
+                                             f"at byte {at} (not supported)")
         if i + 2 > n:
             raise ImageFormatError("decode", "JPEG ends inside a marker segment")
         length = (data[i] << 8) | data[i + 1]
@@ -349,7 +397,17 @@ def _jpeg_header(buf: np.ndarray) -> tuple[int, int]:
                 raise ImageFormatError("decode", "JPEG frame header too short")
             if size is not None:
                 raise ImageFormatError("decode", "JPEG has more than one frame header")
+            if length != 8 + 3 * data[i + 7]:
+                raise ImageFormatError("decode", f"JPEG frame header of length {length} does not match its "
+                                                 f"{data[i + 7]} components")
             size = ((data[i + 3] << 8) | data[i + 4], (data[i + 5] << 8) | data[i + 6])
+        elif marker == 0xDB:
+            _check_dqt(data, i + 2, end, at)
+        elif 0xE0 <= marker <= 0xEF or marker == 0xFE:  # APPn, COM
+            metadata += length
+            if metadata > MAX_JPEG_METADATA_BYTES:
+                raise ImageFormatError("decode", f"JPEG has more than {MAX_JPEG_METADATA_BYTES} bytes of APPn/COM "
+                                                 f"metadata (at byte {at})")
         elif marker == 0xDA:  # start of scan: skip its entropy-coded data
             scans += 1
             if size is None:
@@ -361,6 +419,8 @@ def _jpeg_header(buf: np.ndarray) -> tuple[int, int]:
         i = end
     if size is None:
         raise ImageFormatError("decode", "JPEG has no frame header (SOF)")
+    if not scans:
+        raise ImageFormatError("decode", "JPEG has no scan (SOS): no image data")
     return size
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import array
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -280,6 +281,8 @@ def _bad_compressed() -> dict[str, tuple[str, bytes, str]]:
     img = RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8)
     png, jpg = _png(img), numpy_to_compressed(img, "RGB", "jpeg")[1]
     idat = png.index(b"IDAT")
+    sof = jpg.index(b"\xff\xc0")
+    dqt = jpg.index(b"\xff\xdb")
     return {
         "png truncated": ("png", png[: len(png) // 2], "decode"),
         "png IHDR CRC": ("png", png[:30] + bytes([png[30] ^ 0xFF]) + png[31:], "decode"),
@@ -293,6 +296,19 @@ def _bad_compressed() -> dict[str, tuple[str, bytes, str]]:
         "jpeg segment past the end": ("jpeg", jpg[:2] + b"\xff\xe0\xff\xff" + jpg[6:40], "decode"),
         "jpeg zero height (DNL)": ("jpeg", jpeg_with_size(jpg, 0, 32), "size"),
         "jpeg garbage scan": ("jpeg", jpg[:-200] + bytes(range(256))[:198] + b"\xff\xd9", "decode"),
+        # markers that cannot stand between segments: RSTn/TEM outside entropy-coded data, a second SOI, 0xFF00
+        "jpeg RST before the frame header": ("jpeg", jpg[:sof] + b"\xff\xd3" + jpg[sof:], "decode"),
+        "jpeg TEM before the frame header": ("jpeg", jpg[:sof] + b"\xff\x01" + jpg[sof:], "decode"),
+        "jpeg second SOI": ("jpeg", jpg[:sof] + b"\xff\xd8" + jpg[sof:], "decode"),
+        "jpeg stuffed byte between segments": ("jpeg", jpg[:sof] + b"\xff\x00" + jpg[sof:], "decode"),
+        "jpeg hierarchical DHP": ("jpeg", jpg[:sof] + b"\xff\xde" + jpg[sof + 2:], "decode"),
+        "jpeg frame header longer than its components": (
+            "jpeg", jpg[:sof + 2] + (jpg[sof + 2] * 256 + jpg[sof + 3] + 3).to_bytes(2, "big") + jpg[sof + 4:sof + 19]
+            + b"\x04\x11\x00" + jpg[sof + 19:], "decode"),
+        "jpeg DQT with 5 tables": ("jpeg", jpg[:dqt] + b"\xff\xdb" + (2 + 5 * 65).to_bytes(2, "big")
+                                   + b"".join(bytes([t % 4]) + bytes(range(1, 65)) for t in range(5)) + jpg[dqt:],
+                                   "decode"),
+        "jpeg header without a scan": ("jpeg", jpg[:jpg.index(b"\xff\xda")] + b"\xff\xd9", "decode"),
         "not an image": ("", b"GIF89a" + bytes(100), "decode"),
         "format says png, data is jpeg": ("png", jpg, "decode"),
         "empty": ("jpeg", b"", "size"),
@@ -427,3 +443,183 @@ def test_png_made_of_tiny_chunks_is_refused_quickly():
     with pytest.raises(ImageFormatError) as e:
         compressed_to_numpy(SimpleNamespace(format="png", data=bomb))
     assert e.value.reason == "decode" and "more than 1585 chunks" in str(e.value)
+
+
+def _header_walk_lines(data: bytes, limit: int = 20_000) -> tuple[int, ImageFormatError | None]:
+    """``(lines, error)``: the Python lines the JPEG header walk (``_jpeg_header``) executes on ``data``, counted with
+    a trace function (work measured structurally, not timed), and the ImageFormatError it raised (None: accepted).
+    A walk still going after ``limit`` lines is stopped, and reported as ``limit + 1`` lines."""
+    import sys
+
+    from icnet_ros import ros_image
+    from icnet_ros.ros_image import compressed_header
+
+    class TooMuchWork(Exception):
+        pass
+
+    walk, lines = ros_image._jpeg_header.__code__, 0
+
+    def count(frame, event, arg):
+        nonlocal lines
+        if event == "line":
+            lines += 1
+            if lines > limit:
+                raise TooMuchWork
+        return count
+
+    previous = sys.gettrace()
+    sys.settrace(lambda frame, event, arg: count if frame.f_code is walk else None)
+    try:
+        compressed_header(SimpleNamespace(format="jpeg", data=data))
+    except ImageFormatError as e:
+        return lines, e
+    except TooMuchWork:
+        return lines, None
+    finally:
+        sys.settrace(previous)
+    return lines, None
+
+
+# SOI and a valid 64x64 frame header (SOF0, 3 components); real files have tables before the SOF, not needed here
+_SOI_SOF = b"\xff\xd8\xff\xc0\x00\x11\x08\x00\x40\x00\x40\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+
+
+@pytest.mark.parametrize("name,unit,match", [
+    ("restart markers", b"\xff\xd0", "restart marker RST0 at byte 21 outside entropy-coded data"),
+    ("TEM markers", b"\xff\x01", "TEM marker at byte 21 outside entropy-coded data"),
+    ("fill bytes", b"\xff", "more than 65536 fill bytes"),
+], ids=["rst", "tem", "fill"])
+def test_jpeg_marker_flood_is_refused_quickly_before_decoding(name, unit, match, monkeypatch):
+    """16 MiB of length-less markers or 0xFF fill bytes after a valid frame header: the walk used to step through
+    them one byte at a time in Python without counting them (2.8 s for 32 MiB, in the callback every camera
+    shares) and hand the file to Pillow, whose parser took 11 s more. Now refused at the first misplaced marker /
+    past the fill budget, in as many Python steps as the smallest such flood, and the decoder never runs."""
+    import PIL.Image
+
+    from icnet_ros.ros_image import MAX_JPEG_FILL_BYTES
+
+    big = _SOI_SOF + unit * (16 * 1024 * 1024 // len(unit)) + b"\xff\xd9"
+    small = _SOI_SOF + (unit if len(unit) == 2 else unit * (MAX_JPEG_FILL_BYTES + 2)) + b"\xff\xd9"
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("a marker flood reached the decoder"))
+    with pytest.raises(ImageFormatError, match=match) as e:
+        compressed_to_numpy(SimpleNamespace(format="jpeg", data=big))
+    assert e.value.reason == "decode" and "\n" not in str(e.value)
+    big_lines, big_error = _header_walk_lines(big)
+    small_lines, small_error = _header_walk_lines(small)
+    assert big_error is not None and small_error is not None and str(big_error) == str(small_error)
+    assert big_lines == small_lines < 200, f"{name}: the walk's work grows with the flood ({big_lines} lines)"
+
+
+def test_jpeg_every_marker_counts_against_the_limit():
+    """Markers with and without a length field count alike; the walk stops at the limit."""
+    from icnet_ros.ros_image import MAX_JPEG_SEGMENTS
+
+    jpg = numpy_to_compressed(np.zeros((16, 16, 3), np.uint8), "RGB", "jpeg")[1]
+    sof = jpg.index(b"\xff\xc0")
+    empty_comment = b"\xff\xfe\x00\x02"
+    bomb = jpg[:sof] + empty_comment * 200_000 + jpg[sof:]
+    with pytest.raises(ImageFormatError, match=f"more than {MAX_JPEG_SEGMENTS} markers") as e:
+        compressed_to_numpy(SimpleNamespace(format="jpeg", data=bomb))
+    assert e.value.reason == "decode"
+    lines, error = _header_walk_lines(bomb, limit=10**6)
+    assert error is not None and lines < 40 * MAX_JPEG_SEGMENTS
+    # just under the limit: accepted (the markers of the file itself count too)
+    markers, i = 1, 2  # SOI, the segments before the scan, SOS, EOI
+    while jpg[i + 1] != 0xDA:
+        markers, i = markers + 1, i + 2 + int.from_bytes(jpg[i + 2:i + 4], "big")
+    markers += 2
+    ok = jpg[:sof] + empty_comment * (MAX_JPEG_SEGMENTS - markers) + jpg[sof:]
+    assert compressed_to_numpy(SimpleNamespace(format="jpeg", data=ok))[0].shape == (16, 16, 3)
+    with pytest.raises(ImageFormatError, match="markers"):
+        compressed_to_numpy(SimpleNamespace(format="jpeg", data=jpg[:sof] + empty_comment + ok[sof:]))
+
+
+def test_jpeg_fill_bytes_before_markers_are_allowed_within_a_budget(monkeypatch):
+    """The spec allows fill bytes (0xFF) before any marker: a few are accepted; more than MAX_JPEG_FILL_BYTES in
+    all are refused (Pillow's parser reads each one in Python)."""
+    import PIL.Image
+
+    from icnet_ros.ros_image import MAX_JPEG_FILL_BYTES
+
+    img = RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    jpg = numpy_to_compressed(img, "RGB", "jpeg")[1]
+    reference = compressed_to_numpy(SimpleNamespace(format="jpeg", data=jpg))[0]
+    sof, dht = jpg.index(b"\xff\xc0"), jpg.index(b"\xff\xc4")
+    padded = jpg[:sof] + b"\xff" * 100 + jpg[sof:dht] + b"\xff" * 7 + jpg[dht:]
+    np.testing.assert_array_equal(compressed_to_numpy(SimpleNamespace(format="jpeg", data=padded))[0], reference)
+    half = MAX_JPEG_FILL_BYTES // 2
+    flood = jpg[:sof] + b"\xff" * half + jpg[sof:dht] + b"\xff" * (half + 1) + jpg[dht:]  # one byte too many
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("a fill-byte flood reached the decoder"))
+    with pytest.raises(ImageFormatError, match=f"more than {MAX_JPEG_FILL_BYTES} fill bytes") as e:
+        compressed_to_numpy(SimpleNamespace(format="jpeg", data=flood))
+    assert e.value.reason == "decode"
+
+
+def test_jpeg_metadata_is_bounded():
+    """Pillow parses APPn/COM segments in Python and joins Exif blocks one concatenation at a time (1000 blocks of
+    64 KiB took 20 s): more than MAX_JPEG_METADATA_BYTES of them are refused; an ICC profile, Exif and a comment
+    pass."""
+    import io
+
+    from PIL import Image as PILImage
+
+    from icnet_ros.ros_image import MAX_JPEG_METADATA_BYTES
+
+    img = RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    PILImage.fromarray(img).save(out, "JPEG", icc_profile=b"\x00" * 200_000, exif=b"Exif\x00\x00" + bytes(1000),
+                                 comment=b"camera 1")
+    jpg = out.getvalue()
+    assert compressed_to_numpy(SimpleNamespace(format="jpeg", data=jpg))[0].shape == (16, 16, 3)
+    exif = b"\xff\xe1\xff\xff" + b"Exif\x00\x00" + bytes(0xFFFF - 8)
+    bomb = jpg[:2] + exif * (MAX_JPEG_METADATA_BYTES // 0xFFFF + 1) + jpg[2:]
+    with pytest.raises(ImageFormatError, match="APPn/COM metadata") as e:
+        compressed_to_numpy(SimpleNamespace(format="jpeg", data=bomb))
+    assert e.value.reason == "decode"
+
+
+def _cv2_jpeg(img: np.ndarray, *params: int) -> bytes:
+    import cv2
+
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(img[:, :, ::-1]), list(params))
+    assert ok
+    return data.tobytes()
+
+
+@pytest.mark.parametrize("variant", ["restart interval 1", "restart interval 5", "progressive",
+                                     "progressive with restarts", "pillow progressive", "pillow restarts",
+                                     "pillow progressive with restarts"])
+def test_valid_jpegs_with_restarts_and_progressive_scans_decode(variant):
+    """Restart markers (RSTn) inside entropy-coded data, 0xFF00 stuffing (noisy frames have plenty) and the ~10
+    scans of a progressive JPEG are valid: every such file decodes, to what OpenCV decodes, and the header walk's
+    Python work does not grow with the number of restart markers (they are skipped with the scan data)."""
+    import io
+
+    import cv2
+    from PIL import Image as PILImage
+
+    img = RNG.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    if variant.startswith("pillow"):
+        out, kw = io.BytesIO(), {"quality": 90}
+        if "progressive" in variant:
+            kw["progressive"] = True
+        if "restarts" in variant:
+            kw["restart_marker_blocks"] = 1
+        PILImage.fromarray(img).save(out, "JPEG", **kw)
+        data = out.getvalue()
+    else:
+        params = {"restart interval 1": (cv2.IMWRITE_JPEG_RST_INTERVAL, 1),
+                  "restart interval 5": (cv2.IMWRITE_JPEG_RST_INTERVAL, 5),
+                  "progressive": (cv2.IMWRITE_JPEG_PROGRESSIVE, 1),
+                  "progressive with restarts": (cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_RST_INTERVAL, 2)}
+        data = _cv2_jpeg(img, *params[variant])
+    restarts = len(re.findall(rb"\xff[\xd0-\xd7]", data))
+    scans = data.count(b"\xff\xda")
+    assert (restarts > 10) == ("restart" in variant) and (scans > 1) == ("progressive" in variant)
+    assert b"\xff\x00" in data  # stuffed bytes in the scan data
+    got, order = compressed_to_numpy(SimpleNamespace(format="rgb8; jpeg compressed bgr8", data=data))
+    assert order == "RGB" and got.shape == img.shape
+    expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+    assert np.abs(got.astype(int) - expected).mean() < 1
+    lines, error = _header_walk_lines(data)
+    assert error is None and lines < 1000
