@@ -51,6 +51,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSPolicyKind, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
 from rclpy.qos_overriding_options import QoSOverridingOptions
@@ -200,6 +201,7 @@ class SegmentationNode(LifecycleNode):
         self._active = False
         self._starting = False
         self.busy: str | None = None  # a long operation in progress (a model load), for the process's exit
+        self.add_pre_set_parameters_callback(self._as_text)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(self.config.diagnostics_period, self._publish_diagnostics,
@@ -569,6 +571,15 @@ class SegmentationNode(LifecycleNode):
                                                                     read_only=True), ignore_override=True)
 
     # ------------------------------------------------------------------ parameters at run time
+    @staticmethod
+    def _as_text(params: list[Any]) -> list[Any]:
+        """``ros2 param set /icnet_node input_size 1.5`` sends a double: a string parameter takes its text."""
+        out = []
+        for p in params:
+            text = node_params.as_text(p.name, p.value)
+            out.append(Parameter(p.name, value=text) if text is not p.value else p)
+        return out
+
     def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:
         """Run-time changes (validated like at start-up): live ones apply to the next batch, ``model`` and the
         engine options that need a new Segmenter by hot swap; a failure leaves everything as it was."""

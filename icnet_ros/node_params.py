@@ -265,11 +265,22 @@ class NodeConfig:
     autostart: bool
 
 
+def as_text(name: str, value: Any) -> Any:
+    """A bool or number given for a string parameter, as its text (``-p input_size:=1.5``, ``-p warmup:=false``
+    and ``ros2 param set ... input_size 1.5`` type them as double / bool); anything else unchanged."""
+    spec = SPECS.get(name)
+    if spec is None or spec.type_name != "string" or not isinstance(value, (bool, int, float)):
+        return value
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def check_value(name: str, value: Any) -> Any:
-    """Type-check and validate one value; returns it (ints accepted for doubles). Raises :class:`ParameterError`."""
+    """Type-check and validate one value; returns it (ints accepted for doubles, bools and numbers for strings as
+    their text). Raises :class:`ParameterError`."""
     spec = SPECS.get(name)
     if spec is None:
         raise ParameterError(f"unknown parameter {name!r}")
+    value = as_text(name, value)
     expected = spec.type_name
     if expected == "double" and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -356,6 +367,10 @@ def declare(node: Any) -> dict[str, Any]:
                 values[spec.name] = []
                 check_value(spec.name, [])  # raises the parameter's own message (e.g. "must list ...")
                 node.declare_parameter(spec.name, spec.default, desc, ignore_override=True)
+                continue
+            text = as_text(spec.name, value)
+            if isinstance(text, str):  # `-p input_size:=1.5`: the override's text
+                values[spec.name] = node.declare_parameter(spec.name, text, desc, ignore_override=True).value
                 continue
             hint = " (write 1.0, not 1)" if spec.type_name == "double" and isinstance(value, int) else ""
             raise ParameterError(f"parameter {spec.name!r}: expected a {spec.type_name}, got {_type_name(value)} "

@@ -353,6 +353,31 @@ def test_lifecycle_in_process_frees_the_model_and_refuses_other_classes(checkpoi
         rclpy.try_shutdown(context=ctx)
 
 
+def test_string_parameters_take_numbers_and_bools_as_text(checkpoint: Path):
+    """`-p input_size:=1.5`, `-p warmup:=false` and `ros2 param set ... input_size 2` type their values as double,
+    bool and integer: the string parameters take their text instead of refusing the type."""
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from icnet_ros.node import SegmentationNode
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+        Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
+        Parameter("input_size", value=1.5), Parameter("warmup", value=False)])
+    try:
+        assert node.get_parameter("input_size").value == "1.5" and node.get_parameter("warmup").value == "false"
+        assert node.config.engine.input_size == 1.5 and node.config.engine.warmup is False
+        assert node.set_parameters([Parameter("input_size", value=2)])[0].successful  # unconfigured: recorded
+        assert node.get_parameter("input_size").value == "2" and node.config.engine.input_size == 2.0
+        result = node.set_parameters([Parameter("input_size", value=9.0)])[0]
+        assert not result.successful and "scale 9.0 must be in (0, 4]" in result.reason, result
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
+
 def test_warmup_at_the_cameras_sizes_and_its_hot_swap(checkpoint: Path):
     """``warmup``: the node warms its Segmenter at the cameras' frame sizes and at every batch its cameras can form
     (CUDA graphs and compiled graphs are made there, before the first frame), says so in its ready line, and a new
