@@ -218,6 +218,7 @@ class FramePipeline:
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._worker_ending = False  # the worker decided to end (under the lock)
+        self._retired: list[Any] = []  # swapped-out Segmenters to close when the batch using them ends
         self._worker: threading.Thread | None = None
         self._rr = 0  # round-robin start of the next batch
         self._on_fatal = on_fatal
@@ -297,6 +298,16 @@ class FramePipeline:
                     break
                 self._lock.wait(left)
         return old
+
+    def retire(self, segmenter: Any) -> bool:
+        """After :meth:`swap_segmenter`: whether ``segmenter`` may be closed now. False while the batch in flight
+        (a swap that timed out waiting for it) still uses it: the worker closes it when that batch ends, never
+        under it."""
+        with self._lock:
+            if self._in_use is segmenter:
+                self._retired.append(segmenter)
+                return False
+        return True
 
     def start(self) -> None:
         """Start the worker thread (taking frames); no-op while it runs. A worker still finishing its batch after a
@@ -403,7 +414,16 @@ class FramePipeline:
         finally:
             with self._lock:
                 self._in_use = None
+                retired = next((r for r in self._retired if r is seg), None)
+                if retired is not None:
+                    self._retired.remove(retired)
                 self._lock.notify_all()
+            if retired is not None:  # swapped out while this batch ran on it: free it now
+                try:
+                    retired.close()
+                    release_device_memory()
+                except Exception as e:  # noqa: BLE001 - never the worker's end
+                    self.log.error(f"closing the replaced model failed: {type(e).__name__}: {e}")
         return len(batch)
 
     def _take_batch(self, timeout: float) -> list[_Item]:

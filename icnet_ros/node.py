@@ -646,8 +646,8 @@ class SegmentationNode(LifecycleNode):
         old = self.pipeline.swap_segmenter(new, SWAP_TIMEOUT_S) if self.pipeline is not None else self.segmenter
         self.segmenter = new
         self.model_path = self._model_path(model)
-        if old is not None and old is not new:
-            old.close()
+        if old is not None and old is not new and (self.pipeline is None or self.pipeline.retire(old)):
+            old.close()  # (else the worker closes it when the batch in flight on it ends)
             release_device_memory()
         self.classes_json = node_params.class_metadata_json(new.class_set, self.model_path)
         if self._classes_pub is not None:

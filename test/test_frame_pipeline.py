@@ -456,6 +456,41 @@ def test_start_after_a_stop_that_timed_out_serves_on(segmenter: Segmenter):
         assert pipe.stop(30)
 
 
+def test_a_swap_that_times_out_closes_the_old_model_only_after_its_batch(segmenter: Segmenter, tmp_path: Path):
+    """A hot swap waits a bounded time for the batch in flight; when that runs out, the old Segmenter is not closed
+    under the batch (retire() says so) but by the worker once the batch ends."""
+    gate, closed = threading.Event(), []
+
+    class Slow:  # the real Segmenter behind a gate, recording its close
+        def __getattr__(self, name):
+            return getattr(segmenter, name)
+
+        def segment(self, *args, **kwargs):
+            gate.wait(30)
+            return segmenter.segment(*args, **kwargs)
+
+        def close(self):
+            closed.append(self)
+
+    old = Slow()
+    pipe, sink, _ = make(old, max_age=0.0)
+    pipe.start()
+    try:
+        pipe.submit("/a", image(1, stamp_ns=1))
+        assert pipe.wait_taken("/a", 1, timeout=30)
+        assert pipe.swap_segmenter(segmenter, timeout=0.1) is old  # timed out: the batch still runs on old
+        assert not pipe.retire(old) and not closed
+        gate.set()
+        deadline = time.monotonic() + 30
+        while not closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert closed == [old] and [stamp for _, stamp, *_ in sink.published] == [1]  # served, then closed
+        assert pipe.retire(old)  # not in use: the caller may close it at once
+    finally:
+        gate.set()
+        assert pipe.stop(30)
+
+
 def test_wait_taken_returns_once_the_worker_took_the_frame(segmenter: Segmenter):
     pipe, sink, _ = make(segmenter)
     assert not pipe.wait_taken("/a", 1, timeout=0.05)  # nothing received yet
