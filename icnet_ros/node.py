@@ -187,6 +187,8 @@ class SegmentationNode(LifecycleNode):
         # hot swap or a configure can take seconds without stopping the frames
         self.io_group = MutuallyExclusiveCallbackGroup()
         self._pub_lock = threading.Lock()  # publishers of the cameras (the worker publishes, `outputs` changes)
+        # the image subscriptions: made and dropped by lifecycle transitions and by the input watch (a timer)
+        self._sub_lock = threading.RLock()
         self.segmenter: Any = None
         self.pipeline: FramePipeline | None = None
         self.cameras: list[Camera] = []
@@ -279,16 +281,17 @@ class SegmentationNode(LifecycleNode):
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         self.startup_error = None
-        try:
-            for cam in self.cameras:
-                self._subscribe(cam)
-        except Exception as e:  # noqa: BLE001 - as in on_configure
-            for cam in self.cameras:
-                self._unsubscribe(cam)
-            return self._failed("activate", f"cannot subscribe to the cameras: {type(e).__name__}: {e}")
-        assert self.pipeline is not None
-        self.pipeline.start()
-        self._active = True
+        with self._sub_lock:
+            try:
+                for cam in self.cameras:
+                    self._subscribe(cam)
+            except Exception as e:  # noqa: BLE001 - as in on_configure
+                for cam in self.cameras:
+                    self._unsubscribe(cam)
+                return self._failed("activate", f"cannot subscribe to the cameras: {type(e).__name__}: {e}")
+            assert self.pipeline is not None
+            self.pipeline.start()
+            self._active = True
         cfg = self.config
         cameras = []
         for c in self.cameras:
@@ -300,9 +303,10 @@ class SegmentationNode(LifecycleNode):
         return super().on_activate(state)
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
-        self._active = False
-        for cam in self.cameras:
-            self._unsubscribe(cam)
+        with self._sub_lock:
+            self._active = False
+            for cam in self.cameras:
+                self._unsubscribe(cam)
         if self.pipeline is not None:
             self.pipeline.stop()
         self.get_logger().info("inactive: not taking frames")
@@ -324,11 +328,12 @@ class SegmentationNode(LifecycleNode):
 
     def _release(self, timeout: float = 10.0) -> None:
         """Stop the worker, drop subscriptions and publishers, free the model and its device memory."""
-        self._active = False
+        with self._sub_lock:
+            self._active = False
+            for cam in self.cameras:
+                self._unsubscribe(cam)
         if self.pipeline is not None:
             self.pipeline.stop(timeout)
-        for cam in self.cameras:
-            self._unsubscribe(cam)
         with self._pub_lock:
             for cam in self.cameras:
                 for pub in (*cam.publishers.values(), cam.info_publisher):
@@ -426,8 +431,11 @@ class SegmentationNode(LifecycleNode):
     def _watch_inputs(self) -> None:
         """Follow the publishers' reliability (unless qos_overrides fixed it) and warn about cameras whose
         publishers publish but whose frames do not arrive."""
-        if not self._active or self.pipeline is None:
-            return
+        with self._sub_lock:  # a transition (deactivate, cleanup) waits; after it, nothing is re-subscribed
+            if self._active and self.pipeline is not None:
+                self._watch_cameras()
+
+    def _watch_cameras(self) -> None:
         snap = self.pipeline.snapshot()["cameras"]
         now = time.monotonic()
         for cam in self.cameras:
@@ -438,12 +446,17 @@ class SegmentationNode(LifecycleNode):
             if not cam.fixed_reliability and reliabilities and wanted != cam.reliability:
                 self.get_logger().info(f"{cam.topic}: publisher(s) {sorted(set(reliabilities))}: subscribing "
                                        f"{wanted} (was {cam.reliability})")
+                old, old_reliability = cam.subscription, cam.reliability
+                cam.reliability = wanted
+                try:  # the new subscription first; the old one serves until the new one has matched the publishers
+                    self._subscribe(cam)
+                except Exception as e:  # noqa: BLE001 - keep the subscription that works
+                    cam.subscription, cam.reliability = old, old_reliability
+                    self.get_logger().error(f"{cam.topic}: cannot subscribe {wanted}: {type(e).__name__}: {e}")
+                    continue
                 if cam.retiring is not None:
                     self.destroy_subscription(cam.retiring)
-                # the new subscription first; the old one serves until the new one has matched the publishers
-                cam.retiring, cam.retire_by = cam.subscription, now + RETIRE_S
-                cam.reliability = wanted
-                self._subscribe(cam)
+                cam.retiring, cam.retire_by = old, now + RETIRE_S
                 continue
             if cam.retiring is not None and (cam.subscription.get_publisher_count() >= len(reliabilities)
                                              or now >= cam.retire_by):
