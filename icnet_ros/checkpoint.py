@@ -25,6 +25,7 @@ Optional keys (absent in older files and in mmseg imports):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -167,13 +168,20 @@ def save_checkpoint(model: ICNet, path: str | os.PathLike, meta: dict[str, Any] 
             v = v.half()
         tensors[k] = v.contiguous()
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the checkpoint's file name (e.g. {path}/model.safetensors)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # a normal, shareable file (the temporary file was created private)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    try:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a normal, shareable file (the temporary file was created private)
+        os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # nor its temporary file (a full disk, an interrupt)
+        raise
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -181,6 +181,9 @@ def test_save_is_atomic_and_validates(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(IsADirectoryError, match="is a folder; give the checkpoint's file name"):
+        save_checkpoint(model, out.parent)  # `icnet-convert model.safetensors outdir`
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]  # no stray sub.tmp beside it
 
 
 def test_network_width_and_license_round_trip(tmp_path):
