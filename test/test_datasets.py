@@ -93,6 +93,23 @@ def test_cityscapes_layout_maps_label_ids_to_train_ids(tmp_path):
         build_dataset(DataSpec(str(tmp_path)), "train")
 
 
+def test_cityscapes_splits_with_different_label_kinds_are_not_concatenated(tmp_path):
+    """train+val with *_labelIds in one split and only *_labelTrainIds in the other: one lookup table cannot read
+    both (label id 7 = road would be read as train id 7 = traffic sign); refused as within one split."""
+    _cityscapes_tree(tmp_path, "train")
+    img_dir, gt_dir = tmp_path / "leftImg8bit" / "val" / "bonn", tmp_path / "gtFine" / "val" / "bonn"
+    img_dir.mkdir(parents=True)
+    gt_dir.mkdir(parents=True)
+    cv2.imwrite(str(img_dir / "bonn_0_leftImg8bit.png"), np.zeros((64, 64, 3), np.uint8))
+    cv2.imwrite(str(gt_dir / "bonn_0_gtFine_labelTrainIds.png"), np.zeros((64, 64), np.uint8))
+    for split in ("train", "val"):  # each split alone reads its own kind
+        assert len(build_dataset(DataSpec(str(tmp_path)), split)) >= 1
+    for split in ("train+val", "val+train"):
+        with pytest.raises(DatasetError, match=r"'val' have only \*_labelTrainIds.png and split\(s\) 'train' "
+                                               r"\*_labelIds.png; use one kind"):
+            build_dataset(DataSpec(str(tmp_path)), split)
+
+
 def test_cityscapes_train_id_labels_are_used_as_is(tmp_path):
     img_dir, gt_dir = tmp_path / "leftImg8bit" / "val" / "bonn", tmp_path / "gtFine" / "val" / "bonn"
     img_dir.mkdir(parents=True)
@@ -137,12 +154,19 @@ def test_text_class_file(tmp_path):
     ("classes: [{name: a, color: [1, 2]}]\n", "bad color"),
     ("classes: [a, b]\nignore_index: 1\n", "collides"),
     ("[unclosed\n", "invalid class file"),
+    ("classes:\n  - road\n  - {name: car, id: abc}\n", r"class #1 \('car'\): id .* must be an integer .*'abc'"),
+    ("classes:\n  - road\n  - {name: car, id: 3.7}\n", r"class #1 \('car'\): id .* must be an integer .*3\.7"),
+    ("classes:\n  - {name: road, color: red}\n  - car\n", r"class #0 \('road'\): bad color 'red'"),
+    ("classes:\n  - {name: road, color: [1, 2, null]}\n", r"class #0 \('road'\): bad color \[1, 2, None\]"),
+    ("palette: [[1, 2, 3]]\nclasses: [road, car]\n", "2 classes but 1 palette colours"),
+    ("classes: [a]\nignore_index: 254.5\n", "ignore_index must be an integer"),
 ])
 def test_bad_class_files(tmp_path, text, message):
     f = tmp_path / "classes.yaml"
     f.write_text(text)
-    with pytest.raises(DatasetError, match=message):
+    with pytest.raises(DatasetError, match=message) as info:
         load_class_file(f)
+    assert str(f) in str(info.value)  # names the file
     with pytest.raises(DatasetError, match="class file not found"):
         load_class_file(tmp_path / "nope.yaml")
 
@@ -195,6 +219,53 @@ def test_folders_without_class_file_is_an_error(tmp_path):
     (tmp_path / "train" / "images").mkdir(parents=True)
     with pytest.raises(DatasetError, match="needs a class file"):
         resolve_class_set(DataSpec(str(tmp_path), layout="folders"))
+    with pytest.raises(DatasetError, match="unknown dataset layout 'camvd'; choose from auto, camvid"):
+        resolve_class_set(DataSpec(str(tmp_path), layout="camvd"))
+
+
+@pytest.mark.parametrize("image_dir, label_dir, bad", [
+    ("{splt}/images", "{split}/labels", r"data.image_dir '\{splt\}/images'.*\{splt\}"),
+    ("{split}/images", "{}/labels", r"data.label_dir '\{\}/labels'"),
+    ("{split}/images", "{0}/labels", r"data.label_dir '\{0\}/labels'"),
+])
+def test_directory_pattern_typos_name_the_pattern(tmp_path, image_dir, label_dir, bad):
+    with pytest.raises(DatasetError, match=bad + r".*the only field allowed is \{split\}"):
+        find_samples(DataSpec(str(tmp_path), layout="camvid", image_dir=image_dir, label_dir=label_dir), "train")
+
+
+def _png_header_only(path, w, h, color_type, palette=b""):
+    """A PNG that declares w x h pixels but holds no image data (its header is all a size check may read)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
+                     + (chunk(b"PLTE", palette) if palette else b"") + chunk(b"IDAT", zlib.compress(b"\x00" * 8))
+                     + chunk(b"IEND", b""))
+
+
+def test_images_declaring_too_many_pixels_are_refused_before_decoding(tmp_path):
+    from icnet_ros.data import MAX_IMAGE_PIXELS
+
+    assert MAX_IMAGE_PIXELS == 50_000_000
+    for split in ("train", "val"):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "labels").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "train" / "images" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    _png_header_only(tmp_path / "train" / "labels" / "a.png", 8000, 7000, 0)  # 56 MP grey: above the limit
+    _png_header_only(tmp_path / "val" / "images" / "a.png", 7072, 7072, 2)  # 50.01 MP RGB
+    # 256 MP paletted: Pillow itself calls it a decompression bomb
+    _png_header_only(tmp_path / "val" / "labels" / "a.png", 16000, 16000, 3, b"\x00\x00\x00" * 11)
+    spec = DataSpec(str(tmp_path), layout="camvid")
+    with pytest.raises(DatasetError, match=r"label .*train/labels/a.png: declares 8000x7000 = 56.0 megapixels, above "
+                                           "the limit of 50 megapixels"):
+        build_dataset(spec, "train")[0]
+    with pytest.raises(DatasetError, match=r"image .*val/images/a.png: declares 7072x7072"):
+        build_dataset(spec, "val")[0]
+    with pytest.raises(DatasetError, match="label .*val/labels/a.png: declares too many pixels"):
+        read_label(tmp_path / "val" / "labels" / "a.png", CAMVID_CLASSES)
 
 
 def test_collate_stacks_equal_sizes_and_lists_mixed_sizes(tmp_path):

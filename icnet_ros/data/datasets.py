@@ -11,12 +11,17 @@ Layouts (``SPLIT`` is e.g. ``train``, ``val``; ``train+val`` concatenates splits
 
 Samples are returned as ``(image, label)``: an H x W x 3 uint8 RGB tensor and an H x W uint8 tensor of train ids
 (255 = ignore). Normalisation happens later, on the training device (:class:`icnet_ros.preprocess.Normalizer`).
+
+Image and label files larger than :data:`MAX_IMAGE_PIXELS` (50 megapixels; Cityscapes frames are 2) are refused
+from their header, before any decoding: a small compressed file may claim a huge size.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import string
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +39,9 @@ from .transforms import Transform
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LAYOUTS = ("camvid", "cityscapes", "folders")
 CLASS_FILE_NAMES = ("classes.yaml", "classes.yml", "classes.json", "classes.txt")
+#: the most pixels (width x height) an image or label file may declare: larger files are refused from their header
+#: before decoding (a few hundred KB of PNG can claim 16000 x 16000 pixels: gigabytes once decoded)
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 class DatasetError(ValueError):
@@ -74,6 +82,14 @@ def load_class_file(path: str | os.PathLike) -> ClassSet:
     if len(set(names)) != len(names):
         raise DatasetError(f"{p}: duplicate class names in {names}")
     fallback = generic_palette(len(entries))
+    for i, e in enumerate(entries):
+        where = f"{p}: class #{i} ({e['name']!r})"
+        color, raw = e.get("color"), e.get("id")
+        if color is not None and not (isinstance(color, (list, tuple)) and len(color) == 3
+                                      and all(_is_int(v) and 0 <= v <= 255 for v in color)):
+            raise DatasetError(f"{where}: bad color {color!r} (need three integers [R, G, B] in 0..255)")
+        if raw is not None and not _is_int(raw):
+            raise DatasetError(f"{where}: id (the raw label value) must be an integer in 0..255, got {raw!r}")
     palette = tuple(tuple(int(v) for v in e["color"]) if e.get("color") is not None else fallback[i]
                     for i, e in enumerate(entries))
     raw_ids = [int(e["id"]) if e.get("id") is not None else i for i, e in enumerate(entries)]
@@ -90,6 +106,11 @@ def load_class_file(path: str | os.PathLike) -> ClassSet:
         raise DatasetError(f"{p}: {e}") from e
 
 
+def _is_int(v: Any) -> bool:
+    """An integer (not a bool, not a float such as 3.7 that ``int`` would silently truncate)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _parse_structured_class_file(p: Path) -> tuple[list[dict[str, Any]], str | None, int]:
     text = p.read_text(encoding="utf-8")
     doc = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
@@ -101,6 +122,10 @@ def _parse_structured_class_file(p: Path) -> tuple[list[dict[str, Any]], str | N
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)} (known: name, ignore_index, classes, palette)")
     palette = doc.get("palette")
+    if palette is not None and not isinstance(palette, list):
+        raise ValueError(f"palette must be a list of [R, G, B] colours, got {palette!r}")
+    if palette is not None and len(palette) != len(doc["classes"]):
+        raise ValueError(f"{len(doc['classes'])} classes but {len(palette)} palette colours")
     entries = []
     for i, c in enumerate(doc["classes"]):
         if isinstance(c, str):
@@ -114,9 +139,10 @@ def _parse_structured_class_file(p: Path) -> tuple[list[dict[str, Any]], str | N
         if entry["color"] is None and palette is not None:
             entry["color"] = palette[i]
         entries.append(entry)
-    if palette is not None and len(palette) != len(entries):
-        raise ValueError(f"{len(entries)} classes but {len(palette)} palette colours")
-    return entries, doc.get("name"), int(doc.get("ignore_index", IGNORE_INDEX))
+    ignore = doc.get("ignore_index", IGNORE_INDEX)
+    if not _is_int(ignore):
+        raise ValueError(f"ignore_index must be an integer in 0..255, got {ignore!r}")
+    return entries, doc.get("name"), ignore
 
 
 def _parse_text_class_file(p: Path) -> list[dict[str, Any]]:
@@ -135,8 +161,34 @@ def _parse_text_class_file(p: Path) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------------------------------- file reading
 
+def check_image_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int] | None:
+    """``(height, width)`` that the file's header declares (read by Pillow without decoding the pixels), or None
+    when Pillow does not recognise the file (OpenCV then decodes it under its own limit). Raises
+    :class:`DatasetError` when the file declares more than :data:`MAX_IMAGE_PIXELS` pixels."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:  # Pillow is a dependency; without it OpenCV's own limit (OPENCV_IO_MAX_IMAGE_PIXELS) applies
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # parses the header only
+                w, h = im.size
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{what} {path}: declares too many pixels, above the limit of "
+                           f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels (icnet_ros.data.datasets.MAX_IMAGE_PIXELS): {e}") \
+            from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None  # missing, corrupt or not Pillow's: the decoder below reports it
+    if w * h > MAX_IMAGE_PIXELS:
+        raise DatasetError(f"{what} {path}: declares {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of "
+                           f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels (icnet_ros.data.datasets.MAX_IMAGE_PIXELS)")
+    return h, w
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as an H x W x 3 uint8 RGB array."""
+    """An image file as an H x W x 3 uint8 RGB array (files above :data:`MAX_IMAGE_PIXELS` are refused)."""
+    check_image_size(path, "image")
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise DatasetError(f"cannot read image {path} (missing, corrupt or unsupported format)")
@@ -156,14 +208,20 @@ def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | N
     PNGs are read as their palette indices; RGB labels are matched against the class palette (other colours:
     ignore)."""
     path = Path(path)
+    check_image_size(path, "label")
     if path.suffix.lower() == ".png" and _is_paletted_png(path):
         try:
             from PIL import Image
         except ImportError as e:
             raise DatasetError(f"{path} is a paletted PNG; reading its indices needs Pillow (pip install pillow)") \
                 from e
-        with Image.open(path) as im:
-            raw = np.asarray(im)
+        try:
+            with Image.open(path) as im:
+                raw = np.asarray(im)
+        except Image.DecompressionBombError as e:
+            raise DatasetError(f"label {path}: declares too many pixels: {e}") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DatasetError(f"cannot read label {path} (corrupt paletted PNG: {e})") from None
     else:
         raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if raw is None:
@@ -224,6 +282,8 @@ def detect_layout(root: str | os.PathLike) -> str:
 def resolve_class_set(spec: DataSpec, layout: str | None = None) -> ClassSet:
     """The class set of the dataset ``spec`` describes."""
     layout = layout or (detect_layout(spec.root) if spec.layout == "auto" else spec.layout)
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown dataset layout {layout!r}; choose from auto, {', '.join(LAYOUTS)}")
     if spec.class_file:
         return load_class_file(spec.class_file)
     if spec.class_set:
@@ -258,12 +318,19 @@ def find_samples(spec: DataSpec, split: str) -> tuple[list[tuple[Path, Path]], s
         raise DatasetError(f"dataset root not found: {root} (relative paths are taken from {Path.cwd()})")
     layout = detect_layout(root) if spec.layout == "auto" else spec.layout
     if layout not in LAYOUTS:
-        raise DatasetError(f"unknown dataset layout {layout!r}; known: auto, {', '.join(LAYOUTS)}")
+        raise DatasetError(f"unknown dataset layout {layout!r}; choose from auto, {', '.join(LAYOUTS)}")
     samples: list[tuple[Path, Path]] = []
     lut = None
+    kinds: dict[str, list[str]] = {}  # Cityscapes: label kind -> splits (one lookup table serves all samples)
     for s in split_names(split):
         if layout == "cityscapes":
             pairs, train_ids = _cityscapes_pairs(root, s)
+            kinds.setdefault("*_labelTrainIds.png" if train_ids else "*_labelIds.png", []).append(s)
+            if len(kinds) > 1:
+                raise DatasetError(f"{root / 'gtFine'}: split(s) {', '.join(map(repr, kinds['*_labelTrainIds.png']))} "
+                                   f"have only *_labelTrainIds.png and split(s) "
+                                   f"{', '.join(map(repr, kinds['*_labelIds.png']))} *_labelIds.png; use one kind "
+                                   f"in every split of {split!r}")
             if train_ids:
                 lut = _identity_lut(len(CITYSCAPES.classes))
         else:
@@ -278,8 +345,22 @@ def _identity_lut(n: int) -> np.ndarray:
     return lut
 
 
+def _split_dir(pattern: str, split: str, key: str) -> str:
+    """Directory ``pattern`` (``data.image_dir`` / ``data.label_dir``) with ``{split}`` filled in; any other field
+    (a typo such as ``{splt}``, or ``{}``) is a :class:`DatasetError`."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
+        if any(f != "split" for f in fields):
+            raise ValueError(f"field(s) {', '.join('{' + f + '}' for f in fields if f != 'split')}")
+        return pattern.format(split=split)
+    except (ValueError, KeyError, IndexError, AttributeError) as e:
+        raise DatasetError(f"data.{key} {pattern!r}: bad directory pattern ({e}); the only field allowed is "
+                           "{split} (write {{ and }} for literal braces)") from None
+
+
 def _folder_pairs(root: Path, split: str, spec: DataSpec) -> list[tuple[Path, Path]]:
-    img_dir, lbl_dir = root / spec.image_dir.format(split=split), root / spec.label_dir.format(split=split)
+    img_dir = root / _split_dir(spec.image_dir, split, "image_dir")
+    lbl_dir = root / _split_dir(spec.label_dir, split, "label_dir")
     for d, what in ((img_dir, "image"), (lbl_dir, "label")):
         if not d.is_dir():
             raise DatasetError(f"{what} directory not found: {d} (expected layout ROOT/{spec.image_dir} + "
@@ -446,7 +527,8 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-__all__ = ["CLASS_FILE_NAMES", "DataSpec", "DatasetError", "IMAGE_EXTENSIONS", "LAYOUTS", "SegmentationDataset",
-           "ShardSampler", "TrainBatchSampler", "build_dataset", "collate_segmentation", "colors_to_ids",
+__all__ = ["CLASS_FILE_NAMES", "DataSpec", "DatasetError", "IMAGE_EXTENSIONS", "LAYOUTS", "MAX_IMAGE_PIXELS",
+           "SegmentationDataset", "ShardSampler", "TrainBatchSampler", "build_dataset", "check_image_size",
+           "collate_segmentation", "colors_to_ids",
            "detect_layout", "find_samples", "load_class_file", "read_image", "read_label", "resolve_class_set",
            "split_names", "worker_init"]
