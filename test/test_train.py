@@ -2,6 +2,7 @@
 CamVid frames, and a 2-process gloo run under torchrun whose replicas stay in sync."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -61,6 +62,96 @@ def test_config_files_overrides_and_errors(capsys):
     assert "optim.batch_size >= 1" in capsys.readouterr().err
     assert main(["smoke", "--print-config", "optim.lr=0.5"]) == 0
     assert "lr: 0.5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.crop_size=[32, 48]", "crop_size must be a list of two numbers >= 64"),  # the network's MIN_INPUT_SIZE
+    ("optim.momentum=-0.5", "optim.momentum must be >= 0"),
+    ("optim.weight_decay=-1", "optim.weight_decay must be >= 0"),
+    ("loss.class_weights=[a, b]", "loss.class_weights must be a list of numbers >= 0"),
+    ("loss.class_weights=[1, -2]", "loss.class_weights must be a list of numbers >= 0"),
+    ("loss.ohem_thresh=1.5", r"loss.ohem_thresh must be in \(0, 1\]"),
+    ("loss.ohem_min_kept=-1", "loss.ohem_min_kept must be >= 0"),
+    ("optim.batch_size=1", "optim.batch_size 1: BatchNorm in training mode needs at least 2 samples"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be > 0"),
+    ("optim.poly_power=-2", "optim.poly_power must be >= 0"),
+    ("data.eval_size=[64, 5000]", "data.eval_size .*network width 4992 .* above the 4096"),
+    ("data.layout=camvd", "unknown layout 'camvd' .*choose from auto, camvid, cityscapes, folders"),
+])
+def test_config_refuses_values_that_would_fail_later(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", [override])
+
+
+def test_config_accepts_the_edges_of_the_ranges():
+    c = load_config("smoke", ["data.crop_size=[64, 64]", "optim.grad_clip=0", "optim.poly_power=0", "optim.momentum=0",
+                              "optim.weight_decay=0", "loss.ohem_thresh=1", "loss.ohem_min_kept=0",
+                              "loss.class_weights=[0, 1.5, 2]", "data.eval_size=[64, 4096]"])
+    assert c["optim"]["grad_clip"] == 0 and c["optim"]["poly_power"] == 0
+    with pytest.raises(ConfigError, match="nesterov=true needs optim.momentum > 0"):
+        load_config("smoke", ["optim.nesterov=true", "optim.momentum=0"])
+
+
+def test_run_checks_class_weights_and_the_batch_batchnorm_sees():
+    """What only the run knows: the class count, the number of processes and the device. optim.batch_size is per
+    process; without SyncBN each process normalises over its own batch, with SyncBN (GPUs only) over all of them."""
+    from icnet_ros.train.config import validate_for_run
+
+    eleven = load_config("smoke", ["loss.class_weights=[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2]"])
+    validate_for_run(eleven, CAMVID_CLASSES)
+    with pytest.raises(ConfigError, match="loss.class_weights has 2 weights but the dataset has 11 classes"):
+        validate_for_run(load_config("smoke", ["loss.class_weights=[1, 2]"]), CAMVID_CLASSES)
+    one_sync = load_config("smoke", ["optim.batch_size=1", "train.sync_bn=true"])  # may be fine: needs the run
+    validate_for_run(one_sync, CAMVID_CLASSES, world_size=2, device_type="cuda")  # SyncBN over 2 samples
+    with pytest.raises(ConfigError, match="BatchNorm .* no effect with 1 process"):
+        validate_for_run(one_sync, CAMVID_CLASSES, world_size=1, device_type="cuda")
+    with pytest.raises(ConfigError, match="sync_bn=true needs CUDA GPUs"):
+        validate_for_run(one_sync, CAMVID_CLASSES, world_size=2, device_type="cpu")
+    with pytest.raises(ConfigError, match="optim.batch_size 1"):  # 4 processes without SyncBN: still 1 per BN
+        load_config("smoke", ["optim.batch_size=1", "train.sync_bn=false"])
+
+
+def test_bad_values_found_while_building_are_one_line_errors(tmp_path, capsys):
+    """Before training starts, without a traceback: the class count, a network width checkpoints cannot record
+    (data.input_scale), and any value torch refuses while the run is built (dropout probability 1.5)."""
+    root = require(CAMVID)
+    for override, message in [("loss.class_weights=[1, 2]", "loss.class_weights has 2 weights but the dataset has 11"),
+                              ("data.input_scale=10", "network width 4800 .* above the 4096"),
+                              ("model.aux_dropout=1.5", "cannot build the run from this config: dropout probability")]:
+        out = tmp_path / override.partition("=")[0]
+        assert main(["smoke", f"data.root={root}", f"train.output_dir={out}", override, *FAST]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err and err.count("icnet-train: error:") == 1, err
+        assert not (out / "metrics.jsonl").exists() and not (out / STATE_FILE).exists()
+
+
+def test_resume_drops_a_partial_last_log_line_and_refuses_a_damaged_middle(tmp_path):
+    """A run killed while appending leaves a partial last line: dropped with a warning. A bad line elsewhere was not
+    left by an append: resuming is refused and the file left as it was."""
+    from icnet_ros.checkpoint import CheckpointError
+    from icnet_ros.train import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"kind": "train", "iter": i, "loss": 1.0}) + "\n" for i in (1, 2, 3)]
+    path.write_text("".join(good) + '{"kind": "train", "iter": 4, "lo', encoding="utf-8")
+    messages = []
+    MetricsLog(tmp_path, tensorboard=False).truncate(2, warn=messages.append)
+    assert path.read_text(encoding="utf-8") == "".join(good[:2])
+    assert len(messages) == 1 and "dropped a partial last line" in messages[0]
+    with pytest.warns(UserWarning, match="partial last line"):  # default: warnings.warn
+        path.write_text("".join(good) + '{"kind": "tr', encoding="utf-8")
+        MetricsLog(tmp_path, tensorboard=False).truncate(3)
+    assert path.read_text(encoding="utf-8") == "".join(good)
+    damaged = good[0] + '{"kind": "tr\n' + good[1]
+    path.write_text(damaged, encoding="utf-8")
+    with pytest.raises(CheckpointError, match="metrics.jsonl, line 2: not a JSON record"):
+        MetricsLog(tmp_path, tensorboard=False).truncate(2)
+    assert path.read_text(encoding="utf-8") == damaged
+    # CSV logs: a last row without its line end is partial too
+    csv_path = tmp_path / "train_log.csv"
+    csv_path.write_text("iter,loss\n1,0.5\n2,0.4\n3,0", encoding="utf-8")
+    MetricsLog(tmp_path, fmt="csv", tensorboard=False).truncate(5, warn=messages.append)
+    assert csv_path.read_text(encoding="utf-8") == "iter,loss\n1,0.5\n2,0.4\n" and "partial last row" in messages[-1]
 
 
 def test_poly_schedule_with_warmup():

@@ -52,10 +52,16 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return 0
-    trainer = None
     try:
         command = ["icnet-train", *(argv if argv is not None else sys.argv[1:])]
-        trainer = Trainer(config, command)
+        try:
+            trainer = Trainer(config, command)
+        except (ConfigError, DatasetError, CheckpointError) as e:
+            print(f"icnet-train: error: {e}", file=sys.stderr)
+            return 2
+        except ValueError as e:  # any other value torch or a module refuses while the run is built: one line too
+            print(f"icnet-train: error: cannot build the run from this config: {e}", file=sys.stderr)
+            return 2
         trainer.train()
     except (ConfigError, DatasetError, CheckpointError) as e:
         print(f"icnet-train: error: {e}", file=sys.stderr)

@@ -4,14 +4,15 @@ data spec, the architecture and its input normalization."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import MAX_LICENSE_CHARS, MMSEG_NORMALIZATION
+from ..checkpoint import MAX_LICENSE_CHARS, MMSEG_NORMALIZATION, network_width_for
 from ..classes import ClassSet
-from ..data.datasets import DataSpec
-from ..models.icnet import MODEL_CONFIGS, ICNetConfig
+from ..data.datasets import LAYOUTS, DataSpec
+from ..models.icnet import MIN_INPUT_SIZE, MODEL_CONFIGS, ICNetConfig
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
@@ -185,10 +186,17 @@ def validate_config(c: dict) -> None:
         raise ConfigError("set model.arch (a preset) or model.backbone")
     if m["pretrained"] not in (None, "imagenet"):
         raise ConfigError(f"model.pretrained must be null or 'imagenet', got {m['pretrained']!r}")
-    _pair(c, "data.crop_size", 32)
+    if d["layout"] not in ("auto", *LAYOUTS):
+        raise ConfigError(f"unknown layout {d['layout']!r} (data.layout); choose from auto, {', '.join(LAYOUTS)}")
+    _pair(c, "data.crop_size", MIN_INPUT_SIZE)  # the network's minimum input (both sides)
     _pair(c, "data.ratio_range", 1e-6)
     _pair(c, "data.base_size", 16)
-    _pair(c, "data.eval_size", 64)
+    _pair(c, "data.eval_size", MIN_INPUT_SIZE)
+    if d["eval_size"]:
+        try:  # the width checkpoints record (network_width) is bounded
+            network_width_for(d["eval_size"][1], 1.0)
+        except ValueError as e:
+            raise ConfigError(f"data.eval_size {d['eval_size']}: {e}") from None
     if d["ratio_range"][0] > d["ratio_range"][1]:
         raise ConfigError(f"data.ratio_range must be [low, high] with low <= high, got {d['ratio_range']}")
     if d["input_scale"] <= 0:
@@ -210,8 +218,29 @@ def validate_config(c: dict) -> None:
         raise ConfigError(f"loss.lovasz_stride must be >= 1, got {lo['lovasz_stride']}")
     if lo["boundary_radius"] < 1:
         raise ConfigError(f"loss.boundary_radius must be >= 1, got {lo['boundary_radius']}")
+    cw = lo["class_weights"]
+    if cw is not None and (not cw or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                             and math.isfinite(w) and w >= 0 for w in cw)):
+        raise ConfigError(f"loss.class_weights must be a list of numbers >= 0 (one per class) or null, got {cw!r}")
+    if not 0 < lo["ohem_thresh"] <= 1:
+        raise ConfigError(f"loss.ohem_thresh must be in (0, 1], got {lo['ohem_thresh']}")
+    if lo["ohem_min_kept"] < 0:
+        raise ConfigError(f"loss.ohem_min_kept must be >= 0, got {lo['ohem_min_kept']}")
     if o["iterations"] < 1 or o["batch_size"] < 1 or o["lr"] <= 0 or not 0 <= o["min_lr"] <= o["lr"]:
         raise ConfigError("need optim.iterations >= 1, optim.batch_size >= 1, optim.lr > 0, 0 <= min_lr <= lr")
+    if o["batch_size"] < 2 and not t["sync_bn"]:
+        raise ConfigError(_BATCH_OF_ONE)
+    if not o["momentum"] >= 0:
+        raise ConfigError(f"optim.momentum must be >= 0, got {o['momentum']}")
+    if o["nesterov"] and o["momentum"] == 0:
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
+    if not o["weight_decay"] >= 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0, got {o['weight_decay']}")
+    if o["grad_clip"] is not None and not o["grad_clip"] >= 0:
+        raise ConfigError(f"optim.grad_clip must be > 0 (the largest gradient norm), or 0 or null for no clipping, "
+                          f"got {o['grad_clip']}")
+    if not o["poly_power"] >= 0:
+        raise ConfigError(f"optim.poly_power must be >= 0 (0: constant learning rate), got {o['poly_power']}")
     if o["warmup_iters"] < 0 or not 0 < o["warmup_ratio"] <= 1:
         raise ConfigError("need optim.warmup_iters >= 0 and optim.warmup_ratio in (0, 1]")
     if not 0 <= o["ema_decay"] < 1:
@@ -232,6 +261,29 @@ def validate_config(c: dict) -> None:
         raise ConfigError(f"train.stop_at must be >= 1 or null, got {t['stop_at']}")
     if t["time_limit"] is not None and not t["time_limit"] > 0:
         raise ConfigError(f"train.time_limit must be > 0 seconds or null, got {t['time_limit']}")
+
+
+_BATCH_OF_ONE = ("optim.batch_size 1: BatchNorm in training mode needs at least 2 samples per step (ICNet's "
+                 "pyramid pooling reduces each sample to 1 value per channel); use optim.batch_size >= 2, or "
+                 "train.sync_bn=true under torchrun with >= 2 GPU processes (SyncBN normalises over all processes' "
+                 "samples)")
+
+
+def validate_for_run(config: dict, class_set: ClassSet, world_size: int = 1, device_type: str = "cpu") -> None:
+    """The checks that need what the run knows and the config alone does not: the class count (loss.class_weights),
+    the number of processes and the device (the batch BatchNorm normalises over). Raise :class:`ConfigError`."""
+    o, t, cw = config["optim"], config["train"], config["loss"]["class_weights"]
+    if cw is not None and len(cw) != class_set.num_classes:
+        raise ConfigError(f"loss.class_weights has {len(cw)} weights but the dataset has {class_set.num_classes} "
+                          f"classes ({class_set.name}: {', '.join(class_set.classes)})")
+    sync = bool(t["sync_bn"]) and world_size > 1  # the trainer converts to SyncBN under torchrun only
+    if sync and device_type != "cuda":
+        raise ConfigError(f"train.sync_bn=true needs CUDA GPUs: torch's SyncBatchNorm does not run on "
+                          f"{device_type} processes (set train.sync_bn=false)")
+    # optim.batch_size is per process: without SyncBN each process normalises over its own batch only
+    if o["batch_size"] * (world_size if sync else 1) < 2:
+        raise ConfigError(_BATCH_OF_ONE + (f" (train.sync_bn=true has no effect with {world_size} process)"
+                                           if t["sync_bn"] else ""))
 
 
 def data_spec(config: dict) -> DataSpec:

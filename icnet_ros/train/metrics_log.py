@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import CheckpointError
 from .config import ConfigError
 
 
@@ -50,20 +53,53 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iter":
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
 
-    def truncate(self, after_iter: int) -> None:
-        """Drop records logged after iteration ``after_iter`` (a resumed run repeats those iterations)."""
+    def truncate(self, after_iter: int, warn: Callable[[str], None] | None = None) -> None:
+        """Drop records logged after iteration ``after_iter`` (a resumed run repeats those iterations).
+
+        A run killed while appending (or stopped by a full disk) leaves a partial last line: a last line that does not
+        parse as JSON, or a last CSV row without its line end, is dropped with a warning (``warn``, default
+        :func:`warnings.warn`). Records are only ever appended, so such a line is after the saved state and is logged
+        again by the resumed run. A line that does not parse anywhere else was not written by an interrupted append:
+        the file was damaged or edited, and which iteration it held is unknown, so resuming is refused
+        (:class:`~icnet_ros.checkpoint.CheckpointError` naming the line) before anything is written; repair or delete
+        that line and resume again."""
         if not self.enabled:
             return
+        warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
         paths = [self.out_dir / "metrics.jsonl"] if self.fmt == "jsonl" else sorted(self.out_dir.glob("*_log.csv"))
         for path in paths:
             if not path.is_file():
                 continue
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            while lines and not lines[-1].strip():
+                lines.pop()
             if self.fmt == "jsonl":
-                keep = [ln for ln in lines if ln.strip() and _record_iter(json.loads(ln)) <= after_iter]
+                records = []
+                for n, ln in enumerate(lines, 1):
+                    if not ln.strip():
+                        continue
+                    try:
+                        record = json.loads(ln.strip())
+                        if not isinstance(record, dict):
+                            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+                    except ValueError as e:
+                        if n < len(lines):
+                            raise CheckpointError(f"{path}, line {n}: not a JSON record ({e}); the log is damaged "
+                                                  "before its last line: repair or delete that line to resume") \
+                                from None
+                        warn(f"warning: {path}: dropped a partial last line (the run was interrupted while "
+                             f"logging): {ln.strip()[:80]!r}")
+                        continue
+                    records.append((ln, record))
+                keep = [ln for ln, record in records if _record_iter(record) <= after_iter]
             else:
+                if len(lines) > 1 and not lines[-1].endswith(("\n", "\r")):
+                    warn(f"warning: {path}: dropped a partial last row (the run was interrupted while logging): "
+                         f"{lines[-1].strip()[:80]!r}")
+                    lines.pop()
                 rows = list(csv.DictReader(lines))
                 keep = lines[:1] + [ln for ln, row in zip(lines[1:], rows) if _record_iter(row) <= after_iter]
+            keep = [ln if ln.endswith(("\n", "\r")) else ln + "\n" for ln in keep]  # appends start on a new line
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(keep), encoding="utf-8")
             os.replace(tmp, path)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError, build_meta, load_state_dict_into, network_width_for, save_checkpoint
-from ..data.datasets import (SegmentationDataset, ShardSampler, TrainBatchSampler, build_dataset,
+from ..data.datasets import (DatasetError, SegmentationDataset, ShardSampler, TrainBatchSampler, build_dataset,
                              collate_segmentation, resolve_class_set, split_names, worker_init)
 from ..data.transforms import base_scale, train_transforms
 from ..evaluate import evaluate, metrics_report
@@ -28,7 +28,7 @@ from ..metrics import ConfusionMatrix, format_table
 from ..models.icnet import ICNetConfig
 from ..preprocess import Normalizer
 from ..sizes import SIZE_DIVISOR, aligned_size
-from .config import ConfigError, data_spec, model_config, normalization_for
+from .config import ConfigError, data_spec, model_config, normalization_for, validate_for_run
 from .distributed import barrier, broadcast_buffers, gather_objects, parameter_digest, setup_distributed
 from .ema import ModelEMA
 from .metrics_log import MetricsLog
@@ -56,6 +56,7 @@ class Trainer:
         barrier(self.info)
         self.spec = data_spec(config)
         self.class_set = resolve_class_set(self.spec)
+        validate_for_run(config, self.class_set, self.info.world_size, self.device.type)
         self.arch = model_config(config, self.class_set)
         self.normalization = normalization_for(self.arch)
         self.normalizer = Normalizer(self.normalization)
@@ -137,8 +138,24 @@ class Trainer:
             self.say(f"warning: data.crop_size {h}x{w} is not a multiple of {SIZE_DIVISOR}: ICNet's branches are "
                      "misaligned at such sizes, while validation and inference run at multiples of "
                      f"{SIZE_DIVISOR} (e.g. data.crop_size=[{ah},{aw}])")
+        self._check_checkpoint_metadata()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+
+    def _check_checkpoint_metadata(self) -> None:
+        """Build the metadata the checkpoints will record now, so that a value they cannot hold (a network width
+        above checkpoint.MAX_NETWORK_WIDTH from data.input_scale / data.base_size / data.eval_size) stops the run
+        before training rather than at the first save."""
+        d = self.config["data"]
+        try:
+            build_meta(self.arch, self.class_set, self.normalization, self.eval_input_size(), {},
+                       network_width=self.network_width(), license=d["license"])
+        except DatasetError:  # the first image is unreadable: that, not the config, is the problem
+            raise
+        except ValueError as e:  # CheckpointError included
+            raise ConfigError(f"data.input_scale {d['input_scale']:g} / data.base_size {d['base_size']} / "
+                              f"data.eval_size {d['eval_size']}: the checkpoints cannot record this run: {e}") \
+                from None
 
     def _train_loader(self, start_batch: int) -> DataLoader:
         t, o = self.config["train"], self.config["optim"]
@@ -293,7 +310,7 @@ class Trainer:
         changed = _changed_keys(state.get("config") or {}, self.config)
         if changed:
             self.say(f"warning: config differs from the resumed run in: {', '.join(changed)}")
-        self.log.truncate(self.iteration)
+        self.log.truncate(self.iteration, warn=self.say)
         self.say(f"resumed from {path} at iteration {self.iteration}")
         return True
 
