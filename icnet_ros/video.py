@@ -12,12 +12,18 @@ A frame source is an iterable of :class:`Frame` ``(index, name, bgr, timestamp_s
 :func:`open_source` picks the right source for a path (image file, folder of images, video file), and
 :func:`iter_frames` chains several. Sources are context managers; videos release their decoder on ``close()``.
 Reading never goes through ``cv2.imread`` (which fails silently on non-ASCII paths on some systems): files are
-read as bytes and decoded with ``cv2.imdecode``.
+read as bytes and decoded with ``cv2.imdecode``. With ``max_pixels``, an image's size is read from its header
+(Pillow, nothing decoded) and a larger image raises :class:`ImageTooLargeError` before the decoder allocates it (a
+small PNG can declare 12000 x 12000 pixels). An image source's ``on_error`` callback, when set, is called with
+``(path, error)`` for an image that cannot be read, and the frame is skipped (the callback may raise instead).
 """
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import struct
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -44,13 +50,56 @@ class SourceError(ValueError):
     """An input that cannot be read: missing, not an image or video, or undecodable."""
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to uint8 BGR H x W x 3 (grey and 16-bit images are converted; alpha is dropped)."""
+class ImageTooLargeError(SourceError):
+    """An image whose header declares more pixels than the reader's ``max_pixels`` (refused before decoding)."""
+
+
+def _header_size(data: np.ndarray, p: Path) -> tuple[int, int] | None:
+    """(height, width) from an encoded image's header, read by Pillow without decoding the pixels; None when the
+    image is larger than Pillow's own decompression-bomb limit (its size then stays unknown)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+    except Image.DecompressionBombError:
+        return None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error):
+        raise SourceError(f"cannot decode image {p} (not an image, or corrupt)") from None
+    return height, width
+
+
+def check_image_size(data: np.ndarray, p: Path, max_pixels: int) -> None:
+    """Raise :class:`ImageTooLargeError` when the encoded image ``data`` (from file ``p``) declares more than
+    ``max_pixels`` pixels, :class:`SourceError` when its header cannot be read."""
+    size = _header_size(data, p)
+    if size is None:
+        from PIL import Image
+
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        if limit and max_pixels < limit:
+            raise ImageTooLargeError(f"image {p}: more than {limit} pixels exceeds the limit of {max_pixels} pixels")
+        return  # larger than Pillow reads, within the caller's limit: the decoder decides
+    height, width = size
+    if height * width > max_pixels:
+        raise ImageTooLargeError(f"image {p}: {width}x{height} = {height * width} pixels exceeds the limit of "
+                                 f"{max_pixels} pixels")
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image file to uint8 BGR H x W x 3 (grey and 16-bit images are converted; alpha is dropped).
+
+    ``max_pixels``: refuse (:class:`ImageTooLargeError`) an image whose header declares more pixels, before
+    decoding it."""
     p = Path(path)
     try:
         data = np.fromfile(p, dtype=np.uint8)
     except OSError as e:
         raise SourceError(f"cannot read image {p}: {e}") from e
+    if max_pixels is not None and data.size:
+        check_image_size(data, p, max_pixels)
     img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if img is None:
         raise SourceError(f"cannot decode image {p} (not an image, or corrupt)")
@@ -98,12 +147,19 @@ class FrameSource:
 
 
 class ImageFiles(FrameSource):
-    """A list of image files, in the given order; timestamps are ``index / fps``."""
+    """A list of image files, in the given order; timestamps are ``index / fps``. ``max_pixels``: images whose
+    header declares more pixels are refused before decoding (:class:`ImageTooLargeError`). ``on_error(path,
+    error)``: called for an image that cannot be read (:class:`SourceError`), whose frame is then skipped (its
+    index is not reused); None (default): the error ends the iteration."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], fps: float = DEFAULT_IMAGE_FPS,
-                 description: str | None = None) -> None:
+                 description: str | None = None, max_pixels: int | None = None,
+                 on_error: Callable[[Path, SourceError], None] | None = None) -> None:
         if fps <= 0:
             raise ValueError(f"fps must be > 0, got {fps}")
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+        self.max_pixels, self.on_error = max_pixels, on_error
         self.paths = [Path(p) for p in paths]
         #: frame names (file stems), in order
         self.names = [p.stem for p in self.paths]
@@ -118,14 +174,22 @@ class ImageFiles(FrameSource):
 
     def __iter__(self) -> Iterator[Frame]:
         for i, (p, name) in enumerate(zip(self.paths, self.names)):
-            yield Frame(i, name, read_image(p), i / self.fps)
+            try:
+                bgr = read_image(p, self.max_pixels)
+            except SourceError as e:
+                if self.on_error is None:
+                    raise
+                self.on_error(p, e)
+                continue
+            yield Frame(i, name, bgr, i / self.fps)
 
 
 class ImageFolder(ImageFiles):
     """Every image in a folder (by extension, sorted by name; ``recursive`` walks sub-folders, and then names are
     the relative paths with ``/`` replaced by ``__`` so that outputs do not collide)."""
 
-    def __init__(self, folder: str | os.PathLike, recursive: bool = False, fps: float = DEFAULT_IMAGE_FPS) -> None:
+    def __init__(self, folder: str | os.PathLike, recursive: bool = False, fps: float = DEFAULT_IMAGE_FPS,
+                 max_pixels: int | None = None, on_error: Callable[[Path, SourceError], None] | None = None) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise SourceError(f"not a folder: {self.folder}")
@@ -133,7 +197,7 @@ class ImageFolder(ImageFiles):
         paths = sorted(p for p in self.folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not paths:
             raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {self.folder}")
-        super().__init__(paths, fps=fps, description=str(self.folder))
+        super().__init__(paths, fps=fps, description=str(self.folder), max_pixels=max_pixels, on_error=on_error)
         self.names = ["__".join(p.relative_to(self.folder).with_suffix("").parts) for p in paths]
 
 
@@ -211,17 +275,18 @@ class VideoFile(FrameSource):
 
 
 def open_source(path: str | os.PathLike, *, fps: float = DEFAULT_IMAGE_FPS, recursive: bool = False,
-                max_frames: int | None = None, stride: int = 1) -> FrameSource:
+                max_frames: int | None = None, stride: int = 1, max_pixels: int | None = None) -> FrameSource:
     """The frame source for ``path``: a folder -> :class:`ImageFolder`; an image -> :class:`ImageFiles`; a video
-    (by extension) -> :class:`VideoFile`. Raises :class:`SourceError` for anything else."""
+    (by extension) -> :class:`VideoFile`. Raises :class:`SourceError` for anything else. ``max_frames`` and
+    ``stride`` apply to videos, ``max_pixels`` to images."""
     p = Path(path).expanduser()
     if p.is_dir():
-        return ImageFolder(p, recursive=recursive, fps=fps)
+        return ImageFolder(p, recursive=recursive, fps=fps, max_pixels=max_pixels)
     if not p.exists():
         raise SourceError(f"input not found: {p}")
     ext = p.suffix.lower()
     if ext in IMAGE_EXTENSIONS:
-        return ImageFiles([p], fps=fps)
+        return ImageFiles([p], fps=fps, max_pixels=max_pixels)
     if ext in VIDEO_EXTENSIONS:
         return VideoFile(p, stride=stride, max_frames=max_frames)
     raise SourceError(f"unsupported input {p}: expected an image ({', '.join(sorted(IMAGE_EXTENSIONS))}), a folder "
@@ -236,6 +301,14 @@ def iter_frames(sources: Iterable[FrameSource]) -> Iterator[tuple[FrameSource, F
                 yield src, frame
 
 
+def check_fourcc(fourcc: str) -> str:
+    """``fourcc`` if it is a video codec code of exactly 4 printable ASCII characters (mp4v, avc1, MJPG, ...), else
+    ValueError."""
+    if not isinstance(fourcc, str) or len(fourcc) != 4 or not all(" " <= c <= "~" for c in fourcc):
+        raise ValueError(f"fourcc must be exactly 4 ASCII characters (e.g. mp4v, avc1, MJPG), got {fourcc!r}")
+    return fourcc
+
+
 class VideoWriter:
     """An MP4 (``mp4v``) or other OpenCV video writer that opens on the first frame (its size sets the video size).
 
@@ -245,6 +318,7 @@ class VideoWriter:
     def __init__(self, path: str | os.PathLike, fps: float, fourcc: str = "mp4v") -> None:
         if fps <= 0:
             raise ValueError(f"fps must be > 0, got {fps}")
+        check_fourcc(fourcc)
         self.path = Path(path)
         self.fps = float(fps)
         self.fourcc = fourcc
@@ -280,5 +354,5 @@ class VideoWriter:
 
 
 __all__ = ["DEFAULT_IMAGE_FPS", "Frame", "FrameSource", "IMAGE_EXTENSIONS", "ImageFiles", "ImageFolder",
-           "SourceError", "VIDEO_EXTENSIONS", "VideoFile", "VideoWriter", "iter_frames", "open_source", "read_image",
-           "write_image"]
+           "ImageTooLargeError", "SourceError", "VIDEO_EXTENSIONS", "VideoFile", "VideoWriter", "check_fourcc",
+           "check_image_size", "iter_frames", "open_source", "read_image", "write_image"]

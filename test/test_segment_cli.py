@@ -187,3 +187,75 @@ def test_shared_data_camvid_images_and_video(tmp_path, ckpt, capsys):
     cap = cv2.VideoCapture(str(out / "overlay" / f"{VIDEO.stem}.mp4"))
     assert int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 960 and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 2
     cap.release()
+
+
+def test_inputs_with_the_same_name_never_overwrite_each_other(tmp_path, ckpt, capsys):
+    """a/x.png + b/x.png, frame.png + frame.jpg in one folder, v1/clip.mp4 + v2/clip.mp4: every input gets its own
+    outputs (parent folder, else extension, added only where names collide); a name without a collision stays."""
+    write_image(tmp_path / "a" / "x.png", _img(64, 64, 1))
+    write_image(tmp_path / "b" / "x.png", _img(64, 64, 2))
+    write_image(tmp_path / "mixed" / "frame.png", _img(64, 64, 3))
+    write_image(tmp_path / "mixed" / "frame.jpg", _img(64, 64, 4))
+    write_image(tmp_path / "mixed" / "alone.png", _img(64, 64, 5))
+    for d in ("v1", "v2"):
+        _video(tmp_path / d / "clip.mp4", n=2, size=(64, 64))
+    out = tmp_path / "out"
+    args = [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"), str(tmp_path / "mixed"),
+            str(tmp_path / "v1" / "clip.mp4"), str(tmp_path / "v2" / "clip.mp4")]
+    assert main([*args, "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet",
+                 "--outputs", "label,overlay"]) == 0
+    assert "9 frames from 5 input(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "label").glob("*.png")) == [
+        "a__x.png", "alone.png", "b__x.png", "frame_jpg.png", "frame_png.png"]
+    assert sorted(p.name for p in (out / "overlay").glob("*.mp4")) == ["v1__clip.mp4", "v2__clip.mp4"]
+    for d in ("v1__clip", "v2__clip"):
+        assert sorted(p.name for p in (out / "label" / d).iterdir()) == ["clip_000000.png", "clip_000001.png"]
+    # each output is its own input's: the overlays differ as the inputs do
+    ov = {n: cv2.imread(str(out / "overlay" / f"{n}.png")) for n in ("a__x", "b__x", "frame_png", "frame_jpg")}
+    assert len({v.tobytes() for v in ov.values()}) == 4
+    # the same file given twice: numbered, never overwritten
+    out2 = tmp_path / "out2"
+    assert main([str(tmp_path / "a" / "x.png")] * 2 + ["-m", str(ckpt), "-o", str(out2), "--device", "cpu",
+                                                       "--quiet", "--outputs", "label"]) == 0
+    assert sorted(p.name for p in (out2 / "label").iterdir()) == ["x_1.png", "x_2.png"]
+
+
+def test_images_over_max_pixels_are_refused_before_decoding(tmp_path, ckpt, capsys):
+    """A 12000x12000 PNG header (a few hundred bytes) is refused from its header: one line, the other images are
+    segmented, exit status 2; the default limit is the node's max_pixels."""
+    from helpers import png_with_size
+
+    from icnet_ros.ros_image import DEFAULT_MAX_PIXELS
+
+    ok, png = cv2.imencode(".png", _img(64, 64, 1))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bomb.png").write_bytes(png_with_size(png.tobytes(), 12000, 12000))
+    write_image(tmp_path / "in" / "good.png", _img(64, 80, 2))
+    write_image(tmp_path / "wide.jpg", _img(64, 96, 3))
+    out = tmp_path / "out"
+    base = ["-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs", "label"]
+    assert main([str(tmp_path / "in"), str(tmp_path / "wide.jpg"), *base]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "bomb.png" in lines[0] and "12000x12000" in lines[0], captured.err
+    assert f"limit of {DEFAULT_MAX_PIXELS}" in lines[0] and "Traceback" not in captured.err
+    assert "2 frames" in captured.out and "1 image(s) refused" in captured.out
+    assert sorted(p.name for p in (out / "label").iterdir()) == ["good.png", "wide.png"]
+    # a lower limit, against the header's size: 80x64 = 5120 pixels pass, 96x64 = 6144 do not
+    out.joinpath("label", "wide.png").unlink()
+    assert main([str(tmp_path / "in" / "good.png"), str(tmp_path / "wide.jpg"), *base, "--max-pixels", "6000"]) == 2
+    err = capsys.readouterr().err  # sizes as width x height, as the node's max_pixels check says them
+    assert "96x64 = 6144 pixels" in err and not (out / "label" / "wide.png").exists()
+    assert main([str(tmp_path / "wide.jpg"), *base, "--max-pixels", "0"]) == 2
+    assert "--max-pixels must be >= 1" in capsys.readouterr().err
+
+
+def test_fourcc_must_be_four_characters(tmp_path, ckpt, capsys):
+    video = _video(tmp_path / "clip.mp4", n=1, size=(64, 64))
+    for bad in ("mp4", "mp4vv", ""):
+        assert main([str(video), "-m", str(ckpt), "-o", str(tmp_path / "o"), "--fourcc", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("icnet-segment: error: --fourcc") and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="exactly 4"):
+        VideoWriter(tmp_path / "x.mp4", 10.0, "h264x")

@@ -9,12 +9,18 @@ Writes, under ``--output``:
 - ``confidence/<name>.png`` when requested: ``round(255 * max softmax probability)``.
 
 Video frames are named ``<video stem>_<frame index:06d>`` and written to ``<kind>/<video stem>/``. Image names are
-the file stems (relative paths for ``--recursive`` folders); when two inputs would write the same name, the input's
-stem is prefixed. Decoding and file writing run in background threads, overlapping the inference.
+the file stems (relative paths for ``--recursive`` folders). Names stay as they are unless two inputs would write
+the same one (a/x.png and b/x.png, frame.png and frame.jpg in one folder, v1/clip.mp4 and v2/clip.mp4): then each
+of those gets the fewest parent folders that tell them apart (``a__x``, ``b__x``; for videos ``v1__clip``), else
+its extension (``frame_png``, ``frame_jpg``), else both, else a number, so no output is ever overwritten by
+another input's. Images whose header declares more than ``--max-pixels`` pixels are refused before decoding: one
+error line each, the other inputs are segmented, and the exit status is 2. Decoding and file writing run in
+background threads, overlapping the inference.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import sys
 import threading
@@ -26,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import engine_config
+from ..ros_image import DEFAULT_MAX_PIXELS
 
 KINDS = ("label", "color", "overlay", "confidence")
 _END = object()
@@ -53,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=1, help="videos: segment every N-th frame (default 1)")
     p.add_argument("--max-frames", type=int, default=None, help="videos: at most this many frames each")
     p.add_argument("--overlay-frames", action="store_true", help="videos: also write overlay PNGs per frame")
-    p.add_argument("--fourcc", default="mp4v", help="video codec for overlay videos (default mp4v)")
+    p.add_argument("--fourcc", default="mp4v", help="video codec for overlay videos, 4 characters (default mp4v)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse image files whose header declares more pixels (height x width), before decoding "
+                        "(default: 3840x2160 = %(default)s, as the node's max_pixels)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 can be faster on an oversubscribed machine)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -124,41 +134,75 @@ class _Writer:
             raise self.error
 
 
-def _reader(sources: list[Any], names: list[dict[int, str] | None], q: queue.Queue, stop: threading.Event) -> None:
+def _reader(sources: list[Any], names: list[dict[int, str] | str], q: queue.Queue, stop: threading.Event) -> None:
     """Decode frames in a background thread into ``q``; ends with _END (or an exception object)."""
     try:
         for si, src in enumerate(sources):
             with src:
-                stem = Path(src.description).stem
                 for frame in src:
                     if stop.is_set():
                         return
-                    name = names[si][frame.index] if names[si] else frame.name
-                    q.put(_Item(si, name, frame.bgr, src.is_video, stem))
+                    if src.is_video:  # frames keep their names, in the video's own (unique) folder
+                        q.put(_Item(si, frame.name, frame.bgr, True, names[si]))  # type: ignore[arg-type]
+                    else:
+                        q.put(_Item(si, names[si][frame.index], frame.bgr, False, ""))  # type: ignore[index]
         q.put(_END)
     except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
         q.put(e)
 
 
-def _unique_names(sources: list[Any]) -> list[dict[int, str] | None]:
-    """Per image source, names that do not collide with other inputs' (prefix the input's stem if needed)."""
-    seen: dict[str, int] = {}
-    image_names: list[list[str] | None] = []
-    for src in sources:
+def _disambiguate(entries: list[tuple[Any, str, Path, Path]]) -> dict[Any, str]:
+    """``entries`` (key, name, root folder, file) -> key: a unique output name. A name used once stays as it is;
+    names used more than once become, for every entry that shares them, the first of these that tells them apart
+    (and collides with no other name): the root's last folder + ``__`` + name, the name + ``_`` + the file's
+    extension, both, the last two folders (and the extension), ... up to the whole path, and last a number."""
+    groups: dict[str, list[tuple[Any, str, Path, Path]]] = {}
+    for e in entries:
+        groups.setdefault(e[1], []).append(e)
+    out = {key: name for key, name, _, _ in entries if len(groups[name]) == 1}
+    taken = set(out.values())
+    for name, group in groups.items():  # in input order: the same inputs give the same names
+        if len(group) == 1:
+            continue
+        folders = [Path(os.path.abspath(root)).parts[1:] for _, _, root, _ in group]  # without the anchor
+        exts = [file.suffix.lstrip(".").lower() for _, _, _, file in group]
+        chosen = None
+        for depth, ext in [(1, False), (0, True), (1, True)] + [(d, e) for d in range(2, 1 + max(map(len, folders)))
+                                                                for e in (False, True)]:
+            names = ["__".join([*f[len(f) - min(depth, len(f)):], name]) + (f"_{x}" if ext and x else "")
+                     for f, x in zip(folders, exts)]
+            if len(set(names)) == len(names) and not taken.intersection(names):
+                chosen = names
+                break
+        if chosen is None:  # the same file given twice: numbered
+            chosen, k = [], 1
+            for _ in group:
+                while f"{name}_{k}" in taken:
+                    k += 1
+                chosen.append(f"{name}_{k}")
+                k += 1
+        for (key, _, _, _), n in zip(group, chosen):
+            out[key] = n
+        taken.update(chosen)
+    return out
+
+
+def _output_names(sources: list[Any]) -> list[dict[int, str] | str]:
+    """Per source: for images, frame index -> output name; for a video, the name of its output folder and video
+    file. No two inputs get the same output path (:func:`_disambiguate`); names that do not collide are kept."""
+    images, videos = [], []
+    for si, src in enumerate(sources):
         if src.is_video:
-            image_names.append(None)
-            continue
-        ns = list(src.names)
-        image_names.append(ns)
-        for n in ns:
-            seen[n] = seen.get(n, 0) + 1
-    out: list[dict[int, str] | None] = []
-    for src, ns in zip(sources, image_names):
-        if ns is None:
-            out.append(None)
-            continue
-        prefix = Path(src.description).stem or "input"
-        out.append({i: (f"{prefix}__{n}" if seen[n] > 1 else n) for i, n in enumerate(ns)})
+            videos.append((si, src.path.stem, src.path.parent, src.path))
+        else:
+            root = getattr(src, "folder", None)
+            for i, (path, name) in enumerate(zip(src.paths, src.names)):
+                images.append(((si, i), name, root if root is not None else path.parent, path))
+    image_names, video_names = _disambiguate(images), _disambiguate(videos)
+    out: list[dict[int, str] | str] = []
+    for si, src in enumerate(sources):
+        out.append(video_names[si] if src.is_video else
+                   {i: image_names[(si, i)] for i in range(len(src.paths))})
     return out
 
 
@@ -188,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print("icnet-segment: error: the following arguments are required: INPUT", file=sys.stderr)
         return 2
     from icnet_ros.checkpoint import CheckpointError
-    from icnet_ros.video import SourceError, open_source
+    from icnet_ros.video import ImageTooLargeError, SourceError, check_fourcc, open_source
 
     try:
         config = engine_config.from_args(args)
@@ -203,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 0 or args.stride < 1 or (args.max_frames is not None and args.max_frames < 0):
         print("icnet-segment: error: --batch must be >= 0, --stride >= 1, --max-frames >= 0", file=sys.stderr)
         return 2
+    if args.max_pixels < 1:
+        print(f"icnet-segment: error: --max-pixels must be >= 1, got {args.max_pixels}", file=sys.stderr)
+        return 2
+    try:
+        check_fourcc(args.fourcc)
+    except ValueError as e:
+        print(f"icnet-segment: error: --fourcc: {e}", file=sys.stderr)
+        return 2
     if args.threads is not None:
         if args.threads < 1:
             print("icnet-segment: error: --threads must be >= 1", file=sys.stderr)
@@ -212,9 +264,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     stop = threading.Event()
     writer: _Writer | None = None
+    refused: list[Path] = []
+
+    def refuse(path: Path, error: SourceError) -> None:
+        """An image over --max-pixels: one line, the other inputs go on (other errors stop the run, as before)."""
+        if not isinstance(error, ImageTooLargeError):
+            raise error
+        refused.append(path)
+        from tqdm import tqdm
+
+        tqdm.write(f"icnet-segment: error: {error} (--max-pixels); skipped", file=sys.stderr)
+
     try:
-        sources = [open_source(p, recursive=args.recursive, stride=args.stride, max_frames=args.max_frames)
-                   for p in args.inputs]
+        sources = [open_source(p, recursive=args.recursive, stride=args.stride, max_frames=args.max_frames,
+                               max_pixels=args.max_pixels) for p in args.inputs]
+        for src in sources:
+            if not src.is_video:
+                src.on_error = refuse
         from icnet_ros.engine import Segmenter
 
         with warnings.catch_warnings():  # fallbacks are printed below, once
@@ -227,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         video_fps = {i: (s.fps or 10.0) / (args.stride if s.is_video else 1) for i, s in enumerate(sources)}
         total = sum(len(s) for s in sources)
-        names = _unique_names(sources)
+        names = _output_names(sources)
         q: queue.Queue = queue.Queue(maxsize=max(4, 2 * batch))
         reader = threading.Thread(target=_reader, args=(sources, names, q, stop), name="icnet-segment-reader",
                                   daemon=True)
@@ -266,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     fps = frames / elapsed if elapsed > 0 else float("inf")
     seg_fps = frames / busy if busy > 0 else float("inf")
     print(f"icnet-segment: {frames} frames from {len(sources)} input(s) in {elapsed:.1f} s: {fps:.2f} fps overall, "
-          f"{seg_fps:.2f} fps segmentation ({seg.describe()}); outputs in {out}")
-    return 0
+          f"{seg_fps:.2f} fps segmentation ({seg.describe()}); outputs in {out}"
+          + (f"; {len(refused)} image(s) refused (over --max-pixels {args.max_pixels})" if refused else ""))
+    return 2 if refused else 0
 
 
 if __name__ == "__main__":
