@@ -165,3 +165,48 @@ def test_backends_side_by_side(tmp_path):
     assert "(onnxruntime)" in md.read_text() and "(openvino)" in md.read_text()
     assert main(["--arch", "icnet_r18", "--size", "96x128", "--device", "cpu", "--backend", "openvino-int8",
                        "--quiet"]) == 2  # no --calib: one line, exit 2
+
+
+def test_json_on_stdout_is_only_json_with_the_log_on_stderr(capsys):
+    assert main([*TINY, "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # the whole of stdout parses
+    assert doc["results"][0]["size"] == [64, 96]
+    assert "pipeline" in captured.err and "model" in captured.err
+
+
+def test_result_files_and_threads_are_checked_before_the_run(tmp_path, capsys):
+    js = tmp_path / "new" / "sub" / "b.json"  # a folder that does not exist yet: created
+    assert main([*TINY, "--json", str(js), "--quiet"]) == 0
+    assert json.loads(js.read_text())["results"][0]["size"] == [64, 96]
+    (tmp_path / "afile").write_text("")
+    for args, message in ((["--json", str(tmp_path / "afile" / "b.json")], "is a file, not a folder"),
+                          (["--markdown", str(tmp_path / "new")], "is a folder, not a file"),
+                          (["--threads", "-1"], "--threads must be >= 1")):
+        t0 = time.perf_counter()
+        assert main([*TINY, *args]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith("icnet-bench: error:") and message in captured.err, captured.err
+        assert captured.err.count("\n") == 1 and captured.out == ""  # nothing timed
+        assert time.perf_counter() - t0 < 5
+
+
+def test_node_bench_and_soak_refuse_bad_arguments_before_starting(tmp_path, capsys):
+    """icnet-node-bench and icnet-node-soak check their arguments before any node starts: one line, exit 2."""
+    from icnet_ros.tools import node_bench, soak
+
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"")
+    (tmp_path / "afile").write_text("")
+    cases = [(node_bench, ["--demo", str(video), "--frames", "5"], "less than one --chunk of 10"),
+             (node_bench, ["--outputs", "colour"], "unknown output(s) ['colour']"),
+             (node_bench, ["--model", str(tmp_path / "nope.safetensors")], "checkpoint not found"),
+             (node_bench, ["--json", str(tmp_path / "afile" / "r.json")], "is a file, not a folder"),
+             (soak, ["--model", str(tmp_path / "nope.safetensors")], "checkpoint not found"),
+             (soak, ["--json", str(tmp_path / "afile" / "s.json")], "is a file, not a folder"),
+             (soak, ["--threads", "-1"], "--threads >= 0")]
+    for module, args, message in cases:
+        assert module.main(args) == 2, (module.__name__, args)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (args, err)
+        assert err.startswith(f"{'icnet-node-bench' if module is node_bench else 'icnet-node-soak'}: error:")

@@ -87,6 +87,36 @@ def test_play_rejects_bad_input(tmp_path: Path):
     assert res.returncode == 2 and "icnet-play: error: input not found" in res.stderr
 
 
+def test_play_skips_an_unreadable_image_with_one_warning(ros: RosHarness, tmp_path: Path):
+    """A corrupt image in a folder: skipped (one warning line, no traceback), the others published in order, the
+    count in the summary and exit status 1."""
+    frames = write_frames(tmp_path / "frames", 3, seed=5)
+    (tmp_path / "frames" / "frame_001.png").write_bytes(b"garbage, not a PNG")
+    images = ros.collect(Image, "/t_playbad/image_raw")
+    res = ros_support.run_module("icnet_ros.tools.play", [
+        str(tmp_path / "frames"), "--topic", "/t_playbad/image_raw", "--rate", "25", "--wait-subscribers", "1"],
+        timeout=60)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("icnet-play: warning: skipped an image: cannot decode image") and \
+        "frame_001.png" in res.stderr
+    assert "published 2 frames" in res.stdout and "skipped 1 unreadable image(s)" in res.stdout
+    assert images.wait_for(lambda m: len(m) >= 2, 10), f"received {len(images.messages)} of 2 images"
+    ros.unsubscribe(images)
+    got = [image_to_numpy(m) for m in images.messages]
+    assert len(got) == 2 and all((g == f).all() for g, f in zip(got, (frames[0], frames[2])))
+
+
+def test_bad_counts_are_refused_in_one_line(tmp_path: Path):
+    write_frames(tmp_path / "frames", 1)
+    for module, args, message in (
+            ("icnet_ros.tools.play", [str(tmp_path / "frames"), "--max-frames", "-2"], "--max-frames must be >= 1"),
+            ("icnet_ros.tools.record", ["/x", "--reliability", "reliable", "--depth", "-1"], "--depth must be > 0")):
+        res = ros_support.run_module(module, args, timeout=60)
+        assert res.returncode == 2 and message in res.stderr, res.stdout + res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
 def test_record_saves_every_frame(ros: RosHarness, tmp_path: Path):
     out = tmp_path / "rec"
     rng = np.random.default_rng(5)
@@ -170,6 +200,32 @@ def test_demo_segments_a_folder_and_stops_by_itself(checkpoint: Path, tmp_path: 
         expected = seg.segment([img], channel_order="BGR")[0].overlay
         assert got.shape == (H, W, 3)
         assert (np.abs(got.astype(int) - expected).max(axis=2) <= 1).mean() > 0.99
+
+
+def test_demo_caps_a_folder_at_max_frames_and_skips_an_unreadable_image(checkpoint: Path, tmp_path: Path):
+    """--max-frames caps an image folder as a video (the shared play path); a corrupt image is skipped with one
+    warning and counted (exit status 1), never a traceback."""
+    write_frames(tmp_path / "frames", 4, seed=6)
+    (tmp_path / "frames" / "frame_001.png").write_bytes(b"garbage, not a PNG")
+    out = tmp_path / "overlays"
+    res = ros_support.run_module("icnet_ros.tools.demo", [str(tmp_path / "frames"), "--model", str(checkpoint),
+                                                          "--output", str(out), "--device", "cpu",
+                                                          "--max-frames", "2"], timeout=120)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and "skipped an image: cannot decode image" in res.stderr
+    assert "(2 frames," in res.stdout and "skipped 1 unreadable image(s)" in res.stdout, res.stdout
+    assert re.search(r"published 2 frames; node processed 2; received 2 overlays, saved 2", res.stdout), res.stdout
+    assert len(list(out.glob("*.png"))) == 2
+
+
+def test_demo_output_naming_a_file_is_one_line(checkpoint: Path, tmp_path: Path):
+    write_frames(tmp_path / "frames", 1)
+    (tmp_path / "taken.mp4").write_bytes(b"")
+    res = ros_support.run_module("icnet_ros.tools.demo", [str(tmp_path / "frames"), "--model", str(checkpoint),
+                                                          "--output", str(tmp_path / "taken.mp4")], timeout=60)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stdout + res.stderr
+    assert lines[0].startswith("icnet-demo: error: --output") and "is a file, not a folder" in lines[0]
 
 
 def test_demo_without_a_model_points_to_the_model_option(tmp_path: Path):

@@ -649,8 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true",
                    help="BENCHMARKS.md grid: icnet_r18/icnet_r50 x width 1.0/0.5 x 512x1024/1024x2048 "
                         "(explicit --arch/--width/--size override parts of it)")
-    p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON ('-' for stdout)")
-    p.add_argument("--markdown", default=None, metavar="PATH", help="write a Markdown table ('-' for stdout)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write results as JSON ('-' for stdout: the log lines then go to stderr)")
+    p.add_argument("--markdown", default=None, metavar="PATH",
+                   help="write a Markdown table ('-' for stdout: the log lines then go to stderr)")
     p.add_argument("--quiet", action="store_true", help="no per-measurement log lines")
     engine_config.add_arguments(p, names=ENGINE_FLAGS)
     return p
@@ -674,7 +676,17 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _ABLATED.clear()
+    from .cli_checks import output_file_problem
+
+    # results on stdout ('-'): the log lines go to stderr, so that stdout is only the JSON / Markdown
+    to_stdout = "-" in (args.json, args.markdown)
+    log_file = sys.stderr if to_stdout else sys.stdout
     try:
+        if args.threads is not None and args.threads < 0:
+            raise ValueError(f"--threads must be >= 1 (0: torch's choice), got {args.threads}")
+        problem = output_file_problem(args.json, "--json") or output_file_problem(args.markdown, "--markdown")
+        if problem:  # before the run, not after it
+            raise ValueError(problem)
         args.outputs = [o for o in args.outputs.replace(",", " ").split() if o]
         args.size = parse_sizes(args.size, MIN_INPUT_SIZE) if args.size else None  # HxW and/or H W, as every tool
         args.engine = engine_config.from_args(args, names=ENGINE_FLAGS)
@@ -690,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--backend openvino-int8 needs --calib DIR (calibration images, e.g. a training split)")
         if any(b < 1 for b in args.batch) or args.iters < 1 or args.warmup < 0:
             raise ValueError("--batch and --iters must be >= 1, --warmup >= 0")
-        log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+        log = (lambda s: None) if args.quiet else (lambda s: print(s, file=log_file, flush=True))
         load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
         results = []
         device = None
@@ -723,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet and len(results) > 1:
         print(f"\n{len(results)} configurations; median pipeline fps: "
               + ", ".join(f"{r.model} {r.size[0]}x{r.size[1]} {r.precision}: {r.pipeline_timing['fps']:.2f}"
-                          for r in results))
+                          for r in results), file=log_file)
     return 0
 
 

@@ -12,7 +12,9 @@ the previous one into a forward pass, so every frame is segmented whatever the m
 transport and recording of one frame overlap the segmentation of the previous one (waiting for each overlay before
 publishing the next frame left the network idle for the whole round trip). ``--rate FPS`` plays in real time
 instead, and the node then drops the frames it cannot keep up with (counted in the summary). The demo waits at most
-``--timeout`` seconds for any one frame, then stops by itself at the end of the input.
+``--timeout`` seconds for any one frame, then stops by itself at the end of the input (or after ``--max-frames``,
+for a video or an image folder alike). An image of a folder that cannot be read is skipped with a warning, as by
+``icnet-play``: counted in the summary, exit status 1.
 
 DDS stays on this machine unless you configure it: when unset, ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and
 FASTDDS_DEFAULT_PROFILES_FILE=<package>/data/fastdds_loopback.xml (UDP on 127.0.0.1 + shared memory) are used; with
@@ -120,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     source = None
     if args.input is not None:
         from ..video import SourceError, open_source
+        from .cli_checks import output_folder_problem
 
+        problem = output_folder_problem(args.output)
+        if problem:
+            return _error(problem)
         try:
             source = open_source(args.input, max_frames=args.max_frames)
         except SourceError as e:
@@ -226,10 +232,11 @@ class DemoRun:
         return True
 
     def play(self, source: Any, rate: float = 0.0, timeout: float = 60.0, progress: bool = False,
-             handshake: str = "taken") -> dict[str, Any]:
-        """Publish ``source``'s frames (a FrameSource or a list of video Frames) and wait until the node dealt
-        with every one and its overlays arrived. Returns ``published``, ``overlays`` (received during this call),
-        ``elapsed`` (s) and ``missed`` (frames not taken or served within ``timeout``)."""
+             handshake: str = "taken", max_frames: int | None = None) -> dict[str, Any]:
+        """Publish ``source``'s frames (a FrameSource or a list of video Frames; at most ``max_frames``, videos and
+        image folders alike) and wait until the node dealt with every one and its overlays arrived. Returns
+        ``published``, ``overlays`` (received during this call), ``elapsed`` (s) and ``missed`` (frames not taken
+        or served within ``timeout``)."""
         from .play import play
 
         if handshake not in ("taken", "overlay"):
@@ -252,7 +259,8 @@ class DemoRun:
                       f"within {timeout:g} s", file=sys.stderr)
 
         t0 = time.monotonic()
-        published = play(self.player, source, rate, after_publish=after_publish, progress=progress)
+        published = play(self.player, source, rate, max_frames=max_frames, after_publish=after_publish,
+                         progress=progress)
         # end of input: wait until the node has dealt with every frame and its overlays have arrived
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -272,14 +280,18 @@ class DemoRun:
 
 
 def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source: Any) -> int:
+    from .play import UnreadableImages
+
+    skipped = UnreadableImages(PROG).install(source)  # a bad image in a folder: skipped, as icnet-play does
     run = DemoRun(node, executor, args.output, args.format, video=args.video, fps=source.fps or 10.0)
     try:
         if not run.connected(args.timeout):
             return _error(f"the node, player and recorder did not connect within {args.timeout:g} s")
         rate_text = "as fast as the node segments" if args.rate == 0 else f"{args.rate:g} fps"
-        print(f"{PROG}: {source.description} ({len(source)} frames, {rate_text}) -> {run.topic} -> "
+        count = len(source) if args.max_frames is None else min(len(source), args.max_frames)
+        print(f"{PROG}: {source.description} ({count} frames, {rate_text}) -> {run.topic} -> "
               f"{run.overlay_topic} -> {Path(args.output)}/", flush=True)
-        result = run.play(source, args.rate, args.timeout, progress=True)
+        result = run.play(source, args.rate, args.timeout, progress=True, max_frames=args.max_frames)
     finally:
         run.close()
     recorder, elapsed = run.recorder, result["elapsed"]
@@ -289,8 +301,8 @@ def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source:
     print(f"{PROG}: published {result['published']} frames; node processed {snap['processed']}"
           f"{f', dropped {drops}' if drops else ''}; received {recorder.received} overlays, saved {recorder.saved} "
           f"to {Path(args.output)}/ in {elapsed:.1f} s ({recorder.received / elapsed if elapsed else 0:.2f} fps, "
-          f"latency p50 {lat50:.0f} ms, p95 {lat95:.0f} ms)", flush=True)
-    if recorder.failed or recorder.received == 0:
+          f"latency p50 {lat50:.0f} ms, p95 {lat95:.0f} ms){skipped.summary()}", flush=True)
+    if recorder.failed or recorder.received == 0 or skipped.paths:
         return 1
     return 0
 

@@ -30,6 +30,7 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -186,9 +187,15 @@ def bench_demo(node: Any, executor: Any, video: str, frames: int, chunk: int) ->
     from ..video import open_source
     from .demo import DemoRun
 
+    import itertools
+
     source = open_source(video, max_frames=frames)
-    clip = list(source)
-    source.close()
+    try:
+        clip = list(itertools.islice(source, frames))  # an image folder too: at most ``frames``, as icnet-demo
+    finally:
+        source.close()
+    if len(clip) < chunk:
+        raise ValueError(f"{video}: {len(clip)} frame(s), fewer than one chunk of {chunk} (--chunk)")
     seg = node.pipeline.segmenter
     run = DemoRun(node, executor, tempfile.mkdtemp(prefix="icnet_demo_bench_"))
     rates: dict[str, list[float]] = {"taken": [], "overlay": [], "alone": []}
@@ -234,37 +241,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: the node's auto policy, all cores but one on the CPU)")
     p.add_argument("--throughput-seconds", type=float, default=5.0)
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file (its folder is created)")
     p.add_argument("--demo", default=None, metavar="VIDEO", help="time icnet-demo's pipeline on this video "
                    "against the Segmenter alone instead (--frames frames in chunks of --chunk)")
     p.add_argument("--chunk", type=int, default=10, help="frames per chunk with --demo (default: %(default)s)")
     return p
 
 
+def _check_args(args: argparse.Namespace) -> str | None:
+    """Why the arguments cannot work (None when they can), before anything starts."""
+    from ..engine_config import parse_outputs
+    from .cli_checks import model_problem, output_file_problem
+
+    if args.frames < 1 or args.chunk < 1 or args.threads < 0 or args.throughput_seconds <= 0:
+        return "--frames and --chunk must be >= 1, --threads >= 0, --throughput-seconds > 0"
+    if args.demo is not None and args.frames < args.chunk:
+        return (f"--frames {args.frames} is less than one --chunk of {args.chunk}: --demo times chunks of "
+                "--chunk frames")
+    kinds = [k.strip() for k in args.outputs.split(",") if k.strip()]
+    try:
+        parse_outputs(kinds)
+    except ValueError as e:
+        return f"--outputs {args.outputs!r}: {e}"
+    if not kinds:
+        return "--outputs: name at least one output (label, color, overlay, confidence)"
+    if args.demo is not None and not Path(args.demo).exists():
+        return f"--demo {args.demo}: not found"
+    return (model_problem(args.model) if args.model is not None else None) or output_file_problem(args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = _check_args(args)
+    if problem:
+        print(f"icnet-node-bench: error: {problem}", file=sys.stderr)
+        return 2
     kinds = [k.strip() for k in args.outputs.split(",") if k.strip()]
     configure_dds(isolated_domain=True)
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
-    from ..node import SegmentationNode
+    from ..checkpoint import CheckpointError
+    from ..node import SegmentationNode, StartupError
     from ..ros_spin import spin
+    from ..video import SourceError
 
     if args.model is None:
         from ..checkpoint import default_model_path
 
-        args.model = str(default_model_path())
+        try:
+            args.model = str(default_model_path())
+        except CheckpointError as e:
+            print(f"icnet-node-bench: error: {e}", file=sys.stderr)
+            return 2
     if args.demo is not None:
-        return _main_demo(args)
+        try:
+            return _main_demo(args)
+        except (StartupError, SourceError, ValueError) as e:
+            print(f"icnet-node-bench: error: {e}", file=sys.stderr)
+            return 2
     rclpy.init()
-    node = SegmentationNode(parameter_overrides=[
-        Parameter("image_topics", value=["/bench/image_raw"]), Parameter("model", value=args.model),
-        Parameter("device", value=args.device), Parameter("num_threads", value=args.threads),
-        Parameter("qos_overrides./bench/image_raw.subscription.reliability", value="reliable"),
-        Parameter("max_age", value=0.0),
-        Parameter("publish_camera_info", value=False)])
+    try:
+        node = SegmentationNode(parameter_overrides=[
+            Parameter("image_topics", value=["/bench/image_raw"]), Parameter("model", value=args.model),
+            Parameter("device", value=args.device), Parameter("num_threads", value=args.threads),
+            Parameter("qos_overrides./bench/image_raw.subscription.reliability", value="reliable"),
+            Parameter("max_age", value=0.0),
+            Parameter("publish_camera_info", value=False)])
+    except StartupError as e:
+        rclpy.try_shutdown()
+        print(f"icnet-node-bench: error: {e}", file=sys.stderr)
+        return 2
     helper = rclpy.create_node("icnet_node_bench")
     executor = MultiThreadedExecutor(num_threads=2)
     executor.add_node(node)
@@ -300,7 +348,7 @@ def _main_demo(args: argparse.Namespace) -> int:
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
 
-    from ..node import SegmentationNode
+    from ..node import SegmentationNode, StartupError
     from .demo import _node_overrides
 
     rclpy.init()
@@ -311,7 +359,11 @@ def _main_demo(args: argparse.Namespace) -> int:
         from rclpy.parameter import Parameter
 
         overrides.append(Parameter("num_threads", value=args.threads))
-    node = SegmentationNode(parameter_overrides=overrides)
+    try:
+        node = SegmentationNode(parameter_overrides=overrides)
+    except StartupError:
+        rclpy.try_shutdown()
+        raise
     executor = MultiThreadedExecutor(num_threads=2)  # as icnet-demo
     executor.add_node(node)
     try:

@@ -8,6 +8,9 @@ Every frame gets the current ROS time as stamp and ``--frame-id``; camera_info (
 ``--camera-info`` (a camera_calibration YAML file) or is a pinhole model with ``--fov`` degrees horizontal field of
 view. Publishers are reliable (REP-2003: sensor drivers publish reliable; best-effort subscribers still match).
 Lets users try icnet_node without a camera. The DDS settings come from the environment, as for any ROS tool.
+An image of a folder that cannot be read (corrupt, truncated, not an image) is skipped, as a camera driver drops a
+bad frame: one warning per file, the count in the summary, and exit status 1 at the end (the stream went on without
+it).
 """
 from __future__ import annotations
 
@@ -164,6 +167,31 @@ class Player:
         return msg.header
 
 
+class UnreadableImages:
+    """``on_error`` callback for an image source: skips an image that cannot be read, with one warning per file
+    (also when ``--loop`` comes back to it); ``paths`` lists the files skipped."""
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+        self.paths: list[Path] = []
+
+    def __call__(self, path: Path, error: SourceError) -> None:
+        if path not in self.paths:
+            self.paths.append(path)
+            from tqdm import tqdm
+
+            tqdm.write(f"{self.prog}: warning: skipped an image: {error}", file=sys.stderr)
+
+    def install(self, source: FrameSource) -> UnreadableImages:
+        if not source.is_video:
+            source.on_error = self  # type: ignore[attr-defined]
+        return self
+
+    def summary(self) -> str:
+        """'; skipped N unreadable image(s)' for a summary line ('' when none was)."""
+        return f"; skipped {len(self.paths)} unreadable image(s)" if self.paths else ""
+
+
 def frames(source: FrameSource, loop: bool, max_frames: int | None) -> Iterator[Frame]:
     """The source's frames, repeated when ``loop``, at most ``max_frames``."""
     count = 0
@@ -249,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rate is not None and args.rate < 0:
         print("icnet-play: error: --rate must be >= 0", file=sys.stderr)
         return 2
+    if args.max_frames is not None and args.max_frames < 1:
+        print(f"icnet-play: error: --max-frames must be >= 1, got {args.max_frames}", file=sys.stderr)
+        return 2
     try:
         source = open_source(args.source)
         camera_info = load_camera_info(args.camera_info) if args.camera_info else None
@@ -260,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(source) == 0:
         print(f"icnet-play: error: no frames in {args.source}", file=sys.stderr)
         return 2
+    skipped = UnreadableImages("icnet-play").install(source)
     rate = args.rate if args.rate is not None else (source.fps or DEFAULT_IMAGE_FPS)
 
     import rclpy
@@ -287,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         node.destroy_node()
         rclpy.try_shutdown()
     dt = time.monotonic() - t0
-    print(f"icnet-play: published {n} frames in {dt:.1f} s ({n / dt if dt > 0 else 0:.1f} fps)", flush=True)
-    return 0
+    print(f"icnet-play: published {n} frames in {dt:.1f} s ({n / dt if dt > 0 else 0:.1f} fps){skipped.summary()}",
+          flush=True)
+    return 1 if skipped.paths else 0
 
 
 if __name__ == "__main__":

@@ -246,10 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("max_frames", "idle_timeout", "duration", "max_queue_mb"):
+    for name in ("max_frames", "idle_timeout", "duration", "max_queue_mb", "depth"):
         v = getattr(args, name)
         if v is not None and v <= 0:
-            print(f"icnet-record: error: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
+            print(f"icnet-record: error: --{name.replace('_', '-')} must be > 0, got {v}", file=sys.stderr)
             return 2
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor

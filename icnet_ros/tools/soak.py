@@ -77,8 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-growth", type=float, default=5.0, help="allowed RSS growth in percent from minute 1 to "
                    "the end (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="the node's num_threads (default: 0, its auto policy)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file (its folder is created)")
     return p
+
+
+class _NodeFailed(Exception):
+    """The node process did not start (exit status 2) or died during the soak (a failed check: status 1); one line,
+    the node's log kept."""
+
+    def __init__(self, message: str, died: bool = False) -> None:
+        super().__init__(message)
+        self.died = died
+
+
+def _log_tail(log_path: Path) -> str:
+    """The node log's last error line (else its last line), for a one-line message."""
+    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() or "Error" in ln]
+    return (errors or lines or ["(no output)"])[-1]
 
 
 class _Counter:
@@ -106,14 +122,31 @@ def _diagnostics(msgs: list[Any]) -> dict[str, dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.seconds < 90 or args.rate <= 0 or args.cycle <= 0:
-        print(f"{PROG}: error: --seconds must be >= 90 (RSS is compared from minute 1), --rate and --cycle > 0",
-              file=sys.stderr)
+    if args.seconds < 90 or args.rate <= 0 or args.cycle <= 0 or args.sample <= 0 or args.threads < 0:
+        print(f"{PROG}: error: --seconds must be >= 90 (RSS is compared from minute 1), --rate, --cycle and --sample "
+              "> 0, --threads >= 0", file=sys.stderr)
+        return 2
+    from ..checkpoint import CheckpointError, default_model_path
+    from .cli_checks import model_problem, output_file_problem
+
+    problem = (model_problem(args.model) if args.model else None) or output_file_problem(args.json)
+    if problem:  # now, not after the soak
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        model = args.model or str(default_model_path())
+    except CheckpointError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     configure_dds(isolated_domain=True)
-    from ..checkpoint import default_model_path
+    try:
+        return _soak(args, model)
+    except _NodeFailed as e:
+        print(f"{PROG}: {'FAIL' if e.died else 'error'}: {e}", file=sys.stderr)
+        return 1 if e.died else 2
 
-    model = args.model or str(default_model_path())
+
+def _soak(args: argparse.Namespace, model: str) -> int:
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import MultiThreadedExecutor
@@ -165,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + 180
         while "ready:" not in log_path.read_text(errors="replace"):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the node did not start:\n{log_path.read_text(errors='replace')}")
+                raise _NodeFailed(f"the node did not start: {_log_tail(log_path)} (its log: {log_path})")
             time.sleep(0.2)
         while not all(p.get_subscription_count() >= 1 for p in pubs):
             time.sleep(0.05)
@@ -204,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 bar.n = int(elapsed)
                 bar.refresh() if i % int(max(1, args.rate)) == 0 else None
                 if proc.poll() is not None:
-                    raise RuntimeError(f"the node died (status {proc.returncode}):\n"
-                                       f"{log_path.read_text(errors='replace')[-3000:]}")
+                    raise _NodeFailed(f"the node died (status {proc.returncode}): {_log_tail(log_path)} (its log: "
+                                      f"{log_path})", died=True)
                 time.sleep(max(0.0, t0 + i * period - time.monotonic()))
         time.sleep(3.0)  # let the last frames and a /diagnostics message arrive
         rss.append((round(time.monotonic() - t0, 1), rss_mb(proc.pid)))
@@ -243,13 +276,18 @@ def main(argv: list[str] | None = None) -> int:
         helper.destroy_node()
         rclpy.try_shutdown()
     print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}), flush=True)
+    written = True
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        try:
+            Path(args.json).expanduser().write_text(json.dumps(result, indent=1))
+        except OSError as e:  # the verdict still follows
+            written = False
+            print(f"{PROG}: error: cannot write --json {args.json}: {e}", file=sys.stderr)
     ok = result["rss_growth_pct"] < args.max_growth and result["frames_lost"] == 0 and exit_status == 0
     print(f"{PROG}: {'PASS' if ok else 'FAIL'}: RSS {result['rss_mb_at_60s']} MB at 60 s -> "
           f"{result['rss_mb_end']} MB at the end ({result['rss_growth_pct']:+.2f}%, limit {args.max_growth}%); "
           f"frames lost {result['frames_lost']}; node exit status {exit_status}", flush=True)
-    return 0 if ok else 1
+    return (0 if written else 2) if ok else 1
 
 
 if __name__ == "__main__":
