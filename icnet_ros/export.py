@@ -109,6 +109,37 @@ def inference_model(model_or_path: Any, size: tuple[int, int], fp16: bool = Fals
     return (_Float16(model) if fp16 else model).eval(), meta
 
 
+def supported_opsets() -> tuple[int, int]:
+    """(lowest, highest) ONNX opset :func:`export_onnx` can write: the dynamo exporter builds the graph at its
+    onnxscript opset (18) and converts it to the one asked for (by default torch's, 20 in torch 2.13), up to the
+    installed onnx package's newest; converting down fails for ICNet's Pad (the converter has no adapter), so a
+    lower opset cannot be honoured."""
+    import onnx
+
+    try:
+        from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET as lowest
+    except ImportError:  # private constant moved: the value of torch 2.5-2.13
+        lowest = 18
+    return int(lowest), int(onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int | None) -> int | None:
+    """``opset`` if :func:`export_onnx` can write it (None: the exporter's own), else ValueError naming the range."""
+    if opset is None:
+        return None
+    lowest, highest = supported_opsets()
+    if not lowest <= int(opset) <= highest:
+        raise ValueError(f"ONNX opset {opset} is not supported here: this exporter (torch.onnx dynamo, onnx "
+                         f"{_onnx_version()}) writes opsets {lowest} to {highest}; without --opset, its default")
+    return int(opset)
+
+
+def _onnx_version() -> str:
+    import onnx
+
+    return str(getattr(onnx, "__version__", "?"))
+
+
 def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, int] = (512, 1024), batch: int = 1,
                 dynamic_batch: bool = True, fp16: bool = False, opset: int | None = None,
                 command: str | None = None, progress: bool = False) -> Path:
@@ -117,7 +148,9 @@ def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, 
     ``model_or_path``: None (the package's default model), a native ``.safetensors`` checkpoint or an ICNet module.
     ``size``: the fixed network input (H, W), multiples of 32. ``batch``: with ``dynamic_batch`` the batch axis is
     dynamic and ``batch`` is only recorded (TensorRT builds its optimisation profile for 1..batch); without it the
-    batch is fixed to ``batch``. ``opset``: ONNX opset (default: the exporter's). ``command``: recorded in the
+    batch is fixed to ``batch``. ``opset``: ONNX opset (default: the exporter's; one it cannot write is a
+    ValueError before anything runs, see :func:`supported_opsets`; never silently another). ``command``: recorded in
+    the
     provenance (the CLI passes its command line). ``progress``: a tqdm bar over the steps (the exporter's step
     takes from seconds to minutes). The file is written atomically."""
     from tqdm import tqdm
@@ -125,6 +158,7 @@ def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, 
     onnx = require("onnx", "onnx", "onnx")  # the onnx extra installs onnx, onnxscript and onnxruntime
     require("onnx", "onnxscript", "onnx")
     h, w = check_export_size(size)
+    opset = check_opset(opset)
     if int(batch) < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     batch = int(batch)
@@ -149,6 +183,9 @@ def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, 
         bar.update()
         bar.set_postfix_str(f"writing {output.name}")
         used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+        if opset is not None and used_opset != opset:  # the converter gave up and kept its own opset: say so
+            raise ValueError(f"ONNX opset {opset} could not be written: the exporter's converter kept opset "
+                             f"{used_opset}; export without --opset (opset {used_opset}) or with a supported one")
         record = {"format": "onnx", "size": [h, w], "batch": batch, "dynamic_batch": bool(dynamic_batch),
                   "fp16": bool(fp16), "opset": used_opset, "exporter": "torch.onnx (dynamo)",
                   "onnx": getattr(onnx, "__version__", None)}
@@ -210,12 +247,18 @@ def _quiet_exporter():
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    # its version converter logs a traceback when it cannot convert, then keeps the graph's own opset: export_onnx
+    # checks the opset it got and raises one line instead
+    converter = logging.getLogger("onnxscript.version_converter")
+    converter_level = converter.level
+    converter.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
         logger.setLevel(level)
+        converter.setLevel(converter_level)
 
 
 # ----------------------------------------------------------------------------------------------- reading metadata
@@ -359,5 +402,6 @@ def _parse_entry(data: bytes) -> tuple[str, str]:
         raise _Malformed("metadata entry is not UTF-8") from None
 
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "check_export_size", "export_onnx", "exported_meta", "inference_model",
-           "parse_export_meta", "profile_batch", "read_onnx_metadata", "validate_export_meta"]
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "check_export_size", "check_opset", "export_onnx", "exported_meta",
+           "inference_model", "parse_export_meta", "profile_batch", "read_onnx_metadata", "supported_opsets",
+           "validate_export_meta"]

@@ -234,6 +234,30 @@ def test_cli_errors(tmp_path, ckpt, capsys):
     assert not os.path.exists(out)
 
 
+def test_opset_is_honoured_or_refused_never_substituted(tmp_path, ckpt, capsys):
+    """An opset the exporter cannot write (below its onnxscript opset 18: ICNet's Pad has no down-converter) is one
+    line naming the opsets it writes, before anything runs, and no file; one it can write is the file's opset."""
+    from icnet_ros.export import supported_opsets
+
+    lowest, highest = supported_opsets()
+    out = tmp_path / "o.onnx"
+    for bad in (13, lowest - 1, highest + 1):
+        assert export_main([str(ckpt), "--format", "onnx", "--size", "128x192", "--opset", str(bad), "--output",
+                            str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"icnet-export: error: --opset {bad}:") and f"opsets {lowest} to {highest}" in err
+    assert not out.exists()
+    with pytest.raises(ValueError) as excinfo:
+        export_onnx(ckpt, out, SIZE, opset=13)
+    one_line_error(excinfo, "opset 13", f"{lowest} to {highest}")
+    assert export_main([str(ckpt), "--format", "onnx", "--size", "128x192", "--opset", "19", "--output",
+                        str(out)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert onnx.load(str(out)).opset_import[0].version == 19
+    assert read_onnx_metadata(out)["provenance"]["exported"]["opset"] == 19
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_cli_tensorrt_without_gpu_is_one_line(tmp_path, ckpt, capsys):
     out = tmp_path / "t.onnx"

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DIR", default=None,
                    help="--int8: calibration images (an image folder, or a dataset split with images/)")
     p.add_argument("--calib-count", type=int, default=300, metavar="N", help="--int8: images used (default 300)")
-    p.add_argument("--opset", type=int, default=None, help="onnx/tensorrt: ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="onnx/tensorrt: ONNX opset (default: the exporter's; one it cannot write is an error)")
     p.add_argument("--output", "-o", required=True,
                    help="output file: onnx: .onnx; openvino: .xml (+ .bin); tensorrt: .onnx (the engine is cached "
                         "beside it, found when the .onnx is run) or .engine/.plan (the .onnx beside it, the "
@@ -68,6 +69,14 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
         raise ValueError("--calib is only used with --int8")
     if args.opset is not None and args.format == "openvino":
         raise ValueError("--opset is for onnx and tensorrt exports")
+    if args.opset is not None:  # one the exporter cannot write fails now, never silently another
+        from ..export import check_opset
+
+        require("onnx", "onnx", "onnx")
+        try:
+            check_opset(args.opset)
+        except ValueError as e:
+            raise ValueError(f"--opset {args.opset}: {e}") from None
     suffix = Path(args.output).suffix.lower()
     if args.format == "onnx" and suffix != ".onnx":
         raise ValueError(f"--output {args.output}: an ONNX file name ending in .onnx")
