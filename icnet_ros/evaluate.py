@@ -6,11 +6,13 @@
     icnet-eval --model runs/camvid/best.safetensors --data DIR --split val --json
     icnet-eval --model M --data CITYSCAPES_ROOT --split val --flip --scales 0.75 1.0 1.25
 
-Inputs are normalised as the checkpoint's metadata says and resized as ``--input-size`` says (the engine's option,
-:mod:`icnet_ros.engine_config`; default ``auto``: each image scaled, keeping its aspect ratio, to the width the
-model was trained at, its metadata's ``network_width``; else the metadata's fixed ``input_size``; else native),
-rounded to multiples of 32 (``--size-divisor``; ICNet's branches misalign at other sizes, see
-:data:`icnet_ros.sizes.SIZE_DIVISOR`); the logits are upsampled back to the label size before the argmax. Exported
+Inputs are normalised as the checkpoint's metadata says and resized as ``--input-size`` says, exactly as the engine
+resizes frames (the engine's option, :mod:`icnet_ros.engine_config`, and its own size computation,
+:meth:`icnet_ros.engine.Segmenter.network_size`, see :class:`EngineInputSize`; default ``auto``: each image scaled,
+keeping its aspect ratio, to the width the model was trained at, its metadata's ``network_width``, upscaled at most
+:data:`~icnet_ros.sizes.MAX_SCALE` times; else the metadata's fixed ``input_size``; else native), rounded to multiples
+of 32 (``--size-divisor``; ICNet's branches misalign at other sizes, see :data:`icnet_ros.sizes.SIZE_DIVISOR`); the
+logits are upsampled back to the label size before the argmax. Exported
 models (``.onnx``, OpenVINO ``.xml``, also INT8) are evaluated through their backend (``--backend``, chosen by the
 file type), at their fixed export size. The confusion matrix is accumulated on the device. ``--json`` prints exactly
 one JSON object on stdout (percentages); progress bars and messages go to stderr.
@@ -22,7 +24,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Sequence
+import types
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -52,13 +55,56 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+class EngineInputSize:
+    """The network input size the engine gives an image, without a model: ``EngineInputSize(...)(h, w, scale)``.
+
+    One definition: the policy comes from the engine's parsing of ``input_size`` with the model's metadata, and the
+    size from :meth:`Segmenter.network_size <icnet_ros.engine.Segmenter.network_size>` itself (and, for a test-time
+    ``scale`` other than 1, its policy size before rounding, times ``scale``, rounded the same way). So ``auto``
+    upscales at most :data:`~icnet_ros.sizes.MAX_SCALE` times here as in the node. ``fixed_size``: an exported
+    model's (H, W), which replaces the policy (no rounding), as in the engine."""
+
+    def __init__(self, input_size: Any, meta: dict[str, Any], size_divisor: int = SIZE_DIVISOR,
+                 fixed_size: Sequence[int] | None = None) -> None:
+        from .engine import Segmenter, _input_policy
+
+        policy, param = _input_policy(input_size, meta)
+        if fixed_size:
+            policy, param, size_divisor = "fixed", (int(fixed_size[0]), int(fixed_size[1])), 1
+        # the attributes Segmenter.network_size / _policy_size read, and those methods bound to this object
+        self.input_policy, self._input_param, self.size_divisor = policy, param, int(size_divisor)
+        self.network_size = types.MethodType(Segmenter.network_size, self)
+        self._policy_size = types.MethodType(Segmenter._policy_size, self)
+
+    def __call__(self, height: int, width: int, scale: float = 1.0) -> tuple[int, int]:
+        if scale == 1.0:
+            return self.network_size(height, width)
+        h, w = self._policy_size(height, width)
+        return aligned_size(h * scale, w * scale, self.size_divisor)
+
+    @property
+    def fixed(self) -> list[int] | None:
+        return list(self._input_param) if self.input_policy == "fixed" else None
+
+    @property
+    def network_width(self) -> int | None:
+        return int(self._input_param) if self.input_policy == "width" else None
+
+    def describe(self) -> str:
+        if self.input_policy == "fixed":
+            return "x".join(map(str, self._input_param))
+        if self.input_policy == "width":
+            return f"auto: width {self._input_param}"
+        return f"scale {self._input_param:g}" if self.input_policy == "scale" else "native"
+
+
 def _net_size(h: int, w: int, input_size: Sequence[int] | None, input_scale: float,
               base_size: Sequence[int] | None, scale: float, size_divisor: int,
               network_width: int | None = None) -> tuple[int, int]:
     if input_size:
         bh, bw = float(input_size[0]), float(input_size[1])
-    elif network_width:  # input_size auto: the trained width, aspect ratio kept
-        bh, bw = h * network_width / w, float(network_width)
+    elif network_width:  # input_size auto: the engine's policy for the trained width
+        return EngineInputSize("auto", {"network_width": network_width}, size_divisor)(h, w, scale)
     else:
         s = base_scale(h, w, input_scale, tuple(base_size) if base_size else None)
         bh, bw = h * s, w * s
@@ -69,21 +115,23 @@ def _net_size(h: int, w: int, input_size: Sequence[int] | None, input_scale: flo
 def predict_logits(model: nn.Module, x: Tensor, out_size: Sequence[int], input_size: Sequence[int] | None = None,
                    input_scale: float = 1.0, base_size: Sequence[int] | None = None,
                    scales: Sequence[float] = (1.0,), flip: bool = False, amp: bool = False,
-                   size_divisor: int = SIZE_DIVISOR, network_width: int | None = None) -> Tensor:
+                   size_divisor: int = SIZE_DIVISOR, network_width: int | None = None,
+                   size_fn: Callable[[int, int, float], tuple[int, int]] | None = None) -> Tensor:
     """Class scores (N x C x H x W at ``out_size``) for normalised images ``x`` (N x 3 x h x w).
 
-    The network input is ``input_size`` (or the image scaled to ``network_width``, or by ``input_scale`` / into
-    ``base_size``) times each
+    The network input is ``input_size`` (or the image scaled to ``network_width`` as the engine's ``auto`` does, or
+    by ``input_scale`` / into ``base_size``) times each
     of ``scales``, rounded to multiples of ``size_divisor`` (:func:`~icnet_ros.sizes.aligned_size`; 1: exact),
-    plus its mirror image with ``flip``. One pass returns upsampled logits; several return the sum of softmax
-    probabilities."""
+    plus its mirror image with ``flip``; ``size_fn(h, w, scale)`` (e.g. an :class:`EngineInputSize`), when given,
+    replaces all of that. One pass returns upsampled logits; several return the sum of softmax probabilities."""
     h, w = x.shape[-2:]
     passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     autocast = torch.autocast(x.device.type, dtype=torch.float16) if amp and x.device.type == "cuda" \
         else nullcontext()
     total: Tensor | None = None
     for s, f in passes:
-        size = _net_size(h, w, input_size, input_scale, base_size, s, size_divisor, network_width)
+        size = size_fn(h, w, s) if size_fn is not None else _net_size(h, w, input_size, input_scale, base_size, s,
+                                                                       size_divisor, network_width)
         xi = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         if f:
             xi = xi.flip(-1)
@@ -124,7 +172,8 @@ def evaluate(model: nn.Module, loader: Iterable, normalizer: Normalizer, num_cla
              device: torch.device, input_size: Sequence[int] | None = None, input_scale: float = 1.0,
              base_size: Sequence[int] | None = None, scales: Sequence[float] = (1.0,), flip: bool = False,
              amp: bool = False, progress: bool = True, desc: str = "eval", size_divisor: int = SIZE_DIVISOR,
-             network_width: int | None = None) -> ConfusionMatrix:
+             network_width: int | None = None,
+             size_fn: Callable[[int, int, float], tuple[int, int]] | None = None) -> ConfusionMatrix:
     """Accumulate the confusion matrix of ``model`` over ``loader`` (batches of uint8 N x H x W x 3 RGB images
     and N x H x W labels); summed over ranks under torch.distributed. The model's train/eval mode is restored.
     ``model`` may also be a backend (:mod:`icnet_ros.backends`): its input dtype and layout are used."""
@@ -146,7 +195,7 @@ def evaluate(model: nn.Module, loader: Iterable, normalizer: Normalizer, num_cla
                 lb = lb.to(device, non_blocking=True)
                 x = normalizer(im, "RGB").to(dtype).contiguous(memory_format=fmt)
                 scores = predict_logits(model, x, lb.shape[-2:], input_size, input_scale, base_size, scales,
-                                        flip, amp, size_divisor, network_width)
+                                        flip, amp, size_divisor, network_width, size_fn)
                 cm.update(scores.argmax(dim=1), lb, check=False)
     finally:
         if is_module:
@@ -225,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seg = Segmenter(args.model, cfg.replace(input_size="native", warmup=False))
             model, meta = seg.backend, seg.meta
             device = seg.backend.device
-        input_size, network_width, input_scale = _eval_size(cfg.input_size, meta, model)
+        sizes = EngineInputSize(cfg.input_size, meta, cfg.size_divisor, getattr(model, "fixed_size", None))
         model_classes = class_set_from_meta(meta)
         spec = DataSpec(root=args.data, layout=args.layout, class_file=args.class_file,
                         label_suffix=args.label_suffix)
@@ -240,21 +289,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, DatasetError, ValueError, OSError, RuntimeError) as e:
         print(f"icnet-eval: error: {e}", file=sys.stderr)
         return 2
-    size_divisor = 1 if backend_name != "torch" else cfg.size_divisor
+    size_divisor = sizes.size_divisor
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=ShardSampler(len(dataset)),
                         num_workers=args.workers, collate_fn=collate_segmentation, worker_init_fn=worker_init,
                         pin_memory=device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     t0 = time.perf_counter()
-    cm = evaluate(model, loader, Normalizer(meta.get("normalization")), class_set.num_classes,
-                  class_set.ignore_index, device, input_size=input_size, input_scale=input_scale, scales=args.scales,
-                  flip=args.flip, amp=args.amp, progress=not args.no_progress, desc=f"icnet-eval {args.split}",
-                  size_divisor=size_divisor, network_width=network_width)
+    try:
+        cm = evaluate(model, loader, Normalizer(meta.get("normalization")), class_set.num_classes,
+                      class_set.ignore_index, device, scales=args.scales, flip=args.flip, amp=args.amp,
+                      progress=not args.no_progress, desc=f"icnet-eval {args.split}", size_fn=sizes)
+    except DatasetError as e:  # an unreadable image or label, found while reading (also in a loader worker)
+        print(f"icnet-eval: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - t0
     metrics = cm.compute()
-    policy = ("x".join(map(str, input_size)) if input_size else f"auto: width {network_width}" if network_width
-              else f"scale {input_scale:g}" if input_scale != 1.0 else "native")
+    input_size, network_width, policy = sizes.fixed, sizes.network_width, sizes.describe()
     if args.json:
         report = {**metrics_report(metrics, class_set.classes), "model": args.model or "default",
                   "data": args.data, "split": args.split, "images": len(dataset), "classes": class_set.name,
@@ -272,20 +323,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if not math.isnan(metrics["mIoU"]) else 1
 
 
-def _eval_size(policy: Any, meta: dict[str, Any], model: Any) -> tuple[list[int] | None, int | None, float]:
-    """The engine's input_size policy -> (fixed size, network width, scale) for :func:`evaluate`."""
-    fixed = getattr(model, "fixed_size", None)
-    if fixed:
-        return list(fixed), None, 1.0
-    if policy == "auto" and meta.get("network_width"):
-        return None, meta["network_width"], 1.0
-    if policy in ("auto", "checkpoint"):
-        return meta.get("input_size"), None, 1.0
-    if policy == "native":
-        return None, None, 1.0
-    if isinstance(policy, tuple):
-        return list(policy), None, 1.0
-    return None, None, float(policy)
+def _one_line(error: BaseException) -> str:
+    """An error's message in one line: a DataLoader worker re-raises it with the worker's traceback in the text,
+    whose last line is ``module.Class: message``."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    last = lines[-1]
+    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 if __name__ == "__main__":

@@ -221,3 +221,53 @@ def test_exported_onnx_model_is_evaluated_through_onnxruntime(capsys, tmp_path):
     ort_report = _run_json(capsys, "--model", onnx, "--data", root, "--split", "val", "--limit", 2)
     assert ort_report["backend"] == "onnxruntime" and ort_report["input_size"] == [192, 256]
     assert ort_report["mIoU"] == pytest.approx(torch_report["mIoU"], abs=0.05)
+
+
+def _camvid_tree(root, n=2, size=(64, 96), seed=0):
+    """A CamVid-layout split (val/images/*.png, val/labels/*.png with train ids 0..10) of small noisy images."""
+    rng = np.random.default_rng(seed)
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "val" / "labels").mkdir(parents=True)
+    samples = []
+    for i in range(n):
+        img, lbl = root / "val" / "images" / f"f{i}.png", root / "val" / "labels" / f"f{i}.png"
+        small = rng.integers(0, 256, (size[0] // 8, size[1] // 8, 3), dtype=np.uint8)
+        cv2.imwrite(str(img), cv2.resize(small, size[::-1], interpolation=cv2.INTER_LINEAR))
+        cv2.imwrite(str(lbl), rng.integers(0, 11, size, dtype=np.uint8))
+        samples.append((img, lbl))
+    return samples
+
+
+def test_auto_input_size_is_the_engines_policy(capsys, tmp_path):
+    """icnet-eval sizes images as the engine does (one definition): auto upscales at most MAX_SCALE, so a 64x96
+    image with network_width 512 runs at 256x384 (x4), as in the node, not at 352x512."""
+    from icnet_ros.engine import Segmenter
+    from icnet_ros.sizes import MAX_SCALE
+
+    ckpt = make_checkpoint(tmp_path / "w.safetensors", network_width=512)
+    seg = Segmenter(str(ckpt), device="cpu", warmup=False)
+    assert seg.network_size(64, 96) == (256, 384) and MAX_SCALE == 4.0
+    samples = _camvid_tree(tmp_path / "ds")
+    report = _run_json(capsys, "--model", ckpt, "--data", tmp_path / "ds", "--split", "val")
+    assert report["input_policy"] == "auto: width 512" and report["network_width"] == 512
+    miou, _, aacc = _reference_metrics(ckpt, samples, seg.network_size(64, 96))
+    assert report["mIoU"] == pytest.approx(miou, abs=0.02) and report["aAcc"] == pytest.approx(aacc, abs=0.02)
+    # the size computation itself, for every policy: the Segmenter's
+    from icnet_ros.evaluate import EngineInputSize
+
+    meta = load_model(ckpt).meta
+    for policy in ("auto", "native", "checkpoint", (128, 160), 0.5):
+        sizes = EngineInputSize(policy, meta)
+        engine = seg if policy == "auto" else Segmenter(str(ckpt), device="cpu", warmup=False, input_size=policy)
+        for h, w in ((64, 96), (360, 480), (100, 700), (720, 960)):
+            assert sizes(h, w) == engine.network_size(h, w), (policy, h, w)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_is_one_line_exit_2(capsys, tmp_path, ckpt, workers):
+    _camvid_tree(tmp_path / "ds")
+    (tmp_path / "ds" / "val" / "images" / "f1.png").write_bytes(b"garbage")
+    rc = main(["--model", str(ckpt), "--data", str(tmp_path / "ds"), "--workers", str(workers), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("icnet-eval: error: cannot read image") and "f1.png" in err and "Traceback" not in err
