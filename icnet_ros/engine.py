@@ -45,7 +45,7 @@ from .models.icnet import MIN_INPUT_SIZE
 from .postprocess import UNKNOWN, Postprocessor
 from .preprocess import Preprocessor
 from .profiling import stage
-from .sizes import MAX_SCALE, MAX_UPSCALED_PIXELS, aligned_size
+from .sizes import MAX_UPSCALED_PIXELS, InputSizePolicy
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHANNEL_ORDERS = ("RGB", "BGR")
@@ -231,15 +231,14 @@ class Segmenter:
     # ----------------------------------------------------------------------------------------------- options
     def _apply_policy(self, cfg: SegmenterConfig) -> None:
         """Derive the input-size policy and the live settings from ``cfg`` (at construction and on reconfigure)."""
-        policy, param = _input_policy(cfg.input_size, self.meta)
+        policy = InputSizePolicy.from_option(cfg.input_size, self.meta, cfg.size_divisor)
         fixed = self.backend.fixed_size
         if fixed is not None:
-            if policy == "fixed" and tuple(param) != tuple(fixed):
-                raise ConfigError(f"input_size {format_input_size(param)}: this exported model runs only at "
+            if policy.kind == "fixed" and tuple(policy.param) != tuple(fixed):
+                raise ConfigError(f"input_size {format_input_size(policy.param)}: this exported model runs only at "
                                   f"{fixed[0]}x{fixed[1]} (export it again at another size)")
-            policy, param = "fixed", tuple(fixed)
-        self.input_policy, self._input_param = policy, param
-        self.size_divisor = 1 if fixed is not None else cfg.size_divisor
+            policy = InputSizePolicy.from_option(cfg.input_size, self.meta, fixed_size=fixed)
+        self.size_policy = policy
         self.outputs = frozenset(cfg.outputs)
         self.output_size = cfg.output_size
         self.postprocess.overlay_alpha = cfg.overlay_alpha
@@ -295,33 +294,30 @@ class Segmenter:
 
     def network_size(self, height: int, width: int) -> tuple[int, int]:
         """The network input (H, W) for a frame of ``height`` x ``width``: the input-size policy's size rounded to
-        multiples of ``size_divisor``."""
-        return aligned_size(*self._policy_size(height, width), self.size_divisor)
+        multiples of ``size_divisor`` (:class:`~icnet_ros.sizes.InputSizePolicy`)."""
+        return self.size_policy.network_size(height, width)
 
-    def _policy_size(self, height: int, width: int) -> tuple[int, int]:
-        """The input-size policy's (H, W) for a frame, before rounding."""
-        if self.input_policy == "fixed":
-            return self._input_param  # type: ignore[return-value]
-        if self.input_policy == "scale":
-            s = float(self._input_param)  # type: ignore[arg-type]
-            return max(1, int(round(height * s))), max(1, int(round(width * s)))
-        if self.input_policy == "width":  # upscaling at most MAX_SCALE: a narrow frame stays narrower
-            s = min(int(self._input_param) / width, MAX_SCALE)  # type: ignore[arg-type]
-            return max(1, int(round(height * s))), max(1, int(round(width * s)))
-        return height, width
+    @property
+    def input_policy(self) -> str:
+        """``native`` | ``fixed`` | ``scale`` | ``width`` (``auto`` with the model's trained width)."""
+        return self.size_policy.kind
+
+    @property
+    def size_divisor(self) -> int:
+        return self.size_policy.size_divisor
 
     def warmup(self, size: tuple[int, int] | None = None, iterations: int | None = None, batch: int = 1) -> None:
         """Run the full pipeline on ``batch`` synthetic frames of ``size`` (allocations, kernel selection, CUDA graph
         capture and torch.compile for that input shape)."""
         if size is None:
             if self.input_policy == "fixed":
-                size = self._input_param  # type: ignore[assignment]
+                size = self.size_policy.param
             elif self.meta.get("input_size"):
                 size = tuple(self.meta["input_size"])  # type: ignore[assignment]
             else:
                 size = (512, 1024) if self.device.type == "cuda" else (256, 512)
             if self.input_policy == "scale":  # pick a frame size whose network size is valid
-                s = float(self._input_param)  # type: ignore[arg-type]
+                s = float(self.size_policy.param)
                 size = tuple(max(v, int(math.ceil(MIN_INPUT_SIZE / s)) + 1) for v in size)  # type: ignore[assignment]
         n = iterations if iterations is not None else (2 if self.device.type == "cuda" else 1)
         frame = np.random.default_rng(0).integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
@@ -334,14 +330,7 @@ class Segmenter:
     def describe(self) -> str:
         """One line for logs: model, classes, backend, device, precision, input policy."""
         arch = self.meta["arch"]
-        if self.input_policy == "fixed":
-            size = "x".join(map(str, self._input_param))  # type: ignore[arg-type]
-        elif self.input_policy == "scale":
-            size = f"scale {self._input_param:g}"
-        elif self.input_policy == "width":
-            size = f"auto (width {self._input_param})"
-        else:
-            size = "native"
+        size = self.size_policy.describe()
         if self.size_divisor > 1:
             size += f" (multiples of {self.size_divisor})"
         return (f"ICNet {arch['backbone']} width {arch['width']} | {self.num_classes} classes "
@@ -425,7 +414,7 @@ class Segmenter:
                              f"(mono8){hint}")
         if f.shape[0] == 0 or f.shape[1] == 0:
             raise ValueError(f"frame {i}: empty frame (shape {f.shape})")
-        h, w = self._policy_size(f.shape[0], f.shape[1])
+        h, w = self.size_policy.policy_size(f.shape[0], f.shape[1])
         if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
             how = "" if self.input_policy == "fixed" else " (use input_size=(H, W) to upscale small frames)"
             raise ValueError(f"frame {i}: {f.shape[0]}x{f.shape[1]} gives a {h}x{w} network input, below the "
@@ -548,24 +537,6 @@ class Segmenter:
         """Wait for queued device work (for timing)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def _input_policy(input_size: Any, meta: dict[str, Any]) -> tuple[str, Any]:
-    """A parsed ``input_size`` and the model's metadata -> ("native", None) | ("fixed", (H, W)) |
-    ("scale", factor) | ("width", network width)."""
-    if input_size == "auto":  # the trained width, else the recommended fixed size, else native
-        width = meta.get("network_width")
-        if width:
-            return "width", int(width)
-        input_size = "checkpoint"
-    if input_size == "checkpoint":
-        size = meta.get("input_size")
-        return ("fixed", tuple(size)) if size else ("native", None)
-    if input_size == "native":
-        return "native", None
-    if isinstance(input_size, tuple):
-        return "fixed", input_size
-    return "scale", float(input_size)
 
 
 def _item(outs: dict[str, np.ndarray], key: str, j: int) -> np.ndarray | None:

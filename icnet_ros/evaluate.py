@@ -7,8 +7,8 @@
     icnet-eval --model M --data CITYSCAPES_ROOT --split val --flip --scales 0.75 1.0 1.25
 
 Inputs are normalised as the checkpoint's metadata says and resized as ``--input-size`` says, exactly as the engine
-resizes frames (the engine's option, :mod:`icnet_ros.engine_config`, and its own size computation,
-:meth:`icnet_ros.engine.Segmenter.network_size`, see :class:`EngineInputSize`; default ``auto``: each image scaled,
+resizes frames (the engine's option, :mod:`icnet_ros.engine_config`, and the same size computation,
+:class:`icnet_ros.sizes.InputSizePolicy`; default ``auto``: each image scaled,
 keeping its aspect ratio, to the width the model was trained at, its metadata's ``network_width``, upscaled at most
 :data:`~icnet_ros.sizes.MAX_SCALE` times; else the metadata's fixed ``input_size``; else native), rounded to multiples
 of 32 (``--size-divisor``; ICNet's branches misalign at other sizes, see :data:`icnet_ros.sizes.SIZE_DIVISOR`); the
@@ -24,7 +24,6 @@ import json
 import math
 import sys
 import time
-import types
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -42,7 +41,7 @@ from .losses import upsample_logits
 from .metrics import ConfusionMatrix, format_table, to_percent
 from .preprocess import Normalizer
 from . import engine_config
-from .sizes import SIZE_DIVISOR, aligned_size
+from .sizes import SIZE_DIVISOR, InputSizePolicy, aligned_size
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -55,56 +54,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-class EngineInputSize:
-    """The network input size the engine gives an image, without a model: ``EngineInputSize(...)(h, w, scale)``.
-
-    One definition: the policy comes from the engine's parsing of ``input_size`` with the model's metadata, and the
-    size from :meth:`Segmenter.network_size <icnet_ros.engine.Segmenter.network_size>` itself (and, for a test-time
-    ``scale`` other than 1, its policy size before rounding, times ``scale``, rounded the same way). So ``auto``
-    upscales at most :data:`~icnet_ros.sizes.MAX_SCALE` times here as in the node. ``fixed_size``: an exported
-    model's (H, W), which replaces the policy (no rounding), as in the engine."""
-
-    def __init__(self, input_size: Any, meta: dict[str, Any], size_divisor: int = SIZE_DIVISOR,
-                 fixed_size: Sequence[int] | None = None) -> None:
-        from .engine import Segmenter, _input_policy
-
-        policy, param = _input_policy(input_size, meta)
-        if fixed_size:
-            policy, param, size_divisor = "fixed", (int(fixed_size[0]), int(fixed_size[1])), 1
-        # the attributes Segmenter.network_size / _policy_size read, and those methods bound to this object
-        self.input_policy, self._input_param, self.size_divisor = policy, param, int(size_divisor)
-        self.network_size = types.MethodType(Segmenter.network_size, self)
-        self._policy_size = types.MethodType(Segmenter._policy_size, self)
-
-    def __call__(self, height: int, width: int, scale: float = 1.0) -> tuple[int, int]:
-        if scale == 1.0:
-            return self.network_size(height, width)
-        h, w = self._policy_size(height, width)
-        return aligned_size(h * scale, w * scale, self.size_divisor)
-
-    @property
-    def fixed(self) -> list[int] | None:
-        return list(self._input_param) if self.input_policy == "fixed" else None
-
-    @property
-    def network_width(self) -> int | None:
-        return int(self._input_param) if self.input_policy == "width" else None
-
-    def describe(self) -> str:
-        if self.input_policy == "fixed":
-            return "x".join(map(str, self._input_param))
-        if self.input_policy == "width":
-            return f"auto: width {self._input_param}"
-        return f"scale {self._input_param:g}" if self.input_policy == "scale" else "native"
-
-
 def _net_size(h: int, w: int, input_size: Sequence[int] | None, input_scale: float,
               base_size: Sequence[int] | None, scale: float, size_divisor: int,
               network_width: int | None = None) -> tuple[int, int]:
     if input_size:
         bh, bw = float(input_size[0]), float(input_size[1])
     elif network_width:  # input_size auto: the engine's policy for the trained width
-        return EngineInputSize("auto", {"network_width": network_width}, size_divisor)(h, w, scale)
+        return InputSizePolicy("width", network_width, size_divisor).network_size(h, w, scale)
     else:
         s = base_scale(h, w, input_scale, tuple(base_size) if base_size else None)
         bh, bw = h * s, w * s
@@ -122,7 +78,8 @@ def predict_logits(model: nn.Module, x: Tensor, out_size: Sequence[int], input_s
     The network input is ``input_size`` (or the image scaled to ``network_width`` as the engine's ``auto`` does, or
     by ``input_scale`` / into ``base_size``) times each
     of ``scales``, rounded to multiples of ``size_divisor`` (:func:`~icnet_ros.sizes.aligned_size`; 1: exact),
-    plus its mirror image with ``flip``; ``size_fn(h, w, scale)`` (e.g. an :class:`EngineInputSize`), when given,
+    plus its mirror image with ``flip``; ``size_fn(h, w, scale)`` (e.g. an :class:`~icnet_ros.sizes.InputSizePolicy`'s
+    ``network_size``), when given,
     replaces all of that. One pass returns upsampled logits; several return the sum of softmax probabilities."""
     h, w = x.shape[-2:]
     passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
@@ -274,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seg = Segmenter(args.model, cfg.replace(input_size="native", warmup=False))
             model, meta = seg.backend, seg.meta
             device = seg.backend.device
-        sizes = EngineInputSize(cfg.input_size, meta, cfg.size_divisor, getattr(model, "fixed_size", None))
+        sizes = InputSizePolicy.from_option(cfg.input_size, meta, cfg.size_divisor, getattr(model, "fixed_size", None))
         model_classes = class_set_from_meta(meta)
         spec = DataSpec(root=args.data, layout=args.layout, class_file=args.class_file,
                         label_suffix=args.label_suffix)
@@ -299,13 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cm = evaluate(model, loader, Normalizer(meta.get("normalization")), class_set.num_classes,
                       class_set.ignore_index, device, scales=args.scales, flip=args.flip, amp=args.amp,
-                      progress=not args.no_progress, desc=f"icnet-eval {args.split}", size_fn=sizes)
+                      progress=not args.no_progress, desc=f"icnet-eval {args.split}", size_fn=sizes.network_size)
     except DatasetError as e:  # an unreadable image or label, found while reading (also in a loader worker)
         print(f"icnet-eval: error: {_one_line(e)}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0
     metrics = cm.compute()
-    input_size, network_width, policy = sizes.fixed, sizes.network_width, sizes.describe()
+    input_size = sizes.param if sizes.kind == "fixed" else None
+    network_width, policy = (sizes.param if sizes.kind == "width" else None), sizes.describe()
     if args.json:
         report = {**metrics_report(metrics, class_set.classes), "model": args.model or "default",
                   "data": args.data, "split": args.split, "images": len(dataset), "classes": class_set.name,

@@ -1,10 +1,12 @@
-"""Image sizes given as text ("HxW", "H W") and the 32-pixel grid of ICNet's network inputs: one place for the
-CLIs, the node parameters and the Segmenter (the input-size policy itself is parsed by
-:func:`icnet_ros.engine_config.parse_input_size`). No torch, no ROS."""
+"""Image sizes given as text ("HxW", "H W"), the 32-pixel grid of ICNet's network inputs and the input-size policy
+(which network input a frame gets): one place for the CLIs, the node parameters, the Segmenter and icnet-eval (the
+``input_size`` option's text is parsed by :func:`icnet_ros.engine_config.parse_input_size`). No torch, no ROS."""
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
+from typing import Any
 
 MIN_INPUT_SIZE = 64  # the network's minimum (icnet_ros.models.icnet.MIN_INPUT_SIZE)
 MAX_SCALE = 4.0  # the most a frame is upscaled per side (a scale factor; input_size auto)
@@ -55,3 +57,64 @@ def parse_sizes(tokens: str | list[str], minimum: int = 1) -> list[tuple[int, in
                              f"{' '.join(items)!r}")
     return sizes
 
+
+
+@dataclass(frozen=True)
+class InputSizePolicy:
+    """Which network input a frame of a given size gets. ``kind``: ``native`` (the frame's own size), ``fixed``
+    (``param`` = (H, W)), ``scale`` (``param`` = factor) or ``width`` (``param`` = the model's trained network width:
+    ``input_size: auto``; the aspect ratio kept, upscaling at most :data:`MAX_SCALE`). Sizes are then rounded to
+    multiples of ``size_divisor`` (1: exact)."""
+
+    kind: str
+    param: Any = None
+    size_divisor: int = SIZE_DIVISOR
+
+    @classmethod
+    def from_option(cls, input_size: Any, meta: dict[str, Any], size_divisor: int = SIZE_DIVISOR,
+                    fixed_size: tuple[int, int] | None = None) -> InputSizePolicy:
+        """The policy for a parsed ``input_size`` option and a model's metadata: ``auto`` is the trained width
+        (``network_width``), else the recorded fixed ``input_size``, else native. ``fixed_size``: an exported
+        model's (H, W), which every frame gets (no rounding)."""
+        if fixed_size is not None:
+            return cls("fixed", (int(fixed_size[0]), int(fixed_size[1])), 1)
+        if input_size == "auto":
+            width = meta.get("network_width")
+            if width:
+                return cls("width", int(width), size_divisor)
+            input_size = "checkpoint"
+        if input_size == "checkpoint":
+            size = meta.get("input_size")
+            return cls("fixed", tuple(size), size_divisor) if size else cls("native", None, size_divisor)
+        if input_size == "native":
+            return cls("native", None, size_divisor)
+        if isinstance(input_size, tuple):
+            return cls("fixed", input_size, size_divisor)
+        return cls("scale", float(input_size), size_divisor)
+
+    def policy_size(self, height: int, width: int) -> tuple[int, int]:
+        """The policy's (H, W) for a frame, before rounding."""
+        if self.kind == "fixed":
+            return self.param
+        if self.kind == "scale":
+            s = float(self.param)
+        elif self.kind == "width":  # upscaling at most MAX_SCALE: a narrow frame stays narrower
+            s = min(int(self.param) / width, MAX_SCALE)
+        else:
+            return height, width
+        return max(1, int(round(height * s))), max(1, int(round(width * s)))
+
+    def network_size(self, height: int, width: int, scale: float = 1.0) -> tuple[int, int]:
+        """The network input (H, W) for a frame of ``height`` x ``width``: the policy's size (times a test-time
+        ``scale``) rounded to multiples of ``size_divisor``."""
+        h, w = self.policy_size(height, width)
+        if scale == 1.0:
+            return aligned_size(h, w, self.size_divisor)
+        return aligned_size(h * scale, w * scale, self.size_divisor)
+
+    def describe(self) -> str:
+        if self.kind == "fixed":
+            return "x".join(map(str, self.param))
+        if self.kind == "scale":
+            return f"scale {self.param:g}"
+        return f"auto (width {self.param})" if self.kind == "width" else "native"

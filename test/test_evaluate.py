@@ -199,7 +199,7 @@ def test_auto_input_size_scales_to_the_recorded_width(capsys, tmp_path):
     root = require(CAMVID)
     ckpt = make_checkpoint(tmp_path / "w.safetensors", network_width=256)
     report = _run_json(capsys, "--model", ckpt, "--data", root, "--split", "val", "--limit", 2)
-    assert report["network_width"] == 256 and report["input_policy"] == "auto: width 256"
+    assert report["network_width"] == 256 and report["input_policy"] == "auto (width 256)"
     from icnet_ros.data import DataSpec, find_samples
 
     samples = find_samples(DataSpec(str(root)), "val")[0][:2]
@@ -249,18 +249,18 @@ def test_auto_input_size_is_the_engines_policy(capsys, tmp_path):
     assert seg.network_size(64, 96) == (256, 384) and MAX_SCALE == 4.0
     samples = _camvid_tree(tmp_path / "ds")
     report = _run_json(capsys, "--model", ckpt, "--data", tmp_path / "ds", "--split", "val")
-    assert report["input_policy"] == "auto: width 512" and report["network_width"] == 512
+    assert report["input_policy"] == "auto (width 512)" and report["network_width"] == 512
     miou, _, aacc = _reference_metrics(ckpt, samples, seg.network_size(64, 96))
     assert report["mIoU"] == pytest.approx(miou, abs=0.02) and report["aAcc"] == pytest.approx(aacc, abs=0.02)
-    # the size computation itself, for every policy: the Segmenter's
-    from icnet_ros.evaluate import EngineInputSize
+    # the size computation itself, for every policy: the Segmenter's (one InputSizePolicy for both)
+    from icnet_ros.sizes import InputSizePolicy
 
     meta = load_model(ckpt).meta
     for policy in ("auto", "native", "checkpoint", (128, 160), 0.5):
-        sizes = EngineInputSize(policy, meta)
+        sizes = InputSizePolicy.from_option(policy, meta)
         engine = seg if policy == "auto" else Segmenter(str(ckpt), device="cpu", warmup=False, input_size=policy)
         for h, w in ((64, 96), (360, 480), (100, 700), (720, 960)):
-            assert sizes(h, w) == engine.network_size(h, w), (policy, h, w)
+            assert sizes.network_size(h, w) == engine.network_size(h, w), (policy, h, w)
 
 
 def test_an_unreadable_image_is_one_line_exit_2(capsys, tmp_path, ckpt):

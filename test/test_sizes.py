@@ -46,3 +46,18 @@ def test_every_cli_takes_sizes_the_same_way():
     for tokens in (["352x480", "544x736"], ["352", "480", "544", "736"]):
         args = bench.build_parser().parse_args(["--size", *tokens])
         assert parse_sizes(args.size, 64) == [(352, 480), (544, 736)]
+
+
+def test_input_size_policy_the_engine_and_icnet_eval_share():
+    from icnet_ros.sizes import InputSizePolicy
+
+    auto = InputSizePolicy.from_option("auto", {"network_width": 736})
+    assert auto.kind == "width" and auto.describe() == "auto (width 736)"
+    assert auto.network_size(360, 480) == (544, 736) and auto.network_size(1080, 1920) == (416, 736)
+    assert auto.network_size(120, 160) == (480, 640)  # upscaled 4x at most
+    assert auto.network_size(360, 480, scale=0.5) == (288, 384)  # a test-time scale on the policy's size
+    assert InputSizePolicy.from_option("auto", {"input_size": [256, 512]}).describe() == "256x512"
+    assert InputSizePolicy.from_option("auto", {}).network_size(100, 130) == (96, 128)  # native, rounded
+    assert InputSizePolicy.from_option(1.5, {}, size_divisor=1).network_size(100, 130) == (150, 195)
+    exported = InputSizePolicy.from_option("auto", {"network_width": 736}, fixed_size=(128, 192))
+    assert exported.network_size(1080, 1920) == (128, 192) and exported.size_divisor == 1

@@ -371,7 +371,7 @@ def test_overfits_two_camvid_frames(tmp_path, capsys):
                       "--limit", "2", "--workers", "0", "--no-progress", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     # input_size auto: the recorded network width (256; the frames are 360x480 -> 192x256), as validation ran
-    assert report["mIoU"] == pytest.approx(val["mIoU"], abs=1e-3) and report["input_policy"] == "auto: width 256"
+    assert report["mIoU"] == pytest.approx(val["mIoU"], abs=1e-3) and report["input_policy"] == "auto (width 256)"
 
 
 def test_checkpoints_record_network_width_and_license(tmp_path):
