@@ -91,8 +91,9 @@ def qos_override_problem(name: str, value: Any) -> str | None:
     if policy not in {p.name.lower() for p in QOS_POLICIES}:
         return None
     if policy == "depth":
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10000:
-            return f"parameter {name} = {value!r}: depth must be an integer in [1, 10000]"
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10000:  # 0: the RMW default
+            return (f"parameter {name} = {value!r}: depth must be an integer in [0, 10000] (0: the middleware's "
+                    f"default)")
         return None
     allowed = [m.lower() for m in _QOS_ENUMS[policy].__members__ if m != "UNKNOWN"]
     if not isinstance(value, str) or value.lower() not in allowed:

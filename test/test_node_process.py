@@ -54,7 +54,7 @@ def run_node(args: list[str], timeout: float = 60) -> subprocess.CompletedProces
     (["--ros-args", "-p", "image_topics:=[/stereo/left, /stereo/right]"],
      "image_topics: '/stereo/left' and '/stereo/right' would both publish to /stereo/semantic/*"),
     (["--ros-args", "-p", "qos_overrides./camera/image_raw.subscription.depth:=-3"],
-     "qos_overrides./camera/image_raw.subscription.depth = -3: depth must be an integer in [1, 10000]"),
+     "qos_overrides./camera/image_raw.subscription.depth = -3: depth must be an integer in [0, 10000]"),
 ])
 def test_bad_arguments_give_one_line(args: list[str], message: str):
     proc = run_node(args)
