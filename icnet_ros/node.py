@@ -638,7 +638,10 @@ class SegmentationNode(LifecycleNode):
                 engine = self.segmenter.reconfigure(**engine_changes)  # applied between two batches
         except BaseException:
             if new_outputs:  # the whole change is refused: the outputs as they were
-                self._set_outputs(tuple(self.config.outputs))
+                try:
+                    self._set_outputs(tuple(self.config.outputs))
+                except StartupError as e:  # the original error is the one to report
+                    self.get_logger().error(f"restoring the outputs {list(self.config.outputs)}: {e}")
             raise
         self.config = dataclasses.replace(self.config, engine=engine, **{
             k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items()
