@@ -14,6 +14,10 @@ import numpy as np
 IGNORE_INDEX = 255
 
 
+def _integer(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class ClassSet:
     """A labelled class set. ``label_map`` maps raw label values in dataset files to train ids (others: ignore)."""
@@ -32,6 +36,15 @@ class ClassSet:
         for c in self.palette:
             if len(c) != 3 or any(not 0 <= int(v) <= 255 for v in c):
                 raise ValueError(f"class set {self.name!r}: bad color {c!r}")
+        n = len(self.classes)
+        if not _integer(self.ignore_index) or not n <= self.ignore_index <= 255:
+            raise ValueError(f"class set {self.name!r}: ignore_index must be an integer in {n}..255 (not a class id), "
+                             f"got {self.ignore_index!r}")
+        for raw, train_id in (self.label_map or {}).items():
+            if not (_integer(raw) and 0 <= raw <= 255) or not (
+                    _integer(train_id) and (0 <= train_id < n or train_id == self.ignore_index)):
+                raise ValueError(f"class set {self.name!r}: label_map {raw!r} -> {train_id!r} (raw values 0..255 "
+                                 f"map to class ids 0..{n - 1} or the ignore index {self.ignore_index})")
 
     @property
     def num_classes(self) -> int:

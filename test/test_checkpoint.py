@@ -127,6 +127,12 @@ def test_missing_unexpected_and_mismatched_keys(tmp_path):
     ({"license": "two\nlines"}, "invalid license"),
     ({"license": "x" * 301}, "invalid license"),
     ({"license": ["CC BY"]}, "invalid license"),
+    # values the model or the class set could not use: refused when the file is read, not when it is built
+    ({"arch": {"backbone": "efficientnet_lite9", "num_classes": 11}}, "invalid checkpoint metadata: unknown backbone"),
+    ({"arch": {"backbone": "resnet18", "num_classes": 11.0}}, "num_classes must be an integer"),
+    ({"arch": {"backbone": "resnet18", "num_classes": 11, "aux_dropout": 1.5}}, r"aux_dropout must be in \[0, 1\)"),
+    ({"ignore_index": 3}, "ignore_index must be an integer in 11..255"),
+    ({"ignore_index": 300}, "ignore_index must be an integer in 11..255"),
 ])
 def test_invalid_metadata(tmp_path, patch, match):
     model = build_icnet("icnet_r18", width=0.25, num_classes=11)

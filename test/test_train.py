@@ -113,11 +113,11 @@ def test_run_checks_class_weights_and_the_batch_batchnorm_sees():
 
 def test_bad_values_found_while_building_are_one_line_errors(tmp_path, capsys):
     """Before training starts, without a traceback: the class count, a network width checkpoints cannot record
-    (data.input_scale), and any value torch refuses while the run is built (dropout probability 1.5)."""
+    (data.input_scale), and a model value the architecture cannot take (dropout probability 1.5)."""
     root = require(CAMVID)
     for override, message in [("loss.class_weights=[1, 2]", "loss.class_weights has 2 weights but the dataset has 11"),
                               ("data.input_scale=10", "network width 4800 .* above the 4096"),
-                              ("model.aux_dropout=1.5", "cannot build the run from this config: dropout probability")]:
+                              ("model.aux_dropout=1.5", r"aux_dropout must be in \[0, 1\), got 1.5")]:
         out = tmp_path / override.partition("=")[0]
         assert main(["smoke", f"data.root={root}", f"train.output_dir={out}", override, *FAST]) == 2
         err = capsys.readouterr().err

@@ -42,16 +42,23 @@ class ICNetConfig:
     aux_heads: bool = True  # the two cascade-label-guidance heads (training only; may be dropped for deployment)
     aux_dropout: float = 0.1
 
-    def __post_init__(self) -> None:
-        if self.num_classes < 1 or self.num_classes > 255:
-            raise ValueError(f"num_classes must be in 1..255 (labels are uint8), got {self.num_classes}")
-        if not 0.0 < self.width <= 4.0:
-            raise ValueError(f"width must be in (0, 4], got {self.width}")
+    def __post_init__(self) -> None:  # also the check of a checkpoint's metadata: every value is typed here
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
+                or not 1 <= self.num_classes <= 255:
+            raise ValueError(f"num_classes must be an integer in 1..255 (labels are uint8), got {self.num_classes!r}")
+        if isinstance(self.width, bool) or not isinstance(self.width, (int, float)) or not 0.0 < self.width <= 4.0:
+            raise ValueError(f"width must be in (0, 4], got {self.width!r}")
+        if isinstance(self.aux_dropout, bool) or not isinstance(self.aux_dropout, (int, float)) \
+                or not 0.0 <= self.aux_dropout < 1.0:
+            raise ValueError(f"aux_dropout must be in [0, 1), got {self.aux_dropout!r}")
+        if not isinstance(self.aux_heads, bool):
+            raise ValueError(f"aux_heads must be true or false, got {self.aux_heads!r}")
         if self.ppm not in PPM_STYLES:
             raise ValueError(f"ppm must be one of {PPM_STYLES}, got {self.ppm!r}")
         if self.cff not in CFF_STYLES:
             raise ValueError(f"cff must be one of {CFF_STYLES}, got {self.cff!r}")
-        if not (_is_resnet(self.backbone) or self.backbone.startswith("efficientnet_lite")):
+        if not isinstance(self.backbone, str) or not (_is_resnet(self.backbone) or self.backbone in (
+                "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")):
             raise ValueError(f"unknown backbone {self.backbone!r}: expected resnet{{{','.join(map(str, RESNET_SPECS))}}}"
                              " or efficientnet_lite{0,1,2}")
 
