@@ -425,8 +425,12 @@ def _exported_segmenter(name: str, model: nn.Module, net_size: tuple[int, int], 
     """The same weights exported for backend ``name`` at the network size, behind a Segmenter."""
     import tempfile
 
+    from icnet_ros.backends.base import BACKENDS, require
     from icnet_ros.engine import Segmenter
 
+    runtime = "openvino" if name.startswith("openvino") else name
+    if runtime in BACKENDS and BACKENDS[runtime][1]:  # a missing runtime is skipped before minutes of export
+        require(runtime, runtime, BACKENDS[runtime][1])
     folder = Path(tempfile.mkdtemp(prefix="icnet_bench_"))
     fp16 = cfg.precision == "fp16"
     if name in ("onnxruntime", "tensorrt"):

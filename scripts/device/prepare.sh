@@ -4,7 +4,7 @@
 #   .carry/data/camvid       CamVid train + val from ../shared/data (28 MB)
 #   .carry/init.safetensors  the checkpoint the GPU training starts from (default: the shipped model; or $1)
 #   .whl/                    wheels for the MMSegmentation reference of icnet-bench (pure Python, ~3 MB)
-# Then, on the GPU machine: bash scripts/device/run.sh check bench train   (see that script)
+# Then, on the GPU machine: bash scripts/device/run.sh check bench; a second call: ... run.sh train (see that script)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 init=${1:-icnet_ros/weights/icnet_camvid.safetensors}

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Runs ON a lent GPU machine (the device tool), from the repository root, after scripts/device/prepare.sh here:
-#   bash scripts/device/run.sh check bench train        (any subset, in that order; results under $OUT)
+#   bash scripts/device/run.sh check bench      (one call: about 8 files come back, 10 minutes at most)
+#   bash scripts/device/run.sh train            (a call of its own: it fills TRAIN_SECONDS)
 #   ITERS=N bash scripts/device/run.sh trainval
 # - check: CUDA tests (test/test_engine_cuda.py: CUDA graphs past every cache, no hidden synchronisation; the
 #          backends' CUDA tests: ONNX Runtime CUDA/TensorRT providers and native TensorRT against torch, each
 #          skipped with its reason where the runtime is missing; and the engine/optimisation/model/bench tests)
 #          -> pytest_gpu.log. TensorRT and onnxruntime-gpu wheels are larger than the 64 MiB a call may carry:
 #          they run only where the GPU image has them (the cuda image of 2026-11 has neither).
-# - bench: icnet-bench GPU grid (fp32/fp16/bf16, batch 1 and 4, mmseg reference, stages, ablation), CUDA graphs
-#          and torch.compile for R50 fp16 at 1024x2048, and the default model -> bench_gpu.{json,md}, bench_*.log
+# - bench: icnet-bench GPU grid (fp32/fp16/bf16, batch 1 and 4, mmseg reference, stages, ablation), the default
+#          model, then CUDA graphs, torch.compile and the exported runtimes (skipped, before any export, where the
+#          image lacks them) for R50 fp16 at 1024x2048, slowest last -> bench_gpu.{json,md}, bench_*.log
 # - train: the GPU recipe (config/train/camvid_effnet_lite0.yaml, from .carry/init.safetensors) for at most
 #          TRAIN_SECONDS (default 420), then val -> best.safetensors, logs. The poly schedule spans ITERS
 #          iterations; without ITERS a 60-iteration probe run measures the time per iteration first and ITERS is
@@ -46,14 +48,14 @@ for step in "$@"; do
             --reference mmseg --stages --ablation --detail icnet_r50:1.0@1024x2048 --iters 50 --warmup 10 \
             --max-seconds 10 --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md" \
             > "$OUT/bench_grid.log" 2>&1 || status=1
-        for extra in "--cuda-graphs" "--compile max-autotune-no-cudagraphs" "--backend onnxruntime tensorrt"; do
+        python3 -m icnet_ros.tools.bench --model icnet_ros/weights/icnet_camvid.safetensors --device cuda \
+            --size 360x480 720x960 1024x2048 --precision fp32 fp16 --batch 1 4 --iters 100 --warmup 20 \
+            --cuda-graphs --json "$OUT/bench_default.json" > "$OUT/bench_default.log" 2>&1 || status=1
+        for extra in "--cuda-graphs" "--backend onnxruntime tensorrt" "--compile max-autotune-no-cudagraphs"; do
             # shellcheck disable=SC2086
             python3 -m icnet_ros.tools.bench --arch icnet_r50 --size 1024x2048 --device cuda --precision fp16 \
                 --batch 1 4 --iters 100 --warmup 20 $extra >> "$OUT/bench_r50_fp16.log" 2>&1 || status=1
         done
-        python3 -m icnet_ros.tools.bench --model icnet_ros/weights/icnet_camvid.safetensors --device cuda \
-            --size 360x480 720x960 1024x2048 --precision fp32 fp16 --batch 1 4 --iters 100 --warmup 20 \
-            --cuda-graphs --json "$OUT/bench_default.json" > "$OUT/bench_default.log" 2>&1 || status=1
         grep -h "ratio\|pipeline  median" "$OUT"/bench_*.log | head -40 ;;
     train|trainval)
         recipe=(config/train/camvid_effnet_lite0.yaml data.root=.carry/data/camvid model.pretrained=null
