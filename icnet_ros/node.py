@@ -80,6 +80,7 @@ class StartupError(RuntimeError):
 
 
 _QOS_ENUMS = {"history": HistoryPolicy, "reliability": ReliabilityPolicy, "durability": DurabilityPolicy}
+_APPLIED_QOS = tuple(sorted(p.name.lower() for p in QOS_POLICIES))  # the qos_overrides policies this node reads
 
 
 def qos_override_problem(name: str, value: Any) -> str | None:
@@ -88,7 +89,7 @@ def qos_override_problem(name: str, value: Any) -> str | None:
     time is long after start-up: the node checks every given override at start-up instead. Policies this node
     does not apply are not checked here (a warning names them)."""
     policy = name.rsplit(".", 1)[-1]
-    if policy not in {p.name.lower() for p in QOS_POLICIES}:
+    if policy not in _APPLIED_QOS:
         return None
     if policy == "depth":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10000:  # 0: the RMW default
@@ -478,11 +479,10 @@ class SegmentationNode(LifecycleNode):
     # ------------------------------------------------------------------ model
     def _warn_unknown_overrides(self) -> None:
         overrides = getattr(self, "_parameter_overrides", {}) or {}  # rclpy keeps no public list of overrides
-        applied = {p.name.lower() for p in QOS_POLICIES}
         for name in overrides:
-            if name.startswith("qos_overrides.") and name.rsplit(".", 1)[-1] not in applied:
+            if name.startswith("qos_overrides.") and name.rsplit(".", 1)[-1] not in _APPLIED_QOS:
                 self.get_logger().warning(f"ignoring {name}: this node applies the QoS policies "
-                                          f"{', '.join(sorted(applied))}")
+                                          f"{', '.join(_APPLIED_QOS)}")
                 continue
             if name in node_params.SPECS or name == "use_sim_time" or name.startswith(("qos_overrides.", "classes.")):
                 continue

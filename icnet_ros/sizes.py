@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import struct
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 MIN_INPUT_SIZE = 64  # the network's minimum (icnet_ros.models.icnet.MIN_INPUT_SIZE)
 MAX_SCALE = 4.0  # the most a frame is upscaled per side (a scale factor; input_size auto)
@@ -26,6 +29,25 @@ def aligned_size(height: float, width: float, divisor: int = SIZE_DIVISOR) -> tu
     d = int(divisor)
     low = -(-MIN_INPUT_SIZE // d) * d
     return tuple(max(low, int(math.floor(v / d + 0.5)) * d) for v in (height, width))  # type: ignore[return-value]
+
+
+def declared_image_size(source: str | os.PathLike | IO[bytes]) -> tuple[int, int] | None:
+    """(height, width) that an encoded image file declares in its header, read by Pillow without decoding its
+    pixels (a few hundred KB of PNG can declare 16000 x 16000: gigabytes once decoded). None when Pillow does not
+    recognise it (missing, corrupt, truncated, or a format Pillow lacks). Raises :class:`OverflowError` for an image
+    beyond Pillow's own decompression-bomb limit (2 x ``PIL.Image.MAX_IMAGE_PIXELS``; its exact size unknown)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as im:  # parses the header only
+                width, height = im.size
+    except Image.DecompressionBombError as e:
+        raise OverflowError(str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error):  # UnidentifiedImageError is an OSError
+        return None
+    return height, width
 
 
 def parse_hw(text: str, minimum: int = 1) -> tuple[int, int]:
@@ -108,8 +130,6 @@ class InputSizePolicy:
         """The network input (H, W) for a frame of ``height`` x ``width``: the policy's size (times a test-time
         ``scale``) rounded to multiples of ``size_divisor``."""
         h, w = self.policy_size(height, width)
-        if scale == 1.0:
-            return aligned_size(h, w, self.size_divisor)
         return aligned_size(h * scale, w * scale, self.size_divisor)
 
     def describe(self) -> str:

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import io
 import os
-import struct
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import cv2
 import numpy as np
+
+from .sizes import declared_image_size
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
                                               ".pgm", ".pnm"})
@@ -54,34 +54,22 @@ class ImageTooLargeError(SourceError):
     """An image whose header declares more pixels than the reader's ``max_pixels`` (refused before decoding)."""
 
 
-def _header_size(data: np.ndarray, p: Path) -> tuple[int, int] | None:
-    """(height, width) from an encoded image's header, read by Pillow without decoding the pixels; None when the
-    image is larger than Pillow's own decompression-bomb limit (its size then stays unknown)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-    except Image.DecompressionBombError:
-        return None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error):
-        raise SourceError(f"cannot decode image {p} (not an image, or corrupt)") from None
-    return height, width
-
-
 def check_image_size(data: np.ndarray, p: Path, max_pixels: int) -> None:
     """Raise :class:`ImageTooLargeError` when the encoded image ``data`` (from file ``p``) declares more than
-    ``max_pixels`` pixels, :class:`SourceError` when its header cannot be read."""
-    size = _header_size(data, p)
-    if size is None:
+    ``max_pixels`` pixels (:func:`~icnet_ros.sizes.declared_image_size`), :class:`SourceError` when its header
+    cannot be read."""
+    try:
+        size = declared_image_size(io.BytesIO(data))
+    except OverflowError:  # beyond Pillow's own limit
         from PIL import Image
 
         limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
         if limit and max_pixels < limit:
-            raise ImageTooLargeError(f"image {p}: more than {limit} pixels exceeds the limit of {max_pixels} pixels")
+            raise ImageTooLargeError(f"image {p}: more than {limit} pixels exceeds the limit of {max_pixels} pixels") \
+                from None
         return  # larger than Pillow reads, within the caller's limit: the decoder decides
+    if size is None:
+        raise SourceError(f"cannot decode image {p} (not an image, or corrupt)")
     height, width = size
     if height * width > max_pixels:
         raise ImageTooLargeError(f"image {p}: {width}x{height} = {height * width} pixels exceeds the limit of "

@@ -77,6 +77,24 @@ class Log:
         self.lines.append(("error", text))
 
 
+class Gated:
+    """The real Segmenter behind a gate: a forward pass that takes as long as the test wants; ``close`` is recorded
+    in ``closed`` (the real one stays open for the other tests)."""
+
+    def __init__(self, segmenter: Segmenter, gate: threading.Event, closed: list | None = None) -> None:
+        self._segmenter, self._gate, self._closed = segmenter, gate, closed if closed is not None else []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._segmenter, name)
+
+    def segment(self, *args: Any, **kwargs: Any) -> Any:
+        self._gate.wait(30)
+        return self._segmenter.segment(*args, **kwargs)
+
+    def close(self) -> None:
+        self._closed.append(self)
+
+
 def make(segmenter: Segmenter, sink: Sink | None = None, compressed_b: bool = False, now_ns: int = 10**12,
          **options: Any) -> tuple[FramePipeline, Sink, Log]:
     sink = sink or Sink()
@@ -421,15 +439,7 @@ def test_start_after_a_stop_that_timed_out_serves_on(segmenter: Segmenter):
     batch serves on (it never ends while a start() says it runs), and the next frames are served."""
     gate = threading.Event()
 
-    class Slow:  # the real Segmenter behind a gate: a forward pass that takes as long as the test wants
-        def __getattr__(self, name):
-            return getattr(segmenter, name)
-
-        def segment(self, *args, **kwargs):
-            gate.wait(30)
-            return segmenter.segment(*args, **kwargs)
-
-    pipe, sink, _ = make(Slow(), max_age=0.0)
+    pipe, sink, _ = make(Gated(segmenter, gate), max_age=0.0)
     pipe.start()
     try:
         pipe.submit("/a", image(1, stamp_ns=1))
@@ -461,18 +471,7 @@ def test_a_swap_that_times_out_closes_the_old_model_only_after_its_batch(segment
     under the batch (retire() says so) but by the worker once the batch ends."""
     gate, closed = threading.Event(), []
 
-    class Slow:  # the real Segmenter behind a gate, recording its close
-        def __getattr__(self, name):
-            return getattr(segmenter, name)
-
-        def segment(self, *args, **kwargs):
-            gate.wait(30)
-            return segmenter.segment(*args, **kwargs)
-
-        def close(self):
-            closed.append(self)
-
-    old = Slow()
+    old = Gated(segmenter, gate, closed)
     pipe, sink, _ = make(old, max_age=0.0)
     pipe.start()
     try:

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import string
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import yaml
 from torch.utils.data import Dataset, Sampler
 
 from ..classes import CAMVID, CITYSCAPES, IGNORE_INDEX, ClassSet, generic_palette, get_class_set
+from ..sizes import declared_image_size
 from .transforms import Transform
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -162,24 +162,18 @@ def _parse_text_class_file(p: Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------- file reading
 
 def check_image_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int] | None:
-    """``(height, width)`` that the file's header declares (read by Pillow without decoding the pixels), or None
+    """``(height, width)`` that the file's header declares (:func:`~icnet_ros.sizes.declared_image_size`), or None
     when Pillow does not recognise the file (OpenCV then decodes it under its own limit). Raises
     :class:`DatasetError` when the file declares more than :data:`MAX_IMAGE_PIXELS` pixels."""
     try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:  # Pillow is a dependency; without it OpenCV's own limit (OPENCV_IO_MAX_IMAGE_PIXELS) applies
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:  # parses the header only
-                w, h = im.size
-    except Image.DecompressionBombError as e:
+        size = declared_image_size(path)
+    except OverflowError as e:
         raise DatasetError(f"{what} {path}: declares too many pixels, above the limit of "
                            f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels (icnet_ros.data.datasets.MAX_IMAGE_PIXELS): {e}") \
             from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    if size is None:
         return None  # missing, corrupt or not Pillow's: the decoder below reports it
+    h, w = size
     if w * h > MAX_IMAGE_PIXELS:
         raise DatasetError(f"{what} {path}: declares {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of "
                            f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels (icnet_ros.data.datasets.MAX_IMAGE_PIXELS)")

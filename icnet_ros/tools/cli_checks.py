@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 
+def _file_in_the_way(p: Path) -> Path | None:
+    """The first of ``p``'s parent folders that exists as a file (no folder can be made below it)."""
+    return next((d for d in reversed(p.parents) if d.exists() and not d.is_dir()), None)
+
+
 def output_file_problem(path: str | None, flag: str = "--json") -> str | None:
     """Why a result file cannot be written at ``path`` at the end of a run (None when it can; ``-`` is stdout). Its
     folder is created now, so a typo in it fails before the run, not after."""
@@ -14,7 +19,7 @@ def output_file_problem(path: str | None, flag: str = "--json") -> str | None:
     p = Path(path).expanduser()
     if p.is_dir():
         return f"{flag} {path}: is a folder, not a file"
-    blocking = next((d for d in reversed(p.parents) if d.exists() and not d.is_dir()), None)
+    blocking = _file_in_the_way(p)
     if blocking is not None:
         return f"{flag} {path}: {blocking} is a file, not a folder"
     try:
@@ -31,7 +36,7 @@ def output_folder_problem(path: str, flag: str = "--output") -> str | None:
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         return f"{flag} {path}: is a file, not a folder"
-    blocking = next((d for d in reversed(p.parents) if d.exists() and not d.is_dir()), None)
+    blocking = _file_in_the_way(p)
     if blocking is not None:
         return f"{flag} {path}: {blocking} is a file, not a folder"
     return None

@@ -93,7 +93,7 @@ class _NodeFailed(Exception):
 def _log_tail(log_path: Path) -> str:
     """The node log's last error line (else its last line), for a one-line message."""
     lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower() or "Error" in ln]
+    errors = [ln for ln in lines if "error" in ln.lower()]
     return (errors or lines or ["(no output)"])[-1]
 
 
