@@ -150,8 +150,7 @@ def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, 
     dynamic and ``batch`` is only recorded (TensorRT builds its optimisation profile for 1..batch); without it the
     batch is fixed to ``batch``. ``opset``: ONNX opset (default: the exporter's; one it cannot write is a
     ValueError before anything runs, see :func:`supported_opsets`; never silently another). ``command``: recorded in
-    the
-    provenance (the CLI passes its command line). ``progress``: a tqdm bar over the steps (the exporter's step
+    the provenance (the CLI passes its command line). ``progress``: a tqdm bar over the steps (the exporter's step
     takes from seconds to minutes). The file is written atomically."""
     from tqdm import tqdm
 
