@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 IGNORE_INDEX = 255
+MAX_NAME_LENGTH = 100
 
 
 def _integer(v: Any) -> bool:
@@ -33,6 +34,13 @@ class ClassSet:
             raise ValueError(f"class set {self.name!r}: {len(self.classes)} classes but {len(self.palette)} colors")
         if not 1 <= len(self.classes) <= 255:
             raise ValueError(f"class set {self.name!r}: 1..255 classes supported, got {len(self.classes)}")
+        for c in self.classes:  # names reach subscribers (classes.names, the class metadata JSON) and reports
+            if not isinstance(c, str) or not c.strip() or len(c) > MAX_NAME_LENGTH or not c.isprintable():
+                raise ValueError(f"class set {self.name!r}: bad class name {repr(c)[:80]} (need non-empty printable "
+                                 f"text of at most {MAX_NAME_LENGTH} characters)")
+        if len(set(self.classes)) != len(self.classes):
+            twice = sorted({c for c in self.classes if self.classes.count(c) > 1})
+            raise ValueError(f"class set {self.name!r}: class names must be distinct, repeated: {', '.join(twice)}")
         for c in self.palette:
             if len(c) != 3 or any(not 0 <= int(v) <= 255 for v in c):
                 raise ValueError(f"class set {self.name!r}: bad color {c!r}")

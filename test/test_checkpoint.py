@@ -133,6 +133,11 @@ def test_missing_unexpected_and_mismatched_keys(tmp_path):
     ({"arch": {"backbone": "resnet18", "num_classes": 11, "aux_dropout": 1.5}}, r"aux_dropout must be in \[0, 1\)"),
     ({"ignore_index": 3}, "ignore_index must be an integer in 11..255"),
     ({"ignore_index": 300}, "ignore_index must be an integer in 11..255"),
+    ({"classes": ["sky"] * 11}, "class names must be distinct, repeated: sky"),
+    ({"classes": list(range(11))}, "bad class name 0"),
+    ({"classes": ["sky", ""] + [f"c{i}" for i in range(9)]}, "bad class name ''"),
+    ({"classes": ["sky", "two\nlines"] + [f"c{i}" for i in range(9)]}, "bad class name 'two\\\\nlines'"),
+    ({"classes": ["x" * 101] + [f"c{i}" for i in range(10)]}, "at most 100 characters"),
 ])
 def test_invalid_metadata(tmp_path, patch, match):
     model = build_icnet("icnet_r18", width=0.25, num_classes=11)
