@@ -228,6 +228,24 @@ def test_demo_output_naming_a_file_is_one_line(checkpoint: Path, tmp_path: Path)
     assert lines[0].startswith("icnet-demo: error: --output") and "is a file, not a folder" in lines[0]
 
 
+@pytest.mark.parametrize("tool", ["demo", "record"])
+def test_demo_and_record_check_the_video_file_before_they_start(checkpoint: Path, tmp_path: Path, tool: str):
+    """--video naming a folder (or a path below a file) is one line and status 2 at once; before, the writer failed
+    on every frame of the run and the count of saved frames said 0 while the PNGs had been written."""
+    write_frames(tmp_path / "frames", 1)
+    (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "file").write_bytes(b"")
+    for video, reason in ((tmp_path / "folder.mp4", "is a folder, not a file"),
+                          (tmp_path / "file" / "x.mp4", "is a file, not a folder")):
+        args = ([str(tmp_path / "frames"), "--model", str(checkpoint)] if tool == "demo" else ["/camera/x"])
+        res = ros_support.run_module(f"icnet_ros.tools.{tool}", args + ["--output", str(tmp_path / "out"),
+                                                                        "--video", str(video)], timeout=60)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stdout + res.stderr
+        assert lines[0].startswith(f"icnet-{tool}: error: --video {video}: ") and reason in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_demo_without_a_model_points_to_the_model_option(tmp_path: Path):
     write_frames(tmp_path / "frames", 1)
     env = dict(ros_support.subprocess_env(), ICNET_ROS_DEFAULT_MODEL=str(tmp_path / "missing.safetensors"))

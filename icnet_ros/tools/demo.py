@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     source = None
     if args.input is not None:
         from ..video import SourceError, open_source
-        from .cli_checks import output_folder_problem
+        from .cli_checks import output_file_problem, output_folder_problem
 
-        problem = output_folder_problem(args.output)
+        problem = output_folder_problem(args.output) or output_file_problem(args.video, "--video")
         if problem:
             return _error(problem)
         try:

@@ -251,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None and v <= 0:
             print(f"icnet-record: error: --{name.replace('_', '-')} must be > 0, got {v}", file=sys.stderr)
             return 2
+    from .cli_checks import output_file_problem, output_folder_problem
+
+    problem = output_folder_problem(args.output) or output_file_problem(args.video, "--video")
+    if problem:
+        print(f"icnet-record: error: {problem}", file=sys.stderr)
+        return 2
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
