@@ -706,7 +706,10 @@ class SegmentationNode(LifecycleNode):
             cam = self._by_topic.get(topic)
             if cam is None:
                 return set()
-            return {kind for kind, pub in cam.publishers.items() if pub.get_subscription_count() > 0}
+            wanted = {kind for kind, pub in cam.publishers.items() if pub.get_subscription_count() > 0}
+            if cam.info_publisher is not None and cam.info_publisher.get_subscription_count() > 0:
+                wanted.add("camera_info")  # as image_transport's CameraPublisher counts its info subscribers
+            return wanted
 
     def _publish(self, topic: str, msg: Any, order: str, res: Any, wanted: set[str]) -> list[str]:
         """Publish one frame's outputs (each with the input's header) and the camera_info with its stamp; returns

@@ -467,6 +467,23 @@ def test_model_resolution_outputs_remapped_names(ros: RosHarness, checkpoint: Pa
         assert label.messages and colour.messages and info.messages, proc.output()
         for col in (label, colour):  # the outputs of the frame the first camera_info went out with
             col.wait_for(lambda ms: any(m.header == info.messages[0].header for m in ms), 5)
+        first_info = info.messages[0]
+        # a camera_info subscriber alone is demand too (as image_transport's CameraPublisher counts it)
+        for col in (label, colour):
+            ros.unsubscribe(col)
+        time.sleep(1.0)  # the node sees the image outputs unsubscribed
+        n_info = len(info.messages)
+        for _ in range(5):
+            stamp = ros.now().to_msg()
+            cam_info = CameraInfo(width=W, height=H, k=[100.0, 0, 80.0, 0, 100.0, 60.0, 0, 0, 1.0],
+                                  p=[100.0, 0, 80.0, 0, 0, 100.0, 60.0, 0, 0, 0, 1.0, 0])
+            cam_info.header.stamp = stamp
+            info_pub.publish(cam_info)
+            pub.publish(image_msg(img, "rgb8", stamp, frame_id="cam_c"))
+            if info.wait_for(lambda m: len(m) > n_info, 4):
+                break
+        assert len(info.messages) > n_info, proc.output()
+        assert (info.messages[-1].width, info.messages[-1].height) == (128, 96)
         assert proc.interrupt(30) == 0
     finally:
         proc.kill()
@@ -476,7 +493,7 @@ def test_model_resolution_outputs_remapped_names(ros: RosHarness, checkpoint: Pa
         ros.node.destroy_publisher(info_pub)
     # camera_info goes out only for a frame whose own camera_info (same stamp) the node has: the first frames may
     # have been served before theirs arrived, so compare the outputs of the frame the first camera_info belongs to
-    inf = info.messages[0]
+    inf = first_info
     lab = next((m for m in label.messages if m.header == inf.header), None)
     col = next((m for m in colour.messages if m.header == inf.header), None)
     assert lab is not None and col is not None, (inf.header, [m.header for m in label.messages])
