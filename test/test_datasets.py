@@ -304,6 +304,26 @@ def test_geometry_is_identical_for_image_and_label():
         assert agree.mean() > 0.9, f"seed {seed}: image/label misaligned ({agree.mean():.2f})"
 
 
+def test_resized_labels_take_the_source_pixel_under_their_centre():
+    """Labels follow the bilinear image's pixel-centre geometry: a one-pixel pole at an odd column survives a x0.5
+    resize where the image keeps half its colour (cv2.INTER_NEAREST sampled even columns only and lost it), and
+    every resized label pixel is the source pixel under its centre, at down- and upscales."""
+    from icnet_ros.data import resize_pair
+
+    image = np.zeros((20, 20, 3), np.uint8)
+    label = np.zeros((20, 20), np.uint8)
+    image[:, 5], label[:, 5] = 255, 2  # a pole one pixel wide at column 5
+    img, lab = resize_pair(image, label, (10, 10))
+    assert img[:, 2, 0].min() >= 120 and (lab[:, 2] == 2).all() and (lab == 2).sum() == 10
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 11, (37, 53)).astype(np.uint8)
+    for h, w in ((18, 26), (24, 35), (56, 80), (83, 119), (37, 53)):
+        _, lab = resize_pair(np.zeros((37, 53, 3), np.uint8), src, (h, w))
+        rows = np.minimum(((np.arange(h) + 0.5) * 37 / h).astype(int), 36)
+        cols = np.minimum(((np.arange(w) + 0.5) * 53 / w).astype(int), 52)
+        np.testing.assert_array_equal(lab, src[rows][:, cols], err_msg=f"{h}x{w}")
+
+
 def test_random_resize_range_and_input_scale():
     image, label = _coded_pair(100, 200)
     sizes = {RandomResize((0.5, 2.0), scale=2.0)(image, label, np.random.default_rng(s))[0].shape[:2]

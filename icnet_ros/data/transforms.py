@@ -27,12 +27,15 @@ class Transform(Protocol):
 
 def resize_pair(image: np.ndarray, label: np.ndarray, size: tuple[int, int]) -> Pair:
     """Resize to ``size`` = (H, W): bilinear for the image (as the evaluator and the node resize frames), nearest
-    for the label."""
+    for the label, both with pixel centres aligned: each label pixel takes the source pixel under its centre
+    (``INTER_NEAREST_EXACT``). OpenCV's ``INTER_NEAREST`` takes the one under its top-left corner, which moves the
+    labels up to a source pixel up and left of the bilinear image (1.3% of CamVid's label pixels at x1.5, 3.4% at
+    x0.5) and drops one-pixel structures such as poles that the image keeps."""
     h, w = size
     if (h, w) == image.shape[:2]:
         return image, label
     return (cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR),
-            cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST))
+            cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST_EXACT))
 
 
 class Compose:
