@@ -58,8 +58,8 @@ SUFFIX_BACKENDS = {".safetensors": "torch", ".onnx": "onnxruntime", ".xml": "ope
 @dataclass
 class SegmentResult:
     """Per-frame outputs, all uint8 numpy arrays at the output size (the frame's size unless ``output_size`` is
-    ``"model"``). ``label``: H x W class ids, :data:`UNKNOWN` = 255 for unclassified pixels (always returned).
-    ``color``/``overlay``: H x W x 3 in the frame's channel order, None unless requested. ``confidence``: H x W,
+    ``"model"``). ``label``: H x W class ids, the class set's ignore index (:data:`UNKNOWN` = 255 unless the model
+    names another) for unclassified pixels (always returned). ``color``/``overlay``: H x W x 3 in the frame's channel order, None unless requested. ``confidence``: H x W,
     ``round(255 * max softmax probability)``, None unless requested. ``model_size``: the network input (H, W)."""
 
     label: np.ndarray

@@ -1,7 +1,9 @@
 """Logits -> the uint8 outputs, on the device: upsampling, argmax, confidence, palette, overlay, the copy back.
 
-Label values: class ids ``0..num_classes-1``; :data:`UNKNOWN` (255, the project-wide ignore value) marks pixels
-whose max softmax probability is below ``confidence_threshold`` (never produced by argmax). Unknown pixels are
+Label values: class ids ``0..num_classes-1``; the class set's ignore index (:data:`UNKNOWN` = 255, the
+project-wide ignore value, unless a model's metadata names another) marks pixels whose max softmax probability is
+below ``confidence_threshold`` (never produced by argmax); it is the value the node announces as
+``classes.ignore_index``. Unknown pixels are
 black in the colour mask and keep the original frame in the overlay. On the CPU the work runs on OpenCV, one class
 plane at a time (:meth:`Postprocessor._labels_cpu`, :meth:`Postprocessor._render_cpu`); on CUDA in torch.
 """
@@ -30,6 +32,7 @@ class Postprocessor:
         self.device = device
         self.overlay_alpha = float(overlay_alpha)
         self.confidence_threshold = float(confidence_threshold)
+        self.unknown = int(class_set.ignore_index)  # the label value of unclassified pixels (not a class id)
         palette = torch.from_numpy(class_set.palette_array()).to(device)
         self._palettes = {"RGB": palette, "BGR": palette.flip(1).contiguous()}
         # 256 x 1 x 3 lookup tables for cv2.LUT (the CPU path): label value -> colour, unknown black
@@ -67,7 +70,7 @@ class Postprocessor:
         prob = shifted.exp_().sum(1).reciprocal_()
         label = idx.to(torch.uint8)
         if threshold > 0:
-            label.masked_fill_(prob < threshold, UNKNOWN)
+            label.masked_fill_(prob < threshold, self.unknown)
         conf = prob.mul_(255.0).round_().to(torch.uint8) if want_confidence else None
         return label, conf
 
@@ -106,7 +109,7 @@ class Postprocessor:
                     total += np.exp(plane(i, k) - best)
                 prob = np.reciprocal(total)
                 if threshold > 0:
-                    label[prob < threshold] = UNKNOWN
+                    label[prob < threshold] = self.unknown
                 if conf is not None:
                     conf[i] = np.rint(prob * 255.0)
         return torch.from_numpy(labels), None if conf is None else torch.from_numpy(conf)
@@ -130,7 +133,7 @@ class Postprocessor:
                 color.float() if a == 1.0 else base.float())
             overlay = blend.round_().to(torch.uint8)
             if self.confidence_threshold > 0:  # unknown pixels keep the frame
-                overlay = torch.where((label == UNKNOWN).unsqueeze(-1), base, overlay)
+                overlay = torch.where((label == self.unknown).unsqueeze(-1), base, overlay)
             out["overlay"] = overlay
         return out
 
@@ -158,7 +161,7 @@ class Postprocessor:
             else:
                 cv2.addWeighted(base, 1.0 - a, color, a, 0.0, dst=overlays[i])
             if self.confidence_threshold > 0:  # unknown pixels keep the frame
-                np.copyto(overlays[i], base, where=(lab == UNKNOWN)[:, :, None])
+                np.copyto(overlays[i], base, where=(lab == self.unknown)[:, :, None])
         out = {}
         if "color" in want:
             out["color"] = torch.from_numpy(colors)

@@ -148,6 +148,28 @@ def test_palette_and_overlay_on_constant_prediction(tmp_path):
     np.testing.assert_array_equal(rb.color[0, 0], np.uint8(CAMVID.palette[4])[::-1])
 
 
+def test_unclassified_pixels_take_the_models_ignore_index(tmp_path):
+    """A model whose class set names ignore index 250 marks low-confidence pixels 250 (what the node announces as
+    classes.ignore_index), black in the colour mask, the frame in the overlay; they were 255 whatever it said."""
+    import dataclasses
+
+    from icnet_ros.checkpoint import build_meta, save_checkpoint
+    from icnet_ros.models import build_icnet
+
+    torch.manual_seed(0)
+    model = build_icnet("icnet_r18", width=0.25, num_classes=11)
+    path = tmp_path / "ignore250.safetensors"
+    save_checkpoint(model, path, build_meta(model.config, dataclasses.replace(CAMVID, ignore_index=250)))
+    rgb = frame(80, 120, seed=11)
+    s = Segmenter(path, device="cpu", outputs=ALL, confidence_threshold=0.999, warmup=False)
+    assert s.class_set.ignore_index == 250
+    (r,) = s.segment([rgb])
+    unknown = r.label == 250
+    assert unknown.any() and set(np.unique(r.label)) <= set(range(11)) | {250}
+    assert (r.color[unknown] == 0).all()
+    np.testing.assert_array_equal(r.overlay[unknown], rgb[unknown])
+
+
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_overlay_alpha_extremes(ckpt, alpha):
     s = Segmenter(ckpt, device="cpu", outputs=ALL, overlay_alpha=alpha, warmup=False)
