@@ -43,34 +43,55 @@ class CameraInfoCache:
     ``match(stamp)`` returns the camera_info with exactly the image's stamp. A camera_info with a zero stamp
     describes every frame (a static calibration publisher): the newest such one serves images whose stamp has no
     camera_info of its own. Otherwise there is no match: the caller publishes no camera_info for that frame rather
-    than one taken at another time (image_pipeline pairs exactly, too)."""
+    than one taken at another time (image_pipeline pairs exactly, too).
 
-    def __init__(self, capacity: int = 32) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be >= 1")
+    A camera_info may also arrive after its image (a driver that publishes the image first, DDS reordering the two
+    topics): ``match(stamp, waiting=item)`` then keeps ``item`` (what the caller needs to publish it later) for the
+    last ``pending`` unmatched frames, and ``add`` returns the items its camera_info completes, as a time
+    synchroniser with a queue of ``pending`` pairs them."""
+
+    def __init__(self, capacity: int = 32, pending: int = 10) -> None:
+        if capacity < 1 or pending < 0:
+            raise ValueError("capacity must be >= 1 and pending >= 0")
         self.capacity = capacity
+        self.pending = pending
         self._by_stamp: OrderedDict[int, Any] = OrderedDict()
+        self._waiting: OrderedDict[int, Any] = OrderedDict()  # stamp -> the caller's item, oldest first
         self._static: Any | None = None
         self._lock = threading.Lock()
         self.received = 0
 
-    def add(self, info: Any) -> None:
+    def add(self, info: Any) -> list[tuple[Any, Any]]:
+        """Keep ``info``; returns ``(info, item)`` for each waiting frame it describes (its stamp, or every waiting
+        frame for a zero-stamped camera_info), which stop waiting."""
         stamp = stamp_ns(info.header)
         with self._lock:
             self.received += 1
             if stamp == 0:
                 self._static = info
-                return
+                done = list(self._waiting.values())
+                self._waiting.clear()
+                return [(info, item) for item in done]
             self._by_stamp[stamp] = info
             self._by_stamp.move_to_end(stamp)
             while len(self._by_stamp) > self.capacity:
                 self._by_stamp.popitem(last=False)
+            item = self._waiting.pop(stamp, None)
+            return [] if item is None else [(info, item)]
 
-    def match(self, stamp: int) -> Any | None:
-        """The camera_info for an image stamped ``stamp`` (ns), or None."""
+    def match(self, stamp: int, waiting: Any = None) -> Any | None:
+        """The camera_info for an image stamped ``stamp`` (ns), or None; then ``waiting`` (when given) waits for
+        it (see the class docstring)."""
         with self._lock:
             info = self._by_stamp.get(stamp)
-            return info if info is not None else self._static
+            if info is None:
+                info = self._static
+            if info is None and waiting is not None and self.pending > 0:
+                self._waiting[stamp] = waiting
+                self._waiting.move_to_end(stamp)
+                while len(self._waiting) > self.pending:
+                    self._waiting.popitem(last=False)
+            return info
 
     def __len__(self) -> int:
         with self._lock:

@@ -402,7 +402,8 @@ class SegmentationNode(LifecycleNode):
         if self.config.publish_camera_info and cam.info_subscription is None:
             info_topic = node_params.sibling_topic(node_params.base_topic(cam.topic)[0], "camera_info")
             cam.info_subscription = self.create_subscription(
-                CameraInfo, info_topic, cam.info_cache.add, qos_profile_sensor_data, callback_group=self.io_group)
+                CameraInfo, info_topic, lambda m, c=cam: self._on_camera_info(c, m), qos_profile_sensor_data,
+                callback_group=self.io_group)
 
     def _unsubscribe(self, cam: Camera) -> None:
         for attr in ("subscription", "info_subscription", "retiring"):
@@ -732,18 +733,40 @@ class SegmentationNode(LifecycleNode):
                 published.append(kind)
             info_pub = cam.info_publisher
             if info_pub is not None and info_pub.get_subscription_count() > 0:
-                info = cam.info_cache.match(stamp_ns(header))
                 out_size = tuple(res.label.shape[:2])
                 if cam.compressed:  # the decoded size: the output's at output_size 'input', else the JPEG/PNG header's
                     in_size = out_size if self.config.engine.output_size == "input" else \
                         compressed_header(msg)[1:]  # read (checked) when the frame was taken: cheap, cannot fail
                 else:
                     in_size = (int(msg.height), int(msg.width))
-                if info is not None and min(in_size) > 0:
-                    out_info = scale_camera_info(info, in_size, out_size, CameraInfo())
-                    out_info.header = header
-                    info_pub.publish(out_info)
+                if min(in_size) > 0:  # a camera_info still to come is published when it arrives (_on_camera_info)
+                    info = cam.info_cache.match(stamp_ns(header), waiting=(header, in_size, out_size))
+                    if info is not None:
+                        self._publish_info(info_pub, info, header, in_size, out_size)
         return published
+
+    @staticmethod
+    def _publish_info(pub: Any, info: Any, header: Any, in_size: tuple[int, int], out_size: tuple[int, int]) -> None:
+        out_info = scale_camera_info(info, in_size, out_size, CameraInfo())
+        out_info.header = header
+        pub.publish(out_info)
+
+    def _on_camera_info(self, cam: Camera, msg: Any) -> None:
+        """A camera's camera_info: kept for its image, or published now for an image already served before it
+        arrived."""
+        late = cam.info_cache.add(msg)
+        if not late:
+            return
+        with self._pub_lock:
+            pub = cam.info_publisher
+            if pub is None:
+                return
+            for info, (header, in_size, out_size) in late:
+                try:
+                    self._publish_info(pub, info, header, in_size, out_size)
+                except Exception as e:  # noqa: BLE001 - a bad camera_info is that camera_info's
+                    self.get_logger().warning(f"{cam.topic}: cannot publish its camera_info: {type(e).__name__}: {e}",
+                                              throttle_duration_sec=10.0)
 
     # ------------------------------------------------------------------ diagnostics
     def stats_snapshot(self) -> dict[str, dict[str, Any]]:

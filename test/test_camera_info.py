@@ -118,6 +118,21 @@ def test_cache_pairs_by_stamp():
         CameraInfoCache(capacity=0)
 
 
+def test_a_camera_info_after_its_image_completes_the_waiting_frame():
+    cache = CameraInfoCache(capacity=8, pending=2)
+    msgs = [info(fx=100.0 + i, stamp=(20, i)) for i in range(4)]
+    for i, m in enumerate(msgs[:3]):  # three frames served before their camera_info: the last 2 wait
+        assert cache.match(stamp_ns(m.header), waiting=f"frame{i}") is None
+    assert cache.add(msgs[0]) == []  # its frame stopped waiting (pending=2)
+    assert cache.add(msgs[2]) == [(msgs[2], "frame2")]
+    assert cache.add(msgs[2]) == []  # completed once
+    assert cache.match(stamp_ns(msgs[3].header)) is None and cache.add(msgs[3]) == []  # match() alone never waits
+    static = info(fx=42.0, stamp=(0, 0))
+    assert cache.add(static) == [(static, "frame1")]  # a zero-stamped camera_info completes every waiting frame
+    assert cache.match(999, waiting="x") is static and cache.add(msgs[1]) == []
+    assert CameraInfoCache(pending=0).match(5, waiting="x") is None
+
+
 def test_cache_is_thread_safe():
     cache = CameraInfoCache(capacity=8)
     errors = []

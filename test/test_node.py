@@ -224,6 +224,37 @@ def test_every_output_for_every_encoding(harness: RosHarness, encoding: str, cha
     assert (info.width, info.height) == (W, H) and list(info.k) == [100.0, 0, 80.0, 0, 100.0, 60.0, 0, 0, 1.0]
 
 
+def test_camera_info_arriving_after_its_image_is_still_published(harness: RosHarness):
+    """A driver that publishes the image first (or DDS delivering the two topics out of order): the frame is served
+    before its camera_info is there, and the scaled camera_info goes out when it arrives (it never did)."""
+    ros = harness
+    pub = ros.publisher(Image, CAM_A)
+    info_pub = ros.publisher(CameraInfo, "/cam_a/camera_info")
+    outputs = Outputs(ros, "/cam_a", kinds=("label",), info=False)
+    infos = ros.collect(CameraInfo, "/cam_a/semantic/camera_info")
+    try:
+        ros.wait_matched(pub)
+        ros.wait_matched(info_pub)
+        ros.wait_matched(infos.subscription)
+        img = frame(21)
+        stamp, got = send_until_served(ros, lambda st: pub.publish(image_msg(img, "rgb8", st, frame_id="late")),
+                                       outputs)
+        time.sleep(0.2)
+        assert not any(m.header.stamp == stamp for m in infos.messages)  # no camera_info for it yet
+        info = CameraInfo(width=W, height=H, k=[100.0, 0, 80.0, 0, 100.0, 60.0, 0, 0, 1.0])
+        info.header.stamp, info.header.frame_id = stamp, "late"
+        info_pub.publish(info)
+        assert infos.wait_for(lambda ms: any(m.header.stamp == stamp for m in ms), WAIT), "late camera_info lost"
+        out = infos.find(lambda m: m.header.stamp == stamp)[0]
+        assert out.header == got["label"].header and (out.width, out.height) == (W, H)
+        assert list(out.k) == [100.0, 0, 80.0, 0, 100.0, 60.0, 0, 0, 1.0]
+    finally:
+        outputs.close()
+        ros.unsubscribe(infos)
+        ros.node.destroy_publisher(pub)
+        ros.node.destroy_publisher(info_pub)
+
+
 def test_compressed_input(harness: RosHarness):
     ros = harness
     pub = ros.publisher(CompressedImage, CAM_B)
