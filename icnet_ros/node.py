@@ -267,7 +267,7 @@ class SegmentationNode(LifecycleNode):
         self._classes_pub.publish(String(data=self.classes_json))
         self.cameras = []
         for topic in cfg.image_topics:
-            base, compressed = node_params.base_topic(topic)
+            base, compressed = self._camera_base(topic), node_params.base_topic(topic)[1]
             cam = Camera(topic, compressed, {}, None, CameraInfoCache())
             self.cameras.append(cam)
             if cfg.publish_camera_info:
@@ -297,8 +297,7 @@ class SegmentationNode(LifecycleNode):
         cfg = self.config
         cameras = []
         for c in self.cameras:
-            outputs = node_params.sibling_topic(self.resolve_topic_name(node_params.base_topic(c.topic)[0]),
-                                                cfg.output_namespace)
+            outputs = node_params.sibling_topic(self._camera_base(c.topic), cfg.output_namespace)
             cameras.append(f"{self.resolve_topic_name(c.topic)}{' (compressed)' if c.compressed else ''} "
                            f"[{c.reliability}] -> {outputs}/*")
         self.get_logger().info(f"ready: {self._describe_model()}; cameras: {', '.join(cameras)}")
@@ -362,8 +361,13 @@ class SegmentationNode(LifecycleNode):
             self.busy = None
 
     # ------------------------------------------------------------------ topics and QoS
+    def _camera_base(self, topic: str) -> str:
+        """A camera's base topic as this node resolves it (namespace and remappings: ``-r /camera/image_raw:=
+        /front/image_raw`` moves the camera to /front): its camera_info and its outputs are the base's siblings."""
+        return node_params.base_topic(self.resolve_topic_name(topic))[0]
+
     def _output_topic(self, cam: Camera, kind: str) -> str:
-        return node_params.sibling_topic(node_params.base_topic(cam.topic)[0], f"{self.config.output_namespace}/{kind}")
+        return node_params.sibling_topic(self._camera_base(cam.topic), f"{self.config.output_namespace}/{kind}")
 
     def _output_publisher(self, msg_type: Any, topic: str) -> Any:
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=OUTPUT_DEPTH, reliability=ReliabilityPolicy.RELIABLE,
@@ -400,7 +404,7 @@ class SegmentationNode(LifecycleNode):
                                else "best_effort")
         cam.waiting_since, cam.warned_no_frames = None, False
         if self.config.publish_camera_info and cam.info_subscription is None:
-            info_topic = node_params.sibling_topic(node_params.base_topic(cam.topic)[0], "camera_info")
+            info_topic = node_params.sibling_topic(self._camera_base(cam.topic), "camera_info")
             cam.info_subscription = self.create_subscription(
                 CameraInfo, info_topic, lambda m, c=cam: self._on_camera_info(c, m), qos_profile_sensor_data,
                 callback_group=self.io_group)

@@ -469,6 +469,46 @@ def test_missing_or_invalid_model_exits_nonzero(tmp_path: Path, content: bytes |
 
 
 @pytest.mark.slow
+def test_a_remapped_camera_moves_its_camera_info_and_outputs(ros: RosHarness, checkpoint: Path, tmp_path: Path):
+    """``-r /cam_r/image_raw:=/front_r/image_raw`` moves the camera: its camera_info is read from /front_r and its
+    outputs go to /front_r/semantic/*, as the ready line says (they stayed under /cam_r, and the camera_info
+    subscription listened on /cam_r/camera_info, so no camera_info ever went out)."""
+    proc = Process("icnet_ros.node_process", ["--ros-args", "-p", f"model:={checkpoint}", "-p", "device:=cpu",
+                                              "-p", "image_topics:=[/cam_r/image_raw]", "-p", "max_age:=5.0",
+                                              "-r", "/cam_r/image_raw:=/front_r/image_raw"], tmp_path, name="node_r")
+    pub = ros.publisher(Image, "/front_r/image_raw")
+    info_pub = ros.publisher(CameraInfo, "/front_r/camera_info")
+    label = ros.collect(Image, "/front_r/semantic/label")
+    info = ros.collect(CameraInfo, "/front_r/semantic/camera_info")
+    try:
+        proc.wait_for_output("ready:", 120)
+        assert "/front_r/image_raw [" in proc.output() and "-> /front_r/semantic/*" in proc.output()
+        for col in (label, info):
+            ros.wait_matched(col.subscription)
+        ros.wait_matched(pub)
+        ros.wait_matched(info_pub)
+        img = frame(51)
+        for _ in range(5):  # best-effort input: resend until served
+            stamp = ros.now().to_msg()
+            cam_info = CameraInfo(width=W, height=H, k=[100.0, 0, 80.0, 0, 100.0, 60.0, 0, 0, 1.0])
+            cam_info.header.stamp = stamp
+            info_pub.publish(cam_info)
+            pub.publish(image_msg(img, "rgb8", stamp, frame_id="front_r"))
+            if all(c.wait_for(lambda m: len(m) >= 1, 4) for c in (label, info)):
+                break
+        assert label.messages and info.messages, proc.output()
+        assert info.messages[0].header.frame_id == "front_r" and (info.messages[0].width, info.messages[0].height) \
+            == (W, H)
+        assert proc.interrupt(30) == 0
+    finally:
+        proc.kill()
+        for col in (label, info):
+            ros.unsubscribe(col)
+        ros.node.destroy_publisher(pub)
+        ros.node.destroy_publisher(info_pub)
+
+
+@pytest.mark.slow
 def test_model_resolution_outputs_remapped_names(ros: RosHarness, checkpoint: Path, tmp_path: Path):
     """A second node: outputs at the network's resolution (camera_info scaled to match) and a remapped output."""
     proc = Process("icnet_ros.node_process", ["--ros-args", "-p", f"model:={checkpoint}", "-p", "device:=cpu",
