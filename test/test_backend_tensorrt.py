@@ -1,6 +1,8 @@
 """Native TensorRT backend: engine built from the ONNX export, cached under a name that changes with the ONNX file,
 reused when unchanged; argmax agreement with the torch model in fp32 and fp16; dynamic batch within the profile.
 Needs a CUDA GPU and the tensorrt package (skipped otherwise); the CPU-side refusals run everywhere."""
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import make_checkpoint
@@ -147,3 +149,228 @@ def test_fp16_engine(tmp_path, trt):
     got = backend(x)
     torch.cuda.synchronize()
     assert compare_logits(ref, got).argmax_agreement >= 0.98
+
+
+# ------------------------------------------------------------------------------------------------ without a GPU
+# A stand-in for the tensorrt module and CUDA, so that the backend's load and call paths (the trust check, the
+# shape checks) run on the CPU: engines are "deserialized" into FakeEngine objects with the shapes a test gives.
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine, self.input_shape, self.addresses, self.executed = engine, None, {}, 0
+
+    def set_input_shape(self, name, shape):
+        n, c, h, w = shape
+        ok = tuple(self.engine.shapes["input"][1:]) == (c, h, w)
+        if ok:
+            self.input_shape = tuple(shape)
+        return ok
+
+    def get_tensor_shape(self, name):
+        if name == "input":
+            return self.input_shape
+        return self.engine.resolved_output(self.input_shape)
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def execute_async_v3(self, stream):
+        self.executed += 1
+        return True
+
+
+class FakeEngine:
+    def __init__(self, trt, shapes, max_batch=3, resolved_output=None):
+        self.trt, self.shapes, self.max_batch = trt, shapes, max_batch
+        self.num_io_tensors = 2
+        self._resolved = resolved_output
+
+    def get_tensor_name(self, i):
+        return ["input", "logits"][i]
+
+    def get_tensor_dtype(self, name):
+        return self.trt.DataType.FLOAT
+
+    def get_tensor_shape(self, name):
+        return self.shapes[name]
+
+    def get_tensor_profile_shape(self, name, profile):
+        _, c, h, w = self.shapes[name]
+        return (1, c, h, w), (self.max_batch, c, h, w), (self.max_batch, c, h, w)
+
+    def resolved_output(self, input_shape):
+        if self._resolved is not None:
+            return self._resolved(input_shape)
+        n, _, h, w = input_shape
+        return (n, self.shapes["logits"][1], -(-h // 8), -(-w // 8))
+
+    def create_execution_context(self):
+        return FakeContext(self)
+
+
+def fake_trt(monkeypatch, **engine_kwargs):
+    """Patch the tensorrt backend onto a fake tensorrt module and a fake CUDA; returns the fake module, whose
+    ``deserialized`` lists the bytes each deserialize_cuda_engine call got and ``runtimes`` the runtimes made."""
+    import contextlib
+    import types
+
+    from icnet_ros.backends import tensorrt as backend_module
+
+    trt = types.SimpleNamespace(__version__="10.99-fake", deserialized=[], runtimes=[],
+                                DataType=types.SimpleNamespace(FLOAT="float", HALF="half"))
+    engine_kwargs.setdefault("shapes", {"input": (-1, 3, *SIZE), "logits": (-1, 11, SIZE[0] // 8, SIZE[1] // 8)})
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            self.level = level
+
+    class Runtime:
+        def __init__(self, logger):
+            self.engine_host_code_allowed = True
+            trt.runtimes.append(self)
+
+        def deserialize_cuda_engine(self, data):
+            trt.deserialized.append(bytes(data))
+            return FakeEngine(trt, **engine_kwargs)
+
+    trt.Logger, trt.Runtime = Logger, Runtime
+    monkeypatch.setattr(backend_module, "_trt", lambda: trt)
+    monkeypatch.setattr(backend_module, "_LOGGER", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    return trt
+
+
+def _engine_file(folder, tmp_path, classes=None):
+    """road.engine (placeholder bytes) and its metadata side file in ``folder``."""
+    import json
+
+    from icnet_ros.backends.tensorrt import metadata_path
+    from icnet_ros.checkpoint import read_metadata
+
+    folder.mkdir(exist_ok=True)
+    engine = folder / "road.engine"
+    engine.write_bytes(b"serialized engine")
+    meta = read_metadata(make_checkpoint(tmp_path / "r18.safetensors"))
+    meta["network_size"] = list(SIZE)
+    meta["provenance"]["exported"] = {"format": "tensorrt", "precision": "fp32"}
+    metadata_path(engine).write_text(json.dumps(meta))
+    return engine
+
+
+def test_engine_trust_rule(tmp_path):
+    """Engines are native code: a file and folder of the user (or root), writable by neither group nor others, as
+    ssh requires of keys; anything else is refused with the reason and the fix, before reading a byte."""
+    import os
+
+    from icnet_ros.backends.tensorrt import engine_trust_problem, read_trusted_engine
+    from icnet_ros.checkpoint import CheckpointError
+
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    os.chmod(folder, 0o755)
+    engine = folder / "road.engine"
+    engine.write_bytes(b"engine bytes")
+    os.chmod(engine, 0o644)
+    assert engine_trust_problem(engine) is None and read_trusted_engine(engine) == b"engine bytes"
+    os.chmod(engine, 0o666)
+    assert "writable by its group and other users (mode 0666)" in engine_trust_problem(engine)
+    with pytest.raises(CheckpointError) as e:
+        read_trusted_engine(engine)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(engine)) and "native code" in msg and "chmod go-w" in msg
+    os.chmod(engine, 0o644)
+    for mode in (0o777, 0o775, 0o757):
+        os.chmod(folder, mode)
+        assert f"its folder {folder} is writable" in engine_trust_problem(engine)
+        with pytest.raises(CheckpointError, match="refusing to load this TensorRT engine"):
+            read_trusted_engine(engine)
+    os.chmod(folder, 0o700)
+    assert engine_trust_problem(engine) is None
+    # another user's file (as its stat says), even read-only
+    st = os.stat(engine)
+    other = os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, os.getuid() + 4242, st.st_gid,
+                            st.st_size, 0, 0, 0))
+    assert f"owned by uid {os.getuid() + 4242}" in engine_trust_problem(engine, other)
+    # a link from a private folder to an engine in a world-writable one: the target's folder counts too
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    (shared / "x.engine").write_bytes(b"planted")
+    os.chmod(shared / "x.engine", 0o644)
+    (folder / "link.engine").symlink_to(shared / "x.engine")
+    assert f"its folder {shared} is writable" in engine_trust_problem(folder / "link.engine")
+    # not a regular file (a FIFO would block a plain read): refused, without blocking
+    os.mkfifo(folder / "fifo.engine")
+    assert engine_trust_problem(folder / "fifo.engine") == "it is not a regular file"
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        read_trusted_engine(folder / "fifo.engine")
+
+
+def test_untrusted_engine_is_never_deserialized(tmp_path, monkeypatch):
+    """The backend checks the engine file before TensorRT sees a byte of it (a fake TensorRT records what it is
+    given), and its runtime refuses engines with embedded host code."""
+    import os
+
+    from icnet_ros.backends.tensorrt import open_backend
+    from icnet_ros.checkpoint import CheckpointError
+
+    trt = fake_trt(monkeypatch)
+    engine = _engine_file(tmp_path / "engines", tmp_path)
+    cuda = BackendOptions(device=torch.device("cuda"))
+    os.chmod(engine.parent, 0o777)
+    with pytest.raises(CheckpointError, match="refusing to load this TensorRT engine: its folder"):
+        open_backend(engine, cuda)
+    os.chmod(engine.parent, 0o755)
+    os.chmod(engine, 0o664)
+    with pytest.raises(CheckpointError, match="refusing to load this TensorRT engine: the file is writable"):
+        open_backend(engine, cuda)
+    assert trt.deserialized == []
+    os.chmod(engine, 0o644)
+    backend = open_backend(engine, cuda)
+    assert trt.deserialized == [b"serialized engine"] and backend.engine_file == engine
+    assert trt.runtimes[-1].engine_host_code_allowed is False
+
+
+def test_engine_cache_folder_is_private(tmp_path, monkeypatch):
+    """Cached engines: written 0644 in a cache folder created 0700 (whatever the umask); an untrusted cache folder is
+    refused before a build."""
+    import os
+
+    from icnet_ros.backends import tensorrt as backend_module
+    from icnet_ros.checkpoint import CheckpointError
+
+    old = os.umask(0o002)  # a user-private-group umask: files would be group-writable
+    try:
+        target = tmp_path / "cache" / "sub" / "m.engine"
+        backend_module._write_atomic(target, b"engine")
+    finally:
+        os.umask(old)
+    assert os.stat(target).st_mode & 0o777 == 0o644 and os.stat(target.parent).st_mode & 0o777 == 0o700
+    assert backend_module.engine_trust_problem(target) is None
+
+    trt = fake_trt(monkeypatch)
+    runtime = trt.Runtime(None)
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"onnx")
+    backend = backend_module.TensorRTBackend.__new__(backend_module.TensorRTBackend)
+    backend.path, backend.device, backend.meta = onnx_file, torch.device("cuda", 0), {"provenance": {}}
+    monkeypatch.setattr(backend_module, "engine_path", lambda path, meta, device, tag, cache_dir: Path(cache_dir)
+                        / "m.engine")
+    built = []
+    monkeypatch.setattr(backend_module, "build_engine", lambda *a, **k: built.append(a))
+    shared = tmp_path / "shared_cache"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(CheckpointError, match="the cache folder .* is writable.*set engine_cache"):
+        backend._cached_engine(trt, runtime, BackendOptions(device=torch.device("cuda"), cache_dir=str(shared)))
+    assert built == []
+    fresh = tmp_path / "new_cache" / "engines"
+    with pytest.raises(CheckpointError):  # the fake build writes nothing: reading it back fails, after the build
+        backend._cached_engine(trt, runtime, BackendOptions(device=torch.device("cuda"), cache_dir=str(fresh)))
+    assert len(built) == 1 and os.stat(fresh).st_mode & 0o777 == 0o700

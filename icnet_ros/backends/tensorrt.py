@@ -11,6 +11,13 @@ directly; its metadata is the side file ``road.engine.json`` written with it (th
 ``tensorrt`` export record: TensorRT version, GPU, precision, the ONNX file's SHA-256). An engine that this
 TensorRT or GPU cannot load is a one-line error asking to rebuild it from the ONNX file.
 
+Trust: a serialized engine is native code (NVIDIA: deserializing an untrusted engine is like running untrusted
+code), so an engine file, prebuilt or cached, is deserialized only when it is a regular file owned by the current
+user (or root), not writable by group or others, in a folder that is likewise owned and not group- or
+world-writable (the rule ssh applies to keys; :func:`engine_trust_problem`); otherwise a one-line
+:class:`~icnet_ros.checkpoint.CheckpointError` says why and how to fix it. Cache folders are created with mode
+0700, engine files with 0644. The runtime also refuses engines that embed host code (plugin libraries).
+
 Precision: the engine runs in the ONNX file's precision. An fp16 export (``icnet-export --fp16``: fp16 weights
 and activations, fp32 input and output) builds a strongly typed fp16 engine; this is the only fp16 route in
 TensorRT 11, which removed the builder's FP16 flag. ``options.precision == "fp16"`` with an fp32 file sets that
@@ -29,6 +36,7 @@ import json
 import logging
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -107,14 +115,85 @@ def _engine_record(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` atomically, as a 0644 file (never group- or world-writable, whatever the umask;
+    see :func:`engine_trust_problem`); a missing folder is created 0700."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # a leftover of a crashed run; O_EXCL below never follows a planted link
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        with open(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _current_uid() -> int | None:
+    return os.getuid() if hasattr(os, "getuid") else None
+
+
+def _stat_problem(st: os.stat_result, what: str, uid: int | None) -> str | None:
+    """Why a file or folder with stat ``st`` is not trusted to hold an engine (owner, write bits), or None."""
+    if uid is not None and st.st_uid not in (uid, 0):
+        return f"{what} is owned by uid {st.st_uid}, not by you (uid {uid}) or root"
+    if st.st_mode & 0o022:
+        who = " and ".join(w for w, bit in (("its group", 0o020), ("other users", 0o002)) if st.st_mode & bit)
+        return f"{what} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def engine_trust_problem(path: str | os.PathLike, file_stat: os.stat_result | None = None) -> str | None:
+    """Why the TensorRT engine file ``path`` must not be deserialized, or None when it may be: the file must be a
+    regular file and it and its folder (that of the path as given and, through a symbolic link, the target's)
+    owned by the current user or root and writable by neither group nor others, as ssh requires of keys.
+    ``file_stat``: the file's ``os.fstat`` when the caller holds it open (then that file is judged)."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    uid = _current_uid()
+    try:
+        st = file_stat if file_stat is not None else os.stat(path)
+    except OSError as e:
+        return f"cannot stat it: {e.strerror or e}"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    problem = _stat_problem(st, "the file", uid)
+    if problem:
+        return problem
+    folders = [path.parent]
+    real = Path(os.path.realpath(path)).parent
+    if real != path.parent:
+        folders.append(real)
+    for folder in folders:
+        try:
+            problem = _stat_problem(os.stat(folder), f"its folder {folder}", uid)
+        except OSError as e:
+            return f"cannot stat its folder {folder}: {e.strerror or e}"
+        if problem:
+            return problem
+    return None
+
+
+def _untrusted(path: Path, problem: str,
+               remedy: str = "or rebuild the engine from the ONNX export in a folder of your own") -> CheckpointError:
+    return CheckpointError(
+        f"{path}: refusing to load this TensorRT engine: {problem}; an engine is native code that runs when loaded, "
+        f"so it is loaded only from a file and folder owned by you (or root) that no group or other user can write: "
+        f"fix with chmod go-w on the file and its folder (and chown them to you), {remedy}")
+
+
+def read_trusted_engine(path: str | os.PathLike) -> bytes:
+    """The bytes of a serialized engine, read only if :func:`engine_trust_problem` finds nothing wrong with the
+    file as opened (no swap between the check and the read); CheckpointError (one line) otherwise."""
+    path = Path(path).expanduser()
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    with open(fd, "rb") as f:
+        problem = engine_trust_problem(path, os.fstat(fd))
+        if problem:
+            raise _untrusted(path, problem)
+        return f.read()
 
 
 def _progress_monitor(trt: Any) -> Any:
@@ -231,7 +310,7 @@ class TensorRTBackend:
                 record = _engine_record(self.meta)
                 self.engine_file = self.path
                 self.precision = "fp16" if str(record.get("precision", "")).startswith("fp16") else "fp32"
-                engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+                engine = runtime.deserialize_cuda_engine(read_trusted_engine(self.path))
                 if engine is None:
                     raise CheckpointError(
                         f"{self.path}: TensorRT {trt.__version__} cannot load this engine on "
@@ -262,13 +341,24 @@ class TensorRTBackend:
         self.precision = "fp16" if fp16_file or fp16_flag else "fp32"
         tag = "fp16" if fp16_file else ("fp16-flag" if fp16_flag else "fp32")
         self.engine_file = engine_path(self.path, self.meta, self.device, tag, options.cache_dir)
+        folder = self.engine_file.parent
+        if options.cache_dir and not folder.exists():
+            folder.mkdir(mode=0o700, parents=True)
+        if folder.is_dir():  # an untrusted cache folder is refused before minutes of building
+            try:
+                problem = _stat_problem(os.stat(folder), f"the cache folder {folder}", _current_uid())
+            except OSError as e:
+                problem = f"cannot stat the cache folder {folder}: {e.strerror or e}"
+            if problem:
+                raise _untrusted(self.engine_file, problem, "or set engine_cache to a folder of your own (a new one "
+                                 "is created with mode 0700)")
         if self.engine_file.is_file():
-            engine = runtime.deserialize_cuda_engine(self.engine_file.read_bytes())
+            engine = runtime.deserialize_cuda_engine(read_trusted_engine(self.engine_file))
             if engine is not None:
                 return engine
             log.warning("cached TensorRT engine %s cannot be loaded; rebuilding it", self.engine_file)
         build_engine(self.path, self.engine_file, fp16_flag=fp16_flag)
-        engine = runtime.deserialize_cuda_engine(self.engine_file.read_bytes())
+        engine = runtime.deserialize_cuda_engine(read_trusted_engine(self.engine_file))
         if engine is None:
             raise RuntimeError(f"TensorRT cannot load the engine it just built: {self.engine_file}")
         return engine
@@ -309,5 +399,5 @@ def open_backend(path: str | os.PathLike, options: BackendOptions = BackendOptio
     return TensorRTBackend(path, options)
 
 
-__all__ = ["TensorRTBackend", "build_engine", "engine_path", "metadata_path", "open_backend",
-           "read_engine_metadata"]
+__all__ = ["TensorRTBackend", "build_engine", "engine_path", "engine_trust_problem", "metadata_path", "open_backend",
+           "read_engine_metadata", "read_trusted_engine"]
