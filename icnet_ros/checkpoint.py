@@ -39,7 +39,7 @@ from torch import nn
 
 from .classes import CITYSCAPES, IGNORE_INDEX, ClassSet, class_set_from_meta, generic_palette
 from .models.icnet import ICNet, ICNetConfig
-from .sizes import MIN_INPUT_SIZE, aligned_size
+from .sizes import MAX_UPSCALED_PIXELS, MIN_INPUT_SIZE, aligned_size
 
 FORMAT = "icnet_ros"
 FORMAT_VERSION = 1
@@ -49,6 +49,11 @@ DEFAULT_MODEL_ENV = "ICNET_ROS_DEFAULT_MODEL"  # overrides the package's default
 #: be able to ask for unbounded work (4096: 2304x4096 for 16:9 frames)
 MAX_NETWORK_WIDTH = 4096
 MAX_LICENSE_CHARS = 300  # a license is one printable line
+#: bounds on what a file's metadata may make a reader parse (the shipped model's metadata is 26 KB, its header 65 KB;
+#: exports nest their records a level each)
+MAX_META_BYTES = 1 << 20
+MAX_HEADER_BYTES = 16 << 20
+MAX_META_DEPTH = 64
 
 # mmseg's data preprocessor, in RGB, on 0..255 pixel values
 MMSEG_NORMALIZATION: dict[str, Any] = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375],
@@ -101,6 +106,18 @@ def _numbers(value: Any, n: int) -> bool:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
 
 
+def _depth(value: Any) -> int:
+    """How deeply JSON ``value`` nests (iterative: a hostile depth cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list, tuple)):
+            deepest = max(deepest, d)
+            if d <= MAX_META_DEPTH:
+                stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def validate_meta(meta: dict[str, Any]) -> None:
     """Raise :class:`CheckpointError` naming the first problem in ``meta`` (also for values of the wrong type:
     metadata comes from files)."""
@@ -129,14 +146,21 @@ def validate_meta(meta: dict[str, Any]) -> None:
                               "channel_order RGB or BGR)")
     size = meta.get("input_size")
     if size is not None and (not _numbers(size, 2) or not all(isinstance(v, int) for v in size)
-                             or min(size) < MIN_INPUT_SIZE):
+                             or min(size) < MIN_INPUT_SIZE or size[0] * size[1] > MAX_UPSCALED_PIXELS):
         raise CheckpointError(f"invalid input_size in metadata: {str(size)[:80]} (need [H, W], integers each >= "
-                              f"{MIN_INPUT_SIZE})")
+                              f"{MIN_INPUT_SIZE}, at most {MAX_UPSCALED_PIXELS} pixels: every frame runs at it)")
     width = meta.get("network_width")
     if width is not None and (not isinstance(width, int) or isinstance(width, bool)
                               or not MIN_INPUT_SIZE <= width <= MAX_NETWORK_WIDTH):
         raise CheckpointError(f"invalid network_width in metadata: {width!r} (need an integer in "
                               f"[{MIN_INPUT_SIZE}, {MAX_NETWORK_WIDTH}])")
+    provenance = meta.get("provenance")
+    if provenance is not None and (not isinstance(provenance, dict) or not isinstance(
+            provenance.get("exported", {}), dict)):
+        raise CheckpointError(f"invalid provenance in metadata: {str(provenance)[:80]} (need an object, its "
+                              "'exported' record an object)")
+    if _depth(meta) > MAX_META_DEPTH:
+        raise CheckpointError(f"invalid metadata: nested deeper than {MAX_META_DEPTH} levels")
     text = meta.get("license")
     if text is not None and (not isinstance(text, str) or not text.strip() or len(text) > MAX_LICENSE_CHARS
                              or not text.isprintable()):
@@ -189,6 +213,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     from safetensors import SafetensorError, safe_open
 
     path = _existing(path)
+    _check_header_size(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -197,10 +222,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if META_KEY not in header:
         raise CheckpointError(f"{path}: safetensors file without icnet_ros metadata; not an icnet_ros checkpoint "
                               "(convert mmseg .pth checkpoints with icnet-convert)")
+    if len(header[META_KEY]) > MAX_META_BYTES:
+        raise CheckpointError(f"{path}: metadata of {len(header[META_KEY])} bytes (at most {MAX_META_BYTES})")
     try:
         meta = json.loads(header[META_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: metadata is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: metadata is not valid JSON: {str(e)[:200]}") from e
     try:
         validate_meta(meta)
     except CheckpointError as e:
@@ -208,23 +235,55 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
-                         allow_missing_aux: bool = True) -> None:
-    """Copy ``state`` into ``model`` after checking every key and shape; errors name what is wrong."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not (allow_missing_aux and k.startswith("auxiliary_head."))]
-    unexpected = [k for k in state if k not in own]
+def _check_header_size(path: Path) -> None:
+    """Refuse a safetensors header (tensor index + metadata) larger than :data:`MAX_HEADER_BYTES` before it is
+    parsed: JSON inflates to many times its size in memory."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+    if len(head) == 8 and int.from_bytes(head, "little") > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: safetensors header of {int.from_bytes(head, 'little')} bytes (at most "
+                              f"{MAX_HEADER_BYTES}); not an icnet_ros checkpoint")
+
+
+def _check_shapes_before_loading(path: Path, config: ICNetConfig) -> None:
+    """Compare the file's tensor names and shapes (read from its header) with the model ``config`` describes, built
+    on the meta device (no memory): metadata describing a huge model is refused before anything is allocated."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        own = {k: tuple(v.shape) for k, v in ICNet(config).state_dict().items()}
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    _raise_on_mismatch(own, stored, str(path), allow_missing_aux=not config.aux_heads)
+
+
+def _raise_on_mismatch(own: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]], source: str,
+                       allow_missing_aux: bool) -> None:
+    """CheckpointError naming missing and unexpected keys and shape mismatches between a model's state (``own``:
+    name -> shape) and a file's (``stored``)."""
+    missing = [k for k in own if k not in stored and not (allow_missing_aux and k.startswith("auxiliary_head."))]
+    unexpected = [k for k in stored if k not in own]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:5])})")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:5])})")
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [f"{k}: checkpoint {stored[k]} vs model {own[k]}" for k in own if k in stored and stored[k] != own[k]]
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:5])})")
     if problems:
         raise CheckpointError(f"{source} does not match the ICNet architecture: " + "; ".join(problems))
+
+
+def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                         allow_missing_aux: bool = True) -> None:
+    """Copy ``state`` into ``model`` after checking every key and shape; errors name what is wrong."""
+    own = model.state_dict()
+    _raise_on_mismatch({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in state.items()},
+                       source, allow_missing_aux)
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v.to(own[k].dtype))
@@ -246,11 +305,14 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
         raise CheckpointError(f"{path}: PyTorch pickle checkpoint; convert it first: "
                               f"icnet-convert {path} {path.with_suffix('.safetensors')}")
     meta = read_metadata(path)
+    config = ICNetConfig.from_dict(meta["arch"])
     try:
+        _check_shapes_before_loading(path, config)
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"{path}: cannot read tensors (corrupt or truncated?): {e}") from e
-    config = ICNetConfig.from_dict(meta["arch"])
     model = ICNet(config)
     load_state_dict_into(model, state, source=str(path), allow_missing_aux=not config.aux_heads)
     model.meta = meta

@@ -30,6 +30,10 @@ class ClassSet:
     label_map: dict[int, int] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > MAX_NAME_LENGTH or \
+                not self.name.isprintable():
+            raise ValueError(f"bad class set (dataset) name {repr(self.name)[:80]} (need non-empty printable text of "
+                             f"at most {MAX_NAME_LENGTH} characters)")
         if len(self.classes) != len(self.palette):
             raise ValueError(f"class set {self.name!r}: {len(self.classes)} classes but {len(self.palette)} colors")
         if not 1 <= len(self.classes) <= 255:

@@ -133,6 +133,14 @@ def test_missing_unexpected_and_mismatched_keys(tmp_path):
     ({"arch": {"backbone": "resnet18", "num_classes": 11, "aux_dropout": 1.5}}, r"aux_dropout must be in \[0, 1\)"),
     ({"ignore_index": 3}, "ignore_index must be an integer in 11..255"),
     ({"ignore_index": 300}, "ignore_index must be an integer in 11..255"),
+    ({"input_size": [8192, 8192]}, "invalid input_size"),  # every frame would run at it (34.8 s, 5 GB to warm up)
+    ({"provenance": []}, "invalid provenance"),
+    ({"provenance": "text"}, "invalid provenance"),
+    ({"provenance": {"exported": [1]}}, "invalid provenance"),
+    ({"provenance": {"a": json.loads("[" * 70 + "]" * 70)}}, "nested deeper than 64 levels"),
+    ({"dataset": {"x": 1}}, r"bad class set \(dataset\) name"),
+    ({"dataset": None}, r"bad class set \(dataset\) name"),
+    ({"dataset": "x" * 101}, r"bad class set \(dataset\) name"),
     ({"classes": ["sky"] * 11}, "class names must be distinct, repeated: sky"),
     ({"classes": list(range(11))}, "bad class name 0"),
     ({"classes": ["sky", ""] + [f"c{i}" for i in range(9)]}, "bad class name ''"),
@@ -172,6 +180,46 @@ def test_metadata_of_any_json_shape_gives_a_checkpoint_error_or_loads():
                 except CheckpointError:
                     refused += 1
     assert refused > 100  # most mutations are refused; the rest (e.g. a provenance field) are harmless
+
+
+def test_oversized_or_deeply_nested_metadata_is_refused_before_it_is_parsed(tmp_path):
+    model = build_icnet("icnet_r18", width=0.25, num_classes=11)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    meta = build_meta(model.config, CAMVID)
+    big = _with_tensors(tmp_path, "big.safetensors", state, {**meta, "provenance": {"x": "y" * (2 << 20)}})
+    with pytest.raises(CheckpointError, match=r"metadata of \d+ bytes \(at most 1048576\)"):
+        read_metadata(big)
+    path = tmp_path / "header.safetensors"  # a header of 17 MiB (an 89 MiB one parsed into 2.3 GB)
+    save_file(state, str(path), metadata={"icnet_ros": json.dumps(meta), "pad": "z" * (17 << 20)})
+    with pytest.raises(CheckpointError, match=r"safetensors header of \d+ bytes \(at most 16777216\)"):
+        load_model(path)
+    path = tmp_path / "deep.safetensors"
+    save_file(state, str(path), metadata={"icnet_ros": "[" * 100000 + "]" * 100000})
+    with pytest.raises(CheckpointError, match="metadata is not valid JSON"):  # a RecursionError escaped
+        read_metadata(path)
+
+
+def test_a_huge_architecture_in_a_small_file_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    """Metadata claiming ResNet-101 at width 4 over a small file's tensors built that model (4.3 GB, 9.5 s) before
+    comparing: the comparison now runs on the meta device, from the file's header."""
+    import icnet_ros.checkpoint as checkpoint
+
+    model = build_icnet("icnet_r18", width=0.25, num_classes=11)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    arch = {**model.config.to_dict(), "backbone": "resnet101", "width": 4.0}
+    path = _with_tensors(tmp_path, "huge.safetensors", state, {**build_meta(model.config, CAMVID), "arch": arch})
+    built = []
+    real = checkpoint.ICNet
+
+    def recording(config):
+        m = real(config)
+        built.append(next(m.parameters()).device.type)
+        return m
+
+    monkeypatch.setattr(checkpoint, "ICNet", recording)
+    with pytest.raises(CheckpointError, match="does not match the ICNet architecture: .* missing keys"):
+        load_model(path)
+    assert built == ["meta"]
 
 
 def test_metadata_not_json(tmp_path):
