@@ -374,3 +374,50 @@ def test_engine_cache_folder_is_private(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError):  # the fake build writes nothing: reading it back fails, after the build
         backend._cached_engine(trt, runtime, BackendOptions(device=torch.device("cuda"), cache_dir=str(fresh)))
     assert len(built) == 1 and os.stat(fresh).st_mode & 0o777 == 0o700
+
+
+def test_logits_shape_rule():
+    """The output TensorRT would write against the logits the metadata sizes (-1: resolved when running)."""
+    from icnet_ros.backends.tensorrt import logits_shape_problem
+
+    assert logits_shape_problem((-1, 11, 20, 28), (None, 11, 20, 28)) is None
+    assert logits_shape_problem((2, -1, 20, 28), (2, 11, 20, 28)) is None
+    assert logits_shape_problem((-1, 200, 20, 28), (None, 11, 20, 28)) == "class dimension is 200, expected 11"
+    assert logits_shape_problem((-1, 11, 40, 28), (None, 11, 20, 28)) == "height dimension is 40, expected 20"
+    assert logits_shape_problem((4, 11, 20, 28), (2, 11, 20, 28)) == "batch dimension is 4, expected 2"
+    assert "3 dimensions" in logits_shape_problem((11, 20, 28), (None, 11, 20, 28))
+
+
+def test_engine_output_shape_checked_at_load_and_per_call(tmp_path, monkeypatch):
+    """An engine whose output disagrees with the metadata (200 classes for 11, another map size, another input) is
+    refused at load; one whose output only resolves when running is checked against the buffer before each run."""
+    from icnet_ros.backends.tensorrt import open_backend
+    from icnet_ros.checkpoint import CheckpointError
+
+    engine = _engine_file(tmp_path / "engines", tmp_path)
+    cuda = BackendOptions(device=torch.device("cuda"))
+    h8, w8 = SIZE[0] // 8, SIZE[1] // 8
+    for shapes, match in (({"input": (-1, 3, *SIZE), "logits": (-1, 200, h8, w8)}, "class dimension is 200, "
+                                                                                      "expected 11"),
+                          ({"input": (-1, 3, *SIZE), "logits": (-1, 11, 2 * h8, w8)}, "height dimension"),
+                          ({"input": (-1, 3, *SIZE), "logits": (-1, 11, h8)}, "3 dimensions"),
+                          ({"input": (-1, 3, 2 * SIZE[0], SIZE[1]), "logits": (-1, 11, h8, w8)}, "engine's input"),
+                          ({"input": (-1, 5, *SIZE), "logits": (-1, 11, h8, w8)}, "engine's input")):
+        fake_trt(monkeypatch, shapes=shapes)
+        with pytest.raises(CheckpointError, match=match) as e:
+            open_backend(engine, cuda)
+        assert "\n" not in str(e.value) and str(e.value).startswith(str(engine))
+    # dynamic classes: resolved to 200 when running -> refused before TensorRT writes a byte
+    fake_trt(monkeypatch, shapes={"input": (-1, 3, *SIZE), "logits": (-1, -1, h8, w8)},
+             resolved_output=lambda s: (s[0], 200, h8, w8))
+    backend = open_backend(engine, cuda)
+    backend.device = torch.device("cpu")  # the fake runs on host memory
+    with pytest.raises(RuntimeError, match=r"would write logits of shape \[2, 200, .*into a buffer of \[2, 11,"):
+        backend(torch.zeros(2, 3, *SIZE))
+    assert backend.context.executed == 0
+    # the real model's shapes run
+    fake_trt(monkeypatch)
+    backend = open_backend(engine, cuda)
+    backend.device = torch.device("cpu")
+    assert backend.fixed_size == SIZE and backend.max_batch == 3 and not backend.exact_batch
+    assert backend(torch.zeros(2, 3, *SIZE)).shape == (2, 11, h8, w8) and backend.context.executed == 1

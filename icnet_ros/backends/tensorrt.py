@@ -323,14 +323,27 @@ class TensorRTBackend:
             raise CheckpointError(f"{self.path}: expected tensors {INPUT_NAME!r} and {OUTPUT_NAME!r}, got {names}")
         self.input_dtype = _torch_dtype(trt, engine.get_tensor_dtype(INPUT_NAME))
         self.output_dtype = _torch_dtype(trt, engine.get_tensor_dtype(OUTPUT_NAME))
-        n, _, h, w = engine.get_tensor_shape(INPUT_NAME)
-        self.fixed_size: tuple[int, int] | None = (int(h), int(w))
+        self.num_classes = int(self.meta["arch"]["num_classes"])
+        in_shape = tuple(int(d) for d in engine.get_tensor_shape(INPUT_NAME))
+        network = tuple(self.meta["network_size"])
+        if (len(in_shape) != 4 or in_shape[1] != 3 or in_shape[2:] != network
+                or not (in_shape[0] == -1 or in_shape[0] >= 1)):
+            raise CheckpointError(f"{self.path}: the engine's input is {list(in_shape)}, the metadata's network is "
+                                  f"N x 3 x {network[0]} x {network[1]}; rebuild the engine from its ONNX export")
+        n, _, h, w = in_shape
+        # TensorRT writes the output at the engine's shape into the buffer the metadata sizes: they must agree
+        problem = logits_shape_problem(engine.get_tensor_shape(OUTPUT_NAME),
+                                       (None if n == -1 else n, self.num_classes, -(-h // 8), -(-w // 8)))
+        if problem:
+            raise CheckpointError(f"{self.path}: the engine's output {problem} (the metadata lists "
+                                  f"{self.num_classes} classes at {h}x{w}: logits N x {self.num_classes} x "
+                                  f"{-(-h // 8)} x {-(-w // 8)}); not the engine of this model")
+        self.fixed_size: tuple[int, int] | None = (h, w)
         if n == -1:
             self.max_batch: int | None = int(engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
         else:
             self.max_batch = int(n)
         self.exact_batch = n != -1
-        self.num_classes = int(self.meta["arch"]["num_classes"])
         self.provider = f"{self.device} ({torch.cuda.get_device_name(self.device)}, TensorRT {trt.__version__})"
         self._version = trt.__version__
 
@@ -367,7 +380,12 @@ class TensorRTBackend:
         x = checked_input(self, x, self.path.name)
         out = logits_buffer(x, self.num_classes, self.output_dtype)
         ctx = self.context
-        ctx.set_input_shape(INPUT_NAME, tuple(x.shape))
+        if not ctx.set_input_shape(INPUT_NAME, tuple(x.shape)):
+            raise RuntimeError(f"TensorRT refused the input shape {tuple(x.shape)} for {self.path.name}")
+        got = tuple(int(d) for d in ctx.get_tensor_shape(OUTPUT_NAME))
+        if got != tuple(out.shape):  # TensorRT writes its own shape to the output address: never past the buffer
+            raise RuntimeError(f"TensorRT engine {self.path.name} would write logits of shape {list(got)} into a "
+                               f"buffer of {list(out.shape)}; not running it")
         ctx.set_tensor_address(INPUT_NAME, x.data_ptr())
         ctx.set_tensor_address(OUTPUT_NAME, out.data_ptr())
         with torch.cuda.device(self.device):  # TensorRT runs on the current CUDA device
@@ -387,6 +405,18 @@ class TensorRTBackend:
         self.__dict__.pop("_runtime", None)
 
 
+def logits_shape_problem(shape: Any, expected: tuple[int | None, ...]) -> str | None:
+    """How an engine's output dims ``shape`` (-1: dynamic, resolved when running) disagree with the logits the
+    metadata expects, ``expected`` = (N or None for any, classes, ceil(H/8), ceil(W/8)); None when they agree."""
+    dims = tuple(int(d) for d in shape)
+    if len(dims) != len(expected):
+        return f"has {len(dims)} dimensions {list(dims)}, not N x classes x H/8 x W/8"
+    for name, got, want in zip(("batch", "class", "height", "width"), dims, expected):
+        if want is not None and got != -1 and got != want:
+            return f"{name} dimension is {got}, expected {want}"
+    return None
+
+
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
     if dtype not in table:
@@ -399,5 +429,5 @@ def open_backend(path: str | os.PathLike, options: BackendOptions = BackendOptio
     return TensorRTBackend(path, options)
 
 
-__all__ = ["TensorRTBackend", "build_engine", "engine_path", "engine_trust_problem", "metadata_path", "open_backend",
-           "read_engine_metadata", "read_trusted_engine"]
+__all__ = ["TensorRTBackend", "build_engine", "engine_path", "engine_trust_problem", "logits_shape_problem",
+           "metadata_path", "open_backend", "read_engine_metadata", "read_trusted_engine"]
