@@ -49,7 +49,7 @@ from .checkpoint import (META_KEY, CheckpointError, default_model_path, file_sha
                          validate_meta)
 from .models.icnet import MIN_INPUT_SIZE
 from .optimize import FactorizedPyramidPooling, factorize_pyramid_pooling, fold_batchnorm
-from .sizes import SIZE_DIVISOR, aligned_size
+from .sizes import MAX_UPSCALED_PIXELS, SIZE_DIVISOR, aligned_size
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -58,8 +58,8 @@ MAX_METADATA_BYTES = 16 << 20
 
 
 def check_export_size(size: tuple[int, int] | list[int]) -> tuple[int, int]:
-    """(H, W) as ints if both are multiples of :data:`SIZE_DIVISOR` and at least the network minimum; else
-    ValueError naming the nearest valid size."""
+    """(H, W) as ints if both are multiples of :data:`SIZE_DIVISOR`, at least the network minimum and at most
+    :data:`~icnet_ros.sizes.MAX_UPSCALED_PIXELS` pixels together; else ValueError (naming the nearest valid size)."""
     try:
         h, w = (int(v) for v in size)
     except (TypeError, ValueError):
@@ -68,6 +68,9 @@ def check_export_size(size: tuple[int, int] | list[int]) -> tuple[int, int]:
         ah, aw = aligned_size(h, w)
         raise ValueError(f"export size {h}x{w}: height and width must be multiples of {SIZE_DIVISOR} and at least "
                          f"{MIN_INPUT_SIZE} (ICNet's branches misalign otherwise); nearest valid size: {ah}x{aw}")
+    if h * w > MAX_UPSCALED_PIXELS:
+        raise ValueError(f"export size {h}x{w}: more than {MAX_UPSCALED_PIXELS} pixels, the largest network input "
+                         "a model file may set")
     return h, w
 
 
@@ -305,12 +308,16 @@ def parse_export_meta(text: str | bytes, source: str | os.PathLike) -> dict[str,
 
 
 def validate_export_meta(meta: dict[str, Any]) -> None:
-    """:func:`~icnet_ros.checkpoint.validate_meta` plus the export's fixed ``network_size`` [H, W]."""
+    """:func:`~icnet_ros.checkpoint.validate_meta` plus the export's fixed ``network_size`` [H, W]: integers, each
+    at least the network minimum, at most :data:`~icnet_ros.sizes.MAX_UPSCALED_PIXELS` pixels together (every
+    frame runs at it: a file must not set an unbounded input)."""
     validate_meta(meta)
     size = meta.get("network_size")
-    if (not isinstance(size, list) or len(size) != 2 or not all(isinstance(v, int) for v in size)
-            or min(size) < MIN_INPUT_SIZE):
-        raise CheckpointError(f"invalid network_size in metadata: {size!r} (need [H, W])")
+    if (not isinstance(size, list) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+            or min(size) < MIN_INPUT_SIZE or size[0] * size[1] > MAX_UPSCALED_PIXELS):
+        raise CheckpointError(f"invalid network_size in metadata: {str(size)[:80]} (need [H, W], integers each >= "
+                              f"{MIN_INPUT_SIZE}, at most {MAX_UPSCALED_PIXELS} pixels)")
 
 
 class _Malformed(Exception):

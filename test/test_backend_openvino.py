@@ -371,3 +371,47 @@ def test_segmenter_runs_the_export_on_mixed_frames_like_torch(tmp_path):
         assert a.label.shape == f.shape[:2] and a.color.shape == (*f.shape[:2], 3)
         assert (a.label == b.label).mean() >= 0.999
         assert np.abs(a.confidence.astype(int) - b.confidence.astype(int)).max() <= 1
+
+
+def _tiny_onnx(path, ckpt, size=(64, 64), classes=11, in_shape=None, out_shape=None, **changes):
+    """A tiny stand-in for an ICNet export (AveragePool /8 + 1x1 Conv) with ``ckpt``'s metadata at ``size``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    meta = read_metadata(ckpt)
+    meta["network_size"] = meta["input_size"] = list(size)
+    meta["provenance"]["exported"] = {"format": "onnx", "size": list(size), "batch": 1, "dynamic_batch": True}
+    meta.update(changes)
+    h, w = size
+    weight = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((classes, 3, 1, 1)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("AveragePool", ["input"], ["p"], kernel_shape=[8, 8], strides=[8, 8]),
+         helper.make_node("Conv", ["p", "W"], ["logits"])], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape or ["N", 3, h, w])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape or ["N", classes, h // 8, w // 8])],
+        [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.metadata_props.add(key="icnet_ros", value=json.dumps(meta))
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tiny") / "r18.safetensors")
+
+
+@needs_openvino
+def test_model_input_is_the_metadata_network_size(tmp_path, tiny_ckpt):
+    """The model's fixed input must be the (bounded) network_size of the metadata, not any size the graph says."""
+    pytest.importorskip("onnx")
+    from icnet_ros.backends.openvino import open_backend
+
+    backend = open_backend(_tiny_onnx(tmp_path / "ok.onnx", tiny_ckpt), BackendOptions(threads=1))
+    assert backend.fixed_size == (64, 64) and backend(torch.zeros(1, 3, 64, 64)).shape == (1, 11, 8, 8)
+    path = _tiny_onnx(tmp_path / "big.onnx", tiny_ckpt, in_shape=["N", 3, 4160, 4160])
+    with pytest.raises(CheckpointError) as e:
+        open_backend(path, BackendOptions(threads=1))
+    assert "model's input is 4160x4160, the metadata's network_size 64x64" in _one_line(e)

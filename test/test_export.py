@@ -293,3 +293,50 @@ def test_cli_openvino_delegates(tmp_path, ckpt, capsys):
     assert export_main([str(ckpt), "--format", "openvino", "--size", "128x192", "--int8", "--output",
                         str(tmp_path / "q.xml")]) == 2
     assert "--calib DIR" in capsys.readouterr().err
+
+
+def tiny_onnx(path, meta, size=(64, 64), classes=11, in_shape=None, out_shape=None, prefix=b"", suffix=b""):
+    """A tiny stand-in for an ICNet export (AveragePool /8 + 1x1 Conv) carrying ``meta``; ``prefix``/``suffix``:
+    raw protobuf bytes around the serialized ModelProto (more top-level fields)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    h, w = size
+    weight = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((classes, 3, 1, 1)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("AveragePool", ["input"], ["p"], kernel_shape=[8, 8], strides=[8, 8]),
+         helper.make_node("Conv", ["p", "W"], ["logits"])], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape or ["N", 3, h, w])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape or ["N", classes, h // 8, w // 8])],
+        [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.metadata_props.add(key="icnet_ros", value=meta if isinstance(meta, str) else json.dumps(meta))
+    path.write_bytes(prefix + model.SerializeToString() + suffix)
+    return path
+
+
+def export_meta(ckpt, size=(64, 64), **changes):
+    meta = read_metadata(ckpt)
+    meta["network_size"] = meta["input_size"] = list(size)
+    meta["provenance"]["exported"] = {"format": "onnx", "size": list(size), "batch": 1, "dynamic_batch": True}
+    meta.update(changes)
+    return meta
+
+
+def test_network_size_is_bounded(tmp_path, ckpt):
+    """A model file cannot set a network input beyond MAX_UPSCALED_PIXELS (a 1.2 KB .onnx at 12000 x 12000 cost
+    28 s and 6.3 GB before the first frame)."""
+    from icnet_ros.sizes import MAX_UPSCALED_PIXELS
+
+    assert read_onnx_metadata(tiny_onnx(tmp_path / "ok.onnx", export_meta(ckpt, (4096, 4096)), (4096, 4096)))
+    for size in ((12000, 12000), (4128, 4096), (64, 10 ** 9)):
+        path = tiny_onnx(tmp_path / "big.onnx", export_meta(ckpt, size, input_size=[64, 64]), size)
+        with pytest.raises(CheckpointError) as e:
+            read_onnx_metadata(path)
+        one_line_error(e, str(path), "invalid network_size", f"at most {MAX_UPSCALED_PIXELS} pixels")
+    path = tiny_onnx(tmp_path / "bool.onnx", export_meta(ckpt, (64, 64), network_size=[True, 64]))
+    with pytest.raises(CheckpointError, match="invalid network_size"):
+        read_onnx_metadata(path)
+    with pytest.raises(ValueError, match=f"more than {MAX_UPSCALED_PIXELS} pixels"):
+        check_export_size((4128, 4096))

@@ -128,6 +128,10 @@ class OnnxRuntimeBackend:
         if self.provider == "TensorrtExecutionProvider" and self.max_batch is None:
             self.max_batch = profile_batch(self.meta)
         self.fixed_size: tuple[int, int] | None = (h, w) if isinstance(h, int) and isinstance(w, int) else None
+        network = tuple(self.meta["network_size"])  # validated: at most MAX_UPSCALED_PIXELS
+        if any(isinstance(d, int) and d != v for d, v in zip((h, w), network)):
+            raise CheckpointError(f"{self.path}: the graph's input is {h}x{w}, the metadata's network_size "
+                                  f"{network[0]}x{network[1]}; a model file sets one network size")
         self.num_classes = int(self.meta["arch"]["num_classes"])
 
     def __call__(self, x: Tensor) -> Tensor:

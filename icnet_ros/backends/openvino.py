@@ -295,6 +295,11 @@ class OpenVINOBackend:
         if shape[2].is_dynamic or shape[3].is_dynamic:
             raise CheckpointError(f"{self.path}: the network input size is not fixed (export with a fixed H x W)")
         self.fixed_size: tuple[int, int] | None = (shape[2].get_length(), shape[3].get_length())
+        network = tuple(self.meta["network_size"])  # validated: at most MAX_UPSCALED_PIXELS
+        if self.fixed_size != network:
+            raise CheckpointError(f"{self.path}: the model's input is {self.fixed_size[0]}x{self.fixed_size[1]}, "
+                                  f"the metadata's network_size {network[0]}x{network[1]}; a model file sets one "
+                                  "network size")
         self.max_batch: int | None = None if shape[0].is_dynamic else shape[0].get_length()
         self.exact_batch = self.max_batch is not None
         self.int8 = any(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ops())
