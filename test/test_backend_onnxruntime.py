@@ -4,6 +4,7 @@ dynamic and fixed batches, the Backend contract, thread/spinning settings, refus
 runtime. CUDA execution providers: cuda-marked, skipped without a GPU and onnxruntime-gpu."""
 import json
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -210,3 +211,57 @@ def test_graph_input_is_the_metadata_network_size(tmp_path, tiny_ckpt):
         open_backend(path, BackendOptions(threads=1))
     assert "graph's input is 4160x4160, the metadata's network_size 64x64" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def _tensorrt_ep_options(monkeypatch, path, cache_dir):
+    """The TensorRT execution provider's options _providers gives for ``path`` on a (faked) CUDA device."""
+    import types
+
+    from icnet_ros.backends.onnxruntime import OnnxRuntimeBackend
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
+    fake_ort = types.SimpleNamespace(get_available_providers=lambda: ["TensorrtExecutionProvider",
+                                                                       "CUDAExecutionProvider",
+                                                                       "CPUExecutionProvider"])
+    backend = OnnxRuntimeBackend.__new__(OnnxRuntimeBackend)
+    backend.path, backend.device = path, torch.device("cuda", 0)
+    backend.meta = {"network_size": [64, 64], "provenance": {"exported": {"batch": 2, "dynamic_batch": True}}}
+    providers = backend._providers(fake_ort, BackendOptions(device=torch.device("cuda", 0), cache_dir=cache_dir))
+    name, options = providers[0]
+    assert name == "TensorrtExecutionProvider"
+    return options
+
+
+def test_tensorrt_ep_cache_follows_the_file_content(tmp_path, monkeypatch):
+    """ORT's TensorRT engine cache ids hash the file name and tensor names, not the weights: re-exporting new
+    weights to the same path reused the stale engine. The cache folder now carries the file's SHA-256; it is made
+    0700, and a cache another user could write is refused (engines are native code)."""
+    import os
+
+    from icnet_ros.checkpoint import file_sha256
+
+    model = tmp_path / "road.onnx"
+    model.write_bytes(b"weights one")
+    first = _tensorrt_ep_options(monkeypatch, model, None)["trt_engine_cache_path"]
+    assert first == str(tmp_path / "road.onnx.ort-trt" / f"road.{file_sha256(model)[:16]}")
+    assert os.stat(first).st_mode & 0o777 == 0o700
+    assert _tensorrt_ep_options(monkeypatch, model, None)["trt_engine_cache_path"] == first  # unchanged: reused
+    model.write_bytes(b"weights two")  # same path, same tensor names, new weights
+    second = _tensorrt_ep_options(monkeypatch, model, None)["trt_engine_cache_path"]
+    assert second != first and os.path.dirname(second) == os.path.dirname(first)
+    # engine_cache: under it; a folder or file that group or others can write (or another user's) is refused
+    cache = tmp_path / "cache"
+    options = _tensorrt_ep_options(monkeypatch, model, str(cache))
+    assert options["trt_engine_cache_path"].startswith(str(cache / "road.")) and options["trt_timing_cache_path"]
+    folder = options["trt_engine_cache_path"]
+    (Path(folder) / "TensorrtExecutionProvider_cache.engine").write_bytes(b"engine")
+    os.chmod(Path(folder) / "TensorrtExecutionProvider_cache.engine", 0o664)  # fine in a private folder
+    _tensorrt_ep_options(monkeypatch, model, str(cache))
+    os.chmod(folder, 0o755)
+    with pytest.raises(CheckpointError, match="TensorrtExecutionProvider_cache.engine in the cache folder is "
+                                              "writable by its group"):
+        _tensorrt_ep_options(monkeypatch, model, str(cache))
+    os.chmod(folder, 0o777)
+    with pytest.raises(CheckpointError, match=r"refusing ONNX Runtime's TensorRT engine cache: the cache folder .* "
+                                              r"is writable by its group and other users \(mode 0777\)"):
+        _tensorrt_ep_options(monkeypatch, model, str(cache))

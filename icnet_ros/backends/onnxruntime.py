@@ -1,10 +1,16 @@
 """ONNX Runtime backend: runs an ``icnet-export`` ONNX file (see :mod:`icnet_ros.export`) behind the Segmenter.
 
 Execution providers: the CPU provider on the CPU. On CUDA (``options.device``) the TensorRT provider when this
-onnxruntime build has it (engines cached in ``options.cache_dir``, default ``<model>.ort-trt/`` beside the model;
-fp16 when ``options.precision == "fp16"``; one optimisation profile for batches 1..the export's ``batch``), else
-the CUDA provider; asking for CUDA with a CPU-only onnxruntime is a one-line error (``pip install
-onnxruntime-gpu``). ``provider`` names the provider the session actually uses.
+onnxruntime build has it (fp16 when ``options.precision == "fp16"``; one optimisation profile for batches 1..the
+export's ``batch``), else the CUDA provider; asking for CUDA with a CPU-only onnxruntime is a one-line error (``pip
+install onnxruntime-gpu``). ``provider`` names the provider the session actually uses.
+
+TensorRT engine cache: ``<stem>.<the file's SHA-256, 16 hex digits>/`` under ``options.cache_dir``, default
+``<model>.ort-trt/`` beside the model (:func:`trt_cache_folder`). ORT's own engine names hash the file name and the
+tensor names, not the weights: new weights exported to the same path get their own folder instead of the stale
+engine. Engines are native code, so folders are created 0700 and a cache folder that is not the user's (or
+root's), or that group or others can write, or a file in it of another user, is refused (one line), as the native
+TensorRT backend refuses such engines (:func:`icnet_ros.backends.tensorrt.cache_folder_problem`).
 
 Threads: ``intra_op_num_threads = options.threads or torch.get_num_threads()``, one inter-op thread, and spinning
 disabled for both pools. ORT's worker threads otherwise busy-wait after each operator for work that, in this
@@ -24,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, file_sha256
 from ..export import INPUT_NAME, OUTPUT_NAME, profile_batch, read_onnx_metadata
 from .base import BackendOptions, checked_input, logits_buffer, require
 
@@ -43,6 +49,13 @@ def session_options(ort: Any, threads: int) -> Any:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return so
+
+
+def trt_cache_folder(path: Path, cache_dir: str | None = None) -> Path:
+    """The TensorRT execution provider's engine cache folder for the ONNX file ``path`` (module docstring): named
+    after the file's content, as the native TensorRT backend names its engines."""
+    base = Path(cache_dir).expanduser() if cache_dir else path.with_name(path.name + ".ort-trt")
+    return base / f"{path.stem}.{file_sha256(path)[:16]}"
 
 
 class OnnxRuntimeBackend:
@@ -97,9 +110,16 @@ class OnnxRuntimeBackend:
         if "TensorrtExecutionProvider" in available:
             h, w = self.meta["network_size"]
             batch = profile_batch(self.meta)
-            cache = Path(options.cache_dir).expanduser() if options.cache_dir else self.path.with_name(
-                self.path.name + ".ort-trt")
-            cache.mkdir(parents=True, exist_ok=True)
+            cache = trt_cache_folder(self.path, options.cache_dir)
+            cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            cache.mkdir(mode=0o700, exist_ok=True)
+            from .tensorrt import cache_folder_problem
+
+            problem = cache_folder_problem(cache)
+            if problem:
+                raise CheckpointError(f"{self.path}: refusing ONNX Runtime's TensorRT engine cache: {problem}; "
+                                      "engines are native code that runs when loaded: chmod go-w the folder and its "
+                                      "files (and own them), or set engine_cache to a folder of your own")
             trt = {"device_id": index, "user_compute_stream": stream, "trt_engine_cache_enable": True,
                    "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
                    "trt_timing_cache_path": str(cache), "trt_fp16_enable": options.precision == "fp16"}
@@ -174,4 +194,4 @@ def open_backend(path: str | Path, options: BackendOptions = BackendOptions()) -
     return OnnxRuntimeBackend(path, options)
 
 
-__all__ = ["OnnxRuntimeBackend", "open_backend", "session_options"]
+__all__ = ["OnnxRuntimeBackend", "open_backend", "session_options", "trt_cache_folder"]

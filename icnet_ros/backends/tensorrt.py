@@ -133,11 +133,11 @@ def _current_uid() -> int | None:
     return os.getuid() if hasattr(os, "getuid") else None
 
 
-def _stat_problem(st: os.stat_result, what: str, uid: int | None) -> str | None:
+def _stat_problem(st: os.stat_result, what: str, uid: int | None, check_mode: bool = True) -> str | None:
     """Why a file or folder with stat ``st`` is not trusted to hold an engine (owner, write bits), or None."""
     if uid is not None and st.st_uid not in (uid, 0):
         return f"{what} is owned by uid {st.st_uid}, not by you (uid {uid}) or root"
-    if st.st_mode & 0o022:
+    if check_mode and st.st_mode & 0o022:
         who = " and ".join(w for w, bit in (("its group", 0o020), ("other users", 0o002)) if st.st_mode & bit)
         return f"{what} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
     return None
@@ -170,6 +170,31 @@ def engine_trust_problem(path: str | os.PathLike, file_stat: os.stat_result | No
             return f"cannot stat its folder {folder}: {e.strerror or e}"
         if problem:
             return problem
+    return None
+
+
+def cache_folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why engines must not be loaded from the cache folder ``folder``, or None (ONNX Runtime's TensorRT execution
+    provider loads the engines of its cache folder itself): the folder as :func:`engine_trust_problem` requires of an
+    engine's folder, each file in it a regular file of the user or root, and not writable by group or others unless
+    the folder is private (mode 0700: nobody else reaches its files, whatever umask the runtime wrote them with)."""
+    folder = Path(folder)
+    uid = _current_uid()
+    try:
+        st = os.stat(folder)
+        problem = _stat_problem(st, f"the cache folder {folder}", uid)
+        if problem:
+            return problem
+        private = not st.st_mode & 0o077
+        for f in sorted(folder.iterdir()):
+            fst = os.stat(f)
+            if not stat.S_ISREG(fst.st_mode):
+                return f"{f.name} in the cache folder is not a regular file"
+            problem = _stat_problem(fst, f"{f.name} in the cache folder", uid, check_mode=not private)
+            if problem:
+                return problem
+    except OSError as e:
+        return f"cannot read the cache folder {folder}: {e.strerror or e}"
     return None
 
 
@@ -429,5 +454,5 @@ def open_backend(path: str | os.PathLike, options: BackendOptions = BackendOptio
     return TensorRTBackend(path, options)
 
 
-__all__ = ["TensorRTBackend", "build_engine", "engine_path", "engine_trust_problem", "logits_shape_problem",
-           "metadata_path", "open_backend", "read_engine_metadata", "read_trusted_engine"]
+__all__ = ["TensorRTBackend", "build_engine", "cache_folder_problem", "engine_path", "engine_trust_problem",
+           "logits_shape_problem", "metadata_path", "open_backend", "read_engine_metadata", "read_trusted_engine"]
