@@ -25,9 +25,10 @@ The exporter is ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript): 
 6-bin pooling of a 16 x 32 low-branch map), which ICNet has at most sizes. The decomposition the dynamo exporter
 uses (ReduceMean over gathered windows) runs in ONNX Runtime and TensorRT.
 
-:func:`read_onnx_metadata` reads only the file's top-level protobuf fields (the graph is skipped, not parsed), so
-it is cheap on large models, needs no ``onnx`` package and runs no code; a truncated file, a non-ONNX file and an
-ONNX model without icnet_ros metadata raise :class:`~icnet_ros.checkpoint.CheckpointError` with one line.
+:func:`read_onnx_metadata` reads only the file's top-level protobuf fields (the graph is skipped, not parsed; at
+most :data:`MAX_TOP_LEVEL_FIELDS` of them, read in 64 KiB chunks), so it is cheap on large models, needs no
+``onnx`` package and runs no code; a truncated file, a non-ONNX file and an ONNX model without icnet_ros metadata
+raise :class:`~icnet_ros.checkpoint.CheckpointError` with one line.
 """
 from __future__ import annotations
 
@@ -268,6 +269,11 @@ def _quiet_exporter():
 # (repeated StringStringEntryProto {1: key, 2: value}), field 7 the graph (skipped by its length), field 1 the IR
 # version. Wire types: 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32.
 _IR_VERSION, _GRAPH, _METADATA_PROPS = 1, 7, 14
+#: the most top-level fields the scan walks: a real export has a few dozen (ir_version, producer, graph, opset
+#: imports, metadata, local functions); a file of millions of tiny fields would otherwise cost seconds per MiB
+MAX_TOP_LEVEL_FIELDS = 4096
+#: bytes read at a time around the scan's position (the graph, skipped, is never read)
+_CHUNK = 1 << 16
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -324,34 +330,65 @@ class _Malformed(Exception):
     pass
 
 
+class _Window:
+    """A file's bytes at absolute positions, read in chunks of :data:`_CHUNK` around where the walk is (the graph
+    and other skipped fields are never read); ``reads`` counts the file reads."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self.f, self.size = f, size
+        self.start, self.buf, self.reads = 0, b"", 0
+
+    def at(self, pos: int) -> tuple[bytes, int]:
+        """The buffered bytes and the offset of ``pos`` in them, with up to 10 bytes (a varint) from ``pos`` on."""
+        off = pos - self.start
+        if off < 0 or off + 10 > len(self.buf) and self.start + len(self.buf) < self.size:
+            self.f.seek(pos)
+            self.start, self.buf, off = pos, self.f.read(_CHUNK), 0
+            self.reads += 1
+        return self.buf, off
+
+    def read(self, pos: int, length: int) -> bytes:
+        buf, off = self.at(pos)
+        if off + length <= len(buf):
+            return buf[off:off + length]
+        self.f.seek(pos)
+        self.reads += 1
+        data = self.f.read(length)
+        if len(data) != length:
+            raise _Malformed(f"truncated: {length} bytes at byte {pos}, the file ends at {pos + len(data)}")
+        return data
+
+
 def _scan_model_proto(f: BinaryIO, size: int) -> dict[str, str]:
     """metadata_props of the ModelProto in ``f`` (``size`` bytes); raises _Malformed naming the first problem."""
     props: dict[str, str] = {}
     seen: set[int] = set()
-    pos = 0
+    window = _Window(f, size)
+    pos = fields = metadata = 0
     while pos < size:
-        tag, pos = _read_varint(f, pos, size)
+        fields += 1
+        if fields > MAX_TOP_LEVEL_FIELDS:
+            raise _Malformed(f"more than {MAX_TOP_LEVEL_FIELDS} top-level fields (an export has a few dozen)")
+        tag, pos = _read_varint(window, pos, size)
         field, wire = tag >> 3, tag & 7
         if field == 0:
             raise _Malformed(f"invalid field number 0 at byte {pos}")
         if wire == 0:
-            _, pos = _read_varint(f, pos, size)
+            _, pos = _read_varint(window, pos, size)
         elif wire in (1, 5):
             pos += 8 if wire == 1 else 4
             if pos > size:
                 raise _Malformed(f"truncated: a field ends at byte {pos}, the file has {size}")
-            f.seek(pos)
         elif wire == 2:
-            length, pos = _read_varint(f, pos, size)
+            length, pos = _read_varint(window, pos, size)
             if pos + length > size:
                 raise _Malformed(f"truncated: field {field} needs {length} bytes at byte {pos}, the file has {size}")
             if field == _METADATA_PROPS:
-                if length > MAX_METADATA_BYTES:
-                    raise _Malformed(f"a metadata entry of {length} bytes (limit {MAX_METADATA_BYTES})")
-                key, value = _parse_entry(f.read(length))
+                metadata += length
+                if metadata > MAX_METADATA_BYTES:
+                    raise _Malformed(f"more than {MAX_METADATA_BYTES} bytes of metadata")
+                key, value = _parse_entry(window.read(pos, length))
                 props[key] = value
-            else:
-                f.seek(pos + length)
             pos += length
         else:
             raise _Malformed(f"invalid wire type {wire} at byte {pos}")
@@ -366,18 +403,18 @@ def _scan_model_proto(f: BinaryIO, size: int) -> dict[str, str]:
     return props
 
 
-def _read_varint(f: BinaryIO, pos: int, size: int) -> tuple[int, int]:
+def _read_varint(window: _Window, pos: int, size: int) -> tuple[int, int]:
+    buf, off = window.at(pos)
     value = shift = 0
-    for _ in range(10):
-        if pos >= size:
-            raise _Malformed(f"truncated: the file ends inside a field header at byte {pos}")
-        b = f.read(1)[0]
-        pos += 1
+    for i in range(10):
+        if pos + i >= size or off + i >= len(buf):
+            raise _Malformed(f"truncated: the file ends inside a field header at byte {pos + i}")
+        b = buf[off + i]
         value |= (b & 0x7F) << shift
         if not b & 0x80:
-            return value, pos
+            return value, pos + i + 1
         shift += 7
-    raise _Malformed(f"invalid varint at byte {pos}")
+    raise _Malformed(f"invalid varint at byte {pos + 10}")
 
 
 def _parse_entry(data: bytes) -> tuple[str, str]:

@@ -340,3 +340,68 @@ def test_network_size_is_bounded(tmp_path, ckpt):
         read_onnx_metadata(path)
     with pytest.raises(ValueError, match=f"more than {MAX_UPSCALED_PIXELS} pixels"):
         check_export_size((4128, 4096))
+
+
+def test_metadata_scan_is_bounded(tmp_path, ckpt, exported, monkeypatch):
+    """The top-level walk reads the file in chunks and stops after MAX_TOP_LEVEL_FIELDS fields: a valid .onnx padded
+    with millions of 2-byte ir_version fields (protobuf keeps the last) took 23.8 s per 20 MiB, one read(1) per byte.
+    Counted: varints decoded and file reads."""
+    import icnet_ros.export as export_module
+
+    limit = getattr(export_module, "MAX_TOP_LEVEL_FIELDS", 4096)
+    varints, reads = [0], [0]
+    decode = export_module._read_varint
+
+    def counting(*args):
+        varints[0] += 1
+        return decode(*args)
+
+    monkeypatch.setattr(export_module, "_read_varint", counting)
+    real_open = open
+
+    class CountingFile:
+        def __init__(self, f):
+            self._f = f
+
+        def read(self, *args):
+            reads[0] += 1
+            return self._f.read(*args)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+    monkeypatch.setattr("builtins.open", lambda *a, **k: CountingFile(real_open(*a, **k)))
+    # a real export: a handful of fields, a few reads whatever its size
+    assert read_onnx_metadata(exported)["network_size"] == list(SIZE)
+    assert varints[0] < 60 and reads[0] <= 8, (varints, reads)
+    # 400 KB of tiny fields after a valid model: refused after MAX_TOP_LEVEL_FIELDS fields, in a few chunk reads
+    varints[0] = reads[0] = 0
+    padded = tiny_onnx(tmp_path / "padded.onnx", export_meta(ckpt), suffix=b"\x08\x08" * 200_000)
+    with pytest.raises(CheckpointError) as e:
+        read_onnx_metadata(padded)
+    one_line_error(e, str(padded), f"more than {limit} top-level fields")
+    assert varints[0] <= 2 * limit + 2 and reads[0] <= 4, (varints, reads)
+    # fewer extra fields than the limit are read as before
+    fine = tiny_onnx(tmp_path / "fine.onnx", export_meta(ckpt), suffix=b"\x08\x08" * 100)
+    assert read_onnx_metadata(fine)["network_size"] == [64, 64]
+    # the metadata entries together are bounded too (each was, alone)
+    meta = json.dumps(export_meta(ckpt))
+    entry = b"\x0a\x01x\x12" + bytes([0x80, 0x80, 0x80, 0x04]) + b" " * (8 << 20)  # key "x", 8 MiB value
+    field = b"\x72" + _varint(len(entry)) + entry  # field 14, wire type 2
+    with pytest.raises(CheckpointError, match="more than 16777216 bytes of metadata"):
+        read_onnx_metadata(tiny_onnx(tmp_path / "meta.onnx", meta, suffix=field * 3))
+
+
+def _varint(n):
+    out = b""
+    while True:
+        out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return out
