@@ -265,3 +265,16 @@ def test_tensorrt_ep_cache_follows_the_file_content(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"refusing ONNX Runtime's TensorRT engine cache: the cache folder .* "
                                               r"is writable by its group and other users \(mode 0777\)"):
         _tensorrt_ep_options(monkeypatch, model, str(cache))
+
+
+def test_graph_output_classes_are_the_metadata_classes(tmp_path, tiny_ckpt):
+    """A graph with 200 output classes under metadata listing 11 is refused at load naming both (it failed only on
+    the first frame); also when the graph leaves the class axis symbolic (ORT infers it) or declares 11 but computes
+    200."""
+    cases = {"more": dict(classes=200), "symbolic": dict(classes=200, out_shape=["N", "C", "h", "w"]),
+             "declared_11": dict(classes=200, out_shape=["N", 11, 8, 8])}
+    for name, kwargs in cases.items():
+        with pytest.raises(CheckpointError) as e:
+            open_backend(_tiny_onnx(tmp_path / f"{name}.onnx", tiny_ckpt, **kwargs), BackendOptions(threads=1))
+        msg = str(e.value)
+        assert "\n" not in msg and "the graph's output class dimension is 200, the metadata needs 11" in msg, msg

@@ -415,3 +415,23 @@ def test_model_input_is_the_metadata_network_size(tmp_path, tiny_ckpt):
     with pytest.raises(CheckpointError) as e:
         open_backend(path, BackendOptions(threads=1))
     assert "model's input is 4160x4160, the metadata's network_size 64x64" in _one_line(e)
+
+
+@needs_openvino
+def test_model_output_classes_are_the_metadata_classes(tmp_path, tiny_ckpt):
+    """A model with 200 output classes under metadata listing 11 (labels up to 172 came out) is refused at load
+    naming both; a call whose logits are not the metadata's shape raises instead of returning them."""
+    pytest.importorskip("onnx")
+    from icnet_ros.backends.openvino import open_backend
+
+    for name, kwargs in {"more": dict(classes=200), "symbolic": dict(classes=200, out_shape=["N", "C", "h", "w"]),
+                         "declared_11": dict(classes=200, out_shape=["N", 11, 8, 8])}.items():
+        with pytest.raises(CheckpointError) as e:
+            open_backend(_tiny_onnx(tmp_path / f"{name}.onnx", tiny_ckpt, **kwargs), BackendOptions(threads=1))
+        assert "output class dimension is 200, the metadata needs 11" in _one_line(e)
+    backend = open_backend(_tiny_onnx(tmp_path / "ok.onnx", tiny_ckpt), BackendOptions(threads=1))
+    assert backend(torch.zeros(2, 3, 64, 64)).shape == (2, 11, 8, 8)
+    backend.num_classes = 12  # as if the model's class axis had resolved to another count than the metadata's
+    with pytest.raises(RuntimeError, match=r"returned logits of shape \[2, 11, 8, 8\], the metadata needs "
+                                           r"\[2, 12, 8, 8\]"):
+        backend(torch.zeros(2, 3, 64, 64))

@@ -153,6 +153,16 @@ class OnnxRuntimeBackend:
             raise CheckpointError(f"{self.path}: the graph's input is {h}x{w}, the metadata's network_size "
                                   f"{network[0]}x{network[1]}; a model file sets one network size")
         self.num_classes = int(self.meta["arch"]["num_classes"])
+        # the logits must be what the metadata says (labels index its classes): the class axis where the graph fixes
+        # it (ORT checks the rest against the bound output buffer when running)
+        expected = (self.max_batch if self.exact_batch else None, self.num_classes, -(-network[0] // 8),
+                    -(-network[1] // 8))
+        if len(out.shape) != 4:
+            raise CheckpointError(f"{self.path}: the graph's output is {out.shape}, not N x classes x H/8 x W/8")
+        for name, got, want in zip(("batch", "class", "height", "width"), out.shape, expected):
+            if isinstance(got, int) and want is not None and got != want:
+                raise CheckpointError(f"{self.path}: the graph's output {name} dimension is {got}, the metadata "
+                                      f"needs {want} ({self.num_classes} classes at {network[0]}x{network[1]})")
 
     def __call__(self, x: Tensor) -> Tensor:
         x = checked_input(self, x, self.path.name)

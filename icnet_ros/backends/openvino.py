@@ -302,6 +302,8 @@ class OpenVINOBackend:
                                   "network size")
         self.max_batch: int | None = None if shape[0].is_dynamic else shape[0].get_length()
         self.exact_batch = self.max_batch is not None
+        self.num_classes = int(self.meta["arch"]["num_classes"])
+        self._check_output(ov_model.outputs[0].get_partial_shape())
         self.int8 = any(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ops())
         precision = options.precision
         if precision not in INFERENCE_PRECISIONS:
@@ -341,6 +343,22 @@ class OpenVINOBackend:
         self.version = ov.get_version().split("-")[0]
         self.provider = ov_device
 
+    def _logits_shape(self, batch: int | None) -> tuple[int | None, int, int, int]:
+        h, w = self.fixed_size  # type: ignore[misc]
+        return (batch, self.num_classes, -(-h // 8), -(-w // 8))
+
+    def _check_output(self, shape: Any) -> None:
+        """The model's output (partial) shape against the metadata's logits where it is static: labels index the
+        metadata's classes, so a model with more output classes than it lists must not run."""
+        if shape.rank.is_dynamic or shape.rank.get_length() != 4:
+            raise CheckpointError(f"{self.path}: the model's output is {shape}, not N x classes x H/8 x W/8")
+        for i, (name, want) in enumerate(zip(("batch", "class", "height", "width"),
+                                             self._logits_shape(self.max_batch))):
+            if want is not None and shape[i].is_static and shape[i].get_length() != want:
+                raise CheckpointError(f"{self.path}: the model's output {name} dimension is "
+                                      f"{shape[i].get_length()}, the metadata needs {want} ({self.num_classes} "
+                                      f"classes at {self.fixed_size[0]}x{self.fixed_size[1]})")
+
     def __call__(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or tuple(x.shape[2:]) != self.fixed_size or x.shape[1] != 3:
             raise ValueError(f"openvino model {self.path.name} takes N x 3 x {self.fixed_size[0]} x "
@@ -352,7 +370,11 @@ class OpenVINOBackend:
         if not a.flags.c_contiguous:
             a = np.ascontiguousarray(a)
         self._request.infer({0: a}, share_inputs=True, share_outputs=True)
-        return torch.from_numpy(self._request.get_output_tensor(0).data)
+        out = self._request.get_output_tensor(0).data
+        if out.shape != self._logits_shape(x.shape[0]):  # a dimension the model left dynamic resolved otherwise
+            raise RuntimeError(f"openvino model {self.path.name} returned logits of shape {list(out.shape)}, the "
+                               f"metadata needs {list(self._logits_shape(x.shape[0]))}")
+        return torch.from_numpy(out)
 
     def describe(self) -> str:
         size = "x".join(map(str, self.fixed_size or ()))
