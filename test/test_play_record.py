@@ -117,6 +117,20 @@ def test_bad_counts_are_refused_in_one_line(tmp_path: Path):
         assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
 
 
+def test_play_refuses_an_invalid_topic_in_one_line(tmp_path: Path):
+    """--topic is checked as rclpy checks it, before the node exists: before, create_publisher raised a 21-line
+    InvalidTopicNameException traceback (exit 1). '/compressed' names a camera whose image topic would be ''."""
+    write_frames(tmp_path / "frames", 1)
+    for topic, reason in (("bad topic", "must not contain characters other than alphanumerics"),
+                          ("/compressed", "publishes on '': not a valid ROS topic name")):
+        res = ros_support.run_module("icnet_ros.tools.play", [str(tmp_path / "frames"), "--topic", topic,
+                                                              "--max-frames", "1"], timeout=60)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stdout + res.stderr
+        assert lines[0].startswith(f"icnet-play: error: --topic {topic!r}") and reason in lines[0], lines[0]
+        assert "published" not in res.stdout
+
+
 def test_record_saves_every_frame(ros: RosHarness, tmp_path: Path):
     out = tmp_path / "rec"
     rng = np.random.default_rng(5)

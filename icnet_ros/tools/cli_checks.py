@@ -42,6 +42,27 @@ def output_folder_problem(path: str, flag: str = "--output") -> str | None:
     return None
 
 
+def topic_problem(topic: str, flag: str = "--topic", node_name: str = "node") -> str | None:
+    """Why ``topic`` cannot be a ROS topic name (None when it can), checked as rclpy checks it when a publisher or
+    subscription is created (node ``node_name`` in the root namespace), without creating a node."""
+    from rclpy.exceptions import NameValidationException
+    from rclpy.expand_topic_name import expand_topic_name
+    from rclpy.validate_full_topic_name import validate_full_topic_name
+    from rclpy.validate_topic_name import validate_topic_name
+
+    try:
+        validate_topic_name(topic)
+        validate_full_topic_name(expand_topic_name(topic, node_name, "/"))
+    except NameValidationException as e:
+        # "Invalid topic name: <reason>:\n  '<name>'\n  ^" -> "<reason>"
+        reason = str(e).splitlines()[0].removeprefix("Invalid topic name: ").rstrip(":")
+    except ValueError as e:  # rcl's expansion: "topic name 'x' is invalid: <reason>, at <file>:<line>"
+        reason = str(e).split(" is invalid: ", 1)[-1].rsplit(", at ", 1)[0]
+    else:
+        return None
+    return f"{flag} {topic!r}: not a valid ROS topic name ({reason})"
+
+
 def model_problem(model: str) -> str | None:
     """Why ``model`` cannot be loaded by the node (None when it looks loadable): unknown file type, missing file,
     or (native checkpoints) unreadable metadata. The full load happens later; this catches typos in a second."""
@@ -58,4 +79,4 @@ def model_problem(model: str) -> str | None:
     return None
 
 
-__all__ = ["model_problem", "output_file_problem", "output_folder_problem"]
+__all__ = ["model_problem", "output_file_problem", "output_folder_problem", "topic_problem"]

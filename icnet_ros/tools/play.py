@@ -86,6 +86,14 @@ def load_camera_info(path: str | Path) -> dict[str, Any]:
     return fields
 
 
+def camera_topics(topic: str, compressed: str | None = None) -> tuple[str, str]:
+    """(image topic, camera_info topic) a Player publishes for ``--topic`` ``topic``."""
+    from ..node_params import base_topic, sibling_topic
+
+    base, _ = base_topic(topic)
+    return (f"{base}/compressed" if compressed else base), sibling_topic(base, "camera_info")
+
+
 class Player:
     """Publishes frames as one camera: ``<topic>`` (Image) or ``<topic>/compressed`` and ``<ns>/camera_info``."""
 
@@ -96,8 +104,6 @@ class Player:
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-        from ..node_params import base_topic, sibling_topic
-
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
         if compressed not in (None, "jpeg", "png"):
@@ -106,11 +112,10 @@ class Player:
         self.size, self.fov_deg, self.camera_info = size, fov_deg, camera_info
         qos = QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE if reliable else
                          ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE)
-        base, _ = base_topic(topic)
-        self.image_topic = f"{base}/compressed" if compressed else base
+        self.image_topic, info_topic = camera_topics(topic, compressed)
         self._msg_types = (Image, CompressedImage, CameraInfo)
         self.image_pub = node.create_publisher(CompressedImage if compressed else Image, self.image_topic, qos)
-        self.info_pub = node.create_publisher(CameraInfo, sibling_topic(base, "camera_info"), qos)
+        self.info_pub = node.create_publisher(CameraInfo, info_topic, qos)
         self.published = 0
         self._info_cache: tuple[tuple[int, int], Any] | None = None
 
@@ -279,6 +284,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.max_frames is not None and args.max_frames < 1:
         print(f"icnet-play: error: --max-frames must be >= 1, got {args.max_frames}", file=sys.stderr)
+        return 2
+    from .cli_checks import topic_problem
+
+    # checked as rclpy checks it, before the node exists: create_publisher's exception was a 21-line traceback
+    problem = topic_problem(args.topic, "--topic", "icnet_play") or next(
+        (p for p in (topic_problem(t, f"--topic {args.topic!r} publishes on", "icnet_play")
+                     for t in camera_topics(args.topic, args.compressed)) if p), None)
+    if problem:
+        print(f"icnet-play: error: {problem}", file=sys.stderr)
         return 2
     try:
         source = open_source(args.source)
