@@ -592,7 +592,8 @@ class SegmentationNode(LifecycleNode):
     # ------------------------------------------------------------------ parameters at run time
     @staticmethod
     def _as_text(params: list[Any]) -> list[Any]:
-        """``ros2 param set /icnet_node input_size 1.5`` sends a double: a string parameter takes its text."""
+        """``ros2 param set /icnet_node input_size 1.5`` sends a double (a string parameter takes its text),
+        ``max_age 0`` an integer (a double parameter takes 0.0): :func:`node_params.as_text`."""
         out = []
         for p in params:
             text = node_params.as_text(p.name, p.value)

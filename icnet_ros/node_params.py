@@ -266,12 +266,22 @@ class NodeConfig:
 
 
 def as_text(name: str, value: Any) -> Any:
-    """A bool or number given for a string parameter, as its text (``-p input_size:=1.5``, ``-p warmup:=false``
-    and ``ros2 param set ... input_size 1.5`` type them as double / bool); anything else unchanged."""
+    """``value`` in its parameter's declared type where that loses nothing: a bool or number given for a string
+    parameter as its text (``-p input_size:=1.5``, ``-p warmup:=false`` and ``ros2 param set ... input_size 1.5``
+    type them as double / bool), a whole number for a double (``ros2 param set ... max_age 0``) as a float and a
+    whole float for an integer (``max_batch 2.0``) as an int; anything else unchanged."""
     spec = SPECS.get(name)
-    if spec is None or spec.type_name != "string" or not isinstance(value, (bool, int, float)):
+    if spec is None or not isinstance(value, (bool, int, float)):
         return value
-    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+    if spec.type_name == "string":
+        return ("true" if value else "false") if isinstance(value, bool) else str(value)
+    if isinstance(value, bool):
+        return value
+    if spec.type_name == "double" and isinstance(value, int):
+        return float(value)
+    if spec.type_name == "integer" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def check_value(name: str, value: Any) -> Any:
