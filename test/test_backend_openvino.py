@@ -435,3 +435,26 @@ def test_model_output_classes_are_the_metadata_classes(tmp_path, tiny_ckpt):
     with pytest.raises(RuntimeError, match=r"returned logits of shape \[2, 11, 8, 8\], the metadata needs "
                                            r"\[2, 12, 8, 8\]"):
         backend(torch.zeros(2, 3, 64, 64))
+
+
+@needs_openvino
+def test_metadata_size_is_bounded(tmp_path, tiny_ckpt):
+    """rt_info metadata beyond MAX_METADATA_BYTES (the ONNX and engine side-file limit) is refused before parsing."""
+    pytest.importorskip("onnx")
+    import openvino as ov
+
+    from icnet_ros.backends.openvino import open_backend, read_openvino_metadata
+    from icnet_ros.export import MAX_METADATA_BYTES
+
+    model = ov.Core().read_model(str(_tiny_onnx(tmp_path / "m.onnx", tiny_ckpt)))
+    meta = read_metadata(tiny_ckpt)
+    meta["network_size"] = [64, 64]
+    for name, junk in (("fits", 1 << 20), ("big", MAX_METADATA_BYTES)):
+        meta["provenance"]["junk"] = "x" * junk
+        model.set_rt_info(json.dumps(meta), "icnet_ros")
+        ov.save_model(model, str(tmp_path / f"{name}.xml"))
+    assert read_openvino_metadata(tmp_path / "fits.xml")["provenance"]["junk"] == "x" * (1 << 20)
+    for fn in (read_openvino_metadata, open_backend):
+        with pytest.raises(CheckpointError) as e:
+            fn(tmp_path / "big.xml")
+        assert f"icnet_ros metadata larger than {MAX_METADATA_BYTES} bytes" in _one_line(e)

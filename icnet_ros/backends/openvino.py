@@ -260,9 +260,13 @@ def _meta_of(ov_model: Any, path: Path) -> dict[str, Any]:
         where = "metadata_props" if path.suffix.lower() == ".onnx" else "rt_info"
         raise CheckpointError(f"{path}: no icnet_ros metadata in the model ({where} '{META_KEY}'); not an icnet_ros "
                               "export (export checkpoints with icnet-export)")
-    from ..export import parse_export_meta
+    from ..export import MAX_METADATA_BYTES, parse_export_meta
 
-    return parse_export_meta(ov_model.get_rt_info(key).astype(str), path)
+    text = ov_model.get_rt_info(key).astype(str)
+    if len(text) > MAX_METADATA_BYTES or len(text.encode("utf-8", "replace")) > MAX_METADATA_BYTES:
+        raise CheckpointError(f"{path}: icnet_ros metadata larger than {MAX_METADATA_BYTES} bytes; not an icnet_ros "
+                              "export (real metadata is a few KiB)")
+    return parse_export_meta(text, path)
 
 
 def read_openvino_metadata(path: str | os.PathLike) -> dict[str, Any]:
