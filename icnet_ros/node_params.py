@@ -378,13 +378,12 @@ def declare(node: Any) -> dict[str, Any]:
                 check_value(spec.name, [])  # raises the parameter's own message (e.g. "must list ...")
                 node.declare_parameter(spec.name, spec.default, desc, ignore_override=True)
                 continue
-            text = as_text(spec.name, value)
-            if isinstance(text, str):  # `-p input_size:=1.5`: the override's text
-                values[spec.name] = node.declare_parameter(spec.name, text, desc, ignore_override=True).value
+            coerced = as_text(spec.name, value)
+            if coerced is not value and _type_name(coerced) == spec.type_name:  # `-p input_size:=1.5`, `max_age:=0`
+                values[spec.name] = node.declare_parameter(spec.name, coerced, desc, ignore_override=True).value
                 continue
-            hint = " (write 1.0, not 1)" if spec.type_name == "double" and isinstance(value, int) else ""
             raise ParameterError(f"parameter {spec.name!r}: expected a {spec.type_name}, got {_type_name(value)} "
-                                 f"{value!r}{hint}") from None
+                                 f"{value!r}") from None
         except InvalidParameterValueException as e:
             raise ParameterError(f"parameter {spec.name!r}: {e}") from None
         values[spec.name] = param.value

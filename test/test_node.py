@@ -444,7 +444,7 @@ def test_sigint_shuts_down_cleanly(harness: RosHarness, node_proc: Process):
 # ---------------------------------------------------------------------------------------------- start-up errors
 @pytest.mark.parametrize("override,message", [
     ("max_batch:=0", "'max_batch' = 0: must be in [1, 64]"),
-    ("max_age:=1", "'max_age': expected a double, got integer 1"),
+    ("max_age:=true", "'max_age': expected a double, got bool True"),  # max_age:=1 is taken as 1.0
     ("image_topics:=[]", "'image_topics' = []: must list at least one image topic"),
     ("input_size:=big", "'input_size' = 'big'"),
 ])

@@ -365,9 +365,11 @@ def test_string_parameters_take_numbers_and_bools_as_text(checkpoint: Path):
     rclpy.init(context=ctx)
     node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
         Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
-        Parameter("input_size", value=1.5), Parameter("warmup", value=False)])
+        Parameter("input_size", value=1.5), Parameter("warmup", value=False), Parameter("max_age", value=2),
+        Parameter("max_batch", value=3.0)])
     try:
         assert node.get_parameter("input_size").value == "1.5" and node.get_parameter("warmup").value == "false"
+        assert node.get_parameter("max_age").value == 2.0 and node.get_parameter("max_batch").value == 3  # `-p max_age:=2`
         assert node.config.engine.input_size == 1.5 and node.config.engine.warmup is False
         assert node.set_parameters([Parameter("input_size", value=2)])[0].successful  # unconfigured: recorded
         assert node.get_parameter("input_size").value == "2" and node.config.engine.input_size == 2.0
