@@ -33,13 +33,21 @@ def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; its legacy format (and a bare pickle) starts with a pickle protocol marker
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (.pth): it is neither a zip archive nor a pickle "
+                              "as torch.save writes; icnet-convert reads an mmseg .pth or a native .safetensors "
+                              "checkpoint")
     _check_zip_records(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        reason = _unpickler_reason(e)
         raise CheckpointError(f"{path}: refusing to load: the file holds Python objects other than tensors and "
-                              f"plain containers, and loading it could run code ({str(e).splitlines()[0]}). "
-                              "Re-save only its state_dict.") from e
+                              "plain containers, and loading it could run code"
+                              f"{f' ({reason})' if reason else ''}. Re-save only its state_dict.") from e
     except Exception as e:  # noqa: BLE001 - torch raises many types on damaged files (RuntimeError, IndexError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from e
     if not isinstance(obj, dict):
@@ -54,6 +62,20 @@ def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     if all(k.startswith("module.") for k in tensors):  # saved from DataParallel / DDP
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors, meta
+
+
+def _unpickler_reason(error: Exception) -> str | None:
+    """What torch's weights-only unpickler refused ('Unsupported global: GLOBAL os.system was not an allowed global
+    by default'), without torch's advice around it: to load with weights_only=False or to allowlist the global,
+    both of which would run the file's code."""
+    import re
+
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and "weights_only" not in line and not line.startswith(
+                ("Weights only load failed", "Check the documentation", "(1)", "(2)")):
+            return line.split(". Please")[0].rstrip(".")
+    return None
 
 
 def _check_zip_records(path: Path) -> None:

@@ -192,7 +192,7 @@ def test_truncated_and_corrupt_pth(tmp_path, mmseg_r18_file):
         read_torch_checkpoint(cut)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="corrupt or truncated|refusing"):
+    with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint \(\.pth\)"):
         read_torch_checkpoint(junk)
 
 
@@ -222,6 +222,38 @@ def test_pickle_with_code_is_refused(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Payload()}, evil, pickle_protocol=pickle.DEFAULT_PROTOCOL)
     with pytest.raises(CheckpointError, match="refusing to load"):
         read_torch_checkpoint(evil)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_pickle_refusal_does_not_advise_weights_only_false(tmp_path, zip_format):
+    """The refusal keeps what torch's weights-only unpickler objected to, not its advice to re-run torch.load
+    with weights_only=False (or to allowlist the global): both would run the file's code."""
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Payload()}, evil, pickle_protocol=2,
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointError, match="refusing to load") as e:
+        read_torch_checkpoint(evil)
+    message = str(e.value)
+    assert "system" in message and "\n" not in message, message
+    assert "weights_only" not in message and "add_safe_globals" not in message and "trust" not in message, message
+
+
+def test_a_file_that_is_no_pytorch_checkpoint_is_named_so(tmp_path, capsys):
+    """An .onnx, a JPEG or a .safetensors given as the mmseg .pth is neither a zip archive nor a pickle: before,
+    torch's weights-only unpickler failed on it and the message said the file held Python objects that could run
+    code, quoting torch's advice to load it with weights_only=False."""
+    onnx = tmp_path / "road.onnx"
+    onnx.write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(200))
+    jpeg = tmp_path / "frame.jpg"
+    jpeg.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(200))
+    for path in (onnx, jpeg):
+        with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint \(\.pth\)") as e:
+            read_torch_checkpoint(path)
+        assert "Python objects" not in str(e.value) and "weights_only" not in str(e.value)
+    assert convert_main([str(onnx), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"icnet-convert: error: {onnx}: not a PyTorch checkpoint (.pth)") and err.count("\n") == 1
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_not_icnet_checkpoints(tmp_path):
