@@ -10,7 +10,8 @@ Parameters come from ``params_file`` (default: the installed config/icnet.yaml);
 Every other parameter is set in a copy of the params file. ``image_topics`` takes a YAML list or a comma-separated
 list. The overrides are checked with the node's own validation (icnet_ros.node_params) before the node starts: a bad one
 (an empty or malformed ``image_topics``, an unknown device) ends the launch with the node's one-line error.
-``rviz:=true`` starts RViz2 when it is installed, and otherwise says so and starts the node alone.
+``rviz:=true`` starts RViz2 when it is installed, and otherwise says so and starts the node alone; a value other
+than true or false (or a ``model`` that is not a file) ends the launch before anything starts.
 """
 import os
 
@@ -62,6 +63,9 @@ def _icnet_node(context):
                 overrides[parameter] = check_value(parameter, value)
             except ParameterError as e:
                 raise RuntimeError(f"{NODE_NAME}: error: {e}") from None
+    model = overrides.get("model")
+    if model and not os.path.isfile(os.path.expanduser(model)):  # the node would exit 2 while the launch exits 0
+        raise RuntimeError(f"{NODE_NAME}: error: model {model!r} is not a file")
     params_file = LaunchConfiguration("params_file").perform(context)
     if not os.path.isfile(params_file):
         raise RuntimeError(f"params_file {params_file!r} does not exist")
@@ -100,8 +104,9 @@ def generate_launch_description():
             description="YAML file with the icnet_node parameters"),
         DeclareLaunchArgument(
             "model", default_value="",
-            description="Path to a .safetensors checkpoint (empty: the params file's value; there, empty = the "
-                        "package's default model)"),
+            description="Path to a model: a .safetensors checkpoint or an exported .onnx, .xml (OpenVINO) or "
+                        ".engine/.plan (TensorRT) file (empty: the params file's value; there, empty = the package's "
+                        "default model)"),
         DeclareLaunchArgument(
             "image_topics", default_value="",
             description="Camera topics, YAML list or comma-separated; a topic ending in /compressed is read as "
@@ -120,7 +125,7 @@ def generate_launch_description():
             "namespace", default_value="",
             description="Namespace of the node (relative image topics resolve inside it)"),
         DeclareLaunchArgument(
-            "rviz", default_value="false",
+            "rviz", default_value="false", choices=["true", "false", "True", "False", "1", "0"],
             description="Also start RViz2 with config/icnet.rviz (input, overlay and colour mask)"),
         OpaqueFunction(function=_icnet_node),
         OpaqueFunction(function=_rviz, condition=IfCondition(LaunchConfiguration("rviz"))),

@@ -172,6 +172,7 @@ def test_readme_launch_with_namespace_cameras_and_rviz(colcon_ws: Workspace, ros
     ("image_topics:=[/a/image raw]",
      "parameter 'image_topics' = ['/a/image raw']: '/a/image raw' is not a valid ROS topic name"),
     ("device:=gpu", "parameter 'device' = 'gpu': must be auto, cpu, cuda or cuda:N"),
+    ("model:=/nonexistent/road.safetensors", "model '/nonexistent/road.safetensors' is not a file"),  # exited 0
 ])
 def test_bad_arguments_get_the_nodes_own_error(colcon_ws: Workspace, tmp_path: Path, argument: str, message: str):
     """An empty or malformed image_topics (or another bad override) ends the launch with the node's own one-line
@@ -184,6 +185,18 @@ def test_bad_arguments_get_the_nodes_own_error(colcon_ws: Workspace, tmp_path: P
         errors = [line for line in out.splitlines() if "ERROR" in line]
         assert len(errors) == 1 and errors[0].endswith(f"icnet_node: error: {message}"), out
         assert status != 0 and "process started" not in out and TRACEBACK not in out, out
+    finally:
+        launched.kill()
+
+
+def test_a_bad_rviz_value_ends_the_launch_before_the_node_starts(colcon_ws: Workspace, tmp_path: Path):
+    """rviz:=yes failed in the condition after icnet_node had started, and the node outlived `ros2 launch`."""
+    launched = Launched([*LAUNCH, "rviz:=yes", "device:=cpu"], colcon_ws, tmp_path)
+    try:
+        status = launched.wait(60)
+        out = launched.output()
+        assert status != 0 and "process started" not in out and TRACEBACK not in out, out
+        assert 'Argument "rviz" provided value "yes" is not valid' in out, out
     finally:
         launched.kill()
 
