@@ -184,6 +184,19 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_convert_refuses_an_output_that_is_not_safetensors(tmp_path, capsys):
+    """The output is always written as safetensors: before, 'out.pth' was written (exit 0) and no tool opened it
+    ('unknown model file type'). Refused before the source is read."""
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(b"never read")
+    for dst in ("out.pth", "out.onnx", "out"):
+        assert convert_main([str(src), str(tmp_path / dst)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"icnet-convert: error: {tmp_path / dst}: the output must be a .safetensors file (icnet-convert "
+                       "writes a native icnet_ros checkpoint; icnet-export writes .onnx and OpenVINO files)\n"), err
+        assert not (tmp_path / dst).exists()
+
+
 def test_truncated_and_corrupt_pth(tmp_path, mmseg_r18_file):
     src, _ = mmseg_r18_file
     cut = tmp_path / "cut.pth"

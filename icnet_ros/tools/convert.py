@@ -69,6 +69,11 @@ def _input_size(values: list[str] | None) -> tuple[int, int] | str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.dst.lower().endswith(".safetensors"):
+        # the file written is always safetensors: under another name no tool would open it (by its suffix)
+        print(f"icnet-convert: error: {args.dst}: the output must be a .safetensors file (icnet-convert writes a "
+              "native icnet_ros checkpoint; icnet-export writes .onnx and OpenVINO files)", file=sys.stderr)
+        return 2
     from ..convert import convert_checkpoint
     from ..models import count_parameters
 
