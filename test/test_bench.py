@@ -210,3 +210,19 @@ def test_node_bench_and_soak_refuse_bad_arguments_before_starting(tmp_path, caps
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (args, err)
         assert err.startswith(f"{'icnet-node-bench' if module is node_bench else 'icnet-node-soak'}: error:")
+
+
+def test_backend_help_offers_only_the_accepted_choices(capsys):
+    """--backend's help named 'auto' and the engine's by-suffix choice (the engine option's description) while
+    argparse accepts only BENCH_BACKENDS: 'icnet-bench --backend auto' was an invalid choice."""
+    import re
+
+    from icnet_ros.tools.bench import BENCH_BACKENDS, build_parser
+
+    action = next(a for a in build_parser()._actions if "--backend" in a.option_strings)
+    assert tuple(action.choices) == BENCH_BACKENDS
+    named = set(re.findall(r"\b(auto|torch|onnxruntime|openvino(?:-int8)?|tensorrt)\b", action.help))
+    assert named == set(BENCH_BACKENDS), action.help
+    with pytest.raises(SystemExit) as e:
+        main(["--backend", "auto"])
+    assert e.value.code == 2 and "invalid choice: 'auto'" in capsys.readouterr().err

@@ -645,8 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-compile", default=None, metavar="MODE",
                    help="add a torch.compile step to --ablation (e.g. default; slow to compile on CPU)")
     p.add_argument("--backend", nargs="+", default=None, choices=BENCH_BACKENDS, metavar="NAME",
-                   help=f"also time these backends side by side with torch ({', '.join(BENCH_BACKENDS)}; "
-                        f"openvino-int8: an INT8 OpenVINO export). {OPTIONS['backend'].description}")
+                   help=f"also time these backends side by side with torch, one or more of "
+                        f"{', '.join(BENCH_BACKENDS)}: the same weights exported at the network size "
+                        "(openvino-int8: an INT8 OpenVINO export, calibrated on --calib images)")
     p.add_argument("--calib", default=None, metavar="DIR",
                    help="calibration images for --backend openvino-int8 (an image folder or a split folder)")
     p.add_argument("--calib-count", type=int, default=300, help="calibration images used (default 300)")
