@@ -56,6 +56,9 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 #: the metadata of an export is at most this large (a guard against hostile files; real metadata is a few KiB)
 MAX_METADATA_BYTES = 16 << 20
+#: the largest batch an export records or fixes: a TensorRT optimisation profile covers 1..it, and a fixed-batch
+#: model pads every call to it (as many cameras as the node batches at most)
+MAX_EXPORT_BATCH = 64
 
 
 def check_export_size(size: tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -162,8 +165,8 @@ def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, 
     require("onnx", "onnxscript", "onnx")
     h, w = check_export_size(size)
     opset = check_opset(opset)
-    if int(batch) < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+    if not 1 <= int(batch) <= MAX_EXPORT_BATCH:
+        raise ValueError(f"batch must be 1 to {MAX_EXPORT_BATCH}, got {batch}")
     batch = int(batch)
     output = Path(output).expanduser()
     if model_or_path is None:
@@ -222,6 +225,8 @@ def exported_meta(meta: dict[str, Any], record: dict[str, Any], source_file: Pat
     meta["arch"] = {**meta["arch"], "aux_heads": False}
     meta["network_size"] = [h, w]
     meta["input_size"] = [h, w]
+    if not isinstance(meta.get("provenance"), dict):  # from a file: anything else is treated as absent
+        meta["provenance"] = {}
     record = {**record, "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
     if source_file is not None:
@@ -234,13 +239,28 @@ def exported_meta(meta: dict[str, Any], record: dict[str, Any], source_file: Pat
     return meta
 
 
+def export_record(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta["provenance"]["exported"]``, the last export's record; {} when absent or when either is not a JSON
+    object (metadata comes from files: a wrong type is treated as absent, never an AttributeError)."""
+    provenance = meta.get("provenance")
+    record = provenance.get("exported") if isinstance(provenance, dict) else None
+    return record if isinstance(record, dict) else {}
+
+
 def profile_batch(meta: dict[str, Any]) -> int | None:
     """For an export with a dynamic batch axis: the largest batch a TensorRT optimisation profile covers (the
-    export's ``batch``, at least 1); None for a fixed-batch export."""
-    record = (meta.get("provenance") or {}).get("exported") or {}
-    if not record.get("dynamic_batch", True):
+    export's ``batch``, 1 when absent); None for a fixed-batch export (``dynamic_batch`` false). A ``batch`` that is
+    not an integer in 1..:data:`MAX_EXPORT_BATCH` is a :class:`CheckpointError`."""
+    record = export_record(meta)
+    if record.get("dynamic_batch", True) is False:
         return None
-    return max(1, int(record.get("batch") or 1))
+    batch = record.get("batch")
+    if batch is None:
+        return 1
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_EXPORT_BATCH:
+        raise CheckpointError(f"invalid export batch in metadata: {str(batch)[:40]!r} (need an integer from 1 to "
+                              f"{MAX_EXPORT_BATCH})")
+    return batch
 
 
 @contextlib.contextmanager
@@ -316,7 +336,8 @@ def parse_export_meta(text: str | bytes, source: str | os.PathLike) -> dict[str,
 def validate_export_meta(meta: dict[str, Any]) -> None:
     """:func:`~icnet_ros.checkpoint.validate_meta` plus the export's fixed ``network_size`` [H, W]: integers, each
     at least the network minimum, at most :data:`~icnet_ros.sizes.MAX_UPSCALED_PIXELS` pixels together (every
-    frame runs at it: a file must not set an unbounded input)."""
+    frame runs at it: a file must not set an unbounded input), and the export record's batch
+    (:func:`profile_batch`)."""
     validate_meta(meta)
     size = meta.get("network_size")
     if (not isinstance(size, list) or len(size) != 2
@@ -324,6 +345,7 @@ def validate_export_meta(meta: dict[str, Any]) -> None:
             or min(size) < MIN_INPUT_SIZE or size[0] * size[1] > MAX_UPSCALED_PIXELS):
         raise CheckpointError(f"invalid network_size in metadata: {str(size)[:80]} (need [H, W], integers each >= "
                               f"{MIN_INPUT_SIZE}, at most {MAX_UPSCALED_PIXELS} pixels)")
+    profile_batch(meta)  # a dynamic export's batch: bounded, or refused here
 
 
 class _Malformed(Exception):
@@ -445,6 +467,6 @@ def _parse_entry(data: bytes) -> tuple[str, str]:
         raise _Malformed("metadata entry is not UTF-8") from None
 
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "check_export_size", "check_opset", "export_onnx", "exported_meta",
-           "inference_model", "parse_export_meta", "profile_batch", "read_onnx_metadata", "supported_opsets",
-           "validate_export_meta"]
+__all__ = ["INPUT_NAME", "MAX_EXPORT_BATCH", "MAX_TOP_LEVEL_FIELDS", "OUTPUT_NAME", "check_export_size",
+           "check_opset", "export_onnx", "export_record", "exported_meta", "inference_model", "parse_export_meta",
+           "profile_batch", "read_onnx_metadata", "supported_opsets", "validate_export_meta"]

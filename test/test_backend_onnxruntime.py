@@ -278,3 +278,13 @@ def test_graph_output_classes_are_the_metadata_classes(tmp_path, tiny_ckpt):
             open_backend(_tiny_onnx(tmp_path / f"{name}.onnx", tiny_ckpt, **kwargs), BackendOptions(threads=1))
         msg = str(e.value)
         assert "\n" not in msg and "the graph's output class dimension is 200, the metadata needs 11" in msg, msg
+
+
+def test_fixed_batch_is_bounded(tmp_path, tiny_ckpt):
+    """A graph with a fixed batch pads every call to it: a fixed batch beyond 64 is refused at load."""
+    backend = open_backend(_tiny_onnx(tmp_path / "b4.onnx", tiny_ckpt, in_shape=[4, 3, 64, 64]),
+                           BackendOptions(threads=1))
+    assert backend.max_batch == 4 and backend.exact_batch
+    path = _tiny_onnx(tmp_path / "b100k.onnx", tiny_ckpt, in_shape=[100_000, 3, 64, 64])
+    with pytest.raises(CheckpointError, match="the graph's fixed batch is 100000, not 1 to 64"):
+        open_backend(path, BackendOptions(threads=1))

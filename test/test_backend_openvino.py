@@ -458,3 +458,17 @@ def test_metadata_size_is_bounded(tmp_path, tiny_ckpt):
         with pytest.raises(CheckpointError) as e:
             fn(tmp_path / "big.xml")
         assert f"icnet_ros metadata larger than {MAX_METADATA_BYTES} bytes" in _one_line(e)
+
+
+@needs_openvino
+def test_fixed_batch_is_bounded(tmp_path, tiny_ckpt):
+    """A model with a fixed batch pads every call to it: a fixed batch beyond 64 is refused at load, and an export
+    beyond it up front."""
+    pytest.importorskip("onnx")
+    from icnet_ros.backends.openvino import export_openvino, open_backend
+
+    assert open_backend(_tiny_onnx(tmp_path / "b4.onnx", tiny_ckpt, in_shape=[4, 3, 64, 64])).max_batch == 4
+    with pytest.raises(CheckpointError, match="the model's fixed batch is 100000, not 1 to 64"):
+        open_backend(_tiny_onnx(tmp_path / "big.onnx", tiny_ckpt, in_shape=[100_000, 3, 64, 64]))
+    with pytest.raises(ValueError, match="positive integer up to 64"):
+        export_openvino(tiny_ckpt, tmp_path / "x.xml", size=(64, 64), batch=65)

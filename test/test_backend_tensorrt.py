@@ -421,3 +421,17 @@ def test_engine_output_shape_checked_at_load_and_per_call(tmp_path, monkeypatch)
     backend.device = torch.device("cpu")
     assert backend.fixed_size == SIZE and backend.max_batch == 3 and not backend.exact_batch
     assert backend(torch.zeros(2, 3, *SIZE)).shape == (2, 11, h8, w8) and backend.context.executed == 1
+
+
+def test_engine_fixed_batch_is_bounded(tmp_path, monkeypatch):
+    from icnet_ros.backends.tensorrt import open_backend
+    from icnet_ros.checkpoint import CheckpointError
+
+    engine = _engine_file(tmp_path / "engines", tmp_path)
+    h8, w8 = SIZE[0] // 8, SIZE[1] // 8
+    fake_trt(monkeypatch, shapes={"input": (1000, 3, *SIZE), "logits": (1000, 11, h8, w8)})
+    with pytest.raises(CheckpointError, match="the engine's fixed batch is 1000, not 1 to 64"):
+        open_backend(engine, BackendOptions(device=torch.device("cuda")))
+    fake_trt(monkeypatch, shapes={"input": (4, 3, *SIZE), "logits": (4, 11, h8, w8)})
+    backend = open_backend(engine, BackendOptions(device=torch.device("cuda")))
+    assert backend.max_batch == 4 and backend.exact_batch

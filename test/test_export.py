@@ -405,3 +405,38 @@ def _varint(n):
         n >>= 7
         if not n:
             return out
+
+
+def test_export_record_readers_tolerate_wrong_types(ckpt):
+    """provenance as [] / a string / {"exported": [1]} raised AttributeError out of Segmenter(); the readers now treat
+    a wrong type as absent, and the export batch (TensorRT's profile maximum) must be an integer in 1..64."""
+    from icnet_ros.backends.tensorrt import _engine_record
+    from icnet_ros.export import exported_meta
+
+    limit = 64
+    for provenance in ([], ["x"], "exported", 7, None, {"exported": [1]}, {"exported": "onnx"}):
+        meta = {"provenance": provenance}
+        assert profile_batch(meta) == 1 and _engine_record(meta) == {}
+    assert profile_batch({"provenance": {"exported": {"batch": 8, "dynamic_batch": "no"}}}) == 8  # not a bool
+    assert profile_batch({"provenance": {"exported": {"batch": 8, "dynamic_batch": False}}}) is None
+    assert profile_batch({"provenance": {"exported": {"batch": limit}}}) == limit
+    for batch in ("many", 10 ** 6, limit + 1, 0, -3, 2.0, True, [2]):
+        with pytest.raises(CheckpointError, match=f"invalid export batch in metadata.*1 to {limit}"):
+            profile_batch({"provenance": {"exported": {"batch": batch, "dynamic_batch": True}}})
+    # refused at read, for every backend (validate_export_meta)
+    meta = read_metadata(ckpt)
+    meta["network_size"] = list(SIZE)
+    meta["provenance"]["exported"] = {"format": "onnx", "batch": 10 ** 6, "dynamic_batch": True}
+    from icnet_ros.export import parse_export_meta
+
+    with pytest.raises(CheckpointError) as e:
+        parse_export_meta(json.dumps(meta), "m.onnx")
+    one_line_error(e, "m.onnx: invalid export batch in metadata: '1000000'")
+    # an export of a model whose provenance is not an object records a fresh one
+    meta = read_metadata(ckpt)
+    meta["provenance"] = ["x"]
+    out = exported_meta(meta, {"format": "onnx", "size": list(SIZE), "batch": 2, "dynamic_batch": True})
+    assert out["provenance"]["exported"]["batch"] == 2 and profile_batch(out) == 2
+    with pytest.raises(ValueError, match=f"batch must be 1 to {limit}"):
+        export_onnx(ckpt, ckpt.with_name("never.onnx"), size=SIZE, batch=limit + 1)
+    assert not ckpt.with_name("never.onnx").exists()

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError, file_sha256
-from ..export import INPUT_NAME, OUTPUT_NAME, profile_batch, read_onnx_metadata
+from ..export import INPUT_NAME, MAX_EXPORT_BATCH, OUTPUT_NAME, export_record, profile_batch, read_onnx_metadata
 from .base import BackendOptions, checked_input, logits_buffer, require
 
 _TYPES: dict[str, tuple[torch.dtype, type]] = {"tensor(float)": (torch.float32, np.float32),
@@ -73,8 +73,7 @@ class OnnxRuntimeBackend:
                              f"{options.precision!r}")
         self.device = torch.device(options.device)
         self.threads = int(options.threads) or torch.get_num_threads()
-        record = (self.meta.get("provenance") or {}).get("exported") or {}
-        self.file_precision = "fp16" if record.get("fp16") else "fp32"
+        self.file_precision = "fp16" if export_record(self.meta).get("fp16") is True else "fp32"
         self._stream = None
         providers = self._providers(ort, options)
         try:
@@ -143,6 +142,8 @@ class OnnxRuntimeBackend:
         self.input_dtype, self._np_in = _TYPES[inp.type]
         self.output_dtype, self._np_out = _TYPES[out.type]
         n, _, h, w = inp.shape
+        if isinstance(n, int) and not 1 <= n <= MAX_EXPORT_BATCH:  # every call is padded to a fixed batch
+            raise CheckpointError(f"{self.path}: the graph's fixed batch is {n}, not 1 to {MAX_EXPORT_BATCH}")
         self.max_batch: int | None = n if isinstance(n, int) else None
         self.exact_batch = self.max_batch is not None  # a fixed batch axis (a TensorRT profile is a limit)
         if self.provider == "TensorrtExecutionProvider" and self.max_batch is None:

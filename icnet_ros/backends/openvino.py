@@ -90,8 +90,12 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
 
     ov = _ov()
     h, w = check_export_size(size)
-    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 0):
-        raise ValueError(f"batch must be None or 0 (dynamic) or a positive integer, got {batch!r}")
+    from ..export import MAX_EXPORT_BATCH
+
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int)
+                              or not 0 <= batch <= MAX_EXPORT_BATCH):
+        raise ValueError(f"batch must be None or 0 (dynamic) or a positive integer up to {MAX_EXPORT_BATCH}, got "
+                         f"{batch!r}")
     batch = batch or None
     if fp16 and int8:
         raise ValueError("choose fp16 or int8, not both (an INT8 model keeps its remaining float layers in fp32)")
@@ -305,6 +309,11 @@ class OpenVINOBackend:
                                   f"the metadata's network_size {network[0]}x{network[1]}; a model file sets one "
                                   "network size")
         self.max_batch: int | None = None if shape[0].is_dynamic else shape[0].get_length()
+        from ..export import MAX_EXPORT_BATCH
+
+        if self.max_batch is not None and not 1 <= self.max_batch <= MAX_EXPORT_BATCH:  # each call padded to it
+            raise CheckpointError(f"{self.path}: the model's fixed batch is {self.max_batch}, not 1 to "
+                                  f"{MAX_EXPORT_BATCH}")
         self.exact_batch = self.max_batch is not None
         self.num_classes = int(self.meta["arch"]["num_classes"])
         self._check_output(ov_model.outputs[0].get_partial_shape())

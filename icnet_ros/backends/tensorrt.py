@@ -44,8 +44,8 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError, file_sha256
-from ..export import (INPUT_NAME, MAX_METADATA_BYTES, OUTPUT_NAME, parse_export_meta, profile_batch,
-                      read_onnx_metadata)
+from ..export import (INPUT_NAME, MAX_EXPORT_BATCH, MAX_METADATA_BYTES, OUTPUT_NAME, export_record,
+                      parse_export_meta, profile_batch, read_onnx_metadata)
 from .base import BackendOptions, checked_input, logits_buffer, require
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def read_engine_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _engine_record(meta: dict[str, Any]) -> dict[str, Any]:
-    record = (meta.get("provenance") or {}).get("exported") or {}
+    record = export_record(meta)
     return record if record.get("format") == "tensorrt" else {}
 
 
@@ -260,7 +260,9 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, fp16_f
     trt = _trt()
     onnx_path, output = Path(onnx_path).expanduser(), Path(output).expanduser()
     meta = read_onnx_metadata(onnx_path)
-    fp16_file = bool(((meta.get("provenance") or {}).get("exported") or {}).get("fp16"))
+    fp16_file = export_record(meta).get("fp16") is True
+    if max_batch is not None and not 1 <= int(max_batch) <= MAX_EXPORT_BATCH:
+        raise ValueError(f"max_batch must be 1 to {MAX_EXPORT_BATCH}, got {max_batch}")
     logger = _logger(trt)
     builder = trt.Builder(logger)
     flags = 0
@@ -299,7 +301,9 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, fp16_f
               "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(device), "gpu_tag": _gpu_tag(device),
               "precision": "fp16" if fp16_file else ("fp16-flag" if fp16_flag else "fp32"), "max_batch": int(n),
               "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
-    provenance = meta.setdefault("provenance", {})
+    provenance = meta.get("provenance")
+    if not isinstance(provenance, dict):  # a wrong type is treated as absent
+        provenance = meta["provenance"] = {}
     if "exported" in provenance:
         record["previous"] = provenance["exported"]
     provenance["exported"] = record
@@ -366,6 +370,8 @@ class TensorRTBackend:
         self.fixed_size: tuple[int, int] | None = (h, w)
         if n == -1:
             self.max_batch: int | None = int(engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
+        elif n > MAX_EXPORT_BATCH:  # every call is padded to a fixed batch
+            raise CheckpointError(f"{self.path}: the engine's fixed batch is {n}, not 1 to {MAX_EXPORT_BATCH}")
         else:
             self.max_batch = int(n)
         self.exact_batch = n != -1
@@ -374,7 +380,7 @@ class TensorRTBackend:
 
     def _cached_engine(self, trt: Any, runtime: Any, options: BackendOptions) -> Any:
         """The engine for the ONNX file: from the cache, or built (and cached) now."""
-        fp16_file = bool(((self.meta.get("provenance") or {}).get("exported") or {}).get("fp16"))
+        fp16_file = export_record(self.meta).get("fp16") is True
         fp16_flag = options.precision == "fp16" and not fp16_file
         self.precision = "fp16" if fp16_file or fp16_flag else "fp32"
         tag = "fp16" if fp16_file else ("fp16-flag" if fp16_flag else "fp32")
