@@ -111,6 +111,21 @@ def test_run_checks_class_weights_and_the_batch_batchnorm_sees():
         load_config("smoke", ["optim.batch_size=1", "train.sync_bn=false"])
 
 
+def test_output_dir_with_a_file_in_the_way_is_a_config_error(tmp_path, capsys):
+    """train.output_dir naming a file, or a folder below one, is refused with the other config checks: before, the
+    run was built and creating the folder raised a 12-line FileExistsError traceback (exit 1)."""
+    (tmp_path / "env.sh").write_text("export X=1\n")
+    for out, message in ((tmp_path / "env.sh", "is a file, not a folder"),
+                         (tmp_path / "env.sh" / "run", f"{tmp_path / 'env.sh'} is a file, not a folder")):
+        with pytest.raises(ConfigError, match=re.escape(f"train.output_dir {out}: {message}")):
+            load_config("smoke", [f"train.output_dir={out}"])
+        assert main(["smoke", f"train.output_dir={out}", "optim.iterations=1"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"icnet-train: error: train.output_dir {out}: {message}\n", err
+    load_config("smoke", [f"train.output_dir={tmp_path / 'new' / 'run'}"])  # a folder still to be made is fine
+    assert not (tmp_path / "new").exists()
+
+
 def test_bad_values_found_while_building_are_one_line_errors(tmp_path, capsys):
     """Before training starts, without a traceback: the class count, a network width checkpoints cannot record
     (data.input_scale), and a model value the architecture cannot take (dropout probability 1.5)."""

@@ -13,6 +13,7 @@ from ..checkpoint import MAX_LICENSE_CHARS, MMSEG_NORMALIZATION, network_width_f
 from ..classes import ClassSet
 from ..data.datasets import LAYOUTS, DataSpec
 from ..models.icnet import MIN_INPUT_SIZE, MODEL_CONFIGS, ICNetConfig
+from ..tools.cli_checks import output_folder_problem
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
@@ -261,6 +262,10 @@ def validate_config(c: dict) -> None:
         raise ConfigError(f"train.stop_at must be >= 1 or null, got {t['stop_at']}")
     if t["time_limit"] is not None and not t["time_limit"] > 0:
         raise ConfigError(f"train.time_limit must be > 0 seconds or null, got {t['time_limit']}")
+    # a file in the way of the output folder fails here, not as a FileExistsError traceback once the run is built
+    problem = output_folder_problem(str(t["output_dir"]), "train.output_dir")
+    if problem:
+        raise ConfigError(problem)
 
 
 _BATCH_OF_ONE = ("optim.batch_size 1: BatchNorm in training mode needs at least 2 samples per step (ICNet's "
