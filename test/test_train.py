@@ -111,6 +111,17 @@ def test_run_checks_class_weights_and_the_batch_batchnorm_sees():
         load_config("smoke", ["optim.batch_size=1", "train.sync_bn=false"])
 
 
+def test_no_arguments_reports_only_the_config_missing(capsys):
+    """The overrides are optional ([KEY=VALUE ...] in the usage): before, 'icnet-train' alone said 'the following
+    arguments are required: config, KEY=VALUE'."""
+    with pytest.raises(SystemExit) as e:
+        main([])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.splitlines()[-1] == \
+        "icnet-train: error: the following arguments are required: config", err
+    assert main(["smoke", "--print-config"]) == 0 and "iterations:" in capsys.readouterr().out
+
+
 def test_output_dir_with_a_file_in_the_way_is_a_config_error(tmp_path, capsys):
     """train.output_dir naming a file, or a folder below one, is refused with the other config checks: before, the
     run was built and creating the folder raised a 12-line FileExistsError traceback (exit 1)."""

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Sections and keys (defaults): "
                                        + "; ".join(f"{s}: {', '.join(v)}" for s, v in DEFAULTS.items()))
     p.add_argument("config", help="YAML config (a path, or a name in config/train/)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. optim.lr=0.02 data.crop_size=[512,1024]")
+    # default=[]: without it parse_intermixed_args reports the optional overrides as required when none is given
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="e.g. optim.lr=0.02 data.crop_size=[512,1024]")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
