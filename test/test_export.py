@@ -440,3 +440,28 @@ def test_export_record_readers_tolerate_wrong_types(ckpt):
     with pytest.raises(ValueError, match=f"batch must be 1 to {limit}"):
         export_onnx(ckpt, ckpt.with_name("never.onnx"), size=SIZE, batch=limit + 1)
     assert not ckpt.with_name("never.onnx").exists()
+
+
+def test_deeply_nested_metadata_refused(tmp_path, ckpt):
+    """100000 nested arrays in the metadata raised RecursionError out of read_onnx_metadata (only JSONDecodeError was
+    caught); nesting json accepts (hundreds of levels) broke later deep copies. Both are a one-line CheckpointError now, for
+    the .onnx reader and the TensorRT side file alike; a long chain of real export records still reads."""
+    from icnet_ros.backends.tensorrt import read_engine_metadata
+
+    raw = json.dumps(export_meta(ckpt))
+    for depth, match in ((100_000, "nested too deeply to parse"), (400, "nested deeper than 64 levels"),
+                         (70, "nested deeper than 64 levels")):
+        text = raw.replace('"provenance": {', '"deep": ' + "[" * depth + "]" * depth + ', "provenance": {', 1)
+        path = tiny_onnx(tmp_path / f"deep{depth}.onnx", text)
+        with pytest.raises(CheckpointError) as e:
+            read_onnx_metadata(path)
+        one_line_error(e, str(path), match)
+        engine = tmp_path / f"deep{depth}.engine"
+        engine.write_bytes(b"engine")
+        (tmp_path / f"deep{depth}.engine.json").write_text(text)
+        with pytest.raises(CheckpointError, match=match):
+            read_engine_metadata(engine)
+    meta = export_meta(ckpt)
+    for i in range(30):  # 30 exports of exports
+        meta["provenance"]["exported"] = {"format": "onnx", "batch": 1, "previous": meta["provenance"]["exported"]}
+    assert read_onnx_metadata(tiny_onnx(tmp_path / "chain.onnx", meta))["network_size"] == [64, 64]
