@@ -487,5 +487,5 @@ def _parse_entry(data: bytes) -> tuple[str, str]:
 
 
 __all__ = ["INPUT_NAME", "MAX_EXPORT_BATCH", "MAX_METADATA_DEPTH", "MAX_TOP_LEVEL_FIELDS", "OUTPUT_NAME",
-           "check_export_size", "check_opset", "export_onnx", "export_record", "exported_meta", "inference_model", "parse_export_meta",
-           "profile_batch", "read_onnx_metadata", "supported_opsets", "validate_export_meta"]
+           "check_export_size", "check_opset", "export_onnx", "export_record", "exported_meta", "inference_model",
+           "parse_export_meta", "profile_batch", "read_onnx_metadata", "supported_opsets", "validate_export_meta"]

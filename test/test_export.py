@@ -444,8 +444,8 @@ def test_export_record_readers_tolerate_wrong_types(ckpt):
 
 def test_deeply_nested_metadata_refused(tmp_path, ckpt):
     """100000 nested arrays in the metadata raised RecursionError out of read_onnx_metadata (only JSONDecodeError was
-    caught); nesting json accepts (hundreds of levels) broke later deep copies. Both are a one-line CheckpointError now, for
-    the .onnx reader and the TensorRT side file alike; a long chain of real export records still reads."""
+    caught); nesting json accepts (hundreds of levels) broke later deep copies. Both are a one-line CheckpointError
+    now, for the .onnx reader and the TensorRT side file alike; a long chain of real export records still reads."""
     from icnet_ros.backends.tensorrt import read_engine_metadata
 
     raw = json.dumps(export_meta(ckpt))
