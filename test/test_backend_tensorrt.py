@@ -376,6 +376,33 @@ def test_engine_cache_folder_is_private(tmp_path, monkeypatch):
     assert len(built) == 1 and os.stat(fresh).st_mode & 0o777 == 0o700
 
 
+def test_engines_of_an_onnx_file_in_a_shared_folder_go_to_the_users_cache(tmp_path, monkeypatch):
+    """Without engine_cache, the engine is cached beside the .onnx file when that folder may hold engines, else (a
+    group-writable folder: umask 002, a shared data folder) in this user's cache, where reading it back is allowed;
+    beside it, the first run would build for minutes and then refuse its own engine."""
+    import os
+
+    from icnet_ros.backends import tensorrt as backend_module
+
+    fake_trt(monkeypatch)
+    monkeypatch.setattr(backend_module, "_gpu_tag", lambda device: "GPU-sm90")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    meta = {"provenance": {}}
+    own = tmp_path / "own"
+    own.mkdir(mode=0o755)
+    os.chmod(own, 0o755)
+    (own / "m.onnx").write_bytes(b"onnx")
+    assert backend_module.engine_path(own / "m.onnx", meta, torch.device("cuda"), "fp32").parent == own
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o775)
+    (shared / "m.onnx").write_bytes(b"onnx")
+    cached = backend_module.engine_path(shared / "m.onnx", meta, torch.device("cuda"), "fp32")
+    assert cached.parent == tmp_path / "xdg" / "icnet_ros" / "tensorrt"
+    assert backend_module.engine_path(shared / "m.onnx", meta, torch.device("cuda"), "fp32",
+                                      cache_dir=str(shared)).parent == shared  # a given engine_cache is used as is
+
+
 def test_logits_shape_rule():
     """The output TensorRT would write against the logits the metadata sizes (-1: resolved when running)."""
     from icnet_ros.backends.tensorrt import logits_shape_problem

@@ -2,7 +2,8 @@
 
 ``open_backend(path, options)`` takes the ``.onnx`` file (the model: its metadata is the icnet_ros metadata, see
 :mod:`icnet_ros.export`). The engine is built on first use (minutes for a large model) and cached in
-``options.cache_dir`` or beside the ONNX file, under a name made of the ONNX file's SHA-256, the TensorRT version,
+``options.cache_dir`` or beside the ONNX file (in :func:`user_cache_dir` when that folder is writable by others,
+where engines may not be read from), under a name made of the ONNX file's SHA-256, the TensorRT version,
 the GPU's name and compute capability and the precision: a changed ONNX file, another TensorRT or another GPU
 builds a new engine (a file that TensorRT cannot deserialize is rebuilt as well). Writes are atomic.
 
@@ -73,8 +74,28 @@ def engine_path(onnx_path: Path, meta: dict[str, Any], device: torch.device, pre
     batch = profile_batch(meta)
     name = (f"{onnx_path.stem}.{digest}.trt{trt.__version__}.{_gpu_tag(device)}.{precision}"
             f"{f'.b{batch}' if batch else ''}.engine")
-    folder = Path(cache_dir).expanduser() if cache_dir else onnx_path.parent
+    if cache_dir:
+        folder = Path(cache_dir).expanduser()
+    else:
+        folder = onnx_path.parent
+        if not folder.is_dir() or _folder_problem(folder) is not None:  # e.g. group-writable (umask 002): an engine
+            folder = user_cache_dir()  # there would be refused when read back, so it goes to this user's own cache
     return folder / name
+
+
+def user_cache_dir() -> Path:
+    """This user's engine cache when the ONNX file's folder cannot hold engines safely and no ``engine_cache`` is
+    given: ``$XDG_CACHE_HOME/icnet_ros/tensorrt`` (default ``~/.cache/icnet_ros/tensorrt``), made 0700."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "icnet_ros" / "tensorrt"
+
+
+def _folder_problem(folder: Path, what: str = "the folder") -> str | None:
+    """Why ``folder`` must not hold engines (:func:`_stat_problem`), or None."""
+    try:
+        return _stat_problem(os.stat(folder), f"{what} {folder}", _current_uid())
+    except OSError as e:
+        return f"cannot stat {what} {folder}: {e.strerror or e}"
 
 
 def _gpu_tag(device: torch.device) -> str:
@@ -386,13 +407,10 @@ class TensorRTBackend:
         tag = "fp16" if fp16_file else ("fp16-flag" if fp16_flag else "fp32")
         self.engine_file = engine_path(self.path, self.meta, self.device, tag, options.cache_dir)
         folder = self.engine_file.parent
-        if options.cache_dir and not folder.exists():
+        if not folder.exists():  # engine_cache, or this user's cache (engine_path)
             folder.mkdir(mode=0o700, parents=True)
         if folder.is_dir():  # an untrusted cache folder is refused before minutes of building
-            try:
-                problem = _stat_problem(os.stat(folder), f"the cache folder {folder}", _current_uid())
-            except OSError as e:
-                problem = f"cannot stat the cache folder {folder}: {e.strerror or e}"
+            problem = _folder_problem(folder, "the cache folder")
             if problem:
                 raise _untrusted(self.engine_file, problem, "or set engine_cache to a folder of your own (a new one "
                                  "is created with mode 0700)")
