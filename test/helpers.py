@@ -56,3 +56,38 @@ def jpeg_with_size(jpg: bytes, height: int, width: int) -> bytes:
     """A baseline JPEG whose frame header (SOF0) declares another size."""
     i = jpg.index(b"\xff\xc0")
     return jpg[: i + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpg[i + 9:]
+
+
+def tiny_onnx(path, meta, size=(64, 64), classes=11, in_shape=None, out_shape=None, prefix=b"", suffix=b""):
+    """A tiny stand-in for an ICNet export (AveragePool /8 + 1x1 Conv) carrying ``meta``; ``prefix``/``suffix``:
+    raw protobuf bytes around the serialized ModelProto (more top-level fields)."""
+    import json
+
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    h, w = size
+    weight = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((classes, 3, 1, 1)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("AveragePool", ["input"], ["p"], kernel_shape=[8, 8], strides=[8, 8]),
+         helper.make_node("Conv", ["p", "W"], ["logits"])], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape or ["N", 3, h, w])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape or ["N", classes, h // 8, w // 8])],
+        [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.metadata_props.add(key="icnet_ros", value=meta if isinstance(meta, str) else json.dumps(meta))
+    path.write_bytes(prefix + model.SerializeToString() + suffix)
+    return path
+
+
+def export_meta(ckpt, size=(64, 64), **changes):
+    """``ckpt``'s metadata as an ONNX export at ``size`` records it, with ``changes``."""
+    from icnet_ros.checkpoint import read_metadata
+
+    meta = read_metadata(ckpt)
+    meta["network_size"] = meta["input_size"] = list(size)
+    meta["provenance"]["exported"] = {"format": "onnx", "size": list(size), "batch": 1, "dynamic_batch": True}
+    meta.update(changes)
+    return meta

@@ -2,7 +2,6 @@
 agreement >= 99.9% (R18/R50 random weights at 32-aligned odd sizes, the default model on CamVid val frames),
 dynamic and fixed batches, the Backend contract, thread/spinning settings, refused inputs and files, a missing
 runtime. CUDA execution providers: cuda-marked, skipped without a GPU and onnxruntime-gpu."""
-import json
 import sys
 from pathlib import Path
 
@@ -11,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CAMVID, make_checkpoint, require
+from helpers import CAMVID, export_meta, make_checkpoint, require, tiny_onnx
 
 from icnet_ros.backends.base import Backend, BackendOptions, MissingRuntimeError
-from icnet_ros.checkpoint import CheckpointError, default_model_path, load_model, read_metadata
+from icnet_ros.checkpoint import CheckpointError, default_model_path, load_model
 from icnet_ros.export import export_onnx
 from icnet_ros.optimize import compare_logits
 from icnet_ros.preprocess import Normalizer
@@ -171,28 +170,7 @@ def test_cuda_execution_provider(r18):
 
 
 def _tiny_onnx(path, ckpt, size=(64, 64), classes=11, in_shape=None, out_shape=None, **changes):
-    """A tiny stand-in for an ICNet export (AveragePool /8 + 1x1 Conv) with ``ckpt``'s metadata at ``size``."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    meta = read_metadata(ckpt)
-    meta["network_size"] = meta["input_size"] = list(size)
-    meta["provenance"]["exported"] = {"format": "onnx", "size": list(size), "batch": 1, "dynamic_batch": True}
-    meta.update(changes)
-    h, w = size
-    weight = numpy_helper.from_array(
-        np.random.default_rng(0).standard_normal((classes, 3, 1, 1)).astype(np.float32), "W")
-    graph = helper.make_graph(
-        [helper.make_node("AveragePool", ["input"], ["p"], kernel_shape=[8, 8], strides=[8, 8]),
-         helper.make_node("Conv", ["p", "W"], ["logits"])], "g",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape or ["N", 3, h, w])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape or ["N", classes, h // 8, w // 8])],
-        [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    model.metadata_props.add(key="icnet_ros", value=json.dumps(meta))
-    onnx.save(model, str(path))
-    return path
+    return tiny_onnx(path, export_meta(ckpt, size, **changes), size, classes, in_shape, out_shape)
 
 
 @pytest.fixture(scope="module")

@@ -115,6 +115,21 @@ def send_until_served(ros: RosHarness, publish: Any, outputs: Outputs, attempts:
     pytest.fail(f"no outputs after {attempts} frames")
 
 
+def send_with_camera_info(ros: RosHarness, pub: Any, info_pub: Any, img: np.ndarray, frame_id: str,
+                          received: Any, attempts: int = 5) -> None:
+    """Publish ``img`` (rgb8) with its camera_info (one stamp; K and P of a 160x120 camera) until
+    ``received(timeout)`` says its outputs came: the input is best effort, so a frame may be lost to discovery."""
+    for _ in range(attempts):
+        stamp = ros.now().to_msg()
+        cam_info = CameraInfo(width=W, height=H, k=[100.0, 0, 80.0, 0, 100.0, 60.0, 0, 0, 1.0],
+                              p=[100.0, 0, 80.0, 0, 0, 100.0, 60.0, 0, 0, 0, 1.0, 0])
+        cam_info.header.stamp = stamp
+        info_pub.publish(cam_info)
+        pub.publish(image_msg(img, "rgb8", stamp, frame_id=frame_id))
+        if received(4):
+            return
+
+
 def node_diagnostics(ros: RosHarness, suffix: str, after: float | None = None, timeout: float = 10.0) -> dict:
     """The newest /diagnostics values of the node's status ending in ``suffix`` (received after ``after``)."""
     col = ros._diag  # type: ignore[attr-defined]
@@ -487,15 +502,8 @@ def test_a_remapped_camera_moves_its_camera_info_and_outputs(ros: RosHarness, ch
             ros.wait_matched(col.subscription)
         ros.wait_matched(pub)
         ros.wait_matched(info_pub)
-        img = frame(51)
-        for _ in range(5):  # best-effort input: resend until served
-            stamp = ros.now().to_msg()
-            cam_info = CameraInfo(width=W, height=H, k=[100.0, 0, 80.0, 0, 100.0, 60.0, 0, 0, 1.0])
-            cam_info.header.stamp = stamp
-            info_pub.publish(cam_info)
-            pub.publish(image_msg(img, "rgb8", stamp, frame_id="front_r"))
-            if all(c.wait_for(lambda m: len(m) >= 1, 4) for c in (label, info)):
-                break
+        send_with_camera_info(ros, pub, info_pub, frame(51), "front_r",
+                              lambda t: all(c.wait_for(lambda m: len(m) >= 1, t) for c in (label, info)))
         assert label.messages and info.messages, proc.output()
         assert info.messages[0].header.frame_id == "front_r" and (info.messages[0].width, info.messages[0].height) \
             == (W, H)
@@ -525,16 +533,8 @@ def test_model_resolution_outputs_remapped_names(ros: RosHarness, checkpoint: Pa
         for col in (label, colour, info):
             ros.wait_matched(col.subscription)
         ros.wait_matched(pub)
-        img = frame(50)
-        for _ in range(5):  # best-effort input: resend until served
-            stamp = ros.now().to_msg()
-            cam_info = CameraInfo(width=W, height=H, k=[100.0, 0, 80.0, 0, 100.0, 60.0, 0, 0, 1.0],
-                                  p=[100.0, 0, 80.0, 0, 0, 100.0, 60.0, 0, 0, 0, 1.0, 0])
-            cam_info.header.stamp = stamp
-            info_pub.publish(cam_info)
-            pub.publish(image_msg(img, "rgb8", stamp, frame_id="cam_c"))
-            if all(c.wait_for(lambda m: len(m) >= 1, 4) for c in (label, colour, info)):
-                break
+        send_with_camera_info(ros, pub, info_pub, frame(50), "cam_c",
+                              lambda t: all(c.wait_for(lambda m: len(m) >= 1, t) for c in (label, colour, info)))
         assert label.messages and colour.messages and info.messages, proc.output()
         for col in (label, colour):  # the outputs of the frame the first camera_info went out with
             col.wait_for(lambda ms: any(m.header == info.messages[0].header for m in ms), 5)
@@ -544,15 +544,8 @@ def test_model_resolution_outputs_remapped_names(ros: RosHarness, checkpoint: Pa
             ros.unsubscribe(col)
         time.sleep(1.0)  # the node sees the image outputs unsubscribed
         n_info = len(info.messages)
-        for _ in range(5):
-            stamp = ros.now().to_msg()
-            cam_info = CameraInfo(width=W, height=H, k=[100.0, 0, 80.0, 0, 100.0, 60.0, 0, 0, 1.0],
-                                  p=[100.0, 0, 80.0, 0, 0, 100.0, 60.0, 0, 0, 0, 1.0, 0])
-            cam_info.header.stamp = stamp
-            info_pub.publish(cam_info)
-            pub.publish(image_msg(img, "rgb8", stamp, frame_id="cam_c"))
-            if info.wait_for(lambda m: len(m) > n_info, 4):
-                break
+        send_with_camera_info(ros, pub, info_pub, frame(50), "cam_c",
+                              lambda t: info.wait_for(lambda m: len(m) > n_info, t))
         assert len(info.messages) > n_info, proc.output()
         assert (info.messages[-1].width, info.messages[-1].height) == (128, 96)
         assert proc.interrupt(30) == 0
