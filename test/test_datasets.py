@@ -215,6 +215,31 @@ def test_paletted_png_labels_are_read_as_indices(tmp_path):
     assert lab[0, 0] == 255 and lab[10, 10] == 0 and (lab[24:] == 2).all()
 
 
+def test_grey_and_alpha_label_pngs_are_read_as_grey(tmp_path):
+    """A grey + alpha PNG label (OpenCV reads it as 4 channels) holds class values in its grey channel; it was
+    matched against the palette as a colour label and every pixel became ignore."""
+    from PIL import Image
+
+    values = np.array([[0, 3, 10, 11]] * 4, np.uint8)
+    la = np.stack([values, np.full_like(values, 255)], axis=-1)
+    path = tmp_path / "la.png"
+    Image.fromarray(la, mode="LA").save(path)
+    np.testing.assert_array_equal(read_label(path, CAMVID_CLASSES), CAMVID_CLASSES.label_lut()[values])
+
+
+def test_one_frame_under_two_image_names_is_refused(tmp_path):
+    """x.jpg and x.png both paired with x's label: the frame counted twice in training and evaluation."""
+    for d in ("images", "labels"):
+        (tmp_path / "val" / d).mkdir(parents=True)
+    img = np.zeros((8, 8, 3), np.uint8)
+    for name in ("a.jpg", "a.png", "b.png"):
+        cv2.imwrite(str(tmp_path / "val" / "images" / name), img)
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(tmp_path / "val" / "labels" / name), np.zeros((8, 8), np.uint8))
+    with pytest.raises(DatasetError, match="a.jpg and a.png are one frame under two names"):
+        find_samples(DataSpec(str(tmp_path)), "val")
+
+
 def test_folders_without_class_file_is_an_error(tmp_path):
     (tmp_path / "train" / "images").mkdir(parents=True)
     with pytest.raises(DatasetError, match="needs a class file"):

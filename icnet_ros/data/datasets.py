@@ -189,10 +189,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def _is_paletted_png(path: Path) -> bool:
+def _png_colour_type(path: Path) -> int | None:
+    """A PNG's IHDR colour type (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA), None for other files."""
     with open(path, "rb") as f:
         head = f.read(26)
-    return head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 and head[25] == 3  # IHDR colour type 3
+    return head[25] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 else None
 
 
 def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | None = None) -> np.ndarray:
@@ -203,7 +204,8 @@ def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | N
     ignore)."""
     path = Path(path)
     check_image_size(path, "label")
-    if path.suffix.lower() == ".png" and _is_paletted_png(path):
+    colour_type = _png_colour_type(path) if path.suffix.lower() == ".png" else None
+    if colour_type == 3:
         try:
             from PIL import Image
         except ImportError as e:
@@ -220,7 +222,9 @@ def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | N
         raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if raw is None:
         raise DatasetError(f"cannot read label {path} (missing, corrupt or unsupported format)")
-    if raw.ndim == 3 and raw.shape[2] == 4:
+    if raw.ndim == 3 and colour_type == 4:  # grey + alpha (OpenCV gives 4 channels): the grey values are the label
+        raw = raw[..., 0]
+    elif raw.ndim == 3 and raw.shape[2] == 4:
         raw = raw[..., :3]
     if raw.ndim == 3:
         return colors_to_ids(cv2.cvtColor(raw, cv2.COLOR_BGR2RGB), class_set)
@@ -362,6 +366,12 @@ def _folder_pairs(root: Path, split: str, spec: DataSpec) -> list[tuple[Path, Pa
     images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not images:
         raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {img_dir}")
+    stems: dict[str, Path] = {}
+    for im in images:  # x.jpg and x.png would both take x's label: the frame counted twice
+        if im.stem in stems:
+            raise DatasetError(f"{img_dir}: {stems[im.stem].name} and {im.name} are one frame under two names (both "
+                               f"take the label {im.stem}{spec.label_suffix}.png); keep one")
+        stems[im.stem] = im
     pairs, missing = [], []
     for im in images:
         lbl = lbl_dir / f"{im.stem}{spec.label_suffix}.png"
