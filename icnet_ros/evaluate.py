@@ -225,10 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if backend_name == "torch":
             model: Any = load_model(args.model, device)
             meta = model.meta
-        else:  # an exported model, through its runtime (at its fixed export size)
+        else:  # an exported model, through its runtime (at its fixed export size; another --input-size is refused)
             from .engine import Segmenter
 
-            seg = Segmenter(args.model, cfg.replace(input_size="native", warmup=False))
+            seg = Segmenter(args.model, cfg.replace(warmup=False))
             model, meta = seg.backend, seg.meta
             device = seg.backend.device
         sizes = InputSizePolicy.from_option(cfg.input_size, meta, cfg.size_divisor, getattr(model, "fixed_size", None))
@@ -278,7 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"size divisor: {size_divisor}  device: {device}  ({seconds:.1f} s)")
         print(f"license of the weights: {meta.get('license') or 'not recorded'}")
         print(format_table(metrics, class_set.classes))
-    return 0 if not math.isnan(metrics["mIoU"]) else 1
+    if math.isnan(metrics["mIoU"]):
+        print(f"icnet-eval: error: no labelled pixel in {len(dataset)} label file(s): every pixel is "
+              f"{class_set.ignore_index} (ignore); check the labels' format and the class set ({class_set.name})",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _one_line(error: BaseException) -> str:

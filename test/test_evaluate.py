@@ -221,6 +221,19 @@ def test_exported_onnx_model_is_evaluated_through_onnxruntime(capsys, tmp_path):
     ort_report = _run_json(capsys, "--model", onnx, "--data", root, "--split", "val", "--limit", 2)
     assert ort_report["backend"] == "onnxruntime" and ort_report["input_size"] == [192, 256]
     assert ort_report["mIoU"] == pytest.approx(torch_report["mIoU"], abs=0.05)
+    # another --input-size is refused as the engine refuses it (it was ignored: the export's size ran silently)
+    assert main(["--model", str(onnx), "--data", str(root), "--split", "val", "--limit", "1",
+                 "--input-size", "352x480"]) == 2
+    assert "input_size 352x480: this exported model runs only at 192x256" in capsys.readouterr().err
+
+
+def test_labels_without_a_labelled_pixel_say_so(capsys, tmp_path, ckpt):
+    """Labels whose every pixel is ignore (a wrong format or class set) give exit 1 and a reason, not silence."""
+    _camvid_tree(tmp_path / "void")
+    for label in (tmp_path / "void" / "val" / "labels").iterdir():
+        cv2.imwrite(str(label), np.full((64, 96), 11, np.uint8))  # CamVid's void
+    assert main(["--model", str(ckpt), "--data", str(tmp_path / "void"), "--split", "val", "--no-progress"]) == 1
+    assert "icnet-eval: error: no labelled pixel in 2 label file(s)" in capsys.readouterr().err
 
 
 def _camvid_tree(root, n=2, size=(64, 96), seed=0):
