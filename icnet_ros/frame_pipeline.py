@@ -62,12 +62,13 @@ from .ros_image import DEFAULT_MAX_PIXELS, ImageFormatError, compressed_header, 
 from .sizes import MIN_INPUT_SIZE
 
 __all__ = ["AGE_FROM", "BIG_FRAME", "CameraStats", "FOREIGN_CLOCK_S", "FramePipeline", "LATENCY_WINDOW",
-           "PipelineOptions", "RECENT_S", "REGROW_AFTER", "WARN_PERIOD_S", "device_failure", "release_device_memory"]
+           "PipelineOptions", "LATE_PERIODS", "RECENT_S", "REGROW_AFTER", "WARN_PERIOD_S", "device_failure", "release_device_memory"]
 
 WARN_PERIOD_S = 5.0  # throttle for repeated per-camera warnings and errors of one kind
 LATENCY_WINDOW = 300  # latency samples kept per camera for the percentiles
 FOREIGN_CLOCK_S = 10.0  # a header stamp further than this from the node's clock at receipt: another clock
-RECENT_S = 5.0  # batch_timeout waits for a camera only if it sent a frame this recently (or within 3 periods)
+LATE_PERIODS = 3.0  # batch_timeout waits for a camera only while it has missed fewer frames than this
+RECENT_S = 5.0  # ... or, for a camera of one frame so far, if that frame came this recently
 BIG_FRAME = 4  # a frame costing more than this many times the smallest pending one waits for its turn (fairness)
 REGROW_AFTER = 100  # good batches after an out-of-memory shrink before the batch limit grows by one
 AGE_FROM = ("receipt", "stamp")
@@ -442,7 +443,7 @@ class FramePipeline:
         if opts.batch_timeout > 0 and n > 1 and limit > 1:
             batch_deadline = time.monotonic() + opts.batch_timeout
             now = time.monotonic()
-            expected = sum(c.pending is not None or self._recent(c, now) for c in self._cameras)
+            expected = sum(c.pending is not None or self._due(c, now, batch_deadline) for c in self._cameras)
             while not self._stop.is_set():
                 ready = sum(c.pending is not None for c in self._cameras)
                 left = batch_deadline - time.monotonic()
@@ -476,28 +477,36 @@ class FramePipeline:
         return batch
 
     @staticmethod
-    def _recent(cam: _Camera, now: float) -> bool:
-        """Whether ``cam`` is still publishing: a frame within :data:`RECENT_S` s or three of its periods."""
+    def _due(cam: _Camera, now: float, deadline: float) -> bool:
+        """Whether a batch should wait for ``cam``: it is still publishing (its last frame within
+        :data:`LATE_PERIODS` of its periods; :data:`RECENT_S` s while its rate is unknown) and its next frame is due
+        before ``deadline``. A camera slower than the
+        batch timeout, or one that stopped, never holds the others' frames back."""
         s = cam.stats
         if s.last_received is None:
             return False
-        return now - s.last_received <= max(RECENT_S, 3 * (s.period or 0.0))
+        if s.period is None:  # one frame so far: its rate is unknown
+            return now - s.last_received <= RECENT_S
+        return now - s.last_received <= LATE_PERIODS * s.period and s.last_received + s.period <= deadline
 
     def _check_clock(self, it: _Item, stamp: int) -> None:
-        """Warn once per camera about header stamps far from the node's clock (another clock domain)."""
+        """Keep the camera's standing problem (/diagnostics) to its newest frame's clock offset: set while its header
+        stamps are far from the node's clock (another clock domain), cleared when they are back (a frame before the
+        first /clock, a bag loop's jump); the log warns once per camera."""
         offset = (it.received_ns - stamp) / 1e9
+        foreign = abs(offset) > FOREIGN_CLOCK_S
+        where = f"{offset:.1f} s behind" if offset > 0 else f"{-offset:.1f} s ahead of"
         with self._lock:
             it.cam.stats.clock_offset_s = offset
-        if abs(offset) <= FOREIGN_CLOCK_S or it.cam.clock_warned:
+            it.cam.problem = f"header stamps {where} this node's clock (another clock?)" if foreign else None
+        if not foreign or it.cam.clock_warned:
             return
         it.cam.clock_warned = True
-        where = f"{offset:.1f} s behind" if offset > 0 else f"{-offset:.1f} s ahead of"
         if self.options.max_age_from == "stamp" and self.options.max_age > 0:
             effect = ("with max_age_from 'stamp' its frames are dropped as too_old" if offset > 0 else
                       "its frames are served, but max_age cannot judge their age")
         else:
             effect = "its frames are served; freshness and latency are measured from receipt"
-        it.cam.problem = f"header stamps {where} this node's clock (another clock?)"
         self.log.warning(
             f"{it.cam.key}: header stamps are {where} this node's clock: they come from another clock (a camera's "
             f"hardware clock, a bag replayed without use_sim_time, synthetic stamps); {effect}. Fix: "

@@ -313,6 +313,38 @@ def test_batch_timeout_does_not_wait_for_silent_cameras(segmenter: Segmenter):
     assert time.monotonic() - t0 < 2.5
 
 
+def test_batch_timeout_does_not_wait_for_a_slow_or_stopped_camera(segmenter: Segmenter):
+    """/b sends a frame every 2 s: a batch must not wait batch_timeout for it each time (it held a 30 Hz camera to
+    5 fps while the worker idled); nor for a 20 Hz camera that stopped 1 s ago. One due within the timeout is."""
+    pipe, sink, _ = make(segmenter, batch_timeout=1.0)
+    cams = {c.key: c for c in pipe._cameras}
+    now = time.monotonic()
+    cams["/b"].stats.last_received, cams["/b"].stats.period = now - 0.1, 2.0  # next frame in 1.9 s
+    pipe.submit("/a", image(1))
+    t0 = time.monotonic()
+    assert pipe.step() == 1 and time.monotonic() - t0 < 0.5
+    cams["/b"].stats.last_received, cams["/b"].stats.period = time.monotonic() - 1.0, 0.05  # stopped: 20 missed
+    pipe.submit("/a", image(2))
+    t0 = time.monotonic()
+    assert pipe.step() == 1 and time.monotonic() - t0 < 0.5
+    cams["/b"].stats.last_received, cams["/b"].stats.period = time.monotonic(), 0.3  # due in 0.3 s: waited for
+    pipe.submit("/a", image(3))
+    threading.Timer(0.3, lambda: pipe.submit("/b", image(4))).start()
+    assert pipe.step() == 2
+
+
+def test_a_foreign_clock_warning_clears_when_the_stamps_are_back(segmenter: Segmenter):
+    """A frame stamped far from the node's clock (before the first /clock, a bag loop's jump) sets the camera's
+    problem; the next frames on the node's clock clear it (it stayed WARN on /diagnostics for good)."""
+    pipe, sink, log = make(segmenter, now_ns=2 * 10**12)
+    pipe.submit("/a", image(1, stamp_ns=10**12))  # 1000 s behind
+    pipe.step()
+    assert "1000.0 s behind this node's clock" in pipe.snapshot()["cameras"]["/a"]["problem"]
+    pipe.submit("/a", image(2, stamp_ns=2 * 10**12 - 1000))
+    pipe.step()
+    assert pipe.snapshot()["cameras"]["/a"]["problem"] is None
+
+
 def test_max_pixels_refuses_large_frames_before_decoding(segmenter: Segmenter):
     pipe, sink, log = make(segmenter, compressed_b=True, max_pixels=H * W - 1)
     pipe.submit("/a", image(1))
