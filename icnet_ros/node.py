@@ -48,6 +48,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
@@ -208,9 +209,12 @@ class SegmentationNode(LifecycleNode):
         self.add_pre_set_parameters_callback(self._as_text)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        # health reporting runs on the steady clock: with use_sim_time a ROS-clock timer stops before the first /clock,
+        # while the clock is paused and when a replay ends (when "no frames for N s" matters), and races at 10x
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
         self._diag_timer = self.create_timer(self.config.diagnostics_period, self._publish_diagnostics,
-                                             callback_group=self.io_group)
-        self._watch_timer = self.create_timer(1.0, self._watch_inputs, callback_group=self.io_group)
+                                             callback_group=self.io_group, clock=steady)
+        self._watch_timer = self.create_timer(1.0, self._watch_inputs, callback_group=self.io_group, clock=steady)
         if start is None:
             start = self.config.autostart
         if start:

@@ -484,6 +484,26 @@ def test_missing_or_invalid_model_exits_nonzero(tmp_path: Path, content: bytes |
 
 
 @pytest.mark.slow
+def test_diagnostics_keep_coming_on_a_simulated_clock_that_does_not_run(harness: RosHarness, checkpoint: Path,
+                                                                         tmp_path: Path):
+    """use_sim_time with no /clock (before a bag starts, a paused or ended replay): /diagnostics, and its
+    'no frames' warning, keep coming; on the ROS clock its timer never fired."""
+    ros = harness
+    proc = Process("icnet_ros.node_process", ["--ros-args", "-r", "__node:=icnet_sim", "-p", f"model:={checkpoint}",
+                                              "-p", "device:=cpu", "-p", "image_topics:=[/cam_sim/image_raw]",
+                                              "-p", "use_sim_time:=true", "-p", "diagnostics_period:=0.5"],
+                   tmp_path, name="node_sim")
+    try:
+        proc.wait_for_output("ready:", 120)
+        after = time.monotonic()
+        values = node_diagnostics(ros, "icnet_sim: /cam_sim/image_raw", after=after, timeout=10.0)
+        assert values["frames_received"] == "0", values
+        assert proc.interrupt(30) == 0
+    finally:
+        proc.kill()
+
+
+@pytest.mark.slow
 def test_a_remapped_camera_moves_its_camera_info_and_outputs(ros: RosHarness, checkpoint: Path, tmp_path: Path):
     """``-r /cam_r/image_raw:=/front_r/image_raw`` moves the camera: its camera_info is read from /front_r and its
     outputs go to /front_r/semantic/*, as the ready line says (they stayed under /cam_r, and the camera_info
