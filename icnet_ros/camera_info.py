@@ -37,7 +37,8 @@ def image_size(info: Any) -> tuple[int, int]:
 
 
 class CameraInfoCache:
-    """The camera_info messages of one camera, keyed by stamp (at most ``capacity``, the oldest go first).
+    """The camera_info messages of one camera, keyed by stamp (at most ``capacity``, the oldest go first: enough for
+    a fast camera while a slow forward pass runs, e.g. 170 Hz for 6 s).
 
     ``add`` is called from the subscription callback, ``match`` from the worker thread (a lock guards both).
     ``match(stamp)`` returns the camera_info with exactly the image's stamp. A camera_info with a zero stamp
@@ -50,13 +51,14 @@ class CameraInfoCache:
     last ``pending`` unmatched frames, and ``add`` returns the items its camera_info completes, as a time
     synchroniser with a queue of ``pending`` pairs them."""
 
-    def __init__(self, capacity: int = 32, pending: int = 10) -> None:
+    def __init__(self, capacity: int = 1024, pending: int = 10) -> None:
         if capacity < 1 or pending < 0:
             raise ValueError("capacity must be >= 1 and pending >= 0")
         self.capacity = capacity
         self.pending = pending
         self._by_stamp: OrderedDict[int, Any] = OrderedDict()
-        self._waiting: OrderedDict[int, Any] = OrderedDict()  # stamp -> the caller's item, oldest first
+        self._waiting: OrderedDict[int, list[Any]] = OrderedDict()  # stamp -> the callers' items, oldest first
+        self._n_waiting = 0
         self._static: Any | None = None
         self._lock = threading.Lock()
         self.received = 0
@@ -69,15 +71,17 @@ class CameraInfoCache:
             self.received += 1
             if stamp == 0:
                 self._static = info
-                done = list(self._waiting.values())
+                done = [item for items in self._waiting.values() for item in items]
                 self._waiting.clear()
+                self._n_waiting = 0
                 return [(info, item) for item in done]
             self._by_stamp[stamp] = info
             self._by_stamp.move_to_end(stamp)
             while len(self._by_stamp) > self.capacity:
                 self._by_stamp.popitem(last=False)
-            item = self._waiting.pop(stamp, None)
-            return [] if item is None else [(info, item)]
+            items = self._waiting.pop(stamp, [])
+            self._n_waiting -= len(items)
+            return [(info, item) for item in items]
 
     def match(self, stamp: int, waiting: Any = None) -> Any | None:
         """The camera_info for an image stamped ``stamp`` (ns), or None; then ``waiting`` (when given) waits for
@@ -87,10 +91,15 @@ class CameraInfoCache:
             if info is None:
                 info = self._static
             if info is None and waiting is not None and self.pending > 0:
-                self._waiting[stamp] = waiting
+                self._waiting.setdefault(stamp, []).append(waiting)  # two frames may share a stamp
                 self._waiting.move_to_end(stamp)
-                while len(self._waiting) > self.pending:
-                    self._waiting.popitem(last=False)
+                self._n_waiting += 1
+                while self._n_waiting > self.pending:
+                    oldest = next(iter(self._waiting.values()))
+                    oldest.pop(0)
+                    self._n_waiting -= 1
+                    if not oldest:
+                        self._waiting.popitem(last=False)
             return info
 
     def __len__(self) -> int:

@@ -131,6 +131,17 @@ def test_a_camera_info_after_its_image_completes_the_waiting_frame():
     assert cache.add(static) == [(static, "frame1")]  # a zero-stamped camera_info completes every waiting frame
     assert cache.match(999, waiting="x") is static and cache.add(msgs[1]) == []
     assert CameraInfoCache(pending=0).match(5, waiting="x") is None
+    fast = CameraInfoCache()  # 170 Hz during a 1 s forward pass: the frame's camera_info is still there
+    first = info(stamp=(3, 0))
+    fast.add(first)
+    for i in range(1, 170):
+        fast.add(info(stamp=(3, i)))
+    assert fast.match(stamp_ns(first.header)) is first
+    same = CameraInfoCache(pending=3)  # two frames with one stamp both get it (the second replaced the first)
+    for item in ("a", "b", "c", "d"):
+        same.match(7, waiting=item)
+    late = info(stamp=(0, 7))
+    assert same.add(late) == [(late, "b"), (late, "c"), (late, "d")]  # the oldest beyond pending=3 gave up
 
 
 def test_cache_is_thread_safe():
