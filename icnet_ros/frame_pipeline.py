@@ -9,12 +9,14 @@ hands it messages with :meth:`submit` and gets results back through two callback
 Interface (all thread-safe):
 
 - ``FramePipeline(segmenter, cameras, wanted=..., publish=..., clock_ns=..., options=..., logger=...,
-  on_fatal=...)``:
+  on_fatal=..., simulated_clock=...)``:
   ``cameras`` is a list of ``(key, compressed)``; ``key`` (the input topic) names the camera in every call.
   ``wanted(key)`` returns the output kinds someone subscribes to (empty: the frame is skipped as
   ``no_subscribers``); ``publish(key, msg, order, result, wanted)`` publishes one frame's outputs and returns the
   kinds it published (counted as ``computed``). ``clock_ns()`` is the node's clock (stamps are compared with
-  it); ``on_fatal(message)`` is called once, from the worker, when the device became unusable.
+  it); ``simulated_clock()`` says whether it is a simulated one (``use_sim_time``: latency is then timed from
+  receipt on the steady clock, as a replay's /clock ticks, pauses and jumps say nothing about the node's own
+  time); ``on_fatal(message)`` is called once, from the worker, when the device became unusable.
 - :meth:`submit` (subscription callbacks; never blocks on inference), :meth:`start` / :meth:`stop` (the worker
   thread: take frames or not), :meth:`configure` (live options), :meth:`swap_segmenter` (between batches),
   :meth:`snapshot` (counters and percentiles under the lock), :meth:`wait_taken` (a producer's pacing),
@@ -205,7 +207,8 @@ class FramePipeline:
 
     def __init__(self, segmenter: Any, cameras: Sequence[tuple[str, bool]], *, wanted: Wanted, publish: Publish,
                  clock_ns: Callable[[], int] = time.time_ns, options: PipelineOptions | None = None,
-                 logger: Any = None, on_fatal: Callable[[str], None] | None = None) -> None:
+                 logger: Any = None, on_fatal: Callable[[str], None] | None = None,
+                 simulated_clock: Callable[[], bool] = lambda: False) -> None:
         keys = [k for k, _ in cameras]
         if not keys or len(set(keys)) != len(keys):
             raise ValueError(f"cameras must be a non-empty list of distinct keys, got {keys}")
@@ -214,6 +217,7 @@ class FramePipeline:
         self._segmenter = segmenter
         self._in_use: Any = None  # the Segmenter of the batch in flight
         self._wanted, self._publish, self._clock_ns = wanted, publish, clock_ns
+        self._simulated_clock = simulated_clock
         self.options = options or PipelineOptions()
         self.log = logger or logging.getLogger("icnet_ros.frame_pipeline")
         self._lock = threading.Condition()
@@ -581,7 +585,8 @@ class FramePipeline:
             stamp = _stamp_ns(it.msg.header)
             done_ns, done_mono = self._clock_ns(), time.monotonic()
             # header stamp -> published when the stamp is on this clock; else receipt -> published
-            from_stamp = stamp > 0 and abs(it.received_ns - stamp) <= FOREIGN_CLOCK_S * 1e9 and done_ns >= stamp
+            from_stamp = (stamp > 0 and abs(it.received_ns - stamp) <= FOREIGN_CLOCK_S * 1e9 and done_ns >= stamp
+                          and not self._simulated_clock())
             latency = (done_ns - stamp) / 1e6 if from_stamp else (done_mono - it.received_mono) * 1e3
             with self._lock:
                 s = it.cam.stats

@@ -283,7 +283,8 @@ class SegmentationNode(LifecycleNode):
         self.pipeline = FramePipeline(
             self.segmenter, [(c.topic, c.compressed) for c in self.cameras], wanted=self._wanted,
             publish=self._publish, clock_ns=lambda: self.get_clock().now().nanoseconds,
-            options=PipelineOptions.from_config(cfg), logger=self.get_logger(), on_fatal=self._on_fatal)
+            options=PipelineOptions.from_config(cfg), logger=self.get_logger(), on_fatal=self._on_fatal,
+            simulated_clock=lambda: self.get_clock().ros_time_is_active)
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         self.startup_error = None

@@ -217,6 +217,18 @@ def test_stamps_on_this_clock_give_stamp_latency_never_negative(segmenter: Segme
     assert cams["/b"]["latency_from"] == "receipt" and cams["/b"]["latency_p50_ms"] >= 0
 
 
+def test_on_a_simulated_clock_latency_is_timed_from_receipt(segmenter: Segmenter):
+    """use_sim_time: the node's clock moves in /clock ticks (25 ms at 40 Hz), stands still while paused and jumps
+    with a bag loop; stamp latency read one tick (or 0 ms) whatever the pipeline took. It is timed from receipt."""
+    sink = Sink()
+    pipe = FramePipeline(segmenter, [("/a", False), ("/b", False)], wanted=sink.wanted, publish=sink.publish,
+                         clock_ns=lambda: 10**12, simulated_clock=lambda: True)  # a paused simulated clock
+    pipe.submit("/a", image(1, stamp_ns=10**12))
+    pipe.step()
+    cam = pipe.snapshot()["cameras"]["/a"]
+    assert cam["latency_from"] == "receipt" and cam["latency_p50_ms"] > 0, cam
+
+
 def test_malformed_frame_is_that_frames_drop(segmenter: Segmenter):
     pipe, sink, log = make(segmenter, compressed_b=True)
     bad = image(1)
