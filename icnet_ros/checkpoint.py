@@ -161,6 +161,12 @@ def validate_meta(meta: dict[str, Any]) -> None:
                               "'exported' record an object)")
     if _depth(meta) > MAX_META_DEPTH:
         raise CheckpointError(f"invalid metadata: nested deeper than {MAX_META_DEPTH} levels")
+    try:
+        size = len(json.dumps(meta))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"invalid metadata: not JSON: {e}") from e
+    if size > MAX_META_BYTES:  # a reader refuses it: refused before it is written too
+        raise CheckpointError(f"metadata of {size} bytes (at most {MAX_META_BYTES}); shorten its provenance")
     text = meta.get("license")
     if text is not None and (not isinstance(text, str) or not text.strip() or len(text) > MAX_LICENSE_CHARS
                              or not text.isprintable()):

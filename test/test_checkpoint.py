@@ -189,6 +189,9 @@ def test_oversized_or_deeply_nested_metadata_is_refused_before_it_is_parsed(tmp_
     big = _with_tensors(tmp_path, "big.safetensors", state, {**meta, "provenance": {"x": "y" * (2 << 20)}})
     with pytest.raises(CheckpointError, match=r"metadata of \d+ bytes \(at most 1048576\)"):
         read_metadata(big)
+    with pytest.raises(CheckpointError, match=r"metadata of \d+ bytes \(at most 1048576\); shorten its provenance"):
+        save_checkpoint(model, tmp_path / "never.safetensors", {**meta, "provenance": {"x": "y" * (2 << 20)}})
+    assert not (tmp_path / "never.safetensors").exists()  # what no reader accepts is not written
     path = tmp_path / "header.safetensors"  # a header of 17 MiB (an 89 MiB one parsed into 2.3 GB)
     save_file(state, str(path), metadata={"icnet_ros": json.dumps(meta), "pad": "z" * (17 << 20)})
     with pytest.raises(CheckpointError, match=r"safetensors header of \d+ bytes \(at most 16777216\)"):

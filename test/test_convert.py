@@ -1,11 +1,12 @@
 """mmseg checkpoint import: parity with the reference implementation, icnet-convert, and its error paths."""
+import json
 import os
 import pickle
 
 import pytest
 import torch
 
-from icnet_ros import CheckpointError, load_model
+from icnet_ros import CheckpointError, load_model, read_metadata
 from icnet_ros.convert import import_mmseg_checkpoint, infer_config, read_torch_checkpoint
 from icnet_ros.tools.convert import main as convert_main
 
@@ -336,6 +337,19 @@ def test_convert_averages_native_checkpoints_and_records_them(tmp_path, capsys):
     # a file without the auxiliary heads can be the first (its tensors are averaged)
     assert convert_main([str(dst), str(tmp_path / "again.safetensors"), "--average", str(a)]) == 0
     capsys.readouterr()
+    # averages of averages: a member's own history is named, not copied (copies nested 3.7x a level, and the third
+    # level wrote a file no reader accepts)
+    level = dst
+    sizes = []
+    for i in range(4):
+        nxt = tmp_path / f"level{i}.safetensors"
+        assert convert_main([str(level), str(nxt), "--average", str(level), str(level)]) == 0
+        sizes.append(len(json.dumps(read_metadata(nxt))))
+        level = nxt
+    capsys.readouterr()
+    growth = [b - a for a, b in zip(sizes, sizes[1:])]
+    assert max(growth) <= 1.2 * min(growth), sizes  # a record a level (its 'previous' chain), not a copy of all
+    assert load_model(level).meta["provenance"]["exported"]["averaged_with"][0]["from"] == "level2.safetensors"
     again, first = load_model(tmp_path / "again.safetensors").state_dict(), soup.state_dict()
     assert all(torch.allclose(v, (first[k] + states[0][k]) / 2) for k, v in again.items() if v.is_floating_point())
     # the averaged model runs: outputs differ from each member's
