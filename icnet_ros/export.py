@@ -252,18 +252,18 @@ def export_record(meta: dict[str, Any]) -> dict[str, Any]:
 
 def profile_batch(meta: dict[str, Any]) -> int | None:
     """For an export with a dynamic batch axis: the largest batch a TensorRT optimisation profile covers (the
-    export's ``batch``, 1 when absent); None for a fixed-batch export (``dynamic_batch`` false). A ``batch`` that is
-    not an integer in 1..:data:`MAX_EXPORT_BATCH` is a :class:`CheckpointError`."""
+    export's ``batch``, 1 when absent, at most :data:`MAX_EXPORT_BATCH`: a file of an earlier version recording more
+    still loads, its profile bounded); None for a fixed-batch export (``dynamic_batch`` false). A ``batch`` that is
+    not a positive integer is a :class:`CheckpointError`."""
     record = export_record(meta)
     if record.get("dynamic_batch", True) is False:
         return None
     batch = record.get("batch")
     if batch is None:
         return 1
-    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_EXPORT_BATCH:
-        raise CheckpointError(f"invalid export batch in metadata: {str(batch)[:40]!r} (need an integer from 1 to "
-                              f"{MAX_EXPORT_BATCH})")
-    return batch
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise CheckpointError(f"invalid export batch in metadata: {repr(batch)[:40]} (need a positive integer)")
+    return min(batch, MAX_EXPORT_BATCH)
 
 
 @contextlib.contextmanager

@@ -380,7 +380,8 @@ def _varint(n):
 
 def test_export_record_readers_tolerate_wrong_types(ckpt):
     """provenance as [] / a string / {"exported": [1]} raised AttributeError out of Segmenter(); the readers now treat
-    a wrong type as absent, and the export batch (TensorRT's profile maximum) must be an integer in 1..64."""
+    a wrong type as absent, and the export batch (TensorRT's profile maximum) must be a positive integer, its
+    profile at most 64 (an earlier version's export of --batch 100 still loads)."""
     from icnet_ros.backends.tensorrt import _engine_record
     from icnet_ros.export import exported_meta
 
@@ -391,18 +392,21 @@ def test_export_record_readers_tolerate_wrong_types(ckpt):
     assert profile_batch({"provenance": {"exported": {"batch": 8, "dynamic_batch": "no"}}}) == 8  # not a bool
     assert profile_batch({"provenance": {"exported": {"batch": 8, "dynamic_batch": False}}}) is None
     assert profile_batch({"provenance": {"exported": {"batch": limit}}}) == limit
-    for batch in ("many", 10 ** 6, limit + 1, 0, -3, 2.0, True, [2]):
-        with pytest.raises(CheckpointError, match=f"invalid export batch in metadata.*1 to {limit}"):
+    assert profile_batch({"provenance": {"exported": {"batch": 10 ** 6}}}) == limit
+    for batch in ("many", 0, -3, 2.0, True, [2]):
+        with pytest.raises(CheckpointError, match="invalid export batch in metadata.*need a positive integer"):
             profile_batch({"provenance": {"exported": {"batch": batch, "dynamic_batch": True}}})
     # refused at read, for every backend (validate_export_meta)
     meta = read_metadata(ckpt)
     meta["network_size"] = list(SIZE)
-    meta["provenance"]["exported"] = {"format": "onnx", "batch": 10 ** 6, "dynamic_batch": True}
+    meta["provenance"]["exported"] = {"format": "onnx", "batch": "many", "dynamic_batch": True}
     from icnet_ros.export import parse_export_meta
 
     with pytest.raises(CheckpointError) as e:
         parse_export_meta(json.dumps(meta), "m.onnx")
-    one_line_error(e, "m.onnx: invalid export batch in metadata: '1000000'")
+    one_line_error(e, "m.onnx: invalid export batch in metadata: 'many'")
+    meta["provenance"]["exported"]["batch"] = 100  # an export of an earlier version with --batch 100
+    assert profile_batch(parse_export_meta(json.dumps(meta), "m.onnx")) == limit
     # an export of a model whose provenance is not an object records a fresh one
     meta = read_metadata(ckpt)
     meta["provenance"] = ["x"]
