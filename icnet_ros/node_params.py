@@ -279,8 +279,8 @@ def as_text(name: str, value: Any) -> Any:
         return value
     if spec.type_name == "double" and isinstance(value, int):
         return float(value)
-    if spec.type_name == "integer" and isinstance(value, float) and value.is_integer():
-        return int(value)
+    if spec.type_name == "integer" and isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)  # (1e30 stays a double, refused as one: no 64-bit integer parameter holds it)
     return value
 
 

@@ -460,6 +460,7 @@ def test_sigint_shuts_down_cleanly(harness: RosHarness, node_proc: Process):
 @pytest.mark.parametrize("override,message", [
     ("max_batch:=0", "'max_batch' = 0: must be in [1, 64]"),
     ("max_age:=true", "'max_age': expected a double, got bool True"),  # max_age:=1 is taken as 1.0
+    ("max_batch:=1e30", "'max_batch': expected a integer, got double 1e+30"),  # max_batch:=2.0 is taken as 2
     ("image_topics:=[]", "'image_topics' = []: must list at least one image topic"),
     ("input_size:=big", "'input_size' = 'big'"),
 ])
