@@ -243,6 +243,14 @@ def test_tensorrt_ep_cache_follows_the_file_content(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"refusing ONNX Runtime's TensorRT engine cache: the cache folder .* "
                                               r"is writable by its group and other users \(mode 0777\)"):
         _tensorrt_ep_options(monkeypatch, model, str(cache))
+    # no engine_cache and a model in a folder others can write: this user's cache, as the native backend does
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o775)
+    (shared / "road.onnx").write_bytes(b"weights one")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = _tensorrt_ep_options(monkeypatch, shared / "road.onnx", None)["trt_engine_cache_path"]
+    assert path.startswith(str(tmp_path / "xdg" / "icnet_ros" / "tensorrt" / "ort-trt" / "road.")), path
 
 
 def test_graph_output_classes_are_the_metadata_classes(tmp_path, tiny_ckpt):

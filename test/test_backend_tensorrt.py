@@ -401,6 +401,11 @@ def test_engines_of_an_onnx_file_in_a_shared_folder_go_to_the_users_cache(tmp_pa
     assert cached.parent == tmp_path / "xdg" / "icnet_ros" / "tensorrt"
     assert backend_module.engine_path(shared / "m.onnx", meta, torch.device("cuda"), "fp32",
                                       cache_dir=str(shared)).parent == shared  # a given engine_cache is used as is
+    # a read-only folder (an install share, a read-only mount): the engine could not be written after minutes of
+    # building. These tests run as root, whom permissions do not stop, so the folder's writability is what is faked.
+    real_access = os.access
+    monkeypatch.setattr(backend_module.os, "access", lambda p, mode: False if Path(p) == own else real_access(p, mode))
+    assert backend_module.engine_path(own / "m.onnx", meta, torch.device("cuda"), "fp32").parent == cached.parent
 
 
 def test_logits_shape_rule():

@@ -53,8 +53,14 @@ def session_options(ort: Any, threads: int) -> Any:
 
 def trt_cache_folder(path: Path, cache_dir: str | None = None) -> Path:
     """The TensorRT execution provider's engine cache folder for the ONNX file ``path`` (module docstring): named
-    after the file's content, as the native TensorRT backend names its engines."""
-    base = Path(cache_dir).expanduser() if cache_dir else path.with_name(path.name + ".ort-trt")
+    after the file's content, as the native TensorRT backend names its engines; beside the file, or in this user's
+    cache where the file's folder cannot hold engines (as :func:`icnet_ros.backends.tensorrt.engine_path` decides)."""
+    if cache_dir:
+        base = Path(cache_dir).expanduser()
+    else:
+        from .tensorrt import can_hold_engines, user_cache_dir
+
+        base = path.with_name(path.name + ".ort-trt") if can_hold_engines(path.parent) else user_cache_dir() / "ort-trt"
     return base / f"{path.stem}.{file_sha256(path)[:16]}"
 
 

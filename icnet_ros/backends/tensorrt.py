@@ -2,10 +2,11 @@
 
 ``open_backend(path, options)`` takes the ``.onnx`` file (the model: its metadata is the icnet_ros metadata, see
 :mod:`icnet_ros.export`). The engine is built on first use (minutes for a large model) and cached in
-``options.cache_dir`` or beside the ONNX file (in :func:`user_cache_dir` when that folder is writable by others,
-where engines may not be read from), under a name made of the ONNX file's SHA-256, the TensorRT version,
-the GPU's name and compute capability and the precision: a changed ONNX file, another TensorRT or another GPU
-builds a new engine (a file that TensorRT cannot deserialize is rebuilt as well). Writes are atomic.
+``options.cache_dir`` or beside the ONNX file (in :func:`user_cache_dir` when that folder cannot hold engines:
+writable by others or another user's, where engines may not be read from, or read-only), under a name made of the
+ONNX file's SHA-256, the TensorRT version, the GPU's name and compute capability and the precision: a changed ONNX
+file, another TensorRT or another GPU builds a new engine (a file that TensorRT cannot deserialize is rebuilt as
+well). Writes are atomic.
 
 An engine file (``.engine``/``.plan``, e.g. from ``icnet-export --format tensorrt --output road.engine``) runs
 directly; its metadata is the side file ``road.engine.json`` written with it (the ONNX metadata plus a
@@ -77,20 +78,26 @@ def engine_path(onnx_path: Path, meta: dict[str, Any], device: torch.device, pre
     if cache_dir:
         folder = Path(cache_dir).expanduser()
     else:
-        folder = onnx_path.parent
-        if not folder.is_dir() or _folder_problem(folder) is not None:  # e.g. group-writable (umask 002): an engine
-            folder = user_cache_dir()  # there would be refused when read back, so it goes to this user's own cache
+        folder = onnx_path.parent if can_hold_engines(onnx_path.parent) else user_cache_dir()
     return folder / name
 
 
+def can_hold_engines(folder: Path) -> bool:
+    """Whether engines may be cached in ``folder``: not writable by others nor another user's (an engine there would
+    be refused when read back: :func:`engine_trust_problem`) and writable by this process (an install share or a
+    read-only mount could not take it after minutes of building)."""
+    return folder.is_dir() and folder_problem(folder) is None and os.access(folder, os.W_OK | os.X_OK)
+
+
 def user_cache_dir() -> Path:
-    """This user's engine cache when the ONNX file's folder cannot hold engines safely and no ``engine_cache`` is
-    given: ``$XDG_CACHE_HOME/icnet_ros/tensorrt`` (default ``~/.cache/icnet_ros/tensorrt``), made 0700."""
+    """This user's engine cache when the ONNX file's folder cannot hold engines (others may write it, another user
+    owns it, or it is read-only) and no ``engine_cache`` is given: ``$XDG_CACHE_HOME/icnet_ros/tensorrt`` (default
+    ``~/.cache/icnet_ros/tensorrt``), made 0700."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "icnet_ros" / "tensorrt"
 
 
-def _folder_problem(folder: Path, what: str = "the folder") -> str | None:
+def folder_problem(folder: Path, what: str = "the folder") -> str | None:
     """Why ``folder`` must not hold engines (:func:`_stat_problem`), or None."""
     try:
         return _stat_problem(os.stat(folder), f"{what} {folder}", _current_uid())
@@ -407,10 +414,10 @@ class TensorRTBackend:
         tag = "fp16" if fp16_file else ("fp16-flag" if fp16_flag else "fp32")
         self.engine_file = engine_path(self.path, self.meta, self.device, tag, options.cache_dir)
         folder = self.engine_file.parent
-        if not folder.exists():  # engine_cache, or this user's cache (engine_path)
-            folder.mkdir(mode=0o700, parents=True)
+        if not folder.exists():  # engine_cache, or this user's cache (engine_path); two nodes may start at once
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         if folder.is_dir():  # an untrusted cache folder is refused before minutes of building
-            problem = _folder_problem(folder, "the cache folder")
+            problem = folder_problem(folder, "the cache folder")
             if problem:
                 raise _untrusted(self.engine_file, problem, "or set engine_cache to a folder of your own (a new one "
                                  "is created with mode 0700)")
@@ -478,5 +485,6 @@ def open_backend(path: str | os.PathLike, options: BackendOptions = BackendOptio
     return TensorRTBackend(path, options)
 
 
-__all__ = ["TensorRTBackend", "build_engine", "cache_folder_problem", "engine_path", "engine_trust_problem",
-           "logits_shape_problem", "metadata_path", "open_backend", "read_engine_metadata", "read_trusted_engine"]
+__all__ = ["TensorRTBackend", "build_engine", "cache_folder_problem", "can_hold_engines", "engine_path",
+           "engine_trust_problem", "folder_problem", "logits_shape_problem", "metadata_path", "open_backend",
+           "read_engine_metadata", "read_trusted_engine", "user_cache_dir"]

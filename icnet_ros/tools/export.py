@@ -131,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
                 engine = backend.engine_file
                 backend.close()
             else:  # an fp16 export builds an fp16 engine (strongly typed)
+                from ..backends.tensorrt import folder_problem
+
+                output.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                problem = folder_problem(output.parent.resolve(), "the output folder")
+                if problem:  # the backend would refuse to load the engine it builds there (engines are code)
+                    raise CheckpointError(f"--output {output}: {problem}; an engine is loaded only from a folder no "
+                                          "group or other user can write (chmod go-w, or another folder)")
                 engine = build_engine(out, output)
             print(f"{engine} ({time.perf_counter() - t0:.0f} s)")
     except (CheckpointError, MissingRuntimeError, ValueError, OSError) as e:
