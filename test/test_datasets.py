@@ -135,6 +135,8 @@ def test_yaml_class_file_with_raw_ids_and_colors(tmp_path):
     assert cs.name == "yard" and cs.classes == ("grass", "path", "wall") and cs.palette[0] == (0, 200, 0)
     lut = cs.label_lut()
     assert lut[10] == 0 and lut[20] == 1 and lut[2] == 2 and lut[0] == 255 and lut[1] == 255
+    (tmp_path / "year.yaml").write_text("name: 2024\nclasses: [a, b]\n")  # YAML reads the name as a number
+    assert load_class_file(tmp_path / "year.yaml").name == "2024"
 
 
 def test_text_class_file(tmp_path):

@@ -142,7 +142,10 @@ def _parse_structured_class_file(p: Path) -> tuple[list[dict[str, Any]], str | N
     ignore = doc.get("ignore_index", IGNORE_INDEX)
     if not _is_int(ignore):
         raise ValueError(f"ignore_index must be an integer in 0..255, got {ignore!r}")
-    return entries, doc.get("name"), ignore
+    name = doc.get("name")
+    if isinstance(name, (int, float)) and not isinstance(name, bool):  # `name: 2024` (YAML reads a number)
+        name = str(name)
+    return entries, name, ignore
 
 
 def _parse_text_class_file(p: Path) -> list[dict[str, Any]]:
