@@ -222,7 +222,7 @@ def test_exported_onnx_model_is_evaluated_through_onnxruntime(capsys, tmp_path):
     assert ort_report["backend"] == "onnxruntime" and ort_report["input_size"] == [192, 256]
     assert ort_report["mIoU"] == pytest.approx(torch_report["mIoU"], abs=0.05)
     # another --input-size is refused as the engine refuses it (it was ignored: the export's size ran silently)
-    assert main(["--model", str(onnx), "--data", str(root), "--split", "val", "--limit", "1",
+    assert main(["--model", str(onnx), "--data", str(root), "--split", "val", "--limit", "1", "--workers", "0",
                  "--input-size", "352x480"]) == 2
     assert "input_size 352x480: this exported model runs only at 192x256" in capsys.readouterr().err
 
@@ -232,7 +232,8 @@ def test_labels_without_a_labelled_pixel_say_so(capsys, tmp_path, ckpt):
     _camvid_tree(tmp_path / "void")
     for label in (tmp_path / "void" / "val" / "labels").iterdir():
         cv2.imwrite(str(label), np.full((64, 96), 11, np.uint8))  # CamVid's void
-    assert main(["--model", str(ckpt), "--data", str(tmp_path / "void"), "--split", "val", "--no-progress"]) == 1
+    assert main(["--model", str(ckpt), "--data", str(tmp_path / "void"), "--split", "val", "--no-progress",
+                 "--workers", "0"]) == 1  # DataLoader workers fork this multi-threaded test process: no
     assert "icnet-eval: error: no labelled pixel in 2 label file(s)" in capsys.readouterr().err
 
 
