@@ -16,7 +16,7 @@ apply the binning or the ROI twice.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 __all__ = ["CameraInfoCache", "image_size", "scale_camera_info", "stamp_ns"]
@@ -57,8 +57,7 @@ class CameraInfoCache:
         self.capacity = capacity
         self.pending = pending
         self._by_stamp: OrderedDict[int, Any] = OrderedDict()
-        self._waiting: OrderedDict[int, list[Any]] = OrderedDict()  # stamp -> the callers' items, oldest first
-        self._n_waiting = 0
+        self._waiting: deque[tuple[int, Any]] = deque(maxlen=pending)  # (stamp, the caller's item), oldest first
         self._static: Any | None = None
         self._lock = threading.Lock()
         self.received = 0
@@ -71,17 +70,17 @@ class CameraInfoCache:
             self.received += 1
             if stamp == 0:
                 self._static = info
-                done = [item for items in self._waiting.values() for item in items]
+                done = [item for _, item in self._waiting]
                 self._waiting.clear()
-                self._n_waiting = 0
                 return [(info, item) for item in done]
             self._by_stamp[stamp] = info
             self._by_stamp.move_to_end(stamp)
             while len(self._by_stamp) > self.capacity:
                 self._by_stamp.popitem(last=False)
-            items = self._waiting.pop(stamp, [])
-            self._n_waiting -= len(items)
-            return [(info, item) for item in items]
+            done = [item for s, item in self._waiting if s == stamp]  # two frames may share a stamp
+            if done:
+                self._waiting = deque(((s, it) for s, it in self._waiting if s != stamp), maxlen=self.pending)
+            return [(info, item) for item in done]
 
     def match(self, stamp: int, waiting: Any = None) -> Any | None:
         """The camera_info for an image stamped ``stamp`` (ns), or None; then ``waiting`` (when given) waits for
@@ -91,15 +90,7 @@ class CameraInfoCache:
             if info is None:
                 info = self._static
             if info is None and waiting is not None and self.pending > 0:
-                self._waiting.setdefault(stamp, []).append(waiting)  # two frames may share a stamp
-                self._waiting.move_to_end(stamp)
-                self._n_waiting += 1
-                while self._n_waiting > self.pending:
-                    oldest = next(iter(self._waiting.values()))
-                    oldest.pop(0)
-                    self._n_waiting -= 1
-                    if not oldest:
-                        self._waiting.popitem(last=False)
+                self._waiting.append((stamp, waiting))  # the oldest beyond ``pending`` gives up
             return info
 
     def __len__(self) -> int:

@@ -63,8 +63,8 @@ import numpy as np
 from .ros_image import DEFAULT_MAX_PIXELS, ImageFormatError, compressed_header, segmenter_frame, segmenter_input
 from .sizes import MIN_INPUT_SIZE
 
-__all__ = ["AGE_FROM", "BIG_FRAME", "CameraStats", "FOREIGN_CLOCK_S", "FramePipeline", "LATENCY_WINDOW",
-           "PipelineOptions", "LATE_PERIODS", "RECENT_S", "REGROW_AFTER", "WARN_PERIOD_S", "device_failure", "release_device_memory"]
+__all__ = ["AGE_FROM", "BIG_FRAME", "CameraStats", "FOREIGN_CLOCK_S", "FramePipeline", "LATE_PERIODS", "LATENCY_WINDOW",
+           "PipelineOptions", "RECENT_S", "REGROW_AFTER", "WARN_PERIOD_S", "device_failure", "release_device_memory"]
 
 WARN_PERIOD_S = 5.0  # throttle for repeated per-camera warnings and errors of one kind
 LATENCY_WINDOW = 300  # latency samples kept per camera for the percentiles
@@ -484,8 +484,8 @@ class FramePipeline:
     def _due(cam: _Camera, now: float, deadline: float) -> bool:
         """Whether a batch should wait for ``cam``: it is still publishing (its last frame within
         :data:`LATE_PERIODS` of its periods; :data:`RECENT_S` s while its rate is unknown) and its next frame is due
-        before ``deadline``. A camera slower than the
-        batch timeout, or one that stopped, never holds the others' frames back."""
+        before ``deadline``. A camera slower than the batch timeout, or one that stopped, never holds the others'
+        frames back."""
         s = cam.stats
         if s.last_received is None:
             return False
