@@ -206,7 +206,7 @@ class SegmentationNode(LifecycleNode):
         self._active = False
         self._starting = False
         self.busy: str | None = None  # a long operation in progress (a model load), for the process's exit
-        self.add_pre_set_parameters_callback(self._as_text)
+        self.add_pre_set_parameters_callback(self._as_declared_type)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         # health reporting runs on the steady clock: with use_sim_time a ROS-clock timer stops before the first /clock,
@@ -596,13 +596,13 @@ class SegmentationNode(LifecycleNode):
 
     # ------------------------------------------------------------------ parameters at run time
     @staticmethod
-    def _as_text(params: list[Any]) -> list[Any]:
+    def _as_declared_type(params: list[Any]) -> list[Any]:
         """``ros2 param set /icnet_node input_size 1.5`` sends a double (a string parameter takes its text),
-        ``max_age 0`` an integer (a double parameter takes 0.0): :func:`node_params.as_text`."""
+        ``max_age 0`` an integer (a double parameter takes 0.0): :func:`node_params.as_declared_type`."""
         out = []
         for p in params:
-            text = node_params.as_text(p.name, p.value)
-            out.append(Parameter(p.name, value=text) if text is not p.value else p)
+            value = node_params.as_declared_type(p.name, p.value)
+            out.append(Parameter(p.name, value=value) if value is not p.value else p)
         return out
 
     def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:

@@ -265,7 +265,7 @@ class NodeConfig:
     autostart: bool
 
 
-def as_text(name: str, value: Any) -> Any:
+def as_declared_type(name: str, value: Any) -> Any:
     """``value`` in its parameter's declared type where that loses nothing: a bool or number given for a string
     parameter as its text (``-p input_size:=1.5``, ``-p warmup:=false`` and ``ros2 param set ... input_size 1.5``
     type them as double / bool), a whole number for a double (``ros2 param set ... max_age 0``) as a float and a
@@ -290,10 +290,8 @@ def check_value(name: str, value: Any) -> Any:
     spec = SPECS.get(name)
     if spec is None:
         raise ParameterError(f"unknown parameter {name!r}")
-    value = as_text(name, value)
+    value = as_declared_type(name, value)
     expected = spec.type_name
-    if expected == "double" and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
     if isinstance(value, tuple):
         value = list(value)
     if value is None and expected.endswith("_array"):  # rclpy reports an empty YAML list as None
@@ -378,7 +376,7 @@ def declare(node: Any) -> dict[str, Any]:
                 check_value(spec.name, [])  # raises the parameter's own message (e.g. "must list ...")
                 node.declare_parameter(spec.name, spec.default, desc, ignore_override=True)
                 continue
-            coerced = as_text(spec.name, value)
+            coerced = as_declared_type(spec.name, value)
             if coerced is not value and _type_name(coerced) == spec.type_name:  # `-p input_size:=1.5`, `max_age:=0`
                 values[spec.name] = node.declare_parameter(spec.name, coerced, desc, ignore_override=True).value
                 continue
