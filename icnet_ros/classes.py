@@ -15,6 +15,14 @@ IGNORE_INDEX = 255
 MAX_NAME_LENGTH = 100
 
 
+NAME_RULE = f"non-empty printable text of at most {MAX_NAME_LENGTH} characters"
+
+
+def _is_name(v: Any) -> bool:
+    """A class or class-set name: :data:`NAME_RULE`."""
+    return isinstance(v, str) and bool(v.strip()) and len(v) <= MAX_NAME_LENGTH and v.isprintable()
+
+
 def _integer(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -30,18 +38,15 @@ class ClassSet:
     label_map: dict[int, int] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > MAX_NAME_LENGTH or \
-                not self.name.isprintable():
-            raise ValueError(f"bad class set (dataset) name {repr(self.name)[:80]} (need non-empty printable text of "
-                             f"at most {MAX_NAME_LENGTH} characters)")
+        if not _is_name(self.name):
+            raise ValueError(f"bad class set (dataset) name {repr(self.name)[:80]} (need {NAME_RULE})")
         if len(self.classes) != len(self.palette):
             raise ValueError(f"class set {self.name!r}: {len(self.classes)} classes but {len(self.palette)} colors")
         if not 1 <= len(self.classes) <= 255:
             raise ValueError(f"class set {self.name!r}: 1..255 classes supported, got {len(self.classes)}")
         for c in self.classes:  # names reach subscribers (classes.names, the class metadata JSON) and reports
-            if not isinstance(c, str) or not c.strip() or len(c) > MAX_NAME_LENGTH or not c.isprintable():
-                raise ValueError(f"class set {self.name!r}: bad class name {repr(c)[:80]} (need non-empty printable "
-                                 f"text of at most {MAX_NAME_LENGTH} characters)")
+            if not _is_name(c):
+                raise ValueError(f"class set {self.name!r}: bad class name {repr(c)[:80]} (need {NAME_RULE})")
         if len(set(self.classes)) != len(self.classes):
             twice = sorted({c for c in self.classes if self.classes.count(c) > 1})
             raise ValueError(f"class set {self.name!r}: class names must be distinct, repeated: {', '.join(twice)}")
