@@ -59,9 +59,6 @@ MAX_METADATA_BYTES = 16 << 20
 #: the largest batch an export records or fixes: a TensorRT optimisation profile covers 1..it, and a fixed-batch
 #: model pads every call to it (as many cameras as the node batches at most)
 MAX_EXPORT_BATCH = 64
-#: the deepest nesting of objects/arrays in an export's metadata (each export of an export adds a level under
-#: provenance; real metadata is under 10 deep)
-MAX_METADATA_DEPTH = 64
 
 
 def check_export_size(size: tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -331,25 +328,11 @@ def parse_export_meta(text: str | bytes, source: str | os.PathLike) -> dict[str,
         raise CheckpointError(f"{source}: icnet_ros metadata is nested too deeply to parse") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{source}: icnet_ros metadata is not a JSON object")
-    if _deeper_than(meta, MAX_METADATA_DEPTH):  # what json accepts (~1000 levels) can still break deepcopy / dumps
-        raise CheckpointError(f"{source}: icnet_ros metadata is nested deeper than {MAX_METADATA_DEPTH} levels")
-    try:
+    try:  # (its size and nesting depth bounded as a checkpoint's: validate_meta)
         validate_export_meta(meta)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
     return meta
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether JSON ``value`` nests objects/arrays more than ``limit`` levels deep (iterative: no recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        children = v.values() if isinstance(v, dict) else v
-        if depth > limit:
-            return True
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return False
 
 
 def validate_export_meta(meta: dict[str, Any]) -> None:
@@ -486,6 +469,6 @@ def _parse_entry(data: bytes) -> tuple[str, str]:
         raise _Malformed("metadata entry is not UTF-8") from None
 
 
-__all__ = ["INPUT_NAME", "MAX_EXPORT_BATCH", "MAX_METADATA_DEPTH", "MAX_TOP_LEVEL_FIELDS", "OUTPUT_NAME",
+__all__ = ["INPUT_NAME", "MAX_EXPORT_BATCH", "MAX_TOP_LEVEL_FIELDS", "OUTPUT_NAME",
            "check_export_size", "check_opset", "export_onnx", "export_record", "exported_meta", "inference_model",
            "parse_export_meta", "profile_batch", "read_onnx_metadata", "supported_opsets", "validate_export_meta"]
