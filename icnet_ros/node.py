@@ -49,6 +49,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
+from rclpy.exceptions import ParameterException
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
@@ -63,7 +64,7 @@ from . import node_params
 from .camera_info import CameraInfoCache, scale_camera_info, stamp_ns
 from .engine_config import LIVE_OPTIONS, OPTIONS, ConfigError
 from .frame_pipeline import FramePipeline, PipelineOptions, release_device_memory
-from .node_params import NODE_NAME, NodeConfig, ParameterError
+from .node_params import NODE_NAME, NodeConfig, ParameterError, rclpy_parameter_problem
 from .ros_image import compressed_header, numpy_to_image
 
 __all__ = ["SegmentationNode", "StartupError", "auto_cpu_threads"]
@@ -171,7 +172,10 @@ class SegmentationNode(LifecycleNode):
     drives it from the executor, so that signals are served while the model loads)."""
 
     def __init__(self, node_name: str = NODE_NAME, start: bool | None = None, **node_kwargs: Any) -> None:
-        super().__init__(node_name, **node_kwargs)
+        try:
+            super().__init__(node_name, **node_kwargs)
+        except ParameterException as e:  # rclpy's own parameters (use_sim_time:=5, ...): one line, not a traceback
+            raise StartupError(rclpy_parameter_problem(e)) from None
         try:
             raw = node_params.declare(self)
             self.config: NodeConfig = node_params.parse(raw)
@@ -197,6 +201,7 @@ class SegmentationNode(LifecycleNode):
         self.cameras: list[Camera] = []
         self._by_topic: dict[str, Camera] = {}
         self.model_path = self.config.model
+        self._model_identity: tuple[int, int, int, int] | None = None  # the loaded model file's (_file_identity)
         self.cpu_threads = 0
         self.fatal_error: str | None = None  # an unrecoverable device error: the process exits with status 1
         self.startup_error: str | None = None  # why the last configure failed
@@ -237,15 +242,16 @@ class SegmentationNode(LifecycleNode):
     # ------------------------------------------------------------------ lifecycle transitions
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         self.startup_error = None
-        self.get_logger().info(f"configuring: loading {self._model_path(self.config.model)} ...")
         try:
+            self.get_logger().info(f"configuring: loading {self._model_path(self.config.model)} ...")
             with self._busy("loading the model"):
-                seg = self._load_segmenter(self.config.model, self.config.engine)
+                seg = self._load_segmenter(self.config)
             self._check_classes(seg)
         except StartupError as e:
             return self._failed("configure", str(e))
-        self.segmenter = seg
-        self.model_path = self._model_path(self.config.model)
+        except Exception as e:  # noqa: BLE001 - rclpy would turn it into a silent failed transition
+            return self._failed("configure", f"{type(e).__name__}: {e}")
+        self._set_segmenter(seg, self.config.model)
         try:
             self._create_outputs()
         except Exception as e:  # noqa: BLE001 - rclpy's errors (RCLError, ...): the reason, not a bare "failed"
@@ -502,20 +508,40 @@ class SegmentationNode(LifecycleNode):
 
     @staticmethod
     def _model_path(model: str) -> str:
-        from .checkpoint import default_model_path
+        """The file ``model`` names (the default model for ''); :class:`StartupError` when it is not installed."""
+        from .checkpoint import CheckpointError, default_model_path
 
-        return str(default_model_path()) if not model else model
+        if model:
+            return model
+        try:
+            return str(default_model_path())
+        except CheckpointError as e:
+            message = str(e).removesuffix("; pass a model path")
+            raise StartupError(f"cannot load model: {message}; set the 'model' parameter to a model file") from None
 
-    def _load_segmenter(self, model: str, engine: Any) -> Any:
-        """Build and warm up a Segmenter; every failure becomes a one-line :class:`StartupError`."""
+    @staticmethod
+    def _file_identity(path: str) -> tuple[int, int, int, int] | None:
+        """What tells a rewritten model file from the loaded one (device, inode, size, modification time)."""
+        try:
+            st = os.stat(os.path.expanduser(path))
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _set_segmenter(self, seg: Any, model: str) -> None:
+        self.segmenter = seg
+        self.model_path = self._model_path(model)
+        self._model_identity = self._file_identity(self.model_path)
+
+    def _load_segmenter(self, config: NodeConfig) -> Any:
+        """Build and warm up a Segmenter for ``config`` (the node's, or the one a parameter change asks for); every
+        failure becomes a one-line :class:`StartupError`."""
         from .backends.base import MissingRuntimeError
         from .checkpoint import CheckpointError
 
-        problem = node_params.warmup_problem(engine, self.config.max_pixels)
-        if problem:  # checked at start-up too (node_params.parse); here for a run-time change
-            raise StartupError(problem)
+        model, engine = config.model, config.engine
+        path = self._model_path(model)
         try:
-            path = self._model_path(model)
             import torch
 
             from .engine import Segmenter, resolve_device
@@ -523,17 +549,17 @@ class SegmentationNode(LifecycleNode):
             with warnings.catch_warnings():  # the Segmenter reports the auto -> CPU fallback
                 warnings.simplefilter("ignore", RuntimeWarning)
                 on_cpu = resolve_device(engine.device).type == "cpu"
-            threads = self.config.num_threads or (auto_cpu_threads() if on_cpu else 0)
+            threads = config.num_threads or (auto_cpu_threads() if on_cpu else 0)
             if threads:
                 torch.set_num_threads(threads)
             self.cpu_threads = torch.get_num_threads()
 
             with warnings.catch_warnings():  # fallbacks (auto -> CPU, ...) are logged below, not printed twice
                 warnings.simplefilter("ignore", RuntimeWarning)
-                seg = Segmenter(str(path), engine, outputs=tuple(self.config.outputs))
+                seg = Segmenter(str(path), engine, outputs=tuple(config.outputs))
             if isinstance(engine.warmup, tuple):  # the cameras' sizes: also the batches that cameras can form
                 try:
-                    for batch in range(2, min(self.config.max_batch, len(self.config.image_topics)) + 1):
+                    for batch in range(2, min(config.max_batch, len(config.image_topics)) + 1):
                         for size in engine.warmup:
                             seg.warmup(size, batch=batch)
                 except BaseException:
@@ -616,9 +642,11 @@ class SegmentationNode(LifecycleNode):
             if spec.read_only:  # rclpy refuses these itself; kept for declare-time calls
                 continue
             try:
-                changes[p.name] = node_params.check_value(p.name, p.value)
+                value = node_params.check_value(p.name, p.value)
             except ParameterError as e:
                 return SetParametersResult(successful=False, reason=str(e))
+            if not self._unchanged(p.name, value):  # `ros2 param load` of the running file reloads nothing
+                changes[p.name] = value
         if not changes:
             return SetParametersResult(successful=True)
         try:
@@ -630,23 +658,45 @@ class SegmentationNode(LifecycleNode):
             return SetParametersResult(successful=False, reason=f"{type(e).__name__}: {e}")
         return SetParametersResult(successful=True)
 
+    def _unchanged(self, name: str, value: Any) -> bool:
+        """Whether setting parameter ``name`` to the checked ``value`` would change nothing: the same value (for
+        ``model``, the same path to a file not rewritten since it was loaded)."""
+        if name in OPTIONS:
+            try:
+                return self.config.engine.replace(**{name: value}) == self.config.engine
+            except (ConfigError, ValueError):
+                return False  # refused with its reason by _apply
+        if not hasattr(self.config, name) or (tuple(value) if isinstance(value, list) else value) != getattr(
+                self.config, name):
+            return False
+        if name == "model" and self.segmenter is not None:
+            try:
+                return self._file_identity(self._model_path(value)) == self._model_identity
+            except StartupError:
+                return False
+        return True
+
     def _apply(self, changes: dict[str, Any]) -> None:
         engine_changes = {k: v for k, v in changes.items() if k in OPTIONS}
         rebuild = "model" in changes or any(k not in LIVE_OPTIONS for k in engine_changes)
         engine = self.config.engine.replace(**engine_changes) if engine_changes else self.config.engine
-        if "model" in changes and changes["model"] and not os.path.isfile(changes["model"]):
+        config = dataclasses.replace(self.config, engine=engine, **{
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items()
+            if k in {f.name for f in dataclasses.fields(NodeConfig)} and k != "engine"})
+        if "model" in changes and changes["model"] and not os.path.isfile(os.path.expanduser(changes["model"])):
             raise StartupError(f"model {changes['model']!r}: no such file")
-        problem = node_params.warmup_problem(engine, changes.get("max_pixels", self.config.max_pixels))
+        problem = node_params.warmup_problem(engine, config.max_pixels)
         if problem:  # a warm-up frame is bounded like the frames, also when max_pixels changes
             raise StartupError(problem)
         new_outputs = "outputs" in changes and bool(self.cameras)
         if new_outputs:
-            self._set_outputs(tuple(changes["outputs"]))  # nothing changed when it fails
+            self._set_outputs(config.outputs)  # nothing changed when it fails
         try:
             if rebuild and self.segmenter is not None:
-                self._hot_swap(changes.get("model", self.config.model), engine)
+                self._hot_swap(config)
             elif engine_changes and self.segmenter is not None:
                 engine = self.segmenter.reconfigure(**engine_changes)  # applied between two batches
+                config = dataclasses.replace(config, engine=engine)
         except BaseException:
             if new_outputs:  # the whole change is refused: the outputs as they were
                 try:
@@ -654,26 +704,27 @@ class SegmentationNode(LifecycleNode):
                 except StartupError as e:  # the original error is the one to report
                     self.get_logger().error(f"restoring the outputs {list(self.config.outputs)}: {e}")
             raise
-        self.config = dataclasses.replace(self.config, engine=engine, **{
-            k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items()
-            if k in {f.name for f in dataclasses.fields(NodeConfig)} and k != "engine"})
+        self.config = config
         live = {f.name for f in dataclasses.fields(PipelineOptions)}
         update = {k: v for k, v in changes.items() if k in live}
         if update and self.pipeline is not None:
             self.pipeline.configure(**update)
 
-    def _hot_swap(self, model: str, engine: Any) -> None:
-        """Build and warm up a Segmenter for ``model``/``engine`` while the current one serves, then swap it in
-        between two batches and free the old one. Raises :class:`StartupError` (nothing changed) when it cannot
-        start."""
+    def _hot_swap(self, config: NodeConfig) -> None:
+        """Build and warm up a Segmenter for ``config`` (its model and engine) while the current one serves, then
+        swap it in between two batches and free the old one. Raises :class:`StartupError` (nothing changed, said
+        in the log too) when it cannot start."""
         t0 = time.monotonic()
-        self.get_logger().info(f"hot swap: loading {self._model_path(model)} ...")
-        with self._busy("loading a model (hot swap)"):
-            new = self._load_segmenter(model, engine)
-        self._check_classes(new)
+        try:
+            self.get_logger().info(f"hot swap: loading {self._model_path(config.model)} ...")
+            with self._busy("loading a model (hot swap)"):
+                new = self._load_segmenter(config)
+            self._check_classes(new)
+        except StartupError as e:
+            self.get_logger().warning(f"hot swap refused: {e}; still serving {self.model_path}")
+            raise
         old = self.pipeline.swap_segmenter(new, SWAP_TIMEOUT_S) if self.pipeline is not None else self.segmenter
-        self.segmenter = new
-        self.model_path = self._model_path(model)
+        self._set_segmenter(new, config.model)
         if old is not None and old is not new and (self.pipeline is None or self.pipeline.retire(old)):
             old.close()  # (else the worker closes it when the batch in flight on it ends)
             release_device_memory()

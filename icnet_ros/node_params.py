@@ -388,6 +388,20 @@ def declare(node: Any) -> dict[str, Any]:
     return values
 
 
+_RCLPY_TYPE_ERROR = re.compile(r"Trying to set parameter '(?P<name>[^']*)' to '(?P<value>.*)' of type '(?P<got>\w+)', "
+                               r"expecting type '(?P<expected>\w+)'", re.S)
+
+
+def rclpy_parameter_problem(error: Exception) -> str:
+    """One line for rclpy's own parameter errors (``use_sim_time:=5`` is refused inside rclpy's Node constructor),
+    worded like this module's."""
+    m = _RCLPY_TYPE_ERROR.search(str(error))
+    if m:
+        return (f"parameter {m['name']!r}: expected a {m['expected'].lower()}, got {m['got'].lower()} "
+                f"{m['value']}")
+    return " ".join(str(error).split())
+
+
 _PARAMS_FILE_HEADER = """\
 # icnet_node parameters and their defaults, generated from icnet_ros/node_params.py (engine parameters from
 # icnet_ros/engine_config.py): `python -m icnet_ros.node_params > config/icnet.yaml`; a test keeps them equal.

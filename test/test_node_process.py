@@ -55,6 +55,8 @@ def run_node(args: list[str], timeout: float = 60) -> subprocess.CompletedProces
      "image_topics: '/stereo/left' and '/stereo/right' would both publish to /stereo/semantic/*"),
     (["--ros-args", "-p", "qos_overrides./camera/image_raw.subscription.depth:=-3"],
      "qos_overrides./camera/image_raw.subscription.depth = -3: depth must be an integer in [0, 10000]"),
+    # rclpy's own parameter, refused inside rclpy's Node constructor (was a traceback and status 1: respawn loops)
+    (["--ros-args", "-p", "use_sim_time:=5"], "parameter 'use_sim_time': expected a bool, got integer 5"),
 ])
 def test_bad_arguments_give_one_line(args: list[str], message: str):
     proc = run_node(args)
@@ -419,6 +421,84 @@ def test_warmup_at_the_cameras_sizes_and_its_hot_swap(checkpoint: Path):
         assert node.set_parameters([Parameter("warmup", value="false")])[0].successful
         assert node.segmenter is not seg and node.segmenter.warmed_up == []  # a new Segmenter, not warmed up
         assert "no warm-up" in node._describe_model()
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
+
+def test_run_time_changes_that_change_nothing_reload_nothing(checkpoint: Path, tmp_path: Path, monkeypatch,
+                                                             capfd):
+    """Setting parameters to the values they have (`ros2 param load` of the file the node runs with) reloads no
+    model; the same model path reloads only when its file was rewritten; `~` works at run time as at start-up;
+    an atomic max_pixels + warmup change is checked against the new max_pixels; a refused hot swap says so in the
+    node's log, not only to the caller."""
+    import shutil
+
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from icnet_ros.node import SegmentationNode
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = tmp_path / "m.safetensors"
+    shutil.copy(checkpoint, model)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+        Parameter("model", value=str(model)), Parameter("device", value="cpu"), Parameter("warmup", value="96x128"),
+        Parameter("image_topics", value=["/nc/image_raw"])])
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        seg = node.segmenter
+        current = [p for p in node.get_parameters(list(node._parameters)) if not node.describe_parameter(
+            p.name).read_only]
+        assert all(r.successful for r in node.set_parameters(current))  # every parameter, one by one: no reload
+        assert node.set_parameters_atomically(current).successful
+        assert node.segmenter is seg, "a parameter set to its own value reloaded the model"
+        os.utime(model, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file rewritten: the same path reloads
+        assert node.set_parameters([Parameter("model", value=str(model))])[0].successful
+        assert node.segmenter is not seg
+        seg = node.segmenter
+        assert node.set_parameters([Parameter("model", value="~/m.safetensors")])[0].successful  # ~ as at start-up
+        assert node.segmenter is not seg and node.model_path == "~/m.safetensors"
+        assert node.set_parameters([Parameter("max_pixels", value=100_000)])[0].successful
+        result = node.set_parameters_atomically([Parameter("max_pixels", value=400_000),
+                                                 Parameter("warmup", value="480x640")])  # 307200 <= 400000
+        assert result.successful, result.reason
+        assert node.config.max_pixels == 400_000 and node.segmenter.warmed_up == [(480, 640, 1)]
+        capfd.readouterr()
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(b"not a model")
+        result = node.set_parameters([Parameter("model", value=str(bad))])[0]
+        assert not result.successful and "cannot load model" in result.reason, result
+        err = capfd.readouterr().err
+        assert "hot swap refused: cannot load model" in err and "still serving ~/m.safetensors" in err, err
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
+
+def test_a_missing_default_model_fails_configure_with_the_reason(monkeypatch, capfd):
+    """model '' with no default model installed: configure fails with the reason in the log (the exception was
+    swallowed by rclpy's lifecycle and nothing said why), and the node can be configured once a model is set."""
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from icnet_ros.node import SegmentationNode
+
+    monkeypatch.setenv("ICNET_ROS_DEFAULT_MODEL", "/nonexistent/road.safetensors")
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+        Parameter("device", value="cpu"), Parameter("warmup", value="false")])
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        reason = ("cannot load model: the default model is not installed: "
+                  "ICNET_ROS_DEFAULT_MODEL=/nonexistent/road.safetensors is not a file; set the 'model' parameter")
+        assert node.startup_error.startswith(reason), node.startup_error
+        assert f"configure failed: {reason}" in capfd.readouterr().err
     finally:
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
