@@ -19,7 +19,9 @@ small PNG can declare 12000 x 12000 pixels). An image source's ``on_error`` call
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -94,14 +96,38 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.nda
     return img
 
 
+_TMP_COUNTER = itertools.count()
+
+
 def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Encode ``image`` (uint8 H x W, or H x W x 3 in BGR) to ``path``; the format follows the extension."""
+    """Encode ``image`` (uint8 H x W, or H x W x 3 in BGR) to ``path``; the format follows the extension.
+
+    The file is written whole into a hidden temporary file in the same folder (``.<name>.<pid>.<n>.tmp``), then
+    renamed to ``path``: ``path`` is never a partial image. A failure (a full disk, a read-only folder) removes the
+    temporary file and raises OSError ``cannot write <path>: <reason>`` (the system's reason, e.g. ``No space left on
+    device``)."""
     p = Path(path)
     ok, buf = cv2.imencode(p.suffix or ".png", image)
     if not ok:
         raise OSError(f"cannot encode {p.suffix or '.png'} image for {p}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    buf.tofile(p)
+    tmp: Path | None = None
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        while True:  # a name no other writer (thread, process) uses: 'x' refuses an existing file
+            tmp = p.with_name(f".{p.name[:200]}.{os.getpid()}.{next(_TMP_COUNTER)}.tmp")
+            try:
+                f = open(tmp, "xb")  # noqa: SIM115 - closed below; its errors (a full disk) are the point
+            except FileExistsError:
+                continue
+            break
+        with f:
+            f.write(buf.data)
+        os.replace(tmp, p)
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise OSError(f"cannot write {p}: {e.strerror or e}") from e
 
 
 class FrameSource:
@@ -174,17 +200,26 @@ class ImageFiles(FrameSource):
 
 class ImageFolder(ImageFiles):
     """Every image in a folder (by extension, sorted by name; ``recursive`` walks sub-folders, and then names are
-    the relative paths with ``/`` replaced by ``__`` so that outputs do not collide)."""
+    the relative paths with ``/`` replaced by ``__`` so that outputs do not collide). ``exclude``: folders whose
+    images are left out (a tool's own output folders inside a folder it walks); :attr:`excluded` counts them."""
 
     def __init__(self, folder: str | os.PathLike, recursive: bool = False, fps: float = DEFAULT_IMAGE_FPS,
-                 max_pixels: int | None = None, on_error: Callable[[Path, SourceError], None] | None = None) -> None:
+                 max_pixels: int | None = None, on_error: Callable[[Path, SourceError], None] | None = None,
+                 exclude: Iterable[str | os.PathLike] = ()) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise SourceError(f"not a folder: {self.folder}")
         pattern = "**/*" if recursive else "*"
         paths = sorted(p for p in self.folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        skip = [Path(os.path.abspath(d)) for d in exclude]
+        kept = [p for p in paths if not any(Path(os.path.abspath(p)).is_relative_to(d) for d in skip)] if skip \
+            else paths
+        #: images left out because they are under an ``exclude`` folder
+        self.excluded = len(paths) - len(kept)
+        paths = kept
         if not paths:
-            raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {self.folder}")
+            raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {self.folder}"
+                              + (f" besides {self.excluded} under the output folder" if self.excluded else ""))
         super().__init__(paths, fps=fps, description=str(self.folder), max_pixels=max_pixels, on_error=on_error)
         self.names = ["__".join(p.relative_to(self.folder).with_suffix("").parts) for p in paths]
 
@@ -263,13 +298,14 @@ class VideoFile(FrameSource):
 
 
 def open_source(path: str | os.PathLike, *, fps: float = DEFAULT_IMAGE_FPS, recursive: bool = False,
-                max_frames: int | None = None, stride: int = 1, max_pixels: int | None = None) -> FrameSource:
+                max_frames: int | None = None, stride: int = 1, max_pixels: int | None = None,
+                exclude: Iterable[str | os.PathLike] = ()) -> FrameSource:
     """The frame source for ``path``: a folder -> :class:`ImageFolder`; an image -> :class:`ImageFiles`; a video
     (by extension) -> :class:`VideoFile`. Raises :class:`SourceError` for anything else. ``max_frames`` and
-    ``stride`` apply to videos, ``max_pixels`` to images."""
+    ``stride`` apply to videos, ``max_pixels`` to images, ``exclude`` (folders left out) to folders."""
     p = Path(path).expanduser()
     if p.is_dir():
-        return ImageFolder(p, recursive=recursive, fps=fps, max_pixels=max_pixels)
+        return ImageFolder(p, recursive=recursive, fps=fps, max_pixels=max_pixels, exclude=exclude)
     if not p.exists():
         raise SourceError(f"input not found: {p}")
     ext = p.suffix.lower()
@@ -300,7 +336,12 @@ def check_fourcc(fourcc: str) -> str:
 class VideoWriter:
     """An MP4 (``mp4v``) or other OpenCV video writer that opens on the first frame (its size sets the video size).
 
-    Frames are uint8 BGR H x W x 3; frames of another size are resized to the first frame's size.
+    Frames are uint8 BGR H x W x 3; frames of another size are resized to the first frame's size. A frame the
+    writer could not write (OpenCV's ``write`` returns False; with an OpenCV whose ``write`` returns nothing, a disk
+    with no space left) raises OSError ``cannot write <path>: <reason>`` (e.g. ``No space left on device``), and so
+    does every later frame: the video is incomplete. :meth:`finish` closes the file and checks it reads back with
+    every frame written (an MP4 whose index could not be written is unplayable); ``close()`` only closes it. As a
+    context manager: ``finish()`` on success, ``close()`` on an exception.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, fourcc: str = "mp4v") -> None:
@@ -312,11 +353,15 @@ class VideoWriter:
         self.fourcc = fourcc
         self.size: tuple[int, int] | None = None  # (W, H)
         self.frames = 0
+        #: why the video could not be written (the OSError's message), None while it is fine
+        self.error: str | None = None
         self._writer: cv2.VideoWriter | None = None
 
     def write(self, bgr: np.ndarray) -> None:
         if bgr.dtype != np.uint8 or bgr.ndim != 3 or bgr.shape[2] != 3:
             raise ValueError(f"VideoWriter expects uint8 H x W x 3 frames, got {bgr.dtype} {bgr.shape}")
+        if self.error is not None:  # never reopen (and truncate) a video that failed
+            raise OSError(self.error)
         if self._writer is None:
             self.size = (bgr.shape[1], bgr.shape[0])
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,19 +371,73 @@ class VideoWriter:
                 raise OSError(f"cannot open a {self.fourcc!r} video writer for {self.path}")
         if (bgr.shape[1], bgr.shape[0]) != self.size:
             bgr = cv2.resize(bgr, self.size, interpolation=cv2.INTER_LINEAR)
-        self._writer.write(np.ascontiguousarray(bgr))
+        ok = self._writer.write(np.ascontiguousarray(bgr))
+        if ok is False or (ok is None and _no_space_left(self.path.parent)):
+            self._fail(f"frame {self.frames + 1} was not written")
         self.frames += 1
+
+    def _fail(self, what: str) -> None:
+        """Close the writer, remember why the video is broken and raise OSError: the system's reason when the file
+        cannot grow (a full disk, a file size limit), else ``what``."""
+        self.close()
+        self.error = f"cannot write {self.path}: {_write_problem(self.path) or what}"
+        raise OSError(self.error)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.release()
             self._writer = None
 
+    def finish(self) -> None:
+        """Close the video and check that it reads back with every frame written; OSError ``cannot write <path>:
+        ...`` when not (an MP4 whose index was never written, on a full disk, cannot be opened at all)."""
+        self.close()
+        if self.error is not None:
+            raise OSError(self.error)
+        if not self.frames:
+            return
+        cap = cv2.VideoCapture(str(self.path))
+        try:
+            count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else None
+        finally:
+            cap.release()
+        if count is None:
+            self._fail("the finished video cannot be read back (incomplete)")
+        if 0 < count < self.frames:  # a container that records no count (0) is not second-guessed
+            self._fail(f"the finished video holds {count} of the {self.frames} frames written")
+
     def __enter__(self) -> VideoWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.close()
+
+
+def _no_space_left(folder: Path) -> bool:
+    """True when the file system of ``folder`` has no block left for this user."""
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return False
+
+
+def _write_problem(path: Path) -> str | None:
+    """Why ``path`` cannot grow, from the system (``No space left on device``, ``File too large``, ``Disk quota
+    exceeded``): one byte is appended to it (only called on a file already broken); None when that works."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except OSError as e:
+        return e.strerror or str(e)
+    try:
+        os.write(fd, b"\0")
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        os.close(fd)
+    return None
 
 
 __all__ = ["DEFAULT_IMAGE_FPS", "Frame", "FrameSource", "IMAGE_EXTENSIONS", "ImageFiles", "ImageFolder",

@@ -1,5 +1,9 @@
 """icnet-segment end to end on real files (synthetic images and videos, and the shared CamVid / video data when
 present), plus the frame sources of icnet_ros.video it is built on."""
+import contextlib
+import resource
+import signal
+
 import cv2
 import numpy as np
 import pytest
@@ -27,6 +31,26 @@ def _video(path, n=8, size=(96, 128), fps=12.0):
         for i in range(n):
             vw.write(_img(*size, seed=i))
     return path
+
+
+def _noise(h, w, seed):
+    """An incompressible frame: its PNG (or MP4 frame) is as large as its pixels."""
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@contextlib.contextmanager
+def _file_size_limit(nbytes):
+    """The kernel refuses to grow any file of this process past ``nbytes`` (RLIMIT_FSIZE): writes fail with EFBIG
+    ('File too large'), as they fail with ENOSPC on a full disk, without needing one. SIGXFSZ is ignored meanwhile
+    (it would end the process)."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def _palette_bgr():
@@ -85,6 +109,44 @@ def test_source_errors(tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"\x00" * 100)
     with pytest.raises(SourceError, match="cannot open video"):
         open_source(tmp_path / "broken.mp4")
+
+
+def test_an_image_is_written_whole_or_not_at_all(tmp_path):
+    """A write that cannot complete (here a file size limit; a full disk alike) leaves the previous file intact and
+    no partial or temporary file, and names the file and the system's reason. Before, numpy's tofile truncated the
+    file in place and said '196657 requested and 65536 written', naming no file."""
+    out = tmp_path / "label" / "x.png"
+    write_image(out, _img(64, 64, 0))
+    before = out.read_bytes()
+    with _file_size_limit(64 * 1024), pytest.raises(OSError) as info:
+        write_image(out, _noise(256, 256, 1))  # a ~197 KB PNG
+    assert str(info.value) == f"cannot write {out}: File too large"
+    assert out.read_bytes() == before and [p.name for p in out.parent.iterdir()] == ["x.png"]
+    write_image(out, _noise(256, 256, 1))  # the limit lifted: written
+    assert read_image(out).shape == (256, 256, 3)
+
+
+def test_a_video_frame_that_cannot_be_written_stops_the_writer(tmp_path):
+    """OpenCV's VideoWriter.write reports a frame it could not write only through its return value (and a log
+    line): before, every later frame failed the same way, silently, and the unplayable MP4 (no index) was
+    reported as written. Now the first failed frame raises 'cannot write <path>: <reason>', later frames too (the
+    file is never reopened over), and finish() checks a finished video reads back with every frame."""
+    path = tmp_path / "overlay" / "clip.mp4"
+    vw = VideoWriter(path, 10.0)
+    with _file_size_limit(128 * 1024), pytest.raises(OSError) as info:
+        for i in range(30):  # ~100 KB of MPEG-4 per noise frame, written out in 256 KB blocks
+            vw.write(_noise(360, 480, i))
+    assert str(info.value) == f"cannot write {path}: File too large" and vw.frames < 6
+    with pytest.raises(OSError, match="cannot write"):
+        vw.write(_noise(360, 480, 0))
+    with pytest.raises(OSError, match="cannot write"):
+        vw.finish()
+    # a video that was written: finish() reads it back (every frame there)
+    good = tmp_path / "good.mp4"
+    with VideoWriter(good, 10.0) as vw:
+        for i in range(3):
+            vw.write(_img(64, 64, i))
+    assert len(VideoFile(good)) == 3 and vw.error is None
 
 
 # ---------------------------------------------------------------------------------------------- CLI
