@@ -53,7 +53,10 @@ def test_config_files_overrides_and_errors(capsys):
                          ("loss.lovasz_weight=-1", "loss weights must be >= 0"),
                          ("loss.lovasz_stride=0", "lovasz_stride must be >= 1"),
                          ("loss.boundary_weight=-0.5", "loss weights must be >= 0"),
-                         ("loss.boundary_radius=0", "boundary_radius must be >= 1")]:
+                         ("loss.boundary_radius=0", "boundary_radius must be >= 1"),
+                         ("optim.lr=.inf", "optim.lr must be a finite number"),
+                         ("data.input_scale=.nan", "data.input_scale must be a finite number"),
+                         ("data.ratio_range=[1, .inf]", "ratio_range must be a list of two finite numbers")]:
         with pytest.raises(ConfigError, match=message):
             load_config("smoke", [bad])
     with pytest.raises(ConfigError, match="config not found"):
@@ -62,10 +65,13 @@ def test_config_files_overrides_and_errors(capsys):
     assert "optim.batch_size >= 1" in capsys.readouterr().err
     assert main(["smoke", "--print-config", "optim.lr=0.5"]) == 0
     assert "lr: 0.5" in capsys.readouterr().out
+    # YAML reads 1e-3 (no dot) as text: a number is a number however it is written
+    c = load_config("smoke", ["optim.lr=1e-3", "optim.weight_decay=5E-4", "optim.min_lr=1e-5"])
+    assert (c["optim"]["lr"], c["optim"]["weight_decay"], c["optim"]["min_lr"]) == (0.001, 0.0005, 1e-5)
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.crop_size=[32, 48]", "crop_size must be a list of two numbers >= 64"),  # the network's MIN_INPUT_SIZE
+    ("data.crop_size=[32, 48]", "crop_size must be a list of two finite numbers >= 64"),  # the network's MIN_INPUT_SIZE
     ("optim.momentum=-0.5", "optim.momentum must be >= 0"),
     ("optim.weight_decay=-1", "optim.weight_decay must be >= 0"),
     ("loss.class_weights=[a, b]", "loss.class_weights must be a list of numbers >= 0"),
@@ -230,7 +236,7 @@ def test_run_outputs_metadata_and_exact_resume(tmp_path):
     prov = meta["provenance"]
     assert prov["iterations"] == 6 and prov["config"]["optim"]["iterations"] == 6
     assert "smoke" in prov["command"] and prov["hardware"]["device"] == "cpu" and prov["wall_time_s"] > 0
-    assert "git_commit" in prov and 0 <= prov["val_mIoU"] <= 100
+    assert "git_commit" in prov and 0 <= prov["val_mIoU"] <= 100 and prov["val_iteration"] == 6
     best = load_model(full / "best.safetensors").meta["provenance"]
     val = _records(full, "val")
     assert [r["iter"] for r in val] == [3, 6]
@@ -249,6 +255,10 @@ def test_run_outputs_metadata_and_exact_resume(tmp_path):
     assert summary["iterations"] == 3 and summary["finished"] is False
     with open(part / "metrics.jsonl", "a", encoding="utf-8") as f:  # as if it crashed after logging iteration 4
         f.write(json.dumps({"kind": "train", "iter": 4, "lr": 0.5, "loss": 99.0}) + "\n")
+    # the state holds the weights: a last.safetensors lost to an interrupt (or a full disk) after the state was
+    # written does not make the run impossible to resume (it was written first, then the state: a gap between them
+    # left weights of one iteration beside a state of another, and every resume was refused)
+    (part / "last.safetensors").write_bytes(b"cut short")
     _smoke(tmp_path / "part", *common, "train.resume=auto")
     assert [r["iter"] for r in _records(part, "train")] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(train, _records(part, "train")):
@@ -326,7 +336,7 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path):
     plain2 = load_file(str(_smoke(tmp_path / "p2", *common) / "last.safetensors"))
     ema = _smoke(tmp_path / "ema", *common, f"optim.ema_decay={d}")
     averaged = load_file(str(ema / "last.safetensors"))
-    raw = torch.load(ema / STATE_FILE, weights_only=True)["train_weights"]
+    raw = torch.load(ema / STATE_FILE, weights_only=True)["model_weights"]
     floats = [k for k, v in averaged.items() if v.is_floating_point()]
     assert floats and averaged.keys() == plain2.keys()
     for k in floats:
@@ -346,7 +356,7 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path):
     _smoke(tmp_path / "part", *common, f"optim.ema_decay={d}", "train.stop_at=1")
     _smoke(tmp_path / "part", *common, f"optim.ema_decay={d}", "train.resume=auto")
     resumed = load_file(str(tmp_path / "part" / "last.safetensors"))
-    raw_resumed = torch.load(tmp_path / "part" / STATE_FILE, weights_only=True)["train_weights"]
+    raw_resumed = torch.load(tmp_path / "part" / STATE_FILE, weights_only=True)["model_weights"]
     for k in floats:
         assert torch.allclose(resumed[k], averaged[k], rtol=1e-4, atol=1e-6), k
         assert torch.allclose(raw_resumed[k], raw[k], rtol=1e-4, atol=1e-6), k
@@ -497,3 +507,151 @@ def build_icnet_like(model):
     from icnet_ros.models import build_icnet
 
     return build_icnet(model.config)
+
+
+def test_a_fresh_run_does_not_start_in_another_runs_folder(tmp_path, capsys):
+    """Without train.resume a run in a folder holding another run replaced its best.safetensors by a worse one and
+    appended to its logs: refused before anything is written; train.resume=auto continues it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "best.safetensors").write_bytes(b"an earlier run's best model")
+    for extra in ([], ["train.resume=auto"]):  # auto without a state starts fresh: also not among another run's files
+        assert main(["smoke", f"data.root={require(CAMVID)}", f"train.output_dir={out}", *FAST, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"train.output_dir {out} holds another run (best.safetensors): choose another" in err, err
+    assert (out / "best.safetensors").read_bytes() == b"an earlier run's best model"
+    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors"]
+
+
+def test_resume_keeps_its_own_record_and_takes_the_configs_optimizer(tmp_path):
+    """A resumed run takes model.init_from's record from its state (the file may have moved or changed), the
+    config's momentum and weight decay (they were silently the saved ones while provenance recorded the new),
+    and without data.license keeps init_from's license; non-finite weights are never saved over good ones; a state
+    written before the weights moved into it still resumes (from last.safetensors)."""
+    from icnet_ros.checkpoint import file_sha256, read_metadata
+    from icnet_ros.train import Trainer
+
+    from helpers import make_checkpoint
+
+    licence = "CC BY-NC 4.0 (test weights)"
+    init = make_checkpoint(tmp_path / "init.safetensors", license=licence)
+    sha = file_sha256(init)
+    run = tmp_path / "run"
+    common = [f"data.root={require(CAMVID)}", f"train.output_dir={run}", *FAST, "optim.iterations=3",
+              "train.checkpoint_interval=1", "train.eval_interval=5", "train.log_interval=1",
+              f"model.init_from={init}"]
+    assert main(["smoke", *common, "train.stop_at=1"]) == 0
+    assert read_metadata(run / "last.safetensors")["license"] == licence  # inherited, and said so
+    init.unlink()  # moved away: resume needs neither its weights nor its record
+    trainer = Trainer(load_config("smoke", [*common, "train.resume=auto", "optim.momentum=0.5",
+                                            "optim.weight_decay=0"]))
+    assert trainer.resume("auto")
+    group = trainer.optimizer.param_groups[0]
+    assert (group["momentum"], group["weight_decay"]) == (0.5, 0.0)
+    assert trainer.provenance(1, None)["initialised_from"]["sha256"] == sha and trainer.license == licence
+
+    before = (run / STATE_FILE).read_bytes()
+    with torch.no_grad():
+        next(trainer.model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="training diverged: non-finite weights"):
+        trainer.save_state(1)
+    assert (run / STATE_FILE).read_bytes() == before
+
+    state = torch.load(run / STATE_FILE, weights_only=True)  # as written before this change
+    for key in ("model_weights", "ema_weights", "arch", "license", "initialised_from"):
+        state.pop(key)
+    torch.save(state, run / STATE_FILE)
+    legacy = Trainer(load_config("smoke", [*common[:-1], "train.resume=auto"]))
+    assert legacy.resume("auto")
+    saved = load_file(str(run / "last.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in legacy.model.state_dict().items())
+
+
+def test_sigint_saves_the_state_and_the_run_resumes(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, DataLoader workers included) stops after the iteration in
+    progress, saves the state and exits with status 130 without a traceback (before: a KeyboardInterrupt traceback,
+    every iteration since the last checkpoint lost); the run then resumes."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "icnet_ros.train", "smoke", f"data.root={require(CAMVID)}",
+            f"train.output_dir={out}", *FAST, "optim.iterations=1000", "train.log_interval=1",
+            "train.checkpoint_interval=1000", "train.eval_interval=1000", "train.workers=1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    stopped = torch.load(out / STATE_FILE, weights_only=True)["iteration"]
+    assert f"SIGINT: stopping at iteration {stopped}, saving the state" in err
+    assert f"stopped at iteration {stopped}" in err and f"train.resume={out}" in err
+    assert max(r["iter"] for r in _records(out, "train")) == stopped
+    assert main(["smoke", f"data.root={CAMVID}", f"train.output_dir={out}", *FAST, "optim.iterations=1000",
+                 "train.log_interval=1", "train.eval_interval=1000", "train.resume=auto",
+                 f"train.stop_at={stopped + 1}"]) == 0
+    assert max(r["iter"] for r in _records(out, "train")) == stopped + 1
+
+
+def test_an_unreadable_validation_image_keeps_the_iterations_trained(tmp_path, capsys):
+    """Validation files are first read at the first validation, maybe hours in: the state is saved before the
+    error ends the run (none was: every iteration was lost); the error is one line naming the file."""
+    root = tmp_path / "camvid"
+    for split in ("train", "val"):
+        for kind in ("images", "labels"):
+            (root / split / kind).mkdir(parents=True)
+        for stem in sorted(p.stem for p in (CAMVID / split / "images").iterdir())[:2]:
+            os.symlink(CAMVID / split / "images" / f"{stem}.jpg", root / split / "images" / f"{stem}.jpg")
+            os.symlink(CAMVID / split / "labels" / f"{stem}.png", root / split / "labels" / f"{stem}.png")
+    bad = sorted((root / "val" / "images").iterdir())[1]  # (the first one is read at start: its size is recorded)
+    data = bad.read_bytes()
+    bad.unlink()
+    bad.write_bytes(data[:3000])  # cut short: OpenCV decodes it (grey below the cut) and says so only on stderr
+    out = tmp_path / "run"
+    assert main(["smoke", f"data.root={root}", f"train.output_dir={out}", *FAST, "optim.iterations=4",
+                 "train.eval_interval=2", "train.checkpoint_interval=100", "train.log_interval=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read image {bad}: truncated JPEG" in err and "the training state at iteration 2 is saved" in err
+    assert err.count("icnet-train: error:") == 1 and "Traceback" not in err, err
+    assert torch.load(out / STATE_FILE, weights_only=True)["iteration"] == 2
+
+
+def test_csv_log_keeps_columns_aligned_when_a_new_term_appears(tmp_path):
+    """A resumed run with another loss term logs a new column: the header grows (rows were written under the old
+    header, shifting every value after the new key into the wrong column)."""
+    import csv
+
+    from icnet_ros.train import MetricsLog
+
+    log = MetricsLog(tmp_path, "csv", tensorboard=False)
+    log.log("train", {"iter": 1, "loss": 1.5, "loss_main": 1.0})
+    log.log("train", {"iter": 2, "loss": 2.5, "loss_lovasz": 0.25, "loss_main": 2.0})
+    rows = list(csv.DictReader(open(tmp_path / "train_log.csv", newline="")))
+    assert rows == [{"iter": "1", "loss": "1.5", "loss_main": "1.0", "loss_lovasz": ""},
+                    {"iter": "2", "loss": "2.5", "loss_main": "2.0", "loss_lovasz": "0.25"}]
+
+
+def test_a_data_error_from_a_dataloader_worker_is_its_own_message():
+    """torch re-raises a worker's error with the worker's traceback in its text (~20 lines after
+    "icnet-train: error:"): the message is its last line."""
+    from torch._utils import ExceptionWrapper
+
+    from icnet_ros.data.datasets import DatasetError, one_line_error
+
+    try:
+        raise DatasetError("cannot read image a.jpg: truncated JPEG")
+    except DatasetError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 1")
+    with pytest.raises(DatasetError) as info:
+        wrapped.reraise()
+    assert "Original Traceback" in str(info.value)
+    assert one_line_error(info.value) == "cannot read image a.jpg: truncated JPEG"
+    assert one_line_error(DatasetError("plain")) == "plain"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -186,10 +187,26 @@ def check_image_size(path: str | os.PathLike, what: str = "image") -> tuple[int,
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as an H x W x 3 uint8 RGB array (files above :data:`MAX_IMAGE_PIXELS` are refused)."""
     check_image_size(path, "image")
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    try:
+        data = np.fromfile(str(path), np.uint8)
+    except OSError as e:
+        raise DatasetError(f"cannot read image {path}: {e.strerror or e}") from None
+    if jpeg_truncated(data):  # OpenCV decodes it, grey where the data ends, and says so only on stderr
+        raise DatasetError(f"cannot read image {path}: truncated JPEG (no end-of-image marker after its last scan)")
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if img is None:
         raise DatasetError(f"cannot read image {path} (missing, corrupt or unsupported format)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def jpeg_truncated(data: np.ndarray | bytes) -> bool:
+    """Whether ``data`` is a JPEG that ends before its end-of-image marker (FFD9 after the last start-of-scan FFDA;
+    inside a scan FF is always followed by 00 or a restart marker, so neither appears there by chance)."""
+    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    if raw[:2] != b"\xff\xd8":
+        return False
+    sos = raw.rfind(b"\xff\xda")
+    return sos < 0 or raw.find(b"\xff\xd9", sos) < 0
 
 
 def _png_colour_type(path: Path) -> int | None:
@@ -474,8 +491,23 @@ def collate_segmentation(batch: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def worker_init(_worker_id: int) -> None:
-    """DataLoader worker setup: no OpenCV thread pool per worker (the workers are the parallelism)."""
+    """DataLoader worker setup: no OpenCV thread pool per worker (the workers are the parallelism); Ctrl-C is the
+    main process's to handle (a terminal sends it to the workers too: one that died of it would end the run before
+    the main process saved its state)."""
     cv2.setNumThreads(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def one_line_error(error: BaseException) -> str:
+    """The error's own message: an error raised in a DataLoader worker reaches the main process wrapped in the
+    worker's traceback ("Caught DatasetError in DataLoader worker process 1. Original Traceback ..."); its last
+    line holds the message."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1].endswith(("Error", "Exception")) else last
 
 
 # --------------------------------------------------------------------------------------------------- samplers

@@ -9,7 +9,8 @@ validation, best-on-val native checkpoints, exact resume, and DDP under torchrun
     icnet-train config/train/camvid_r50_half.yaml train.resume=auto     # continue runs/... where it stopped
 
 Outputs in ``train.output_dir``: ``best.safetensors`` (highest val mIoU), ``last.safetensors`` (latest weights),
-``train_state.pt`` (optimizer, scheduler, AMP scaler, per-rank RNG, sampler position: what resume needs),
+``train_state.pt`` (weights, optimizer, scheduler, AMP scaler, per-rank RNG, sampler position: what resume needs;
+Ctrl-C / SIGTERM save it and stop),
 ``metrics.jsonl`` (or ``train_log.csv`` / ``val_log.csv``), ``config.yaml`` (resolved config), ``summary.json``,
 and TensorBoard events when TensorBoard is installed.
 
@@ -24,7 +25,7 @@ import sys
 import torch.distributed as dist
 
 from ..checkpoint import CheckpointError
-from ..data.datasets import DatasetError
+from ..data.datasets import DatasetError, one_line_error
 from .config import DEFAULTS, ConfigError, load_config
 from .trainer import Trainer
 
@@ -54,21 +55,31 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return 0
+    trainer = None
     try:
         command = ["icnet-train", *(argv if argv is not None else sys.argv[1:])]
         try:
             trainer = Trainer(config, command)
         except (ConfigError, DatasetError, CheckpointError) as e:
-            print(f"icnet-train: error: {e}", file=sys.stderr)
+            print(f"icnet-train: error: {one_line_error(e)}", file=sys.stderr)
             return 2
         except ValueError as e:  # any other value torch or a module refuses while the run is built: one line too
             print(f"icnet-train: error: cannot build the run from this config: {e}", file=sys.stderr)
             return 2
         trainer.train()
     except (ConfigError, DatasetError, CheckpointError) as e:
-        print(f"icnet-train: error: {e}", file=sys.stderr)
+        print(f"icnet-train: error: {one_line_error(e)}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the run diverged: the files saved before it did are kept
+        print(f"icnet-train: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C while the state was being saved, or one before training started
+        saved = f"; the state saved last is in {trainer.out_dir}" if trainer is not None else ""
+        print(f"icnet-train: interrupted{saved}", file=sys.stderr)
+        return 130
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if trainer.interrupted:  # stopped by SIGINT / SIGTERM after saving: the shell's status for that signal
+        return 128 + int(trainer.interrupted)
     return 0

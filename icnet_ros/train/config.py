@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,10 @@ def _set(config: dict, dotted: str, value: Any, source: str) -> None:
     if value is not None:
         allowed = _OPTIONAL_TYPES.get(dotted) if default is None else (
             (int, float) if isinstance(default, float) else (type(default),))
+        if allowed and float in allowed and isinstance(value, str):
+            value = _number(value)  # YAML reads 1e-3 (no dot) as text
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: {dotted} must be a finite number, got {value!r}")
         if isinstance(default, str) and isinstance(value, bool) and dotted in ("train.channels_last",
                                                                                "train.tensorboard"):
             allowed = (bool,)
@@ -167,14 +172,22 @@ def _set(config: dict, dotted: str, value: Any, source: str) -> None:
     config[section][key] = value
 
 
+def _number(text: str) -> Any:
+    """``text`` as a float when it is written as a number (``1e-3``, ``5E+2``), else unchanged (refused by type)."""
+    try:
+        return float(text) if re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", text) else text
+    except ValueError:
+        return text
+
+
 def _pair(config: dict, key: str, minimum: float = 1) -> None:
     section, _, k = key.partition(".")
     v = config[section][k]
     if v is None:
         return
     if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                        and x >= minimum for x in v)):
-        raise ConfigError(f"{key} must be a list of two numbers >= {minimum}, got {v!r}")
+                                                        and math.isfinite(x) and x >= minimum for x in v)):
+        raise ConfigError(f"{key} must be a list of two finite numbers >= {minimum}, got {v!r}")
 
 
 def validate_config(c: dict) -> None:

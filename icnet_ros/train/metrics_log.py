@@ -41,12 +41,18 @@ class MetricsLog:
         else:
             path = self.out_dir / f"{kind}_log.csv"
             flat = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in record.items()}
-            new = not path.exists()
-            with open(path, "a", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=list(flat), extrasaction="ignore")
-                if new:
+            header = _csv_header(path)
+            if header is None or set(flat) - set(header):  # a new file, or new columns (a loss term turned on)
+                rows = list(csv.DictReader(path.open(newline="", encoding="utf-8"))) if header else []
+                header = (header or []) + [k for k in flat if k not in (header or [])]
+                tmp = path.with_name(path.name + ".tmp")
+                with open(tmp, "w", newline="", encoding="utf-8") as f:
+                    w = csv.DictWriter(f, fieldnames=header, restval="")
                     w.writeheader()
-                w.writerow(flat)
+                    w.writerows(rows)
+                os.replace(tmp, path)
+            with open(path, "a", newline="", encoding="utf-8") as f:  # every row under its own column names
+                csv.DictWriter(f, fieldnames=header, restval="").writerow(flat)
         if self.tb is not None:
             step = int(record.get("iter", 0))
             for k, v in record.items():
@@ -107,6 +113,15 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _csv_header(path: Path) -> list[str] | None:
+    """A CSV log's column names, None when there is no such file (or it is empty)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), None)
+    except FileNotFoundError:
+        return None
 
 
 def _record_iter(record: dict[str, Any]) -> int:

@@ -10,11 +10,14 @@ from ..models.icnet import ICNet, ICNetConfig, build_icnet
 from .config import ConfigError
 
 
-def build_model(config: dict, arch: ICNetConfig, log: Any = print) -> ICNet:
+def build_model(config: dict, arch: ICNetConfig, log: Any = print, initial_weights: bool = True) -> ICNet:
     """A fresh ICNet of ``arch``; ImageNet weights for EfficientNet-Lite backbones with model.pretrained, and
-    model.init_from's tensors where shapes match."""
+    model.init_from's tensors where shapes match (``initial_weights=False``: neither, for a resumed run, whose
+    weights come from its state)."""
     model = build_icnet(arch)
     m = config["model"]
+    if not initial_weights:
+        return model
     if m["pretrained"] == "imagenet":
         if not arch.backbone.startswith("efficientnet_lite"):
             raise ConfigError(f"model.pretrained=imagenet is available for efficientnet_lite* backbones only, not "

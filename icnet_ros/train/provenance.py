@@ -14,11 +14,18 @@ from .distributed import DistInfo
 
 
 def git_commit() -> str | None:
-    """The commit of the source tree this module runs from, if it is a git checkout."""
+    """The commit of the source tree this module runs from, if it is a git checkout, with ``-dirty`` appended when
+    the package's tracked files differ from it (the code that ran is then not that commit)."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5, check=True)
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5,
+                             check=True)
+        commit = out.stdout.strip()
+        if not commit:
+            return None
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", str(here.parent)],
+                                 cwd=here, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return commit + ("-dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -7,7 +7,10 @@ import datetime as _dt
 import json
 import math
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError, build_meta, load_state_dict_into, network_width_for, save_checkpoint
 from ..data.datasets import (DatasetError, SegmentationDataset, ShardSampler, TrainBatchSampler, build_dataset,
-                             collate_segmentation, resolve_class_set, split_names, worker_init)
+                             collate_segmentation, one_line_error, resolve_class_set, split_names, worker_init)
 from ..data.transforms import base_scale, train_transforms
 from ..evaluate import evaluate, metrics_report
 from ..losses import CascadeLoss, upsample_logits
@@ -38,6 +41,9 @@ from .schedule import PolyLR
 
 STATE_FILE = "train_state.pt"
 STATE_VERSION = 1
+#: what a run leaves in its output folder: a fresh run does not start among another run's files
+RUN_FILES = (STATE_FILE, "last.safetensors", "best.safetensors", "metrics.jsonl", "train_log.csv", "val_log.csv",
+             "summary.json")
 
 
 class Trainer:
@@ -51,8 +57,13 @@ class Trainer:
             torch.set_num_threads(int(t["cpu_threads"]))
         self.info, self.device = setup_distributed(t["device"])
         self.out_dir = Path(t["output_dir"]).expanduser()
+        self.resume_from = self._state_to_resume(t["resume"])  # None: a fresh run
+        self._check_output_dir()
         if self.info.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"train.output_dir {self.out_dir}: cannot create it: {e.strerror or e}") from None
         barrier(self.info)
         self.spec = data_spec(config)
         self.class_set = resolve_class_set(self.spec)
@@ -70,11 +81,48 @@ class Trainer:
         self.best_miou = -1.0
         self.best_iteration = 0
         self.last_val: dict[str, Any] | None = None
+        self.last_val_iteration: int | None = None
+        self.interrupted: int | None = None  # the signal that stopped the run (SIGINT / SIGTERM)
+        self._stop = _StopSignals()
         self._input_size: list[int] | None = None
         self._network_width: int | None = None
         self._git_commit = git_commit()
-        self._init_provenance = init_provenance(config["model"]["init_from"])
+        init_from = config["model"]["init_from"]
+        # a resumed run takes both from its state (init_from's file may have moved or changed since)
+        self._init_provenance = None if self.resume_from else init_provenance(init_from)
+        self.license = config["data"]["license"]
+        if self.license is None and init_from and not self.resume_from:
+            from ..checkpoint import read_metadata
+
+            self.license = read_metadata(Path(init_from).expanduser()).get("license")
+            if self.license:
+                self.say(f"data.license is not set: the weights keep model.init_from's license: {self.license}")
         self._build()
+
+    def _state_to_resume(self, where: str | None) -> Path | None:
+        """The training state train.resume names (``auto``: the output folder's, when there is one), or None."""
+        if not where:
+            return None
+        if where == "auto":
+            path = self.out_dir / STATE_FILE
+            return path if path.is_file() else None
+        path = Path(where).expanduser()
+        path = path / STATE_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"train.resume: no training state at {path}")
+        return path
+
+    def _check_output_dir(self) -> None:
+        """A fresh run does not start in a folder holding another run: its best.safetensors would be replaced by a
+        worse one and its logs mixed with the new run's."""
+        if self.resume_from is not None and self.resume_from.parent.resolve() == self.out_dir.resolve():
+            return
+        found = [name for name in RUN_FILES if (self.out_dir / name).exists()]
+        if found:
+            hint = ("continue it with train.resume=auto, " if STATE_FILE in found and self.resume_from is None
+                    else "")
+            raise ConfigError(f"train.output_dir {self.out_dir} holds another run ({', '.join(found)}): {hint}"
+                              "choose another train.output_dir, or move that run away")
 
     def say(self, msg: str) -> None:
         if self.info.main:
@@ -87,7 +135,7 @@ class Trainer:
         c, d, o, t = self.config, self.config["data"], self.config["optim"], self.config["train"]
         seed = int(t["seed"])
         torch.manual_seed(seed)  # identical initialisation on every rank (DDP also broadcasts rank 0's)
-        model = build_model(c, self.arch, self.say)
+        model = build_model(c, self.arch, self.say, initial_weights=self.resume_from is None)
         if self.info.distributed and t["sync_bn"]:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.device)
@@ -149,7 +197,7 @@ class Trainer:
         d = self.config["data"]
         try:
             build_meta(self.arch, self.class_set, self.normalization, self.eval_input_size(), {},
-                       network_width=self.network_width(), license=d["license"])
+                       network_width=self.network_width(), license=self.license)
         except DatasetError:  # the first image is unreadable: that, not the config, is the problem
             raise
         except ValueError as e:  # CheckpointError included
@@ -209,8 +257,9 @@ class Trainer:
 
     # ---- checkpoints and state
     def provenance(self, iteration: int, val_miou: float | None) -> dict[str, Any]:
-        return {"source": "icnet-train", "command": " ".join(self.command), "config": self.config,
+        return {"source": "icnet-train", "command": shlex.join(self.command), "config": self.config,
                 "iterations": iteration, "val_mIoU": None if val_miou is None else round(100 * val_miou, 4),
+                "val_iteration": None if val_miou is None else self.last_val_iteration,
                 "val_split": self.config["data"]["val_split"],
                 "best_val_mIoU": round(100 * self.best_miou, 4) if self.best_miou >= 0 else None,
                 "best_iteration": self.best_iteration if self.best_miou >= 0 else None,
@@ -225,30 +274,58 @@ class Trainer:
     def save_weights(self, name: str, iteration: int, val_miou: float | None) -> Path:
         meta = build_meta(self.arch, self.class_set, self.normalization, self.eval_input_size(),
                           self.provenance(iteration, val_miou), network_width=self.network_width(),
-                          license=self.config["data"]["license"])
+                          license=self.license)
         path = self.out_dir / name
-        save_checkpoint(self.averaged, path, meta)
+        try:
+            save_checkpoint(self.averaged, path, meta)  # (its temporary file is removed when this fails)
+        except OSError as e:
+            raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
         return path
 
+    def check_finite(self, iteration: int) -> None:
+        """Non-finite weights are never saved over good ones: :class:`FloatingPointError` (the run diverged)."""
+        tensors = [(k, v) for k, v in self.averaged.state_dict().items() if v.is_floating_point()]
+        finite = torch.stack([torch.isfinite(v).all() for _, v in tensors]).cpu()  # one device sync
+        if not bool(finite.all()):
+            first = tensors[int((~finite).nonzero()[0])][0]
+            raise FloatingPointError(f"training diverged: non-finite weights ({first}, ...) at iteration "
+                                     f"{iteration}; the files saved before are kept (lower optim.lr, or enable "
+                                     "optim.grad_clip)")
+
     def save_state(self, iteration: int) -> None:
-        """``last.safetensors`` plus ``train_state.pt``; a collective call (gathers every rank's RNG state)."""
+        """``train_state.pt`` (everything resume needs: the weights too) then ``last.safetensors``, each written
+        whole or not at all: an interrupt or a full disk between the two leaves a state that resumes. A collective
+        call (gathers every rank's RNG state)."""
+        self.check_finite(iteration)
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         rngs = gather_objects(rng, self.info)
         if self.info.main:
-            val = self.last_val["mIoU"] if self.last_val else None
-            self.save_weights("last.safetensors", iteration, val)
+            def cpu(module: nn.Module) -> dict[str, torch.Tensor]:
+                return {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
+
             state = {"version": STATE_VERSION, "iteration": iteration, "weights": "last.safetensors",
+                     "arch": self.arch.to_dict(), "model_weights": cpu(self.model),
+                     "ema_weights": cpu(self.ema.module) if self.ema is not None else None,
                      "best_miou": self.best_miou, "best_iteration": self.best_iteration,
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict() if self.use_amp else None, "rng": rngs,
                      "world_size": self.info.world_size, "elapsed_s": self.elapsed(),
-                     "config": json.loads(json.dumps(self.config))}
-            if self.ema is not None:  # last.safetensors holds the average; training goes on from these
-                state["train_weights"] = {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
+                     "config": json.loads(json.dumps(self.config)), "license": self.license,
+                     "initialised_from": self._init_provenance,
+                     "last_val": self.last_val, "last_val_iteration": self.last_val_iteration}
+            path = self.out_dir / STATE_FILE
             tmp = self.out_dir / (STATE_FILE + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, self.out_dir / STATE_FILE)
+            try:
+                torch.save(state, tmp)
+                os.replace(tmp, path)
+            except BaseException as e:
+                tmp.unlink(missing_ok=True)
+                if isinstance(e, OSError):
+                    raise CheckpointError(f"cannot write {path}: {e.strerror or e}; the state saved before is "
+                                          "kept") from None
+                raise
+            self.save_weights("last.safetensors", iteration, self.last_val["mIoU"] if self.last_val else None)
         barrier(self.info)
 
     def resume(self, where: str) -> bool:
@@ -258,40 +335,45 @@ class Trainer:
 
         from ..checkpoint import read_metadata
 
-        if where == "auto":
-            path = self.out_dir / STATE_FILE
-            if not path.is_file():
-                self.say(f"train.resume=auto: no {path}, starting fresh")
-                return False
-        else:
-            path = Path(where).expanduser()
-            path = path / STATE_FILE if path.is_dir() else path
-        if not path.is_file():
-            raise ConfigError(f"train.resume: no training state at {path}")
+        path = self.resume_from
+        if path is None:
+            self.say(f"train.resume={where}: no {self.out_dir / STATE_FILE}, starting fresh")
+            return False
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
             raise CheckpointError(f"{path}: not a readable training state: {e}") from e
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise CheckpointError(f"{path}: not an icnet_ros training state (version {STATE_VERSION})")
-        weights = path.parent / state["weights"]
-        meta = read_metadata(weights)
-        if int(meta["provenance"].get("iterations", -1)) != int(state["iteration"]):
-            raise CheckpointError(f"{weights} is from iteration {meta['provenance'].get('iterations')} but "
-                                  f"{path} from {state['iteration']}; the run was interrupted while saving")
-        if ICNetConfig.from_dict(meta["arch"]) != self.arch:
-            raise ConfigError(f"train.resume: {weights} has architecture {meta['arch']} but the config builds "
-                              f"{self.arch.to_dict()}")
-        saved = load_file(str(weights), device="cpu")
-        raw = state.get("train_weights")  # present when the run averaged its weights: then ``weights`` is the EMA
-        if raw is not None:
+        if "model_weights" in state:  # the state holds the weights itself
+            if ICNetConfig.from_dict(state["arch"]) != self.arch:
+                raise ConfigError(f"train.resume: {path} has architecture {state['arch']} but the config builds "
+                                  f"{self.arch.to_dict()}")
+            raw, averaged = state["model_weights"], state.get("ema_weights")
             load_state_dict_into(self.model, raw, source=str(path), allow_missing_aux=False)
-        else:
-            load_state_dict_into(self.model, saved, source=str(weights), allow_missing_aux=False)
+            source = str(path)
+        else:  # a state written before the weights moved into it: they are in last.safetensors
+            weights = path.parent / state["weights"]
+            meta = read_metadata(weights)
+            if int(meta["provenance"].get("iterations", -1)) != int(state["iteration"]):
+                raise CheckpointError(f"{weights} is from iteration {meta['provenance'].get('iterations')} but "
+                                      f"{path} from {state['iteration']}; the run was interrupted while saving")
+            if ICNetConfig.from_dict(meta["arch"]) != self.arch:
+                raise ConfigError(f"train.resume: {weights} has architecture {meta['arch']} but the config builds "
+                                  f"{self.arch.to_dict()}")
+            saved = load_file(str(weights), device="cpu")
+            raw = state.get("train_weights")  # present when the run averaged its weights: ``weights`` is the EMA
+            averaged = saved if raw is not None else None
+            load_state_dict_into(self.model, raw if raw is not None else saved, source=str(path),
+                                 allow_missing_aux=False)
+            source = str(weights)
         if self.ema is not None:  # the average goes on from the saved one (from the weights when there was none)
-            load_state_dict_into(self.ema.module, saved if raw is not None else self.model.state_dict(),
-                                 source=str(weights), allow_missing_aux=False)
+            load_state_dict_into(self.ema.module, averaged if averaged is not None else self.model.state_dict(),
+                                 source=source, allow_missing_aux=False)
         self.optimizer.load_state_dict(state["optimizer"])
+        o = self.config["optim"]
+        for group in self.optimizer.param_groups:  # the config's, not the saved ones (as for the learning rate)
+            group.update(momentum=o["momentum"], weight_decay=o["weight_decay"], nesterov=o["nesterov"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.use_amp and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -307,6 +389,12 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.best_miou, self.best_iteration = float(state["best_miou"]), int(state["best_iteration"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        if "license" in state:
+            self.license = state["license"] if self.config["data"]["license"] is None else self.license
+        init_from = self.config["model"]["init_from"]
+        self._init_provenance = state["initialised_from"] if "initialised_from" in state else \
+            init_provenance(init_from)
+        self.last_val, self.last_val_iteration = state.get("last_val"), state.get("last_val_iteration")
         changed = _changed_keys(state.get("config") or {}, self.config)
         if changed:
             self.say(f"warning: config differs from the resumed run in: {', '.join(changed)}")
@@ -326,7 +414,7 @@ class Trainer:
                       amp=self.use_amp, progress=self.info.main and self.config["train"]["progress"],
                       desc=f"val @{iteration}")
         metrics = cm.compute()
-        self.last_val = metrics
+        self.last_val, self.last_val_iteration = metrics, iteration
         report = metrics_report(metrics, self.class_set.classes)
         self.log.log("val", {"iter": iteration, "mIoU": report["mIoU"], "mAcc": report["mAcc"],
                              "aAcc": report["aAcc"],
@@ -336,6 +424,7 @@ class Trainer:
         if improved:
             self.best_miou, self.best_iteration = miou, iteration
             if self.info.main:
+                self.check_finite(iteration)
                 self.save_weights("best.safetensors", iteration, miou)
         self.say(f"iter {iteration}: val mIoU {100 * miou:.2f} (best {100 * max(self.best_miou, 0):.2f} "
                  f"@{self.best_iteration})" + (" -> best.safetensors" if improved else ""))
@@ -359,12 +448,23 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
         n = self.class_set.num_classes
         train_cm = ConfusionMatrix(n, self.class_set.ignore_index, self.device) if t["train_miou"] else None
-        sums: dict[str, torch.Tensor] = {}
-        count, t_data, t_step = 0, 0.0, 0.0
         bar = tqdm(total=total, initial=self.iteration, desc="train", disable=not (self.info.main and t["progress"]),
                    file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
         self.ddp.train()
         deadline = time.monotonic() + t["time_limit"] if t["time_limit"] else None
+        with self._stop:
+            end = self._loop(end, total, loader_iter, autocast, train_cm, bar, deadline)
+        bar.close()
+        del loader_iter
+        return self._finish(end)
+
+    def _loop(self, end: int, total: int, loader_iter: Any, autocast: Any, train_cm: ConfusionMatrix | None,
+              bar: Any, deadline: float | None) -> int:
+        """Iterations until ``end`` (or a time limit, or SIGINT / SIGTERM: then the state is saved where it
+        stopped); returns the iteration it stopped at."""
+        o, t = self.config["optim"], self.config["train"]
+        sums: dict[str, torch.Tensor] = {}
+        count, t_data, t_step = 0, 0.0, 0.0
         tick = time.perf_counter()
         while self.iteration < end:
             images, labels = next(loader_iter)
@@ -396,32 +496,50 @@ class Trainer:
             count += 1
             bar.update(1)
             t_step += time.perf_counter() - tick
-            timed_out = deadline is not None and self._time_up(deadline)
+            timed_out, signalled = self._stop_requested(deadline)
             if timed_out:
                 end = self.iteration
                 self.say(f"train.time_limit ({t['time_limit']:g} s) reached at iteration {self.iteration}")
+            if signalled:
+                end = self.iteration
+                self.interrupted = self._stop.received or signal.SIGTERM
+                self.say(f"{signal.Signals(self.interrupted).name}: stopping at iteration {self.iteration}, saving "
+                         "the state (again to abort without saving)")
             if self.iteration % t["log_interval"] == 0 or self.iteration == end:
                 rec = self._log_train(sums, count, t_data, t_step, lr, train_cm)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
                 sums, count, t_data, t_step = {}, 0, 0.0, 0.0
-            if self.val_set is not None and (self.iteration % t["eval_interval"] == 0 or self.iteration == total
-                                             or timed_out):
-                self.validate(self.iteration)
+            if self.val_set is not None and not signalled and (
+                    self.iteration % t["eval_interval"] == 0 or self.iteration == total or timed_out):
+                self._validate_keeping_work(self.iteration)
             if self.iteration % t["checkpoint_interval"] == 0 or self.iteration == end:
                 self.save_state(self.iteration)
             tick = time.perf_counter()
-        bar.close()
-        del loader_iter
-        return self._finish(end)
+        return end
 
-    def _time_up(self, deadline: float) -> bool:
-        """Whether the time limit has passed; under DDP every process gets rank 0's answer (they stop together)."""
-        up = time.monotonic() >= deadline
+    def _validate_keeping_work(self, iteration: int) -> None:
+        """Validate; when a validation file cannot be read (they are first read now, maybe after hours of training),
+        save the state first so that the iterations trained are not lost (one process: under torchrun the other
+        processes are inside the validation's collective calls)."""
+        try:
+            self.validate(iteration)
+        except DatasetError as e:
+            if self.info.distributed:
+                raise
+            self.save_state(iteration)
+            raise DatasetError(f"{one_line_error(e)} (the training state at iteration {iteration} is saved: fix the "
+                               f"file and continue with train.resume={self.out_dir})") from None
+
+    def _stop_requested(self, deadline: float | None) -> tuple[bool, bool]:
+        """(time limit passed, SIGINT / SIGTERM received); under DDP every process gets the same answer (any
+        process's), so that they stop at the same iteration."""
+        up = deadline is not None and time.monotonic() >= deadline
+        signalled = self._stop.received is not None
         if self.info.distributed:
-            flag = torch.tensor([1.0 if up else 0.0], device=self.device)
-            dist.broadcast(flag, src=0)
-            up = bool(flag.item())
-        return up
+            flags = torch.tensor([float(up), float(signalled)], device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            up, signalled = bool(flags[0].item()), bool(flags[1].item())
+        return up, signalled
 
     def _log_train(self, sums: dict[str, torch.Tensor], count: int, t_data: float, t_step: float, lr: float,
                    train_cm: ConfusionMatrix | None) -> dict[str, Any]:
@@ -473,6 +591,32 @@ class Trainer:
         if not in_sync:
             raise RuntimeError(f"DDP replicas diverged (parameter digests {digests})")
         return summary
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM while the loop runs: the first asks it to stop after the iteration in progress (the state is
+    then saved); a second SIGINT aborts at once (KeyboardInterrupt). Only in the main thread (where Python delivers
+    signals); the previous handlers come back afterwards."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def _changed_keys(old: dict, new: dict) -> list[str]:
