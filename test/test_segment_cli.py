@@ -1,16 +1,22 @@
 """icnet-segment end to end on real files (synthetic images and videos, and the shared CamVid / video data when
 present), plus the frame sources of icnet_ros.video it is built on."""
 import contextlib
+import os
 import resource
 import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from helpers import CAMVID, VIDEO, make_checkpoint, require
+from helpers import CAMVID, REPO, VIDEO, make_checkpoint, require
 
 from icnet_ros.classes import CAMVID as CAMVID_CLASSES
-from icnet_ros.tools.segment import main
+from icnet_ros.tools.segment import _Item, _Writer, main
 from icnet_ros.video import (Frame, ImageFiles, ImageFolder, SourceError, VideoFile, VideoWriter, iter_frames,
                              open_source, read_image, write_image)
 
@@ -321,3 +327,159 @@ def test_fourcc_must_be_four_characters(tmp_path, ckpt, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="exactly 4"):
         VideoWriter(tmp_path / "x.mp4", 10.0, "h264x")
+
+
+def test_a_video_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, ckpt, capsys):
+    """The disk fills up (here: a file size limit) while the overlay video is written: one line naming the video
+    and the reason, exit status 2 (before: exit 0, an MP4 nothing could open)."""
+    src = tmp_path / "noise.avi"
+    with VideoWriter(src, 10.0, "MJPG") as vw:
+        for i in range(8):
+            vw.write(_noise(360, 480, i))
+    out = tmp_path / "out"
+    with _file_size_limit(128 * 1024):
+        rc = main([str(src), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs", "overlay",
+                   "--input-size", "64x96"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"icnet-segment: error: cannot write {out / 'overlay' / 'noise.mp4'}: File too large\n"
+
+
+def test_ctrl_c_finishes_the_video_with_the_frames_done(tmp_path, ckpt, capsys):
+    """Ctrl-C (a real SIGINT to this process) during a video: reading stops, the frames already segmented are
+    written and the MP4 is finished: it plays, with exactly the frames whose PNGs were written; exit status 130.
+    Before, the writer was abandoned: an MP4 without its index (unplayable) and queued outputs lost."""
+    video = _video(tmp_path / "clip.mp4", n=400, size=(64, 64))
+    out = tmp_path / "out"
+    labels = out / "label" / "clip"
+    done = threading.Event()
+
+    def interrupt():  # once a few frames are written: the run is well under way, far from its end
+        while not done.is_set():
+            if labels.is_dir() and len(os.listdir(labels)) >= 3:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.002)
+
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    watcher = threading.Thread(target=interrupt)
+    watcher.start()
+    try:
+        rc = main([str(video), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet",
+                   "--outputs", "label,overlay"])
+    finally:
+        done.set()
+        watcher.join()
+        signal.signal(signal.SIGINT, handler)
+    err = capsys.readouterr().err
+    written = len(list(labels.glob("*.png")))
+    assert rc == 130 and f"interrupted after {written} frame(s)" in err and "Traceback" not in err, err
+    assert 3 <= written < 400
+    cap = cv2.VideoCapture(str(out / "overlay" / "clip.mp4"))
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == written
+    cap.release()
+
+
+def _interrupt_when(cmd, ready, timeout=60.0):
+    """Run ``cmd``, send SIGINT once ``ready(process)`` is true, return (return code, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + timeout
+    while not ready(proc) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path, ckpt):
+    """SIGINT once torch's library is mapped into the process: the import of torch is under way (it takes about a
+    second more). Before, that import ran outside the interrupt handler: a KeyboardInterrupt traceback."""
+    write_image(tmp_path / "x.png", _img(64, 64, 0))
+
+    def importing_torch(proc):
+        try:
+            return "libtorch" in (Path("/proc") / str(proc.pid) / "maps").read_text()
+        except OSError:
+            return False
+
+    rc, err = _interrupt_when([sys.executable, "-m", "icnet_ros.tools.segment", str(tmp_path / "x.png"), "-m",
+                               str(ckpt), "-o", str(tmp_path / "out"), "--device", "cpu", "--quiet"], importing_torch)
+    assert rc == 130 and err.startswith("icnet-segment: interrupted") and err.count("\n") == 1, err
+
+
+def test_unreadable_and_too_small_images_are_skipped_one_line_each(tmp_path, ckpt, capsys):
+    """A corrupt, a truncated and a too small image among good ones: one line each naming the file (the small one
+    with the command line's --input-size hint), the others segmented, the count in the summary, exit status 2.
+    Before, the first of them ended the run (and the engine's hint said input_size=(H, W))."""
+    d = tmp_path / "in"
+    write_image(d / "a_good.png", _img(64, 80, 1))
+    (d / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    ok, png = cv2.imencode(".png", _noise(64, 64, 2))
+    (d / "c_truncated.png").write_bytes(png.tobytes()[: png.size // 2])
+    write_image(d / "d_tiny.png", _img(10, 10, 3))
+    write_image(d / "e_good.png", _img(64, 64, 4))
+    out = tmp_path / "out"
+    rc = main([str(d), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs", "label",
+               "--batch", "2", "--input-size", "native"])
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith("icnet-segment:")]
+    assert rc == 2 and len(lines) == 3 and "Traceback" not in captured.err, captured.err
+    for line, name in zip(lines, ("b_corrupt.png", "c_truncated.png", "d_tiny.png")):
+        assert line.startswith("icnet-segment: error: ") and str(d / name) in line and line.endswith("; skipped")
+    assert "--input-size HxW" in lines[2] and "input_size=" not in lines[2]
+    assert sorted(p.name for p in (out / "label").iterdir()) == ["a_good.png", "e_good.png"]
+    assert "2 frames" in captured.out and "3 input(s) skipped" in captured.out
+
+
+def test_an_empty_video_is_an_error_and_a_truncated_one_a_warning(tmp_path, ckpt, capsys):
+    """A video without a frame is skipped with an error (exit status 2; before: exit 0, nothing written, nothing
+    said); one whose container declares more frames than can be decoded gets a warning with both counts (before:
+    it stopped silently at 110 of 221)."""
+    empty = tmp_path / "empty.avi"
+    cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64)).release()
+    full = _video(tmp_path / "full.avi", n=20, size=(64, 64))
+    cut = tmp_path / "cut.avi"  # the header declares 20 frames; the second half is gone
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    base = ["-m", str(ckpt), "--device", "cpu", "--quiet", "--outputs", "label"]
+    assert main([str(empty), *base, "-o", str(tmp_path / "o1")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"icnet-segment: error: no frame could be decoded from video {empty} (empty or damaged); " \
+                           "skipped\n" and "1 input(s) skipped" in captured.out
+    assert main([str(cut), *base, "-o", str(tmp_path / "o2")]) == 0
+    err = capsys.readouterr().err
+    decoded = len(list((tmp_path / "o2" / "label" / "cut").glob("*.png")))
+    assert 0 < decoded < 20
+    assert err == f"icnet-segment: warning: video {cut}: {decoded} of the 20 frames its container declares could " \
+                  "be decoded (truncated or damaged?); the others are missing\n"
+
+
+def test_a_recursive_input_leaves_its_own_output_folders_out(tmp_path, ckpt, capsys):
+    """'icnet-segment in -o in --recursive' twice: the second run segments the one input again, not the outputs of
+    the first (before: 1 frame, then 3, with label__a, overlay__a, ... written as outputs of outputs)."""
+    d = tmp_path / "in"
+    write_image(d / "a.png", _img(64, 64, 1))
+    args = [str(d), "-o", str(d), "--recursive", "-m", str(ckpt), "--device", "cpu", "--quiet",
+            "--outputs", "label,overlay"]
+    assert main(args) == 0 and "1 frames from 1 input(s)" in capsys.readouterr().out
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "1 frames from 1 input(s)" in captured.out
+    assert captured.err == f"icnet-segment: note: 2 image(s) under the output folder {d} left out of {d}\n"
+    assert sorted(p.name for p in (d / "label").iterdir()) == ["a.png"]
+
+
+def test_the_writer_keeps_no_state_per_frame(tmp_path):
+    """The background writer used to append every output path to a list nothing read (~1 KB per video frame for
+    the whole run); what it holds now does not grow with the number of frames."""
+    from types import SimpleNamespace
+
+    w = _Writer(tmp_path, frozenset({"label", "overlay"}), False, "mp4v", {0: 10.0})
+    frame = _img(64, 64, 0)
+    r = SimpleNamespace(label=frame[:, :, 0], overlay=frame)
+    for i in range(50):
+        w.put(_Item(0, f"clip_{i:06d}", frame, True, "clip", f"clip.mp4 frame {i}"), r)
+    w.close()
+    assert len(list((tmp_path / "label" / "clip").iterdir())) == 50 and len(VideoFile(tmp_path / "overlay" /
+                                                                                       "clip.mp4")) == 50
+    sizes = {k: len(v) for k, v in vars(w).items() if isinstance(v, (list, dict, set, tuple))}
+    assert all(n <= 1 for n in sizes.values()), sizes

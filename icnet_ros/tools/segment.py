@@ -13,8 +13,14 @@ the file stems (relative paths for ``--recursive`` folders). Names stay as they 
 the same one (a/x.png and b/x.png, frame.png and frame.jpg in one folder, v1/clip.mp4 and v2/clip.mp4): then each
 of those gets the fewest parent folders that tell them apart (``a__x``, ``b__x``; for videos ``v1__clip``), else
 its extension (``frame_png``, ``frame_jpg``), else both, else a number, so no output is ever overwritten by
-another input's. Images whose header declares more than ``--max-pixels`` pixels are refused before decoding: one
-error line each, the other inputs are segmented, and the exit status is 2. Decoding and file writing run in
+another input's. A ``--recursive`` folder leaves out the images under the output folders (``-o`` inside the input:
+a rerun does not segment its own outputs). Images whose header declares more than ``--max-pixels`` pixels are
+refused before decoding, and an image that cannot be read (corrupt, truncated) or is too small for the network, or a
+video with no frame, is skipped: one error line each naming the file, the other inputs are segmented, and the exit
+status is 2. A video that ends before the frame count its container declares gets a warning. Outputs are written
+whole (a PNG through a temporary file, renamed; a video checked once finished): a full disk stops the run with
+``cannot write <file>: <reason>``, exit status 2. Ctrl-C stops reading, writes the frames already segmented,
+finishes the videos (playable, with those frames) and exits with status 130. Decoding and file writing run in
 background threads, overlapping the inference.
 """
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -36,6 +43,9 @@ from ..ros_image import DEFAULT_MAX_PIXELS
 
 KINDS = ("label", "color", "overlay", "confidence")
 _END = object()
+#: the Segmenter's errors about one frame of a batch ("frame 2: 10x10 gives a 40x40 network input, ..."): that input
+#: is skipped, the others go on
+_FRAME_ERROR = re.compile(r"frame \d+: ")
 
 
 @dataclass
@@ -45,6 +55,7 @@ class _Item:
     bgr: Any
     is_video: bool
     video_stem: str
+    origin: str = ""  # the input file, named in messages (a video's frame: "<video> frame <index>")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,14 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Writer:
-    """Writes results in a background thread (PNG encoding is slow); videos stay open until closed."""
+    """Writes results in a background thread (PNG encoding is slow); videos stay open until closed. Keeps no
+    per-frame state (a run over a long video holds only the open video writers)."""
 
     def __init__(self, out: Path, kinds: frozenset[str], overlay_frames: bool, fourcc: str,
                  video_fps: dict[int, float]) -> None:
         self.out, self.kinds, self.overlay_frames, self.fourcc = out, kinds, overlay_frames, fourcc
         self.video_fps = video_fps
         self.videos: dict[int, Any] = {}
-        self.written: list[Path] = []
         self.error: BaseException | None = None
         self.q: queue.Queue = queue.Queue(maxsize=16)
         self.thread = threading.Thread(target=self._loop, name="icnet-segment-writer", daemon=True)
@@ -108,9 +119,7 @@ class _Writer:
         sub = Path(item.video_stem) if item.is_video else Path()
         for kind in ("label", "color", "confidence"):
             if kind in self.kinds:
-                path = self.out / kind / sub / f"{item.name}.png"
-                write_image(path, getattr(r, kind))
-                self.written.append(path)
+                write_image(self.out / kind / sub / f"{item.name}.png", getattr(r, kind))
         if "overlay" in self.kinds:
             if item.is_video:
                 vw = self.videos.get(item.source_index)
@@ -118,37 +127,68 @@ class _Writer:
                     path = self.out / "overlay" / f"{item.video_stem}.mp4"
                     vw = self.videos[item.source_index] = VideoWriter(path, self.video_fps[item.source_index],
                                                                       self.fourcc)
-                    self.written.append(path)
                 vw.write(r.overlay)
             if not item.is_video or self.overlay_frames:
-                path = self.out / "overlay" / sub / f"{item.name}.png"
-                write_image(path, r.overlay)
-                self.written.append(path)
+                write_image(self.out / "overlay" / sub / f"{item.name}.png", r.overlay)
 
     def close(self) -> None:
+        """Write what was queued, finish every video (each checked: it reads back with its frames) and raise the
+        first error."""
         self.q.put(_END)
         self.thread.join()
         for vw in self.videos.values():
-            vw.close()
+            try:
+                vw.finish()
+            except OSError as e:
+                self.error = self.error or e
         if self.error is not None:
             raise self.error
 
 
-def _reader(sources: list[Any], names: list[dict[int, str] | str], q: queue.Queue, stop: threading.Event) -> None:
-    """Decode frames in a background thread into ``q``; ends with _END (or an exception object)."""
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """``q.put(item)`` unless ``stop`` is set first (False then): a reader blocked on a full queue ends too."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _reader(sources: list[Any], names: list[dict[int, str] | str], q: queue.Queue, stop: threading.Event,
+            skip_sources: set[int], report: Any) -> None:
+    """Decode frames in a background thread into ``q``; ends with _END (or an exception object). Sources in
+    ``skip_sources`` stop being read; ``report(message, skipped)`` says that a video had no frame (an input
+    skipped) or fewer than its container declares (a warning)."""
     try:
         for si, src in enumerate(sources):
+            decoded = 0
             with src:
                 for frame in src:
                     if stop.is_set():
                         return
+                    if si in skip_sources:
+                        break
                     if src.is_video:  # frames keep their names, in the video's own (unique) folder
-                        q.put(_Item(si, frame.name, frame.bgr, True, names[si]))  # type: ignore[arg-type]
+                        item = _Item(si, frame.name, frame.bgr, True, names[si],  # type: ignore[arg-type]
+                                     f"{src.path} frame {frame.index}")
                     else:
-                        q.put(_Item(si, names[si][frame.index], frame.bgr, False, ""))  # type: ignore[index]
-        q.put(_END)
+                        item = _Item(si, names[si][frame.index], frame.bgr, False, "",  # type: ignore[index]
+                                     str(src.paths[frame.index]))
+                    if not _put(q, item, stop):
+                        return
+                    decoded += 1
+            if src.is_video and si not in skip_sources:
+                expected = len(src)
+                if decoded == 0 and src.max_frames != 0:
+                    report(f"no frame could be decoded from video {src.path} (empty or damaged); skipped", True)
+                elif decoded < expected:
+                    report(f"video {src.path}: {decoded} of the {expected} frames its container declares could be "
+                           "decoded (truncated or damaged?); the others are missing", False)
+        _put(q, _END, stop)
     except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-        q.put(e)
+        _put(q, e, stop)
 
 
 def _disambiguate(entries: list[tuple[Any, str, Path, Path]]) -> dict[Any, str]:
@@ -224,6 +264,19 @@ def _batches(q: queue.Queue, batch: int) -> Iterator[list[_Item]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the run (importing torch, loading the model) or a second Ctrl-C
+        print("icnet-segment: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cli_hint(message: str) -> str:
+    """An engine message in the command line's words."""
+    return message.replace("input_size=(H, W)", "--input-size HxW")
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if isinstance(args.input_size, list):  # '--input-size 1.5 a.png': the inputs after the size are inputs
         args.input_size, rest = engine_config.split_size_tokens(args.input_size)
@@ -264,23 +317,61 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     stop = threading.Event()
     writer: _Writer | None = None
-    refused: list[Path] = []
+    refused: list[Path] = []  # images over --max-pixels
+    skipped: list[str] = []  # inputs that could not be segmented (unreadable, too small, empty videos)
+    skip_sources: set[int] = set()  # videos whose remaining frames are not segmented
 
-    def refuse(path: Path, error: SourceError) -> None:
-        """An image over --max-pixels: one line, the other inputs go on (other errors stop the run, as before)."""
-        if not isinstance(error, ImageTooLargeError):
-            raise error
-        refused.append(path)
+    def say(line: str) -> None:
         from tqdm import tqdm
 
-        tqdm.write(f"icnet-segment: error: {error} (--max-pixels); skipped", file=sys.stderr)
+        tqdm.write(line, file=sys.stderr)
 
+    def refuse(path: Path, error: SourceError) -> None:
+        """An image that cannot be read, or is over --max-pixels: one line, the other inputs go on."""
+        if isinstance(error, ImageTooLargeError):
+            refused.append(path)
+            say(f"icnet-segment: error: {error} (--max-pixels); skipped")
+        else:
+            skipped.append(str(path))
+            say(f"icnet-segment: error: {error}; skipped")
+
+    def report(message: str, skip: bool) -> None:
+        if skip:
+            skipped.append(message)
+        say(f"icnet-segment: {'error' if skip else 'warning'}: {message}")
+
+    def segment(items: list[_Item]) -> list[tuple[_Item, Any]]:
+        """Segment ``items``; one that the network cannot take (too small, ...) is skipped with one line (a video:
+        the rest of it), the others are segmented."""
+        try:
+            return list(zip(items, seg.segment([it.bgr for it in items], channel_order="BGR")))
+        except ValueError as e:
+            if not _FRAME_ERROR.match(str(e)):
+                raise
+            if len(items) > 1:  # which one: each alone
+                return [done for it in items if it.source_index not in skip_sources for done in segment([it])]
+            it, reason = items[0], _cli_hint(_FRAME_ERROR.sub("", str(e), count=1))
+            if it.is_video:
+                skip_sources.add(it.source_index)
+                report(f"{it.origin}: {reason}; the rest of the video is skipped", True)
+            else:
+                report(f"{it.origin}: {reason}; skipped", True)
+            return []
+
+    out = Path(args.output)
+    frames = 0
     try:
+        # a recursive walk of a folder that holds the output folder leaves the outputs out (a rerun would segment
+        # them as inputs)
+        own = [out / kind for kind in KINDS]
         sources = [open_source(p, recursive=args.recursive, stride=args.stride, max_frames=args.max_frames,
-                               max_pixels=args.max_pixels) for p in args.inputs]
+                               max_pixels=args.max_pixels, exclude=own) for p in args.inputs]
         for src in sources:
             if not src.is_video:
                 src.on_error = refuse
+            if getattr(src, "excluded", 0):
+                print(f"icnet-segment: note: {src.excluded} image(s) under the output folder {out} left out of "
+                      f"{src.folder}", file=sys.stderr)
         from icnet_ros.engine import Segmenter
 
         with warnings.catch_warnings():  # fallbacks are printed below, once
@@ -289,30 +380,29 @@ def main(argv: list[str] | None = None) -> int:
         for note in seg.notes:
             print(f"icnet-segment: warning: {note}", file=sys.stderr)
         batch = args.batch or (4 if seg.device.type == "cuda" else 1)
-        out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         video_fps = {i: (s.fps or 10.0) / (args.stride if s.is_video else 1) for i, s in enumerate(sources)}
         total = sum(len(s) for s in sources)
         names = _output_names(sources)
         q: queue.Queue = queue.Queue(maxsize=max(4, 2 * batch))
-        reader = threading.Thread(target=_reader, args=(sources, names, q, stop), name="icnet-segment-reader",
-                                  daemon=True)
+        reader = threading.Thread(target=_reader, args=(sources, names, q, stop, skip_sources, report),
+                                  name="icnet-segment-reader", daemon=True)
         writer = _Writer(out, kinds, args.overlay_frames, args.fourcc, video_fps)
         from tqdm import tqdm
 
         t0 = time.perf_counter()
         busy = 0.0
-        frames = 0
         reader.start()
         with tqdm(total=total or None, unit="frame", disable=args.quiet, dynamic_ncols=True,
                   desc="icnet-segment") as bar:
             for items in _batches(q, batch):
+                items = [it for it in items if it.source_index not in skip_sources]
                 t1 = time.perf_counter()
-                results = seg.segment([it.bgr for it in items], channel_order="BGR")
+                done = segment(items) if items else []
                 busy += time.perf_counter() - t1
-                for it, r in zip(items, results):
+                for it, r in done:
                     writer.put(it, r)
-                frames += len(items)
+                frames += len(done)
                 bar.update(len(items))
         writer.close()
         elapsed = time.perf_counter() - t0
@@ -326,15 +416,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"icnet-segment: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # stop reading; write what was segmented and finish the videos, so that they play (a second Ctrl-C ends
+        # at once, in main)
         stop.set()
-        print("icnet-segment: interrupted", file=sys.stderr)
+        problem = ""
+        if writer is not None:
+            try:
+                writer.close()
+            except (OSError, ValueError) as e:
+                problem = f"; error: {e}"
+        print(f"icnet-segment: interrupted after {frames} frame(s); their outputs are in {out}{problem}",
+              file=sys.stderr)
         return 130
     fps = frames / elapsed if elapsed > 0 else float("inf")
     seg_fps = frames / busy if busy > 0 else float("inf")
     print(f"icnet-segment: {frames} frames from {len(sources)} input(s) in {elapsed:.1f} s: {fps:.2f} fps overall, "
           f"{seg_fps:.2f} fps segmentation ({seg.describe()}); outputs in {out}"
-          + (f"; {len(refused)} image(s) refused (over --max-pixels {args.max_pixels})" if refused else ""))
-    return 2 if refused else 0
+          + (f"; {len(refused)} image(s) refused (over --max-pixels {args.max_pixels})" if refused else "")
+          + (f"; {len(skipped)} input(s) skipped (unreadable, empty or too small: see the errors above)"
+             if skipped else ""))
+    return 2 if refused or skipped else 0
 
 
 if __name__ == "__main__":
