@@ -3,6 +3,7 @@ refusal of truncated / non-ONNX / foreign files with one line, fp16 and fixed-ba
 and a missing extra (the import really blocked, in a subprocess)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -256,6 +257,37 @@ def test_opset_is_honoured_or_refused_never_substituted(tmp_path, ckpt, capsys):
     assert "Traceback" not in capsys.readouterr().err
     assert onnx.load(str(out)).opset_import[0].version == 19
     assert read_onnx_metadata(out)["provenance"]["exported"]["opset"] == 19
+
+
+def test_cli_checks_the_output_path_before_exporting(tmp_path, ckpt, capsys):
+    """A folder named like the output, or a file where its folder should be: one line at once, before the export
+    (it failed only after the whole export, ~30 s for the default model)."""
+    (tmp_path / "taken.onnx").mkdir()
+    (tmp_path / "afile").write_bytes(b"")
+    (tmp_path / "taken.xml").mkdir()
+    for fmt, out, reason in (("onnx", tmp_path / "taken.onnx", "is a folder, not a file"),
+                             ("onnx", tmp_path / "afile" / "e.onnx", f"{tmp_path / 'afile'} is a file, not a folder"),
+                             ("openvino", tmp_path / "taken", "is a folder, not a file")):
+        assert export_main([str(ckpt), "--format", fmt, "--size", "128x192", "--output", str(out)]) == 2
+        err = capsys.readouterr().err  # one line: the export's own first line never came
+        assert err.startswith("icnet-export: error: --output ") and reason in err and err.count("\n") == 1, err
+
+
+def test_ctrl_c_during_the_export_is_one_line_and_leaves_no_file(tmp_path, ckpt):
+    """SIGINT once the export started (its first line printed): 'icnet-export: interrupted', exit status 130, no
+    output and no temporary file. Before: a KeyboardInterrupt traceback from inside torch (exit 1)."""
+    out = tmp_path / "e.onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.export", str(ckpt), "--format", "onnx", "--size",
+                             "128x192", "--output", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    first = proc.stderr.readline()
+    assert first.startswith("icnet-export: ") and "->" in first, first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("icnet-export")]
+    assert proc.returncode == 130 and lines == ["icnet-export: interrupted"] and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..backends.base import MissingRuntimeError, require
-from ..checkpoint import CheckpointError, default_model_path
 from ..sizes import parse_sizes
 
 FORMATS = ("onnx", "openvino", "tensorrt")
@@ -51,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> tuple[int, int]:
     """The export size; ValueError for flags that do not go together."""
+    from ..backends.base import require
     from ..export import check_export_size
 
     sizes = parse_sizes(args.size)
@@ -86,11 +85,35 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
     if args.model is not None and Path(args.model).suffix.lower() != ".safetensors":
         raise ValueError(f"{args.model}: expected a native .safetensors checkpoint (convert mmseg .pth files with "
                          "icnet-convert first)")
+    from .cli_checks import output_file_problem
+
+    # before minutes of export, not after: a folder of that name, a file where a folder must be, a read-only folder
+    outputs = [args.output]
+    if args.format == "tensorrt" and suffix != ".onnx":  # the ONNX file is written beside the engine
+        outputs.append(str(Path(args.output).with_suffix(".onnx")))
+    if args.format == "openvino":  # the exporter appends .xml when missing; the weights go beside it (.bin)
+        xml = Path(args.output) if suffix == ".xml" else Path(args.output + ".xml")
+        outputs = [str(xml), str(xml.with_suffix(".bin"))]
+    for path in outputs:
+        problem = output_file_problem(path, "--output")
+        if problem:
+            raise ValueError(problem)
     return size
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args, argv)
+    except KeyboardInterrupt:  # files are written to a temporary file and renamed: nothing partial is left
+        print("icnet-export: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from ..backends.base import MissingRuntimeError, require  # torch: imported here, where Ctrl-C is one line
+    from ..checkpoint import CheckpointError, default_model_path
+
     command = shlex.join(["icnet-export", *(sys.argv[1:] if argv is None else argv)])
     try:
         size = _check_args(args)
