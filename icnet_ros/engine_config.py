@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .sizes import MAX_SCALE, MIN_INPUT_SIZE, SIZE_DIVISOR, parse_hw
+from .sizes import MAX_SCALE, MAX_UPSCALED_PIXELS, MIN_INPUT_SIZE, SIZE_DIVISOR, parse_hw
 
 OUTPUTS: tuple[str, ...] = ("label", "color", "overlay", "confidence")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
@@ -39,8 +39,10 @@ class ConfigError(ValueError):
 def parse_input_size(value: Any) -> str | tuple[int, int] | float:
     """Network input size policy -> ``"auto"`` | ``"native"`` | ``"checkpoint"`` | ``(H, W)`` | scale factor.
 
-    Text: ``auto``, ``native``, ``checkpoint``, ``HxW`` / ``H W`` / ``H,W`` (each >= 64) or a factor in (0, 4].
-    Also None / ``""`` / ``()`` (native), a 2-sequence (H, W) and a number (scale)."""
+    Text: ``auto``, ``native``, ``checkpoint``, ``HxW`` / ``H W`` / ``H,W`` (each >= 64, at most
+    :data:`~icnet_ros.sizes.MAX_UPSCALED_PIXELS` = 4096x4096 pixels together: the largest network input anything
+    else in the package accepts) or a factor in (0, 4]. Also None / ``""`` / ``()`` (native), a 2-sequence (H, W)
+    and a number (scale)."""
     if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
         return "native"
     if isinstance(value, bool):
@@ -51,7 +53,7 @@ def parse_input_size(value: Any) -> str | tuple[int, int] | float:
         h, w = (int(v) for v in value)
         if min(h, w) < MIN_INPUT_SIZE:
             raise ValueError(f"{h}x{w} is below the network minimum {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}")
-        return h, w
+        return check_network_pixels(h, w)
     if isinstance(value, (int, float)):
         s = float(value)
         if not (math.isfinite(s) and 0.0 < s <= MAX_SCALE):
@@ -64,12 +66,22 @@ def parse_input_size(value: Any) -> str | tuple[int, int] | float:
         return text
     parts = [p for p in re.split(r"[\sx,]+", text) if p]
     if len(parts) == 2 and ("x" in text or " " in text or "," in text):
-        return parse_hw(f"{parts[0]}x{parts[1]}", MIN_INPUT_SIZE)
+        return check_network_pixels(*parse_hw(f"{parts[0]}x{parts[1]}", MIN_INPUT_SIZE))
     try:
         scale = float(text)
     except ValueError:
         raise ValueError(f"{value!r} is not auto, native, checkpoint, HxW or a scale factor") from None
     return parse_input_size(scale)
+
+
+def check_network_pixels(height: int, width: int) -> tuple[int, int]:
+    """(height, width) when a network input of that size has at most :data:`~icnet_ros.sizes.MAX_UPSCALED_PIXELS`
+    pixels (4096x4096: the bound of an upscaled frame, of an icnet-export size and of a model file's size), else
+    ValueError; a larger one only ends in an out-of-memory error (100000x100000 asked for 112 GiB)."""
+    if height * width > MAX_UPSCALED_PIXELS:
+        raise ValueError(f"{height}x{width} = {height * width} pixels exceeds the largest network input, "
+                         f"{MAX_UPSCALED_PIXELS} pixels (4096x4096)")
+    return height, width
 
 
 def format_input_size(value: Any) -> str:
@@ -355,5 +367,5 @@ def from_args(args: argparse.Namespace, base: SegmenterConfig | None = None,
 
 
 __all__ = ["BACKENDS", "ConfigError", "LIVE_OPTIONS", "OPTIONS", "OUTPUTS", "Option", "PRECISIONS",
-           "SegmenterConfig", "add_arguments", "check", "format_input_size", "from_args", "parse_input_size",
-           "parse_outputs"]
+           "SegmenterConfig", "add_arguments", "check", "check_network_pixels", "format_input_size", "from_args",
+           "parse_input_size", "parse_outputs"]

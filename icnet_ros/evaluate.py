@@ -41,7 +41,7 @@ from .losses import upsample_logits
 from .metrics import ConfusionMatrix, format_table, to_percent
 from .preprocess import Normalizer
 from . import engine_config
-from .sizes import SIZE_DIVISOR, InputSizePolicy, aligned_size
+from .sizes import MAX_SCALE, MAX_UPSCALED_PIXELS, SIZE_DIVISOR, InputSizePolicy, aligned_size
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -210,9 +210,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.native:
+        if isinstance(args.input_size, list):  # given (the default is a plain string): two answers to one question
+            print(f"icnet-eval: error: --native is --input-size native; give one of them, not both (--input-size "
+                  f"{' '.join(args.input_size)})", file=sys.stderr)
+            return 2
         args.input_size = ["native"]
-    if args.batch_size < 1 or args.workers < 0 or any(s <= 0 for s in args.scales):
-        print("icnet-eval: error: --batch-size >= 1, --workers >= 0 and positive --scales required", file=sys.stderr)
+    if args.batch_size < 1 or args.workers < 0:
+        print("icnet-eval: error: --batch-size >= 1 and --workers >= 0 required", file=sys.stderr)
+        return 2
+    bad = [s for s in args.scales if not (math.isfinite(s) and 0 < s <= MAX_SCALE)]
+    if bad:  # a frame is never upscaled more than MAX_SCALE per side; 1e5 asked for 112 GiB
+        print(f"icnet-eval: error: --scales {bad[0]:g}: each scale must be in (0, {MAX_SCALE:g}]", file=sys.stderr)
         return 2
     try:
         cfg = engine_config.from_args(args)
@@ -232,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             model, meta = seg.backend, seg.meta
             device = seg.backend.device
         sizes = InputSizePolicy.from_option(cfg.input_size, meta, cfg.size_divisor, getattr(model, "fixed_size", None))
+        if sizes.kind == "fixed":  # the network inputs are known now: refuse an oversized one before any work
+            for s in args.scales:
+                _bounded_size(sizes.network_size)(*sizes.param, s)
         model_classes = class_set_from_meta(meta)
         spec = DataSpec(root=args.data, layout=args.layout, class_file=args.class_file,
                         label_suffix=args.label_suffix)
@@ -256,9 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cm = evaluate(model, loader, Normalizer(meta.get("normalization")), class_set.num_classes,
                       class_set.ignore_index, device, scales=args.scales, flip=args.flip, amp=args.amp,
-                      progress=not args.no_progress, desc=f"icnet-eval {args.split}", size_fn=sizes.network_size)
-    except DatasetError as e:  # an unreadable image or label, found while reading (also in a loader worker)
-        print(f"icnet-eval: error: {_one_line(e)}", file=sys.stderr)
+                      progress=not args.no_progress, desc=f"icnet-eval {args.split}",
+                      size_fn=_bounded_size(sizes.network_size))
+    except (DatasetError, NetworkSizeError) as e:  # an unreadable image or label (also in a loader worker), or
+        print(f"icnet-eval: error: {_one_line(e)}", file=sys.stderr)  # an image too large at one of the --scales
         return 2
     seconds = time.perf_counter() - t0
     metrics = cm.compute()
@@ -284,6 +296,24 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+class NetworkSizeError(ValueError):
+    """A network input over :data:`~icnet_ros.sizes.MAX_UPSCALED_PIXELS` (an image at a large ``--scales``)."""
+
+
+def _bounded_size(size_fn: Callable[[int, int, float], tuple[int, int]]) -> Callable[[int, int, float],
+                                                                                       tuple[int, int]]:
+    """``size_fn`` that raises :class:`NetworkSizeError` for a network input over MAX_UPSCALED_PIXELS (4096x4096:
+    the engine's, icnet-export's and the model files' bound) before anything that large is allocated."""
+    def sized(h: int, w: int, scale: float) -> tuple[int, int]:
+        nh, nw = size_fn(h, w, scale)
+        if nh * nw > MAX_UPSCALED_PIXELS:
+            raise NetworkSizeError(f"--scales {scale:g}: a {h}x{w} image becomes a {nh}x{nw} network input, more "
+                                   f"than {MAX_UPSCALED_PIXELS} pixels (4096x4096); use smaller --scales or "
+                                   "--input-size")
+        return nh, nw
+    return sized
 
 
 def _one_line(error: BaseException) -> str:

@@ -182,3 +182,20 @@ def test_segment_takes_inputs_after_the_size(tmp_path):
                          "-o", str(out), "--quiet", "--outputs", "label"]) == 0
     assert any(out.rglob("*.png"))
     assert segment.main(["--model", str(ckpt), "-o", str(out), "--input-size", "1.5"]) == 2  # no INPUT
+
+
+def test_input_size_is_bounded_by_the_largest_network_input(tmp_path, capsys):
+    """At most MAX_UPSCALED_PIXELS (4096x4096), the bound of an upscaled frame, of an icnet-export size and of a
+    model file's size: before, 100000x100000 was accepted and the first frame ended in a 112 GiB MemoryError
+    traceback. The node's parameter (same parser) refuses it too."""
+    assert engine_config.parse_input_size("4096x4096") == (4096, 4096)
+    for bad in ("100000x100000", "4096 4097", (8192, 4096)):
+        with pytest.raises(ValueError, match="exceeds the largest network input, 16777216 pixels"):
+            engine_config.parse_input_size(bad)
+    with pytest.raises(node_params.ParameterError, match="16777216"):
+        node_params.parse({"input_size": "100000x100000"})
+    assert segment.main(["x.png", "-o", str(tmp_path / "o"), "--input-size", "100000x100000"]) == 2
+    assert capsys.readouterr().err == ("icnet-segment: error: input_size = '100000x100000': 100000x100000 = "
+                                       "10000000000 pixels exceeds the largest network input, 16777216 pixels "
+                                       "(4096x4096)\n")
+    assert not (tmp_path / "o").exists()

@@ -194,6 +194,35 @@ def test_errors_are_reported_with_exit_code_2(capsys, tmp_path, ckpt):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
+def test_scales_and_a_native_conflict_are_refused_at_once(capsys, ckpt):
+    """--scales 100000 was accepted and ended in a 112 GiB MemoryError traceback; --native with --input-size
+    evaluated silently at the native size. Each is now one line, exit status 2, before the model is loaded."""
+    root = require(CAMVID)
+    base = ["--model", str(ckpt), "--data", str(root), "--limit", "1", "--workers", "0", "--no-progress"]
+    assert main([*base, "--scales", "1", "100000"]) == 2
+    assert capsys.readouterr().err == "icnet-eval: error: --scales 100000: each scale must be in (0, 4]\n"
+    assert main([*base, "--native", "--input-size", "128", "160"]) == 2
+    assert capsys.readouterr().err == ("icnet-eval: error: --native is --input-size native; give one of them, not "
+                                       "both (--input-size 128 160)\n")
+
+
+def test_network_inputs_over_the_pixel_bound_are_refused(capsys, tmp_path, ckpt):
+    """A scale that makes a network input of more than 4096x4096 pixels (the engine's bound): with a fixed size, at
+    once; with a size that depends on the image (here the trained width 2048, reached at most 4x: 1440x1920, then x 4),
+    at the first image, before that input is allocated. One line, exit status 2."""
+    root = require(CAMVID)
+    base = ["--data", str(root), "--limit", "1", "--workers", "0", "--no-progress"]
+    assert main(["--model", str(ckpt), *base, "--input-size", "2048x2048", "--scales", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icnet-eval: error: --scales 4: ") and "8192x8192 network input, more than 16777216 " \
+        "pixels" in err and err.count("\n") == 1, err
+    wide = make_checkpoint(tmp_path / "wide.safetensors", network_width=2048)
+    assert main(["--model", str(wide), *base, "--scales", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("icnet-eval: error: --scales 4: a 360x480 image becomes a 5760x7680 network input, more than "
+                   "16777216 pixels (4096x4096); use smaller --scales or --input-size\n"), err
+
+
 def test_auto_input_size_scales_to_the_recorded_width(capsys, tmp_path):
     """input_size auto (the default): each image scaled to the metadata's network_width, aspect ratio kept."""
     root = require(CAMVID)
