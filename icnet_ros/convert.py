@@ -18,10 +18,11 @@ from typing import Any, Literal
 
 import torch
 
-from .checkpoint import (MMSEG_NORMALIZATION, CheckpointError, build_meta, file_sha256, load_model,
-                         load_state_dict_into, record_export, save_checkpoint)
+from .checkpoint import (MAX_NETWORK_WIDTH, MMSEG_NORMALIZATION, CheckpointError, build_meta, file_sha256,
+                         load_model, load_state_dict_into, record_export, save_checkpoint)
 from .classes import CITYSCAPES, ClassSet, generic_palette
 from .models.icnet import ICNet, ICNetConfig
+from .sizes import MAX_UPSCALED_PIXELS, MIN_INPUT_SIZE
 
 # mmseg keeps the pyramid pooling on the ICNet backbone; icnet_ros groups it in `backbone.ppm`
 _RENAMES = (("backbone.psp_modules.", "backbone.ppm.psp_modules."),
@@ -158,12 +159,17 @@ runs at each frame's own size); None keeps what the source has."""
 
 
 def _recorded_size(input_size: tuple[int, int] | str) -> list[int] | None:
-    """The metadata value; save_checkpoint's validate_meta checks the size before anything is written."""
+    """The metadata value, checked here as the size asked for (save_checkpoint's validate_meta would refuse it too,
+    but as 'invalid input_size in metadata', which reads as a fault of the source file)."""
     if isinstance(input_size, str):
         if input_size != "native":
             raise ValueError(f"input size must be (H, W) or 'native', got {input_size!r}")
         return None
-    return [int(v) for v in input_size]
+    h, w = (int(v) for v in input_size)
+    if min(h, w) < MIN_INPUT_SIZE or h * w > MAX_UPSCALED_PIXELS:
+        raise ValueError(f"input size {h}x{w}: each side must be >= {MIN_INPUT_SIZE} and the whole at most "
+                         f"{MAX_UPSCALED_PIXELS} pixels (4096x4096): every frame runs at it")
+    return [h, w]
 
 
 def _apply_records(meta: dict[str, Any], record: dict[str, Any] | None, input_size: InputSize,
@@ -180,6 +186,9 @@ def _apply_records(meta: dict[str, Any], record: dict[str, Any] | None, input_si
         else:
             if isinstance(network_width, bool) or not isinstance(network_width, int):
                 raise ValueError(f"network width must be an integer or 'none', got {network_width!r}")
+            if not MIN_INPUT_SIZE <= network_width <= MAX_NETWORK_WIDTH:  # as the flag's value, not "in metadata"
+                raise ValueError(f"invalid network_width {network_width}: need an integer in [{MIN_INPUT_SIZE}, "
+                                 f"{MAX_NETWORK_WIDTH}]")
             meta["network_width"] = changes["network_width"] = network_width
     if license is not None:
         if license == "":
@@ -305,13 +314,26 @@ def export_native_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, 
     return model
 
 
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` name one existing file (also through another spelling or a link)."""
+    try:
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:
+        return False
+
+
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, class_set: ClassSet | None = None,
                        fp16: bool = False, include_aux: bool = True, input_size: InputSize = None,
                        network_width: NetworkWidth = None, license: str | None = None,
                        average: Sequence[str | os.PathLike] = ()) -> ICNet:
     """``icnet-convert``: an mmseg ``.pth`` is imported; a native ``.safetensors`` is exported (its classes are
-    its own, so ``class_set`` must be None), averaged with ``average`` when given."""
-    if Path(src).suffix == ".safetensors":
+    its own, so ``class_set`` must be None), averaged with ``average`` when given. ``dst`` may be ``src`` to change
+    only what is recorded (input size, network width, license); ``fp16``, ``include_aux=False`` or ``average`` into
+    the source itself are refused (ValueError), as they cannot be undone."""
+    if _same_file(src, dst) and (fp16 or not include_aux or average):
+        raise ValueError(f"{dst} is the source file: --fp16, --no-aux and --average cannot be undone; write the "
+                         "result to another file")
+    if Path(src).suffix.lower() == ".safetensors":  # D.SAFETENSORS too (it was read as an mmseg .pth)
         if class_set is not None:
             raise ValueError(f"{src} is a native checkpoint: its classes are recorded in it (--classes is for "
                              "mmseg checkpoints)")

@@ -185,6 +185,32 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_convert_in_place_only_rerecords_and_flags_are_worded_as_flags(tmp_path, capsys):
+    """Into the source itself (also spelt another way): recording a size or a license stays possible, but --fp16,
+    --no-aux and --average, which cannot be undone, are refused and the source is untouched (before: it was
+    replaced). A bad --input-size is the flag's value, not 'invalid input_size in metadata' (which blamed the
+    source file). A native checkpoint named in capitals (.SAFETENSORS) is read as one, not as an mmseg .pth."""
+    from helpers import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "best.safetensors")
+    before = src.read_bytes()
+    for flags in (["--fp16"], ["--no-aux"], ["--average", str(src)]):
+        assert convert_main([str(src), str(tmp_path / "." / "best.safetensors"), *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err == (f"icnet-convert: error: {tmp_path / '.' / 'best.safetensors'} is the source file: --fp16, "
+                       "--no-aux and --average cannot be undone; write the result to another file\n"), err
+        assert src.read_bytes() == before
+    for size, shown in ((["32", "32"], "32x32"), (["100000x100000"], "100000x100000")):
+        assert convert_main([str(src), str(tmp_path / "x.safetensors"), "--input-size", *size]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"icnet-convert: error: input size {shown}: each side must be >= 64 and the whole at most "
+                       "16777216 pixels (4096x4096): every frame runs at it\n"), err
+    upper = tmp_path / "COPY.SAFETENSORS"
+    upper.write_bytes(before)
+    assert convert_main([str(upper), str(tmp_path / "y.safetensors"), "--fp16"]) == 0
+    assert load_model(tmp_path / "y.safetensors").config == load_model(src).config
+
+
 def test_convert_refuses_an_output_that_is_not_safetensors(tmp_path, capsys):
     """The output is always written as safetensors: before, 'out.pth' was written (exit 0) and no tool opened it
     ('unknown model file type'). Refused before the source is read."""
