@@ -63,14 +63,15 @@ def topic_problem(topic: str, flag: str = "--topic", node_name: str = "node") ->
     return f"{flag} {topic!r}: not a valid ROS topic name ({reason})"
 
 
-def model_problem(model: str) -> str | None:
+def model_problem(model: str, backend: str = "auto") -> str | None:
     """Why ``model`` cannot be loaded by the node (None when it looks loadable): unknown file type, missing file,
-    or (native checkpoints) unreadable metadata. The full load happens later; this catches typos in a second."""
+    or (native checkpoints) unreadable metadata. ``backend``: the engine's backend option (auto: by the file type).
+    The full load happens later; this catches typos in a second."""
     from ..checkpoint import CheckpointError, read_metadata
     from ..engine import backend_for
 
     try:
-        if backend_for(model) == "torch":
+        if backend_for(model, backend) == "torch":
             read_metadata(model)
         elif not Path(model).expanduser().is_file():
             raise CheckpointError(f"model file not found: {model}")

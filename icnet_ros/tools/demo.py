@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Examples:\n" + __doc__.split("\n\n")[1])
     p.add_argument("input", nargs="?", default=None, help="video file or image folder (none: serve the camera "
                    "topic until Ctrl-C)")
-    p.add_argument("--model", default=None, help="checkpoint (.safetensors); default: the package's default model")
+    p.add_argument("--model", default=None, help="model file: native .safetensors, exported .onnx, OpenVINO .xml "
+                   "or TensorRT .engine/.plan (icnet-export); default: the package's default model")
     p.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help="where overlays are saved (default: "
                    "%(default)s)")
     p.add_argument("--topic", default="/camera/image_raw", help="camera topic (default: %(default)s)")
@@ -87,12 +88,18 @@ def _error(message: str, code: int = 2) -> int:
     return code
 
 
-def _resolve_model(model: str | None) -> str:
-    from ..checkpoint import default_model_path, read_metadata
+def _resolve_model(model: str | None, backend: str = "auto") -> str:
+    """The model file the node loads: ``model``, or the default model; CheckpointError when it is not loadable
+    (checked as icnet-segment and icnet_node check it: a native checkpoint's metadata is read, an exported
+    ``.onnx`` / OpenVINO ``.xml`` / TensorRT engine must exist, for the ``--backend`` that runs it)."""
+    from ..checkpoint import CheckpointError, default_model_path
+    from .cli_checks import model_problem
 
     if model is None:
         return str(default_model_path())  # CheckpointError when the default model is not installed
-    read_metadata(model)  # fail now, with the checkpoint's own message
+    problem = model_problem(model, backend)
+    if problem:
+        raise CheckpointError(problem)
     return str(model)
 
 
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..checkpoint import CheckpointError
 
     try:
-        model = _resolve_model(args.model)
+        model = _resolve_model(args.model, args.backend)
     except CheckpointError as e:
         message = str(e).removesuffix("; pass a model path")
         return _error(f"{message}; pass a checkpoint with --model PATH" if args.model is None else message)
