@@ -416,7 +416,7 @@ class Segmenter:
             raise ValueError(f"frame {i}: empty frame (shape {f.shape})")
         h, w = self.size_policy.policy_size(f.shape[0], f.shape[1])
         if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
-            how = "" if self.input_policy == "fixed" else " (use input_size=(H, W) to upscale small frames)"
+            how = "" if self.input_policy == "fixed" else " (a fixed input_size HxW upscales small frames)"
             raise ValueError(f"frame {i}: {f.shape[0]}x{f.shape[1]} gives a {h}x{w} network input, below the "
                              f"minimum {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}{how}")
         if self.input_policy in ("width", "scale") and h * w > max(f.shape[0] * f.shape[1], MAX_UPSCALED_PIXELS):

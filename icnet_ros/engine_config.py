@@ -231,8 +231,9 @@ class SegmenterConfig:
         "was trained at, from its metadata, upscaled at most 4x; for models without that record the metadata's fixed size if any, "
         "else native), 'native' (each frame at its own size), 'checkpoint' (the fixed size in the model's "
         "metadata), 'HxW' such as '512x1024', or a scale factor such as '1.5'. Rounded to multiples of "
-        "size_divisor.", "auto | native | checkpoint | HxW (each >= 64) | scale in (0, 4]", parse_input_size,
-        live=True, text_type=str)
+        "size_divisor.", f"auto | native | checkpoint | HxW (each >= {MIN_INPUT_SIZE}, at most "
+        f"{math.isqrt(MAX_UPSCALED_PIXELS)}x{math.isqrt(MAX_UPSCALED_PIXELS)} pixels) | scale in (0, {MAX_SCALE:g}]",
+        parse_input_size, live=True, text_type=str)
     size_divisor: int = _opt(SIZE_DIVISOR, "Network input sizes are rounded to multiples of this (32: ICNet's "
                              "branches misalign otherwise; 1 keeps sizes exact).", "[1, 256]", _number(1, 256, int))
     outputs: tuple[str, ...] = _opt(("label",), "Outputs computed per frame (label always).",

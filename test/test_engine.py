@@ -365,7 +365,7 @@ def test_default_model_missing_is_a_checkpoint_error(monkeypatch, tmp_path):
     (np.zeros((64, 64, 2), np.uint8), r"shape \(64, 64, 2\)"),
     (np.zeros((0, 64, 3), np.uint8), "empty frame"),
     (np.zeros((64, 0), np.uint8), "empty frame"),
-    (np.zeros((40, 50, 3), np.uint8), "below the minimum 64x64"),
+    (np.zeros((40, 50, 3), np.uint8), r"below the minimum 64x64 \(a fixed input_size HxW upscales small frames\)"),
     (np.zeros((2, 64, 64, 3), np.uint8)[0, :, :, :, None], "shape"),
     ([[1, 2], [3, 4]], "expected a numpy uint8 array"),
 ])

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cli_hint(message: str) -> str:
     """An engine message in the command line's words."""
-    return message.replace("input_size=(H, W)", "--input-size HxW")
+    return message.replace("a fixed input_size HxW", "--input-size HxW")
 
 
 def _main(argv: list[str] | None) -> int:
