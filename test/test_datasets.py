@@ -162,6 +162,8 @@ def test_text_class_file(tmp_path):
     ("classes:\n  - {name: road, color: [1, 2, null]}\n", r"class #0 \('road'\): bad color \[1, 2, None\]"),
     ("palette: [[1, 2, 3]]\nclasses: [road, car]\n", "2 classes but 1 palette colours"),
     ("classes: [a]\nignore_index: 254.5\n", "ignore_index must be an integer"),
+    ("classes:\n  - {name: car, color: [0, 0, 142]}\n  - {name: truck, color: [0, 0, 142]}\n",
+     r"classes 'car' and 'truck' have the same color \[0, 0, 142\]"),
 ])
 def test_bad_class_files(tmp_path, text, message):
     f = tmp_path / "classes.yaml"
@@ -437,3 +439,28 @@ def test_train_batch_sampler_resumes_and_shards():
     assert all(len(b) == 2 and {i for i, _ in b} <= {0, 1} for b in small)
     with pytest.raises(ValueError):
         TrainBatchSampler(0, 2)
+
+
+def test_a_generated_class_color_never_repeats_one_given_in_the_file(tmp_path):
+    """'car' without a color got the generated (0, 128, 0), which 'grass' names: color labels read grass pixels as
+    car and grass was never trained. Generated colors now skip the ones the file gives."""
+    f = tmp_path / "classes.yaml"
+    f.write_text("classes:\n  - road\n  - car\n  - {name: grass, color: [0, 128, 0]}\n")
+    cs = load_class_file(f)
+    assert cs.palette[0] == (128, 0, 0) and cs.palette[2] == (0, 128, 0)  # road keeps its generated color
+    assert len(set(cs.palette)) == 3
+    from icnet_ros.data.datasets import colors_to_ids
+
+    rgb = np.array([[cs.palette[1], (0, 128, 0)]], np.uint8)
+    assert colors_to_ids(rgb, cs).tolist() == [[1, 2]]
+
+
+def test_random_crop_does_not_settle_on_windows_without_labelled_pixels():
+    """A window with no labelled pixel ended the search for a class-balanced crop at once: on a label whose top 60%
+    is void, 3 crops in 4 carried no loss. Such windows are redrawn, as mmseg does."""
+    label = np.full((300, 300), 255, np.uint8)
+    label[180:, :150], label[180:, 150:] = 0, 1
+    image = np.zeros((300, 300, 3), np.uint8)
+    crop = RandomCrop((128, 128), cat_max_ratio=0.75, max_tries=10)
+    empty = np.mean([(crop(image, label, np.random.default_rng(s))[1] == 255).all() for s in range(200)])
+    assert empty < 0.1, empty

@@ -91,8 +91,22 @@ def load_class_file(path: str | os.PathLike) -> ClassSet:
             raise DatasetError(f"{where}: bad color {color!r} (need three integers [R, G, B] in 0..255)")
         if raw is not None and not _is_int(raw):
             raise DatasetError(f"{where}: id (the raw label value) must be an integer in 0..255, got {raw!r}")
-    palette = tuple(tuple(int(v) for v in e["color"]) if e.get("color") is not None else fallback[i]
-                    for i, e in enumerate(entries))
+    explicit: dict[tuple[int, ...], str] = {}
+    for e in entries:
+        if e.get("color") is not None:
+            color = tuple(int(v) for v in e["color"])
+            if color in explicit:  # colour labels would merge the two classes, the color output show them as one
+                raise DatasetError(f"{p}: classes {explicit[color]!r} and {e['name']!r} have the same color "
+                                   f"{list(color)}: give each class its own")
+            explicit[color] = e["name"]
+    spare = iter(c for c in generic_palette(len(entries) + len(explicit))[len(entries):] if c not in explicit)
+    palette_list: list[tuple[int, ...]] = []
+    for i, e in enumerate(entries):  # a generated colour never repeats a colour given in the file
+        if e.get("color") is not None:
+            palette_list.append(tuple(int(v) for v in e["color"]))
+        else:
+            palette_list.append(fallback[i] if fallback[i] not in explicit else next(spare))
+    palette = tuple(palette_list)
     raw_ids = [int(e["id"]) if e.get("id") is not None else i for i, e in enumerate(entries)]
     if len(set(raw_ids)) != len(raw_ids) or any(not 0 <= r <= 255 for r in raw_ids):
         raise DatasetError(f"{p}: raw label ids must be distinct values in 0..255, got {raw_ids}")

@@ -113,10 +113,12 @@ class RandomCrop:
         return int(rng.integers(0, max(h - ch, 0) + 1)), int(rng.integers(0, max(w - cw, 0) + 1))
 
     def _acceptable(self, label: np.ndarray) -> bool:
+        """At least two classes, none above ``cat_max_ratio`` of the labelled pixels (as mmseg's RandomCrop); a
+        window without labelled pixels is not (it was accepted at once, ending the search: on a label 60% void,
+        3 crops in 4 carried no loss)."""
         counts = np.bincount(label.ravel(), minlength=256)
         counts[self.ignore_index] = 0
-        total = counts.sum()
-        return total == 0 or (np.count_nonzero(counts) > 1 and counts.max() < self.cat_max_ratio * total)
+        return np.count_nonzero(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum()
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Pair:
         ch, cw = self.crop_size
@@ -157,7 +159,12 @@ class RandomFlip:
 
 class PhotoMetricDistortion:
     """Random brightness, contrast, saturation and hue changes, each applied with probability 0.5; contrast comes
-    either before or after the HSV changes. Labels are untouched. ``hue_delta`` is in degrees."""
+    either before or after the HSV changes. Labels are untouched.
+
+    Two differences from mmseg's PhotoMetricDistortion, kept because the shipped models were trained and selected
+    with them: ``hue_delta`` is in degrees (the default 18 shifts hue by up to +-18 degrees; mmseg's 18 is in
+    OpenCV's half-degree units, +-36 degrees), and it runs after :class:`RandomCrop`'s padding, so the padded
+    border (the normalisation mean) is shifted with the image (mmseg pads after normalising: exactly 0)."""
 
     def __init__(self, brightness_delta: float = 32, contrast_range: tuple[float, float] = (0.5, 1.5),
                  saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: float = 18) -> None:
