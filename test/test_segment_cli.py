@@ -6,7 +6,6 @@ import resource
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -344,33 +343,20 @@ def test_a_video_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, ckpt
     assert rc == 2 and err == f"icnet-segment: error: cannot write {out / 'overlay' / 'noise.mp4'}: File too large\n"
 
 
-def test_ctrl_c_finishes_the_video_with_the_frames_done(tmp_path, ckpt, capsys):
-    """Ctrl-C (a real SIGINT to this process) during a video: reading stops, the frames already segmented are
-    written and the MP4 is finished: it plays, with exactly the frames whose PNGs were written; exit status 130.
-    Before, the writer was abandoned: an MP4 without its index (unplayable) and queued outputs lost."""
+def test_ctrl_c_finishes_the_video_with_the_frames_done(tmp_path, ckpt):
+    """Ctrl-C (a real SIGINT, to an icnet-segment process: this test process may hold rclpy's signal handlers,
+    which a SIGINT to itself would run) during a video: reading stops, the frames already segmented are written and
+    the MP4 is finished: it plays, with exactly the frames whose PNGs were written; exit status 130. Before, the
+    writer was abandoned: an MP4 without its index (unplayable) and queued outputs lost."""
     video = _video(tmp_path / "clip.mp4", n=400, size=(64, 64))
     out = tmp_path / "out"
     labels = out / "label" / "clip"
-    done = threading.Event()
 
-    def interrupt():  # once a few frames are written: the run is well under way, far from its end
-        while not done.is_set():
-            if labels.is_dir() and len(os.listdir(labels)) >= 3:
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.002)
+    def under_way(_proc):  # a few frames written: the run is well under way, far from its end
+        return labels.is_dir() and len(os.listdir(labels)) >= 3
 
-    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-    watcher = threading.Thread(target=interrupt)
-    watcher.start()
-    try:
-        rc = main([str(video), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet",
-                   "--outputs", "label,overlay"])
-    finally:
-        done.set()
-        watcher.join()
-        signal.signal(signal.SIGINT, handler)
-    err = capsys.readouterr().err
+    rc, err = _interrupt_when([sys.executable, "-m", "icnet_ros.tools.segment", str(video), "-m", str(ckpt), "-o",
+                               str(out), "--device", "cpu", "--quiet", "--outputs", "label,overlay"], under_way)
     written = len(list(labels.glob("*.png")))
     assert rc == 130 and f"interrupted after {written} frame(s)" in err and "Traceback" not in err, err
     assert 3 <= written < 400
