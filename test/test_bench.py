@@ -226,3 +226,122 @@ def test_backend_help_offers_only_the_accepted_choices(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--backend", "auto"])
     assert e.value.code == 2 and "invalid choice: 'auto'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- icnet-node-soak's verdict
+def _soak_result(outputs_check, exit_status=0, exit_problem=None, frames_lost=0, growth=0.5):
+    return {"rss_growth_pct": growth, "frames_lost": frames_lost, "outputs_check": outputs_check,
+            "node_exit_status": exit_status, "node_exit_problem": exit_problem, "rss_mb_at_60s": 500.0,
+            "rss_mb_end": 502.5, "seconds": 90.0}
+
+
+def test_soak_verdict_fails_when_the_node_publishes_no_outputs():
+    """The verdict ignored the outputs: a node that published nothing PASSED (the review's 90 s soak at 2 Hz with
+    publish() disabled: 140 frames processed per camera, outputs_received {}). Now, per camera, every frame
+    processed must give an output and, per kind, every frame served while the kind was subscribed; the tolerance
+    is ceil(rate x OUTPUT_SLACK_S) + OUTPUT_SLACK_FRAMES per subscription window (the frames in flight when
+    subscriptions are created and destroyed). Counts below are those of the review's runs."""
+    from icnet_ros.tools.soak import CAMERAS, KINDS, PHASES, output_check, output_shortfalls, report, verdict
+
+    a, b = CAMERAS
+    # 90 s in 20 s windows at 2 Hz: all outputs, label, none, all outputs, label (cut at 90 s)
+    frames_per_window = [40, 40, 0, 40, 20]
+    kinds = [PHASES[i % 3] for i in range(5)]
+    healthy = [(k, {f"{cam}:{kind}": n for cam in CAMERAS for kind in k}) for k, n in zip(kinds, frames_per_window)]
+    processed = {a: 140, b: 140}
+    rows = output_check(healthy, processed, rate=2.0)
+    assert rows[a] == {"expected": 140, "received": 140, "allowed": 4 * (2 + 2)}
+    assert rows[f"{a}:label"]["expected"] == 140 and rows[f"{b}:color"] == {"expected": 80, "received": 80,
+                                                                              "allowed": 2 * 4}
+    assert set(rows) == {*CAMERAS, *(f"{cam}:{k}" for cam in CAMERAS for k in KINDS)}
+    assert verdict(_soak_result(rows), 5.0) == [] and report(_soak_result(rows), 5.0).startswith("PASS:")
+
+    silent = [(k, {}) for k in kinds]  # the node processed 140 frames per camera and published nothing
+    rows = output_check(silent, processed, rate=2.0)
+    assert output_shortfalls(rows) == [f"{cam}: 0 of 140 processed frames gave an output (tolerance 16)"
+                                       for cam in CAMERAS]
+    failures = verdict(_soak_result(rows), 5.0)
+    assert len(failures) == 1 and failures[0].startswith(f"outputs short: {a}: 0 of 140")
+    assert report(_soak_result(rows), 5.0).startswith(f"FAIL: RSS 500.0 MB at 60 s") and "outputs short" in \
+        report(_soak_result(rows), 5.0)
+
+    # one kind never arrives on one camera: that kind fails, nothing else
+    no_overlay = [(k, {key: n for key, n in counts.items() if key != f"{b}:overlay"}) for k, counts in healthy]
+    assert output_shortfalls(output_check(no_overlay, processed, rate=2.0)) == [
+        f"{b}:overlay: 0 of 80 outputs (tolerance 8)"]
+    # within the tolerance: the frames in flight at each window's start and end
+    edges = [(k, {key: max(0, n - 3) for key, n in counts.items()}) for k, counts in healthy]
+    assert output_shortfalls(output_check(edges, processed, rate=2.0)) == []
+    # a camera without /diagnostics (processed unknown) is not judged here: its frames count as lost
+    assert output_check(silent, {a: -1, b: 140}, rate=2.0).keys() == {b, *(f"{b}:{k}" for k in KINDS)}
+
+
+def test_soak_verdict_and_stop_of_a_node_that_ignores_sigint(tmp_path):
+    """A node that did not exit within 30 s of SIGINT made proc.wait raise TimeoutExpired: a traceback, no verdict,
+    no JSON. stop_node now kills it and says so; the verdict fails on it (real processes, a short timeout)."""
+    import signal
+    import subprocess
+    import sys
+
+    from icnet_ros.tools.soak import report, stop_node, verdict
+
+    deaf = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, "
+                             "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    polite = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGINT, lambda "
+                               "*a: sys.exit(0)); print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    try:
+        for p in (deaf, polite):
+            assert p.stdout.readline() == b"ready\n"
+        t0 = time.monotonic()
+        status, problem = stop_node(deaf, timeout=1.0)
+        assert (status, problem) == (None, "node did not exit on SIGINT within 1 s (killed)")
+        assert deaf.poll() == -signal.SIGKILL and time.monotonic() - t0 < 10
+        assert stop_node(polite, timeout=10.0) == (0, None)
+    finally:
+        for p in (deaf, polite):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    result = _soak_result({}, exit_status=None, exit_problem=problem)
+    assert verdict(result, 5.0) == [problem]
+    assert report(result, 5.0).endswith("; node did not exit on SIGINT within 1 s (killed)")
+    assert report(result, 5.0).startswith("FAIL:")
+
+
+@pytest.mark.ros
+def test_node_soak_and_node_bench_stop_on_ctrl_c_with_the_results_so_far(tmp_path):
+    """Ctrl-C (SIGINT) during a soak or a node benchmark: before, a KeyboardInterrupt traceback (exit status 1) and
+    the results so far lost. Now one 'interrupted' line with them, --json written (the soak's marked
+    "interrupted": true), exit status 130. Both tools run at once (small sizes, a tiny model)."""
+    import signal
+
+    pytest.importorskip("rclpy", reason="rclpy not installed (pip install -e .[ros])")
+    from ros_support import Process
+
+    model = make_checkpoint(tmp_path / "tiny.safetensors")
+    soak = Process("icnet_ros.tools.soak", ["--model", str(model), "--seconds", "90", "--rate", "4", "--size",
+                                            "64x96", "--json", str(tmp_path / "soak.json")], tmp_path)
+    bench = Process("icnet_ros.tools.node_bench", ["--model", str(model), "--size", "64x96", "--size", "64x128",
+                                                   "--frames", "2", "--throughput-seconds", "3", "--json",
+                                                   str(tmp_path / "bench.json")], tmp_path)
+    try:
+        bench.wait_for_output('"size": "64x96"', 120)  # the first size measured, the second running
+        bench.proc.send_signal(signal.SIGINT)
+        soak.wait_for_output("soak:", 120)  # the soak loop runs
+        time.sleep(2.0)
+        soak.proc.send_signal(signal.SIGINT)
+        assert bench.wait(60) == 130, bench.output()
+        assert soak.wait(60) == 130, soak.output()
+    finally:
+        soak.kill()
+        bench.kill()
+    for proc in (soak, bench):
+        assert "Traceback" not in proc.output(), proc.output()
+    out = bench.output()
+    assert "icnet-node-bench: interrupted after 1 of 2 size(s) (their results above and in" in out, out
+    assert [r["size"] for r in json.loads((tmp_path / "bench.json").read_text())] == ["64x96"]
+    out = soak.output()
+    assert "icnet-node-soak: interrupted after " in out and "of 90 s, no verdict; so far: RSS" in out, out
+    result = json.loads((tmp_path / "soak.json").read_text())
+    assert result["interrupted"] is True and result["node_exit_status"] == 0, result
+    assert all(cam["published"] > 0 for cam in result["cameras"].values()) and result["outputs_received"], result

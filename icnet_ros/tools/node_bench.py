@@ -271,6 +271,37 @@ def _check_args(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside the measurements (start-up, model load)
+        print("icnet-node-bench: interrupted", file=sys.stderr)
+        return 130
+
+
+def _init_rclpy() -> None:
+    """rclpy without its signal handlers: Ctrl-C is a KeyboardInterrupt in the main thread (also when the shell
+    started this process with SIGINT ignored, as rclpy's handler did), not a context shut down under the node."""
+    import signal
+
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+
+
+def _cleanup(*steps: Any) -> bool:
+    """Run every step, also after a (second) Ctrl-C in one of them; True when one was interrupted."""
+    interrupted = False
+    for step in steps:
+        try:
+            step()
+        except KeyboardInterrupt:
+            interrupted = True
+    return interrupted
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     problem = _check_args(args)
     if problem:
@@ -301,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         except (StartupError, SourceError, ValueError) as e:
             print(f"icnet-node-bench: error: {e}", file=sys.stderr)
             return 2
-    rclpy.init()
+    _init_rclpy()
     try:
         node = SegmentationNode(parameter_overrides=[
             Parameter("image_topics", value=["/bench/image_raw"]), Parameter("model", value=args.model),
@@ -320,21 +351,28 @@ def main(argv: list[str] | None = None) -> int:
     spinner = threading.Thread(target=spin, args=(executor,), daemon=True)
     spinner.start()
     results = []
+    sizes = args.size or [(360, 480), (1024, 2048)]
+    interrupted = False
     try:
         import torch
 
         print(f"# {node.segmenter.describe() if hasattr(node.segmenter, 'describe') else args.model}; "
               f"torch threads {torch.get_num_threads()}", flush=True)
-        for size in args.size or [(360, 480), (1024, 2048)]:
+        for size in sizes:
             r = bench_size(node, helper, size, args.frames, kinds, args.encoding, args.throughput_seconds)
             results.append(r)
             print(json.dumps(r), flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
-        executor.shutdown(timeout_sec=2.0)
-        node.destroy_node()
-        helper.destroy_node()
-        rclpy.try_shutdown()
-    _write_json(args.json, results)
+        interrupted = _cleanup(lambda: executor.shutdown(timeout_sec=2.0), node.destroy_node, helper.destroy_node,
+                               rclpy.try_shutdown) or interrupted
+    _write_json(args.json, results)  # an interrupted run: the sizes measured so far
+    if interrupted:
+        print(f"icnet-node-bench: interrupted after {len(results)} of {len(sizes)} size(s)"
+              f"{' (their results above' + (f' and in {args.json}' if args.json else '') + ')' if results else ''}",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -351,7 +389,7 @@ def _main_demo(args: argparse.Namespace) -> int:
     from ..node import SegmentationNode, StartupError
     from .demo import _node_overrides
 
-    rclpy.init()
+    _init_rclpy()
     demo_args = argparse.Namespace(topic="/camera/image_raw", device=args.device, precision="fp32",
                                    input_size=None)  # the node's default, as icnet-demo
     overrides = _node_overrides(demo_args, args.model, reliable=True)
@@ -366,6 +404,7 @@ def _main_demo(args: argparse.Namespace) -> int:
         raise
     executor = MultiThreadedExecutor(num_threads=2)  # as icnet-demo
     executor.add_node(node)
+    interrupted = False
     try:
         import torch
 
@@ -373,10 +412,15 @@ def _main_demo(args: argparse.Namespace) -> int:
               f"{torch.get_num_threads()}", flush=True)
         result = bench_demo(node, executor, args.demo, args.frames, args.chunk)
         print(json.dumps(result), flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
-        executor.shutdown(timeout_sec=2.0)
-        node.destroy_node()
-        rclpy.try_shutdown()
+        interrupted = _cleanup(lambda: executor.shutdown(timeout_sec=2.0), node.destroy_node,
+                               rclpy.try_shutdown) or interrupted
+    if interrupted:  # the medians need every round: nothing to report
+        print("icnet-node-bench: interrupted (--demo: no result, the rounds are compared only when complete)",
+              file=sys.stderr)
+        return 130
     _write_json(args.json, result)
     return 0
 

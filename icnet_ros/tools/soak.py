@@ -8,16 +8,23 @@ over reliable QoS. Every ``--cycle`` seconds the output subscriptions are create
 cameras, then only ``label``, then none (so the node's lazy outputs and DDS matching are exercised over and over).
 The node's resident memory (VmRSS from /proc) is sampled every ``--sample`` seconds.
 
-Checks (exit status 1 when one fails): RSS growth from the first minute's end (the sample at 60 s) to the end
-below ``--max-growth`` percent (also reported: growth from the largest RSS during minute 2, when the allocator
-has settled on a loaded machine); every published frame received by the node; every received frame either served or dropped by policy
-(``superseded``: a newer frame of the same camera arrived first; ``no_subscribers``: nobody listened), i.e. no
-frame dropped for any other reason; the node exits with status 0 on SIGINT. DDS stays on loopback.
+Checks (exit status 1 when one fails, :func:`verdict`): RSS growth from the first minute's end (the sample at 60 s)
+to the end below ``--max-growth`` percent (also reported: growth from the largest RSS during minute 2, when the
+allocator has settled on a loaded machine); every published frame received by the node; every received frame either
+served or dropped by policy (``superseded``: a newer frame of the same camera arrived first; ``no_subscribers``:
+nobody listened), i.e. no frame dropped for any other reason; the outputs arrive (:func:`output_check`: per camera,
+every frame the node processed gave an output, and per output kind, every frame processed while that kind was
+subscribed gave that output, less :data:`OUTPUT_SLACK_S` seconds of frames plus :data:`OUTPUT_SLACK_FRAMES` per
+subscription window: the frames in flight when a window's subscriptions are created and destroyed); the node exits
+with status 0 on SIGINT (within :data:`STOP_TIMEOUT_S`; else it is killed and the soak fails). Ctrl-C stops the
+soak early: the results so far are printed and written (``"interrupted": true``), no verdict, exit status 130.
+DDS stays on loopback.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -37,6 +44,14 @@ PROG = "icnet-node-soak"
 CAMERAS = ("/soak_a/image_raw", "/soak_b/image_raw/compressed")
 KINDS = ("label", "color", "overlay", "confidence")
 POLICY_DROPS = ("superseded", "no_subscribers")
+PHASES = (KINDS, ("label",), ())  # the output kinds subscribed in each subscription window, in turn
+#: tolerance of the output check per subscription window: this many seconds of frames (at --rate) plus
+#: OUTPUT_SLACK_FRAMES. It covers the frames the node processed while a window's fresh subscriptions were not matched
+#: yet, and those whose outputs were in flight when the window's subscriptions were destroyed (a node that publishes
+#: nothing, or drops a kind, falls short by a whole window's frames)
+OUTPUT_SLACK_S = 1.0
+OUTPUT_SLACK_FRAMES = 2
+STOP_TIMEOUT_S = 30.0  # for the node's exit after SIGINT
 
 
 def rss_mb(pid: int) -> float:
@@ -98,17 +113,105 @@ def _log_tail(log_path: Path) -> str:
 
 
 class _Counter:
-    """Counts the messages of the current subscriptions (per camera and kind)."""
+    """Counts the output messages per subscription window and ``camera:kind``."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.counts: dict[str, int] = {}
+        self.windows: list[tuple[tuple[str, ...], dict[str, int]]] = []  # (kinds subscribed, counts)
 
-    def callback(self, key: str) -> Any:
+    def new_window(self, kinds: tuple[str, ...]) -> int:
+        with self.lock:
+            self.windows.append((tuple(kinds), {}))
+            return len(self.windows) - 1
+
+    def callback(self, window: int, key: str) -> Any:
         def on_msg(_msg: Any) -> None:
             with self.lock:
-                self.counts[key] = self.counts.get(key, 0) + 1
+                counts = self.windows[window][1]
+                counts[key] = counts.get(key, 0) + 1
         return on_msg
+
+    def snapshot(self) -> list[tuple[tuple[str, ...], dict[str, int]]]:
+        with self.lock:
+            return [(kinds, dict(counts)) for kinds, counts in self.windows]
+
+    def totals(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _, counts in self.snapshot():
+            for key, n in counts.items():
+                out[key] = out.get(key, 0) + n
+        return dict(sorted(out.items()))
+
+
+def output_check(windows: list[tuple[tuple[str, ...], dict[str, int]]], processed: dict[str, int], rate: float,
+                 slack_s: float = OUTPUT_SLACK_S, slack_frames: int = OUTPUT_SLACK_FRAMES) -> dict[str, dict[str, int]]:
+    """Outputs expected and received, per camera and per ``camera:kind``, from the counts of each subscription
+    window (``(kinds subscribed, {"camera:kind": outputs received})``) and the frames each camera's node processed
+    (``frames_processed``; the node processes a frame only while some output of its camera is subscribed).
+
+    The frames the node served in a window = the most outputs of one kind received in it (each processed frame gives
+    every subscribed kind). Per camera: ``expected`` = frames processed, ``received`` = frames served, summed over
+    the windows. Per ``camera:kind``: ``expected`` = frames served in the windows where the kind was subscribed,
+    ``received`` = its outputs in them. ``allowed`` = shortfall tolerated: ``ceil(rate * slack_s) + slack_frames``
+    per window counted. A row is short when ``received < expected - allowed``. A camera whose processed count is
+    unknown (< 0: no /diagnostics) has no rows (its frames are counted as lost)."""
+    per_window = math.ceil(rate * slack_s) + slack_frames
+    rows: dict[str, dict[str, int]] = {}
+    active = [(kinds, counts) for kinds, counts in windows if kinds]
+    for cam, done in processed.items():
+        if done < 0:
+            continue
+        served = [max(counts.get(f"{cam}:{k}", 0) for k in kinds) for kinds, counts in active]
+        rows[cam] = {"expected": done, "received": sum(served), "allowed": per_window * len(active)}
+        for kind in sorted({k for kinds, _ in active for k in kinds}, key=lambda k: (k != "label", k)):
+            mine = [(counts, n) for (kinds, counts), n in zip(active, served) if kind in kinds]
+            rows[f"{cam}:{kind}"] = {"expected": sum(n for _, n in mine),
+                                     "received": sum(counts.get(f"{cam}:{kind}", 0) for counts, _ in mine),
+                                     "allowed": per_window * len(mine)}
+    return rows
+
+
+def output_shortfalls(rows: dict[str, dict[str, int]]) -> list[str]:
+    """The rows of :func:`output_check` that fall short, as text ('/soak_a/image_raw: 0 of 140 ...')."""
+    out = []
+    for key, r in rows.items():
+        if r["received"] < r["expected"] - r["allowed"]:
+            what = "processed frames gave an output" if ":" not in key else "outputs"
+            out.append(f"{key}: {r['received']} of {r['expected']} {what} (tolerance {r['allowed']})")
+    return out
+
+
+def verdict(result: dict[str, Any], max_growth: float) -> list[str]:
+    """Why the soak failed (empty: PASS), from its results (:func:`summarize`)."""
+    failures = []
+    growth = result.get("rss_growth_pct")
+    if growth is None:
+        failures.append("no RSS sample at 60 s")
+    elif not growth < max_growth:
+        failures.append(f"RSS grew {growth:+.2f}% (limit {max_growth}%)")
+    if result["frames_lost"]:
+        failures.append(f"{result['frames_lost']} frame(s) lost")
+    short = output_shortfalls(result["outputs_check"])
+    if short:
+        failures.append("outputs short: " + "; ".join(short))
+    if result.get("node_exit_problem"):
+        failures.append(result["node_exit_problem"])
+    elif result["node_exit_status"] != 0:
+        failures.append(f"node exit status {result['node_exit_status']}")
+    return failures
+
+
+def stop_node(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> tuple[int | None, str | None]:
+    """SIGINT the node process and wait for it: ``(exit status, None)``; when it has not exited after ``timeout``
+    seconds it is killed: ``(None, "node did not exit on SIGINT within <timeout> s (killed)")``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout), None
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        return None, f"node did not exit on SIGINT within {timeout:g} s (killed)"
 
 
 def _diagnostics(msgs: list[Any]) -> dict[str, dict[str, str]]:
@@ -122,9 +225,11 @@ def _diagnostics(msgs: list[Any]) -> dict[str, dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.seconds < 90 or args.rate <= 0 or args.cycle <= 0 or args.sample <= 0 or args.threads < 0:
+    numbers = (args.seconds, args.rate, args.cycle, args.sample, args.max_growth)
+    if (not all(math.isfinite(v) for v in numbers) or args.seconds < 90 or args.rate <= 0 or args.cycle <= 0
+            or args.sample <= 0 or args.threads < 0):
         print(f"{PROG}: error: --seconds must be >= 90 (RSS is compared from minute 1), --rate, --cycle and --sample "
-              "> 0, --threads >= 0", file=sys.stderr)
+              "> 0, --threads >= 0 (all finite)", file=sys.stderr)
         return 2
     from ..checkpoint import CheckpointError, default_model_path
     from .cli_checks import model_problem, output_file_problem
@@ -144,6 +249,52 @@ def main(argv: list[str] | None = None) -> int:
     except _NodeFailed as e:
         print(f"{PROG}: {'FAIL' if e.died else 'error'}: {e}", file=sys.stderr)
         return 1 if e.died else 2
+    except KeyboardInterrupt:  # a second Ctrl-C while cleaning up (the node process is gone: _soak's finally)
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def summarize(args: argparse.Namespace, rss: list[tuple[float, float]], published: list[int],
+              diag: dict[str, dict[str, str]], windows: list[tuple[tuple[str, ...], dict[str, int]]],
+              outputs_received: dict[str, int], exit_status: int | None, exit_problem: str | None,
+              elapsed: float, interrupted: bool) -> dict[str, Any]:
+    """The soak's results (what ``--json`` holds) from the data collected; RSS figures None without their samples."""
+    first_minute = next((v for t, v in rss if t >= 60.0), None)
+    end = rss[-1][1] if rss else None
+    minute_2 = max((v for t, v in rss if 60.0 <= t < 120.0), default=first_minute)  # allocator warm-up done
+
+    def pct(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(100.0 * (b - a) / a, 2)
+
+    cameras = {}
+    lost = 0
+    processed = {}
+    for cam, sent in zip(CAMERAS, published):
+        d = diag.get(cam, {})
+        received, done = int(d.get("frames_received", -1)), int(d.get("frames_processed", -1))
+        dropped = {k[len("dropped_"):]: int(v) for k, v in d.items() if k.startswith("dropped_")}
+        dropped["no_subscribers"] = int(d.get("frames_skipped_no_subscribers", 0))
+        other = {k: v for k, v in dropped.items() if k not in POLICY_DROPS and v}
+        unaccounted = received - done - sum(dropped.values())
+        lost += (sent - received) + sum(other.values()) + max(0, unaccounted)
+        processed[cam] = done
+        cameras[cam] = {"published": sent, "received": received, "processed": done, "dropped": dropped,
+                        "dropped_not_by_policy": other, "in_flight_at_end": unaccounted,
+                        "latency_p50_ms": d.get("latency_p50_ms"), "latency_from": d.get("latency_from")}
+    result = {"seconds": args.seconds, "rate_hz": args.rate, "size": f"{args.size[0]}x{args.size[1]}",
+              "cycle_s": args.cycle, "rss_mb_at_60s": None if first_minute is None else round(first_minute, 1),
+              "rss_mb_end": None if end is None else round(end, 1),
+              "rss_mb_max": round(max(v for _, v in rss), 1) if rss else None,
+              "rss_growth_pct": pct(first_minute, end),
+              "rss_mb_minute_2_max": None if minute_2 is None else round(minute_2, 1),
+              "rss_growth_from_minute_2_max_pct": pct(minute_2, end),
+              "outputs_received": outputs_received,
+              "outputs_check": output_check(windows, processed, args.rate),
+              "cameras": cameras, "frames_lost": lost, "node_exit_status": exit_status,
+              "node_exit_problem": exit_problem, "rss_samples": rss}
+    if interrupted:
+        result.update(interrupted=True, seconds_run=round(elapsed, 1))
+    return result
 
 
 def _soak(args: argparse.Namespace, model: str) -> int:
@@ -151,6 +302,7 @@ def _soak(args: argparse.Namespace, model: str) -> int:
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from rclpy.signals import SignalHandlerOptions
     from sensor_msgs.msg import CompressedImage, Image
     from tqdm import tqdm
 
@@ -175,7 +327,10 @@ def _soak(args: argparse.Namespace, model: str) -> int:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.node_process", *node_args], stdout=log,
                                 stderr=subprocess.STDOUT, env=env)
-    rclpy.init()
+    # no rclpy signal handlers: Ctrl-C is a KeyboardInterrupt here (also when the shell started this process with
+    # SIGINT ignored, as rclpy's handler did), not a context shut down under the publishers
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     helper = rclpy.create_node("icnet_node_soak")
     executor = MultiThreadedExecutor(num_threads=2)
     executor.add_node(helper)
@@ -190,84 +345,84 @@ def _soak(args: argparse.Namespace, model: str) -> int:
     jpeg = [numpy_to_compressed(f, "RGB", "jpeg") for f in frames]
     counter = _Counter()
     subs: list[Any] = []
-    phases = (KINDS, ("label",), ())
     published = [0, 0]
     rss: list[tuple[float, float]] = []
-    result: dict[str, Any] = {}
+    t0: float | None = None
+    elapsed = 0.0
+    interrupted = False
+    exit_status: int | None = None
+    exit_problem: str | None = None
+    diag: dict[str, dict[str, str]] = {}
     try:
-        deadline = time.monotonic() + 180
-        while "ready:" not in log_path.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise _NodeFailed(f"the node did not start: {_log_tail(log_path)} (its log: {log_path})")
-            time.sleep(0.2)
-        while not all(p.get_subscription_count() >= 1 for p in pubs):
-            time.sleep(0.05)
-        t0 = time.monotonic()
-        next_sample = t0
-        phase = -1
-        period = 1.0 / args.rate
-        i = 0
-        with tqdm(total=int(args.seconds), unit="s", desc="soak") as bar:
-            while True:
-                now = time.monotonic()
-                elapsed = now - t0
-                if elapsed >= args.seconds:
-                    break
-                if int(elapsed // args.cycle) != phase:  # new subscription phase: fresh subscriptions
-                    phase = int(elapsed // args.cycle)
-                    for s in subs:
-                        helper.destroy_subscription(s)
-                    subs = [helper.create_subscription(Image, output_topic(cam, k), counter.callback(f"{cam}:{k}"),
-                                                       reliable)
-                            for cam in CAMERAS for k in phases[phase % len(phases)]]
-                if now >= next_sample:
-                    rss.append((round(elapsed, 1), rss_mb(proc.pid)))
-                    next_sample += args.sample
-                stamp = helper.get_clock().now().to_msg()
-                msg = raw[i % len(raw)]
-                msg.header.stamp = stamp
-                pubs[0].publish(msg)
-                fmt, data = jpeg[i % len(jpeg)]
-                cmsg = CompressedImage(format=fmt, data=data)
-                cmsg.header.stamp = stamp
-                pubs[1].publish(cmsg)
-                published[0] += 1
-                published[1] += 1
-                i += 1
-                bar.n = int(elapsed)
-                bar.refresh() if i % int(max(1, args.rate)) == 0 else None
-                if proc.poll() is not None:
-                    raise _NodeFailed(f"the node died (status {proc.returncode}): {_log_tail(log_path)} (its log: "
-                                      f"{log_path})", died=True)
-                time.sleep(max(0.0, t0 + i * period - time.monotonic()))
-        time.sleep(3.0)  # let the last frames and a /diagnostics message arrive
-        rss.append((round(time.monotonic() - t0, 1), rss_mb(proc.pid)))
-        diag = _diagnostics(list(diag_msgs[-5:]))
-        proc.send_signal(signal.SIGINT)
-        exit_status = proc.wait(30)
-        first_minute = next(v for t, v in rss if t >= 60.0)
-        growth = 100.0 * (rss[-1][1] - first_minute) / first_minute
-        minute_2 = max((v for t, v in rss if 60.0 <= t < 120.0), default=first_minute)  # allocator warm-up done
-        cameras = {}
-        lost = 0
-        for cam, sent in zip(CAMERAS, published):
-            d = diag.get(cam, {})
-            received, processed = int(d.get("frames_received", -1)), int(d.get("frames_processed", -1))
-            dropped = {k[len("dropped_"):]: int(v) for k, v in d.items() if k.startswith("dropped_")}
-            dropped["no_subscribers"] = int(d.get("frames_skipped_no_subscribers", 0))
-            other = {k: v for k, v in dropped.items() if k not in POLICY_DROPS and v}
-            unaccounted = received - processed - sum(dropped.values())
-            lost += (sent - received) + sum(other.values()) + max(0, unaccounted)
-            cameras[cam] = {"published": sent, "received": received, "processed": processed, "dropped": dropped,
-                            "dropped_not_by_policy": other, "in_flight_at_end": unaccounted,
-                            "latency_p50_ms": d.get("latency_p50_ms"), "latency_from": d.get("latency_from")}
-        result = {"seconds": args.seconds, "rate_hz": args.rate, "size": f"{args.size[0]}x{args.size[1]}",
-                  "cycle_s": args.cycle, "rss_mb_at_60s": round(first_minute, 1), "rss_mb_end": round(rss[-1][1], 1),
-                  "rss_mb_max": round(max(v for _, v in rss), 1), "rss_growth_pct": round(growth, 2),
-                  "rss_mb_minute_2_max": round(minute_2, 1),
-                  "rss_growth_from_minute_2_max_pct": round(100.0 * (rss[-1][1] - minute_2) / minute_2, 2),
-                  "outputs_received": dict(sorted(counter.counts.items())), "cameras": cameras,
-                  "frames_lost": lost, "node_exit_status": exit_status, "rss_samples": rss}
+        try:
+            deadline = time.monotonic() + 180
+            while "ready:" not in log_path.read_text(errors="replace"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise _NodeFailed(f"the node did not start: {_log_tail(log_path)} (its log: {log_path})")
+                time.sleep(0.2)
+            while not all(p.get_subscription_count() >= 1 for p in pubs):
+                time.sleep(0.05)
+            t0 = time.monotonic()
+            next_sample = t0
+            phase = -1
+            period = 1.0 / args.rate
+            i = 0
+            with tqdm(total=int(args.seconds), unit="s", desc="soak") as bar:
+                while True:
+                    now = time.monotonic()
+                    elapsed = now - t0
+                    if elapsed >= args.seconds:
+                        break
+                    if int(elapsed // args.cycle) != phase:  # new subscription window: fresh subscriptions
+                        phase = int(elapsed // args.cycle)
+                        for s in subs:
+                            helper.destroy_subscription(s)
+                        kinds = PHASES[phase % len(PHASES)]
+                        window = counter.new_window(kinds)
+                        subs = [helper.create_subscription(Image, output_topic(cam, k),
+                                                           counter.callback(window, f"{cam}:{k}"), reliable)
+                                for cam in CAMERAS for k in kinds]
+                    if now >= next_sample:
+                        rss.append((round(elapsed, 1), rss_mb(proc.pid)))
+                        next_sample += args.sample
+                    stamp = helper.get_clock().now().to_msg()
+                    msg = raw[i % len(raw)]
+                    msg.header.stamp = stamp
+                    pubs[0].publish(msg)
+                    fmt, data = jpeg[i % len(jpeg)]
+                    cmsg = CompressedImage(format=fmt, data=data)
+                    cmsg.header.stamp = stamp
+                    pubs[1].publish(cmsg)
+                    published[0] += 1
+                    published[1] += 1
+                    i += 1
+                    bar.n = int(elapsed)
+                    bar.refresh() if i % int(max(1, args.rate)) == 0 else None
+                    if proc.poll() is not None:
+                        raise _NodeFailed(f"the node died (status {proc.returncode}): {_log_tail(log_path)} (its "
+                                          f"log: {log_path})", died=True)
+                    time.sleep(max(0.0, t0 + i * period - time.monotonic()))
+            time.sleep(3.0)  # let the last frames and a /diagnostics message arrive
+        except KeyboardInterrupt:
+            interrupted = True
+            if t0 is None:
+                print(f"{PROG}: interrupted before the soak started", file=sys.stderr)
+                return 130
+            elapsed = time.monotonic() - t0
+        try:
+            if interrupted:  # a /diagnostics message newer than the last frames, for the counts so far
+                seen, until = len(diag_msgs), time.monotonic() + 2.0
+                while len(diag_msgs) == seen and time.monotonic() < until:
+                    time.sleep(0.05)
+            try:
+                rss.append((round(time.monotonic() - t0, 1), rss_mb(proc.pid)))
+            except (OSError, RuntimeError):  # the node is gone already (a Ctrl-C in the terminal reaches it too)
+                pass
+            diag = _diagnostics(list(diag_msgs[-5:]))
+            exit_status, exit_problem = stop_node(proc, STOP_TIMEOUT_S)
+        except KeyboardInterrupt:  # Ctrl-C again: the node is killed below, its exit status unknown
+            interrupted = True
+            exit_problem = "interrupted while the node was stopping (killed)"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -275,6 +430,8 @@ def _soak(args: argparse.Namespace, model: str) -> int:
         executor.shutdown(timeout_sec=2.0)
         helper.destroy_node()
         rclpy.try_shutdown()
+    result = summarize(args, rss, published, diag, counter.snapshot(), counter.totals(), exit_status, exit_problem,
+                       elapsed, interrupted)
     print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}), flush=True)
     written = True
     if args.json:
@@ -283,11 +440,28 @@ def _soak(args: argparse.Namespace, model: str) -> int:
         except OSError as e:  # the verdict still follows
             written = False
             print(f"{PROG}: error: cannot write --json {args.json}: {e}", file=sys.stderr)
-    ok = result["rss_growth_pct"] < args.max_growth and result["frames_lost"] == 0 and exit_status == 0
-    print(f"{PROG}: {'PASS' if ok else 'FAIL'}: RSS {result['rss_mb_at_60s']} MB at 60 s -> "
-          f"{result['rss_mb_end']} MB at the end ({result['rss_growth_pct']:+.2f}%, limit {args.max_growth}%); "
-          f"frames lost {result['frames_lost']}; node exit status {exit_status}", flush=True)
-    return (0 if written else 2) if ok else 1
+    print(f"{PROG}: {report(result, args.max_growth)}", file=sys.stderr if interrupted else sys.stdout, flush=True)
+    if interrupted:
+        return 130
+    return (0 if written else 2) if not verdict(result, args.max_growth) else 1
+
+
+def report(result: dict[str, Any], max_growth: float) -> str:
+    """The soak's one-line summary: 'PASS: ...', 'FAIL: ...' (each failed check says why in its part) or, for an
+    interrupted soak, 'interrupted after N of M s, no verdict; so far: ...'."""
+    growth = result["rss_growth_pct"]
+    short = output_shortfalls(result["outputs_check"])
+    stopped = result["node_exit_problem"] or f"node exit status {result['node_exit_status']}"
+    def mb(v: float | None) -> str:
+        return "n/a" if v is None else f"{v} MB"
+
+    facts = (f"RSS {mb(result['rss_mb_at_60s'])} at 60 s -> {mb(result['rss_mb_end'])} at the end "
+             f"({'n/a' if growth is None else format(growth, '+.2f') + '%'}, limit {max_growth}%); frames lost "
+             f"{result['frames_lost']}; outputs {'short: ' + '; '.join(short) if short else 'complete'}; "
+             f"{stopped}")
+    if result.get("interrupted"):
+        return f"interrupted after {result['seconds_run']:.0f} of {result['seconds']:g} s, no verdict; so far: {facts}"
+    return f"{'FAIL' if verdict(result, max_growth) else 'PASS'}: {facts}"
 
 
 if __name__ == "__main__":
