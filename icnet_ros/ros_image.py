@@ -32,7 +32,7 @@ import numpy as np
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageFormatError", "PixelFormat", "SEGMENTER_ENCODINGS", "check_pixels",
            "compressed_header", "compressed_to_numpy", "compression_format", "image_to_numpy", "numpy_to_compressed",
-           "numpy_to_image", "pixel_format", "segmenter_frame", "segmenter_input", "set_image_data"]
+           "numpy_to_image", "pixel_format", "segmenter_frame", "segmenter_input", "set_image_data", "sniff_codec"]
 
 
 #: default pixel limit per frame: 3840 x 2160 (4K UHD); larger frames are refused before decoding
@@ -130,10 +130,12 @@ def image_to_numpy(msg: Any) -> np.ndarray:
         raise ImageFormatError("step", f"step {step} is smaller than one row ({width} px x {fmt.pixel_bytes} "
                                        f"bytes = {row_bytes}) for {msg.encoding}")
     buf = _buffer(msg.data)
-    needed = step * (height - 1) + row_bytes  # the last row's padding may be absent
+    # sensor_msgs/Image: data holds step x height bytes, the last row's padding included (cv_bridge refuses any
+    # other length); a message whose last row lacks its padding was accepted, while the error named step x height
+    needed = step * height
     if buf.size < needed:
         raise ImageFormatError("truncated", f"data has {buf.size} bytes, a {width}x{height} {msg.encoding} image "
-                                            f"with step {step} needs {step * height}")
+                                            f"with step {step} needs step x height = {needed}")
     dtype = fmt.dtype
     if dtype.itemsize > 1:
         dtype = dtype.newbyteorder(">" if msg.is_bigendian else "<")
@@ -424,6 +426,16 @@ def _jpeg_header(buf: np.ndarray) -> tuple[int, int]:
     return size
 
 
+def sniff_codec(data: Any) -> str:
+    """The codec of compressed image bytes from their signature: "png", "jpeg" or "" (neither)."""
+    head = _buffer(data)[:8].tobytes()
+    if head == _PNG_SIGNATURE:
+        return "png"
+    if head[:2] == b"\xff\xd8":
+        return "jpeg"
+    return ""
+
+
 def compressed_header(msg: Any) -> tuple[str, int, int]:
     """``(codec, height, width)`` of a ``sensor_msgs/CompressedImage`` from its bytes (PNG IHDR or JPEG SOF),
     without decoding. Raises :class:`ImageFormatError` (``encoding`` for other codecs, ``size`` for no data or a
@@ -432,10 +444,11 @@ def compressed_header(msg: Any) -> tuple[str, int, int]:
     buf = _buffer(msg.data)
     if buf.size == 0:
         raise ImageFormatError("size", "empty CompressedImage (no data)")
-    if buf[:8].tobytes() == _PNG_SIGNATURE:
-        codec, (height, width) = "png", _png_header(buf)
-    elif buf[:2].tobytes() == b"\xff\xd8":
-        codec, (height, width) = "jpeg", _jpeg_header(buf)
+    codec = sniff_codec(buf)
+    if codec == "png":
+        height, width = _png_header(buf)
+    elif codec == "jpeg":
+        height, width = _jpeg_header(buf)
     else:
         raise ImageFormatError("decode", f"CompressedImage ({buf.size} bytes, format {msg.format!r}) is neither "
                                          "PNG nor JPEG")

@@ -90,11 +90,22 @@ def test_bad_messages_raise_with_a_reason(mutate, reason):
     assert str(e.value)
 
 
-def test_last_row_padding_may_be_absent():
+def test_data_shorter_than_step_times_height_is_truncated():
+    """sensor_msgs/Image data holds step x height bytes (cv_bridge refuses any other length). Data whose last row
+    lacked its padding was accepted, while the error for shorter data said it 'needs step*height': now that is the
+    rule, and the message says so with the numbers."""
     img = RNG.integers(0, 256, (3, 4, 3), dtype=np.uint8)
-    msg = fake_msg(img, "rgb8", pad=4)
-    msg.data = msg.data[:-4]
+    msg = fake_msg(img, "rgb8", pad=4)  # step 16
     np.testing.assert_array_equal(image_to_numpy(msg), img)
+    for cut in (4, 1):  # the last row's padding absent, or one byte of it
+        msg.data = fake_msg(img, "rgb8", pad=4).data[:-cut]
+        with pytest.raises(ImageFormatError) as e:
+            image_to_numpy(msg)
+        assert e.value.reason == "truncated"
+        assert str(e.value) == (f"data has {48 - cut} bytes, a 4x3 rgb8 image with step 16 needs step x height = "
+                                "48")
+        with pytest.raises(ImageFormatError):
+            segmenter_input(msg)
 
 
 @pytest.mark.parametrize("encoding,order", [("rgb8", "RGB"), ("bgr8", "BGR"), ("rgba8", "RGB"), ("bgra8", "BGR"),
@@ -623,3 +634,12 @@ def test_valid_jpegs_with_restarts_and_progressive_scans_decode(variant):
     assert np.abs(got.astype(int) - expected).mean() < 1
     lines, error = _header_walk_lines(data)
     assert error is None and lines < 1000
+
+
+def test_sniff_codec_reads_the_signature_not_the_format():
+    from icnet_ros.ros_image import sniff_codec
+
+    img = RNG.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    assert sniff_codec(numpy_to_compressed(img, "RGB", "png")[1]) == "png"
+    assert sniff_codec(array.array("B", numpy_to_compressed(img, "RGB", "jpeg")[1])) == "jpeg"
+    assert sniff_codec(b"") == "" and sniff_codec(b"GIF89a") == "" and sniff_codec(b"\xff") == ""
