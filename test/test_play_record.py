@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from pathlib import Path
 
 import cv2
@@ -48,6 +49,10 @@ def test_play_folder_loops_with_stamps_frame_id_and_camera_info(ros: RosHarness,
         "--max-frames", "7", "--encoding", "rgb8", "--fov", "90", "--wait-subscribers", "1"], timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "published 7 frames" in res.stdout
+    # the rate reported is the publishing's: it included the final flush (up to ~3 s of DDS waiting for the
+    # acknowledgements), 'published 7 frames in 3.1 s (2.3 fps)' at --rate 20
+    fps = float(re.search(r"published 7 frames in [\d.]+ s \(([\d.]+) fps\)", res.stdout).group(1))
+    assert 6 < fps < 40, res.stdout  # 7 frames at 25 fps: about 29 (the first at once); with the flush: 2.3
     assert images.wait_for(lambda m: len(m) >= 7, 10), f"received {len(images.messages)} of 7 images"
     ros.unsubscribe(images)
     ros.unsubscribe(infos)
@@ -115,6 +120,76 @@ def test_bad_counts_are_refused_in_one_line(tmp_path: Path):
         res = ros_support.run_module(module, args, timeout=60)
         assert res.returncode == 2 and message in res.stderr, res.stdout + res.stderr
         assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+def test_play_stops_on_ctrl_c_with_a_summary(ros: RosHarness, tmp_path: Path):
+    """SIGINT while publishing: before, rclpy's signal handler shut the context down under the publishers (an
+    RCLError 'publisher's context is invalid' traceback, exit status 1) or a KeyboardInterrupt struck inside
+    destroy_node. Now one 'interrupted' line with the count, exit status 130."""
+    import signal
+
+    write_frames(tmp_path / "frames", 2)
+    images = ros.collect(Image, "/t_playint/image_raw")
+    play = Process("icnet_ros.tools.play", [str(tmp_path / "frames"), "--topic", "/t_playint/image_raw", "--rate",
+                                            "25", "--loop", "--wait-subscribers", "1"], tmp_path)
+    try:
+        assert images.wait_for(lambda m: len(m) >= 5, 60), play.output()
+        play.proc.send_signal(signal.SIGINT)
+        assert play.wait(30) == 130, play.output()
+    finally:
+        play.kill()
+        ros.unsubscribe(images)
+    out = play.output()
+    assert "Traceback" not in out and re.search(r"icnet-play: interrupted: published \d+ frames in", out), out
+
+
+def test_tools_refuse_non_finite_numbers_and_bad_topics_in_one_line(tmp_path: Path, capsys):
+    """--rate nan/inf (icnet-play), --fps nan, --idle-timeout nan (icnet-record) were accepted (nan compares false
+    with everything): now one line and exit status 2 before anything starts, as a bad topic name for icnet-record
+    (before: an InvalidTopicNameException traceback from create_subscription). In this process: the tools stop
+    before rclpy is initialised."""
+    from icnet_ros.tools import play, record
+
+    write_frames(tmp_path / "frames", 1)
+    frames = str(tmp_path / "frames")
+    for tool, args, message in (
+            (play, [frames, "--rate", "nan"], "--rate must be a finite number >= 0"),
+            (play, [frames, "--rate", "inf"], "--rate must be a finite number >= 0"),
+            (play, [frames, "--wait-timeout", "nan"], "--wait-timeout must be a finite number > 0"),
+            (record, ["/x", "--fps", "nan"], "--fps must be a finite number > 0, got nan"),
+            (record, ["/x", "--fps", "0"], "--fps must be > 0, got 0.0"),
+            (record, ["/x", "--idle-timeout", "nan"], "--idle-timeout must be a finite number > 0, got nan"),
+            (record, ["/x", "--duration", "inf"], "--duration must be a finite number > 0, got inf"),
+            (record, ["bad//topic"], "topic 'bad//topic': not a valid ROS topic name (topic name must not "
+                                     "contain repeated '/')"),
+            (record, ["/ok", "/x y"], "topic '/x y': not a valid ROS topic name")):
+        assert tool.main(args) == 2, (args, capsys.readouterr())
+        err = capsys.readouterr().err
+        prog = "icnet-play" if tool is play else "icnet-record"
+        assert err.startswith(f"{prog}: error: ") and message in err and err.count("\n") == 1, (args, err)
+
+
+def test_record_refuses_a_folder_holding_a_recording(tmp_path: Path, capsys):
+    """A second recording into the same folder overwrote the first one's files without a word (names are
+    <index>_<stamp>: the same indices, and the same stamps when a bag is replayed). Now the folder is refused
+    (one line naming a file of the earlier recording, exit 2); other files in it do not count."""
+    from icnet_ros.tools import record
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("")
+    (out / "000000_1000.000000005.png.bak").write_text("")
+    for args in (["/a"], ["/a", "/b"]):  # a fresh folder, and one that holds other files: accepted
+        assert record.existing_recording(record.topic_folders(out, args)[0]) is None
+    (out / "000003_1000.000000005.png").write_bytes(b"")  # one topic: files in --output itself
+    (out / "b").mkdir()
+    (out / "b" / "000000_7.000000000.jpg").write_bytes(b"")  # several topics: one folder per topic
+    for args, folder, name in ((["/camera/x"], out, "000003_1000.000000005.png"),
+                               (["/a", "/b"], out / "b", "000000_7.000000000.jpg")):
+        assert record.main([*args, "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"icnet-record: error: --output {out}: {folder} already holds a recording ({name}); a new one "
+                       "would overwrite its files: choose another --output or remove them\n"), err
 
 
 def test_play_refuses_an_invalid_topic_in_one_line(tmp_path: Path):
@@ -187,6 +262,54 @@ def test_record_bounds_its_write_queue_and_counts_what_it_drops(ros: RosHarness,
     np.testing.assert_array_equal(cv2.imread(str(files[0])), frames[0][:, :, ::-1])
     with pytest.raises(ValueError, match="max_queue_bytes"):
         Recorder(ros.node, ["/t_recq/overlay"], tmp_path / "q", max_queue_bytes=0)
+
+
+def test_record_names_compressed_frames_after_their_bytes(ros: RosHarness, tmp_path: Path):
+    """A CompressedImage with an empty format and JPEG bytes was saved as .png (the format decided, 'png' when it
+    named nothing): now the bytes decide (PNG or JPEG signature), the format only when they are neither."""
+    from icnet_ros.ros_image import numpy_to_compressed
+    from icnet_ros.tools.record import Recorder
+
+    img = np.random.default_rng(3).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    jpeg, png = numpy_to_compressed(img, "BGR", "jpeg")[1], numpy_to_compressed(img, "BGR", "png")[1]
+    rec = Recorder(ros.node, ["/t_recc/image_raw/compressed"], tmp_path / "c", reliability="reliable")
+    try:
+        for fmt, data in (("", jpeg), ("png", jpeg), ("", png), ("bgr8; jpeg compressed bgr8", png),
+                          ("", b"neither")):
+            msg = CompressedImage(format=fmt, data=data)
+            msg.header.stamp = ros.now().to_msg()
+            rec._on_msg("/t_recc/image_raw/compressed", msg)
+    finally:
+        rec.close()
+    assert (rec.received, rec.saved, rec.failed) == (5, 4, 1)
+    names = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert [n[:6] + n[-4:] for n in names] == ["000000.jpg", "000001.jpg", "000002.png", "000003.png"], names
+    for name, data in zip(names, (jpeg, jpeg, png, png)):
+        assert (tmp_path / "c" / name).read_bytes() == data  # as received
+
+
+def test_record_reports_a_video_that_cannot_be_finished(ros: RosHarness, tmp_path: Path):
+    """Recorder.close called VideoWriter.close, not finish: a video that does not read back with every frame was
+    never noticed (exit status 0). Now one error line naming it, exit status 1, no traceback (here the video file
+    is removed while the recording runs, so the finished video cannot be read back)."""
+    out, video = tmp_path / "rec", tmp_path / "rec.mp4"
+    pub = ros.publisher(Image, "/t_recv/overlay", RosHarness.qos(reliable=True, depth=10))
+    rec = Process("icnet_ros.tools.record", ["/t_recv/overlay", "--output", str(out), "--video", str(video),
+                                             "--idle-timeout", "3"], tmp_path)
+    try:
+        ros.wait_matched(pub)
+        for i in range(2):
+            pub.publish(image_msg(np.full((H, W, 3), 40 * i, np.uint8), "bgr8", ros.now()))
+        ros.wait_until(lambda: len(list(out.glob("*.png"))) == 2 and video.exists(), 30, "two frames saved")
+        time.sleep(0.3)  # the second frame's video write follows its PNG
+        video.unlink()
+        status = rec.wait(30)
+    finally:
+        rec.kill()
+        ros.node.destroy_publisher(pub)
+    out_text = rec.output()
+    assert status == 1 and "received 2, saved 2" in out_text and "Traceback" not in out_text, out_text
+    assert f"icnet-record: error: cannot write {video}: No such file or directory" in out_text, out_text
 
 
 # ---------------------------------------------------------------------------------------------- icnet-demo

@@ -278,9 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the publishing started (imports, start-up)
+        print("icnet-play: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    if args.rate is not None and args.rate < 0:
-        print("icnet-play: error: --rate must be >= 0", file=sys.stderr)
+    if args.rate is not None and not (math.isfinite(args.rate) and args.rate >= 0):
+        print(f"icnet-play: error: --rate must be a finite number >= 0 (0: as fast as possible), got {args.rate}",
+              file=sys.stderr)
+        return 2
+    if not (math.isfinite(args.wait_timeout) and args.wait_timeout > 0):
+        print(f"icnet-play: error: --wait-timeout must be a finite number > 0, got {args.wait_timeout}",
+              file=sys.stderr)
         return 2
     if args.max_frames is not None and args.max_frames < 1:
         print(f"icnet-play: error: --max-frames must be >= 1, got {args.max_frames}", file=sys.stderr)
@@ -308,12 +321,21 @@ def main(argv: list[str] | None = None) -> int:
     skipped = UnreadableImages("icnet-play").install(source)
     rate = args.rate if args.rate is not None else (source.fps or DEFAULT_IMAGE_FPS)
 
-    import rclpy
-    from rclpy.executors import ExternalShutdownException
+    import signal
 
-    rclpy.init()
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    # no rclpy signal handlers: Ctrl-C is a KeyboardInterrupt in this thread, handled below (also when the shell
+    # started this process with SIGINT ignored, as rclpy's handler did); rclpy's handler shut the context down under
+    # the publishers instead (a 'context is invalid' RCLError traceback from publish, or a KeyboardInterrupt inside
+    # destroy_node)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node("icnet_play")
-    n, t0 = 0, time.monotonic()
+    player = None
+    n, t0, t1 = 0, time.monotonic(), None
+    interrupted = False
     try:
         player = Player(node, args.topic, args.frame_id, args.encoding, args.compressed, camera_info, args.fov,
                         args.size, reliable=not args.best_effort)
@@ -325,16 +347,26 @@ def main(argv: list[str] | None = None) -> int:
               f"{'max rate' if rate == 0 else f'{rate:g} fps'}{' (loop)' if args.loop else ''}", flush=True)
         t0 = time.monotonic()
         n = play(player, source, rate, args.loop, args.max_frames, progress=args.progress)
+        t1 = time.monotonic()  # the publishing time: the flush below is DDS waiting for acknowledgements
         player.flush()  # reliable: let the last samples be acknowledged before the participant goes away
-    except (KeyboardInterrupt, ExternalShutdownException):
-        n = player.published if "player" in locals() else n
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
-        source.close()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    dt = time.monotonic() - t0
-    print(f"icnet-play: published {n} frames in {dt:.1f} s ({n / dt if dt > 0 else 0:.1f} fps){skipped.summary()}",
-          flush=True)
+        t1 = t1 or time.monotonic()
+        # each step on its own: a (second) Ctrl-C during one must not skip the others or end in a traceback
+        for step in (source.close, node.destroy_node, rclpy.try_shutdown):
+            try:
+                step()
+            except KeyboardInterrupt:
+                interrupted = True
+    n = player.published if player is not None else n
+    dt = t1 - t0
+    summary = (f"published {n} frames in {dt:.1f} s ({n / dt if dt > 0 else 0:.1f} fps)"
+               f"{skipped.summary()}")
+    if interrupted:
+        print(f"icnet-play: interrupted: {summary}", file=sys.stderr, flush=True)
+        return 130
+    print(f"icnet-play: {summary}", flush=True)
     return 1 if skipped.paths else 0
 
 

@@ -5,8 +5,12 @@
     icnet-record /camera/semantic/color --video color.mp4 --fps 10 --idle-timeout 5
 
 Files are named ``<index>_<stamp sec>.<nanosec>.<ext>`` (one folder per topic when several are recorded), so they
-sort in arrival order and can be matched to their input frames by stamp. sensor_msgs/Image in rgb8, bgr8, rgba8,
-bgra8, mono8 and mono16 (16-bit PNG) is supported; ``<topic>/compressed`` topics are saved as received (jpeg/png).
+sort in arrival order and can be matched to their input frames by stamp. A folder that already holds such files (an
+earlier recording, whose files a second one would overwrite: the same indices, and the same stamps when a bag is
+replayed) is refused before anything starts. sensor_msgs/Image in rgb8, bgr8, rgba8, bgra8, mono8 and mono16
+(16-bit PNG) is supported; ``<topic>/compressed`` topics are saved as received, named .jpg or .png after their
+bytes (the ``format`` field when the bytes are neither). ``--video`` is checked when closed (every frame in it,
+readable): a broken video is one error line and exit status 1.
 Writing happens on a separate thread, so slow disks do not stall the subscription; the frames waiting for it hold
 at most ``--max-queue-mb`` (default 512): beyond that a frame is dropped, counted and warned about (the exit
 status is then 1), never buffered without bound. ``--reliability auto`` (default)
@@ -15,7 +19,9 @@ subscribes reliable when every publisher of a topic is reliable (no frame lost),
 from __future__ import annotations
 
 import argparse
+import math
 import queue
+import re
 import sys
 import threading
 import time
@@ -26,6 +32,8 @@ import numpy as np
 
 DEFAULT_TOPIC = "/camera/semantic/overlay"
 DEFAULT_OUTPUT = "out/overlays"
+#: the names of the files a recording writes (see the module docstring)
+RECORDING_FILE = re.compile(r"^\d{6}_\d+\.\d{9}\.(png|jpg)$")
 
 
 def to_bgr(img: np.ndarray, encoding: str) -> np.ndarray:
@@ -45,6 +53,20 @@ def to_bgr(img: np.ndarray, encoding: str) -> np.ndarray:
 
 def topic_slug(topic: str) -> str:
     return topic.strip("/~").replace("/", "_") or "image"
+
+
+def topic_folders(output: str | Path, topics: list[str]) -> list[Path]:
+    """The folders a recording of ``topics`` writes into (one per topic when several are recorded)."""
+    output = Path(output).expanduser()
+    return [output / topic_slug(t) for t in topics] if len(topics) > 1 else [output]
+
+
+def existing_recording(folder: Path) -> Path | None:
+    """A file of an earlier recording in ``folder`` (named as :class:`Recorder` names its files), else None."""
+    try:
+        return next((p for p in folder.iterdir() if RECORDING_FILE.match(p.name)), None)
+    except OSError:  # no folder yet (or none readable: the writes will say why)
+        return None
 
 
 class Recorder:
@@ -82,6 +104,7 @@ class Recorder:
         self._queue: queue.Queue[tuple[Any, str, Path] | None] = queue.Queue()
         self._subs: dict[str, Any] = {}
         self._video = None
+        self.video_error: str | None = None
         if video is not None:
             from ..video import VideoWriter
 
@@ -175,12 +198,17 @@ class Recorder:
                 self._lock.notify_all()
 
     def _write(self, msg: Any, topic: str, stem: Path) -> None:
-        from ..ros_image import compressed_to_numpy, compression_format, image_to_numpy
+        from ..ros_image import compressed_to_numpy, compression_format, image_to_numpy, sniff_codec
         from ..video import write_image
 
         stem.parent.mkdir(parents=True, exist_ok=True)
         if topic.endswith("/compressed"):
-            codec = compression_format(msg.format) or "png"
+            # the bytes say what they are; the format field only when they are neither PNG nor JPEG (an empty format
+            # with JPEG bytes was saved as .png)
+            codec = sniff_codec(msg.data) or compression_format(msg.format)
+            if not codec:
+                raise ValueError(f"the data ({len(msg.data)} bytes) is neither PNG nor JPEG and the format "
+                                 f"{msg.format!r} names no codec")
             path = stem.with_name(stem.name + (".jpg" if codec == "jpeg" else ".png"))
             path.write_bytes(bytes(msg.data))
             bgr = None
@@ -213,14 +241,19 @@ class Recorder:
         return True
 
     def close(self, timeout: float = 60.0) -> None:
-        """Stop receiving, write every queued frame, close the video."""
+        """Stop receiving, write every queued frame, finish the video: :meth:`VideoWriter.finish` reads it back and
+        checks every frame is there; its OSError is kept in ``video_error`` (never raised: close runs in finally
+        blocks), None when the video is fine or there is none."""
         for sub in self._subs.values():
             self.node.destroy_subscription(sub)
         self._subs.clear()
         self._queue.put(None)
         self._writer.join(timeout)
-        if self._video is not None:
-            self._video.close()
+        if self._video is not None and self.video_error is None:
+            try:
+                self._video.finish()
+            except OSError as e:
+                self.video_error = str(e)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,17 +279,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("max_frames", "idle_timeout", "duration", "max_queue_mb", "depth"):
+    for name in ("max_frames", "idle_timeout", "duration", "max_queue_mb", "depth", "fps"):
         v = getattr(args, name)
+        if v is not None and not math.isfinite(v):
+            print(f"icnet-record: error: --{name.replace('_', '-')} must be a finite number > 0, got {v}",
+                  file=sys.stderr)
+            return 2
         if v is not None and v <= 0:
             print(f"icnet-record: error: --{name.replace('_', '-')} must be > 0, got {v}", file=sys.stderr)
             return 2
-    from .cli_checks import output_file_problem, output_folder_problem
+    from .cli_checks import output_file_problem, output_folder_problem, topic_problem
 
-    problem = output_folder_problem(args.output) or output_file_problem(args.video, "--video")
+    # topics checked as rclpy checks them, before the node exists: create_subscription's exception was a traceback
+    problem = next((p for p in (topic_problem(t, "topic", "icnet_record") for t in args.topics) if p), None)
+    problem = problem or output_folder_problem(args.output) or output_file_problem(args.video, "--video")
     if problem:
         print(f"icnet-record: error: {problem}", file=sys.stderr)
         return 2
+    for folder in topic_folders(args.output, args.topics):
+        earlier = existing_recording(folder)
+        if earlier is not None:
+            print(f"icnet-record: error: --output {args.output}: {folder} already holds a recording ({earlier.name}); "
+                  "a new one would overwrite its files: choose another --output or remove them", file=sys.stderr)
+            return 2
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
@@ -302,11 +347,16 @@ def main(argv: list[str] | None = None) -> int:
         node.destroy_node()
         rclpy.try_shutdown()
     dt = time.monotonic() - t0
+    if recorder is None:  # Ctrl-C before the recording started
+        print("icnet-record: interrupted", file=sys.stderr)
+        return 130
     print(f"icnet-record: stopped ({reason}): received {recorder.received}, saved {recorder.saved}"
           f"{f', failed {recorder.failed}' if recorder.failed else ''}"
           f"{f', dropped {recorder.dropped} (write queue full)' if recorder.dropped else ''} in {dt:.1f} s -> "
           f"{recorder.output}/", flush=True)
-    return 0 if recorder.failed == 0 and recorder.dropped == 0 else 1
+    if recorder.video_error:
+        print(f"icnet-record: error: {recorder.video_error}", file=sys.stderr, flush=True)
+    return 0 if recorder.failed == 0 and recorder.dropped == 0 and recorder.video_error is None else 1
 
 
 if __name__ == "__main__":
