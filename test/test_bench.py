@@ -333,8 +333,14 @@ def test_node_soak_and_node_bench_stop_on_ctrl_c_with_the_results_so_far(tmp_pat
         assert bench.wait(60) == 130, bench.output()
         assert soak.wait(60) == 130, soak.output()
     finally:
-        soak.kill()
-        bench.kill()
+        for proc in (soak, bench):  # a failure above: SIGINT first, so that the soak stops its node process
+            if proc.proc.poll() is None:
+                proc.proc.send_signal(signal.SIGINT)
+                try:
+                    proc.proc.wait(40)
+                except Exception:  # noqa: BLE001 - killed below
+                    pass
+            proc.kill()
     for proc in (soak, bench):
         assert "Traceback" not in proc.output(), proc.output()
     out = bench.output()
