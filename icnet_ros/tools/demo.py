@@ -309,7 +309,9 @@ def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source:
           f"{f', dropped {drops}' if drops else ''}; received {recorder.received} overlays, saved {recorder.saved} "
           f"to {Path(args.output)}/ in {elapsed:.1f} s ({recorder.received / elapsed if elapsed else 0:.2f} fps, "
           f"latency p50 {lat50:.0f} ms, p95 {lat95:.0f} ms){skipped.summary()}", flush=True)
-    if recorder.failed or recorder.received == 0 or skipped.paths:
+    if recorder.video_error:  # --video did not read back with every frame (a full disk, ...)
+        print(f"{PROG}: error: {recorder.video_error}", file=sys.stderr, flush=True)
+    if recorder.failed or recorder.received == 0 or skipped.paths or recorder.video_error:
         return 1
     return 0
 
