@@ -36,13 +36,14 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- value parsers
-def parse_input_size(value: Any) -> str | tuple[int, int] | float:
+def parse_input_size(value: Any, network: bool = True) -> str | tuple[int, int] | float:
     """Network input size policy -> ``"auto"`` | ``"native"`` | ``"checkpoint"`` | ``(H, W)`` | scale factor.
 
     Text: ``auto``, ``native``, ``checkpoint``, ``HxW`` / ``H W`` / ``H,W`` (each >= 64, at most
     :data:`~icnet_ros.sizes.MAX_UPSCALED_PIXELS` = 4096x4096 pixels together: the largest network input anything
     else in the package accepts) or a factor in (0, 4]. Also None / ``""`` / ``()`` (native), a 2-sequence (H, W)
-    and a number (scale)."""
+    and a number (scale). ``network=False``: an HxW is a frame size (warm-up), not bounded as a network input
+    (frames are bounded by max_pixels)."""
     if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
         return "native"
     if isinstance(value, bool):
@@ -53,7 +54,7 @@ def parse_input_size(value: Any) -> str | tuple[int, int] | float:
         h, w = (int(v) for v in value)
         if min(h, w) < MIN_INPUT_SIZE:
             raise ValueError(f"{h}x{w} is below the network minimum {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}")
-        return check_network_pixels(h, w)
+        return check_network_pixels(h, w) if network else (h, w)
     if isinstance(value, (int, float)):
         s = float(value)
         if not (math.isfinite(s) and 0.0 < s <= MAX_SCALE):
@@ -66,7 +67,8 @@ def parse_input_size(value: Any) -> str | tuple[int, int] | float:
         return text
     parts = [p for p in re.split(r"[\sx,]+", text) if p]
     if len(parts) == 2 and ("x" in text or " " in text or "," in text):
-        return check_network_pixels(*parse_hw(f"{parts[0]}x{parts[1]}", MIN_INPUT_SIZE))
+        size = parse_hw(f"{parts[0]}x{parts[1]}", MIN_INPUT_SIZE)
+        return check_network_pixels(*size) if network else size
     try:
         scale = float(text)
     except ValueError:
@@ -187,7 +189,7 @@ def _warmup(value: Any) -> bool | tuple[tuple[int, int], ...]:
     sizes = []
     for v in items:
         try:
-            size = parse_input_size(v)
+            size = parse_input_size(v, network=False)  # frame sizes: bounded by max_pixels (warmup_problem)
         except ValueError:
             size = None
         if not isinstance(size, tuple):  # a word, a scale factor, a bad size: not a frame size
