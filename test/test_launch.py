@@ -131,18 +131,14 @@ def test_readme_launch_with_namespace_cameras_and_rviz(colcon_ws: Workspace, ros
                       "/rear/semantic/color", "/rear/semantic/confidence", "/diagnostics"):
             assert topic in topics.split(), topics
 
+        # (each value is checked as at start-up: test_node_process runs those checks in-process, where they are cheap;
+        # every ros2 call here costs seconds)
         node = "/robot1/icnet_node"
-        ros2_retry(colcon_ws, "param", "set", node, "max_batch", "0",  # validated like at start-up
-                   ok="Setting parameter failed: parameter 'max_batch' = 0: must be in [1, 64]")
         ros2_retry(colcon_ws, "param", "set", node, "overlay_alpha", "0.8", ok="Set parameter successful")
-        ros2_retry(colcon_ws, "param", "get", node, "overlay_alpha", ok="Double value is: 0.8")
 
-        # hot swap: a model that does not exist and one that is not a model are refused; the old one serves on
+        # hot swap: a model that is not a model is refused (the reason comes back); the old one serves on
         bad = tmp_path / "broken.safetensors"
         bad.write_bytes(b"not a checkpoint")
-        missing = str(tmp_path / "missing.safetensors")
-        out = ros2_retry(colcon_ws, "param", "set", node, "model", missing, ok="Setting parameter failed")
-        assert "no such file" in out, out
         out = ros2_retry(colcon_ws, "param", "set", node, "model", str(bad), ok="Setting parameter")
         assert "Setting parameter failed: cannot load model" in out, out
         front.clear()
@@ -212,14 +208,13 @@ def test_lifecycle_driven_by_a_manager(colcon_ws: Workspace, ros: RosHarness, ch
     node = "/icnet_node"
     try:
         launched.wait_for_output("unconfigured: waiting for a lifecycle manager", 60)
-        ros2_retry(colcon_ws, "lifecycle", "get", node, ok="unconfigured [1]")
         assert "configuring:" not in launched.output()  # no model loaded yet
         ros2_retry(colcon_ws, "lifecycle", "set", node, "configure", ok="Transitioning successful")
         launched.wait_for_output(r"configured: model " + re.escape(str(checkpoint)), 10)
         ros.wait_matched(label.subscription)
         img = _frame()
         pub.publish(image_msg(img, "rgb8", ros.now().to_msg()))
-        assert not label.wait_for(lambda m: len(m) >= 1, 2), "an inactive node published"
+        assert not label.wait_for(lambda m: len(m) >= 1, 1), "an inactive node published"
 
         ros2_retry(colcon_ws, "lifecycle", "set", node, "activate", ok="Transitioning successful")
         launched.wait_for_output(READY, 10)
@@ -230,7 +225,7 @@ def test_lifecycle_driven_by_a_manager(colcon_ws: Workspace, ros: RosHarness, ch
         launched.wait_for_output("inactive: not taking frames", 10)
         label.clear()
         pub.publish(image_msg(img, "rgb8", ros.now().to_msg()))
-        assert not label.wait_for(lambda m: len(m) >= 1, 2), "a deactivated node published"
+        assert not label.wait_for(lambda m: len(m) >= 1, 1), "a deactivated node published"
 
         ros2_retry(colcon_ws, "lifecycle", "set", node, "cleanup", ok="Transitioning successful")
         launched.wait_for_output("unconfigured: model released", 10)

@@ -467,6 +467,8 @@ def test_run_time_changes_that_change_nothing_reload_nothing(checkpoint: Path, t
                                                  Parameter("warmup", value="480x640")])  # 307200 <= 400000
         assert result.successful, result.reason
         assert node.config.max_pixels == 400_000 and node.segmenter.warmed_up == [(480, 640, 1)]
+        result = node.set_parameters([Parameter("model", value=str(tmp_path / "missing.safetensors"))])[0]
+        assert not result.successful and result.reason.endswith("missing.safetensors': no such file"), result
         capfd.readouterr()
         bad = tmp_path / "bad.safetensors"
         bad.write_bytes(b"not a model")

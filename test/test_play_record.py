@@ -295,7 +295,7 @@ def test_record_reports_a_video_that_cannot_be_finished(ros: RosHarness, tmp_pat
     out, video = tmp_path / "rec", tmp_path / "rec.mp4"
     pub = ros.publisher(Image, "/t_recv/overlay", RosHarness.qos(reliable=True, depth=10))
     rec = Process("icnet_ros.tools.record", ["/t_recv/overlay", "--output", str(out), "--video", str(video),
-                                             "--idle-timeout", "3"], tmp_path)
+                                             "--idle-timeout", "1.5"], tmp_path)
     try:
         ros.wait_matched(pub)
         for i in range(2):
