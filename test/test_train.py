@@ -557,6 +557,16 @@ def test_resume_keeps_its_own_record_and_takes_the_configs_optimizer(tmp_path):
         trainer.save_state(1)
     assert (run / STATE_FILE).read_bytes() == before
 
+    # with weight averaging the average lags the diverged weights (still finite): the trained weights count too
+    averaging = Trainer(load_config("smoke", [f"data.root={CAMVID}", f"train.output_dir={tmp_path / 'ema'}", *FAST,
+                                              "optim.ema_decay=0.9"]))
+    with torch.no_grad():
+        next(averaging.model.parameters()).view(-1)[0] = float("inf")
+    assert all(torch.isfinite(v).all() for v in averaging.ema.module.state_dict().values() if v.is_floating_point())
+    with pytest.raises(FloatingPointError, match="non-finite weights"):
+        averaging.save_state(0)
+    assert not (tmp_path / "ema" / STATE_FILE).exists()
+
     state = torch.load(run / STATE_FILE, weights_only=True)  # as written before this change
     for key in ("model_weights", "ema_weights", "arch", "license", "initialised_from"):
         state.pop(key)

@@ -283,8 +283,10 @@ class Trainer:
         return path
 
     def check_finite(self, iteration: int) -> None:
-        """Non-finite weights are never saved over good ones: :class:`FloatingPointError` (the run diverged)."""
-        tensors = [(k, v) for k, v in self.averaged.state_dict().items() if v.is_floating_point()]
+        """Non-finite weights are never saved over good ones: :class:`FloatingPointError` (the run diverged). Both
+        the trained weights and their average are checked (the average lags: it can still be finite)."""
+        modules = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        tensors = [(k, v) for m in modules for k, v in m.state_dict().items() if v.is_floating_point()]
         finite = torch.stack([torch.isfinite(v).all() for _, v in tensors]).cpu()  # one device sync
         if not bool(finite.all()):
             first = tensors[int((~finite).nonzero()[0])][0]
