@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import re
 import time
 from pathlib import Path
@@ -310,6 +311,41 @@ def test_record_reports_a_video_that_cannot_be_finished(ros: RosHarness, tmp_pat
     out_text = rec.output()
     assert status == 1 and "received 2, saved 2" in out_text and "Traceback" not in out_text, out_text
     assert f"icnet-record: error: cannot write {video}: No such file or directory" in out_text, out_text
+
+
+def test_a_video_that_fails_mid_recording_costs_no_frame_its_image(ros: RosHarness, tmp_path: Path):
+    """The video stops growing (here: a file-size limit, as a full disk would): the frames go on being saved as
+    images and count as saved; the video error is one line, exit status 1. Before, every frame after the failure
+    counted as failed (its image written all the same) with an error line each."""
+    import resource
+    import signal as signal_module
+    import subprocess
+
+    def limit() -> None:  # in the child: files stop growing at 600 KB (EFBIG), SIGXFSZ ignored
+        signal_module.signal(signal_module.SIGXFSZ, signal_module.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, resource.RLIM_INFINITY))
+
+    out, video, log = tmp_path / "rec", tmp_path / "rec.mp4", tmp_path / "rec.log"
+    pub = ros.publisher(Image, "/t_recfail/overlay", RosHarness.qos(reliable=True, depth=50))
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.record", "/t_recfail/overlay", "--output",
+                                 str(out), "--video", str(video), "--max-frames", "20"], stdout=f,
+                                stderr=subprocess.STDOUT, env=ros_support.subprocess_env(), preexec_fn=limit)
+        try:
+            ros.wait_matched(pub)
+            rng = np.random.default_rng(3)
+            for _ in range(20):  # noise: ~520 KB a PNG; the video (~100 KB a frame, written in 256 KB blocks)
+                # fails at its third block
+                pub.publish(image_msg(rng.integers(0, 256, (360, 480, 3), dtype=np.uint8), "bgr8", ros.now()))
+            status = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            ros.node.destroy_publisher(pub)
+    text = log.read_text(errors="replace")
+    assert status == 1 and "received 20, saved 20" in text and "failed" not in text.split("stopped")[-1], text
+    assert len(list(out.glob("*.png"))) == 20 and "Traceback" not in text
+    assert text.count(f"cannot write {video}") >= 1 and "cannot save frame" not in text, text
 
 
 # ---------------------------------------------------------------------------------------------- icnet-demo

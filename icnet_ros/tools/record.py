@@ -55,10 +55,14 @@ def topic_slug(topic: str) -> str:
     return topic.strip("/~").replace("/", "_") or "image"
 
 
+def topic_folder(output: Path, topic: str, subdirs: bool) -> Path:
+    """The folder ``topic``'s frames are written into: ``output``, or a folder per topic (``subdirs``)."""
+    return output / topic_slug(topic) if subdirs else output
+
+
 def topic_folders(output: str | Path, topics: list[str]) -> list[Path]:
     """The folders a recording of ``topics`` writes into (one per topic when several are recorded)."""
-    output = Path(output).expanduser()
-    return [output / topic_slug(t) for t in topics] if len(topics) > 1 else [output]
+    return list(dict.fromkeys(topic_folder(Path(output).expanduser(), t, len(topics) > 1) for t in topics))
 
 
 def existing_recording(folder: Path) -> Path | None:
@@ -87,7 +91,7 @@ class Recorder:
         if max_queue_bytes <= 0:
             raise ValueError(f"max_queue_bytes must be > 0, got {max_queue_bytes}")
         self.node, self.topics, self.fmt, self.depth = node, list(topics), fmt, depth
-        self.output = Path(output)
+        self.output = Path(output).expanduser()
         self.reliability = reliability
         self.subdirs = len(topics) > 1 if subdirs is None else subdirs
         self.received = 0
@@ -173,7 +177,7 @@ class Recorder:
                 f"{self.max_queue_bytes >> 20} MiB; {dropped} dropped so far): the disk is slower than the topic; "
                 "use --format jpg, a faster disk or a larger --max-queue-mb", throttle_duration_sec=5.0)
             return
-        folder = self.output / topic_slug(topic) if self.subdirs else self.output
+        folder = topic_folder(self.output, topic, self.subdirs)
         stem = f"{index:06d}_{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}"
         self._queue.put((msg, topic, folder / stem))
 
@@ -222,12 +226,16 @@ class Recorder:
             else:
                 path = stem.with_name(f"{stem.name}.{self.fmt}")
             write_image(path, np.ascontiguousarray(bgr))
-        if self._video is not None and bgr is not None:
+        if self._video is not None and bgr is not None and self.video_error is None:
             if bgr.ndim == 2:
                 bgr = np.repeat(bgr[:, :, None], 3, axis=2)
             if bgr.dtype != np.uint8:
                 bgr = (bgr >> 8).astype(np.uint8)
-            self._video.write(np.ascontiguousarray(bgr))
+            try:
+                self._video.write(np.ascontiguousarray(bgr))
+            except OSError as e:  # the video stops here; this frame and the next ones are still saved as images
+                self.video_error = str(e)
+                self.node.get_logger().error(f"{e}; no more frames go to the video, the images are still saved")
 
     def wait_for(self, count: int, timeout: float) -> bool:
         """Wait until ``count`` frames were received."""
@@ -249,11 +257,15 @@ class Recorder:
         self._subs.clear()
         self._queue.put(None)
         self._writer.join(timeout)
-        if self._video is not None and self.video_error is None:
-            try:
-                self._video.finish()
-            except OSError as e:
-                self.video_error = str(e)
+        if self._video is None:
+            return
+        if self.video_error is not None:  # a write failed: the video is broken, only released
+            self._video.close()
+            return
+        try:
+            self._video.finish()
+        except OSError as e:
+            self.video_error = str(e)
 
 
 def build_parser() -> argparse.ArgumentParser:
