@@ -82,7 +82,7 @@ def check_network_pixels(height: int, width: int) -> tuple[int, int]:
     ValueError; a larger one only ends in an out-of-memory error (100000x100000 asked for 112 GiB)."""
     if height * width > MAX_UPSCALED_PIXELS:
         raise ValueError(f"{height}x{width} = {height * width} pixels exceeds the largest network input, "
-                         f"{MAX_UPSCALED_PIXELS} pixels (4096x4096)")
+                         f"{MAX_UPSCALED_PIXELS} pixels ({math.isqrt(MAX_UPSCALED_PIXELS)}x{math.isqrt(MAX_UPSCALED_PIXELS)})")
     return height, width
 
 
