@@ -220,12 +220,28 @@ class FactorizedPyramidPooling(nn.Module):
 
     def resize_shift_matrix(self, height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """(9 * sum s^2) x (H * W): row ``tap * S + j`` maps pooled pixel j (all scales' pixels, concatenated) to
-        the H x W map, resized (bilinear, align_corners=False) and shifted by the tap's offset (zero outside)."""
+        the H x W map, resized (bilinear, align_corners=False) and shifted by the tap's offset (zero outside).
+
+        Cached per size. Under ``torch.compile`` / ``torch.export`` a cached matrix is used (export fills the cache
+        first: the matrix is a constant in the graph), but a missing one is built in the traced graph and not
+        stored: stored while tracing, the lookup that missed is a guard ("key not in the cache") that the first run
+        itself breaks, so every new input shape compiled twice and a warm-up's compilation did not serve the next
+        frame (8.5 s more on the first real frame, CPU, 96x128)."""
+        tracing = torch.compiler.is_compiling()
         key = (height, width, dtype, device)
         m = self._matrices.get(key)
         if m is not None:
-            self._matrices.move_to_end(key)
+            if not tracing:
+                self._matrices.move_to_end(key)
             return m
+        m = self._build_matrix(height, width, dtype, device)
+        if not tracing:
+            self._matrices[key] = m
+            while len(self._matrices) > self.MAX_CACHED:
+                self._matrices.popitem(last=False)
+        return m
+
+    def _build_matrix(self, height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         blocks = []
         for s in self.scales:
             eye = torch.eye(s * s, dtype=torch.float64).view(s * s, 1, s, s)
@@ -233,11 +249,7 @@ class FactorizedPyramidPooling(nn.Module):
         resize = F.pad(torch.cat(blocks), (1, 1, 1, 1))  # S x (H+2) x (W+2)
         # tap (ky, kx) of a 3x3 conv reads input pixel (y + ky - 1, x + kx - 1) for output pixel (y, x)
         shifted = [resize[:, ky:ky + height, kx:kx + width] for ky in range(3) for kx in range(3)]
-        m = torch.stack(shifted).reshape(-1, height * width).to(device=device, dtype=dtype)
-        self._matrices[key] = m
-        while len(self._matrices) > self.MAX_CACHED:
-            self._matrices.popitem(last=False)
-        return m
+        return torch.stack(shifted).reshape(-1, height * width).to(device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
