@@ -40,7 +40,8 @@ from .backends.base import Backend, BackendOptions
 from .backends.torch_backend import TorchBackend, torch_backend_from
 from .checkpoint import CheckpointError, inference_copy
 from .classes import ClassSet, class_set_from_meta
-from .engine_config import LIVE_OPTIONS, OUTPUTS, ConfigError, SegmenterConfig, format_input_size, parse_outputs
+from .engine_config import (LIVE_OPTIONS, OUTPUTS, ConfigError, FrameError, SegmenterConfig, format_input_size,
+                            parse_outputs)
 from .models.icnet import MIN_INPUT_SIZE
 from .postprocess import UNKNOWN, Postprocessor
 from .preprocess import Preprocessor
@@ -402,26 +403,26 @@ class Segmenter:
 
     def _check_frame(self, i: int, f: Any) -> np.ndarray:
         if not isinstance(f, np.ndarray):
-            raise ValueError(f"frame {i}: expected a numpy uint8 array, got {type(f).__name__}")
+            raise FrameError(i, f"expected a numpy uint8 array, got {type(f).__name__}")
         if f.dtype != np.uint8:
-            raise ValueError(f"frame {i}: dtype {f.dtype}, expected uint8 (8-bit RGB/BGR or mono8 images; scale "
-                             "other types to 0..255 first)")
+            raise FrameError(i, f"dtype {f.dtype}, expected uint8 (8-bit RGB/BGR or mono8 images; scale "
+                              "other types to 0..255 first)")
         if f.ndim == 3 and f.shape[2] == 1:
             f = f[:, :, 0]
         if not (f.ndim == 2 or (f.ndim == 3 and f.shape[2] == 3)):
             hint = "; drop the alpha channel first" if f.ndim == 3 and f.shape[2] == 4 else ""
-            raise ValueError(f"frame {i}: shape {f.shape}, expected H x W x 3 (RGB/BGR), H x W or H x W x 1 "
-                             f"(mono8){hint}")
+            raise FrameError(i, f"shape {f.shape}, expected H x W x 3 (RGB/BGR), H x W or H x W x 1 "
+                              f"(mono8){hint}")
         if f.shape[0] == 0 or f.shape[1] == 0:
-            raise ValueError(f"frame {i}: empty frame (shape {f.shape})")
+            raise FrameError(i, f"empty frame (shape {f.shape})")
         h, w = self.size_policy.policy_size(f.shape[0], f.shape[1])
         if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
             how = "" if self.input_policy == "fixed" else " (a fixed input_size HxW upscales small frames)"
-            raise ValueError(f"frame {i}: {f.shape[0]}x{f.shape[1]} gives a {h}x{w} network input, below the "
-                             f"minimum {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}{how}")
+            raise FrameError(i, f"{f.shape[0]}x{f.shape[1]} gives a {h}x{w} network input, below the "
+                              f"minimum {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}{how}")
         if self.input_policy in ("width", "scale") and h * w > max(f.shape[0] * f.shape[1], MAX_UPSCALED_PIXELS):
-            raise ValueError(f"frame {i}: {f.shape[0]}x{f.shape[1]} would be upscaled to a {h}x{w} network input, "
-                             f"more than {MAX_UPSCALED_PIXELS} pixels (an extreme aspect ratio?)")
+            raise FrameError(i, f"{f.shape[0]}x{f.shape[1]} would be upscaled to a {h}x{w} network input, "
+                              f"more than {MAX_UPSCALED_PIXELS} pixels (an extreme aspect ratio?)")
         return f
 
     def _group(self, frames: list[Any], orders: list[str]) -> list[_FrameGroup]:
@@ -544,5 +545,5 @@ def _item(outs: dict[str, np.ndarray], key: str, j: int) -> np.ndarray | None:
     return None if v is None else v[j]
 
 
-__all__ = ["OUTPUTS", "PRECISIONS", "SegmentResult", "Segmenter", "TorchBackend", "UNKNOWN", "backend_for",
+__all__ = ["OUTPUTS", "PRECISIONS", "FrameError", "SegmentResult", "Segmenter", "TorchBackend", "UNKNOWN", "backend_for",
            "resolve_device"]

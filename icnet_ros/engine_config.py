@@ -8,7 +8,8 @@ named, documented and validated in this file only. ROS-free and torch-free.
 
 Values: ``SegmenterConfig().replace(**options)`` (or ``SegmenterConfig(...).checked()``) parses text forms
 (``"540x720"``, ``"1.5"``, ``"auto"``) into canonical values and raises :class:`ConfigError` naming the option, the
-value and what is allowed.
+value and what is allowed. A frame that ``Segmenter.segment()`` cannot take raises :class:`FrameError` (defined here,
+torch-free, for the callers that drop that frame and go on: the node's frame pipeline, ``icnet-segment``).
 """
 from __future__ import annotations
 
@@ -33,6 +34,17 @@ COMPILE_MODES: tuple[str, ...] = ("", "default", "reduce-overhead", "max-autotun
 
 class ConfigError(ValueError):
     """A bad engine option; the message names the option, the value and what is allowed (one line)."""
+
+
+class FrameError(ValueError):
+    """One frame of a ``segment()`` call that the engine cannot take (wrong type, empty, too small for the network,
+    ...): ``index`` is its position in the call, ``reason`` the problem; the message is ``frame {index}: {reason}``.
+    Nothing of the call was segmented; the caller may drop that frame and segment the others."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"frame {index}: {reason}")
+        self.index = index
+        self.reason = reason
 
 
 # ----------------------------------------------------------------------------------------------- value parsers

@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from .engine_config import FrameError
 from .ros_image import DEFAULT_MAX_PIXELS, ImageFormatError, compressed_header, segmenter_frame, segmenter_input
 from .sizes import MIN_INPUT_SIZE
 
@@ -597,8 +598,9 @@ class FramePipeline:
                 s.latency_from_receipt.append(not from_stamp)
 
     def _segment(self, seg: Any, items: list[_Item], outputs: tuple[str, ...]) -> list[Any]:
-        """One Segmenter call for the batch; if it fails, each frame alone, so that one frame's fault is that
-        frame's (``rejected`` for a frame the Segmenter refuses, ``inference_error`` otherwise). Out of memory:
+        """One Segmenter call for the batch; a frame the Segmenter refuses (FrameError) is dropped as ``rejected``
+        and the others go on as a batch; any other failure: each frame alone, so that one frame's fault is that
+        frame's (``rejected`` for a ValueError, ``inference_error`` otherwise). Out of memory:
         release the cache, retry frame by frame, halve the batch limit. Unrecoverable device error: stop."""
         try:
             return seg.segment([it.frame for it in items], channel_order=[it.order for it in items],
@@ -610,6 +612,12 @@ class FramePipeline:
                 return [None] * len(items)
             if kind == "oom":
                 self._out_of_memory(e, len(items))
+            elif isinstance(e, FrameError) and 0 <= e.index < len(items):  # that frame's; the others as a batch
+                self._frame_failed(items[e.index], e)
+                rest = items[:e.index] + items[e.index + 1:]
+                results = self._segment(seg, rest, outputs) if rest else []
+                results.insert(e.index, None)
+                return results
             elif len(items) == 1:
                 self._frame_failed(items[0], e)
                 return [None]
@@ -666,7 +674,9 @@ class FramePipeline:
                 self._on_fatal(message)
 
     def _frame_failed(self, it: _Item, e: Exception) -> None:
-        if isinstance(e, ValueError):
+        if isinstance(e, FrameError):  # its index in the batch means nothing to the reader
+            self._drop(it.cam, "rejected", e.reason)
+        elif isinstance(e, ValueError):
             self._drop(it.cam, "rejected", str(e))
         else:
             self._drop(it.cam, "inference_error", f"{type(e).__name__}: {e}", level="error")

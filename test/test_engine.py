@@ -1,6 +1,7 @@
 """Segmenter on the CPU: outputs, sizes, channel orders, palette/overlay/confidence maths, batching, optimised vs
 plain agreement, model sources and input errors. Reference values are computed independently in the tests from
 the plain network and numpy."""
+import re
 import warnings
 
 import numpy as np
@@ -11,7 +12,7 @@ from helpers import make_checkpoint
 
 from icnet_ros.checkpoint import CheckpointError, build_meta, default_model_path, load_model
 from icnet_ros.classes import CAMVID
-from icnet_ros.engine import UNKNOWN, SegmentResult, Segmenter, resolve_device
+from icnet_ros.engine import UNKNOWN, FrameError, SegmentResult, Segmenter, resolve_device
 from icnet_ros.models import build_icnet
 
 ALL = ("label", "color", "overlay", "confidence")
@@ -370,8 +371,11 @@ def test_default_model_missing_is_a_checkpoint_error(monkeypatch, tmp_path):
     ([[1, 2], [3, 4]], "expected a numpy uint8 array"),
 ])
 def test_bad_frames(seg, bad, match):
-    with pytest.raises(ValueError, match=match):
+    """A FrameError (a ValueError) naming the bad frame's position in the call, so that a caller can drop it."""
+    with pytest.raises(FrameError, match="^frame 1: ") as info:
         seg.segment([frame(64, 64), bad])
+    assert info.value.index == 1 and str(info.value) == f"frame 1: {info.value.reason}"
+    assert re.search(match, info.value.reason)
 
 
 def test_bad_call_arguments(seg):

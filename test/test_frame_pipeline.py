@@ -246,15 +246,31 @@ def test_malformed_frame_is_that_frames_drop(segmenter: Segmenter):
 
 
 def test_frame_the_segmenter_refuses_costs_no_other_frame(segmenter: Segmenter):
-    """A 16x16 frame is below the network minimum: the batch is retried frame by frame."""
-    pipe, sink, log = make(segmenter)
-    pipe.submit("/a", image(1, h=16, w=16))
-    pipe.submit("/b", image(2))
-    pipe.step()
+    """A 16x16 frame in the middle of a batch of three is below the network minimum: that frame is dropped
+    (``rejected``, the reason without the engine's batch position) and the other two are served in one more call
+    (before: each frame alone, one Segmenter call per frame)."""
+    calls: list[int] = []
+
+    class Recording(Gated):
+        def segment(self, frames: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(len(frames))
+            return self._segmenter.segment(frames, *args, **kwargs)
+
+    sink, log = Sink(), Log()
+    sink.kinds["/c"] = set(KINDS)
+    pipe = FramePipeline(Recording(segmenter, threading.Event()), [("/a", False), ("/b", False), ("/c", False)],
+                         wanted=sink.wanted, publish=sink.publish, clock_ns=lambda: 10**12, logger=log,
+                         options=PipelineOptions(max_batch=3))
+    pipe.submit("/a", image(1))
+    pipe.submit("/b", image(2, h=16, w=16))
+    pipe.submit("/c", image(3))
+    assert pipe.step() == 3
     snap = pipe.snapshot()
-    assert snap["cameras"]["/a"]["dropped"] == {"rejected": 1}
-    assert [k for k, *_ in sink.published] == ["/b"] and snap["cameras"]["/b"]["processed"] == 1
-    assert any("rejected" in text and "below the minimum" in text for _, text in log.lines)
+    assert snap["cameras"]["/b"]["dropped"] == {"rejected": 1}
+    assert sorted(k for k, *_ in sink.published) == ["/a", "/c"] and calls == [3, 2], calls
+    assert snap["cameras"]["/a"]["processed"] == 1 and snap["cameras"]["/c"]["processed"] == 1
+    rejected = [text for _, text in log.lines if "rejected" in text]
+    assert len(rejected) == 1 and rejected[0].startswith("/b: dropping frame (rejected): 16x16 gives a "), log.lines
 
 
 def test_failing_publish_is_counted_and_the_next_frame_served(segmenter: Segmenter):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import queue
-import re
 import sys
 import threading
 import time
@@ -43,9 +42,6 @@ from ..ros_image import DEFAULT_MAX_PIXELS
 
 KINDS = ("label", "color", "overlay", "confidence")
 _END = object()
-#: the Segmenter's errors about one frame of a batch ("frame 2: 10x10 gives a 40x40 network input, ..."): that input
-#: is skipped, the others go on
-_FRAME_ERROR = re.compile(r"frame \d+: ")
 
 
 @dataclass
@@ -341,22 +337,19 @@ def _main(argv: list[str] | None) -> int:
         say(f"icnet-segment: {'error' if skip else 'warning'}: {message}")
 
     def segment(items: list[_Item]) -> list[tuple[_Item, Any]]:
-        """Segment ``items``; one that the network cannot take (too small, ...) is skipped with one line (a video:
-        the rest of it), the others are segmented."""
+        """Segment ``items``; a frame that the network cannot take (too small, ...) is skipped with one line (a
+        video: the rest of it), the others are segmented."""
         try:
             return list(zip(items, seg.segment([it.bgr for it in items], channel_order="BGR")))
-        except ValueError as e:
-            if not _FRAME_ERROR.match(str(e)):
-                raise
-            if len(items) > 1:  # which one: each alone
-                return [done for it in items if it.source_index not in skip_sources for done in segment([it])]
-            it, reason = items[0], _cli_hint(_FRAME_ERROR.sub("", str(e), count=1))
+        except engine_config.FrameError as e:
+            it, reason = items[e.index], _cli_hint(e.reason)
             if it.is_video:
                 skip_sources.add(it.source_index)
                 report(f"{it.origin}: {reason}; the rest of the video is skipped", True)
             else:
                 report(f"{it.origin}: {reason}; skipped", True)
-            return []
+            rest = [other for other in items if other is not it and other.source_index not in skip_sources]
+            return segment(rest) if rest else []
 
     out = Path(args.output)
     frames = 0
