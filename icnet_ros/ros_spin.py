@@ -1,4 +1,5 @@
-"""Spinning an rclpy executor while other threads create and destroy entities.
+"""rclpy in the command-line tools: spinning an executor while other threads create and destroy entities
+(:func:`spin`), and Ctrl-C as a KeyboardInterrupt (:func:`init_without_signal_handlers`, :func:`cleanup`).
 
 rclpy's executors collect a node's entities, then add them to a wait set. A subscription or publisher destroyed by
 another thread in between leaves its QoS event handler in that list, and adding it raises ``InvalidHandle`` ("cannot
@@ -8,6 +9,7 @@ wait set no longer holds the destroyed entity, so spinning on is the fix.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
@@ -35,3 +37,28 @@ def spin(executor: Any) -> None:
             last = now
             if failures >= MAX_CONSECUTIVE_INVALID:
                 raise
+
+
+def init_without_signal_handlers() -> None:
+    """``rclpy.init()`` without rclpy's signal handlers: Ctrl-C is a KeyboardInterrupt in the main thread (also when
+    the shell started this process with SIGINT ignored, as rclpy's handler did), which the tool handles. rclpy's own
+    handler shuts the context down under the tool's publishers and nodes instead (a 'context is invalid' RCLError
+    traceback from publish, or a KeyboardInterrupt inside destroy_node)."""
+    import signal
+
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+
+
+def cleanup(*steps: Callable[[], Any]) -> bool:
+    """Run every step, also after a (second) Ctrl-C in one of them; True when one was interrupted."""
+    interrupted = False
+    for step in steps:
+        try:
+            step()
+        except KeyboardInterrupt:
+            interrupted = True
+    return interrupted

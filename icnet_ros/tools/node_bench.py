@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ..ros_spin import cleanup, init_without_signal_handlers, spin
 from .demo import configure_dds
 from .play import parse_size
 
@@ -278,29 +279,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _init_rclpy() -> None:
-    """rclpy without its signal handlers: Ctrl-C is a KeyboardInterrupt in the main thread (also when the shell
-    started this process with SIGINT ignored, as rclpy's handler did), not a context shut down under the node."""
-    import signal
-
-    import rclpy
-    from rclpy.signals import SignalHandlerOptions
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
-
-
-def _cleanup(*steps: Any) -> bool:
-    """Run every step, also after a (second) Ctrl-C in one of them; True when one was interrupted."""
-    interrupted = False
-    for step in steps:
-        try:
-            step()
-        except KeyboardInterrupt:
-            interrupted = True
-    return interrupted
-
-
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     problem = _check_args(args)
@@ -315,7 +293,6 @@ def _main(argv: list[str] | None) -> int:
 
     from ..checkpoint import CheckpointError
     from ..node import SegmentationNode, StartupError
-    from ..ros_spin import spin
     from ..video import SourceError
 
     if args.model is None:
@@ -332,7 +309,7 @@ def _main(argv: list[str] | None) -> int:
         except (StartupError, SourceError, ValueError) as e:
             print(f"icnet-node-bench: error: {e}", file=sys.stderr)
             return 2
-    _init_rclpy()
+    init_without_signal_handlers()
     try:
         node = SegmentationNode(parameter_overrides=[
             Parameter("image_topics", value=["/bench/image_raw"]), Parameter("model", value=args.model),
@@ -365,7 +342,7 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        interrupted = _cleanup(lambda: executor.shutdown(timeout_sec=2.0), node.destroy_node, helper.destroy_node,
+        interrupted = cleanup(lambda: executor.shutdown(timeout_sec=2.0), node.destroy_node, helper.destroy_node,
                                rclpy.try_shutdown) or interrupted
     _write_json(args.json, results)  # an interrupted run: the sizes measured so far
     if interrupted:
@@ -389,7 +366,7 @@ def _main_demo(args: argparse.Namespace) -> int:
     from ..node import SegmentationNode, StartupError
     from .demo import _node_overrides
 
-    _init_rclpy()
+    init_without_signal_handlers()
     demo_args = argparse.Namespace(topic="/camera/image_raw", device=args.device, precision="fp32",
                                    input_size=None)  # the node's default, as icnet-demo
     overrides = _node_overrides(demo_args, args.model, reliable=True)
@@ -415,7 +392,7 @@ def _main_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        interrupted = _cleanup(lambda: executor.shutdown(timeout_sec=2.0), node.destroy_node,
+        interrupted = cleanup(lambda: executor.shutdown(timeout_sec=2.0), node.destroy_node,
                                rclpy.try_shutdown) or interrupted
     if interrupted:  # the medians need every round: nothing to report
         print("icnet-node-bench: interrupted (--demo: no result, the rounds are compared only when complete)",

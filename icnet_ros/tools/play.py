@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..camera_info import image_size, scale_camera_info
+from ..ros_spin import cleanup, init_without_signal_handlers
 from ..sizes import parse_hw
 from ..video import DEFAULT_IMAGE_FPS, Frame, FrameSource, SourceError, open_source
 
@@ -321,17 +322,9 @@ def _main(argv: list[str] | None) -> int:
     skipped = UnreadableImages("icnet-play").install(source)
     rate = args.rate if args.rate is not None else (source.fps or DEFAULT_IMAGE_FPS)
 
-    import signal
-
     import rclpy
-    from rclpy.signals import SignalHandlerOptions
 
-    # no rclpy signal handlers: Ctrl-C is a KeyboardInterrupt in this thread, handled below (also when the shell
-    # started this process with SIGINT ignored, as rclpy's handler did); rclpy's handler shut the context down under
-    # the publishers instead (a 'context is invalid' RCLError traceback from publish, or a KeyboardInterrupt inside
-    # destroy_node)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    init_without_signal_handlers()  # Ctrl-C: a KeyboardInterrupt here, handled below
     node = rclpy.create_node("icnet_play")
     player = None
     n, t0, t1 = 0, time.monotonic(), None
@@ -354,11 +347,7 @@ def _main(argv: list[str] | None) -> int:
     finally:
         t1 = t1 or time.monotonic()
         # each step on its own: a (second) Ctrl-C during one must not skip the others or end in a traceback
-        for step in (source.close, node.destroy_node, rclpy.try_shutdown):
-            try:
-                step()
-            except KeyboardInterrupt:
-                interrupted = True
+        interrupted = cleanup(source.close, node.destroy_node, rclpy.try_shutdown) or interrupted
     n = player.published if player is not None else n
     dt = t1 - t0
     summary = (f"published {n} frames in {dt:.1f} s ({n / dt if dt > 0 else 0:.1f} fps)"

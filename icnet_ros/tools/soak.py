@@ -302,13 +302,12 @@ def _soak(args: argparse.Namespace, model: str) -> int:
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from rclpy.signals import SignalHandlerOptions
     from sensor_msgs.msg import CompressedImage, Image
     from tqdm import tqdm
 
     from .. import node_params
     from ..ros_image import numpy_to_compressed, numpy_to_image
-    from ..ros_spin import spin
+    from ..ros_spin import cleanup, init_without_signal_handlers, spin
 
     node_args = ["--ros-args", "-p", f"model:={model}", "-p", "device:=cpu", "-p",
                  f"image_topics:=[{','.join(CAMERAS)}]", "-p", f"num_threads:={args.threads}",
@@ -327,10 +326,7 @@ def _soak(args: argparse.Namespace, model: str) -> int:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.node_process", *node_args], stdout=log,
                                 stderr=subprocess.STDOUT, env=env)
-    # no rclpy signal handlers: Ctrl-C is a KeyboardInterrupt here (also when the shell started this process with
-    # SIGINT ignored, as rclpy's handler did), not a context shut down under the publishers
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    init_without_signal_handlers()  # Ctrl-C: a KeyboardInterrupt here, handled below
     helper = rclpy.create_node("icnet_node_soak")
     executor = MultiThreadedExecutor(num_threads=2)
     executor.add_node(helper)
@@ -424,12 +420,14 @@ def _soak(args: argparse.Namespace, model: str) -> int:
             interrupted = True
             exit_problem = "interrupted while the node was stopping (killed)"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        executor.shutdown(timeout_sec=2.0)
-        helper.destroy_node()
-        rclpy.try_shutdown()
+        def kill_node() -> None:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+        # each step on its own: a further Ctrl-C during one must not skip the others or end in a traceback
+        interrupted = cleanup(kill_node, lambda: executor.shutdown(timeout_sec=2.0), helper.destroy_node,
+                              rclpy.try_shutdown) or interrupted
     result = summarize(args, rss, published, diag, counter.snapshot(), counter.totals(), exit_status, exit_problem,
                        elapsed, interrupted)
     print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}), flush=True)
