@@ -131,6 +131,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
             return 0
         from ..export import export_onnx
 
+        output = Path(args.output)
         if args.format == "tensorrt":  # fail before minutes of export
             import torch
 
@@ -139,7 +140,14 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
                 raise ValueError("--format tensorrt builds the engine for the GPU it runs on, and CUDA is not "
                                  "available here: export --format onnx here, then build the engine on the target "
                                  "(icnet-export --format tensorrt there, or the node on first use)")
-        output = Path(args.output)
+            if output.suffix.lower() != ".onnx":
+                from ..backends.tensorrt import folder_problem
+
+                output.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                problem = folder_problem(output.parent.resolve(), "the output folder")
+                if problem:  # the backend would refuse to load the engine built there (engines are code)
+                    raise CheckpointError(f"--output {output}: {problem}; an engine is loaded only from a folder no "
+                                          "group or other user can write (chmod go-w, or another folder)")
         onnx_out = output.with_suffix(".onnx")
         out = export_onnx(model, onnx_out, size, batch=args.batch, dynamic_batch=not args.static_batch,
                           fp16=args.fp16, opset=args.opset, command=command, progress=True)
@@ -154,13 +162,6 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
                 engine = backend.engine_file
                 backend.close()
             else:  # an fp16 export builds an fp16 engine (strongly typed)
-                from ..backends.tensorrt import folder_problem
-
-                output.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                problem = folder_problem(output.parent.resolve(), "the output folder")
-                if problem:  # the backend would refuse to load the engine it builds there (engines are code)
-                    raise CheckpointError(f"--output {output}: {problem}; an engine is loaded only from a folder no "
-                                          "group or other user can write (chmod go-w, or another folder)")
                 engine = build_engine(out, output)
             print(f"{engine} ({time.perf_counter() - t0:.0f} s)")
     except (CheckpointError, MissingRuntimeError, ValueError, OSError) as e:
