@@ -22,7 +22,7 @@ from .checkpoint import (MAX_NETWORK_WIDTH, MMSEG_NORMALIZATION, CheckpointError
                          load_model, load_state_dict_into, record_export, save_checkpoint)
 from .classes import CITYSCAPES, ClassSet, generic_palette
 from .models.icnet import ICNet, ICNetConfig
-from .sizes import MAX_UPSCALED_PIXELS, MIN_INPUT_SIZE
+from .sizes import MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, MIN_INPUT_SIZE
 
 # mmseg keeps the pyramid pooling on the ICNet backbone; icnet_ros groups it in `backbone.ppm`
 _RENAMES = (("backbone.psp_modules.", "backbone.ppm.psp_modules."),
@@ -168,7 +168,7 @@ def _recorded_size(input_size: tuple[int, int] | str) -> list[int] | None:
     h, w = (int(v) for v in input_size)
     if min(h, w) < MIN_INPUT_SIZE or h * w > MAX_UPSCALED_PIXELS:
         raise ValueError(f"input size {h}x{w}: each side must be >= {MIN_INPUT_SIZE} and the whole at most "
-                         f"{MAX_UPSCALED_PIXELS} pixels (4096x4096): every frame runs at it")
+                         f"{MAX_UPSCALED_TEXT}: every frame runs at it")
     return [h, w]
 
 

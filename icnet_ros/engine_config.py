@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .sizes import MAX_SCALE, MAX_UPSCALED_PIXELS, MIN_INPUT_SIZE, SIZE_DIVISOR, parse_hw
+from .sizes import MAX_SCALE, MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, MIN_INPUT_SIZE, SIZE_DIVISOR, parse_hw
 
 OUTPUTS: tuple[str, ...] = ("label", "color", "overlay", "confidence")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
@@ -94,7 +94,7 @@ def check_network_pixels(height: int, width: int) -> tuple[int, int]:
     ValueError; a larger one only ends in an out-of-memory error (100000x100000 asked for 112 GiB)."""
     if height * width > MAX_UPSCALED_PIXELS:
         raise ValueError(f"{height}x{width} = {height * width} pixels exceeds the largest network input, "
-                         f"{MAX_UPSCALED_PIXELS} pixels ({math.isqrt(MAX_UPSCALED_PIXELS)}x{math.isqrt(MAX_UPSCALED_PIXELS)})")
+                         + MAX_UPSCALED_TEXT)
     return height, width
 
 

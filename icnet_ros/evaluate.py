@@ -41,7 +41,7 @@ from .losses import upsample_logits
 from .metrics import ConfusionMatrix, format_table, to_percent
 from .preprocess import Normalizer
 from . import engine_config
-from .sizes import MAX_SCALE, MAX_UPSCALED_PIXELS, SIZE_DIVISOR, InputSizePolicy, aligned_size
+from .sizes import MAX_SCALE, MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, SIZE_DIVISOR, InputSizePolicy, aligned_size
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -310,7 +310,7 @@ def _bounded_size(size_fn: Callable[[int, int, float], tuple[int, int]]) -> Call
         nh, nw = size_fn(h, w, scale)
         if nh * nw > MAX_UPSCALED_PIXELS:
             raise NetworkSizeError(f"--scales {scale:g}: a {h}x{w} image becomes a {nh}x{nw} network input, more "
-                                   f"than {MAX_UPSCALED_PIXELS} pixels (4096x4096); use smaller --scales or "
+                                   f"than {MAX_UPSCALED_TEXT}; use smaller --scales or "
                                    "--input-size")
         return nh, nw
     return sized
