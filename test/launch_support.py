@@ -157,12 +157,20 @@ DAEMON_VERBS = {("param", "set"), ("param", "get"), ("lifecycle", "set"), ("life
                 ("topic", "list"), ("node", "list")}  # the verbs that would start (or use) the ros2 daemon
 
 
+#: the verbs with ``--timeout N`` (wait up to N s in the same process for the node to be discovered; default 1 s)
+NODE_TIMEOUT_VERBS = {("param", "set"), ("param", "get"), ("param", "load"), ("param", "dump")}
+
+
 def ros2(ws: Workspace, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run ``ros2 ARGS`` to completion, output captured; never with the daemon (it would outlive the tests, and a
-    daemon that has not seen the graph yet answers wrongly or hangs)."""
+    daemon that has not seen the graph yet answers wrongly or hangs). ``ros2 param`` waits up to 10 s for the node
+    (``--timeout``): with its default 1 s a call under load often missed the node and was repeated, each repeat a
+    new process (~2 s)."""
     args = tuple(args)
     if tuple(args[:2]) in DAEMON_VERBS and "--no-daemon" not in args:
         args = (*args, "--no-daemon")
+    if tuple(args[:2]) in NODE_TIMEOUT_VERBS and "--timeout" not in args:
+        args = (*args, "--timeout", "10")
     return subprocess.run(["ros2", *args], env=ws.env, cwd=ws.root, capture_output=True, text=True, timeout=timeout)
 
 

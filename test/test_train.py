@@ -384,12 +384,13 @@ def test_time_limit_stops_resumably_after_a_validation(tmp_path, capsys):
 @pytest.mark.slow
 def test_overfits_two_camvid_frames(tmp_path, capsys):
     """2 frames, whole frames at 192x256 (multiples of 32, as validation runs), no augmentation: train mIoU must climb
-    far above chance (~5%)."""
+    far above chance (~5%). (200 iterations, 26 s here: loss 1.12 -> 0.25, train mIoU 31 -> 71, eval 67.4; 150 were
+    not enough for the loss bound, 300 took 41 s.)"""
     run = _smoke(tmp_path / "overfit", "data.val_split=train", "data.input_scale=0.5333333",
                  "data.crop_size=[192, 256]", "data.ratio_range=[1, 1]",
-                 "data.flip=0", "data.photometric=false", "optim.iterations=300", "optim.lr=0.2", "optim.min_lr=0",
-                 "optim.weight_decay=0", "train.eval_interval=300", "train.log_interval=50",
-                 "train.checkpoint_interval=300")
+                 "data.flip=0", "data.photometric=false", "optim.iterations=200", "optim.lr=0.2", "optim.min_lr=0",
+                 "optim.weight_decay=0", "train.eval_interval=200", "train.log_interval=50",
+                 "train.checkpoint_interval=200")
     train = _records(run, "train")
     val = _records(run, "val")[-1]
     with capsys.disabled():
