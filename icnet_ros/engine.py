@@ -14,7 +14,7 @@ Every option is a field of :class:`~icnet_ros.engine_config.SegmenterConfig` (de
 Frames in one call may have different sizes and channel orders: frames are grouped by (size, channel order) and
 each network input size is one forward pass (split at the backend's batch limit). Network input sizes come from the
 ``input_size`` policy and are rounded to multiples of ``size_divisor`` (32: ICNet's branches only line up there; a
-480x360 frame runs at 480x352 natively, at 544x736 with ``auto`` for the default model;
+360x480 (H x W) frame runs at 352x480 natively, at 544x736 with ``auto`` for the default model;
 :data:`icnet_ros.sizes.SIZE_DIVISOR`). Exported models have a fixed network size: every frame is resized to it.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import contextlib
 import importlib
 import math
 import os
+import re
 import threading
 import time
 import warnings
@@ -40,8 +41,8 @@ from .backends.base import Backend, BackendOptions
 from .backends.torch_backend import TorchBackend, torch_backend_from
 from .checkpoint import CheckpointError, inference_copy
 from .classes import ClassSet, class_set_from_meta
-from .engine_config import (LIVE_OPTIONS, OUTPUTS, ConfigError, FrameError, SegmenterConfig, format_input_size,
-                            parse_outputs)
+from .engine_config import LIVE_OPTIONS, OUTPUTS, ConfigError, FrameError, SegmenterConfig, format_input_size
+from .engine_config import check as check_option
 from .models.icnet import MIN_INPUT_SIZE
 from .postprocess import UNKNOWN, Postprocessor
 from .preprocess import Preprocessor
@@ -71,7 +72,8 @@ class SegmentResult:
 
 
 def resolve_device(device: str | torch.device, notes: list[str] | None = None) -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (or a torch.device) -> a usable torch.device.
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``xpu`` | ``xpu:N`` (or a torch.device) -> a torch.device (a CUDA
+    device is checked to exist; ``xpu``, an Intel GPU, is the openvino backend's to check).
 
     ``auto`` is CUDA when available, else the CPU with a warning (also appended to ``notes``)."""
     if isinstance(device, torch.device):
@@ -79,7 +81,7 @@ def resolve_device(device: str | torch.device, notes: list[str] | None = None) -
     elif isinstance(device, str):
         spec = device.strip().lower()
     else:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'xpu' or 'xpu:N', got {device!r}")
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -90,6 +92,8 @@ def resolve_device(device: str | torch.device, notes: list[str] | None = None) -
         return torch.device("cpu")
     if spec == "cpu":
         return torch.device("cpu")
+    if re.fullmatch(r"xpu(:\d+)?", spec):  # an Intel GPU, for OpenVINO (which checks that there is one)
+        return torch.device(spec)
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise ValueError(f"device {spec!r} requested but CUDA is not available (CPU-only PyTorch build, no GPU "
@@ -103,7 +107,20 @@ def resolve_device(device: str | torch.device, notes: list[str] | None = None) -
         if not 0 <= index < torch.cuda.device_count():
             raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return torch.device("cuda", index)
-    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'xpu' or 'xpu:N', got {device!r}")
+
+
+def inference_device(kind: str, device: str, notes: list[str] | None = None) -> torch.device:
+    """The device that backend ``kind`` runs on for the ``device`` option: :func:`resolve_device`, except that
+    ``auto`` is the CPU for the openvino backend (OpenVINO never runs on CUDA) and that ``xpu`` (an Intel GPU) is
+    only for the openvino backend (ConfigError otherwise)."""
+    if kind == "openvino" and str(device).strip().lower() == "auto":
+        return torch.device("cpu")
+    resolved = resolve_device(device, notes)
+    if resolved.type == "xpu" and kind != "openvino":
+        raise ConfigError(f"device {str(device)!r} (an Intel GPU) is for the openvino backend (an .xml model, or "
+                          f"backend openvino); this model runs on the {kind} backend")
+    return resolved
 
 
 class _FrameGroup:
@@ -175,7 +192,8 @@ class Segmenter:
         if config is not None and not isinstance(config, SegmenterConfig):
             raise ConfigError(f"config must be a SegmenterConfig, got {type(config).__name__}")
         cfg = (config or SegmenterConfig()).replace(**options)
-        self.device = resolve_device(cfg.device, self.notes)
+        kind = backend_for(model_or_path, cfg.backend)
+        self.device = inference_device(kind, cfg.device, self.notes)
         precision = cfg.precision
         if self.device.type == "cpu" and precision == "fp16":
             if cfg.device != "auto":
@@ -190,7 +208,6 @@ class Segmenter:
         if cfg.cuda_graphs and cfg.compile:
             raise ConfigError("use either cuda_graphs or compile (compile mode 'reduce-overhead' uses CUDA graphs)")
 
-        kind = backend_for(model_or_path, cfg.backend)
         if kind == "torch":
             model, self.meta = inference_copy(model_or_path)
             self.backend: Backend = torch_backend_from(model, self.device, self.dtype, cfg, self.notes)
@@ -201,9 +218,14 @@ class Segmenter:
             path = Path(model_or_path)
             self.meta = _file_metadata(kind, path)
             module = importlib.import_module(BACKEND_MODULES[kind][0])
-            self.backend = module.open_backend(path, BackendOptions(
-                device=self.device, precision=precision, threads=torch.get_num_threads(),
-                cache_dir=cfg.engine_cache or None))
+            try:
+                self.backend = module.open_backend(path, BackendOptions(
+                    device=self.device, precision=precision, threads=torch.get_num_threads(),
+                    cache_dir=cfg.engine_cache or None))
+            except (ConfigError, CheckpointError):
+                raise
+            except ValueError as e:  # the backend refuses an option (device, precision): a ConfigError, as promised
+                raise ConfigError(str(e)) from None
         self.class_set: ClassSet = class_set_from_meta(self.meta)
         self.num_classes = self.class_set.num_classes
         self.preprocess = Preprocessor(self.meta["normalization"], self.backend.device, self.backend.input_dtype,
@@ -211,6 +233,7 @@ class Segmenter:
         self.postprocess = Postprocessor(self.class_set, self.backend.device, cfg.overlay_alpha,
                                          cfg.confidence_threshold, compile_render=bool(cfg.compile))
         self._lock = threading.Lock()
+        self._closed = False
         self.config = cfg
         self._apply_policy(cfg)
         #: seconds the last ``segment`` call took (host wall time, device work included)
@@ -255,8 +278,9 @@ class Segmenter:
         if rebuild:
             raise ConfigError(f"option(s) {rebuild} cannot change on a running Segmenter (build a new one); live "
                               f"options: {', '.join(sorted(LIVE_OPTIONS))}")
-        cfg = self.config.replace(**changes)
-        with self._lock:
+        with self._lock:  # built from the config of the moment: two concurrent calls both take effect
+            self._check_open()
+            cfg = self.config.replace(**changes)
             old = self.config
             try:
                 self._apply_policy(cfg)
@@ -279,7 +303,8 @@ class Segmenter:
         frames = self._as_frame_list(frames)
         orders = self._orders(channel_order, len(frames))
         with self._lock:
-            want = self.outputs if outputs is None else frozenset(parse_outputs(outputs))
+            self._check_open()
+            want = self.outputs if outputs is None else frozenset(check_option("outputs", outputs))
             groups = self._group(frames, orders)
             if not groups:
                 return []
@@ -309,7 +334,13 @@ class Segmenter:
 
     def warmup(self, size: tuple[int, int] | None = None, iterations: int | None = None, batch: int = 1) -> None:
         """Run the full pipeline on ``batch`` synthetic frames of ``size`` (allocations, kernel selection, CUDA graph
-        capture and torch.compile for that input shape)."""
+        capture and torch.compile for that input shape). ``size``: (H, W) or ``"HxW"``, a frame size."""
+        if size is not None:
+            parsed = check_option("warmup", [size]) if isinstance(size, str) else None
+            size = parsed[0] if parsed else size
+            if not (isinstance(size, (tuple, list)) and len(size) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+                raise ValueError(f"warmup size must be (H, W) or 'HxW' with positive integers, got {size!r}")
         if size is None:
             if self.input_policy == "fixed":
                 size = self.size_policy.param
@@ -338,9 +369,16 @@ class Segmenter:
                 f"({self.class_set.name}) | {self.precision} | input {size} | {self.backend.describe()}")
 
     def close(self) -> None:
-        """Release the backend (its session, engine, graphs and device memory)."""
+        """Release the backend (its session, engine, graphs and device memory). Later calls of ``segment``,
+        ``warmup`` or ``reconfigure`` raise RuntimeError; closing again does nothing."""
         with self._lock:
-            self.backend.close()
+            if not self._closed:
+                self._closed = True
+                self.backend.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Segmenter is closed (close() released its model); build a new one")
 
     # torch-backend details, for benchmarks and tests
     @property
@@ -393,6 +431,8 @@ class Segmenter:
 
     @staticmethod
     def _orders(channel_order: str | Sequence[str], n: int) -> list[str]:
+        if not isinstance(channel_order, (str, list, tuple)):
+            raise ValueError(f"channel_order must be 'RGB' or 'BGR' (or a list of those), got {channel_order!r}")
         orders = [channel_order] * n if isinstance(channel_order, str) else list(channel_order)
         if len(orders) != n:
             raise ValueError(f"channel_order has {len(orders)} entries for {n} frames")
@@ -546,4 +586,4 @@ def _item(outs: dict[str, np.ndarray], key: str, j: int) -> np.ndarray | None:
 
 
 __all__ = ["OUTPUTS", "PRECISIONS", "FrameError", "SegmentResult", "Segmenter", "TorchBackend", "UNKNOWN", "backend_for",
-           "resolve_device"]
+           "inference_device", "resolve_device"]

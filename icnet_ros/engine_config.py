@@ -129,8 +129,8 @@ def parse_precision(value: Any) -> str:
 
 def parse_device(value: Any) -> str:
     v = str(value).strip().lower()
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    if not re.fullmatch(r"auto|cpu|(cuda|xpu)(:\d+)?", v):
+        raise ValueError("must be auto, cpu, cuda, cuda:N, xpu or xpu:N (xpu: an Intel GPU, openvino backend)")
     return v
 
 
@@ -236,8 +236,9 @@ class SegmenterConfig:
         "auto", "Inference runtime: auto (by the model file: .safetensors -> torch, .onnx -> onnxruntime, "
         ".xml -> openvino, .engine/.plan -> tensorrt), torch, onnxruntime, openvino or tensorrt.",
         " | ".join(BACKENDS), _choice(BACKENDS))
-    device: str = _opt("auto", "Inference device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
-                       "auto | cpu | cuda | cuda:N", parse_device)
+    device: str = _opt("auto", "Inference device: auto (CUDA when available, else CPU; the CPU for the openvino "
+                       "backend), cpu, cuda or cuda:N, or xpu / xpu:N (an Intel GPU, openvino backend only).",
+                       "auto | cpu | cuda | cuda:N | xpu | xpu:N", parse_device)
     precision: str = _opt("fp32", "Inference precision: fp32, fp16 or bf16 (fp16 needs CUDA; bf16 is fast on "
                           "CPUs with AVX512-BF16/AMX).", " | ".join(PRECISIONS), parse_precision)
     input_size: Any = _opt(

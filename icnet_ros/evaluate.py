@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -42,16 +43,6 @@ from .metrics import ConfusionMatrix, format_table, to_percent
 from .preprocess import Normalizer
 from . import engine_config
 from .sizes import MAX_SCALE, MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, SIZE_DIVISOR, InputSizePolicy, aligned_size
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def _net_size(h: int, w: int, input_size: Sequence[int] | None, input_scale: float,
@@ -224,12 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         cfg = engine_config.from_args(args)
-        device = resolve_device(cfg.device)
-        backend_name = "torch"
-        if args.model is not None:
-            from .engine import backend_for
+        from .engine import backend_for, inference_device
 
-            backend_name = backend_for(args.model, cfg.backend)
+        backend_name = "torch" if args.model is None else backend_for(args.model, cfg.backend)
+        with warnings.catch_warnings():  # auto on a machine without CUDA: the CPU, as expected for an evaluation
+            warnings.simplefilter("ignore", RuntimeWarning)
+            device = inference_device(backend_name, cfg.device)
         if backend_name == "torch":
             model: Any = load_model(args.model, device)
             meta = model.meta

@@ -544,11 +544,11 @@ class SegmentationNode(LifecycleNode):
         try:
             import torch
 
-            from .engine import Segmenter, resolve_device
+            from .engine import Segmenter, backend_for, inference_device
 
             with warnings.catch_warnings():  # the Segmenter reports the auto -> CPU fallback
                 warnings.simplefilter("ignore", RuntimeWarning)
-                on_cpu = resolve_device(engine.device).type == "cpu"
+                on_cpu = inference_device(backend_for(str(path), engine.backend), engine.device).type == "cpu"
             threads = config.num_threads or (auto_cpu_threads() if on_cpu else 0)
             if threads:
                 torch.set_num_threads(threads)

@@ -113,7 +113,8 @@ def generate_launch_description():
                         "sensor_msgs/CompressedImage (empty: the params file's value)"),
         DeclareLaunchArgument(
             "device", default_value="",
-            description="auto | cpu | cuda | cuda:N (empty: the params file's value)"),
+            description="auto | cpu | cuda | cuda:N | xpu | xpu:N (xpu: an Intel GPU, openvino backend; empty: the "
+                        "params file's value)"),
         DeclareLaunchArgument(
             "precision", default_value="",
             description="fp32 | fp16 | bf16 (empty: the params file's value)"),

@@ -76,6 +76,12 @@ def test_refused_inputs(r18):
         backend(torch.zeros(3, 160, 224))
     with pytest.raises(ValueError, match="fp32 or fp16"):
         open_backend(r18[1], BackendOptions(precision="bf16"))
+    # through the Segmenter: a ConfigError, as its docstring promises for a bad option value (was a ValueError)
+    from icnet_ros.engine import Segmenter
+    from icnet_ros.engine_config import ConfigError
+
+    with pytest.raises(ConfigError, match="fp32 or fp16"):
+        Segmenter(r18[1], precision="bf16", warmup=False)
 
 
 def test_thread_options(r18):

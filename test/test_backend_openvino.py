@@ -305,6 +305,29 @@ def test_device_and_precision_errors(r18):
         open_backend(xml, BackendOptions(precision="fp64"))
 
 
+@needs_openvino
+def test_segmenter_device_choice_for_openvino(r18, monkeypatch):
+    """Through the Segmenter (and so the node and the CLIs): device auto runs an IR on the CPU even where CUDA is
+    available (before: auto became cuda:0, which OpenVINO refuses, so model:=road.xml failed on every CUDA
+    machine); xpu (an Intel GPU) reaches OpenVINO, which finds none here (before: the option parser refused xpu,
+    the device the backend's own message advised); the backend's refusal is a one-line ConfigError."""
+    from icnet_ros.engine import Segmenter
+    from icnet_ros.engine_config import ConfigError
+
+    _, xml = r18
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU here: CUDA only looks available
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    seg = Segmenter(xml, warmup=False)
+    assert seg.device.type == "cpu" and seg.backend.device.type == "cpu"
+    seg.close()
+    with pytest.raises(ConfigError, match="OpenVINO finds no Intel GPU") as e:
+        Segmenter(xml, device="xpu", warmup=False)
+    _one_line(e)
+    with pytest.raises(ConfigError, match="CPU or an Intel GPU"):
+        Segmenter(xml, device="cuda:0", warmup=False)
+
+
 def test_missing_openvino_names_the_extra(monkeypatch, tmp_path):
     from icnet_ros.backends import openvino as backend_module
 

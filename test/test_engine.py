@@ -2,6 +2,8 @@
 plain agreement, model sources and input errors. Reference values are computed independently in the tests from
 the plain network and numpy."""
 import re
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -13,6 +15,7 @@ from helpers import make_checkpoint
 from icnet_ros.checkpoint import CheckpointError, build_meta, default_model_path, load_model
 from icnet_ros.classes import CAMVID
 from icnet_ros.engine import UNKNOWN, FrameError, SegmentResult, Segmenter, resolve_device
+from icnet_ros.engine_config import ConfigError
 from icnet_ros.models import build_icnet
 
 ALL = ("label", "color", "overlay", "confidence")
@@ -388,6 +391,52 @@ def test_bad_call_arguments(seg):
         seg.segment([f], channel_order=["RGB", "BGR"])
     with pytest.raises(ValueError, match=r"unknown output\(s\)"):
         seg.segment([f], outputs=("label", "depth"))
+
+
+def test_more_bad_call_arguments(ckpt):
+    """One clear error each (before: TypeError / numpy UFuncTypeError tracebacks from inside the engine)."""
+    seg = Segmenter(ckpt, device="cpu", warmup=False)
+    f = frame(64, 64)
+    with pytest.raises(ValueError, match="channel_order must be"):
+        seg.segment([f], channel_order=None)
+    with pytest.raises(ConfigError, match="outputs = 5"):
+        seg.segment([f], outputs=5)
+    seg.warmup("64x96")  # the text form the warmup option takes
+    assert seg.warmed_up[-1] == (64, 96, 1)
+    with pytest.raises(ConfigError, match="warmup"):
+        seg.warmup("big")
+    with pytest.raises(ValueError, match="warmup size must be"):
+        seg.warmup((64, 0))
+    with pytest.raises(ConfigError, match="is for the openvino backend"):  # xpu: an Intel GPU, OpenVINO only
+        Segmenter(ckpt, device="xpu", warmup=False)
+
+
+def test_a_closed_segmenter_says_so(ckpt):
+    """segment / warmup / reconfigure after close(): one RuntimeError naming the cause (before: 'NoneType' object is
+    not callable from inside the backend); closing twice is harmless."""
+    seg = Segmenter(ckpt, device="cpu", warmup=False)
+    seg.segment([frame(64, 64)])
+    seg.close()
+    seg.close()
+    for call in (lambda: seg.segment([frame(64, 64)]), lambda: seg.warmup((64, 64)),
+                 lambda: seg.reconfigure(overlay_alpha=0.2)):
+        with pytest.raises(RuntimeError, match="this Segmenter is closed"):
+            call()
+
+
+def test_concurrent_reconfigures_both_take_effect(ckpt):
+    """Two threads reconfigure while a segment() call holds the engine: both changes stay (before, each built its
+    new config from the same old one before waiting, and the second to run undid the first)."""
+    seg = Segmenter(ckpt, device="cpu", warmup=False)
+    threads = [threading.Thread(target=seg.reconfigure, kwargs=kw)
+               for kw in ({"overlay_alpha": 0.9}, {"confidence_threshold": 0.3})]
+    with seg._lock:  # as a segment() call in progress does
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # both are waiting for the engine now
+    for t in threads:
+        t.join(10)
+    assert seg.config.overlay_alpha == 0.9 and seg.config.confidence_threshold == 0.3, seg.config
 
 
 def test_read_only_and_non_contiguous_frames(seg):

@@ -312,7 +312,8 @@ def test_cli_missing_extra(tmp_path, ckpt):
 
 
 def test_cli_openvino_delegates(tmp_path, ckpt, capsys):
-    """--format openvino runs the OpenVINO exporter (real OpenVINO) with the CLI's size and batch."""
+    """--format openvino runs the OpenVINO exporter (real OpenVINO) with the CLI's size and batch, and records the
+    command line in the provenance."""
     pytest.importorskip("openvino")
     from icnet_ros.backends.openvino import read_openvino_metadata
 
@@ -322,6 +323,9 @@ def test_cli_openvino_delegates(tmp_path, ckpt, capsys):
     assert out.is_file() and out.with_suffix(".bin").is_file()
     record = read_openvino_metadata(out)["provenance"]["exported"]
     assert record["format"] == "openvino" and record["size"] == list(SIZE) and record["batch"] == 2
+    # the command line is recorded, as for ONNX (it was None)
+    assert record["command"] == f"icnet-export {ckpt} --format openvino --size 128x192 --static-batch --batch 2 " \
+                                f"--output {out}"
     assert export_main([str(ckpt), "--format", "openvino", "--size", "128x192", "--int8", "--output",
                         str(tmp_path / "q.xml")]) == 2
     assert "--calib DIR" in capsys.readouterr().err

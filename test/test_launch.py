@@ -167,7 +167,8 @@ def test_readme_launch_with_namespace_cameras_and_rviz(colcon_ws: Workspace, ros
     ("image_topics:=[/a/image_raw, ", "parameter 'image_topics': expected string_array, got string '[/a/image_raw,'"),
     ("image_topics:=[/a/image raw]",
      "parameter 'image_topics' = ['/a/image raw']: '/a/image raw' is not a valid ROS topic name"),
-    ("device:=gpu", "parameter 'device' = 'gpu': must be auto, cpu, cuda or cuda:N"),
+    ("device:=gpu", "parameter 'device' = 'gpu': must be auto, cpu, cuda, cuda:N, xpu or xpu:N (xpu: an Intel GPU, "
+                      "openvino backend)"),
     ("model:=/nonexistent/road.safetensors", "model '/nonexistent/road.safetensors' is not a file"),  # exited 0
 ])
 def test_bad_arguments_get_the_nodes_own_error(colcon_ws: Workspace, tmp_path: Path, argument: str, message: str):

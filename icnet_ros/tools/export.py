@@ -126,7 +126,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
 
             out = export_openvino(model, args.output, size, batch=args.batch if args.static_batch else None,
                                   fp16=args.fp16, int8=args.int8, calib_dir=args.calib,
-                                  calib_count=args.calib_count, progress=True)
+                                  calib_count=args.calib_count, progress=True, command=command)
             print(f"{out} ({time.perf_counter() - t0:.0f} s)")
             return 0
         from ..export import export_onnx

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..evaluate import resolve_device
 from .config import ConfigError
 
 
@@ -32,12 +31,24 @@ class DistInfo:
         return self.rank == 0
 
 
+def _training_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` (CUDA must be available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name!r}: training runs on cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
 def setup_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU); pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     try:
-        device = resolve_device(device_name)
+        device = _training_device(device_name)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"train.device: {e}") from e
     if device.type == "cuda" and device.index is None:
