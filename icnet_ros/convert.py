@@ -298,10 +298,11 @@ def export_native_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, 
     aspect ratio), ``network_width`` (``"none"`` removes it) or ``license`` (``""`` removes it). ``average``: more
     native checkpoints whose weights are averaged with ``src``'s (:func:`average_into`). The metadata is
     ``src``'s; its provenance gains ``exported`` (source file name, SHA-256, the averaged files and what was
-    changed; an earlier export record moves under ``previous``). ``src`` may be ``dst``: it is read whole before
-    anything is written."""
+    changed; an earlier export record moves under ``previous``). A ``src`` stored in fp16 stays fp16. ``src`` may be
+    ``dst``: it is read whole before anything is written."""
     src = Path(src).expanduser()
     model = load_model(src)
+    fp16 = fp16 or stored_fp16(src)  # an fp16 file stays fp16 (re-recording the metadata doubled its size)
     meta = copy.deepcopy(model.meta)
     record: dict[str, Any] = {"from": src.name, "sha256": file_sha256(src), "fp16": fp16,
                               "auxiliary_heads": bool(include_aux and model.config.aux_heads)}
@@ -312,6 +313,16 @@ def export_native_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, 
     save_checkpoint(model, dst, meta, fp16=fp16, include_aux=include_aux)
     model.meta = meta
     return model
+
+
+def stored_fp16(path: str | os.PathLike) -> bool:
+    """Whether a native checkpoint stores its floating-point tensors in fp16 (an ``icnet-convert --fp16`` copy, like
+    the shipped default model); read from the file's tensor index, no tensor is loaded."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path).expanduser()), "pt") as f:
+        floats = {f.get_slice(k).get_dtype() for k in f.keys()} - {"I64", "I32", "I16", "I8", "U8", "BOOL"}
+    return floats == {"F16"}
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", choices=sorted(CLASS_SETS),
                    help="mmseg checkpoints: class set to record (default: the checkpoint's meta, else Cityscapes "
                         "for 19 classes)")
-    p.add_argument("--fp16", action="store_true", help="store weights in half precision (half the size)")
+    p.add_argument("--fp16", action="store_true", help="store weights in half precision (half the size); a native "
+                                                      "checkpoint stored in fp16 stays fp16 without it")
     p.add_argument("--no-aux", action="store_true", help="drop the training-only auxiliary heads")
     p.add_argument("--input-size", nargs="+", metavar="HxW | H W | native",
                    help="recommended inference size to record: H W, or 'native' for none (tools then run at each "
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     c = model.config
     print(f"{args.src} -> {args.dst}: ICNet {c.backbone} width {c.width:g}, {c.num_classes} classes "
           f"({model.meta['dataset']}), {count_parameters(model, include_aux=not args.no_aux) / 1e6:.1f}M parameters"
-          f"{', fp16' if args.fp16 else ''}"
+          f"{', fp16' if (model.meta.get('provenance') or {}).get('exported', {}).get('fp16', args.fp16) else ''}"
           + (f", the average of {len(args.average) + 1} checkpoints" if args.average else "")
           + (f", network width {model.meta['network_width']}" if "network_width" in model.meta else "")
           + (f"; license: {model.meta['license']}" if "license" in model.meta else ""))
