@@ -118,10 +118,28 @@ def _rcl_message(e: BaseException) -> str:
     return text.removeprefix("failed to initialize rcl: ")
 
 
+USAGE = """\
+usage: icnet_node [-h] [--ros-args [-r FROM:=TO] [-p NAME:=VALUE] [--params-file FILE] ...]
+       ros2 run icnet_ros icnet_node --ros-args ...   |   ros2 launch icnet_ros icnet.launch.py [NAME:=VALUE ...]
+
+ICNet semantic segmentation, a ROS 2 lifecycle node: subscribes to the image_topics (sensor_msgs/Image, or
+CompressedImage for a topic ending in /compressed) and publishes <camera>/semantic/{label,color,overlay,confidence,
+camera_info}, ~/classes and /diagnostics. ROS arguments: `ros2 run --help`, `--ros-args --help`.
+Its parameters (this is config/icnet.yaml, a params file with every default):
+
+"""
+
+
 def main(args: list[str] | None = None) -> int:
     """Run icnet_node until a signal, a lifecycle shutdown or a fatal device error; returns the exit status."""
     stop = StopRequest()
     argv = list(sys.argv if args is None else args)
+    own = argv[1:argv.index("--ros-args")] if "--ros-args" in argv else argv[1:]
+    if "-h" in own or "--help" in own:  # (rclpy ignores arguments outside --ros-args: this started the node)
+        from .node_params import render_params_file
+
+        print(USAGE + render_params_file(), end="")
+        return 0
     problem = check_ros_args(argv)
     if problem:
         return _error(problem)

@@ -66,6 +66,18 @@ def test_bad_arguments_give_one_line(args: list[str], message: str):
     assert TRACEBACK not in proc.stderr + proc.stdout
 
 
+@pytest.mark.parametrize("args", [["--help"], ["-h", "--ros-args", "-p", "device:=cpu"]])
+def test_help_prints_the_parameters_and_starts_nothing(args: list[str]):
+    """`icnet_node --help`: usage and every parameter with its default (the params file), exit 0. Before, rclpy
+    ignored the argument and the node started (model loaded, DDS joined) until it was killed."""
+    from icnet_ros.node_params import render_params_file
+    from icnet_ros.node_process import USAGE
+
+    proc = run_node(args, timeout=30)
+    assert proc.returncode == 0 and proc.stdout == USAGE + render_params_file() and not proc.stderr, proc.stderr
+    assert proc.stdout.startswith("usage: icnet_node [-h] [--ros-args")
+
+
 def test_params_file_checks(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("/**:\n  ros__parameters:\n    image_topics: [/a\n")
