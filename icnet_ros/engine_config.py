@@ -258,7 +258,8 @@ class SegmenterConfig:
     overlay_alpha: float = _opt(0.5, "Overlay = alpha * class color + (1 - alpha) * image.", "[0, 1]",
                                 _number(0.0, 1.0), live=True)
     confidence_threshold: float = _opt(
-        0.0, "Pixels whose max softmax probability is below this get label 255 (unknown); 0 = off.", "[0, 1]",
+        0.0, "Pixels whose max softmax probability is below this get the unknown label (the model's ignore index, 255 "
+        "unless its metadata says otherwise); 0 = off.", "[0, 1]",
         _threshold, live=True)
     optimize: bool = _opt(True, "torch backend: fold batch norms, factorize pyramid pooling, channels_last.",
                           "true | false", _bool)

@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="icnet-eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model file: native .safetensors, or an exported .onnx / OpenVINO .xml "
-                   "(icnet-export, also INT8); default: the package's default model")
+                   "(icnet-export, also INT8) / TensorRT .engine or .plan; default: the package's default model")
     p.add_argument("--data", required=True, help="dataset root: CamVid layout (DIR/SPLIT/images, DIR/SPLIT/labels), "
                    "Cityscapes (DIR/leftImg8bit, DIR/gtFine) or generic folders with a class file")
     p.add_argument("--split", default="val", help="split to evaluate (default: val); a+b concatenates")

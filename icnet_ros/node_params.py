@@ -126,8 +126,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "sensor_msgs/CompressedImage (jpeg or png). Outputs are published next to each input: "
               "/cam/image_raw -> /cam/semantic/{label,color,overlay,confidence,camera_info}.",
               "at least one valid topic name; each camera once, in a namespace of its own", _check_topics),
-    ParamSpec("model", "", "Model file: a native .safetensors checkpoint, or an exported .onnx / OpenVINO .xml "
-              "(icnet-export); empty = the package's default model.", "an existing icnet_ros model file or empty",
+    ParamSpec("model", "", "Model file: a native .safetensors checkpoint, or an exported .onnx, OpenVINO .xml or "
+              "TensorRT .engine / .plan (icnet-export); empty = the package's default model.",
+              "an existing icnet_ros model file or empty",
               read_only=False, hot_swap=True),
     ParamSpec("outputs", list(OUTPUT_KINDS),
               "Outputs to advertise per camera. Each is computed only while someone subscribes to it.",
@@ -135,8 +136,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("output_namespace", "semantic", "Namespace of the outputs next to each input topic.",
               "relative name", _check_name),
     ParamSpec("publish_camera_info", True,
-              "Republish the camera's camera_info at the label's resolution as <ns>/semantic/camera_info "
-              "(only for cameras that publish <ns>/camera_info)."),
+              "Republish the camera's camera_info at the label's resolution as <ns>/<output_namespace>/"
+              "camera_info (only for cameras that publish <ns>/camera_info)."),
     ParamSpec("max_age", 0.5, "Drop frames older than this many seconds when they reach the network (0 = "
               "never): measured from when the node received them, or from their header stamp (see max_age_from).",
               "[0, 3600] s", _range(0.0, 3600.0), read_only=False),

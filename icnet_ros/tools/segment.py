@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="icnet-segment", description="Segment images, image folders and videos with an ICNet checkpoint.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders of images, video files")
-    p.add_argument("--model", "-m", default=None, help="model file: native .safetensors, exported .onnx or OpenVINO "
-                   ".xml (default: the package model)")
+    p.add_argument("--model", "-m", default=None, help="model file: native .safetensors, exported .onnx, OpenVINO "
+                   ".xml or TensorRT .engine / .plan (default: the package model)")
     p.add_argument("--output", "-o", required=True, help="output folder (created)")
     p.add_argument("--batch", type=int, default=0, help="frames per forward pass (default: 4 on CUDA, 1 on CPU)")
     p.add_argument("--recursive", action="store_true", help="walk sub-folders of folder inputs")
