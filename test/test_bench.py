@@ -39,6 +39,11 @@ def test_time_interleaved_round_robin():
     assert order[:2] == ["a", "b"]  # warm-up
     assert order[2:] == ["a", "b", "b", "a", "a", "b"]  # the first function rotates every round
     assert res["a"].n == res["b"].n == 3
+    # max_seconds is each function's budget: the rounds stop once the slow one has spent it (before: the budget
+    # times the number of functions, here 5 x 0.3 s, all of it the slow function's)
+    fns = {"slow": lambda: time.sleep(0.05), **{f"fast{i}": (lambda: None) for i in range(4)}}
+    res = time_interleaved(fns, lambda: None, iters=100, warmup=0, max_seconds=0.3)
+    assert 3 <= res["slow"].n <= 8 and len({t.n for t in res.values()}) == 1, {k: t.n for k, t in res.items()}
 
 
 @pytest.fixture(scope="module")
@@ -138,31 +143,80 @@ def test_cli_errors(tmp_path, capsys):
     assert err.startswith("icnet-bench: error: checkpoint not found") and err.count("\n") == 1
     assert main(["--size", "32x32"]) == 2  # one line, exit 2
     assert "must each be >= 64" in capsys.readouterr().err
+    # refused before anything is timed (before: a traceback after the first configuration, a silent skip with exit
+    # 0, an out-of-memory error, or a reference at fp16 on the CPU that made the ratio ~6x too flattering)
+    (tmp_path / "empty").mkdir()
+    for args, message in ((["--reference", "mmseg", "--reference-precision", "fp16"],
+                           "--reference-precision fp16 is not supported on the CPU"),
+                          (["--backend", "openvino-int8", "--calib", str(tmp_path / "none")],
+                           "calibration folder not found"),
+                          (["--backend", "openvino-int8", "--calib", str(tmp_path / "empty")], "no images"),
+                          (["--backend", "openvino-int8", "--calib", str(tmp_path), "--calib-count", "0"],
+                           "--calib-count must be >= 1"),
+                          (["--stages", "--detail", "icnet_r18@64x96oops"], "--detail 'icnet_r18@64x96oops'"),
+                          (["--stages", "--detail", "icnet_r18:abc"], "width 'abc' is not a number"),
+                          (["--size", "30000x30000"], "--size 30000x30000: more than 16777216 pixels"),
+                          (["--batch", "65"], "--batch 65: at most 64")):
+        t0 = time.perf_counter()
+        assert main([*TINY, *args]) == 2, args
+        captured = capsys.readouterr()
+        assert captured.err.startswith("icnet-bench: error:") and message in captured.err, captured.err
+        assert captured.err.count("\n") == 1 and captured.out == "" and time.perf_counter() - t0 < 5
 
 
 def test_detail_selects_configurations_for_stages(tmp_path, capsys):
     js = tmp_path / "d.json"
     assert main(["--arch", "icnet_r18", "--width", "0.25", "--num-classes", "11", "--size", "64x64", "64x96",
                  "--device", "cpu", "--iters", "1", "--warmup", "0", "--stages", "--detail", "icnet_r18:0.25@64x96",
-                 "--json", str(js), "--quiet"]) == 0
+                 "icnet_r50@64x96", "--json", str(js), "--quiet"]) == 0
     staged = {tuple(r["size"]): r["stages"] is not None for r in json.loads(js.read_text())["results"]}
     assert staged == {(64, 64): False, (64, 96): True}
+    # a selector that matches nothing is said (before: silently no stages)
+    assert capsys.readouterr().err == "icnet-bench: warning: --detail icnet_r50@64x96 matched no configuration\n"
 
 
-def test_backends_side_by_side(tmp_path):
-    """--backend: the same weights exported and timed with torch in one round-robin loop (real ONNX Runtime and
-    OpenVINO), reported per backend in the JSON and the markdown table."""
-    out, md = tmp_path / "b.json", tmp_path / "b.md"
-    rc = main(["--arch", "icnet_r18", "--width", "0.25", "--num-classes", "11", "--size", "96x128",
-                     "--device", "cpu", "--iters", "2", "--warmup", "0", "--backend", "onnxruntime", "openvino",
-                     "--json", str(out), "--markdown", str(md), "--quiet"])
+def test_backends_side_by_side(tmp_path, monkeypatch, capsys):
+    """--backend: the same weights exported and timed with torch in one round-robin loop (real ONNX Runtime,
+    OpenVINO and OpenVINO INT8), reported per backend (device, precision, threads) in the JSON and the markdown
+    table, with the runtimes' versions. With the JSON on stdout, stdout is only JSON (before: NNCF's INFO lines
+    and progress bars came first). The exports are at the torch rows' batch (before: batch 1, which a TensorRT
+    profile then capped) and their temporary folders are removed (before: every export was left in /tmp)."""
+    import tempfile
+
+    import cv2
+
+    import icnet_ros.export as export_module
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(calib / f"{i}.png"), np.random.default_rng(i).integers(0, 256, (96, 128, 3), np.uint8))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    batches = []
+    real_export = export_module.export_onnx
+
+    def export_onnx(*a, **kw):
+        batches.append(kw.get("batch"))
+        return real_export(*a, **kw)
+    monkeypatch.setattr(export_module, "export_onnx", export_onnx)
+    md = tmp_path / "b.md"
+    rc = main(["--arch", "icnet_r18", "--width", "0.25", "--num-classes", "11", "--size", "96x128", "--batch", "2",
+               "--device", "cpu", "--iters", "2", "--warmup", "0", "--backend", "onnxruntime", "openvino",
+               "openvino-int8", "--calib", str(calib), "--calib-count", "3", "--json", "-", "--markdown", str(md)])
     assert rc == 0
-    (r,) = json.loads(out.read_text())["results"]
-    assert set(r["backends"]) == {"torch", "onnxruntime", "openvino"}
+    doc = json.loads(capsys.readouterr().out)  # the whole of stdout parses
+    (r,) = doc["results"]
+    assert set(r["backends"]) == {"torch", "onnxruntime", "openvino", "openvino-int8"}
     assert r["backends"]["onnxruntime"]["provider"] == "CPUExecutionProvider"
-    for b in r["backends"].values():
+    for name, b in r["backends"].items():
         assert b["model_timing"]["n"] == 2 and b["pipeline_timing"]["median_ms"] > 0 and b["pipeline_speedup"] > 0
-    assert "(onnxruntime)" in md.read_text() and "(openvino)" in md.read_text()
+        assert b["device"] == "cpu" and b["precision"] == ("int8" if name == "openvino-int8" else "fp32")
+        assert b["threads"] == torch.get_num_threads()
+    assert {"onnxruntime", "openvino", "nncf"} <= set(doc["environment"])
+    text = md.read_text()
+    assert "| icnet_r18 w0.25 (openvino-int8) | 96x128 | 2 | cpu | int8 |" in text and "(onnxruntime)" in text
+    assert batches == [2] and list((tmp_path / "tmp").iterdir()) == []
     assert main(["--arch", "icnet_r18", "--size", "96x128", "--device", "cpu", "--backend", "openvino-int8",
                        "--quiet"]) == 2  # no --calib: one line, exit 2
 

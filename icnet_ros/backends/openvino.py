@@ -102,7 +102,7 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     if int8 and calib_dir is None:
         raise ValueError("int8 export needs calibration images: pass calib_dir (an image folder or a dataset split "
                          "folder with images/)")
-    calib_images = _calibration_images(calib_dir, calib_count) if int8 else []
+    calib_images = calibration_images(calib_dir, calib_count) if int8 else []
     out = Path(output).expanduser()
     if out.suffix != ".xml":
         out = out.with_name(out.name + ".xml")
@@ -158,7 +158,7 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
 
 # ------------------------------------------------------------------------------------------------------ INT8
 
-def _calibration_images(calib_dir: str | os.PathLike | None, count: int) -> list[Path]:
+def calibration_images(calib_dir: str | os.PathLike | None, count: int) -> list[Path]:
     """``count`` images spread evenly over the sorted image files of ``calib_dir`` (or ``calib_dir/images``)."""
     from ..data.datasets import IMAGE_EXTENSIONS
 

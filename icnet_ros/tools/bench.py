@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.metadata
 import itertools
 import json
 import math
@@ -51,7 +52,7 @@ from torch import Tensor, nn
 from .. import engine_config
 from ..engine_config import OPTIONS, PRECISIONS
 from ..profiling import PREFIX, STAGES, ranges
-from ..sizes import MIN_INPUT_SIZE, parse_hw, parse_sizes
+from ..sizes import MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, MIN_INPUT_SIZE, parse_hw, parse_sizes
 
 SWEEP_ARCHS = ("icnet_r18", "icnet_r50")
 SWEEP_WIDTHS = (1.0, 0.5)
@@ -119,14 +120,14 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], sync: Callable[[], None]
                      batch: int = 1) -> dict[str, Timing]:
     """Time several functions round-robin (the start rotates every round), so that all of them see the same
     machine load: ratios stay meaningful on a shared or throttling machine. Same stopping rule as
-    :func:`time_fn`, with ``max_seconds`` per function."""
+    :func:`time_fn`: the rounds stop once one function has taken ``max_seconds`` in all (after ``min_iters``)."""
     names = list(fns)
     for name in names:
         for _ in range(warmup):
             fns[name]()
     sync()
     samples: dict[str, list[float]] = {n: [] for n in names}
-    spent = 0.0
+    spent = dict.fromkeys(names, 0.0)
     for r in range(max(1, iters)):
         for k in range(len(names)):
             name = names[(r + k) % len(names)]
@@ -136,8 +137,9 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], sync: Callable[[], None]
             sync()
             dt = time.perf_counter() - t0
             samples[name].append(dt)
-            spent += dt
-        if spent > max_seconds * len(names) and r + 1 >= min(min_iters, iters):
+            spent[name] += dt
+        # one function past its budget ends the round robin for all (every function keeps the same samples)
+        if max(spent.values()) > max_seconds and r + 1 >= min(min_iters, iters):
             break
     return {n: Timing.from_samples(v, batch) for n, v in samples.items()}
 
@@ -386,6 +388,9 @@ def environment(device: torch.device) -> dict[str, Any]:
            "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": str(device)}
     with contextlib.suppress(OSError, AttributeError):
         env["loadavg_1m"] = round(os.getloadavg()[0], 2)  # > cpu_count: other processes competed for the CPU
+    for dist in ("onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "tensorrt", "mmsegmentation", "mmcv-lite"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # the runtimes that may have been timed
+            env[dist] = importlib.metadata.version(dist)
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -421,8 +426,9 @@ BENCH_BACKENDS = ("torch", "onnxruntime", "openvino", "openvino-int8", "tensorrt
 
 
 def _exported_segmenter(name: str, model: nn.Module, net_size: tuple[int, int], cfg: BenchConfig,
-                        args: argparse.Namespace, want: frozenset[str]) -> Any:
-    """The same weights exported for backend ``name`` at the network size, behind a Segmenter."""
+                        args: argparse.Namespace, want: frozenset[str], workdir: Path) -> Any:
+    """The same weights exported for backend ``name`` at the network size (into a folder under ``workdir``),
+    behind a Segmenter."""
     import tempfile
 
     from icnet_ros.backends.base import BACKENDS, require
@@ -431,21 +437,22 @@ def _exported_segmenter(name: str, model: nn.Module, net_size: tuple[int, int], 
     runtime = "openvino" if name.startswith("openvino") else name
     if runtime in BACKENDS and BACKENDS[runtime][1]:  # a missing runtime is skipped before minutes of export
         require(runtime, runtime, BACKENDS[runtime][1])
-    folder = Path(tempfile.mkdtemp(prefix="icnet_bench_"))
+    if name not in BENCH_BACKENDS or name == "torch":
+        raise ValueError(f"unknown --backend {name!r}; choose from {', '.join(BENCH_BACKENDS)}")
     fp16 = cfg.precision == "fp16"
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}_", dir=workdir))
     if name in ("onnxruntime", "tensorrt"):
         from icnet_ros.export import export_onnx
 
-        path = export_onnx(model, folder / "model.onnx", size=net_size, fp16=fp16)
-    elif name in ("openvino", "openvino-int8"):
+        # the batch the torch rows run at (a TensorRT profile, a fixed batch, covers 1..batch)
+        path = export_onnx(model, folder / "model.onnx", size=net_size, batch=cfg.batch, fp16=fp16)
+    else:
         from icnet_ros.backends.openvino import export_openvino
 
         int8 = name == "openvino-int8"
         path = export_openvino(model, folder / "model.xml", size=net_size, fp16=fp16, int8=int8,
                                calib_dir=args.calib if int8 else None, calib_count=args.calib_count,
                                progress=not args.quiet)
-    else:
-        raise ValueError(f"unknown --backend {name!r}; choose from {', '.join(BENCH_BACKENDS)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return Segmenter(str(path), backend="openvino" if name.startswith("openvino") else name,
@@ -454,6 +461,17 @@ def _exported_segmenter(name: str, model: nn.Module, net_size: tuple[int, int], 
 
 
 def bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], None]) -> BenchResult:
+    """Time one configuration; the exported backends' Segmenters are closed and their temporary files removed
+    when it ends (also on an error)."""
+    import tempfile
+
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="icnet_bench_")))
+        return _bench_one(cfg, args, log, stack, workdir)
+
+
+def _bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], None], stack: contextlib.ExitStack,
+               workdir: Path) -> BenchResult:
     from icnet_ros.engine import Segmenter
 
     want = frozenset(args.outputs) | {"label"}
@@ -491,7 +509,8 @@ def bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], N
         if b == "torch":
             continue
         try:
-            exported[b] = _exported_segmenter(b, model, net_size, cfg, args, want)
+            exported[b] = _exported_segmenter(b, model, net_size, cfg, args, want, workdir)
+            stack.callback(exported[b].close)  # before the folder goes (callbacks run last in, first out)
         except (MissingRuntimeError, ValueError) as e:  # e.g. no CUDA build of the runtime: the others still run
             res.notes.append(f"{b} skipped: {e}")
             log(f"  {b:<9} skipped: {e}")
@@ -533,14 +552,18 @@ def bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], N
     elif args.reference:
         log(f"  mmseg     {res.reference_note}")
     if exported:
-        res.backends = {"torch": {"provider": seg.backend.provider, "model_timing": res.model_timing,
+        res.backends = {"torch": {"provider": seg.backend.provider, "device": str(seg.device),
+                                  "precision": seg.precision, "threads": torch.get_num_threads(),
+                                  "model_timing": res.model_timing,
                                   "pipeline_timing": res.pipeline_timing, "pipeline_speedup": 1.0,
                                   "reference_ratio": res.reference_ratio}}
         for name, other in exported.items():
             tm, tp = timings[f"{name} model"], timings[f"{name} pipeline"]
             speedup = timings["pipeline"].median_ms / tp.median_ms
             ratio = timings["mmseg"].median_ms / tp.median_ms if "mmseg" in timings else None
-            res.backends[name] = {"provider": other.backend.provider, "model_timing": asdict(tm),
+            res.backends[name] = {"provider": other.backend.provider, "device": str(other.device),
+                                  "precision": getattr(other.backend, "precision", other.precision),
+                                  "threads": getattr(other.backend, "threads", None), "model_timing": asdict(tm),
                                   "pipeline_timing": asdict(tp), "pipeline_speedup": speedup,
                                   "reference_ratio": ratio}
             log(f"  {name:<9} model {tm}")
@@ -582,21 +605,22 @@ def markdown_table(results: list[BenchResult]) -> str:
             if name == "torch":
                 continue
             ratio_b = f"{b['reference_ratio']:.2f}x" if b.get("reference_ratio") else "-"
-            rows.append(f"| {r.model} ({name}) | {_size_text(r)} | {r.batch} | {r.device} | "
-                        f"{'int8' if name.endswith('int8') else r.precision} | {b['model_timing']['median_ms']:.1f} | "
+            rows.append(f"| {r.model} ({name}) | {_size_text(r)} | {r.batch} | {b.get('device', r.device)} | "
+                        f"{b.get('precision', r.precision)} | {b['model_timing']['median_ms']:.1f} | "
                         f"{b['pipeline_timing']['median_ms']:.1f} | {b['pipeline_timing']['fps']:.2f} | {ref} | "
                         f"{ratio_b} |")
     out = [head + "\n" + "\n".join(rows)]
     for r in results:
         if r.stages:
             total = sum(s["median_ms"] for s in r.stages.values())
-            out.append(f"\nStages, {r.model} {r.size[0]}x{r.size[1]} {r.device} {r.precision}:\n\n"
+            out.append(f"\nStages, {r.model} {r.size[0]}x{r.size[1]} x{r.batch} {r.device} {r.precision}:\n\n"
                        "| stage | median ms | share |\n|---|---:|---:|\n" + "\n".join(
                            f"| {k} | {v['median_ms']:.2f} | {100 * v['median_ms'] / total:.1f}% |"
                            for k, v in r.stages.items()))
         if r.ablation:
             base = r.ablation[0]["timing"]["median_ms"]
-            out.append(f"\nOptimizations (network alone), {r.model} {r.size[0]}x{r.size[1]} {r.device}:\n\n"
+            out.append(f"\nOptimizations (network alone), {r.model} {r.size[0]}x{r.size[1]} x{r.batch} {r.device}:"
+                       "\n\n"
                        "| step | median ms | speed-up | rel. logit diff | argmax agreement |\n"
                        "|---|---:|---:|---:|---:|\n"
                        + "\n".join(f"| {a['step']} | {a['timing']['median_ms']:.1f} | "
@@ -675,9 +699,43 @@ def configs(args: argparse.Namespace) -> Iterator[BenchConfig]:
         yield BenchConfig(spec, size, batch, prec)
 
 
+def _check_detail(selectors: list[str] | None) -> None:
+    """--detail selectors ``NAME[:WIDTH][@HxW]``, checked before anything is timed."""
+    for sel in selectors or ():
+        name, _, size = sel.partition("@")
+        arch, _, width = name.partition(":")
+        if not arch:
+            raise ValueError(f"--detail {sel!r}: expected NAME[:WIDTH][@HxW], e.g. icnet_r50:1.0@512x1024")
+        if width:
+            try:
+                float(width)
+            except ValueError:
+                raise ValueError(f"--detail {sel!r}: width {width!r} is not a number") from None
+        if size:
+            try:
+                parse_size(size)
+            except ValueError as e:
+                raise ValueError(f"--detail {sel!r}: {e}") from None
+
+
+def _stream_handlers_to(old: Any, new: Any) -> None:
+    """Point every logging handler that writes to ``old`` (e.g. NNCF's, bound to stdout when it was imported) at
+    ``new``."""
+    import logging
+
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and h.stream is old:
+                h.setStream(new)
+
+
 def main(argv: list[str] | None = None) -> int:
     from icnet_ros.backends.base import MissingRuntimeError
     from icnet_ros.checkpoint import CheckpointError
+    from icnet_ros.engine import resolve_device
+    from icnet_ros.export import MAX_EXPORT_BATCH
 
     args = build_parser().parse_args(argv)
     _ABLATED.clear()
@@ -685,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # results on stdout ('-'): the log lines go to stderr, so that stdout is only the JSON / Markdown
     to_stdout = "-" in (args.json, args.markdown)
+    real_stdout = sys.stdout
     log_file = sys.stderr if to_stdout else sys.stdout
     try:
         if args.threads is not None and args.threads < 0:
@@ -703,18 +762,49 @@ def main(argv: list[str] | None = None) -> int:
             bad = [a for a in args.arch if a not in MODEL_CONFIGS]
             if bad:
                 raise ValueError(f"unknown --arch {bad}; known: {sorted(MODEL_CONFIGS)}")
-        if "openvino-int8" in (args.backend or []) and not args.calib:
-            raise ValueError("--backend openvino-int8 needs --calib DIR (calibration images, e.g. a training split)")
+        if "openvino-int8" in (args.backend or []):
+            if not args.calib:
+                raise ValueError("--backend openvino-int8 needs --calib DIR (calibration images, e.g. a training "
+                                 "split)")
+            if args.calib_count < 1:
+                raise ValueError(f"--calib-count must be >= 1, got {args.calib_count}")
+            from icnet_ros.backends.openvino import calibration_images
+
+            calibration_images(args.calib, args.calib_count)  # the folder, its images, the count: now, not later
         if any(b < 1 for b in args.batch) or args.iters < 1 or args.warmup < 0:
             raise ValueError("--batch and --iters must be >= 1, --warmup >= 0")
+        if max(args.batch) > MAX_EXPORT_BATCH:
+            raise ValueError(f"--batch {max(args.batch)}: at most {MAX_EXPORT_BATCH} (the largest batch the node "
+                             "forms and an export takes)")
+        for h, w in args.size or ():
+            if h * w > MAX_UPSCALED_PIXELS:  # a frame this large only ends in an out-of-memory error
+                raise ValueError(f"--size {h}x{w}: more than {MAX_UPSCALED_TEXT}")
+        _check_detail(args.detail)
+        if args.reference and args.reference_precision == "fp16":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                on_cpu = resolve_device(args.device).type == "cpu"
+            if on_cpu:  # as for --precision fp16: slow or missing kernels; the ratio would flatter us ~6x
+                raise ValueError("--reference-precision fp16 is not supported on the CPU (slow or missing kernels: "
+                                 "the ratio would be meaningless); use fp32, bf16 or same")
         log = (lambda s: None) if args.quiet else (lambda s: print(s, file=log_file, flush=True))
         load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
         results = []
         device = None
-        for cfg in configs(args):
-            r = bench_one(cfg, args, log)
-            device = torch.device(r.device)
-            results.append(r)
+        # with results on stdout, anything a library prints there (NNCF's progress bars and INFO lines) goes to
+        # stderr: stdout is only the JSON / Markdown
+        with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
+            if to_stdout:
+                _stream_handlers_to(real_stdout, sys.stderr)
+            done = []
+            for cfg in configs(args):
+                r = bench_one(cfg, args, log)
+                device = torch.device(r.device)
+                results.append(r)
+                done.append(cfg)
+        for sel in args.detail or ():
+            if not any(wants_detail(cfg, [sel]) for cfg in done):
+                print(f"icnet-bench: warning: --detail {sel} matched no configuration", file=sys.stderr)
     except (CheckpointError, ValueError, OSError, MissingRuntimeError) as e:
         print(f"icnet-bench: error: {e}", file=sys.stderr)
         return 2
@@ -726,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = json.dumps({"environment": env, "results": [asdict(r) for r in results]}, indent=2)
         if args.json == "-":
-            print(doc)
+            print(doc, file=real_stdout)
         else:
             Path(args.json).write_text(doc + "\n")
     if args.markdown:
@@ -734,12 +824,12 @@ def main(argv: list[str] | None = None) -> int:
         md = (f"Environment: {env['cpu']} ({env['cpu_threads']} torch threads, {env['cpu_count']} CPUs{load})"
               + (f", {env['gpu']}" if "gpu" in env else "") + f", torch {env['torch']}\n\n" + markdown_table(results))
         if args.markdown == "-":
-            print(md)
+            print(md, file=real_stdout)
         else:
             Path(args.markdown).write_text(md)
     if not args.quiet and len(results) > 1:
         print(f"\n{len(results)} configurations; median pipeline fps: "
-              + ", ".join(f"{r.model} {r.size[0]}x{r.size[1]} {r.precision}: {r.pipeline_timing['fps']:.2f}"
+              + ", ".join(f"{r.model} {r.size[0]}x{r.size[1]} x{r.batch} {r.precision}: {r.pipeline_timing['fps']:.2f}"
                           for r in results), file=log_file)
     return 0
 
