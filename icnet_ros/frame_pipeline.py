@@ -27,7 +27,8 @@ unprocessed one: the newest-frame policy), ``no_subscribers``, ``too_old`` (``ma
 (``encoding``, ``size`` (also: above ``max_pixels``), ``step``, ``truncated``, ``decode``;
 :class:`~icnet_ros.ros_image.ImageFormatError`), ``rejected`` (the Segmenter refused the frame, e.g. below the
 network minimum), ``inference_error`` (the forward pass failed for this frame alone), ``out_of_memory`` (it failed
-for lack of device memory even alone), ``device_error`` (the device became unusable) and ``publish_error``.
+for lack of device memory even alone), ``device_error`` (the device became unusable), ``publish_error`` and
+``internal_error`` (the adapter's ``wanted`` failed for that camera).
 
 Fairness: batches are taken round robin; a frame costing more than :data:`BIG_FRAME` times the smallest pending
 frame (in pixels: network input or output size, from the declared size or the compressed header) waits for its
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -195,6 +197,7 @@ class _Item:
     received_mono: float  # time.monotonic() at submit
     received_ns: int  # the node's clock at submit
     cost: int = 1  # pixels to segment, from the declared size or the compressed header (1: refused when decoded)
+    credit: int = 0  # the camera's deficit-round-robin credit when this frame was taken (kept if it is too old)
     wanted: set[str] | frozenset[str] = frozenset()
     frame: np.ndarray | None = None
     order: str = "RGB"
@@ -362,7 +365,9 @@ class FramePipeline:
                 cams[c.key] = snap
             for c in self._cameras:
                 cams[c.key]["problem"] = c.problem
-            return {"batches": self.batches, "frames_processed": self.frames_batched,
+            # frames_processed: published, the sum of the cameras' (a frame segmented but not published is a drop);
+            # mean_batch_size: frames segmented per batch
+            return {"batches": self.batches, "frames_processed": sum(c.stats.processed for c in self._cameras),
                     "mean_batch_size": self.frames_batched / self.batches if self.batches else 0.0,
                     "max_batch_size": self.max_batch_seen, "batch_limit": self.batch_limit,
                     "faults": dict(self.faults), "fatal_error": self.fatal_error, "cameras": cams}
@@ -406,8 +411,9 @@ class FramePipeline:
     def step(self, timeout: float = 0.0) -> int:
         """Take one batch (waiting up to ``timeout`` s for a first frame) and serve it; returns the frames taken.
         The worker thread calls this in a loop; tests may call it directly (without :meth:`start`)."""
+        watched = self._watched()  # outside the lock: the adapter's callback
         with self._lock:
-            batch, seg = self._take_batch(timeout), self._segmenter
+            batch, seg = self._take_batch(timeout, watched), self._segmenter
             if not batch:
                 return 0
             self._in_use = seg
@@ -432,8 +438,22 @@ class FramePipeline:
                     self.log.error(f"closing the replaced model failed: {type(e).__name__}: {e}")
         return len(batch)
 
-    def _take_batch(self, timeout: float) -> list[_Item]:
-        """Under the lock: wait for frames; return the newest frame of up to ``max_batch`` cameras (round robin)."""
+    def _watched(self) -> dict[str, bool]:
+        """Which cameras someone subscribes to now (a hint for taking batches: the frames are checked again when
+        served); a camera whose ``wanted`` fails counts as watched (its frame is then dropped, counted, alone)."""
+        watched = {}
+        for cam in self._cameras:
+            try:
+                watched[cam.key] = bool(self._wanted(cam.key))
+            except Exception:  # noqa: BLE001 - reported when that camera's frame is served
+                watched[cam.key] = True
+        return watched
+
+    def _take_batch(self, timeout: float, watched: dict[str, bool] | None = None) -> list[_Item]:
+        """Under the lock: wait for frames; return the newest frame of up to ``max_batch`` watched cameras (round
+        robin, starting after the camera served last), plus the pending frames of unwatched cameras (``watched``:
+        no subscriber; they take no place in the batch and are dropped as ``no_subscribers`` when served)."""
+        watched = watched or {}
         deadline = time.monotonic() + timeout
         while not self._stop.is_set() and not any(c.pending is not None for c in self._cameras):
             left = deadline - time.monotonic()
@@ -448,35 +468,58 @@ class FramePipeline:
         if opts.batch_timeout > 0 and n > 1 and limit > 1:
             batch_deadline = time.monotonic() + opts.batch_timeout
             now = time.monotonic()
-            expected = sum(c.pending is not None or self._due(c, now, batch_deadline) for c in self._cameras)
+            cams = [c for c in self._cameras if watched.get(c.key, True)]  # no frame of an unwatched one is served
+            expected = sum(c.pending is not None or self._due(c, now, batch_deadline) for c in cams)
             while not self._stop.is_set():
-                ready = sum(c.pending is not None for c in self._cameras)
+                ready = sum(c.pending is not None for c in cams)
                 left = batch_deadline - time.monotonic()
                 if ready >= min(expected, limit) or left <= 0:
                     break
                 self._lock.wait(left)
+            if self._stop.is_set():  # stopped while waiting: the frames wait for the next start()
+                return []
         # deficit round robin on pixels for frames far larger than the smallest pending one (> BIG_FRAME x): such a
         # frame's camera earns the smallest frame's pixels per batch and is served once it has earned its frame's,
         # so it cannot hold the worker batch after batch while the other cameras wait. Frames of similar cost (and
         # frames that will be refused before the network, cost 0) are taken at once, as plain round robin.
-        costs = [c.pending.cost for c in self._cameras if c.pending is not None and c.pending.cost > 0]
+        costs = [c.pending.cost for c in self._cameras
+                 if c.pending is not None and c.pending.cost > 0 and watched.get(c.key, True)]
         quantum = min(costs, default=0)
+        hold_until = opts.max_age / 2 if opts.max_age > 0 and opts.max_age_from == "receipt" else math.inf
+        now = time.monotonic()
         batch = []
+        taken, last = 0, None
         for i in range(n):
-            cam = self._cameras[(self._rr + i) % n]
+            k = (self._rr + i) % n
+            cam = self._cameras[k]
             item = cam.pending
             if item is None:
-                cam.credit = 0
+                cam.credit = min(cam.credit, 0)  # an idle camera keeps no credit (but keeps a debt)
                 continue
+            if not watched.get(cam.key, True):  # dropped when served: takes no place in the batch
+                cam.credit = min(cam.credit, 0)
+                batch.append(item)
+                cam.pending = None
+                continue
+            early = False
             if item.cost > BIG_FRAME * quantum:
                 cam.credit += quantum
                 if cam.credit < item.cost:
-                    continue
-            if len(batch) < limit:
-                cam.credit = 0
+                    # held until its camera has earned it, but not past half of max_age (from receipt): held longer
+                    # it would be too old when taken, and the camera, never earning enough within max_age, would
+                    # never be served; taken early, it runs into debt that its later frames pay back
+                    early = cam.credit >= 0 and now - item.received_mono >= hold_until
+                    if not early:
+                        continue
+            if taken < limit:
+                item.credit = cam.credit
+                cam.credit = cam.credit - item.cost if early else 0
                 batch.append(item)
                 cam.pending = None
-        self._rr = (self._rr + 1) % n
+                taken, last = taken + 1, k
+        # the next batch starts after the last camera served (one step on when none was): a camera without a frame
+        # waiting does not hand its turn to the next one, which would then be served twice as often
+        self._rr = (last + 1) % n if last is not None else (self._rr + 1) % n
         if batch:
             self._lock.notify_all()  # wait_taken()
         return batch
@@ -538,15 +581,21 @@ class FramePipeline:
         opts = self.options
         items = []
         for it in batch:
-            it.wanted = self._wanted(it.cam.key)
+            try:
+                it.wanted = self._wanted(it.cam.key)
+                stamp = _stamp_ns(it.msg.header) if it.wanted else 0
+            except Exception as e:  # noqa: BLE001 - the adapter's fault for this camera: this frame's, not the batch's
+                self._drop(it.cam, "internal_error", f"{type(e).__name__}: {e}", level="error")
+                continue
             if not it.wanted:
                 self._drop(it.cam, "no_subscribers")
                 continue
-            stamp = _stamp_ns(it.msg.header)
             if stamp > 0:
                 self._check_clock(it, stamp)
             why = self._too_old(it, stamp)
             if why is not None:
+                with self._lock:  # a big frame's earned turn is not lost with it: its camera's next frame has it
+                    it.cam.credit = max(it.cam.credit, it.credit)
                 self._drop(it.cam, "too_old", why)
                 continue
             try:
@@ -579,9 +628,9 @@ class FramePipeline:
             try:
                 kinds = list(self._publish(it.cam.key, it.msg, it.order, res, it.wanted))
             except Exception as e:  # noqa: BLE001 - one frame's publishing failure is that frame's
-                if self._stop.is_set():
-                    return
-                self._drop(it.cam, "publish_error", f"{type(e).__name__}: {e}", level="error")
+                # counted also while stopping (the adapter destroys its publishers then), but not logged
+                self._drop(it.cam, "publish_error", None if self._stop.is_set() else f"{type(e).__name__}: {e}",
+                           level="error")
                 continue
             stamp = _stamp_ns(it.msg.header)
             done_ns, done_mono = self._clock_ns(), time.monotonic()

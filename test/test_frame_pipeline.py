@@ -587,3 +587,156 @@ def test_a_camera_with_much_larger_frames_cannot_starve_the_others(segmenter: Se
 ])
 def test_device_failure_classification(error: BaseException, kind: str | None):
     assert device_failure(error) == kind
+
+
+# ------------------------------------------------------------------------- scheduling (review of 2026-12-07)
+class Counting(Gated):
+    """The real Segmenter; records each call's batch size; ``hook(frames)`` runs first (a clock, a gate)."""
+
+    def __init__(self, segmenter: Segmenter, hook: Callable[[list], None] | None = None) -> None:
+        super().__init__(segmenter, threading.Event())
+        self.calls: list[int] = []
+        self.hook = hook
+
+    def segment(self, frames: Any, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(len(frames))
+        if self.hook is not None:
+            self.hook(frames)
+        return self._segmenter.segment(frames, *args, **kwargs)
+
+
+def pipe_of(seg: Any, keys: list[str], wanted: Callable[[str], set] | None = None,
+            publish: Callable[..., list] | None = None, **options: Any) -> tuple[FramePipeline, list[str], Log]:
+    published: list[str] = []
+
+    def default_publish(key: str, msg: Any, order: str, res: Any, want: set[str]) -> list[str]:
+        published.append(key)
+        return ["label"]
+    log = Log()
+    pipe = FramePipeline(seg, [(k, False) for k in keys], wanted=wanted or (lambda key: {"label"}),
+                         publish=publish or default_publish, clock_ns=lambda: 10**12,
+                         options=PipelineOptions(**options), logger=log)
+    return pipe, published, log
+
+
+def accounted(pipe: FramePipeline) -> dict[str, int]:
+    """received - processed - dropped per camera: every frame must end as one of the two."""
+    return {k: c["received"] - c["processed"] - sum(c["dropped"].values())
+            for k, c in pipe.snapshot()["cameras"].items()}
+
+
+def test_round_robin_starts_after_the_camera_served_last(segmenter: Segmenter):
+    """A silent camera does not hand its turn to the next one (before: with /c silent, /a got 200 frames to
+    /b's 100; with 4 cameras, max_batch 2 and /d silent, 225/225/150)."""
+    pipe, published, _ = pipe_of(segmenter, ["/a", "/b", "/c"], max_batch=1, max_age=0)
+    for i in range(60):
+        pipe.submit("/a", image(i))
+        pipe.submit("/b", image(i))
+        pipe.step()
+    assert Counter(published) == {"/a": 30, "/b": 30}
+    pipe, published, _ = pipe_of(segmenter, ["/a", "/b", "/c", "/d"], max_batch=2, max_age=0)
+    for i in range(30):
+        for k in ("/a", "/b", "/c"):
+            pipe.submit(k, image(i))
+        pipe.step()
+    assert Counter(published) == {"/a": 20, "/b": 20, "/c": 20}
+
+
+def test_an_unwatched_camera_takes_no_place_in_a_batch_and_holds_none_back(segmenter: Segmenter):
+    """Frames of a camera nobody subscribes to are dropped as no_subscribers without taking a batch place (before:
+    with max_batch 2, two thirds of the batches carried one real frame) and a batch_timeout does not wait for
+    them (before: /a waited 0.35 s for a /b frame that was then thrown away)."""
+    seg = Counting(segmenter)
+    pipe, published, _ = pipe_of(seg, ["/a", "/b", "/c"], wanted=lambda k: set() if k == "/c" else {"label"},
+                                 max_batch=2, max_age=0)
+    for i in range(20):
+        for k in ("/a", "/b", "/c"):
+            pipe.submit(k, image(i))
+        pipe.step()
+    assert seg.calls == [2] * 20 and Counter(published) == {"/a": 20, "/b": 20}
+    assert pipe.snapshot()["cameras"]["/c"]["dropped"] == {"no_subscribers": 20}
+    pipe, published, _ = pipe_of(segmenter, ["/a", "/b"], wanted=lambda k: {"label"} if k == "/a" else set(),
+                                 batch_timeout=0.5, max_age=0)
+    pipe.submit("/b", image(0))
+    pipe.step()  # /b publishes (its next frame would be due within the timeout)
+    pipe.submit("/a", image(1))
+    t0 = time.monotonic()
+    assert pipe.step() == 1 and time.monotonic() - t0 < 0.3 and published == ["/a"]
+
+
+def test_a_big_frame_camera_is_not_starved_by_max_age(segmenter: Segmenter, monkeypatch: pytest.MonkeyPatch):
+    """A camera sending 25x larger frames once a second while a small camera always has one waiting (a forward pass
+    costs 33 ms per small frame's pixels, on a simulated steady clock; max_age 0.5 s): fair queuing held each big
+    frame until it was too old and then started its camera from nothing again: 0 of 30 served. Now a held frame is
+    taken at half of max_age, its camera paying the debt back: both cameras get about half of the worker's time."""
+    import icnet_ros.frame_pipeline as fp
+
+    now = [1000.0]
+    monkeypatch.setattr(fp, "time", SimpleNamespace(monotonic=lambda: now[0], perf_counter=time.perf_counter))
+
+    def advance(frames: list) -> None:
+        now[0] += sum(f.shape[0] * f.shape[1] for f in frames) / (H * W) * 0.033
+    pipe, published, _ = pipe_of(Counting(segmenter, advance), ["/a", "/b"], max_batch=1, max_age=0.5)
+    next_big = now[0]
+    while now[0] < 1000.0 + 10:
+        if now[0] >= next_big:
+            pipe.submit("/a", image(1, h=5 * H, w=5 * W))
+            next_big += 1.0
+        pipe.submit("/b", image(2))
+        pipe.step()
+    served = Counter(published)
+    big_time, small_time = served["/a"] * 25 * 0.033, served["/b"] * 0.033
+    assert served["/a"] >= 4 and 0.6 < big_time / small_time < 1.6, served
+    assert accounted(pipe) == {"/a": 0, "/b": 0}
+
+
+def test_every_frame_is_counted_when_stopping_or_when_the_adapter_fails(segmenter: Segmenter):
+    """stop() during a batch_timeout wait takes nothing more (before: a frame was taken and published after
+    stop()); publish errors while stopping are counted (before: the rest of the batch vanished uncounted); an
+    exception from the adapter's wanted() for one camera costs only that camera's frame (internal_error; before:
+    the whole batch, uncounted); frames_processed is the sum of the cameras' (it counted segmented frames)."""
+    pipe, published, _ = pipe_of(segmenter, ["/a", "/b"], batch_timeout=2.0, max_age=0)
+    pipe.submit("/b", image(0))
+    pipe.step()  # /b seen: due within the timeout
+    pipe.start()
+    pipe.submit("/a", image(1))
+    time.sleep(0.2)  # the worker waits for /b
+    assert pipe.stop(5)
+    assert published == ["/b"] and pipe.snapshot()["cameras"]["/a"]["processed"] == 0
+    assert not pipe.idle()  # /a's frame waits for the next start()
+
+    entered, gate = threading.Event(), threading.Event()
+    seg = Counting(segmenter, lambda frames: (entered.set(), gate.wait(10)))
+
+    def failing_publish(*args: Any) -> list[str]:
+        raise RuntimeError("publisher's context is invalid")
+    pipe, _, log = pipe_of(seg, ["/a", "/b", "/c"], publish=failing_publish, max_age=0)
+    for k in ("/a", "/b", "/c"):
+        pipe.submit(k, image(2))
+    pipe.start()
+    assert entered.wait(10)
+    pipe.stop(0.1)  # the batch is in flight
+    gate.set()
+    assert pipe.stop(10)
+    assert accounted(pipe) == {"/a": 0, "/b": 0, "/c": 0}
+    assert all(c["dropped"] == {"publish_error": 1} for c in pipe.snapshot()["cameras"].values())
+    assert not log.lines  # stopping: counted, not logged
+
+    def wanted(key: str) -> set[str]:
+        if key == "/b":
+            raise RuntimeError("publisher handle invalid")
+        return {"label"}
+
+    def publish_a_fails(key: str, *args: Any) -> list[str]:
+        if key == "/c":
+            raise RuntimeError("boom")
+        return ["label"]
+    pipe, _, log = pipe_of(segmenter, ["/a", "/b", "/c"], wanted=wanted, publish=publish_a_fails, max_age=0)
+    for k in ("/a", "/b", "/c"):
+        pipe.submit(k, image(3))
+    assert pipe.step() == 3
+    snap = pipe.snapshot()
+    assert snap["cameras"]["/a"]["processed"] == 1 and snap["cameras"]["/b"]["dropped"] == {"internal_error": 1}
+    assert snap["cameras"]["/c"]["dropped"] == {"publish_error": 1} and accounted(pipe) == {"/a": 0, "/b": 0, "/c": 0}
+    assert snap["frames_processed"] == 1 and snap["mean_batch_size"] == 2.0
+    assert any(text.startswith("/b: dropping frame (internal_error): RuntimeError") for _, text in log.lines)
