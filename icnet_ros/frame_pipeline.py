@@ -34,7 +34,9 @@ Fairness: batches are taken round robin; a frame costing more than :data:`BIG_FR
 frame (in pixels: network input or output size, from the declared size or the compressed header) waits for its
 turn by deficit round robin, so a camera sending frames far larger than the others' (up to ``max_pixels``) gets
 about its share of the worker's time and the other cameras keep getting frames, instead of one per big forward
-pass.
+pass. A held frame is taken at half of ``max_age`` (from receipt) at the latest, its camera then in debt that its
+later frames pay back: held longer it would be too old, and its camera never served. The next batch starts after
+the camera served last; cameras nobody subscribes to take no place in a batch.
 
 Clocks: ``max_age`` is measured from when the frame was received (``max_age_from="receipt"``, the default), so
 frames stamped by another clock (a camera's hardware clock, a bag replayed without ``use_sim_time``) are served;
