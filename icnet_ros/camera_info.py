@@ -42,7 +42,9 @@ class CameraInfoCache:
 
     ``add`` is called from the subscription callback, ``match`` from the worker thread (a lock guards both).
     ``match(stamp)`` returns the camera_info with exactly the image's stamp. A camera_info with a zero stamp
-    describes every frame (a static calibration publisher): the newest such one serves images whose stamp has no
+    describes every frame (a static calibration publisher, which must publish it repeatedly: the node subscribes
+    with sensor-data QoS, volatile, like image_transport's CameraSubscriber, so a camera_info published once with
+    transient-local durability is not received): the newest such one serves images whose stamp has no
     camera_info of its own. Otherwise there is no match: the caller publishes no camera_info for that frame rather
     than one taken at another time (image_pipeline pairs exactly, too).
 

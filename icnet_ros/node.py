@@ -62,7 +62,7 @@ from std_msgs.msg import String
 
 from . import node_params
 from .camera_info import CameraInfoCache, scale_camera_info, stamp_ns
-from .engine_config import LIVE_OPTIONS, OPTIONS, ConfigError
+from .engine_config import LIVE_OPTIONS, ConfigError
 from .frame_pipeline import FramePipeline, PipelineOptions, release_device_memory
 from .node_params import NODE_NAME, NodeConfig, ParameterError, rclpy_parameter_problem
 from .ros_image import compressed_header, numpy_to_image
@@ -70,11 +70,14 @@ from .ros_image import compressed_header, numpy_to_image
 __all__ = ["SegmentationNode", "StartupError", "auto_cpu_threads"]
 
 STALE_INPUT_S = 5.0  # a camera silent this long is reported as WARN in /diagnostics
+BAD_FRAMES_WARN_S = 10.0  # a camera that dropped bad frames is WARN in /diagnostics for this long after the last
 NO_FRAMES_WARN_S = 5.0  # a camera with a publisher but no frame this long gets a warning with the likely cause
 RETIRE_S = 5.0  # the longest a replaced image subscription stays while its successor matches the publishers
 OUTPUT_DEPTH = 5  # default history depth of the output publishers
 QOS_POLICIES = (QoSPolicyKind.HISTORY, QoSPolicyKind.DEPTH, QoSPolicyKind.RELIABILITY, QoSPolicyKind.DURABILITY)
 SWAP_TIMEOUT_S = 30.0  # the longest a hot swap waits for the batch in flight on the old model
+#: the engine options that are node parameters (``outputs`` is the node's own: the publishers it advertises)
+ENGINE_NAMES = frozenset(p.name for p in node_params.ENGINE_PARAMS)
 
 
 class StartupError(RuntimeError):
@@ -157,6 +160,8 @@ class Camera:
     fixed_reliability: bool = False  # set by qos_overrides: never follows the publishers
     waiting_since: float | None = None  # monotonic time since which a publisher exists and no frame came
     warned_no_frames: bool = False
+    bad_total: int = 0  # bad frames dropped, as last reported on /diagnostics
+    bad_since: float | None = None  # monotonic time of the report that first saw bad_total's latest increase
     # a replaced image subscription serves on until its successor has matched every publisher (DDS matches
     # asynchronously: a reliable writer delivers only to readers it has matched), then goes; see _watch_inputs
     retiring: Any | None = None
@@ -661,7 +666,7 @@ class SegmentationNode(LifecycleNode):
     def _unchanged(self, name: str, value: Any) -> bool:
         """Whether setting parameter ``name`` to the checked ``value`` would change nothing: the same value (for
         ``model``, the same path to a file not rewritten since it was loaded)."""
-        if name in OPTIONS:
+        if name in ENGINE_NAMES:
             try:
                 return self.config.engine.replace(**{name: value}) == self.config.engine
             except (ConfigError, ValueError):
@@ -677,7 +682,7 @@ class SegmentationNode(LifecycleNode):
         return True
 
     def _apply(self, changes: dict[str, Any]) -> None:
-        engine_changes = {k: v for k, v in changes.items() if k in OPTIONS}
+        engine_changes = {k: v for k, v in changes.items() if k in ENGINE_NAMES}
         rebuild = "model" in changes or any(k not in LIVE_OPTIONS for k in engine_changes)
         engine = self.config.engine.replace(**engine_changes) if engine_changes else self.config.engine
         config = dataclasses.replace(self.config, engine=engine, **{
@@ -769,8 +774,11 @@ class SegmentationNode(LifecycleNode):
             if cam is None:
                 return set()
             wanted = {kind for kind, pub in cam.publishers.items() if pub.get_subscription_count() > 0}
-            if cam.info_publisher is not None and cam.info_publisher.get_subscription_count() > 0:
-                wanted.add("camera_info")  # as image_transport's CameraPublisher counts its info subscribers
+            if (cam.info_publisher is not None and cam.info_cache.received
+                    and cam.info_publisher.get_subscription_count() > 0):
+                # as image_transport's CameraPublisher counts its info subscribers; only while the camera publishes
+                # a camera_info (without one, nothing would come of the frame's inference)
+                wanted.add("camera_info")
             return wanted
 
     def _publish(self, topic: str, msg: Any, order: str, res: Any, wanted: set[str]) -> list[str]:
@@ -862,6 +870,10 @@ class SegmentationNode(LifecycleNode):
             dropped = s["dropped"]
             fps = s["processed_fps"]
             bad = sum(v for k, v in dropped.items() if k not in ("superseded", "no_subscribers", "too_old"))
+            now = time.monotonic()
+            if bad > cam.bad_total:  # the level says how the camera is now: WARN for a while after bad frames, not
+                cam.bad_total, cam.bad_since = bad, now  # for good (the counts stay in the values)
+            recent_bad = cam.bad_since is not None and now - cam.bad_since <= BAD_FRAMES_WARN_S
             level, message = DiagnosticStatus.OK, f"{fps:.1f} fps"
             silent = s["seconds_since_last_frame"]
             if s["received"] == 0 or silent is None:
@@ -870,11 +882,13 @@ class SegmentationNode(LifecycleNode):
                     message += " although a publisher exists (QoS or frame size: see the node's log)"
             elif silent > STALE_INPUT_S:
                 level, message = DiagnosticStatus.WARN, f"no frames for {silent:.0f} s"
-            elif bad:
-                level, message = DiagnosticStatus.WARN, f"{fps:.1f} fps; {bad} bad frames dropped"
+            elif recent_bad:
+                level, message = DiagnosticStatus.WARN, (f"{fps:.1f} fps; bad frames dropped in the last "
+                                                         f"{BAD_FRAMES_WARN_S:g} s ({bad} in all)")
             elif s["problem"]:
                 level, message = DiagnosticStatus.WARN, f"{fps:.1f} fps; {s['problem']}"
-            st = DiagnosticStatus(level=level, name=f"{name}: {cam.topic}", hardware_id=device, message=message)
+            st = DiagnosticStatus(level=level, name=f"{name}: {self.resolve_topic_name(cam.topic)}", hardware_id=device,
+                                  message=message)
             values = [("input_rate_hz", f"{s['input_rate_hz']:.2f}"), ("processed_fps", f"{fps:.2f}"),
                       ("latency_p50_ms", f"{s['latency_p50_ms']:.1f}"),
                       ("latency_p95_ms", f"{s['latency_p95_ms']:.1f}"), ("latency_from", s["latency_from"]),

@@ -367,6 +367,103 @@ def test_lifecycle_in_process_frees_the_model_and_refuses_other_classes(checkpoi
         rclpy.try_shutdown(context=ctx)
 
 
+def test_outputs_change_at_run_time(checkpoint: Path):
+    """`outputs` is live: setting it to [label] withdraws the other publishers, setting more back advertises them.
+    Before, [label] (the engine option's own default) counted as 'unchanged': success reported, nothing withdrawn,
+    colour still computed and published. What the node computes follows who listens, camera_info included."""
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from icnet_ros.node import SegmentationNode
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+        Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
+        Parameter("image_topics", value=["/oc/image_raw"]), Parameter("outputs", value=["label", "color"])])
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        (cam,) = node.cameras
+        assert set(cam.publishers) == {"label", "color"}
+        assert node.set_parameters([Parameter("outputs", value=["label"])])[0].successful
+        assert set(cam.publishers) == {"label"} and node.config.outputs == ("label",)
+        assert node.set_parameters([Parameter("outputs", value=["label", "overlay"])])[0].successful
+        assert set(cam.publishers) == {"label", "overlay"}
+        # a lone semantic/camera_info subscriber asks for inference only once the camera publishes a camera_info
+        # (before: every frame was segmented for nothing)
+        from sensor_msgs.msg import CameraInfo
+
+        sub = node.create_subscription(CameraInfo, "/oc/semantic/camera_info", lambda m: None, 10)
+        deadline = time.monotonic() + 10
+        while cam.info_publisher.get_subscription_count() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cam.info_publisher.get_subscription_count() == 1
+        assert node._wanted("/oc/image_raw") == set()
+        cam.info_cache.add(CameraInfo(width=96, height=64))
+        assert node._wanted("/oc/image_raw") == {"camera_info"}
+        node.destroy_subscription(sub)
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
+
+def test_diagnostics_warn_after_bad_frames_then_recover(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
+    """A camera that dropped a bad frame is WARN on /diagnostics for BAD_FRAMES_WARN_S after it, then OK again with
+    the count kept in its values (before: WARN for the rest of the node's life after one bad frame)."""
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    import icnet_ros.node as node_module
+    from icnet_ros.node import SegmentationNode
+
+    monkeypatch.setattr(node_module, "BAD_FRAMES_WARN_S", 0.5)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+        Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
+        Parameter("image_topics", value=["/dg/image_raw"])])
+    reports: list = []
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        node._diag_pub.publish = reports.append
+        node.pipeline._wanted = lambda key: {"label"}  # as if the label had a subscriber (no DDS here)
+
+        def camera_status() -> DiagnosticStatus:
+            node._publish_diagnostics()
+            return next(st for st in reports[-1].status if st.name.endswith("/dg/image_raw"))
+        stamp = node.get_clock().now().to_msg()  # the node's own clock (another one is a standing WARN)
+        bad = image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8", stamp)
+        bad.encoding = "yuv422"
+        good = image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8", stamp)
+        def settled(what: str, n: int) -> bool:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                cam = node.pipeline.snapshot()["cameras"]["/dg/image_raw"]
+                if (cam["dropped"].get("encoding", 0) if what == "bad" else cam["processed"]) >= n:
+                    return True
+                time.sleep(0.02)
+            return False
+        node.pipeline.submit("/dg/image_raw", bad)
+        assert settled("bad", 1)
+        node.pipeline.submit("/dg/image_raw", good)
+        assert settled("good", 1)
+        st = camera_status()
+        assert st.level == DiagnosticStatus.WARN and "bad frames dropped" in st.message, st.message
+        time.sleep(0.7)
+        node.pipeline.submit("/dg/image_raw", good)  # a good frame: the camera is fine now
+        assert settled("good", 2)
+        st = camera_status()
+        assert st.level == DiagnosticStatus.OK, st.message
+        assert {kv.key: kv.value for kv in st.values}["dropped_encoding"] == "1"
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
+
 def test_string_parameters_take_numbers_and_bools_as_text(checkpoint: Path):
     """`-p input_size:=1.5`, `-p warmup:=false` and `ros2 param set ... input_size 2` type their values as double,
     bool and integer: the string parameters take their text instead of refusing the type."""
