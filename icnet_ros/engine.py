@@ -585,5 +585,5 @@ def _item(outs: dict[str, np.ndarray], key: str, j: int) -> np.ndarray | None:
     return None if v is None else v[j]
 
 
-__all__ = ["OUTPUTS", "PRECISIONS", "FrameError", "SegmentResult", "Segmenter", "TorchBackend", "UNKNOWN", "backend_for",
-           "inference_device", "resolve_device"]
+__all__ = ["OUTPUTS", "PRECISIONS", "FrameError", "SegmentResult", "Segmenter", "TorchBackend", "UNKNOWN",
+           "backend_for", "inference_device", "resolve_device"]

@@ -50,7 +50,7 @@ from .checkpoint import (META_KEY, CheckpointError, default_model_path, file_sha
                          validate_meta)
 from .models.icnet import MIN_INPUT_SIZE
 from .optimize import FactorizedPyramidPooling, factorize_pyramid_pooling, fold_batchnorm
-from .sizes import MAX_UPSCALED_PIXELS, SIZE_DIVISOR, aligned_size
+from .sizes import MAX_BATCH, MAX_UPSCALED_PIXELS, SIZE_DIVISOR, aligned_size
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -58,7 +58,7 @@ OUTPUT_NAME = "logits"
 MAX_METADATA_BYTES = 16 << 20
 #: the largest batch an export records or fixes: a TensorRT optimisation profile covers 1..it, and a fixed-batch
 #: model pads every call to it (as many cameras as the node batches at most)
-MAX_EXPORT_BATCH = 64
+MAX_EXPORT_BATCH = MAX_BATCH
 
 
 def check_export_size(size: tuple[int, int] | list[int]) -> tuple[int, int]:

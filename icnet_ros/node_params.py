@@ -24,6 +24,7 @@ from typing import Any, Callable
 from . import engine_config
 from .engine_config import SegmenterConfig
 from .ros_image import DEFAULT_MAX_PIXELS
+from .sizes import MAX_BATCH
 
 NODE_NAME = "icnet_node"
 OUTPUT_KINDS = engine_config.OUTPUTS
@@ -150,8 +151,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               "Image's declared size or the JPEG/PNG header before decoding; larger frames are dropped as 'size' "
               "(bounds the memory and time one frame can take). Default: 3840 x 2160.", "[1, 268435456]",
               _range(1, 268435456), read_only=False),
-    ParamSpec("max_batch", 4, "Most cameras batched into one forward pass.", "[1, 64]", _range(1, 64),
-              read_only=False),
+    ParamSpec("max_batch", 4, "Most cameras batched into one forward pass.", f"[1, {MAX_BATCH}]",
+              _range(1, MAX_BATCH), read_only=False),
     ParamSpec("batch_timeout", 0.0, "After the first frame is ready, wait up to this many seconds for the other "
               "cameras' frames so they share one forward pass (0 = take the frames that are there).", "[0, 1] s",
               _range(0.0, 1.0), read_only=False),

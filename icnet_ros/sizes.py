@@ -15,7 +15,10 @@ MIN_INPUT_SIZE = 64  # the network's minimum (icnet_ros.models.icnet.MIN_INPUT_S
 MAX_SCALE = 4.0  # the most a frame is upscaled per side (a scale factor; input_size auto)
 MAX_UPSCALED_PIXELS = 4096 * 4096  # the largest network input a frame is upscaled to (bounded memory)
 #: that bound in messages: "16777216 pixels (4096x4096)"
-MAX_UPSCALED_TEXT = f"{MAX_UPSCALED_PIXELS} pixels ({math.isqrt(MAX_UPSCALED_PIXELS)}x{math.isqrt(MAX_UPSCALED_PIXELS)})"
+MAX_UPSCALED_TEXT = (f"{MAX_UPSCALED_PIXELS} pixels "
+                     f"({math.isqrt(MAX_UPSCALED_PIXELS)}x{math.isqrt(MAX_UPSCALED_PIXELS)})")
+#: the most frames in one forward pass: the node's max_batch, an export's batch (a TensorRT profile covers 1..it)
+MAX_BATCH = 64
 #: ICNet's coarsest map is 1/32 of its input. At other sizes the stride-2 layers round up (45 -> 23 -> 12) and
 #: the cascade's x2 upsampling no longer lands on the finer map's grid: the branches disagree by up to half a
 #: coarse cell (16 px), and the model trained on aligned crops loses accuracy (the stage-6 default model, CamVid val,

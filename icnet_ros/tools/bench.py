@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from .. import engine_config
 from ..engine_config import OPTIONS, PRECISIONS
 from ..profiling import PREFIX, STAGES, ranges
-from ..sizes import MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, MIN_INPUT_SIZE, parse_hw, parse_sizes
+from ..sizes import MAX_BATCH, MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, MIN_INPUT_SIZE, parse_hw, parse_sizes
 
 SWEEP_ARCHS = ("icnet_r18", "icnet_r50")
 SWEEP_WIDTHS = (1.0, 0.5)
@@ -735,7 +735,6 @@ def main(argv: list[str] | None = None) -> int:
     from icnet_ros.backends.base import MissingRuntimeError
     from icnet_ros.checkpoint import CheckpointError
     from icnet_ros.engine import resolve_device
-    from icnet_ros.export import MAX_EXPORT_BATCH
 
     args = build_parser().parse_args(argv)
     _ABLATED.clear()
@@ -773,8 +772,8 @@ def main(argv: list[str] | None = None) -> int:
             calibration_images(args.calib, args.calib_count)  # the folder, its images, the count: now, not later
         if any(b < 1 for b in args.batch) or args.iters < 1 or args.warmup < 0:
             raise ValueError("--batch and --iters must be >= 1, --warmup >= 0")
-        if max(args.batch) > MAX_EXPORT_BATCH:
-            raise ValueError(f"--batch {max(args.batch)}: at most {MAX_EXPORT_BATCH} (the largest batch the node "
+        if max(args.batch) > MAX_BATCH:
+            raise ValueError(f"--batch {max(args.batch)}: at most {MAX_BATCH} (the largest batch the node "
                              "forms and an export takes)")
         for h, w in args.size or ():
             if h * w > MAX_UPSCALED_PIXELS:  # a frame this large only ends in an out-of-memory error
