@@ -3,15 +3,18 @@ fields).
 
 :class:`CameraInfoCache` keeps a camera's recent camera_info messages by header stamp, so that each image is paired
 with the camera_info taken with it (as image_pipeline's camera subscribers pair them), not with whatever arrived
-last. :func:`scale_camera_info` rescales a camera_info for an output image of another size the way image_proc's
-resize does.
+last. :func:`scale_camera_info` rescales a camera_info for an output image of another size like image_proc's
+resize (differences below).
 
 CameraInfo's calibration (``width``, ``height``, ``K``, ``P``, ``roi``) is in full-resolution, unbinned sensor
 coordinates; the image a camera delivers is ``roi`` (or the full frame) divided by ``binning``. Resizing that image
-by ``s`` (output size / input image size) is described exactly by a sensor ``s`` times the size: K, P (focal
-lengths, principal point and the projection's translation), ``width``/``height`` and the ROI scale by ``s``, and
-binning, D, R and the distortion model stay. Dividing by ``info.width`` instead of the image's own width would
-apply the binning or the ROI twice.
+by ``s`` (output size / input image size) is described by a sensor ``s`` times the size: K, P (focal lengths,
+principal point and the projection's translation), ``width``/``height`` and the ROI scale by ``s``, and binning,
+D, R and the distortion model stay. Dividing by ``info.width`` instead of the image's own width would apply the
+binning or the ROI twice. Unlike image_proc's resize: the scale is the image's (not ``info.width``'s), ``P[7]``
+(Ty = -fy * baseline) scales with fy, sizes and ROI are rounded (not truncated). Like it, the principal point
+scales as ``c * s``; the half-pixel-exact value for a bilinear (``align_corners=False``) resize is
+``(c + 0.5) * s - 0.5``, within ``0.5 * |s - 1|`` px of it (0.27 px at 480 -> 736).
 """
 from __future__ import annotations
 
@@ -117,8 +120,8 @@ def _copy_calibration(info: Any, out: Any) -> Any:
 
 def scale_camera_info(info: Any, image_size: tuple[int, int], output_size: tuple[int, int], out: Any) -> Any:
     """Fill ``out`` with ``info`` (the camera_info of an image of ``image_size`` = (height, width)) for the same
-    image resized to ``output_size`` (height, width), as image_proc's resize does; the header is left to the
-    caller. At equal sizes the calibration passes through unchanged.
+    image resized to ``output_size`` (height, width), like image_proc's resize (see the module docstring); the
+    header is left to the caller. At equal sizes the calibration passes through unchanged.
 
     The scale is the image size ratio (not ``output / info.width``): K and P (fx, cx, Tx by the x ratio; fy, cy, Ty
     by the y ratio), ``width``/``height`` and the ROI scale; binning, D, R and the distortion model stay. An

@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: 2)")
     p.add_argument("--native", action="store_true", help="same as --input-size native")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale factors (default: 1.0)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale factors (default: 1.0; a checkpoint only: an exported model runs at its export size)")
     p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
     p.add_argument("--limit", type=int, help="evaluate the first N samples only")
     p.add_argument("--json", action="store_true", help="print one JSON object (percentages) on stdout")
@@ -224,12 +224,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if backend_name == "torch":
             model: Any = load_model(args.model, device)
             meta = model.meta
-        else:  # an exported model, through its runtime (at its fixed export size; another --input-size is refused)
-            from .engine import Segmenter
+        else:  # an exported model, through its runtime, at its fixed export size: another HxW is refused, native
+            from .engine import Segmenter  # and scale factors give the export size (as in the Segmenter)
 
             seg = Segmenter(args.model, cfg.replace(warmup=False))
             model, meta = seg.backend, seg.meta
             device = seg.backend.device
+            if any(s != 1.0 for s in args.scales):
+                h, w = model.fixed_size
+                raise ValueError(f"{args.model} was exported for {h}x{w} inputs and runs at no other size; "
+                                 f"--scales {' '.join(f'{s:g}' for s in args.scales)} needs the checkpoint "
+                                 f"(.safetensors)")
         sizes = InputSizePolicy.from_option(cfg.input_size, meta, cfg.size_divisor, getattr(model, "fixed_size", None))
         if sizes.kind == "fixed":  # the network inputs are known now: refuse an oversized one before any work
             for s in args.scales:

@@ -254,6 +254,14 @@ def test_exported_onnx_model_is_evaluated_through_onnxruntime(capsys, tmp_path):
     assert main(["--model", str(onnx), "--data", str(root), "--split", "val", "--limit", "1", "--workers", "0",
                  "--input-size", "352x480"]) == 2
     assert "input_size 352x480: this exported model runs only at 192x256" in capsys.readouterr().err
+    # test-time scales need other network sizes: refused in one line (a traceback from the runtime, after loading)
+    assert main(["--model", str(onnx), "--data", str(root), "--split", "val", "--limit", "1", "--workers", "0",
+                 "--scales", "0.75", "1.0"]) == 2
+    err = capsys.readouterr().err
+    assert "exported for 192x256 inputs and runs at no other size; --scales 0.75 1 needs the checkpoint" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    flipped = _run_json(capsys, "--model", onnx, "--data", root, "--split", "val", "--limit", 1, "--flip")
+    assert flipped["flip"] is True  # --flip keeps the size: allowed
 
 
 def test_labels_without_a_labelled_pixel_say_so(capsys, tmp_path, ckpt):
