@@ -341,15 +341,16 @@ class CUDAGraphRunner:
         self.device = example_inputs[0].device
         self.static_inputs = [t.clone() for t in example_inputs]  # clone keeps the memory format
         self.fn = fn
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
-            for _ in range(max(1, warmup_iters)):
-                fn(*self.static_inputs)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):  # pool: several graphs share one memory pool
-            out = fn(*self.static_inputs)
+        with torch.cuda.device(self.device):  # captured and replayed on the inputs' device (not the current one)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+                for _ in range(max(1, warmup_iters)):
+                    fn(*self.static_inputs)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):  # pool: several graphs share one memory pool
+                out = fn(*self.static_inputs)
         #: tensors the graph reads that something else owns (e.g. cached matrices): kept alive with the graph
         self.keep_alive: list[Tensor] = []
         self._single = isinstance(out, Tensor)
@@ -364,10 +365,11 @@ class CUDAGraphRunner:
     def __call__(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
         if not self.matches(*inputs):
             raise ValueError("CUDAGraphRunner: inputs differ from the captured shapes/dtypes/strides")
-        for dst, src in zip(self.static_inputs, inputs):
-            if dst.data_ptr() != src.data_ptr():
-                dst.copy_(src, non_blocking=True)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            for dst, src in zip(self.static_inputs, inputs):
+                if dst.data_ptr() != src.data_ptr():
+                    dst.copy_(src, non_blocking=True)
+            self.graph.replay()
         return self.static_outputs[0] if self._single else self.static_outputs
 
 

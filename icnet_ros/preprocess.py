@@ -70,6 +70,10 @@ class Preprocessor:
                  memory_format: torch.memory_format) -> None:
         self.normalizer = Normalizer(normalization)
         self.device, self.dtype, self.memory_format = device, dtype, memory_format
+        if device.type == "cuda":  # both channel orders' constants now: built on the first frame (a bgr8 camera
+            index = device.index if device.index is not None else torch.cuda.current_device()  # after an RGB
+            for order in ("RGB", "BGR"):  # warm-up), their blocking upload synchronised the hot path once
+                self.normalizer.scale_shift(torch.device("cuda", index), torch.float32, order)
 
     def upload(self, arrays: list) -> Tensor:
         """Same-size uint8 frames (H x W x 3 or H x W) -> N x H x W x C uint8 tensor on the device."""

@@ -110,6 +110,18 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(p.suffix or ".png", image)
     if not ok:
         raise OSError(f"cannot encode {p.suffix or '.png'} image for {p}")
+    write_bytes_atomically(p, buf.data)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """:func:`write_bytes_atomically` for UTF-8 text (result files: JSON, Markdown)."""
+    write_bytes_atomically(path, text.encode())
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` whole or not at all (see :func:`write_image`): a hidden temporary file in the same
+    folder, renamed; OSError ``cannot write <path>: <reason>`` on failure, the temporary file removed."""
+    p = Path(path)
     tmp: Path | None = None
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +133,7 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
                 continue
             break
         with f:
-            f.write(buf.data)
+            f.write(data)
         os.replace(tmp, p)
     except OSError as e:
         if tmp is not None:
@@ -442,4 +454,5 @@ def _write_problem(path: Path) -> str | None:
 
 __all__ = ["DEFAULT_IMAGE_FPS", "Frame", "FrameSource", "IMAGE_EXTENSIONS", "ImageFiles", "ImageFolder",
            "ImageTooLargeError", "SourceError", "VIDEO_EXTENSIONS", "VideoFile", "VideoWriter", "check_fourcc",
-           "check_image_size", "iter_frames", "open_source", "read_image", "write_image"]
+           "check_image_size", "iter_frames", "open_source", "read_image", "write_bytes_atomically", "write_image",
+           "write_text_atomically"]

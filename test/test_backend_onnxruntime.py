@@ -203,7 +203,8 @@ def _tensorrt_ep_options(monkeypatch, path, cache_dir):
 
     from icnet_ros.backends.onnxruntime import OnnxRuntimeBackend
 
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
     fake_ort = types.SimpleNamespace(get_available_providers=lambda: ["TensorrtExecutionProvider",
                                                                        "CUDAExecutionProvider",
                                                                        "CPUExecutionProvider"])
@@ -213,6 +214,8 @@ def _tensorrt_ep_options(monkeypatch, path, cache_dir):
     providers = backend._providers(fake_ort, BackendOptions(device=torch.device("cuda", 0), cache_dir=cache_dir))
     name, options = providers[0]
     assert name == "TensorrtExecutionProvider"
+    # a stream of the backend's own (7), not the caller's legacy default stream (0): TensorRT syncs on that one
+    assert options["user_compute_stream"] == providers[1][1]["user_compute_stream"] == "7"
     return options
 
 

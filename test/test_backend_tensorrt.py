@@ -157,7 +157,7 @@ def test_fp16_engine(tmp_path, trt):
 
 class FakeContext:
     def __init__(self, engine):
-        self.engine, self.input_shape, self.addresses, self.executed = engine, None, {}, 0
+        self.engine, self.input_shape, self.addresses, self.executed, self.streams = engine, None, {}, 0, []
 
     def set_input_shape(self, name, shape):
         n, c, h, w = shape
@@ -176,6 +176,7 @@ class FakeContext:
 
     def execute_async_v3(self, stream):
         self.executed += 1
+        self.streams.append(stream)
         return True
 
 
@@ -242,7 +243,18 @@ def fake_trt(monkeypatch, **engine_kwargs):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    streams = trt.streams = []  # (what, stream): TensorRT's stream waits for the caller's, the caller for it
+
+    class FakeStream:
+        def __init__(self, device=None, handle=0):
+            self.cuda_stream = handle
+
+        def wait_stream(self, other):
+            streams.append((self.cuda_stream, other.cuda_stream))
+
+    caller = FakeStream(handle=1)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream(handle=2))
     return trt
 
 
@@ -448,11 +460,13 @@ def test_engine_output_shape_checked_at_load_and_per_call(tmp_path, monkeypatch)
         backend(torch.zeros(2, 3, *SIZE))
     assert backend.context.executed == 0
     # the real model's shapes run
-    fake_trt(monkeypatch)
+    trt = fake_trt(monkeypatch)
     backend = open_backend(engine, cuda)
     backend.device = torch.device("cpu")
     assert backend.fixed_size == SIZE and backend.max_batch == 3 and not backend.exact_batch
     assert backend(torch.zeros(2, 3, *SIZE)).shape == (2, 11, h8, w8) and backend.context.executed == 1
+    # on a stream of its own (not the legacy default stream), ordered after and before the caller's stream
+    assert backend.context.streams == [2] and trt.streams == [(2, 1), (1, 2)]
 
 
 def test_engine_fixed_batch_is_bounded(tmp_path, monkeypatch):

@@ -245,6 +245,59 @@ def test_result_files_and_threads_are_checked_before_the_run(tmp_path, capsys):
         assert time.perf_counter() - t0 < 5
 
 
+def test_results_are_written_after_each_configuration_and_a_failed_one_does_not_stop_the_run(tmp_path, capsys,
+                                                                                              monkeypatch):
+    """A grid cut off by a time limit keeps what it measured (the files are rewritten whole after every
+    configuration: a lent GPU's call lost the whole grid at its 10-minute limit), and a configuration that fails at
+    run time (CUDA out of memory at one size) is reported in one line while the others run; exit status 1."""
+    from icnet_ros.tools import bench
+
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    real, seen = bench.bench_one, []
+
+    def bench_one(cfg, args, log):
+        if seen:  # from the second configuration on, the first one's result is already on disk
+            assert [r["precision"] for r in json.loads(js.read_text())["results"]] == ["fp32"]
+            assert "| icnet_r18 w0.25 | 64x96 | 1 | cpu | fp32 |" in md.read_text()
+        seen.append(cfg.precision)
+        if len(seen) == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 9.00 GiB\nsecond line")
+        return real(cfg, args, log)
+
+    monkeypatch.setattr(bench, "bench_one", bench_one)
+    assert main([*TINY, "--precision", "fp32", "bf16", "fp32", "--quiet", "--json", str(js),
+                 "--markdown", str(md)]) == 1
+    assert seen == ["fp32", "bf16", "fp32"]
+    doc = json.loads(js.read_text())
+    assert [r["precision"] for r in doc["results"]] == ["fp32", "fp32"]
+    assert doc["errors"] == ["icnet_r18 w0.25 64x96 x1 bf16: CUDA out of memory. Tried to allocate 9.00 GiB"]
+    err = capsys.readouterr().err
+    assert "icnet-bench: error: icnet_r18 w0.25 64x96 x1 bf16: CUDA out of memory" in err and "second line" not in err
+    assert "failed: icnet_r18 w0.25 64x96 x1 bf16" in md.read_text()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_onnxruntime_on_cuda_without_a_gpu_provider_is_refused_before_the_export(tmp_path, monkeypatch):
+    """--backend onnxruntime with --device cuda and the CPU wheel: refused before the model is exported (an R50
+    export at 1024x2048 took 50 s, twice, on a lent GPU's clock, for a Segmenter that then refused CUDA)."""
+    import argparse
+
+    from icnet_ros import engine, export
+    from icnet_ros.backends.onnxruntime import cuda_provider_problem
+    from icnet_ros.tools import bench
+
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    assert "install onnxruntime-gpu" in cuda_provider_problem(ort)
+    monkeypatch.setattr(engine, "resolve_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: pytest.fail("exported before the provider check"))
+    cfg = next(bench.configs(bench.build_parser().parse_args(TINY)))
+    with pytest.raises(ValueError, match="device cuda: this onnxruntime has no CUDA execution provider"):
+        bench._exported_segmenter("onnxruntime", torch.nn.Identity(), (64, 96), cfg,
+                                  argparse.Namespace(device="cuda"), frozenset({"label"}), tmp_path)
+
+
 def test_node_bench_and_soak_refuse_bad_arguments_before_starting(tmp_path, capsys):
     """icnet-node-bench and icnet-node-soak check their arguments before any node starts: one line, exit 2."""
     from icnet_ros.tools import node_bench, soak
@@ -316,7 +369,7 @@ def test_soak_verdict_fails_when_the_node_publishes_no_outputs():
                                        for cam in CAMERAS]
     failures = verdict(_soak_result(rows), 5.0)
     assert len(failures) == 1 and failures[0].startswith(f"outputs short: {a}: 0 of 140")
-    assert report(_soak_result(rows), 5.0).startswith(f"FAIL: RSS 500.0 MB at 60 s") and "outputs short" in \
+    assert report(_soak_result(rows), 5.0).startswith("FAIL: RSS 500.0 MB at 60 s") and "outputs short" in \
         report(_soak_result(rows), 5.0)
 
     # one kind never arrives on one camera: that kind fails, nothing else

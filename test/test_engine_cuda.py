@@ -216,8 +216,9 @@ def test_cuda_graphs_of_the_warmup_sizes_survive_a_stream_of_other_sizes(ckpt):
 
 def test_no_hidden_synchronisation_in_segment(ckpt):
     """Only the one explicit synchronisation of the copy back: implicit host syncs (.item(), pageable copies,
-    nonzero) raise under sync debug mode 'error'."""
-    seg = Segmenter(ckpt, device="cuda", outputs=ALL, warmup=True)
+    nonzero) raise under sync debug mode 'error'. Warmed up at the frames' sizes (a new size builds its pooling
+    matrix once, with a blocking upload) and in RGB only: a bgr8 frame's constants exist from the start."""
+    seg = Segmenter(ckpt, device="cuda", outputs=ALL, warmup="96x128;120x160")
     fs = frames(2)
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -39,6 +39,15 @@ _TYPES: dict[str, tuple[torch.dtype, type]] = {"tensor(float)": (torch.float32, 
 PRECISIONS = ("fp32", "fp16")
 
 
+def cuda_provider_problem(ort: Any) -> str | None:
+    """Why this onnxruntime cannot run on CUDA (the CPU wheel: no CUDA or TensorRT execution provider), or None.
+    Asked before a session is made, and by icnet-bench before it exports."""
+    if {"TensorrtExecutionProvider", "CUDAExecutionProvider"} & set(ort.get_available_providers()):
+        return None
+    return ("this onnxruntime has no CUDA execution provider (install onnxruntime-gpu instead of onnxruntime, with "
+            "a matching CUDA)")
+
+
 def session_options(ort: Any, threads: int) -> Any:
     """SessionOptions with ``threads`` intra-op threads, one inter-op thread and no spinning (module docstring)."""
     so = ort.SessionOptions()
@@ -106,9 +115,15 @@ class OnnxRuntimeBackend:
             return ["CPUExecutionProvider"]
         if self.device.type != "cuda":
             raise ValueError(f"backend 'onnxruntime' runs on the CPU or CUDA, not {self.device}")
+        problem = cuda_provider_problem(ort)
+        if problem:
+            raise ValueError(f"device {self.device}: {problem}")
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", index)
-        self._stream = torch.cuda.current_stream(self.device)
+        # a stream of its own (ordered with the caller's in __call__): on the legacy default stream TensorRT adds
+        # cudaStreamSynchronize calls of its own ("Using default stream in enqueueV3() may lead to performance
+        # issues")
+        self._stream = torch.cuda.Stream(self.device)
         stream = str(self._stream.cuda_stream)
         available = ort.get_available_providers()
         providers: list[Any] = []

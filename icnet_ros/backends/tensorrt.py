@@ -375,6 +375,9 @@ class TensorRTBackend:
                         f"{record.get('gpu')}); rebuild it from {record.get('from', 'the ONNX export')}")
             self.engine = engine
             self.context = engine.create_execution_context()
+            # TensorRT runs on a stream of its own, ordered with the caller's: on the legacy default stream
+            # enqueueV3 adds synchronisations of its own ("may lead to performance issues", TensorRT's warning)
+            self._stream = torch.cuda.Stream(self.device)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         if sorted(names) != sorted([INPUT_NAME, OUTPUT_NAME]):
             raise CheckpointError(f"{self.path}: expected tensors {INPUT_NAME!r} and {OUTPUT_NAME!r}, got {names}")
@@ -444,8 +447,11 @@ class TensorRTBackend:
                                f"buffer of {list(out.shape)}; not running it")
         ctx.set_tensor_address(INPUT_NAME, x.data_ptr())
         ctx.set_tensor_address(OUTPUT_NAME, out.data_ptr())
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)  # the input is written on the caller's stream
         with torch.cuda.device(self.device):  # TensorRT runs on the current CUDA device
-            ok = ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream)
+            ok = ctx.execute_async_v3(self._stream.cuda_stream)
+        current.wait_stream(self._stream)  # the caller reads the logits on its stream (no host synchronisation)
         if not ok:
             raise RuntimeError("TensorRT execute_async_v3 failed (see TensorRT's log)")
         return out

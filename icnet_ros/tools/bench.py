@@ -432,13 +432,22 @@ def _exported_segmenter(name: str, model: nn.Module, net_size: tuple[int, int], 
     import tempfile
 
     from icnet_ros.backends.base import BACKENDS, require
-    from icnet_ros.engine import Segmenter
+    from icnet_ros.engine import Segmenter, resolve_device
 
     runtime = "openvino" if name.startswith("openvino") else name
     if runtime in BACKENDS and BACKENDS[runtime][1]:  # a missing runtime is skipped before minutes of export
         require(runtime, runtime, BACKENDS[runtime][1])
     if name not in BENCH_BACKENDS or name == "torch":
         raise ValueError(f"unknown --backend {name!r}; choose from {', '.join(BENCH_BACKENDS)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        on_cuda = resolve_device(args.device).type == "cuda"
+    if name == "onnxruntime" and on_cuda:  # the CPU wheel: refused before minutes of export, not after
+        from icnet_ros.backends.onnxruntime import cuda_provider_problem
+
+        problem = cuda_provider_problem(require(runtime, runtime, BACKENDS[runtime][1]))
+        if problem:
+            raise ValueError(f"device cuda: {problem}")
     fp16 = cfg.precision == "fp16"
     folder = Path(tempfile.mkdtemp(prefix=f"{name}_", dir=workdir))
     if name in ("onnxruntime", "tensorrt"):
@@ -788,7 +797,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "the ratio would be meaningless); use fp32, bf16 or same")
         log = (lambda s: None) if args.quiet else (lambda s: print(s, file=log_file, flush=True))
         load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-        results = []
+        results: list[BenchResult] = []
+        errors: list[str] = []
         device = None
         # with results on stdout, anything a library prints there (NNCF's progress bars and INFO lines) goes to
         # stderr: stdout is only the JSON / Markdown
@@ -797,10 +807,20 @@ def main(argv: list[str] | None = None) -> int:
                 _stream_handlers_to(real_stdout, sys.stderr)
             done = []
             for cfg in configs(args):
-                r = bench_one(cfg, args, log)
+                try:
+                    r = bench_one(cfg, args, log)
+                except MissingRuntimeError:
+                    raise
+                except RuntimeError as e:  # e.g. out of memory at one size: the other configurations still run
+                    errors.append(f"{_config_text(cfg)}: {_one_line(e)}")
+                    print(f"icnet-bench: error: {errors[-1]}", file=sys.stderr)
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
                 device = torch.device(r.device)
                 results.append(r)
                 done.append(cfg)
+                write_results(args, results, errors, device, load_start, to_files_only=True)
         for sel in args.detail or ():
             if not any(wants_detail(cfg, [sel]) for cfg in done):
                 print(f"icnet-bench: warning: --detail {sel} matched no configuration", file=sys.stderr)
@@ -810,27 +830,53 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("icnet-bench: interrupted", file=sys.stderr)
         return 130
-    env = environment(device or torch.device("cpu"))
-    env["load_start"] = load_start
-    if args.json:
-        doc = json.dumps({"environment": env, "results": [asdict(r) for r in results]}, indent=2)
-        if args.json == "-":
-            print(doc, file=real_stdout)
-        else:
-            Path(args.json).write_text(doc + "\n")
-    if args.markdown:
-        load = f", load average {env['load_start']} -> {env.get('loadavg_1m')}" if "loadavg_1m" in env else ""
-        md = (f"Environment: {env['cpu']} ({env['cpu_threads']} torch threads, {env['cpu_count']} CPUs{load})"
-              + (f", {env['gpu']}" if "gpu" in env else "") + f", torch {env['torch']}\n\n" + markdown_table(results))
-        if args.markdown == "-":
-            print(md, file=real_stdout)
-        else:
-            Path(args.markdown).write_text(md)
+    write_results(args, results, errors, device, load_start, stdout=real_stdout)
     if not args.quiet and len(results) > 1:
         print(f"\n{len(results)} configurations; median pipeline fps: "
               + ", ".join(f"{r.model} {r.size[0]}x{r.size[1]} x{r.batch} {r.precision}: {r.pipeline_timing['fps']:.2f}"
                           for r in results), file=log_file)
-    return 0
+    if errors:
+        print(f"icnet-bench: {len(errors)} configuration(s) failed (listed above and under 'errors' in --json)",
+              file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _config_text(cfg: BenchConfig) -> str:
+    spec = cfg.spec
+    name = Path(spec.path).name if spec.path else f"{spec.arch} w{spec.width:g}"
+    return f"{name} {cfg.size[0]}x{cfg.size[1]} x{cfg.batch} {cfg.precision}"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def write_results(args: argparse.Namespace, results: list[BenchResult], errors: list[str],
+                  device: torch.device | None, load_start: float | None, stdout: Any = None,
+                  to_files_only: bool = False) -> None:
+    """--json / --markdown: files are rewritten after every configuration (a run cut off by a time limit or
+    killed keeps what it measured; the file is replaced whole, never left half-written); '-' prints once, at the
+    end (``to_files_only`` skips it)."""
+    from icnet_ros.video import write_text_atomically
+
+    env = environment(device or torch.device("cpu"))
+    env["load_start"] = load_start
+    if args.json and not (to_files_only and args.json == "-"):
+        doc = json.dumps({"environment": env, "results": [asdict(r) for r in results], "errors": errors}, indent=2)
+        if args.json == "-":
+            print(doc, file=stdout)
+        else:
+            write_text_atomically(args.json, doc + "\n")
+    if args.markdown and not (to_files_only and args.markdown == "-"):
+        load = f", load average {env['load_start']} -> {env.get('loadavg_1m')}" if "loadavg_1m" in env else ""
+        md = (f"Environment: {env['cpu']} ({env['cpu_threads']} torch threads, {env['cpu_count']} CPUs{load})"
+              + (f", {env['gpu']}" if "gpu" in env else "") + f", torch {env['torch']}\n\n" + markdown_table(results)
+              + "".join(f"\nfailed: {e}" for e in errors))
+        if args.markdown == "-":
+            print(md, file=stdout)
+        else:
+            write_text_atomically(args.markdown, md)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Runs ON a lent GPU machine (the device tool), from the repository root, after scripts/device/prepare.sh here:
-#   bash scripts/device/run.sh check bench      (one call: about 8 files come back, 10 minutes at most)
-#   bash scripts/device/run.sh train            (a call of its own: it fills TRAIN_SECONDS)
-#   ITERS=N bash scripts/device/run.sh trainval
-# - check: CUDA tests (test/test_engine_cuda.py: CUDA graphs past every cache, no hidden synchronisation; the
-#          backends' CUDA tests: ONNX Runtime CUDA/TensorRT providers and native TensorRT against torch, each
-#          skipped with its reason where the runtime is missing; and the engine/optimisation/model/bench tests)
-#          -> pytest_gpu.log. TensorRT and onnxruntime-gpu wheels are larger than the 64 MiB a call may carry:
-#          they run only where the GPU image has them (the cuda image of 2026-11 has neither).
-# - bench: icnet-bench GPU grid (fp32/fp16/bf16, batch 1 and 4, mmseg reference, stages, ablation), the default
-#          model, then CUDA graphs, torch.compile and the exported runtimes (skipped, before any export, where the
-#          image lacks them) for R50 fp16 at 1024x2048, slowest last -> bench_gpu.{json,md}, bench_*.log
+#   bash scripts/device/run.sh check bench      (one call, timeout_s 600: 8 files come back; ~9 minutes at most)
+#   bash scripts/device/run.sh train            (a call of its own, in a session that has not spent its device
+#   ITERS=N bash scripts/device/run.sh trainval  time on check bench: each fills most of one 10-minute call)
+# Every step runs under `timeout` (its share of the call, below; STEP_SCALE=0.5 halves them all), so a hang or a
+# slow step costs its share, not the call; bench results are rewritten after every configuration, so a step cut
+# off keeps what it measured. Without a working CUDA the script stops at once (exit 3): nothing would be tested.
+# - check (150 s): the CUDA tests only (-m cuda: test/test_engine_cuda.py: CUDA graphs past every cache, no
+#          hidden synchronisation; the backends' CUDA tests: ONNX Runtime CUDA/TensorRT providers and native
+#          TensorRT against torch, each skipped with its reason where the runtime is missing) -> pytest_gpu.log.
+#          The CPU tests run in CI. TensorRT and onnxruntime-gpu wheels are larger than the 64 MiB a call may
+#          carry: they run only where the GPU image has them (the cuda image of 2026-11 has neither).
+# - bench: icnet-bench, the issue's GPU target first -> b_*.json (+ bench.log):
+#          r50 (75 s): R50 w1 fp16 at 1024x2048, batch 1 and 4, with the mmseg reference, stage table;
+#          graphs (60 s): the same with CUDA graphs, and the exported runtimes side by side (skipped, before any
+#          export, where the image lacks them);
+#          default (60 s): the default model at 360x480, 720x960 and 1024x2048, fp32/fp16, CUDA graphs;
+#          compile (110 s): R50 fp16 with torch.compile max-autotune-no-cudagraphs;
+#          grid (60 s): R18/R50 at widths 1.0/0.5, 1024x2048, fp16, batch 1.
 # - train: the GPU recipe (config/train/camvid_effnet_lite0.yaml, from .carry/init.safetensors) for at most
 #          TRAIN_SECONDS (default 420), then val -> best.safetensors, logs. The poly schedule spans ITERS
 #          iterations; without ITERS a 60-iteration probe run measures the time per iteration first and ITERS is
@@ -20,9 +27,9 @@
 # - trainval: the standard protocol's last step: the same recipe (same TRAIN_OVERRIDES) and the schedule chosen on
 #          train -> val (ITERS, required: the iteration count the train step printed), on train+val without
 #          validation or selection -> last.safetensors; its val mIoU (eval_val.json) then measures fit only.
-# Each step's log goes to $OUT; a failing step does not stop the next. The whole call must stay under 10 minutes.
+# Each step's log goes to $OUT; a failing step does not stop the next.
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 ICNET_ROS_TEST_DATA="$PWD/.carry/data"
@@ -31,32 +38,52 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/icnet_site"
 fi
-{ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } \
+{ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda,
+    torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"; } \
     2>&1 | tee "$OUT/device.txt"
+if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "no usable CUDA GPU here (torch.cuda.is_available() is False): nothing run" | tee -a "$OUT/device.txt"
+    exit 3
+fi
 status=0
+# limited SECONDS LOG COMMAND...: the command under timeout (TERM, then KILL 10 s later), output appended to LOG
+limited() {
+    local seconds log rc
+    seconds=$(python3 -c "print(max(10, int($1 * ${STEP_SCALE:-1})))") log=$2
+    shift 2
+    timeout --kill-after=10 "$seconds" "$@" >> "$log" 2>&1
+    rc=$?
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        echo "[timeout after ${seconds} s] $*" | tee -a "$log" "$OUT/device.txt"
+    fi
+    [ $rc -eq 0 ] || status=1
+    return $rc
+}
+bench() {  # bench NAME SECONDS ARGS...: icnet-bench -> $OUT/b_NAME.json, log in $OUT/bench.log
+    local name=$1 seconds=$2
+    shift 2
+    echo "== $name: icnet-bench $*" >> "$OUT/bench.log"
+    limited "$seconds" "$OUT/bench.log" python3 -m icnet_ros.tools.bench --device cuda --json "$OUT/b_$name.json" "$@"
+}
 for step in "$@"; do
     start=$SECONDS
     case $step in
     check)
-        python3 -m pytest -q -ra -p no:cacheprovider test/test_engine_cuda.py test/test_backend_tensorrt.py \
-            test/test_backend_onnxruntime.py test/test_export.py test/test_engine_config.py test/test_optimize.py \
-            test/test_engine.py test/test_model.py test/test_bench.py test/test_convert.py test/test_train.py \
-            > "$OUT/pytest_gpu.log" 2>&1 || status=1
+        limited 150 "$OUT/pytest_gpu.log" python3 -m pytest -v -ra -p no:cacheprovider -m cuda \
+            -o faulthandler_timeout=60 test/test_engine_cuda.py test/test_backend_tensorrt.py \
+            test/test_backend_onnxruntime.py
         tail -5 "$OUT/pytest_gpu.log" ;;
     bench)
-        python3 -m icnet_ros.tools.bench --sweep --device cuda --precision fp32 fp16 bf16 --batch 1 4 \
-            --reference mmseg --stages --ablation --detail icnet_r50:1.0@1024x2048 --iters 50 --warmup 10 \
-            --max-seconds 10 --json "$OUT/bench_gpu.json" --markdown "$OUT/bench_gpu.md" \
-            > "$OUT/bench_grid.log" 2>&1 || status=1
-        python3 -m icnet_ros.tools.bench --model icnet_ros/weights/icnet_camvid.safetensors --device cuda \
-            --size 360x480 720x960 1024x2048 --precision fp32 fp16 --batch 1 4 --iters 100 --warmup 20 \
-            --cuda-graphs --json "$OUT/bench_default.json" > "$OUT/bench_default.log" 2>&1 || status=1
-        for extra in "--cuda-graphs" "--backend onnxruntime tensorrt" "--compile max-autotune-no-cudagraphs"; do
-            # shellcheck disable=SC2086
-            python3 -m icnet_ros.tools.bench --arch icnet_r50 --size 1024x2048 --device cuda --precision fp16 \
-                --batch 1 4 --iters 100 --warmup 20 $extra >> "$OUT/bench_r50_fp16.log" 2>&1 || status=1
-        done
-        grep -h "ratio\|pipeline  median" "$OUT"/bench_*.log | head -40 ;;
+        r50=(--arch icnet_r50 --width 1.0 --size 1024x2048 --precision fp16 --batch 1 4 --iters 100 --warmup 20
+             --max-seconds 8)
+        bench r50 75 "${r50[@]}" --reference mmseg --stages
+        bench graphs 60 "${r50[@]}" --cuda-graphs --backend onnxruntime tensorrt
+        bench default 60 --model icnet_ros/weights/icnet_camvid.safetensors --size 360x480 720x960 1024x2048 \
+            --precision fp32 fp16 --batch 1 --iters 100 --warmup 20 --max-seconds 5 --cuda-graphs
+        bench compile 110 "${r50[@]}" --compile max-autotune-no-cudagraphs
+        bench grid 60 --arch icnet_r18 icnet_r50 --width 1.0 0.5 --size 1024x2048 --precision fp16 --batch 1 \
+            --iters 50 --warmup 10 --max-seconds 4
+        grep -h "ratio\|pipeline  median\|error\|timeout" "$OUT/bench.log" | head -40 ;;
     train|trainval)
         recipe=(config/train/camvid_effnet_lite0.yaml data.root=.carry/data/camvid model.pretrained=null
                 model.init_from=.carry/init.safetensors train.workers=12 train.progress=false)

@@ -17,8 +17,12 @@ def main(argv: list[str]) -> int:
     for kv in argv[3:]:
         if kv.startswith("train.eval_interval="):
             eval_interval = int(kv.split("=", 1)[1])
-    with open(metrics, encoding="utf-8") as f:
-        train = [r for r in map(json.loads, f) if r.get("kind") == "train"]
+    try:
+        with open(metrics, encoding="utf-8") as f:
+            train = [r for r in map(json.loads, f) if r.get("kind") == "train"]
+    except (OSError, ValueError) as e:  # no probe output: one line for train_probe.log
+        print(f"{metrics}: {e} (did the probe run fail?)", file=sys.stderr)
+        return 1
     if not train:
         print(f"{metrics}: no train records (did the probe run fail?)", file=sys.stderr)
         return 1
