@@ -134,7 +134,7 @@ def validate_meta(meta: dict[str, Any]) -> None:
     try:
         config = ICNetConfig.from_dict(meta["arch"])
         class_set = class_set_from_meta(meta)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
         raise CheckpointError(f"invalid checkpoint metadata: {e}") from e
     if class_set.num_classes != config.num_classes:
         raise CheckpointError(f"metadata lists {class_set.num_classes} classes but arch.num_classes is "
@@ -232,7 +232,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: metadata of {len(header[META_KEY])} bytes (at most {MAX_META_BYTES})")
     try:
         meta = json.loads(header[META_KEY])
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, and an integer of over 4300 digits
         raise CheckpointError(f"{path}: metadata is not valid JSON: {str(e)[:200]}") from e
     try:
         validate_meta(meta)
@@ -267,10 +267,10 @@ def _check_shapes_before_loading(path: Path, config: ICNetConfig) -> None:
         own = {k: tuple(v.shape) for k, v in ICNet(config).state_dict().items()}
     with safe_open(str(path), framework="pt") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    _raise_on_mismatch(own, stored, str(path), allow_missing_aux=not config.aux_heads)
+    raise_on_mismatch(own, stored, str(path), allow_missing_aux=not config.aux_heads)
 
 
-def _raise_on_mismatch(own: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]], source: str,
+def raise_on_mismatch(own: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]], source: str,
                        allow_missing_aux: bool) -> None:
     """CheckpointError naming missing and unexpected keys and shape mismatches between a model's state (``own``:
     name -> shape) and a file's (``stored``)."""
@@ -288,12 +288,26 @@ def _raise_on_mismatch(own: dict[str, tuple[int, ...]], stored: dict[str, tuple[
         raise CheckpointError(f"{source} does not match the ICNet architecture: " + "; ".join(problems))
 
 
+#: the tensor types weights may be stored in (converted to the model's on loading)
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
                          allow_missing_aux: bool = True) -> None:
     """Copy ``state`` into ``model`` after checking every key and shape; errors name what is wrong."""
     own = model.state_dict()
-    _raise_on_mismatch({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in state.items()},
+    raise_on_mismatch({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in state.items()},
                        source, allow_missing_aux)
+    wrong = [f"{k} is {str(v.dtype).removeprefix('torch.')}" for k, v in state.items()
+             if (v.dtype not in WEIGHT_DTYPES if own[k].is_floating_point()
+                 else v.is_floating_point() or v.is_complex() or v.dtype == torch.bool)]
+    if wrong:  # a cast would hide it (complex -> real drops a part; bool or int8 weights are not weights)
+        raise CheckpointError(f"{source}: tensors of the wrong type ({'; '.join(wrong[:3])}): weights must be "
+                              "float16, bfloat16, float32 or float64, counters integers")
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{source}: tensor {k} holds NaN or infinite values (a diverged training run?); "
+                                  "not loaded")
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v.to(own[k].dtype))
@@ -415,4 +429,5 @@ def _existing(path: str | os.PathLike) -> Path:
 
 __all__ = ["CheckpointError", "MAX_NETWORK_WIDTH", "MMSEG_NORMALIZATION", "build_meta", "default_model_path",
            "file_sha256", "inference_copy", "load_model", "load_state_dict_into", "network_width_for",
+           "raise_on_mismatch",
            "read_metadata", "save_checkpoint", "validate_meta", "IGNORE_INDEX"]

@@ -137,8 +137,20 @@ def generic_palette(n: int) -> tuple[tuple[int, int, int], ...]:
 
 
 def class_set_from_meta(meta: dict[str, Any]) -> ClassSet:
-    """The class set stored in a checkpoint's metadata (``classes``, ``palette``, ``ignore_index``)."""
-    classes = tuple(meta["classes"])
-    palette = tuple(tuple(int(v) for v in c) for c in meta.get("palette") or generic_palette(len(classes)))
-    return ClassSet(name=meta.get("dataset", "custom"), classes=classes, palette=palette,
-                    ignore_index=int(meta.get("ignore_index", IGNORE_INDEX)))
+    """The class set stored in a checkpoint's metadata (``classes``, ``palette``, ``ignore_index``). Metadata comes
+    from files: values of another type (a string for the class list, "255" or 12.7 or true for a colour value,
+    Infinity) raise ValueError instead of being converted."""
+    classes = meta["classes"]
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"classes must be a list of names, got {repr(classes)[:80]}")
+    palette = meta.get("palette")
+    if palette is None or (isinstance(palette, (list, tuple)) and not palette):
+        palette = generic_palette(len(classes))
+    elif not (isinstance(palette, (list, tuple)) and all(isinstance(c, (list, tuple)) and len(c) == 3 and all(
+            _integer(v) and 0 <= v <= 255 for v in c) for c in palette)):
+        raise ValueError(f"palette must be a list of [R, G, B] integers in 0..255, got {repr(palette)[:80]}")
+    ignore_index = meta.get("ignore_index", IGNORE_INDEX)
+    if not _integer(ignore_index):
+        raise ValueError(f"ignore_index must be an integer, got {repr(ignore_index)[:40]}")
+    return ClassSet(name=meta.get("dataset", "custom"), classes=tuple(classes),
+                    palette=tuple((int(r), int(g), int(b)) for r, g, b in palette), ignore_index=int(ignore_index))

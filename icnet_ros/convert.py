@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from .checkpoint import (MAX_NETWORK_WIDTH, MMSEG_NORMALIZATION, CheckpointError, build_meta, file_sha256,
-                         load_model, load_state_dict_into, record_export, save_checkpoint)
+                         load_model, load_state_dict_into, raise_on_mismatch, record_export, save_checkpoint)
 from .classes import CITYSCAPES, ClassSet, generic_palette
 from .models.icnet import ICNet, ICNetConfig
 from .sizes import MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, MIN_INPUT_SIZE
@@ -60,9 +60,30 @@ def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
+    names = [k for k in tensors if not isinstance(k, str)]
+    if names:
+        raise CheckpointError(f"{path}: tensor names must be text, got {repr(names[0])[:40]}")
+    _check_tensor_storage(path, tensors)
     if all(k.startswith("module.") for k in tensors):  # saved from DataParallel / DDP
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors, meta
+
+
+def _check_tensor_storage(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Each tensor must hold its own values, and all of them together no more bytes than the file: a view with
+    stride 0 (torch.save keeps it) declares any shape over a single stored number, so an 85 KB file imported as a
+    4 GB model."""
+    stored: dict[int, int] = {}
+    for k, v in tensors.items():
+        storage = v.untyped_storage()
+        if not v.is_contiguous() or storage.nbytes() < (v.storage_offset() + v.numel()) * v.element_size():
+            raise CheckpointError(f"{path}: tensor {k} of shape {list(v.shape)} is a view over fewer stored values "
+                                  "than it has (not a state_dict as training saves it); re-save it with contiguous "
+                                  "tensors")
+        stored[storage.data_ptr()] = storage.nbytes()
+    size = path.stat().st_size
+    if sum(stored.values()) > size:
+        raise CheckpointError(f"{path}: its tensors hold {sum(stored.values())} bytes, more than the file's {size}")
 
 
 def _unpickler_reason(error: Exception) -> str | None:
@@ -126,7 +147,10 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
         raise CheckpointError(f"{source}: unsupported ResNet layout ({'Bottleneck' if bottleneck else 'BasicBlock'} "
                               f"blocks per stage {counts}); supported depths 18, 34, 50, 101")
     width = state["backbone.backbone.stem.0.weight"].shape[0] / 32.0
-    ppm = "concat" if "backbone.psp_modules.0.1.conv.weight" in state else "sum"
+    if "backbone.psp_modules.0.1.conv.weight" not in state:  # mmseg's pooling convolves each bin, then concats
+        raise CheckpointError(f"{source}: no pyramid-pooling convolutions (backbone.psp_modules.*): not an mmseg "
+                              "ICNet checkpoint; icnet-convert reads mmseg .pth files and icnet_ros .safetensors")
+    ppm = "concat"
     num_classes = int(state["decode_head.conv_seg.weight"].shape[0])
     aux = "auxiliary_head.0.conv_seg.weight" in state
     try:
@@ -135,15 +159,26 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
         raise CheckpointError(f"{source}: {e}") from e
 
 
+def _color(c: Any) -> bool:
+    return (isinstance(c, (list, tuple)) and len(c) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c))
+
+
 def class_set_from_mmseg_meta(meta: dict[str, Any], num_classes: int) -> ClassSet:
-    dataset_meta = meta.get("dataset_meta") or {}
+    """The class set an mmseg checkpoint's ``meta`` names (``dataset_meta`` or the older ``CLASSES``/``PALETTE``);
+    values of the wrong type or length are not used: Cityscapes' for 19 classes, else numbered generic classes."""
+    dataset_meta = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), dict) else {}
     classes = dataset_meta.get("classes") or meta.get("CLASSES")
     palette = dataset_meta.get("palette") or meta.get("PALETTE")
-    if classes and len(classes) == num_classes:
-        if not palette or len(palette) != num_classes:
+    if (isinstance(classes, (list, tuple)) and len(classes) == num_classes
+            and all(isinstance(c, str) for c in classes)):
+        if not (isinstance(palette, (list, tuple)) and len(palette) == num_classes and all(map(_color, palette))):
             palette = generic_palette(num_classes)
-        return ClassSet(name=str(dataset_meta.get("dataset", "mmseg")), classes=tuple(map(str, classes)),
-                        palette=tuple(tuple(int(v) for v in c) for c in palette))
+        try:
+            return ClassSet(name=str(dataset_meta.get("dataset", "mmseg")), classes=tuple(classes),
+                            palette=tuple(tuple(c) for c in palette))
+        except ValueError:  # names ClassSet refuses (empty, repeated, unprintable): the generic set below
+            pass
     if num_classes == CITYSCAPES.num_classes:
         return CITYSCAPES
     return ClassSet("mmseg", tuple(f"class_{i}" for i in range(num_classes)), generic_palette(num_classes))
@@ -207,6 +242,9 @@ def import_mmseg_checkpoint(path: str | os.PathLike, class_set: ClassSet | None 
     config = infer_config(state, str(path))
     for old, new in _RENAMES:
         state = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state.items()}
+    with torch.device("meta"):  # the inferred architecture checked against the tensors before it is allocated
+        own = {k: tuple(v.shape) for k, v in ICNet(config).state_dict().items()}
+    raise_on_mismatch(own, {k: tuple(v.shape) for k, v in state.items()}, str(path), allow_missing_aux=False)
     model = ICNet(config)
     load_state_dict_into(model, state, source=str(path), allow_missing_aux=False)
     class_set = class_set or class_set_from_mmseg_meta(mm_meta, config.num_classes)

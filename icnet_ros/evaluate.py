@@ -27,6 +27,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -163,6 +164,9 @@ def metrics_report(metrics: dict[str, Any], class_names: Sequence[str]) -> dict[
 def _dataset_class_set(spec: DataSpec, model_classes: ClassSet) -> ClassSet:
     """The dataset's class set; generic folders without a class file take the model's classes (labels hold
     train ids 0..C-1)."""
+    root = Path(spec.root).expanduser()
+    if not root.is_dir():  # before the layout is guessed: a missing root read as a folder of the wrong classes
+        raise DatasetError(f"dataset root not found: {root} (relative paths are taken from {Path.cwd()})")
     layout = detect_layout(spec.root) if spec.layout == "auto" else spec.layout
     try:
         return resolve_class_set(spec, layout)

@@ -142,10 +142,20 @@ def test_missing_unexpected_and_mismatched_keys(tmp_path):
     ({"dataset": None}, r"bad class set \(dataset\) name"),
     ({"dataset": "x" * 101}, r"bad class set \(dataset\) name"),
     ({"classes": ["sky"] * 11}, "class names must be distinct, repeated: sky"),
-    ({"classes": list(range(11))}, "bad class name 0"),
+    ({"classes": list(range(11))}, "classes must be a list of names"),
     ({"classes": ["sky", ""] + [f"c{i}" for i in range(9)]}, "bad class name ''"),
     ({"classes": ["sky", "two\nlines"] + [f"c{i}" for i in range(9)]}, "bad class name 'two\\\\nlines'"),
     ({"classes": ["x" * 101] + [f"c{i}" for i in range(10)]}, "at most 100 characters"),
+    # values of another type are refused, not converted (Infinity was an OverflowError traceback; "abcdefghijk"
+    # 11 classes a..k; "255", true and 12.7 colour values 255, 1 and 12)
+    ({"classes": "abcdefghijk"}, "classes must be a list of names"),
+    ({"palette": [[float("inf"), 0, 0]] * 11}, r"palette must be a list of \[R, G, B\] integers"),
+    ({"palette": [["255", "0", "0"]] * 11}, r"palette must be a list of \[R, G, B\] integers"),
+    ({"palette": [[True, False, True]] * 11}, r"palette must be a list of \[R, G, B\] integers"),
+    ({"palette": [[12.7, 0, 0]] * 11}, r"palette must be a list of \[R, G, B\] integers"),
+    ({"palette": "123"}, r"palette must be a list of \[R, G, B\] integers"),
+    ({"ignore_index": float("inf")}, "ignore_index must be an integer"),
+    ({"ignore_index": 254.9}, "ignore_index must be an integer"),
 ])
 def test_invalid_metadata(tmp_path, patch, match):
     model = build_icnet("icnet_r18", width=0.25, num_classes=11)
@@ -230,6 +240,30 @@ def test_metadata_not_json(tmp_path):
     save_file({"w": torch.zeros(1)}, str(path), metadata={"icnet_ros": "{oops"})
     with pytest.raises(CheckpointError, match="not valid JSON"):
         read_metadata(path)
+    # an integer of 5000 digits: Python's own limit message (no file name, advice to change an interpreter setting)
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"icnet_ros": '{"version": ' + "9" * 5000 + "}"})
+    with pytest.raises(CheckpointError, match=rf"^{path}: metadata is not valid JSON"):
+        read_metadata(path)
+
+
+@pytest.mark.parametrize("name, bad, match", [
+    ("nan", lambda v: torch.full_like(v, float("nan")), "holds NaN or infinite values"),
+    ("inf", lambda v: torch.full_like(v, float("inf")), "holds NaN or infinite values"),
+    ("complex", lambda v: v.to(torch.complex64), "tensors of the wrong type .*complex64"),
+    ("bool", lambda v: v.bool(), "tensors of the wrong type .*bool"),
+    ("int8", lambda v: v.to(torch.int8), "tensors of the wrong type .*int8"),
+])
+def test_weights_that_are_not_finite_floats_are_refused(tmp_path, name, bad, match):
+    """NaN or infinite weights loaded silently (every pixel one class, and a misleading warning about the pyramid
+    pooling's factorization); other types were cast (complex -> real with a PyTorch warning, bool, int8)."""
+    model = build_icnet("icnet_r18", width=0.25, num_classes=11)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    key = "decode_head.conv_seg.weight"
+    state[key] = bad(state[key])
+    path = _with_tensors(tmp_path, f"{name}.safetensors", state, build_meta(model.config, CAMVID))
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_model(path)
+    assert key in str(e.value) and "\n" not in str(e.value)
 
 
 def test_save_is_atomic_and_validates(tmp_path):

@@ -340,12 +340,73 @@ def test_missing_unexpected_and_mismatched_mmseg_keys(tmp_path, mmseg_r18_file):
 def test_infer_config_variants():
     from icnet_ros.models import build_icnet
 
-    for arch, kw in [("icnet_r50", {"width": 0.5}), ("icnet_r50_half", {}), ("icnet_r18", {"aux_heads": False})]:
+    for arch, kw in [("icnet_r50", {"width": 0.5}), ("icnet_r18", {"aux_heads": False})]:
         m = build_icnet(arch, **kw)
         state = {k.replace("backbone.ppm.", "backbone."): v for k, v in m.state_dict().items()}
         cfg = infer_config(state)
         assert (cfg.backbone, cfg.width, cfg.ppm, cfg.aux_heads) == (
             m.config.backbone, m.config.width, m.config.ppm, m.config.aux_heads)
+    # sum pooling (no per-bin convolutions) is not mmseg's: it was imported with mmseg's fusion (13% off)
+    m = build_icnet("icnet_r50_half")
+    with pytest.raises(CheckpointError, match="no pyramid-pooling convolutions .*not an mmseg ICNet checkpoint"):
+        infer_config({k.replace("backbone.ppm.", "backbone."): v for k, v in m.state_dict().items()})
+
+
+def test_hostile_pth_tensors_are_refused_before_memory_is_spent(tmp_path, mmseg_r18_file, monkeypatch):
+    """A stride-0 view declares any shape over one stored number (an 85 KB file imported as a 4.3 GB ResNet-101
+    at width 4, written out as a 4.27 GB checkpoint); a stem claiming width 4 over small tensors built that model
+    (3 GB) before comparing shapes. Views are refused, the inferred model is compared on the meta device first."""
+    import icnet_ros.convert as convert
+
+    src, _ = mmseg_r18_file
+    state, _ = read_torch_checkpoint(src)
+    key = "decode_head.conv_seg.weight"
+    viewed = dict(state, **{key: torch.zeros(1).expand(*state[key].shape)})
+    p = tmp_path / "view.pth"
+    torch.save({"state_dict": viewed}, p)
+    with pytest.raises(CheckpointError, match=f"tensor {key} of shape .* is a view over fewer stored values"):
+        read_torch_checkpoint(p)
+    wide = dict(state, **{"backbone.backbone.stem.0.weight": torch.zeros(128, 3, 3, 3)})  # width 4.0
+    p = tmp_path / "wide.pth"
+    torch.save({"state_dict": wide}, p)
+    built = []
+    real = convert.ICNet
+
+    def recording(config):
+        m = real(config)
+        built.append(next(m.parameters()).device.type)
+        return m
+
+    monkeypatch.setattr(convert, "ICNet", recording)
+    with pytest.raises(CheckpointError, match="does not match the ICNet architecture"):
+        import_mmseg_checkpoint(p)
+    assert built == ["meta"]
+
+
+def test_mmseg_metadata_of_the_wrong_type_and_bad_tensors(tmp_path, mmseg_r18_file, capsys):
+    """mmseg meta values of another type fall back to generic classes (they were TypeError / AttributeError /
+    OverflowError tracebacks); tensor names that are not text and NaN weights are one-line errors."""
+    src, _ = mmseg_r18_file
+    state, _ = read_torch_checkpoint(src)
+    for i, meta in enumerate(({"CLASSES": 3}, {"CLASSES": ("a", "b", "c"), "PALETTE": 7},
+                              {"dataset_meta": ["road"]}, {"CLASSES": ("a", "b", "c"), "PALETTE": [[float("inf"), 0, 0]] * 3},
+                              {"CLASSES": ("a", "b", "c"), "PALETTE": [["1", "2", "3"]] * 3})):
+        p = tmp_path / f"meta{i}.pth"
+        torch.save({"meta": meta, "state_dict": state}, p)
+        model = import_mmseg_checkpoint(p)
+        names = model.meta["classes"]
+        assert names in (["a", "b", "c"], ["class_0", "class_1", "class_2"]), names
+        assert all(isinstance(v, int) for c in model.meta["palette"] for v in c)
+    cases = {"keys": ({0: state[next(iter(state))], **state}, "tensor names must be text"),
+             "nan": (dict(state, **{"decode_head.conv_seg.weight": torch.full_like(
+                 state["decode_head.conv_seg.weight"], float("nan"))}), "holds NaN or infinite values")}
+    for name, (bad, match) in cases.items():
+        p = tmp_path / f"{name}.pth"
+        torch.save({"state_dict": bad}, p)
+        assert convert_main([str(p), str(tmp_path / f"{name}.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
+        assert not (tmp_path / f"{name}.safetensors").exists()
 
 
 def test_convert_averages_native_checkpoints_and_records_them(tmp_path, capsys):

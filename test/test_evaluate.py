@@ -190,6 +190,9 @@ def test_errors_are_reported_with_exit_code_2(capsys, tmp_path, ckpt):
     city = make_checkpoint(tmp_path / "city.safetensors", num_classes=19)
     assert main(["--model", str(city), "--data", str(root)]) == 2
     assert "dataset has 11 classes" in capsys.readouterr().err
+    # a missing root with a model of other classes: said so (it read as a dataset of the wrong classes)
+    assert main(["--model", str(city), "--data", str(tmp_path / "nothing")]) == 2
+    assert "dataset root not found" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing.safetensors"), "--data", str(root)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
 

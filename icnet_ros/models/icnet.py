@@ -10,7 +10,9 @@ implements is ``shared/ICNET.md`` of the project; its section 2 describes the da
 - neck: two cascade feature fusion (CFF) units, 1/32 + 1/16 -> 1/16, then + 1/8 -> 1/8.
 - heads: FCN decode head on the finest fusion; two auxiliary heads (cascade label guidance) in training.
 
-``width`` scales every channel count (1.0 = MMSegmentation-compatible, 0.5 = the paper's compressed model).
+``width`` scales every channel count (1.0 = MMSegmentation-compatible, 0.5 = half width, as the paper's
+compressed model; the paper's own classifier, at 1/4 with x2 and x4 upsampling, is not built: every variant uses
+the FCN head at 1/8).
 """
 from __future__ import annotations
 
@@ -78,12 +80,13 @@ def _is_resnet(name: str) -> bool:
     return name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in RESNET_SPECS
 
 
-# Named architectures (timm-style): the mmseg-compatible models and the paper's compressed model.
+# Named architectures (timm-style): the mmseg-compatible models and a half-width model with the paper's fusion.
 MODEL_CONFIGS: dict[str, ICNetConfig] = {
     "icnet_r18": ICNetConfig(backbone="resnet18"),
     "icnet_r50": ICNetConfig(backbone="resnet50"),
     "icnet_r101": ICNetConfig(backbone="resnet101"),
-    # ResNet-50 with every layer at half width and the paper's sum-PPM / CFF: about 6.7M parameters.
+    # ResNet-50 with every layer at half width and the paper's sum-PPM / CFF: 6.47M parameters (6.39M without the
+    # auxiliary heads).
     "icnet_r50_half": ICNetConfig(backbone="resnet50", width=0.5, ppm="sum", cff="paper"),
 }
 
