@@ -560,7 +560,8 @@ class Segmenter:
         return self.preprocess(frames, order, net_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        """The backend on a prepared batch: logits N x classes x ceil(H/8) x ceil(W/8)."""
+        """The backend on a prepared batch: logits N x classes x ceil(H/8) x ceil(W/8) (twice that with the paper
+        head)."""
         return self.backend(x)
 
     def labels(self, logits: Tensor, out_size: tuple[int, int], want_confidence: bool

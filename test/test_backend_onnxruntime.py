@@ -136,6 +136,18 @@ def test_r50_parity(tmp_path_factory):
         check_parity(model, backend, torch.randn(n, 3, 224, 288, generator=g))
 
 
+def test_paper_head_parity(tmp_path_factory):
+    """The paper's classifier at 1/4 (icnet_r50_half): logits twice the FCN head's size, the output buffer sized by
+    the metadata's architecture (ceil(H/8) was assumed), at an odd aspect ratio and two batch sizes."""
+    ckpt, path = _export(tmp_path_factory, "icnet_r50_half", 0.25, (96, 160), seed=2)
+    backend = open_backend(path, BackendOptions(threads=1))
+    model = load_model(ckpt)
+    assert model.config.head == "paper" and backend.logits_size(96, 160) == (24, 40)
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 2):
+        check_parity(model, backend, torch.randn(n, 3, 96, 160, generator=g))
+
+
 @pytest.mark.slow
 def test_default_model_parity_on_camvid_val(tmp_path):
     files = sorted((require(CAMVID / "val") / "images").iterdir())[:4]

@@ -1,6 +1,7 @@
 """ICNet architecture: shapes at many sizes, train vs eval outputs, presets, width multiplier, config errors."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from icnet_ros.models import MODEL_CONFIGS, CascadeLogits, ICNetConfig, build_icnet, count_parameters
 from icnet_ros.models.resnet import ResNetV1c
@@ -69,10 +70,43 @@ def test_mmseg_entry_and_parameter_counts():
 
 
 def test_paper_compressed_model_size():
-    # ResNet-50 at half width with the paper's sum-PPM: the paper's ~6.7M-parameter compressed model
+    # ResNet-50 at half width with the paper's sum-PPM, CFF and classifier: the paper's ~6.7M-parameter model
     model = build_icnet("icnet_r50_half")
     assert 6.0e6 < count_parameters(model) < 7.0e6
     assert model.config.width == 0.5 and model.config.ppm == "sum" and model.config.cff == "paper"
+    assert model.config.head == "paper" and model.config.output_stride == 4
+
+
+@pytest.mark.parametrize("size", [(64, 64), (97, 131), (160, 224)])
+def test_paper_head_classifies_at_a_quarter(size):
+    """The official release's classifier (spec section 1): the 1/8 fusion upsampled x2, then a 1x1 classifier with
+    bias, at 1/4 (the FCN head has a 3x3 conv-BN-ReLU and classifies at 1/8). logits_size says which size every
+    backend's output buffer must have; training's auxiliary outputs stay at 1/16 and 1/8."""
+    from icnet_ros.models.icnet import PaperHead
+
+    torch.manual_seed(0)
+    fcn = build_icnet("icnet_r18", width=0.25, num_classes=5).eval()
+    paper = build_icnet("icnet_r18", width=0.25, num_classes=5, head="paper").eval()
+    assert isinstance(paper.decode_head, PaperHead) and not hasattr(paper.decode_head, "convs")
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        a, b = fcn(x), paper(x)
+    h8, w8 = -(-size[0] // 8), -(-size[1] // 8)
+    assert a.shape == (2, 5, h8, w8) and fcn.config.logits_size(*size) == (h8, w8)
+    assert b.shape == (2, 5, 2 * h8, 2 * w8) and paper.config.logits_size(*size) == (2 * h8, 2 * w8)
+    # the head is exactly: bilinear x2 of the neck's 1/8 output, then conv_seg
+    with torch.no_grad():
+        neck = paper.neck(*paper.backbone(x))[2]
+        expected = paper.decode_head.conv_seg(F.interpolate(neck, scale_factor=2.0, mode="bilinear",
+                                                            align_corners=False))
+    torch.testing.assert_close(b, expected)
+    paper.train()
+    out = paper(x)
+    assert out.main.shape[2:] == (2 * h8, 2 * w8) and out.sub12.shape[2:] == (h8, w8)
+    sum(t.mean() for t in out).backward()
+    assert paper.decode_head.conv_seg.weight.grad is not None
+    with pytest.raises(ValueError, match="head must be one of"):
+        build_icnet("icnet_r18", head="deeplab")
 
 
 def test_width_multiplier_scales_channels():

@@ -11,7 +11,7 @@ Contract of ``backend(x)``:
   as the model's metadata says (the Segmenter does it), contiguous in ``backend.memory_format``.
   ``N <= backend.max_batch`` when that is set (``N == max_batch`` when ``backend.exact_batch``: the Segmenter
   pads a short batch); ``(H, W) == backend.fixed_size`` when that is set.
-- returns: ``N x classes x ceil(H/8) x ceil(W/8)`` logits, a float tensor (any float dtype) on ``backend.device``.
+- returns: ``N x classes x ceil(H/8) x ceil(W/8)`` logits (twice that with the paper head), a float tensor (any float dtype) on ``backend.device``.
   The caller consumes it before the next call (a backend may return a view of a reused buffer).
 
 Optional: ``backend.warming_up()``, a context manager the Segmenter's warm-up runs inside; what a backend makes
@@ -20,6 +20,7 @@ per input shape there (the torch backend's CUDA graphs) it keeps for its life in
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -98,10 +99,13 @@ def checked_input(backend: Any, x: Tensor, name: str) -> Tensor:
     return x.contiguous()
 
 
-def logits_buffer(x: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
-    """The output tensor a runtime writes for input ``x``: N x classes x ceil(H/8) x ceil(W/8) on x's device."""
+def logits_buffer(x: Tensor, num_classes: int, dtype: torch.dtype,
+                  logits_size: Callable[[int, int], tuple[int, int]]) -> Tensor:
+    """The output tensor a runtime writes for input ``x``: N x classes x ``logits_size(H, W)`` on x's device (the
+    model's :meth:`~icnet_ros.models.icnet.ICNetConfig.logits_size`: ceil(H/8) x ceil(W/8), twice that with the
+    paper head)."""
     n, _, h, w = x.shape
-    return torch.empty((n, num_classes, -(-h // 8), -(-w // 8)), dtype=dtype, device=x.device)
+    return torch.empty((n, num_classes, *logits_size(h, w)), dtype=dtype, device=x.device)
 
 
 __all__ = ["BACKENDS", "Backend", "BackendOptions", "MissingRuntimeError", "checked_input", "logits_buffer",

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..checkpoint import CheckpointError, file_sha256
 from ..export import INPUT_NAME, MAX_EXPORT_BATCH, OUTPUT_NAME, export_record, profile_batch, read_onnx_metadata
+from ..models.icnet import ICNetConfig
 from .base import BackendOptions, checked_input, logits_buffer, require
 
 _TYPES: dict[str, tuple[torch.dtype, type]] = {"tensor(float)": (torch.float32, np.float32),
@@ -175,12 +176,12 @@ class OnnxRuntimeBackend:
             raise CheckpointError(f"{self.path}: the graph's input is {h}x{w}, the metadata's network_size "
                                   f"{network[0]}x{network[1]}; a model file sets one network size")
         self.num_classes = int(self.meta["arch"]["num_classes"])
+        self.logits_size = ICNetConfig.from_dict(self.meta["arch"]).logits_size  # validated with the metadata
         # the logits must be what the metadata says (labels index its classes): the class axis where the graph fixes
         # it (ORT checks the rest against the bound output buffer when running)
-        expected = (self.max_batch if self.exact_batch else None, self.num_classes, -(-network[0] // 8),
-                    -(-network[1] // 8))
+        expected = (self.max_batch if self.exact_batch else None, self.num_classes, *self.logits_size(*network))
         if len(out.shape) != 4:
-            raise CheckpointError(f"{self.path}: the graph's output is {out.shape}, not N x classes x H/8 x W/8")
+            raise CheckpointError(f"{self.path}: the graph's output is {out.shape}, not N x classes x H x W logits")
         for name, got, want in zip(("batch", "class", "height", "width"), out.shape, expected):
             if isinstance(got, int) and want is not None and got != want:
                 raise CheckpointError(f"{self.path}: the graph's output {name} dimension is {got}, the metadata "
@@ -188,7 +189,7 @@ class OnnxRuntimeBackend:
 
     def __call__(self, x: Tensor) -> Tensor:
         x = checked_input(self, x, self.path.name)
-        out = logits_buffer(x, self.num_classes, self.output_dtype)
+        out = logits_buffer(x, self.num_classes, self.output_dtype, self.logits_size)
         # IO binding on both devices: ORT reads the input tensor's memory and writes the preallocated output
         b, kind, idx = self._binding, self.device.type, self.device.index or 0
         b.bind_input(INPUT_NAME, kind, idx, self._np_in, list(x.shape), x.data_ptr())

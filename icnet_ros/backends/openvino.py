@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import META_KEY, CheckpointError, default_model_path
+from ..models.icnet import ICNetConfig
 from ..preprocess import Normalizer
 from .base import BackendOptions, require
 
@@ -316,6 +317,7 @@ class OpenVINOBackend:
                                   f"{MAX_EXPORT_BATCH}")
         self.exact_batch = self.max_batch is not None
         self.num_classes = int(self.meta["arch"]["num_classes"])
+        self.logits_size = ICNetConfig.from_dict(self.meta["arch"]).logits_size  # validated with the metadata
         self._check_output(ov_model.outputs[0].get_partial_shape())
         self.int8 = any(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ops())
         precision = options.precision
@@ -358,13 +360,13 @@ class OpenVINOBackend:
 
     def _logits_shape(self, batch: int | None) -> tuple[int | None, int, int, int]:
         h, w = self.fixed_size  # type: ignore[misc]
-        return (batch, self.num_classes, -(-h // 8), -(-w // 8))
+        return (batch, self.num_classes, *self.logits_size(h, w))
 
     def _check_output(self, shape: Any) -> None:
         """The model's output (partial) shape against the metadata's logits where it is static: labels index the
         metadata's classes, so a model with more output classes than it lists must not run."""
         if shape.rank.is_dynamic or shape.rank.get_length() != 4:
-            raise CheckpointError(f"{self.path}: the model's output is {shape}, not N x classes x H/8 x W/8")
+            raise CheckpointError(f"{self.path}: the model's output is {shape}, not N x classes x H x W logits")
         for i, (name, want) in enumerate(zip(("batch", "class", "height", "width"),
                                              self._logits_shape(self.max_batch))):
             if want is not None and shape[i].is_static and shape[i].get_length() != want:

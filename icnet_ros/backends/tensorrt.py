@@ -48,6 +48,7 @@ from torch import Tensor
 from ..checkpoint import CheckpointError, file_sha256
 from ..export import (INPUT_NAME, MAX_EXPORT_BATCH, MAX_METADATA_BYTES, OUTPUT_NAME, export_record,
                       parse_export_meta, profile_batch, read_onnx_metadata)
+from ..models.icnet import ICNetConfig
 from .base import BackendOptions, checked_input, logits_buffer, require
 
 log = logging.getLogger(__name__)
@@ -384,6 +385,7 @@ class TensorRTBackend:
         self.input_dtype = _torch_dtype(trt, engine.get_tensor_dtype(INPUT_NAME))
         self.output_dtype = _torch_dtype(trt, engine.get_tensor_dtype(OUTPUT_NAME))
         self.num_classes = int(self.meta["arch"]["num_classes"])
+        self.logits_size = ICNetConfig.from_dict(self.meta["arch"]).logits_size  # validated with the metadata
         in_shape = tuple(int(d) for d in engine.get_tensor_shape(INPUT_NAME))
         network = tuple(self.meta["network_size"])
         if (len(in_shape) != 4 or in_shape[1] != 3 or in_shape[2:] != network
@@ -392,12 +394,13 @@ class TensorRTBackend:
                                   f"N x 3 x {network[0]} x {network[1]}; rebuild the engine from its ONNX export")
         n, _, h, w = in_shape
         # TensorRT writes the output at the engine's shape into the buffer the metadata sizes: they must agree
+        lh, lw = self.logits_size(h, w)
         problem = logits_shape_problem(engine.get_tensor_shape(OUTPUT_NAME),
-                                       (None if n == -1 else n, self.num_classes, -(-h // 8), -(-w // 8)))
+                                       (None if n == -1 else n, self.num_classes, lh, lw))
         if problem:
             raise CheckpointError(f"{self.path}: the engine's output {problem} (the metadata lists "
                                   f"{self.num_classes} classes at {h}x{w}: logits N x {self.num_classes} x "
-                                  f"{-(-h // 8)} x {-(-w // 8)}); not the engine of this model")
+                                  f"{lh} x {lw}); not the engine of this model")
         self.fixed_size: tuple[int, int] | None = (h, w)
         if n == -1:
             self.max_batch: int | None = int(engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
@@ -437,7 +440,7 @@ class TensorRTBackend:
 
     def __call__(self, x: Tensor) -> Tensor:
         x = checked_input(self, x, self.path.name)
-        out = logits_buffer(x, self.num_classes, self.output_dtype)
+        out = logits_buffer(x, self.num_classes, self.output_dtype, self.logits_size)
         ctx = self.context
         if not ctx.set_input_shape(INPUT_NAME, tuple(x.shape)):
             raise RuntimeError(f"TensorRT refused the input shape {tuple(x.shape)} for {self.path.name}")
@@ -469,10 +472,11 @@ class TensorRTBackend:
 
 def logits_shape_problem(shape: Any, expected: tuple[int | None, ...]) -> str | None:
     """How an engine's output dims ``shape`` (-1: dynamic, resolved when running) disagree with the logits the
-    metadata expects, ``expected`` = (N or None for any, classes, ceil(H/8), ceil(W/8)); None when they agree."""
+    metadata expects, ``expected`` = (N or None for any, classes, logits H, logits W: ceil(H/8) x ceil(W/8), twice
+    that with the paper head); None when they agree."""
     dims = tuple(int(d) for d in shape)
     if len(dims) != len(expected):
-        return f"has {len(dims)} dimensions {list(dims)}, not N x classes x H/8 x W/8"
+        return f"has {len(dims)} dimensions {list(dims)}, not N x classes x H x W logits"
     for name, got, want in zip(("batch", "class", "height", "width"), dims, expected):
         if want is not None and got != -1 and got != want:
             return f"{name} dimension is {got}, expected {want}"

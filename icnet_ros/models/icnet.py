@@ -8,11 +8,12 @@ implements is ``shared/ICNET.md`` of the project; its section 2 describes the da
 - encoder (pluggable, :class:`~icnet_ros.models.resnet.CascadeEncoder`) on the image at 1/2 -> the medium feature
   (1/16, through ``conv_sub2``) and the low feature (1/32, through pyramid pooling and ``conv_sub4``).
 - neck: two cascade feature fusion (CFF) units, 1/32 + 1/16 -> 1/16, then + 1/8 -> 1/8.
-- heads: FCN decode head on the finest fusion; two auxiliary heads (cascade label guidance) in training.
+- heads: FCN decode head on the finest fusion (or the paper's classifier at 1/4); two auxiliary heads (cascade label
+  guidance) in training.
 
-``width`` scales every channel count (1.0 = MMSegmentation-compatible, 0.5 = half width, as the paper's
-compressed model; the paper's own classifier, at 1/4 with x2 and x4 upsampling, is not built: every variant uses
-the FCN head at 1/8).
+``width`` scales every channel count (1.0 = MMSegmentation-compatible, 0.5 = the paper's compressed model, whose
+preset ``icnet_r50_half`` also takes the paper's pooling, fusion and classifier: ``head="paper"``, x2 upsample and a
+1x1 classifier at 1/4, instead of the FCN head at 1/8).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .resnet import RESNET_SPECS, ResNetV1c, init_weights, scale_channels
 MIN_INPUT_SIZE = 64
 PPM_STYLES = ("concat", "sum")
 CFF_STYLES = ("mmseg", "paper")
+HEAD_STYLES = ("fcn", "paper")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class ICNetConfig:
     cff: str = "mmseg"  # "mmseg": both CFF convs conv-BN-ReLU; "paper": conv-BN only, ReLU after the sum
     aux_heads: bool = True  # the two cascade-label-guidance heads (training only; may be dropped for deployment)
     aux_dropout: float = 0.1
+    head: str = "fcn"  # "fcn": MMSegmentation (3x3 conv-BN-ReLU + 1x1 classifier at 1/8); "paper": x2 upsample,
+    #                    1x1 classifier at 1/4 (the official release's conv6_cls)
 
     def __post_init__(self) -> None:  # also the check of a checkpoint's metadata: every value is typed here
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
@@ -59,10 +63,23 @@ class ICNetConfig:
             raise ValueError(f"ppm must be one of {PPM_STYLES}, got {self.ppm!r}")
         if self.cff not in CFF_STYLES:
             raise ValueError(f"cff must be one of {CFF_STYLES}, got {self.cff!r}")
+        if self.head not in HEAD_STYLES:
+            raise ValueError(f"head must be one of {HEAD_STYLES}, got {self.head!r}")
         if not isinstance(self.backbone, str) or not (_is_resnet(self.backbone) or self.backbone in (
                 "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")):
             raise ValueError(f"unknown backbone {self.backbone!r}: expected resnet{{{','.join(map(str, RESNET_SPECS))}}}"
                              " or efficientnet_lite{0,1,2}")
+
+    @property
+    def output_stride(self) -> int:
+        """How many input pixels one logit covers per side: 8 (FCN head), 4 (paper head)."""
+        return 4 if self.head == "paper" else 8
+
+    def logits_size(self, height: int, width: int) -> tuple[int, int]:
+        """The main logits' (H, W) for a network input of ``height`` x ``width``: ceil(H/8) x ceil(W/8) at 1/8,
+        twice that with the paper head (its x2 upsample of the 1/8 map)."""
+        h, w = -(-int(height) // 8), -(-int(width) // 8)
+        return (2 * h, 2 * w) if self.head == "paper" else (h, w)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,9 +102,8 @@ MODEL_CONFIGS: dict[str, ICNetConfig] = {
     "icnet_r18": ICNetConfig(backbone="resnet18"),
     "icnet_r50": ICNetConfig(backbone="resnet50"),
     "icnet_r101": ICNetConfig(backbone="resnet101"),
-    # ResNet-50 with every layer at half width and the paper's sum-PPM / CFF: 6.47M parameters (6.39M without the
-    # auxiliary heads).
-    "icnet_r50_half": ICNetConfig(backbone="resnet50", width=0.5, ppm="sum", cff="paper"),
+    # the paper's compressed model: ResNet-50 with every layer at half width, the paper's sum-PPM, CFF and classifier
+    "icnet_r50_half": ICNetConfig(backbone="resnet50", width=0.5, ppm="sum", cff="paper", head="paper"),
 }
 
 
@@ -212,10 +228,22 @@ class FCNHead(nn.Module):
         return self.conv_seg(self.dropout(self.convs(x)))
 
 
+class PaperHead(nn.Module):
+    """The official release's classifier: the 1/8 fusion upsampled x2 (bilinear), then a 1x1 classifier with bias
+    (``conv_seg``) at 1/4; the logits are upsampled to the input size afterwards, as every head's are."""
+
+    def __init__(self, cin: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv_seg = nn.Conv2d(cin, num_classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv_seg(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
+
+
 class CascadeLogits(NamedTuple):
     """Training-mode output of :class:`ICNet`, for cascade label guidance. All logits are unnormalised.
 
-    ``main``: finest prediction (1/8); ``sub24``: from the 1/32+1/16 fusion (1/16); ``sub12``: from the 1/16+1/8
+    ``main``: finest prediction (1/8; 1/4 with the paper head); ``sub24``: from the 1/32+1/16 fusion (1/16); ``sub12``: from the 1/16+1/8
     fusion's low path (1/8). ``sub24``/``sub12`` are None for a model built without auxiliary heads.
     """
 
@@ -225,8 +253,9 @@ class CascadeLogits(NamedTuple):
 
 
 class ICNet(nn.Module):
-    """ICNet. In eval mode ``model(x)`` returns the main logits, N x classes x ceil(H/8) x ceil(W/8); in training
-    mode a :class:`CascadeLogits`. ``x`` is a normalised N x 3 x H x W float tensor, H and W >= 64."""
+    """ICNet. In eval mode ``model(x)`` returns the main logits, N x classes x ceil(H/8) x ceil(W/8) (twice that
+    with the paper head: :meth:`ICNetConfig.logits_size`); in training mode a :class:`CascadeLogits`. ``x`` is a
+    normalised N x 3 x H x W float tensor, H and W >= 64."""
 
     def __init__(self, config: ICNetConfig, encoder: nn.Module | None = None) -> None:
         super().__init__()
@@ -237,7 +266,8 @@ class ICNet(nn.Module):
         self.backbone = ICNetBackbone(encoder, width=w, ppm=config.ppm)
         neck_channels = scale_channels(128, w)
         self.neck = ICNeck(self.backbone.out_channels, neck_channels, style=config.cff)
-        self.decode_head = FCNHead(neck_channels, neck_channels, config.num_classes)
+        self.decode_head: nn.Module = (PaperHead(neck_channels, config.num_classes) if config.head == "paper"
+                                       else FCNHead(neck_channels, neck_channels, config.num_classes))
         self.auxiliary_head: nn.ModuleList | None = None
         if config.aux_heads:
             self.auxiliary_head = nn.ModuleList(

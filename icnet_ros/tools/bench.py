@@ -184,9 +184,9 @@ def reference_depth(model: nn.Module) -> tuple[int, float, str | None]:
     if not (cfg.backbone.startswith("resnet") and cfg.backbone[6:].isdigit()):
         raise ValueError(f"no mmseg reference for backbone {cfg.backbone!r} (mmseg's ICNet uses ResNetV1c)")
     caveat = None
-    if cfg.ppm != "concat" or cfg.cff != "mmseg":
-        caveat = (f"model uses ppm={cfg.ppm!r}/cff={cfg.cff!r}; the mmseg reference uses the concat PPM and mmseg "
-                  "CFF (slightly more work)")
+    if cfg.ppm != "concat" or cfg.cff != "mmseg" or cfg.head != "fcn":
+        caveat = (f"model uses ppm={cfg.ppm!r}/cff={cfg.cff!r}/head={cfg.head!r}; the mmseg reference uses the concat "
+                  "PPM, mmseg CFF and the FCN head at 1/8")
     return int(cfg.backbone[6:]), float(cfg.width), caveat
 
 
