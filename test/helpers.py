@@ -91,3 +91,18 @@ def export_meta(ckpt, size=(64, 64), **changes):
     meta["provenance"]["exported"] = {"format": "onnx", "size": list(size), "batch": 1, "dynamic_batch": True}
     meta.update(changes)
     return meta
+
+
+def record_icnet_builds(monkeypatch, module) -> list[str]:
+    """Replace ``module.ICNet`` by a wrapper that records the device type of every model it builds (``meta``: no
+    memory); returns that list."""
+    built: list[str] = []
+    real = module.ICNet
+
+    def recording(config):
+        m = real(config)
+        built.append(next(m.parameters()).device.type)
+        return m
+
+    monkeypatch.setattr(module, "ICNet", recording)
+    return built

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import make_checkpoint
+from helpers import make_checkpoint, record_icnet_builds
 from icnet_ros import CheckpointError, build_icnet, load_model, read_metadata, save_checkpoint
 from icnet_ros.checkpoint import build_meta
 from icnet_ros.classes import CAMVID
@@ -221,15 +221,7 @@ def test_a_huge_architecture_in_a_small_file_is_refused_before_it_is_built(tmp_p
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     arch = {**model.config.to_dict(), "backbone": "resnet101", "width": 4.0}
     path = _with_tensors(tmp_path, "huge.safetensors", state, {**build_meta(model.config, CAMVID), "arch": arch})
-    built = []
-    real = checkpoint.ICNet
-
-    def recording(config):
-        m = real(config)
-        built.append(next(m.parameters()).device.type)
-        return m
-
-    monkeypatch.setattr(checkpoint, "ICNet", recording)
+    built = record_icnet_builds(monkeypatch, checkpoint)
     with pytest.raises(CheckpointError, match="does not match the ICNet architecture: .* missing keys"):
         load_model(path)
     assert built == ["meta"]

@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+from helpers import record_icnet_builds
 
 from icnet_ros import CheckpointError, load_model, read_metadata
 from icnet_ros.convert import import_mmseg_checkpoint, infer_config, read_torch_checkpoint, stored_fp16
@@ -369,15 +370,7 @@ def test_hostile_pth_tensors_are_refused_before_memory_is_spent(tmp_path, mmseg_
     wide = dict(state, **{"backbone.backbone.stem.0.weight": torch.zeros(128, 3, 3, 3)})  # width 4.0
     p = tmp_path / "wide.pth"
     torch.save({"state_dict": wide}, p)
-    built = []
-    real = convert.ICNet
-
-    def recording(config):
-        m = real(config)
-        built.append(next(m.parameters()).device.type)
-        return m
-
-    monkeypatch.setattr(convert, "ICNet", recording)
+    built = record_icnet_builds(monkeypatch, convert)
     with pytest.raises(CheckpointError, match="does not match the ICNet architecture"):
         import_mmseg_checkpoint(p)
     assert built == ["meta"]
