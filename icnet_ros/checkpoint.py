@@ -344,8 +344,8 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
 
 
 def default_model_path() -> Path:
-    """The default model: ``$ICNET_ROS_DEFAULT_MODEL`` when set (a site-wide choice), else the package's own,
-    ``icnet_ros/weights/`` (pip) or ``share/icnet_ros/models`` (colcon)."""
+    """The default model: ``$ICNET_ROS_DEFAULT_MODEL`` when set (a site-wide choice), else the package's own in
+    ``icnet_ros/weights/`` (installed inside the package by pip and by colcon alike)."""
     override = os.environ.get(DEFAULT_MODEL_ENV)
     if override:
         p = Path(override).expanduser()
@@ -354,18 +354,10 @@ def default_model_path() -> Path:
         raise CheckpointError(f"the default model is not installed: {DEFAULT_MODEL_ENV}={override} is not a file; "
                               "pass a model path")
     name = "icnet_camvid.safetensors"
-    candidates = [Path(__file__).resolve().parent / "weights" / name]
-    try:  # colcon / ament install
-        from ament_index_python.packages import get_package_share_directory
-
-        candidates.append(Path(get_package_share_directory("icnet_ros")) / "models" / name)
-    except Exception:  # noqa: BLE001 - no ament index (plain pip install) or package not in it
-        pass
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise CheckpointError("the default model is not installed (looked in: "
-                          + ", ".join(str(c) for c in candidates) + "); pass a model path")
+    path = Path(__file__).resolve().parent / "weights" / name
+    if path.is_file():
+        return path
+    raise CheckpointError(f"the default model is not installed (looked in: {path}); pass a model path")
 
 
 def inference_copy(model_or_path: Any) -> tuple[nn.Module, dict[str, Any]]:

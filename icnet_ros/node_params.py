@@ -328,6 +328,38 @@ def parse(values: dict[str, Any]) -> NodeConfig:
         diagnostics_period=v["diagnostics_period"], num_threads=v["num_threads"], autostart=v["autostart"])
 
 
+def params_file_values(doc: Any, node_name: str = "icnet_node") -> dict[str, Any]:
+    """The parameters a params file (parsed YAML, ``doc``) gives a node called ``node_name``: its sections whose
+    last key is the node's name or a wildcard (``/**``, ``*``), at any namespace depth, in file order (later wins,
+    as rcl applies them). Namespaces are not compared: a section for a node of this name in another namespace is
+    included (this serves checks before the node starts, where the node itself would refuse a bad value)."""
+    found: dict[str, Any] = {}
+
+    def walk(section: Any, depth: int) -> None:
+        if not isinstance(section, dict) or depth > 32:
+            return
+        for key, value in section.items():
+            if not isinstance(value, dict):
+                continue
+            name = str(key).rstrip("/").rsplit("/", 1)[-1]
+            if "ros__parameters" in value and name in (node_name, "*", "**"):
+                params = value["ros__parameters"]
+                if isinstance(params, dict):
+                    found.update(params)
+            walk(value, depth + 1)
+
+    walk(doc, 0)
+    return found
+
+
+def check_params_file_values(doc: Any, node_name: str = "icnet_node", skip: Any = ()) -> dict[str, Any]:
+    """:func:`check_value` for every known parameter :func:`params_file_values` finds, except those in ``skip``
+    (given another value elsewhere; unknown names are left to the node); returns the checked values. Raises
+    :class:`ParameterError`."""
+    return {k: check_value(k, v) for k, v in params_file_values(doc, node_name).items() if k in SPECS
+            and k not in skip}
+
+
 def warmup_problem(engine: SegmenterConfig, max_pixels: int) -> str | None:
     """Why the engine's warm-up sizes do not suit a node with this ``max_pixels`` (None when they do): a warm-up
     frame is bounded like the frames themselves."""

@@ -24,7 +24,7 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
-from icnet_ros.node_params import NODE_NAME, ParameterError, check_value
+from icnet_ros.node_params import NODE_NAME, ParameterError, check_params_file_values, check_value
 
 PACKAGE = "icnet_ros"
 # launch argument -> icnet_node parameter it overrides when not empty
@@ -63,12 +63,20 @@ def _icnet_node(context):
                 overrides[parameter] = check_value(parameter, value)
             except ParameterError as e:
                 raise RuntimeError(f"{NODE_NAME}: error: {e}") from None
-    model = overrides.get("model")
-    if model and not os.path.isfile(os.path.expanduser(model)):  # the node would exit 2 while the launch exits 0
-        raise RuntimeError(f"{NODE_NAME}: error: model {model!r} is not a file")
     params_file = LaunchConfiguration("params_file").perform(context)
     if not os.path.isfile(params_file):
-        raise RuntimeError(f"params_file {params_file!r} does not exist")
+        raise RuntimeError(f"params_file {params_file!r} is not a file" if os.path.exists(params_file)
+                           else f"params_file {params_file!r} does not exist")
+    try:  # the file's values too: a bad one made the node exit 2 while `ros2 launch` exited 0
+        with open(params_file, encoding="utf-8") as f:
+            from_file = check_params_file_values(yaml.safe_load(f), NODE_NAME, skip=overrides)
+    except ParameterError as e:
+        raise RuntimeError(f"{NODE_NAME}: error: {e} (in {params_file})") from None
+    except (OSError, yaml.YAMLError):
+        from_file = {}  # unreadable or not YAML: the node's own one-line error says so
+    model = overrides.get("model", from_file.get("model"))
+    if model and not os.path.isfile(os.path.expanduser(model)):  # the node would exit 2 while the launch exits 0
+        raise RuntimeError(f"{NODE_NAME}: error: model {model!r} is not a file")
     return [Node(
         package=PACKAGE,
         executable="icnet_node",

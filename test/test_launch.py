@@ -56,7 +56,7 @@ def assert_clean_exit(launched: Launched, seconds: float) -> None:
 
 def test_colcon_install_runs_with_the_building_python(colcon_ws: Workspace):
     """`python -m colcon build` from a venv (the README's recipe) installs executables whose shebang is that venv's
-    Python, so `ros2 run` and `ros2 launch` find torch there; the launch file, config and model land in share/."""
+    Python, so `ros2 run` and `ros2 launch` find torch there; the launch file and config land in share/, the model inside the package."""
     import sys
 
     exe = colcon_ws.prefix / "lib" / "icnet_ros" / "icnet_node"
@@ -65,7 +65,7 @@ def test_colcon_install_runs_with_the_building_python(colcon_ws: Workspace):
     share = colcon_ws.prefix / "share" / "icnet_ros"
     for rel in ("launch/icnet.launch.py", "config/icnet.yaml", "config/icnet.rviz", "package.xml"):
         assert (share / rel).is_file(), rel
-    assert list((share / "models").glob("*.safetensors"))
+    assert list(colcon_ws.prefix.glob("lib/python*/site-packages/icnet_ros/weights/*.safetensors"))
     assert (colcon_ws.prefix / "share" / "ament_index" / "resource_index" / "packages" / "icnet_ros").is_file()
     out = ros2(colcon_ws, "pkg", "executables", "icnet_ros")
     assert "icnet_ros icnet_node" in out.stdout, out.stdout + out.stderr
@@ -182,6 +182,23 @@ def test_bad_arguments_get_the_nodes_own_error(colcon_ws: Workspace, tmp_path: P
         errors = [line for line in out.splitlines() if "ERROR" in line]
         assert len(errors) == 1 and errors[0].endswith(f"icnet_node: error: {message}"), out
         assert status != 0 and "process started" not in out and TRACEBACK not in out, out
+    finally:
+        launched.kill()
+
+
+def test_a_bad_value_in_the_params_file_ends_the_launch_with_a_failure(colcon_ws: Workspace, tmp_path: Path):
+    """A bad value in the params file (not a launch argument) made the node exit 2 while `ros2 launch` exited 0:
+    the launch checks the file's values for this node with the node's own rules."""
+    params = tmp_path / "bad.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    device: gpu\n")
+    launched = Launched([*LAUNCH, f"params_file:={params}"], colcon_ws, tmp_path)
+    try:
+        status = launched.wait(60)
+        out = launched.output()
+        errors = [line for line in out.splitlines() if "ERROR" in line]
+        assert len(errors) == 1 and "icnet_node: error: parameter 'device' = 'gpu': must be auto, cpu" in errors[0]
+        assert f"(in {params})" in errors[0] and status != 0 and "process started" not in out, out
+        assert TRACEBACK not in out, out
     finally:
         launched.kill()
 

@@ -203,3 +203,24 @@ def test_readme_lists_each_parameter_under_its_kind():
     assert rows["live"] == {p.name for p in params if not p.read_only and not p.hot_swap}
     assert rows["hot swap"] == {p.name for p in params if p.hot_swap}
     assert rows["read-only"] == {p.name for p in params if p.read_only}
+
+
+def test_params_file_values_for_the_node_are_checked_with_its_rules():
+    """What the launch file checks before starting the node: the sections of a params file that apply to
+    icnet_node (``/**``, its name, under namespaces, later wins), with the node's own rules; other nodes' sections
+    and values given as launch arguments (``skip``) are left alone."""
+    import yaml
+
+    from icnet_ros.node_params import (ParameterError, check_params_file_values, defaults,
+                                       params_file_values)
+
+    shipped = yaml.safe_load((REPO / "config" / "icnet.yaml").read_text())
+    assert check_params_file_values(shipped) == defaults()
+    doc = {"/**": {"ros__parameters": {"device": "cpu", "num_threads": 2}},
+           "other_node": {"ros__parameters": {"device": "anything"}},
+           "robot1": {"icnet_node": {"ros__parameters": {"device": "gpu", "unknown_name": 1}}}}
+    assert params_file_values(doc) == {"device": "gpu", "num_threads": 2, "unknown_name": 1}
+    with pytest.raises(ParameterError, match="parameter 'device' = 'gpu': must be auto, cpu"):
+        check_params_file_values(doc)
+    assert check_params_file_values(doc, skip={"device": "cpu"}) == {"num_threads": 2}
+    assert params_file_values("not a mapping") == {} and params_file_values(None) == {}

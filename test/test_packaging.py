@@ -28,8 +28,12 @@ def test_package_xml_is_format3_ament_python():
     root = ET.parse(REPO / "package.xml").getroot()
     assert root.get("format") == "3" and root.findtext("name") == "icnet_ros"
     deps = {e.text for e in root.findall("exec_depend")}
-    assert {"rclpy", "sensor_msgs", "std_msgs", "diagnostic_msgs", "python3-numpy", "python3-opencv",
-            "python3-yaml"} <= deps
+    assert {"rclpy", "rcl_interfaces", "sensor_msgs", "std_msgs", "diagnostic_msgs", "python3-numpy",
+            "python3-opencv", "python3-yaml"} <= deps
+    # the code's license and the bundled weights' (non-commercial), each with its file
+    licenses = {e.text: e.get("file") for e in root.findall("license")}
+    assert licenses == {"Apache-2.0": "LICENSE", "CC-BY-NC-4.0": "icnet_ros/weights/LICENSE.md"}
+    assert all((REPO / f).is_file() for f in licenses.values())
     assert root.find("export/build_type").text == "ament_python"
     assert (REPO / "resource" / "icnet_ros").is_file()
 
@@ -55,5 +59,11 @@ def test_colcon_build_installs_ros_layout(tmp_path):
     for rel in ["package.xml", "launch/icnet.launch.py", "config/icnet.yaml", "config/icnet.rviz"]:
         assert (share / rel).is_file(), rel
     assert (prefix / "share" / "ament_index" / "resource_index" / "packages" / "icnet_ros").is_file()
+    # the default model once, inside the package, with its license (it was also copied to share/icnet_ros/models,
+    # never read from there: the wheel was twice the size); the code's license beside package.xml
     shipped = sorted(p.name for p in (REPO / "icnet_ros" / "weights").glob("*.safetensors"))
-    assert sorted(p.name for p in (share / "models").glob("*.safetensors")) == shipped
+    installed = sorted(prefix.glob("lib/python*/site-packages/icnet_ros/weights/*"))
+    assert sorted(p.name for p in installed) == sorted([*shipped, "LICENSE.md"])
+    assert not (share / "models").exists() and (share / "LICENSE").is_file()
+    assert "Apache License" in (share / "LICENSE").read_text()
+    assert "unknown distribution option" not in proc.stderr.lower(), proc.stderr  # setup.py's tests_require
