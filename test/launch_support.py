@@ -27,7 +27,7 @@ import ros_support
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "icnet_ros"
 # What colcon needs of the package (the rest of the repository is not part of it).
-PACKAGE_FILES = ("setup.py", "setup.cfg", "package.xml", "resource", "launch", "config", PACKAGE)
+PACKAGE_FILES = ("setup.py", "setup.cfg", "package.xml", "LICENSE", "resource", "launch", "config", PACKAGE)
 TRACEBACK = "Traceback (most recent call last)"
 
 
