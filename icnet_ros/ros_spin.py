@@ -5,7 +5,10 @@ rclpy's executors collect a node's entities, then add them to a wait set. A subs
 another thread in between leaves its QoS event handler in that list, and adding it raises ``InvalidHandle`` ("cannot
 use Destroyable because destruction was requested") in the spinning thread (ros2/rclpy#1284, #1206). With a plain
 ``executor.spin()`` in a background thread, that ends the thread: every later message is silently lost. The next
-wait set no longer holds the destroyed entity, so spinning on is the fix.
+wait set no longer holds the destroyed entity, so spinning on is the fix. A context shut down while the executor
+builds its wait set (after its ``context.ok()`` check: a signal handler, or another thread's ``rclpy.shutdown``) is
+an ``RCLError`` ("failed to initialize wait set: the given context is not valid") from ``spin()``: that is the
+shutdown it was racing with, and :func:`spin` returns quietly.
 """
 from __future__ import annotations
 
@@ -31,6 +34,10 @@ def spin(executor: Any) -> None:
             return
         except ExternalShutdownException:
             return
+        except _rclpy.RCLError:
+            if not executor.context.ok():  # the context was shut down under the executor: that is a shutdown
+                return
+            raise
         except _rclpy.InvalidHandle:
             now = monotonic()
             failures = failures + 1 if now - last <= RETRY_WINDOW_S else 1

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,6 +289,47 @@ def test_ctrl_c_during_the_export_is_one_line_and_leaves_no_file(tmp_path, ckpt)
     lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("icnet-export")]
     assert proc.returncode == 130 and lines == ["icnet-export: interrupted"] and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_a_model_that_cannot_be_written_is_one_line_and_no_file(tmp_path, ckpt, capsys, fmt):
+    """The disk fills up while the model is written (a real write failure: a file size limit, EFBIG). Before:
+    OpenVINO's 'RuntimeError: basic_ios::clear: iostream error' traceback, and for ONNX 'error: [Errno 27] File
+    too large' naming no file. Now 'cannot write FILE: REASON', exit status 2, no file or temporary file left;
+    the same for a place OpenVINO cannot open its files in (/proc: 'Can't open bin file', a traceback before)."""
+    from test_segment_cli import _file_size_limit
+
+    if fmt == "openvino":
+        pytest.importorskip("openvino")
+    folder = tmp_path / "out"
+    out = folder / f"m.{'xml' if fmt == 'openvino' else 'onnx'}"
+    with _file_size_limit(64 * 1024):
+        rc = export_main([str(ckpt), "--format", fmt, "--size", "128x192", "--output", str(out)])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("icnet-export: error")]
+    assert rc == 2 and "Traceback" not in err and len(errors) == 1, err
+    expected = f"icnet-export: error: cannot write {out}: "
+    assert errors[0] == expected + "File too large" if fmt == "onnx" else errors[0].startswith(expected), errors
+    assert list(folder.iterdir()) == []
+    if fmt == "openvino":
+        proc_out = "/proc/icnet_test_export.xml"
+        assert export_main([str(ckpt), "--format", fmt, "--size", "128x192", "--output", proc_out]) == 2
+        err = capsys.readouterr().err
+        errors = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("icnet-export: error")]
+        assert len(errors) == 1 and errors[0].startswith(f"icnet-export: error: cannot write {proc_out}: "), err
+        assert "Traceback" not in err
+        assert not any(p.name.startswith("icnet_test_export") for p in Path("/proc").iterdir())
+
+
+def test_usage_shows_the_one_size_export_takes(capsys):
+    """--size takes one size (HxW, or H W): the usage said '--size HxW [HxW ...]' and a second size was refused."""
+    from icnet_ros.tools.export import build_parser
+
+    usage = " ".join(build_parser().format_usage().split())
+    assert "--size HxW " in usage and "[HxW ...]" not in usage, usage
+    assert export_main(["m.safetensors", "--format", "onnx", "--size", "352x480", "544x736", "--output",
+                        "m.onnx"]) == 2
+    assert "--size takes one size" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

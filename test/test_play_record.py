@@ -391,6 +391,19 @@ def test_demo_caps_a_folder_at_max_frames_and_skips_an_unreadable_image(checkpoi
     assert len(list(out.glob("*.png"))) == 2
 
 
+def test_demo_summary_without_a_served_frame_has_no_nan(checkpoint: Path, tmp_path: Path):
+    """No frame served (every image of the folder unreadable): the summary said 'latency p50 nan ms, p95 nan ms'."""
+    (tmp_path / "frames").mkdir()
+    for i in range(2):
+        (tmp_path / "frames" / f"frame_{i:03d}.png").write_bytes(b"garbage, not a PNG")
+    res = ros_support.run_module("icnet_ros.tools.demo", [str(tmp_path / "frames"), "--model", str(checkpoint),
+                                                          "--output", str(tmp_path / "out"), "--device", "cpu"],
+                                 timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    summary = next(ln for ln in res.stdout.splitlines() if "published 0 frames" in ln)
+    assert "nan" not in summary and "latency p50 -, p95 -" in summary, summary
+
+
 def test_demo_output_naming_a_file_is_one_line(checkpoint: Path, tmp_path: Path):
     write_frames(tmp_path / "frames", 1)
     (tmp_path / "taken.mp4").write_bytes(b"")
@@ -441,6 +454,75 @@ def test_demo_takes_the_exported_models_its_backends_run(checkpoint: Path, tmp_p
         assert err.startswith(f"icnet-demo: error: {expected}") and err.count("\n") == 1, err
 
 
+def test_demo_refuses_an_output_folder_holding_a_recording(checkpoint: Path, tmp_path: Path):
+    """A second 'icnet-demo VIDEO --max-frames 3 -o DIR' mixed its overlays into the first run's (6 files in DIR).
+    Now refused before anything starts, as icnet-record refuses it: one line, exit status 2, nothing written."""
+    write_frames(tmp_path / "frames", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "000000_1700000000.000000000.png").write_bytes(b"an earlier run's overlay")
+    res = ros_support.run_module("icnet_ros.tools.demo", [str(tmp_path / "frames"), "--model", str(checkpoint),
+                                                          "--output", str(out)], timeout=60)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stdout + res.stderr
+    assert lines[0] == (f"icnet-demo: error: --output {out}: already holds a recording (000000_1700000000.000000000"
+                        ".png); a new one would mix its overlays into it: choose another --output, or remove its "
+                        "files"), lines[0]
+    assert len(list(out.iterdir())) == 1
+
+
+def test_demo_default_output_is_a_new_folder_per_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Without --output (scripts/run.sh VIDEO) each run saves into its own out/overlays/<date>-<time> folder, so a
+    second run neither mixes its overlays into the first one's nor is refused."""
+    from icnet_ros.tools.demo import DEFAULT_OUTPUT, default_output
+
+    monkeypatch.chdir(tmp_path)
+    now = time.mktime((2024, 5, 6, 7, 8, 9, 0, 0, -1))
+    first = default_output(now)
+    assert first == Path(DEFAULT_OUTPUT) / "20240506-070809" and not first.exists()
+    first.mkdir(parents=True)
+    second = default_output(now)  # a second run in the same second
+    assert second == Path(DEFAULT_OUTPUT) / "20240506-070809-2"
+
+
+@pytest.mark.parametrize("output, reason", [("/sys/icnet_rj_out", "cannot create the folder: Operation not "
+                                                                  "permitted"),
+                                            ("/proc/icnet_rj_out", "cannot create the folder: No such file"),
+                                            ("/sys/kernel", "the folder is not writable: Permission denied")])
+def test_demo_output_folder_that_cannot_be_written_is_one_line(checkpoint: Path, tmp_path: Path, output: str,
+                                                               reason: str):
+    """An --output that cannot be created or written (here for root too: /proc, /sys). Before, /sys/x loaded the
+    model and ended in a PermissionError traceback, /sys/kernel played the whole input with an error per frame and
+    'saved 0'. Now one line naming the folder and the reason, exit status 2, before the model is loaded."""
+    write_frames(tmp_path / "frames", 2)
+    res = ros_support.run_module("icnet_ros.tools.demo", [str(tmp_path / "frames"), "--model", str(checkpoint),
+                                                          "--output", output, "--device", "cpu"], timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stdout + res.stderr
+    assert lines[0].startswith(f"icnet-demo: error: --output {output}: {reason}"), lines[0]
+    assert "loading" not in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_run_sh_takes_paths_relative_to_the_callers_folder(checkpoint: Path, tmp_path: Path):
+    """'bash clone/scripts/run.sh frames --model M' from another folder: run.sh changed to the repository root, so
+    relative paths (the input, --model, --output, --video) were looked up there ('input not found'). Now the set-up
+    runs in the repository and the demo in the caller's folder; without --output the overlays go to the caller's
+    ./out/overlays/<date>-<time>/."""
+    import os
+    import subprocess
+
+    write_frames(tmp_path / "frames", 2)
+    model = os.path.relpath(checkpoint, tmp_path)
+    res = subprocess.run(["bash", str(ros_support.REPO / "scripts" / "run.sh"), "frames", "--model", model,
+                          "--video", "overlay.mp4", "--device", "cpu"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=180, env=ros_support.subprocess_env())
+    assert res.returncode == 0, res.stdout + res.stderr
+    runs = list((tmp_path / "out" / "overlays").iterdir())
+    assert len(runs) == 1 and len(list(runs[0].glob("*.png"))) == 2, res.stdout
+    assert (tmp_path / "overlay.mp4").is_file()
+
+
 def test_demo_without_a_model_points_to_the_model_option(tmp_path: Path):
     write_frames(tmp_path / "frames", 1)
     env = dict(ros_support.subprocess_env(), ICNET_ROS_DEFAULT_MODEL=str(tmp_path / "missing.safetensors"))
@@ -473,6 +555,75 @@ def test_demo_live_mode_serves_the_camera_topic_until_ctrl_c(ros: RosHarness, ch
         assert "Traceback" not in demo.output()
     finally:
         demo.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [15, 2], ids=["SIGTERM", "SIGINT"])
+def test_demo_stopped_by_a_signal_while_playing_saves_whole_files_in_one_line(checkpoint: Path, tmp_path: Path,
+                                                                                signum: int):
+    """SIGTERM (timeout, kill) or SIGINT (Ctrl-C) while the demo plays a video. Before, rclpy's signal handlers shut
+    the context down under the player: 'RCLError: Failed to publish: publisher's context is invalid' tracebacks, the
+    node's 'dropping frame (internal_error): RCLError' and now and then the executor thread's 'failed to initialize
+    wait set' traceback. Now playing stops, the node stops, the overlays received are saved (whole PNGs, the --video
+    finished: it opens, with as many frames), one line 'icnet-demo: interrupted', exit status 143 / 130. The signal
+    comes twice at once, as timeout delivers it: the repeat does not break the shutdown (a KeyboardInterrupt in a
+    generator's clean-up: 'Exception ignored in ... VideoFile.__iter__' with its traceback, seen in 2 of 8 runs)."""
+    video = require(VIDEO)
+    out, mp4 = tmp_path / "overlays", tmp_path / "overlay.mp4"
+    demo = Process("icnet_ros.tools.demo", [str(video), "--model", str(checkpoint), "--output", str(out), "--video",
+                                            str(mp4), "--device", "cpu", "--input-size", "128x224"], tmp_path,
+                   name=f"demo_signal_{signum}")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and demo.proc.poll() is None and len(list(out.glob("*.png"))) < 3:
+            time.sleep(0.02)
+        assert demo.proc.poll() is None, demo.output()
+        demo.proc.send_signal(signum)
+        demo.proc.send_signal(signum)  # twice at once, as timeout and ros2 launch deliver it (process and group)
+        status = demo.wait(60)
+    finally:
+        demo.kill()
+    text = demo.output()
+    assert status == 128 + signum, text
+    for bad in ("Traceback", "RCLError", "Exception in thread", "[ERROR]"):
+        assert bad not in text, text
+    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.startswith("icnet-demo: interrupted")]
+    assert len(lines) == 1, text
+    saved = int(re.search(r"saved (\d+) to", lines[0]).group(1))
+    files = sorted(out.iterdir())
+    assert 3 <= saved < 221 and [f.suffix for f in files] == [".png"] * saved, (lines, files)
+    assert all(cv2.imread(str(f)) is not None for f in files)
+    cap = cv2.VideoCapture(str(mp4))
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == saved
+    cap.release()
+
+
+def test_demo_interrupted_while_it_starts_is_one_line(checkpoint: Path, tmp_path: Path):
+    """Ctrl-C while torch is imported (the first seconds): before, a KeyboardInterrupt traceback (main had no
+    handler for it); SIGTERM then: one line too, exit status 143."""
+    import signal
+    import subprocess
+
+    write_frames(tmp_path / "frames", 1)
+
+    def importing_torch(pid: int) -> bool:
+        try:
+            return "libtorch" in (Path("/proc") / str(pid) / "maps").read_text()
+        except OSError:
+            return False
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.demo", str(tmp_path / "frames"), "--model",
+                                 str(checkpoint), "--output", str(tmp_path / "out"), "--device", "cpu"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=ros_support.subprocess_env(), cwd=str(ros_support.REPO),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 60
+        while not importing_torch(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signum and err == "icnet-demo: interrupted\n", (proc.returncode, err)
 
 
 #: a camera_calibration YAML made at 640x480 (fx = fy = 500)

@@ -76,3 +76,70 @@ def test_messages_flow_while_entities_come_and_go(ros: RosHarness):
     assert col.wait_for(lambda msgs: any(m.data == "after" for m in msgs), 10.0), "no message after the cycles"
     ros.unsubscribe(col)
     ros.node.destroy_publisher(pub)
+
+
+def test_a_context_shut_down_while_the_wait_set_is_built_ends_spin_quietly():
+    """rclpy's signal handler (or another thread) shuts the context down after the executor's ``context.ok()``
+    check and before it builds the wait set: rcl refuses the wait set ('failed to initialize wait set: the given
+    context is not valid'), an RCLError out of ``executor.spin()``. That is the shutdown, not an error: spin returns
+    (before: the RCLError ended the demo's executor thread with a traceback). The shutdown is made to happen at that
+    exact point by a waitable of the node that shuts the context down when the executor enters it."""
+    import rclpy
+    from rclpy.callback_groups import ReentrantCallbackGroup
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.waitable import NumberOfEntities, Waitable
+
+    class ShutsDownOnEnter(Waitable):
+        def __init__(self, context: Context) -> None:
+            super().__init__(ReentrantCallbackGroup())
+            self.context = context
+
+        def __enter__(self) -> None:  # the executor enters it while it collects the wait set's entities
+            self.context.try_shutdown()
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def is_ready(self, wait_set: object) -> bool:
+            return False
+
+        def take_data(self) -> None:
+            return None
+
+        async def execute(self, data: object) -> None:
+            return None
+
+        def get_num_entities(self) -> NumberOfEntities:
+            return NumberOfEntities()
+
+        def add_to_wait_set(self, wait_set: object) -> None:
+            pass
+
+    context = Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("icnet_test_spin_shutdown", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    try:
+        node.add_waitable(ShutsDownOnEnter(context))
+        executor.add_node(node)
+        spin(executor)  # returns; before: RCLError
+        assert not context.ok()
+        # an RCLError with the context still valid is a real error: raised
+        other = Context()
+        rclpy.init(context=other)
+        try:
+            class Refuses:
+                context = other
+
+                def spin(self) -> None:
+                    raise _rclpy.RCLError("failed to initialize wait set: something else")
+
+            with pytest.raises(_rclpy.RCLError):
+                spin(Refuses())
+        finally:
+            other.try_shutdown()
+    finally:
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        context.try_shutdown()

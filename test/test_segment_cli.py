@@ -365,16 +365,87 @@ def test_ctrl_c_finishes_the_video_with_the_frames_done(tmp_path, ckpt):
     cap.release()
 
 
-def _interrupt_when(cmd, ready, timeout=60.0):
-    """Run ``cmd``, send SIGINT once ``ready(process)`` is true, return (return code, stderr)."""
+def _interrupt_when(cmd, ready, timeout=60.0, signum=signal.SIGINT):
+    """Run ``cmd``, send ``signum`` (SIGINT) once ``ready(process)`` is true, return (return code, stderr)."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     while not ready(proc) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
+
+
+def test_sigterm_finishes_the_video_as_ctrl_c_does(tmp_path, ckpt):
+    """SIGTERM (timeout, kill, a service manager) during a video: before, the process died at once and left an MP4
+    without its index ('moov atom not found': nothing opens it). Now handled as Ctrl-C: the frames segmented are
+    written, the MP4 plays with exactly those frames, exit status 143."""
+    video = _video(tmp_path / "clip.mp4", n=400, size=(64, 64))
+    out = tmp_path / "out"
+    labels = out / "label" / "clip"
+
+    def under_way(_proc):
+        return labels.is_dir() and len(os.listdir(labels)) >= 3
+
+    rc, err = _interrupt_when([sys.executable, "-m", "icnet_ros.tools.segment", str(video), "-m", str(ckpt), "-o",
+                               str(out), "--device", "cpu", "--quiet", "--outputs", "label,overlay"], under_way,
+                              signum=signal.SIGTERM)
+    written = len(list(labels.glob("*.png")))
+    assert rc == 143 and f"interrupted after {written} frame(s)" in err and "Traceback" not in err, (rc, err)
+    assert 3 <= written < 400
+    cap = cv2.VideoCapture(str(out / "overlay" / "clip.mp4"))
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == written
+    cap.release()
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line_before_the_model_loads(tmp_path, ckpt, capsys):
+    """-o /proc/x (cannot be created, also for root), -o naming a file, -o /sys/kernel (not writable): one line
+    naming the folder, exit status 2, before the model is loaded (a broken model file is not even read). Before:
+    '[Errno 2] No such file or directory: ...' or '[Errno 17] File exists' after the model was loaded, and
+    /sys/kernel failed on the first file written."""
+    write_image(tmp_path / "x.png", _img(64, 64, 0))
+    (tmp_path / "afile").write_bytes(b"")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 64)
+    for out, reason in (("/proc/icnet_rj_out", "cannot create the folder: No such file or directory"),
+                        (str(tmp_path / "afile"), "is a file, not a folder"),
+                        ("/sys/kernel", "the folder is not writable: Permission denied")):
+        for model in (ckpt, broken):
+            rc = main([str(tmp_path / "x.png"), "-m", str(model), "-o", out, "--device", "cpu", "--quiet"])
+            err = capsys.readouterr().err
+            assert rc == 2 and err == f"icnet-segment: error: --output {out}: {reason}\n", err
+
+
+def test_a_video_that_cannot_be_opened_is_skipped_as_an_empty_one(tmp_path, ckpt, capsys):
+    """An empty (0-byte) or damaged .mp4 among other inputs: one error line naming it, the others segmented, exit
+    status 2 at the end, as README says of an empty video. Before, 'cannot open video' ended the whole run before
+    anything was written."""
+    write_image(tmp_path / "a.png", _img(64, 64, 1))
+    write_image(tmp_path / "b.png", _img(64, 64, 2))
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "junk.mp4").write_bytes(b"not a video at all" * 100)
+    out = tmp_path / "out"
+    inputs = [str(tmp_path / name) for name in ("a.png", "empty.mp4", "junk.mp4", "b.png")]
+    rc = main([*inputs, "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs", "label"])
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert rc == 2 and len(lines) == 2 and "Traceback" not in captured.err, captured.err
+    for line, name in zip(lines, ("empty.mp4", "junk.mp4")):
+        assert line.startswith("icnet-segment: error: ") and str(tmp_path / name) in line and line.endswith("; skipped")
+    assert sorted(p.name for p in (out / "label").iterdir()) == ["a.png", "b.png"]
+    assert "2 frames from 2 input(s)" in captured.out and "2 input(s) skipped" in captured.out
+    # a missing input or an unsupported file is still a command-line error, before anything runs
+    assert main([str(tmp_path / "a.png"), str(tmp_path / "missing.mp4"), "-m", str(ckpt), "-o", str(out)]) == 2
+    assert capsys.readouterr().err == f"icnet-segment: error: input not found: {tmp_path / 'missing.mp4'}\n"
+
+
+def test_help_shows_no_rst_markup(capsys):
+    """The epilog (the module docstring) showed reST's double backticks (``--output``)."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "label/<name>.png" in text
 
 
 def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path, ckpt):

@@ -86,7 +86,7 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     post-training quantization calibrated on ``calib_count`` images from ``calib_dir`` (``int8_options``: other
     ``nncf.quantize`` arguments, for accuracy experiments; recorded). ``command``: recorded in
     the provenance. ``output``: the ``.xml`` path (``.xml`` is appended when missing); the ``.bin`` goes beside
-    it. Files are written atomically."""
+    it. Files are written atomically: a failed write is OSError ``cannot write <.xml>: <reason>``, no file left."""
     from ..export import check_export_size, exported_meta, inference_model
 
     ov = _ov()
@@ -148,7 +148,10 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.xml")
     try:
-        ov.save_model(ov_model, str(tmp), compress_to_fp16=fp16)
+        try:
+            ov.save_model(ov_model, str(tmp), compress_to_fp16=fp16)
+        except RuntimeError as e:  # a full disk, a file size limit, a folder it cannot write: OpenVINO's words
+            raise OSError(f"cannot write {out}: {_reason(e)}") from e
         os.replace(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
         os.replace(tmp, out)  # the .xml last: a reader never finds a new .xml next to an old .bin
     finally:

@@ -1,9 +1,15 @@
 """Checks the command-line tools run on their arguments before any work starts, so that a bad value is one line
-and exit status 2 at once, never a traceback or a failure after a long run."""
+and exit status 2 at once, never a traceback or a failure after a long run; and :class:`StopSignals`, the signals
+that stop a tool as Ctrl-C does."""
 from __future__ import annotations
 
 import os
+import signal
+import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 
 def _file_in_the_way(p: Path) -> Path | None:
@@ -31,14 +37,29 @@ def output_file_problem(path: str | None, flag: str = "--json") -> str | None:
     return None
 
 
-def output_folder_problem(path: str, flag: str = "--output") -> str | None:
-    """Why ``path`` cannot be (or become) an output folder (None when it can): a file is in the way."""
+def output_folder_problem(path: str, flag: str = "--output", create: bool = False) -> str | None:
+    """Why ``path`` cannot be (or become) an output folder (None when it can): a file is in the way. With
+    ``create``, the folder is created now and a file is created in it and removed, so that a folder that cannot be
+    created or written (permissions, a read-only or virtual file system such as /proc or /sys) fails before the
+    run, not on every file it writes."""
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         return f"{flag} {path}: is a file, not a folder"
     blocking = _file_in_the_way(p)
     if blocking is not None:
         return f"{flag} {path}: {blocking} is a file, not a folder"
+    if not create:
+        return None
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"{flag} {path}: cannot create the folder: {e.strerror or e}"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".icnet-write-check-", dir=p)
+    except OSError as e:
+        return f"{flag} {path}: the folder is not writable: {e.strerror or e}"
+    os.close(fd)
+    os.unlink(probe)
     return None
 
 
@@ -80,4 +101,50 @@ def model_problem(model: str, backend: str = "auto") -> str | None:
     return None
 
 
-__all__ = ["model_problem", "output_file_problem", "output_folder_problem", "topic_problem"]
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (``kill``, ``timeout``, a service manager) both as a KeyboardInterrupt in the main
+    thread, so that a tool stops the same way on either: its outputs finished, one line, and exit status
+    :attr:`exit_code` (128 + the first signal: 130, 143). A signal within :attr:`REPEAT_S` of the first is the same
+    request delivered twice (``timeout`` and ``ros2 launch`` signal the process group as well as the process): it
+    does not interrupt the shutdown the first one started; a later one does (a second Ctrl-C). A context manager:
+    the previous handlers come back at its end (the tools' ``main`` also runs inside test processes). Outside the
+    main thread it does nothing."""
+
+    REPEAT_S = 1.0
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._first: float | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.install()
+        return self
+
+    def install(self) -> None:
+        """(Re)install the handlers: ``ros_spin.init_without_signal_handlers`` resets SIGINT's."""
+        if self._previous:
+            for s in self._previous:
+                signal.signal(s, self._raise)
+
+    def _raise(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self._first is None:
+            self._first, self.signum = now, signum
+        elif now - self._first < self.REPEAT_S:
+            return  # the first signal again
+        raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the first signal received (130 without one: a KeyboardInterrupt from elsewhere is Ctrl-C)."""
+        return 128 + (self.signum or signal.SIGINT)
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+__all__ = ["StopSignals", "model_problem", "output_file_problem", "output_folder_problem", "topic_problem"]

@@ -2,7 +2,7 @@
 
     icnet-demo                          # the node on /camera/image_raw, waiting for frames (Ctrl-C stops)
     icnet-demo video.mp4                # play it, segment every frame, save the overlays received over the
-    icnet-demo frames/ --output out/    #   overlay topic to ./out/overlays (or --output), then stop
+    icnet-demo frames/ --output out/    #   overlay topic to ./out/overlays/<date>-<time>/ (or --output), then stop
 
 With an input, one process runs three ROS nodes: the segmentation node (the same code as ``icnet_node``), a player
 (as ``icnet-play``: sensor_msgs/Image + camera_info) and a recorder (as ``icnet-record``), all talking over DDS
@@ -14,7 +14,13 @@ publishing the next frame left the network idle for the whole round trip). ``--r
 instead, and the node then drops the frames it cannot keep up with (counted in the summary). The demo waits at most
 ``--timeout`` seconds for any one frame, then stops by itself at the end of the input (or after ``--max-frames``,
 for a video or an image folder alike). An image of a folder that cannot be read is skipped with a warning, as by
-``icnet-play``: counted in the summary, exit status 1.
+``icnet-play``: counted in the summary, exit status 1. Without ``--output`` every run saves into a new folder
+``./out/overlays/<date>-<time>/``; an ``--output`` folder that already holds a recording (a file named as the
+recorder names them) is refused before anything starts, as by ``icnet-record``: a second run would mix its overlays
+into the first one's. The output folder is created, and checked writable, before the model is loaded. Ctrl-C
+(SIGINT) or SIGTERM stops playing, stops the node and saves the overlays received so far: one line ``icnet-demo:
+interrupted``, exit status 130 (SIGINT) or 143 (SIGTERM); while serving the camera topic (no input) they are the way
+to stop, exit status 0.
 
 DDS stays on this machine unless you configure it: when unset, ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and
 FASTDDS_DEFAULT_PROFILES_FILE=<package>/data/fastdds_loopback.xml (UDP on 127.0.0.1 + shared memory) are used; with
@@ -37,6 +43,7 @@ from .. import engine_config
 DEMO_ENGINE_OPTIONS = ("backend", "device", "precision", "input_size")
 
 PROG = "icnet-demo"
+#: without --output, each run saves into a new folder below this one, named after its start (<date>-<time>)
 DEFAULT_OUTPUT = "out/overlays"
 
 
@@ -68,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "topic until Ctrl-C)")
     p.add_argument("--model", default=None, help="model file: native .safetensors, exported .onnx, OpenVINO .xml "
                    "or TensorRT .engine/.plan (icnet-export); default: the package's default model")
-    p.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help="where overlays are saved (default: "
-                   "%(default)s)")
+    p.add_argument("--output", "-o", default=None, help="where overlays are saved: a folder without an earlier "
+                   f"recording (default: a new folder {DEFAULT_OUTPUT}/<date>-<time> per run)")
     p.add_argument("--topic", default="/camera/image_raw", help="camera topic (default: %(default)s)")
     p.add_argument("--rate", type=float, default=0.0, help="playback fps; 0 (default) = as fast as the node "
                    "segments: each frame once the node has taken the previous one (no frame dropped)")
@@ -104,6 +111,28 @@ def _resolve_model(model: str | None, backend: str = "auto") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli_checks import StopSignals
+
+    with StopSignals() as stop:  # SIGINT and SIGTERM: a KeyboardInterrupt, also during the imports and start-up
+        try:
+            return _main(argv, stop)
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+            return stop.exit_code
+
+
+def default_output(now: float | None = None) -> Path:
+    """A new folder for a run without --output: ``out/overlays/<date>-<time>`` (``-2``, ``-3``, ... after it when a
+    run in the same second made that one)."""
+    base = Path(DEFAULT_OUTPUT) / time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder
+
+
+def _main(argv: list[str] | None, stop: Any) -> int:
     args = build_parser().parse_args(argv)
     if isinstance(args.input_size, list):  # '--input-size 1.5 video.mp4': the video follows the size
         args.input_size, rest = engine_config.split_size_tokens(args.input_size)
@@ -130,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.input is not None:
         from ..video import SourceError, open_source
         from .cli_checks import output_file_problem, output_folder_problem
+        from .record import existing_recording
 
+        explicit = args.output is not None
+        args.output = args.output if explicit else str(default_output())
         problem = output_folder_problem(args.output) or output_file_problem(args.video, "--video")
         if problem:
             return _error(problem)
@@ -139,10 +171,19 @@ def main(argv: list[str] | None = None) -> int:
         except SourceError as e:
             return _error(str(e))
         if len(source) == 0:
+            source.close()
             return _error(f"no frames in {args.input}")
+        earlier = existing_recording(Path(args.output).expanduser()) if explicit else None
+        # created and written to now, before the model is loaded: /proc/x, a read-only folder
+        problem = (f"--output {args.output}: already holds a recording ({earlier.name}); a new one would mix its "
+                   "overlays into it: choose another --output, or remove its files" if earlier is not None
+                   else output_folder_problem(args.output, create=True))
+        if problem:
+            source.close()
+            return _error(problem)
     if notes:
         print(f"{PROG}: DDS kept on this machine: {', '.join(notes)}", flush=True)
-    return _run(args, model, source)
+    return _run(args, model, source, stop)
 
 
 def _node_overrides(args: argparse.Namespace, model: str, reliable: bool) -> list[Any]:
@@ -161,41 +202,64 @@ def _node_overrides(args: argparse.Namespace, model: str, reliable: bool) -> lis
     return [Parameter(k, value=v) for k, v in values.items()]
 
 
-def _run(args: argparse.Namespace, model: str, source: Any) -> int:
+def _run(args: argparse.Namespace, model: str, source: Any, stop: Any) -> int:
+    """Start the node and serve the camera topic (no input) or play ``source`` into it. rclpy is initialised
+    without its signal handlers: they shut the context down under the player and the node (a 'context is invalid'
+    RCLError from every publish, the executor thread's traceback); SIGINT and SIGTERM are a KeyboardInterrupt here
+    instead, and the shutdown runs in order: playing stops, the node stops, the overlays received are saved, then
+    the executor, the nodes and the context go."""
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
-    from ..node import SegmentationNode, StartupError
+    from ..ros_spin import cleanup, init_without_signal_handlers
 
-    rclpy.init()
-    executor = MultiThreadedExecutor(num_threads=2)
     node = None
+    executor = None
+    interrupted = False
     try:
+        from ..node import SegmentationNode, StartupError
+
+        init_without_signal_handlers()
+        stop.install()  # SIGTERM as Ctrl-C (and SIGINT's handler again, which the line above reset)
+        executor = MultiThreadedExecutor(num_threads=2)
         try:
             node = SegmentationNode(parameter_overrides=_node_overrides(args, model, reliable=source is not None))
         except StartupError as e:
             return _error(str(e))
         executor.add_node(node)
         if source is None:
-            print(f"{PROG}: segmenting {args.topic} -> "
-                  f"{args.topic.rsplit('/', 1)[0]}/semantic/{{label,color,overlay,confidence}}; waiting for "
-                  "frames (Ctrl-C to stop)", flush=True)
-            try:
-                executor.spin()
-            except (KeyboardInterrupt, ExternalShutdownException):
-                pass
-            return 0
-        return _play_and_record(args, node, executor, source)
+            return _serve(args, executor)
+        return _play_and_record(args, node, executor, source, stop)
     except (KeyboardInterrupt, ExternalShutdownException):
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        interrupted = True
     finally:
-        executor.shutdown(timeout_sec=2.0)
-        if node is not None:
-            node.destroy_node()
-        if source is not None:
-            source.close()
-        rclpy.try_shutdown()
+        # each step on its own: a (second) signal during one must not skip the others or end in a traceback
+        steps = [] if executor is None else [lambda: executor.shutdown(timeout_sec=2.0)]
+        steps += [node.destroy_node] if node is not None else []
+        steps += [source.close] if source is not None else []
+        interrupted = cleanup(*steps, rclpy.try_shutdown) or interrupted
+    if interrupted:  # before the playing started (loading the model), or during the shutdown
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+        return stop.exit_code
+    return 0  # not reached: the try block returns
+
+
+def _serve(args: argparse.Namespace, executor: Any) -> int:
+    """Serve the camera topic until SIGINT / SIGTERM (the way to stop it: exit status 0). The executor spins in a
+    thread: the main thread waits where a signal's KeyboardInterrupt arrives at once (rcl's wait would hold it)."""
+    from ..ros_spin import spin
+
+    print(f"{PROG}: segmenting {args.topic} -> "
+          f"{args.topic.rsplit('/', 1)[0]}/semantic/{{label,color,overlay,confidence}}; waiting for "
+          "frames (Ctrl-C to stop)", flush=True)
+    spinner = threading.Thread(target=spin, args=(executor,), name="icnet_demo_executor", daemon=True)
+    spinner.start()
+    try:
+        while spinner.is_alive():
+            spinner.join(0.5)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 class DemoRun:
@@ -286,12 +350,21 @@ class DemoRun:
         self.helper.destroy_node()
 
 
-def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source: Any) -> int:
+def _ms(value: float) -> str:
+    """A latency for the summary: '12 ms', or '-' when there is none (no frame served: NaN)."""
+    return f"{value:.0f} ms" if value == value else "-"
+
+
+def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source: Any, stop: Any) -> int:
+    from ..ros_spin import cleanup
     from .play import UnreadableImages
 
     skipped = UnreadableImages(PROG).install(source)  # a bad image in a folder: skipped, as icnet-play does
-    run = DemoRun(node, executor, args.output, args.format, video=args.video, fps=source.fps or 10.0)
+    run = None
+    interrupted = False
+    result: dict[str, Any] = {}
     try:
+        run = DemoRun(node, executor, args.output, args.format, video=args.video, fps=source.fps or 10.0)
         if not run.connected(args.timeout):
             return _error(f"the node, player and recorder did not connect within {args.timeout:g} s")
         rate_text = "as fast as the node segments" if args.rate == 0 else f"{args.rate:g} fps"
@@ -299,16 +372,28 @@ def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source:
         print(f"{PROG}: {source.description} ({count} frames, {rate_text}) -> {run.topic} -> "
               f"{run.overlay_topic} -> {Path(args.output)}/", flush=True)
         result = run.play(source, args.rate, args.timeout, progress=True, max_frames=args.max_frames)
+    except KeyboardInterrupt:  # playing stopped (SIGINT / SIGTERM)
+        interrupted = True
     finally:
-        run.close()
-    recorder, elapsed = run.recorder, result["elapsed"]
+        # the node stops (no overlay after this), then the recorder saves what it received and finishes --video
+        interrupted = cleanup(node.close, *([run.close] if run is not None else [])) or interrupted
+    recorder = run.recorder if run is not None else None
+    if interrupted:
+        saved = (f"; received {recorder.received} overlays, saved {recorder.saved} to {Path(args.output)}/"
+                 if recorder is not None else "")
+        print(f"{PROG}: interrupted{saved}", file=sys.stderr, flush=True)
+        if recorder is not None and recorder.video_error:
+            print(f"{PROG}: error: {recorder.video_error}", file=sys.stderr, flush=True)
+        return stop.exit_code
+    assert recorder is not None
+    elapsed = result["elapsed"]
     snap = node.pipeline.snapshot()["cameras"][run.topic]
     drops = {k: v for k, v in snap["dropped"].items() if v}
-    lat50, lat95 = snap["latency_p50_ms"], snap["latency_p95_ms"]
     print(f"{PROG}: published {result['published']} frames; node processed {snap['processed']}"
           f"{f', dropped {drops}' if drops else ''}; received {recorder.received} overlays, saved {recorder.saved} "
           f"to {Path(args.output)}/ in {elapsed:.1f} s ({recorder.received / elapsed if elapsed else 0:.2f} fps, "
-          f"latency p50 {lat50:.0f} ms, p95 {lat95:.0f} ms){skipped.summary()}", flush=True)
+          f"latency p50 {_ms(snap['latency_p50_ms'])}, p95 {_ms(snap['latency_p95_ms'])}){skipped.summary()}",
+          flush=True)
     if recorder.video_error:  # --video did not read back with every frame (a full disk, ...)
         print(f"{PROG}: error: {recorder.video_error}", file=sys.stderr, flush=True)
     if recorder.failed or recorder.received == 0 or skipped.paths or recorder.video_error:

@@ -14,9 +14,19 @@ from ..sizes import parse_sizes
 FORMATS = ("onnx", "openvino", "tensorrt")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """--size takes one size, as HxW or as H W (two tokens, hence nargs='+'): the usage says HxW, not
+    'HxW [HxW ...]'."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.dest == "size":
+            return "HxW"
+        return super()._format_args(action, default_metavar)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="icnet-export",
+        prog="icnet-export", formatter_class=_HelpFormatter,
         description="Export a native icnet_ros checkpoint (.safetensors) at a fixed network size with a dynamic "
                     "batch axis. onnx: one .onnx file, the metadata in its metadata_props (ONNX Runtime; pip "
                     "install 'icnet_ros[onnx]'). openvino: OpenVINO IR (.xml + .bin), optionally INT8 calibrated "
@@ -27,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native .safetensors checkpoint (default: the package's default model)")
     p.add_argument("--format", "-f", required=True, choices=FORMATS, help="what to export to")
     p.add_argument("--size", required=True, nargs="+", metavar="HxW",
-                   help="network input size, e.g. 352x480; multiples of 32 (frames are resized to it)")
+                   help="the network input size, one: HxW or H W, e.g. 352x480; multiples of 32 (frames are "
+                        "resized to it)")
     p.add_argument("--batch", type=int, default=1, metavar="N",
                    help="onnx/tensorrt: the batch axis stays dynamic and TensorRT's profile covers 1..N; with "
                         "--static-batch the batch is fixed to N (default 1)")
@@ -149,8 +160,14 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
                     raise CheckpointError(f"--output {output}: {problem}; an engine is loaded only from a folder no "
                                           "group or other user can write (chmod go-w, or another folder)")
         onnx_out = output.with_suffix(".onnx")
-        out = export_onnx(model, onnx_out, size, batch=args.batch, dynamic_batch=not args.static_batch,
-                          fp16=args.fp16, opset=args.opset, command=command, progress=True)
+        try:
+            out = export_onnx(model, onnx_out, size, batch=args.batch, dynamic_batch=not args.static_batch,
+                              fp16=args.fp16, opset=args.opset, command=command, progress=True)
+        except OSError as e:
+            if e.filename is not None or not e.strerror:  # reading the checkpoint (named), or already worded
+                raise
+            # the write of the model (a full disk, a file size limit): the system's error names no file
+            raise OSError(f"cannot write {onnx_out}: {e.strerror}") from e
         print(f"{out} ({time.perf_counter() - t0:.0f} s)")
         if args.format == "tensorrt":
             from ..backends.base import BackendOptions

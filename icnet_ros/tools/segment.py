@@ -19,9 +19,11 @@ refused before decoding, and an image that cannot be read (corrupt, truncated) o
 video with no frame, is skipped: one error line each naming the file, the other inputs are segmented, and the exit
 status is 2. A video that ends before the frame count its container declares gets a warning. Outputs are written
 whole (a PNG through a temporary file, renamed; a video checked once finished): a full disk stops the run with
-``cannot write <file>: <reason>``, exit status 2. Ctrl-C stops reading, writes the frames already segmented,
-finishes the videos (playable, with those frames) and exits with status 130. Decoding and file writing run in
-background threads, overlapping the inference.
+``cannot write <file>: <reason>``, exit status 2. The output folder is created, and checked writable, before the
+model is loaded. A video that cannot be opened (empty file, damaged, unknown container) is skipped as an empty one
+is. Ctrl-C (or SIGTERM) stops reading, writes the frames already segmented, finishes the videos (playable, with
+those frames) and exits with status 130 (143 for SIGTERM). Decoding and file writing run in background threads,
+overlapping the inference.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ class _Item:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="icnet-segment", description="Segment images, image folders and videos with an ICNet checkpoint.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1].replace("``", ""))
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders of images, video files")
     p.add_argument("--model", "-m", default=None, help="model file: native .safetensors, exported .onnx, OpenVINO "
                    ".xml or TensorRT .engine / .plan (default: the package model)")
@@ -260,11 +262,14 @@ def _batches(q: queue.Queue, batch: int) -> Iterator[list[_Item]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:  # before the run (importing torch, loading the model) or a second Ctrl-C
-        print("icnet-segment: interrupted", file=sys.stderr)
-        return 130
+    from .cli_checks import StopSignals
+
+    with StopSignals() as stop:  # SIGTERM as Ctrl-C: the videos finished either way
+        try:
+            return _main(argv, stop)
+        except KeyboardInterrupt:  # before the run (importing torch, loading the model) or a second Ctrl-C
+            print("icnet-segment: interrupted", file=sys.stderr)
+            return stop.exit_code
 
 
 def _cli_hint(message: str) -> str:
@@ -272,7 +277,7 @@ def _cli_hint(message: str) -> str:
     return message.replace("a fixed input_size HxW", "--input-size HxW")
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, stop_signals: Any) -> int:
     args = build_parser().parse_args(argv)
     if isinstance(args.input_size, list):  # '--input-size 1.5 a.png': the inputs after the size are inputs
         args.input_size, rest = engine_config.split_size_tokens(args.input_size)
@@ -281,7 +286,9 @@ def _main(argv: list[str] | None) -> int:
         print("icnet-segment: error: the following arguments are required: INPUT", file=sys.stderr)
         return 2
     from icnet_ros.checkpoint import CheckpointError
-    from icnet_ros.video import ImageTooLargeError, SourceError, check_fourcc, open_source
+    from icnet_ros.video import VIDEO_EXTENSIONS, ImageTooLargeError, SourceError, check_fourcc, open_source
+
+    from .cli_checks import output_folder_problem
 
     try:
         config = engine_config.from_args(args)
@@ -357,8 +364,20 @@ def _main(argv: list[str] | None) -> int:
         # a recursive walk of a folder that holds the output folder leaves the outputs out (a rerun would segment
         # them as inputs)
         own = [out / kind for kind in KINDS]
-        sources = [open_source(p, recursive=args.recursive, stride=args.stride, max_frames=args.max_frames,
-                               max_pixels=args.max_pixels, exclude=own) for p in args.inputs]
+        sources = []
+        for p in args.inputs:
+            try:
+                sources.append(open_source(p, recursive=args.recursive, stride=args.stride,
+                                           max_frames=args.max_frames, max_pixels=args.max_pixels, exclude=own))
+            except SourceError as e:
+                path = Path(p).expanduser()
+                if not (path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS):
+                    raise  # no such input, not an image or video: the command line is wrong
+                report(f"{e}; skipped", True)  # a video that cannot be opened (empty, damaged): as an empty one
+        # created and written to now, not after the model is loaded (/proc/x, a read-only folder, a file)
+        problem = output_folder_problem(args.output, "--output", create=True)
+        if problem:
+            raise ValueError(problem)
         for src in sources:
             if not src.is_video:
                 src.on_error = refuse
@@ -373,7 +392,6 @@ def _main(argv: list[str] | None) -> int:
         for note in seg.notes:
             print(f"icnet-segment: warning: {note}", file=sys.stderr)
         batch = args.batch or (4 if seg.device.type == "cuda" else 1)
-        out.mkdir(parents=True, exist_ok=True)
         video_fps = {i: (s.fps or 10.0) / (args.stride if s.is_video else 1) for i, s in enumerate(sources)}
         total = sum(len(s) for s in sources)
         names = _output_names(sources)
@@ -420,7 +438,7 @@ def _main(argv: list[str] | None) -> int:
                 problem = f"; error: {e}"
         print(f"icnet-segment: interrupted after {frames} frame(s); their outputs are in {out}{problem}",
               file=sys.stderr)
-        return 130
+        return stop_signals.exit_code
     fps = frames / elapsed if elapsed > 0 else float("inf")
     seg_fps = frames / busy if busy > 0 else float("inf")
     print(f"icnet-segment: {frames} frames from {len(sources)} input(s) in {elapsed:.1f} s: {fps:.2f} fps overall, "
