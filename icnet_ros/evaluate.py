@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: 2)")
     p.add_argument("--native", action="store_true", help="same as --input-size native")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale factors (default: 1.0; a checkpoint only: an exported model runs at its export size)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help="multi-scale factors (default: 1.0; a checkpoint only: an exported model runs at its export "
+                        "size)")
     p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
     p.add_argument("--limit", type=int, help="evaluate the first N samples only")
     p.add_argument("--json", action="store_true", help="print one JSON object (percentages) on stdout")

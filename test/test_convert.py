@@ -382,7 +382,8 @@ def test_mmseg_metadata_of_the_wrong_type_and_bad_tensors(tmp_path, mmseg_r18_fi
     src, _ = mmseg_r18_file
     state, _ = read_torch_checkpoint(src)
     for i, meta in enumerate(({"CLASSES": 3}, {"CLASSES": ("a", "b", "c"), "PALETTE": 7},
-                              {"dataset_meta": ["road"]}, {"CLASSES": ("a", "b", "c"), "PALETTE": [[float("inf"), 0, 0]] * 3},
+                              {"dataset_meta": ["road"]},
+                              {"CLASSES": ("a", "b", "c"), "PALETTE": [[float("inf"), 0, 0]] * 3},
                               {"CLASSES": ("a", "b", "c"), "PALETTE": [["1", "2", "3"]] * 3})):
         p = tmp_path / f"meta{i}.pth"
         torch.save({"meta": meta, "state_dict": state}, p)

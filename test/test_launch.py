@@ -56,7 +56,8 @@ def assert_clean_exit(launched: Launched, seconds: float) -> None:
 
 def test_colcon_install_runs_with_the_building_python(colcon_ws: Workspace):
     """`python -m colcon build` from a venv (the README's recipe) installs executables whose shebang is that venv's
-    Python, so `ros2 run` and `ros2 launch` find torch there; the launch file and config land in share/, the model inside the package."""
+    Python, so `ros2 run` and `ros2 launch` find torch there; the launch file and config land in share/, the model
+    inside the package."""
     import sys
 
     exe = colcon_ws.prefix / "lib" / "icnet_ros" / "icnet_node"

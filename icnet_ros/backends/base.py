@@ -11,7 +11,8 @@ Contract of ``backend(x)``:
   as the model's metadata says (the Segmenter does it), contiguous in ``backend.memory_format``.
   ``N <= backend.max_batch`` when that is set (``N == max_batch`` when ``backend.exact_batch``: the Segmenter
   pads a short batch); ``(H, W) == backend.fixed_size`` when that is set.
-- returns: ``N x classes x ceil(H/8) x ceil(W/8)`` logits (twice that with the paper head), a float tensor (any float dtype) on ``backend.device``.
+- returns: ``N x classes x ceil(H/8) x ceil(W/8)`` logits (twice that with the paper head), a float tensor (any
+  float dtype) on ``backend.device``.
   The caller consumes it before the next call (a backend may return a view of a reused buffer).
 
 Optional: ``backend.warming_up()``, a context manager the Segmenter's warm-up runs inside; what a backend makes
