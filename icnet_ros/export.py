@@ -9,7 +9,8 @@ The graph:
 - input ``input``: ``N x 3 x H x W`` float32, normalised as the metadata's ``normalization`` says (the Segmenter
   does it); output ``logits``: ``N x classes x H/8 x W/8`` float32 (H/4 x W/4 with the paper head). H and W are
   fixed (the pyramid pooling's bins depend on them) and multiples of 32 (ICNet's branches only line up there,
-  :data:`icnet_ros.sizes.SIZE_DIVISOR`); the metadata records them as ``network_size`` (and as the recommended ``input_size``).
+  :data:`icnet_ros.sizes.SIZE_DIVISOR`); the metadata records them as ``network_size`` (and as the recommended
+  ``input_size``).
 - the model as the torch backend runs it: an eval-mode private copy without the training-only auxiliary heads,
   BatchNorm folded into the convolutions and a concat pyramid pooling factorized
   (:func:`icnet_ros.optimize.factorize_pyramid_pooling`, about half the multiply-adds of R50's bottleneck; its

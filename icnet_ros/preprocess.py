@@ -115,8 +115,8 @@ class Preprocessor:
         sampling as ``F.interpolate(align_corners=False)``; OpenCV rounds its interpolation weights, so values
         differ by up to ~0.006 on 0..255 at 360x480 -> 352x480, 0.04 at 1080x1920 -> 416x736, 0.1 at widths near
         5000 (2e-4 after normalisation at camera sizes); bilinear without antialiasing, as training and
-        icnet-eval), then ``x * scale + shift`` per channel, written straight into the backend's layout. 540x720 -> 544x736 on one thread: ~1.5 ms (channels_last) against
-        10-20 ms for the torch ops."""
+        icnet-eval), then ``x * scale + shift`` per channel, written straight into the backend's layout.
+        540x720 -> 544x736 on one thread: ~1.5 ms (channels_last) against 10-20 ms for the torch ops."""
         if order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {order!r}")
         follow_torch_threads()

@@ -244,7 +244,8 @@ class CascadeLogits(NamedTuple):
     """Training-mode output of :class:`ICNet`, for cascade label guidance. All logits are unnormalised.
 
     ``main``: finest prediction (1/8; 1/4 with the paper head); ``sub24``: from the 1/32+1/16 fusion (1/16);
-    ``sub12``: from the 1/16+1/8 fusion's low path (1/8). ``sub24``/``sub12`` are None for a model built without auxiliary heads.
+    ``sub12``: from the 1/16+1/8 fusion's low path (1/8). ``sub24``/``sub12`` are None for a model built without
+    auxiliary heads.
     """
 
     main: Tensor
