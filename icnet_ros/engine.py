@@ -112,15 +112,37 @@ def resolve_device(device: str | torch.device, notes: list[str] | None = None) -
 
 def inference_device(kind: str, device: str, notes: list[str] | None = None) -> torch.device:
     """The device that backend ``kind`` runs on for the ``device`` option: :func:`resolve_device`, except that
-    ``auto`` is the CPU for the openvino backend (OpenVINO never runs on CUDA) and that ``xpu`` (an Intel GPU) is
-    only for the openvino backend (ConfigError otherwise)."""
-    if kind == "openvino" and str(device).strip().lower() == "auto":
+    ``auto`` is the CPU for the openvino backend (OpenVINO never runs on CUDA) and for an onnxruntime without a
+    CUDA execution provider (the CPU wheel; a warning, also in ``notes``), and that ``xpu`` (an Intel GPU) is only
+    for the openvino backend (ConfigError otherwise)."""
+    auto = str(device).strip().lower() == "auto"
+    if kind == "openvino" and auto:
         return torch.device("cpu")
     resolved = resolve_device(device, notes)
+    if kind == "onnxruntime" and auto and resolved.type == "cuda":  # the CPU wheel on a GPU machine: its CPU
+        problem = _onnxruntime_cuda_problem()  # (device cuda asked for explicitly is refused by the backend)
+        if problem:
+            msg = f"device 'auto': {problem}; running on the CPU"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            if notes is not None:
+                notes.append(msg)
+            return torch.device("cpu")
     if resolved.type == "xpu" and kind != "openvino":
         raise ConfigError(f"device {str(device)!r} (an Intel GPU) is for the openvino backend (an .xml model, or "
                           f"backend openvino); this model runs on the {kind} backend")
     return resolved
+
+
+def _onnxruntime_cuda_problem() -> str | None:
+    """Why the installed onnxruntime cannot run on CUDA (None: it can, or it is not installed: the backend says
+    which extra to install)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    from .backends.onnxruntime import cuda_provider_problem
+
+    return cuda_provider_problem(onnxruntime)
 
 
 class _FrameGroup:

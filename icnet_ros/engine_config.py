@@ -237,7 +237,8 @@ class SegmenterConfig:
         ".xml -> openvino, .engine/.plan -> tensorrt), torch, onnxruntime, openvino or tensorrt.",
         " | ".join(BACKENDS), _choice(BACKENDS))
     device: str = _opt("auto", "Inference device: auto (CUDA when available, else CPU; the CPU for the openvino "
-                       "backend), cpu, cuda or cuda:N, or xpu / xpu:N (an Intel GPU, openvino backend only).",
+                       "backend and for an onnxruntime without CUDA), cpu, cuda or cuda:N, or xpu / xpu:N (an Intel "
+                       "GPU, openvino backend only).",
                        "auto | cpu | cuda | cuda:N | xpu | xpu:N", parse_device)
     precision: str = _opt("fp32", "Inference precision: fp32, fp16 or bf16 (fp16 needs CUDA; bf16 is fast on "
                           "CPUs with AVX512-BF16/AMX).", " | ".join(PRECISIONS), parse_precision)

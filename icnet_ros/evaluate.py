@@ -233,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:  # an exported model, through its runtime, at its fixed export size: another HxW is refused, native
             from .engine import Segmenter  # and scale factors give the export size (as in the Segmenter)
 
-            seg = Segmenter(args.model, cfg.replace(warmup=False))
+            # on the device resolved above (its 'auto: CUDA is not available' warning already silenced there)
+            seg = Segmenter(args.model, cfg.replace(warmup=False, device=str(device)))
             model, meta = seg.backend, seg.meta
             device = seg.backend.device
             if any(s != 1.0 for s in args.scales):

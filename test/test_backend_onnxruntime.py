@@ -84,6 +84,29 @@ def test_refused_inputs(r18):
         Segmenter(r18[1], precision="bf16", warmup=False)
 
 
+def test_auto_device_with_the_cpu_wheel_on_a_gpu_machine_runs_on_the_cpu(r18, monkeypatch):
+    """device auto on a machine with CUDA but the CPU onnxruntime wheel: the CPU with a warning (it was a refusal
+    to run at all: icnet-eval and the node needed --device cpu); asked for explicitly, cuda is still refused."""
+    import onnxruntime as ort
+
+    from icnet_ros.engine import Segmenter
+    from icnet_ros.engine_config import ConfigError
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU here: CUDA only looks available
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.warns(RuntimeWarning, match="no CUDA execution provider .*; running on the CPU"):
+        seg = Segmenter(r18[1], warmup=False)
+    assert seg.device.type == "cpu" and any("onnxruntime-gpu" in n for n in seg.notes)
+    frame = np.random.default_rng(0).integers(0, 256, (160, 224, 3), dtype=np.uint8)
+    assert seg.segment([frame])[0].label.shape == (160, 224)
+    seg.close()
+    with pytest.raises(ConfigError, match="no CUDA execution provider"):
+        Segmenter(r18[1], device="cuda", warmup=False)
+
+
 def test_thread_options(r18):
     """intra-op threads from the options (0: torch's), one inter-op thread, no spinning in either pool."""
     for threads, expected in ((1, 1), (2, 2), (0, torch.get_num_threads())):
