@@ -191,6 +191,9 @@ def test_record_refuses_a_folder_holding_a_recording(tmp_path: Path, capsys):
         err = capsys.readouterr().err
         assert err == (f"icnet-record: error: --output {out}: {folder} already holds a recording ({name}); a new one "
                        "would overwrite its files: choose another --output or remove them\n"), err
+    # a folder that cannot be created: said so naming the flag, before rclpy starts (was the bare errno text)
+    assert record.main(["/a", "--output", "/sys/icnet_record_test"]) == 2
+    assert capsys.readouterr().err.startswith("icnet-record: error: --output /sys/icnet_record_test: cannot create")
 
 
 def test_play_refuses_an_invalid_topic_in_one_line(tmp_path: Path):

@@ -304,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # topics checked as rclpy checks them, before the node exists: create_subscription's exception was a traceback
     problem = next((p for p in (topic_problem(t, "topic", "icnet_record") for t in args.topics) if p), None)
-    problem = problem or output_folder_problem(args.output) or output_file_problem(args.video, "--video")
+    # the folder created and written to now, before rclpy starts (/sys/x was "[Errno 1] Operation not permitted")
+    problem = (problem or output_folder_problem(args.output, create=True)
+               or output_file_problem(args.video, "--video"))
     if problem:
         print(f"icnet-record: error: {problem}", file=sys.stderr)
         return 2
