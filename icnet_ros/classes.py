@@ -6,6 +6,7 @@ in metrics, and in the Segmenter's label output for pixels it does not classify)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,14 @@ def _is_name(v: Any) -> bool:
 
 def _integer(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _color_value(v: Any) -> bool:
+    """A colour component: an integer in 0..255, or a float with an integer value (128.0, as a file written by code
+    that built its palette in floats holds it)."""
+    if isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer():
+        v = int(v)
+    return _integer(v) and 0 <= v <= 255
 
 
 @dataclass(frozen=True)
@@ -51,8 +60,10 @@ class ClassSet:
             twice = sorted({c for c in self.classes if self.classes.count(c) > 1})
             raise ValueError(f"class set {self.name!r}: class names must be distinct, repeated: {', '.join(twice)}")
         for c in self.palette:
-            if len(c) != 3 or any(not 0 <= int(v) <= 255 for v in c):
+            if len(c) != 3 or not all(_color_value(v) for v in c):
                 raise ValueError(f"class set {self.name!r}: bad color {c!r}")
+        # stored as ints (128.0 given in code is written to metadata as 128: the metadata check takes integers)
+        object.__setattr__(self, "palette", tuple(tuple(int(v) for v in c) for c in self.palette))
         n = len(self.classes)
         if not _integer(self.ignore_index) or not n <= self.ignore_index <= 255:
             raise ValueError(f"class set {self.name!r}: ignore_index must be an integer in {n}..255 (not a class id), "
@@ -147,7 +158,7 @@ def class_set_from_meta(meta: dict[str, Any]) -> ClassSet:
     if palette is None or (isinstance(palette, (list, tuple)) and not palette):
         palette = generic_palette(len(classes))
     elif not (isinstance(palette, (list, tuple)) and all(isinstance(c, (list, tuple)) and len(c) == 3 and all(
-            _integer(v) and 0 <= v <= 255 for v in c) for c in palette)):
+            _color_value(v) for v in c) for c in palette)):
         raise ValueError(f"palette must be a list of [R, G, B] integers in 0..255, got {repr(palette)[:80]}")
     ignore_index = meta.get("ignore_index", IGNORE_INDEX)
     if not _integer(ignore_index):

@@ -328,36 +328,51 @@ def parse(values: dict[str, Any]) -> NodeConfig:
         diagnostics_period=v["diagnostics_period"], num_threads=v["num_threads"], autostart=v["autostart"])
 
 
-def params_file_values(doc: Any, node_name: str = "icnet_node") -> dict[str, Any]:
-    """The parameters a params file (parsed YAML, ``doc``) gives a node called ``node_name``: its sections whose
-    last key is the node's name or a wildcard (``/**``, ``*``), at any namespace depth, in file order (later wins,
-    as rcl applies them). Namespaces are not compared: a section for a node of this name in another namespace is
-    included (this serves checks before the node starts, where the node itself would refuse a bad value)."""
+def _name_matches(pattern: list[str], name: list[str]) -> bool:
+    """rcl's params-file node-name match, token by token: ``*`` one token, ``**`` any number (also none)."""
+    if not pattern:
+        return not name
+    if pattern[0] == "**":
+        return any(_name_matches(pattern[1:], name[i:]) for i in range(len(name) + 1))
+    return bool(name) and pattern[0] in ("*", name[0]) and _name_matches(pattern[1:], name[1:])
+
+
+def params_file_values(doc: Any, node_name: str = "icnet_node", namespace: str = "") -> dict[str, Any]:
+    """The parameters a params file (parsed YAML, ``doc``) gives the node ``namespace``/``node_name``, as rcl
+    applies them: each section's key path (``/robot1/icnet_node``, or nested ``robot1: icnet_node:``; a bare name
+    is in the root namespace) is matched against the node's full name, ``*`` for one token and ``**`` for any
+    (``/**``: every node); matching sections in file order, later wins."""
+    full = [t for t in f"{namespace}/{node_name}".split("/") if t]
     found: dict[str, Any] = {}
 
-    def walk(section: Any, depth: int) -> None:
+    def walk(section: Any, path: list[str], depth: int) -> None:
         if not isinstance(section, dict) or depth > 32:
             return
         for key, value in section.items():
-            if not isinstance(value, dict):
+            if not isinstance(value, dict) or key == "ros__parameters":
                 continue
-            name = str(key).rstrip("/").rsplit("/", 1)[-1]
-            if "ros__parameters" in value and name in (node_name, "*", "**"):
-                params = value["ros__parameters"]
-                if isinstance(params, dict):
-                    found.update(params)
-            walk(value, depth + 1)
+            here = path + [t for t in str(key).split("/") if t]
+            params = value.get("ros__parameters")
+            if isinstance(params, dict) and _name_matches(here, full):
+                found.update(params)
+            walk(value, here, depth + 1)
 
-    walk(doc, 0)
+    walk(doc, [], 0)
     return found
 
 
-def check_params_file_values(doc: Any, node_name: str = "icnet_node", skip: Any = ()) -> dict[str, Any]:
+def check_params_file_values(doc: Any, node_name: str = "icnet_node", namespace: str = "",
+                             skip: Any = ()) -> dict[str, Any]:
     """:func:`check_value` for every known parameter :func:`params_file_values` finds, except those in ``skip``
-    (given another value elsewhere; unknown names are left to the node); returns the checked values. Raises
-    :class:`ParameterError`."""
-    return {k: check_value(k, v) for k, v in params_file_values(doc, node_name).items() if k in SPECS
-            and k not in skip}
+    (given another value elsewhere) and text where the parameter is not text (rcl reads ``1e6`` as a number and
+    ``y`` as true, PyYAML as strings: the node judges those); unknown names are left to the node. Returns the
+    checked values. Raises :class:`ParameterError`."""
+    checked = {}
+    for k, v in params_file_values(doc, node_name, namespace).items():
+        if k not in SPECS or k in skip or (isinstance(v, str) and not SPECS[k].type_name.startswith("string")):
+            continue
+        checked[k] = check_value(k, v)
+    return checked
 
 
 def warmup_problem(engine: SegmenterConfig, max_pixels: int) -> str | None:

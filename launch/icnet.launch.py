@@ -69,7 +69,8 @@ def _icnet_node(context):
                            else f"params_file {params_file!r} does not exist")
     try:  # the file's values too: a bad one made the node exit 2 while `ros2 launch` exited 0
         with open(params_file, encoding="utf-8") as f:
-            from_file = check_params_file_values(yaml.safe_load(f), NODE_NAME, skip=overrides)
+            from_file = check_params_file_values(yaml.safe_load(f), NODE_NAME,
+                                                 LaunchConfiguration("namespace").perform(context), skip=overrides)
     except ParameterError as e:
         raise RuntimeError(f"{NODE_NAME}: error: {e} (in {params_file})") from None
     except (OSError, yaml.YAMLError):

@@ -295,3 +295,22 @@ def test_network_width_for_training_scales():
         network_width_for(2048, 2.5)
     with pytest.raises(ValueError, match="> 0"):
         network_width_for(480, 0)
+
+
+def test_palettes_in_whole_number_floats_still_load(tmp_path):
+    """A palette built in floats (128.0) was written as such by earlier releases (ClassSet kept them) and loaded:
+    it still does, as integers; ClassSet now stores integers, so new files carry them."""
+    from icnet_ros.classes import ClassSet
+
+    floats = ClassSet("floats", tuple(f"c{i}" for i in range(11)), tuple((float(i), 128.0, 0.0) for i in range(11)))
+    assert floats.palette[3] == (3, 128, 0) and all(isinstance(v, int) for c in floats.palette for v in c)
+    model = build_icnet("icnet_r18", width=0.25, num_classes=11)
+    meta = {**build_meta(model.config, CAMVID), "palette": [[float(i), 128.0, 0.0] for i in range(11)]}
+    path = _with_tensors(tmp_path, "floats.safetensors", {k: v.contiguous() for k, v in model.state_dict().items()},
+                         meta)
+    assert load_model(path).meta["palette"][3] == [3.0, 128.0, 0.0]  # the file's metadata as written
+    from icnet_ros.classes import class_set_from_meta
+
+    assert class_set_from_meta(read_metadata(path)).palette[3] == (3, 128, 0)
+    with pytest.raises(ValueError, match="bad color"):
+        ClassSet("x", ("a",), ((12.7, 0, 0),))

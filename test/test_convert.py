@@ -365,8 +365,14 @@ def test_hostile_pth_tensors_are_refused_before_memory_is_spent(tmp_path, mmseg_
     viewed = dict(state, **{key: torch.zeros(1).expand(*state[key].shape)})
     p = tmp_path / "view.pth"
     torch.save({"state_dict": viewed}, p)
-    with pytest.raises(CheckpointError, match=f"tensor {key} of shape .* is a view over fewer stored values"):
+    with pytest.raises(CheckpointError, match=f"tensor {key} of shape .* repeats stored values"):
         read_torch_checkpoint(p)
+    # dense tensors in another layout are what a model trained in channels_last saves: accepted
+    cl = {k: (v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v) for k, v in state.items()}
+    p = tmp_path / "channels_last.pth"
+    torch.save({"state_dict": cl}, p)
+    assert not cl["backbone.backbone.stem.0.weight"].is_contiguous()
+    assert import_mmseg_checkpoint(p) is not None
     wide = dict(state, **{"backbone.backbone.stem.0.weight": torch.zeros(128, 3, 3, 3)})  # width 4.0
     p = tmp_path / "wide.pth"
     torch.save({"state_dict": wide}, p)

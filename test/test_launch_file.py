@@ -207,8 +207,10 @@ def test_readme_lists_each_parameter_under_its_kind():
 
 def test_params_file_values_for_the_node_are_checked_with_its_rules():
     """What the launch file checks before starting the node: the sections of a params file that apply to
-    icnet_node (``/**``, its name, under namespaces, later wins), with the node's own rules; other nodes' sections
-    and values given as launch arguments (``skip``) are left alone."""
+    icnet_node in its namespace, matched as rcl matches them (``/**``, ``*``, the full name, nested namespaces;
+    later wins), with the node's own rules; other nodes' and other namespaces' sections, values given as launch
+    arguments (``skip``) and text for a non-text parameter (rcl reads ``1e6`` as a number, PyYAML as a string) are
+    left to the node."""
     import yaml
 
     from icnet_ros.node_params import (ParameterError, check_params_file_values, defaults,
@@ -216,11 +218,18 @@ def test_params_file_values_for_the_node_are_checked_with_its_rules():
 
     shipped = yaml.safe_load((REPO / "config" / "icnet.yaml").read_text())
     assert check_params_file_values(shipped) == defaults()
+    assert check_params_file_values(shipped, namespace="robot1") == defaults()
     doc = {"/**": {"ros__parameters": {"device": "cpu", "num_threads": 2}},
            "other_node": {"ros__parameters": {"device": "anything"}},
-           "robot1": {"icnet_node": {"ros__parameters": {"device": "gpu", "unknown_name": 1}}}}
-    assert params_file_values(doc) == {"device": "gpu", "num_threads": 2, "unknown_name": 1}
+           "/robot2/icnet_node": {"ros__parameters": {"model": "/only/on/robot2.onnx"}},
+           "robot1": {"icnet_node": {"ros__parameters": {"device": "gpu", "unknown_name": 1}}},
+           "/**/icnet_node": {"ros__parameters": {"max_pixels": "1e6"}},
+           "/*/icnet_node": {"ros__parameters": {"autostart": "y"}}}
+    assert params_file_values(doc) == {"device": "cpu", "num_threads": 2, "max_pixels": "1e6"}
+    assert params_file_values(doc, namespace="robot1") == {"device": "gpu", "num_threads": 2, "unknown_name": 1,
+                                                           "max_pixels": "1e6", "autostart": "y"}
+    assert check_params_file_values(doc) == {"device": "cpu", "num_threads": 2}
     with pytest.raises(ParameterError, match="parameter 'device' = 'gpu': must be auto, cpu"):
-        check_params_file_values(doc)
-    assert check_params_file_values(doc, skip={"device": "cpu"}) == {"num_threads": 2}
+        check_params_file_values(doc, namespace="/robot1")
+    assert check_params_file_values(doc, namespace="robot1", skip={"device": "cpu"}) == {"num_threads": 2}
     assert params_file_values("not a mapping") == {} and params_file_values(None) == {}

@@ -107,6 +107,9 @@ def test_paper_head_classifies_at_a_quarter(size):
     assert paper.decode_head.conv_seg.weight.grad is not None
     with pytest.raises(ValueError, match="head must be one of"):
         build_icnet("icnet_r18", head="deeplab")
+    # an FCN model's architecture record has no 'head' (releases before it refuse unknown fields)
+    assert "head" not in fcn.config.to_dict() and paper.config.to_dict()["head"] == "paper"
+    assert ICNetConfig.from_dict(fcn.config.to_dict()) == fcn.config
 
 
 def test_width_multiplier_scales_channels():

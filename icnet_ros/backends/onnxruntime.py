@@ -18,8 +18,9 @@ process, only comes with the next frame; on a machine with as many cores as thre
 PyTorch's own threads, which run the Segmenter's pre- and post-processing between two ORT calls.
 
 Data path: IO binding hands ORT the torch tensors' memory, the input (no copy when contiguous) and a preallocated
-output, on the CPU as on CUDA (device pointers there: no host round trip). ORT runs on torch's current CUDA stream at open
-time (``user_compute_stream``); a call from another stream is ordered against it with stream waits.
+output, on the CPU as on CUDA (device pointers there: no host round trip). On CUDA, ORT runs on a torch CUDA stream of
+its own (``user_compute_stream``; not the legacy default stream, on which TensorRT adds synchronisations), ordered
+against the caller's stream with stream waits before and after each run.
 """
 from __future__ import annotations
 

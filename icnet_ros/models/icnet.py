@@ -82,7 +82,13 @@ class ICNetConfig:
         return (2 * h, 2 * w) if self.head == "paper" else (h, w)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The architecture record stored in checkpoints and exports. ``head`` is left out when it is the default
+        ("fcn"): releases before the paper head refuse unknown fields, so an FCN model's files stay readable
+        there."""
+        d = asdict(self)
+        if d["head"] == "fcn":
+            del d["head"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ICNetConfig:

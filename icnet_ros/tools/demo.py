@@ -238,10 +238,10 @@ def _run(args: argparse.Namespace, model: str, source: Any, stop: Any) -> int:
         steps += [node.destroy_node] if node is not None else []
         steps += [source.close] if source is not None else []
         interrupted = cleanup(*steps, rclpy.try_shutdown) or interrupted
-    if interrupted:  # before the playing started (loading the model), or during the shutdown
+    if interrupted:  # before the playing started (loading the model); the try block's own returns stand
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
         return stop.exit_code
-    return 0  # not reached: the try block returns
+    return 0  # reached only when the try block returned early without a value (it does not)
 
 
 def _serve(args: argparse.Namespace, executor: Any) -> int:

@@ -20,6 +20,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
         "arch": "icnet_r50_half",  # preset (icnet_r18, icnet_r50, icnet_r101, icnet_r50_half) or null
         "backbone": None, "width": None, "ppm": None, "cff": None, "aux_heads": None, "aux_dropout": None,
+        "head": None,  # "fcn" (mmseg, 1/8) or "paper" (x2 upsample, 1x1 classifier at 1/4)
         "pretrained": None,  # "imagenet": ImageNet weights for efficientnet_lite* backbones
         "init_from": None,  # a native checkpoint to start from (tensors whose shapes differ are skipped)
     },
@@ -65,7 +66,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # keys whose default is None: the types they accept
 _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "model.arch": (str,), "model.backbone": (str,), "model.width": (int, float), "model.ppm": (str,),
-    "model.cff": (str,), "model.aux_heads": (bool,), "model.aux_dropout": (int, float),
+    "model.cff": (str,), "model.aux_heads": (bool,), "model.aux_dropout": (int, float), "model.head": (str,),
     "model.pretrained": (str,), "model.init_from": (str,), "data.class_set": (str,), "data.class_file": (str,),
     "data.val_split": (str,), "data.train_limit": (int,), "data.val_limit": (int,), "data.base_size": (list,),
     "data.eval_size": (list,), "data.license": (str,), "loss.class_weights": (list,), "optim.grad_clip": (int, float),
@@ -314,7 +315,7 @@ def model_config(config: dict, class_set: ClassSet) -> ICNetConfig:
     """The architecture: the preset in model.arch with the non-null model fields and the class count applied."""
     m = config["model"]
     base = MODEL_CONFIGS[m["arch"]].to_dict() if m["arch"] else ICNetConfig().to_dict()
-    for k in ("backbone", "width", "ppm", "cff", "aux_heads", "aux_dropout"):
+    for k in ("backbone", "width", "ppm", "cff", "aux_heads", "aux_dropout", "head"):
         if m[k] is not None:
             base[k] = m[k]
     base["num_classes"] = class_set.num_classes

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs ON a lent GPU machine (the device tool), from the repository root, after scripts/device/prepare.sh here:
-#   bash scripts/device/run.sh check bench      (one call, timeout_s 600: 8 files come back; ~9 minutes at most)
+#   bash scripts/device/run.sh check bench      (one call, timeout_s 600: 8 files come back; the steps' shares add
+#                                                up to 495 s, 555 s if every one needed its 10 s kill grace)
 #   bash scripts/device/run.sh train            (a call of its own, in a session that has not spent its device
 #   ITERS=N bash scripts/device/run.sh trainval  time on check bench: each fills most of one 10-minute call)
 # Every step runs under `timeout` (its share of the call, below; STEP_SCALE=0.5 halves them all), so a hang or a
 # slow step costs its share, not the call; bench results are rewritten after every configuration, so a step cut
 # off keeps what it measured. Without a working CUDA the script stops at once (exit 3): nothing would be tested.
-# - check (150 s): the CUDA tests only (-m cuda: test/test_engine_cuda.py: CUDA graphs past every cache, no
+# - check (140 s): the CUDA tests only (-m cuda: test/test_engine_cuda.py: CUDA graphs past every cache, no
 #          hidden synchronisation; the backends' CUDA tests: ONNX Runtime CUDA/TensorRT providers and native
 #          TensorRT against torch, each skipped with its reason where the runtime is missing) -> pytest_gpu.log.
 #          The CPU tests run in CI. TensorRT and onnxruntime-gpu wheels are larger than the 64 MiB a call may
@@ -16,7 +17,7 @@
 #          graphs (60 s): the same with CUDA graphs, and the exported runtimes side by side (skipped, before any
 #          export, where the image lacks them);
 #          default (60 s): the default model at 360x480, 720x960 and 1024x2048, fp32/fp16, CUDA graphs;
-#          compile (110 s): R50 fp16 with torch.compile max-autotune-no-cudagraphs;
+#          compile (100 s): R50 fp16 with torch.compile max-autotune-no-cudagraphs;
 #          grid (60 s): R18/R50 at widths 1.0/0.5, 1024x2048, fp16, batch 1.
 # - train: the GPU recipe (config/train/camvid_effnet_lite0.yaml, from .carry/init.safetensors) for at most
 #          TRAIN_SECONDS (default 420), then val -> best.safetensors, logs. The poly schedule spans ITERS
@@ -69,7 +70,7 @@ for step in "$@"; do
     start=$SECONDS
     case $step in
     check)
-        limited 150 "$OUT/pytest_gpu.log" python3 -m pytest -v -ra -p no:cacheprovider -m cuda \
+        limited 140 "$OUT/pytest_gpu.log" python3 -m pytest -v -ra -p no:cacheprovider -m cuda \
             -o faulthandler_timeout=60 test/test_engine_cuda.py test/test_backend_tensorrt.py \
             test/test_backend_onnxruntime.py
         tail -5 "$OUT/pytest_gpu.log" ;;
@@ -80,7 +81,7 @@ for step in "$@"; do
         bench graphs 60 "${r50[@]}" --cuda-graphs --backend onnxruntime tensorrt
         bench default 60 --model icnet_ros/weights/icnet_camvid.safetensors --size 360x480 720x960 1024x2048 \
             --precision fp32 fp16 --batch 1 --iters 100 --warmup 20 --max-seconds 5 --cuda-graphs
-        bench compile 110 "${r50[@]}" --compile max-autotune-no-cudagraphs
+        bench compile 100 "${r50[@]}" --compile max-autotune-no-cudagraphs
         bench grid 60 --arch icnet_r18 icnet_r50 --width 1.0 0.5 --size 1024x2048 --precision fp16 --batch 1 \
             --iters 50 --warmup 10 --max-seconds 4
         grep -h "ratio\|pipeline  median\|error\|timeout" "$OUT/bench.log" | head -40 ;;
