@@ -36,6 +36,11 @@ def _color_value(v: Any) -> bool:
     return _integer(v) and 0 <= v <= 255
 
 
+def is_color(c: Any) -> bool:
+    """Whether ``c`` is an [R, G, B] colour as metadata carries it (a list or tuple of three components)."""
+    return isinstance(c, (list, tuple)) and len(c) == 3 and all(_color_value(v) for v in c)
+
+
 @dataclass(frozen=True)
 class ClassSet:
     """A labelled class set. ``label_map`` maps raw label values in dataset files to train ids (others: ignore)."""
@@ -157,8 +162,7 @@ def class_set_from_meta(meta: dict[str, Any]) -> ClassSet:
     palette = meta.get("palette")
     if palette is None or (isinstance(palette, (list, tuple)) and not palette):
         palette = generic_palette(len(classes))
-    elif not (isinstance(palette, (list, tuple)) and all(isinstance(c, (list, tuple)) and len(c) == 3 and all(
-            _color_value(v) for v in c) for c in palette)):
+    elif not (isinstance(palette, (list, tuple)) and all(map(is_color, palette))):
         raise ValueError(f"palette must be a list of [R, G, B] integers in 0..255, got {repr(palette)[:80]}")
     ignore_index = meta.get("ignore_index", IGNORE_INDEX)
     if not _integer(ignore_index):

@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import (MAX_NETWORK_WIDTH, MMSEG_NORMALIZATION, CheckpointError, build_meta, file_sha256,
                          load_model, load_state_dict_into, raise_on_mismatch, record_export, save_checkpoint)
-from .classes import CITYSCAPES, ClassSet, generic_palette
+from .classes import CITYSCAPES, ClassSet, generic_palette, is_color
 from .models.icnet import ICNet, ICNetConfig
 from .sizes import MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, MIN_INPUT_SIZE
 
@@ -160,11 +160,6 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
         raise CheckpointError(f"{source}: {e}") from e
 
 
-def _color(c: Any) -> bool:
-    return (isinstance(c, (list, tuple)) and len(c) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c))
-
-
 def class_set_from_mmseg_meta(meta: dict[str, Any], num_classes: int) -> ClassSet:
     """The class set an mmseg checkpoint's ``meta`` names (``dataset_meta`` or the older ``CLASSES``/``PALETTE``);
     values of the wrong type or length are not used: Cityscapes' for 19 classes, else numbered generic classes."""
@@ -173,7 +168,7 @@ def class_set_from_mmseg_meta(meta: dict[str, Any], num_classes: int) -> ClassSe
     palette = dataset_meta.get("palette") or meta.get("PALETTE")
     if (isinstance(classes, (list, tuple)) and len(classes) == num_classes
             and all(isinstance(c, str) for c in classes)):
-        if not (isinstance(palette, (list, tuple)) and len(palette) == num_classes and all(map(_color, palette))):
+        if not (isinstance(palette, (list, tuple)) and len(palette) == num_classes and all(map(is_color, palette))):
             palette = generic_palette(num_classes)
         try:
             return ClassSet(name=str(dataset_meta.get("dataset", "mmseg")), classes=tuple(classes),

@@ -120,7 +120,9 @@ def inference_device(kind: str, device: str, notes: list[str] | None = None) -> 
         return torch.device("cpu")
     resolved = resolve_device(device, notes)
     if kind == "onnxruntime" and auto and resolved.type == "cuda":  # the CPU wheel on a GPU machine: its CPU
-        problem = _onnxruntime_cuda_problem()  # (device cuda asked for explicitly is refused by the backend)
+        from .backends.onnxruntime import cuda_provider_problem  # (cuda asked for explicitly: the backend refuses)
+
+        problem = cuda_provider_problem()
         if problem:
             msg = f"device 'auto': {problem}; running on the CPU"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -131,18 +133,6 @@ def inference_device(kind: str, device: str, notes: list[str] | None = None) -> 
         raise ConfigError(f"device {str(device)!r} (an Intel GPU) is for the openvino backend (an .xml model, or "
                           f"backend openvino); this model runs on the {kind} backend")
     return resolved
-
-
-def _onnxruntime_cuda_problem() -> str | None:
-    """Why the installed onnxruntime cannot run on CUDA (None: it can, or it is not installed: the backend says
-    which extra to install)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    from .backends.onnxruntime import cuda_provider_problem
-
-    return cuda_provider_problem(onnxruntime)
 
 
 class _FrameGroup:

@@ -41,9 +41,15 @@ _TYPES: dict[str, tuple[torch.dtype, type]] = {"tensor(float)": (torch.float32, 
 PRECISIONS = ("fp32", "fp16")
 
 
-def cuda_provider_problem(ort: Any) -> str | None:
-    """Why this onnxruntime cannot run on CUDA (the CPU wheel: no CUDA or TensorRT execution provider), or None.
-    Asked before a session is made, and by icnet-bench before it exports."""
+def cuda_provider_problem(ort: Any = None) -> str | None:
+    """Why this onnxruntime (``ort``, default: the installed one) cannot run on CUDA (the CPU wheel: no CUDA or
+    TensorRT execution provider), or None (also when onnxruntime is not installed: the backend names the extra).
+    Asked before a session is made, by device auto, and by icnet-bench before it exports."""
+    if ort is None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None
     if {"TensorrtExecutionProvider", "CUDAExecutionProvider"} & set(ort.get_available_providers()):
         return None
     return ("this onnxruntime has no CUDA execution provider (install onnxruntime-gpu instead of onnxruntime, with "

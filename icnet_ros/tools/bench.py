@@ -445,7 +445,7 @@ def _exported_segmenter(name: str, model: nn.Module, net_size: tuple[int, int], 
     if name == "onnxruntime" and on_cuda:  # the CPU wheel: refused before minutes of export, not after
         from icnet_ros.backends.onnxruntime import cuda_provider_problem
 
-        problem = cuda_provider_problem(require(runtime, runtime, BACKENDS[runtime][1]))
+        problem = cuda_provider_problem()  # installed: required above
         if problem:
             raise ValueError(f"device cuda: {problem}")
     fp16 = cfg.precision == "fp16"
