@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 #: accepted relative logit error of BN folding on CPU fp32 (max |folded - plain| / max |plain|)
 FOLD_RTOL = 1e-4
@@ -111,12 +112,16 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor | Sequence[Tensor], v
 
     ``example_input`` drives the probe forward (any valid input; for ICNet e.g. ``torch.randn(1, 3, 128, 128)``).
     Running statistics are used (eval semantics): copy the model first if the original must stay trainable.
-    ``verify`` compares the model's output on ``example_input`` before and after folding (float32 models); beyond
-    :data:`FOLD_RTOL` or below :data:`MIN_ARGMAX_AGREEMENT` (a conv output that also feeds something other than
-    its BN) it restores the model unfolded and raises ``RuntimeError``.
+    ``verify`` compares the model's output on ``example_input`` before and after folding (float32 models; every
+    float tensor of a tuple or dict output; ``ValueError`` if it holds none); beyond :data:`FOLD_RTOL` or below
+    :data:`MIN_ARGMAX_AGREEMENT` (a conv output that also feeds something other than its BN) it restores the
+    model unfolded and raises ``RuntimeError``.
     """
     inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
-    before = _probe(model, inputs) if verify else None
+    before = _probe(model, inputs) if verify else []
+    if verify and not before:
+        raise ValueError("fold_batchnorm(verify=True) compares the model's float output tensors, and this model's "
+                         "output holds none (of 2+ dimensions); pass verify=False to fold unchecked")
     pairs = find_conv_bn_pairs(model, inputs)
     modules = dict(model.named_modules())
     undo: list[tuple[nn.Conv2d, Tensor, Tensor | None, nn.Module, str, nn.Module]] = []
@@ -128,10 +133,9 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor | Sequence[Tensor], v
                      parent, attr, bn))
         fuse_conv_bn_(conv, bn)
         setattr(parent, attr, nn.Identity())
-    if before is not None and before.dtype == torch.float32:
-        after = _probe(model, inputs)
-        agreement = compare_logits(before, after) if after is not None else None
-        if agreement is not None and not agreement.ok():
+    if before and before[0].dtype == torch.float32:
+        agreement = _agreement(before, _probe(model, inputs))
+        if not agreement.ok():
             with torch.no_grad():  # put the model back as it was
                 for conv, w, b, parent, attr, bn in undo:
                     conv.weight.copy_(w)
@@ -145,7 +149,9 @@ def fold_batchnorm(model: nn.Module, example_input: Tensor | Sequence[Tensor], v
     return len(pairs)
 
 
-def _probe(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor | None:
+def _probe(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+    """The model's eval-mode float output tensors of 2+ dimensions, copied: a tensor, or those inside the tuples,
+    named tuples, lists and dicts it returns (an encoder's feature maps, a training model's cascade logits)."""
     was_training = model.training
     try:
         model.eval()
@@ -153,7 +159,16 @@ def _probe(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor | None:
             out = model(*inputs)
     finally:
         model.train(was_training)
-    return out.clone() if isinstance(out, Tensor) and out.dim() >= 2 else None
+    leaves, _ = tree_flatten(out)
+    return [t.clone() for t in leaves if isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 2]
+
+
+def _agreement(before: list[Tensor], after: list[Tensor]) -> Agreement:
+    """The worst agreement over the probe's output tensors (a changed output structure never agrees)."""
+    if len(before) != len(after) or any(b.shape != a.shape for b, a in zip(before, after)):
+        return Agreement(max_abs_diff=float("inf"), max_abs_reference=0.0, argmax_agreement=0.0)
+    return min((compare_logits(b, a) for b, a in zip(before, after)),
+               key=lambda g: (g.ok(), -g.relative_diff, g.argmax_agreement))
 
 
 def count_batchnorms(model: nn.Module) -> int:
@@ -242,9 +257,12 @@ class FactorizedPyramidPooling(nn.Module):
         return m
 
     def _build_matrix(self, height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        # built where it is used (under torch.compile without frozen weights it is built in the graph, every call:
+        # on the CPU it was a host computation and a copy per frame for a CUDA model); float64 where supported
+        work = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
         blocks = []
         for s in self.scales:
-            eye = torch.eye(s * s, dtype=torch.float64).view(s * s, 1, s, s)
+            eye = torch.eye(s * s, dtype=work, device=device).view(s * s, 1, s, s)
             blocks.append(F.interpolate(eye, size=(height, width), mode="bilinear", align_corners=False)[:, 0])
         resize = F.pad(torch.cat(blocks), (1, 1, 1, 1))  # S x (H+2) x (W+2)
         # tap (ky, kx) of a 3x3 conv reads input pixel (y + ky - 1, x + kx - 1) for output pixel (y, x)
@@ -279,7 +297,7 @@ def factorize_pyramid_pooling(model: nn.Module, example_input: Tensor | Sequence
         return 0
     inputs = None if example_input is None else (
         (example_input,) if isinstance(example_input, Tensor) else tuple(example_input))
-    before = _probe(model, inputs) if inputs is not None else None
+    before = _probe(model, inputs) if inputs is not None else []
     modules = dict(model.named_modules())
     undo = []
     for name, ppm in targets:
@@ -287,10 +305,9 @@ def factorize_pyramid_pooling(model: nn.Module, example_input: Tensor | Sequence
         parent = modules[parent_name] if parent_name else model
         undo.append((parent, attr, ppm))
         setattr(parent, attr, FactorizedPyramidPooling(ppm))
-    if before is not None and before.dtype == torch.float32:
-        after = _probe(model, inputs)
-        agreement = compare_logits(before, after) if after is not None else None
-        if agreement is not None and not agreement.ok():
+    if before and before[0].dtype == torch.float32:
+        agreement = _agreement(before, _probe(model, inputs))
+        if not agreement.ok():
             for parent, attr, ppm in undo:
                 setattr(parent, attr, ppm)
             raise RuntimeError(f"pyramid-pooling factorization changed the model's output beyond tolerance "

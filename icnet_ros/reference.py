@@ -59,11 +59,19 @@ def mmseg_icnet_config(depth: int = 50, num_classes: int = 19, width: float = 1.
 
     mmseg has no width multiplier; ``width`` scales the same channel counts icnet_ros scales (ResNet base and stem
     channels, light branch, PPM, branch outputs, neck and heads), so width 0.5 with the ``concat`` PPM and mmseg CFF
-    is the same network as ``build_icnet(f"icnet_r{depth}", width=0.5)``.
+    is the same network as ``build_icnet(f"icnet_r{depth}", width=0.5)``. mmseg derives the ResNet's stem and stage
+    channels from one base count (half of it, doubling per stage) where icnet_ros rounds each to a multiple of 8:
+    at widths where the two differ (0.6, 0.3, ...) there is no same-sized reference and ``ValueError`` is raised
+    (0.25, 0.5, 0.75 and 1.0 match).
     """
     from .models.resnet import scale_channels
 
     c = lambda n: scale_channels(n, width)  # noqa: E731
+    ours = [scale_channels(32, width)] + [scale_channels(64 * 2 ** i, width) for i in range(4)]
+    theirs = [c(64) // 2] + [c(64) * 2 ** i for i in range(4)]
+    if ours != theirs:
+        raise ValueError(f"no mmseg reference of the same size at width {width:g}: mmseg's ResNet stem and stages "
+                         f"would have {theirs} channels, this model's have {ours}")
     expansion = 1 if depth in (18, 34) else 4
     norm = dict(type="BN", requires_grad=True)
     head = lambda idx, dropout: dict(  # noqa: E731

@@ -107,6 +107,52 @@ def test_fold_verification_restores_model_when_conv_output_is_reused():
         torch.testing.assert_close(net(x), expected)
 
 
+
+@pytest.mark.parametrize("wrap", ["tuple", "dict", "second_of_two"])
+def test_fold_verification_covers_tuple_and_dict_outputs(wrap):
+    """An encoder returns its feature maps as a tuple: the check compares every float tensor in the output (it
+    compared only a bare tensor and silently passed a wrong fold otherwise)."""
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.other = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            bad = self.bn(y) + y  # the conv output also bypasses the BN: folding would be wrong
+            if wrap == "tuple":
+                return (bad,)
+            if wrap == "dict":
+                return {"out": bad, "n": 3}
+            return self.other(x), bad
+
+    net = _randomise_bn(Branchy()).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError, match="restored unfolded"):
+        fold_batchnorm(net, torch.randn(1, 3, 16, 16))
+    assert isinstance(net.bn, nn.BatchNorm2d)
+    after = net.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_fold_verification_needs_an_output_tensor():
+    class Counts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return int(self.bn(self.conv(x)).numel())
+
+    net = Counts().eval()
+    with pytest.raises(ValueError, match="verify=False"):
+        fold_batchnorm(net, torch.randn(1, 3, 8, 8))
+    assert isinstance(net.bn, nn.BatchNorm2d)
+    assert fold_batchnorm(net, torch.randn(1, 3, 8, 8), verify=False) == 1
+
 def test_channels_last_keeps_outputs():
     model = _randomise_bn(build_icnet("icnet_r18", width=0.25, num_classes=7, aux_heads=False)).eval()
     x = torch.randn(1, 3, 96, 128)

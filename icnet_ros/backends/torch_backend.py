@@ -109,6 +109,7 @@ class TorchBackend:
         self.model = model
         self.compile_mode = compile or None
         self._compiled = compile_model(model, None if compile == "default" else compile) if compile else None
+        self._eager_shapes: OrderedDict[tuple, None] = OrderedDict()  # shapes run eagerly before compiling
         if cuda_graphs and device.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
         self.cuda_graphs = bool(cuda_graphs)
@@ -124,10 +125,26 @@ class TorchBackend:
 
     def __call__(self, x: Tensor) -> Tensor:
         if self._compiled is not None:
+            if self.factorized_ppms:
+                self._fill_pooling_cache(x)
             return self._compiled(x)
         if self.cuda_graphs:
             return self._graph_for(x)(x)  # static output: consumed (upsampled) before the next replay
         return self.model(x)
+
+    def _fill_pooling_cache(self, x: Tensor) -> None:
+        """Before a shape's first compiled call, one eager forward caches the pyramid pooling's resize matrix for
+        it: traced with the matrix cached, the compiled graph reads it as a constant; traced without, the graph
+        builds it on every call (the cache is not filled while tracing: see
+        :meth:`FactorizedPyramidPooling.resize_shift_matrix`)."""
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key in self._eager_shapes:
+            self._eager_shapes.move_to_end(key)
+            return
+        self.model(x)
+        self._eager_shapes[key] = None
+        while len(self._eager_shapes) > MAX_PINNED_GRAPHS + MAX_CUDA_GRAPHS:
+            self._eager_shapes.popitem(last=False)
 
     @contextmanager
     def warming_up(self) -> Iterator[None]:
