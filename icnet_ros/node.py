@@ -165,6 +165,7 @@ class Camera:
     warned_no_frames: bool = False
     bad_total: int = 0  # bad frames dropped, as last reported on /diagnostics
     bad_since: float | None = None  # monotonic time of the report that first saw bad_total's latest increase
+    reported: tuple[int, int] = (0, 0)  # (frames received, dropped as too_old) at the last /diagnostics report
     # a replaced image subscription serves on until its successor has matched every publisher (DDS matches
     # asynchronously: a reliable writer delivers only to readers it has matched), then goes; see _watch_inputs
     retiring: Any | None = None
@@ -877,14 +878,25 @@ class SegmentationNode(LifecycleNode):
             if bad > cam.bad_total:  # the level says how the camera is now: WARN for a while after bad frames, not
                 cam.bad_total, cam.bad_since = bad, now  # for good (the counts stay in the values)
             recent_bad = cam.bad_since is not None and now - cam.bad_since <= BAD_FRAMES_WARN_S
+            # frames that came since the last report, and how many of them were too old to serve
+            new_frames = max(0, s["received"] - cam.reported[0])
+            new_old = max(0, dropped.get("too_old", 0) - cam.reported[1])
+            cam.reported = (s["received"], dropped.get("too_old", 0))
             level, message = DiagnosticStatus.OK, f"{fps:.1f} fps"
             silent = s["seconds_since_last_frame"]
-            if s["received"] == 0 or silent is None:
+            if not self._active:  # deactivated: not subscribed on purpose, no stale input
+                message = "inactive (not subscribed)"
+            elif s["received"] == 0 or silent is None:
                 level, message = DiagnosticStatus.WARN, "no frames received yet"
                 if cam.warned_no_frames:
                     message += " although a publisher exists (QoS or frame size: see the node's log)"
             elif silent > STALE_INPUT_S:
                 level, message = DiagnosticStatus.WARN, f"no frames for {silent:.0f} s"
+            elif new_old and 2 * new_old >= new_frames:  # most frames lately: a camera nothing is served to
+                options = pipeline.options
+                level, message = DiagnosticStatus.WARN, (
+                    f"{fps:.1f} fps; {new_old} of {new_frames} frames since the last report older than max_age "
+                    f"({options.max_age:g} s from {options.max_age_from}), dropped")
             elif recent_bad:
                 level, message = DiagnosticStatus.WARN, (f"{fps:.1f} fps; bad frames dropped in the last "
                                                          f"{BAD_FRAMES_WARN_S:g} s ({bad} in all)")

@@ -408,54 +408,64 @@ def test_outputs_change_at_run_time(checkpoint: Path):
         rclpy.try_shutdown(context=ctx)
 
 
+def _diagnostics_node(checkpoint: Path, *overrides):
+    """An in-process node (configured, active) whose /diagnostics reports are kept in a list instead of sent."""
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from icnet_ros.node import SegmentationNode
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+        Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
+        Parameter("image_topics", value=["/dg/image_raw"]), *overrides])
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    reports: list = []
+    node._diag_pub.publish = reports.append
+    node.pipeline._wanted = lambda key: {"label"}  # as if the label had a subscriber (no DDS here)
+
+    def camera_status():
+        node._publish_diagnostics()
+        return next(st for st in reports[-1].status if st.name.endswith("/dg/image_raw"))
+
+    def wait_counts(what: str, n: int) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            cam = node.pipeline.snapshot()["cameras"]["/dg/image_raw"]
+            if (cam[what] if what in cam else cam["dropped"].get(what, 0)) >= n:  # a counter or a drop reason
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"{what} < {n}: {node.pipeline.snapshot()['cameras']}")
+    return ctx, node, camera_status, wait_counts
+
+
 def test_diagnostics_warn_after_bad_frames_then_recover(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
     """A camera that dropped a bad frame is WARN on /diagnostics for BAD_FRAMES_WARN_S after it, then OK again with
     the count kept in its values (before: WARN for the rest of the node's life after one bad frame)."""
     import rclpy
     from diagnostic_msgs.msg import DiagnosticStatus
-    from rclpy.lifecycle import TransitionCallbackReturn
-    from rclpy.parameter import Parameter
 
     import icnet_ros.node as node_module
-    from icnet_ros.node import SegmentationNode
 
     monkeypatch.setattr(node_module, "BAD_FRAMES_WARN_S", 0.5)
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
-        Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
-        Parameter("image_topics", value=["/dg/image_raw"])])
-    reports: list = []
+    ctx, node, camera_status, wait_counts = _diagnostics_node(checkpoint)
     try:
-        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-        node._diag_pub.publish = reports.append
-        node.pipeline._wanted = lambda key: {"label"}  # as if the label had a subscriber (no DDS here)
-
-        def camera_status() -> DiagnosticStatus:
-            node._publish_diagnostics()
-            return next(st for st in reports[-1].status if st.name.endswith("/dg/image_raw"))
         stamp = node.get_clock().now().to_msg()  # the node's own clock (another one is a standing WARN)
         bad = image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8", stamp)
         bad.encoding = "yuv422"
         good = image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8", stamp)
-        def settled(what: str, n: int) -> bool:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                cam = node.pipeline.snapshot()["cameras"]["/dg/image_raw"]
-                if (cam["dropped"].get("encoding", 0) if what == "bad" else cam["processed"]) >= n:
-                    return True
-                time.sleep(0.02)
-            return False
         node.pipeline.submit("/dg/image_raw", bad)
-        assert settled("bad", 1)
+        wait_counts("encoding", 1)
         node.pipeline.submit("/dg/image_raw", good)
-        assert settled("good", 1)
+        wait_counts("processed", 1)
         st = camera_status()
         assert st.level == DiagnosticStatus.WARN and "bad frames dropped" in st.message, st.message
         time.sleep(0.7)
         node.pipeline.submit("/dg/image_raw", good)  # a good frame: the camera is fine now
-        assert settled("good", 2)
+        wait_counts("processed", 2)
         st = camera_status()
         assert st.level == DiagnosticStatus.OK, st.message
         assert {kv.key: kv.value for kv in st.values}["dropped_encoding"] == "1"
@@ -463,6 +473,62 @@ def test_diagnostics_warn_after_bad_frames_then_recover(checkpoint: Path, monkey
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
 
+
+def test_diagnostics_warn_when_every_frame_is_too_old(checkpoint: Path):
+    """A camera whose frames all arrive older than max_age gets no output at all: WARN with the reason (it was OK,
+    0.0 fps, the drops only in the values and a throttled log line), and OK again once frames are served."""
+    import rclpy
+    from builtin_interfaces.msg import Time
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from rclpy.parameter import Parameter
+
+    ctx, node, camera_status, wait_counts = _diagnostics_node(
+        checkpoint, Parameter("max_age", value=0.3), Parameter("max_age_from", value="stamp"))
+    try:
+        now = node.get_clock().now().nanoseconds
+        old = Time(sec=(now - 1_000_000_000) // 10**9, nanosec=(now - 1_000_000_000) % 10**9)  # 1 s old
+        for i in range(3):
+            node.pipeline.submit("/dg/image_raw", image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8", old))
+            wait_counts("too_old", i + 1)
+        st = camera_status()
+        assert st.level == DiagnosticStatus.WARN, st.message
+        assert "3 of 3 frames since the last report older than max_age (0.3 s from stamp)" in st.message, st.message
+        node.pipeline.submit("/dg/image_raw", image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8",
+                                                        node.get_clock().now().to_msg()))
+        wait_counts("processed", 1)
+        st = camera_status()
+        assert st.level == DiagnosticStatus.OK, st.message
+        assert {kv.key: kv.value for kv in st.values}["dropped_too_old"] == "3"
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
+
+def test_diagnostics_of_a_deactivated_node_are_not_stale_input(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
+    """Deactivated, the node unsubscribes on purpose: its cameras are OK, 'inactive', not WARN 'no frames for N s'
+    (a lifecycle manager's deactivate raised a warning on every camera)."""
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    import icnet_ros.node as node_module
+
+    monkeypatch.setattr(node_module, "STALE_INPUT_S", 0.2)
+    ctx, node, camera_status, wait_counts = _diagnostics_node(checkpoint)
+    try:
+        node.pipeline.submit("/dg/image_raw", image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8",
+                                                        node.get_clock().now().to_msg()))
+        wait_counts("processed", 1)
+        assert camera_status().level == DiagnosticStatus.OK
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        time.sleep(0.4)
+        st = camera_status()
+        assert st.level == DiagnosticStatus.OK and st.message == "inactive (not subscribed)", st.message
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        assert camera_status().level == DiagnosticStatus.WARN  # active again and silent for 0.4 s: stale
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
 
 def test_string_parameters_take_numbers_and_bools_as_text(checkpoint: Path):
     """`-p input_size:=1.5`, `-p warmup:=false` and `ros2 param set ... input_size 2` type their values as double,
