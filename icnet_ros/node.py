@@ -807,9 +807,9 @@ class SegmentationNode(LifecycleNode):
             info_pub = cam.info_publisher
             if info_pub is not None and info_pub.get_subscription_count() > 0:
                 out_size = tuple(res.label.shape[:2])
-                if cam.compressed:  # the decoded size: the output's at output_size 'input', else the JPEG/PNG header's
-                    in_size = out_size if self.config.engine.output_size == "input" else \
-                        compressed_header(msg)[1:]  # read (checked) when the frame was taken: cheap, cannot fail
+                if cam.compressed:  # the decoded size, the JPEG/PNG header's: not the output's, whose output_size
+                    # may have changed between this frame's forward pass and now
+                    in_size = compressed_header(msg)[1:]  # read (checked) when the frame was taken: cannot fail
                 else:
                     in_size = (int(msg.height), int(msg.width))
                 if min(in_size) > 0:  # a camera_info still to come is published when it arrives (_on_camera_info)

@@ -530,6 +530,42 @@ def test_diagnostics_of_a_deactivated_node_are_not_stale_input(checkpoint: Path,
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
 
+def test_compressed_camera_info_is_scaled_from_the_frame_not_the_live_output_size(checkpoint: Path):
+    """A compressed camera's camera_info is scaled from the JPEG's own size to the label's. It took the label's
+    size as the frame's whenever output_size was 'input' now: a frame segmented at output_size 'model' and
+    published after a live change to 'input' got an unscaled camera_info (K for 64x96 on a 32x48 label)."""
+    import cv2
+    import rclpy
+    from sensor_msgs.msg import CameraInfo, CompressedImage
+
+    from icnet_ros.engine import SegmentResult
+
+    ctx, node, _, _ = _diagnostics_node(checkpoint)
+    try:
+        assert node.config.engine.output_size == "input"
+        topic = "/dg/image_raw"
+        cam = node._by_topic[topic]
+        sent: list = []
+
+        class Subscribed:  # the camera_info publisher, with a subscriber
+            def get_subscription_count(self):
+                return 1
+
+            def publish(self, m):
+                sent.append(m)
+        cam.compressed, cam.info_publisher = True, Subscribed()
+        stamp = node.get_clock().now().to_msg()
+        cam.info_cache.add(CameraInfo(width=96, height=64, k=[80.0, 0, 48, 0, 80.0, 32, 0, 0, 1]))
+        msg = CompressedImage(format="jpeg", data=cv2.imencode(".jpg", np.zeros((64, 96, 3), np.uint8))[1].tobytes())
+        msg.header.stamp = stamp
+        res = SegmentResult(label=np.zeros((32, 48), np.uint8))  # at the network's size (output_size 'model')
+        node._publish(topic, msg, "RGB", res, {"camera_info"})
+        assert len(sent) == 1 and (sent[0].width, sent[0].height) == (48, 32), sent
+        assert sent[0].k[0] == pytest.approx(40.0)
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
 def test_string_parameters_take_numbers_and_bools_as_text(checkpoint: Path):
     """`-p input_size:=1.5`, `-p warmup:=false` and `ros2 param set ... input_size 2` type their values as double,
     bool and integer: the string parameters take their text instead of refusing the type."""
