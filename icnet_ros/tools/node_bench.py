@@ -233,7 +233,8 @@ def bench_demo(node: Any, executor: Any, video: str, frames: int, chunk: int) ->
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="icnet-node-bench", description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("--model", default=None, help="checkpoint (.safetensors; default: the package's default model)")
+    p.add_argument("--model", default=None, help="a .safetensors checkpoint or an exported .onnx/.xml/engine (run "
+                   "by the backend its type selects; default: the package's default model)")
     p.add_argument("--size", type=parse_size, action="append", default=None, metavar="HxW",
                    help="frame size, repeatable (default: 360x480 and 1024x2048)")
     p.add_argument("--frames", type=int, default=20, help="frames per measurement (default: %(default)s)")
