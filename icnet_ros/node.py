@@ -848,18 +848,32 @@ class SegmentationNode(LifecycleNode):
 
     def _publish_diagnostics(self) -> None:
         pipeline, seg = self.pipeline, self.segmenter
-        if pipeline is None or seg is None:  # unconfigured: no segmenter to report on
-            return
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
         name = self.get_fully_qualified_name()
+        if pipeline is None or seg is None:  # unconfigured: only the node's own state, and why (a failed configure)
+            if self.finished.is_set():
+                return
+            level, message = DiagnosticStatus.OK, "unconfigured: waiting for configure"
+            if self.busy:
+                message = f"unconfigured: {self.busy}"
+            elif self.startup_error:
+                level, message = DiagnosticStatus.ERROR, f"unconfigured: configure failed: {self.startup_error}"
+            status = DiagnosticStatus(level=level, name=f"{name}: segmenter", message=message)
+            status.values = [KeyValue(key="model", value=self.config.model or "(the default model)"),
+                             KeyValue(key="active", value="False")]
+            arr.status.append(status)
+            self._diag_pub.publish(arr)
+            return
         snap = pipeline.snapshot(update_rates=True)
         device = str(seg.device)
         fatal = snap["fatal_error"]
-        node_status = DiagnosticStatus(level=DiagnosticStatus.ERROR if fatal else DiagnosticStatus.OK,
+        failed = None if self._active or fatal else self.startup_error  # a failed activate
+        node_status = DiagnosticStatus(level=DiagnosticStatus.ERROR if fatal or failed else DiagnosticStatus.OK,
                                        name=f"{name}: segmenter", hardware_id=device,
                                        message=fatal or (f"{snap['batches']} batches" if self._active else
-                                                         f"inactive; {snap['batches']} batches"))
+                                                         f"inactive; {snap['batches']} batches" + (
+                                                             f"; activate failed: {failed}" if failed else "")))
         node_status.values = [KeyValue(key=k, value=str(v)) for k, v in (
             ("device", device), ("model", self.model_path), ("precision", seg.precision),
             ("backend", seg.backend.name), ("provider", seg.backend.provider),

@@ -566,6 +566,52 @@ def test_compressed_camera_info_is_scaled_from_the_frame_not_the_live_output_siz
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
 
+def test_diagnostics_of_an_unconfigured_node_say_why(checkpoint: Path, tmp_path: Path):
+    """Under a lifecycle manager (autostart false) a node that is waiting, or whose configure failed, reports its
+    state on /diagnostics (it published nothing until configured: a failed configure was only in the log)."""
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from icnet_ros.node import SegmentationNode
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    missing = tmp_path / "missing.safetensors"
+    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+        Parameter("model", value=str(missing)), Parameter("device", value="cpu"),
+        Parameter("image_topics", value=["/dg/image_raw"])])
+    reports: list = []
+    node._diag_pub.publish = reports.append
+
+    def segmenter_status() -> DiagnosticStatus:
+        node._publish_diagnostics()
+        (st,) = [st for st in reports[-1].status if st.name.endswith(": segmenter")]
+        return st
+    try:
+        st = segmenter_status()
+        assert (st.level, st.message) == (DiagnosticStatus.OK, "unconfigured: waiting for configure")
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        st = segmenter_status()
+        assert st.level == DiagnosticStatus.ERROR and st.message.startswith("unconfigured: configure failed: "), st
+        assert str(missing) in st.message and len(reports[-1].status) == 1
+        assert node.set_parameters([Parameter("model", value=str(checkpoint))])[0].successful
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        st = segmenter_status()
+        assert st.level == DiagnosticStatus.OK and st.message.startswith("inactive; "), st.message
+
+        def no_subscription(cam):
+            raise RuntimeError("no subscription")
+        node._subscribe = no_subscription
+        assert node.trigger_activate() == TransitionCallbackReturn.FAILURE
+        st = segmenter_status()
+        assert st.level == DiagnosticStatus.ERROR, st.message
+        assert st.message.endswith("activate failed: cannot subscribe to the cameras: RuntimeError: no subscription")
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
 def test_string_parameters_take_numbers_and_bools_as_text(checkpoint: Path):
     """`-p input_size:=1.5`, `-p warmup:=false` and `ros2 param set ... input_size 2` type their values as double,
     bool and integer: the string parameters take their text instead of refusing the type."""
