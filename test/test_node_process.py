@@ -4,6 +4,7 @@ DDS (loopback only): status 0 within 5 s, no traceback. Also the input QoS (inpu
 publisher's frames do not arrive). `ros2 launch` and `ros2 run` are exercised in test_launch.py."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -408,8 +409,10 @@ def test_outputs_change_at_run_time(checkpoint: Path):
         rclpy.try_shutdown(context=ctx)
 
 
+@contextlib.contextmanager
 def _diagnostics_node(checkpoint: Path, *overrides):
-    """An in-process node (configured, active) whose /diagnostics reports are kept in a list instead of sent."""
+    """An in-process node (configured, active) whose /diagnostics reports are kept in a list instead of sent:
+    yields (node, camera_status(), wait_counts(counter or drop reason, n)); destroyed after the block."""
     import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
@@ -421,11 +424,7 @@ def _diagnostics_node(checkpoint: Path, *overrides):
     node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
         Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
         Parameter("image_topics", value=["/dg/image_raw"]), *overrides])
-    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
     reports: list = []
-    node._diag_pub.publish = reports.append
-    node.pipeline._wanted = lambda key: {"label"}  # as if the label had a subscriber (no DDS here)
 
     def camera_status():
         node._publish_diagnostics()
@@ -439,20 +438,26 @@ def _diagnostics_node(checkpoint: Path, *overrides):
                 return
             time.sleep(0.02)
         raise AssertionError(f"{what} < {n}: {node.pipeline.snapshot()['cameras']}")
-    return ctx, node, camera_status, wait_counts
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        node._diag_pub.publish = reports.append
+        node.pipeline._wanted = lambda key: {"label"}  # as if the label had a subscriber (no DDS here)
+        yield node, camera_status, wait_counts
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
 
 
 def test_diagnostics_warn_after_bad_frames_then_recover(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
     """A camera that dropped a bad frame is WARN on /diagnostics for BAD_FRAMES_WARN_S after it, then OK again with
     the count kept in its values (before: WARN for the rest of the node's life after one bad frame)."""
-    import rclpy
     from diagnostic_msgs.msg import DiagnosticStatus
 
     import icnet_ros.node as node_module
 
     monkeypatch.setattr(node_module, "BAD_FRAMES_WARN_S", 0.5)
-    ctx, node, camera_status, wait_counts = _diagnostics_node(checkpoint)
-    try:
+    with _diagnostics_node(checkpoint) as (node, camera_status, wait_counts):
         stamp = node.get_clock().now().to_msg()  # the node's own clock (another one is a standing WARN)
         bad = image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8", stamp)
         bad.encoding = "yuv422"
@@ -469,22 +474,17 @@ def test_diagnostics_warn_after_bad_frames_then_recover(checkpoint: Path, monkey
         st = camera_status()
         assert st.level == DiagnosticStatus.OK, st.message
         assert {kv.key: kv.value for kv in st.values}["dropped_encoding"] == "1"
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 def test_diagnostics_warn_when_every_frame_is_too_old(checkpoint: Path):
     """A camera whose frames all arrive older than max_age gets no output at all: WARN with the reason (it was OK,
     0.0 fps, the drops only in the values and a throttled log line), and OK again once frames are served."""
-    import rclpy
     from builtin_interfaces.msg import Time
     from diagnostic_msgs.msg import DiagnosticStatus
     from rclpy.parameter import Parameter
 
-    ctx, node, camera_status, wait_counts = _diagnostics_node(
-        checkpoint, Parameter("max_age", value=0.3), Parameter("max_age_from", value="stamp"))
-    try:
+    with _diagnostics_node(
+        checkpoint, Parameter("max_age", value=0.3), Parameter("max_age_from", value="stamp")) as (node, camera_status, wait_counts):
         now = node.get_clock().now().nanoseconds
         old = Time(sec=(now - 1_000_000_000) // 10**9, nanosec=(now - 1_000_000_000) % 10**9)  # 1 s old
         for i in range(3):
@@ -499,23 +499,18 @@ def test_diagnostics_warn_when_every_frame_is_too_old(checkpoint: Path):
         st = camera_status()
         assert st.level == DiagnosticStatus.OK, st.message
         assert {kv.key: kv.value for kv in st.values}["dropped_too_old"] == "3"
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 def test_diagnostics_of_a_deactivated_node_are_not_stale_input(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
     """Deactivated, the node unsubscribes on purpose: its cameras are OK, 'inactive', not WARN 'no frames for N s'
     (a lifecycle manager's deactivate raised a warning on every camera)."""
-    import rclpy
     from diagnostic_msgs.msg import DiagnosticStatus
     from rclpy.lifecycle import TransitionCallbackReturn
 
     import icnet_ros.node as node_module
 
     monkeypatch.setattr(node_module, "STALE_INPUT_S", 0.2)
-    ctx, node, camera_status, wait_counts = _diagnostics_node(checkpoint)
-    try:
+    with _diagnostics_node(checkpoint) as (node, camera_status, wait_counts):
         node.pipeline.submit("/dg/image_raw", image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8",
                                                         node.get_clock().now().to_msg()))
         wait_counts("processed", 1)
@@ -526,22 +521,17 @@ def test_diagnostics_of_a_deactivated_node_are_not_stale_input(checkpoint: Path,
         assert st.level == DiagnosticStatus.OK and st.message == "inactive (not subscribed)", st.message
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         assert camera_status().level == DiagnosticStatus.WARN  # active again and silent for 0.4 s: stale
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 def test_compressed_camera_info_is_scaled_from_the_frame_not_the_live_output_size(checkpoint: Path):
     """A compressed camera's camera_info is scaled from the JPEG's own size to the label's. It took the label's
     size as the frame's whenever output_size was 'input' now: a frame segmented at output_size 'model' and
     published after a live change to 'input' got an unscaled camera_info (K for 64x96 on a 32x48 label)."""
     import cv2
-    import rclpy
     from sensor_msgs.msg import CameraInfo, CompressedImage
 
     from icnet_ros.engine import SegmentResult
 
-    ctx, node, _, _ = _diagnostics_node(checkpoint)
-    try:
+    with _diagnostics_node(checkpoint) as (node, _, _):
         assert node.config.engine.output_size == "input"
         topic = "/dg/image_raw"
         cam = node._by_topic[topic]
@@ -562,9 +552,6 @@ def test_compressed_camera_info_is_scaled_from_the_frame_not_the_live_output_siz
         node._publish(topic, msg, "RGB", res, {"camera_info"})
         assert len(sent) == 1 and (sent[0].width, sent[0].height) == (48, 32), sent
         assert sent[0].k[0] == pytest.approx(40.0)
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 def test_diagnostics_of_an_unconfigured_node_say_why(checkpoint: Path, tmp_path: Path):
     """Under a lifecycle manager (autostart false) a node that is waiting, or whose configure failed, reports its
