@@ -231,6 +231,103 @@ def test_grey_and_alpha_label_pngs_are_read_as_grey(tmp_path):
     np.testing.assert_array_equal(read_label(path, CAMVID_CLASSES), CAMVID_CLASSES.label_lut()[values])
 
 
+def test_class_values_saved_as_rgb_are_read_as_grey_and_colour_labels_stay_colour(tmp_path):
+    """A CamVid label (class values 0..11) saved with 3 equal channels (PIL's convert("RGB"), image editors) was
+    matched against the palette as a colour label: every pixel ignore, loss 0, no word. A colour label whose
+    colours are all grey (sky (128, 128, 128) and black void) is still a colour label; 0 only (black) cannot be
+    told apart (class 0 saved as RGB, or a void-only colour label): refused naming the file."""
+    src = sorted((require(CAMVID) / "train" / "labels").iterdir())[0]
+    grey = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+    assert grey.ndim == 2 and (grey == 11).any() and (grey < 11).any()
+    rgb = tmp_path / "rgb.png"
+    cv2.imwrite(str(rgb), cv2.merge([grey, grey, grey]))
+    np.testing.assert_array_equal(read_label(rgb, CAMVID_CLASSES), read_label(src, CAMVID_CLASSES))
+
+    colour = np.zeros((4, 6, 3), np.uint8)  # CamVid colours: sky on the left, void (black) on the right
+    colour[:, :3] = CAMVID_CLASSES.palette[0]
+    cv2.imwrite(str(tmp_path / "colour.png"), colour[..., ::-1])
+    expected = np.full((4, 6), IGNORE_INDEX, np.uint8)
+    expected[:, :3] = 0
+    np.testing.assert_array_equal(read_label(tmp_path / "colour.png", CAMVID_CLASSES), expected)
+
+    cv2.imwrite(str(tmp_path / "black.png"), np.zeros((4, 6, 3), np.uint8))
+    with pytest.raises(DatasetError, match=f"label {tmp_path / 'black.png'}: 3 equal channels holding only 0"):
+        read_label(tmp_path / "black.png", CAMVID_CLASSES)
+    white = np.full((4, 6, 3), 255, np.uint8)  # ignore either way
+    cv2.imwrite(str(tmp_path / "white.png"), white)
+    assert (read_label(tmp_path / "white.png", CAMVID_CLASSES) == IGNORE_INDEX).all()
+
+
+def test_16_bit_colour_labels_are_refused(tmp_path):
+    """Colour matching ran on the 16-bit values: every pixel of a 16-bit RGB colour label became ignore."""
+    rgb = np.zeros((4, 4, 3), np.uint16)
+    rgb[:] = np.array(CAMVID_CLASSES.palette[3], np.uint16) * 257
+    path = tmp_path / "l16.png"
+    cv2.imwrite(str(path), rgb[..., ::-1])
+    with pytest.raises(DatasetError, match=f"label {path}: 16-bit colour label; colour labels must have 8 bits"):
+        read_label(path, CAMVID_CLASSES)
+
+
+def _grey_png(path, values, bits):
+    """A grey PNG of the given bit depth holding ``values`` as its stored samples."""
+    import struct
+    import zlib
+
+    rows = b"".join(b"\0" + np.packbits(np.unpackbits(r[:, None].astype(np.uint8), axis=1)[:, 8 - bits:].ravel())
+                    .tobytes() for r in values)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", values.shape[1], values.shape[0], bits, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_low_bit_depth_grey_labels_give_their_stored_values(tmp_path):
+    """OpenCV scales 1-, 2- and 4-bit grey samples to 0..255: a binary mask saved by PIL as mode '1' had its
+    foreground 1 read as 255, the ignore index. The stored values are the class values."""
+    from PIL import Image
+
+    (tmp_path / "classes.txt").write_text("background\nforeground\n")
+    classes = load_class_file(tmp_path / "classes.txt")
+    mask = np.zeros((4, 8), bool)
+    mask[:, 4:] = True
+    Image.fromarray(mask).save(tmp_path / "mask1.png")  # mode '1': a 1-bit grey PNG
+    assert (tmp_path / "mask1.png").read_bytes()[24] == 1
+    np.testing.assert_array_equal(read_label(tmp_path / "mask1.png", classes), mask.astype(np.uint8))
+    for bits, values in ((2, [0, 1, 2, 3] * 3), (4, list(range(12)))):
+        ids = np.array([values] * 2, np.uint8)
+        _grey_png(tmp_path / f"ids{bits}.png", ids, bits)
+        np.testing.assert_array_equal(read_label(tmp_path / f"ids{bits}.png", CAMVID_CLASSES),
+                                      CAMVID_CLASSES.label_lut()[ids])
+
+
+def test_images_are_read_as_stored_whatever_their_exif_orientation(tmp_path):
+    """OpenCV applied a JPEG's EXIF orientation to the image but not to its PNG label: a square frame was
+    silently rotated against its label, another got a size error naming the label."""
+    from PIL import Image
+
+    from icnet_ros.data import read_image
+
+    (tmp_path / "train" / "images").mkdir(parents=True)
+    (tmp_path / "train" / "labels").mkdir(parents=True)
+    for name, (h, w) in {"square": (96, 96), "wide": (96, 128)}.items():
+        image = np.zeros((h, w, 3), np.uint8)
+        image[:, : w // 2] = 255
+        label = np.ones((h, w), np.uint8)
+        label[:, : w // 2] = 0
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+        Image.fromarray(image).save(tmp_path / "train" / "images" / f"{name}.jpg", exif=exif.tobytes(), quality=95)
+        Image.fromarray(label).save(tmp_path / "train" / "labels" / f"{name}.png")
+        assert read_image(tmp_path / "train" / "images" / f"{name}.jpg").shape == (h, w, 3)
+    ds = build_dataset(DataSpec(str(tmp_path), layout="camvid"), "train")
+    for i in range(len(ds)):
+        image, label = ds.load(i)
+        assert ((image[..., 0] > 127) == (label == 0)).all()
+
+
 def test_one_frame_under_two_image_names_is_refused(tmp_path):
     """x.jpg and x.png both paired with x's label: the frame counted twice in training and evaluation."""
     for d in ("images", "labels"):

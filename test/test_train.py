@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -68,6 +70,12 @@ def test_config_files_overrides_and_errors(capsys):
     # YAML reads 1e-3 (no dot) as text: a number is a number however it is written
     c = load_config("smoke", ["optim.lr=1e-3", "optim.weight_decay=5E-4", "optim.min_lr=1e-5"])
     assert (c["optim"]["lr"], c["optim"]["weight_decay"], c["optim"]["min_lr"]) == (0.001, 0.0005, 1e-5)
+    # inside lists too (they were refused: "got ['5e-1', 2.0]")
+    c = load_config("smoke", ["data.ratio_range=[5e-1, 2.0]", "loss.class_weights=[1e-1, 1, 2E0]",
+                              "data.crop_size=[1.28e2, 160]"])
+    assert (c["data"]["ratio_range"], c["loss"]["class_weights"]) == ([0.5, 2.0], [0.1, 1, 2.0])
+    assert c["data"]["crop_size"] == [128.0, 160]
+    assert load_config("smoke", ["train.seed=4294967295"])["train"]["seed"] == 2**32 - 1
 
 
 @pytest.mark.parametrize("override, message", [
@@ -83,6 +91,8 @@ def test_config_files_overrides_and_errors(capsys):
     ("optim.poly_power=-2", "optim.poly_power must be >= 0"),
     ("data.eval_size=[64, 5000]", "data.eval_size .*network width 4992 .* above the 4096"),
     ("data.layout=camvd", "unknown layout 'camvd' .*choose from auto, camvid, cityscapes, folders"),
+    ("train.seed=-1", r"train.seed must be in 0..4294967295, got -1"),  # numpy refuses negative seeds
+    ("train.seed=99999999999999", r"train.seed must be in 0..4294967295"),  # was an int64 overflow traceback
 ])
 def test_config_refuses_values_that_would_fail_later(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -578,17 +588,15 @@ def test_resume_keeps_its_own_record_and_takes_the_configs_optimizer(tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in legacy.model.state_dict().items())
 
 
-def test_sigint_saves_the_state_and_the_run_resumes(tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, DataLoader workers included) stops after the iteration in
-    progress, saves the state and exits with status 130 without a traceback (before: a KeyboardInterrupt traceback,
-    every iteration since the last checkpoint lost); the run then resumes."""
-    import signal
+def _signal_training_group(out, sig, *extra):
+    """Start a long smoke training run with one DataLoader worker in a process group of its own, send ``sig`` to
+    the whole group once two iterations are logged (as a terminal's Ctrl-C or ``timeout`` does); returns
+    (exit status, stderr)."""
     import time
 
-    out = tmp_path / "run"
     args = [sys.executable, "-m", "icnet_ros.train", "smoke", f"data.root={require(CAMVID)}",
             f"train.output_dir={out}", *FAST, "optim.iterations=1000", "train.log_interval=1",
-            "train.checkpoint_interval=1000", "train.eval_interval=1000", "train.workers=1"]
+            "train.checkpoint_interval=1000", "train.eval_interval=1000", "train.workers=1", *extra]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             start_new_session=True)
     try:
@@ -596,20 +604,142 @@ def test_sigint_saves_the_state_and_the_run_resumes(tmp_path):
         while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130 and "Traceback" not in err, err
+            os.killpg(proc.pid, 9)
+    return proc.returncode, err
+
+
+def test_sigint_saves_the_state_and_the_run_resumes(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, DataLoader workers included) stops after the iteration in
+    progress, saves the state and exits with status 130 without a traceback (before: a KeyboardInterrupt traceback,
+    every iteration since the last checkpoint lost); the run then resumes."""
+    import signal
+
+    out = tmp_path / "run"
+    rc, err = _signal_training_group(out, signal.SIGINT)
+    assert rc == 130 and "Traceback" not in err, err
     stopped = torch.load(out / STATE_FILE, weights_only=True)["iteration"]
-    assert f"SIGINT: stopping at iteration {stopped}, saving the state" in err
+    assert f"SIGINT: stopping at iteration {stopped}, saving the state (Ctrl-C again to abort without saving)" in err
     assert f"stopped at iteration {stopped}" in err and f"train.resume={out}" in err
     assert max(r["iter"] for r in _records(out, "train")) == stopped
     assert main(["smoke", f"data.root={CAMVID}", f"train.output_dir={out}", *FAST, "optim.iterations=1000",
                  "train.log_interval=1", "train.eval_interval=1000", "train.resume=auto",
                  f"train.stop_at={stopped + 1}"]) == 0
     assert max(r["iter"] for r in _records(out, "train")) == stopped + 1
+
+
+def test_sigterm_to_the_process_group_saves_the_state(tmp_path):
+    """SIGTERM to the whole process group (coreutils timeout, Slurm, systemd, kill -- -PGID) reached the
+    DataLoader worker too: it died, and the run ended with "DataLoader worker (pid N) is killed by signal:
+    Terminated", a traceback and nothing saved. The workers leave it to the main process, which saves the state
+    and exits with 143; the stop message says what a second signal does."""
+    import signal
+
+    out = tmp_path / "run"
+    rc, err = _signal_training_group(out, signal.SIGTERM, "train.cpu_threads=1")
+    assert rc == 143 and "Traceback" not in err and "killed by signal" not in err, err
+    stopped = torch.load(out / STATE_FILE, weights_only=True)["iteration"]
+    assert f"SIGTERM: stopping at iteration {stopped}, saving the state (a further SIGTERM is ignored; SIGINT " \
+           "aborts without saving)" in err, err
+    assert max(r["iter"] for r in _records(out, "train")) == stopped
+
+
+def _camvid_subset(root, counts):
+    """A CamVid-layout copy (symbolic links) of the first frames of each split."""
+    for split, n in counts.items():
+        for kind in ("images", "labels"):
+            (root / split / kind).mkdir(parents=True)
+        for stem in sorted(p.stem for p in (require(CAMVID) / split / "images").iterdir())[:n]:
+            os.symlink(CAMVID / split / "images" / f"{stem}.jpg", root / split / "images" / f"{stem}.jpg")
+            os.symlink(CAMVID / split / "labels" / f"{stem}.png", root / split / "labels" / f"{stem}.png")
+    return root
+
+
+def test_an_unreadable_training_frame_keeps_the_iterations_trained(tmp_path, capsys):
+    """A training frame that cannot be read (a label of another size), first met mid-run: the run ended (exit 2)
+    without saving the iterations trained, and train.resume=auto then refused the folder ('holds another run
+    (metrics.jsonl)'). The state is saved first; once the file is fixed, the run continues."""
+    root = _camvid_subset(tmp_path / "camvid", {"train": 6, "val": 2})
+    bad = sorted((root / "train" / "labels").iterdir())[4]
+    label = cv2.imread(str(bad), cv2.IMREAD_UNCHANGED)
+    bad.unlink()
+    cv2.imwrite(str(bad), label[:-10])  # 10 rows short
+    out = tmp_path / "run"
+    common = ["smoke", f"data.root={root}", "data.train_limit=null", f"train.output_dir={out}", *FAST,
+              "optim.iterations=6", "train.checkpoint_interval=100", "train.eval_interval=100", "train.log_interval=1"]
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    stopped = torch.load(out / STATE_FILE, weights_only=True)["iteration"]
+    assert stopped >= 1 and max(r["iter"] for r in _records(out, "train")) == stopped
+    assert f"{bad} is 480x350 (the training state at iteration {stopped} is saved: fix the file and continue " \
+           "with train.resume=auto)" in err, err
+    assert err.count("icnet-train: error:") == 1 and "Traceback" not in err, err
+    bad.unlink()
+    cv2.imwrite(str(bad), label)
+    assert main([*common, "train.resume=auto"]) == 0
+    assert f"resumed from {out / STATE_FILE} at iteration {stopped}" in capsys.readouterr().err
+    assert [r["iter"] for r in _records(out, "train")] == list(range(1, 7))
+
+
+def test_resume_auto_starts_afresh_among_the_logs_of_a_run_that_saved_no_state(tmp_path, capsys):
+    """A run stopped before its first state (killed, or its first batch unreadable) leaves only its log:
+    train.resume=auto refused the folder ('holds another run'), though there is nothing to continue. It starts
+    afresh and drops those records; a run without train.resume is still refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("{}\n")
+    (out / "metrics.jsonl").write_text(json.dumps({"kind": "train", "iter": 5, "lr": 0.01, "loss": 3.0}) + "\n")
+    common = ["smoke", f"data.root={require(CAMVID)}", f"train.output_dir={out}", *FAST, "optim.iterations=2",
+              "train.log_interval=1", "train.eval_interval=100"]
+    assert main(common) == 2
+    assert f"train.output_dir {out} holds another run (metrics.jsonl): choose another" in capsys.readouterr().err
+    assert main([*common, "train.resume=auto"]) == 0
+    assert "starting fresh (dropping the records in metrics.jsonl: that run saved no state)" in \
+        capsys.readouterr().err
+    assert [r["iter"] for r in _records(out, "train")] == [1, 2]
+
+
+def test_labels_without_a_labelled_pixel_are_reported_once_and_logged_as_null(tmp_path, capsys):
+    """Labels that hold no labelled pixel (every one ignore: here CamVid's void) trained silently at loss 0;
+    the train mIoU of such a window was written as a bare NaN, which is not JSON."""
+    root = _camvid_subset(tmp_path / "camvid", {"train": 2, "val": 2})
+    for path in (root / "train" / "labels").iterdir():
+        void = np.full_like(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), 11)
+        path.unlink()
+        cv2.imwrite(str(path), void)
+    out = tmp_path / "run"
+    assert main(["smoke", f"data.root={root}", f"train.output_dir={out}", *FAST, "optim.iterations=3",
+                 "train.log_interval=1", "train.eval_interval=100"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: the training batches of iterations 1-1 have no labelled pixel") == 1, err
+    assert err.count("no labelled pixel") == 1
+    text = (out / "metrics.jsonl").read_text()
+    assert "NaN" not in text
+    assert [r["train_mIoU"] for r in _records(out, "train")] == [None, None, None]
+
+
+def test_interrupt_before_any_state_says_none_was_saved(tmp_path, capsys, monkeypatch):
+    """A second Ctrl-C (or one before the loop) said 'the state saved last is in DIR' when no state was ever
+    saved there."""
+    from icnet_ros.train.trainer import Trainer
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    common = ["smoke", f"data.root={require(CAMVID)}", f"train.output_dir={out}", *FAST, "optim.iterations=2"]
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    assert main(common) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == f"icnet-train: interrupted; no training state was saved in {out}"
+    monkeypatch.undo()
+    assert main([*common, "train.stop_at=1"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    assert main([*common, "train.resume=auto"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == f"icnet-train: interrupted; the state saved last is in {out}"
 
 
 def test_an_unreadable_validation_image_keeps_the_iterations_trained(tmp_path, capsys):

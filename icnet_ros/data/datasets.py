@@ -207,7 +207,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise DatasetError(f"cannot read image {path}: {e.strerror or e}") from None
     if jpeg_truncated(data):  # OpenCV decodes it, grey where the data ends, and says so only on stderr
         raise DatasetError(f"cannot read image {path}: truncated JPEG (no end-of-image marker after its last scan)")
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    # the pixels as stored: an EXIF orientation tag is not applied (OpenCV would rotate JPEGs by it, while the PNG
+    # labels, which carry none, stay as stored: a square frame silently misaligned with its label)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
     if img is None:
         raise DatasetError(f"cannot read image {path} (missing, corrupt or unsupported format)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -223,22 +225,28 @@ def jpeg_truncated(data: np.ndarray | bytes) -> bool:
     return sos < 0 or raw.find(b"\xff\xd9", sos) < 0
 
 
-def _png_colour_type(path: Path) -> int | None:
-    """A PNG's IHDR colour type (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA), None for other files."""
-    with open(path, "rb") as f:
-        head = f.read(26)
-    return head[25] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 else None
+def _png_header(path: Path) -> tuple[int, int] | None:
+    """A PNG's IHDR (bit depth, colour type: 0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA), None for other
+    files."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None  # the decoder below reports it
+    return (head[24], head[25]) if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 else None
 
 
 def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | None = None) -> np.ndarray:
     """A label file as an H x W uint8 array of train ids (``class_set.ignore_index`` for unlabelled pixels).
 
-    Single-channel labels hold raw values mapped through ``lut`` (default: ``class_set.label_lut()``); paletted
-    PNGs are read as their palette indices; RGB labels are matched against the class palette (other colours:
-    ignore)."""
+    Single-channel labels hold raw values mapped through ``lut`` (default: ``class_set.label_lut()``); grey PNGs of
+    bit depth 1, 2 or 4 are read as their stored values (0..1, 0..3, 0..15), not scaled to 0..255 as viewers show
+    them; paletted PNGs are read as their palette indices; 8-bit RGB labels are matched against the class palette
+    (other colours: ignore), except class values saved as RGB (:func:`_grey_values_in_rgb`). Labels of more than
+    8 bits per colour channel, or single-channel values above 255, are refused."""
     path = Path(path)
     check_image_size(path, "label")
-    colour_type = _png_colour_type(path) if path.suffix.lower() == ".png" else None
+    bit_depth, colour_type = (_png_header(path) or (None, None)) if path.suffix.lower() == ".png" else (None, None)
     if colour_type == 3:
         try:
             from PIL import Image
@@ -260,15 +268,65 @@ def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | N
         raw = raw[..., 0]
     elif raw.ndim == 3 and raw.shape[2] == 4:
         raw = raw[..., :3]
+    table = class_set.label_lut() if lut is None else lut
     if raw.ndim == 3:
-        return colors_to_ids(cv2.cvtColor(raw, cv2.COLOR_BGR2RGB), class_set)
+        if raw.dtype != np.uint8:  # the palette is 8-bit: every 16-bit colour would be unknown (ignore)
+            raise DatasetError(f"label {path}: {8 * raw.itemsize}-bit colour label; colour labels must have 8 bits "
+                               "per channel (or save the class values as a single-channel PNG)")
+        rgb = cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)
+        grey = _grey_values_in_rgb(rgb, class_set, table, path)
+        return table[grey] if grey is not None else colors_to_ids(rgb, class_set)
+    if colour_type == 0 and bit_depth in (1, 2, 4) and raw.dtype == np.uint8:
+        # OpenCV (libpng) scales low-bit grey samples to 0..255 (value v -> v * 255 / (2**bits - 1)): a 1-bit mask's
+        # foreground 1 became 255, the ignore index. The stored values are the class values, as in 8-bit files.
+        # 4-bit too: its 16 values hold class values 0..15 (Pillow gives them scaled, x17; not taken here).
+        step = 255 // (2 ** bit_depth - 1)
+        if np.any(raw % step):
+            raise DatasetError(f"cannot read label {path}: {bit_depth}-bit grey PNG decoded to values that are not "
+                               f"multiples of {step}")
+        raw = raw // step
     if raw.dtype != np.uint8:
         if raw.size and int(raw.max()) > 255:
             raise DatasetError(f"{path}: label values up to {int(raw.max())}; only 8-bit class values (0..255) "
                                "are supported")
         raw = raw.astype(np.uint8)
-    table = class_set.label_lut() if lut is None else lut
     return table[raw]
+
+
+def _grey_values_in_rgb(rgb: np.ndarray, class_set: ClassSet, table: np.ndarray, path: Path) -> np.ndarray | None:
+    """The class values of an RGB label whose three channels are equal at every pixel when it holds class values
+    saved as RGB (what PIL's ``convert("RGB")`` and many image editors write; read as colours every pixel was
+    ignore), else None (a colour label: :func:`colors_to_ids`).
+
+    Read as class values only when it cannot be a colour label:
+
+    - no pixel has a colour of the class palette (one that does is a colour label: CamVid's sky is
+      (128, 128, 128));
+    - every value is a class's raw value (``table``), the ignore index, or the value after the largest class value
+      (a void class numbered after the classes: CamVid's 11);
+    - some value is neither 0 nor the ignore index: dark greys such as (3, 3, 3) are no colour scheme's class
+      colour, while black and white are the void / background colours of colour labels (CamVid's void is black).
+
+    A label holding only 0 (and the ignore value) when 0 is a class value is either a frame of class 0 saved as RGB
+    or a colour label of void only: it is refused (:class:`DatasetError`) rather than guessed."""
+    r = rgb[..., 0]
+    if not (np.array_equal(r, rgb[..., 1]) and np.array_equal(r, rgb[..., 2])):
+        return None
+    values = set(np.flatnonzero(np.bincount(r.ravel(), minlength=256)).tolist())
+    ignore = class_set.ignore_index
+    if values & {c[0] for c in class_set.palette if c[0] == c[1] == c[2]}:
+        return None
+    classes = np.flatnonzero(table != ignore)
+    if not values <= set(classes.tolist()) | {ignore, int(classes.max()) + 1 if classes.size else 0}:
+        return None
+    if values - {0, ignore}:
+        return r
+    if 0 in values and table[0] != ignore:
+        also = f" and {ignore}" if ignore in values else ""
+        raise DatasetError(f"label {path}: 3 equal channels holding only 0{also}: class value 0 saved as RGB, or a "
+                           "colour label whose black is no class colour; save class values as a single-channel PNG "
+                           "(or give black to a class in the class file)")
+    return None  # only the ignore value: ignore either way
 
 
 def colors_to_ids(rgb: np.ndarray, class_set: ClassSet) -> np.ndarray:
@@ -505,11 +563,14 @@ def collate_segmentation(batch: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def worker_init(_worker_id: int) -> None:
-    """DataLoader worker setup: no OpenCV thread pool per worker (the workers are the parallelism); Ctrl-C is the
-    main process's to handle (a terminal sends it to the workers too: one that died of it would end the run before
-    the main process saved its state)."""
+    """DataLoader worker setup: no OpenCV thread pool per worker (the workers are the parallelism); Ctrl-C and
+    SIGTERM are the main process's to handle (a terminal sends Ctrl-C to the workers too, and ``timeout``, Slurm,
+    systemd or ``kill -- -PGID`` send SIGTERM to the whole process group: a worker that died of it would end the
+    run with a DataLoader error before the main process saved its state). The main process ends its workers when
+    it stops."""
     cv2.setNumThreads(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def one_line_error(error: BaseException) -> str:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ..checkpoint import CheckpointError
 from ..data.datasets import DatasetError, one_line_error
 from .config import DEFAULTS, ConfigError, load_config
-from .trainer import Trainer
+from .trainer import STATE_FILE, Trainer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"icnet-train: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C while the state was being saved, or one before training started
-        saved = f"; the state saved last is in {trainer.out_dir}" if trainer is not None else ""
+        saved = ""
+        if trainer is not None:
+            saved = (f"; the state saved last is in {trainer.out_dir}" if (trainer.out_dir / STATE_FILE).is_file()
+                     else f"; no training state was saved in {trainer.out_dir}")
         print(f"icnet-train: interrupted{saved}", file=sys.stderr)
         return 130
     finally:

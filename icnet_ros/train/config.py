@@ -160,6 +160,8 @@ def _set(config: dict, dotted: str, value: Any, source: str) -> None:
             (int, float) if isinstance(default, float) else (type(default),))
         if allowed and float in allowed and isinstance(value, str):
             value = _number(value)  # YAML reads 1e-3 (no dot) as text
+        if allowed and list in allowed and isinstance(value, list):  # every list option holds numbers: [5e-1, 2]
+            value = [_number(v) if isinstance(v, str) else v for v in value]
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{source}: {dotted} must be a finite number, got {value!r}")
         if isinstance(default, str) and isinstance(value, bool) and dotted in ("train.channels_last",
@@ -263,6 +265,8 @@ def validate_config(c: dict) -> None:
     for k in ("eval_interval", "log_interval", "checkpoint_interval", "eval_batch_size"):
         if t[k] < 1:
             raise ConfigError(f"train.{k} must be >= 1, got {t[k]}")
+    if not 0 <= t["seed"] < 2**32:  # derived seeds (seed * 1000003 + epoch) stay well inside torch's int64
+        raise ConfigError(f"train.seed must be in 0..{2**32 - 1}, got {t['seed']}")
     if t["workers"] < 0:
         raise ConfigError(f"train.workers must be >= 0, got {t['workers']}")
     if t["log_format"] not in ("jsonl", "csv"):

@@ -44,6 +44,8 @@ STATE_VERSION = 1
 #: what a run leaves in its output folder: a fresh run does not start among another run's files
 RUN_FILES = (STATE_FILE, "last.safetensors", "best.safetensors", "metrics.jsonl", "train_log.csv", "val_log.csv",
              "summary.json")
+#: what a run writes before its first state: a folder holding only these is started afresh by train.resume=auto
+LOG_FILES = ("metrics.jsonl", "train_log.csv", "val_log.csv")
 
 
 class Trainer:
@@ -83,6 +85,8 @@ class Trainer:
         self.last_val: dict[str, Any] | None = None
         self.last_val_iteration: int | None = None
         self.interrupted: int | None = None  # the signal that stopped the run (SIGINT / SIGTERM)
+        self._saved_iteration: int | None = None  # the iteration of the training state last saved or resumed
+        self._warned_unlabelled = False
         self._stop = _StopSignals()
         self._input_size: list[int] | None = None
         self._network_width: int | None = None
@@ -114,10 +118,14 @@ class Trainer:
 
     def _check_output_dir(self) -> None:
         """A fresh run does not start in a folder holding another run: its best.safetensors would be replaced by a
-        worse one and its logs mixed with the new run's."""
+        worse one and its logs mixed with the new run's. train.resume=auto starts afresh in a folder holding only
+        the logs of a run that saved no state (stopped before its first checkpoint): there is nothing to continue,
+        and those logs are dropped (:meth:`resume`); the weights or summary of a run are never replaced."""
         if self.resume_from is not None and self.resume_from.parent.resolve() == self.out_dir.resolve():
             return
         found = [name for name in RUN_FILES if (self.out_dir / name).exists()]
+        if self.config["train"]["resume"] == "auto" and set(found) <= set(LOG_FILES):
+            return
         if found:
             hint = ("continue it with train.resume=auto, " if STATE_FILE in found and self.resume_from is None
                     else "")
@@ -328,6 +336,7 @@ class Trainer:
                                           "kept") from None
                 raise
             self.save_weights("last.safetensors", iteration, self.last_val["mIoU"] if self.last_val else None)
+        self._saved_iteration = iteration
         barrier(self.info)
 
     def resume(self, where: str) -> bool:
@@ -339,7 +348,10 @@ class Trainer:
 
         path = self.resume_from
         if path is None:
-            self.say(f"train.resume={where}: no {self.out_dir / STATE_FILE}, starting fresh")
+            logs = [name for name in LOG_FILES if (self.out_dir / name).exists()]
+            self.say(f"train.resume={where}: no {self.out_dir / STATE_FILE}, starting fresh"
+                     + (f" (dropping the records in {', '.join(logs)}: that run saved no state)" if logs else ""))
+            self.log.truncate(0, warn=self.say)
             return False
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -401,6 +413,8 @@ class Trainer:
         if changed:
             self.say(f"warning: config differs from the resumed run in: {', '.join(changed)}")
         self.log.truncate(self.iteration, warn=self.say)
+        if path.parent.resolve() == self.out_dir.resolve():  # (a state resumed from elsewhere is not in out_dir)
+            self._saved_iteration = self.iteration
         self.say(f"resumed from {path} at iteration {self.iteration}")
         return True
 
@@ -467,9 +481,18 @@ class Trainer:
         o, t = self.config["optim"], self.config["train"]
         sums: dict[str, torch.Tensor] = {}
         count, t_data, t_step = 0, 0.0, 0.0
+        labelled = torch.zeros((), dtype=torch.long, device=self.device)  # labelled pixels in the logged window
         tick = time.perf_counter()
         while self.iteration < end:
-            images, labels = next(loader_iter)
+            try:
+                images, labels = next(loader_iter)
+            except DatasetError as e:
+                # the iterations since the last record are logged, as when a run stops (one process: under
+                # torchrun the other processes are not here to reduce the record with)
+                if count and not self.info.distributed:
+                    self._log_train(sums, count, t_data, t_step, self.scheduler.lr_at(self.iteration - 1), train_cm,
+                                    labelled)
+                raise self._keep_work(e) from None
             t_data += time.perf_counter() - tick
             lr = self.scheduler.step(self.iteration)
             images = images.to(self.device, non_blocking=True)
@@ -492,6 +515,7 @@ class Trainer:
             self.iteration += 1
             for k, v in {"loss": loss.detach(), **{f"loss_{k}": v for k, v in parts.items()}}.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
+            labelled += (labels != self.class_set.ignore_index).sum()
             if train_cm is not None:
                 with torch.no_grad():
                     train_cm.update_logits(upsample_logits(outputs.main.detach().float(), labels.shape[-2:]), labels)
@@ -505,12 +529,17 @@ class Trainer:
             if signalled:
                 end = self.iteration
                 self.interrupted = self._stop.received or signal.SIGTERM
+                # a second SIGINT aborts (_StopSignals); a second SIGTERM changes nothing (a process group's
+                # stop may deliver several)
+                abort = ("Ctrl-C again to abort without saving" if self.interrupted == signal.SIGINT
+                         else "a further SIGTERM is ignored; SIGINT aborts without saving")
                 self.say(f"{signal.Signals(self.interrupted).name}: stopping at iteration {self.iteration}, saving "
-                         "the state (again to abort without saving)")
+                         f"the state ({abort})")
             if self.iteration % t["log_interval"] == 0 or self.iteration == end:
-                rec = self._log_train(sums, count, t_data, t_step, lr, train_cm)
+                rec = self._log_train(sums, count, t_data, t_step, lr, train_cm, labelled)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
                 sums, count, t_data, t_step = {}, 0, 0.0, 0.0
+                labelled = torch.zeros_like(labelled)
             if self.val_set is not None and not signalled and (
                     self.iteration % t["eval_interval"] == 0 or self.iteration == total or timed_out):
                 self._validate_keeping_work(self.iteration)
@@ -518,6 +547,22 @@ class Trainer:
                 self.save_state(self.iteration)
             tick = time.perf_counter()
         return end
+
+    def _keep_work(self, error: DatasetError) -> DatasetError:
+        """The error to raise when a training file cannot be read (each is first read when its batch comes, maybe
+        hours in): the state is saved first when iterations were trained since the state last saved, so that they
+        are not lost (one process: under torchrun the other processes are inside the step's collective calls)."""
+        message = one_line_error(error)
+        if self.info.distributed:
+            return DatasetError(f"{message} (fix the file and continue from the last saved state with "
+                                "train.resume=auto)")
+        if self.iteration and self._saved_iteration != self.iteration:
+            self.save_state(self.iteration)
+        if self.iteration:
+            kept = f"the training state at iteration {self.iteration} is saved"
+        else:
+            kept = "no iteration was trained"
+        return DatasetError(f"{message} ({kept}: fix the file and continue with train.resume=auto)")
 
     def _validate_keeping_work(self, iteration: int) -> None:
         """Validate; when a validation file cannot be read (they are first read now, maybe after hours of training),
@@ -544,20 +589,29 @@ class Trainer:
         return up, signalled
 
     def _log_train(self, sums: dict[str, torch.Tensor], count: int, t_data: float, t_step: float, lr: float,
-                   train_cm: ConfusionMatrix | None) -> dict[str, Any]:
+                   train_cm: ConfusionMatrix | None, labelled: torch.Tensor) -> dict[str, Any]:
         keys = sorted(sums)
         values = torch.stack([sums[k].float() for k in keys]) / count
+        labelled = labelled.clone()
         if self.info.distributed:
             dist.all_reduce(values)
             values /= self.info.world_size
+            dist.all_reduce(labelled)
         rec: dict[str, Any] = {"iter": self.iteration, "lr": lr}
         rec.update({k: float(v) for k, v in zip(keys, values.tolist())})
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"training diverged: loss {rec['loss']} at iteration {self.iteration} "
                                      "(lower optim.lr, or enable optim.grad_clip)")
+        if not int(labelled) and not self._warned_unlabelled:  # the loss is 0 and nothing is learnt: say so once
+            self._warned_unlabelled = True
+            self.say(f"warning: the training batches of iterations {self.iteration - count + 1}-{self.iteration} "
+                     f"have no labelled pixel (every label pixel is {self.class_set.ignore_index}, ignore): check "
+                     "that the label files hold the class values or colours of the class set (this warning is "
+                     "given once per run)")
         if train_cm is not None:
             train_cm.all_reduce()
-            rec["train_mIoU"] = round(100 * train_cm.compute()["mIoU"], 4)
+            miou = train_cm.compute()["mIoU"]  # NaN when no pixel was labelled: null (JSON has no NaN)
+            rec["train_mIoU"] = round(100 * miou, 4) if math.isfinite(miou) else None
             train_cm.reset()
         rec["time_per_iter"] = round(t_step / count, 5)
         rec["data_time"] = round(t_data / count, 5)
