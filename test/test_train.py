@@ -588,22 +588,24 @@ def test_resume_keeps_its_own_record_and_takes_the_configs_optimizer(tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in legacy.model.state_dict().items())
 
 
-def _signal_training_group(out, sig, *extra):
+def _signal_training_group(out, sig, *extra, before_signal=None, env=None):
     """Start a long smoke training run with one DataLoader worker in a process group of its own, send ``sig`` to
-    the whole group once two iterations are logged (as a terminal's Ctrl-C or ``timeout`` does); returns
-    (exit status, stderr)."""
+    the whole group once two iterations are logged (as a terminal's Ctrl-C or ``timeout`` does; after calling
+    ``before_signal()``); returns (exit status, stderr)."""
     import time
 
     args = [sys.executable, "-m", "icnet_ros.train", "smoke", f"data.root={require(CAMVID)}",
             f"train.output_dir={out}", *FAST, "optim.iterations=1000", "train.log_interval=1",
             "train.checkpoint_interval=1000", "train.eval_interval=1000", "train.workers=1", *extra]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 120
         while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
+        if before_signal is not None:
+            before_signal()
         os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -646,6 +648,43 @@ def test_sigterm_to_the_process_group_saves_the_state(tmp_path):
            "aborts without saving)" in err, err
     assert max(r["iter"] for r in _records(out, "train")) == stopped
 
+
+def test_sigterm_to_the_group_while_waiting_for_data_saves_the_state(tmp_path):
+    """The group's SIGTERM ends the DataLoader worker while the loop waits for its next batch (the worker reads
+    slowly here): the wait ends in a DataLoader error, taken as the stop it is: state saved, exit 143, one line
+    (a worker that ignored SIGTERM instead hung the DataLoader's exit, icnet-eval's too, when it had to be ended)."""
+    import signal
+    import time
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    flag = tmp_path / "slow"
+    (hook / "sitecustomize.py").write_text(f"""
+import os, time
+import icnet_ros.data.datasets as datasets
+_read = datasets.read_image
+def read_image(path):
+    while os.path.exists({str(flag)!r}):  # from now on, no batch comes
+        time.sleep(0.1)
+    return _read(path)
+datasets.read_image = read_image
+""")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "run"
+
+    def starve():
+        flag.write_text("")
+        seen, since = (out / "metrics.jsonl").read_text(), time.monotonic()
+        while time.monotonic() - since < 3:  # until the batches read before are used up and the loop waits
+            now = (out / "metrics.jsonl").read_text()
+            seen, since = (now, time.monotonic()) if now != seen else (seen, since)
+            time.sleep(0.1)
+    rc, err = _signal_training_group(out, signal.SIGTERM, "train.cpu_threads=1", before_signal=starve, env=env)
+    assert rc == 143 and "Traceback" not in err, err
+    stopped = torch.load(out / STATE_FILE, weights_only=True)["iteration"]
+    assert f"SIGTERM: stopping at iteration {stopped}, saving the state (the DataLoader workers stopped with it)" \
+        in err, err
+    assert max(r["iter"] for r in _records(out, "train")) == stopped
 
 def _camvid_subset(root, counts):
     """A CamVid-layout copy (symbolic links) of the first frames of each split."""

@@ -563,14 +563,13 @@ def collate_segmentation(batch: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def worker_init(_worker_id: int) -> None:
-    """DataLoader worker setup: no OpenCV thread pool per worker (the workers are the parallelism); Ctrl-C and
-    SIGTERM are the main process's to handle (a terminal sends Ctrl-C to the workers too, and ``timeout``, Slurm,
-    systemd or ``kill -- -PGID`` send SIGTERM to the whole process group: a worker that died of it would end the
-    run with a DataLoader error before the main process saved its state). The main process ends its workers when
-    it stops."""
+    """DataLoader worker setup: no OpenCV thread pool per worker (the workers are the parallelism); Ctrl-C is the
+    main process's to handle (a terminal sends it to the workers too: one that died of it would end the run before
+    the main process saved its state). SIGTERM keeps its default: the DataLoader ends a worker that does not stop
+    in time with it (one that ignored it hung the process's exit); a SIGTERM sent to the whole process group
+    (``timeout``, Slurm, systemd) ends the workers, and the trainer's stop handling expects that."""
     cv2.setNumThreads(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def one_line_error(error: BaseException) -> str:

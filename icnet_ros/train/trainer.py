@@ -486,6 +486,19 @@ class Trainer:
         while self.iteration < end:
             try:
                 images, labels = next(loader_iter)
+            except RuntimeError:  # a worker gone with the stop signal (sent to the group): stop here, saving
+                if self._stop.received is None or self.info.distributed:
+                    raise
+                end = self.iteration
+                self.interrupted = self._stop.received
+                self.say(f"{signal.Signals(self.interrupted).name}: stopping at iteration {self.iteration}, saving "
+                         "the state (the DataLoader workers stopped with it)")
+                if count:
+                    self._log_train(sums, count, t_data, t_step, self.scheduler.lr_at(self.iteration - 1), train_cm,
+                                    labelled)
+                if self.iteration and self._saved_iteration != self.iteration:
+                    self.save_state(self.iteration)
+                break
             except DatasetError as e:
                 # the iterations since the last record are logged, as when a run stops (one process: under
                 # torchrun the other processes are not here to reduce the record with)
@@ -649,6 +662,10 @@ class Trainer:
         return summary
 
 
+def _ignore_signal(_signum: int, _frame: Any) -> None:
+    """A signal handler that does nothing."""
+
+
 class _StopSignals:
     """SIGINT and SIGTERM while the loop runs: the first asks it to stop after the iteration in progress (the state is
     then saved); a second SIGINT aborts at once (KeyboardInterrupt). Only in the main thread (where Python delivers
@@ -661,6 +678,12 @@ class _StopSignals:
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.received is None and signal.SIGCHLD not in self._previous:
+            # the same stop may end the DataLoader workers (a SIGTERM to the process group): torch's SIGCHLD
+            # handler would raise "DataLoader worker is killed by signal" wherever the loop is (the state unsaved)
+            # (a Python handler that does nothing, not SIG_DFL: a SIGCHLD already pending would then raise
+            # "Signal 17 ignored due to race condition")
+            self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _ignore_signal)
         self.received = self.received or signum
 
     def __enter__(self) -> _StopSignals:
