@@ -27,7 +27,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends.base import BACKENDS as BACKEND_MODULES
-from .backends.base import Backend, BackendOptions
+from .backends.base import Backend, BackendOptions, in_chunks
 from .backends.torch_backend import TorchBackend, torch_backend_from
 from .checkpoint import CheckpointError, inference_copy
 from .classes import ClassSet, class_set_from_meta
@@ -238,6 +238,8 @@ class Segmenter:
                 raise
             except ValueError as e:  # the backend refuses an option (device, precision): a ConfigError, as promised
                 raise ConfigError(str(e)) from None
+            # what the file runs (an fp16 or INT8 export whatever was asked): describe(), /diagnostics, icnet-bench
+            self.precision = getattr(self.backend, "precision", precision)
         self.class_set: ClassSet = class_set_from_meta(self.meta)
         self.num_classes = self.class_set.num_classes
         self.preprocess = Preprocessor(self.meta["normalization"], self.backend.device, self.backend.input_dtype,
@@ -517,19 +519,9 @@ class Segmenter:
                                            confidence=_item(outs, "confidence", j), model_size=g.net_size)
         return results  # type: ignore[return-value]
 
-    def _forward_chunks(self, batch: Tensor):
-        """Yield (first row, logits) for ``batch`` in chunks of at most the backend's batch limit; an export with
-        a fixed batch gets a short chunk padded with copies of its last frame (their logits are not used)."""
-        step = self.backend.max_batch or batch.shape[0]
-        for start in range(0, batch.shape[0], step):
-            chunk = batch[start:start + step]
-            rows = chunk.shape[0]
-            if self.backend.exact_batch and rows < step:
-                pad = chunk[-1:].expand(step - rows, *chunk.shape[1:])
-                chunk = torch.cat([chunk, pad]).contiguous(memory_format=self.backend.memory_format)
-                yield start, self.forward(chunk)[:rows]
-            else:
-                yield start, self.forward(chunk)
+    def _forward_chunks(self, batch: Tensor) -> Iterator[tuple[int, Tensor]]:
+        """Yield (first row, logits) for ``batch`` in chunks the backend takes (:func:`backends.base.in_chunks`)."""
+        return in_chunks(self.backend, batch, self.forward)
 
     def _finish_chunk(self, groups: list[_FrameGroup], uploads: list[Tensor], inputs: list[Tensor],
                       gis: list[int], start: int, logits: Tensor, want: frozenset[str],

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from .backends.base import in_chunks
 from .classes import ClassSet, class_set_from_meta
 from .data.datasets import (DataSpec, DatasetError, ShardSampler, build_dataset, collate_segmentation,
                             detect_layout, resolve_class_set, worker_init)
@@ -84,9 +85,12 @@ def predict_logits(model: nn.Module, x: Tensor, out_size: Sequence[int], input_s
         xi = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         if f:
             xi = xi.flip(-1)
-        with autocast:
-            logits = model(xi)
-        logits = upsample_logits(logits.float(), out_size)
+        chunks = []
+        with autocast:  # an export with a batch limit (or a fixed batch) in chunks it takes, each upsampled at once
+            for _, part in in_chunks(model, xi):
+                up = upsample_logits(part.float(), out_size)
+                chunks.append(up.clone() if up.data_ptr() == part.data_ptr() else up)  # not the runtime's buffer
+        logits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         if f:
             logits = logits.flip(-1)
         out = logits if len(passes) == 1 else logits.softmax(dim=1)

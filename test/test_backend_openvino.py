@@ -205,6 +205,10 @@ def test_int8_export_calibrates_and_mostly_agrees_with_fp32(tmp_path, r18):
     assert agree >= 0.9, f"INT8 vs fp32 argmax agreement {agree:.3f}"  # 0.95 measured (OpenVINO 2026.4, NNCF 3.4)
     with pytest.raises(ValueError, match="not an INT8 model"):
         open_backend(fp32_xml, BackendOptions(precision="int8"))
+    from icnet_ros.engine import Segmenter
+
+    seg = Segmenter(xml, device="cpu", warmup=False)  # precision fp32 asked (the default): the file runs INT8
+    assert seg.precision == "int8" and " | int8 | " in seg.describe()  # said fp32 (/diagnostics, icnet-bench)
 
 
 @needs_openvino

@@ -272,6 +272,22 @@ def test_exported_onnx_model_is_evaluated_through_onnxruntime(capsys, tmp_path):
     assert flipped["flip"] is True  # --flip keeps the size: allowed
 
 
+
+def test_fixed_batch_exports_are_evaluated_in_the_chunks_they_take(capsys, tmp_path, ckpt):
+    """An export with a fixed batch (--static-batch --batch 2) ran on whatever batch the loader made: a traceback
+    ('batch of 3 exceeds ... maximum batch 2', or 'fixed batch of 2, got 1 frames' for the last, short batch).
+    It is run in chunks of its batch, the last padded, and scores as the dynamic-batch export."""
+    from icnet_ros.export import export_onnx
+
+    _camvid_tree(tmp_path / "data", n=3)
+    reports = {}
+    for dynamic in (True, False):
+        onnx = export_onnx(ckpt, tmp_path / f"m_{dynamic}.onnx", size=(64, 96), batch=2, dynamic_batch=dynamic)
+        reports[dynamic] = _run_json(capsys, "--model", onnx, "--data", tmp_path / "data", "--split", "val",
+                                     "--batch-size", 3)
+    assert reports[False]["mIoU"] == pytest.approx(reports[True]["mIoU"], abs=1e-6)
+    assert reports[False]["per_class"] == reports[True]["per_class"] and reports[False]["aAcc"] == reports[True]["aAcc"]
+
 def test_labels_without_a_labelled_pixel_say_so(capsys, tmp_path, ckpt):
     """Labels whose every pixel is ignore (a wrong format or class set) give exit 1 and a reason, not silence."""
     _camvid_tree(tmp_path / "void")

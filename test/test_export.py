@@ -185,6 +185,10 @@ def test_fp16_fixed_batch_export_runs_in_onnxruntime(tmp_path, ckpt):
         backend(torch.zeros(3, 3, *SIZE))
     with pytest.raises(ValueError, match="fixed batch of 2, got 1"):
         backend(torch.zeros(1, 3, *SIZE))
+    from icnet_ros.engine import Segmenter
+
+    seg = Segmenter(out, device="cpu", warmup=False)  # asked fp32 (the default), runs the file's fp16
+    assert seg.precision == "fp16" and " | fp16 | " in seg.describe()  # said fp32 (/diagnostics, icnet-bench)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
@@ -273,6 +277,20 @@ def test_cli_checks_the_output_path_before_exporting(tmp_path, ckpt, capsys):
         err = capsys.readouterr().err  # one line: the export's own first line never came
         assert err.startswith("icnet-export: error: --output ") and reason in err and err.count("\n") == 1, err
 
+
+
+def test_an_upper_case_suffix_is_written_as_named(tmp_path, ckpt):
+    """--output m.ONNX / m.XML passed the checks (made on that name, suffix in any case) but another file was
+    written: m.onnx, or m.XML.xml + m.XML.bin; a folder in their way was found only after the export."""
+    from icnet_ros.engine import Segmenter
+
+    pytest.importorskip("openvino")
+    for fmt, name, files in (("onnx", "m.ONNX", {"m.ONNX"}), ("openvino", "v.XML", {"v.XML", "v.bin"})):
+        folder = tmp_path / fmt
+        folder.mkdir()
+        assert export_main([str(ckpt), "--format", fmt, "--size", "64x96", "--output", str(folder / name)]) == 0
+        assert {p.name for p in folder.iterdir()} == files
+        assert Segmenter(folder / name, device="cpu", warmup=False).backend.name == fmt.replace("onnx", "onnxruntime")
 
 def test_ctrl_c_during_the_export_is_one_line_and_leaves_no_file(tmp_path, ckpt):
     """SIGINT once the export started (its first line printed): 'icnet-export: interrupted', exit status 130, no

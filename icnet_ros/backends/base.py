@@ -21,7 +21,7 @@ per input shape there (the torch backend's CUDA graphs) it keeps for its life in
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -100,6 +100,25 @@ def checked_input(backend: Any, x: Tensor, name: str) -> Tensor:
     return x.contiguous()
 
 
+def in_chunks(backend: Any, batch: Tensor, run: Callable[[Tensor], Tensor] | None = None
+              ) -> Iterator[tuple[int, Tensor]]:
+    """Run ``backend`` (or ``run``, a call of it) on ``batch`` in chunks of at most its batch limit: yields (first
+    row, logits). An export with a fixed batch gets a short chunk padded with copies of its last frame (their
+    logits are not yielded). A chunk's logits may be the backend's output buffer: consume them before taking the
+    next chunk. A torch module (no limit) runs the batch whole."""
+    run = backend if run is None else run
+    step = getattr(backend, "max_batch", None) or batch.shape[0]
+    for start in range(0, batch.shape[0], step):
+        chunk = batch[start:start + step]
+        rows = chunk.shape[0]
+        if getattr(backend, "exact_batch", False) and rows < step:
+            pad = chunk[-1:].expand(step - rows, *chunk.shape[1:])
+            chunk = torch.cat([chunk, pad]).contiguous(memory_format=backend.memory_format)
+            yield start, run(chunk)[:rows]
+        else:
+            yield start, run(chunk)
+
+
 def logits_buffer(x: Tensor, num_classes: int, dtype: torch.dtype,
                   logits_size: Callable[[int, int], tuple[int, int]]) -> Tensor:
     """The output tensor a runtime writes for input ``x``: N x classes x ``logits_size(H, W)`` on x's device (the
@@ -109,5 +128,5 @@ def logits_buffer(x: Tensor, num_classes: int, dtype: torch.dtype,
     return torch.empty((n, num_classes, *logits_size(h, w)), dtype=dtype, device=x.device)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendOptions", "MissingRuntimeError", "checked_input", "logits_buffer",
-           "require"]
+__all__ = ["BACKENDS", "Backend", "BackendOptions", "MissingRuntimeError", "checked_input", "in_chunks",
+           "logits_buffer", "require"]

@@ -105,7 +105,7 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
                          "folder with images/)")
     calib_images = calibration_images(calib_dir, calib_count) if int8 else []
     out = Path(output).expanduser()
-    if out.suffix != ".xml":
+    if out.suffix.lower() != ".xml":  # (b.XML is taken as given, as icnet-export checks it)
         out = out.with_name(out.name + ".xml")
     if model_or_path is None:
         model_or_path = default_model_path()

@@ -571,7 +571,7 @@ def _bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], 
             speedup = timings["pipeline"].median_ms / tp.median_ms
             ratio = timings["mmseg"].median_ms / tp.median_ms if "mmseg" in timings else None
             res.backends[name] = {"provider": other.backend.provider, "device": str(other.device),
-                                  "precision": getattr(other.backend, "precision", other.precision),
+                                  "precision": other.precision,
                                   "threads": getattr(other.backend, "threads", None), "model_timing": asdict(tm),
                                   "pipeline_timing": asdict(tp), "pipeline_speedup": speedup,
                                   "reference_ratio": ratio}

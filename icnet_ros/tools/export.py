@@ -159,7 +159,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
                 if problem:  # the backend would refuse to load the engine built there (engines are code)
                     raise CheckpointError(f"--output {output}: {problem}; an engine is loaded only from a folder no "
                                           "group or other user can write (chmod go-w, or another folder)")
-        onnx_out = output.with_suffix(".onnx")
+        # the name given when it ends in .onnx (any case, as checked above), else the ONNX file beside the engine
+        onnx_out = output if output.suffix.lower() == ".onnx" else output.with_suffix(".onnx")
         try:
             out = export_onnx(model, onnx_out, size, batch=args.batch, dynamic_batch=not args.static_batch,
                               fp16=args.fp16, opset=args.opset, command=command, progress=True)
