@@ -1,6 +1,7 @@
 """icnet-bench: timing statistics, the stage-by-stage pipeline (same result as the fused one), JSON/Markdown
 output, the mmseg reference comparison and error handling. Sizes are tiny: these test the tool, not the speed."""
 import json
+import math
 import time
 
 import numpy as np
@@ -311,7 +312,9 @@ def test_node_bench_and_soak_refuse_bad_arguments_before_starting(tmp_path, caps
              (node_bench, ["--json", str(tmp_path / "afile" / "r.json")], "is a file, not a folder"),
              (soak, ["--model", str(tmp_path / "nope.safetensors")], "checkpoint not found"),
              (soak, ["--json", str(tmp_path / "afile" / "s.json")], "is a file, not a folder"),
-             (soak, ["--threads", "-1"], "--threads >= 0")]
+             (soak, ["--threads", "-1"], "--threads >= 0"),
+             (soak, ["--max-silence", "nan"], "--max-silence must be a finite number > 0"),
+             (soak, ["--model", str(tmp_path / "m.engine")], "a TensorRT engine needs CUDA")]
     for module, args, message in cases:
         assert module.main(args) == 2, (module.__name__, args)
         err = capsys.readouterr().err
@@ -381,6 +384,70 @@ def test_soak_verdict_fails_when_the_node_publishes_no_outputs():
     assert output_shortfalls(output_check(edges, processed, rate=2.0)) == []
     # a camera without /diagnostics (processed unknown) is not judged here: its frames count as lost
     assert output_check(silent, {a: -1, b: 140}, rate=2.0).keys() == {b, *(f"{b}:{k}" for k in KINDS)}
+
+
+def _soak_timeline(outputs, seconds=90.0, rate=5.0, cycle=30.0):
+    """A soak's time line (phases all outputs, label, none, ...): frames published at ``rate`` from 0 to
+    ``seconds``; ``outputs(camera, t)``: when the output for the frame published at t arrives (None: none)."""
+    from icnet_ros.tools.soak import CAMERAS, PHASES
+
+    timeline = []
+    for i in range(math.ceil(seconds / cycle)):
+        start, end = i * cycle, min(seconds, (i + 1) * cycle)
+        published = [t / rate for t in range(round(start * rate), round(end * rate))]
+        kinds = PHASES[i % len(PHASES)]
+        arrivals = {cam: [a for t in published if kinds and (a := outputs(cam, t)) is not None and a < end]
+                    for cam in CAMERAS}
+        timeline.append({"kinds": kinds, "start": start, "end": end, "published": published, "outputs": arrivals})
+    return timeline
+
+
+def test_soak_verdict_fails_when_the_node_stops_serving_while_subscribed():
+    """The review's soak (90 s at 5 Hz, 30 s windows) of a node whose forward pass stalled for 60 s PASSED: during
+    the stall every frame was superseded (a policy drop) and the output check compares the outputs with the frames
+    processed only (100 of 450, every one answered). Now the verdict fails when a frame published while its
+    camera's outputs were subscribed waits longer than max_silence_s (default max(5 s, 10 periods)) for an output;
+    a node that is merely slow passes, its share of frames served reported. The counts are the review's."""
+    import argparse
+
+    from icnet_ros.tools.soak import CAMERAS, KINDS, output_check, report, silences, summarize, verdict
+
+    a, b = CAMERAS
+    args = argparse.Namespace(seconds=90.0, rate=5.0, size=(96, 128), cycle=30.0, max_silence=None)
+    windows = [(KINDS, {f"{cam}:{k}": 99 for cam in CAMERAS for k in KINDS}), (("label",), {}), ((), {})]
+    diag = {cam: {"frames_received": "450", "frames_processed": str(done), "dropped_superseded": str(398 - done),
+                  "frames_skipped_no_subscribers": "52"} for cam, done in ((a, 100), (b, 99))}
+
+    def result(timeline, **changes):
+        return summarize(argparse.Namespace(**{**vars(args), **changes}), [(0.0, 440.0), (60.0, 447.9), (90.0, 448.1)],
+                         [450, 450], diag, windows, {}, 0, None, 90.0, False, timeline)
+
+    stalled = _soak_timeline(lambda cam, t: t + 0.1 if t < 19.8 else None)  # the worker stalls from 19.8 s
+    res = result(stalled)
+    assert res["frames_lost"] == 0 and output_check(windows, {a: 100, b: 99}, 5.0) == res["outputs_check"]
+    # the label window (30-60 s) had no output at all (the first: 10.2 s from 19.8 s to its end at 30 s)
+    assert res["longest_silence_s"] == {a: 30.0, b: 30.0} and res["max_silence_s"] == 5.0
+    assert verdict(res, 5.0) == [f"node stopped serving: {a}: no output for 30.0 s while subscribed (limit 5 s); "
+                                 f"{b}: no output for 30.0 s while subscribed (limit 5 s)"]
+    line = report(res, 5.0)
+    assert line.startswith("FAIL: ") and "node stopped serving: /soak_a" in line and f"served {a} 25%" in line
+    # a 6 s stall inside a window fails; the first frames of a window wait for its subscriptions to match
+    inside = _soak_timeline(lambda cam, t: t + 0.1 if not 10 <= t < 16 else 16.1)
+    assert silences(inside) == {a: 6.1, b: 6.1} and verdict(result(inside), 5.0) != []
+
+    healthy = _soak_timeline(lambda cam, t: t + 0.1)
+    assert silences(healthy) == {a: 0.1, b: 0.1} and verdict(result(healthy), 5.0) == []
+    # slow: one frame served every 2.5 s (a newer frame supersedes the others); the first output of a window 3 s
+    # after its subscriptions were created (DDS matching on a busy machine)
+    slow = _soak_timeline(lambda cam, t: (t // 2.5 + 1) * 2.5 if t % 30 >= 3 else 3.1 + (t // 30) * 30)
+    res = result(slow)
+    assert 2.4 < max(res["longest_silence_s"].values()) <= 3.2 and verdict(res, 5.0) == []
+    line = report(res, 5.0)
+    assert line.startswith("PASS: ") and "longest silence 3.1 s (limit 5 s)" in line, line
+    assert f"served {a} 25%, {b} 25% of the frames received while subscribed" in line, line
+    assert verdict(result(slow, max_silence=2.0), 5.0) != []  # --max-silence
+    # the default limit is 10 frame periods at low rates
+    assert result(healthy, rate=1.0)["max_silence_s"] == 10.0
 
 
 def test_soak_verdict_and_stop_of_a_node_that_ignores_sigint(tmp_path):

@@ -10,7 +10,9 @@ view. Publishers are reliable (REP-2003: sensor drivers publish reliable; best-e
 Lets users try icnet_node without a camera. The DDS settings come from the environment, as for any ROS tool.
 An image of a folder that cannot be read (corrupt, truncated, not an image) is skipped, as a camera driver drops a
 bad frame: one warning per file, the count in the summary, and exit status 1 at the end (the stream went on without
-it).
+it). The summary (also after Ctrl-C) gives the frames published and their rate, measured from the first frame's
+publishing to the last's: N frames span N - 1 periods (``published 3 frames at 2.0 fps (the first to the last in
+1.0 s)`` for ``--rate 2 --max-frames 3``).
 """
 from __future__ import annotations
 
@@ -118,6 +120,9 @@ class Player:
         self.image_pub = node.create_publisher(CompressedImage if compressed else Image, self.image_topic, qos)
         self.info_pub = node.create_publisher(CameraInfo, info_topic, qos)
         self.published = 0
+        #: time.monotonic() when the first and the last frame were published (None before the first)
+        self.first_published: float | None = None
+        self.last_published: float | None = None
         self._info_cache: tuple[tuple[int, int], Any] | None = None
 
     def wait_for_subscribers(self, count: int, timeout: float, stop: threading.Event | None = None) -> bool:
@@ -168,9 +173,23 @@ class Player:
         info = self._info_msg(img.shape[1], img.shape[0])
         info.header = msg.header
         self.info_pub.publish(info)
+        now = time.monotonic()
         self.image_pub.publish(msg)
         self.published += 1
+        if self.first_published is None:
+            self.first_published = now
+        self.last_published = now
         return msg.header
+
+
+def rate_summary(n: int, first: float | None, last: float | None) -> str:
+    """'published N frames at R fps (the first to the last in S s)': the rate over the N - 1 periods between the
+    first frame's publishing (``first``, time.monotonic()) and the last's (``last``); no rate for fewer than 2."""
+    if n < 2 or first is None or last is None:
+        return f"published {n} frame{'' if n == 1 else 's'}"
+    span = last - first
+    rate = f"{(n - 1) / span:.1f} fps" if span > 0 else "max rate"
+    return f"published {n} frames at {rate} (the first to the last in {span:.1f} s)"
 
 
 class UnreadableImages:
@@ -327,7 +346,7 @@ def _main(argv: list[str] | None) -> int:
     init_without_signal_handlers()  # Ctrl-C: a KeyboardInterrupt here, handled below
     node = rclpy.create_node("icnet_play")
     player = None
-    n, t0, t1 = 0, time.monotonic(), None
+    n = 0
     interrupted = False
     try:
         player = Player(node, args.topic, args.frame_id, args.encoding, args.compressed, camera_info, args.fov,
@@ -338,20 +357,18 @@ def _main(argv: list[str] | None) -> int:
             return 1
         print(f"icnet-play: {source.description} -> {player.image_topic} at "
               f"{'max rate' if rate == 0 else f'{rate:g} fps'}{' (loop)' if args.loop else ''}", flush=True)
-        t0 = time.monotonic()
         n = play(player, source, rate, args.loop, args.max_frames, progress=args.progress)
-        t1 = time.monotonic()  # the publishing time: the flush below is DDS waiting for acknowledgements
         player.flush()  # reliable: let the last samples be acknowledged before the participant goes away
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        t1 = t1 or time.monotonic()
         # each step on its own: a (second) Ctrl-C during one must not skip the others or end in a traceback
         interrupted = cleanup(source.close, node.destroy_node, rclpy.try_shutdown) or interrupted
-    n = player.published if player is not None else n
-    dt = t1 - t0
-    summary = (f"published {n} frames in {dt:.1f} s ({n / dt if dt > 0 else 0:.1f} fps)"
-               f"{skipped.summary()}")
+    if player is not None:  # the rate from the publishing times: neither start-up nor the flush count
+        summary = rate_summary(player.published, player.first_published, player.last_published)
+    else:
+        summary = rate_summary(n, None, None)
+    summary += skipped.summary()
     if interrupted:
         print(f"icnet-play: interrupted: {summary}", file=sys.stderr, flush=True)
         return 130

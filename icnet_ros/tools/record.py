@@ -13,7 +13,10 @@ bytes (the ``format`` field when the bytes are neither). ``--video`` is checked 
 readable): a broken video is one error line and exit status 1.
 Writing happens on a separate thread, so slow disks do not stall the subscription; the frames waiting for it hold
 at most ``--max-queue-mb`` (default 512): beyond that a frame is dropped, counted and warned about (the exit
-status is then 1), never buffered without bound. ``--reliability auto`` (default)
+status is then 1), never buffered without bound. When the recording stops, every frame received is written before
+icnet-record exits, however long the disk takes (a line says how many frames wait when it takes more than a few
+seconds); Ctrl-C during that wait stops it: the frames never written are counted in the final line (``not written
+N``), ``--video`` is left unfinished (an error line) and the exit status is 1. ``--reliability auto`` (default)
 subscribes reliable when every publisher of a topic is reliable (no frame lost), best effort otherwise.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,8 @@ DEFAULT_TOPIC = "/camera/semantic/overlay"
 DEFAULT_OUTPUT = "out/overlays"
 #: the names of the files a recording writes (see the module docstring)
 RECORDING_FILE = re.compile(r"^\d{6}_\d+\.\d{9}\.(png|jpg)$")
+#: seconds :meth:`Recorder.close` waits for the writes before it calls ``on_wait`` (icnet-record says it waits)
+WAIT_NOTICE_S = 3.0
 
 
 def to_bgr(img: np.ndarray, encoding: str) -> np.ndarray:
@@ -76,8 +82,9 @@ def existing_recording(folder: Path) -> Path | None:
 class Recorder:
     """Subscribes to image topics on ``node`` and writes every received frame (and optionally a video).
 
-    Counters: ``received``, ``saved``, ``failed``, ``dropped`` (the write queue held ``max_queue_bytes``);
-    ``stamps`` holds the (sec, nanosec) of every received frame."""
+    Counters: ``received``, ``saved``, ``failed``, ``dropped`` (the write queue held ``max_queue_bytes``),
+    ``unwritten`` (received and none of those: waiting to be written, or never written when :meth:`close` stopped
+    waiting); ``stamps`` holds the (sec, nanosec) of every received frame."""
 
     def __init__(self, node: Any, topics: list[str], output: str | Path, fmt: str = "png",
                  reliability: str = "auto", depth: int = 100, video: str | Path | None = None,
@@ -106,6 +113,10 @@ class Recorder:
         self._counts: dict[str, int] = {t: 0 for t in topics}
         self._lock = threading.Condition()
         self._queue: queue.Queue[tuple[Any, str, Path] | None] = queue.Queue()
+        self._stop_writing = threading.Event()  # close stopped waiting: the writer takes no further frame
+        # set when the writer thread ends: after a KeyboardInterrupt in Thread.join, Python 3.11's is_alive() says
+        # False while the thread still runs
+        self._writer_done = threading.Event()
         self._subs: dict[str, Any] = {}
         self._video = None
         self.video_error: str | None = None
@@ -181,10 +192,22 @@ class Recorder:
         stem = f"{index:06d}_{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}"
         self._queue.put((msg, topic, folder / stem))
 
+    @property
+    def unwritten(self) -> int:
+        """Frames received and neither saved, failed nor dropped: waiting to be written (or being written)."""
+        with self._lock:
+            return self.received - self.saved - self.failed - self.dropped
+
     def _write_loop(self) -> None:
+        try:
+            self._write_items()
+        finally:
+            self._writer_done.set()
+
+    def _write_items(self) -> None:
         while True:
             item = self._queue.get()
-            if item is None:
+            if item is None or self._stop_writing.is_set():
                 return
             msg, topic, stem = item
             try:
@@ -248,16 +271,34 @@ class Recorder:
                 self._lock.wait(left)
         return True
 
-    def close(self, timeout: float = 60.0) -> None:
+    def close(self, timeout: float | None = None, on_wait: Callable[[int], None] | None = None) -> None:
         """Stop receiving, write every queued frame, finish the video: :meth:`VideoWriter.finish` reads it back and
         checks every frame is there; its OSError is kept in ``video_error`` (never raised: close runs in finally
-        blocks), None when the video is fine or there is none."""
+        blocks), None when the video is fine or there is none.
+
+        Waits for the writes without limit by default (``timeout`` seconds at most); ``on_wait(unwritten)`` is
+        called once when they take more than :data:`WAIT_NOTICE_S`. When the wait ends first (the timeout, or a
+        KeyboardInterrupt, which is raised on), the writer takes no further frame (the one it writes completes;
+        ``unwritten`` counts the others) and the video is not finished (the writer may still use it): ``video_error``
+        says so."""
         for sub in self._subs.values():
             self.node.destroy_subscription(sub)
         self._subs.clear()
         self._queue.put(None)
-        self._writer.join(timeout)
-        if self._video is None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done = self._writer_done
+        try:
+            if on_wait is not None:
+                if not done.wait(WAIT_NOTICE_S if timeout is None else min(WAIT_NOTICE_S, timeout)):
+                    on_wait(self.unwritten)
+            done.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        finally:
+            if not done.is_set():
+                self._stop_writing.set()
+                if self._video is not None and self.video_error is None:
+                    self.video_error = (f"cannot write {self._video.path}: not finished (the recording stopped "
+                                        "before every frame was written)")
+        if not done.is_set() or self._video is None:
             return
         if self.video_error is not None:  # a write failed: the video is broken, only released
             self._video.close()
@@ -356,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if recorder is not None:
-            recorder.close()
+            try:
+                recorder.close(on_wait=lambda n: print(f"icnet-record: writing the {n} frame(s) still queued "
+                                                       "(Ctrl-C: stop, leaving them unwritten)", flush=True))
+            except KeyboardInterrupt:  # the frames not written are counted below
+                pass
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
         rclpy.try_shutdown()
@@ -364,13 +409,24 @@ def main(argv: list[str] | None = None) -> int:
     if recorder is None:  # Ctrl-C before the recording started
         print("icnet-record: interrupted", file=sys.stderr)
         return 130
-    print(f"icnet-record: stopped ({reason}): received {recorder.received}, saved {recorder.saved}"
-          f"{f', failed {recorder.failed}' if recorder.failed else ''}"
-          f"{f', dropped {recorder.dropped} (write queue full)' if recorder.dropped else ''} in {dt:.1f} s -> "
-          f"{recorder.output}/", flush=True)
+    line, status = final_report(recorder, reason, dt)
+    print(line, flush=True)
     if recorder.video_error:
         print(f"icnet-record: error: {recorder.video_error}", file=sys.stderr, flush=True)
-    return 0 if recorder.failed == 0 and recorder.dropped == 0 and recorder.video_error is None else 1
+    return status
+
+
+def final_report(recorder: Recorder, reason: str, seconds: float) -> tuple[str, int]:
+    """The closed recording's final line and exit status: 1 when a frame was not saved (failed, dropped, or never
+    written: the wait for the writes was stopped) or the video is broken, else 0."""
+    unwritten = recorder.unwritten
+    line = (f"icnet-record: stopped ({reason}): received {recorder.received}, saved {recorder.saved}"
+            f"{f', failed {recorder.failed}' if recorder.failed else ''}"
+            f"{f', dropped {recorder.dropped} (write queue full)' if recorder.dropped else ''}"
+            f"{f', not written {unwritten} (the writing was stopped)' if unwritten else ''} in {seconds:.1f} s -> "
+            f"{recorder.output}/")
+    ok = not (recorder.failed or recorder.dropped or unwritten or recorder.video_error)
+    return line, 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
     icnet-node-soak --seconds 600 --rate 10 --json soak.json
 
 One node process (``python -m icnet_ros.node_process``, what ``ros2 run icnet_ros icnet_node`` runs) serves two
-cameras, ``/soak_a/image_raw`` (rgb8 ``sensor_msgs/Image``) and ``/soak_b/image_raw/compressed`` (JPEG), each published at ``--rate`` Hz by this process
-over reliable QoS. Every ``--cycle`` seconds the output subscriptions are created anew: all four outputs of both
-cameras, then only ``label``, then none (so the node's lazy outputs and DDS matching are exercised over and over).
+cameras, ``/soak_a/image_raw`` (rgb8 ``sensor_msgs/Image``) and ``/soak_b/image_raw/compressed`` (JPEG), each
+published at ``--rate`` Hz by this process over reliable QoS. Every ``--cycle`` seconds the output subscriptions are
+created anew: all four outputs of both cameras, then only ``label``, then none (so the node's lazy outputs and DDS
+matching are exercised over and over).
 The node's resident memory (VmRSS from /proc) is sampled every ``--sample`` seconds.
 
 Checks (exit status 1 when one fails, :func:`verdict`): RSS growth from the first minute's end (the sample at 60 s)
@@ -15,14 +16,21 @@ served or dropped by policy (``superseded``: a newer frame of the same camera ar
 nobody listened), i.e. no frame dropped for any other reason; the outputs arrive (:func:`output_check`: per camera,
 every frame the node processed gave an output, and per output kind, every frame processed while that kind was
 subscribed gave that output, less :data:`OUTPUT_SLACK_S` seconds of frames plus :data:`OUTPUT_SLACK_FRAMES` per
-subscription window: the frames in flight when a window's subscriptions are created and destroyed); the node exits
-with status 0 on SIGINT (within :data:`STOP_TIMEOUT_S`; else it is killed and the soak fails). Ctrl-C stops the
-soak early: the results so far are printed and written (``"interrupted": true``), no verdict, exit status 130.
-DDS stays on loopback.
+subscription window: the frames in flight when a window's subscriptions are created and destroyed); the node keeps
+serving (:func:`silences`: per camera, no frame published while its outputs were subscribed waits more than
+``--max-silence`` seconds, default max(5 s, 10 frame periods), for the camera's next output in that subscription
+window: a node whose worker stalls turns every frame into a ``superseded`` policy drop and processes none, which the
+checks above do not see);
+the node exits with status 0 on SIGINT (within :data:`STOP_TIMEOUT_S`; else it is killed and the soak fails). A
+node that is merely slower than ``--rate`` passes: the share of the frames received while subscribed that it served
+is reported, not judged (it depends on the machine, its load and the model). Ctrl-C stops the soak early: the
+results so far are printed and written (``"interrupted": true``), no verdict, exit status 130. DDS stays on
+loopback.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -52,6 +60,13 @@ PHASES = (KINDS, ("label",), ())  # the output kinds subscribed in each subscrip
 OUTPUT_SLACK_S = 1.0
 OUTPUT_SLACK_FRAMES = 2
 STOP_TIMEOUT_S = 30.0  # for the node's exit after SIGINT
+#: the default --max-silence: max(SILENCE_MIN_S, SILENCE_PERIODS / rate) seconds
+SILENCE_MIN_S = 5.0
+SILENCE_PERIODS = 10
+
+
+def default_max_silence(rate: float) -> float:
+    return max(SILENCE_MIN_S, SILENCE_PERIODS / rate)
 
 
 def rss_mb(pid: int) -> float:
@@ -81,8 +96,18 @@ def _frames(h: int, w: int, n: int = 4) -> list[np.ndarray]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("--model", default=None, help="checkpoint (default: the package's default model)")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", ""),
+                                epilog="Checks (exit status 1 when one fails): RSS growth from 60 s to the end below "
+                                "--max-growth; every published frame received by the node and every received frame "
+                                "served or dropped by policy (superseded, no_subscribers); every processed frame's "
+                                "outputs received (each subscribed kind); the node keeps serving: no frame published "
+                                "while its camera's outputs are subscribed waits longer than --max-silence for an "
+                                "output of that subscription window; the node exits with status 0 on SIGINT (within "
+                                f"{STOP_TIMEOUT_S:g} s). A slower node passes: the share of frames served is "
+                                "reported. Ctrl-C: the results so far, exit status 130.")
+    p.add_argument("--model", default=None, help="model file the node loads, on the CPU: a checkpoint "
+                   "(.safetensors), an ONNX export (.onnx, ONNX Runtime) or an OpenVINO IR (.xml) (default: the "
+                   "package's default model)")
     p.add_argument("--seconds", type=float, default=600.0, help="soak duration (default: %(default)s)")
     p.add_argument("--rate", type=float, default=10.0, help="frames per second per camera (default: %(default)s)")
     p.add_argument("--size", type=parse_size, default=(240, 320), metavar="HxW",
@@ -91,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=float, default=5.0, help="seconds between RSS samples (default: %(default)s)")
     p.add_argument("--max-growth", type=float, default=5.0, help="allowed RSS growth in percent from minute 1 to "
                    "the end (default: %(default)s)")
+    p.add_argument("--max-silence", type=float, default=None, metavar="S", help="longest wait allowed from a frame "
+                   "published while its camera's outputs are subscribed to the camera's next output (default: "
+                   f"max({SILENCE_MIN_S:g}, {SILENCE_PERIODS} / --rate) seconds)")
     p.add_argument("--threads", type=int, default=0, help="the node's num_threads (default: 0, its auto policy)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file (its folder is created)")
     return p
@@ -113,23 +141,53 @@ def _log_tail(log_path: Path) -> str:
 
 
 class _Counter:
-    """Counts the output messages per subscription window and ``camera:kind``."""
+    """Counts the output messages per subscription window and ``camera:kind``; keeps each window's time line (its
+    start and end, when frames were published, when each camera's outputs arrived: time.monotonic()) for
+    :func:`silences`."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.windows: list[tuple[tuple[str, ...], dict[str, int]]] = []  # (kinds subscribed, counts)
+        self.times: list[dict[str, Any]] = []  # per window: kinds, start, end, published, outputs {camera: [t]}
 
-    def new_window(self, kinds: tuple[str, ...]) -> int:
+    def new_window(self, kinds: tuple[str, ...], now: float) -> int:
+        """A new subscription window from ``now`` (the previous one ends then)."""
         with self.lock:
+            self._end(now)
             self.windows.append((tuple(kinds), {}))
+            self.times.append({"kinds": tuple(kinds), "start": now, "end": None, "published": [], "outputs": {}})
             return len(self.windows) - 1
 
+    def _end(self, now: float) -> None:
+        if self.times and self.times[-1]["end"] is None:
+            self.times[-1]["end"] = now
+
+    def end(self, now: float) -> None:
+        """The publishing stopped at ``now``: the last window ends."""
+        with self.lock:
+            self._end(now)
+
+    def published(self, now: float) -> None:
+        """Frames (one per camera) were published at ``now``."""
+        with self.lock:
+            if self.times:
+                self.times[-1]["published"].append(now)
+
     def callback(self, window: int, key: str) -> Any:
+        camera = key.rsplit(":", 1)[0]
+
         def on_msg(_msg: Any) -> None:
+            now = time.monotonic()
             with self.lock:
                 counts = self.windows[window][1]
                 counts[key] = counts.get(key, 0) + 1
+                self.times[window]["outputs"].setdefault(camera, []).append(now)
         return on_msg
+
+    def timeline(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(w, published=list(w["published"]), outputs={c: list(t) for c, t in w["outputs"].items()})
+                    for w in self.times]
 
     def snapshot(self) -> list[tuple[tuple[str, ...], dict[str, int]]]:
         with self.lock:
@@ -171,6 +229,32 @@ def output_check(windows: list[tuple[tuple[str, ...], dict[str, int]]], processe
     return rows
 
 
+def silences(timeline: list[dict[str, Any]], cameras: tuple[str, ...] = CAMERAS) -> dict[str, float]:
+    """Per camera, the longest wait in seconds from a frame published while some output of the camera was subscribed
+    to the camera's next output (any kind) in the same subscription window, or to the window's end when none came
+    (0.0: no frame published while subscribed). ``timeline``: per subscription window, ``{"kinds": kinds subscribed,
+    "start": t, "end": t, "published": [t, ...], "outputs": {camera: [t, ...]}}`` (times in seconds, one clock).
+
+    A healthy node answers within its processing time (a newer frame supersedes one it cannot take, but it serves
+    one); a node whose worker stalls answers no frame until it recovers, however many are published. Each window on
+    its own: a window's first frames wait for its fresh subscriptions to match (included), its last outputs may be
+    cut off by their destruction (a frame published less than the limit before the window's end cannot exceed
+    it), and the previous window's tail does not count against the next (a stall is seen once it lasts the limit
+    inside one window)."""
+    out = {cam: 0.0 for cam in cameras}
+    for w in timeline:
+        if not w["kinds"] or not w["published"]:
+            continue
+        end = w["end"] if w["end"] is not None else max(w["published"])
+        for cam in cameras:
+            arrivals = sorted(w["outputs"].get(cam, []))
+            for t in w["published"]:
+                i = bisect.bisect_left(arrivals, t)
+                answered = min(arrivals[i], end) if i < len(arrivals) else end
+                out[cam] = max(out[cam], answered - t)
+    return {cam: round(v, 2) for cam, v in out.items()}
+
+
 def output_shortfalls(rows: dict[str, dict[str, int]]) -> list[str]:
     """The rows of :func:`output_check` that fall short, as text ('/soak_a/image_raw: 0 of 140 ...')."""
     out = []
@@ -194,11 +278,32 @@ def verdict(result: dict[str, Any], max_growth: float) -> list[str]:
     short = output_shortfalls(result["outputs_check"])
     if short:
         failures.append("outputs short: " + "; ".join(short))
+    silent = stalls(result)
+    if silent:
+        failures.append("node stopped serving: " + "; ".join(silent))
     if result.get("node_exit_problem"):
         failures.append(result["node_exit_problem"])
     elif result["node_exit_status"] != 0:
         failures.append(f"node exit status {result['node_exit_status']}")
     return failures
+
+
+def stalls(result: dict[str, Any]) -> list[str]:
+    """The cameras whose longest silence (:func:`silences`) exceeds ``max_silence_s``, as text."""
+    limit = result.get("max_silence_s")
+    return [f"{cam}: no output for {s:.1f} s while subscribed (limit {limit:g} s)"
+            for cam, s in result.get("longest_silence_s", {}).items() if limit is not None and s > limit]
+
+
+def served_shares(result: dict[str, Any]) -> list[str]:
+    """Per camera, the share of the frames received while its outputs were subscribed that the node processed
+    ('/soak_a/image_raw 44%'); a slower node serves fewer (reported, not judged)."""
+    out = []
+    for cam, c in result.get("cameras", {}).items():
+        offered = c["received"] - c["dropped"].get("no_subscribers", 0)
+        if c["received"] >= 0 and c["processed"] >= 0 and offered > 0:
+            out.append(f"{cam} {100.0 * c['processed'] / offered:.0f}%")
+    return out
 
 
 def stop_node(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> tuple[int | None, str | None]:
@@ -234,6 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     from ..checkpoint import CheckpointError, default_model_path
     from .cli_checks import model_problem, output_file_problem
 
+    if args.max_silence is not None and not (math.isfinite(args.max_silence) and args.max_silence > 0):
+        print(f"{PROG}: error: --max-silence must be a finite number > 0, got {args.max_silence}", file=sys.stderr)
+        return 2
+    if args.model and Path(args.model).suffix.lower() in (".engine", ".plan"):
+        print(f"{PROG}: error: --model {args.model}: a TensorRT engine needs CUDA; the soak runs the node on the CPU "
+              "(soak its .onnx export instead)", file=sys.stderr)
+        return 2
     problem = (model_problem(args.model) if args.model else None) or output_file_problem(args.json)
     if problem:  # now, not after the soak
         print(f"{PROG}: error: {problem}", file=sys.stderr)
@@ -257,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 def summarize(args: argparse.Namespace, rss: list[tuple[float, float]], published: list[int],
               diag: dict[str, dict[str, str]], windows: list[tuple[tuple[str, ...], dict[str, int]]],
               outputs_received: dict[str, int], exit_status: int | None, exit_problem: str | None,
-              elapsed: float, interrupted: bool) -> dict[str, Any]:
+              elapsed: float, interrupted: bool, timeline: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The soak's results (what ``--json`` holds) from the data collected; RSS figures None without their samples."""
     first_minute = next((v for t, v in rss if t >= 60.0), None)
     end = rss[-1][1] if rss else None
@@ -290,6 +402,8 @@ def summarize(args: argparse.Namespace, rss: list[tuple[float, float]], publishe
               "rss_growth_from_minute_2_max_pct": pct(minute_2, end),
               "outputs_received": outputs_received,
               "outputs_check": output_check(windows, processed, args.rate),
+              "longest_silence_s": silences(timeline or []),
+              "max_silence_s": args.max_silence if args.max_silence is not None else default_max_silence(args.rate),
               "cameras": cameras, "frames_lost": lost, "node_exit_status": exit_status,
               "node_exit_problem": exit_problem, "rss_samples": rss}
     if interrupted:
@@ -368,13 +482,14 @@ def _soak(args: argparse.Namespace, model: str) -> int:
                     now = time.monotonic()
                     elapsed = now - t0
                     if elapsed >= args.seconds:
+                        counter.end(now)
                         break
                     if int(elapsed // args.cycle) != phase:  # new subscription window: fresh subscriptions
                         phase = int(elapsed // args.cycle)
                         for s in subs:
                             helper.destroy_subscription(s)
                         kinds = PHASES[phase % len(PHASES)]
-                        window = counter.new_window(kinds)
+                        window = counter.new_window(kinds, now)
                         subs = [helper.create_subscription(Image, output_topic(cam, k),
                                                            counter.callback(window, f"{cam}:{k}"), reliable)
                                 for cam in CAMERAS for k in kinds]
@@ -389,6 +504,7 @@ def _soak(args: argparse.Namespace, model: str) -> int:
                     cmsg = CompressedImage(format=fmt, data=data)
                     cmsg.header.stamp = stamp
                     pubs[1].publish(cmsg)
+                    counter.published(time.monotonic())
                     published[0] += 1
                     published[1] += 1
                     i += 1
@@ -401,6 +517,7 @@ def _soak(args: argparse.Namespace, model: str) -> int:
             time.sleep(3.0)  # let the last frames and a /diagnostics message arrive
         except KeyboardInterrupt:
             interrupted = True
+            counter.end(time.monotonic())
             if t0 is None:
                 print(f"{PROG}: interrupted before the soak started", file=sys.stderr)
                 return 130
@@ -429,7 +546,7 @@ def _soak(args: argparse.Namespace, model: str) -> int:
         interrupted = cleanup(kill_node, lambda: executor.shutdown(timeout_sec=2.0), helper.destroy_node,
                               rclpy.try_shutdown) or interrupted
     result = summarize(args, rss, published, diag, counter.snapshot(), counter.totals(), exit_status, exit_problem,
-                       elapsed, interrupted)
+                       elapsed, interrupted, counter.timeline())
     print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}), flush=True)
     written = True
     if args.json:
@@ -449,6 +566,7 @@ def report(result: dict[str, Any], max_growth: float) -> str:
     interrupted soak, 'interrupted after N of M s, no verdict; so far: ...'."""
     growth = result["rss_growth_pct"]
     short = output_shortfalls(result["outputs_check"])
+    silent = stalls(result)
     stopped = result["node_exit_problem"] or f"node exit status {result['node_exit_status']}"
     def mb(v: float | None) -> str:
         return "n/a" if v is None else f"{v} MB"
@@ -456,10 +574,25 @@ def report(result: dict[str, Any], max_growth: float) -> str:
     facts = (f"RSS {mb(result['rss_mb_at_60s'])} at 60 s -> {mb(result['rss_mb_end'])} at the end "
              f"({'n/a' if growth is None else format(growth, '+.2f') + '%'}, limit {max_growth}%); frames lost "
              f"{result['frames_lost']}; outputs {'short: ' + '; '.join(short) if short else 'complete'}; "
-             f"{stopped}")
+             f"{serving(result, silent)}; {stopped}")
     if result.get("interrupted"):
         return f"interrupted after {result['seconds_run']:.0f} of {result['seconds']:g} s, no verdict; so far: {facts}"
     return f"{'FAIL' if verdict(result, max_growth) else 'PASS'}: {facts}"
+
+
+def serving(result: dict[str, Any], silent: list[str]) -> str:
+    """The report's part on the node's serving: 'node stopped serving: ...' (:func:`stalls`), else the longest
+    silence and the shares served (:func:`served_shares`)."""
+    longest = max(result.get("longest_silence_s", {}).values(), default=None)
+    limit = result.get("max_silence_s")
+    if silent:
+        text = "node stopped serving: " + "; ".join(silent)
+    elif longest is None:
+        text = "longest silence n/a"
+    else:
+        text = f"longest silence {longest:.1f} s (limit {limit:g} s)"
+    shares = served_shares(result)
+    return text + (f"; served {', '.join(shares)} of the frames received while subscribed" if shares else "")
 
 
 if __name__ == "__main__":
