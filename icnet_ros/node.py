@@ -73,6 +73,7 @@ from .ros_image import compressed_header, numpy_to_image
 __all__ = ["SegmentationNode", "StartupError", "auto_cpu_threads"]
 
 STALE_INPUT_S = 5.0  # a camera silent this long is reported as WARN in /diagnostics
+SHUTDOWN_EXIT_DELAY_S = 0.5  # from the shutdown transition to the process's end (its response goes out first)
 BAD_FRAMES_WARN_S = 10.0  # a camera that dropped bad frames is WARN in /diagnostics for this long after the last
 NO_FRAMES_WARN_S = 5.0  # a camera with a publisher but no frame this long gets a warning with the likely cause
 RETIRE_S = 5.0  # the longest a replaced image subscription stays while its successor matches the publishers
@@ -340,7 +341,11 @@ class SegmentationNode(LifecycleNode):
 
     def on_shutdown(self, state: State) -> TransitionCallbackReturn:
         self._release()
-        self.finished.set()
+        # the process ends when ``finished`` is set: a moment after this transition's response has gone out, so
+        # that the caller (``ros2 lifecycle set``, a lifecycle manager) has it before the node's DDS entities go
+        ending = threading.Timer(SHUTDOWN_EXIT_DELAY_S, self.finished.set)
+        ending.daemon = True
+        ending.start()
         return super().on_shutdown(state)
 
     def on_error(self, state: State) -> TransitionCallbackReturn:
