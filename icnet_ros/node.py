@@ -166,7 +166,7 @@ class Camera:
     warned_no_frames: bool = False
     bad_total: int = 0  # bad frames dropped, as last reported on /diagnostics
     bad_since: float | None = None  # monotonic time of the report that first saw bad_total's latest increase
-    reported: tuple[int, int] = (0, 0)  # (frames received, dropped as too_old) at the last /diagnostics report
+    reported: tuple[int, int] = (0, 0)  # (frames served or dropped, dropped as too_old) at the last report
     # a replaced image subscription serves on until its successor has matched every publisher (DDS matches
     # asynchronously: a reliable writer delivers only to readers it has matched), then goes; see _watch_inputs
     retiring: Any | None = None
@@ -220,6 +220,7 @@ class SegmentationNode(LifecycleNode):
         self._classes_pub: Any = None
         self._active = False
         self._starting = False
+        self._shut_down = False  # the shutdown transition happened: the process is ending
         self.busy: str | None = None  # a long operation in progress (a model load), for the process's exit
         self.add_pre_set_parameters_callback(self._as_declared_type)
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -341,6 +342,7 @@ class SegmentationNode(LifecycleNode):
 
     def on_shutdown(self, state: State) -> TransitionCallbackReturn:
         self._release()
+        self._shut_down = True  # /diagnostics says nothing more (not 'unconfigured: waiting for configure')
         # the process ends when ``finished`` is set: a moment after this transition's response has gone out, so
         # that the caller (``ros2 lifecycle set``, a lifecycle manager) has it before the node's DDS entities go
         ending = threading.Timer(SHUTDOWN_EXIT_DELAY_S, self.finished.set)
@@ -857,7 +859,7 @@ class SegmentationNode(LifecycleNode):
         arr.header.stamp = self.get_clock().now().to_msg()
         name = self.get_fully_qualified_name()
         if pipeline is None or seg is None:  # unconfigured: only the node's own state, and why (a failed configure)
-            if self.finished.is_set():
+            if self._shut_down or self.finished.is_set():
                 return
             level, message = DiagnosticStatus.OK, "unconfigured: waiting for configure"
             if self.busy:
@@ -897,10 +899,12 @@ class SegmentationNode(LifecycleNode):
             if bad > cam.bad_total:  # the level says how the camera is now: WARN for a while after bad frames, not
                 cam.bad_total, cam.bad_since = bad, now  # for good (the counts stay in the values)
             recent_bad = cam.bad_since is not None and now - cam.bad_since <= BAD_FRAMES_WARN_S
-            # frames that came since the last report, and how many of them were too old to serve
-            new_frames = max(0, s["received"] - cam.reported[0])
+            # frames served or dropped since the last report, and how many of them were too old to serve (a frame
+            # is counted too old when the worker takes it, maybe after a report that counted its receipt)
+            handled = s["processed"] + sum(dropped.values())
+            new_frames = max(0, handled - cam.reported[0])
             new_old = max(0, dropped.get("too_old", 0) - cam.reported[1])
-            cam.reported = (s["received"], dropped.get("too_old", 0))
+            cam.reported = (handled, dropped.get("too_old", 0))
             level, message = DiagnosticStatus.OK, f"{fps:.1f} fps"
             silent = s["seconds_since_last_frame"]
             if not self._active:  # deactivated: not subscribed on purpose, no stale input
@@ -914,8 +918,8 @@ class SegmentationNode(LifecycleNode):
             elif new_old and 2 * new_old >= new_frames:  # most frames lately: a camera nothing is served to
                 options = pipeline.options
                 level, message = DiagnosticStatus.WARN, (
-                    f"{fps:.1f} fps; {new_old} of {new_frames} frames since the last report older than max_age "
-                    f"({options.max_age:g} s from {options.max_age_from}), dropped")
+                    f"{fps:.1f} fps; {new_old} of the {new_frames} frames handled since the last report older than "
+                    f"max_age ({options.max_age:g} s from {options.max_age_from}), dropped")
             elif recent_bad:
                 level, message = DiagnosticStatus.WARN, (f"{fps:.1f} fps; bad frames dropped in the last "
                                                          f"{BAD_FRAMES_WARN_S:g} s ({bad} in all)")

@@ -492,7 +492,8 @@ def test_diagnostics_warn_when_every_frame_is_too_old(checkpoint: Path):
             wait_counts("too_old", i + 1)
         st = camera_status()
         assert st.level == DiagnosticStatus.WARN, st.message
-        assert "3 of 3 frames since the last report older than max_age (0.3 s from stamp)" in st.message, st.message
+        assert "3 of the 3 frames handled since the last report older than max_age (0.3 s from stamp)" in st.message, \
+            st.message
         node.pipeline.submit("/dg/image_raw", image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8",
                                                         node.get_clock().now().to_msg()))
         wait_counts("processed", 1)
@@ -521,6 +522,7 @@ def test_diagnostics_of_a_deactivated_node_are_not_stale_input(checkpoint: Path,
         assert st.level == DiagnosticStatus.OK and st.message == "inactive (not subscribed)", st.message
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         assert camera_status().level == DiagnosticStatus.WARN  # active again and silent for 0.4 s: stale
+
 
 def test_compressed_camera_info_is_scaled_from_the_frame_not_the_live_output_size(checkpoint: Path):
     """A compressed camera's camera_info is scaled from the JPEG's own size to the label's. It took the label's
@@ -552,6 +554,7 @@ def test_compressed_camera_info_is_scaled_from_the_frame_not_the_live_output_siz
         node._publish(topic, msg, "RGB", res, {"camera_info"})
         assert len(sent) == 1 and (sent[0].width, sent[0].height) == (48, 32), sent
         assert sent[0].k[0] == pytest.approx(40.0)
+
 
 def test_diagnostics_of_an_unconfigured_node_say_why(checkpoint: Path, tmp_path: Path):
     """Under a lifecycle manager (autostart false) a node that is waiting, or whose configure failed, reports its
@@ -595,9 +598,14 @@ def test_diagnostics_of_an_unconfigured_node_say_why(checkpoint: Path, tmp_path:
         st = segmenter_status()
         assert st.level == DiagnosticStatus.ERROR, st.message
         assert st.message.endswith("activate failed: cannot subscribe to the cameras: RuntimeError: no subscription")
+        assert node.trigger_shutdown() == TransitionCallbackReturn.SUCCESS
+        count = len(reports)
+        node._publish_diagnostics()  # shut down, the process ending: nothing (it said 'waiting for configure')
+        assert len(reports) == count and node.finished.wait(5)
     finally:
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
+
 
 def test_string_parameters_take_numbers_and_bools_as_text(checkpoint: Path):
     """`-p input_size:=1.5`, `-p warmup:=false` and `ros2 param set ... input_size 2` type their values as double,

@@ -35,6 +35,7 @@ def _smoke(out_dir, *overrides):
 
 # ------------------------------------------------------------------------------------------------ config
 
+
 def test_config_files_overrides_and_errors(capsys):
     c = load_config("smoke", ["optim.lr=0.05", "data.crop_size=[96, 128]", "data.val_split=null",
                               "loss.class_weights=[1, 2]"])
@@ -229,6 +230,7 @@ def test_pretrained_backbones():
 
 
 # ------------------------------------------------------------------------------------------------ runs
+
 
 def test_run_outputs_metadata_and_exact_resume(tmp_path):
     common = ["optim.iterations=6", "train.checkpoint_interval=3", "train.eval_interval=3", "train.log_interval=1"]
@@ -602,7 +604,9 @@ def _signal_training_group(out, sig, *extra, before_signal=None, env=None):
     try:
         deadline = time.monotonic() + 120
         while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            if proc.poll() is not None or time.monotonic() > deadline:
+                os.killpg(proc.pid, 9)
+                pytest.fail(f"no two iterations logged: {proc.communicate()}")
             time.sleep(0.1)
         if before_signal is not None:
             before_signal()
@@ -649,22 +653,25 @@ def test_sigterm_to_the_process_group_saves_the_state(tmp_path):
     assert max(r["iter"] for r in _records(out, "train")) == stopped
 
 
-def test_sigterm_to_the_group_while_waiting_for_data_saves_the_state(tmp_path):
-    """The group's SIGTERM ends the DataLoader worker while the loop waits for its next batch (the worker reads
-    slowly here): the wait ends in a DataLoader error, taken as the stop it is: state saved, exit 143, one line
-    (a worker that ignored SIGTERM instead hung the DataLoader's exit, icnet-eval's too, when it had to be ended)."""
+@pytest.mark.parametrize("where", ["training", "validation"])
+def test_sigterm_to_the_group_while_waiting_for_data_saves_the_state(tmp_path, where):
+    """The group's SIGTERM ends the DataLoader worker while the loop waits for its next batch, or while validation
+    waits for its images (the worker reads slowly here): the wait ends in a DataLoader error, taken as the stop it
+    is: state saved, exit 143, one line (a worker that ignored SIGTERM instead hung the DataLoader's exit,
+    icnet-eval's too; during validation the error was a traceback, exit 1, nothing saved)."""
     import signal
     import time
 
     hook = tmp_path / "hook"
     hook.mkdir()
-    flag = tmp_path / "slow"
+    flag, waiting = tmp_path / "slow", tmp_path / "waiting"
     (hook / "sitecustomize.py").write_text(f"""
 import os, time
 import icnet_ros.data.datasets as datasets
 _read = datasets.read_image
 def read_image(path):
-    while os.path.exists({str(flag)!r}):  # from now on, no batch comes
+    while os.path.exists({str(flag)!r}) and {"/val/" if where == "validation" else ""!r} in str(path):
+        open({str(waiting)!r}, "a").close()  # a read is held
         time.sleep(0.1)
     return _read(path)
 datasets.read_image = read_image
@@ -679,12 +686,24 @@ datasets.read_image = read_image
             now = (out / "metrics.jsonl").read_text()
             seen, since = (now, time.monotonic()) if now != seen else (seen, since)
             time.sleep(0.1)
-    rc, err = _signal_training_group(out, signal.SIGTERM, "train.cpu_threads=1", before_signal=starve, env=env)
+
+    def in_validation():
+        flag.write_text("")  # from now on every validation image is held: the first validation (10) waits
+        deadline = time.monotonic() + 60
+        while not waiting.exists():
+            assert time.monotonic() < deadline, "validation never started"
+            time.sleep(0.05)
+        time.sleep(0.5)
+    rc, err = _signal_training_group(out, signal.SIGTERM, "train.cpu_threads=1",
+                                     *(["train.eval_interval=10"] if where == "validation" else []),
+                                     before_signal=starve if where == "training" else in_validation, env=env)
     assert rc == 143 and "Traceback" not in err, err
     stopped = torch.load(out / STATE_FILE, weights_only=True)["iteration"]
     assert f"SIGTERM: stopping at iteration {stopped}, saving the state (the DataLoader workers stopped with it)" \
         in err, err
     assert max(r["iter"] for r in _records(out, "train")) == stopped
+    assert where == "training" or stopped == 10
+
 
 def _camvid_subset(root, counts):
     """A CamVid-layout copy (symbolic links) of the first frames of each split."""
@@ -723,22 +742,28 @@ def test_an_unreadable_training_frame_keeps_the_iterations_trained(tmp_path, cap
     assert [r["iter"] for r in _records(out, "train")] == list(range(1, 7))
 
 
-def test_resume_auto_starts_afresh_among_the_logs_of_a_run_that_saved_no_state(tmp_path, capsys):
+@pytest.mark.parametrize("log_format", ["jsonl", "csv"])
+def test_resume_auto_starts_afresh_among_the_logs_of_a_run_that_saved_no_state(tmp_path, capsys, log_format):
     """A run stopped before its first state (killed, or its first batch unreadable) leaves only its log:
     train.resume=auto refused the folder ('holds another run'), though there is nothing to continue. It starts
-    afresh and drops those records; a run without train.resume is still refused."""
+    afresh and drops those records, whatever format they are in (a csv run left a jsonl log it said it dropped);
+    a run without train.resume is still refused."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("{}\n")
     (out / "metrics.jsonl").write_text(json.dumps({"kind": "train", "iter": 5, "lr": 0.01, "loss": 3.0}) + "\n")
     common = ["smoke", f"data.root={require(CAMVID)}", f"train.output_dir={out}", *FAST, "optim.iterations=2",
-              "train.log_interval=1", "train.eval_interval=100"]
+              "train.log_interval=1", "train.eval_interval=100", f"train.log_format={log_format}"]
     assert main(common) == 2
     assert f"train.output_dir {out} holds another run (metrics.jsonl): choose another" in capsys.readouterr().err
     assert main([*common, "train.resume=auto"]) == 0
     assert "starting fresh (dropping the records in metrics.jsonl: that run saved no state)" in \
         capsys.readouterr().err
-    assert [r["iter"] for r in _records(out, "train")] == [1, 2]
+    assert (out / "metrics.jsonl").is_file() == (log_format == "jsonl")
+    if log_format == "jsonl":
+        assert [r["iter"] for r in _records(out, "train")] == [1, 2]
+    else:
+        assert (out / "train_log.csv").read_text().count("\n") == 3  # header + iterations 1, 2
 
 
 def test_labels_without_a_labelled_pixel_are_reported_once_and_logged_as_null(tmp_path, capsys):

@@ -351,7 +351,9 @@ class Trainer:
             logs = [name for name in LOG_FILES if (self.out_dir / name).exists()]
             self.say(f"train.resume={where}: no {self.out_dir / STATE_FILE}, starting fresh"
                      + (f" (dropping the records in {', '.join(logs)}: that run saved no state)" if logs else ""))
-            self.log.truncate(0, warn=self.say)
+            if self.info.main:  # every format's: a run in another train.log_format left them
+                for name in logs:
+                    (self.out_dir / name).unlink(missing_ok=True)
             return False
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -489,15 +491,12 @@ class Trainer:
             except RuntimeError:  # a worker gone with the stop signal (sent to the group): stop here, saving
                 if self._stop.received is None or self.info.distributed:
                     raise
-                end = self.iteration
-                self.interrupted = self._stop.received
-                self.say(f"{signal.Signals(self.interrupted).name}: stopping at iteration {self.iteration}, saving "
-                         "the state (the DataLoader workers stopped with it)")
                 if count:
                     self._log_train(sums, count, t_data, t_step, self.scheduler.lr_at(self.iteration - 1), train_cm,
                                     labelled)
-                if self.iteration and self._saved_iteration != self.iteration:
-                    self.save_state(self.iteration)
+                if not self._stopped_with_workers():
+                    raise
+                end = self.iteration
                 break
             except DatasetError as e:
                 # the iterations since the last record are logged, as when a run stops (one process: under
@@ -555,11 +554,33 @@ class Trainer:
                 labelled = torch.zeros_like(labelled)
             if self.val_set is not None and not signalled and (
                     self.iteration % t["eval_interval"] == 0 or self.iteration == total or timed_out):
-                self._validate_keeping_work(self.iteration)
+                try:
+                    self._validate_keeping_work(self.iteration)
+                except RuntimeError:  # the validation loader's workers gone with a stop signal (to the group)
+                    if self._stop.received is None or self.info.distributed:
+                        raise
+                    if count:
+                        self._log_train(sums, count, t_data, t_step, lr, train_cm, labelled)
+                    if not self._stopped_with_workers():
+                        raise
+                    end = self.iteration
+                    break
             if self.iteration % t["checkpoint_interval"] == 0 or self.iteration == end:
                 self.save_state(self.iteration)
             tick = time.perf_counter()
         return end
+
+    def _stopped_with_workers(self) -> bool:
+        """After a DataLoader error: when a stop signal came (one process), the workers ended with it (a SIGTERM to
+        the process group): announce the stop and save the state; returns False for any other error (raise it)."""
+        if self._stop.received is None or self.info.distributed:
+            return False
+        self.interrupted = self._stop.received
+        self.say(f"{signal.Signals(self.interrupted).name}: stopping at iteration {self.iteration}, saving the state "
+                 "(the DataLoader workers stopped with it)")
+        if self.iteration and self._saved_iteration != self.iteration:
+            self.save_state(self.iteration)
+        return True
 
     def _keep_work(self, error: DatasetError) -> DatasetError:
         """The error to raise when a training file cannot be read (each is first read when its batch comes, maybe
