@@ -274,7 +274,7 @@ def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | N
             raise DatasetError(f"label {path}: {8 * raw.itemsize}-bit colour label; colour labels must have 8 bits "
                                "per channel (or save the class values as a single-channel PNG)")
         rgb = cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)
-        grey = _grey_values_in_rgb(rgb, class_set, table, path)
+        grey = _grey_values_in_rgb(rgb, class_set, table)
         return table[grey] if grey is not None else colors_to_ids(rgb, class_set)
     if colour_type == 0 and bit_depth in (1, 2, 4) and raw.dtype == np.uint8:
         # OpenCV (libpng) scales low-bit grey samples to 0..255 (value v -> v * 255 / (2**bits - 1)): a 1-bit mask's
@@ -293,7 +293,7 @@ def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | N
     return table[raw]
 
 
-def _grey_values_in_rgb(rgb: np.ndarray, class_set: ClassSet, table: np.ndarray, path: Path) -> np.ndarray | None:
+def _grey_values_in_rgb(rgb: np.ndarray, class_set: ClassSet, table: np.ndarray) -> np.ndarray | None:
     """The class values of an RGB label whose three channels are equal at every pixel when it holds class values
     saved as RGB (what PIL's ``convert("RGB")`` and many image editors write; read as colours every pixel was
     ignore), else None (a colour label: :func:`colors_to_ids`).
@@ -307,8 +307,10 @@ def _grey_values_in_rgb(rgb: np.ndarray, class_set: ClassSet, table: np.ndarray,
     - some value is neither 0 nor the ignore index: dark greys such as (3, 3, 3) are no colour scheme's class
       colour, while black and white are the void / background colours of colour labels (CamVid's void is black).
 
-    A label holding only 0 (and the ignore value) when 0 is a class value is either a frame of class 0 saved as RGB
-    or a colour label of void only: it is refused (:class:`DatasetError`) rather than guessed."""
+    A label holding only 0 (and the ignore value) is either a frame of class 0 saved as RGB or a colour label of
+    void only (a CamVid frame with nothing labelled): it is read as a colour label, as before this rule (nothing
+    labelled; a training run warns when a whole logged window has no labelled pixel), not refused: refused, one
+    such frame stopped a training run."""
     r = rgb[..., 0]
     if not (np.array_equal(r, rgb[..., 1]) and np.array_equal(r, rgb[..., 2])):
         return None
@@ -319,14 +321,7 @@ def _grey_values_in_rgb(rgb: np.ndarray, class_set: ClassSet, table: np.ndarray,
     classes = np.flatnonzero(table != ignore)
     if not values <= set(classes.tolist()) | {ignore, int(classes.max()) + 1 if classes.size else 0}:
         return None
-    if values - {0, ignore}:
-        return r
-    if 0 in values and table[0] != ignore:
-        also = f" and {ignore}" if ignore in values else ""
-        raise DatasetError(f"label {path}: 3 equal channels holding only 0{also}: class value 0 saved as RGB, or a "
-                           "colour label whose black is no class colour; save class values as a single-channel PNG "
-                           "(or give black to a class in the class file)")
-    return None  # only the ignore value: ignore either way
+    return r if values - {0, ignore} else None
 
 
 def colors_to_ids(rgb: np.ndarray, class_set: ClassSet) -> np.ndarray:
