@@ -345,7 +345,8 @@ class DemoRun:
                 "elapsed": time.monotonic() - t0, "missed": missed}
 
     def close(self) -> None:
-        self.recorder.close()
+        self.recorder.close(on_wait=lambda n: print(f"{PROG}: writing the {n} overlay(s) still queued (Ctrl-C: "
+                                                     "stop, leaving them unwritten)", flush=True))
         self.executor.remove_node(self.helper)
         self.helper.destroy_node()
 
@@ -379,7 +380,8 @@ def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source:
         interrupted = cleanup(node.close, *([run.close] if run is not None else [])) or interrupted
     recorder = run.recorder if run is not None else None
     if interrupted:
-        saved = (f"; received {recorder.received} overlays, saved {recorder.saved} to {Path(args.output)}/"
+        saved = (f"; received {recorder.received} overlays, saved {recorder.saved}"
+                 f"{f', not written {recorder.unwritten}' if recorder.unwritten else ''} to {Path(args.output)}/"
                  if recorder is not None else "")
         print(f"{PROG}: interrupted{saved}", file=sys.stderr, flush=True)
         if recorder is not None and recorder.video_error:
@@ -396,7 +398,9 @@ def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source:
           flush=True)
     if recorder.video_error:  # --video did not read back with every frame (a full disk, ...)
         print(f"{PROG}: error: {recorder.video_error}", file=sys.stderr, flush=True)
-    if recorder.failed or recorder.received == 0 or skipped.paths or recorder.video_error:
+    if recorder.unwritten:  # (close waits for every write: only a frame that came after it stopped the writer)
+        print(f"{PROG}: error: {recorder.unwritten} overlay(s) received but not written", file=sys.stderr, flush=True)
+    if recorder.failed or recorder.received == 0 or skipped.paths or recorder.video_error or recorder.unwritten:
         return 1
     return 0
 
