@@ -114,6 +114,7 @@ class Recorder:
         self._lock = threading.Condition()
         self._queue: queue.Queue[tuple[Any, str, Path] | None] = queue.Queue()
         self._stop_writing = threading.Event()  # close stopped waiting: the writer takes no further frame
+        self._closing = False  # close() began: no frame is taken any more
         # set when the writer thread ends: after a KeyboardInterrupt in Thread.join, Python 3.11's is_alive() says
         # False while the thread still runs
         self._writer_done = threading.Event()
@@ -166,6 +167,8 @@ class Recorder:
     # -- receiving and writing
     def _on_msg(self, topic: str, msg: Any) -> None:
         with self._lock:
+            if self._closing:  # a callback the executor had begun as close() destroyed the subscriptions: the
+                return  # writer may be past its last frame, so the frame is not taken (nor counted)
             index = self._counts[topic]
             self._counts[topic] += 1
             self.received += 1
@@ -281,10 +284,12 @@ class Recorder:
         KeyboardInterrupt, which is raised on), the writer takes no further frame (the one it writes completes;
         ``unwritten`` counts the others) and the video is not finished (the writer may still use it): ``video_error``
         says so."""
+        with self._lock:
+            self._closing = True
         for sub in self._subs.values():
             self.node.destroy_subscription(sub)
         self._subs.clear()
-        self._queue.put(None)
+        self._queue.put(None)  # after every frame taken (none is after _closing): the writer's last item
         deadline = None if timeout is None else time.monotonic() + timeout
         done = self._writer_done
         try:
