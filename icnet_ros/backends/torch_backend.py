@@ -143,7 +143,7 @@ class TorchBackend:
             return
         self.model(x)
         self._eager_shapes[key] = None
-        while len(self._eager_shapes) > MAX_PINNED_GRAPHS + MAX_CUDA_GRAPHS:
+        while len(self._eager_shapes) > FactorizedPyramidPooling.MAX_CACHED:  # as many as the pooling caches
             self._eager_shapes.popitem(last=False)
 
     @contextmanager

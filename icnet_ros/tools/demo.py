@@ -345,8 +345,9 @@ class DemoRun:
                 "elapsed": time.monotonic() - t0, "missed": missed}
 
     def close(self) -> None:
-        self.recorder.close(on_wait=lambda n: print(f"{PROG}: writing the {n} overlay(s) still queued (Ctrl-C: "
-                                                     "stop, leaving them unwritten)", flush=True))
+        from .record import wait_notice
+
+        self.recorder.close(on_wait=wait_notice(PROG, "overlay"))
         self.executor.remove_node(self.helper)
         self.helper.destroy_node()
 

@@ -403,8 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if recorder is not None:
             try:
-                recorder.close(on_wait=lambda n: print(f"icnet-record: writing the {n} frame(s) still queued "
-                                                       "(Ctrl-C: stop, leaving them unwritten)", flush=True))
+                recorder.close(on_wait=wait_notice("icnet-record"))
             except KeyboardInterrupt:  # the frames not written are counted below
                 pass
         executor.shutdown(timeout_sec=1.0)
@@ -419,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     if recorder.video_error:
         print(f"icnet-record: error: {recorder.video_error}", file=sys.stderr, flush=True)
     return status
+
+
+def wait_notice(prog: str, what: str = "frame") -> Callable[[int], None]:
+    """``on_wait`` for :meth:`Recorder.close`: one line saying how many ``what`` s still wait to be written."""
+    return lambda n: print(f"{prog}: writing the {n} {what}(s) still queued (Ctrl-C: stop, leaving them "
+                           "unwritten)", flush=True)
 
 
 def final_report(recorder: Recorder, reason: str, seconds: float) -> tuple[str, int]:

@@ -485,25 +485,32 @@ class Trainer:
         count, t_data, t_step = 0, 0.0, 0.0
         labelled = torch.zeros((), dtype=torch.long, device=self.device)  # labelled pixels in the logged window
         tick = time.perf_counter()
+
+        def log_pending() -> None:
+            """Log the iterations since the last record, as when a run stops (one process: under torchrun the
+            other processes are not here to reduce the record with)."""
+            if count and not self.info.distributed:
+                self._log_train(sums, count, t_data, t_step, self.scheduler.lr_at(self.iteration - 1), train_cm,
+                                labelled)
+
+        def stopped_with_workers() -> bool:
+            """After a DataLoader error: True when it is the stop signal's (the record logged, the state saved)."""
+            if self._stop.received is None or self.info.distributed:
+                return False
+            log_pending()
+            self._stop_with_workers()
+            return True
+
         while self.iteration < end:
             try:
                 images, labels = next(loader_iter)
             except RuntimeError:  # a worker gone with the stop signal (sent to the group): stop here, saving
-                if self._stop.received is None or self.info.distributed:
-                    raise
-                if count:
-                    self._log_train(sums, count, t_data, t_step, self.scheduler.lr_at(self.iteration - 1), train_cm,
-                                    labelled)
-                if not self._stopped_with_workers():
+                if not stopped_with_workers():
                     raise
                 end = self.iteration
                 break
             except DatasetError as e:
-                # the iterations since the last record are logged, as when a run stops (one process: under
-                # torchrun the other processes are not here to reduce the record with)
-                if count and not self.info.distributed:
-                    self._log_train(sums, count, t_data, t_step, self.scheduler.lr_at(self.iteration - 1), train_cm,
-                                    labelled)
+                log_pending()
                 raise self._keep_work(e) from None
             t_data += time.perf_counter() - tick
             lr = self.scheduler.step(self.iteration)
@@ -557,11 +564,7 @@ class Trainer:
                 try:
                     self._validate_keeping_work(self.iteration)
                 except RuntimeError:  # the validation loader's workers gone with a stop signal (to the group)
-                    if self._stop.received is None or self.info.distributed:
-                        raise
-                    if count:
-                        self._log_train(sums, count, t_data, t_step, lr, train_cm, labelled)
-                    if not self._stopped_with_workers():
+                    if not stopped_with_workers():
                         raise
                     end = self.iteration
                     break
@@ -570,17 +573,14 @@ class Trainer:
             tick = time.perf_counter()
         return end
 
-    def _stopped_with_workers(self) -> bool:
-        """After a DataLoader error: when a stop signal came (one process), the workers ended with it (a SIGTERM to
-        the process group): announce the stop and save the state; returns False for any other error (raise it)."""
-        if self._stop.received is None or self.info.distributed:
-            return False
+    def _stop_with_workers(self) -> None:
+        """After a DataLoader error when a stop signal came (one process): the workers ended with it (a SIGTERM to
+        the process group): announce the stop and save the state."""
         self.interrupted = self._stop.received
         self.say(f"{signal.Signals(self.interrupted).name}: stopping at iteration {self.iteration}, saving the state "
                  "(the DataLoader workers stopped with it)")
         if self.iteration and self._saved_iteration != self.iteration:
             self.save_state(self.iteration)
-        return True
 
     def _keep_work(self, error: DatasetError) -> DatasetError:
         """The error to raise when a training file cannot be read (each is first read when its batch comes, maybe
