@@ -62,13 +62,14 @@ class SegmentResult:
     """Per-frame outputs, all uint8 numpy arrays at the output size (the frame's size unless ``output_size`` is
     ``"model"``). ``label``: H x W class ids, the class set's ignore index (:data:`UNKNOWN` = 255 unless the model
     names another) for unclassified pixels (always returned). ``color``/``overlay``: H x W x 3 in the frame's channel order, None unless requested. ``confidence``: H x W,
-    ``round(255 * max softmax probability)``, None unless requested. ``model_size``: the network input (H, W)."""
+    ``round(255 * max softmax probability)``, None unless requested. ``model_size``: the network input (H, W); ``frame_size``: the frame's."""
 
     label: np.ndarray
     color: np.ndarray | None = None
     overlay: np.ndarray | None = None
     confidence: np.ndarray | None = None
     model_size: tuple[int, int] | None = None
+    frame_size: tuple[int, int] | None = None  # the frame's own (H, W), as it came in (decoded)
 
 
 def resolve_device(device: str | torch.device, notes: list[str] | None = None) -> torch.device:
@@ -516,7 +517,8 @@ class Segmenter:
             for j, i in enumerate(g.indices):
                 results[i] = SegmentResult(label=outs["label"][j], color=_item(outs, "color", j),
                                            overlay=_item(outs, "overlay", j),
-                                           confidence=_item(outs, "confidence", j), model_size=g.net_size)
+                                           confidence=_item(outs, "confidence", j), model_size=g.net_size,
+                                           frame_size=g.size)
         return results  # type: ignore[return-value]
 
     def _forward_chunks(self, batch: Tensor) -> Iterator[tuple[int, Tensor]]:

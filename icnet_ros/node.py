@@ -68,7 +68,7 @@ from .camera_info import CameraInfoCache, scale_camera_info, stamp_ns
 from .engine_config import LIVE_OPTIONS, ConfigError
 from .frame_pipeline import FramePipeline, PipelineOptions, release_device_memory
 from .node_params import NODE_NAME, NodeConfig, ParameterError, rclpy_parameter_problem
-from .ros_image import compressed_header, numpy_to_image
+from .ros_image import numpy_to_image
 
 __all__ = ["SegmentationNode", "StartupError", "auto_cpu_threads"]
 
@@ -813,12 +813,9 @@ class SegmentationNode(LifecycleNode):
                 published.append(kind)
             info_pub = cam.info_publisher
             if info_pub is not None and info_pub.get_subscription_count() > 0:
-                out_size = tuple(res.label.shape[:2])
-                if cam.compressed:  # the decoded size, the JPEG/PNG header's: not the output's, whose output_size
-                    # may have changed between this frame's forward pass and now
-                    in_size = compressed_header(msg)[1:]  # read (checked) when the frame was taken: cannot fail
-                else:
-                    in_size = (int(msg.height), int(msg.width))
+                # the sizes this frame had and was segmented at (not the live output_size, which may have changed
+                # since its forward pass; a compressed frame's from its decoding, not a second read of its header)
+                out_size, in_size = tuple(res.label.shape[:2]), tuple(res.frame_size)
                 if min(in_size) > 0:  # a camera_info still to come is published when it arrives (_on_camera_info)
                     info = cam.info_cache.match(stamp_ns(header), waiting=(header, in_size, out_size))
                     if info is not None:

@@ -225,7 +225,7 @@ def test_fixed_input_size_resizes_and_batches(ckpt, plain_model):
     frames = [frame(48, 50, 1), frame(192, 256, 2), frame(100, 333, 3)]  # small frames are fine when upscaled
     rs = s.segment(frames)
     for f, r in zip(frames, rs):
-        assert r.label.shape == f.shape[:2] and r.model_size == (96, 128)
+        assert r.label.shape == r.frame_size == f.shape[:2] and r.model_size == (96, 128)
     m = Segmenter(ckpt, device="cpu", input_size=(96, 128), output_size="model", outputs=ALL, warmup=False)
     (r,) = m.segment([frames[1]])
     assert r.label.shape == (96, 128) and r.overlay.shape == (96, 128, 3)

@@ -550,7 +550,7 @@ def test_compressed_camera_info_is_scaled_from_the_frame_not_the_live_output_siz
         cam.info_cache.add(CameraInfo(width=96, height=64, k=[80.0, 0, 48, 0, 80.0, 32, 0, 0, 1]))
         msg = CompressedImage(format="jpeg", data=cv2.imencode(".jpg", np.zeros((64, 96, 3), np.uint8))[1].tobytes())
         msg.header.stamp = stamp
-        res = SegmentResult(label=np.zeros((32, 48), np.uint8))  # at the network's size (output_size 'model')
+        res = SegmentResult(label=np.zeros((32, 48), np.uint8), frame_size=(64, 96))  # output_size 'model'
         node._publish(topic, msg, "RGB", res, {"camera_info"})
         assert len(sent) == 1 and (sent[0].width, sent[0].height) == (48, 32), sent
         assert sent[0].k[0] == pytest.approx(40.0)
