@@ -228,7 +228,6 @@ class FactorizedPyramidPooling(nn.Module):
         self.act = ppm.psp_bottleneck.act
         self._matrices: OrderedDict[tuple, Tensor] = OrderedDict()
 
-    @torch.compiler.disable
     def cached_tensors(self) -> list[Tensor]:
         """The resize matrices cached now (a CUDA graph captured over this module reads them)."""
         return list(self._matrices.values())

@@ -628,7 +628,8 @@ def test_sigint_saves_the_state_and_the_run_resumes(tmp_path):
     rc, err = _signal_training_group(out, signal.SIGINT)
     assert rc == 130 and "Traceback" not in err, err
     stopped = torch.load(out / STATE_FILE, weights_only=True)["iteration"]
-    assert f"SIGINT: stopping at iteration {stopped}, saving the state (Ctrl-C again to abort without saving)" in err
+    assert any(f"SIGINT: stopping at iteration {stopped}, saving the state ({why})" in err  # (see the SIGTERM test)
+               for why in ("Ctrl-C again to abort without saving", "the DataLoader workers stopped with it")), err
     assert f"stopped at iteration {stopped}" in err and f"train.resume={out}" in err
     assert max(r["iter"] for r in _records(out, "train")) == stopped
     assert main(["smoke", f"data.root={CAMVID}", f"train.output_dir={out}", *FAST, "optim.iterations=1000",
@@ -640,16 +641,18 @@ def test_sigint_saves_the_state_and_the_run_resumes(tmp_path):
 def test_sigterm_to_the_process_group_saves_the_state(tmp_path):
     """SIGTERM to the whole process group (coreutils timeout, Slurm, systemd, kill -- -PGID) reached the
     DataLoader worker too: it died, and the run ended with "DataLoader worker (pid N) is killed by signal:
-    Terminated", a traceback and nothing saved. The workers leave it to the main process, which saves the state
-    and exits with 143; the stop message says what a second signal does."""
+    Terminated", a traceback and nothing saved. The main process saves the state and exits with 143; the stop
+    message says what a second signal does, or, when the loop was waiting for the worker's next batch as the
+    signal ended it (more likely on a loaded machine), that the workers stopped with it."""
     import signal
 
     out = tmp_path / "run"
     rc, err = _signal_training_group(out, signal.SIGTERM, "train.cpu_threads=1")
     assert rc == 143 and "Traceback" not in err and "killed by signal" not in err, err
     stopped = torch.load(out / STATE_FILE, weights_only=True)["iteration"]
-    assert f"SIGTERM: stopping at iteration {stopped}, saving the state (a further SIGTERM is ignored; SIGINT " \
-           "aborts without saving)" in err, err
+    assert any(f"SIGTERM: stopping at iteration {stopped}, saving the state ({why})" in err
+               for why in ("a further SIGTERM is ignored; SIGINT aborts without saving",
+                           "the DataLoader workers stopped with it")), err
     assert max(r["iter"] for r in _records(out, "train")) == stopped
 
 
