@@ -257,9 +257,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if class_set.num_classes != model_classes.num_classes:
             raise DatasetError(f"the dataset has {class_set.num_classes} classes ({class_set.name}) but the model "
                                f"predicts {model_classes.num_classes} ({model_classes.name})")
+        # the model's class id for each of the dataset's: the same names in another order are matched by name
+        # (compared id by id, every class met another's pixels and the report was nonsense with exit status 0)
+        model_ids = list(range(class_set.num_classes))
         if list(class_set.classes) != list(model_classes.classes):
-            print(f"icnet-eval: warning: class names differ between the dataset ({class_set.name}) and the model "
-                  f"({model_classes.name}); reporting the dataset's", file=sys.stderr)
+            if sorted(class_set.classes) == sorted(model_classes.classes):
+                model_ids = [model_classes.classes.index(c) for c in class_set.classes]
+                print(f"icnet-eval: the dataset ({class_set.name}) lists the model's ({model_classes.name}) classes "
+                      f"in another order: matched by name", file=sys.stderr)
+            else:
+                print(f"icnet-eval: warning: class names differ between the dataset ({class_set.name}) and the "
+                      f"model ({model_classes.name}); compared id by id, reporting the dataset's", file=sys.stderr)
         dataset = build_dataset(spec, args.split, limit=args.limit, class_set=class_set)
     except (CheckpointError, DatasetError, ValueError, OSError, RuntimeError) as e:
         print(f"icnet-eval: error: {e}", file=sys.stderr)
@@ -280,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"icnet-eval: error: {_one_line(e)}", file=sys.stderr)  # an image too large at one of the --scales
         return 2
     seconds = time.perf_counter() - t0
+    cm.matrix = cm.matrix[:, model_ids]  # columns (predictions) in the dataset's order
     metrics = cm.compute()
     input_size = sizes.param if sizes.kind == "fixed" else None
     network_width, policy = (sizes.param if sizes.kind == "width" else None), sizes.describe()

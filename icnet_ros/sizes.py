@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import struct
 import warnings
 from dataclasses import dataclass
 from typing import IO, Any
@@ -50,9 +49,9 @@ def declared_image_size(source: str | os.PathLike | IO[bytes]) -> tuple[int, int
                 width, height = im.size
     except Image.DecompressionBombError as e:
         raise OverflowError(str(e)) from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error):  # UnidentifiedImageError is an OSError
-        return None
-    return height, width
+    except Exception:  # noqa: BLE001 - Pillow tries every plugin it has on any bytes, whatever the file's suffix,
+        return None  # and some raise what no caller expects on junk (DDS: NotImplementedError, SPIDER:
+    return height, width  # AttributeError, a damaged AVIF: RuntimeError); the decoder refuses such bytes later
 
 
 def parse_hw(text: str, minimum: int = 1) -> tuple[int, int]:
@@ -119,8 +118,7 @@ class InputSizePolicy:
             return cls("fixed", input_size, size_divisor)
         return cls("scale", float(input_size), size_divisor)
 
-    def policy_size(self, height: int, width: int) -> tuple[int, int]:
-        """The policy's (H, W) for a frame, before rounding."""
+    def _exact_size(self, height: int, width: int) -> tuple[float, float]:
         if self.kind == "fixed":
             return self.param
         if self.kind == "scale":
@@ -129,12 +127,17 @@ class InputSizePolicy:
             s = min(int(self.param) / width, MAX_SCALE)
         else:
             return height, width
-        return max(1, int(round(height * s))), max(1, int(round(width * s)))
+        return height * s, width * s
+
+    def policy_size(self, height: int, width: int) -> tuple[int, int]:
+        """The policy's (H, W) for a frame, before rounding to the grid (to integers, halves up)."""
+        h, w = self._exact_size(height, width)
+        return max(1, math.floor(h + 0.5)), max(1, math.floor(w + 0.5))
 
     def network_size(self, height: int, width: int, scale: float = 1.0) -> tuple[int, int]:
         """The network input (H, W) for a frame of ``height`` x ``width``: the policy's size (times a test-time
-        ``scale``) rounded to multiples of ``size_divisor``."""
-        h, w = self.policy_size(height, width)
+        ``scale``) rounded once to multiples of ``size_divisor`` (as training validation rounds its sizes)."""
+        h, w = self._exact_size(height, width)
         return aligned_size(h * scale, w * scale, self.size_divisor)
 
     def describe(self) -> str:

@@ -353,3 +353,40 @@ def test_an_unreadable_image_is_one_line_exit_2(capsys, tmp_path, ckpt):
         assert code == 2 and text.count("\n") == 1, text
         assert text.startswith("icnet-eval: error: cannot read image") and "f1.png" in text
         assert "Traceback" not in text
+
+
+def test_a_dataset_listing_the_models_classes_in_another_order_is_matched_by_name(capsys, tmp_path):
+    """A class file with the model's class names in another order (each name keeping its raw label value): ids were
+    compared as numbers, so each class met another's pixels; labels that are the model's own prediction scored 0
+    mIoU, exit status 0, with only a 'class names differ' warning. Now matched by name: 100, in the dataset's order."""
+    from icnet_ros.classes import CAMVID as CAMVID_CLASSES
+    from icnet_ros.preprocess import Normalizer
+    from icnet_ros.sizes import InputSizePolicy
+
+    ck = make_checkpoint(tmp_path / "m.safetensors")
+    model = load_model(ck)
+    img = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    with torch.no_grad():
+        x = Normalizer(model.meta.get("normalization"))(torch.from_numpy(img)[None], "RGB")
+        size_fn = InputSizePolicy("native", None, 32).network_size
+        pred = predict_logits(model, x, (64, 96), size_fn=size_fn).argmax(1)[0].numpy().astype(np.uint8)
+    assert len(np.unique(pred)) >= 2, "the test needs a label with several classes"
+    reports = {}
+    for order, ids in (("same", range(11)), ("reversed", range(10, -1, -1))):
+        root = tmp_path / order
+        (root / "val" / "images").mkdir(parents=True)
+        (root / "val" / "labels").mkdir(parents=True)
+        cv2.imwrite(str(root / "val" / "images" / "f0.png"), img[..., ::-1])
+        cv2.imwrite(str(root / "val" / "labels" / "f0.png"), pred)  # raw value = the model's class id
+        (root / "classes.yaml").write_text("classes:\n" + "".join(
+            f"  - {{name: {CAMVID_CLASSES.classes[i]}, id: {i}}}\n" for i in ids))
+        rc = main(["--model", str(ck), "--data", str(root), "--split", "val", "--layout", "folders",
+                   "--input-size", "native", "--workers", "0", "--no-progress", "--json"])
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        reports[order] = (json.loads(out.out), out.err)
+    (same, same_err), (rev, rev_err) = reports["same"], reports["reversed"]
+    assert same["mIoU"] == rev["mIoU"] == 100.0 and rev["aAcc"] == 100.0, (same, rev)
+    assert same_err == "" and "in another order: matched by name" in rev_err, rev_err
+    assert list(rev["per_class"]) == list(reversed(CAMVID_CLASSES.classes))
+    assert {k: v["IoU"] for k, v in rev["per_class"].items()} == {k: v["IoU"] for k, v in same["per_class"].items()}

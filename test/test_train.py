@@ -863,3 +863,29 @@ def test_a_data_error_from_a_dataloader_worker_is_its_own_message():
     assert "Original Traceback" in str(info.value)
     assert one_line_error(info.value) == "cannot read image a.jpg: truncated JPEG"
     assert one_line_error(DatasetError("plain")) == "plain"
+
+
+def test_validation_runs_the_network_inputs_icnet_eval_runs(tmp_path):
+    """Validation scaled each frame by data.input_scale and rounded that to the grid (375x500 at x1.5: 576x736),
+    while icnet-eval and the node (input_size auto) scale frames to the recorded network width (544x736): the mIoU
+    that picked the best checkpoint was measured at another input than every later one. Now both run 544x736."""
+    from icnet_ros.sizes import InputSizePolicy
+    from icnet_ros.train import Trainer
+
+    root = tmp_path / "camvid500"
+    for split in ("train", "val"):
+        for kind in ("images", "labels"):
+            (root / split / kind).mkdir(parents=True)
+        stem = sorted(p.stem for p in (require(CAMVID) / split / "images").iterdir())[0]
+        image = cv2.imread(str(CAMVID / split / "images" / f"{stem}.jpg"))
+        label = cv2.imread(str(CAMVID / split / "labels" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(root / split / "images" / f"{stem}.png"), cv2.resize(image, (500, 375)))
+        cv2.imwrite(str(root / split / "labels" / f"{stem}.png"),
+                    cv2.resize(label, (500, 375), interpolation=cv2.INTER_NEAREST))
+    trainer = Trainer(load_config("smoke", [f"data.root={root}", f"train.output_dir={tmp_path / 'run'}", *FAST,
+                                            "data.input_scale=1.5", "data.crop_size=[96, 128]"]))
+    seen = []
+    trainer.averaged.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape[-2:])))
+    trainer.validate(0)
+    policy = InputSizePolicy("width", trainer.network_width())
+    assert trainer.network_width() == 736 and seen == [policy.network_size(375, 500)] == [(544, 736)]

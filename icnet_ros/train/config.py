@@ -33,7 +33,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "base_size": None,  # [H, W]: fit images into this box instead of input_scale
         "ratio_range": [0.5, 2.0], "crop_size": [512, 512], "cat_max_ratio": 0.75, "flip": 0.5,
         "photometric": True,
-        "eval_size": None,  # [H, W] network input for validation (default: native x input_scale)
+        "eval_size": None,  # [H, W] network input for validation (default: input_size auto's for the recorded
+        #                     network width, the first training frame's width x input_scale on the 32 grid)
         "license": None,  # the terms of the data, recorded in checkpoints as the weights' license (one line)
     },
     "loss": {

@@ -426,9 +426,13 @@ class Trainer:
         broadcast_buffers(self.model, self.info)
         if self.ema is not None:
             broadcast_buffers(self.ema.module, self.info)
+        # without data.eval_size: the network inputs of icnet-eval's and the node's default (input_size auto) for
+        # the width recorded in the checkpoints, so that the mIoU that selects the best checkpoint is the one
+        # measured later (scaling each frame by data.input_scale instead gave 375x500 frames 576x736 at x1.5,
+        # icnet-eval 544x736)
         cm = evaluate(self.averaged, self._val_loader(), self.normalizer, self.class_set.num_classes,
-                      self.class_set.ignore_index, self.device,
-                      input_size=d["eval_size"], input_scale=d["input_scale"], base_size=d["base_size"],
+                      self.class_set.ignore_index, self.device, input_size=d["eval_size"],
+                      network_width=None if d["eval_size"] else self.network_width(),
                       amp=self.use_amp, progress=self.info.main and self.config["train"]["progress"],
                       desc=f"val @{iteration}")
         metrics = cm.compute()
