@@ -18,6 +18,7 @@ scales as ``c * s``; the half-pixel-exact value for a bilinear (``align_corners=
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict, deque
 from typing import Any
@@ -37,6 +38,9 @@ def image_size(info: Any) -> tuple[int, int]:
     width = int(info.roi.width) or int(info.width)
     height = int(info.roi.height) or int(info.height)
     return height // by, width // bx
+
+
+_delivered_size = image_size  # (scale_camera_info's argument of that name hides it)
 
 
 class CameraInfoCache:
@@ -118,14 +122,38 @@ def _copy_calibration(info: Any, out: Any) -> Any:
     return out
 
 
+def _round(v: float) -> int:
+    return int(math.floor(v + 0.5))  # halves up, as the network sizes round (Python's round: halves to even)
+
+
+def _scaled_axis(full: int, offset: int, size: int, binning: int, s: float, out_len: int | None
+                 ) -> tuple[int, int, int, float]:
+    """One axis of a scaled calibration: (sensor size, ROI offset, ROI size, principal point shift). With
+    ``out_len`` (the info describes the input image exactly), the ROI (or, without one, the sensor) keeps exactly
+    ``out_len`` delivered pixels after the division by the binning, whatever the rounding of a remainder that the
+    binning drops; the rounding of the offset moves the principal point with it, so points still project exactly."""
+    b = max(int(binning), 1)
+    span = _round((size or full) * s)
+    if out_len is not None:
+        span = min(max(span, out_len * b), out_len * b + b - 1)
+    exact_offset = offset * s
+    new_offset = _round(exact_offset)
+    if not size:  # no ROI on this axis: the sensor is the image
+        return span, new_offset, 0, new_offset - exact_offset
+    return max(_round(full * s), new_offset + span), new_offset, span, new_offset - exact_offset
+
+
 def scale_camera_info(info: Any, image_size: tuple[int, int], output_size: tuple[int, int], out: Any) -> Any:
     """Fill ``out`` with ``info`` (the camera_info of an image of ``image_size`` = (height, width)) for the same
     image resized to ``output_size`` (height, width), like image_proc's resize (see the module docstring); the
     header is left to the caller. At equal sizes the calibration passes through unchanged.
 
-    The scale is the image size ratio (not ``output / info.width``): K and P (fx, cx, Tx by the x ratio; fy, cy, Ty
-    by the y ratio), ``width``/``height`` and the ROI scale; binning, D, R and the distortion model stay. An
-    uncalibrated camera_info (width or height 0) stays uncalibrated."""
+    The scale is the image size ratio (not ``output / info.width``): K and P (fx, skew, cx, Tx by the x ratio;
+    fy, cy, Ty by the y ratio), ``width``/``height`` and the ROI scale; binning, D, R and the distortion model stay.
+    When ``info`` describes an image of ``image_size``, the scaled one describes one of ``output_size`` exactly
+    (sizes whose binning remainder would round into one more pixel are held), and ROI offsets, which are integers,
+    shift the principal point by their rounding. An uncalibrated camera_info (width or height 0) stays
+    uncalibrated."""
     (in_h, in_w), (out_h, out_w) = image_size, output_size
     if in_h <= 0 or in_w <= 0 or out_h <= 0 or out_w <= 0:
         raise ValueError(f"image sizes must be positive, got {image_size} -> {output_size}")
@@ -133,14 +161,17 @@ def scale_camera_info(info: Any, image_size: tuple[int, int], output_size: tuple
     if (in_h, in_w) == (out_h, out_w):
         return out
     sx, sy = out_w / in_w, out_h / in_h
-    out.width, out.height = int(round(info.width * sx)), int(round(info.height * sy))
+    exact = _delivered_size(info) == (in_h, in_w)  # (an uncalibrated info: (0, 0), never)
+    roi = out.roi
+    out.width, roi.x_offset, roi.width, shift_x = _scaled_axis(
+        info.width, roi.x_offset, roi.width, info.binning_x, sx, out_w if exact else None)
+    out.height, roi.y_offset, roi.height, shift_y = _scaled_axis(
+        info.height, roi.y_offset, roi.height, info.binning_y, sy, out_h if exact else None)
     k = out.k
-    k[0], k[2], k[4], k[5] = k[0] * sx, k[2] * sx, k[4] * sy, k[5] * sy
+    k[0], k[1], k[2], k[4], k[5] = k[0] * sx, k[1] * sx, k[2] * sx + shift_x, k[4] * sy, k[5] * sy + shift_y
     out.k = k
     p = out.p
-    p[0], p[2], p[3], p[5], p[6], p[7] = p[0] * sx, p[2] * sx, p[3] * sx, p[5] * sy, p[6] * sy, p[7] * sy
+    p[0], p[1], p[2], p[3] = p[0] * sx, p[1] * sx, p[2] * sx + shift_x, p[3] * sx
+    p[5], p[6], p[7] = p[5] * sy, p[6] * sy + shift_y, p[7] * sy
     out.p = p
-    roi = out.roi
-    roi.x_offset, roi.width = int(round(roi.x_offset * sx)), int(round(roi.width * sx))
-    roi.y_offset, roi.height = int(round(roi.y_offset * sy)), int(round(roi.height * sy))
     return out

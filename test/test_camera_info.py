@@ -166,3 +166,35 @@ def test_cache_is_thread_safe():
     for t in threads:
         t.join()
     assert not errors and len(cache) == 8
+
+
+def test_odd_sizes_binning_and_roi_offsets_still_describe_and_project_exactly():
+    """Sizes, ROI sizes and offsets were each rounded on their own before the binning's division: a 961-px-wide
+    ROI with 2x2 binning (480 delivered) scaled to a 736-wide label described 737 px; 30 of 112 sensor / binning /
+    ROI combinations described another size; an ROI offset of 101 at x1.5 moved projections by 0.5 px; the skew
+    was not scaled. Now every combination describes the output image and projects into it exactly."""
+    def project_skewed(ci, point):
+        bx, by = max(ci.binning_x, 1), max(ci.binning_y, 1)
+        x, y, z = point
+        u_full = ci.k[0] * x / z + ci.k[1] * y / z + ci.k[2]
+        v_full = ci.k[4] * y / z + ci.k[5]
+        return np.array([(u_full - ci.roi.x_offset) / bx, (v_full - ci.roi.y_offset) / by])
+
+    checked = 0
+    for width, height in ((1280, 960), (1281, 961), (1285, 963), (640, 480)):
+        for b in (0, 1, 2, 3, 4):
+            for roi in ((0, 0, 0, 0), (101, 51, 640, 480), (0, 0, 961, 721), (max(width - 645, 0), 1, 645, 477)):
+                src = info(width=width, height=height, binning=(b, b), roi=roi)
+                src.k[1] = src.p[1] = 2.0
+                in_h, in_w = delivered_size(src)
+                for out_h, out_w in ((544, 736), (in_h * 3 // 2, in_w * 3 // 2), (in_h // 3, in_w // 3)):
+                    out = scale_camera_info(src, (in_h, in_w), (out_h, out_w), empty())
+                    assert delivered_size(out) == (out_h, out_w), (width, b, roi, out_h, out_w)
+                    assert out.roi.x_offset + out.roi.width <= out.width
+                    assert out.roi.y_offset + out.roi.height <= out.height
+                    for point in ((0.0, 0.0, 2.0), (0.4, -0.3, 1.5), (-1.0, 0.5, 4.0)):
+                        np.testing.assert_allclose(project_skewed(out, point),
+                                                   project_skewed(src, point) * [out_w / in_w, out_h / in_h],
+                                                   rtol=1e-9, atol=1e-9)
+                    checked += 1
+    assert checked == 4 * 5 * 4 * 3
