@@ -10,6 +10,7 @@ from icnet_ros.classes import CITYSCAPES, IGNORE_INDEX
 from icnet_ros.data import (DataSpec, DatasetError, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomResize,
                             TrainBatchSampler, build_dataset, collate_segmentation, detect_layout, find_samples,
                             load_class_file, read_label, resolve_class_set, train_transforms)
+from icnet_ros.data.datasets import colors_to_ids
 
 
 # ------------------------------------------------------------------------------------------------ CamVid layout
@@ -560,3 +561,15 @@ def test_random_crop_does_not_settle_on_windows_without_labelled_pixels():
     crop = RandomCrop((128, 128), cat_max_ratio=0.75, max_tries=10)
     empty = np.mean([(crop(image, label, np.random.default_rng(s))[1] == 255).all() for s in range(200)])
     assert empty < 0.1, empty
+
+
+def test_colour_labels_refuse_a_palette_with_one_colour_for_two_classes():
+    """A model's metadata may give two classes one colour (class files refuse that): icnet-eval on generic folders
+    without a class file read colour labels with it, and road and sidewalk pixels both became road."""
+    from icnet_ros.classes import class_set_from_meta
+
+    cs = class_set_from_meta({"classes": ["road", "sidewalk", "car"],
+                              "palette": [[128, 64, 128], [128, 64, 128], [0, 0, 142]]})
+    label = np.array([[[128, 64, 128], [0, 0, 142]]], np.uint8)
+    with pytest.raises(DatasetError, match="road, sidewalk share a colour"):
+        colors_to_ids(label, cs)

@@ -325,10 +325,16 @@ def _grey_values_in_rgb(rgb: np.ndarray, class_set: ClassSet, table: np.ndarray)
 
 
 def colors_to_ids(rgb: np.ndarray, class_set: ClassSet) -> np.ndarray:
-    """Map an H x W x 3 RGB colour label to train ids via the class palette; unknown colours -> ignore."""
-    keys = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    """Map an H x W x 3 RGB colour label to train ids via the class palette; unknown colours -> ignore. Raises
+    :class:`DatasetError` for a palette that gives two classes one colour (a model's metadata may: class files
+    refuse it), which a colour label cannot tell apart."""
     pal = np.asarray(class_set.palette, np.int32)
     pal_keys = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+    if len(np.unique(pal_keys)) < len(pal_keys):
+        same = [c for i, c in enumerate(class_set.classes) if (pal_keys == pal_keys[i]).sum() > 1]
+        raise DatasetError(f"colour labels cannot be read with the classes of {class_set.name!r}: "
+                           f"{', '.join(same)} share a colour (give the dataset a class file)")
+    keys = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
     order = np.argsort(pal_keys)
     sorted_keys = pal_keys[order]
     pos = np.clip(np.searchsorted(sorted_keys, keys), 0, len(sorted_keys) - 1)
