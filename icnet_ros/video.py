@@ -12,16 +12,24 @@ A frame source is an iterable of :class:`Frame` ``(index, name, bgr, timestamp_s
 :func:`open_source` picks the right source for a path (image file, folder of images, video file), and
 :func:`iter_frames` chains several. Sources are context managers; videos release their decoder on ``close()``.
 Reading never goes through ``cv2.imread`` (which fails silently on non-ASCII paths on some systems): files are
-read as bytes and decoded with ``cv2.imdecode``. With ``max_pixels``, an image's size is read from its header
-(Pillow, nothing decoded) and a larger image raises :class:`ImageTooLargeError` before the decoder allocates it (a
-small PNG can declare 12000 x 12000 pixels). An image source's ``on_error`` callback, when set, is called with
-``(path, error)`` for an image that cannot be read, and the frame is skipped (the callback may raise instead).
+read as bytes and decoded with ``cv2.imdecode``, as stored (a JPEG's EXIF orientation is not applied: the node,
+icnet-eval and training see the stored pixels too). JPEG and PNG files first pass the node's bounded header walk
+(:func:`icnet_ros.ros_image.compressed_header`: markers, scans and metadata of a JPEG, chunks and CRCs of a PNG), so
+a file the node refuses in a millisecond (a JPEG of thousands of scans takes seconds to decode) is refused here too,
+before OpenCV's decoders see it (libpng and libjpeg print to stderr on damaged data). With ``max_pixels``, a file
+larger than any image of that many pixels can be (:func:`max_file_size`) is refused before it is read, an image's
+size is read from its header (JPEG/PNG as above, other formats with Pillow; nothing decoded) and a larger image
+raises :class:`ImageTooLargeError` before the decoder allocates it (a small PNG can declare 12000 x 12000 pixels),
+and a video whose frames are larger is refused when it is opened. An image source's ``on_error`` callback, when set,
+is called with ``(path, error)`` for an image that cannot be read, and the frame is skipped (the callback may raise
+instead).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import itertools
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -30,6 +38,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from .ros_image import ImageFormatError, compressed_header, sniff_codec
 from .sizes import declared_image_size
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
@@ -37,6 +46,11 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", "
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg",
                                               ".wmv", ".flv"})
 DEFAULT_IMAGE_FPS = 10.0
+#: bytes per pixel of the largest raw image an image file can hold: 4 channels of 32-bit samples (a float RGBA
+#: TIFF); a 16-bit RGBA PNG or PPM takes 8 (stored uncompressed), compressed formats take less
+MAX_FILE_BYTES_PER_PIXEL = 16
+#: bytes an image file may hold besides its pixels (Exif, ICC profiles, XMP, thumbnails)
+MAX_FILE_EXTRA_BYTES = 64 << 20
 
 
 class Frame(NamedTuple):
@@ -53,13 +67,42 @@ class SourceError(ValueError):
 
 
 class ImageTooLargeError(SourceError):
-    """An image whose header declares more pixels than the reader's ``max_pixels`` (refused before decoding)."""
+    """An image whose header (or file size), or a video whose frame size, exceeds the reader's ``max_pixels``
+    (refused before decoding)."""
 
 
-def check_image_size(data: np.ndarray, p: Path, max_pixels: int) -> None:
-    """Raise :class:`ImageTooLargeError` when the encoded image ``data`` (from file ``p``) declares more than
-    ``max_pixels`` pixels (:func:`~icnet_ros.sizes.declared_image_size`), :class:`SourceError` when its header
-    cannot be read."""
+def max_file_size(max_pixels: int) -> int:
+    """The largest image file (bytes) that :func:`read_image` reads with ``max_pixels``: the raw pixels of an image
+    that large (:data:`MAX_FILE_BYTES_PER_PIXEL` each) plus :data:`MAX_FILE_EXTRA_BYTES` of metadata. A larger file
+    cannot be an image within the limit (a mislabelled video, a disk image): reading it whole would cost its size in
+    memory just to refuse it. 3840 x 2160 pixels: about 200 MB."""
+    return max_pixels * MAX_FILE_BYTES_PER_PIXEL + MAX_FILE_EXTRA_BYTES
+
+
+def _check_pixels(what: str, height: int, width: int, max_pixels: int | None, per: str = "") -> None:
+    """:class:`ImageTooLargeError` ``<what>: <W>x<H> = <N> pixels<per> exceeds the limit of <max_pixels> pixels``
+    (as the node's max_pixels check says it) when ``height`` x ``width`` exceeds ``max_pixels``."""
+    if max_pixels is not None and height * width > max_pixels:
+        raise ImageTooLargeError(f"{what}: {width}x{height} = {height * width} pixels{per} exceeds the limit of "
+                                 f"{max_pixels} pixels")
+
+
+def check_image_size(data: np.ndarray, p: Path, max_pixels: int | None) -> None:
+    """Check the header of the encoded image ``data`` (from file ``p``) before it is decoded: raise
+    :class:`ImageTooLargeError` when it declares more than ``max_pixels`` pixels, :class:`SourceError` when its
+    header cannot be read. JPEG and PNG (by their signature, whatever the file's suffix) go through the node's
+    bounded header walk (:func:`~icnet_ros.ros_image.compressed_header`), also without ``max_pixels``; other
+    formats through Pillow (:func:`~icnet_ros.sizes.declared_image_size`), only with ``max_pixels``."""
+    codec = sniff_codec(data)
+    if codec:
+        try:
+            _, height, width = compressed_header(_Encoded(codec, data))
+        except ImageFormatError as e:
+            raise SourceError(f"cannot decode image {p}: {e}") from None
+        _check_pixels(f"image {p}", height, width, max_pixels)
+        return
+    if max_pixels is None:
+        return
     try:
         size = declared_image_size(io.BytesIO(data))
     except OverflowError:  # beyond Pillow's own limit
@@ -72,25 +115,46 @@ def check_image_size(data: np.ndarray, p: Path, max_pixels: int) -> None:
         return  # larger than Pillow reads, within the caller's limit: the decoder decides
     if size is None:
         raise SourceError(f"cannot decode image {p} (not an image, or corrupt)")
-    height, width = size
-    if height * width > max_pixels:
-        raise ImageTooLargeError(f"image {p}: {width}x{height} = {height * width} pixels exceeds the limit of "
-                                 f"{max_pixels} pixels")
+    _check_pixels(f"image {p}", *size, max_pixels)
+
+
+class _Encoded(NamedTuple):
+    """The fields of a ``sensor_msgs/CompressedImage`` that :func:`~icnet_ros.ros_image.compressed_header` reads."""
+
+    format: str
+    data: np.ndarray
 
 
 def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
-    """Decode an image file to uint8 BGR H x W x 3 (grey and 16-bit images are converted; alpha is dropped).
+    """Decode an image file to uint8 BGR H x W x 3 (grey and 16-bit images are converted; alpha is dropped; EXIF
+    orientation is not applied). Every failure is a :class:`SourceError` naming the file and the reason (no
+    traceback for one bad file: a caller skips it and goes on).
 
-    ``max_pixels``: refuse (:class:`ImageTooLargeError`) an image whose header declares more pixels, before
-    decoding it."""
+    ``max_pixels``: refuse (:class:`ImageTooLargeError`) a file larger than :func:`max_file_size` before reading it,
+    and an image whose header declares more pixels before decoding it."""
     p = Path(path)
+    size = None
     try:
-        data = np.fromfile(p, dtype=np.uint8)
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if max_pixels is not None and size > max_file_size(max_pixels):
+                raise ImageTooLargeError(f"image {p}: a file of {size} bytes is larger than any image within the "
+                                         f"limit of {max_pixels} pixels can be ({max_file_size(max_pixels)} bytes)")
+            data = np.fromfile(f, dtype=np.uint8, count=size)
     except OSError as e:
-        raise SourceError(f"cannot read image {p}: {e}") from e
-    if max_pixels is not None and data.size:
+        raise SourceError(f"cannot read image {p}: {e.strerror or e}") from e
+    except MemoryError:
+        raise SourceError(f"cannot read image {p}: its {size} bytes do not fit in memory") from None
+    if data.size:
         check_image_size(data, p, max_pixels)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    try:
+        # IGNORE_ORIENTATION: the stored pixels, as the node (Pillow), icnet-eval and training decode them
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    except cv2.error as e:  # a header OpenCV refuses (beyond its own pixel limit, ...)
+        reason = str(e).strip().split(" error: ", 1)[-1]  # without OpenCV's source file and line
+        raise SourceError(f"cannot decode image {p}: {reason}") from None
+    except MemoryError:
+        raise SourceError(f"cannot decode image {p}: out of memory") from None
     if img is None:
         raise SourceError(f"cannot decode image {p} (not an image, or corrupt)")
     return img
@@ -156,8 +220,26 @@ class FrameSource:
         raise NotImplementedError
 
     def __len__(self) -> int:
-        """Number of frames (for videos: the container's frame count, which can be an estimate)."""
+        """Number of frames (for videos: the container's frame count, which can be an estimate; TypeError when it
+        declares none: see :attr:`frame_count`)."""
         raise NotImplementedError
+
+    @property
+    def frame_count(self) -> int | None:
+        """Number of frames as ``len()``, or None when unknown (a video whose container declares no count: it is
+        read to its end)."""
+        return len(self)
+
+    def has_frames(self) -> bool:
+        """True when the first frame can be read (for a video: opens it and decodes that frame once more): whether a
+        video whose :attr:`frame_count` is unknown has any frame."""
+        frames = iter(self)
+        try:
+            return next(frames, None) is not None
+        finally:
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()
 
     def close(self) -> None:
         """Release resources (decoders); iterating again reopens them."""
@@ -238,25 +320,41 @@ class ImageFolder(ImageFiles):
 
 class VideoFile(FrameSource):
     """Frames of a video file decoded by OpenCV; ``start``/``stride``/``max_frames`` select a sub-sequence (indices
-    stay those of the video). Timestamps are ``index / fps`` (nominal rate), else the decoder's position."""
+    stay those of the video). Timestamps are ``index / fps`` (nominal rate), else the decoder's position.
+
+    :attr:`frame_count` is the container's count for the selection, or None when the container declares none
+    (Matroska/WebM from live recorders: OpenCV reports a huge negative count): such a video is read to its end, and
+    ``len()`` raises TypeError. ``max_pixels``: a video whose frames are larger (the size its container declares,
+    else the first frame's) is refused when it is opened (:class:`ImageTooLargeError`)."""
 
     is_video = True
 
-    def __init__(self, path: str | os.PathLike, start: int = 0, stride: int = 1, max_frames: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, start: int = 0, stride: int = 1, max_frames: int | None = None,
+                 max_pixels: int | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise SourceError(f"video not found: {self.path}")
         if start < 0 or stride < 1 or (max_frames is not None and max_frames < 0):
             raise ValueError(f"need start >= 0, stride >= 1, max_frames >= 0; got {start}, {stride}, {max_frames}")
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
         self.description = str(self.path)
         self.start, self.stride, self.max_frames = start, stride, max_frames
         cap = self._open()
         try:
             fps = cap.get(cv2.CAP_PROP_FPS)
             self.fps = float(fps) if fps and fps > 0 and np.isfinite(fps) else None
-            self._count = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+            count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+            # 0, negative (-2^63 / 100 without a duration) or absurd: unknown
+            self._count = int(count) if math.isfinite(count) and 1 <= count < 2 ** 31 else None
             self.width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
             self.height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            if max_pixels is not None:
+                height, width = self.height, self.width
+                if height <= 0 or width <= 0:  # no size declared: the first frame's
+                    ok, frame = cap.read()
+                    height, width = frame.shape[:2] if ok and frame is not None else (0, 0)
+                _check_pixels(f"video {self.path}", height, width, max_pixels, " per frame")
         finally:
             cap.release()
         self._cap: cv2.VideoCapture | None = None
@@ -268,10 +366,20 @@ class VideoFile(FrameSource):
             raise SourceError(f"cannot open video {self.path} (unsupported container or codec?)")
         return cap
 
-    def __len__(self) -> int:
+    @property
+    def frame_count(self) -> int | None:
+        """The container's frame count for the selection; None when it declares none."""
+        if self._count is None:
+            return 0 if self.max_frames == 0 else None
         n = max(0, self._count - self.start)
         n = (n + self.stride - 1) // self.stride
         return n if self.max_frames is None else min(n, self.max_frames)
+
+    def __len__(self) -> int:
+        n = self.frame_count
+        if n is None:
+            raise TypeError(f"video {self.path} declares no frame count (see frame_count)")
+        return n
 
     def __iter__(self) -> Iterator[Frame]:
         self.close()
@@ -314,7 +422,7 @@ def open_source(path: str | os.PathLike, *, fps: float = DEFAULT_IMAGE_FPS, recu
                 exclude: Iterable[str | os.PathLike] = ()) -> FrameSource:
     """The frame source for ``path``: a folder -> :class:`ImageFolder`; an image -> :class:`ImageFiles`; a video
     (by extension) -> :class:`VideoFile`. Raises :class:`SourceError` for anything else. ``max_frames`` and
-    ``stride`` apply to videos, ``max_pixels`` to images, ``exclude`` (folders left out) to folders."""
+    ``stride`` apply to videos, ``max_pixels`` to images and videos, ``exclude`` (folders left out) to folders."""
     p = Path(path).expanduser()
     if p.is_dir():
         return ImageFolder(p, recursive=recursive, fps=fps, max_pixels=max_pixels, exclude=exclude)
@@ -324,7 +432,7 @@ def open_source(path: str | os.PathLike, *, fps: float = DEFAULT_IMAGE_FPS, recu
     if ext in IMAGE_EXTENSIONS:
         return ImageFiles([p], fps=fps, max_pixels=max_pixels)
     if ext in VIDEO_EXTENSIONS:
-        return VideoFile(p, stride=stride, max_frames=max_frames)
+        return VideoFile(p, stride=stride, max_frames=max_frames, max_pixels=max_pixels)
     raise SourceError(f"unsupported input {p}: expected an image ({', '.join(sorted(IMAGE_EXTENSIONS))}), a folder "
                       f"of images, or a video ({', '.join(sorted(VIDEO_EXTENSIONS))})")
 
@@ -454,5 +562,5 @@ def _write_problem(path: Path) -> str | None:
 
 __all__ = ["DEFAULT_IMAGE_FPS", "Frame", "FrameSource", "IMAGE_EXTENSIONS", "ImageFiles", "ImageFolder",
            "ImageTooLargeError", "SourceError", "VIDEO_EXTENSIONS", "VideoFile", "VideoWriter", "check_fourcc",
-           "check_image_size", "iter_frames", "open_source", "read_image", "write_bytes_atomically", "write_image",
-           "write_text_atomically"]
+           "check_image_size", "iter_frames", "max_file_size", "open_source", "read_image", "write_bytes_atomically",
+           "write_image", "write_text_atomically"]

@@ -106,3 +106,30 @@ def record_icnet_builds(monkeypatch, module) -> list[str]:
 
     monkeypatch.setattr(module, "ICNet", recording)
     return built
+
+
+#: a file that Pillow's DDS plugin takes for its own and then raises NotImplementedError on (found by fuzzing)
+DDS_JUNK = bytes.fromhex(
+    "444453207c0000000f100000060000000700000007000000000000000000000000000000000000000000000000000037000000000000"
+    "000000000000000000000000000000000000000000f1200000000000e1000000000008000000000000ff000000ff000000ff000000000"
+    "0100000000000000000000000000000000000007ed467cdba9a7d5c9c741a9f706e4e98a87679965cb5ba28c048b142d39e7ddd94a37a"
+    "6e3fce819dbdd0")
+
+
+def mkv_without_duration(path, n=12, size=(64, 64)):
+    """A Matroska video whose Segment Info has no Duration element (as browsers' MediaRecorder and live recorders
+    write them): OpenCV reports a huge negative frame count for it (-2^63 / 100), though every frame decodes."""
+    import cv2
+    import numpy as np
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"XVID"), 10, (size[1], size[0]))
+    for i in range(n):
+        writer.write(np.full((*size, 3), i * 20, np.uint8))
+    writer.release()
+    data = bytearray(path.read_bytes())
+    i = data.find(b"\x44\x89")  # the Duration element: 2-byte ID, 1-byte size (4 or 8), a float
+    length = data[i + 2] & 0x7F
+    assert i > 0 and data[i + 2] & 0x80 and length in (4, 8), "no Duration element where expected"
+    data[i:i + 3 + length] = b"\xec" + bytes([0x80 | (1 + length)]) + bytes(1 + length)  # a Void element as long
+    path.write_bytes(bytes(data))
+    return path

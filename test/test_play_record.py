@@ -126,6 +126,84 @@ def test_play_skips_an_unreadable_image_with_one_warning(ros: RosHarness, tmp_pa
     assert len(got) == 2 and all((g == f).all() for g, f in zip(got, (frames[0], frames[2])))
 
 
+def test_play_reads_nothing_past_max_frames(tmp_path: Path, capsys):
+    """--max-frames 2 on a folder whose images after the first two are corrupt: the cap was checked only once the
+    next frame had been read, so those images were still read, each warned about and counted (icnet-demo then
+    exited 1 although every frame asked for was fine). Now nothing past the cap is read. The calls icnet-play and
+    icnet-demo make, with and without --loop."""
+    from icnet_ros.tools.play import UnreadableImages, frames
+    from icnet_ros.video import open_source
+
+    write_frames(tmp_path / "frames", 2)
+    for i in range(2, 6):
+        (tmp_path / "frames" / f"frame_{i:03d}.png").write_bytes(b"garbage, not a PNG")
+    for loop in (False, True):
+        source = open_source(tmp_path / "frames")
+        skipped = UnreadableImages("icnet-play").install(source)
+        assert [f.name for f in frames(source, loop, 2)] == ["frame_000", "frame_001"]
+        assert skipped.paths == [] and skipped.summary() == ""
+    assert capsys.readouterr().err == ""
+
+
+def test_play_skips_an_image_over_max_pixels_with_one_warning(tmp_path: Path):
+    """icnet-play and icnet-demo decoded image files whatever their size (a 140 KB PNG declaring 12000x12000: a
+    412 MiB frame, published for the node to drop). Now --max-pixels (icnet-segment's option and default) refuses
+    such an image from its header: one warning naming it, counted with the unreadable images, exit status 1; the
+    corrupt image after --max-frames is not read."""
+    write_frames(tmp_path / "frames", 4, seed=2)
+    big = tmp_path / "frames" / "frame_001.png"
+    cv2.imwrite(str(big), np.zeros((240, 320, 3), np.uint8))  # 76800 pixels; the others 19200
+    (tmp_path / "frames" / "frame_003.png").write_bytes(b"garbage, not a PNG")
+    res = ros_support.run_module("icnet_ros.tools.play", [str(tmp_path / "frames"), "--topic", "/t_playbig/image_raw",
+                                                          "--rate", "0", "--max-frames", "2", "--max-pixels", "50000"],
+                                 timeout=60)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.stderr == (f"icnet-play: warning: skipped an image: image {big}: 320x240 = 76800 pixels exceeds the "
+                          "limit of 50000 pixels (--max-pixels)\n"), res.stderr
+    assert "published 2 frames" in res.stdout and "skipped 1 unreadable image(s)" in res.stdout, res.stdout
+
+
+def test_play_and_demo_refuse_a_video_over_max_pixels_in_one_line(checkpoint: Path, tmp_path: Path, capsys):
+    """--max-pixels is icnet-segment's option, with its default (the node's max_pixels), in icnet-play and
+    icnet-demo too; a video whose frames are larger is refused when it is opened, before rclpy starts or the model
+    loads (before: 16 Mpx frames decoded and published, for the node to drop each one). In this process."""
+    from icnet_ros.ros_image import DEFAULT_MAX_PIXELS
+    from icnet_ros.tools import demo, play, segment
+
+    assert [tool.build_parser().parse_args(args).max_pixels for tool, args in (
+        (segment, ["x", "-o", "o"]), (play, ["x"]), (demo, []))] == [DEFAULT_MAX_PIXELS] * 3
+    video = tmp_path / "wide.avi"  # 3900x2200 = 8580000 pixels, above 3840x2160
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (3900, 2200))
+    writer.write(np.zeros((2200, 3900, 3), np.uint8))
+    writer.release()
+    reason = f"video {video}: 3900x2200 = 8580000 pixels per frame exceeds the limit of {DEFAULT_MAX_PIXELS} pixels"
+    assert play.main([str(video)]) == 2
+    assert capsys.readouterr().err == f"icnet-play: error: {reason} (--max-pixels)\n"
+    out = tmp_path / "out"
+    assert demo.main([str(video), "--model", str(checkpoint), "--output", str(out), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"icnet-demo: error: {reason} (--max-pixels)\n" and not out.exists()
+    assert play.main([str(video), "--max-pixels", "0"]) == 2
+    assert capsys.readouterr().err == "icnet-play: error: --max-pixels must be >= 1, got 0\n"
+
+
+def test_play_plays_a_video_without_a_frame_count_to_its_end(tmp_path: Path, capsys):
+    """A Matroska file without a Duration (browsers' MediaRecorder, OBS): OpenCV's frame count is -9.2e16, and
+    icnet-play and icnet-demo said 'no frames in X' although every frame decodes. Now such a video is played to its
+    end; one that has no frame is still 'no frames' (decided by decoding it)."""
+    from helpers import mkv_without_duration
+
+    from icnet_ros.tools import play
+
+    video = mkv_without_duration(tmp_path / "rec.mkv", n=12)
+    res = ros_support.run_module("icnet_ros.tools.play", [str(video), "--topic", "/t_playmkv/image_raw", "--rate",
+                                                          "0"], timeout=60)
+    assert res.returncode == 0 and "published 12 frames" in res.stdout, res.stdout + res.stderr
+    empty = tmp_path / "empty.avi"
+    cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64)).release()
+    assert play.main([str(empty)]) == 2
+    assert capsys.readouterr().err == f"icnet-play: error: no frames in {empty}\n"
+
+
 def test_bad_counts_are_refused_in_one_line(tmp_path: Path):
     write_frames(tmp_path / "frames", 1)
     for module, args, message in (
@@ -134,6 +212,18 @@ def test_bad_counts_are_refused_in_one_line(tmp_path: Path):
         res = ros_support.run_module(module, args, timeout=60)
         assert res.returncode == 2 and message in res.stderr, res.stdout + res.stderr
         assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+def test_play_refuses_a_size_over_max_pixels_in_one_line(tmp_path: Path, capsys):
+    """--size had no bound: 100000x100000 was taken and the first frame resized to it (30 GB for bgr8, an
+    out-of-memory kill); frames over --max-pixels would be dropped by the node anyway."""
+    from icnet_ros.tools import play
+
+    write_frames(tmp_path / "frames", 1)
+    assert play.main([str(tmp_path / "frames"), "--size", "100000x100000"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("icnet-play: error: --size 100000x100000 = 10000000000 pixels exceeds --max-pixels 8294400 (the "
+                   "node's max_pixels drops larger frames)\n"), err
 
 
 def test_play_stops_on_ctrl_c_with_a_summary(ros: RosHarness, tmp_path: Path):
@@ -448,17 +538,24 @@ def test_demo_segments_a_folder_and_stops_by_itself(checkpoint: Path, tmp_path: 
 
 
 def test_demo_caps_a_folder_at_max_frames_and_skips_an_unreadable_image(checkpoint: Path, tmp_path: Path):
-    """--max-frames caps an image folder as a video (the shared play path); a corrupt image is skipped with one
-    warning and counted (exit status 1), never a traceback."""
-    write_frames(tmp_path / "frames", 4, seed=6)
+    """--max-frames caps an image folder as a video (the shared play path), and nothing past it is read (the
+    corrupt frame_004 was read, warned about and counted); a corrupt image, and one over --max-pixels (refused from
+    its header), are skipped with one warning each and counted (exit status 1), never a traceback."""
+    write_frames(tmp_path / "frames", 5, seed=6)
     (tmp_path / "frames" / "frame_001.png").write_bytes(b"garbage, not a PNG")
+    cv2.imwrite(str(tmp_path / "frames" / "frame_002.png"), np.zeros((240, 320, 3), np.uint8))  # 76800 pixels
+    (tmp_path / "frames" / "frame_004.png").write_bytes(b"garbage, not a PNG")
     out = tmp_path / "overlays"
     res = ros_support.run_module("icnet_ros.tools.demo", [str(tmp_path / "frames"), "--model", str(checkpoint),
                                                           "--output", str(out), "--device", "cpu",
-                                                          "--max-frames", "2"], timeout=120)
+                                                          "--max-frames", "2", "--max-pixels", "50000"], timeout=120)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert "Traceback" not in res.stderr and "skipped an image: cannot decode image" in res.stderr
-    assert "(2 frames," in res.stdout and "skipped 1 unreadable image(s)" in res.stdout, res.stdout
+    warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("icnet-demo: warning: skipped an image")]
+    assert "Traceback" not in res.stderr and len(warnings) == 2, res.stderr
+    assert "cannot decode image" in warnings[0] and "frame_001.png" in warnings[0]
+    assert warnings[1].endswith("frame_002.png: 320x240 = 76800 pixels exceeds the limit of 50000 pixels "
+                                "(--max-pixels)"), warnings[1]
+    assert "(2 frames," in res.stdout and "skipped 2 unreadable image(s)" in res.stdout, res.stdout
     assert re.search(r"published 2 frames; node processed 2; received 2 overlays, saved 2", res.stdout), res.stdout
     assert len(list(out.glob("*.png"))) == 2
 

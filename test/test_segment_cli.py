@@ -1,6 +1,7 @@
 """icnet-segment end to end on real files (synthetic images and videos, and the shared CamVid / video data when
 present), plus the frame sources of icnet_ros.video it is built on."""
 import contextlib
+import io
 import os
 import re
 import resource
@@ -13,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import CAMVID, REPO, VIDEO, make_checkpoint, require
+from helpers import CAMVID, REPO, VIDEO, make_checkpoint, mkv_without_duration, require
 
 from icnet_ros.classes import CAMVID as CAMVID_CLASSES
 from icnet_ros.tools.segment import _Item, _Writer, main
@@ -57,6 +58,31 @@ def _file_size_limit(nbytes):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
+
+
+def _jpeg_of_many_scans(scans, size=(64, 64)):
+    """A progressive JPEG whose last scan (with the Huffman tables it needs) is repeated ``scans`` more times: each
+    scan is a pass over all the image's coefficients, so thousands make a small file decode for seconds; the node
+    refuses more than 100 from the header (ros_image.MAX_JPEG_SCANS)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(_img(*size, 7)).save(buf, "JPEG", progressive=True, quality=90)
+    jpg = buf.getvalue()
+    eoi, last = jpg.rindex(b"\xff\xd9"), jpg.rindex(b"\xff\xda")
+    start = jpg.rfind(b"\xff\xc4", 0, last)
+    start = last if start < 0 else start
+    return jpg[:eoi] + jpg[start:eoi] * scans + b"\xff\xd9"
+
+
+def _jpeg_with_orientation(path, bgr, orientation=6):
+    """``bgr`` saved as a JPEG whose EXIF Orientation tag asks viewers to rotate it (6: 90 degrees clockwise)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1])).save(path, exif=exif.tobytes(), quality=95)
+    return path
 
 
 def _palette_bgr():
@@ -115,6 +141,105 @@ def test_source_errors(tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"\x00" * 100)
     with pytest.raises(SourceError, match="cannot open video"):
         open_source(tmp_path / "broken.mp4")
+
+
+def test_a_file_larger_than_any_image_within_max_pixels_is_refused_unread(tmp_path):
+    """A 200 GB file named .png (sparse: no disk used) was read whole before its header was looked at: numpy's
+    MemoryError escaped (a traceback, the rest of the folder never segmented), and a file that fitted cost its size
+    in memory just to be refused. Now refused from its size, unread, as over max_pixels."""
+    from icnet_ros.ros_image import DEFAULT_MAX_PIXELS
+    from icnet_ros.video import ImageTooLargeError
+
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate(200 << 30)
+    with pytest.raises(ImageTooLargeError, match=f"image {huge}: a file of {200 << 30} bytes is larger than any "
+                                                 f"image within the limit of {DEFAULT_MAX_PIXELS} pixels can be"):
+        read_image(huge, DEFAULT_MAX_PIXELS)
+    from icnet_ros.video import max_file_size
+
+    # the bound: the raw pixels of the largest image allowed plus metadata (3840x2160: about 200 MB)
+    assert 8 * DEFAULT_MAX_PIXELS < max_file_size(DEFAULT_MAX_PIXELS) < 256 << 20
+    small = tmp_path / "small.png"
+    write_image(small, _noise(64, 64, 1))
+    assert read_image(small, 64 * 64).shape == (64, 64, 3)  # within the bound: read
+
+
+def test_a_jpeg_is_decoded_as_stored_without_its_exif_orientation(tmp_path):
+    """OpenCV rotates a JPEG by its EXIF Orientation tag unless told not to: icnet-segment, icnet-play and icnet-demo
+    turned a 64x96 photo tagged 'rotate 90' into 96x64, while the node (CompressedImage), icnet-eval and training
+    see it as stored, so icnet-segment's labels did not line up with the dataset's. Now every path sees the stored
+    pixels."""
+    from types import SimpleNamespace
+
+    from icnet_ros.data import read_image as dataset_read_image
+    from icnet_ros.ros_image import compressed_to_numpy
+
+    path = _jpeg_with_orientation(tmp_path / "tagged.jpg", _img(64, 96, 5))
+    img = read_image(path)
+    assert img.shape == (64, 96, 3)
+    np.testing.assert_array_equal(img[:, :, ::-1], dataset_read_image(path))  # icnet-eval / training: RGB
+    node, order = compressed_to_numpy(SimpleNamespace(format="jpeg", data=path.read_bytes()))
+    assert order == "RGB" and node.shape == (64, 96, 3)
+    assert np.abs(node.astype(int) - img[:, :, ::-1]).max() <= 2  # another libjpeg build: +-1 at most
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path, capfd):
+    """A progressive JPEG with its last scan repeated: the node refuses more than 100 scans from the header in a
+    millisecond; the CLIs' reader decoded it (seconds for a 4K one with a few thousand scans, 'Inconsistent
+    progression sequence' from libjpeg on stderr). Now the same header walk refuses it first."""
+    bomb, fine = tmp_path / "scans.jpg", tmp_path / "fine.jpg"
+    bomb.write_bytes(_jpeg_of_many_scans(150))
+    fine.write_bytes(_jpeg_of_many_scans(0))
+    with pytest.raises(SourceError, match=f"cannot decode image {bomb}: JPEG has more than 100 scans"):
+        read_image(bomb)
+    assert read_image(fine).shape == (64, 64, 3)
+    assert capfd.readouterr().err == ""
+
+
+def test_a_damaged_png_is_refused_without_a_line_from_libpng(tmp_path, capfd):
+    """A truncated PNG: OpenCV's libpng wrote 'libpng error: PNG input buffer is incomplete' to stderr next to the
+    tool's own line for it. The node's header walk (chunks, CRCs) refuses it before libpng sees it."""
+    ok, png = cv2.imencode(".png", _noise(64, 64, 2))
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(png.tobytes()[: png.size * 9 // 10])
+    with pytest.raises(SourceError) as refused:
+        read_image(cut)
+    assert capfd.readouterr().err == ""
+    assert str(refused.value).startswith(f"cannot decode image {cut}: PNG chunk b'IDAT'"), refused.value
+
+
+def test_a_video_without_a_frame_count_is_read_to_its_end(tmp_path):
+    """A Matroska file without a Duration (live recorders write them): OpenCV's frame count is -9.2e16, which became
+    len() == 0, and icnet-play / icnet-demo said 'no frames'. Now the count is unknown (None; len() raises
+    TypeError) and the video is read to its end."""
+    path = mkv_without_duration(tmp_path / "rec.mkv", n=12)
+    cap = cv2.VideoCapture(str(path))
+    assert cap.get(cv2.CAP_PROP_FRAME_COUNT) < 0  # the case at hand
+    cap.release()
+    src = open_source(path)
+    assert src.frame_count is None and src.has_frames()
+    with pytest.raises(TypeError, match="declares no frame count"):
+        len(src)
+    assert [f.index for f in src] == list(range(12))
+    assert [f.index for f in VideoFile(path, max_frames=5)] == list(range(5))
+    assert VideoFile(path, max_frames=0).frame_count == 0
+    empty = tmp_path / "empty.avi"  # a count of 0: unknown too; it has no frame
+    cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64)).release()
+    assert open_source(empty).frame_count is None and not open_source(empty).has_frames()
+    assert len(open_source(_video(tmp_path / "clip.mp4", n=3))) == 3  # a declared count stands
+
+
+def test_a_video_over_max_pixels_is_refused_when_opened(tmp_path):
+    """Videos bypassed max_pixels: 4096x4096 frames (48 MiB each) were decoded although the same frame sent to the
+    node is dropped. Now the frame size the container declares is checked when the video is opened."""
+    from icnet_ros.video import ImageTooLargeError
+
+    path = _video(tmp_path / "clip.mp4", n=2, size=(96, 128))
+    with pytest.raises(ImageTooLargeError, match=f"^video {path}: 128x96 = 12288 pixels per frame exceeds the limit "
+                                                 "of 12287 pixels$"):
+        open_source(path, max_pixels=12287)
+    assert len(list(open_source(path, max_pixels=12288))) == 2
 
 
 def test_an_image_is_written_whole_or_not_at_all(tmp_path):
@@ -307,7 +432,7 @@ def test_images_over_max_pixels_are_refused_before_decoding(tmp_path, ckpt, caps
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "bomb.png" in lines[0] and "12000x12000" in lines[0], captured.err
     assert f"limit of {DEFAULT_MAX_PIXELS}" in lines[0] and "Traceback" not in captured.err
-    assert "2 frames" in captured.out and "1 image(s) refused" in captured.out
+    assert "2 frames" in captured.out and "1 input(s) refused" in captured.out
     assert sorted(p.name for p in (out / "label").iterdir()) == ["good.png", "wide.png"]
     # a lower limit, against the header's size: 80x64 = 5120 pixels pass, 96x64 = 6144 do not
     out.joinpath("label", "wide.png").unlink()
@@ -542,3 +667,48 @@ def test_the_writer_keeps_no_state_per_frame(tmp_path):
                                                                                        "clip.mp4")) == 50
     sizes = {k: len(v) for k, v in vars(w).items() if isinstance(v, (list, dict, set, tuple))}
     assert all(n <= 1 for n in sizes.values()), sizes
+
+
+def test_bad_files_in_a_folder_are_one_line_each_the_rest_segmented(tmp_path, ckpt, capfd):
+    """A folder with two good images (one a JPEG tagged 'rotate 90') and four bad files: bytes a Pillow plugin
+    raises NotImplementedError on (DDS), a 200 GB sparse file, a JPEG of 150 scans and a truncated PNG. Each bad
+    one is one error line naming it (and nothing else on stderr: no libpng line, no traceback), the good ones are
+    segmented as stored, exit status 2. Before: a traceback at the DDS bytes or the huge file, and the rest of the
+    folder never segmented."""
+    from helpers import DDS_JUNK
+
+    d = tmp_path / "in"
+    write_image(d / "a_good.png", _img(64, 80, 1))
+    (d / "b_dds.png").write_bytes(DDS_JUNK)
+    with open(d / "c_huge.png", "wb") as f:
+        f.truncate(200 << 30)
+    (d / "d_scans.jpg").write_bytes(_jpeg_of_many_scans(150))
+    ok, png = cv2.imencode(".png", _noise(64, 64, 2))
+    (d / "e_cut.png").write_bytes(png.tobytes()[: png.size * 9 // 10])
+    _jpeg_with_orientation(d / "f_tagged.jpg", _img(64, 96, 3))
+    out = tmp_path / "out"
+    rc = main([str(d), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs", "label"])
+    captured = capfd.readouterr()
+    lines = captured.err.splitlines()
+    assert rc == 2 and len(lines) == 4, captured.err
+    for line, name in zip(lines, ("b_dds.png", "c_huge.png", "d_scans.jpg", "e_cut.png")):
+        assert line.startswith("icnet-segment: error: ") and str(d / name) in line and line.endswith("; skipped")
+    assert lines[1].endswith("(--max-pixels); skipped") and "more than 100 scans" in lines[2]
+    assert sorted(p.name for p in (out / "label").iterdir()) == ["a_good.png", "f_tagged.png"]
+    assert cv2.imread(str(out / "label" / "f_tagged.png"), cv2.IMREAD_UNCHANGED).shape == (64, 96)
+    assert "2 frames" in captured.out and "1 input(s) refused" in captured.out and "3 input(s) skipped" in captured.out
+
+
+def test_a_video_over_max_pixels_is_refused_and_the_rest_segmented(tmp_path, ckpt, capsys):
+    """--max-pixels now bounds videos too (the frame size their container declares, when opened): one line naming
+    the video, counted as refused, the other inputs segmented, exit status 2."""
+    video = _video(tmp_path / "clip.mp4", n=2, size=(96, 128))
+    write_image(tmp_path / "x.png", _img(64, 80, 1))
+    out = tmp_path / "out"
+    rc = main([str(video), str(tmp_path / "x.png"), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet",
+               "--outputs", "label", "--max-pixels", "12000"])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.err == (f"icnet-segment: error: video {video}: 128x96 = 12288 pixels per frame "
+                                        "exceeds the limit of 12000 pixels (--max-pixels); skipped\n"), captured.err
+    assert "1 frames from 1 input(s)" in captured.out and "1 input(s) refused" in captured.out
+    assert sorted(p.name for p in (out / "label").iterdir()) == ["x.png"]

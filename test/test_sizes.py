@@ -74,20 +74,13 @@ def test_network_sizes_are_rounded_once():
     assert InputSizePolicy("scale", 0.5, 1).policy_size(201, 402) == (101, 201)  # halves up, as the grid rounds
 
 
-#: a file that Pillow's DDS plugin takes for its own and then raises NotImplementedError on (found by fuzzing)
-DDS_JUNK = bytes.fromhex(
-    "444453207c0000000f100000060000000700000007000000000000000000000000000000000000000000000000000037000000000000"
-    "000000000000000000000000000000000000000000f1200000000000e1000000000008000000000000ff000000ff000000ff000000000"
-    "0100000000000000000000000000000000000007ed467cdba9a7d5c9c741a9f706e4e98a87679965cb5ba28c048b142d39e7ddd94a37a"
-    "6e3fce819dbdd0")
-
-
 def test_a_header_no_plugin_can_parse_is_unknown_not_an_exception(tmp_path):
     """Pillow tries every plugin on any bytes: junk that one of them half-recognises raised NotImplementedError
     (DDS), AttributeError (SPIDER) or RuntimeError (AVIF) out of the header check, and icnet-segment ended with a
     traceback at that file instead of one line for it and the rest of the folder segmented."""
     import io
 
+    from helpers import DDS_JUNK
     from icnet_ros.sizes import declared_image_size
 
     assert declared_image_size(io.BytesIO(DDS_JUNK)) is None

@@ -147,4 +147,21 @@ class StopSignals:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-__all__ = ["StopSignals", "model_problem", "output_file_problem", "output_folder_problem", "topic_problem"]
+def add_max_pixels_argument(parser: Any, extra: str = "") -> None:
+    """``--max-pixels N`` on an argparse parser (default: the node's max_pixels), as icnet-segment, icnet-play and
+    icnet-demo take it; ``extra``: what else it bounds in that tool. Check it with :func:`max_pixels_problem`."""
+    from ..ros_image import DEFAULT_MAX_PIXELS
+
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="refuse image files whose header declares more pixels (height x width), before decoding, "
+                             f"and videos whose frames are larger{extra} (default: 3840x2160 = %(default)s, as the "
+                             "node's max_pixels)")
+
+
+def max_pixels_problem(max_pixels: int) -> str | None:
+    """Why ``--max-pixels`` cannot be used (None when it can)."""
+    return None if max_pixels >= 1 else f"--max-pixels must be >= 1, got {max_pixels}"
+
+
+__all__ = ["StopSignals", "add_max_pixels_argument", "max_pixels_problem", "model_problem", "output_file_problem",
+           "output_folder_problem", "topic_problem"]

@@ -13,14 +13,15 @@ transport and recording of one frame overlap the segmentation of the previous on
 publishing the next frame left the network idle for the whole round trip). ``--rate FPS`` plays in real time
 instead, and the node then drops the frames it cannot keep up with (counted in the summary). The demo waits at most
 ``--timeout`` seconds for any one frame, then stops by itself at the end of the input (or after ``--max-frames``,
-for a video or an image folder alike). An image of a folder that cannot be read is skipped with a warning, as by
-``icnet-play``: counted in the summary, exit status 1. Without ``--output`` every run saves into a new folder
-``./out/overlays/<date>-<time>/``; an ``--output`` folder that already holds a recording (a file named as the
-recorder names them) is refused before anything starts, as by ``icnet-record``: a second run would mix its overlays
-into the first one's. The output folder is created, and checked writable, before the model is loaded. Ctrl-C
-(SIGINT) or SIGTERM stops playing, stops the node and saves the overlays received so far: one line ``icnet-demo:
-interrupted``, exit status 130 (SIGINT) or 143 (SIGTERM); while serving the camera topic (no input) they are the way
-to stop, exit status 0.
+for a video or an image folder alike; nothing past it is read). An image of a folder that cannot be read, or whose
+header declares more than ``--max-pixels`` pixels, is skipped with a warning, as by ``icnet-play``: counted in the
+summary, exit status 1; a video whose frames are larger is refused, and the node gets the same ``max_pixels``.
+Without ``--output`` every run saves into a new folder ``./out/overlays/<date>-<time>/``; an ``--output`` folder
+that already holds a recording (a file named as the recorder names them) is refused before anything starts, as by
+``icnet-record``: a second run would mix its overlays into the first one's. The output folder is created, and
+checked writable, before the model is loaded. Ctrl-C (SIGINT) or SIGTERM stops playing, stops the node and saves the
+overlays received so far: one line ``icnet-demo: interrupted``, exit status 130 (SIGINT) or 143 (SIGTERM); while
+serving the camera topic (no input) they are the way to stop, exit status 0.
 
 DDS stays on this machine unless you configure it: when unset, ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and
 FASTDDS_DEFAULT_PROFILES_FILE=<package>/data/fastdds_loopback.xml (UDP on 127.0.0.1 + shared memory) are used; with
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import engine_config
+from .cli_checks import add_max_pixels_argument, max_pixels_problem
 
 DEMO_ENGINE_OPTIONS = ("backend", "device", "precision", "input_size")
 
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=0.0, help="playback fps; 0 (default) = as fast as the node "
                    "segments: each frame once the node has taken the previous one (no frame dropped)")
     p.add_argument("--max-frames", type=int, default=None, help="play at most this many frames")
+    add_max_pixels_argument(p, extra="; also the node's max_pixels")
     p.add_argument("--format", choices=("png", "jpg"), default="png", help="overlay file format (default: png)")
     p.add_argument("--video", default=None, help="also write the overlays to this video file (e.g. overlay.mp4)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any one overlay and for the "
@@ -142,6 +145,9 @@ def _main(argv: list[str] | None, stop: Any) -> int:
             return _error(f"unexpected arguments {' '.join(rest)!r} after --input-size")
     if args.rate < 0 or args.timeout <= 0 or (args.max_frames is not None and args.max_frames <= 0):
         return _error("--rate must be >= 0, --timeout > 0 and --max-frames > 0")
+    problem = max_pixels_problem(args.max_pixels)
+    if problem:
+        return _error(problem)
     try:
         engine_config.from_args(args, names=DEMO_ENGINE_OPTIONS)
     except engine_config.ConfigError as e:
@@ -157,7 +163,7 @@ def _main(argv: list[str] | None, stop: Any) -> int:
         return _error(f"{message}; pass a checkpoint with --model PATH" if args.model is None else message)
     source = None
     if args.input is not None:
-        from ..video import SourceError, open_source
+        from ..video import ImageTooLargeError, SourceError, open_source
         from .cli_checks import output_file_problem, output_folder_problem
         from .record import existing_recording
 
@@ -167,10 +173,12 @@ def _main(argv: list[str] | None, stop: Any) -> int:
         if problem:
             return _error(problem)
         try:
-            source = open_source(args.input, max_frames=args.max_frames)
+            source = open_source(args.input, max_frames=args.max_frames, max_pixels=args.max_pixels)
+            # a video that declares no frame count: whether it has one is decided by decoding it
+            empty = source.frame_count == 0 or (source.frame_count is None and not source.has_frames())
         except SourceError as e:
-            return _error(str(e))
-        if len(source) == 0:
+            return _error(f"{e} (--max-pixels)" if isinstance(e, ImageTooLargeError) else str(e))
+        if empty:
             source.close()
             return _error(f"no frames in {args.input}")
         earlier = existing_recording(Path(args.output).expanduser()) if explicit else None
@@ -189,7 +197,7 @@ def _main(argv: list[str] | None, stop: Any) -> int:
 def _node_overrides(args: argparse.Namespace, model: str, reliable: bool) -> list[Any]:
     from rclpy.parameter import Parameter
 
-    values: dict[str, Any] = {"image_topics": [args.topic], "model": model}
+    values: dict[str, Any] = {"image_topics": [args.topic], "model": model, "max_pixels": args.max_pixels}
     engine = engine_config.from_args(args, names=DEMO_ENGINE_OPTIONS)  # checked: one line on a bad value
     values.update({name: engine_config.format_input_size(getattr(engine, name)) for name in DEMO_ENGINE_OPTIONS})
     if reliable:  # the demo's own player and recorder: never lose a frame between them and the node
@@ -370,7 +378,9 @@ def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source:
         if not run.connected(args.timeout):
             return _error(f"the node, player and recorder did not connect within {args.timeout:g} s")
         rate_text = "as fast as the node segments" if args.rate == 0 else f"{args.rate:g} fps"
-        count = len(source) if args.max_frames is None else min(len(source), args.max_frames)
+        count = source.frame_count  # None: a video that declares no frame count
+        count = (count if args.max_frames is None else min(count, args.max_frames)) if count is not None else (
+            "all" if args.max_frames is None else f"at most {args.max_frames}")
         print(f"{PROG}: {source.description} ({count} frames, {rate_text}) -> {run.topic} -> "
               f"{run.overlay_topic} -> {Path(args.output)}/", flush=True)
         result = run.play(source, args.rate, args.timeout, progress=True, max_frames=args.max_frames)

@@ -8,11 +8,13 @@ Every frame gets the current ROS time as stamp and ``--frame-id``; camera_info (
 ``--camera-info`` (a camera_calibration YAML file) or is a pinhole model with ``--fov`` degrees horizontal field of
 view. Publishers are reliable (REP-2003: sensor drivers publish reliable; best-effort subscribers still match).
 Lets users try icnet_node without a camera. The DDS settings come from the environment, as for any ROS tool.
-An image of a folder that cannot be read (corrupt, truncated, not an image) is skipped, as a camera driver drops a
-bad frame: one warning per file, the count in the summary, and exit status 1 at the end (the stream went on without
-it). The summary (also after Ctrl-C) gives the frames published and their rate, measured from the first frame's
-publishing to the last's: N frames span N - 1 periods (``published 3 frames at 2.0 fps (the first to the last in
-1.0 s)`` for ``--rate 2 --max-frames 3``).
+An image of a folder that cannot be read (corrupt, truncated, not an image, or over ``--max-pixels``: refused from
+its header, as by icnet-segment) is skipped, as a camera driver drops a bad frame: one warning per file, the count in
+the summary, and exit status 1 at the end (the stream went on without it); nothing past ``--max-frames`` is read. A
+video whose frames are over ``--max-pixels`` is refused; one whose container declares no frame count (Matroska/WebM
+from live recorders) is played to its end. The summary (also after Ctrl-C) gives the frames published and their
+rate, measured from the first frame's publishing to the last's: N frames span N - 1 periods (``published 3 frames at
+2.0 fps (the first to the last in 1.0 s)`` for ``--rate 2 --max-frames 3``).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ import numpy as np
 from ..camera_info import image_size, scale_camera_info
 from ..ros_spin import cleanup, init_without_signal_handlers
 from ..sizes import parse_hw
-from ..video import DEFAULT_IMAGE_FPS, Frame, FrameSource, SourceError, open_source
+from ..video import DEFAULT_IMAGE_FPS, Frame, FrameSource, ImageTooLargeError, SourceError, open_source
+from .cli_checks import add_max_pixels_argument, max_pixels_problem
 
 ENCODINGS = ("bgr8", "rgb8", "mono8")
 
@@ -205,7 +208,8 @@ class UnreadableImages:
             self.paths.append(path)
             from tqdm import tqdm
 
-            tqdm.write(f"{self.prog}: warning: skipped an image: {error}", file=sys.stderr)
+            hint = " (--max-pixels)" if isinstance(error, ImageTooLargeError) else ""
+            tqdm.write(f"{self.prog}: warning: skipped an image: {error}{hint}", file=sys.stderr)
 
     def install(self, source: FrameSource) -> UnreadableImages:
         if not source.is_video:
@@ -218,16 +222,26 @@ class UnreadableImages:
 
 
 def frames(source: FrameSource, loop: bool, max_frames: int | None) -> Iterator[Frame]:
-    """The source's frames, repeated when ``loop``, at most ``max_frames``."""
+    """The source's frames, repeated when ``loop``, at most ``max_frames``. The cap is checked before the next frame
+    is asked for: nothing past it is read (an image after it is neither decoded nor, when unreadable, warned about
+    and counted)."""
     count = 0
+    if max_frames is not None and max_frames <= 0:
+        return
     while True:
         empty = True
-        for f in source:
-            empty = False
-            if max_frames is not None and count >= max_frames:
-                return
-            yield f
-            count += 1
+        it = iter(source)
+        try:
+            for f in it:
+                empty = False
+                yield f
+                count += 1
+                if max_frames is not None and count >= max_frames:
+                    return
+        finally:
+            close = getattr(it, "close", None)  # a generator: its clean-up (a video's decoder) runs now
+            if close is not None:
+                close()
         if not loop or empty:
             return
 
@@ -241,7 +255,9 @@ def play(player: Player, source: FrameSource, rate: float, loop: bool = False, m
     from tqdm import tqdm
 
     period = 1.0 / rate if rate > 0 else 0.0
-    total = None if loop else (min(len(source), max_frames) if max_frames is not None else len(source))
+    # None: a video that declares no frame count (DemoRun.play also passes lists of frames)
+    count = source.frame_count if isinstance(source, FrameSource) else len(source)
+    total = None if loop or count is None else (min(count, max_frames) if max_frames is not None else count)
     bar = tqdm(total=total, unit="frame", desc="publishing", disable=not progress, leave=False)
     next_t = time.monotonic()
     n = 0
@@ -280,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{DEFAULT_IMAGE_FPS:g} for images; 0 = as fast as possible)")
     p.add_argument("--loop", action="store_true", help="start over at the end (until Ctrl-C or --max-frames)")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    add_max_pixels_argument(p)
     p.add_argument("--encoding", choices=ENCODINGS, default="bgr8", help="image encoding (default: %(default)s)")
     p.add_argument("--compressed", choices=("jpeg", "png"), default=None,
                    help="publish sensor_msgs/CompressedImage on <topic>/compressed instead")
@@ -318,6 +335,13 @@ def _main(argv: list[str] | None) -> int:
     if args.max_frames is not None and args.max_frames < 1:
         print(f"icnet-play: error: --max-frames must be >= 1, got {args.max_frames}", file=sys.stderr)
         return 2
+    problem = max_pixels_problem(args.max_pixels)
+    if not problem and args.size and args.size[0] * args.size[1] > args.max_pixels:  # (100000x100000: 30 GB a frame)
+        problem = (f"--size {args.size[0]}x{args.size[1]} = {args.size[0] * args.size[1]} pixels exceeds --max-pixels "
+                   f"{args.max_pixels} (the node's max_pixels drops larger frames)")
+    if problem:
+        print(f"icnet-play: error: {problem}", file=sys.stderr)
+        return 2
     from .cli_checks import topic_problem
 
     # checked as rclpy checks it, before the node exists: create_publisher's exception was a 21-line traceback
@@ -328,14 +352,17 @@ def _main(argv: list[str] | None) -> int:
         print(f"icnet-play: error: {problem}", file=sys.stderr)
         return 2
     try:
-        source = open_source(args.source)
+        source = open_source(args.source, max_pixels=args.max_pixels)
         camera_info = load_camera_info(args.camera_info) if args.camera_info else None
         if camera_info is None:
             pinhole_camera_info(1, 1, args.fov)  # validates --fov
+        # a video that declares no frame count: whether it has one is decided by decoding it
+        empty = source.frame_count == 0 or (source.frame_count is None and not source.has_frames())
     except (SourceError, ValueError) as e:
-        print(f"icnet-play: error: {e}", file=sys.stderr)
+        hint = " (--max-pixels)" if isinstance(e, ImageTooLargeError) else ""
+        print(f"icnet-play: error: {e}{hint}", file=sys.stderr)
         return 2
-    if len(source) == 0:
+    if empty:
         print(f"icnet-play: error: no frames in {args.source}", file=sys.stderr)
         return 2
     skipped = UnreadableImages("icnet-play").install(source)

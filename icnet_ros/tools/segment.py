@@ -14,16 +14,18 @@ the same one (a/x.png and b/x.png, frame.png and frame.jpg in one folder, v1/cli
 of those gets the fewest parent folders that tell them apart (``a__x``, ``b__x``; for videos ``v1__clip``), else
 its extension (``frame_png``, ``frame_jpg``), else both, else a number, so no output is ever overwritten by
 another input's. A ``--recursive`` folder leaves out the images under the output folders (``-o`` inside the input:
-a rerun does not segment its own outputs). Images whose header declares more than ``--max-pixels`` pixels are
-refused before decoding, and an image that cannot be read (corrupt, truncated) or is too small for the network, or a
-video with no frame, is skipped: one error line each naming the file, the other inputs are segmented, and the exit
-status is 2. A video that ends before the frame count its container declares gets a warning. Outputs are written
-whole (a PNG through a temporary file, renamed; a video checked once finished): a full disk stops the run with
-``cannot write <file>: <reason>``, exit status 2. The output folder is created, and checked writable, before the
-model is loaded. A video that cannot be opened (empty file, damaged, unknown container) is skipped as an empty one
-is. Ctrl-C (or SIGTERM) stops reading, writes the frames already segmented, finishes the videos (playable, with
-those frames) and exits with status 130 (143 for SIGTERM). Decoding and file writing run in background threads,
-overlapping the inference.
+a rerun does not segment its own outputs). Images whose header declares more than ``--max-pixels`` pixels (or
+whose file is larger than such an image can be) are refused before decoding, as are videos whose frames are larger,
+and an image that cannot be read (corrupt, truncated, a JPEG or PNG the node would refuse) or is too small for the
+network, or a video with no frame, is skipped: one error line each naming the file, the other inputs are
+segmented, and the exit status is 2. Images are decoded as stored (a JPEG's EXIF orientation is not applied, as by
+the node and icnet-eval). A video that ends before the frame count its container declares gets a warning (one that
+declares none is read to its end). Outputs are written whole (a PNG through a temporary file, renamed; a video
+checked once finished): a full disk stops the run with ``cannot write <file>: <reason>``, exit status 2. The output
+folder is created, and checked writable, before the model is loaded. A video that cannot be opened (empty file,
+damaged, unknown container) is skipped as an empty one is. Ctrl-C (or SIGTERM) stops reading, writes the frames
+already segmented, finishes the videos (playable, with those frames) and exits with status 130 (143 for SIGTERM).
+Decoding and file writing run in background threads, overlapping the inference.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import engine_config
-from ..ros_image import DEFAULT_MAX_PIXELS
+from .cli_checks import add_max_pixels_argument, max_pixels_problem
 
 KINDS = ("label", "color", "overlay", "confidence")
 _END = object()
@@ -70,9 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=None, help="videos: at most this many frames each")
     p.add_argument("--overlay-frames", action="store_true", help="videos: also write overlay PNGs per frame")
     p.add_argument("--fourcc", default="mp4v", help="video codec for overlay videos, 4 characters (default mp4v)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help="refuse image files whose header declares more pixels (height x width), before decoding "
-                        "(default: 3840x2160 = %(default)s, as the node's max_pixels)")
+    add_max_pixels_argument(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 can be faster on an oversubscribed machine)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -178,10 +178,10 @@ def _reader(sources: list[Any], names: list[dict[int, str] | str], q: queue.Queu
                         return
                     decoded += 1
             if src.is_video and si not in skip_sources:
-                expected = len(src)
+                expected = src.frame_count  # None: the container declares none
                 if decoded == 0 and src.max_frames != 0:
                     report(f"no frame could be decoded from video {src.path} (empty or damaged); skipped", True)
-                elif decoded < expected:
+                elif expected is not None and decoded < expected:
                     report(f"video {src.path}: {decoded} of the {expected} frames its container declares could be "
                            "decoded (truncated or damaged?); the others are missing", False)
         _put(q, _END, stop)
@@ -303,8 +303,9 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
     if args.batch < 0 or args.stride < 1 or (args.max_frames is not None and args.max_frames < 0):
         print("icnet-segment: error: --batch must be >= 0, --stride >= 1, --max-frames >= 0", file=sys.stderr)
         return 2
-    if args.max_pixels < 1:
-        print(f"icnet-segment: error: --max-pixels must be >= 1, got {args.max_pixels}", file=sys.stderr)
+    problem = max_pixels_problem(args.max_pixels)
+    if problem:
+        print(f"icnet-segment: error: {problem}", file=sys.stderr)
         return 2
     try:
         check_fourcc(args.fourcc)
@@ -320,7 +321,7 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
         torch.set_num_threads(args.threads)
     stop = threading.Event()
     writer: _Writer | None = None
-    refused: list[Path] = []  # images over --max-pixels
+    refused: list[Path] = []  # images and videos over --max-pixels
     skipped: list[str] = []  # inputs that could not be segmented (unreadable, too small, empty videos)
     skip_sources: set[int] = set()  # videos whose remaining frames are not segmented
 
@@ -371,6 +372,10 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
                                            max_frames=args.max_frames, max_pixels=args.max_pixels, exclude=own))
             except SourceError as e:
                 path = Path(p).expanduser()
+                if isinstance(e, ImageTooLargeError):  # an image file or a video over --max-pixels
+                    refused.append(path)
+                    say(f"icnet-segment: error: {e} (--max-pixels); skipped")
+                    continue
                 if not (path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS):
                     raise  # no such input, not an image or video: the command line is wrong
                 report(f"{e}; skipped", True)  # a video that cannot be opened (empty, damaged): as an empty one
@@ -393,7 +398,8 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
             print(f"icnet-segment: warning: {note}", file=sys.stderr)
         batch = args.batch or (4 if seg.device.type == "cuda" else 1)
         video_fps = {i: (s.fps or 10.0) / (args.stride if s.is_video else 1) for i, s in enumerate(sources)}
-        total = sum(len(s) for s in sources)
+        counts = [s.frame_count for s in sources]  # None: a video that declares no frame count
+        total = None if None in counts else sum(counts)
         names = _output_names(sources)
         q: queue.Queue = queue.Queue(maxsize=max(4, 2 * batch))
         reader = threading.Thread(target=_reader, args=(sources, names, q, stop, skip_sources, report),
@@ -443,7 +449,7 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
     seg_fps = frames / busy if busy > 0 else float("inf")
     print(f"icnet-segment: {frames} frames from {len(sources)} input(s) in {elapsed:.1f} s: {fps:.2f} fps overall, "
           f"{seg_fps:.2f} fps segmentation ({seg.describe()}); outputs in {out}"
-          + (f"; {len(refused)} image(s) refused (over --max-pixels {args.max_pixels})" if refused else "")
+          + (f"; {len(refused)} input(s) refused (over --max-pixels {args.max_pixels})" if refused else "")
           + (f"; {len(skipped)} input(s) skipped (unreadable, empty or too small: see the errors above)"
              if skipped else ""))
     return 2 if refused or skipped else 0
