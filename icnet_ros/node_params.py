@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from . import engine_config
 from .engine_config import SegmenterConfig
-from .ros_image import DEFAULT_MAX_PIXELS
+from .ros_image import DEFAULT_MAX_PIXELS, MAX_MAX_PIXELS
 from .sizes import MAX_BATCH
 
 NODE_NAME = "icnet_node"
@@ -149,8 +149,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               _one_of(("receipt", "stamp")), read_only=False),
     ParamSpec("max_pixels", DEFAULT_MAX_PIXELS, "Largest frame in pixels (height x width), checked from the "
               "Image's declared size or the JPEG/PNG header before decoding; larger frames are dropped as 'size' "
-              "(bounds the memory and time one frame can take). Default: 3840 x 2160.", "[1, 268435456]",
-              _range(1, 268435456), read_only=False),
+              "(bounds the memory and time one frame can take). Default: 3840 x 2160.", f"[1, {MAX_MAX_PIXELS}]",
+              _range(1, MAX_MAX_PIXELS), read_only=False),
     ParamSpec("max_batch", 4, "Most cameras batched into one forward pass.", f"[1, {MAX_BATCH}]",
               _range(1, MAX_BATCH), read_only=False),
     ParamSpec("batch_timeout", 0.0, "After the first frame is ready, wait up to this many seconds for the other "

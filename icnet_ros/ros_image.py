@@ -30,13 +30,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageFormatError", "PixelFormat", "SEGMENTER_ENCODINGS", "check_pixels",
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_MAX_PIXELS", "ImageFormatError", "PixelFormat", "SEGMENTER_ENCODINGS", "check_pixels",
            "compressed_header", "compressed_to_numpy", "compression_format", "image_to_numpy", "numpy_to_compressed",
            "numpy_to_image", "pixel_format", "segmenter_frame", "segmenter_input", "set_image_data", "sniff_codec"]
 
 
 #: default pixel limit per frame: 3840 x 2160 (4K UHD); larger frames are refused before decoding
 DEFAULT_MAX_PIXELS = 3840 * 2160
+#: the largest pixel limit that can be set (the node's max_pixels, the tools' --max-pixels): 16384 x 16384
+MAX_MAX_PIXELS = 1 << 28
 #: scans a JPEG may have (a baseline JPEG has 1, a progressive one about 10): each scan is a pass over all the
 #: image's coefficients, so thousands of tiny scans make a small file take minutes to decode
 MAX_JPEG_SCANS = 100

@@ -183,7 +183,12 @@ def test_play_and_demo_refuse_a_video_over_max_pixels_in_one_line(checkpoint: Pa
     assert demo.main([str(video), "--model", str(checkpoint), "--output", str(out), "--device", "cpu"]) == 2
     assert capsys.readouterr().err == f"icnet-demo: error: {reason} (--max-pixels)\n" and not out.exists()
     assert play.main([str(video), "--max-pixels", "0"]) == 2
-    assert capsys.readouterr().err == "icnet-play: error: --max-pixels must be >= 1, got 0\n"
+    assert capsys.readouterr().err == "icnet-play: error: --max-pixels must be in [1, 268435456] (as the node's " \
+        "max_pixels), got 0\n"
+    # the demo's node takes it as its max_pixels: a value the node refuses is refused before anything starts
+    assert demo.main([str(video), "--model", str(checkpoint), "--output", str(out), "--max-pixels", "268435457"]) == 2
+    assert capsys.readouterr().err == "icnet-demo: error: --max-pixels must be in [1, 268435456] (as the node's " \
+        "max_pixels), got 268435457\n" and not out.exists()
 
 
 def test_play_plays_a_video_without_a_frame_count_to_its_end(tmp_path: Path, capsys):

@@ -159,8 +159,12 @@ def add_max_pixels_argument(parser: Any, extra: str = "") -> None:
 
 
 def max_pixels_problem(max_pixels: int) -> str | None:
-    """Why ``--max-pixels`` cannot be used (None when it can)."""
-    return None if max_pixels >= 1 else f"--max-pixels must be >= 1, got {max_pixels}"
+    """Why ``--max-pixels`` cannot be used (None when it can): the node's max_pixels range."""
+    from ..ros_image import MAX_MAX_PIXELS
+
+    if 1 <= max_pixels <= MAX_MAX_PIXELS:
+        return None
+    return f"--max-pixels must be in [1, {MAX_MAX_PIXELS}] (as the node's max_pixels), got {max_pixels}"
 
 
 __all__ = ["StopSignals", "add_max_pixels_argument", "max_pixels_problem", "model_problem", "output_file_problem",
