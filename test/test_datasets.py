@@ -497,6 +497,12 @@ def test_flip_and_photometric_distortion():
         assert out.dtype == np.uint8 and out.shape == rng_img.shape and np.array_equal(lab, label[:40, :50])
         changed += not np.array_equal(out, rng_img)
     assert changed >= 6
+    # brightness is clipped before the contrast, as mmseg's: a pixel at 250 brightened past 255 and then halved is
+    # 255 * 0.5, never more (unclipped, 250 + 30 halved was 140)
+    bright = np.full((8, 8, 3), 250, np.uint8)
+    halving = PhotoMetricDistortion(contrast_range=(0.5, 0.5), saturation_range=(1, 1), hue_delta=0)
+    values = {int(halving(bright, label[:8, :8], np.random.default_rng(s))[0][0, 0, 0]) for s in range(40)}
+    assert max(v for v in values if v < 200) == 128 and 128 in values and len(values) > 3, values
     # deterministic given the generator
     a = PhotoMetricDistortion()(rng_img, label, np.random.default_rng(5))[0]
     assert np.array_equal(a, PhotoMetricDistortion()(rng_img, label, np.random.default_rng(5))[0])

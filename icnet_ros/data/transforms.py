@@ -164,7 +164,9 @@ class PhotoMetricDistortion:
     Two differences from mmseg's PhotoMetricDistortion, kept because the shipped models were trained and selected
     with them: ``hue_delta`` is in degrees (the default 18 shifts hue by up to +-18 degrees; mmseg's 18 is in
     OpenCV's half-degree units, +-36 degrees), and it runs after :class:`RandomCrop`'s padding, so the padded
-    border (the normalisation mean) is shifted with the image (mmseg pads after normalising: exactly 0)."""
+    border (the normalisation mean) is shifted with the image (mmseg pads after normalising: exactly 0). The
+    brightness step clips to 0..255 as mmseg's does (since 2026-12-07; the shipped models were trained without that
+    clip: a pixel at 250 brightened by 30, then contrast x0.6, became 168 instead of 153)."""
 
     def __init__(self, brightness_delta: float = 32, contrast_range: tuple[float, float] = (0.5, 1.5),
                  saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: float = 18) -> None:
@@ -180,8 +182,8 @@ class PhotoMetricDistortion:
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Pair:
         img = image.astype(np.float32)
-        if rng.random() < 0.5:
-            img += rng.uniform(-self.brightness_delta, self.brightness_delta)
+        if rng.random() < 0.5:  # clipped at once, as mmseg's: a pixel brightened past 255 is 255 for the contrast
+            img = np.clip(img + rng.uniform(-self.brightness_delta, self.brightness_delta), 0, 255)
         contrast_first = rng.random() < 0.5
         if contrast_first:
             img = self._contrast(img, rng)
