@@ -179,6 +179,20 @@ def backend_for(model_or_path: Any, backend: str = "auto") -> str:
     return SUFFIX_BACKENDS[suffix]
 
 
+def _size_problem(policy: InputSizePolicy, height: int, width: int) -> str | None:
+    """Why a frame of ``height`` x ``width`` cannot run under the input-size ``policy`` (None when it can): a network
+    input below the minimum, or upscaled beyond :data:`MAX_UPSCALED_PIXELS`."""
+    h, w = policy.policy_size(height, width)
+    if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
+        how = "" if policy.kind == "fixed" else " (a fixed input_size HxW upscales small frames)"
+        return (f"{height}x{width} gives a {h}x{w} network input, below the minimum "
+                f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}{how}")
+    if policy.kind in ("width", "scale") and h * w > max(height * width, MAX_UPSCALED_PIXELS):
+        return (f"{height}x{width} would be upscaled to a {h}x{w} network input, more than {MAX_UPSCALED_PIXELS} "
+                f"pixels (an extreme aspect ratio?)")
+    return None
+
+
 class Segmenter:
     """Semantic segmentation of uint8 frames with an ICNet; see the module docstring and :meth:`segment`.
 
@@ -299,6 +313,13 @@ class Segmenter:
             old = self.config
             try:
                 self._apply_policy(cfg)
+                # the sizes warmed up are the cameras': an input_size they cannot run at is refused, as at start-up
+                # (taken live, every frame of those cameras was then refused, and each later rebuild's warm-up)
+                for h, w in cfg.warmup if isinstance(cfg.warmup, tuple) else ():
+                    problem = _size_problem(self.size_policy, h, w)
+                    if problem:
+                        raise ConfigError(f"input_size {format_input_size(cfg.input_size)}: the warm-up size {h}x{w} "
+                                          f"(warmup): {problem}; change warmup with it")
             except ConfigError:
                 self._apply_policy(old)
                 raise
@@ -470,14 +491,9 @@ class Segmenter:
                               f"(mono8){hint}")
         if f.shape[0] == 0 or f.shape[1] == 0:
             raise FrameError(i, f"empty frame (shape {f.shape})")
-        h, w = self.size_policy.policy_size(f.shape[0], f.shape[1])
-        if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
-            how = "" if self.input_policy == "fixed" else " (a fixed input_size HxW upscales small frames)"
-            raise FrameError(i, f"{f.shape[0]}x{f.shape[1]} gives a {h}x{w} network input, below the "
-                              f"minimum {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}{how}")
-        if self.input_policy in ("width", "scale") and h * w > max(f.shape[0] * f.shape[1], MAX_UPSCALED_PIXELS):
-            raise FrameError(i, f"{f.shape[0]}x{f.shape[1]} would be upscaled to a {h}x{w} network input, "
-                              f"more than {MAX_UPSCALED_PIXELS} pixels (an extreme aspect ratio?)")
+        problem = _size_problem(self.size_policy, f.shape[0], f.shape[1])
+        if problem:
+            raise FrameError(i, problem)
         return f
 
     def _group(self, frames: list[Any], orders: list[str]) -> list[_FrameGroup]:

@@ -256,13 +256,13 @@ class SegmentationNode(LifecycleNode):
         try:
             self.get_logger().info(f"configuring: loading {self._model_path(self.config.model)} ...")
             with self._busy("loading the model"):
-                seg = self._load_segmenter(self.config)
+                seg, identity = self._load_segmenter(self.config)
             self._check_classes(seg)
         except StartupError as e:
             return self._failed("configure", str(e))
         except Exception as e:  # noqa: BLE001 - rclpy would turn it into a silent failed transition
             return self._failed("configure", f"{type(e).__name__}: {e}")
-        self._set_segmenter(seg, self.config.model)
+        self._set_segmenter(seg, self.config.model, identity)
         try:
             self._create_outputs()
         except Exception as e:  # noqa: BLE001 - rclpy's errors (RCLError, ...): the reason, not a bare "failed"
@@ -544,19 +544,22 @@ class SegmentationNode(LifecycleNode):
             return None
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def _set_segmenter(self, seg: Any, model: str) -> None:
+    def _set_segmenter(self, seg: Any, model: str, identity: tuple[int, int, int, int] | None) -> None:
         self.segmenter = seg
         self.model_path = self._model_path(model)
-        self._model_identity = self._file_identity(self.model_path)
+        self._model_identity = identity
 
-    def _load_segmenter(self, config: NodeConfig) -> Any:
-        """Build and warm up a Segmenter for ``config`` (the node's, or the one a parameter change asks for); every
-        failure becomes a one-line :class:`StartupError`."""
+    def _load_segmenter(self, config: NodeConfig) -> tuple[Any, tuple[int, int, int, int] | None]:
+        """Build and warm up a Segmenter for ``config`` (the node's, or the one a parameter change asks for), with
+        its model file's identity taken before the file is read (a file replaced during a long load, warm-up or
+        engine build is then new to a later request for the same path, not taken as loaded); every failure becomes
+        a one-line :class:`StartupError`."""
         from .backends.base import MissingRuntimeError
         from .checkpoint import CheckpointError
 
         model, engine = config.model, config.engine
         path = self._model_path(model)
+        identity = self._file_identity(str(path))
         try:
             import torch
 
@@ -583,7 +586,7 @@ class SegmentationNode(LifecycleNode):
                     raise
             for note in getattr(seg, "notes", ()):
                 self.get_logger().warning(note)
-            return seg
+            return seg, identity
         except CheckpointError as e:
             message = str(e).removesuffix("; pass a model path")
             hint = "" if model else "; set the 'model' parameter to a .safetensors checkpoint"
@@ -713,6 +716,12 @@ class SegmentationNode(LifecycleNode):
             elif engine_changes and self.segmenter is not None:
                 engine = self.segmenter.reconfigure(**engine_changes)  # applied between two batches
                 config = dataclasses.replace(config, engine=engine)
+            if not rebuild and self.segmenter is not None and isinstance(engine.warmup, tuple):
+                # a larger max_batch: the batches its cameras can now form are warmed up too, as at configure
+                warmed = min(self.config.max_batch, len(self.config.image_topics))
+                for batch in range(max(warmed, 1) + 1, min(config.max_batch, len(config.image_topics)) + 1):
+                    for size in engine.warmup:
+                        self.segmenter.warmup(size, batch=batch)
         except BaseException:
             if new_outputs:  # the whole change is refused: the outputs as they were
                 try:
@@ -734,13 +743,13 @@ class SegmentationNode(LifecycleNode):
         try:
             self.get_logger().info(f"hot swap: loading {self._model_path(config.model)} ...")
             with self._busy("loading a model (hot swap)"):
-                new = self._load_segmenter(config)
+                new, identity = self._load_segmenter(config)
             self._check_classes(new)
         except StartupError as e:
             self.get_logger().warning(f"hot swap refused: {e}; still serving {self.model_path}")
             raise
         old = self.pipeline.swap_segmenter(new, SWAP_TIMEOUT_S) if self.pipeline is not None else self.segmenter
-        self._set_segmenter(new, config.model)
+        self._set_segmenter(new, config.model, identity)
         if old is not None and old is not new and (self.pipeline is None or self.pipeline.retire(old)):
             old.close()  # (else the worker closes it when the batch in flight on it ends)
             release_device_memory()
@@ -936,7 +945,9 @@ class SegmentationNode(LifecycleNode):
                       ("input_reliability", cam.reliability),
                       ("device", device), ("model", self.model_path)]
             values += [(f"dropped_{k}", v) for k, v in sorted(dropped.items()) if k != "no_subscribers"]
-            values += [(f"computed_{k}", s["computed"].get(k, 0)) for k in cam.publishers]
+            with self._pub_lock:  # `outputs` set live adds and removes publishers on another thread
+                kinds = list(cam.publishers)
+            values += [(f"computed_{k}", s["computed"].get(k, 0)) for k in kinds]
             st.values = [KeyValue(key=k, value=str(v)) for k, v in values]
             arr.status.append(st)
         self._diag_pub.publish(arr)

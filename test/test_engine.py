@@ -439,6 +439,21 @@ def test_concurrent_reconfigures_both_take_effect(ckpt):
     assert seg.config.overlay_alpha == 0.9 and seg.config.confidence_threshold == 0.3, seg.config
 
 
+def test_a_live_input_size_the_warm_up_sizes_cannot_run_is_refused(ckpt):
+    """The warm-up sizes are the cameras' frame sizes: a Segmenter built with warmup 96x128 and input_size 0.25
+    is refused (24x32 network inputs), but reconfigure(input_size=0.25) was taken: every frame of those cameras was
+    then refused, and every later rebuild failed its warm-up with no word of input_size. Now refused alike, with
+    nothing changed."""
+    with pytest.raises(FrameError, match="below the minimum"):
+        Segmenter(ckpt, device="cpu", warmup="96x128", input_size=0.25)
+    seg = Segmenter(ckpt, device="cpu", warmup="96x128")
+    with pytest.raises(ConfigError, match=r"^input_size 0.25: the warm-up size 96x128 \(warmup\): 96x128 gives a "
+                                          r"24x32 network input, below the minimum 64x64 .*; change warmup with it$"):
+        seg.reconfigure(input_size=0.25)
+    assert seg.config.input_size == "auto" and seg.segment([frame(96, 128, seed=1)])[0].label.shape == (96, 128)
+    assert seg.reconfigure(input_size=0.75).input_size == 0.75  # 72x96: runs
+
+
 def test_read_only_and_non_contiguous_frames(seg):
     f = frame(80, 96, seed=9)
     ro = f.copy()

@@ -409,6 +409,43 @@ def test_outputs_change_at_run_time(checkpoint: Path):
         rclpy.try_shutdown(context=ctx)
 
 
+def test_outputs_changed_while_diagnostics_are_published(checkpoint: Path):
+    """/diagnostics (timer thread) iterated a camera's publishers while `outputs` set live (parameter thread) added
+    and removed them: 'dictionary changed size during iteration' escaped the timer callback and the node process
+    ended with status 1 (once in 11868 changes at diagnostics_period 0.001; at every run within 250 changes with a
+    short thread switch interval, as here)."""
+    import threading
+
+    from rclpy.parameter import Parameter
+
+    with _diagnostics_node(checkpoint) as (node, _, _):
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def report() -> None:
+            try:
+                while not done.is_set():
+                    node._publish_diagnostics()
+            except BaseException as e:  # noqa: BLE001 - what escaped the timer callback
+                errors.append(e)
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        reporter = threading.Thread(target=report)
+        reporter.start()
+        try:
+            for n in range(300):
+                outputs = ["label"] if n % 2 else ["label", "color", "overlay", "confidence"]
+                assert node.set_parameters([Parameter("outputs", value=outputs)])[0].successful
+                if errors:
+                    break
+        finally:
+            done.set()
+            reporter.join()
+            sys.setswitchinterval(interval)
+        assert not errors, repr(errors[0])
+
+
 @contextlib.contextmanager
 def _diagnostics_node(checkpoint: Path, *overrides):
     """An in-process node (configured, active) whose /diagnostics reports are kept in a list instead of sent:
@@ -670,6 +707,14 @@ def test_warmup_at_the_cameras_sizes_and_its_hot_swap(checkpoint: Path):
         result = node.set_parameters([Parameter("max_pixels", value=5000)])[0]  # the other side of the same bound
         assert not result.successful and "warmup size 96x128 is larger than max_pixels (5000)" in result.reason
         assert node.segmenter is seg and node.config.max_pixels > 5000
+        result = node.set_parameters([Parameter("input_size", value="0.25")])[0]  # live, but not for these cameras
+        assert not result.successful and "the warm-up size 96x128 (warmup): 96x128 gives a 24x32 network input" \
+            in result.reason, result
+        assert node.config.engine.input_size == seg.config.input_size == "auto"
+        # max_batch raised live: batches of 3 are warmed up now, not on the hot path (before: never)
+        assert node.set_parameters([Parameter("max_batch", value=3)])[0].successful and node.segmenter is seg
+        assert seg.warmed_up[4:] == [(96, 128, 3), (120, 160, 3)]
+        assert node.set_parameters([Parameter("max_batch", value=1)])[0].successful and len(seg.warmed_up) == 6
         assert node.set_parameters([Parameter("warmup", value="false")])[0].successful
         assert node.segmenter is not seg and node.segmenter.warmed_up == []  # a new Segmenter, not warmed up
         assert "no warm-up" in node._describe_model()
@@ -728,6 +773,50 @@ def test_run_time_changes_that_change_nothing_reload_nothing(checkpoint: Path, t
         assert not result.successful and "cannot load model" in result.reason, result
         err = capfd.readouterr().err
         assert "hot swap refused: cannot load model" in err and "still serving ~/m.safetensors" in err, err
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
+
+def test_a_model_file_replaced_while_it_loads_is_loaded_again_when_asked(checkpoint: Path, tmp_path: Path,
+                                                                          monkeypatch):
+    """The loaded file's identity was taken after the load (and warm-up, compile or engine build): a file replaced
+    meanwhile was recorded as loaded, and setting `model` to the same path then changed nothing, the old weights
+    kept serving. The identity is taken before the file is read."""
+    import shutil
+
+    import rclpy
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from icnet_ros import engine
+    from icnet_ros.node import SegmentationNode
+
+    model = tmp_path / "m.safetensors"
+    shutil.copy(checkpoint, model)
+    other = make_checkpoint(tmp_path / "other.safetensors", seed=1)
+
+    class ReplacedWhileLoading(engine.Segmenter):  # another process writes the file during the load
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not replaced:
+                replaced.append(os.replace(other, model))
+
+    replaced: list = []
+    monkeypatch.setattr(engine, "Segmenter", ReplacedWhileLoading)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+        Parameter("model", value=str(model)), Parameter("device", value="cpu"), Parameter("warmup", value="false"),
+        Parameter("image_topics", value=["/rl/image_raw"])])
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS and replaced
+        seg = node.segmenter
+        assert node.set_parameters([Parameter("model", value=str(model))])[0].successful
+        assert node.segmenter is not seg, "the replaced file was taken as the one loaded"
+        seg = node.segmenter
+        assert node.set_parameters([Parameter("model", value=str(model))])[0].successful
+        assert node.segmenter is seg  # now it is the one loaded
     finally:
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
