@@ -23,7 +23,14 @@ import threading
 from collections import OrderedDict, deque
 from typing import Any
 
-__all__ = ["CameraInfoCache", "image_size", "scale_camera_info", "stamp_ns"]
+__all__ = ["CameraInfoCache", "camera_info_problem", "image_size", "scale_camera_info", "stamp_ns"]
+
+#: the most distortion coefficients a camera_info may carry: the largest model in use (OpenCV's with the thin prism
+#: and tilt terms) has 14; D is copied for every frame's output and kept in the cache
+MAX_DISTORTION_COEFFICIENTS = 14
+#: the longest distortion model name and header frame_id a cached camera_info may carry (characters)
+MAX_NAME_CHARS = 64
+MAX_FRAME_ID_CHARS = 1024
 
 
 def stamp_ns(header: Any) -> int:
@@ -41,6 +48,21 @@ def image_size(info: Any) -> tuple[int, int]:
 
 
 _delivered_size = image_size  # (scale_camera_info's argument of that name hides it)
+
+
+def camera_info_problem(info: Any) -> str | None:
+    """Why a camera_info is not kept (None when it is): fields no calibration needs that large. Each is copied to
+    every frame's output camera_info and up to :class:`CameraInfoCache`'s capacity are kept (a D of a million
+    coefficients: 8 MB a message, gigabytes in the cache, 94 ms more per frame)."""
+    if len(info.d) > MAX_DISTORTION_COEFFICIENTS:
+        return (f"{len(info.d)} distortion coefficients (D), more than any distortion model has "
+                f"({MAX_DISTORTION_COEFFICIENTS})")
+    if len(info.distortion_model) > MAX_NAME_CHARS:
+        return f"a distortion model name of {len(info.distortion_model)} characters (at most {MAX_NAME_CHARS})"
+    frame_id = getattr(getattr(info, "header", None), "frame_id", "")
+    if len(frame_id) > MAX_FRAME_ID_CHARS:
+        return f"a header frame_id of {len(frame_id)} characters (at most {MAX_FRAME_ID_CHARS})"
+    return None
 
 
 class CameraInfoCache:

@@ -187,6 +187,10 @@ def _folder(value: Any) -> str:
     return os.fspath(value)
 
 
+#: the most distinct frame sizes ``warmup`` takes (6000 copies of one size blocked a node's services for 24 s)
+MAX_WARMUP_SIZES = 16
+
+
 def _warmup(value: Any) -> bool | tuple[tuple[int, int], ...]:
     """true | false | frame sizes to warm up at (CUDA graphs are captured there, not on the hot path)."""
     if isinstance(value, bool):
@@ -210,6 +214,9 @@ def _warmup(value: Any) -> bool | tuple[tuple[int, int], ...]:
         sizes.append(size)
     if not sizes:
         raise ValueError(f"must be true, false or frame sizes HxW[;HxW...] with each side >= {MIN_INPUT_SIZE}")
+    sizes = list(dict.fromkeys(sizes))  # a size given twice is warmed up once
+    if len(sizes) > MAX_WARMUP_SIZES:  # each is warmed up (at every batch, in the node) while services wait
+        raise ValueError(f"at most {MAX_WARMUP_SIZES} frame sizes (the cameras' sizes), got {len(sizes)}")
     return tuple(sizes)
 
 

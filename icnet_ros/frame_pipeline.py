@@ -594,6 +594,9 @@ class FramePipeline:
                 continue
             if stamp > 0:
                 self._check_clock(it, stamp)
+            elif it.cam.problem is not None:  # an unstamped frame is on no other clock: the WARN is not standing
+                with self._lock:
+                    it.cam.problem = None
             why = self._too_old(it, stamp)
             if why is not None:
                 with self._lock:  # a big frame's earned turn is not lost with it: its camera's next frame has it

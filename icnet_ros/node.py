@@ -64,7 +64,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
 from . import node_params
-from .camera_info import CameraInfoCache, scale_camera_info, stamp_ns
+from .camera_info import CameraInfoCache, camera_info_problem, scale_camera_info, stamp_ns
 from .engine_config import LIVE_OPTIONS, ConfigError
 from .frame_pipeline import FramePipeline, PipelineOptions, release_device_memory
 from .node_params import NODE_NAME, NodeConfig, ParameterError, rclpy_parameter_problem
@@ -839,7 +839,12 @@ class SegmentationNode(LifecycleNode):
 
     def _on_camera_info(self, cam: Camera, msg: Any) -> None:
         """A camera's camera_info: kept for its image, or published now for an image already served before it
-        arrived."""
+        arrived. One that no calibration needs that large is dropped, with a warning (it would be kept and copied
+        to every frame's output)."""
+        problem = camera_info_problem(msg)
+        if problem:
+            self.get_logger().warning(f"{cam.topic}: camera_info dropped: {problem}", throttle_duration_sec=10.0)
+            return
         late = cam.info_cache.add(msg)
         if not late:
             return

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from icnet_ros.camera_info import CameraInfoCache, scale_camera_info, stamp_ns
+from icnet_ros.camera_info import CameraInfoCache, camera_info_problem, scale_camera_info, stamp_ns
 
 
 def info(width=640, height=480, fx=500.0, fy=510.0, cx=320.5, cy=240.5, tx=-25.0, binning=(0, 0),
@@ -198,3 +198,18 @@ def test_odd_sizes_binning_and_roi_offsets_still_describe_and_project_exactly():
                                                    rtol=1e-9, atol=1e-9)
                     checked += 1
     assert checked == 4 * 5 * 4 * 3
+
+
+def test_fields_no_calibration_needs_that_large_are_a_problem():
+    assert camera_info_problem(info()) is None
+    src = info()
+    src.d = [0.0] * 14  # OpenCV's largest model (thin prism + tilt)
+    assert camera_info_problem(src) is None
+    src.d = [0.0] * 15
+    assert camera_info_problem(src) == "15 distortion coefficients (D), more than any distortion model has (14)"
+    src = info()
+    src.distortion_model = "m" * 65
+    assert "distortion model name of 65 characters" in camera_info_problem(src)
+    src = info()
+    src.header.frame_id = "f" * 1025
+    assert "frame_id of 1025 characters" in camera_info_problem(src)

@@ -148,6 +148,12 @@ def test_warmup_at_the_cameras_sizes(tmp_path):
         engine_config.check("warmup", "big")
     with pytest.raises(node_params.ParameterError, match="'warmup' = '64x': must be true, false or frame sizes"):
         node_params.parse({"warmup": "64x"})
+    # each size is warmed up (at every batch, in the node) while the node's services wait: a size given twice once,
+    # and a list longer than cameras have sizes refused (6000 copies of one size took 24 s)
+    assert engine_config.check("warmup", "96x128;96x128;128x160;96x128") == ((96, 128), (128, 160))
+    assert engine_config.check("warmup", ";".join(["64x96"] * 6000)) == ((64, 96),)
+    with pytest.raises(ConfigError, match="at most 16 frame sizes"):
+        engine_config.check("warmup", ";".join(f"64x{64 + i}" for i in range(17)))
     ckpt = make_checkpoint(tmp_path / "m.safetensors")
     seg = Segmenter(ckpt, device="cpu", warmup="96x128;128x160")
     assert seg.last_latency_s is not None and seg.warmed_up == [(96, 128, 1), (128, 160, 1)]  # it ran there

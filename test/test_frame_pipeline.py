@@ -196,6 +196,10 @@ def test_foreign_clock_frames_are_served_and_reported_once(segmenter: Segmenter,
     assert len(warnings) == 1 and "use_sim_time" in warnings[0]
     assert ("ahead of" if offset_s < 0 else "behind") in warnings[0]
     assert "another clock" in cam["problem"]
+    # an unstamped frame after them: the camera's newest frame is on no other clock (the WARN stayed for good)
+    pipe.submit("/a", image(5, stamp_ns=0))
+    pipe.step()
+    assert pipe.snapshot()["cameras"]["/a"]["problem"] is None
     # the explicit header-stamp policy drops the old ones
     pipe.configure(max_age_from="stamp")
     pipe.submit("/a", image(9, stamp_ns=stamp))

@@ -446,6 +446,27 @@ def test_outputs_changed_while_diagnostics_are_published(checkpoint: Path):
         assert not errors, repr(errors[0])
 
 
+def test_a_camera_info_no_calibration_needs_is_dropped(checkpoint: Path, capfd):
+    """A camera_info with a million distortion coefficients (8 MB) was kept, up to 1024 of them per camera (1388 MB
+    after 128), and copied for every frame's output (94 ms a frame). Refused with one throttled warning."""
+    from sensor_msgs.msg import CameraInfo
+
+    with _diagnostics_node(checkpoint) as (node, _, _):
+        (cam,) = node.cameras
+        for i, fields in enumerate(({"d": [0.0] * 1_000_000}, {"distortion_model": "x" * 100})):
+            big = CameraInfo(width=96, height=64, **fields)
+            big.header.stamp.sec = 5 + i
+            node._on_camera_info(cam, big)
+        assert len(cam.info_cache) == 0
+        ok = CameraInfo(width=96, height=64, distortion_model="rational_polynomial", d=[0.1] * 8)
+        ok.header.stamp.sec = 7
+        node._on_camera_info(cam, ok)
+        assert len(cam.info_cache) == 1
+    err = capfd.readouterr().err
+    assert "/dg/image_raw: camera_info dropped: 1000000 distortion coefficients (D), more than any distortion " \
+        "model has (14)" in err, err
+
+
 @contextlib.contextmanager
 def _diagnostics_node(checkpoint: Path, *overrides):
     """An in-process node (configured, active) whose /diagnostics reports are kept in a list instead of sent:
