@@ -187,6 +187,12 @@ def _folder(value: Any) -> str:
     return os.fspath(value)
 
 
+def shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` for a message, cut after ``limit`` characters (a refused value may be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 #: the most distinct frame sizes ``warmup`` takes (6000 copies of one size blocked a node's services for 24 s)
 MAX_WARMUP_SIZES = 16
 
@@ -284,7 +290,7 @@ class SegmenterConfig:
     warmup: Any = _opt(True, "Run the pipeline at start-up on a synthetic frame (true), not at all (false), or "
                        "at each of these frame sizes, e.g. '720x1280;480x640' (the cameras' sizes: the CUDA graphs "
                        "and torch.compile graphs for one frame of each are then made before the first frame instead "
-                       "of on it).", "true | false | HxW[;HxW...]", _warmup, cli=False,
+                       "of on it).", "true | false | HxW[;HxW...] (at most 16 sizes)", _warmup, cli=False,
                        text_type=str)
 
     # ---------------------------------------------------------------------------------------------- building
@@ -341,7 +347,7 @@ def check(name: str, value: Any) -> Any:
     try:
         return option.parse(value)
     except (ValueError, TypeError) as e:  # TypeError: a value of a type the option's parser cannot take
-        raise ConfigError(f"{name} = {value!r}: {e}") from None
+        raise ConfigError(f"{name} = {shown(value)}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------- CLI flags

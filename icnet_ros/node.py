@@ -710,12 +710,14 @@ class SegmentationNode(LifecycleNode):
         new_outputs = "outputs" in changes and bool(self.cameras)
         if new_outputs:
             self._set_outputs(config.outputs)  # nothing changed when it fails
+        reconfigured = False
         try:
             if rebuild and self.segmenter is not None:
                 self._hot_swap(config)
             elif engine_changes and self.segmenter is not None:
                 engine = self.segmenter.reconfigure(**engine_changes)  # applied between two batches
                 config = dataclasses.replace(config, engine=engine)
+                reconfigured = True
             if not rebuild and self.segmenter is not None and isinstance(engine.warmup, tuple):
                 # a larger max_batch: the batches its cameras can now form are warmed up too, as at configure
                 warmed = min(self.config.max_batch, len(self.config.image_topics))
@@ -723,6 +725,11 @@ class SegmentationNode(LifecycleNode):
                     for size in engine.warmup:
                         self.segmenter.warmup(size, batch=batch)
         except BaseException:
+            if reconfigured:  # the whole change is refused (a warm-up below failed): the live options as they were
+                try:
+                    self.segmenter.reconfigure(**{k: getattr(self.config.engine, k) for k in engine_changes})
+                except Exception as e:  # noqa: BLE001 - the original error is the one to report
+                    self.get_logger().error(f"restoring {', '.join(engine_changes)}: {e}")
             if new_outputs:  # the whole change is refused: the outputs as they were
                 try:
                     self._set_outputs(tuple(self.config.outputs))

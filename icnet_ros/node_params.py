@@ -300,11 +300,11 @@ def check_value(name: str, value: Any) -> Any:
         value = []
     got = _type_name(value)
     if got != expected and not (expected.endswith("_array") and value == []):
-        raise ParameterError(f"parameter {name!r}: expected {expected}, got {got} {value!r}")
+        raise ParameterError(f"parameter {name!r}: expected {expected}, got {got} {engine_config.shown(value)}")
     if spec.check is not None:
         problem = spec.check(value)
         if problem:
-            raise ParameterError(f"parameter {name!r} = {value!r}: {problem}")
+            raise ParameterError(f"parameter {name!r} = {engine_config.shown(value)}: {problem}")
     return value
 
 

@@ -133,3 +133,22 @@ def mkv_without_duration(path, n=12, size=(64, 64)):
     data[i:i + 3 + length] = b"\xec" + bytes([0x80 | (1 + length)]) + bytes(1 + length)  # a Void element as long
     path.write_bytes(bytes(data))
     return path
+
+
+def jpeg_of_many_scans(scans, size=(64, 64)):
+    """A progressive JPEG whose last scan (with the Huffman tables it needs) is repeated ``scans`` more times: each
+    scan is a pass over all the image's coefficients, so thousands make a small file decode for seconds; the node
+    refuses more than 100 from the header (ros_image.MAX_JPEG_SCANS)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(7).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "JPEG", progressive=True, quality=90)
+    jpg = buf.getvalue()
+    eoi, last = jpg.rindex(b"\xff\xd9"), jpg.rindex(b"\xff\xda")
+    start = jpg.rfind(b"\xff\xc4", 0, last)
+    start = last if start < 0 else start
+    return jpg[:eoi] + jpg[start:eoi] * scans + b"\xff\xd9"

@@ -579,3 +579,23 @@ def test_colour_labels_refuse_a_palette_with_one_colour_for_two_classes():
     label = np.array([[[128, 64, 128], [0, 0, 142]]], np.uint8)
     with pytest.raises(DatasetError, match="road, sidewalk share a colour"):
         colors_to_ids(label, cs)
+
+
+def test_the_dataset_reader_refuses_huge_files_unread_and_scan_bombs_from_the_header(tmp_path):
+    """The CLIs' reader refused these; icnet-eval, training and INT8 calibration read a 200 GB sparse file whole
+    (a MemoryError traceback) and decoded a JPEG of 150 scans (seconds for a large one, libjpeg on stderr)."""
+    from helpers import jpeg_of_many_scans
+    from icnet_ros.data import read_image
+
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate(200 << 30)
+    with pytest.raises(DatasetError, match=f"^image {huge}: a file of {200 << 30} bytes is larger than any image"):
+        read_image(huge)
+    bomb = tmp_path / "scans.jpg"
+    bomb.write_bytes(jpeg_of_many_scans(150))
+    with pytest.raises(DatasetError, match=f"cannot decode image {bomb}: JPEG has more than 100 scans"):
+        read_image(bomb)
+    fine = tmp_path / "fine.jpg"
+    fine.write_bytes(jpeg_of_many_scans(0))
+    assert read_image(fine).shape == (64, 64, 3)

@@ -699,7 +699,7 @@ def test_string_parameters_take_numbers_and_bools_as_text(checkpoint: Path):
         rclpy.try_shutdown(context=ctx)
 
 
-def test_warmup_at_the_cameras_sizes_and_its_hot_swap(checkpoint: Path):
+def test_warmup_at_the_cameras_sizes_and_its_hot_swap(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
     """``warmup``: the node warms its Segmenter at the cameras' frame sizes and at every batch its cameras can form
     (CUDA graphs and compiled graphs are made there, before the first frame), says so in its ready line, and a new
     value is a hot swap; a bad one is refused with the reason and the running Segmenter keeps serving."""
@@ -736,6 +736,17 @@ def test_warmup_at_the_cameras_sizes_and_its_hot_swap(checkpoint: Path):
         assert node.set_parameters([Parameter("max_batch", value=3)])[0].successful and node.segmenter is seg
         assert seg.warmed_up[4:] == [(96, 128, 3), (120, 160, 3)]
         assert node.set_parameters([Parameter("max_batch", value=1)])[0].successful and len(seg.warmed_up) == 6
+        # a warm-up that fails (out of memory, simulated: no GPU here) refuses the whole atomic change, the live
+        # input_size applied before it included (it stayed, while the node reported the change refused)
+        def out_of_memory(*args, **kwargs):
+            raise RuntimeError("out of memory (simulated)")
+
+        monkeypatch.setattr(seg, "warmup", out_of_memory)
+        result = node.set_parameters_atomically([Parameter("input_size", value="0.75"),
+                                                 Parameter("max_batch", value=3)])
+        assert not result.successful and "out of memory (simulated)" in result.reason, result
+        assert seg.config.input_size == node.config.engine.input_size == "auto" and node.config.max_batch == 1
+        monkeypatch.undo()
         assert node.set_parameters([Parameter("warmup", value="false")])[0].successful
         assert node.segmenter is not seg and node.segmenter.warmed_up == []  # a new Segmenter, not warmed up
         assert "no warm-up" in node._describe_model()

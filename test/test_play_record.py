@@ -179,6 +179,10 @@ def test_play_and_demo_refuse_a_video_over_max_pixels_in_one_line(checkpoint: Pa
     reason = f"video {video}: 3900x2200 = 8580000 pixels per frame exceeds the limit of {DEFAULT_MAX_PIXELS} pixels"
     assert play.main([str(video)]) == 2
     assert capsys.readouterr().err == f"icnet-play: error: {reason} (--max-pixels)\n"
+    # --size shrinks what is published: the limit is the published size's (the video played, not refused)
+    res = ros_support.run_module("icnet_ros.tools.play", [str(video), "--size", "720x1280", "--topic",
+                                                          "/t_playwide/image_raw", "--rate", "0"], timeout=60)
+    assert res.returncode == 0 and "published 1 frame\n" in res.stdout, res.stdout + res.stderr
     out = tmp_path / "out"
     assert demo.main([str(video), "--model", str(checkpoint), "--output", str(out), "--device", "cpu"]) == 2
     assert capsys.readouterr().err == f"icnet-demo: error: {reason} (--max-pixels)\n" and not out.exists()

@@ -1,7 +1,6 @@
 """icnet-segment end to end on real files (synthetic images and videos, and the shared CamVid / video data when
 present), plus the frame sources of icnet_ros.video it is built on."""
 import contextlib
-import io
 import os
 import re
 import resource
@@ -14,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import CAMVID, REPO, VIDEO, make_checkpoint, mkv_without_duration, require
+from helpers import CAMVID, REPO, VIDEO, jpeg_of_many_scans, make_checkpoint, mkv_without_duration, require
 
 from icnet_ros.classes import CAMVID as CAMVID_CLASSES
 from icnet_ros.tools.segment import _Item, _Writer, main
@@ -58,21 +57,6 @@ def _file_size_limit(nbytes):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
-
-
-def _jpeg_of_many_scans(scans, size=(64, 64)):
-    """A progressive JPEG whose last scan (with the Huffman tables it needs) is repeated ``scans`` more times: each
-    scan is a pass over all the image's coefficients, so thousands make a small file decode for seconds; the node
-    refuses more than 100 from the header (ros_image.MAX_JPEG_SCANS)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(_img(*size, 7)).save(buf, "JPEG", progressive=True, quality=90)
-    jpg = buf.getvalue()
-    eoi, last = jpg.rindex(b"\xff\xd9"), jpg.rindex(b"\xff\xda")
-    start = jpg.rfind(b"\xff\xc4", 0, last)
-    start = last if start < 0 else start
-    return jpg[:eoi] + jpg[start:eoi] * scans + b"\xff\xd9"
 
 
 def _jpeg_with_orientation(path, bgr, orientation=6):
@@ -189,8 +173,8 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path, capfd):
     millisecond; the CLIs' reader decoded it (seconds for a 4K one with a few thousand scans, 'Inconsistent
     progression sequence' from libjpeg on stderr). Now the same header walk refuses it first."""
     bomb, fine = tmp_path / "scans.jpg", tmp_path / "fine.jpg"
-    bomb.write_bytes(_jpeg_of_many_scans(150))
-    fine.write_bytes(_jpeg_of_many_scans(0))
+    bomb.write_bytes(jpeg_of_many_scans(150))
+    fine.write_bytes(jpeg_of_many_scans(0))
     with pytest.raises(SourceError, match=f"cannot decode image {bomb}: JPEG has more than 100 scans"):
         read_image(bomb)
     assert read_image(fine).shape == (64, 64, 3)
@@ -682,7 +666,7 @@ def test_bad_files_in_a_folder_are_one_line_each_the_rest_segmented(tmp_path, ck
     (d / "b_dds.png").write_bytes(DDS_JUNK)
     with open(d / "c_huge.png", "wb") as f:
         f.truncate(200 << 30)
-    (d / "d_scans.jpg").write_bytes(_jpeg_of_many_scans(150))
+    (d / "d_scans.jpg").write_bytes(jpeg_of_many_scans(150))
     ok, png = cv2.imencode(".png", _noise(64, 64, 2))
     (d / "e_cut.png").write_bytes(png.tobytes()[: png.size * 9 // 10])
     _jpeg_with_orientation(d / "f_tagged.jpg", _img(64, 96, 3))

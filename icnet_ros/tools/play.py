@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{DEFAULT_IMAGE_FPS:g} for images; 0 = as fast as possible)")
     p.add_argument("--loop", action="store_true", help="start over at the end (until Ctrl-C or --max-frames)")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
-    add_max_pixels_argument(p)
+    add_max_pixels_argument(p, extra="; with --size, the published size (the sources then up to 16384x16384)")
     p.add_argument("--encoding", choices=ENCODINGS, default="bgr8", help="image encoding (default: %(default)s)")
     p.add_argument("--compressed", choices=("jpeg", "png"), default=None,
                    help="publish sensor_msgs/CompressedImage on <topic>/compressed instead")
@@ -352,7 +352,11 @@ def _main(argv: list[str] | None) -> int:
         print(f"icnet-play: error: {problem}", file=sys.stderr)
         return 2
     try:
-        source = open_source(args.source, max_pixels=args.max_pixels)
+        # with --size the node gets the resized frames (their size checked above): a source larger than
+        # --max-pixels is fine to shrink (a 4096x2160 video to 720x1280), decoding bounded by the most a limit can be
+        from ..ros_image import MAX_MAX_PIXELS
+
+        source = open_source(args.source, max_pixels=MAX_MAX_PIXELS if args.size else args.max_pixels)
         camera_info = load_camera_info(args.camera_info) if args.camera_info else None
         if camera_info is None:
             pinhole_camera_info(1, 1, args.fov)  # validates --fov
