@@ -261,7 +261,7 @@ class Segmenter:
                                        self.backend.memory_format)
         self.postprocess = Postprocessor(self.class_set, self.backend.device, cfg.overlay_alpha,
                                          cfg.confidence_threshold, compile_render=bool(cfg.compile))
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # (warmup holds it across the segment calls it makes)
         self._closed = False
         self.config = cfg
         self._apply_policy(cfg)
@@ -390,7 +390,9 @@ class Segmenter:
         n = iterations if iterations is not None else (2 if self.device.type == "cuda" else 1)
         frame = np.random.default_rng(0).integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
         warming_up = getattr(self.backend, "warming_up", contextlib.nullcontext)  # keeps what it makes here
-        with warming_up():
+        # the engine held throughout: a segment() call of another thread (a node's worker, while a live max_batch
+        # is warmed up) never runs inside the warm-up block, where its CUDA graphs would be kept for good
+        with self._lock, warming_up():
             for _ in range(n):
                 self.segment([frame] * batch, outputs=OUTPUTS)
         self.warmed_up.append((int(size[0]), int(size[1]), int(batch)))

@@ -454,6 +454,20 @@ def test_a_live_input_size_the_warm_up_sizes_cannot_run_is_refused(ckpt):
     assert seg.reconfigure(input_size=0.75).input_size == 0.75  # 72x96: runs
 
 
+def test_a_warm_up_holds_the_engine_before_it_keeps_what_it_makes(ckpt):
+    """A warm-up marks what it makes to be kept (CUDA graphs pinned for the backend's life) and then waited for the
+    engine once per segment() call: another thread's call (a node's worker, during a live max_batch warm-up) could
+    run inside that window and have its graphs kept for good. The warm-up now takes the engine first."""
+    seg = Segmenter(ckpt, device="cpu", warmup=False)
+    with seg._lock:  # as a segment() call in progress on the worker does
+        warm = threading.Thread(target=seg.warmup, args=((64, 96),))
+        warm.start()
+        time.sleep(0.3)
+        assert seg.backend._graphs.pinning is False, "the warm-up marked the time it waited for the engine"
+    warm.join(30)
+    assert seg.warmed_up == [(64, 96, 1)] and seg.backend._graphs.pinning is False
+
+
 def test_read_only_and_non_contiguous_frames(seg):
     f = frame(80, 96, seed=9)
     ro = f.copy()
