@@ -49,6 +49,9 @@ DEFAULT_MODEL_ENV = "ICNET_ROS_DEFAULT_MODEL"  # overrides the package's default
 #: be able to ask for unbounded work (4096: 2304x4096 for 16:9 frames)
 MAX_NETWORK_WIDTH = 4096
 MAX_LICENSE_CHARS = 300  # a license is one printable line
+#: normalisation bounds (inputs are 0..255): |mean| and std at most this, std at least MIN_NORMALIZATION_STD
+MAX_NORMALIZATION = 1e4
+MIN_NORMALIZATION_STD = 1e-4
 #: bounds on what a file's metadata may make a reader parse (the shipped model's metadata is 26 KB, its header 65 KB;
 #: exports nest their records a level each)
 MAX_META_BYTES = 1 << 20
@@ -140,9 +143,14 @@ def validate_meta(meta: dict[str, Any]) -> None:
         raise CheckpointError(f"metadata lists {class_set.num_classes} classes but arch.num_classes is "
                               f"{config.num_classes}")
     norm = meta.get("normalization")
+    # bounded so that (x - mean) / std stays finite in float32 for 0..255 inputs (std 1e-300 became 0 there: every
+    # logit NaN, every pixel class 0, no error)
     if (not isinstance(norm, dict) or not _numbers(norm.get("mean"), 3) or not _numbers(norm.get("std"), 3)
-            or any(s <= 0 for s in norm["std"]) or norm.get("channel_order") not in ("RGB", "BGR")):
-        raise CheckpointError(f"invalid normalization in metadata: {str(norm)[:200]} (need mean[3], std[3] > 0, "
+            or not all(abs(m) <= MAX_NORMALIZATION for m in norm["mean"])
+            or not all(MIN_NORMALIZATION_STD <= s <= MAX_NORMALIZATION for s in norm["std"])
+            or norm.get("channel_order") not in ("RGB", "BGR")):
+        raise CheckpointError(f"invalid normalization in metadata: {str(norm)[:200]} (need mean[3] within "
+                              f"+-{MAX_NORMALIZATION:g}, std[3] in [{MIN_NORMALIZATION_STD:g}, {MAX_NORMALIZATION:g}], "
                               "channel_order RGB or BGR)")
     size = meta.get("input_size")
     if size is not None and (not _numbers(size, 2) or not all(isinstance(v, int) for v in size)

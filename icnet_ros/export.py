@@ -325,6 +325,8 @@ def parse_export_meta(text: str | bytes, source: str | os.PathLike) -> dict[str,
         meta = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{source}: icnet_ros metadata is not valid JSON: {e}") from None
+    except ValueError as e:  # an integer of more than 4300 digits (Python's conversion limit)
+        raise CheckpointError(f"{source}: icnet_ros metadata cannot be read: {str(e).split(';')[0]}") from None
     except RecursionError:  # e.g. 100000 nested arrays: the decoder's recursion limit
         raise CheckpointError(f"{source}: icnet_ros metadata is nested too deeply to parse") from None
     if not isinstance(meta, dict):

@@ -118,6 +118,9 @@ def test_missing_unexpected_and_mismatched_keys(tmp_path):
     ({"arch": {"backbone": "vgg16", "num_classes": 11}}, "invalid checkpoint metadata"),
     ({"classes": ["a", "b"], "palette": [[0, 0, 0], [1, 1, 1]]}, "2 classes but arch.num_classes is 11"),
     ({"normalization": {"mean": [0, 0], "std": [1, 1, 1], "channel_order": "RGB"}}, "invalid normalization"),
+    # finite in float64, not in the float32 arithmetic: std 1e-300 is 0 there (every logit NaN, every pixel class 0)
+    ({"normalization": {"mean": [0, 0, 0], "std": [1e-300, 1, 1], "channel_order": "RGB"}}, "invalid normalization"),
+    ({"normalization": {"mean": [1e308, 0, 0], "std": [1, 1, 1], "channel_order": "RGB"}}, "invalid normalization"),
     ({"input_size": [10, 10]}, "invalid input_size"),
     ({"network_width": 32}, "invalid network_width"),
     ({"network_width": 100000}, "invalid network_width"),  # auto inference resizes every frame to it: bounded

@@ -513,6 +513,17 @@ def test_export_record_readers_tolerate_wrong_types(ckpt):
     assert not ckpt.with_name("never.onnx").exists()
 
 
+def test_metadata_with_an_integer_past_pythons_digit_limit_is_one_line_naming_the_file(tmp_path, ckpt):
+    """An integer of 5000 digits in an export's metadata: json raised a bare ValueError (Python's 4300-digit
+    conversion limit) that named no file and suggested sys.set_int_max_str_digits."""
+    text = json.dumps(export_meta(ckpt)).replace('"provenance": {', '"big": ' + "9" * 5000 + ', "provenance": {', 1)
+    path = tiny_onnx(tmp_path / "bigint.onnx", text)
+    with pytest.raises(CheckpointError) as e:
+        read_onnx_metadata(path)
+    one_line_error(e, str(path), "icnet_ros metadata cannot be read: Exceeds the limit (4300 digits)")
+    assert "set_int_max_str_digits" not in str(e.value)
+
+
 def test_deeply_nested_metadata_refused(tmp_path, ckpt):
     """100000 nested arrays in the metadata raised RecursionError out of read_onnx_metadata (only JSONDecodeError was
     caught); nesting json accepts (hundreds of levels) broke later deep copies. Both are a one-line CheckpointError
