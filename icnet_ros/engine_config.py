@@ -290,7 +290,7 @@ class SegmenterConfig:
     warmup: Any = _opt(True, "Run the pipeline at start-up on a synthetic frame (true), not at all (false), or "
                        "at each of these frame sizes, e.g. '720x1280;480x640' (the cameras' sizes: the CUDA graphs "
                        "and torch.compile graphs for one frame of each are then made before the first frame instead "
-                       "of on it).", "true | false | HxW[;HxW...] (at most 16 sizes)", _warmup, cli=False,
+                       "of on it).", f"true | false | HxW[;HxW...] (at most {MAX_WARMUP_SIZES} sizes)", _warmup, cli=False,
                        text_type=str)
 
     # ---------------------------------------------------------------------------------------------- building

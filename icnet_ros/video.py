@@ -125,13 +125,9 @@ class _Encoded(NamedTuple):
     data: np.ndarray
 
 
-def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
-    """Decode an image file to uint8 BGR H x W x 3 (grey and 16-bit images are converted; alpha is dropped; EXIF
-    orientation is not applied). Every failure is a :class:`SourceError` naming the file and the reason (no
-    traceback for one bad file: a caller skips it and goes on).
-
-    ``max_pixels``: refuse (:class:`ImageTooLargeError`) a file larger than :func:`max_file_size` before reading it,
-    and an image whose header declares more pixels before decoding it."""
+def read_image_bytes(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """An image file's bytes (uint8 array); with ``max_pixels``, a file larger than :func:`max_file_size` is refused
+    (:class:`ImageTooLargeError`) before it is read. Read failures (also out of memory) are :class:`SourceError`."""
     p = Path(path)
     size = None
     try:
@@ -140,11 +136,22 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.nda
             if max_pixels is not None and size > max_file_size(max_pixels):
                 raise ImageTooLargeError(f"image {p}: a file of {size} bytes is larger than any image within the "
                                          f"limit of {max_pixels} pixels can be ({max_file_size(max_pixels)} bytes)")
-            data = np.fromfile(f, dtype=np.uint8, count=size)
+            return np.fromfile(f, dtype=np.uint8, count=size)
     except OSError as e:
         raise SourceError(f"cannot read image {p}: {e.strerror or e}") from e
     except MemoryError:
         raise SourceError(f"cannot read image {p}: its {size} bytes do not fit in memory") from None
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image file to uint8 BGR H x W x 3 (grey and 16-bit images are converted; alpha is dropped; EXIF
+    orientation is not applied). Every failure is a :class:`SourceError` naming the file and the reason (no
+    traceback for one bad file: a caller skips it and goes on).
+
+    ``max_pixels``: refuse (:class:`ImageTooLargeError`) a file larger than :func:`max_file_size` before reading it,
+    and an image whose header declares more pixels before decoding it."""
+    p = Path(path)
+    data = read_image_bytes(p, max_pixels)
     if data.size:
         check_image_size(data, p, max_pixels)
     try:
@@ -562,5 +569,5 @@ def _write_problem(path: Path) -> str | None:
 
 __all__ = ["DEFAULT_IMAGE_FPS", "Frame", "FrameSource", "IMAGE_EXTENSIONS", "ImageFiles", "ImageFolder",
            "ImageTooLargeError", "SourceError", "VIDEO_EXTENSIONS", "VideoFile", "VideoWriter", "check_fourcc",
-           "check_image_size", "iter_frames", "max_file_size", "open_source", "read_image", "write_bytes_atomically",
-           "write_image", "write_text_atomically"]
+           "check_image_size", "iter_frames", "max_file_size", "open_source", "read_image", "read_image_bytes",
+           "write_bytes_atomically", "write_image", "write_text_atomically"]

@@ -200,22 +200,15 @@ def check_image_size(path: str | os.PathLike, what: str = "image") -> tuple[int,
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as an H x W x 3 uint8 RGB array (files above :data:`MAX_IMAGE_PIXELS` are refused)."""
-    from ..video import SourceError, check_image_size as check_encoded, max_file_size
+    from ..video import ImageTooLargeError, SourceError, check_image_size as check_encoded, read_image_bytes
 
     check_image_size(path, "image")
-    size = None
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > max_file_size(MAX_IMAGE_PIXELS):  # read whole only if an image within the limit can be it
-                raise DatasetError(f"image {path}: a file of {size} bytes is larger than any image within the limit "
-                                   f"of {MAX_IMAGE_PIXELS / 1e6:g} megapixels can be "
-                                   "(icnet_ros.data.datasets.MAX_IMAGE_PIXELS)")
-            data = np.fromfile(f, np.uint8, count=size)
-    except OSError as e:
-        raise DatasetError(f"cannot read image {path}: {e.strerror or e}") from None
-    except MemoryError:
-        raise DatasetError(f"cannot read image {path}: its {size} bytes do not fit in memory") from None
+    try:  # read whole only if an image within the limit can be that large (the CLIs' reader)
+        data = read_image_bytes(path, MAX_IMAGE_PIXELS)
+    except ImageTooLargeError as e:
+        raise DatasetError(f"{e} (icnet_ros.data.datasets.MAX_IMAGE_PIXELS)") from None
+    except SourceError as e:
+        raise DatasetError(str(e)) from None
     if jpeg_truncated(data):  # OpenCV decodes it, grey where the data ends, and says so only on stderr
         raise DatasetError(f"cannot read image {path}: truncated JPEG (no end-of-image marker after its last scan)")
     try:  # the node's bounded JPEG/PNG header walk, as the CLIs' reader (a JPEG of thousands of scans: seconds)
