@@ -43,6 +43,7 @@ from .. import engine_config
 from .cli_checks import add_max_pixels_argument, max_pixels_problem
 
 DEMO_ENGINE_OPTIONS = ("backend", "device", "precision", "input_size")
+SPINNER_THREAD = "icnet_demo_executor"  # the thread spinning the executor (joined before the process ends)
 
 PROG = "icnet-demo"
 #: without --output, each run saves into a new folder below this one, named after its start (<date>-<time>)
@@ -245,11 +246,20 @@ def _run(args: argparse.Namespace, model: str, source: Any, stop: Any) -> int:
         steps = [] if executor is None else [lambda: executor.shutdown(timeout_sec=2.0)]
         steps += [node.destroy_node] if node is not None else []
         steps += [source.close] if source is not None else []
-        interrupted = cleanup(*steps, rclpy.try_shutdown) or interrupted
+        # the spinning thread returns once the executor and the context are shut down: joined, so that it is not
+        # still inside rclpy when the interpreter finalises (a C++ abort, "terminate called without an active
+        # exception", ended one demo with SIGABRT after everything was saved)
+        interrupted = cleanup(*steps, rclpy.try_shutdown, _join_spinners) or interrupted
     if interrupted:  # before the playing started (loading the model); the try block's own returns stand
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
         return stop.exit_code
     return 0  # reached only when the try block returned early without a value (it does not)
+
+
+def _join_spinners(timeout: float = 5.0) -> None:
+    for thread in threading.enumerate():
+        if thread.name == SPINNER_THREAD:
+            thread.join(timeout)
 
 
 def _serve(args: argparse.Namespace, executor: Any) -> int:
@@ -260,7 +270,7 @@ def _serve(args: argparse.Namespace, executor: Any) -> int:
     print(f"{PROG}: segmenting {args.topic} -> "
           f"{args.topic.rsplit('/', 1)[0]}/semantic/{{label,color,overlay,confidence}}; waiting for "
           "frames (Ctrl-C to stop)", flush=True)
-    spinner = threading.Thread(target=spin, args=(executor,), name="icnet_demo_executor", daemon=True)
+    spinner = threading.Thread(target=spin, args=(executor,), name=SPINNER_THREAD, daemon=True)
     spinner.start()
     try:
         while spinner.is_alive():
@@ -294,7 +304,7 @@ class DemoRun:
         self.overlay_topic = sibling_topic(self.topic, "semantic/overlay")
         self.helper = rclpy.create_node("icnet_demo")
         executor.add_node(self.helper)
-        self._spinner = threading.Thread(target=spin, args=(executor,), name="icnet_demo_executor", daemon=True)
+        self._spinner = threading.Thread(target=spin, args=(executor,), name=SPINNER_THREAD, daemon=True)
         self._spinner.start()
         self.recorder = Recorder(self.helper, [self.overlay_topic], output, fmt, reliability="reliable", depth=1000,
                                  video=video, fps=fps, subdirs=False)
