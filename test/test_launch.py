@@ -216,11 +216,29 @@ def test_a_bad_rviz_value_ends_the_launch_before_the_node_starts(colcon_ws: Work
         launched.kill()
 
 
+def _transition(ros: RosHarness, node: str, label: str, timeout: float = 30.0) -> None:
+    """Trigger lifecycle transition ``label`` through ``NODE/change_state``, as a lifecycle manager does."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    client = ros.node.create_client(ChangeState, f"{node}/change_state")
+    try:
+        assert client.wait_for_service(timeout_sec=timeout), f"{node}/change_state not found"
+        request = ChangeState.Request(transition=Transition(label=label))
+        future = client.call_async(request)
+        ros.wait_until(future.done, timeout, f"the answer to {label}")
+        assert future.result().success, f"{label} failed"
+    finally:
+        ros.node.destroy_client(client)
+
+
 @pytest.mark.slow
 def test_lifecycle_driven_by_a_manager(colcon_ws: Workspace, ros: RosHarness, checkpoint: Path, tmp_path: Path):
-    """`autostart:=false`: the node waits unconfigured; `ros2 lifecycle set` configures it (model loaded), activates
-    it (frames served), deactivates it (no frames taken), cleans it up (model released) and shuts it down (the
-    process ends, and with it the launch)."""
+    """`autostart:=false`: the node waits unconfigured; `ros2 lifecycle set` configures it (model loaded); a manager
+    (its ChangeState service called over DDS) activates it (frames served), deactivates it (no frames taken) and
+    cleans it up (model released); `ros2 lifecycle set` shuts it down (the process ends, and with it the launch).
+    The middle transitions skip the CLI: each `ros2 lifecycle set` is a new process that discovers the graph (3-5 s
+    here), and the first and last calls already check the CLI against the node."""
     launched = Launched([*LAUNCH, "autostart:=false", f"model:={checkpoint}", "device:=cpu"], colcon_ws, tmp_path)
     pub = ros.publisher(Image, "/camera/image_raw")
     label = ros.collect(Image, "/camera/semantic/label")
@@ -235,18 +253,18 @@ def test_lifecycle_driven_by_a_manager(colcon_ws: Workspace, ros: RosHarness, ch
         pub.publish(image_msg(img, "rgb8", ros.now().to_msg()))
         assert not label.wait_for(lambda m: len(m) >= 1, 1), "an inactive node published"
 
-        ros2_retry(colcon_ws, "lifecycle", "set", node, "activate", ok="Transitioning successful")
+        _transition(ros, node, "activate")
         launched.wait_for_output(READY, 10)
         ros.wait_matched(pub)
         _serve(ros, pub, label, lambda stamp: image_msg(img, "rgb8", stamp))
 
-        ros2_retry(colcon_ws, "lifecycle", "set", node, "deactivate", ok="Transitioning successful")
+        _transition(ros, node, "deactivate")
         launched.wait_for_output("inactive: not taking frames", 10)
         label.clear()
         pub.publish(image_msg(img, "rgb8", ros.now().to_msg()))
         assert not label.wait_for(lambda m: len(m) >= 1, 1), "a deactivated node published"
 
-        ros2_retry(colcon_ws, "lifecycle", "set", node, "cleanup", ok="Transitioning successful")
+        _transition(ros, node, "cleanup")
         launched.wait_for_output("unconfigured: model released", 10)
         ros2_retry(colcon_ws, "lifecycle", "set", node, "shutdown", ok="Transitioning successful")
         assert launched.wait(30) == 0, launched.output()
