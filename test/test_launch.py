@@ -132,10 +132,9 @@ def test_readme_launch_with_namespace_cameras_and_rviz(colcon_ws: Workspace, ros
                       "/rear/semantic/color", "/rear/semantic/confidence", "/diagnostics"):
             assert topic in topics.split(), topics
 
-        # (each value is checked as at start-up: test_node_process runs those checks in-process, where they are cheap;
-        # every ros2 call here costs seconds)
+        # live parameters: `ros2 param set` on the model (each value is checked as at start-up: test_node_process
+        # runs those checks in-process, where they are cheap; every ros2 call here costs seconds)
         node = "/robot1/icnet_node"
-        ros2_retry(colcon_ws, "param", "set", node, "overlay_alpha", "0.8", ok="Set parameter successful")
 
         # hot swap: a model that is not a model is refused (the reason comes back); the old one serves on
         bad = tmp_path / "broken.safetensors"
