@@ -149,13 +149,13 @@ def validate_meta(meta: dict[str, Any]) -> None:
             or not all(abs(m) <= MAX_NORMALIZATION for m in norm["mean"])
             or not all(MIN_NORMALIZATION_STD <= s <= MAX_NORMALIZATION for s in norm["std"])
             or norm.get("channel_order") not in ("RGB", "BGR")):
-        raise CheckpointError(f"invalid normalization in metadata: {str(norm)[:200]} (need mean[3] within "
+        raise CheckpointError(f"invalid normalization in metadata: {repr(norm)[:200]} (need mean[3] within "
                               f"+-{MAX_NORMALIZATION:g}, std[3] in [{MIN_NORMALIZATION_STD:g}, {MAX_NORMALIZATION:g}], "
                               "channel_order RGB or BGR)")
     size = meta.get("input_size")
     if size is not None and (not _numbers(size, 2) or not all(isinstance(v, int) for v in size)
                              or min(size) < MIN_INPUT_SIZE or size[0] * size[1] > MAX_UPSCALED_PIXELS):
-        raise CheckpointError(f"invalid input_size in metadata: {str(size)[:80]} (need [H, W], integers each >= "
+        raise CheckpointError(f"invalid input_size in metadata: {repr(size)[:80]} (need [H, W], integers each >= "
                               f"{MIN_INPUT_SIZE}, at most {MAX_UPSCALED_PIXELS} pixels: every frame runs at it)")
     width = meta.get("network_width")
     if width is not None and (not isinstance(width, int) or isinstance(width, bool)
@@ -165,7 +165,7 @@ def validate_meta(meta: dict[str, Any]) -> None:
     provenance = meta.get("provenance")
     if provenance is not None and (not isinstance(provenance, dict) or not isinstance(
             provenance.get("exported", {}), dict)):
-        raise CheckpointError(f"invalid provenance in metadata: {str(provenance)[:80]} (need an object, its "
+        raise CheckpointError(f"invalid provenance in metadata: {repr(provenance)[:80]} (need an object, its "
                               "'exported' record an object)")
     if _depth(meta) > MAX_META_DEPTH:
         raise CheckpointError(f"invalid metadata: nested deeper than {MAX_META_DEPTH} levels")

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 IGNORE_INDEX = 255
+#: the most classes a class set has (labels are 8-bit and 255 is ignore)
+MAX_CLASSES = 255
 MAX_NAME_LENGTH = 100
 
 
@@ -56,8 +58,8 @@ class ClassSet:
             raise ValueError(f"bad class set (dataset) name {repr(self.name)[:80]} (need {NAME_RULE})")
         if len(self.classes) != len(self.palette):
             raise ValueError(f"class set {self.name!r}: {len(self.classes)} classes but {len(self.palette)} colors")
-        if not 1 <= len(self.classes) <= 255:
-            raise ValueError(f"class set {self.name!r}: 1..255 classes supported, got {len(self.classes)}")
+        if not 1 <= len(self.classes) <= MAX_CLASSES:
+            raise ValueError(f"class set {self.name!r}: 1..{MAX_CLASSES} classes supported, got {len(self.classes)}")
         for c in self.classes:  # names reach subscribers (classes.names, the class metadata JSON) and reports
             if not _is_name(c):
                 raise ValueError(f"class set {self.name!r}: bad class name {repr(c)[:80]} (need {NAME_RULE})")
@@ -159,6 +161,8 @@ def class_set_from_meta(meta: dict[str, Any]) -> ClassSet:
     classes = meta["classes"]
     if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"classes must be a list of names, got {repr(classes)[:80]}")
+    if not 1 <= len(classes) <= MAX_CLASSES:  # before a palette is made for them
+        raise ValueError(f"1..{MAX_CLASSES} classes supported, got {len(classes)}")
     palette = meta.get("palette")
     if palette is None or (isinstance(palette, (list, tuple)) and not palette):
         palette = generic_palette(len(classes))

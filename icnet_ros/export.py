@@ -26,10 +26,12 @@ The exporter is ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript): 
 6-bin pooling of a 16 x 32 low-branch map), which ICNet has at most sizes. The decomposition the dynamo exporter
 uses (ReduceMean over gathered windows) runs in ONNX Runtime and TensorRT.
 
-:func:`read_onnx_metadata` reads only the file's top-level protobuf fields (the graph is skipped, not parsed; at
-most :data:`MAX_TOP_LEVEL_FIELDS` of them, read in 64 KiB chunks), so it is cheap on large models, needs no
-``onnx`` package and runs no code; a truncated file, a non-ONNX file and an ONNX model without icnet_ros metadata
-raise :class:`~icnet_ros.checkpoint.CheckpointError` with one line.
+:func:`read_onnx_metadata` reads the file's protobuf fields without the tensor data (at most
+:data:`MAX_TOP_LEVEL_FIELDS` at the top level and :data:`MAX_GRAPH_FIELDS` in the graph, read in 64 KiB chunks), so
+it is cheap on large models, needs no ``onnx`` package and runs no code; a truncated file, a non-ONNX file, an ONNX
+model without icnet_ros metadata and one whose tensors name other files (external data, which the runtimes would
+read from the model's folder) raise :class:`~icnet_ros.checkpoint.CheckpointError` with one line. The runtimes
+check the graph itself when they load it.
 """
 from __future__ import annotations
 
@@ -47,16 +49,17 @@ import torch
 from torch import nn
 
 from .backends.base import require
-from .checkpoint import (META_KEY, CheckpointError, default_model_path, file_sha256, inference_copy, record_export,
-                         validate_meta)
+from .checkpoint import (MAX_META_BYTES, META_KEY, CheckpointError, default_model_path, file_sha256, inference_copy,
+                         record_export, validate_meta)
 from .models.icnet import MIN_INPUT_SIZE
 from .optimize import FactorizedPyramidPooling, factorize_pyramid_pooling, fold_batchnorm
 from .sizes import MAX_BATCH, MAX_UPSCALED_PIXELS, SIZE_DIVISOR, aligned_size
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-#: the metadata of an export is at most this large (a guard against hostile files; real metadata is a few KiB)
-MAX_METADATA_BYTES = 16 << 20
+#: all metadata entries of an exported file together are at most this large before any is parsed (a guard against
+#: hostile files: real metadata is a few KiB, and its JSON text at most MAX_META_BYTES, as a checkpoint's)
+MAX_METADATA_BYTES = 2 * MAX_META_BYTES
 #: the largest batch an export records or fixes: a TensorRT optimisation profile covers 1..it, and a fixed-batch
 #: model pads every call to it (as many cameras as the node batches at most)
 MAX_EXPORT_BATCH = MAX_BATCH
@@ -286,22 +289,40 @@ def _quiet_exporter():
 
 
 # ----------------------------------------------------------------------------------------------- reading metadata
-# ONNX files are protobuf ModelProto messages. Only the top level is scanned: field 14 is metadata_props
-# (repeated StringStringEntryProto {1: key, 2: value}), field 7 the graph (skipped by its length), field 1 the IR
-# version. Wire types: 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32.
-_IR_VERSION, _GRAPH, _METADATA_PROPS = 1, 7, 14
+# ONNX files are protobuf ModelProto messages. The top level is scanned for field 14, metadata_props (repeated
+# StringStringEntryProto {1: key, 2: value}), field 7 the graph and field 1 the IR version. The graph and the local
+# functions (field 25) are walked message by message, without reading tensor data, to refuse tensors stored in
+# other files (external data: ONNX Runtime and OpenVINO read any file in the model's folder that a tensor names, and
+# the graph could publish its bytes as labels; icnet-export's files are self-contained). Wire types: 0 varint,
+# 1 fixed64, 2 length-delimited, 5 fixed32.
+_IR_VERSION, _GRAPH, _METADATA_PROPS, _FUNCTIONS = 1, 7, 14, 25
 #: the most top-level fields the scan walks: a real export has a few dozen (ir_version, producer, graph, opset
 #: imports, metadata, local functions); a file of millions of tiny fields would otherwise cost seconds per MiB
 MAX_TOP_LEVEL_FIELDS = 4096
-#: bytes read at a time around the scan's position (the graph, skipped, is never read)
+#: the most fields the walk of the graph and functions reads (the default model's export: about 6100; a file of
+#: millions of tiny fields would otherwise cost seconds), and the deepest it nests (subgraphs of subgraphs)
+MAX_GRAPH_FIELDS, MAX_GRAPH_NESTING = 1 << 20, 32
+#: bytes read at a time around the scan's position (tensor data, skipped, is never read)
 _CHUNK = 1 << 16
+# the messages the walk descends into: {message: {field: message}} (onnx.proto); every other field is skipped
+_GRAPH_MSG, _NODE, _ATTRIBUTE, _TENSOR, _SPARSE_TENSOR, _FUNCTION = "graph", "node", "attribute", "tensor", \
+    "sparse tensor", "function"
+_CHILDREN: dict[str, dict[int, str]] = {
+    _GRAPH_MSG: {1: _NODE, 5: _TENSOR, 15: _SPARSE_TENSOR},  # node, initializer, sparse_initializer
+    _NODE: {5: _ATTRIBUTE},
+    _ATTRIBUTE: {5: _TENSOR, 6: _GRAPH_MSG, 10: _TENSOR, 11: _GRAPH_MSG, 22: _SPARSE_TENSOR, 23: _SPARSE_TENSOR},
+    _SPARSE_TENSOR: {1: _TENSOR, 2: _TENSOR},  # values, indices
+    _FUNCTION: {7: _NODE, 11: _ATTRIBUTE},  # node, attribute_proto (default values)
+    _TENSOR: {},
+}
+_TENSOR_NAME, _EXTERNAL_DATA, _DATA_LOCATION, _EXTERNAL = 8, 13, 14, 1
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The icnet_ros metadata of an exported ``.onnx`` file, validated, without loading the graph.
 
-    Raises :class:`CheckpointError` (one line) for a missing, truncated or non-ONNX file and for an ONNX model
-    without icnet_ros metadata."""
+    Raises :class:`CheckpointError` (one line) for a missing, truncated or non-ONNX file, for an ONNX model without
+    icnet_ros metadata and for one with a tensor stored in another file (external data)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"model not found: {path}" if not path.exists() else f"model path is not a file: {path}")
@@ -312,6 +333,9 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read: {e}") from e
     except _Malformed as e:
         raise CheckpointError(f"{path}: not a complete ONNX model ({e})") from None
+    except _NotSelfContained as e:
+        raise CheckpointError(f"{path}: {e}; a model must not read other files (icnet-export writes self-contained "
+                              "ones)") from None
     if META_KEY not in props:
         raise CheckpointError(f"{path}: ONNX model without icnet_ros metadata (not exported by icnet-export; export "
                               "a native checkpoint with: icnet-export MODEL --format onnx)")
@@ -320,7 +344,11 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def parse_export_meta(text: str | bytes, source: str | os.PathLike) -> dict[str, Any]:
     """An exported model's icnet_ros metadata from its JSON text, validated (:func:`validate_export_meta`);
-    CheckpointError naming ``source`` and the problem, in one line."""
+    CheckpointError naming ``source`` and the problem, in one line. Text longer than a checkpoint's metadata may be
+    (:data:`~icnet_ros.checkpoint.MAX_META_BYTES`, as ``json.dumps`` writes it) is refused before it is parsed."""
+    if len(text) > MAX_META_BYTES:
+        raise CheckpointError(f"{source}: icnet_ros metadata of {len(text)} bytes (at most {MAX_META_BYTES}; real "
+                              "metadata is a few KiB)")
     try:
         meta = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -348,7 +376,7 @@ def validate_export_meta(meta: dict[str, Any]) -> None:
     if (not isinstance(size, list) or len(size) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
             or min(size) < MIN_INPUT_SIZE or size[0] * size[1] > MAX_UPSCALED_PIXELS):
-        raise CheckpointError(f"invalid network_size in metadata: {str(size)[:80]} (need [H, W], integers each >= "
+        raise CheckpointError(f"invalid network_size in metadata: {repr(size)[:80]} (need [H, W], integers each >= "
                               f"{MIN_INPUT_SIZE}, at most {MAX_UPSCALED_PIXELS} pixels)")
     profile_batch(meta)  # a dynamic export's batch: bounded, or refused here
 
@@ -391,6 +419,7 @@ def _scan_model_proto(f: BinaryIO, size: int) -> dict[str, str]:
     props: dict[str, str] = {}
     seen: set[int] = set()
     window = _Window(f, size)
+    walked = [0]  # fields read inside the graph and functions
     pos = fields = metadata = 0
     while pos < size:
         fields += 1
@@ -416,6 +445,8 @@ def _scan_model_proto(f: BinaryIO, size: int) -> dict[str, str]:
                     raise _Malformed(f"more than {MAX_METADATA_BYTES} bytes of metadata")
                 key, value = _parse_entry(window.read(pos, length))
                 props[key] = value
+            elif field in (_GRAPH, _FUNCTIONS):
+                _walk(window, pos, pos + length, _GRAPH_MSG if field == _GRAPH else _FUNCTION, 1, walked)
             pos += length
         else:
             raise _Malformed(f"invalid wire type {wire} at byte {pos}")
@@ -428,6 +459,54 @@ def _scan_model_proto(f: BinaryIO, size: int) -> dict[str, str]:
     if missing:
         raise _Malformed(f"no {' and no '.join(missing)}")
     return props
+
+
+class _NotSelfContained(Exception):
+    pass
+
+
+def _walk(window: _Window, pos: int, end: int, kind: str, depth: int, walked: list[int]) -> None:
+    """Walk the ``kind`` message in bytes [pos, end) and the messages of :data:`_CHILDREN` inside it; raises
+    _NotSelfContained for a tensor with external data, _Malformed for a damaged or oversized structure."""
+    if depth > MAX_GRAPH_NESTING:
+        raise _Malformed(f"messages nested more than {MAX_GRAPH_NESTING} deep")
+    children = _CHILDREN[kind]
+    name = external = None
+    while pos < end:
+        walked[0] += 1
+        if walked[0] > MAX_GRAPH_FIELDS:
+            raise _Malformed(f"more than {MAX_GRAPH_FIELDS} fields in the graph")
+        tag, pos = _read_varint(window, pos, end)
+        field, wire = tag >> 3, tag & 7
+        if field == 0:
+            raise _Malformed(f"invalid field number 0 at byte {pos}")
+        if wire == 0:
+            value, pos = _read_varint(window, pos, end)
+            if kind == _TENSOR and field == _DATA_LOCATION and value == _EXTERNAL:
+                external = external or "its data_location is EXTERNAL"
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        elif wire == 2:
+            length, pos = _read_varint(window, pos, end)
+            if pos + length > end:
+                raise _Malformed(f"truncated: a {kind} field needs {length} bytes at byte {pos}, its message ends "
+                                 f"at byte {end}")
+            if field in children:
+                _walk(window, pos, pos + length, children[field], depth + 1, walked)
+            elif kind == _TENSOR and field == _TENSOR_NAME and length <= 256:
+                name = window.read(pos, length).decode("utf-8", "replace")
+            elif kind == _TENSOR and field == _EXTERNAL_DATA:
+                key, value = _parse_entry(window.read(pos, length)) if length <= 4096 else ("", "")
+                if key == "location" or external is None:
+                    external = f"its data is in another file ({value[:200]!r})" if key == "location" else \
+                        "it has external_data entries"
+            pos += length
+        else:
+            raise _Malformed(f"invalid wire type {wire} at byte {pos}")
+    if pos != end:
+        raise _Malformed(f"truncated: a {kind} field ends at byte {pos}, its message at byte {end}")
+    if external:
+        raise _NotSelfContained(f"tensor {name!r} is not stored in the file: {external}")
 
 
 def _read_varint(window: _Window, pos: int, size: int) -> tuple[int, int]:
@@ -472,6 +551,6 @@ def _parse_entry(data: bytes) -> tuple[str, str]:
         raise _Malformed("metadata entry is not UTF-8") from None
 
 
-__all__ = ["INPUT_NAME", "MAX_EXPORT_BATCH", "MAX_TOP_LEVEL_FIELDS", "OUTPUT_NAME",
+__all__ = ["INPUT_NAME", "MAX_EXPORT_BATCH", "MAX_GRAPH_FIELDS", "MAX_TOP_LEVEL_FIELDS", "OUTPUT_NAME",
            "check_export_size", "check_opset", "export_onnx", "export_record", "exported_meta", "inference_model",
            "parse_export_meta", "profile_batch", "read_onnx_metadata", "supported_opsets", "validate_export_meta"]

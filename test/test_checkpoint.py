@@ -168,6 +168,37 @@ def test_invalid_metadata(tmp_path, patch, match):
         load_model(path)
 
 
+@pytest.mark.parametrize("key", ["normalization", "input_size", "provenance"])
+def test_values_from_the_file_are_shown_escaped_on_one_line(key):
+    """A value a file gives is shown escaped in the refusal: a newline in it made a two-line error whose second line
+    was a forged log line ("[ERROR] icnet_node: model loaded OK")."""
+    from icnet_ros.checkpoint import validate_meta
+
+    model = build_icnet("icnet_r18", width=0.25, num_classes=11)
+    meta = {**build_meta(model.config, CAMVID), key: "64x64\n[ERROR] icnet_node: model loaded OK"}
+    with pytest.raises(CheckpointError, match=f"invalid {key}") as e:
+        validate_meta(meta)
+    assert "\n" not in str(e.value) and "\\n[ERROR]" in str(e.value), str(e.value)
+
+
+def test_the_class_count_is_checked_before_a_palette_is_made_for_it(monkeypatch):
+    """Metadata listing 300000 classes without a palette is refused at the class count: a palette was made for all
+    of them first (3.9 million classes: seconds and hundreds of MiB per load attempt)."""
+    import icnet_ros.classes as classes_module
+    from icnet_ros.checkpoint import validate_meta
+
+    def no_palette(n):
+        raise AssertionError(f"a palette of {n} colours was made")
+
+    monkeypatch.setattr(classes_module, "generic_palette", no_palette)
+    model = build_icnet("icnet_r18", width=0.25, num_classes=11)
+    meta = build_meta(model.config, CAMVID)
+    meta["classes"] = [f"c{i}" for i in range(300_000)]
+    meta.pop("palette", None)
+    with pytest.raises(CheckpointError, match="1..255 classes supported, got 300000"):
+        validate_meta(meta)
+
+
 def test_metadata_of_any_json_shape_gives_a_checkpoint_error_or_loads():
     """Metadata comes from files: every top-level and nested value replaced by a value of another JSON type is
     refused with CheckpointError (one line), never a TypeError/AttributeError from deep inside."""

@@ -444,16 +444,16 @@ def test_metadata_scan_is_bounded(tmp_path, ckpt, exported, monkeypatch):
             return self._f.__exit__(*exc)
 
     monkeypatch.setattr("builtins.open", lambda *a, **k: CountingFile(real_open(*a, **k)))
-    # a real export: a handful of fields, a few reads whatever its size
+    # a real export: its structure is walked (external data is looked for), in chunks, skipping the tensor data
     assert read_onnx_metadata(exported)["network_size"] == list(SIZE)
-    assert varints[0] < 60 and reads[0] <= 8, (varints, reads)
+    assert varints[0] < 20_000 and reads[0] <= exported.stat().st_size // export_module._CHUNK + 2, (varints, reads)
     # 400 KB of tiny fields after a valid model: refused after MAX_TOP_LEVEL_FIELDS fields, in a few chunk reads
     varints[0] = reads[0] = 0
     padded = tiny_onnx(tmp_path / "padded.onnx", export_meta(ckpt), suffix=b"\x08\x08" * 200_000)
     with pytest.raises(CheckpointError) as e:
         read_onnx_metadata(padded)
     one_line_error(e, str(padded), f"more than {limit} top-level fields")
-    assert varints[0] <= 2 * limit + 2 and reads[0] <= 4, (varints, reads)
+    assert varints[0] <= 2 * limit + 200 and reads[0] <= 4, (varints, reads)  # (+ the tiny graph's walk)
     # fewer extra fields than the limit are read as before
     fine = tiny_onnx(tmp_path / "fine.onnx", export_meta(ckpt), suffix=b"\x08\x08" * 100)
     assert read_onnx_metadata(fine)["network_size"] == [64, 64]
@@ -461,8 +461,104 @@ def test_metadata_scan_is_bounded(tmp_path, ckpt, exported, monkeypatch):
     meta = json.dumps(export_meta(ckpt))
     entry = b"\x0a\x01x\x12" + bytes([0x80, 0x80, 0x80, 0x04]) + b" " * (8 << 20)  # key "x", 8 MiB value
     field = b"\x72" + _varint(len(entry)) + entry  # field 14, wire type 2
-    with pytest.raises(CheckpointError, match="more than 16777216 bytes of metadata"):
+    with pytest.raises(CheckpointError, match=f"more than {export_module.MAX_METADATA_BYTES} bytes of metadata"):
         read_onnx_metadata(tiny_onnx(tmp_path / "meta.onnx", meta, suffix=field * 3))
+    # the walk of the graph too: its fields are counted
+    monkeypatch.setattr(export_module, "MAX_GRAPH_FIELDS", 50)
+    with pytest.raises(CheckpointError) as e:
+        read_onnx_metadata(exported)
+    one_line_error(e, str(exported), "more than 50 fields in the graph")
+
+
+def test_metadata_text_is_bounded_before_it_is_parsed(tmp_path, ckpt, monkeypatch):
+    """Metadata JSON longer than a checkpoint's may be (1 MiB) is refused before it is parsed: 15 MiB of it took 7 s
+    and 600 MiB to parse, and was refused only then."""
+    import icnet_ros.export as export_module
+    from icnet_ros.checkpoint import MAX_META_BYTES
+
+    meta = export_meta(ckpt)
+    meta["provenance"]["notes"] = [{}] * 300_000
+    text = json.dumps(meta)
+    assert MAX_META_BYTES < len(text) < export_module.MAX_METADATA_BYTES
+    path = tiny_onnx(tmp_path / "big.onnx", text)
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("the metadata was parsed")
+
+    monkeypatch.setattr(export_module.json, "loads", no_parse)
+    with pytest.raises(CheckpointError) as e:
+        read_onnx_metadata(path)
+    one_line_error(e, str(path), f"icnet_ros metadata of {len(text)} bytes (at most {MAX_META_BYTES}")
+
+
+def _external(tensor, folder, name="weights.bin"):
+    """Store ``tensor``'s data in the file ``name`` of ``folder`` (ONNX external data) instead of in the model."""
+    from onnx import TensorProto
+
+    (folder / name).write_bytes(tensor.raw_data)
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", name), ("offset", "0"), ("length", str(len(tensor.raw_data)))):
+        tensor.external_data.add(key=key, value=value)
+    tensor.ClearField("raw_data")
+
+
+@pytest.mark.parametrize("where", ["initializer", "Constant node", "Constant node in a subgraph"])
+def test_a_tensor_stored_in_another_file_is_refused(tmp_path, ckpt, where):
+    """ONNX external data: ONNX Runtime and OpenVINO read any file in the model's folder that a tensor names (a
+    model next to ~/.ssh/id_rsa read it, and its graph published the bytes as labels). icnet-export writes
+    self-contained files; a tensor with external data anywhere in the graph is refused, with one line, before a
+    runtime sees the file."""
+    from onnx import TensorProto, helper
+
+    from icnet_ros.backends.base import BackendOptions
+    from icnet_ros.backends.onnxruntime import open_backend
+
+    model = onnx.load(str(tiny_onnx(tmp_path / "tiny.onnx", export_meta(ckpt))))
+    weight = model.graph.initializer[0]
+    _external(weight, tmp_path)
+    if where != "initializer":  # W from a Constant node instead of an initializer
+        del model.graph.initializer[:]
+        constant = helper.make_node("Constant", [], ["W"], value=weight)
+        if where == "Constant node":
+            model.graph.node.insert(0, constant)
+        else:  # inside the then-branch of an If whose output is W
+            branch = helper.make_graph([constant], "then", [], [helper.make_tensor_value_info("W", TensorProto.FLOAT,
+                                                                                              None)])
+            cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
+            model.graph.initializer.append(cond)
+            model.graph.node.insert(0, helper.make_node("If", ["cond"], ["W"], then_branch=branch,
+                                                        else_branch=branch))
+    path = tmp_path / "road.onnx"
+    onnx.save(model, str(path))
+    opened = [lambda: read_onnx_metadata(path), lambda: open_backend(path, BackendOptions())]
+    try:
+        from icnet_ros.backends.openvino import open_backend as openvino_backend
+
+        opened.append(lambda: openvino_backend(path, BackendOptions()))
+    except ImportError:
+        pass
+    for open_model in opened:
+        with pytest.raises(CheckpointError) as e:
+            open_model()
+        one_line_error(e, str(path), "tensor 'W' is not stored in the file: its data is in another file "
+                       "('weights.bin'); a model must not read other files")
+
+
+def test_graph_nesting_is_bounded(tmp_path, ckpt):
+    """Subgraphs nested deeper than MAX_GRAPH_NESTING (graph > node > attribute > graph ...) are refused with one
+    line, not walked into Python's recursion limit."""
+    import icnet_ros.export as export_module
+
+    def field(number, payload):
+        return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+    graph = b""
+    for _ in range(export_module.MAX_GRAPH_NESTING + 5):
+        graph = field(1, field(5, field(6, graph)))  # a node with a graph attribute holding the next graph
+    path = tiny_onnx(tmp_path / "deep.onnx", export_meta(ckpt), suffix=field(7, graph))
+    with pytest.raises(CheckpointError) as e:
+        read_onnx_metadata(path)
+    one_line_error(e, str(path), f"messages nested more than {export_module.MAX_GRAPH_NESTING} deep")
 
 
 def _varint(n):
