@@ -286,7 +286,8 @@ class SegmenterConfig:
                              "input shape (at warm-up for the configured sizes).", "true | false", _bool)
     engine_cache: str = _opt("", "TensorRT (native or ONNX Runtime's TensorRT provider): folder of the built "
                              "engines ('' = next to the model file, or ~/.cache/icnet_ros/tensorrt where that folder "
-                             "is read-only or others can write it).", "a folder or empty", _folder)
+                             "is read-only or others can write it); OpenVINO: its compiled-model cache ('' = none). "
+                             "Refused if others can write it.", "a folder or empty", _folder)
     warmup: Any = _opt(True, "Run the pipeline at start-up on a synthetic frame (true), not at all (false), or "
                        "at each of these frame sizes, e.g. '720x1280;480x640' (the cameras' sizes: the CUDA graphs "
                        "and torch.compile graphs for one frame of each are then made before the first frame instead "

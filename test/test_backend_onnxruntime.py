@@ -297,6 +297,26 @@ def test_tensorrt_ep_cache_follows_the_file_content(tmp_path, monkeypatch):
     assert path.startswith(str(tmp_path / "xdg" / "icnet_ros" / "tensorrt" / "ort-trt" / "road.")), path
 
 
+def test_tensorrt_ep_cache_folder_others_can_write_is_refused(tmp_path, monkeypatch):
+    """engine_cache itself must be the user's own, not only the provider's 0700 subfolder made in it: another user
+    who can write engine_cache could swap that subfolder for one holding their engine between the check and the
+    load (the native TensorRT backend refused such an engine_cache already)."""
+    import os
+    import re
+
+    model = tmp_path / "road.onnx"
+    model.write_bytes(b"weights")
+    cache = tmp_path / "shared_cache"
+    cache.mkdir()
+    os.chmod(cache, 0o777)
+    with pytest.raises(CheckpointError, match=rf"the cache folder {re.escape(str(cache))} is writable by its group "
+                                              r"and other users \(mode 0777\)"):
+        _tensorrt_ep_options(monkeypatch, model, str(cache))
+    assert list(cache.iterdir()) == []  # nothing made in it
+    os.chmod(cache, 0o755)
+    assert _tensorrt_ep_options(monkeypatch, model, str(cache))["trt_engine_cache_path"].startswith(str(cache))
+
+
 def test_graph_output_classes_are_the_metadata_classes(tmp_path, tiny_ckpt):
     """A graph with 200 output classes under metadata listing 11 is refused at load naming both (it failed only on
     the first frame); also when the graph leaves the class axis symbolic (ORT infers it) or declares 11 but computes

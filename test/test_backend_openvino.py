@@ -252,12 +252,12 @@ def test_bad_files_are_refused_with_one_line(tmp_path, r18):
     cases["missing_bin.xml"] = "weights file missing_bin.bin is missing"
     (tmp_path / "truncated_xml.xml").write_text(xml_text[: len(xml_text) // 2])
     (tmp_path / "truncated_xml.bin").write_bytes(bin_bytes)
-    cases["truncated_xml.xml"] = "OpenVINO cannot read it"
+    cases["truncated_xml.xml"] = "not XML"
     (tmp_path / "truncated_bin.xml").write_text(xml_text)
     (tmp_path / "truncated_bin.bin").write_bytes(bin_bytes[: len(bin_bytes) // 2])
-    cases["truncated_bin.xml"] = "OpenVINO cannot read it"
+    cases["truncated_bin.xml"] = "needs bytes .* of truncated_bin.bin, which has"
     (tmp_path / "garbage.onnx").write_bytes(b"\x08\x07garbage" * 10)
-    cases["garbage.onnx"] = "OpenVINO cannot read it"
+    cases["garbage.onnx"] = "not a complete ONNX model"
     cases["r18.safetensors"] = "not an OpenVINO model"
     (tmp_path / "r18.safetensors").write_bytes(b"x")
     cases["nothing_here.xml"] = "model not found"
@@ -279,6 +279,65 @@ def test_bad_files_are_refused_with_one_line(tmp_path, r18):
             with pytest.raises(CheckpointError, match=match) as e:
                 fn(tmp_path / name)
             assert _one_line(e).startswith(str(tmp_path / name)) or "not found" in str(e.value), str(e.value)
+
+
+@needs_openvino
+@pytest.mark.parametrize("case", ["wrapped size", "offset past the bin", "element type", "not a net"])
+def test_ir_constants_are_checked_against_the_bin_before_openvino_reads_it(tmp_path, r18, case):
+    """Every Const of an IR must be as many bytes as its shape and type say, inside the .bin: OpenVINO checks that in
+    64-bit arithmetic, where 2^62 + 2 f32 values are 8 bytes, and compiling such a file read past the mapped .bin
+    (SIGBUS: the process ended without a message). Refused with one line before OpenVINO sees the file."""
+    import re
+
+    from icnet_ros.backends.openvino import open_backend, read_openvino_metadata
+
+    _, xml = r18
+    text, weights = xml.read_text(), xml.with_suffix(".bin").read_bytes()
+    m = re.search(r'element_type="f32" shape="(\d+)" offset="(\d+)" size="(\d+)"', text)
+    assert m and int(m[1]) * 4 == int(m[3]), "a 1-D f32 Const in the export"
+    n, offset, size = int(m[1]), int(m[2]), int(m[3])
+    if case == "wrapped size":
+        text = text.replace(m[0], f'element_type="f32" shape="{n + 2 ** 62}" offset="{offset}" size="{size}"', 1)
+        match = f"shape \\[{n + 2 ** 62}\\] of f32 is {size + 2 ** 64} bytes, its size says {size}"
+    elif case == "offset past the bin":
+        text = text.replace(m[0], f'element_type="f32" shape="{n}" offset="{len(weights)}" size="{size}"', 1)
+        match = f"needs bytes {len(weights)}..{len(weights) + size} of bad.bin, which has {len(weights)}"
+    elif case == "element type":
+        text = text.replace(m[0], f'element_type="u3" shape="{n}" offset="{offset}" size="{size}"', 1)
+        match = "element type 'u3' is not one an exported model has"
+    else:
+        text = text.replace("<net ", "<network ", 1).replace("</net>", "</network>")
+        match = "not an OpenVINO IR"
+    (tmp_path / "bad.xml").write_text(text)
+    (tmp_path / "bad.bin").write_bytes(weights)
+    for fn in (read_openvino_metadata, open_backend):
+        with pytest.raises(CheckpointError, match=match) as e:
+            fn(tmp_path / "bad.xml")
+        assert _one_line(e).endswith("not an IR that icnet-export wrote"), str(e.value)
+
+
+@needs_openvino
+def test_the_model_cache_must_be_the_users_own(tmp_path, r18):
+    """engine_cache is also OpenVINO's compiled-model cache (CACHE_DIR), whose blobs run instead of the model when
+    read (a blob of another network renamed to the model's ran that network): a folder others can write is refused
+    as TensorRT's caches are; a new one is made 0700 and holds the compiled model."""
+    import os
+
+    from icnet_ros.backends.openvino import open_backend
+
+    ckpt, xml = r18
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(CheckpointError, match=r"refusing OpenVINO's model cache: the cache folder .* is writable by "
+                                              r"its group and other users \(mode 0777\)") as e:
+        open_backend(xml, BackendOptions(threads=1, cache_dir=str(shared)))
+    _one_line(e)
+    own = tmp_path / "own" / "cache"
+    x = torch.randn(1, 3, *SIZE, generator=torch.Generator().manual_seed(3))
+    out = open_backend(xml, BackendOptions(threads=1, cache_dir=str(own)))(x).clone()
+    assert os.stat(own).st_mode & 0o777 == 0o700 and any(own.iterdir())
+    assert torch.equal(open_backend(xml, BackendOptions(threads=1, cache_dir=str(own)))(x), out)  # from the cache
 
 
 @needs_openvino
@@ -362,7 +421,7 @@ def test_onnx_files_with_icnet_metadata_run_through_openvino(tmp_path, r18):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.zeros(1, 3, *size),), str(plain), dynamo=False, input_names=["input"],
                           dynamic_axes={"input": {0: "batch"}})
-    with pytest.raises(CheckpointError, match="no icnet_ros metadata in the model \\(metadata_props"):
+    with pytest.raises(CheckpointError, match="ONNX model without icnet_ros metadata"):
         open_backend(plain)
     proto = onnx.load(str(plain))
     entry = proto.metadata_props.add()

@@ -140,10 +140,13 @@ class OnnxRuntimeBackend:
             batch = profile_batch(self.meta)
             cache = trt_cache_folder(self.path, options.cache_dir)
             cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            cache.mkdir(mode=0o700, exist_ok=True)
-            from .tensorrt import cache_folder_problem
+            from .tensorrt import cache_folder_problem, folder_problem
 
-            problem = cache_folder_problem(cache)
+            # the folder it is made in too: whoever can write that one can swap the checked folder for their own
+            problem = folder_problem(cache.parent, "the cache folder")
+            if not problem:
+                cache.mkdir(mode=0o700, exist_ok=True)
+                problem = cache_folder_problem(cache)
             if problem:
                 raise CheckpointError(f"{self.path}: refusing ONNX Runtime's TensorRT engine cache: {problem}; "
                                       "engines are native code that runs when loaded: chmod go-w the folder and its "

@@ -231,6 +231,58 @@ def quantize_int8(model: nn.Module, calib_images: list[Path], size: tuple[int, i
 
 # ------------------------------------------------------------------------------------------------------ reading
 
+#: bits per element of the IR element types a Const may have (OpenVINO's names); sub-byte types are packed
+_ELEMENT_BITS = {"f64": 64, "i64": 64, "u64": 64, "f32": 32, "i32": 32, "u32": 32, "f16": 16, "bf16": 16, "i16": 16,
+                 "u16": 16, "i8": 8, "u8": 8, "boolean": 8, "f8e4m3": 8, "f8e5m2": 8, "f8e8m0": 8, "i4": 4, "u4": 4,
+                 "nf4": 4, "f4e2m1": 4, "u2": 2, "u1": 1}
+#: the largest IR .xml read (the default model's is 0.2 MiB, an R50's a few MiB: the weights are in the .bin)
+MAX_IR_XML_BYTES = 16 << 20
+
+
+def ir_problem(xml: Path, weights: Path) -> str | None:
+    """Why the IR ``xml`` + ``weights`` must not be given to OpenVINO, or None: every Const's byte size must be its
+    shape times its element size (computed without overflow) and lie inside the ``.bin``. OpenVINO checks the same
+    in 64-bit arithmetic, where a shape of 2^62 + 33 f32 elements is 132 bytes: it accepted such a file over a
+    132-byte .bin, and compiling it read far past the mapped file (SIGBUS, the process ended with no message)."""
+    import xml.etree.ElementTree as ET
+
+    size = xml.stat().st_size
+    if size > MAX_IR_XML_BYTES:
+        return f"an IR .xml of {size} bytes (at most {MAX_IR_XML_BYTES})"
+    try:
+        root = ET.parse(xml).getroot()
+    except ET.ParseError as e:
+        return f"not XML ({e})"
+    if root.tag != "net":
+        return f"not an OpenVINO IR (its root element is <{root.tag[:40]}>, not <net>)"
+    available = weights.stat().st_size
+    for layer in root.iter("layer"):
+        if layer.get("type") != "Const":
+            continue
+        data = layer.find("data")
+        name = repr((layer.get("name") or "")[:80])
+        if data is None:
+            return f"Const {name} has no data element"
+        kind, shape = data.get("element_type"), data.get("shape", "")
+        bits = _ELEMENT_BITS.get(kind or "")
+        try:
+            dims = [int(d) for d in shape.split(",")] if shape.strip() else []
+            offset, length = int(data.get("offset", "")), int(data.get("size", ""))
+        except ValueError:
+            return f"Const {name}: shape {shape[:80]!r}, offset or size is not a list of integers"
+        if bits is None:
+            return f"Const {name}: element type {str(kind)[:20]!r} is not one an exported model has"
+        count = 1
+        for d in dims:
+            count *= d
+        if min(dims, default=0) < 0 or offset < 0 or length != (count * bits + 7) // 8:
+            return (f"Const {name}: shape [{shape[:80]}] of {kind} is {(count * bits + 7) // 8} bytes, its size says "
+                    f"{length}")
+        if offset + length > available:
+            return f"Const {name} needs bytes {offset}..{offset + length} of {weights.name}, which has {available}"
+    return None
+
+
 def _read_model(core: Any, path: str | os.PathLike) -> tuple[Any, Path]:
     p = Path(path).expanduser()
     if not p.exists():
@@ -243,6 +295,17 @@ def _read_model(core: Any, path: str | os.PathLike) -> tuple[Any, Path]:
     weights = next((b for b in (p.with_suffix(".bin"), p.with_suffix(".BIN")) if b.is_file()), None)
     if suffix == ".xml" and weights is None:
         raise CheckpointError(f"{p}: the weights file {p.with_suffix('.bin').name} is missing beside it")
+    if suffix == ".onnx":
+        from ..export import read_onnx_metadata
+
+        read_onnx_metadata(p)  # a complete, self-contained file with icnet_ros metadata, or one line
+    else:
+        try:
+            problem = ir_problem(p, weights)
+        except OSError as e:
+            problem = f"cannot read it: {e.strerror or e}"
+        if problem:
+            raise CheckpointError(f"{p}: {problem}; not an IR that icnet-export wrote")
     try:
         if suffix == ".onnx":  # only the ONNX frontend: read_model would also try others on a damaged file
             from openvino.frontend import FrontEndManager
@@ -350,8 +413,17 @@ class OpenVINOBackend:
                                   "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[precision]}
         if ov_device == "CPU":
             config["INFERENCE_NUM_THREADS"] = self.threads
-        if options.cache_dir:
-            config["CACHE_DIR"] = str(options.cache_dir)
+        if options.cache_dir:  # OpenVINO's compiled-model cache: its blobs replace the model when they are read
+            from .tensorrt import cache_folder_problem
+
+            cache = Path(options.cache_dir).expanduser()
+            cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+            problem = cache_folder_problem(cache)
+            if problem:
+                raise CheckpointError(f"{self.path}: refusing OpenVINO's model cache: {problem}; a cached blob runs "
+                                      "instead of the model: chmod go-w the folder and its files (and own them), or "
+                                      "set engine_cache to a folder of your own")
+            config["CACHE_DIR"] = str(cache)
         try:
             self._compiled = core.compile_model(ov_model, ov_device, config)
         except Exception as e:  # noqa: BLE001 - e.g. a precision the device does not support
