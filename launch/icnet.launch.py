@@ -12,13 +12,18 @@ list. The overrides are checked with the node's own validation (icnet_ros.node_p
 (an empty or malformed ``image_topics``, an unknown device) ends the launch with the node's one-line error.
 ``rviz:=true`` starts RViz2 when it is installed, and otherwise says so and starts the node alone; a value other
 than true or false (or a ``model`` that is not a file) ends the launch before anything starts.
+
+The launch ends when the node ends (RViz with it): with status 0 when the node exited 0 (a lifecycle shutdown,
+Ctrl-C), otherwise with a failure status and a line naming the node's exit status, so that a supervisor sees a node
+that could not start (a model that does not load, a missing GPU, cameras that collide) as a failure.
 """
 import os
 
 import yaml
 from ament_index_python.packages import PackageNotFoundError, get_package_prefix
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction, RegisterEventHandler, Shutdown
+from launch.event_handlers import OnProcessExit
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
@@ -78,7 +83,7 @@ def _icnet_node(context):
     model = overrides.get("model", from_file.get("model"))
     if model and not os.path.isfile(os.path.expanduser(model)):  # the node would exit 2 while the launch exits 0
         raise RuntimeError(f"{NODE_NAME}: error: model {model!r} is not a file")
-    return [Node(
+    node = Node(
         package=PACKAGE,
         executable="icnet_node",
         name="icnet_node",
@@ -86,7 +91,15 @@ def _icnet_node(context):
         parameters=[params_file, overrides],
         output="screen",
         emulate_tty=True,
-    )]
+    )
+    return [node, RegisterEventHandler(OnProcessExit(target_action=node, on_exit=_node_exited))]
+
+
+def _node_exited(event, context):
+    """The node ended: so does the launch (RViz too); a failure status is the launch's failure."""
+    if event.returncode:  # launch reports the exception in one line and exits 1
+        raise RuntimeError(f"{NODE_NAME} exited with status {event.returncode}; the launch ends with it")
+    return [Shutdown(reason=f"{NODE_NAME} exited")]
 
 
 def _rviz(context):

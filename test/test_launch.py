@@ -203,6 +203,21 @@ def test_a_bad_value_in_the_params_file_ends_the_launch_with_a_failure(colcon_ws
         launched.kill()
 
 
+def test_a_node_that_cannot_start_fails_the_launch(colcon_ws: Workspace, tmp_path: Path):
+    """A failure only the node finds (a model file that is not a model) made the node exit 2 while `ros2 launch`
+    exited 0 (and with rviz:=true kept running): the launch now ends with the node and fails with it, saying so."""
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    launched = Launched([*LAUNCH, f"model:={bad}", "device:=cpu"], colcon_ws, tmp_path)
+    try:
+        status = launched.wait(60)
+        out = launched.output()
+        assert status != 0 and "icnet_node: error: cannot load model" in out, out
+        assert "icnet_node exited with status 2; the launch ends with it" in out and TRACEBACK not in out, out
+    finally:
+        launched.kill()
+
+
 def test_a_bad_rviz_value_ends_the_launch_before_the_node_starts(colcon_ws: Workspace, tmp_path: Path):
     """rviz:=yes failed in the condition after icnet_node had started, and the node outlived `ros2 launch`."""
     launched = Launched([*LAUNCH, "rviz:=yes", "device:=cpu"], colcon_ws, tmp_path)
