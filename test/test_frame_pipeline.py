@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_checkpoint
+from helpers import make_checkpoint, png_with_size
 from icnet_ros.engine import Segmenter
 from icnet_ros.frame_pipeline import FramePipeline, PipelineOptions, device_failure
 from icnet_ros.ros_image import numpy_to_compressed, numpy_to_image
@@ -377,14 +377,41 @@ def test_a_foreign_clock_warning_clears_when_the_stamps_are_back(segmenter: Segm
     assert pipe.snapshot()["cameras"]["/a"]["problem"] is None
 
 
-def test_max_pixels_refuses_large_frames_before_decoding(segmenter: Segmenter):
+def test_max_pixels_refuses_large_frames_before_decoding(segmenter: Segmenter, monkeypatch: pytest.MonkeyPatch):
+    """Frames above max_pixels are dropped as ``size`` from their declared size, before any decoding: a raw image
+    one pixel over, a compressed one whose PNG header declares 20000x20000 (its data holds 64x96) and a raw one
+    that declares 20000x20000 with the data of 64x96. The image decoders are replaced by ones that record the call
+    and fail, so a frame decoded before the size check is a recorded call and a ``decode`` drop."""
+    import cv2
+    import PIL.Image
+
+    decoded: list[str] = []
+
+    def decoder(name: str) -> Callable[..., Any]:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            decoded.append(name)
+            raise OSError(f"{name}: decoding a frame above max_pixels")
+        return refuse
+
+    monkeypatch.setattr(PIL.Image, "open", decoder("PIL.Image.open"))
+    monkeypatch.setattr(cv2, "imdecode", decoder("cv2.imdecode"))
     pipe, sink, log = make(segmenter, compressed_b=True, max_pixels=H * W - 1)
+    big = compressed(2)
+    big.data = png_with_size(big.data, 20000, 20000)
     pipe.submit("/a", image(1))
-    pipe.submit("/b", compressed(2))
+    pipe.submit("/b", big)
     pipe.step()
     cams = pipe.snapshot()["cameras"]
-    assert cams["/a"]["dropped"] == {"size": 1} and cams["/b"]["dropped"] == {"size": 1}
-    assert any("exceeds max_pixels" in text for _, text in log.lines)
+    assert not decoded, f"decoded before the size check: {decoded}"
+    assert cams["/a"]["dropped"] == {"size": 1} and cams["/b"]["dropped"] == {"size": 1}, cams
+    assert not sink.published
+    assert any("exceeds max_pixels" in text and "20000x20000" in text for _, text in log.lines), log.lines
+    assert any("exceeds max_pixels" in text and f"{W}x{H}" in text for _, text in log.lines), log.lines
+    lying = image(3)  # a raw image declaring more than its data holds: refused for its size, not its data length
+    lying.height, lying.width = 20000, 20000
+    pipe.submit("/a", lying)
+    pipe.step()
+    assert pipe.snapshot()["cameras"]["/a"]["dropped"] == {"size": 2} and not sink.published and not decoded
 
 
 def _failing_forward(seg: Segmenter, monkeypatch: pytest.MonkeyPatch, error: Callable[[int], Exception | None]

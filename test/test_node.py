@@ -7,6 +7,7 @@ what comes back over the topics. Start-up failures run short-lived node processe
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,46 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("icnet_node") / "tiny.safetensors")
 
 
+#: icnet_node (node_process.main) with each Segmenter.segment call of the inference thread recorded, the outputs it
+#: asks for, as one JSON line in the file ICNET_TEST_SEGMENT_CALLS names (what the node computes, not publishes)
+RECORDING_NODE = """
+import json
+import os
+import sys
+import threading
+
+from icnet_ros import engine, node_process
+
+real = engine.Segmenter.segment
+
+
+def segment(self, frames, channel_order="RGB", outputs=None):
+    if threading.current_thread().name == "icnet_inference":
+        with open(os.environ["ICNET_TEST_SEGMENT_CALLS"], "a") as f:
+            f.write(json.dumps({"frames": len(frames), "outputs": None if outputs is None else sorted(outputs)})
+                    + "\\n")
+    return real(self, frames, channel_order, outputs)
+
+
+engine.Segmenter.segment = segment
+sys.exit(node_process.main())
+"""
+
+
 @pytest.fixture(scope="module")
 def node_proc(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    proc = Process("icnet_ros.node_process", ["--ros-args", "--params-file", str(PARAMS_FILE), "-p", f"model:={checkpoint}",
-                                      "-p", "device:=cpu", "-p", f"image_topics:=[{CAM_A},{CAM_B}]",
-                                      "-p", "max_age:=5.0"],
-                   tmp_path_factory.mktemp("icnet_node_log"), name="icnet_node")
+    """The module's node process (RECORDING_NODE: the real node, its Segmenter calls recorded)."""
+    wrapper = tmp_path_factory.mktemp("icnet_node_wrapper")
+    (wrapper / "recording_icnet_node.py").write_text(RECORDING_NODE)
+    calls = wrapper / "segment_calls.jsonl"
+    calls.touch()
+    env = ros_support.subprocess_env(ICNET_TEST_SEGMENT_CALLS=str(calls), PYTHONPATH=os.pathsep.join(
+        p for p in (str(wrapper), os.environ.get("PYTHONPATH")) if p))
+    proc = Process("recording_icnet_node", ["--ros-args", "--params-file", str(PARAMS_FILE), "-p",
+                                            f"model:={checkpoint}", "-p", "device:=cpu",
+                                            "-p", f"image_topics:=[{CAM_A},{CAM_B}]", "-p", "max_age:=5.0"],
+                   tmp_path_factory.mktemp("icnet_node_log"), name="icnet_node", env=env)
+    proc.segment_calls = calls  # type: ignore[attr-defined]
     try:
         proc.wait_for_output("ready:", 120)
         yield proc
@@ -155,6 +190,47 @@ def harness(ros: RosHarness, node_proc: Process) -> RosHarness:
     return ros
 
 
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> Any:
+    """A Segmenter in this process with the node's engine configuration (the params file's defaults, device cpu;
+    test_params_file_carries_the_declared_defaults checks that the file holds them)."""
+    from icnet_ros.engine import Segmenter
+
+    values = {**node_params.defaults(), "model": str(checkpoint), "device": "cpu"}  # = the params file's
+    seg = Segmenter(str(checkpoint), node_params.parse(values).engine.replace(warmup=False))
+    yield seg
+    seg.close()
+
+
+def reference_outputs(seg: Any, img: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(label, confidence, clear) for ``img`` by the torch definition, from the logits of ``seg``'s network for the
+    frame the node makes of the message: bilinear upsampling (align_corners=False), argmax, round(255 * max softmax
+    probability); ``clear``: pixels whose two best classes are not within float rounding of each other."""
+    import torch
+    import torch.nn.functional as F
+
+    from icnet_ros.ros_image import segmenter_input
+
+    frame_, order = segmenter_input(image_msg(img, encoding))
+    logits: list = []
+    labels = seg.labels
+
+    def keep_logits(x: Any, out_size: tuple[int, int], want_confidence: bool) -> Any:
+        logits.append(x.detach().float().clone())
+        return labels(x, out_size, want_confidence)
+
+    seg.labels = keep_logits
+    try:
+        seg.segment([frame_], channel_order=order, outputs=("label",))
+    finally:
+        del seg.labels
+    (x,) = logits
+    up = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)[0]
+    ranked = up.sort(0, descending=True).values
+    conf = torch.round(up.softmax(0).max(0).values * 255.0)
+    return up.argmax(0).numpy(), conf.numpy().astype(int), (ranked[0] - ranked[1] > 1e-4).numpy()
+
+
 def set_node_parameter(ros: RosHarness, name: str, value: float) -> None:
     client = ros.node.create_client(SetParameters, "/icnet_node/set_parameters")
     assert client.wait_for_service(timeout_sec=10)
@@ -184,7 +260,11 @@ def test_params_file_carries_the_declared_defaults():
 # ---------------------------------------------------------------------------------------------- serving
 @pytest.mark.parametrize("encoding,channels,pad", [("rgb8", 3, 0), ("bgr8", 3, 8), ("rgba8", 4, 0),
                                                    ("bgra8", 4, 4), ("mono8", 1, 3)])
-def test_every_output_for_every_encoding(harness: RosHarness, encoding: str, channels: int, pad: int):
+def test_every_output_for_every_encoding(harness: RosHarness, reference: Any, encoding: str, channels: int,
+                                        pad: int):
+    """Every output and the camera_info for a frame of each encoding (padded rows too): header, encoding and size;
+    the colour mask is the palette of the label, the overlay the blend, and the label and confidence are what the
+    node's model gives for this frame (argmax and max softmax probability of its logits, computed here)."""
     ros = harness
     pub = ros.publisher(Image, CAM_A)
     info_pub = ros.publisher(CameraInfo, "/cam_a/camera_info")
@@ -232,8 +312,14 @@ def test_every_output_for_every_encoding(harness: RosHarness, encoding: str, cha
     base = img[:, :, :3] if channels > 1 else np.repeat(img[:, :, None], 3, axis=2)
     expected = 0.5 * arrays["color"].astype(float) + 0.5 * base
     assert np.abs(arrays["overlay"].astype(float) - expected).max() <= 1.0
-    # confidence = max softmax probability: never below 1 / num_classes
-    assert arrays["confidence"].min() >= int(255 / CAMVID.num_classes) - 1
+    # confidence = max softmax probability: never below 1 / num_classes, and the same as the torch definition on
+    # the same network's logits for this frame (a constant or another frame's map differs)
+    conf = arrays["confidence"].astype(int)
+    assert conf.min() >= int(255 / CAMVID.num_classes) - 1
+    ref_label, ref_conf, clear = reference_outputs(reference, img, encoding)
+    assert np.abs(conf - ref_conf).max() <= 1, f"confidence differs from the softmax by {np.abs(conf - ref_conf).max()}"
+    assert len(np.unique(conf)) > 10 and conf.max() < 255, "a real confidence map varies"
+    np.testing.assert_array_equal(label[clear], ref_label[clear])
     info = got["camera_info"]
     assert info.header.stamp == stamp and info.header.frame_id == "cam_a_optical"
     assert (info.width, info.height) == (W, H) and list(info.k) == [100.0, 0, 80.0, 0, 100.0, 60.0, 0, 0, 1.0]
@@ -335,7 +421,15 @@ def test_two_cameras_share_one_forward_pass(harness: RosHarness):
     assert after["device"] == "cpu" and int(after["cpu_threads"]) == node_module.auto_cpu_threads()
 
 
-def test_lazy_outputs(harness: RosHarness):
+def segment_calls(node_proc: Process) -> list[dict]:
+    """The node's Segmenter calls so far (RECORDING_NODE), oldest first."""
+    return [json.loads(line) for line in node_proc.segment_calls.read_text().splitlines()]  # type: ignore[attr-defined]
+
+
+def test_lazy_outputs(harness: RosHarness, node_proc: Process):
+    """The node computes only the outputs someone subscribes to: with a label subscriber alone, each Segmenter call
+    for the frames sent asks for the label only (recorded in the node process), and only the label is published
+    (the computed_* values on /diagnostics count the outputs published)."""
     ros = harness
     pub = ros.publisher(Image, CAM_A)
     outputs = Outputs(ros, "/cam_a", ("label",), info=False)
@@ -346,11 +440,15 @@ def test_lazy_outputs(harness: RosHarness):
                            f"no subscriber on {kind}")
         time.sleep(0.5)
         before = node_diagnostics(ros, CAM_A, after=time.monotonic())
+        calls_before = len(segment_calls(node_proc))
         send_until_served(ros, lambda s: pub.publish(image_msg(frame(30), "rgb8", s)), outputs)
         after = node_diagnostics(ros, CAM_A, after=time.monotonic())
     finally:
         outputs.close()
         ros.node.destroy_publisher(pub)
+    calls = segment_calls(node_proc)[calls_before:]
+    assert calls, "no Segmenter call recorded for the frames sent"
+    assert all(c["outputs"] == ["label"] for c in calls), f"computed more than the label: {calls}"
     assert int(after["computed_label"]) > int(before["computed_label"])
     for kind in ("color", "overlay", "confidence"):
         assert after[f"computed_{kind}"] == before[f"computed_{kind}"], f"{kind} was computed without subscribers"

@@ -10,8 +10,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,12 +111,14 @@ def test_input_reliability_follows_the_publishers():
 
 
 class NodeRun:
-    """One node process in its own process group, output to a file."""
+    """One node process in its own process group, output to a file; ``script``: a Python file to run instead of
+    the icnet_node module (a wrapper around node_process.main)."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, script: Path | None = None) -> None:
         self.log = log
         self._file = open(log, "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen([sys.executable, "-m", MODULE, "--ros-args", *args], stdout=self._file,
+        program = [str(script)] if script is not None else ["-m", MODULE]
+        self.proc = subprocess.Popen([sys.executable, *program, "--ros-args", *args], stdout=self._file,
                                      stderr=subprocess.STDOUT, env=ros_support.subprocess_env(),
                                      start_new_session=True)
 
@@ -151,6 +155,31 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("node_process") / "tiny.safetensors")
 
 
+#: icnet_node whose forward passes of frames (on the inference thread, not the warm-up) block for 60 s, after
+#: printing FORWARD_STARTED: a forward pass in flight for as long as a test needs, on any machine
+SLOW_FORWARD_NODE = """
+import sys
+import threading
+import time
+
+from icnet_ros import engine, node_process
+
+real = engine.Segmenter.forward
+
+
+def forward(self, x):
+    if threading.current_thread().name == "icnet_inference":
+        print(f"test: forward pass started ({tuple(x.shape)})", flush=True)
+        time.sleep(60)
+    return real(self, x)
+
+
+engine.Segmenter.forward = forward
+sys.exit(node_process.main())
+"""
+FORWARD_STARTED = "test: forward pass started"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("phase,sig,times", [
     ("start-up", signal.SIGINT, 2),
@@ -159,12 +188,16 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("forward pass", signal.SIGINT, 2),
 ])
 def test_signal_in_every_phase_exits_cleanly(ros: RosHarness, tmp_path: Path, phase: str, sig: int, times: int):
-    """Status 0 within 5 s and no traceback, whatever the node is doing when the signal(s) arrive. The default model
-    at native size on a 1440x2560 frame keeps the forward pass busy for seconds on a CPU thread."""
+    """Status 0 within 5 s and no traceback, whatever the node is doing when the signal(s) arrive. A forward pass
+    cannot be interrupted: in the "forward pass" phase the node (SLOW_FORWARD_NODE) blocks in the forward pass of
+    the frame sent, the signals go out once it has started and before any label came, and the node exits without
+    waiting for it (and says so)."""
     args = ["-p", "device:=cpu", "-p", "num_threads:=1", "-p", "image_topics:=[/sig/image_raw]"]
+    script = None
     if phase == "forward pass":
-        args += ["-p", "input_size:=native"]
-    run = NodeRun(args, tmp_path / "node.log")
+        script = tmp_path / "slow_forward_node.py"
+        script.write_text(SLOW_FORWARD_NODE)
+    run = NodeRun(args, tmp_path / "node.log", script)
     label = pub = None
     try:
         if phase == "start-up":
@@ -178,14 +211,24 @@ def test_signal_in_every_phase_exits_cleanly(ros: RosHarness, tmp_path: Path, ph
             pub = ros.publisher(Image, "/sig/image_raw")
             ros.wait_matched(pub)
             ros.wait_matched(label.subscription)
-            img = np.random.default_rng(0).integers(0, 256, (1440, 2560, 3), dtype=np.uint8)
-            pub.publish(image_msg(img, "rgb8", ros.now().to_msg()))
-            time.sleep(1.0)  # received and in the network
+            img = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+            for _ in range(10):  # best-effort input, lazy outputs: a frame may be lost to discovery
+                pub.publish(image_msg(img, "rgb8", ros.now().to_msg()))
+                deadline = time.monotonic() + 2.0
+                while FORWARD_STARTED not in run.output() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if FORWARD_STARTED in run.output():
+                    break
+            assert FORWARD_STARTED in run.output(), f"no forward pass started:\n{run.output()}"
+            assert not label.messages, "the forward pass ended before the signal"
         status, seconds = run.stop(sig, times)
         out = run.output()
         assert status == 0, out
         assert TRACEBACK not in out and "KeyboardInterrupt" not in out, out
         assert seconds < 5.0, f"{seconds:.1f} s:\n{out}"
+        if phase == "forward pass":
+            assert "exiting without waiting for the forward pass" in out, out
+            assert not label.messages
         print(f"{phase}, {signal.Signals(sig).name} x{times}: exit status {status} after {seconds:.2f} s")
     finally:
         run.close()
@@ -412,38 +455,73 @@ def test_outputs_change_at_run_time(checkpoint: Path):
 def test_outputs_changed_while_diagnostics_are_published(checkpoint: Path):
     """/diagnostics (timer thread) iterated a camera's publishers while `outputs` set live (parameter thread) added
     and removed them: 'dictionary changed size during iteration' escaped the timer callback and the node process
-    ended with status 1 (once in 11868 changes at diagnostics_period 0.001; at every run within 250 changes with a
-    short thread switch interval, as here)."""
-    import threading
-
+    ended with status 1 (once in 11868 changes at diagnostics_period 0.001). The interleaving is forced here: the
+    camera's publisher dict pauses the report's iteration after its first key until the `outputs` change (run on
+    this thread meanwhile) has returned or is seen waiting for the node's publisher lock; once removing publishers,
+    once adding them. The report must complete, the change must have waited for it, and both must take effect."""
     from rclpy.parameter import Parameter
 
     with _diagnostics_node(checkpoint) as (node, _, _):
-        errors: list[BaseException] = []
-        done = threading.Event()
+        (cam,) = node.cameras
+        every = ["label", "color", "overlay", "confidence"]
+        assert set(cam.publishers) == set(every)
+        lock = _WatchedLock(node._pub_lock)
+        node._pub_lock = lock
+        for outputs in (["label"], every):
+            lock.contended.clear()
+            paused, changed = threading.Event(), threading.Event()
+            errors: list[BaseException] = []
 
-        def report() -> None:
-            try:
-                while not done.is_set():
+            class PausingDict(dict):
+                """Pauses the reporter thread's iteration after the first key (other threads iterate freely)."""
+
+                def __iter__(self):
+                    keys = super().__iter__()
+                    if threading.current_thread() is not reporter:
+                        yield from keys
+                        return
+                    yield next(keys)
+                    paused.set()
+                    deadline = time.monotonic() + 10
+                    while not (changed.is_set() or lock.contended.is_set()) and time.monotonic() < deadline:
+                        time.sleep(0.001)
+                    yield from keys
+
+            def report() -> None:
+                try:
                     node._publish_diagnostics()
-            except BaseException as e:  # noqa: BLE001 - what escaped the timer callback
-                errors.append(e)
+                except BaseException as e:  # noqa: BLE001 - what escaped the timer callback
+                    errors.append(e)
 
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(1e-6)
-        reporter = threading.Thread(target=report)
-        reporter.start()
-        try:
-            for n in range(300):
-                outputs = ["label"] if n % 2 else ["label", "color", "overlay", "confidence"]
+            reporter = threading.Thread(target=report)
+            cam.publishers = PausingDict(cam.publishers)
+            reporter.start()
+            try:
+                assert paused.wait(10), "the report did not iterate the camera's publishers"
                 assert node.set_parameters([Parameter("outputs", value=outputs)])[0].successful
-                if errors:
-                    break
-        finally:
-            done.set()
-            reporter.join()
-            sys.setswitchinterval(interval)
-        assert not errors, repr(errors[0])
+            finally:
+                changed.set()
+                reporter.join(10)
+            assert not errors, repr(errors[0])
+            assert lock.contended.is_set(), "the outputs change did not wait for the report"
+            assert set(cam.publishers) == set(outputs)
+
+
+class _WatchedLock:
+    """A lock (the node's ``_pub_lock``) that records, in ``contended``, a thread that had to wait for it."""
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self.contended = threading.Event()
+
+    def __enter__(self) -> "_WatchedLock":
+        if not self._lock.acquire(blocking=False):
+            self.contended.set()
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
 
 
 def test_a_camera_info_no_calibration_needs_is_dropped(checkpoint: Path, capfd):
