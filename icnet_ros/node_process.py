@@ -171,6 +171,7 @@ def _run(stop: StopRequest) -> int:
         return _error(str(e))
     executor = MultiThreadedExecutor(num_threads=2)
     executor.add_node(node)
+    autostart_failed: list[str] = []  # why the start at launch failed (not a later configure by a manager)
     if node.config.autostart:  # configure (model load, warm-up) and activate from the executor, not this thread
         def autostart() -> None:
             starter.cancel()
@@ -178,6 +179,7 @@ def _run(stop: StopRequest) -> int:
                 node.start()
             except StartupError as e:
                 node.startup_error = str(e)
+                autostart_failed.append(str(e))
                 node.finished.set()
         starter = node.create_timer(0.0, autostart)
     died: list[BaseException] = []
@@ -203,8 +205,8 @@ def _run(stop: StopRequest) -> int:
         print(f"{NODE_NAME}: error: the executor stopped on {type(e).__name__}: {e}{at}; exiting with status 1 "
               f"(respawn restarts the node)", file=sys.stderr, flush=True)
         status = 1
-    elif node.config.autostart and node.startup_error and not stop.event.is_set():
-        print(f"{NODE_NAME}: error: {node.startup_error}", file=sys.stderr, flush=True)
+    elif autostart_failed and not stop.event.is_set():
+        print(f"{NODE_NAME}: error: {autostart_failed[0]}", file=sys.stderr, flush=True)
         status = 2
     return _shutdown(node, executor, spinner, status)
 

@@ -180,6 +180,52 @@ sys.exit(node_process.main())
 FORWARD_STARTED = "test: forward pass started"
 
 
+def _call(ros: RosHarness, srv_type: Any, name: str, request: Any, timeout: float = 30.0) -> Any:
+    """Call service ``name`` of a node in another process; its response."""
+    client = ros.node.create_client(srv_type, name)
+    try:
+        assert client.wait_for_service(timeout_sec=timeout), f"{name} not found"
+        future = client.call_async(request)
+        ros.wait_until(future.done, timeout, f"the answer of {name}")
+        return future.result()
+    finally:
+        ros.node.destroy_client(client)
+
+
+def test_a_requested_shutdown_after_a_failed_later_configure_exits_0(ros: RosHarness, tmp_path: Path,
+                                                                      checkpoint: Path):
+    """Autostart, then a lifecycle manager's deactivate, cleanup, a model that does not load, a configure that fails
+    and a shutdown: the process ends with status 0 (the end that was asked for). It exited 2 and printed the failed
+    configure's error as if the start had failed, and launch reported the node as died."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    def transition(label: str) -> bool:
+        request = ChangeState.Request(transition=Transition(label=label))
+        return _call(ros, ChangeState, "/lc/icnet_node/change_state", request).success
+
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    run = NodeRun(["-r", "__ns:=/lc", "-p", f"model:={checkpoint}", "-p", "device:=cpu", "-p", "num_threads:=1",
+                   "-p", "image_topics:=[/lc/image_raw]"], tmp_path / "node.log")
+    try:
+        run.wait_for(r"\]: ready: ")
+        assert transition("deactivate") and transition("cleanup")
+        value = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=str(bad))
+        result = _call(ros, SetParameters, "/lc/icnet_node/set_parameters",
+                       SetParameters.Request(parameters=[Parameter(name="model", value=value)])).results[0]
+        assert result.successful, result.reason
+        assert not transition("configure")  # the model does not load
+        assert transition("shutdown")
+        status = run.proc.wait(30)
+        out = run.output()
+        assert status == 0 and "icnet_node: error:" not in out and "Traceback" not in out, out
+    finally:
+        run.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("phase,sig,times", [
     ("start-up", signal.SIGINT, 2),
