@@ -509,14 +509,39 @@ class SegmentationNode(LifecycleNode):
                                                          cam.reliability))
 
     # ------------------------------------------------------------------ model
+    def _qos_entities(self) -> set[str]:
+        """``TOPIC.subscription`` / ``TOPIC.publisher`` for every entity whose QoS ``qos_overrides`` can set: each
+        camera's image subscription and its outputs' publishers (enabled now or later), names resolved."""
+        entities = set()
+        for topic in self.config.image_topics:
+            entities.add(f"{self.resolve_topic_name(topic)}.subscription")
+            base = self._camera_base(topic)
+            for kind in (*node_params.OUTPUT_KINDS, "camera_info"):
+                entities.add(f"{node_params.sibling_topic(base, f'{self.config.output_namespace}/{kind}')}.publisher")
+        return entities
+
     def _warn_unknown_overrides(self) -> None:
         overrides = getattr(self, "_parameter_overrides", {}) or {}  # rclpy keeps no public list of overrides
+        entities = None
         for name in overrides:
-            if name.startswith("qos_overrides.") and name.rsplit(".", 1)[-1] not in _APPLIED_QOS:
-                self.get_logger().warning(f"ignoring {name}: this node applies the QoS policies "
-                                          f"{', '.join(_APPLIED_QOS)}")
+            if name.startswith("qos_overrides."):
+                entity, _, policy = name[len("qos_overrides."):].rpartition(".")
+                if policy not in _APPLIED_QOS:
+                    self.get_logger().warning(f"ignoring {name}: this node applies the QoS policies "
+                                              f"{', '.join(_APPLIED_QOS)}")
+                    continue
+                entities = self._qos_entities() if entities is None else entities
+                if entity not in entities:  # a typo, or a topic left from another set of image_topics
+                    topic, _, kind = entity.rpartition(".")
+                    cameras = [self.resolve_topic_name(t) for t in self.config.image_topics]
+                    outputs = [node_params.sibling_topic(self._camera_base(t), f"{self.config.output_namespace}/*")
+                               for t in self.config.image_topics]
+                    self.get_logger().warning(
+                        f"ignoring {name}: this node has no {kind} on {topic} (subscriptions: {', '.join(cameras)}; "
+                        f"publishers: {', '.join(outputs)})"[:1000])
                 continue
-            if name in node_params.SPECS or name == "use_sim_time" or name.startswith(("qos_overrides.", "classes.")):
+            # rclpy's own parameters (use_sim_time, start_type_description_service) are declared by now
+            if name in node_params.SPECS or self.has_parameter(name) or name.startswith("classes."):
                 continue
             near = node_params.close_matches(name)
             self.get_logger().warning(f"ignoring unknown parameter {name!r}"
@@ -634,7 +659,7 @@ class SegmentationNode(LifecycleNode):
         self._class_contract = self._contract(cs)
         colors = ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in cs.palette]
         values = {"classes.names": list(cs.classes), "classes.colors": colors,
-                  "classes.ignore_index": int(cs.ignore_index), "classes.json": self.classes_json}
+                  "classes.ignore_index": int(cs.ignore_index)}
         for name, value in values.items():
             self.declare_parameter(name, value, ParameterDescriptor(description=node_params.CLASS_PARAMS[name],
                                                                     read_only=True), ignore_override=True)

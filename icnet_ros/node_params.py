@@ -192,9 +192,8 @@ CLASS_PARAMS: dict[str, str] = {
     "classes.names": "Class names, index = class id (read-only, from the model).",
     "classes.colors": "Class colors as '#rrggbb', index = class id (read-only, from the model).",
     "classes.ignore_index": "Label value of unclassified pixels (read-only).",
-    "classes.json": "The class metadata JSON published on classes_topic, as at the first configure (read-only; "
-                    "the topic's copy follows a hot swap's model path).",
-}
+}  # (the whole class metadata is JSON on classes_topic: a JSON string parameter broke `ros2 param load` of a dump,
+#    whose reader parses string values as YAML, ros2/rclpy#1507)
 
 
 def defaults() -> dict[str, Any]:

@@ -290,14 +290,18 @@ def test_input_qos_follows_a_reliable_camera_and_warns_when_frames_do_not_arrive
     """A reliable camera publisher that exists before the node starts: the node subscribes reliable (its large
     frames arrive whole), and follows one that appears later. A best-effort publisher that exists but sends nothing:
     after a few seconds the node warns with the likely cause and the fix. qos_overrides fixes a subscription's
-    reliability (no following) and sets depths."""
+    reliability (no following) and sets depths; an override for a topic or entity the node does not have (a typo,
+    a topic from another image_topics) is named in a warning (it was ignored silently), rclpy's own parameters in
+    the file are not "unknown"."""
     from rclpy.qos import QoSProfile, ReliabilityPolicy
 
     reliable_pub = ros.publisher(Image, "/qa/image_raw", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
     silent_pub = ros.publisher(Image, "/qb/image_raw", QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
     params = tmp_path / "params.yaml"
-    params.write_text("/**:\n  ros__parameters:\n    qos_overrides:\n      /qc/image_raw:\n        subscription:\n"
-                      "          reliability: reliable\n          depth: 3\n")
+    params.write_text("/**:\n  ros__parameters:\n    start_type_description_service: true\n    qos_overrides:\n"
+                      "      /qc/image_raw:\n        subscription:\n          reliability: reliable\n          depth: 3\n"
+                      "        publisher:\n          depth: 3\n"
+                      "      /qc/image_row:\n        subscription:\n          depth: 3\n")
     run = NodeRun(["--params-file", str(params), "-p", f"model:={checkpoint}", "-p", "device:=cpu",
                    "-p", "image_topics:=[/qa/image_raw, /qb/image_raw, /qc/image_raw, /qd/image_raw]"],
                   tmp_path / "node.log")
@@ -308,6 +312,13 @@ def test_input_qos_follows_a_reliable_camera_and_warns_when_frames_do_not_arrive
         out = run.output()
         assert "/qb/image_raw [best_effort]" in out, out
         assert "/qc/image_raw [reliable]" in out, out  # from qos_overrides (no publisher)
+        warnings = [line for line in out.splitlines() if "ignoring" in line]
+        assert len(warnings) == 2, out
+        assert "ignoring qos_overrides./qc/image_row.subscription.depth: this node has no subscription on " \
+               "/qc/image_row (subscriptions: /qa/image_raw, /qb/image_raw, /qc/image_raw, /qd/image_raw; " \
+               "publishers: /qa/semantic/*, /qb/semantic/*, /qc/semantic/*, /qd/semantic/*)" in warnings[1], out
+        assert "ignoring qos_overrides./qc/image_raw.publisher.depth: this node has no publisher on /qc/image_raw" \
+               in warnings[0], out
         if "/qa/image_raw [reliable]" not in out:  # not discovered at activation yet: followed within a second
             run.wait_for(r"/qa/image_raw: publisher\(s\) \['reliable'\]: subscribing reliable", 30)
         ros.wait_matched(label.subscription)
