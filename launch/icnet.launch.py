@@ -10,14 +10,17 @@ Parameters come from ``params_file`` (default: the installed config/icnet.yaml);
 Every other parameter is set in a copy of the params file. ``image_topics`` takes a YAML list or a comma-separated
 list. The overrides are checked with the node's own validation (icnet_ros.node_params) before the node starts: a bad one
 (an empty or malformed ``image_topics``, an unknown device) ends the launch with the node's one-line error.
-``rviz:=true`` starts RViz2 when it is installed, and otherwise says so and starts the node alone; a value other
-than true or false (or a ``model`` that is not a file) ends the launch before anything starts.
+``rviz:=true`` starts RViz2 when it is installed (config/icnet.rviz, its displays on the first camera's input,
+overlay and colour mask), and otherwise says so and starts the node alone; a value other than true or false (or a
+``model`` that is not a file) ends the launch before anything starts.
 
 The launch ends when the node ends (RViz with it): with status 0 when the node exited 0 (a lifecycle shutdown,
 Ctrl-C), otherwise with a failure status and a line naming the node's exit status, so that a supervisor sees a node
 that could not start (a model that does not load, a missing GPU, cameras that collide) as a failure.
 """
+import atexit
 import os
+import tempfile
 
 import yaml
 from ament_index_python.packages import PackageNotFoundError, get_package_prefix
@@ -29,6 +32,7 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
+from icnet_ros import node_params
 from icnet_ros.node_params import NODE_NAME, ParameterError, check_params_file_values, check_value
 
 PACKAGE = "icnet_ros"
@@ -80,6 +84,8 @@ def _icnet_node(context):
         raise RuntimeError(f"{NODE_NAME}: error: {e} (in {params_file})") from None
     except (OSError, yaml.YAMLError):
         from_file = {}  # unreadable or not YAML: the node's own one-line error says so
+    _rviz_topics(context, overrides.get("image_topics", from_file.get("image_topics")),
+                 from_file.get("output_namespace"))
     model = overrides.get("model", from_file.get("model"))
     if model and not os.path.isfile(os.path.expanduser(model)):  # the node would exit 2 while the launch exits 0
         raise RuntimeError(f"{NODE_NAME}: error: model {model!r} is not a file")
@@ -102,18 +108,56 @@ def _node_exited(event, context):
     return [Shutdown(reason=f"{NODE_NAME} exited")]
 
 
+#: the topics config/icnet.rviz displays (those of the default camera), in the order RVIZ_TOPICS lists them
+RVIZ_TOPICS = ("/camera/image_raw", "/camera/semantic/overlay", "/camera/semantic/color")
+
+
+def _rviz_topics(context, image_topics, output_namespace):
+    """Remember, for _rviz, the topics of the first camera as the node resolves them (relative names inside the
+    namespace): its input, overlay and colour mask."""
+    defaults = node_params.defaults()
+    topics = image_topics if isinstance(image_topics, list) and image_topics else defaults["image_topics"]
+    namespace = LaunchConfiguration("namespace").perform(context).strip("/")
+    first = str(topics[0])
+    if not first.startswith(("/", "~")):
+        first = f"/{namespace}/{first}" if namespace else f"/{first}"
+    out = output_namespace if isinstance(output_namespace, str) and output_namespace else defaults["output_namespace"]
+    base = node_params.base_topic(first)[0]
+    shown = (first, *(node_params.sibling_topic(base, f"{out}/{kind}") for kind in ("overlay", "color")))
+    context.launch_configurations["_icnet_rviz_topics"] = "\n".join(shown)
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _rviz(context):
-    """RViz2 with config/icnet.rviz when it is installed; otherwise a note (the node starts anyway)."""
+    """RViz2 with config/icnet.rviz, its displays on the first camera's topics, when it is installed; otherwise a
+    note (the node starts anyway)."""
     try:
         get_package_prefix("rviz2")
     except PackageNotFoundError:
         return [LogInfo(msg="rviz:=true but rviz2 is not installed (apt install ros-$ROS_DISTRO-rviz2); "
                             "starting icnet_node without it")]
+    config = PathJoinSubstitution([FindPackageShare(PACKAGE), "config", "icnet.rviz"]).perform(context)
+    shown = context.launch_configurations.get("_icnet_rviz_topics", "").split("\n")
+    if len(shown) == len(RVIZ_TOPICS) and tuple(shown) != RVIZ_TOPICS:  # a copy showing this launch's camera
+        with open(config, encoding="utf-8") as f:
+            text = f.read()
+        for default, topic in zip(RVIZ_TOPICS, shown):
+            text = text.replace(f"Value: {default}\n", f"Value: {topic}\n")
+        with tempfile.NamedTemporaryFile("w", suffix=".rviz", prefix="icnet_", delete=False) as f:
+            f.write(text)
+        config = f.name
+        atexit.register(_remove, config)  # when the launch ends
     return [Node(
         package="rviz2",
         executable="rviz2",
         name="rviz2",
-        arguments=["-d", PathJoinSubstitution([FindPackageShare(PACKAGE), "config", "icnet.rviz"])],
+        arguments=["-d", config],
         output="screen",
     )]
 

@@ -203,17 +203,50 @@ def test_a_bad_value_in_the_params_file_ends_the_launch_with_a_failure(colcon_ws
         launched.kill()
 
 
+FAKE_RVIZ = """#!{python}
+import signal, sys, time
+signal.signal(signal.SIGINT, lambda *a: sys.exit(0))
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+config = sys.argv[sys.argv.index("-d") + 1]
+shown = [line.split("Value: ")[1].strip() for line in open(config) if line.strip().startswith("Value: /")]
+print("fake rviz2 displays", shown, flush=True)
+time.sleep(60)
+"""
+
+
+def _with_fake_rviz(ws: Workspace, tmp_path: Path) -> Workspace:
+    """``ws`` with an ament package rviz2 whose executable prints the topics of the config it is given (-d) and
+    waits to be stopped (rviz2 is not installed here)."""
+    import dataclasses
+    import sys
+
+    prefix = tmp_path / "fake_rviz2"
+    (prefix / "share" / "ament_index" / "resource_index" / "packages").mkdir(parents=True)
+    (prefix / "share" / "ament_index" / "resource_index" / "packages" / "rviz2").write_text("")
+    exe = prefix / "lib" / "rviz2" / "rviz2"
+    exe.parent.mkdir(parents=True)
+    exe.write_text(FAKE_RVIZ.format(python=sys.executable))
+    exe.chmod(0o755)
+    env = dict(ws.env, AMENT_PREFIX_PATH=f"{prefix}:{ws.env.get('AMENT_PREFIX_PATH', '')}")
+    return dataclasses.replace(ws, env=env)
+
+
 def test_a_node_that_cannot_start_fails_the_launch(colcon_ws: Workspace, tmp_path: Path):
     """A failure only the node finds (a model file that is not a model) made the node exit 2 while `ros2 launch`
-    exited 0 (and with rviz:=true kept running): the launch now ends with the node and fails with it, saying so."""
+    exited 0, and with rviz:=true kept running with RViz: the launch now ends with the node, RViz too, and fails,
+    saying so. RViz's displays show the first camera's topics (they were /camera/... whatever the cameras)."""
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    launched = Launched([*LAUNCH, f"model:={bad}", "device:=cpu"], colcon_ws, tmp_path)
+    launched = Launched([*LAUNCH, f"model:={bad}", "device:=cpu", "rviz:=true", "namespace:=perception",
+                         "image_topics:=[cam_front/image_raw/compressed, /cam_left/image_raw]"],
+                        _with_fake_rviz(colcon_ws, tmp_path), tmp_path)
     try:
         status = launched.wait(60)
         out = launched.output()
         assert status != 0 and "icnet_node: error: cannot load model" in out, out
         assert "icnet_node exited with status 2; the launch ends with it" in out and TRACEBACK not in out, out
+        assert ("fake rviz2 displays ['/perception/cam_front/image_raw/compressed', "
+                "'/perception/cam_front/semantic/overlay', '/perception/cam_front/semantic/color']") in out, out
     finally:
         launched.kill()
 
