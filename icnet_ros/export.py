@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -420,45 +421,57 @@ def _scan_model_proto(f: BinaryIO, size: int) -> dict[str, str]:
     seen: set[int] = set()
     window = _Window(f, size)
     walked = [0]  # fields read inside the graph and functions
-    pos = fields = metadata = 0
-    while pos < size:
-        fields += 1
-        if fields > MAX_TOP_LEVEL_FIELDS:
-            raise _Malformed(f"more than {MAX_TOP_LEVEL_FIELDS} top-level fields (an export has a few dozen)")
-        tag, pos = _read_varint(window, pos, size)
-        field, wire = tag >> 3, tag & 7
-        if field == 0:
-            raise _Malformed(f"invalid field number 0 at byte {pos}")
-        if wire == 0:
-            _, pos = _read_varint(window, pos, size)
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-            if pos > size:
-                raise _Malformed(f"truncated: a field ends at byte {pos}, the file has {size}")
-        elif wire == 2:
-            length, pos = _read_varint(window, pos, size)
-            if pos + length > size:
-                raise _Malformed(f"truncated: field {field} needs {length} bytes at byte {pos}, the file has {size}")
-            if field == _METADATA_PROPS:
-                metadata += length
-                if metadata > MAX_METADATA_BYTES:
-                    raise _Malformed(f"more than {MAX_METADATA_BYTES} bytes of metadata")
-                key, value = _parse_entry(window.read(pos, length))
-                props[key] = value
-            elif field in (_GRAPH, _FUNCTIONS):
-                _walk(window, pos, pos + length, _GRAPH_MSG if field == _GRAPH else _FUNCTION, 1, walked)
-            pos += length
-        else:
-            raise _Malformed(f"invalid wire type {wire} at byte {pos}")
+    metadata = 0
+    for field, wire, value, pos in _fields(window, 0, size, [0], MAX_TOP_LEVEL_FIELDS,
+                                           "top-level fields (an export has a few dozen)"):
         if field in (_IR_VERSION, _GRAPH) and wire != (0 if field == _IR_VERSION else 2):
             raise _Malformed(f"field {field} has wire type {wire}")
+        if field == _METADATA_PROPS and wire == 2:
+            metadata += value
+            if metadata > MAX_METADATA_BYTES:
+                raise _Malformed(f"more than {MAX_METADATA_BYTES} bytes of metadata")
+            key, text = _parse_entry(window.read(pos, value))
+            props[key] = text
+        elif field in (_GRAPH, _FUNCTIONS) and wire == 2:
+            _walk(window, pos, pos + value, _GRAPH_MSG if field == _GRAPH else _FUNCTION, 1, walked)
         seen.add(field)
-    if pos != size:
-        raise _Malformed(f"truncated: the last field ends at byte {pos}, the file has {size}")
     missing = [n for n, k in (("ir_version", _IR_VERSION), ("graph", _GRAPH)) if k not in seen]
     if missing:
         raise _Malformed(f"no {' and no '.join(missing)}")
     return props
+
+
+def _fields(window: _Window, pos: int, end: int, count: list[int], limit: int, what: str
+            ) -> Iterator[tuple[int, int, int | None, int]]:
+    """The fields of the message in bytes [pos, end) as (field number, wire type, value, position): the value of a
+    varint, the length of a length-delimited field (its payload at the position), None for a fixed-size one.
+    ``count``: fields read so far, shared by the walk's messages; more than ``limit`` (``what``) is _Malformed, as
+    is every structural problem."""
+    while pos < end:
+        count[0] += 1
+        if count[0] > limit:
+            raise _Malformed(f"more than {limit} {what}")
+        tag, pos = _read_varint(window, pos, end)
+        field, wire = tag >> 3, tag & 7
+        if field == 0:
+            raise _Malformed(f"invalid field number 0 at byte {pos}")
+        if wire == 0:
+            value, pos = _read_varint(window, pos, end)
+            yield field, wire, value, pos
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                raise _Malformed(f"truncated: a field ends at byte {pos}, its message at byte {end}")
+            yield field, wire, None, pos
+        elif wire == 2:
+            length, pos = _read_varint(window, pos, end)
+            if pos + length > end:
+                raise _Malformed(f"truncated: field {field} needs {length} bytes at byte {pos}, its message ends at "
+                                 f"byte {end}")
+            yield field, wire, length, pos
+            pos += length
+        else:
+            raise _Malformed(f"invalid wire type {wire} at byte {pos}")
 
 
 class _NotSelfContained(Exception):
@@ -472,39 +485,18 @@ def _walk(window: _Window, pos: int, end: int, kind: str, depth: int, walked: li
         raise _Malformed(f"messages nested more than {MAX_GRAPH_NESTING} deep")
     children = _CHILDREN[kind]
     name = external = None
-    while pos < end:
-        walked[0] += 1
-        if walked[0] > MAX_GRAPH_FIELDS:
-            raise _Malformed(f"more than {MAX_GRAPH_FIELDS} fields in the graph")
-        tag, pos = _read_varint(window, pos, end)
-        field, wire = tag >> 3, tag & 7
-        if field == 0:
-            raise _Malformed(f"invalid field number 0 at byte {pos}")
-        if wire == 0:
-            value, pos = _read_varint(window, pos, end)
-            if kind == _TENSOR and field == _DATA_LOCATION and value == _EXTERNAL:
-                external = external or "its data_location is EXTERNAL"
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-        elif wire == 2:
-            length, pos = _read_varint(window, pos, end)
-            if pos + length > end:
-                raise _Malformed(f"truncated: a {kind} field needs {length} bytes at byte {pos}, its message ends "
-                                 f"at byte {end}")
-            if field in children:
-                _walk(window, pos, pos + length, children[field], depth + 1, walked)
-            elif kind == _TENSOR and field == _TENSOR_NAME and length <= 256:
-                name = window.read(pos, length).decode("utf-8", "replace")
-            elif kind == _TENSOR and field == _EXTERNAL_DATA:
-                key, value = _parse_entry(window.read(pos, length)) if length <= 4096 else ("", "")
-                if key == "location" or external is None:
-                    external = f"its data is in another file ({value[:200]!r})" if key == "location" else \
-                        "it has external_data entries"
-            pos += length
-        else:
-            raise _Malformed(f"invalid wire type {wire} at byte {pos}")
-    if pos != end:
-        raise _Malformed(f"truncated: a {kind} field ends at byte {pos}, its message at byte {end}")
+    for field, wire, value, at in _fields(window, pos, end, walked, MAX_GRAPH_FIELDS, "fields in the graph"):
+        if wire == 0 and kind == _TENSOR and field == _DATA_LOCATION and value == _EXTERNAL:
+            external = external or "its data_location is EXTERNAL"
+        elif wire == 2 and field in children:
+            _walk(window, at, at + value, children[field], depth + 1, walked)
+        elif wire == 2 and kind == _TENSOR and field == _TENSOR_NAME and value <= 256:
+            name = window.read(at, value).decode("utf-8", "replace")
+        elif wire == 2 and kind == _TENSOR and field == _EXTERNAL_DATA:
+            key, text = _parse_entry(window.read(at, value)) if value <= 4096 else ("", "")
+            if key == "location" or external is None:
+                external = f"its data is in another file ({text[:200]!r})" if key == "location" else \
+                    "it has external_data entries"
     if external:
         raise _NotSelfContained(f"tensor {name!r} is not stored in the file: {external}")
 
