@@ -2,6 +2,7 @@
 output, the mmseg reference comparison and error handling. Sizes are tiny: these test the tool, not the speed."""
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -299,10 +300,17 @@ def test_onnxruntime_on_cuda_without_a_gpu_provider_is_refused_before_the_export
                                   argparse.Namespace(device="cuda"), frozenset({"label"}), tmp_path)
 
 
-def test_node_bench_and_soak_refuse_bad_arguments_before_starting(tmp_path, capsys):
-    """icnet-node-bench and icnet-node-soak check their arguments before any node starts: one line, exit 2."""
+def test_node_bench_and_soak_refuse_bad_arguments_before_starting(tmp_path, capsys, monkeypatch):
+    """icnet-node-bench and icnet-node-soak check their arguments before any node starts: one line, exit 2. Sizes as
+    the node takes frames: each side >= the network's minimum, at most the node's max_pixels (before: a 2.7 TiB
+    allocation traceback with the soak's node process left running; node-bench's 32x32 a traceback after the sizes
+    measured, their JSON lost; 2160x4096 a 120 s wait for outputs the node drops). Node-bench's
+    --throughput-seconds nan/inf (a 120 s stall reporting 0 fps, a run that never ended); a soak --rate that gives
+    fewer than 5 frames per subscription window (0.005 Hz overran a 90 s soak by 110 s; 1e-300 an OverflowError)."""
     from icnet_ros.tools import node_bench, soak
 
+    for module in (node_bench, soak):  # the last step before a node starts
+        monkeypatch.setattr(module, "configure_dds", lambda **kw: pytest.fail("the arguments were accepted"))
     video = tmp_path / "clip.mp4"
     video.write_bytes(b"")
     (tmp_path / "afile").write_text("")
@@ -314,7 +322,20 @@ def test_node_bench_and_soak_refuse_bad_arguments_before_starting(tmp_path, caps
              (soak, ["--json", str(tmp_path / "afile" / "s.json")], "is a file, not a folder"),
              (soak, ["--threads", "-1"], "--threads >= 0"),
              (soak, ["--max-silence", "nan"], "--max-silence must be a finite number > 0"),
-             (soak, ["--model", str(tmp_path / "m.engine")], "a TensorRT engine needs CUDA")]
+             (soak, ["--model", str(tmp_path / "m.engine")], "a TensorRT engine needs CUDA"),
+             (node_bench, ["--size", "64x96", "--size", "32x32"], "--size 32x32: height and width must each be >= 64"),
+             (node_bench, ["--size", "2160x4096"], "--size 2160x4096 = 8847360 pixels exceeds the node's max_pixels "
+                                                   "8294400"),
+             (node_bench, ["--throughput-seconds", "nan"], "--throughput-seconds must be a finite number > 0, got nan"),
+             (node_bench, ["--throughput-seconds", "inf"], "--throughput-seconds must be a finite number > 0, got inf"),
+             (soak, ["--size", "1000000x1000000"], "--size 1000000x1000000 = 1000000000000 pixels exceeds the node's "
+                                                   "max_pixels 8294400"),
+             (soak, ["--size", "48x64"], "--size 48x64: height and width must each be >= 64"),
+             (soak, ["--rate", "0.005"], "--rate 0.005: at least 5 frames per subscription window (--rate x "
+                                         "min(--cycle, --seconds) = 0.1), at most 1000 Hz"),
+             (soak, ["--rate", "1e-300"], "--rate 1e-300: at least 5 frames per subscription window"),
+             (soak, ["--rate", "0.1", "--cycle", "30"], "(--rate x min(--cycle, --seconds) = 3)"),
+             (soak, ["--rate", "5000"], "at most 1000 Hz")]
     for module, args, message in cases:
         assert module.main(args) == 2, (module.__name__, args)
         err = capsys.readouterr().err
@@ -482,29 +503,184 @@ def test_soak_verdict_and_stop_of_a_node_that_ignores_sigint(tmp_path):
     assert report(result, 5.0).startswith("FAIL:")
 
 
+def test_soak_loop_never_sleeps_past_the_end():
+    """The soak slept a whole frame period before it looked at the clock: --rate 0.005 ran 200 s of a 90 s soak.
+    Now the loop wakes for the next frame, RSS sample or window, at most MAX_SLEEP_S later, never after the end."""
+    from icnet_ros.tools.soak import MAX_SLEEP_S, wake_time
+
+    assert wake_time(89.5, 1000.0, 1000.0, 1000.0, 90.0) == 90.0  # the next frame due after the end
+    assert wake_time(10.0, 10.5, 15.0, 20.0, 90.0) == 10.5  # the next frame
+    assert wake_time(11.5, 40.0, 12.0, 20.0, 90.0) == 12.0  # an RSS sample
+    assert wake_time(10.0, 40.0, 50.0, 30.0, 90.0) == 10.0 + MAX_SLEEP_S  # a node's death is seen within a second
+    assert wake_time(29.5, 40.0, 50.0, 30.0, 90.0) == 30.0  # the next subscription window
+
+
+def _children(pid):
+    """The pids of the processes whose parent is ``pid`` (from /proc)."""
+    import pathlib
+
+    out = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid):
+    """Whether ``pid`` is a process that has not ended (a zombie has ended)."""
+    import pathlib
+
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.ros
+def test_node_soak_cleans_up_its_node_when_the_start_fails(tmp_path, monkeypatch):
+    """Whatever fails once the node process is started, the node is stopped (before: rclpy's start, the helper node
+    and the frames ran outside the try whose finally kills it, and the node ran on orphaned). In this process: the
+    rclpy start raises here."""
+    import subprocess
+
+    pytest.importorskip("rclpy", reason="rclpy not installed (pip install -e .[ros])")
+    import icnet_ros.ros_spin
+    from icnet_ros.tools import soak
+
+    started = []
+    popen = subprocess.Popen
+
+    def record_popen(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    def init_fails():
+        assert started, "the node process was not started first"
+        raise RuntimeError("rclpy failed")
+
+    monkeypatch.setattr(subprocess, "Popen", record_popen)
+    monkeypatch.setattr(icnet_ros.ros_spin, "init_without_signal_handlers", init_fails)
+    try:
+        with pytest.raises(RuntimeError, match="rclpy failed"):
+            soak.main(["--model", str(make_checkpoint(tmp_path / "tiny.safetensors")), "--seconds", "90",
+                       "--size", "64x96"])
+        assert len(started) == 1 and started[0].poll() is not None, "the node process is still running"
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.mark.ros
+def test_node_soak_stops_on_sigterm_and_reports_a_node_that_dies_with_the_results_so_far(tmp_path):
+    """SIGTERM (kill, timeout, a CI cancel) ended the soak at once (exit status 143): no results, no --json, and its
+    node process ran on, orphaned. Now as Ctrl-C: the node stopped, the results so far printed and written
+    ("interrupted": true), exit status 143. A node that died mid-soak (the OOM killer: SIGKILL) lost every result
+    (one FAIL line), or was a 'no VmRSS' traceback when an RSS sample was due (--sample 0.1 here); now a FAIL verdict
+    with the results so far and the death in --json, exit status 1. The node process is also sent SIGTERM when the
+    soak process dies however it dies (a parent-death signal: checked here with a plain child). Both soaks at once."""
+    import signal
+    import subprocess
+    import sys
+
+    pytest.importorskip("rclpy", reason="rclpy not installed (pip install -e .[ros])")
+    from ros_support import Process, REPO, subprocess_env
+
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; from icnet_ros.tools.soak import "
+                               "_parent_death_signal; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+                               "time.sleep(60)'], preexec_fn=_parent_death_signal()); print(p.pid, flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True, cwd=str(REPO),
+                              env=subprocess_env())
+    model = make_checkpoint(tmp_path / "tiny.safetensors")
+    common = ["--model", str(model), "--seconds", "90", "--rate", "4", "--size", "64x96"]
+    termed = Process("icnet_ros.tools.soak", [*common, "--json", str(tmp_path / "termed.json")], tmp_path,
+                     name="soak_termed")
+    dying = Process("icnet_ros.tools.soak", [*common, "--sample", "0.1", "--json", str(tmp_path / "dying.json")],
+                    tmp_path, name="soak_dying")
+    nodes, orphan = [], None
+    try:
+        line = parent.stdout.readline()
+        orphan = int(line) if line.strip().isdigit() else None
+        parent.kill()
+        parent.wait(10)
+        for soak in (termed, dying):
+            soak.wait_for_output("soak:", 120)  # the soak loop runs
+        time.sleep(2.0)
+        nodes = [_children(soak.proc.pid) for soak in (termed, dying)]
+        assert [len(n) for n in nodes] == [1, 1], nodes
+        termed.proc.send_signal(signal.SIGTERM)
+        os.kill(nodes[1][0], signal.SIGKILL)
+        assert termed.wait(60) == 143, termed.output()
+        assert dying.wait(60) == 1, dying.output()
+        deadline = time.monotonic() + 10  # the plain child got SIGTERM when its parent was killed
+        while orphan is not None and _running(orphan) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert orphan is not None and not _running(orphan), line
+        assert not _running(nodes[0][0]), "the node process outlived the soak"
+    finally:
+        for pid in [p for n in nodes for p in n] + ([orphan] if orphan is not None else []):
+            if _running(pid):  # only the processes this test started
+                os.kill(pid, signal.SIGKILL)
+        for soak in (termed, dying):  # a failure above: SIGINT first, so that the soak stops its node process
+            if soak.proc.poll() is None:
+                soak.proc.send_signal(signal.SIGINT)
+                try:
+                    soak.proc.wait(40)
+                except Exception:  # noqa: BLE001 - killed below
+                    pass
+            soak.kill()
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+    for soak in (termed, dying):
+        assert "Traceback" not in soak.output(), soak.output()
+    out = termed.output()
+    assert "icnet-node-soak: interrupted after " in out and "of 90 s, no verdict; so far: RSS" in out, out
+    result = json.loads((tmp_path / "termed.json").read_text())
+    assert result["interrupted"] is True and result["node_exit_status"] == 0, result
+    assert all(cam["published"] > 0 for cam in result["cameras"].values()) and result["outputs_received"], result
+    out = dying.output()
+    assert "icnet-node-soak: FAIL: RSS" in out and "; node died (status -9): " in out, out
+    result = json.loads((tmp_path / "dying.json").read_text())
+    assert result["node_exit_status"] == -9 and result["node_exit_problem"].startswith("node died (status -9): ")
+    assert "interrupted" not in result and len(result["rss_samples"]) >= 5, result
+    assert all(cam["published"] > 0 for cam in result["cameras"].values()) and result["outputs_received"], result
+
+
 @pytest.mark.ros
 def test_node_soak_and_node_bench_stop_on_ctrl_c_with_the_results_so_far(tmp_path):
     """Ctrl-C (SIGINT) during a soak or a node benchmark: before, a KeyboardInterrupt traceback (exit status 1) and
     the results so far lost. Now one 'interrupted' line with them, --json written (the soak's marked
-    "interrupted": true), exit status 130. Both tools run at once (small sizes, a tiny model)."""
+    "interrupted": true), exit status 130; SIGTERM to the benchmark as Ctrl-C, exit status 143 (before: it died at
+    once, the JSON not written). A size that fails during the benchmark (here: 64x4000 with a model trained 512
+    pixels wide gives a network input 8 pixels high) is one error line and the next size runs (before: a traceback,
+    the sizes measured lost). --outputs label,label is label (before: a 120 s wait for a second label, then a
+    traceback). Both tools run at once (small sizes, a tiny model)."""
     import signal
 
     pytest.importorskip("rclpy", reason="rclpy not installed (pip install -e .[ros])")
     from ros_support import Process
 
     model = make_checkpoint(tmp_path / "tiny.safetensors")
+    wide = make_checkpoint(tmp_path / "wide.safetensors", network_width=512)
     soak = Process("icnet_ros.tools.soak", ["--model", str(model), "--seconds", "90", "--rate", "4", "--size",
                                             "64x96", "--json", str(tmp_path / "soak.json")], tmp_path)
-    bench = Process("icnet_ros.tools.node_bench", ["--model", str(model), "--size", "64x96", "--size", "64x128",
-                                                   "--frames", "2", "--throughput-seconds", "3", "--json",
+    bench = Process("icnet_ros.tools.node_bench", ["--model", str(wide), "--size", "64x96", "--size", "64x4000",
+                                                   "--size", "64x128", "--frames", "2", "--throughput-seconds", "3",
+                                                   "--outputs", "label,label", "--json",
                                                    str(tmp_path / "bench.json")], tmp_path)
     try:
-        bench.wait_for_output('"size": "64x96"', 120)  # the first size measured, the second running
-        bench.proc.send_signal(signal.SIGINT)
+        bench.wait_for_output("icnet-node-bench: error: 64x4000: ", 120)  # the first size measured, the third running
+        bench.proc.send_signal(signal.SIGTERM)
         soak.wait_for_output("soak:", 120)  # the soak loop runs
         time.sleep(2.0)
         soak.proc.send_signal(signal.SIGINT)
-        assert bench.wait(60) == 130, bench.output()
+        assert bench.wait(60) == 143, bench.output()
         assert soak.wait(60) == 130, soak.output()
     finally:
         for proc in (soak, bench):  # a failure above: SIGINT first, so that the soak stops its node process
@@ -518,8 +694,10 @@ def test_node_soak_and_node_bench_stop_on_ctrl_c_with_the_results_so_far(tmp_pat
     for proc in (soak, bench):
         assert "Traceback" not in proc.output(), proc.output()
     out = bench.output()
-    assert "icnet-node-bench: interrupted after 1 of 2 size(s) (their results above and in" in out, out
-    assert [r["size"] for r in json.loads((tmp_path / "bench.json").read_text())] == ["64x96"]
+    assert "icnet-node-bench: error: 64x4000: frame 0: 64x4000 gives a 8x512 network input, below the minimum" in out
+    assert "icnet-node-bench: interrupted after 2 of 3 size(s) (their results above and in" in out, out
+    (measured,) = json.loads((tmp_path / "bench.json").read_text())
+    assert measured["size"] == "64x96" and measured["outputs"] == ["label"], measured
     out = soak.output()
     assert "icnet-node-soak: interrupted after " in out and "of 90 s, no verdict; so far: RSS" in out, out
     result = json.loads((tmp_path / "soak.json").read_text())

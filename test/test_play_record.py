@@ -276,7 +276,11 @@ def test_tools_refuse_non_finite_numbers_and_bad_topics_in_one_line(tmp_path: Pa
             (record, ["/x", "--duration", "inf"], "--duration must be a finite number > 0, got inf"),
             (record, ["bad//topic"], "topic 'bad//topic': not a valid ROS topic name (topic name must not "
                                      "contain repeated '/')"),
-            (record, ["/ok", "/x y"], "topic '/x y': not a valid ROS topic name")):
+            (record, ["/ok", "/x y"], "topic '/x y': not a valid ROS topic name"),
+            # (before: --max-pixels unknown; an OverflowError and a TypeError traceback once rclpy had started)
+            (record, ["/x", "--max-pixels", "0"], "--max-pixels must be in [1, 268435456] (as the node's max_pixels)"),
+            (record, ["/x", "--max-queue-mb", "1e308"], "--max-queue-mb must be at most 1048576, got 1e+308"),
+            (record, ["/x", "--depth", "4294967296"], "--depth must be at most 10000, got 4294967296")):
         assert tool.main(args) == 2, (args, capsys.readouterr())
         err = capsys.readouterr().err
         prog = "icnet-play" if tool is play else "icnet-record"
@@ -343,7 +347,7 @@ def test_record_saves_every_frame(ros: RosHarness, tmp_path: Path):
         ros.node.destroy_publisher(pub)
     assert "received 4, saved 4" in rec.output()
     files = sorted(out.glob("*.png"))
-    assert [re.match(r"\d{6}_\d+\.\d{9}\.png$", f.name) is not None for f in files] == [True] * 4
+    assert [re.match(r"\d{9}_\d+\.\d{9}\.png$", f.name) is not None for f in files] == [True] * 4
     expected = [sent[0][1][:, :, ::-1], sent[1][1], sent[2][1], sent[3][1][:, :, 2::-1]]
     for f, exp in zip(files, expected):
         got = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
@@ -455,9 +459,63 @@ def test_record_names_compressed_frames_after_their_bytes(ros: RosHarness, tmp_p
         rec.close()
     assert (rec.received, rec.saved, rec.failed) == (5, 4, 1)
     names = sorted(p.name for p in (tmp_path / "c").iterdir())
-    assert [n[:6] + n[-4:] for n in names] == ["000000.jpg", "000001.jpg", "000002.png", "000003.png"], names
+    assert [n[:9] + n[-4:] for n in names] == ["000000000.jpg", "000000001.jpg", "000000002.png", "000000003.png"], \
+        names
     for name, data in zip(names, (jpeg, jpeg, png, png)):
         assert (tmp_path / "c" / name).read_bytes() == data  # as received
+
+
+def test_record_video_skips_frames_it_cannot_take_and_topics_get_folders_apart(ros: RosHarness, tmp_path: Path):
+    """--video decoded every compressed frame whatever its size (a 2.2 MB JPEG declaring 12000x12000: 1.5 GB of RSS);
+    now a frame over max_pixels (icnet-record's --max-pixels; a compressed frame's header read first) is saved but
+    not added to the video, as is a compressed frame that does not decode (before: counted failed, 'cannot save
+    frame', although its file was written). Topics whose folder names were the same (/a/b/compressed and
+    /a_b/compressed) overwrote each other's frames: each now gets a short hash of its name. Indices are 9 digits:
+    past 999999 the names still sort in arrival order (and are still known as a recording)."""
+    import hashlib
+
+    from helpers import jpeg_with_size
+
+    from icnet_ros.ros_image import numpy_to_compressed
+    from icnet_ros.tools import record
+
+    rng = np.random.default_rng(8)
+    img = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    jpeg = numpy_to_compressed(img, "BGR", "jpeg")[1]
+    a, b, raw = "/t_recvid/a/b/compressed", "/t_recvid/a_b/compressed", "/t_recvid/overlay"
+    out = tmp_path / "rec"
+    rec = record.Recorder(ros.node, [a, b, raw], out, reliability="reliable", video=tmp_path / "rec.mp4",
+                          max_pixels=H * W)
+    rec._counts[raw] = 999_999  # as after 999999 frames
+
+    def compressed(data: bytes, sec: int) -> CompressedImage:
+        msg = CompressedImage(format="jpeg", data=data)
+        msg.header.stamp.sec = sec
+        return msg
+
+    try:
+        for topic, msg in ((a, compressed(jpeg, 5)), (b, compressed(jpeg, 5)),  # the same stamp: the same file name
+                           (a, compressed(jpeg_with_size(jpeg, 12000, 12000), 6)),  # 144 Mpx declared
+                           (a, compressed(jpeg[:200], 7)), (a, compressed(jpeg, 8)),
+                           (raw, image_msg(img, "bgr8", ros.now())),
+                           (raw, image_msg(np.repeat(np.repeat(img, 2, 0), 2, 1), "bgr8", ros.now()))):
+            rec._on_msg(topic, msg)
+    finally:
+        rec.close()
+    assert (rec.received, rec.saved, rec.failed, rec.not_in_video, rec.video_error) == (7, 7, 0, 3, None)
+    line, status = record.final_report(rec, "7 frames", 1.0)
+    assert status == 0 and "received 7, saved 7, 3 not added to the video in 1.0 s" in line, line
+    slug = "t_recvid_a_b_compressed"
+    folders = {t: f"{slug}-{hashlib.sha1(t.encode()).hexdigest()[:8]}" for t in (a, b)}
+    assert sorted(p.name for p in out.iterdir()) == sorted([*folders.values(), "t_recvid_overlay"])
+    assert [p.read_bytes() for p in sorted((out / folders[a]).iterdir())] == [
+        jpeg, jpeg_with_size(jpeg, 12000, 12000), jpeg[:200], jpeg]  # as received, in arrival order
+    assert [p.name for p in (out / folders[b]).iterdir()] == ["000000000_5.000000000.jpg"]
+    assert [p.name[:10] for p in sorted((out / "t_recvid_overlay").iterdir())] == ["000999999_", "001000000_"]
+    assert all(record.existing_recording(out / f) is not None for f in folders.values())
+    cap = cv2.VideoCapture(str(tmp_path / "rec.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4  # the good JPEGs and the raw frame within max_pixels
+    cap.release()
 
 
 def test_record_reports_a_video_that_cannot_be_finished(ros: RosHarness, tmp_path: Path):

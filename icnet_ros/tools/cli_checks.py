@@ -147,15 +147,16 @@ class StopSignals:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-def add_max_pixels_argument(parser: Any, extra: str = "") -> None:
+def add_max_pixels_argument(parser: Any, extra: str = "", bounds: str | None = None) -> None:
     """``--max-pixels N`` on an argparse parser (default: the node's max_pixels), as icnet-segment, icnet-play and
-    icnet-demo take it; ``extra``: what else it bounds in that tool. Check it with :func:`max_pixels_problem`."""
+    icnet-demo take it; ``extra``: what else it bounds in that tool; ``bounds``: what it does there, when not the
+    image files and videos it refuses. Check it with :func:`max_pixels_problem`."""
     from ..ros_image import DEFAULT_MAX_PIXELS
 
+    bounds = bounds or ("refuse image files whose header declares more pixels (height x width), before decoding, and "
+                        "videos whose frames are larger")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                        help="refuse image files whose header declares more pixels (height x width), before decoding, "
-                             f"and videos whose frames are larger{extra} (default: 3840x2160 = %(default)s, as the "
-                             "node's max_pixels)")
+                        help=f"{bounds}{extra} (default: 3840x2160 = %(default)s, as the node's max_pixels)")
 
 
 def max_pixels_problem(max_pixels: int) -> str | None:
@@ -167,5 +168,23 @@ def max_pixels_problem(max_pixels: int) -> str | None:
     return f"--max-pixels must be in [1, {MAX_MAX_PIXELS}] (as the node's max_pixels), got {max_pixels}"
 
 
-__all__ = ["StopSignals", "add_max_pixels_argument", "max_pixels_problem", "model_problem", "output_file_problem",
-           "output_folder_problem", "topic_problem"]
+def frame_size_problem(size: tuple[int, int], max_pixels: int | None = None, flag: str = "--size") -> str | None:
+    """Why frames of ``size`` (height, width), published to a node, cannot be served (None when they can): a side
+    below the network's minimum, or more pixels than the node's ``max_pixels`` (default: the node's default), which
+    it drops unread. For the tools that publish frames of a given size to a node they start (icnet-node-soak,
+    icnet-node-bench), checked before anything starts."""
+    from ..ros_image import DEFAULT_MAX_PIXELS
+    from ..sizes import MIN_INPUT_SIZE
+
+    h, w = size
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if min(h, w) < MIN_INPUT_SIZE:
+        return f"{flag} {h}x{w}: height and width must each be >= {MIN_INPUT_SIZE} (the network's minimum)"
+    if h * w > limit:
+        return (f"{flag} {h}x{w} = {h * w} pixels exceeds the node's max_pixels {limit} (it drops larger frames "
+                "unread)")
+    return None
+
+
+__all__ = ["StopSignals", "add_max_pixels_argument", "frame_size_problem", "max_pixels_problem", "model_problem",
+           "output_file_problem", "output_folder_problem", "topic_problem"]

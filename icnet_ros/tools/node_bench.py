@@ -20,12 +20,17 @@ previous one, the demo's default; ``overlay``: once the previous overlay arrived
 Segmenter alone, so load changes on a shared machine hit all of them alike; medians of the per-chunk rates and of
 the per-round ratios are reported.
 
+Sizes are checked before anything starts (each side at least the network's minimum, at most the node's max_pixels);
+a size that fails during its measurement is one error line, the other sizes are measured (exit status 1). Ctrl-C or
+SIGTERM: the sizes measured so far (printed, and in ``--json``), exit status 130 or 143.
+
 DDS stays on loopback (the demo's defaults apply when unset).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import threading
@@ -38,6 +43,9 @@ import numpy as np
 from ..ros_spin import cleanup, init_without_signal_handlers, spin
 from .demo import configure_dds
 from .play import parse_size
+
+PROG = "icnet-node-bench"
+SPINNER_THREAD = "icnet_node_bench_executor"  # the thread spinning the executor (joined before the process ends)
 
 
 def _frame(h: int, w: int, seed: int) -> np.ndarray:
@@ -85,8 +93,6 @@ def bench_size(node: Any, helper: Any, size: tuple[int, int], frames: int, kinds
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
-    from ..ros_image import numpy_to_image
-
     h, w = size
     imgs = [_frame(h, w, i) for i in range(4)]
     order = "BGR" if encoding == "bgr8" else "RGB"
@@ -99,6 +105,24 @@ def bench_size(node: Any, helper: Any, size: tuple[int, int], frames: int, kinds
     sink = _Sink(kinds)
     subs = [helper.create_subscription(Image, camera.publishers[k].topic_name, sink.callback(k, helper.get_clock()),
                                        qos) for k in kinds]
+    try:
+        return _measure(node, helper, pub, sink, imgs, size, frames, kinds, encoding, throughput_s)
+    finally:  # also after a failure: the next size's subscriptions must be the only ones
+        for s in subs:
+            helper.destroy_subscription(s)
+        helper.destroy_publisher(pub)
+
+
+def _measure(node: Any, helper: Any, pub: Any, sink: _Sink, imgs: list[np.ndarray], size: tuple[int, int],
+             frames: int, kinds: list[str], encoding: str, throughput_s: float) -> dict[str, Any]:
+    from sensor_msgs.msg import Image
+
+    from ..ros_image import numpy_to_image
+
+    h, w = size
+    order = "BGR" if encoding == "bgr8" else "RGB"
+    seg = node.segmenter
+    camera = node.cameras[0]
     deadline = time.monotonic() + 30
     while not (pub.get_subscription_count() >= 1 and all(camera.publishers[k].get_subscription_count() >= 1
                                                          for k in kinds)):
@@ -163,9 +187,6 @@ def bench_size(node: Any, helper: Any, size: tuple[int, int], frames: int, kinds
     time.sleep(2 / seg_fps)
     served = sum(1 for _, arrival in sink.complete[done_before:] if t0_ns <= arrival <= t1_ns)
     node_fps = served / ((t1_ns - t0_ns) / 1e9)
-    for s in subs:
-        helper.destroy_subscription(s)
-    helper.destroy_publisher(pub)
     seg_med, e2e_med, inf_med = (statistics.median(v) for v in (seg_ms, e2e_ms, infer_ms))
     overhead = [e - g for e, g in zip(e2e_ms, infer_ms)]
     return {"size": f"{h}x{w}", "outputs": kinds, "encoding": encoding, "frames": frames,
@@ -232,7 +253,7 @@ def bench_demo(node: Any, executor: Any, video: str, frames: int, chunk: int) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="icnet-node-bench", description=__doc__.split("\n\n")[0].replace("``", ""))
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--model", default=None, help="a .safetensors checkpoint or an exported .onnx/.xml/engine (run "
                    "by the backend its type selects; default: the package's default model)")
     p.add_argument("--size", type=parse_size, action="append", default=None, metavar="HxW",
@@ -241,8 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", default="label", help="comma-separated outputs to subscribe (default: label)")
     p.add_argument("--encoding", choices=("rgb8", "bgr8"), default="rgb8")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: the node's auto policy, all cores but one on the CPU)")
-    p.add_argument("--throughput-seconds", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: the node's auto policy, all cores but "
+                   "one on the CPU)")
+    p.add_argument("--throughput-seconds", type=float, default=5.0, help="seconds of the sustained throughput run "
+                   "per size (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file (its folder is created)")
     p.add_argument("--demo", default=None, metavar="VIDEO", help="time icnet-demo's pipeline on this video "
                    "against the Segmenter alone instead (--frames frames in chunks of --chunk)")
@@ -253,10 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace) -> str | None:
     """Why the arguments cannot work (None when they can), before anything starts."""
     from ..engine_config import parse_outputs
-    from .cli_checks import model_problem, output_file_problem
+    from .cli_checks import frame_size_problem, model_problem, output_file_problem
 
-    if args.frames < 1 or args.chunk < 1 or args.threads < 0 or args.throughput_seconds <= 0:
-        return "--frames and --chunk must be >= 1, --threads >= 0, --throughput-seconds > 0"
+    if args.frames < 1 or args.chunk < 1 or args.threads < 0:
+        return "--frames and --chunk must be >= 1, --threads >= 0"
+    # (nan: nothing published, a 120 s wait for an output and 0 fps reported; inf: a run that never ends)
+    if not (math.isfinite(args.throughput_seconds) and args.throughput_seconds > 0):
+        return f"--throughput-seconds must be a finite number > 0, got {args.throughput_seconds}"
+    # as the node takes frames (max_pixels: its default), before the node starts: a size below the network's
+    # minimum was a traceback after the sizes before it (their results lost), one above max_pixels a 120 s wait
+    problem = next((p for p in map(frame_size_problem, args.size or ()) if p), None)
+    if problem:
+        return problem
     if args.demo is not None and args.frames < args.chunk:
         return (f"--frames {args.frames} is less than one --chunk of {args.chunk}: --demo times chunks of "
                 "--chunk frames")
@@ -273,20 +304,33 @@ def _check_args(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C outside the measurements (start-up, model load)
-        print("icnet-node-bench: interrupted", file=sys.stderr)
-        return 130
+    from .cli_checks import StopSignals
+
+    with StopSignals() as stop:  # SIGTERM (kill, timeout) as Ctrl-C: the sizes measured so far kept
+        try:
+            return _main(argv, stop)
+        except KeyboardInterrupt:  # Ctrl-C outside the measurements (start-up, model load)
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return stop.exit_code
 
 
-def _main(argv: list[str] | None) -> int:
+def _join_spinners(timeout: float = 5.0) -> None:
+    """Join the executor-spinning thread once the executor and the context are shut down, so that it is not still
+    inside rclpy when the interpreter finalises (a C++ abort, "terminate called without an active exception", as
+    icnet-demo had)."""
+    for thread in threading.enumerate():
+        if thread.name == SPINNER_THREAD:
+            thread.join(timeout)
+
+
+def _main(argv: list[str] | None, stop: Any) -> int:
     args = build_parser().parse_args(argv)
     problem = _check_args(args)
     if problem:
-        print(f"icnet-node-bench: error: {problem}", file=sys.stderr)
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
-    kinds = [k.strip() for k in args.outputs.split(",") if k.strip()]
+    # each kind once ('label,label' waited for two distinct kinds that never came: 120 s, then a traceback)
+    kinds = list(dict.fromkeys(k.strip() for k in args.outputs.split(",") if k.strip()))
     configure_dds(isolated_domain=True)
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
@@ -302,15 +346,16 @@ def _main(argv: list[str] | None) -> int:
         try:
             args.model = str(default_model_path())
         except CheckpointError as e:
-            print(f"icnet-node-bench: error: {e}", file=sys.stderr)
+            print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
     if args.demo is not None:
         try:
-            return _main_demo(args)
+            return _main_demo(args, stop)
         except (StartupError, SourceError, ValueError) as e:
-            print(f"icnet-node-bench: error: {e}", file=sys.stderr)
+            print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
     init_without_signal_handlers()
+    stop.install()  # SIGTERM as Ctrl-C (and SIGINT's handler again, which the line above reset)
     try:
         node = SegmentationNode(parameter_overrides=[
             Parameter("image_topics", value=["/bench/image_raw"]), Parameter("model", value=args.model),
@@ -320,15 +365,16 @@ def _main(argv: list[str] | None) -> int:
             Parameter("publish_camera_info", value=False)])
     except StartupError as e:
         rclpy.try_shutdown()
-        print(f"icnet-node-bench: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     helper = rclpy.create_node("icnet_node_bench")
     executor = MultiThreadedExecutor(num_threads=2)
     executor.add_node(node)
     executor.add_node(helper)
-    spinner = threading.Thread(target=spin, args=(executor,), daemon=True)
+    spinner = threading.Thread(target=spin, args=(executor,), name=SPINNER_THREAD, daemon=True)
     spinner.start()
     results = []
+    failed = []
     sizes = args.size or [(360, 480), (1024, 2048)]
     interrupted = False
     try:
@@ -337,20 +383,31 @@ def _main(argv: list[str] | None) -> int:
         print(f"# {node.segmenter.describe() if hasattr(node.segmenter, 'describe') else args.model}; "
               f"torch threads {torch.get_num_threads()}", flush=True)
         for size in sizes:
-            r = bench_size(node, helper, size, args.frames, kinds, args.encoding, args.throughput_seconds)
+            try:
+                r = bench_size(node, helper, size, args.frames, kinds, args.encoding, args.throughput_seconds)
+            except Exception as e:  # noqa: BLE001 - one line; the other sizes are measured, the JSON written
+                failed.append(size)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                print(f"{PROG}: error: {size[0]}x{size[1]}: {first}", file=sys.stderr, flush=True)
+                continue
             results.append(r)
             print(json.dumps(r), flush=True)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         interrupted = cleanup(lambda: executor.shutdown(timeout_sec=2.0), node.destroy_node, helper.destroy_node,
-                               rclpy.try_shutdown) or interrupted
+                              rclpy.try_shutdown, _join_spinners) or interrupted
     _write_json(args.json, results)  # an interrupted run: the sizes measured so far
     if interrupted:
-        print(f"icnet-node-bench: interrupted after {len(results)} of {len(sizes)} size(s)"
+        done = len(results) + len(failed)
+        print(f"{PROG}: interrupted after {done} of {len(sizes)} size(s)"
               f"{' (their results above' + (f' and in {args.json}' if args.json else '') + ')' if results else ''}",
               file=sys.stderr)
-        return 130
+        return stop.exit_code
+    if failed:
+        print(f"{PROG}: {len(failed)} of {len(sizes)} size(s) failed"
+              f"{f'; the others are in {args.json}' if args.json and results else ''}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -360,7 +417,7 @@ def _write_json(path: str | None, results: Any) -> None:
             json.dump(results, f, indent=1)
 
 
-def _main_demo(args: argparse.Namespace) -> int:
+def _main_demo(args: argparse.Namespace, stop: Any) -> int:
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
 
@@ -368,6 +425,7 @@ def _main_demo(args: argparse.Namespace) -> int:
     from .demo import _node_overrides
 
     init_without_signal_handlers()
+    stop.install()  # SIGTERM as Ctrl-C
     demo_args = argparse.Namespace(topic="/camera/image_raw", device=args.device, precision="fp32",
                                    input_size=None)  # the node's default, as icnet-demo
     overrides = _node_overrides(demo_args, args.model, reliable=True)
@@ -394,11 +452,11 @@ def _main_demo(args: argparse.Namespace) -> int:
         interrupted = True
     finally:
         interrupted = cleanup(lambda: executor.shutdown(timeout_sec=2.0), node.destroy_node,
-                               rclpy.try_shutdown) or interrupted
+                              rclpy.try_shutdown, _join_spinners) or interrupted
     if interrupted:  # the medians need every round: nothing to report
-        print("icnet-node-bench: interrupted (--demo: no result, the rounds are compared only when complete)",
+        print(f"{PROG}: interrupted (--demo: no result, the rounds are compared only when complete)",
               file=sys.stderr)
-        return 130
+        return stop.exit_code
     _write_json(args.json, result)
     return 0
 

@@ -4,13 +4,17 @@
     icnet-record /front/semantic/overlay /rear/semantic/overlay --output out/ --max-frames 100
     icnet-record /camera/semantic/color --video color.mp4 --fps 10 --idle-timeout 5
 
-Files are named ``<index>_<stamp sec>.<nanosec>.<ext>`` (one folder per topic when several are recorded), so they
-sort in arrival order and can be matched to their input frames by stamp. A folder that already holds such files (an
-earlier recording, whose files a second one would overwrite: the same indices, and the same stamps when a bag is
-replayed) is refused before anything starts. sensor_msgs/Image in rgb8, bgr8, rgba8, bgra8, mono8 and mono16
-(16-bit PNG) is supported; ``<topic>/compressed`` topics are saved as received, named .jpg or .png after their
-bytes (the ``format`` field when the bytes are neither). ``--video`` is checked when closed (every frame in it,
-readable): a broken video is one error line and exit status 1.
+Files are named ``<index>_<stamp sec>.<nanosec>.<ext>``, the index zero-padded to 9 digits (per topic), so they
+sort in arrival order and can be matched to their input frames by stamp. When several topics are recorded, each has
+its own folder, named after it (``/front/semantic/overlay`` -> ``front_semantic_overlay``); topics that would share a
+folder name (``/a/b`` and ``/a_b``) each get ``-<8 hex digits>`` of their name's SHA-1 appended to it. A folder that
+already holds such files (an earlier recording, whose files a second one would overwrite: the same indices, and the
+same stamps when a bag is replayed) is refused before anything starts. sensor_msgs/Image in rgb8, bgr8, rgba8,
+bgra8, mono8 and mono16 (16-bit PNG) is supported; ``<topic>/compressed`` topics are saved as received, named .jpg or
+.png after their bytes (the ``format`` field when the bytes are neither). ``--video`` is checked when closed (every
+frame in it, readable): a broken video is one error line and exit status 1. A frame with more than ``--max-pixels``
+pixels (a compressed frame's header is read before it is decoded), or one that does not decode, is saved but not
+added to the video: a warning, and the count in the final line.
 Writing happens on a separate thread, so slow disks do not stall the subscription; the frames waiting for it hold
 at most ``--max-queue-mb`` (default 512): beyond that a frame is dropped, counted and warned about (the exit
 status is then 1), never buffered without bound. When the recording stops, every frame received is written before
@@ -22,12 +26,14 @@ subscribes reliable when every publisher of a topic is reliable (no frame lost),
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import queue
 import re
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,8 +42,11 @@ import numpy as np
 
 DEFAULT_TOPIC = "/camera/semantic/overlay"
 DEFAULT_OUTPUT = "out/overlays"
-#: the names of the files a recording writes (see the module docstring)
-RECORDING_FILE = re.compile(r"^\d{6}_\d+\.\d{9}\.(png|jpg)$")
+#: the names of the files a recording writes (see the module docstring; 6 digits: an index of an earlier version)
+RECORDING_FILE = re.compile(r"^\d{6,}_\d+\.\d{9}\.(png|jpg)$")
+INDEX_DIGITS = 9  # the file index's zero padding: names sort in arrival order up to 10^9 frames per topic
+MAX_DEPTH = 10000  # --depth's upper bound (the subscription's history)
+MAX_QUEUE_MB = 1 << 20  # --max-queue-mb's upper bound (1 TiB)
 #: seconds :meth:`Recorder.close` waits for the writes before it calls ``on_wait`` (icnet-record says it waits)
 WAIT_NOTICE_S = 3.0
 
@@ -61,14 +70,27 @@ def topic_slug(topic: str) -> str:
     return topic.strip("/~").replace("/", "_") or "image"
 
 
-def topic_folder(output: Path, topic: str, subdirs: bool) -> Path:
-    """The folder ``topic``'s frames are written into: ``output``, or a folder per topic (``subdirs``)."""
-    return output / topic_slug(topic) if subdirs else output
+def topic_folder_names(topics: list[str]) -> dict[str, str]:
+    """The folder name of each topic when each has its own folder: its :func:`topic_slug`; when several topics have
+    the same slug (``/a/b`` and ``/a_b``: their frames overwrote each other's), each of them gets ``-`` and 8 hex
+    digits of the SHA-1 of its name appended (a slug has no ``-``: ROS names cannot hold one)."""
+    slugs = {t: topic_slug(t) for t in topics}
+    counts = Counter(slugs.values())
+    return {t: s if counts[s] == 1 else f"{s}-{hashlib.sha1(t.encode()).hexdigest()[:8]}" for t, s in slugs.items()}
+
+
+def topic_folder_map(output: str | Path, topics: list[str], subdirs: bool | None = None) -> dict[str, Path]:
+    """The folder each topic of a recording of ``topics`` writes into: ``output``, or one folder per topic
+    (``subdirs``; default: when several are recorded)."""
+    output = Path(output).expanduser()
+    if not (len(topics) > 1 if subdirs is None else subdirs):
+        return {t: output for t in topics}
+    return {t: output / name for t, name in topic_folder_names(topics).items()}
 
 
 def topic_folders(output: str | Path, topics: list[str]) -> list[Path]:
     """The folders a recording of ``topics`` writes into (one per topic when several are recorded)."""
-    return list(dict.fromkeys(topic_folder(Path(output).expanduser(), t, len(topics) > 1) for t in topics))
+    return list(dict.fromkeys(topic_folder_map(output, topics).values()))
 
 
 def existing_recording(folder: Path) -> Path | None:
@@ -84,11 +106,14 @@ class Recorder:
 
     Counters: ``received``, ``saved``, ``failed``, ``dropped`` (the write queue held ``max_queue_bytes``),
     ``unwritten`` (received and none of those: waiting to be written, or never written when :meth:`close` stopped
-    waiting); ``stamps`` holds the (sec, nanosec) of every received frame."""
+    waiting); ``stamps`` holds the (sec, nanosec) of every received frame. With a ``video``, ``not_in_video`` counts
+    the frames saved but not added to it: more than ``max_pixels`` pixels (None: no limit; a compressed frame's
+    header is checked before it is decoded), or a compressed frame that does not decode."""
 
     def __init__(self, node: Any, topics: list[str], output: str | Path, fmt: str = "png",
                  reliability: str = "auto", depth: int = 100, video: str | Path | None = None,
-                 fps: float = 10.0, subdirs: bool | None = None, max_queue_bytes: int = 512 << 20) -> None:
+                 fps: float = 10.0, subdirs: bool | None = None, max_queue_bytes: int = 512 << 20,
+                 max_pixels: int | None = None) -> None:
         if fmt not in ("png", "jpg"):
             raise ValueError(f"format must be png or jpg, got {fmt!r}")
         if reliability not in ("auto", "reliable", "best_effort"):
@@ -101,6 +126,9 @@ class Recorder:
         self.output = Path(output).expanduser()
         self.reliability = reliability
         self.subdirs = len(topics) > 1 if subdirs is None else subdirs
+        self._folders = topic_folder_map(self.output, self.topics, self.subdirs)
+        self.max_pixels = max_pixels
+        self.not_in_video = 0
         self.received = 0
         self.saved = 0
         self.failed = 0
@@ -191,9 +219,8 @@ class Recorder:
                 f"{self.max_queue_bytes >> 20} MiB; {dropped} dropped so far): the disk is slower than the topic; "
                 "use --format jpg, a faster disk or a larger --max-queue-mb", throttle_duration_sec=5.0)
             return
-        folder = topic_folder(self.output, topic, self.subdirs)
-        stem = f"{index:06d}_{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}"
-        self._queue.put((msg, topic, folder / stem))
+        stem = f"{index:0{INDEX_DIGITS}d}_{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}"
+        self._queue.put((msg, topic, self._folders[topic] / stem))
 
     @property
     def unwritten(self) -> int:
@@ -228,7 +255,8 @@ class Recorder:
                 self._lock.notify_all()
 
     def _write(self, msg: Any, topic: str, stem: Path) -> None:
-        from ..ros_image import compressed_to_numpy, compression_format, image_to_numpy, sniff_codec
+        from ..ros_image import (ImageFormatError, check_pixels, compressed_to_numpy, compression_format,
+                                 image_to_numpy, sniff_codec)
         from ..video import write_image
 
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -242,9 +270,14 @@ class Recorder:
             path = stem.with_name(stem.name + (".jpg" if codec == "jpeg" else ".png"))
             path.write_bytes(bytes(msg.data))
             bgr = None
-            if self._video is not None:
-                img, order = compressed_to_numpy(msg)
-                bgr = img[:, :, ::-1] if order == "RGB" else img
+            if self._video is not None and self.video_error is None:
+                # the file is saved: a frame the video cannot take is a warning, not a failed frame (its header is
+                # checked first: a small message can declare gigabytes of pixels)
+                try:
+                    img, order = compressed_to_numpy(msg, self.max_pixels)
+                    bgr = img[:, :, ::-1] if order == "RGB" else img
+                except Exception as e:  # noqa: BLE001 - any decoder failure: the frame stays out of the video
+                    self._not_in_video(topic, stem, e)
         else:
             bgr = to_bgr(image_to_numpy(msg), msg.encoding)
             if bgr.dtype == np.uint16 and self.fmt == "jpg":
@@ -252,6 +285,12 @@ class Recorder:
             else:
                 path = stem.with_name(f"{stem.name}.{self.fmt}")
             write_image(path, np.ascontiguousarray(bgr))
+            if self._video is not None and self.video_error is None:
+                try:
+                    check_pixels(int(msg.height), int(msg.width), self.max_pixels)
+                except ImageFormatError as e:
+                    self._not_in_video(topic, stem, e)
+                    bgr = None
         if self._video is not None and bgr is not None and self.video_error is None:
             if bgr.ndim == 2:
                 bgr = np.repeat(bgr[:, :, None], 3, axis=2)
@@ -262,6 +301,12 @@ class Recorder:
             except OSError as e:  # the video stops here; this frame and the next ones are still saved as images
                 self.video_error = str(e)
                 self.node.get_logger().error(f"{e}; no more frames go to the video, the images are still saved")
+
+    def _not_in_video(self, topic: str, stem: Path, why: Exception) -> None:
+        with self._lock:
+            self.not_in_video += 1
+        self.node.get_logger().warning(f"{topic}: frame {stem.name} saved, not added to the video: {why}",
+                                       throttle_duration_sec=5.0)
 
     def wait_for(self, count: int, timeout: float) -> bool:
         """Wait until ``count`` frames were received."""
@@ -323,15 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("png", "jpg"), default="png", help="image file format (default: png)")
     p.add_argument("--video", default=None, help="also write the frames to this video file (e.g. overlay.mp4)")
     p.add_argument("--fps", type=float, default=10.0, help="frame rate of --video (default: %(default)s)")
+    from .cli_checks import add_max_pixels_argument
+
+    add_max_pixels_argument(p, bounds="frames with more pixels (height x width) are saved but not added to --video "
+                                      "(a compressed frame's header is checked before it is decoded)")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames (all topics)")
     p.add_argument("--idle-timeout", type=float, default=None, help="stop when no frame arrived for this many "
                    "seconds (counted from the first frame)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--reliability", choices=("auto", "reliable", "best_effort"), default="auto",
                    help="subscription reliability (default: auto = reliable when all publishers are)")
-    p.add_argument("--depth", type=int, default=100, help="subscription queue depth (default: %(default)s)")
+    p.add_argument("--depth", type=int, default=100, help=f"subscription queue depth, at most {MAX_DEPTH} (default: "
+                   "%(default)s)")
     p.add_argument("--max-queue-mb", type=float, default=512.0, help="memory for frames waiting to be written; "
-                   "beyond it frames are dropped and counted (default: %(default)s)")
+                   f"beyond it frames are dropped and counted; at most {MAX_QUEUE_MB} (default: %(default)s)")
     return p
 
 
@@ -346,7 +396,17 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None and v <= 0:
             print(f"icnet-record: error: --{name.replace('_', '-')} must be > 0, got {v}", file=sys.stderr)
             return 2
-    from .cli_checks import output_file_problem, output_folder_problem, topic_problem
+    from .cli_checks import max_pixels_problem, output_file_problem, output_folder_problem, topic_problem
+
+    # (a larger --depth was a TypeError traceback from the QoS, a --max-queue-mb of 1e308 an OverflowError)
+    for flag, v, limit in (("--depth", args.depth, MAX_DEPTH), ("--max-queue-mb", args.max_queue_mb, MAX_QUEUE_MB)):
+        if v > limit:
+            print(f"icnet-record: error: {flag} must be at most {limit}, got {v}", file=sys.stderr)
+            return 2
+    problem = max_pixels_problem(args.max_pixels)
+    if problem:
+        print(f"icnet-record: error: {problem}", file=sys.stderr)
+        return 2
 
     # topics checked as rclpy checks them, before the node exists: create_subscription's exception was a traceback
     problem = next((p for p in (topic_problem(t, "topic", "icnet_record") for t in args.topics) if p), None)
@@ -374,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     reason = "interrupted"
     try:
         recorder = Recorder(node, args.topics, args.output, args.format, args.reliability, args.depth,
-                            args.video, args.fps, max_queue_bytes=int(args.max_queue_mb * (1 << 20)))
+                            args.video, args.fps, max_queue_bytes=max(1, int(args.max_queue_mb * (1 << 20))),
+                            max_pixels=args.max_pixels)
         print(f"icnet-record: {', '.join(args.topics)} -> {recorder.output}/", flush=True)
         hinted = False
         while True:
@@ -428,13 +489,15 @@ def wait_notice(prog: str, what: str = "frame") -> Callable[[int], None]:
 
 def final_report(recorder: Recorder, reason: str, seconds: float) -> tuple[str, int]:
     """The closed recording's final line and exit status: 1 when a frame was not saved (failed, dropped, or never
-    written: the wait for the writes was stopped) or the video is broken, else 0."""
+    written: the wait for the writes was stopped) or the video is broken, else 0 (frames saved but not added to the
+    video are counted in the line, with the warnings said when they were written)."""
     unwritten = recorder.unwritten
     line = (f"icnet-record: stopped ({reason}): received {recorder.received}, saved {recorder.saved}"
             f"{f', failed {recorder.failed}' if recorder.failed else ''}"
             f"{f', dropped {recorder.dropped} (write queue full)' if recorder.dropped else ''}"
-            f"{f', not written {unwritten} (the writing was stopped)' if unwritten else ''} in {seconds:.1f} s -> "
-            f"{recorder.output}/")
+            f"{f', not written {unwritten} (the writing was stopped)' if unwritten else ''}"
+            f"{f', {recorder.not_in_video} not added to the video' if recorder.not_in_video else ''}"
+            f" in {seconds:.1f} s -> {recorder.output}/")
     ok = not (recorder.failed or recorder.dropped or unwritten or recorder.video_error)
     return line, 0 if ok else 1
 

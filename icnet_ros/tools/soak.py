@@ -23,9 +23,13 @@ window: a node whose worker stalls turns every frame into a ``superseded`` polic
 checks above do not see);
 the node exits with status 0 on SIGINT (within :data:`STOP_TIMEOUT_S`; else it is killed and the soak fails). A
 node that is merely slower than ``--rate`` passes: the share of the frames received while subscribed that it served
-is reported, not judged (it depends on the machine, its load and the model). Ctrl-C stops the soak early: the
-results so far are printed and written (``"interrupted": true``), no verdict, exit status 130. DDS stays on
-loopback.
+is reported, not judged (it depends on the machine, its load and the model). A node that dies during the soak fails
+it at once, with the results so far printed and written (``node_exit_problem``: ``node died (status N): ...``).
+Ctrl-C or SIGTERM (``kill``, ``timeout``, a CI cancel) stops the soak early: the node is stopped, the results so far
+are printed and written (``"interrupted": true``), no verdict, exit status 130 (143 for SIGTERM). The node process
+is also sent SIGTERM when the soak process dies (Linux: a parent-death signal), so no node outlives it. ``--size``
+and ``--rate`` are checked before the node starts (the node's frame bounds; at least
+:data:`MIN_FRAMES_PER_WINDOW` frames per subscription window, at most :data:`MAX_RATE` Hz). DDS stays on loopback.
 """
 from __future__ import annotations
 
@@ -63,10 +67,24 @@ STOP_TIMEOUT_S = 30.0  # for the node's exit after SIGINT
 #: the default --max-silence: max(SILENCE_MIN_S, SILENCE_PERIODS / rate) seconds
 SILENCE_MIN_S = 5.0
 SILENCE_PERIODS = 10
+#: --rate x min(--cycle, --seconds) must be at least this: fewer frames per subscription window check nothing
+MIN_FRAMES_PER_WINDOW = 5
+MAX_RATE = 1000.0  # Hz; --rate's upper bound (the output check's tolerance grows with the rate)
+SPINNER_THREAD = "icnet_node_soak_executor"  # the thread spinning the executor (joined before the process ends)
+#: the longest the soak loop sleeps: a node's death and the progress bar are seen within it
+MAX_SLEEP_S = 1.0
 
 
 def default_max_silence(rate: float) -> float:
     return max(SILENCE_MIN_S, SILENCE_PERIODS / rate)
+
+
+def wake_time(now: float, next_frame: float, next_sample: float, window_end: float, end: float) -> float:
+    """When the soak loop wakes next (times in time.monotonic() seconds): for the next frame due, RSS sample or
+    subscription window, within :data:`MAX_SLEEP_S` (a node's death is seen then), and never after the soak's
+    ``end`` (it slept a whole frame period first: --rate 0.005 ran 200 s of a 90 s soak, a tiny rate overflowed
+    time.sleep)."""
+    return min(next_frame, next_sample, window_end, end, now + MAX_SLEEP_S)
 
 
 def rss_mb(pid: int) -> float:
@@ -104,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "while its camera's outputs are subscribed waits longer than --max-silence for an "
                                 "output of that subscription window; the node exits with status 0 on SIGINT (within "
                                 f"{STOP_TIMEOUT_S:g} s). A slower node passes: the share of frames served is "
-                                "reported. Ctrl-C: the results so far, exit status 130.")
+                                "reported. Ctrl-C or SIGTERM: the results so far, exit status 130 or 143.")
     p.add_argument("--model", default=None, help="model file the node loads, on the CPU: a checkpoint "
                    "(.safetensors), an ONNX export (.onnx, ONNX Runtime) or an OpenVINO IR (.xml) (default: the "
                    "package's default model)")
@@ -125,12 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _NodeFailed(Exception):
-    """The node process did not start (exit status 2) or died during the soak (a failed check: status 1); one line,
-    the node's log kept."""
-
-    def __init__(self, message: str, died: bool = False) -> None:
-        super().__init__(message)
-        self.died = died
+    """The node process did not start or its subscriptions did not match (exit status 2); one line, the node's log
+    kept. (A node that dies during the soak is a failed check: the results so far, exit status 1.)"""
 
 
 def _log_tail(log_path: Path) -> str:
@@ -329,6 +343,17 @@ def _diagnostics(msgs: list[Any]) -> dict[str, dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli_checks import StopSignals
+
+    with StopSignals() as stop:  # SIGTERM (kill, timeout, a CI cancel) as Ctrl-C: the node stopped, results kept
+        try:
+            return _main(argv, stop)
+        except KeyboardInterrupt:  # during the start-up, or again while cleaning up (the node is gone: _soak's finally)
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return stop.exit_code
+
+
+def _main(argv: list[str] | None, stop: Any) -> int:
     args = build_parser().parse_args(argv)
     numbers = (args.seconds, args.rate, args.cycle, args.sample, args.max_growth)
     if (not all(math.isfinite(v) for v in numbers) or args.seconds < 90 or args.rate <= 0 or args.cycle <= 0
@@ -337,8 +362,13 @@ def main(argv: list[str] | None = None) -> int:
               "> 0, --threads >= 0 (all finite)", file=sys.stderr)
         return 2
     from ..checkpoint import CheckpointError, default_model_path
-    from .cli_checks import model_problem, output_file_problem
+    from .cli_checks import frame_size_problem, model_problem, output_file_problem
 
+    window = min(args.cycle, args.seconds)
+    if not (args.rate * window >= MIN_FRAMES_PER_WINDOW and args.rate <= MAX_RATE):
+        print(f"{PROG}: error: --rate {args.rate:g}: at least {MIN_FRAMES_PER_WINDOW} frames per subscription window "
+              f"(--rate x min(--cycle, --seconds) = {args.rate * window:g}), at most {MAX_RATE:g} Hz", file=sys.stderr)
+        return 2
     if args.max_silence is not None and not (math.isfinite(args.max_silence) and args.max_silence > 0):
         print(f"{PROG}: error: --max-silence must be a finite number > 0, got {args.max_silence}", file=sys.stderr)
         return 2
@@ -346,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: --model {args.model}: a TensorRT engine needs CUDA; the soak runs the node on the CPU "
               "(soak its .onnx export instead)", file=sys.stderr)
         return 2
-    problem = (model_problem(args.model) if args.model else None) or output_file_problem(args.json)
+    # --size as the node takes frames (the node's default max_pixels: it would drop every frame unread)
+    problem = (frame_size_problem(args.size) or (model_problem(args.model) if args.model else None)
+               or output_file_problem(args.json))
     if problem:  # now, not after the soak
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
@@ -357,13 +389,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_dds(isolated_domain=True)
     try:
-        return _soak(args, model)
+        return _soak(args, model, stop)
     except _NodeFailed as e:
-        print(f"{PROG}: {'FAIL' if e.died else 'error'}: {e}", file=sys.stderr)
-        return 1 if e.died else 2
-    except KeyboardInterrupt:  # a second Ctrl-C while cleaning up (the node process is gone: _soak's finally)
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parent_death_signal() -> Any:
+    """A ``preexec_fn`` that has the child sent SIGTERM when this process ends, however it ends (SIGKILL, the OOM
+    killer): Linux's ``prctl(PR_SET_PDEATHSIG)``. None where there is no prctl."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # this process ended before the prctl: nobody to serve
+            os._exit(1)
+    return preexec
 
 
 def summarize(args: argparse.Namespace, rss: list[tuple[float, float]], published: list[int],
@@ -411,7 +461,7 @@ def summarize(args: argparse.Namespace, rss: list[tuple[float, float]], publishe
     return result
 
 
-def _soak(args: argparse.Namespace, model: str) -> int:
+def _soak(args: argparse.Namespace, model: str, stop: Any) -> int:
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import MultiThreadedExecutor
@@ -434,25 +484,17 @@ def _soak(args: argparse.Namespace, model: str) -> int:
         for cam in CAMERAS:
             node_args += ["-p", f"qos_overrides.{cam}.subscription.reliability:=reliable",
                           "-p", f"qos_overrides.{cam}.subscription.depth:=10"]
+    frames = _frames(*args.size)  # before the node starts: nothing to clean up when they cannot be made
+    raw = [numpy_to_image(f, "rgb8", Image()) for f in frames]
+    jpeg = [numpy_to_compressed(f, "RGB", "jpeg") for f in frames]
     log_path = Path(tempfile.mkdtemp(prefix="icnet_soak_")) / "node.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.node_process", *node_args], stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
-    init_without_signal_handlers()  # Ctrl-C: a KeyboardInterrupt here, handled below
-    helper = rclpy.create_node("icnet_node_soak")
-    executor = MultiThreadedExecutor(num_threads=2)
-    executor.add_node(helper)
-    threading.Thread(target=spin, args=(executor,), daemon=True).start()
-    reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-    diag_msgs: list[Any] = []
-    helper.create_subscription(DiagnosticArray, "/diagnostics", diag_msgs.append, 10)
-    pubs = [helper.create_publisher(Image, CAMERAS[0], reliable),
-            helper.create_publisher(CompressedImage, CAMERAS[1], reliable)]
-    frames = _frames(*args.size)
-    raw = [numpy_to_image(f, "rgb8", Image()) for f in frames]
-    jpeg = [numpy_to_compressed(f, "RGB", "jpeg") for f in frames]
+                                stderr=subprocess.STDOUT, env=env, preexec_fn=_parent_death_signal())
+    # from here on, everything is inside the try whose finally stops the node process
+    helper = executor = spinner = None
     counter = _Counter()
     subs: list[Any] = []
     published = [0, 0]
@@ -463,14 +505,40 @@ def _soak(args: argparse.Namespace, model: str) -> int:
     exit_status: int | None = None
     exit_problem: str | None = None
     diag: dict[str, dict[str, str]] = {}
+    diag_msgs: list[Any] = []
+
+    def died(now: float) -> bool:
+        """The node process ended by itself: its status and the problem recorded (the soak fails on it)."""
+        nonlocal exit_status, exit_problem
+        if proc.poll() is None:
+            return False
+        counter.end(now)
+        exit_status = proc.returncode
+        exit_problem = f"node died (status {proc.returncode}): {_log_tail(log_path)} (its log: {log_path})"
+        return True
+
     try:
         try:
+            init_without_signal_handlers()  # Ctrl-C: a KeyboardInterrupt here, handled below
+            stop.install()  # SIGTERM as Ctrl-C (and SIGINT's handler again, which the line above reset)
+            helper = rclpy.create_node("icnet_node_soak")
+            executor = MultiThreadedExecutor(num_threads=2)
+            executor.add_node(helper)
+            spinner = threading.Thread(target=spin, args=(executor,), name=SPINNER_THREAD, daemon=True)
+            spinner.start()
+            reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+            helper.create_subscription(DiagnosticArray, "/diagnostics", diag_msgs.append, 10)
+            pubs = [helper.create_publisher(Image, CAMERAS[0], reliable),
+                    helper.create_publisher(CompressedImage, CAMERAS[1], reliable)]
             deadline = time.monotonic() + 180
             while "ready:" not in log_path.read_text(errors="replace"):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise _NodeFailed(f"the node did not start: {_log_tail(log_path)} (its log: {log_path})")
                 time.sleep(0.2)
-            while not all(p.get_subscription_count() >= 1 for p in pubs):
+            deadline = time.monotonic() + 60
+            while not all(p.get_subscription_count() >= 1 for p in pubs) and proc.poll() is None:
+                if time.monotonic() > deadline:  # (a node that died meanwhile: reported by the loop below)
+                    raise _NodeFailed(f"the node's subscriptions did not match within 60 s (its log: {log_path})")
                 time.sleep(0.05)
             t0 = time.monotonic()
             next_sample = t0
@@ -481,6 +549,8 @@ def _soak(args: argparse.Namespace, model: str) -> int:
                 while True:
                     now = time.monotonic()
                     elapsed = now - t0
+                    if died(now):
+                        break
                     if elapsed >= args.seconds:
                         counter.end(now)
                         break
@@ -494,45 +564,52 @@ def _soak(args: argparse.Namespace, model: str) -> int:
                                                            counter.callback(window, f"{cam}:{k}"), reliable)
                                 for cam in CAMERAS for k in kinds]
                     if now >= next_sample:
-                        rss.append((round(elapsed, 1), rss_mb(proc.pid)))
-                        next_sample += args.sample
-                    stamp = helper.get_clock().now().to_msg()
-                    msg = raw[i % len(raw)]
-                    msg.header.stamp = stamp
-                    pubs[0].publish(msg)
-                    fmt, data = jpeg[i % len(jpeg)]
-                    cmsg = CompressedImage(format=fmt, data=data)
-                    cmsg.header.stamp = stamp
-                    pubs[1].publish(cmsg)
-                    counter.published(time.monotonic())
-                    published[0] += 1
-                    published[1] += 1
-                    i += 1
-                    bar.n = int(elapsed)
-                    bar.refresh() if i % int(max(1, args.rate)) == 0 else None
-                    if proc.poll() is not None:
-                        raise _NodeFailed(f"the node died (status {proc.returncode}): {_log_tail(log_path)} (its "
-                                          f"log: {log_path})", died=True)
-                    time.sleep(max(0.0, t0 + i * period - time.monotonic()))
-            time.sleep(3.0)  # let the last frames and a /diagnostics message arrive
+                        try:
+                            rss.append((round(elapsed, 1), rss_mb(proc.pid)))
+                        except (OSError, RuntimeError):  # it died just now (a zombie has no VmRSS): seen above next
+                            pass
+                        while next_sample <= now:
+                            next_sample += args.sample
+                    if now >= t0 + i * period:  # this frame is due
+                        stamp = helper.get_clock().now().to_msg()
+                        msg = raw[i % len(raw)]
+                        msg.header.stamp = stamp
+                        pubs[0].publish(msg)
+                        fmt, data = jpeg[i % len(jpeg)]
+                        cmsg = CompressedImage(format=fmt, data=data)
+                        cmsg.header.stamp = stamp
+                        pubs[1].publish(cmsg)
+                        counter.published(time.monotonic())
+                        published[0] += 1
+                        published[1] += 1
+                        i += 1
+                    if int(elapsed) != bar.n:
+                        bar.n = int(elapsed)
+                        bar.refresh()
+                    now = time.monotonic()
+                    time.sleep(max(0.0, wake_time(now, t0 + i * period, next_sample, t0 + (phase + 1) * args.cycle,
+                                                  t0 + args.seconds) - now))
+            if exit_problem is None:
+                time.sleep(3.0)  # let the last frames and a /diagnostics message arrive
         except KeyboardInterrupt:
             interrupted = True
             counter.end(time.monotonic())
             if t0 is None:
                 print(f"{PROG}: interrupted before the soak started", file=sys.stderr)
-                return 130
+                return stop.exit_code
             elapsed = time.monotonic() - t0
         try:
             if interrupted:  # a /diagnostics message newer than the last frames, for the counts so far
                 seen, until = len(diag_msgs), time.monotonic() + 2.0
-                while len(diag_msgs) == seen and time.monotonic() < until:
+                while len(diag_msgs) == seen and time.monotonic() < until and proc.poll() is None:
                     time.sleep(0.05)
             try:
                 rss.append((round(time.monotonic() - t0, 1), rss_mb(proc.pid)))
             except (OSError, RuntimeError):  # the node is gone already (a Ctrl-C in the terminal reaches it too)
                 pass
             diag = _diagnostics(list(diag_msgs[-5:]))
-            exit_status, exit_problem = stop_node(proc, STOP_TIMEOUT_S)
+            if exit_problem is None:  # (a node that died: its status is recorded)
+                exit_status, exit_problem = stop_node(proc, STOP_TIMEOUT_S)
         except KeyboardInterrupt:  # Ctrl-C again: the node is killed below, its exit status unknown
             interrupted = True
             exit_problem = "interrupted while the node was stopping (killed)"
@@ -542,9 +619,15 @@ def _soak(args: argparse.Namespace, model: str) -> int:
                 proc.kill()
                 proc.wait(10)
 
-        # each step on its own: a further Ctrl-C during one must not skip the others or end in a traceback
-        interrupted = cleanup(kill_node, lambda: executor.shutdown(timeout_sec=2.0), helper.destroy_node,
-                              rclpy.try_shutdown) or interrupted
+        # each step on its own: a further Ctrl-C during one must not skip the others or end in a traceback; the
+        # spinning thread is joined once the executor and the context are shut down, so that it is not inside rclpy
+        # when the interpreter finalises (as icnet-demo)
+        steps = [kill_node]
+        steps += [lambda: executor.shutdown(timeout_sec=2.0)] if executor is not None else []
+        steps += [helper.destroy_node] if helper is not None else []
+        steps += [rclpy.try_shutdown]
+        steps += [lambda: spinner.join(5.0)] if spinner is not None else []
+        interrupted = cleanup(*steps) or interrupted
     result = summarize(args, rss, published, diag, counter.snapshot(), counter.totals(), exit_status, exit_problem,
                        elapsed, interrupted, counter.timeline())
     print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}), flush=True)
@@ -557,7 +640,7 @@ def _soak(args: argparse.Namespace, model: str) -> int:
             print(f"{PROG}: error: cannot write --json {args.json}: {e}", file=sys.stderr)
     print(f"{PROG}: {report(result, args.max_growth)}", file=sys.stderr if interrupted else sys.stdout, flush=True)
     if interrupted:
-        return 130
+        return stop.exit_code
     return (0 if written else 2) if not verdict(result, args.max_growth) else 1
 
 
