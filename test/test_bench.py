@@ -626,14 +626,7 @@ def test_node_soak_stops_on_sigterm_and_reports_a_node_that_dies_with_the_result
         for pid in [p for n in nodes for p in n] + ([orphan] if orphan is not None else []):
             if _running(pid):  # only the processes this test started
                 os.kill(pid, signal.SIGKILL)
-        for soak in (termed, dying):  # a failure above: SIGINT first, so that the soak stops its node process
-            if soak.proc.poll() is None:
-                soak.proc.send_signal(signal.SIGINT)
-                try:
-                    soak.proc.wait(40)
-                except Exception:  # noqa: BLE001 - killed below
-                    pass
-            soak.kill()
+        _interrupt_then_kill(termed, dying)
         if parent.poll() is None:
             parent.kill()
             parent.wait(10)
@@ -650,6 +643,20 @@ def test_node_soak_stops_on_sigterm_and_reports_a_node_that_dies_with_the_result
     assert result["node_exit_status"] == -9 and result["node_exit_problem"].startswith("node died (status -9): ")
     assert "interrupted" not in result and len(result["rss_samples"]) >= 5, result
     assert all(cam["published"] > 0 for cam in result["cameras"].values()) and result["outputs_received"], result
+
+
+def _interrupt_then_kill(*procs) -> None:
+    """After a failure: SIGINT to each tool still running first (a soak then stops its node process), then kill."""
+    import signal
+
+    for proc in procs:
+        if proc.proc.poll() is None:
+            proc.proc.send_signal(signal.SIGINT)
+            try:
+                proc.proc.wait(40)
+            except Exception:  # noqa: BLE001 - killed below
+                pass
+        proc.kill()
 
 
 @pytest.mark.ros
@@ -683,14 +690,7 @@ def test_node_soak_and_node_bench_stop_on_ctrl_c_with_the_results_so_far(tmp_pat
         assert bench.wait(60) == 143, bench.output()
         assert soak.wait(60) == 130, soak.output()
     finally:
-        for proc in (soak, bench):  # a failure above: SIGINT first, so that the soak stops its node process
-            if proc.proc.poll() is None:
-                proc.proc.send_signal(signal.SIGINT)
-                try:
-                    proc.proc.wait(40)
-                except Exception:  # noqa: BLE001 - killed below
-                    pass
-            proc.kill()
+        _interrupt_then_kill(soak, bench)
     for proc in (soak, bench):
         assert "Traceback" not in proc.output(), proc.output()
     out = bench.output()
