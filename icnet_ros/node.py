@@ -516,8 +516,9 @@ class SegmentationNode(LifecycleNode):
         for topic in self.config.image_topics:
             entities.add(f"{self.resolve_topic_name(topic)}.subscription")
             base = self._camera_base(topic)
-            for kind in (*node_params.OUTPUT_KINDS, "camera_info"):
-                entities.add(f"{node_params.sibling_topic(base, f'{self.config.output_namespace}/{kind}')}.publisher")
+            for kind in (*node_params.OUTPUT_KINDS, "camera_info"):  # as created: remappings apply to outputs too
+                output = node_params.sibling_topic(base, f"{self.config.output_namespace}/{kind}")
+                entities.add(f"{self.resolve_topic_name(output)}.publisher")
         return entities
 
     def _warn_unknown_overrides(self) -> None:
@@ -533,9 +534,8 @@ class SegmentationNode(LifecycleNode):
                 entities = self._qos_entities() if entities is None else entities
                 if entity not in entities:  # a typo, or a topic left from another set of image_topics
                     topic, _, kind = entity.rpartition(".")
-                    cameras = [self.resolve_topic_name(t) for t in self.config.image_topics]
-                    outputs = [node_params.sibling_topic(self._camera_base(t), f"{self.config.output_namespace}/*")
-                               for t in self.config.image_topics]
+                    cameras = sorted(e.rpartition(".")[0] for e in entities if e.endswith(".subscription"))
+                    outputs = sorted(e.rpartition(".")[0] for e in entities if e.endswith(".publisher"))
                     self.get_logger().warning(
                         f"ignoring {name}: this node has no {kind} on {topic} (subscriptions: {', '.join(cameras)}; "
                         f"publishers: {', '.join(outputs)})"[:1000])

@@ -86,7 +86,9 @@ def _range(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], str |
     return check
 
 
-_TOPIC = re.compile(r"^~?/?[A-Za-z_{][A-Za-z0-9_/{}]*$")
+#: a ROS topic name as rcl validates it: tokens of letters, digits, '_' and {substitutions}, none starting with a
+#: digit, joined by single '/'; absolute, relative, or private ('~/' only: '~cam' and '/a/1b' are not names)
+_TOPIC = re.compile(r"^(?:~/|/)?[A-Za-z_{][A-Za-z0-9_{}]*(?:/[A-Za-z_{][A-Za-z0-9_{}]*)*$")
 
 
 def _check_topics(topics: Any) -> str | None:

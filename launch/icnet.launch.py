@@ -119,7 +119,10 @@ def _rviz_topics(context, image_topics, output_namespace):
     topics = image_topics if isinstance(image_topics, list) and image_topics else defaults["image_topics"]
     namespace = LaunchConfiguration("namespace").perform(context).strip("/")
     first = str(topics[0])
-    if not first.startswith(("/", "~")):
+    node = f"/{namespace}/{NODE_NAME}" if namespace else f"/{NODE_NAME}"
+    if first.startswith("~"):  # the node's private namespace (RViz would resolve '~' against its own)
+        first = node + first[1:]
+    elif not first.startswith("/"):
         first = f"/{namespace}/{first}" if namespace else f"/{first}"
     out = output_namespace if isinstance(output_namespace, str) and output_namespace else defaults["output_namespace"]
     base = node_params.base_topic(first)[0]

@@ -282,7 +282,8 @@ def test_bad_files_are_refused_with_one_line(tmp_path, r18):
 
 
 @needs_openvino
-@pytest.mark.parametrize("case", ["wrapped size", "offset past the bin", "element type", "not a net"])
+@pytest.mark.parametrize("case", ["wrapped size", "offset past the bin", "element type", "not a net",
+                                  "newline in the shape"])
 def test_ir_constants_are_checked_against_the_bin_before_openvino_reads_it(tmp_path, r18, case):
     """Every Const of an IR must be as many bytes as its shape and type say, inside the .bin: OpenVINO checks that in
     64-bit arithmetic, where 2^62 + 2 f32 values are 8 bytes, and compiling such a file read past the mapped .bin
@@ -302,6 +303,9 @@ def test_ir_constants_are_checked_against_the_bin_before_openvino_reads_it(tmp_p
     elif case == "offset past the bin":
         text = text.replace(m[0], f'element_type="f32" shape="{n}" offset="{len(weights)}" size="{size}"', 1)
         match = f"needs bytes {len(weights)}..{len(weights) + size} of bad.bin, which has {len(weights)}"
+    elif case == "newline in the shape":  # (an attribute's &#10; is a newline: still one line in the message)
+        text = text.replace(m[0], f'element_type="f32" shape="{n}&#10;" offset="{offset}" size="{size + 4}"', 1)
+        match = f"shape \\[{n}\\] of f32 is {size} bytes, its size says {size + 4}"
     elif case == "element type":
         text = text.replace(m[0], f'element_type="u3" shape="{n}" offset="{offset}" size="{size}"', 1)
         match = "element type 'u3' is not one an exported model has"

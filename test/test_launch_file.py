@@ -130,6 +130,41 @@ def test_params_file_and_rviz_are_where_the_launch_file_looks(tree: ast.Module):
     assert 'glob("launch/*.launch.py")' in setup and 'glob("config/*.yaml") + glob("config/*.rviz")' in setup
 
 
+def test_rviz_shows_the_first_cameras_topics_as_the_node_resolves_them(tree: ast.Module):
+    """The launch file's own _rviz_topics() (extracted, run without launch): the first camera's input, overlay and
+    colour mask, relative names inside the namespace, '~' in the node's own namespace (RViz would resolve it
+    against its own node), the params file's output_namespace, the default camera when none is given."""
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_rviz_topics")
+
+    class Context:
+        def __init__(self, namespace: str) -> None:
+            self.launch_configurations = {"namespace": namespace}
+
+    class LaunchConfiguration:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def perform(self, context: Context) -> str:
+            return context.launch_configurations[self.name]
+
+    namespace: dict[str, Any] = {"LaunchConfiguration": LaunchConfiguration, "node_params": node_params,
+                                 "NODE_NAME": node_params.NODE_NAME}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(LAUNCH), "exec"), namespace)  # noqa: S102
+
+    def shown(topics: Any, ns: str, output_namespace: Any = None) -> list[str]:
+        context = Context(ns)
+        namespace["_rviz_topics"](context, topics, output_namespace)
+        return context.launch_configurations["_icnet_rviz_topics"].split("\n")
+
+    assert shown(["~/image_raw"], "robot1") == ["/robot1/icnet_node/image_raw", "/robot1/icnet_node/semantic/overlay",
+                                                "/robot1/icnet_node/semantic/color"]
+    assert shown(["~/image_raw"], "") == ["/icnet_node/image_raw", "/icnet_node/semantic/overlay",
+                                          "/icnet_node/semantic/color"]
+    assert shown(["cam/image_raw/compressed", "/b/image_raw"], "/ns/", "seg") == [
+        "/ns/cam/image_raw/compressed", "/ns/cam/seg/overlay", "/ns/cam/seg/color"]
+    assert shown(None, "") == ["/camera/image_raw", "/camera/semantic/overlay", "/camera/semantic/color"]
+
+
 def test_rviz_config_shows_input_overlay_and_color():
     doc = yaml.safe_load((REPO / "config" / "icnet.rviz").read_text())
     displays = doc["Visualization Manager"]["Displays"]
@@ -176,6 +211,18 @@ def test_node_param_helpers():
     assert node_params.check_value("max_age", 2) == 2.0  # ints are fine for doubles at run time
     with pytest.raises(node_params.ParameterError, match="not a valid ROS topic"):
         node_params.check_value("image_topics", ["/bad topic"])
+
+
+@pytest.mark.parametrize("topic", ["~cam/image", "/a/1b/image_raw", "1a", "/a//b", "/a/b/", "~", "/a/b c"])
+def test_topic_names_that_ros_refuses_are_refused_with_the_parameter(topic: str):
+    """Names rcl refuses ('~' not followed by '/', a token starting with a digit) passed the check and ended the
+    node with an RCLError traceback when it resolved them."""
+    with pytest.raises(node_params.ParameterError, match="is not a valid ROS topic name"):
+        node_params.check_value("image_topics", [topic])
+    with pytest.raises(node_params.ParameterError, match="is not a valid ROS topic name"):
+        node_params.check_value("classes_topic", topic)
+    for good in ("~/image_raw", "camera/image_raw", "/cam_1/image_raw/compressed", "{node}/image"):
+        node_params.check_value("image_topics", [good])
 
 
 def test_parameter_descriptions_say_how_they_change():

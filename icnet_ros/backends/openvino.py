@@ -276,8 +276,8 @@ def ir_problem(xml: Path, weights: Path) -> str | None:
         for d in dims:
             count *= d
         if min(dims, default=0) < 0 or offset < 0 or length != (count * bits + 7) // 8:
-            return (f"Const {name}: shape [{shape[:80]}] of {kind} is {(count * bits + 7) // 8} bytes, its size says "
-                    f"{length}")
+            return (f"Const {name}: shape {dims[:8]}{'...' if len(dims) > 8 else ''} of {kind} is "
+                    f"{(count * bits + 7) // 8} bytes, its size says {length}")
         if offset + length > available:
             return f"Const {name} needs bytes {offset}..{offset + length} of {weights.name}, which has {available}"
     return None
