@@ -48,11 +48,9 @@ fi
 all=$(printf '%s\n%s\n' "$want" "$have" | sed '/^$/d' | sort -u)
 pip_extras=$(grep -vx 'ros2-launch' <<<"$all" | paste -sd, -)
 echo "setting up .venv (extras: $pip_extras) ..." >&2
-# --no-compile: no .pyc for every file of torch, OpenVINO, mmseg ... up front (28 s of a fresh set-up on 2 cores);
-# Python writes them for the modules that are imported, when they are
-python -m pip install -q --no-compile --upgrade pip "setuptools>=77.0.3,<80" wheel
-python -m pip install -q --no-compile "$TORCH_SPEC"
-python -m pip install -q --no-compile -e ".[${pip_extras}]"
+python -m pip install -q --upgrade pip "setuptools>=77.0.3,<80" wheel
+python -m pip install -q "$TORCH_SPEC"
+python -m pip install -q -e ".[${pip_extras}]"
 if grep -qx 'ros2-launch' <<<"$all"; then
   bash "$LAUNCH_STACK/install.sh" "$PWD/.venv/bin/python" >&2
 elif grep -qx 'test' <<<"$all"; then
