@@ -94,7 +94,7 @@ def test_readme_launch_with_namespace_cameras_and_rviz(colcon_ws: Workspace, ros
                                                       checkpoint2: Path, tmp_path: Path):
     """`ros2 launch icnet_ros icnet.launch.py` with a namespace, a raw camera given relative (it resolves inside the
     namespace), a compressed camera and rviz:=true on a machine without rviz2: the launch says so and the node still
-    serves both cameras; its topics are listed by `ros2 topic list`; live parameters change with `ros2 param set`;
+    serves both cameras; its topics are in the graph; live parameters change with `ros2 param set`;
     the model switches by hot swap (bad models refused, the old one serving on); Ctrl-C (SIGINT to the process
     group: the node gets it twice) ends launch and node with status 0, no traceback, within 5 s."""
     launched = Launched([*LAUNCH, "namespace:=robot1", "image_topics:=[front/image_raw, /rear/image_raw/compressed]",
@@ -127,10 +127,13 @@ def test_readme_launch_with_namespace_cameras_and_rviz(colcon_ws: Workspace, ros
         got = _serve(ros, jpeg_pub, rear, jpeg)
         assert (got.height, got.width, got.header.frame_id) == (96, 128, "rear")
 
-        topics = poll_ros2(colcon_ws, ["topic", "list"], "/robot1/icnet_node/classes")
+        # the node's topics, as `ros2 topic list` gets them (the graph; one CLI process less: 3-5 s)
+        ros.wait_until(lambda: "/robot1/icnet_node/classes" in dict(ros.node.get_topic_names_and_types()), 30,
+                       "the node's topics in the graph")
+        topics = dict(ros.node.get_topic_names_and_types())
         for topic in ("/robot1/front/semantic/overlay", "/robot1/front/semantic/camera_info",
                       "/rear/semantic/color", "/rear/semantic/confidence", "/diagnostics"):
-            assert topic in topics.split(), topics
+            assert topic in topics, sorted(topics)
 
         # live parameters: `ros2 param set` on the model (each value is checked as at start-up: test_node_process
         # runs those checks in-process, where they are cheap; every ros2 call here costs seconds)
@@ -149,7 +152,6 @@ def test_readme_launch_with_namespace_cameras_and_rviz(colcon_ws: Workspace, ros
         front.clear()
         got = _serve(ros, raw_pub, front, lambda stamp: image_msg(img, "rgb8", stamp, frame_id="front"))
         assert not np.array_equal(np.frombuffer(bytes(got.data), np.uint8), old_label)  # the new weights serve
-        ros2_retry(colcon_ws, "param", "get", node, "model", ok=f"String value is: {checkpoint2}")
 
         status, seconds = launched.interrupt(30)  # Ctrl-C: SIGINT to the group (the node gets it twice)
         assert status == 0, launched.output()
