@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .backends.base import BACKENDS as BACKEND_MODULES
 from .backends.base import Backend, BackendOptions, in_chunks
 from .backends.torch_backend import TorchBackend, torch_backend_from
-from .checkpoint import CheckpointError, inference_copy
+from .checkpoint import CheckpointError, default_model_path, inference_copy, read_metadata
 from .classes import ClassSet, class_set_from_meta
 from .engine_config import LIVE_OPTIONS, OUTPUTS, ConfigError, FrameError, SegmenterConfig, format_input_size
 from .engine_config import check as check_option
@@ -164,6 +164,24 @@ def _file_metadata(kind: str, path: Path) -> dict[str, Any]:
 
         return read_openvino_metadata(path)
     raise CheckpointError(f"backend {kind!r} cannot read {path.name}")
+
+
+def frame_size_problem(model_path: str | os.PathLike | None, height: int, width: int, input_size: Any = "auto"
+                       ) -> str | None:
+    """Why a frame of ``height`` x ``width`` cannot run on the model file ``model_path`` (None: the default model)
+    with ``input_size`` (the node's default: auto), judged from the file's metadata as the Segmenter would (nothing
+    loaded): the same rule as :meth:`Segmenter.segment`'s refusal. A model that cannot be read is the problem."""
+    try:
+        path = Path(model_path).expanduser() if model_path else default_model_path()
+        kind = backend_for(str(path))
+        if kind == "torch":
+            meta, fixed = read_metadata(path), None
+        else:
+            meta = _file_metadata(kind, path)
+            fixed = tuple(meta["network_size"])
+    except CheckpointError as e:
+        return str(e)
+    return _size_problem(InputSizePolicy.from_option(input_size, meta, fixed_size=fixed), height, width)
 
 
 def backend_for(model_or_path: Any, backend: str = "auto") -> str:
@@ -611,4 +629,4 @@ def _item(outs: dict[str, np.ndarray], key: str, j: int) -> np.ndarray | None:
 
 
 __all__ = ["OUTPUTS", "PRECISIONS", "FrameError", "SegmentResult", "Segmenter", "TorchBackend", "UNKNOWN",
-           "backend_for", "inference_device", "resolve_device"]
+           "backend_for", "frame_size_problem", "inference_device", "resolve_device"]

@@ -467,9 +467,10 @@ def test_record_names_compressed_frames_after_their_bytes(ros: RosHarness, tmp_p
 
 def test_record_video_skips_frames_it_cannot_take_and_topics_get_folders_apart(ros: RosHarness, tmp_path: Path):
     """--video decoded every compressed frame whatever its size (a 2.2 MB JPEG declaring 12000x12000: 1.5 GB of RSS);
-    now a frame over max_pixels (icnet-record's --max-pixels; a compressed frame's header read first) is saved but
-    not added to the video, as is a compressed frame that does not decode (before: counted failed, 'cannot save
-    frame', although its file was written). Topics whose folder names were the same (/a/b/compressed and
+    now a compressed frame whose header declares more than max_pixels (icnet-record's --max-pixels) is saved but not
+    added to the video, as is a compressed frame that does not decode (before: counted failed, 'cannot save frame',
+    although its file was written); a raw frame (its pixels in memory already) goes in at any size, and a video
+    none of the frames could go into is an error, not a missing file with exit status 0. Topics whose folder names were the same (/a/b/compressed and
     /a_b/compressed) overwrote each other's frames: each now gets a short hash of its name. Indices are 9 digits:
     past 999999 the names still sort in arrival order (and are still known as a recording)."""
     import hashlib
@@ -502,9 +503,9 @@ def test_record_video_skips_frames_it_cannot_take_and_topics_get_folders_apart(r
             rec._on_msg(topic, msg)
     finally:
         rec.close()
-    assert (rec.received, rec.saved, rec.failed, rec.not_in_video, rec.video_error) == (7, 7, 0, 3, None)
+    assert (rec.received, rec.saved, rec.failed, rec.not_in_video, rec.video_error) == (7, 7, 0, 2, None)
     line, status = record.final_report(rec, "7 frames", 1.0)
-    assert status == 0 and "received 7, saved 7, 3 not added to the video in 1.0 s" in line, line
+    assert status == 0 and "received 7, saved 7, 2 not added to the video in 1.0 s" in line, line
     slug = "t_recvid_a_b_compressed"
     folders = {t: f"{slug}-{hashlib.sha1(t.encode()).hexdigest()[:8]}" for t in (a, b)}
     assert sorted(p.name for p in out.iterdir()) == sorted([*folders.values(), "t_recvid_overlay"])
@@ -514,8 +515,17 @@ def test_record_video_skips_frames_it_cannot_take_and_topics_get_folders_apart(r
     assert [p.name[:10] for p in sorted((out / "t_recvid_overlay").iterdir())] == ["000999999_", "001000000_"]
     assert all(record.existing_recording(out / f) is not None for f in folders.values())
     cap = cv2.VideoCapture(str(tmp_path / "rec.mp4"))
-    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4  # the good JPEGs and the raw frame within max_pixels
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 5  # the good JPEGs and both raw frames
     cap.release()
+    only = record.Recorder(ros.node, [a], tmp_path / "rec2", reliability="reliable", video=tmp_path / "rec2.mp4",
+                           max_pixels=H * W)
+    try:
+        only._on_msg(a, compressed(jpeg_with_size(jpeg, 12000, 12000), 9))
+    finally:
+        only.close()
+    line, status = record.final_report(only, "1 frame", 1.0)
+    assert status == 1 and only.video_error and "no video written to" in only.video_error, (line, only.video_error)
+    assert "none of the 1 frame(s) saved could be added to it" in only.video_error and only.saved == 1
 
 
 def test_record_reports_a_video_that_cannot_be_finished(ros: RosHarness, tmp_path: Path):

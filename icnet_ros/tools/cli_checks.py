@@ -168,22 +168,24 @@ def max_pixels_problem(max_pixels: int) -> str | None:
     return f"--max-pixels must be in [1, {MAX_MAX_PIXELS}] (as the node's max_pixels), got {max_pixels}"
 
 
-def frame_size_problem(size: tuple[int, int], max_pixels: int | None = None, flag: str = "--size") -> str | None:
-    """Why frames of ``size`` (height, width), published to a node, cannot be served (None when they can): a side
-    below the network's minimum, or more pixels than the node's ``max_pixels`` (default: the node's default), which
-    it drops unread. For the tools that publish frames of a given size to a node they start (icnet-node-soak,
+def frame_size_problem(size: tuple[int, int], model: str | None = None, max_pixels: int | None = None,
+                       flag: str = "--size") -> str | None:
+    """Why frames of ``size`` (height, width), published to a node serving ``model`` (None: the default model) with
+    its default input_size, cannot be served (None when they can): more pixels than the node's ``max_pixels``
+    (default: the node's default), which it drops unread, or a network input the model cannot take (the same rule
+    as the node's, from the file's metadata: a model that scales frames to its trained width takes 32x32 and not
+    64x2944). For the tools that publish frames of a given size to a node they start (icnet-node-soak,
     icnet-node-bench), checked before anything starts."""
+    from ..engine import frame_size_problem as model_size_problem
     from ..ros_image import DEFAULT_MAX_PIXELS
-    from ..sizes import MIN_INPUT_SIZE
 
     h, w = size
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    if min(h, w) < MIN_INPUT_SIZE:
-        return f"{flag} {h}x{w}: height and width must each be >= {MIN_INPUT_SIZE} (the network's minimum)"
     if h * w > limit:
         return (f"{flag} {h}x{w} = {h * w} pixels exceeds the node's max_pixels {limit} (it drops larger frames "
                 "unread)")
-    return None
+    problem = model_size_problem(model, h, w)
+    return f"{flag} {h}x{w}: {problem}" if problem else None
 
 
 __all__ = ["StopSignals", "add_max_pixels_argument", "frame_size_problem", "max_pixels_problem", "model_problem",

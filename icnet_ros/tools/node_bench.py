@@ -283,9 +283,11 @@ def _check_args(args: argparse.Namespace) -> str | None:
     # (nan: nothing published, a 120 s wait for an output and 0 fps reported; inf: a run that never ends)
     if not (math.isfinite(args.throughput_seconds) and args.throughput_seconds > 0):
         return f"--throughput-seconds must be a finite number > 0, got {args.throughput_seconds}"
-    # as the node takes frames (max_pixels: its default), before the node starts: a size below the network's
-    # minimum was a traceback after the sizes before it (their results lost), one above max_pixels a 120 s wait
-    problem = next((p for p in map(frame_size_problem, args.size or ()) if p), None)
+    # as the node takes frames (max_pixels: its default; the model's input size), before the node starts: a size
+    # the model cannot take was a traceback after the sizes before it (their results lost), one above max_pixels a
+    # 120 s wait
+    problem = (model_problem(args.model) if args.model is not None else None) or next(
+        (p for p in (frame_size_problem(size, args.model) for size in args.size or ()) if p), None)
     if problem:
         return problem
     if args.demo is not None and args.frames < args.chunk:

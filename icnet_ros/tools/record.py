@@ -12,9 +12,9 @@ already holds such files (an earlier recording, whose files a second one would o
 same stamps when a bag is replayed) is refused before anything starts. sensor_msgs/Image in rgb8, bgr8, rgba8,
 bgra8, mono8 and mono16 (16-bit PNG) is supported; ``<topic>/compressed`` topics are saved as received, named .jpg or
 .png after their bytes (the ``format`` field when the bytes are neither). ``--video`` is checked when closed (every
-frame in it, readable): a broken video is one error line and exit status 1. A frame with more than ``--max-pixels``
-pixels (a compressed frame's header is read before it is decoded), or one that does not decode, is saved but not
-added to the video: a warning, and the count in the final line.
+frame in it, readable): a broken video is one error line and exit status 1. A compressed frame whose header declares
+more than ``--max-pixels`` pixels, or one that does not decode, is saved but not added to the video: a warning, and
+the count in the final line (a video none of the frames could be added to is an error, exit status 1).
 Writing happens on a separate thread, so slow disks do not stall the subscription; the frames waiting for it hold
 at most ``--max-queue-mb`` (default 512): beyond that a frame is dropped, counted and warned about (the exit
 status is then 1), never buffered without bound. When the recording stops, every frame received is written before
@@ -107,8 +107,8 @@ class Recorder:
     Counters: ``received``, ``saved``, ``failed``, ``dropped`` (the write queue held ``max_queue_bytes``),
     ``unwritten`` (received and none of those: waiting to be written, or never written when :meth:`close` stopped
     waiting); ``stamps`` holds the (sec, nanosec) of every received frame. With a ``video``, ``not_in_video`` counts
-    the frames saved but not added to it: more than ``max_pixels`` pixels (None: no limit; a compressed frame's
-    header is checked before it is decoded), or a compressed frame that does not decode."""
+    the frames saved but not added to it: a compressed frame declaring more than ``max_pixels`` pixels in its header
+    (None: no limit; a raw frame's pixels are in memory already), or one that does not decode."""
 
     def __init__(self, node: Any, topics: list[str], output: str | Path, fmt: str = "png",
                  reliability: str = "auto", depth: int = 100, video: str | Path | None = None,
@@ -255,8 +255,7 @@ class Recorder:
                 self._lock.notify_all()
 
     def _write(self, msg: Any, topic: str, stem: Path) -> None:
-        from ..ros_image import (ImageFormatError, check_pixels, compressed_to_numpy, compression_format,
-                                 image_to_numpy, sniff_codec)
+        from ..ros_image import compressed_to_numpy, compression_format, image_to_numpy, sniff_codec
         from ..video import write_image
 
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -284,13 +283,7 @@ class Recorder:
                 path = stem.with_name(stem.name + ".png")  # 16-bit images need PNG
             else:
                 path = stem.with_name(f"{stem.name}.{self.fmt}")
-            write_image(path, np.ascontiguousarray(bgr))
-            if self._video is not None and self.video_error is None:
-                try:
-                    check_pixels(int(msg.height), int(msg.width), self.max_pixels)
-                except ImageFormatError as e:
-                    self._not_in_video(topic, stem, e)
-                    bgr = None
+            write_image(path, np.ascontiguousarray(bgr))  # (its pixels are in memory already: no --max-pixels)
         if self._video is not None and bgr is not None and self.video_error is None:
             if bgr.ndim == 2:
                 bgr = np.repeat(bgr[:, :, None], 3, axis=2)
@@ -357,6 +350,10 @@ class Recorder:
             self._video.finish()
         except OSError as e:
             self.video_error = str(e)
+            return
+        if self._video.frames == 0 and self.not_in_video:  # a video was asked for, and none could be written
+            self.video_error = (f"no video written to {self._video.path}: none of the {self.not_in_video} frame(s) "
+                                "saved could be added to it (see the warnings)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=10.0, help="frame rate of --video (default: %(default)s)")
     from .cli_checks import add_max_pixels_argument
 
-    add_max_pixels_argument(p, bounds="frames with more pixels (height x width) are saved but not added to --video "
-                                      "(a compressed frame's header is checked before it is decoded)")
+    add_max_pixels_argument(p, bounds="compressed frames whose header declares more pixels (height x width) are "
+                                      "saved but not added to --video (not decoded)")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames (all topics)")
     p.add_argument("--idle-timeout", type=float, default=None, help="stop when no frame arrived for this many "
                    "seconds (counted from the first frame)")

@@ -73,6 +73,7 @@ MAX_RATE = 1000.0  # Hz; --rate's upper bound (the output check's tolerance grow
 SPINNER_THREAD = "icnet_node_soak_executor"  # the thread spinning the executor (joined before the process ends)
 #: the longest the soak loop sleeps: a node's death and the progress bar are seen within it
 MAX_SLEEP_S = 1.0
+MIN_SAMPLE_S = 0.1  # --sample's lower bound (RSS from /proc: a smaller period measures nothing more)
 
 
 def default_max_silence(rate: float) -> float:
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=parse_size, default=(240, 320), metavar="HxW",
                    help="frame size (default: 240x320)")
     p.add_argument("--cycle", type=float, default=20.0, help="seconds per subscription phase (default: %(default)s)")
-    p.add_argument("--sample", type=float, default=5.0, help="seconds between RSS samples (default: %(default)s)")
+    p.add_argument("--sample", type=float, default=5.0,
+                   help=f"seconds between RSS samples (at least {MIN_SAMPLE_S:g}; default: %(default)s)")
     p.add_argument("--max-growth", type=float, default=5.0, help="allowed RSS growth in percent from minute 1 to "
                    "the end (default: %(default)s)")
     p.add_argument("--max-silence", type=float, default=None, metavar="S", help="longest wait allowed from a frame "
@@ -357,9 +359,9 @@ def _main(argv: list[str] | None, stop: Any) -> int:
     args = build_parser().parse_args(argv)
     numbers = (args.seconds, args.rate, args.cycle, args.sample, args.max_growth)
     if (not all(math.isfinite(v) for v in numbers) or args.seconds < 90 or args.rate <= 0 or args.cycle <= 0
-            or args.sample <= 0 or args.threads < 0):
-        print(f"{PROG}: error: --seconds must be >= 90 (RSS is compared from minute 1), --rate, --cycle and --sample "
-              "> 0, --threads >= 0 (all finite)", file=sys.stderr)
+            or args.sample < MIN_SAMPLE_S or args.threads < 0):
+        print(f"{PROG}: error: --seconds must be >= 90 (RSS is compared from minute 1), --rate and --cycle > 0, "
+              f"--sample >= {MIN_SAMPLE_S:g}, --threads >= 0 (all finite)", file=sys.stderr)
         return 2
     from ..checkpoint import CheckpointError, default_model_path
     from .cli_checks import frame_size_problem, model_problem, output_file_problem
@@ -376,8 +378,9 @@ def _main(argv: list[str] | None, stop: Any) -> int:
         print(f"{PROG}: error: --model {args.model}: a TensorRT engine needs CUDA; the soak runs the node on the CPU "
               "(soak its .onnx export instead)", file=sys.stderr)
         return 2
-    # --size as the node takes frames (the node's default max_pixels: it would drop every frame unread)
-    problem = (frame_size_problem(args.size) or (model_problem(args.model) if args.model else None)
+    # --size as the node takes frames (the node's default max_pixels, the model's input size: it would drop every
+    # frame), after the model file is known to be one
+    problem = ((model_problem(args.model) if args.model else None) or frame_size_problem(args.size, args.model)
                or output_file_problem(args.json))
     if problem:  # now, not after the soak
         print(f"{PROG}: error: {problem}", file=sys.stderr)
@@ -568,8 +571,8 @@ def _soak(args: argparse.Namespace, model: str, stop: Any) -> int:
                             rss.append((round(elapsed, 1), rss_mb(proc.pid)))
                         except (OSError, RuntimeError):  # it died just now (a zombie has no VmRSS): seen above next
                             pass
-                        while next_sample <= now:
-                            next_sample += args.sample
+                        next_sample += args.sample  # on the grid; after a late sample, one period from now
+                        next_sample = next_sample if next_sample > now else now + args.sample
                     if now >= t0 + i * period:  # this frame is due
                         stamp = helper.get_clock().now().to_msg()
                         msg = raw[i % len(raw)]
