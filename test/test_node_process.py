@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -426,27 +427,41 @@ def test_camera_info_is_paired_by_stamp_and_scaled(ros: RosHarness, checkpoint: 
             ros.node.destroy_publisher(publisher)
 
 
+@contextlib.contextmanager
+def _in_process_node(overrides: list) -> Iterator[Any]:
+    """A SegmentationNode in this process (not started: tests drive its transitions) with the parameter overrides
+    ``overrides``, in a context of its own; destroyed, and the context shut down, after the block."""
+    import rclpy
+
+    from icnet_ros.node import SegmentationNode
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = SegmentationNode(start=False, context=ctx, parameter_overrides=overrides)
+    try:
+        yield node
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")])])
 def test_lifecycle_in_process_frees_the_model_and_refuses_other_classes(checkpoint: Path, tmp_path: Path,
                                                                         device: str):
     """The node's transitions called in-process: configure builds the Segmenter, cleanup closes it (on CUDA its
     memory goes back), a hot swap to a model with other classes is refused with the reason and changes nothing."""
-    import rclpy
     import torch
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
     from icnet_ros.checkpoint import load_model, save_checkpoint
-    from icnet_ros.node import SegmentationNode
 
     other = make_checkpoint(tmp_path / "other_classes.safetensors", num_classes=5)
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+    overrides = [
         Parameter("model", value=str(checkpoint)), Parameter("device", value=device),
-        Parameter("image_topics", value=["/lc/image_raw"])])
-    try:
+        Parameter("image_topics", value=["/lc/image_raw"])]
+    with _in_process_node(overrides) as node:
         assert node.segmenter is None and node.pipeline is None
         base = torch.cuda.memory_allocated() if device == "cuda" else 0
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
@@ -468,27 +483,19 @@ def test_lifecycle_in_process_frees_the_model_and_refuses_other_classes(checkpoi
         assert node.segmenter is None and node.pipeline is None and node.cameras == []
         if device == "cuda":
             assert torch.cuda.memory_allocated() <= base
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 def test_outputs_change_at_run_time(checkpoint: Path):
     """`outputs` is live: setting it to [label] withdraws the other publishers, setting more back advertises them.
     Before, [label] (the engine option's own default) counted as 'unchanged': success reported, nothing withdrawn,
     colour still computed and published. What the node computes follows who listens, camera_info included."""
-    import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
-    from icnet_ros.node import SegmentationNode
-
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+    overrides = [
         Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
-        Parameter("image_topics", value=["/oc/image_raw"]), Parameter("outputs", value=["label", "color"])])
-    try:
+        Parameter("image_topics", value=["/oc/image_raw"]), Parameter("outputs", value=["label", "color"])]
+    with _in_process_node(overrides) as node:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         (cam,) = node.cameras
         assert set(cam.publishers) == {"label", "color"}
@@ -509,9 +516,6 @@ def test_outputs_change_at_run_time(checkpoint: Path):
         cam.info_cache.add(CameraInfo(width=96, height=64))
         assert node._wanted("/oc/image_raw") == {"camera_info"}
         node.destroy_subscription(sub)
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 def test_outputs_changed_while_diagnostics_are_published(checkpoint: Path):
@@ -611,40 +615,31 @@ def test_a_camera_info_no_calibration_needs_is_dropped(checkpoint: Path, capfd):
 def _diagnostics_node(checkpoint: Path, *overrides):
     """An in-process node (configured, active) whose /diagnostics reports are kept in a list instead of sent:
     yields (node, camera_status(), wait_counts(counter or drop reason, n)); destroyed after the block."""
-    import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
-    from icnet_ros.node import SegmentationNode
+    params = [Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
+              Parameter("image_topics", value=["/dg/image_raw"]), *overrides]
+    with _in_process_node(params) as node:
+        reports: list = []
 
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
-        Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
-        Parameter("image_topics", value=["/dg/image_raw"]), *overrides])
-    reports: list = []
+        def camera_status():
+            node._publish_diagnostics()
+            return next(st for st in reports[-1].status if st.name.endswith("/dg/image_raw"))
 
-    def camera_status():
-        node._publish_diagnostics()
-        return next(st for st in reports[-1].status if st.name.endswith("/dg/image_raw"))
-
-    def wait_counts(what: str, n: int) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            cam = node.pipeline.snapshot()["cameras"]["/dg/image_raw"]
-            if (cam[what] if what in cam else cam["dropped"].get(what, 0)) >= n:  # a counter or a drop reason
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"{what} < {n}: {node.pipeline.snapshot()['cameras']}")
-    try:
+        def wait_counts(what: str, n: int) -> None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                cam = node.pipeline.snapshot()["cameras"]["/dg/image_raw"]
+                if (cam[what] if what in cam else cam["dropped"].get(what, 0)) >= n:  # a counter or a drop reason
+                    return
+                time.sleep(0.02)
+            raise AssertionError(f"{what} < {n}: {node.pipeline.snapshot()['cameras']}")
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         node._diag_pub.publish = reports.append
         node.pipeline._wanted = lambda key: {"label"}  # as if the label had a subscriber (no DDS here)
         yield node, camera_status, wait_counts
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 def test_diagnostics_warn_after_bad_frames_then_recover(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
@@ -757,27 +752,22 @@ def test_compressed_camera_info_is_scaled_from_the_frame_not_the_live_output_siz
 def test_diagnostics_of_an_unconfigured_node_say_why(checkpoint: Path, tmp_path: Path):
     """Under a lifecycle manager (autostart false) a node that is waiting, or whose configure failed, reports its
     state on /diagnostics (it published nothing until configured: a failed configure was only in the log)."""
-    import rclpy
     from diagnostic_msgs.msg import DiagnosticStatus
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
-    from icnet_ros.node import SegmentationNode
-
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
     missing = tmp_path / "missing.safetensors"
-    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+    overrides = [
         Parameter("model", value=str(missing)), Parameter("device", value="cpu"),
-        Parameter("image_topics", value=["/dg/image_raw"])])
-    reports: list = []
-    node._diag_pub.publish = reports.append
+        Parameter("image_topics", value=["/dg/image_raw"])]
+    with _in_process_node(overrides) as node:
+        reports: list = []
+        node._diag_pub.publish = reports.append
 
-    def segmenter_status() -> DiagnosticStatus:
-        node._publish_diagnostics()
-        (st,) = [st for st in reports[-1].status if st.name.endswith(": segmenter")]
-        return st
-    try:
+        def segmenter_status() -> DiagnosticStatus:
+            node._publish_diagnostics()
+            (st,) = [st for st in reports[-1].status if st.name.endswith(": segmenter")]
+            return st
         st = segmenter_status()
         assert (st.level, st.message) == (DiagnosticStatus.OK, "unconfigured: waiting for configure")
         assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
@@ -800,26 +790,18 @@ def test_diagnostics_of_an_unconfigured_node_say_why(checkpoint: Path, tmp_path:
         count = len(reports)
         node._publish_diagnostics()  # shut down, the process ending: nothing (it said 'waiting for configure')
         assert len(reports) == count and node.finished.wait(5)
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 def test_string_parameters_take_numbers_and_bools_as_text(checkpoint: Path):
     """`-p input_size:=1.5`, `-p warmup:=false` and `ros2 param set ... input_size 2` type their values as double,
     bool and integer: the string parameters take their text instead of refusing the type."""
-    import rclpy
     from rclpy.parameter import Parameter
 
-    from icnet_ros.node import SegmentationNode
-
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+    overrides = [
         Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
         Parameter("input_size", value=1.5), Parameter("warmup", value=False), Parameter("max_age", value=2),
-        Parameter("max_batch", value=3.0)])
-    try:
+        Parameter("max_batch", value=3.0)]
+    with _in_process_node(overrides) as node:
         assert node.get_parameter("input_size").value == "1.5" and node.get_parameter("warmup").value == "false"
         assert node.get_parameter("max_age").value == 2.0 and node.get_parameter("max_batch").value == 3  # `-p max_age:=2`
         assert node.config.engine.input_size == 1.5 and node.config.engine.warmup is False
@@ -834,28 +816,20 @@ def test_string_parameters_take_numbers_and_bools_as_text(checkpoint: Path):
             got = node.get_parameter(name).value
             assert got == expected and type(got) is type(expected), (name, got)
         assert not node.set_parameters([Parameter("max_batch", value=2.5)])[0].successful
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 def test_warmup_at_the_cameras_sizes_and_its_hot_swap(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
     """``warmup``: the node warms its Segmenter at the cameras' frame sizes and at every batch its cameras can form
     (CUDA graphs and compiled graphs are made there, before the first frame), says so in its ready line, and a new
     value is a hot swap; a bad one is refused with the reason and the running Segmenter keeps serving."""
-    import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
-    from icnet_ros.node import SegmentationNode
-
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+    overrides = [
         Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
         Parameter("image_topics", value=["/wu/image_raw", "/wu2/image_raw", "/wu3/image_raw"]),
-        Parameter("max_batch", value=2), Parameter("warmup", value="96x128;120x160")])
-    try:
+        Parameter("max_batch", value=2), Parameter("warmup", value="96x128;120x160")]
+    with _in_process_node(overrides) as node:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         seg = node.segmenter
         # three cameras, batches of at most 2: each size at batch 1 (the Segmenter), then at batch 2 (the node)
@@ -890,9 +864,6 @@ def test_warmup_at_the_cameras_sizes_and_its_hot_swap(checkpoint: Path, monkeypa
         assert node.set_parameters([Parameter("warmup", value="false")])[0].successful
         assert node.segmenter is not seg and node.segmenter.warmed_up == []  # a new Segmenter, not warmed up
         assert "no warm-up" in node._describe_model()
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 def test_run_time_changes_that_change_nothing_reload_nothing(checkpoint: Path, tmp_path: Path, monkeypatch,
@@ -903,21 +874,16 @@ def test_run_time_changes_that_change_nothing_reload_nothing(checkpoint: Path, t
     node's log, not only to the caller."""
     import shutil
 
-    import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
-
-    from icnet_ros.node import SegmentationNode
 
     monkeypatch.setenv("HOME", str(tmp_path))
     model = tmp_path / "m.safetensors"
     shutil.copy(checkpoint, model)
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+    overrides = [
         Parameter("model", value=str(model)), Parameter("device", value="cpu"), Parameter("warmup", value="96x128"),
-        Parameter("image_topics", value=["/nc/image_raw"])])
-    try:
+        Parameter("image_topics", value=["/nc/image_raw"])]
+    with _in_process_node(overrides) as node:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         seg = node.segmenter
         current = [p for p in node.get_parameters(list(node._parameters)) if not node.describe_parameter(
@@ -945,9 +911,6 @@ def test_run_time_changes_that_change_nothing_reload_nothing(checkpoint: Path, t
         assert not result.successful and "cannot load model" in result.reason, result
         err = capfd.readouterr().err
         assert "hot swap refused: cannot load model" in err and "still serving ~/m.safetensors" in err, err
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 def test_a_model_file_replaced_while_it_loads_is_loaded_again_when_asked(checkpoint: Path, tmp_path: Path,
@@ -957,12 +920,10 @@ def test_a_model_file_replaced_while_it_loads_is_loaded_again_when_asked(checkpo
     kept serving. The identity is taken before the file is read."""
     import shutil
 
-    import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
     from icnet_ros import engine
-    from icnet_ros.node import SegmentationNode
 
     model = tmp_path / "m.safetensors"
     shutil.copy(checkpoint, model)
@@ -976,12 +937,10 @@ def test_a_model_file_replaced_while_it_loads_is_loaded_again_when_asked(checkpo
 
     replaced: list = []
     monkeypatch.setattr(engine, "Segmenter", ReplacedWhileLoading)
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
+    overrides = [
         Parameter("model", value=str(model)), Parameter("device", value="cpu"), Parameter("warmup", value="false"),
-        Parameter("image_topics", value=["/rl/image_raw"])])
-    try:
+        Parameter("image_topics", value=["/rl/image_raw"])]
+    with _in_process_node(overrides) as node:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS and replaced
         seg = node.segmenter
         assert node.set_parameters([Parameter("model", value=str(model))])[0].successful
@@ -989,31 +948,20 @@ def test_a_model_file_replaced_while_it_loads_is_loaded_again_when_asked(checkpo
         seg = node.segmenter
         assert node.set_parameters([Parameter("model", value=str(model))])[0].successful
         assert node.segmenter is seg  # now it is the one loaded
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
 
 
 def test_a_missing_default_model_fails_configure_with_the_reason(monkeypatch, capfd):
     """model '' with no default model installed: configure fails with the reason in the log (the exception was
     swallowed by rclpy's lifecycle and nothing said why), and the node can be configured once a model is set."""
-    import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
-    from icnet_ros.node import SegmentationNode
-
     monkeypatch.setenv("ICNET_ROS_DEFAULT_MODEL", "/nonexistent/road.safetensors")
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = SegmentationNode(start=False, context=ctx, parameter_overrides=[
-        Parameter("device", value="cpu"), Parameter("warmup", value="false")])
-    try:
+    overrides = [
+        Parameter("device", value="cpu"), Parameter("warmup", value="false")]
+    with _in_process_node(overrides) as node:
         assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
         reason = ("cannot load model: the default model is not installed: "
                   "ICNET_ROS_DEFAULT_MODEL=/nonexistent/road.safetensors is not a file; set the 'model' parameter")
         assert node.startup_error.startswith(reason), node.startup_error
         assert f"configure failed: {reason}" in capfd.readouterr().err
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
