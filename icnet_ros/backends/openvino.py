@@ -283,7 +283,9 @@ def ir_problem(xml: Path, weights: Path) -> str | None:
     return None
 
 
-def _read_model(core: Any, path: str | os.PathLike) -> tuple[Any, Path]:
+def _read_model(core: Any, path: str | os.PathLike) -> tuple[Any, Path, dict[str, Any]]:
+    """The model OpenVINO reads from ``path``, the path, and its icnet_ros metadata (validated); the file is checked
+    before OpenVINO sees it (:func:`ir_problem`; an .onnx: :func:`icnet_ros.export.read_onnx_metadata`)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"model not found: {p}")
@@ -298,7 +300,7 @@ def _read_model(core: Any, path: str | os.PathLike) -> tuple[Any, Path]:
     if suffix == ".onnx":
         from ..export import read_onnx_metadata
 
-        read_onnx_metadata(p)  # a complete, self-contained file with icnet_ros metadata, or one line
+        meta = read_onnx_metadata(p)  # a complete, self-contained file with icnet_ros metadata, or one line
     else:
         try:
             problem = ir_problem(p, weights)
@@ -311,11 +313,12 @@ def _read_model(core: Any, path: str | os.PathLike) -> tuple[Any, Path]:
             from openvino.frontend import FrontEndManager
 
             frontend = FrontEndManager().load_by_framework("onnx")
-            return frontend.convert(frontend.load(str(p))), p
-        return core.read_model(str(p), str(weights)), p
+            return frontend.convert(frontend.load(str(p))), p, meta
+        ov_model = core.read_model(str(p), str(weights))
     except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses with multi-line messages
         raise CheckpointError(f"{p}: OpenVINO cannot read it (corrupt, truncated or not a model?): "
                               f"{_reason(e)}") from e
+    return ov_model, p, _ir_meta(ov_model, p)
 
 
 def _reason(e: Exception) -> str:
@@ -324,16 +327,14 @@ def _reason(e: Exception) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _meta_of(ov_model: Any, path: Path) -> dict[str, Any]:
-    # IR: rt_info["icnet_ros"]; ONNX: OpenVINO's ONNX frontend puts metadata_props under rt_info["framework"]
-    key = ["framework", META_KEY] if path.suffix.lower() == ".onnx" else [META_KEY]
-    if not ov_model.has_rt_info(key):
-        where = "metadata_props" if path.suffix.lower() == ".onnx" else "rt_info"
-        raise CheckpointError(f"{path}: no icnet_ros metadata in the model ({where} '{META_KEY}'); not an icnet_ros "
+def _ir_meta(ov_model: Any, path: Path) -> dict[str, Any]:
+    """An IR's icnet_ros metadata: rt_info["icnet_ros"], validated."""
+    if not ov_model.has_rt_info([META_KEY]):
+        raise CheckpointError(f"{path}: no icnet_ros metadata in the model (rt_info '{META_KEY}'); not an icnet_ros "
                               "export (export checkpoints with icnet-export)")
     from ..export import MAX_METADATA_BYTES, parse_export_meta
 
-    text = ov_model.get_rt_info(key).astype(str)
+    text = ov_model.get_rt_info([META_KEY]).astype(str)
     if len(text) > MAX_METADATA_BYTES or len(text.encode("utf-8", "replace")) > MAX_METADATA_BYTES:
         raise CheckpointError(f"{path}: icnet_ros metadata larger than {MAX_METADATA_BYTES} bytes; not an icnet_ros "
                               "export (real metadata is a few KiB)")
@@ -343,9 +344,7 @@ def _meta_of(ov_model: Any, path: Path) -> dict[str, Any]:
 def read_openvino_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The icnet_ros metadata of an exported model (validated; :class:`CheckpointError` with one line if the file
     is missing, unreadable, foreign or truncated)."""
-    core = _ov().Core()
-    ov_model, p = _read_model(core, path)
-    return _meta_of(ov_model, p)
+    return _read_model(_ov().Core(), path)[2]
 
 
 # ------------------------------------------------------------------------------------------------------ backend
@@ -360,8 +359,7 @@ class OpenVINOBackend:
     def __init__(self, path: str | os.PathLike, options: BackendOptions = BackendOptions()) -> None:
         ov = _ov()
         core = ov.Core()
-        ov_model, self.path = _read_model(core, path)
-        self.meta = _meta_of(ov_model, self.path)
+        ov_model, self.path, self.meta = _read_model(core, path)
         shape = ov_model.inputs[0].get_partial_shape() if len(ov_model.inputs) == 1 else None
         if (shape is None or len(ov_model.outputs) != 1 or shape.rank.is_dynamic or shape.rank.get_length() != 4
                 or shape[1].is_dynamic or shape[1].get_length() != 3):
