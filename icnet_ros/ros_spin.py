@@ -1,5 +1,6 @@
 """rclpy in the command-line tools: spinning an executor while other threads create and destroy entities
-(:func:`spin`), and Ctrl-C as a KeyboardInterrupt (:func:`init_without_signal_handlers`, :func:`cleanup`).
+(:func:`spin`, in a thread of its own: :func:`start_spinner`, joined at the end: :func:`join_spinners`), and Ctrl-C as
+a KeyboardInterrupt (:func:`init_without_signal_handlers`, :func:`cleanup`).
 
 rclpy's executors collect a node's entities, then add them to a wait set. A subscription or publisher destroyed by
 another thread in between leaves its QoS event handler in that list, and adding it raises ``InvalidHandle`` ("cannot
@@ -12,6 +13,8 @@ shutdown it was racing with, and :func:`spin` returns quietly.
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable
 from time import monotonic
 from typing import Any
@@ -44,6 +47,26 @@ def spin(executor: Any) -> None:
             last = now
             if failures >= MAX_CONSECUTIVE_INVALID:
                 raise
+
+
+_SPINNERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def start_spinner(executor: Any, name: str) -> threading.Thread:
+    """A daemon thread ``name`` running :func:`spin` on ``executor``, started; :func:`join_spinners` joins it."""
+    thread = threading.Thread(target=spin, args=(executor,), name=name, daemon=True)
+    _SPINNERS.add(thread)
+    thread.start()
+    return thread
+
+
+def join_spinners(timeout: float = 5.0) -> None:
+    """Join the threads :func:`start_spinner` started, once their executors and contexts are shut down, so that none
+    is still inside rclpy when the interpreter finalises (a C++ abort: "terminate called without an active
+    exception", seen once at icnet-demo's exit)."""
+    for thread in list(_SPINNERS):
+        if thread is not threading.current_thread():
+            thread.join(timeout)
 
 
 def init_without_signal_handlers() -> None:

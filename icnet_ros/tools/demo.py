@@ -34,7 +34,6 @@ import argparse
 import os
 import random
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -220,7 +219,7 @@ def _run(args: argparse.Namespace, model: str, source: Any, stop: Any) -> int:
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
-    from ..ros_spin import cleanup, init_without_signal_handlers
+    from ..ros_spin import cleanup, init_without_signal_handlers, join_spinners
 
     node = None
     executor = None
@@ -249,29 +248,22 @@ def _run(args: argparse.Namespace, model: str, source: Any, stop: Any) -> int:
         # the spinning thread returns once the executor and the context are shut down: joined, so that it is not
         # still inside rclpy when the interpreter finalises (a C++ abort, "terminate called without an active
         # exception", ended one demo with SIGABRT after everything was saved)
-        interrupted = cleanup(*steps, rclpy.try_shutdown, _join_spinners) or interrupted
+        interrupted = cleanup(*steps, rclpy.try_shutdown, join_spinners) or interrupted
     if interrupted:  # before the playing started (loading the model); the try block's own returns stand
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
         return stop.exit_code
     return 0  # reached only when the try block returned early without a value (it does not)
 
 
-def _join_spinners(timeout: float = 5.0) -> None:
-    for thread in threading.enumerate():
-        if thread.name == SPINNER_THREAD:
-            thread.join(timeout)
-
-
 def _serve(args: argparse.Namespace, executor: Any) -> int:
     """Serve the camera topic until SIGINT / SIGTERM (the way to stop it: exit status 0). The executor spins in a
     thread: the main thread waits where a signal's KeyboardInterrupt arrives at once (rcl's wait would hold it)."""
-    from ..ros_spin import spin
+    from ..ros_spin import start_spinner
 
     print(f"{PROG}: segmenting {args.topic} -> "
           f"{args.topic.rsplit('/', 1)[0]}/semantic/{{label,color,overlay,confidence}}; waiting for "
           "frames (Ctrl-C to stop)", flush=True)
-    spinner = threading.Thread(target=spin, args=(executor,), name=SPINNER_THREAD, daemon=True)
-    spinner.start()
+    spinner = start_spinner(executor, SPINNER_THREAD)
     try:
         while spinner.is_alive():
             spinner.join(0.5)
@@ -294,7 +286,7 @@ class DemoRun:
         import rclpy
 
         from ..node_params import sibling_topic
-        from ..ros_spin import spin
+        from ..ros_spin import start_spinner
         from .play import Player
         from .record import Recorder
 
@@ -304,8 +296,7 @@ class DemoRun:
         self.overlay_topic = sibling_topic(self.topic, "semantic/overlay")
         self.helper = rclpy.create_node("icnet_demo")
         executor.add_node(self.helper)
-        self._spinner = threading.Thread(target=spin, args=(executor,), name=SPINNER_THREAD, daemon=True)
-        self._spinner.start()
+        self._spinner = start_spinner(executor, SPINNER_THREAD)
         self.recorder = Recorder(self.helper, [self.overlay_topic], output, fmt, reliability="reliable", depth=1000,
                                  video=video, fps=fps, subdirs=False)
         self.player = Player(self.helper, self.topic, frame_id="camera", reliable=True, depth=10)

@@ -20,9 +20,10 @@ previous one, the demo's default; ``overlay``: once the previous overlay arrived
 Segmenter alone, so load changes on a shared machine hit all of them alike; medians of the per-chunk rates and of
 the per-round ratios are reported.
 
-Sizes are checked before anything starts (each side at least the network's minimum, at most the node's max_pixels);
-a size that fails during its measurement is one error line, the other sizes are measured (exit status 1). Ctrl-C or
-SIGTERM: the sizes measured so far (printed, and in ``--json``), exit status 130 or 143.
+Sizes are checked before anything starts (a network input the model takes, as the node judges it from the model's
+metadata; at most the node's max_pixels); a size that fails during its measurement is one error line, the other
+sizes are measured (exit status 1). Ctrl-C or SIGTERM: the sizes measured so far (printed, and in ``--json``), exit
+status 130 or 143.
 
 DDS stays on loopback (the demo's defaults apply when unset).
 """
@@ -40,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ..ros_spin import cleanup, init_without_signal_handlers, spin
+from ..ros_spin import cleanup, init_without_signal_handlers, join_spinners, start_spinner
 from .demo import configure_dds
 from .play import parse_size
 
@@ -316,15 +317,6 @@ def main(argv: list[str] | None = None) -> int:
             return stop.exit_code
 
 
-def _join_spinners(timeout: float = 5.0) -> None:
-    """Join the executor-spinning thread once the executor and the context are shut down, so that it is not still
-    inside rclpy when the interpreter finalises (a C++ abort, "terminate called without an active exception", as
-    icnet-demo had)."""
-    for thread in threading.enumerate():
-        if thread.name == SPINNER_THREAD:
-            thread.join(timeout)
-
-
 def _main(argv: list[str] | None, stop: Any) -> int:
     args = build_parser().parse_args(argv)
     problem = _check_args(args)
@@ -373,8 +365,7 @@ def _main(argv: list[str] | None, stop: Any) -> int:
     executor = MultiThreadedExecutor(num_threads=2)
     executor.add_node(node)
     executor.add_node(helper)
-    spinner = threading.Thread(target=spin, args=(executor,), name=SPINNER_THREAD, daemon=True)
-    spinner.start()
+    start_spinner(executor, SPINNER_THREAD)
     results = []
     failed = []
     sizes = args.size or [(360, 480), (1024, 2048)]
@@ -398,7 +389,7 @@ def _main(argv: list[str] | None, stop: Any) -> int:
         interrupted = True
     finally:
         interrupted = cleanup(lambda: executor.shutdown(timeout_sec=2.0), node.destroy_node, helper.destroy_node,
-                              rclpy.try_shutdown, _join_spinners) or interrupted
+                              rclpy.try_shutdown, join_spinners) or interrupted
     _write_json(args.json, results)  # an interrupted run: the sizes measured so far
     if interrupted:
         done = len(results) + len(failed)
@@ -454,7 +445,7 @@ def _main_demo(args: argparse.Namespace, stop: Any) -> int:
         interrupted = True
     finally:
         interrupted = cleanup(lambda: executor.shutdown(timeout_sec=2.0), node.destroy_node,
-                              rclpy.try_shutdown, _join_spinners) or interrupted
+                              rclpy.try_shutdown, join_spinners) or interrupted
     if interrupted:  # the medians need every round: nothing to report
         print(f"{PROG}: interrupted (--demo: no result, the rounds are compared only when complete)",
               file=sys.stderr)

@@ -474,7 +474,7 @@ def _soak(args: argparse.Namespace, model: str, stop: Any) -> int:
 
     from .. import node_params
     from ..ros_image import numpy_to_compressed, numpy_to_image
-    from ..ros_spin import cleanup, init_without_signal_handlers, spin
+    from ..ros_spin import cleanup, init_without_signal_handlers, join_spinners, start_spinner
 
     node_args = ["--ros-args", "-p", f"model:={model}", "-p", "device:=cpu", "-p",
                  f"image_topics:=[{','.join(CAMERAS)}]", "-p", f"num_threads:={args.threads}",
@@ -497,7 +497,7 @@ def _soak(args: argparse.Namespace, model: str, stop: Any) -> int:
         proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.node_process", *node_args], stdout=log,
                                 stderr=subprocess.STDOUT, env=env, preexec_fn=_parent_death_signal())
     # from here on, everything is inside the try whose finally stops the node process
-    helper = executor = spinner = None
+    helper = executor = None
     counter = _Counter()
     subs: list[Any] = []
     published = [0, 0]
@@ -527,8 +527,7 @@ def _soak(args: argparse.Namespace, model: str, stop: Any) -> int:
             helper = rclpy.create_node("icnet_node_soak")
             executor = MultiThreadedExecutor(num_threads=2)
             executor.add_node(helper)
-            spinner = threading.Thread(target=spin, args=(executor,), name=SPINNER_THREAD, daemon=True)
-            spinner.start()
+            start_spinner(executor, SPINNER_THREAD)
             reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
             helper.create_subscription(DiagnosticArray, "/diagnostics", diag_msgs.append, 10)
             pubs = [helper.create_publisher(Image, CAMERAS[0], reliable),
@@ -628,8 +627,7 @@ def _soak(args: argparse.Namespace, model: str, stop: Any) -> int:
         steps = [kill_node]
         steps += [lambda: executor.shutdown(timeout_sec=2.0)] if executor is not None else []
         steps += [helper.destroy_node] if helper is not None else []
-        steps += [rclpy.try_shutdown]
-        steps += [lambda: spinner.join(5.0)] if spinner is not None else []
+        steps += [rclpy.try_shutdown, join_spinners]
         interrupted = cleanup(*steps) or interrupted
     result = summarize(args, rss, published, diag, counter.snapshot(), counter.totals(), exit_status, exit_problem,
                        elapsed, interrupted, counter.timeline())
