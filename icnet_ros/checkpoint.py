@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,15 @@ MMSEG_NORMALIZATION: dict[str, Any] = {"mean": [123.675, 116.28, 103.53], "std":
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, corrupt, truncated, not ICNet, or not matching its architecture."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint file that could not be written (:func:`save_checkpoint`): ``cannot write <file>: <reason>``; its
+    ``filename`` is the file, its ``strerror`` the system's reason (``No space left on device``, ``File too
+    large``)."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
 
 
 def build_meta(config: ICNetConfig, class_set: ClassSet | None = None,
@@ -186,7 +196,12 @@ def save_checkpoint(model: ICNet, path: str | os.PathLike, meta: dict[str, Any] 
                     fp16: bool = False, include_aux: bool = True) -> None:
     """Write ``model`` (weights, BN statistics) and ``meta`` (default: ``model.meta``) to a safetensors file.
 
-    ``fp16`` halves the file; ``include_aux=False`` drops the training-only auxiliary heads (deployment)."""
+    ``fp16`` halves the file; ``include_aux=False`` drops the training-only auxiliary heads (deployment). The file
+    is written whole or not at all (a temporary file beside it, renamed): a write that fails (a full disk, a file
+    size limit, a folder that cannot be made) raises :class:`CheckpointWriteError` ``cannot write <path>:
+    <reason>`` and leaves no file behind (before, safetensors' own error came out as a SafetensorError traceback
+    from icnet-convert)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     meta = dict(meta if meta is not None else model.meta)
@@ -208,17 +223,23 @@ def save_checkpoint(model: ICNet, path: str | os.PathLike, meta: dict[str, Any] 
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give the checkpoint's file name (e.g. {path}/model.safetensors)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # a normal, shareable file (the temporary file was created private)
         os.replace(tmp, path)  # never leave a half-written checkpoint behind
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()  # nor its temporary file (a full disk, an interrupt)
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(e.errno, e.strerror or str(e), str(path)) from e
+        if isinstance(e, SafetensorError):  # "Error while serializing: I/O error: File too large (os error 27)"
+            found = re.search(r"I/O error: (.+?) \(os error (\d+)\)", str(e))
+            errno, reason = (int(found.group(2)), found.group(1)) if found else (None, str(e))
+            raise CheckpointWriteError(errno, reason, str(path)) from e
         raise
 
 
@@ -427,7 +448,8 @@ def _existing(path: str | os.PathLike) -> Path:
     return p
 
 
-__all__ = ["CheckpointError", "MAX_NETWORK_WIDTH", "MMSEG_NORMALIZATION", "build_meta", "default_model_path",
+__all__ = ["CheckpointError", "CheckpointWriteError", "MAX_NETWORK_WIDTH", "MMSEG_NORMALIZATION", "build_meta",
+           "default_model_path",
            "file_sha256", "inference_copy", "load_model", "load_state_dict_into", "network_width_for",
            "raise_on_mismatch",
            "read_metadata", "save_checkpoint", "validate_meta", "IGNORE_INDEX"]

@@ -374,10 +374,21 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, class_
     """``icnet-convert``: an mmseg ``.pth`` is imported; a native ``.safetensors`` is exported (its classes are
     its own, so ``class_set`` must be None), averaged with ``average`` when given. ``dst`` may be ``src`` to change
     only what is recorded (input size, network width, license); ``fp16``, ``include_aux=False`` or ``average`` into
-    the source itself are refused (ValueError), as they cannot be undone."""
+    the source itself are refused (ValueError), as they cannot be undone; so is ``dst`` naming one of the
+    ``average`` files (before, that input was replaced by the average), and a file given twice among ``src`` and
+    ``average`` (before, it was averaged in twice, weighing double, while the provenance said "the average of 3")."""
     if _same_file(src, dst) and (fp16 or not include_aux or average):
         raise ValueError(f"{dst} is the source file: --fp16, --no-aux and --average cannot be undone; write the "
                          "result to another file")
+    named = [src, *average]
+    for i, other in enumerate(average, 1):
+        if _same_file(other, dst):
+            raise ValueError(f"{dst} is the --average file {other}: it would be replaced by the average; write the "
+                             "result to another file")
+        first = next((f for f in named[:i] if _same_file(f, other)), None)
+        if first is not None:
+            raise ValueError(f"--average {other}: the same file as {first} (given twice it would weigh double in "
+                             "the average); give each checkpoint once")
     if Path(src).suffix.lower() == ".safetensors":  # D.SAFETENSORS too (it was read as an mmseg .pth)
         if class_set is not None:
             raise ValueError(f"{src} is a native checkpoint: its classes are recorded in it (--classes is for "

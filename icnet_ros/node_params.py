@@ -24,7 +24,7 @@ from typing import Any, Callable
 from . import engine_config
 from .engine_config import SegmenterConfig
 from .ros_image import DEFAULT_MAX_PIXELS, MAX_MAX_PIXELS
-from .sizes import MAX_BATCH
+from .sizes import MAX_BATCH, MAX_THREADS
 
 NODE_NAME = "icnet_node"
 OUTPUT_KINDS = engine_config.OUTPUTS
@@ -164,7 +164,7 @@ PARAMS: tuple[ParamSpec, ...] = (
               _range(0.0, 60.0, lo_open=True)),
     ParamSpec("num_threads", 0, "PyTorch CPU threads. 0 = auto: on the CPU all cores but one (at least 1), so "
               "that OpenMP workers, which spin between parallel regions, leave a core to the executor, DDS and "
-              "camera drivers; on CUDA PyTorch's default.", "[0, 256]", _range(0, 256)),
+              "camera drivers; on CUDA PyTorch's default.", f"[0, {MAX_THREADS}]", _range(0, MAX_THREADS)),
     ParamSpec("autostart", True, "Configure (load and warm up the model) and activate by itself at start-up (true), "
               "or stay unconfigured until a lifecycle manager drives it (false; `ros2 lifecycle set`).",
               "true | false"),

@@ -18,6 +18,9 @@ MAX_UPSCALED_TEXT = (f"{MAX_UPSCALED_PIXELS} pixels "
                      f"({math.isqrt(MAX_UPSCALED_PIXELS)}x{math.isqrt(MAX_UPSCALED_PIXELS)})")
 #: the most frames in one forward pass: the node's max_batch, an export's batch (a TensorRT profile covers 1..it)
 MAX_BATCH = 64
+#: the most CPU threads torch is asked for: the node's num_threads, icnet-segment's and icnet-bench's --threads
+#: (torch.set_num_threads(100000) crashed the process with a segmentation fault, 5000 hung it)
+MAX_THREADS = 256
 #: ICNet's coarsest map is 1/32 of its input. At other sizes the stride-2 layers round up (45 -> 23 -> 12) and
 #: the cascade's x2 upsampling no longer lands on the finer map's grid: the branches disagree by up to half a
 #: coarse cell (16 px), and the model trained on aligned crops loses accuracy (the stage-6 default model, CamVid val,

@@ -463,12 +463,16 @@ def check_fourcc(fourcc: str) -> str:
 class VideoWriter:
     """An MP4 (``mp4v``) or other OpenCV video writer that opens on the first frame (its size sets the video size).
 
-    Frames are uint8 BGR H x W x 3; frames of another size are resized to the first frame's size. A frame the
-    writer could not write (OpenCV's ``write`` returns False; with an OpenCV whose ``write`` returns nothing, a disk
-    with no space left) raises OSError ``cannot write <path>: <reason>`` (e.g. ``No space left on device``), and so
-    does every later frame: the video is incomplete. :meth:`finish` closes the file and checks it reads back with
-    every frame written (an MP4 whose index could not be written is unplayable); ``close()`` only closes it. As a
-    context manager: ``finish()`` on success, ``close()`` on an exception.
+    Frames are uint8 BGR H x W x 3; frames of another size are resized to the first frame's size. The video is
+    written to a hidden temporary file in the same folder (``.<name>.<pid>.<n>.tmp<suffix>``: the suffix picks the
+    container) and renamed to ``path`` only by :meth:`finish`, once it reads back: ``path`` is never a partial or
+    unplayable video (before, a full disk left an MP4 without its index at ``path``). A frame the writer could not
+    write (OpenCV's ``write`` returns False; with an OpenCV whose ``write`` returns nothing, a disk with no space
+    left) raises OSError ``cannot write <path>: <reason>`` (e.g. ``No space left on device``) and removes the
+    temporary file, and so does every later frame: no video is written. :meth:`finish` closes the file, checks it
+    reads back with every frame written (an MP4 whose index could not be written is unplayable) and renames it;
+    :meth:`close` abandons it (the temporary file removed, ``path`` untouched). As a context manager: ``finish()``
+    on success, ``close()`` on an exception.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, fourcc: str = "mp4v") -> None:
@@ -482,6 +486,8 @@ class VideoWriter:
         self.frames = 0
         #: why the video could not be written (the OSError's message), None while it is fine
         self.error: str | None = None
+        #: the file being written until :meth:`finish` renames it to ``path`` (None before the first frame and after)
+        self.temp_path: Path | None = None
         self._writer: cv2.VideoWriter | None = None
 
     def write(self, bgr: np.ndarray) -> None:
@@ -490,11 +496,17 @@ class VideoWriter:
         if self.error is not None:  # never reopen (and truncate) a video that failed
             raise OSError(self.error)
         if self._writer is None:
+            if self.frames:  # closed (abandoned) after frames were written: they are gone
+                raise OSError(f"cannot write {self.path}: the video was closed")
             self.size = (bgr.shape[1], bgr.shape[0])
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, self.size)
+            self.temp_path = self.path.with_name(f".{self.path.name[:200]}.{os.getpid()}.{next(_TMP_COUNTER)}.tmp"
+                                                 f"{self.path.suffix}")
+            self._writer = cv2.VideoWriter(str(self.temp_path), cv2.VideoWriter_fourcc(*self.fourcc), self.fps,
+                                           self.size)
             if not self._writer.isOpened():
                 self._writer = None
+                self._remove_temp()
                 raise OSError(f"cannot open a {self.fourcc!r} video writer for {self.path}")
         if (bgr.shape[1], bgr.shape[0]) != self.size:
             bgr = cv2.resize(bgr, self.size, interpolation=cv2.INTER_LINEAR)
@@ -504,26 +516,41 @@ class VideoWriter:
         self.frames += 1
 
     def _fail(self, what: str) -> None:
-        """Close the writer, remember why the video is broken and raise OSError: the system's reason when the file
-        cannot grow (a full disk, a file size limit), else ``what``."""
-        self.close()
-        self.error = f"cannot write {self.path}: {_write_problem(self.path) or what}"
+        """Close the writer, remember why the video is broken, remove its temporary file and raise OSError: the
+        system's reason when the file cannot grow (a full disk, a file size limit), else ``what``."""
+        self._release()
+        problem = _write_problem(self.temp_path) if self.temp_path is not None else None
+        self._remove_temp()
+        self.error = f"cannot write {self.path}: {problem or what}"
         raise OSError(self.error)
 
-    def close(self) -> None:
+    def _release(self) -> None:
         if self._writer is not None:
             self._writer.release()
             self._writer = None
 
+    def _remove_temp(self) -> None:
+        if self.temp_path is not None:
+            with contextlib.suppress(OSError):
+                self.temp_path.unlink()
+            self.temp_path = None
+
+    def close(self) -> None:
+        """Abandon the video: close the writer and remove its temporary file (nothing is written to ``path``; after
+        :meth:`finish`, nothing to do)."""
+        self._release()
+        self._remove_temp()
+
     def finish(self) -> None:
-        """Close the video and check that it reads back with every frame written; OSError ``cannot write <path>:
-        ...`` when not (an MP4 whose index was never written, on a full disk, cannot be opened at all)."""
-        self.close()
+        """Close the video, check that it reads back with every frame written and rename it to ``path``; OSError
+        ``cannot write <path>: ...`` when not (an MP4 whose index was never written, on a full disk, cannot be
+        opened at all), the temporary file removed. Without a frame written, no file is made."""
+        self._release()
         if self.error is not None:
             raise OSError(self.error)
-        if not self.frames:
+        if not self.frames or self.temp_path is None:
             return
-        cap = cv2.VideoCapture(str(self.path))
+        cap = cv2.VideoCapture(str(self.temp_path))
         try:
             count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else None
         finally:
@@ -532,6 +559,13 @@ class VideoWriter:
             self._fail("the finished video cannot be read back (incomplete)")
         if 0 < count < self.frames:  # a container that records no count (0) is not second-guessed
             self._fail(f"the finished video holds {count} of the {self.frames} frames written")
+        try:
+            os.replace(self.temp_path, self.path)
+        except OSError as e:
+            self._remove_temp()
+            self.error = f"cannot write {self.path}: {e.strerror or e}"
+            raise OSError(self.error) from e
+        self.temp_path = None
 
     def __enter__(self) -> VideoWriter:
         return self

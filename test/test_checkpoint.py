@@ -348,3 +348,34 @@ def test_palettes_in_whole_number_floats_still_load(tmp_path):
     assert class_set_from_meta(read_metadata(path)).palette[3] == (3, 128, 0)
     with pytest.raises(ValueError, match="bad color"):
         ClassSet("x", ("a",), ((12.7, 0, 0),))
+
+
+def test_a_checkpoint_that_cannot_be_written_is_an_oserror_naming_it(tmp_path):
+    """A write that fails (here a file size limit, as a full disk) came out of safetensors as a SafetensorError
+    ('Error while serializing: I/O error: File too large (os error 27)'), which no caller expected (icnet-convert
+    printed a traceback). Now an OSError 'cannot write <file>: <reason>' (CheckpointWriteError: strerror is the
+    reason, filename the file), and no file or temporary file is left; a folder that cannot be made alike."""
+    import resource
+    import signal
+
+    from icnet_ros.checkpoint import CheckpointWriteError
+
+    model = build_icnet("icnet_r18", width=0.25, num_classes=11)
+    out = tmp_path / "sub" / "m.safetensors"
+    out.parent.mkdir()
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(OSError) as info:
+            save_checkpoint(model, out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert isinstance(info.value, CheckpointWriteError) and str(info.value) == f"cannot write {out}: File too large"
+    assert info.value.strerror == "File too large" and info.value.filename == str(out)
+    assert os.listdir(out.parent) == []
+    with pytest.raises(OSError, match=r"^cannot write /proc/icnet_x/m.safetensors: No such file or directory$"):
+        save_checkpoint(model, "/proc/icnet_x/m.safetensors")
+    save_checkpoint(model, out)  # the limit lifted: written
+    assert load_model(out).config == model.config

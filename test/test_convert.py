@@ -2,6 +2,11 @@
 import json
 import os
 import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -434,18 +439,21 @@ def test_convert_averages_native_checkpoints_and_records_them(tmp_path, capsys):
     assert convert_main([str(dst), str(tmp_path / "again.safetensors"), "--average", str(a)]) == 0
     capsys.readouterr()
     # averages of averages: a member's own history is named, not copied (copies nested 3.7x a level, and the third
-    # level wrote a file no reader accepts)
+    # level wrote a file no reader accepts); each member a copy of the level (a file given twice is refused)
     level = dst
     sizes = []
     for i in range(4):
         nxt = tmp_path / f"level{i}.safetensors"
-        assert convert_main([str(level), str(nxt), "--average", str(level), str(level)]) == 0
+        copies = [tmp_path / f"{level.stem}_{k}.safetensors" for k in (1, 2)]
+        for copy in copies:
+            shutil.copyfile(level, copy)
+        assert convert_main([str(level), str(nxt), "--average", *map(str, copies)]) == 0
         sizes.append(len(json.dumps(read_metadata(nxt))))
         level = nxt
     capsys.readouterr()
     growth = [b - a for a, b in zip(sizes, sizes[1:])]
     assert max(growth) <= 1.2 * min(growth), sizes  # a record a level (its 'previous' chain), not a copy of all
-    assert load_model(level).meta["provenance"]["exported"]["averaged_with"][0]["from"] == "level2.safetensors"
+    assert load_model(level).meta["provenance"]["exported"]["averaged_with"][0]["from"] == "level2_1.safetensors"
     again, first = load_model(tmp_path / "again.safetensors").state_dict(), soup.state_dict()
     assert all(torch.allclose(v, (first[k] + states[0][k]) / 2) for k, v in again.items() if v.is_floating_point())
     # the averaged model runs: outputs differ from each member's
@@ -488,3 +496,92 @@ def test_mmseg_reference_config_is_the_same_network_or_refused(width):
     assert backbone["stem_channels"] == ours.stem[6].out_channels
     for i in range(4):
         assert backbone["base_channels"] * 2 ** i == getattr(ours, f"layer{i + 1}")[0].conv1.out_channels
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+def test_convert_refuses_an_output_that_is_an_average_input_and_a_file_given_twice(tmp_path, capsys):
+    """'icnet-convert a b --average b' replaced the input b by the average (only DST == SRC was refused), and a file
+    given twice ('--average b b', or SRC again in --average, also spelt another way) was averaged in twice, weighing
+    double, while the provenance said 'the average of 3'. Now both are one line, exit status 2, nothing written."""
+    from helpers import make_checkpoint
+
+    a, b = (make_checkpoint(tmp_path / f"{n}.safetensors", seed=s) for n, s in (("a", 0), ("b", 1)))
+    before = {p: p.read_bytes() for p in (a, b)}
+    same_b = tmp_path / "." / "b.safetensors"
+    (tmp_path / "b_link.safetensors").symlink_to(b)
+    out = tmp_path / "out.safetensors"
+    cases = (([a, b, "--average", b], f"{b} is the --average file {b}: it would be replaced by the average; write "
+                                      "the result to another file"),
+             ([a, same_b, "--fp16", "--average", b], f"{same_b} is the --average file {b}: it would be replaced by "
+                                                     "the average; write the result to another file"),
+             ([a, out, "--average", b, b], f"--average {b}: the same file as {b} (given twice it would weigh double "
+                                           "in the average); give each checkpoint once"),
+             ([a, out, "--average", a], f"--average {a}: the same file as {a} (given twice it would weigh double in "
+                                        "the average); give each checkpoint once"),
+             ([a, out, "--average", b, tmp_path / "b_link.safetensors"],
+              f"--average {tmp_path / 'b_link.safetensors'}: the same file as {b} (given twice it would weigh double "
+              "in the average); give each checkpoint once"))
+    for args, message in cases:
+        assert convert_main(list(map(str, args))) == 2, args
+        err = capsys.readouterr().err
+        assert err == f"icnet-convert: error: {message}\n", err
+        assert {p: p.read_bytes() for p in (a, b)} == before and not out.exists()
+    assert convert_main([str(a), str(out), "--average", str(b)]) == 0  # each once: averaged
+    assert "the average of 2 checkpoints" in capsys.readouterr().out
+
+
+def _limit_file_size(nbytes):
+    """In a child process: files stop growing at ``nbytes`` (EFBIG, 'File too large'; a full disk fails as ENOSPC),
+    SIGXFSZ ignored."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.RLIM_INFINITY))
+    return apply
+
+
+def test_convert_that_cannot_write_its_output_is_one_line(tmp_path, capsys):
+    """The output cannot be written: a file size limit (a full disk alike) was a SafetensorError traceback, an
+    output under /proc a FileNotFoundError line naming /proc/x or a SafetensorError traceback. Now 'icnet-convert:
+    error: cannot write DST: REASON', exit status 2, and no file (nor a temporary one) is left."""
+    from helpers import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "src.safetensors")
+    out = tmp_path / "out" / "dst.safetensors"
+    out.parent.mkdir()
+    res = subprocess.run([sys.executable, "-m", "icnet_ros.tools.convert", str(src), str(out)], capture_output=True,
+                         text=True, timeout=120, preexec_fn=_limit_file_size(64 * 1024))
+    assert res.returncode == 2 and res.stderr == f"icnet-convert: error: cannot write {out}: File too large\n", \
+        (res.returncode, res.stderr[-3000:])
+    assert os.listdir(out.parent) == []
+    for dst in ("/proc/icnet_convert_test/x.safetensors", "/proc/icnet_convert_test.safetensors"):
+        assert convert_main([str(src), dst]) == 2
+        err = capsys.readouterr().err
+        assert err == f"icnet-convert: error: cannot write {dst}: No such file or directory\n", err
+
+
+def test_convert_ctrl_c_is_one_line(tmp_path):
+    """Ctrl-C (a real SIGINT, once torch's library is being loaded): before, a KeyboardInterrupt traceback (torch
+    was imported with the module, before main). Now 'icnet-convert: interrupted', exit status 130, nothing
+    written."""
+    from helpers import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "src.safetensors")
+    out = tmp_path / "out" / "dst.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.convert", str(src), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    maps = f"/proc/{proc.pid}/maps"
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if "libtorch" in open(maps).read():
+                break
+        except OSError:
+            pass
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "icnet-convert: interrupted\n", (proc.returncode, err[-3000:])
+    assert not out.exists() and not out.parent.exists()

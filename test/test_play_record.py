@@ -235,26 +235,45 @@ def test_play_refuses_a_size_over_max_pixels_in_one_line(tmp_path: Path, capsys)
                    "node's max_pixels drops larger frames)\n"), err
 
 
-def test_play_stops_on_ctrl_c_with_a_summary(ros: RosHarness, tmp_path: Path):
+@pytest.mark.parametrize("signame, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_play_stops_on_ctrl_c_with_a_summary(ros: RosHarness, tmp_path: Path, signame: str, status: int):
     """SIGINT while publishing: before, rclpy's signal handler shut the context down under the publishers (an
     RCLError 'publisher's context is invalid' traceback, exit status 1) or a KeyboardInterrupt struck inside
-    destroy_node. Now one 'interrupted' line with the count, exit status 130."""
+    destroy_node. Now one 'interrupted' line with the count, exit status 130. SIGTERM (kill, timeout, a launch
+    file's shutdown) ended the process at once with no summary (exit status -15); now it stops as Ctrl-C does,
+    exit status 143, as icnet-segment and icnet-record."""
     import signal
 
     write_frames(tmp_path / "frames", 2)
-    images = ros.collect(Image, "/t_playint/image_raw")
-    play = Process("icnet_ros.tools.play", [str(tmp_path / "frames"), "--topic", "/t_playint/image_raw", "--rate",
+    topic = f"/t_playint_{signame.lower()}/image_raw"
+    images = ros.collect(Image, topic)
+    play = Process("icnet_ros.tools.play", [str(tmp_path / "frames"), "--topic", topic, "--rate",
                                             "25", "--loop", "--wait-subscribers", "1"], tmp_path)
     try:
         assert images.wait_for(lambda m: len(m) >= 5, 60), play.output()
-        play.proc.send_signal(signal.SIGINT)
-        assert play.wait(30) == 130, play.output()
+        play.proc.send_signal(getattr(signal, signame))
+        assert play.wait(30) == status, play.output()
     finally:
         play.kill()
         ros.unsubscribe(images)
     out = play.output()
     m = re.search(r"icnet-play: interrupted: published (\d+) frames at ([\d.]+) fps \(the first to the last in", out)
     assert "Traceback" not in out and m and int(m.group(1)) >= 5 and float(m.group(2)) <= 27.5, out
+
+
+def test_play_refuses_a_rate_too_slow_to_sleep_in_one_line(tmp_path: Path):
+    """--rate 1e-300: the second frame's wait (1e300 s) made time.sleep raise OverflowError (a traceback, exit
+    status 1). Now a rate other than 0 below MIN_RATE (a frame every 1000 s) is one line, exit status 2, before
+    rclpy starts. (A process: the old code went on to publish.)"""
+    from icnet_ros.tools.play import MIN_RATE
+
+    write_frames(tmp_path / "frames", 3)
+    for rate in ("1e-300", str(MIN_RATE / 2)):
+        res = ros_support.run_module("icnet_ros.tools.play", [str(tmp_path / "frames"), "--rate", rate, "--max-frames",
+                                                              "3", "--topic", "/t_playslow/image_raw"], timeout=60)
+        assert res.returncode == 2 and res.stderr == (
+            f"icnet-play: error: --rate must be 0 (as fast as possible) or at least {MIN_RATE:g} fps (a frame every "
+            f"{1 / MIN_RATE:g} s), got {float(rate):g}\n"), (res.returncode, res.stderr[-2000:])
 
 
 def test_tools_refuse_non_finite_numbers_and_bad_topics_in_one_line(tmp_path: Path, capsys):
@@ -531,8 +550,13 @@ def test_record_video_skips_frames_it_cannot_take_and_topics_get_folders_apart(r
 def test_record_reports_a_video_that_cannot_be_finished(ros: RosHarness, tmp_path: Path):
     """Recorder.close called VideoWriter.close, not finish: a video that does not read back with every frame was
     never noticed (exit status 0). Now one error line naming it, exit status 1, no traceback (here the video file
-    is removed while the recording runs, so the finished video cannot be read back)."""
+    is removed while the recording runs, so the finished video cannot be read back; it is written to a hidden
+    temporary file until finished: nothing is left at its name)."""
     out, video = tmp_path / "rec", tmp_path / "rec.mp4"
+
+    def temporary() -> list[Path]:
+        return list(tmp_path.glob(".rec.mp4.*.tmp.mp4"))
+
     pub = ros.publisher(Image, "/t_recv/overlay", RosHarness.qos(reliable=True, depth=10))
     rec = Process("icnet_ros.tools.record", ["/t_recv/overlay", "--output", str(out), "--video", str(video),
                                              "--idle-timeout", "1.5"], tmp_path)
@@ -540,9 +564,9 @@ def test_record_reports_a_video_that_cannot_be_finished(ros: RosHarness, tmp_pat
         ros.wait_matched(pub)
         for i in range(2):
             pub.publish(image_msg(np.full((H, W, 3), 40 * i, np.uint8), "bgr8", ros.now()))
-        ros.wait_until(lambda: len(list(out.glob("*.png"))) == 2 and video.exists(), 30, "two frames saved")
+        ros.wait_until(lambda: len(list(out.glob("*.png"))) == 2 and temporary(), 30, "two frames saved")
         time.sleep(0.3)  # the second frame's video write follows its PNG
-        video.unlink()
+        temporary()[0].unlink()
         status = rec.wait(30)
     finally:
         rec.kill()
@@ -550,6 +574,7 @@ def test_record_reports_a_video_that_cannot_be_finished(ros: RosHarness, tmp_pat
     out_text = rec.output()
     assert status == 1 and "received 2, saved 2" in out_text and "Traceback" not in out_text, out_text
     assert f"icnet-record: error: cannot write {video}: No such file or directory" in out_text, out_text
+    assert not video.exists() and not temporary()
 
 
 def test_a_video_that_fails_mid_recording_costs_no_frame_its_image(ros: RosHarness, tmp_path: Path):

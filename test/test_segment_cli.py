@@ -696,3 +696,154 @@ def test_a_video_over_max_pixels_is_refused_and_the_rest_segmented(tmp_path, ckp
                                         "exceeds the limit of 12000 pixels (--max-pixels); skipped\n"), captured.err
     assert "1 frames from 1 input(s)" in captured.out and "1 input(s) refused" in captured.out
     assert sorted(p.name for p in (out / "label").iterdir()) == ["x.png"]
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+def test_an_input_the_run_would_write_over_is_refused_before_the_model_loads(tmp_path, ckpt, capsys):
+    """An input that is one of the run's own outputs: 'icnet-segment o/overlay/clip.mp4 -o o' replaced the video by
+    its overlay while reading it (a solidWhiteRight.mp4 of 221 frames kept 8) and exited 0; 'o/overlay/x.png -o o'
+    rewrote the image. Now one line naming the input and the output, exit status 2, before the model is loaded (a
+    broken model file is not even read), the input untouched; also through another spelling of the output folder
+    (a link) and for an image in the folder a video's frames go to. An input inside an output folder that no output
+    is written over is segmented."""
+    o = tmp_path / "o"
+    video = _video(o / "overlay" / "clip.mp4", n=3, size=(64, 64))
+    write_image(o / "overlay" / "x.png", _img(64, 64, 1))
+    write_image(o / "label" / "clip" / "clip_000001.png", _img(64, 64, 2))
+    (tmp_path / "link").symlink_to(o)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 64)
+    before = {p: p.read_bytes() for p in o.rglob("*") if p.is_file()}
+    cases = (([video], str(o), (), video, o / "overlay" / "clip.mp4"),
+             ([o / "overlay" / "x.png"], str(o), (), o / "overlay" / "x.png", o / "overlay" / "x.png"),
+             ([o / "overlay" / "x.png"], str(tmp_path / "link"), ("--outputs", "overlay"), o / "overlay" / "x.png",
+              tmp_path / "link" / "overlay" / "x.png"),
+             ([tmp_path / "link" / "label" / "clip" / "clip_000001.png", video], str(o), ("--outputs", "label"),
+              tmp_path / "link" / "label" / "clip" / "clip_000001.png", o / "label" / "clip" / "clip_000001.png"))
+    for inputs, out, extra, victim, output in cases:
+        rc = main([*map(str, inputs), "-m", str(broken), "-o", out, "--device", "cpu", "--quiet", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and err == (f"icnet-segment: error: input {victim} would be overwritten by the output "
+                                   f"{output}; choose another --output (or move the input out of it)\n"), err
+    assert {p: p.read_bytes() for p in o.rglob("*") if p.is_file()} == before
+    # inside an output folder, written over by nothing: segmented (its label goes beside)
+    assert main([str(o / "overlay" / "x.png"), "-m", str(ckpt), "-o", str(o), "--device", "cpu", "--quiet",
+                 "--outputs", "label"]) == 0
+    assert (o / "label" / "x.png").is_file() and (o / "overlay" / "x.png").read_bytes() == before[o / "overlay" /
+                                                                                                   "x.png"]
+
+
+def test_a_video_that_cannot_be_written_leaves_no_file_at_its_name(tmp_path, ckpt, capsys):
+    """A full disk (here: a file size limit) while the overlay video is written: 'cannot write ...', exit status 2,
+    and before an unplayable MP4 (no index) was left at the video's name, though a file is promised whole or not
+    at all. Now the video is written to a hidden temporary file, renamed once it reads back: nothing at its name
+    (a previous run's video there stays as it was), no temporary file left; an abandoned writer (close) leaves
+    nothing either, and a finished one only the video."""
+    src = tmp_path / "noise.avi"
+    with VideoWriter(src, 10.0, "MJPG") as vw:
+        for i in range(8):
+            vw.write(_noise(360, 480, i))
+    out = tmp_path / "out"
+    with _file_size_limit(128 * 1024):
+        rc = main([str(src), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs", "overlay",
+                   "--input-size", "64x96"])
+    assert rc == 2 and "cannot write" in capsys.readouterr().err
+    assert os.listdir(out / "overlay") == []
+    previous = _video(out / "overlay" / "noise.mp4", n=2, size=(64, 64)).read_bytes()
+    with _file_size_limit(128 * 1024):
+        assert main([str(src), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs",
+                     "overlay", "--input-size", "64x96"]) == 2
+    capsys.readouterr()
+    assert os.listdir(out / "overlay") == ["noise.mp4"] and (out / "overlay" / "noise.mp4").read_bytes() == previous
+    # the writer itself: a video is at its name only once finished
+    path = tmp_path / "v" / "clip.mp4"
+    vw = VideoWriter(path, 10.0)
+    for i in range(3):
+        vw.write(_img(64, 64, i))
+    assert not path.exists() and [p.name for p in path.parent.iterdir()] == [vw.temp_path.name]
+    vw.close()  # abandoned
+    assert os.listdir(path.parent) == []
+    with VideoWriter(path, 10.0) as vw:
+        for i in range(3):
+            vw.write(_img(64, 64, i))
+    assert os.listdir(path.parent) == ["clip.mp4"] and len(VideoFile(path)) == 3
+
+
+def test_batch_is_bounded_and_out_of_memory_is_one_line_with_the_video_finished(tmp_path, ckpt, capsys,
+                                                                                 monkeypatch):
+    """--batch had no upper bound: --batch 120 on HD video ran out of memory with a RuntimeError traceback and left a
+    broken MP4. Now --batch above MAX_BATCH (the node's max_batch bound) is one line before anything runs, and an
+    out-of-memory error while segmenting (here torch's CPU allocator's, raised by the Segmenter at its third batch)
+    is one line with the hint, exit status 2, the frames segmented before written and the video finished (it plays,
+    with those frames), as on Ctrl-C."""
+    from icnet_ros.engine import Segmenter
+    from icnet_ros.sizes import MAX_BATCH
+
+    video = _video(tmp_path / "clip.mp4", n=8, size=(64, 64))
+    out = tmp_path / "out"
+    args = [str(video), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs", "label,overlay"]
+    assert main([*args, "--batch", str(MAX_BATCH + 1)]) == 2
+    assert capsys.readouterr().err == (f"icnet-segment: error: --batch must be in [0, {MAX_BATCH}] (0: 4 on CUDA, 1 "
+                                       f"on CPU), got {MAX_BATCH + 1}\n")
+    assert not out.exists()
+    segment, calls = Segmenter.segment, []
+
+    def running_out(self, frames, **kwargs):
+        calls.append(len(frames))
+        if len(calls) == 3:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 514375680 bytes. Error code 12 (Cannot allocate memory)")
+        return segment(self, frames, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "segment", running_out)
+    rc = main([*args, "--batch", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == ("icnet-segment: error: out of memory segmenting 1 frame(s) of 64x64 at once ([enforce "
+                               "fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                               "tried to allocate 514375680 bytes. Error code 12 (Cannot allocate memory)); try a "
+                               "smaller --batch (or --input-size)\n"), err
+    assert len(list((out / "label" / "clip").glob("*.png"))) == 2
+    assert os.listdir(out / "overlay") == ["clip.mp4"] and len(VideoFile(out / "overlay" / "clip.mp4")) == 2
+
+
+def test_threads_are_bounded_as_the_nodes_num_threads(tmp_path):
+    """--threads had no upper bound: icnet-segment --threads 100000 crashed (a segmentation fault, exit status
+    -11), 5000 hung. Now icnet-segment and icnet-bench refuse more than MAX_THREADS in one line, exit status 2,
+    the bound the node's num_threads parameter has."""
+    from icnet_ros.node_params import PARAMS
+    from icnet_ros.sizes import MAX_THREADS
+
+    spec = next(p for p in PARAMS if p.name == "num_threads")
+    assert spec.constraints == f"[0, {MAX_THREADS}]" and spec.check(MAX_THREADS) is None
+    assert spec.check(MAX_THREADS + 1)
+    write_image(tmp_path / "x.png", _img(64, 64, 0))
+    for module, args, message in (
+            ("icnet_ros.tools.segment", [str(tmp_path / "x.png"), "-o", str(tmp_path / "o")],
+             f"icnet-segment: error: --threads must be in [1, {MAX_THREADS}], got 100000\n"),
+            ("icnet_ros.tools.bench", ["--arch", "icnet_r18", "--width", "0.25", "--size", "64x96", "--device", "cpu"],
+             f"icnet-bench: error: --threads must be >= 1 and <= {MAX_THREADS} (0: torch's choice), got 100000\n")):
+        res = subprocess.run([sys.executable, "-m", module, *args, "--threads", "100000"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and res.stderr == message, (res.returncode, res.stderr[-2000:])
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_progress_bar_counts_skipped_inputs_and_no_rate_without_a_frame(tmp_path, ckpt, capsys):
+    """3 unreadable images of 4: the progress bar ended at '1/4 25%' (a skipped image never moved it); now it ends
+    at 4/4. With no frame segmented the summary said '0.00 fps overall, inf fps segmentation'; now no rate."""
+    write_image(tmp_path / "a.png", _img(64, 64, 1))
+    bad = []
+    for name in ("b", "c", "d"):
+        (tmp_path / f"{name}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        bad.append(str(tmp_path / f"{name}.png"))
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "a.png"), *bad, "-m", str(ckpt), "-o", str(out), "--device", "cpu",
+                 "--outputs", "label"]) == 2
+    captured = capsys.readouterr()
+    last = re.split(r"[\r\n]", captured.err.strip())[-1]
+    assert re.search(r"icnet-segment: 100%.*\| 4/4 ", last), captured.err
+    assert "1 frames from 4 input(s)" in captured.out and "fps overall" in captured.out
+    assert main([*bad, "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--outputs", "label"]) == 2
+    captured = capsys.readouterr()
+    assert re.search(r"icnet-segment: 100%.*\| 3/3 ", re.split(r"[\r\n]", captured.err.strip())[-1]), captured.err
+    assert "0 frames from 3 input(s) in " in captured.out and "fps" not in captured.out and "inf" not in captured.out

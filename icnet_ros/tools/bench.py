@@ -52,7 +52,8 @@ from torch import Tensor, nn
 from .. import engine_config
 from ..engine_config import OPTIONS, PRECISIONS
 from ..profiling import PREFIX, STAGES, ranges
-from ..sizes import MAX_BATCH, MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, MIN_INPUT_SIZE, parse_hw, parse_sizes
+from ..sizes import (MAX_BATCH, MAX_THREADS, MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, MIN_INPUT_SIZE, parse_hw,
+                     parse_sizes)
 
 SWEEP_ARCHS = ("icnet_r18", "icnet_r50")
 SWEEP_WIDTHS = (1.0, 0.5)
@@ -754,8 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     real_stdout = sys.stdout
     log_file = sys.stderr if to_stdout else sys.stdout
     try:
-        if args.threads is not None and args.threads < 0:
-            raise ValueError(f"--threads must be >= 1 (0: torch's choice), got {args.threads}")
+        if args.threads is not None and not 0 <= args.threads <= MAX_THREADS:  # (100000: a segmentation fault)
+            raise ValueError(f"--threads must be >= 1 and <= {MAX_THREADS} (0: torch's choice), got {args.threads}")
         problem = output_file_problem(args.json, "--json") or output_file_problem(args.markdown, "--markdown")
         if problem:  # before the run, not after it
             raise ValueError(problem)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..checkpoint import CheckpointError
 from ..classes import CLASS_SETS, get_class_set
 from ..sizes import parse_sizes
 
@@ -70,11 +69,24 @@ def _input_size(values: list[str] | None) -> tuple[int, int] | str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:  # the checkpoint is written to a temporary file and renamed: nothing partial is left
+        print("icnet-convert: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    """icnet-convert after its arguments are parsed. A checkpoint that cannot be written (a full disk, a file size
+    limit, a folder under /proc) is one line ``cannot write DST: REASON``, exit status 2 (before: a SafetensorError
+    or FileNotFoundError traceback), and Ctrl-C one line, exit status 130 (before: a KeyboardInterrupt traceback);
+    torch is imported here, where Ctrl-C is handled."""
     if not args.dst.lower().endswith(".safetensors"):
         # the file written is always safetensors: under another name no tool would open it (by its suffix)
         print(f"icnet-convert: error: {args.dst}: the output must be a .safetensors file (icnet-convert writes a "
               "native icnet_ros checkpoint; icnet-export writes .onnx and OpenVINO files)", file=sys.stderr)
         return 2
+    from ..checkpoint import CheckpointError
     from ..convert import convert_checkpoint
     from ..models import count_parameters
 

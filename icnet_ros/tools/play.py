@@ -14,7 +14,8 @@ the summary, and exit status 1 at the end (the stream went on without it); nothi
 video whose frames are over ``--max-pixels`` is refused; one whose container declares no frame count (Matroska/WebM
 from live recorders) is played to its end. The summary (also after Ctrl-C) gives the frames published and their
 rate, measured from the first frame's publishing to the last's: N frames span N - 1 periods (``published 3 frames at
-2.0 fps (the first to the last in 1.0 s)`` for ``--rate 2 --max-frames 3``).
+2.0 fps (the first to the last in 1.0 s)`` for ``--rate 2 --max-frames 3``). SIGTERM stops it as Ctrl-C does (the
+summary, exit status 143; 130 for Ctrl-C).
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from ..video import DEFAULT_IMAGE_FPS, Frame, FrameSource, ImageTooLargeError, S
 from .cli_checks import add_max_pixels_argument, max_pixels_problem
 
 ENCODINGS = ("bgr8", "rgb8", "mono8")
+#: the slowest --rate (fps) other than 0: a frame every 1000 s at most (--rate 1e-300 made time.sleep overflow)
+MIN_RATE = 0.001
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -292,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", default="/camera/image_raw", help="image topic (default: %(default)s); camera_info "
                    "goes next to it")
     p.add_argument("--frame-id", default="camera", help="header frame_id (default: %(default)s)")
-    p.add_argument("--rate", type=float, default=None, help="frames per second (default: the video's rate, "
-                   f"{DEFAULT_IMAGE_FPS:g} for images; 0 = as fast as possible)")
+    p.add_argument("--rate", type=float, default=None, help="frames per second, 0 or at least "
+                   f"{MIN_RATE:g} (default: the video's rate, {DEFAULT_IMAGE_FPS:g} for images; 0 = as fast as "
+                   "possible)")
     p.add_argument("--loop", action="store_true", help="start over at the end (until Ctrl-C or --max-frames)")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     add_max_pixels_argument(p, extra="; with --size, the published size (the sources then up to 16384x16384)")
@@ -315,18 +319,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C before the publishing started (imports, start-up)
-        print("icnet-play: interrupted", file=sys.stderr)
-        return 130
+    from .cli_checks import StopSignals
+
+    # SIGTERM as Ctrl-C (as icnet-segment and icnet-record): the summary, exit status 143 (before, SIGTERM ended the
+    # process at once, with no summary)
+    with StopSignals() as stop:
+        try:
+            return _main(argv, stop)
+        except KeyboardInterrupt:  # Ctrl-C before the publishing started (imports, start-up)
+            print("icnet-play: interrupted", file=sys.stderr)
+            return stop.exit_code
 
 
-def _main(argv: list[str] | None) -> int:
+def _rate_problem(rate: float, what: str = "--rate") -> str | None:
+    """Why ``rate`` (fps) cannot be played (None when it can): not finite, negative, or slower than
+    :data:`MIN_RATE` (a period of over 1000 s; 1e-300 made time.sleep raise OverflowError)."""
+    if not (math.isfinite(rate) and rate >= 0):
+        return f"{what} must be a finite number >= 0 (0: as fast as possible), got {rate}"
+    if 0 < rate < MIN_RATE:
+        return (f"{what} must be 0 (as fast as possible) or at least {MIN_RATE:g} fps (a frame every "
+                f"{1 / MIN_RATE:g} s), got {rate:g}")
+    return None
+
+
+def _main(argv: list[str] | None, stop: Any) -> int:
     args = build_parser().parse_args(argv)
-    if args.rate is not None and not (math.isfinite(args.rate) and args.rate >= 0):
-        print(f"icnet-play: error: --rate must be a finite number >= 0 (0: as fast as possible), got {args.rate}",
-              file=sys.stderr)
+    problem = _rate_problem(args.rate) if args.rate is not None else None
+    if problem:
+        print(f"icnet-play: error: {problem}", file=sys.stderr)
         return 2
     if not (math.isfinite(args.wait_timeout) and args.wait_timeout > 0):
         print(f"icnet-play: error: --wait-timeout must be a finite number > 0, got {args.wait_timeout}",
@@ -371,10 +391,15 @@ def _main(argv: list[str] | None) -> int:
         return 2
     skipped = UnreadableImages("icnet-play").install(source)
     rate = args.rate if args.rate is not None else (source.fps or DEFAULT_IMAGE_FPS)
+    problem = _rate_problem(rate, f"the frame rate of {args.source}") if args.rate is None else None
+    if problem:  # a container that declares a frame every hour (or 1e-300 fps)
+        print(f"icnet-play: error: {problem}; give --rate", file=sys.stderr)
+        return 2
 
     import rclpy
 
     init_without_signal_handlers()  # Ctrl-C: a KeyboardInterrupt here, handled below
+    stop.install()  # SIGTERM as Ctrl-C (and SIGINT's handler again, which the line above reset)
     node = rclpy.create_node("icnet_play")
     player = None
     n = 0
@@ -402,7 +427,7 @@ def _main(argv: list[str] | None) -> int:
     summary += skipped.summary()
     if interrupted:
         print(f"icnet-play: interrupted: {summary}", file=sys.stderr, flush=True)
-        return 130
+        return stop.exit_code
     print(f"icnet-play: {summary}", flush=True)
     return 1 if skipped.paths else 0
 

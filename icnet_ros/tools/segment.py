@@ -20,18 +20,24 @@ and an image that cannot be read (corrupt, truncated, a JPEG or PNG the node wou
 network, or a video with no frame, is skipped: one error line each naming the file, the other inputs are
 segmented, and the exit status is 2. Images are decoded as stored (a JPEG's EXIF orientation is not applied, as by
 the node and icnet-eval). A video that ends before the frame count its container declares gets a warning (one that
-declares none is read to its end). Outputs are written whole (a PNG through a temporary file, renamed; a video
-checked once finished): a full disk stops the run with ``cannot write <file>: <reason>``, exit status 2. The output
-folder is created, and checked writable, before the model is loaded. A video that cannot be opened (empty file,
-damaged, unknown container) is skipped as an empty one is. Ctrl-C (or SIGTERM) stops reading, writes the frames
-already segmented, finishes the videos (playable, with those frames) and exits with status 130 (143 for SIGTERM).
-Decoding and file writing run in background threads, overlapping the inference.
+declares none is read to its end). Outputs are written whole (a PNG or a video through a hidden temporary file,
+renamed once complete; a video checked once finished): a full disk stops the run with ``cannot write <file>:
+<reason>``, exit status 2, and leaves no partial file. An input that the run would write an output over (given from
+inside the output folder: ``out/overlay/x.png -o out``) is refused, and the output folder is created and checked
+writable, before the model is loaded. A video that cannot be opened (empty file, damaged, unknown container) is
+skipped as an empty one is. ``--batch`` is at most 64 (the node's max_batch) and ``--threads`` at most 256; running
+out of memory is one line, exit status 2, with the frames already segmented written and the videos finished. Ctrl-C
+(or SIGTERM) stops reading, writes the frames already segmented, finishes the videos (playable, with those frames)
+and exits with status 130 (143 for SIGTERM). Decoding and file writing run in background threads, overlapping the
+inference.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -42,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import engine_config
+from ..sizes import MAX_BATCH, MAX_THREADS
 from .cli_checks import add_max_pixels_argument, max_pixels_problem
 
 KINDS = ("label", "color", "overlay", "confidence")
@@ -66,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default=None, help="model file: native .safetensors, exported .onnx, OpenVINO "
                    ".xml or TensorRT .engine / .plan (default: the package model)")
     p.add_argument("--output", "-o", required=True, help="output folder (created)")
-    p.add_argument("--batch", type=int, default=0, help="frames per forward pass (default: 4 on CUDA, 1 on CPU)")
+    p.add_argument("--batch", type=int, default=0,
+                   help=f"frames per forward pass, at most {MAX_BATCH} (default: 4 on CUDA, 1 on CPU)")
     p.add_argument("--recursive", action="store_true", help="walk sub-folders of folder inputs")
     p.add_argument("--stride", type=int, default=1, help="videos: segment every N-th frame (default 1)")
     p.add_argument("--max-frames", type=int, default=None, help="videos: at most this many frames each")
@@ -74,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fourcc", default="mp4v", help="video codec for overlay videos, 4 characters (default mp4v)")
     add_max_pixels_argument(p)
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 can be faster on an oversubscribed machine)")
+                   help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's choice; 1 can be faster on an "
+                   "oversubscribed machine)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     engine_config.add_arguments(p, defaults={"outputs": ("label", "color", "overlay")})  # what to write
     return p
@@ -82,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _Writer:
     """Writes results in a background thread (PNG encoding is slow); videos stay open until closed. Keeps no
-    per-frame state (a run over a long video holds only the open video writers)."""
+    per-frame state (a run over a long video holds only the open video writers). A video is written to a temporary
+    file and renamed once finished (:class:`~icnet_ros.video.VideoWriter`): :meth:`close` finishes them, and
+    :meth:`abandon` (a run that ended otherwise) removes those not finished, so no video is left broken at its
+    name."""
 
     def __init__(self, out: Path, kinds: frozenset[str], overlay_frames: bool, fourcc: str,
                  video_fps: dict[int, float]) -> None:
@@ -91,6 +103,10 @@ class _Writer:
         self.videos: dict[int, Any] = {}
         self.error: BaseException | None = None
         self.q: queue.Queue = queue.Queue(maxsize=16)
+        self._end_sent = False
+        # set when the thread ends (after a KeyboardInterrupt in Thread.join, Python 3.11's is_alive() can say False
+        # while the thread still runs)
+        self._done = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="icnet-segment-writer", daemon=True)
         self.thread.start()
 
@@ -100,16 +116,26 @@ class _Writer:
         self.q.put((item, result))
 
     def _loop(self) -> None:
-        while True:
-            job = self.q.get()
-            if job is _END:
-                return
-            if self.error is not None:
-                continue  # drain
-            try:
-                self._write(*job)
-            except BaseException as e:  # noqa: BLE001 - reported to the main thread
-                self.error = e
+        try:
+            while True:
+                job = self.q.get()
+                if job is _END:
+                    return
+                if self.error is not None:
+                    continue  # drain
+                try:
+                    self._write(*job)
+                except BaseException as e:  # noqa: BLE001 - reported to the main thread
+                    self.error = e
+        finally:
+            self._done.set()
+
+    def _end(self) -> None:
+        """Let the thread write what is queued and end; wait for it."""
+        if not self._end_sent:
+            self.q.put(_END)
+            self._end_sent = True
+        self._done.wait()
 
     def _write(self, item: _Item, r: Any) -> None:
         from icnet_ros.video import VideoWriter, write_image
@@ -130,10 +156,9 @@ class _Writer:
                 write_image(self.out / "overlay" / sub / f"{item.name}.png", r.overlay)
 
     def close(self) -> None:
-        """Write what was queued, finish every video (each checked: it reads back with its frames) and raise the
-        first error."""
-        self.q.put(_END)
-        self.thread.join()
+        """Write what was queued, finish every video (each checked: it reads back with its frames, then renamed to
+        its name; a broken one is removed) and raise the first error."""
+        self._end()
         for vw in self.videos.values():
             try:
                 vw.finish()
@@ -141,6 +166,47 @@ class _Writer:
                 self.error = self.error or e
         if self.error is not None:
             raise self.error
+
+    def abandon(self) -> None:
+        """Stop writing (what is queued is dropped) and remove every video not finished: its temporary file (the
+        run ended by an unexpected error, or a second Ctrl-C during :meth:`close`). Finished videos stay."""
+        if self.error is None:
+            self.error = RuntimeError("abandoned")  # the thread drains the queue without writing
+        self._end()
+        for vw in self.videos.values():
+            vw.close()
+
+
+class _Progress:
+    """The frames the progress bar accounts for besides those taken from the queue, counted by the reader thread:
+    frames skipped without being queued (an image that cannot be read, the rest of a skipped video) advance the bar,
+    frames a video's container declares but that cannot be decoded shrink its total. Before, neither moved it: 3
+    unreadable images of 4 ended the bar at '1/4 25%'. :meth:`apply` brings the bar up to date (main thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.skipped = self.missing = 0
+        self._applied = (0, 0)
+
+    def skip(self, n: int = 1) -> None:
+        with self._lock:
+            self.skipped += n
+
+    def miss(self, n: int) -> None:
+        with self._lock:
+            self.missing += n
+
+    def apply(self, bar: Any) -> None:
+        with self._lock:
+            skipped, missing = self.skipped, self.missing
+        new_skipped, new_missing = skipped - self._applied[0], missing - self._applied[1]
+        self._applied = (skipped, missing)
+        if new_missing and bar.total is not None:
+            bar.total = max(bar.n, bar.total - new_missing)
+        if new_skipped:
+            bar.update(new_skipped)
+        elif new_missing:
+            bar.refresh()
 
 
 def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
@@ -155,10 +221,11 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
 
 
 def _reader(sources: list[Any], names: list[dict[int, str] | str], q: queue.Queue, stop: threading.Event,
-            skip_sources: set[int], report: Any) -> None:
+            skip_sources: set[int], report: Any, progress: _Progress) -> None:
     """Decode frames in a background thread into ``q``; ends with _END (or an exception object). Sources in
     ``skip_sources`` stop being read; ``report(message, skipped)`` says that a video had no frame (an input
-    skipped) or fewer than its container declares (a warning)."""
+    skipped) or fewer than its container declares (a warning); ``progress`` counts a video's frames not read
+    (skipped) or not there (missing)."""
     try:
         for si, src in enumerate(sources):
             decoded = 0
@@ -177,8 +244,10 @@ def _reader(sources: list[Any], names: list[dict[int, str] | str], q: queue.Queu
                     if not _put(q, item, stop):
                         return
                     decoded += 1
+            expected = src.frame_count if src.is_video else None  # None: the container declares none
+            if expected is not None and decoded < expected:
+                (progress.skip if si in skip_sources else progress.miss)(expected - decoded)
             if src.is_video and si not in skip_sources:
-                expected = src.frame_count  # None: the container declares none
                 if decoded == 0 and src.max_frames != 0:
                     report(f"no frame could be decoded from video {src.path} (empty or damaged); skipped", True)
                 elif expected is not None and decoded < expected:
@@ -244,6 +313,59 @@ def _output_names(sources: list[Any]) -> list[dict[int, str] | str]:
     return out
 
 
+class _OutOfMemory(Exception):
+    """A batch that ran out of memory (host or device): one line, the videos finished."""
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure: MemoryError, torch's OutOfMemoryError (CUDA), or a RuntimeError from
+    an allocator (torch's CPU allocator says "can't allocate memory", ONNX Runtime "Failed to allocate memory")."""
+    low = str(e).lower()
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or any(
+        m in low for m in ("out of memory", "allocate memory"))
+
+
+def _inputs_written_over(sources: list[Any], names: list[dict[int, str] | str], out: Path, kinds: frozenset[str],
+                         overlay_frames: bool) -> list[tuple[Path, Path]]:
+    """(input file, output) for each input file this run would write an output over: an image or video given from
+    inside the output folder whose output is the file itself (``icnet-segment out/overlay/x.png -o out``, a video at
+    ``out/overlay/<name>.mp4``), or an image in the folder a video's frames are written to, named as one of them.
+    Found by the files' identity (device and inode), so also through links and other spellings of a path. An input
+    inside an output folder that no output is written over is segmented (folder inputs leave such images out)."""
+    inputs: dict[tuple[int, int], Path] = {}
+    for src in sources:
+        for path in ([src.path] if src.is_video else src.paths):
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                inputs.setdefault((st.st_dev, st.st_ino), path)
+
+    def written_over(path: Path) -> Path | None:
+        try:
+            st = os.stat(path)
+        except OSError:  # no such file yet: no input either
+            return None
+        return inputs.get((st.st_dev, st.st_ino))
+
+    image_kinds = [k for k in KINDS if k in kinds]
+    frame_kinds = [k for k in image_kinds if k != "overlay" or overlay_frames]
+    found = []
+    for src, name in zip(sources, names):
+        if src.is_video:
+            planned = [out / "overlay" / f"{name}.mp4"] if "overlay" in kinds else []
+            frame = re.compile(re.escape(src.path.stem) + r"_\d{6,}\.png")  # its frames' names, any index
+            for kind in frame_kinds:
+                with contextlib.suppress(OSError):  # the frames' folder exists (a rerun): its files
+                    planned += [Path(e.path) for e in os.scandir(out / kind / str(name)) if frame.fullmatch(e.name)]
+        else:
+            planned = [out / kind / f"{n}.png" for n in name.values()  # type: ignore[union-attr]
+                       for kind in image_kinds]
+        for path in planned:
+            victim = written_over(path)
+            if victim is not None:
+                found.append((victim, path))
+    return found
+
+
 def _batches(q: queue.Queue, batch: int) -> Iterator[list[_Item]]:
     items: list[_Item] = []
     while True:
@@ -300,8 +422,12 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
     if not kinds:
         print(f"icnet-segment: error: --outputs {args.outputs!r}: choose from {', '.join(KINDS)}", file=sys.stderr)
         return 2
-    if args.batch < 0 or args.stride < 1 or (args.max_frames is not None and args.max_frames < 0):
-        print("icnet-segment: error: --batch must be >= 0, --stride >= 1, --max-frames >= 0", file=sys.stderr)
+    if not 0 <= args.batch <= MAX_BATCH:  # (--batch 120 on HD video: out of memory, a traceback, a broken MP4)
+        print(f"icnet-segment: error: --batch must be in [0, {MAX_BATCH}] (0: 4 on CUDA, 1 on CPU), got {args.batch}",
+              file=sys.stderr)
+        return 2
+    if args.stride < 1 or (args.max_frames is not None and args.max_frames < 0):
+        print("icnet-segment: error: --stride must be >= 1, --max-frames >= 0", file=sys.stderr)
         return 2
     problem = max_pixels_problem(args.max_pixels)
     if problem:
@@ -313,8 +439,9 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
         print(f"icnet-segment: error: --fourcc: {e}", file=sys.stderr)
         return 2
     if args.threads is not None:
-        if args.threads < 1:
-            print("icnet-segment: error: --threads must be >= 1", file=sys.stderr)
+        if not 1 <= args.threads <= MAX_THREADS:  # (100000 crashed the process: a segmentation fault; 5000 hung it)
+            print(f"icnet-segment: error: --threads must be in [1, {MAX_THREADS}], got {args.threads}",
+                  file=sys.stderr)
             return 2
         import torch
 
@@ -324,6 +451,7 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
     refused: list[Path] = []  # images and videos over --max-pixels
     skipped: list[str] = []  # inputs that could not be segmented (unreadable, too small, empty videos)
     skip_sources: set[int] = set()  # videos whose remaining frames are not segmented
+    progress = _Progress()
 
     def say(line: str) -> None:
         from tqdm import tqdm
@@ -338,6 +466,7 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
         else:
             skipped.append(str(path))
             say(f"icnet-segment: error: {error}; skipped")
+        progress.skip()
 
     def report(message: str, skip: bool) -> None:
         if skip:
@@ -346,7 +475,7 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
 
     def segment(items: list[_Item]) -> list[tuple[_Item, Any]]:
         """Segment ``items``; a frame that the network cannot take (too small, ...) is skipped with one line (a
-        video: the rest of it), the others are segmented."""
+        video: the rest of it), the others are segmented. Out of memory: :class:`_OutOfMemory` (one line)."""
         try:
             return list(zip(items, seg.segment([it.bgr for it in items], channel_order="BGR")))
         except engine_config.FrameError as e:
@@ -358,6 +487,13 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
                 report(f"{it.origin}: {reason}; skipped", True)
             rest = [other for other in items if other is not it and other.source_index not in skip_sources]
             return segment(rest) if rest else []
+        except (RuntimeError, MemoryError) as e:
+            if not _out_of_memory(e):
+                raise
+            h, w = items[0].bgr.shape[:2]
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise _OutOfMemory(f"out of memory segmenting {len(items)} frame(s) of {w}x{h} at once ({reason}); "
+                               "try a smaller --batch (or --input-size)") from None
 
     out = Path(args.output)
     frames = 0
@@ -379,6 +515,13 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
                 if not (path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS):
                     raise  # no such input, not an image or video: the command line is wrong
                 report(f"{e}; skipped", True)  # a video that cannot be opened (empty, damaged): as an empty one
+        names = _output_names(sources)
+        overwritten = _inputs_written_over(sources, names, out, kinds, args.overlay_frames)
+        if overwritten:  # before: the input was replaced by its own overlay (a video truncated to 8 frames), exit 0
+            (victim, output), more = overwritten[0], len(overwritten) - 1
+            raise ValueError(f"input {victim} would be overwritten by the output {output}"
+                             + (f" (and {more} other input(s) by theirs)" if more else "")
+                             + "; choose another --output (or move the input out of it)")
         # created and written to now, not after the model is loaded (/proc/x, a read-only folder, a file)
         problem = output_folder_problem(args.output, "--output", create=True)
         if problem:
@@ -400,9 +543,8 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
         video_fps = {i: (s.fps or 10.0) / (args.stride if s.is_video else 1) for i, s in enumerate(sources)}
         counts = [s.frame_count for s in sources]  # None: a video that declares no frame count
         total = None if None in counts else sum(counts)
-        names = _output_names(sources)
         q: queue.Queue = queue.Queue(maxsize=max(4, 2 * batch))
-        reader = threading.Thread(target=_reader, args=(sources, names, q, stop, skip_sources, report),
+        reader = threading.Thread(target=_reader, args=(sources, names, q, stop, skip_sources, report, progress),
                                   name="icnet-segment-reader", daemon=True)
         writer = _Writer(out, kinds, args.overlay_frames, args.fourcc, video_fps)
         from tqdm import tqdm
@@ -412,25 +554,29 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
         reader.start()
         with tqdm(total=total or None, unit="frame", disable=args.quiet, dynamic_ncols=True,
                   desc="icnet-segment") as bar:
-            for items in _batches(q, batch):
-                items = [it for it in items if it.source_index not in skip_sources]
+            for taken in _batches(q, batch):
+                items = [it for it in taken if it.source_index not in skip_sources]
                 t1 = time.perf_counter()
                 done = segment(items) if items else []
                 busy += time.perf_counter() - t1
                 for it, r in done:
                     writer.put(it, r)
                 frames += len(done)
-                bar.update(len(items))
+                bar.update(len(taken))  # segmented or skipped: handled
+                progress.apply(bar)
+            progress.apply(bar)  # the inputs skipped after the last frame segmented
         writer.close()
         elapsed = time.perf_counter() - t0
-    except (CheckpointError, SourceError, ValueError, OSError) as e:
+    except (CheckpointError, SourceError, ValueError, OSError, _OutOfMemory, MemoryError) as e:
+        # (out of memory: the frames segmented before are written and the videos finished, as on Ctrl-C; before, a
+        # traceback and an MP4 without its index)
         stop.set()
         if writer is not None:
             try:
                 writer.close()
             except BaseException:  # noqa: BLE001 - the first error is the one to report
                 pass
-        print(f"icnet-segment: error: {e}", file=sys.stderr)
+        print(f"icnet-segment: error: {e if str(e) else 'out of memory'}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # stop reading; write what was segmented and finish the videos, so that they play (a second Ctrl-C ends
@@ -445,10 +591,17 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
         print(f"icnet-segment: interrupted after {frames} frame(s); their outputs are in {out}{problem}",
               file=sys.stderr)
         return stop_signals.exit_code
-    fps = frames / elapsed if elapsed > 0 else float("inf")
-    seg_fps = frames / busy if busy > 0 else float("inf")
-    print(f"icnet-segment: {frames} frames from {len(sources)} input(s) in {elapsed:.1f} s: {fps:.2f} fps overall, "
-          f"{seg_fps:.2f} fps segmentation ({seg.describe()}); outputs in {out}"
+    finally:
+        # any other way out (an unexpected error, a second Ctrl-C while the videos were finished): no video is left
+        # unfinished, nor its temporary file (before, a broken MP4 at its name)
+        stop.set()
+        if writer is not None:
+            writer.abandon()
+    # rates only when frames were segmented (before: '0.00 fps overall, inf fps segmentation' with none)
+    rates = (f": {frames / elapsed:.2f} fps overall, {frames / busy:.2f} fps segmentation"
+             if frames and elapsed > 0 and busy > 0 else "")
+    print(f"icnet-segment: {frames} frames from {len(sources)} input(s) in {elapsed:.1f} s{rates} "
+          f"({seg.describe()}); outputs in {out}"
           + (f"; {len(refused)} input(s) refused (over --max-pixels {args.max_pixels})" if refused else "")
           + (f"; {len(skipped)} input(s) skipped (unreadable, empty or too small: see the errors above)"
              if skipped else ""))
