@@ -14,6 +14,7 @@ from ..checkpoint import MAX_LICENSE_CHARS, MMSEG_NORMALIZATION, network_width_f
 from ..classes import ClassSet
 from ..data.datasets import LAYOUTS, DataSpec
 from ..models.icnet import MIN_INPUT_SIZE, MODEL_CONFIGS, ICNetConfig
+from ..sizes import MAX_THREADS  # train.cpu_threads' bound: the node's num_threads'
 from ..tools.cli_checks import output_folder_problem
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -29,7 +30,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "image_dir": "{split}/images", "label_dir": "{split}/labels", "label_suffix": "",
         "train_split": "train", "val_split": "val",  # "train+val" concatenates; val_split null: no validation
         "train_limit": None, "val_limit": None,  # first N samples only (smoke runs)
-        "input_scale": 1.0,  # working resolution relative to the files (2.0: CamVid at 960x720)
+        "input_scale": 1.0,  # working resolution relative to the files (2.0: CamVid at 960x720); >= 0.05
         "base_size": None,  # [H, W]: fit images into this box instead of input_scale
         "ratio_range": [0.5, 2.0], "crop_size": [512, 512], "cat_max_ratio": 0.75, "flip": 0.5,
         "photometric": True,
@@ -53,7 +54,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "train": {
         "output_dir": "runs/icnet", "seed": 0, "device": "auto", "workers": 2,
-        "cpu_threads": None,  # torch intra-op threads per process (default: torch's choice)
+        "cpu_threads": None,  # torch intra-op threads per process, 1..256 (default: torch's choice)
         "eval_interval": 1000, "eval_batch_size": 4, "log_interval": 50, "checkpoint_interval": 1000,
         "log_format": "jsonl",  # jsonl | csv
         "tensorboard": "auto",  # auto (when installed) | true | false
@@ -63,6 +64,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "time_limit": None,  # seconds: stop (resumably, after a validation) once the loop has run this long
     },
 }
+
+#: the smallest data.input_scale: at less a 1280-pixel side is below the network's minimum input (the run also refuses
+#: a scale that brings its first training frame's short side below it: Trainer._check_working_size)
+MIN_INPUT_SCALE = MIN_INPUT_SIZE / 1280
 
 # keys whose default is None: the types they accept
 _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
@@ -161,6 +166,8 @@ def _set(config: dict, dotted: str, value: Any, source: str) -> None:
             (int, float) if isinstance(default, float) else (type(default),))
         if allowed and float in allowed and isinstance(value, str):
             value = _number(value)  # YAML reads 1e-3 (no dot) as text
+        elif allowed == (int,) and not isinstance(value, bool) and isinstance(_number(value), float):
+            value = _whole_number(dotted, _number(value), value, source)  # 1e4 (text to YAML), 1.0e+4 (a float)
         if allowed and list in allowed and isinstance(value, list):  # every list option holds numbers: [5e-1, 2]
             value = [_number(v) if isinstance(v, str) else v for v in value]
         if isinstance(value, float) and not math.isfinite(value):
@@ -176,12 +183,24 @@ def _set(config: dict, dotted: str, value: Any, source: str) -> None:
     config[section][key] = value
 
 
-def _number(text: str) -> Any:
-    """``text`` as a float when it is written as a number (``1e-3``, ``5E+2``), else unchanged (refused by type)."""
+def _number(text: Any) -> Any:
+    """``text`` as a float when it is written as a number (``1e-3``, ``5E+2``), else unchanged (refused by type);
+    a value that is not text is returned as it is."""
+    if not isinstance(text, str):
+        return text
     try:
         return float(text) if re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", text) else text
     except ValueError:
         return text
+
+
+def _whole_number(dotted: str, number: float, written: Any, source: str) -> int:
+    """An integer key's value written as a float (``1e4``, ``1.0e+4``): the integer when it is a whole number."""
+    if not math.isfinite(number):
+        raise ConfigError(f"{source}: {dotted} must be a finite number, got {written!r}")
+    if not number.is_integer():
+        raise ConfigError(f"{source}: {dotted} must be int (a whole number), got {written!r}")
+    return int(number)
 
 
 def _pair(config: dict, key: str, minimum: float = 1) -> None:
@@ -217,8 +236,9 @@ def validate_config(c: dict) -> None:
             raise ConfigError(f"data.eval_size {d['eval_size']}: {e}") from None
     if d["ratio_range"][0] > d["ratio_range"][1]:
         raise ConfigError(f"data.ratio_range must be [low, high] with low <= high, got {d['ratio_range']}")
-    if d["input_scale"] <= 0:
-        raise ConfigError(f"data.input_scale must be > 0, got {d['input_scale']}")
+    if not d["input_scale"] >= MIN_INPUT_SCALE:
+        raise ConfigError(f"data.input_scale must be >= {MIN_INPUT_SCALE:g} (less brings a 1280-pixel side below the "
+                          f"network's minimum input, {MIN_INPUT_SIZE} pixels), got {d['input_scale']:g}")
     if not 0 < d["cat_max_ratio"] <= 1 or not 0 <= d["flip"] <= 1:
         raise ConfigError("data.cat_max_ratio must be in (0, 1] and data.flip in [0, 1]")
     for k in ("train_limit", "val_limit"):
@@ -240,6 +260,9 @@ def validate_config(c: dict) -> None:
     if cw is not None and (not cw or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
                                              and math.isfinite(w) and w >= 0 for w in cw)):
         raise ConfigError(f"loss.class_weights must be a list of numbers >= 0 (one per class) or null, got {cw!r}")
+    if cw is not None and not any(w > 0 for w in cw):
+        raise ConfigError(f"loss.class_weights must give at least one class a weight > 0 (with all 0 the loss is 0 "
+                          f"and nothing is learnt), got {cw!r}")
     if not 0 < lo["ohem_thresh"] <= 1:
         raise ConfigError(f"loss.ohem_thresh must be in (0, 1], got {lo['ohem_thresh']}")
     if lo["ohem_min_kept"] < 0:
@@ -248,8 +271,8 @@ def validate_config(c: dict) -> None:
         raise ConfigError("need optim.iterations >= 1, optim.batch_size >= 1, optim.lr > 0, 0 <= min_lr <= lr")
     if o["batch_size"] < 2 and not t["sync_bn"]:
         raise ConfigError(_BATCH_OF_ONE)
-    if not o["momentum"] >= 0:
-        raise ConfigError(f"optim.momentum must be >= 0, got {o['momentum']}")
+    if not 0 <= o["momentum"] < 1:  # 1 and above: the updates never decay and the run diverges
+        raise ConfigError(f"optim.momentum must be >= 0 and < 1 (0.9 is usual), got {o['momentum']}")
     if o["nesterov"] and o["momentum"] == 0:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
     if not o["weight_decay"] >= 0:
@@ -275,8 +298,8 @@ def validate_config(c: dict) -> None:
     for k in ("channels_last", "tensorboard"):
         if t[k] not in ("auto", True, False):
             raise ConfigError(f"train.{k} must be auto, true or false, got {t[k]!r}")
-    if t["cpu_threads"] is not None and t["cpu_threads"] < 1:
-        raise ConfigError(f"train.cpu_threads must be >= 1 or null, got {t['cpu_threads']}")
+    if t["cpu_threads"] is not None and not 1 <= t["cpu_threads"] <= MAX_THREADS:
+        raise ConfigError(f"train.cpu_threads must be in 1..{MAX_THREADS} or null, got {t['cpu_threads']}")
     if t["stop_at"] is not None and t["stop_at"] < 1:
         raise ConfigError(f"train.stop_at must be >= 1 or null, got {t['stop_at']}")
     if t["time_limit"] is not None and not t["time_limit"] > 0:

@@ -7,7 +7,9 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -28,7 +30,7 @@ from ..data.transforms import base_scale, train_transforms
 from ..evaluate import evaluate, metrics_report
 from ..losses import CascadeLoss, upsample_logits
 from ..metrics import ConfusionMatrix, format_table
-from ..models.icnet import ICNetConfig
+from ..models.icnet import MIN_INPUT_SIZE, ICNetConfig
 from ..preprocess import Normalizer
 from ..sizes import SIZE_DIVISOR, aligned_size
 from .config import ConfigError, data_spec, model_config, normalization_for, validate_for_run
@@ -87,9 +89,14 @@ class Trainer:
         self.interrupted: int | None = None  # the signal that stopped the run (SIGINT / SIGTERM)
         self._saved_iteration: int | None = None  # the iteration of the training state last saved or resumed
         self._warned_unlabelled = False
+        self._warned_unlabelled_val = False
+        #: the iteration whose validation is due and has not run (it ran not yet, or a stop came first): a state
+        #: saved meanwhile records it, and the resumed run validates before it trains on
+        self._val_due: int | None = None
         self._stop = _StopSignals()
         self._input_size: list[int] | None = None
         self._network_width: int | None = None
+        self._first_train_size: tuple[int, int] | None = None
         self._git_commit = git_commit()
         init_from = config["model"]["init_from"]
         # a resumed run takes both from its state (init_from's file may have moved or changed since)
@@ -194,9 +201,32 @@ class Trainer:
             self.say(f"warning: data.crop_size {h}x{w} is not a multiple of {SIZE_DIVISOR}: ICNet's branches are "
                      "misaligned at such sizes, while validation and inference run at multiples of "
                      f"{SIZE_DIVISOR} (e.g. data.crop_size=[{ah},{aw}])")
+        self._check_working_size()
         self._check_checkpoint_metadata()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+
+    def _check_working_size(self) -> None:
+        """data.input_scale (or data.base_size) must not bring the training frames below the network's minimum
+        input (the first frame tells their size): the config check only bounds the scale (config.MIN_INPUT_SCALE), and
+        before data.input_scale=1e-9 trained on 1x1 frames padded to the crop (nothing learnt, exit 0). Frames
+        that are that small in their files are not refused here (the scale did not make them so)."""
+        d = self.config["data"]
+        h, w = self.first_train_size()
+        s = base_scale(h, w, d["input_scale"], tuple(d["base_size"]) if d["base_size"] else None)
+        if min(h, w) * s < MIN_INPUT_SIZE <= min(h, w):
+            what = (f"data.base_size {d['base_size']}" if d["base_size"] else f"data.input_scale {d['input_scale']:g}")
+            raise ConfigError(f"{what} brings the training frames ({w}x{h}, the first) to {w * s:.0f}x{h * s:.0f}, "
+                              f"below the network's minimum input of {MIN_INPUT_SIZE} pixels a side"
+                              + ("" if d["base_size"] else
+                                 f" (use data.input_scale >= {math.ceil(100 * MIN_INPUT_SIZE / min(h, w)) / 100:g})"))
+
+    def first_train_size(self) -> tuple[int, int]:
+        """(height, width) of the first training image in its file (read once)."""
+        if self._first_train_size is None:
+            h, w = self.train_set.load(0)[0].shape[:2]
+            self._first_train_size = (int(h), int(w))
+        return self._first_train_size
 
     def _check_checkpoint_metadata(self) -> None:
         """Build the metadata the checkpoints will record now, so that a value they cannot hold (a network width
@@ -253,7 +283,7 @@ class Trainer:
         if d["eval_size"]:
             return network_width_for(int(d["eval_size"][1]), 1.0)
         if self._network_width is None:
-            h, w = self.train_set.load(0)[0].shape[:2]
+            h, w = self.first_train_size()
             s = base_scale(h, w, d["input_scale"], tuple(d["base_size"]) if d["base_size"] else None)
             self._network_width = network_width_for(w, s)
         return self._network_width
@@ -323,7 +353,8 @@ class Trainer:
                      "world_size": self.info.world_size, "elapsed_s": self.elapsed(),
                      "config": json.loads(json.dumps(self.config)), "license": self.license,
                      "initialised_from": self._init_provenance,
-                     "last_val": self.last_val, "last_val_iteration": self.last_val_iteration}
+                     "last_val": self.last_val, "last_val_iteration": self.last_val_iteration,
+                     "val_due": self._val_due == iteration}
             path = self.out_dir / STATE_FILE
             tmp = self.out_dir / (STATE_FILE + ".tmp")
             try:
@@ -358,7 +389,8 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
-            raise CheckpointError(f"{path}: not a readable training state: {e}") from e
+            # (one line: torch's text runs to 9 lines and advises weights_only=False, unsafe and not an option here)
+            raise CheckpointError(f"{path}: not a readable training state ({_load_failure(e)})") from None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise CheckpointError(f"{path}: not an icnet_ros training state (version {STATE_VERSION})")
         if "model_weights" in state:  # the state holds the weights itself
@@ -411,6 +443,14 @@ class Trainer:
         self._init_provenance = state["initialised_from"] if "initialised_from" in state else \
             init_provenance(init_from)
         self.last_val, self.last_val_iteration = state.get("last_val"), state.get("last_val_iteration")
+        if state.get("val_due"):  # stopped before the validation of its iteration: it comes first (train())
+            if self.val_set is not None:
+                self._val_due = self.iteration
+            else:
+                self.say(f"the resumed run had the validation of iteration {self.iteration} still to do; with "
+                         "data.val_split=null it is not done")
+        if path.parent.resolve() != self.out_dir.resolve() and self.best_miou >= 0:
+            self._take_best_from(path.parent)
         changed = _changed_keys(state.get("config") or {}, self.config)
         if changed:
             self.say(f"warning: config differs from the resumed run in: {', '.join(changed)}")
@@ -419,6 +459,41 @@ class Trainer:
             self._saved_iteration = self.iteration
         self.say(f"resumed from {path} at iteration {self.iteration}")
         return True
+
+    def _take_best_from(self, run_dir: Path) -> None:
+        """A state resumed into another output folder: its best mIoU comes with the checkpoint that reached it,
+        copied from the resumed run's folder (before, the new folder had no best.safetensors while its summary named
+        the best iteration); when that file is not there, or is not the state's best (its run went on past the
+        state), the best is chosen afresh from this run's validations."""
+        from ..checkpoint import read_metadata
+
+        source = run_dir / "best.safetensors"
+        miou = round(100 * self.best_miou, 4)
+        try:
+            prov = read_metadata(source).get("provenance") or {}
+        except CheckpointError as e:
+            problem = f"{source} is not usable ({one_line_error(e)})" if source.exists() else f"no {source}"
+        else:
+            problem = None
+            if (prov.get("iterations"), prov.get("val_mIoU")) != (self.best_iteration, miou):
+                problem = (f"{source} is from iteration {prov.get('iterations')} (val mIoU {prov.get('val_mIoU')}), "
+                           "not the state's best")
+        if problem is None:
+            if self.info.main:
+                target = self.out_dir / "best.safetensors"
+                tmp = self.out_dir / "best.safetensors.tmp"
+                try:
+                    shutil.copyfile(source, tmp)
+                    os.replace(tmp, target)
+                except OSError as e:
+                    tmp.unlink(missing_ok=True)
+                    raise CheckpointError(f"cannot copy {source} to {target}: {e.strerror or e}") from None
+            self.say(f"copied {source} (iteration {self.best_iteration}, val mIoU {miou:.2f}), the resumed run's "
+                     "best, into the output folder")
+            return
+        self.say(f"warning: the resumed state's best (val mIoU {miou:.2f} at iteration {self.best_iteration}) "
+                 f"cannot come with it: {problem}; best.safetensors is chosen afresh from this run's validations")
+        self.best_miou, self.best_iteration = -1.0, 0
 
     # ---- validation
     def validate(self, iteration: int) -> dict[str, Any]:
@@ -442,14 +517,23 @@ class Trainer:
                              "aAcc": report["aAcc"],
                              "IoU": {k: v["IoU"] for k, v in report["per_class"].items()}})
         miou = metrics["mIoU"]
+        if not metrics["pixels"] and not self._warned_unlabelled_val:  # the mIoU is undefined (NaN): say why once
+            self._warned_unlabelled_val = True
+            self.say(f"warning: the validation split {d['val_split']!r} has no labelled pixel (every label pixel is "
+                     f"{self.class_set.ignore_index}, ignore): its mIoU is undefined and picks no best.safetensors; "
+                     "check that the label files hold the class values or colours of the class set (this warning "
+                     "is given once per run)")
         improved = not math.isnan(miou) and miou > self.best_miou
         if improved:
             self.best_miou, self.best_iteration = miou, iteration
             if self.info.main:
                 self.check_finite(iteration)
                 self.save_weights("best.safetensors", iteration, miou)
-        self.say(f"iter {iteration}: val mIoU {100 * miou:.2f} (best {100 * max(self.best_miou, 0):.2f} "
-                 f"@{self.best_iteration})" + (" -> best.safetensors" if improved else ""))
+        # (with no labelled pixel it said "val mIoU nan (best 0.00 @0)": a best that was never measured)
+        best = (f"best {100 * self.best_miou:.2f} @{self.best_iteration}" if self.best_miou >= 0 else "no best yet")
+        self.say(f"iter {iteration}: val mIoU " + ("n/a (no labelled pixel)" if math.isnan(miou) else
+                                                   f"{100 * miou:.2f}")
+                 + f" ({best})" + (" -> best.safetensors" if improved else ""))
         barrier(self.info)
         return metrics
 
@@ -483,7 +567,8 @@ class Trainer:
     def _loop(self, end: int, total: int, loader_iter: Any, autocast: Any, train_cm: ConfusionMatrix | None,
               bar: Any, deadline: float | None) -> int:
         """Iterations until ``end`` (or a time limit, or SIGINT / SIGTERM: then the state is saved where it
-        stopped); returns the iteration it stopped at."""
+        stopped, with the validation of that iteration still due when the stop came before it), after the
+        validation a resumed state left due; returns the iteration it stopped at."""
         o, t = self.config["optim"], self.config["train"]
         sums: dict[str, torch.Tensor] = {}
         count, t_data, t_step = 0, 0.0, 0.0
@@ -504,6 +589,17 @@ class Trainer:
             log_pending()
             self._stop_with_workers()
             return True
+
+        if self._val_due is not None:  # resumed where a stop came before the validation: that validation first,
+            # then training goes on as it would have (before, it was never run: best.safetensors and the val records
+            # differed from an uninterrupted run's)
+            try:
+                self._validate_keeping_work(self.iteration)
+            except RuntimeError:  # the validation loader's workers gone with a stop signal (to the group)
+                if not stopped_with_workers():
+                    raise
+                return self.iteration
+            self.save_state(self.iteration)  # now recorded as done: a later resume does not validate it again
 
         while self.iteration < end:
             try:
@@ -563,8 +659,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
                 sums, count, t_data, t_step = {}, 0, 0.0, 0.0
                 labelled = torch.zeros_like(labelled)
-            if self.val_set is not None and not signalled and (
+            if self.val_set is not None and (
                     self.iteration % t["eval_interval"] == 0 or self.iteration == total or timed_out):
+                self._val_due = self.iteration  # a state saved before it has run (a stop, an error) records it
+            if self._val_due == self.iteration and not signalled:
                 try:
                     self._validate_keeping_work(self.iteration)
                 except RuntimeError:  # the validation loader's workers gone with a stop signal (to the group)
@@ -611,9 +709,11 @@ class Trainer:
         except DatasetError as e:
             if self.info.distributed:
                 raise
-            self.save_state(iteration)
+            self.save_state(iteration)  # (recording the validation as still due: the resumed run does it first)
             raise DatasetError(f"{one_line_error(e)} (the training state at iteration {iteration} is saved: fix the "
                                f"file and continue with train.resume={self.out_dir})") from None
+        if self._val_due == iteration:
+            self._val_due = None
 
     def _stop_requested(self, deadline: float | None) -> tuple[bool, bool]:
         """(time limit passed, SIGINT / SIGTERM received); under DDP every process gets the same answer (any
@@ -666,7 +766,10 @@ class Trainer:
         in_sync = len(set(digests)) == 1
         if not in_sync:
             self.say(f"ERROR: replicas diverged: parameter digests {digests}")
-        finished = self.iteration >= self.config["optim"]["iterations"]
+        # finished: the whole schedule trained and its last validation done (a stop at the last iteration, before
+        # its validation, said "finished" and wrote finished: true while exiting 130)
+        finished = self.iteration >= self.config["optim"]["iterations"] and self._val_due is None \
+            and not self.interrupted
         summary = {"iterations": self.iteration, "finished": finished,
                    "best_val_mIoU": round(100 * self.best_miou, 4) if self.best_miou >= 0 else None,
                    "best_iteration": self.best_iteration if self.best_miou >= 0 else None,
@@ -685,6 +788,22 @@ class Trainer:
         if not in_sync:
             raise RuntimeError(f"DDP replicas diverged (parameter digests {digests})")
         return summary
+
+
+def _load_failure(error: Exception) -> str:
+    """Why torch.load could not read a file, in a few words."""
+    text = str(error)
+    if isinstance(error, EOFError) or "central directory" in text:
+        return "empty or cut short"
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds a {found.group(1)} object: a training state holds only tensors and plain values"
+    if "Weights only load failed" in text or "Unsupported operand" in text:
+        return "not a file written by torch.save"
+    if "zip archive" in text or "inline_container" in text:
+        return "a damaged or foreign archive, not one written by torch.save"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
 
 
 def _ignore_signal(_signum: int, _frame: Any) -> None:
