@@ -116,8 +116,10 @@ def device_failure(e: BaseException) -> str | None:
     None (an error of this frame)."""
     text = str(e)
     low = text.lower()
+    # (PyTorch's CPU allocator: "DefaultCPUAllocator: can't allocate memory", ONNX Runtime's "Failed to allocate
+    # memory": both plain RuntimeErrors)
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "out of memory" in low \
-            or "failed to allocate memory" in low:
+            or "allocate memory" in low:
         return "oom"
     if type(e).__name__ == "AcceleratorError" or any(m in text for m in (
             "CUDA error", "CUDNN_STATUS_", "CUBLAS_STATUS_", "device-side assert", "illegal memory access",

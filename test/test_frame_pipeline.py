@@ -620,6 +620,14 @@ def test_device_failure_classification(error: BaseException, kind: str | None):
     assert device_failure(error) == kind
 
 
+def test_the_cpu_allocators_own_error_is_out_of_memory():
+    """PyTorch's CPU allocator fails with a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory"): it
+    was taken for an error of the frame (dropped as bad input, not handled as out of memory)."""
+    with pytest.raises(RuntimeError) as caught:
+        torch.empty(1 << 60, dtype=torch.uint8)  # 1 EiB: refused by the allocator, nothing is touched
+    assert device_failure(caught.value) == "oom", str(caught.value)
+
+
 # ------------------------------------------------------------------------- scheduling (review of 2026-12-07)
 class Counting(Gated):
     """The real Segmenter; records each call's batch size; ``hook(frames)`` runs first (a clock, a gate)."""

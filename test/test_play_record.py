@@ -281,11 +281,15 @@ def test_tools_refuse_non_finite_numbers_and_bad_topics_in_one_line(tmp_path: Pa
     with everything): now one line and exit status 2 before anything starts, as a bad topic name for icnet-record
     (before: an InvalidTopicNameException traceback from create_subscription). In this process: the tools stop
     before rclpy is initialised."""
-    from icnet_ros.tools import play, record
+    from icnet_ros.tools import demo, play, record
 
     write_frames(tmp_path / "frames", 1)
     frames = str(tmp_path / "frames")
     for tool, args, message in (
+            # icnet-demo takes icnet-play's rule (before: 1e-300 reached time.sleep's OverflowError, nan was taken)
+            (demo, [frames, "--rate", "nan"], "--rate must be a finite number >= 0"),
+            (demo, [frames, "--rate", "1e-300"], "--rate must be 0 (as fast as possible) or at least 0.001 fps"),
+            (demo, [frames, "--timeout", "nan"], "--timeout must be a finite number > 0"),
             (play, [frames, "--rate", "nan"], "--rate must be a finite number >= 0"),
             (play, [frames, "--rate", "inf"], "--rate must be a finite number >= 0"),
             (play, [frames, "--wait-timeout", "nan"], "--wait-timeout must be a finite number > 0"),
@@ -302,7 +306,7 @@ def test_tools_refuse_non_finite_numbers_and_bad_topics_in_one_line(tmp_path: Pa
             (record, ["/x", "--depth", "4294967296"], "--depth must be at most 10000, got 4294967296")):
         assert tool.main(args) == 2, (args, capsys.readouterr())
         err = capsys.readouterr().err
-        prog = "icnet-play" if tool is play else "icnet-record"
+        prog = {play: "icnet-play", record: "icnet-record", demo: "icnet-demo"}[tool]
         assert err.startswith(f"{prog}: error: ") and message in err and err.count("\n") == 1, (args, err)
 
 
@@ -438,6 +442,7 @@ def test_record_writes_every_queued_frame_or_counts_it_as_not_written(ros: RosHa
     assert finished == [], "the video was finished while the writer thread was still writing"
     rec._writer.join(5.0)  # the frame being written completes, no other one starts
     assert not rec._writer.is_alive()
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".mp4"] == []  # the abandoned video's temporary file
     assert rec.received == 8 and rec.saved <= 4 and rec.failed == rec.dropped == 0  # 2 s of writes had it gone on
     assert rec.unwritten == 8 - rec.saved and len(list((tmp_path / "stopped").glob("*.png"))) == rec.saved
     assert rec.video_error == (f"cannot write {tmp_path / 'stopped.mp4'}: not finished (the recording stopped "

@@ -31,6 +31,7 @@ printed: set it in another shell to watch with rviz2).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import sys
@@ -143,8 +144,13 @@ def _main(argv: list[str] | None, stop: Any) -> int:
             args.input = rest[0]
         elif rest:
             return _error(f"unexpected arguments {' '.join(rest)!r} after --input-size")
-    if args.rate < 0 or args.timeout <= 0 or (args.max_frames is not None and args.max_frames <= 0):
-        return _error("--rate must be >= 0, --timeout > 0 and --max-frames > 0")
+    from .play import _rate_problem
+
+    problem = _rate_problem(args.rate)  # icnet-play's rule (1e-300: time.sleep overflowed; nan was taken)
+    if problem:
+        return _error(problem)
+    if not (math.isfinite(args.timeout) and args.timeout > 0) or (args.max_frames is not None and args.max_frames <= 0):
+        return _error("--timeout must be a finite number > 0 and --max-frames > 0")
     problem = max_pixels_problem(args.max_pixels)
     if problem:
         return _error(problem)

@@ -232,6 +232,10 @@ class Recorder:
         try:
             self._write_items()
         finally:
+            if self._stop_writing.is_set() and self._video is not None:
+                # close() stopped waiting (its timeout, a second Ctrl-C) and left the video to this thread: it is
+                # abandoned, its temporary file removed (nothing was ever at its name; before, the file stayed)
+                self._video.close()
             self._writer_done.set()
 
     def _write_items(self) -> None:

@@ -317,14 +317,6 @@ class _OutOfMemory(Exception):
     """A batch that ran out of memory (host or device): one line, the videos finished."""
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` is an allocation failure: MemoryError, torch's OutOfMemoryError (CUDA), or a RuntimeError from
-    an allocator (torch's CPU allocator says "can't allocate memory", ONNX Runtime "Failed to allocate memory")."""
-    low = str(e).lower()
-    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or any(
-        m in low for m in ("out of memory", "allocate memory"))
-
-
 def _inputs_written_over(sources: list[Any], names: list[dict[int, str] | str], out: Path, kinds: frozenset[str],
                          overlay_frames: bool) -> list[tuple[Path, Path]]:
     """(input file, output) for each input file this run would write an output over: an image or video given from
@@ -488,7 +480,9 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
             rest = [other for other in items if other is not it and other.source_index not in skip_sources]
             return segment(rest) if rest else []
         except (RuntimeError, MemoryError) as e:
-            if not _out_of_memory(e):
+            from ..frame_pipeline import device_failure
+
+            if device_failure(e) != "oom":  # the node's test: MemoryError, CUDA's, the CPU and ORT allocators'
                 raise
             h, w = items[0].bgr.shape[:2]
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
