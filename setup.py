@@ -41,6 +41,7 @@ setup(
         "ros": ["ros-rclpy", "ros-sensor-msgs", "ros-std-msgs", "ros-rmw-fastrtps-cpp", "ros-diagnostic-msgs"],
         # Reference implementation for parity tests and speed comparisons only; never needed at run time.
         "test": ["pytest<9", "pytest-timeout",  # pytest 9 aborts with launch_testing's plugin (ros2-launch)
+                 "pytest-xdist",  # scripts/test.sh runs the suite's files in 2 processes (most tests wait on others)
                  "mmsegmentation==1.2.2", "mmengine", "mmcv-lite==2.1.0",
                  "ftfy", "regex", "scikit-image", "colcon-common-extensions",
                  # the optional runtimes, so that their backends' tests run for real (CPU wheels)

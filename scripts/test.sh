@@ -13,4 +13,6 @@ export RMW_IMPLEMENTATION=${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 export FASTDDS_DEFAULT_PROFILES_FILE="$PWD/test/fastdds_loopback.xml"
 export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-$((RANDOM % 100 + 1))}
-exec python -m pytest -q -ra "$@"
+# Two worker processes, each taking whole test files (module fixtures are built once): most tests wait on processes,
+# DDS and timers, so the 2-core machine is about 1.4x faster than with one (ICNET_TEST_WORKERS=0: one process).
+exec python -m pytest -q -ra -n "${ICNET_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -1,6 +1,6 @@
 """Test session set-up. DDS traffic must stay on this machine: before any test can import rclpy, force
-localhost-only discovery, a Fast DDS profile bound to 127.0.0.1, a ROS domain of this session's own (1-100) and a
-private log folder. Tests that start processes pass this environment on."""
+localhost-only discovery, a Fast DDS profile bound to 127.0.0.1, a ROS domain of this session's own (1-100; one
+per pytest-xdist worker) and a private log folder. Tests that start processes pass this environment on."""
 import os
 import random
 import sys
@@ -14,6 +14,9 @@ sys.path.insert(0, str(TEST_DIR))  # `import helpers`, `import ros_support`
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(TEST_DIR / "fastdds_loopback.xml")
 os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # pytest-xdist's gw0, gw1, ...: each on a ROS domain of its own,
+if _WORKER[:2] == "gw" and _WORKER[2:].isdigit():  # so that two test files' nodes and topics never meet
+    os.environ["ROS_DOMAIN_ID"] = str((int(os.environ["ROS_DOMAIN_ID"]) - 1 + int(_WORKER[2:])) % 100 + 1)
 os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="icnet_ros_test_roslog_"))
 os.environ.pop("ROS_LOCALHOST_ONLY", None)  # deprecated; RANGE=LOCALHOST replaces it
 
