@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -926,18 +927,25 @@ def test_resume_auto_starts_afresh_among_the_logs_of_a_run_that_saved_no_state(t
         assert (out / "train_log.csv").read_text().count("\n") == 3  # header + iterations 1, 2
 
 
-def test_labels_without_a_labelled_pixel_are_reported_once_and_logged_as_null(tmp_path, capsys):
-    """Labels that hold no labelled pixel (every one ignore: here CamVid's void) trained silently at loss 0;
-    the train mIoU of such a window was written as a bare NaN, which is not JSON."""
+def _run_without_labelled_pixels(tmp_path: Path, split: str, capsys: pytest.CaptureFixture, *overrides: str
+                                 ) -> tuple[Path, str]:
+    """A smoke run (exit status 0) whose ``split`` labels are all CamVid's void (11): no labelled pixel. Returns
+    the run's folder and its stderr."""
     root = _camvid_subset(tmp_path / "camvid", {"train": 2, "val": 2})
-    for path in (root / "train" / "labels").iterdir():
+    for path in (root / split / "labels").iterdir():
         void = np.full_like(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), 11)
         path.unlink()
         cv2.imwrite(str(path), void)
     out = tmp_path / "run"
-    assert main(["smoke", f"data.root={root}", f"train.output_dir={out}", *FAST, "optim.iterations=3",
-                 "train.log_interval=1", "train.eval_interval=100"]) == 0
-    err = capsys.readouterr().err
+    assert main(["smoke", f"data.root={root}", f"train.output_dir={out}", *FAST, "train.log_interval=1",
+                 *overrides]) == 0
+    return out, capsys.readouterr().err
+
+
+def test_labels_without_a_labelled_pixel_are_reported_once_and_logged_as_null(tmp_path, capsys):
+    """Labels that hold no labelled pixel (every one ignore: here CamVid's void) trained silently at loss 0;
+    the train mIoU of such a window was written as a bare NaN, which is not JSON."""
+    out, err = _run_without_labelled_pixels(tmp_path, "train", capsys, "optim.iterations=3", "train.eval_interval=100")
     assert err.count("warning: the training batches of iterations 1-1 have no labelled pixel") == 1, err
     assert err.count("no labelled pixel") == 1
     text = (out / "metrics.jsonl").read_text()
@@ -949,15 +957,7 @@ def test_validation_without_a_labelled_pixel_says_there_is_no_best(tmp_path, cap
     """Validation labels without a labelled pixel (all CamVid's void): the mIoU is undefined and the progress line
     said "val mIoU nan (best 0.00 @0)", a best never measured. It says so, that there is no best yet, and warns once
     why."""
-    root = _camvid_subset(tmp_path / "camvid", {"train": 2, "val": 2})
-    for path in (root / "val" / "labels").iterdir():
-        void = np.full_like(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), 11)
-        path.unlink()
-        cv2.imwrite(str(path), void)
-    out = tmp_path / "run"
-    assert main(["smoke", f"data.root={root}", f"train.output_dir={out}", *FAST, "optim.iterations=2",
-                 "train.log_interval=1", "train.eval_interval=1"]) == 0
-    err = capsys.readouterr().err
+    out, err = _run_without_labelled_pixels(tmp_path, "val", capsys, "optim.iterations=2", "train.eval_interval=1")
     assert err.count("warning: the validation split 'val' has no labelled pixel (every label pixel is 255, ignore): "
                      "its mIoU is undefined and picks no best.safetensors") == 1, err
     for i in (1, 2):
