@@ -476,6 +476,286 @@ def test_a_video_that_cannot_be_written_stops_the_run_in_one_line_and_leaves_no_
     assert os.listdir(path.parent) == ["clip.mp4"] and len(VideoFile(path)) == 3
 
 
+def test_ctrl_c_finishes_the_video_with_the_frames_done(tmp_path, ckpt):
+    """Ctrl-C (a real SIGINT, to an icnet-segment process: this test process may hold rclpy's signal handlers,
+    which a SIGINT to itself would run) during a video: reading stops, the frames already segmented are written and
+    the MP4 is finished: it plays, with exactly the frames whose PNGs were written; exit status 130. Before, the
+    writer was abandoned: an MP4 without its index (unplayable) and queued outputs lost."""
+    video = _video(tmp_path / "clip.mp4", n=400, size=(64, 64))
+    out = tmp_path / "out"
+    labels = out / "label" / "clip"
+
+    def under_way(_proc):  # a few frames written: the run is well under way, far from its end
+        return labels.is_dir() and len(os.listdir(labels)) >= 3
+
+    rc, err = _interrupt_when([sys.executable, "-m", "icnet_ros.tools.segment", str(video), "-m", str(ckpt), "-o",
+                               str(out), "--device", "cpu", "--quiet", "--outputs", "label,overlay"], under_way)
+    written = len(list(labels.glob("*.png")))
+    assert rc == 130 and f"interrupted after {written} frame(s)" in err and "Traceback" not in err, err
+    assert 3 <= written < 400
+    cap = cv2.VideoCapture(str(out / "overlay" / "clip.mp4"))
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == written
+    cap.release()
+
+
+def _interrupt_when(cmd, ready, timeout=60.0, signum=signal.SIGINT):
+    """Run ``cmd``, send ``signum`` (SIGINT) once ``ready(process)`` is true, return (return code, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + timeout
+    while not ready(proc) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def test_sigterm_finishes_the_video_as_ctrl_c_does(tmp_path, ckpt):
+    """SIGTERM (timeout, kill, a service manager) during a video: before, the process died at once and left an MP4
+    without its index ('moov atom not found': nothing opens it). Now handled as Ctrl-C: the frames segmented are
+    written, the MP4 plays with exactly those frames, exit status 143."""
+    video = _video(tmp_path / "clip.mp4", n=400, size=(64, 64))
+    out = tmp_path / "out"
+    labels = out / "label" / "clip"
+
+    def under_way(_proc):
+        return labels.is_dir() and len(os.listdir(labels)) >= 3
+
+    rc, err = _interrupt_when([sys.executable, "-m", "icnet_ros.tools.segment", str(video), "-m", str(ckpt), "-o",
+                               str(out), "--device", "cpu", "--quiet", "--outputs", "label,overlay"], under_way,
+                              signum=signal.SIGTERM)
+    written = len(list(labels.glob("*.png")))
+    assert rc == 143 and f"interrupted after {written} frame(s)" in err and "Traceback" not in err, (rc, err)
+    assert 3 <= written < 400
+    cap = cv2.VideoCapture(str(out / "overlay" / "clip.mp4"))
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == written
+    cap.release()
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line_before_the_model_loads(tmp_path, ckpt, capsys):
+    """-o /proc/x (cannot be created, also for root), -o naming a file, -o /sys/kernel (not writable): one line
+    naming the folder, exit status 2, before the model is loaded (a broken model file is not even read). Before:
+    '[Errno 2] No such file or directory: ...' or '[Errno 17] File exists' after the model was loaded, and
+    /sys/kernel failed on the first file written."""
+    write_image(tmp_path / "x.png", _img(64, 64, 0))
+    (tmp_path / "afile").write_bytes(b"")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 64)
+    # (sysfs is read-write here, read-only in a default Docker container: either reason)
+    for out, reason in (("/proc/icnet_rj_out", "cannot create the folder: No such file or directory"),
+                        (str(tmp_path / "afile"), "is a file, not a folder"),
+                        ("/sys/kernel", "the folder is not writable: (Permission denied|Read-only file system)")):
+        for model in (ckpt, broken):
+            rc = main([str(tmp_path / "x.png"), "-m", str(model), "-o", out, "--device", "cpu", "--quiet"])
+            err = capsys.readouterr().err
+            assert rc == 2 and re.fullmatch(f"icnet-segment: error: --output {re.escape(out)}: {reason}\n", err), err
+
+
+def test_a_video_that_cannot_be_opened_is_skipped_as_an_empty_one(tmp_path, ckpt, capsys):
+    """An empty (0-byte) or damaged .mp4 among other inputs: one error line naming it, the others segmented, exit
+    status 2 at the end, as README says of an empty video. Before, 'cannot open video' ended the whole run before
+    anything was written."""
+    write_image(tmp_path / "a.png", _img(64, 64, 1))
+    write_image(tmp_path / "b.png", _img(64, 64, 2))
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "junk.mp4").write_bytes(b"not a video at all" * 100)
+    out = tmp_path / "out"
+    inputs = [str(tmp_path / name) for name in ("a.png", "empty.mp4", "junk.mp4", "b.png")]
+    rc = main([*inputs, "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs", "label"])
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert rc == 2 and len(lines) == 2 and "Traceback" not in captured.err, captured.err
+    for line, name in zip(lines, ("empty.mp4", "junk.mp4")):
+        assert line.startswith("icnet-segment: error: ") and str(tmp_path / name) in line and line.endswith("; skipped")
+    assert sorted(p.name for p in (out / "label").iterdir()) == ["a.png", "b.png"]
+    assert "2 frames from 2 input(s)" in captured.out and "2 input(s) skipped" in captured.out
+    # a missing input or an unsupported file is still a command-line error, before anything runs
+    assert main([str(tmp_path / "a.png"), str(tmp_path / "missing.mp4"), "-m", str(ckpt), "-o", str(out)]) == 2
+    assert capsys.readouterr().err == f"icnet-segment: error: input not found: {tmp_path / 'missing.mp4'}\n"
+
+
+def test_help_shows_no_rst_markup(capsys):
+    """The epilog (the module docstring) showed reST's double backticks (``--output``)."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "label/<name>.png" in text
+
+
+def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path, ckpt):
+    """SIGINT once torch's library is mapped into the process: the import of torch is under way (it takes about a
+    second more). Before, that import ran outside the interrupt handler: a KeyboardInterrupt traceback."""
+    write_image(tmp_path / "x.png", _img(64, 64, 0))
+
+    def importing_torch(proc):
+        try:
+            return "libtorch" in (Path("/proc") / str(proc.pid) / "maps").read_text()
+        except OSError:
+            return False
+
+    rc, err = _interrupt_when([sys.executable, "-m", "icnet_ros.tools.segment", str(tmp_path / "x.png"), "-m",
+                               str(ckpt), "-o", str(tmp_path / "out"), "--device", "cpu", "--quiet"], importing_torch)
+    assert rc == 130 and err.startswith("icnet-segment: interrupted") and err.count("\n") == 1, err
+
+
+def test_unreadable_and_too_small_images_are_skipped_one_line_each(tmp_path, ckpt, capsys):
+    """A corrupt, a truncated and a too small image among good ones: one line each naming the file (the small one
+    with the command line's --input-size hint), the others segmented, the count in the summary, exit status 2.
+    Before, the first of them ended the run (and the engine's hint said input_size=(H, W))."""
+    d = tmp_path / "in"
+    write_image(d / "a_good.png", _img(64, 80, 1))
+    (d / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    ok, png = cv2.imencode(".png", _noise(64, 64, 2))
+    (d / "c_truncated.png").write_bytes(png.tobytes()[: png.size // 2])
+    write_image(d / "d_tiny.png", _img(10, 10, 3))
+    write_image(d / "e_good.png", _img(64, 64, 4))
+    out = tmp_path / "out"
+    rc = main([str(d), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs", "label",
+               "--batch", "2", "--input-size", "native"])
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith("icnet-segment:")]
+    assert rc == 2 and len(lines) == 3 and "Traceback" not in captured.err, captured.err
+    for line, name in zip(lines, ("b_corrupt.png", "c_truncated.png", "d_tiny.png")):
+        assert line.startswith("icnet-segment: error: ") and str(d / name) in line and line.endswith("; skipped")
+    assert "--input-size HxW" in lines[2] and "input_size=" not in lines[2]
+    assert sorted(p.name for p in (out / "label").iterdir()) == ["a_good.png", "e_good.png"]
+    assert "2 frames" in captured.out and "3 input(s) skipped" in captured.out
+
+
+def test_an_empty_video_is_an_error_and_a_truncated_one_a_warning(tmp_path, ckpt, capsys):
+    """A video without a frame is skipped with an error (exit status 2; before: exit 0, nothing written, nothing
+    said); one whose container declares more frames than can be decoded gets a warning with both counts (before:
+    it stopped silently at 110 of 221)."""
+    empty = tmp_path / "empty.avi"
+    cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64)).release()
+    full = _video(tmp_path / "full.avi", n=20, size=(64, 64))
+    cut = tmp_path / "cut.avi"  # the header declares 20 frames; the second half is gone
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    base = ["-m", str(ckpt), "--device", "cpu", "--quiet", "--outputs", "label"]
+    assert main([str(empty), *base, "-o", str(tmp_path / "o1")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"icnet-segment: error: no frame could be decoded from video {empty} (empty or damaged); " \
+                           "skipped\n" and "1 input(s) skipped" in captured.out
+    assert main([str(cut), *base, "-o", str(tmp_path / "o2")]) == 0
+    err = capsys.readouterr().err
+    decoded = len(list((tmp_path / "o2" / "label" / "cut").glob("*.png")))
+    assert 0 < decoded < 20
+    assert err == f"icnet-segment: warning: video {cut}: {decoded} of the 20 frames its container declares could " \
+                  "be decoded (truncated or damaged?); the others are missing\n"
+
+
+def test_a_recursive_input_leaves_its_own_output_folders_out(tmp_path, ckpt, capsys):
+    """'icnet-segment in -o in --recursive' twice: the second run segments the one input again, not the outputs of
+    the first (before: 1 frame, then 3, with label__a, overlay__a, ... written as outputs of outputs)."""
+    d = tmp_path / "in"
+    write_image(d / "a.png", _img(64, 64, 1))
+    args = [str(d), "-o", str(d), "--recursive", "-m", str(ckpt), "--device", "cpu", "--quiet",
+            "--outputs", "label,overlay"]
+    assert main(args) == 0 and "1 frames from 1 input(s)" in capsys.readouterr().out
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "1 frames from 1 input(s)" in captured.out
+    assert captured.err == f"icnet-segment: note: 2 image(s) under the output folder {d} left out of {d}\n"
+    assert sorted(p.name for p in (d / "label").iterdir()) == ["a.png"]
+
+
+def test_the_writer_keeps_no_state_per_frame(tmp_path):
+    """The background writer used to append every output path to a list nothing read (~1 KB per video frame for
+    the whole run); what it holds now does not grow with the number of frames."""
+    from types import SimpleNamespace
+
+    w = _Writer(tmp_path, frozenset({"label", "overlay"}), False, "mp4v", {0: 10.0})
+    frame = _img(64, 64, 0)
+    r = SimpleNamespace(label=frame[:, :, 0], overlay=frame)
+    for i in range(50):
+        w.put(_Item(0, f"clip_{i:06d}", frame, True, "clip", f"clip.mp4 frame {i}"), r)
+    w.close()
+    assert len(list((tmp_path / "label" / "clip").iterdir())) == 50 and len(VideoFile(tmp_path / "overlay" /
+                                                                                       "clip.mp4")) == 50
+    sizes = {k: len(v) for k, v in vars(w).items() if isinstance(v, (list, dict, set, tuple))}
+    assert all(n <= 1 for n in sizes.values()), sizes
+
+
+def test_bad_files_in_a_folder_are_one_line_each_the_rest_segmented(tmp_path, ckpt, capfd):
+    """A folder with two good images (one a JPEG tagged 'rotate 90') and four bad files: bytes a Pillow plugin
+    raises NotImplementedError on (DDS), a 200 GB sparse file, a JPEG of 150 scans and a truncated PNG. Each bad
+    one is one error line naming it (and nothing else on stderr: no libpng line, no traceback), the good ones are
+    segmented as stored, exit status 2. Before: a traceback at the DDS bytes or the huge file, and the rest of the
+    folder never segmented."""
+    from helpers import DDS_JUNK
+
+    d = tmp_path / "in"
+    write_image(d / "a_good.png", _img(64, 80, 1))
+    (d / "b_dds.png").write_bytes(DDS_JUNK)
+    with open(d / "c_huge.png", "wb") as f:
+        f.truncate(200 << 30)
+    (d / "d_scans.jpg").write_bytes(jpeg_of_many_scans(150))
+    ok, png = cv2.imencode(".png", _noise(64, 64, 2))
+    (d / "e_cut.png").write_bytes(png.tobytes()[: png.size * 9 // 10])
+    _jpeg_with_orientation(d / "f_tagged.jpg", _img(64, 96, 3))
+    out = tmp_path / "out"
+    rc = main([str(d), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs", "label"])
+    captured = capfd.readouterr()
+    lines = captured.err.splitlines()
+    assert rc == 2 and len(lines) == 4, captured.err
+    for line, name in zip(lines, ("b_dds.png", "c_huge.png", "d_scans.jpg", "e_cut.png")):
+        assert line.startswith("icnet-segment: error: ") and str(d / name) in line and line.endswith("; skipped")
+    assert lines[1].endswith("(--max-pixels); skipped") and "more than 100 scans" in lines[2]
+    assert sorted(p.name for p in (out / "label").iterdir()) == ["a_good.png", "f_tagged.png"]
+    assert cv2.imread(str(out / "label" / "f_tagged.png"), cv2.IMREAD_UNCHANGED).shape == (64, 96)
+    assert "2 frames" in captured.out and "1 input(s) refused" in captured.out and "3 input(s) skipped" in captured.out
+
+
+def test_a_video_over_max_pixels_is_refused_and_the_rest_segmented(tmp_path, ckpt, capsys):
+    """--max-pixels now bounds videos too (the frame size their container declares, when opened): one line naming
+    the video, counted as refused, the other inputs segmented, exit status 2."""
+    video = _video(tmp_path / "clip.mp4", n=2, size=(96, 128))
+    write_image(tmp_path / "x.png", _img(64, 80, 1))
+    out = tmp_path / "out"
+    rc = main([str(video), str(tmp_path / "x.png"), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet",
+               "--outputs", "label", "--max-pixels", "12000"])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.err == (f"icnet-segment: error: video {video}: 128x96 = 12288 pixels per frame "
+                                        "exceeds the limit of 12000 pixels (--max-pixels); skipped\n"), captured.err
+    assert "1 frames from 1 input(s)" in captured.out and "1 input(s) refused" in captured.out
+    assert sorted(p.name for p in (out / "label").iterdir()) == ["x.png"]
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+def test_an_input_the_run_would_write_over_is_refused_before_the_model_loads(tmp_path, ckpt, capsys):
+    """An input that is one of the run's own outputs: 'icnet-segment o/overlay/clip.mp4 -o o' replaced the video by
+    its overlay while reading it (a solidWhiteRight.mp4 of 221 frames kept 8) and exited 0; 'o/overlay/x.png -o o'
+    rewrote the image. Now one line naming the input and the output, exit status 2, before the model is loaded (a
+    broken model file is not even read), the input untouched; also through another spelling of the output folder
+    (a link) and for an image in the folder a video's frames go to. An input inside an output folder that no output
+    is written over is segmented."""
+    o = tmp_path / "o"
+    video = _video(o / "overlay" / "clip.mp4", n=3, size=(64, 64))
+    write_image(o / "overlay" / "x.png", _img(64, 64, 1))
+    write_image(o / "label" / "clip" / "clip_000001.png", _img(64, 64, 2))
+    (tmp_path / "link").symlink_to(o)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 64)
+    before = {p: p.read_bytes() for p in o.rglob("*") if p.is_file()}
+    cases = (([video], str(o), (), video, o / "overlay" / "clip.mp4"),
+             ([o / "overlay" / "x.png"], str(o), (), o / "overlay" / "x.png", o / "overlay" / "x.png"),
+             ([o / "overlay" / "x.png"], str(tmp_path / "link"), ("--outputs", "overlay"), o / "overlay" / "x.png",
+              tmp_path / "link" / "overlay" / "x.png"),
+             ([tmp_path / "link" / "label" / "clip" / "clip_000001.png", video], str(o), ("--outputs", "label"),
+              tmp_path / "link" / "label" / "clip" / "clip_000001.png", o / "label" / "clip" / "clip_000001.png"))
+    for inputs, out, extra, victim, output in cases:
+        rc = main([*map(str, inputs), "-m", str(broken), "-o", out, "--device", "cpu", "--quiet", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and err == (f"icnet-segment: error: input {victim} would be overwritten by the output "
+                                   f"{output}; choose another --output (or move the input out of it)\n"), err
+    assert {p: p.read_bytes() for p in o.rglob("*") if p.is_file()} == before
+    # inside an output folder, written over by nothing: segmented (its label goes beside)
+    assert main([str(o / "overlay" / "x.png"), "-m", str(ckpt), "-o", str(o), "--device", "cpu", "--quiet",
+                 "--outputs", "label"]) == 0
+    assert (o / "label" / "x.png").is_file() and (o / "overlay" / "x.png").read_bytes() == before[o / "overlay" /
+                                                                                                   "x.png"]
+
+
 def test_batch_is_bounded_and_out_of_memory_is_one_line_with_the_video_finished(tmp_path, ckpt, capsys,
                                                                                  monkeypatch):
     """--batch had no upper bound: --batch 120 on HD video ran out of memory with a RuntimeError traceback and left a
