@@ -405,6 +405,10 @@ class Segmenter:
             if self.input_policy == "scale":  # pick a frame size whose network size is valid
                 s = float(self.size_policy.param)
                 size = tuple(max(v, int(math.ceil(MIN_INPUT_SIZE / s)) + 1) for v in size)  # type: ignore[assignment]
+                if _size_problem(self.size_policy, *size):  # upscaled too far (a 1024x2048 record at x3): a frame
+                    # that the scale brings to about the recorded size instead (the build failed with a FrameError)
+                    size = tuple(max(int(v / s), int(math.ceil(MIN_INPUT_SIZE / s)) + 1)  # type: ignore[assignment]
+                                 for v in size)
         n = iterations if iterations is not None else (2 if self.device.type == "cuda" else 1)
         frame = np.random.default_rng(0).integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
         warming_up = getattr(self.backend, "warming_up", contextlib.nullcontext)  # keeps what it makes here

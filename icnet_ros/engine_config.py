@@ -21,7 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .sizes import MAX_SCALE, MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, MIN_INPUT_SIZE, SIZE_DIVISOR, parse_hw
+from .sizes import (MAX_SCALE, MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, MIN_INPUT_SIZE, MIN_SCALE, SIZE_DIVISOR,
+                    parse_hw)
 
 OUTPUTS: tuple[str, ...] = ("label", "color", "overlay", "confidence")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
@@ -53,7 +54,7 @@ def parse_input_size(value: Any, network: bool = True) -> str | tuple[int, int] 
 
     Text: ``auto``, ``native``, ``checkpoint``, ``HxW`` / ``H W`` / ``H,W`` (each >= 64, at most
     :data:`~icnet_ros.sizes.MAX_UPSCALED_PIXELS` = 4096x4096 pixels together: the largest network input anything
-    else in the package accepts) or a factor in (0, 4]. Also None / ``""`` / ``()`` (native), a 2-sequence (H, W)
+    else in the package accepts) or a factor in [1/64, 4]. Also None / ``""`` / ``()`` (native), a 2-sequence (H, W)
     and a number (scale). ``network=False``: an HxW is a frame size (warm-up), not bounded as a network input
     (frames are bounded by max_pixels)."""
     if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
@@ -69,8 +70,8 @@ def parse_input_size(value: Any, network: bool = True) -> str | tuple[int, int] 
         return check_network_pixels(h, w) if network else (h, w)
     if isinstance(value, (int, float)):
         s = float(value)
-        if not (math.isfinite(s) and 0.0 < s <= MAX_SCALE):
-            raise ValueError(f"scale {value} must be in (0, {MAX_SCALE:g}]")
+        if not (math.isfinite(s) and MIN_SCALE <= s <= MAX_SCALE):  # (below: frames over 4096x4096 only)
+            raise ValueError(f"scale {value} must be in [1/{1 / MIN_SCALE:g}, {MAX_SCALE:g}]")
         return s
     text = str(value).strip().lower()
     if text in ("", "none"):
@@ -261,7 +262,8 @@ class SegmenterConfig:
         "else native), 'native' (each frame at its own size), 'checkpoint' (the fixed size in the model's "
         "metadata), 'HxW' such as '512x1024', or a scale factor such as '1.5'. Rounded to multiples of "
         "size_divisor.", f"auto | native | checkpoint | HxW (each >= {MIN_INPUT_SIZE}, at most "
-        f"{math.isqrt(MAX_UPSCALED_PIXELS)}x{math.isqrt(MAX_UPSCALED_PIXELS)} pixels) | scale in (0, {MAX_SCALE:g}]",
+        f"{math.isqrt(MAX_UPSCALED_PIXELS)}x{math.isqrt(MAX_UPSCALED_PIXELS)} pixels) | scale in "
+        f"[1/{1 / MIN_SCALE:g}, {MAX_SCALE:g}]",
         parse_input_size, live=True, text_type=str)
     size_divisor: int = _opt(SIZE_DIVISOR, "Network input sizes are rounded to multiples of this (32: ICNet's "
                              "branches misalign otherwise; 1 keeps sizes exact).", "[1, 256]", _number(1, 256, int))

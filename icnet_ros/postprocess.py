@@ -91,6 +91,7 @@ class Postprocessor:
             return p if same else cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)
 
         labels = np.zeros((n, h, w), np.uint8)
+        tiny = h * w <= 16
         threshold = self.confidence_threshold
         conf = np.empty((n, h, w), np.uint8) if want_confidence else None
         for i in range(n):
@@ -101,7 +102,10 @@ class Postprocessor:
                 higher = cv2.compare(p, best, cv2.CMP_GT)  # 255 where class k leads so far
                 cv2.max(best, p, dst=best)
                 # every label so far is < k, so "k where higher" is max(label, min(higher, k)): SIMD, no masking
-                cv2.max(label, cv2.min(higher, k), dst=label)
+                if tiny:  # OpenCV's binding reads a (1, 1) or (4, 1) array as a Scalar: cv2.min gave 4 numbers
+                    np.maximum(label, np.minimum(higher, k), out=label)  # (and those frames were labelled 0)
+                else:
+                    cv2.max(label, cv2.min(higher, k), dst=label)
             if want_confidence or threshold > 0:
                 # max softmax probability = 1 / sum_k exp(l_k - l_max), a second pass over the planes
                 total = np.zeros((h, w), np.float32)

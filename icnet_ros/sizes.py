@@ -12,6 +12,9 @@ from typing import IO, Any
 
 MIN_INPUT_SIZE = 64  # the network's minimum (icnet_ros.models.icnet.MIN_INPUT_SIZE)
 MAX_SCALE = 4.0  # the most a frame is upscaled per side (a scale factor; input_size auto)
+#: the smallest input_size scale factor: below it only frames over 4096x4096 reach the network's minimum input
+#: (and warming up needs such a frame: input_size 0.001 asked for a 64001x64001 one, 11 GiB)
+MIN_SCALE = 1 / 64
 MAX_UPSCALED_PIXELS = 4096 * 4096  # the largest network input a frame is upscaled to (bounded memory)
 #: that bound in messages: "16777216 pixels (4096x4096)"
 MAX_UPSCALED_TEXT = (f"{MAX_UPSCALED_PIXELS} pixels "

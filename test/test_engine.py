@@ -439,6 +439,16 @@ def test_concurrent_reconfigures_both_take_effect(ckpt):
     assert seg.config.overlay_alpha == 0.9 and seg.config.confidence_threshold == 0.3, seg.config
 
 
+def test_the_default_warm_up_frame_suits_the_scale(tmp_path):
+    """input_size x4 with a model that records a 1056x1024 input size: the warm-up frame was that size, upscaled to
+    4224x4096, over the largest network input, and the Segmenter could not be built (FrameError; warmup=False
+    worked). Now the warm-up frame is one the scale brings to about the recorded size."""
+    ckpt = make_checkpoint(tmp_path / "big.safetensors", input_size=(1056, 1024))
+    seg = Segmenter(ckpt, device="cpu", input_size=4.0)
+    assert seg.warmed_up == [(264, 256, 1)]
+    assert Segmenter(ckpt, device="cpu", input_size=0.5).warmed_up == [(1056, 1024, 1)]  # as before
+
+
 def test_a_live_input_size_the_warm_up_sizes_cannot_run_is_refused(ckpt):
     """The warm-up sizes are the cameras' frame sizes: a Segmenter built with warmup 96x128 and input_size 0.25
     is refused (24x32 network inputs), but reconfigure(input_size=0.25) was taken: every frame of those cameras was
@@ -488,7 +498,8 @@ def test_read_only_and_non_contiguous_frames(seg):
     (dict(precision="int8"), "precision = 'int8': must be one of"),
     (dict(precision="fp16"), "not supported on the CPU"),
     (dict(input_size=(32, 64)), "below the network minimum"),
-    (dict(input_size=-1.0), r"input_size = -1.0: scale -1.0 must be in \(0, 4\]"),
+    (dict(input_size=-1.0), r"input_size = -1.0: scale -1.0 must be in \[1/64, 4\]"),
+    (dict(input_size=0.001), r"scale 0.001 must be in \[1/64, 4\]"),  # (warming up asked for a 64001x64001 frame)
     (dict(input_size="big"), "input_size"),
     (dict(outputs=("label", "edges")), r"unknown output\(s\) \['edges'\]"),
     (dict(overlay_alpha=1.5), "overlay_alpha"),

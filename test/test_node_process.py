@@ -808,7 +808,7 @@ def test_string_parameters_take_numbers_and_bools_as_text(checkpoint: Path):
         assert node.set_parameters([Parameter("input_size", value=2)])[0].successful  # unconfigured: recorded
         assert node.get_parameter("input_size").value == "2" and node.config.engine.input_size == 2.0
         result = node.set_parameters([Parameter("input_size", value=9.0)])[0]
-        assert not result.successful and "scale 9.0 must be in (0, 4]" in result.reason, result
+        assert not result.successful and "scale 9.0 must be in [1/64, 4]" in result.reason, result
         # `ros2 param set ... max_age 0` sends an integer, `max_batch 2.0` a double: taken in the declared type
         # (rclpy refused them with "Wrong parameter type, expected '3' got '2'")
         for name, value, expected in (("max_age", 0, 0.0), ("overlay_alpha", 1, 1.0), ("max_batch", 2.0, 2)):

@@ -30,8 +30,9 @@ def _logits(n=2, c=11, h=17, w=23, seed=0):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("size", [(136, 184), (17, 23), (50, 61), (9, 12)])
+@pytest.mark.parametrize("size", [(136, 184), (17, 23), (50, 61), (9, 12), (1, 1), (4, 1), (1, 4), (2, 1)])
 def test_labels_and_confidence_match_the_torch_definition(size, impl):
+    """Also at 1x1 and 4x1 outputs, which OpenCV's binding took for Scalars: every pixel was labelled 0."""
     logits = _logits()
     labels = _labels(Postprocessor(CAMVID, torch.device("cpu")), impl)
     label, conf = labels(logits, size, want_confidence=True)
