@@ -650,6 +650,11 @@ def test_resume_into_another_folder_brings_the_best_checkpoint(tmp_path, capsys)
     assert (moved / "best.safetensors").read_bytes() == (first / "best.safetensors").read_bytes()
     summary = json.loads((moved / "summary.json").read_text())
     assert summary["best_iteration"] == 2 and summary["best_val_mIoU"] is not None
+    # nothing was left to train (stop_at 2): the state is saved in the new folder all the same, so that it resumes
+    # (before: no train_state.pt there, and train.resume=auto refused the folder as holding another run)
+    assert main([*common[:-1], f"train.output_dir={moved}", "train.resume=auto"]) == 0
+    assert f"resumed from {moved / STATE_FILE} at iteration 2" in capsys.readouterr().err
+    assert json.loads((moved / "summary.json").read_text())["finished"] is True
 
     alone = tmp_path / "alone" / STATE_FILE  # the state without its folder
     alone.parent.mkdir()

@@ -560,6 +560,10 @@ class Trainer:
         deadline = time.monotonic() + t["time_limit"] if t["time_limit"] else None
         with self._stop:
             end = self._loop(end, total, loader_iter, autocast, train_cm, bar, deadline)
+            if self.iteration and self._saved_iteration != self.iteration:
+                # a state resumed from another folder with nothing left to train (train.stop_at reached): saved
+                # here too (before, the folder had no state and train.resume=auto in it was refused)
+                self.save_state(self.iteration)
         bar.close()
         del loader_iter
         return self._finish(end)
