@@ -289,7 +289,8 @@ def test_tools_refuse_non_finite_numbers_and_bad_topics_in_one_line(tmp_path: Pa
             # icnet-demo takes icnet-play's rule (before: 1e-300 reached time.sleep's OverflowError, nan was taken)
             (demo, [frames, "--rate", "nan"], "--rate must be a finite number >= 0"),
             (demo, [frames, "--rate", "1e-300"], "--rate must be 0 (as fast as possible) or at least 0.001 fps"),
-            (demo, [frames, "--timeout", "nan"], "--timeout must be a finite number > 0"),
+            (demo, [frames, "--timeout", "nan"], "--timeout must be > 0 and at most 1e+06 s"),
+            (demo, [frames, "--timeout", "1e10"], "--timeout must be > 0 and at most 1e+06 s"),  # (an OverflowError)
             (play, [frames, "--rate", "nan"], "--rate must be a finite number >= 0"),
             (play, [frames, "--rate", "inf"], "--rate must be a finite number >= 0"),
             (play, [frames, "--wait-timeout", "nan"], "--wait-timeout must be a finite number > 0"),

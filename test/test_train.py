@@ -110,10 +110,6 @@ def test_integer_keys_take_whole_numbers_in_scientific_notation(tmp_path):
     ("optim.momentum=1.5", r"optim.momentum must be >= 0 and < 1"),
     # every class weight 0: the loss was 0 and nothing was learnt
     ("loss.class_weights=[0, 0.0]", r"loss.class_weights must give at least one class a weight > 0 .*got \[0, 0.0\]"),
-    # input_scale 1e-9 trained on 1x1 frames (the run also refuses what brings its frames below 64: see below)
-    ("data.input_scale=1e-9", r"data.input_scale must be >= 0.05 \(less brings a 1280-pixel side below the "
-                              r"network's minimum input, 64 pixels\), got 1e-09"),
-    ("data.input_scale=0.049", r"data.input_scale must be >= 0.05"),
     ("train.cpu_threads=257", r"train.cpu_threads must be in 1..256 or null, got 257"),  # the node's bound
     ("optim.weight_decay=-1", "optim.weight_decay must be >= 0"),
     ("loss.class_weights=[a, b]", "loss.class_weights must be a list of numbers >= 0"),
@@ -201,6 +197,8 @@ def test_bad_values_found_while_building_are_one_line_errors(tmp_path, capsys):
                               ("data.input_scale=0.15", r"data.input_scale 0.15 brings the training frames \(480x360, "
                                r"the first\) to 72x54, below the network's minimum input of 64 pixels a side \(use "
                                r"data.input_scale >= 0.18\)"),
+                              ("data.input_scale=1e-9", r"data.input_scale 1e-09 brings the training frames "
+                               r"\(480x360, the first\) to 0x0, below"),  # (before: trained on 1x1 frames, exit 0)
                               ("data.base_size=[40, 40]", r"data.base_size \[40, 40\] brings the training frames "
                                r"\(480x360, the first\) to 40x30, below"),
                               ("model.aux_dropout=1.5", r"aux_dropout must be in \[0, 1\), got 1.5")]:

@@ -31,7 +31,6 @@ printed: set it in another shell to watch with rviz2).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys
@@ -94,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: the longest --timeout (s): longer ones overflowed the thread waits they are given to
+MAX_TIMEOUT = 1e6
+
+
 def _error(message: str, code: int = 2) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
     return code
@@ -149,8 +152,9 @@ def _main(argv: list[str] | None, stop: Any) -> int:
     problem = _rate_problem(args.rate)  # icnet-play's rule (1e-300: time.sleep overflowed; nan was taken)
     if problem:
         return _error(problem)
-    if not (math.isfinite(args.timeout) and args.timeout > 0) or (args.max_frames is not None and args.max_frames <= 0):
-        return _error("--timeout must be a finite number > 0 and --max-frames > 0")
+    if not 0 < args.timeout <= MAX_TIMEOUT or (args.max_frames is not None and args.max_frames <= 0):
+        # (1e10 s overflowed the thread waits it is given to: a traceback)
+        return _error(f"--timeout must be > 0 and at most {MAX_TIMEOUT:g} s, and --max-frames > 0")
     problem = max_pixels_problem(args.max_pixels)
     if problem:
         return _error(problem)

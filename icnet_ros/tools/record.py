@@ -232,11 +232,16 @@ class Recorder:
         try:
             self._write_items()
         finally:
-            if self._stop_writing.is_set() and self._video is not None:
+            with self._lock:  # atomic with close()'s "not done yet: stop writing"
+                abandoned = self._stop_writing.is_set()
+                if not abandoned:
+                    self._writer_done.set()  # close() finishes the video
+            if abandoned:
                 # close() stopped waiting (its timeout, a second Ctrl-C) and left the video to this thread: it is
                 # abandoned, its temporary file removed (nothing was ever at its name; before, the file stayed)
-                self._video.close()
-            self._writer_done.set()
+                if self._video is not None:
+                    self._video.close()
+                self._writer_done.set()
 
     def _write_items(self) -> None:
         while True:
@@ -340,12 +345,15 @@ class Recorder:
                     on_wait(self.unwritten)
             done.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         finally:
-            if not done.is_set():
-                self._stop_writing.set()
+            with self._lock:  # atomic with the writer's last step: either it ended first or it sees this
+                gave_up = not done.is_set()
+                if gave_up:
+                    self._stop_writing.set()
+            if gave_up:
                 if self._video is not None and self.video_error is None:
                     self.video_error = (f"cannot write {self._video.path}: not finished (the recording stopped "
                                         "before every frame was written)")
-        if not done.is_set() or self._video is None:
+        if gave_up or self._video is None:  # (the writer closes an abandoned video)
             return
         if self.video_error is not None:  # a write failed: the video is broken, only released
             self._video.close()

@@ -103,6 +103,9 @@ class _Writer:
         self.videos: dict[int, Any] = {}
         self.error: BaseException | None = None
         self.q: queue.Queue = queue.Queue(maxsize=16)
+        #: frames whose outputs are written (what an interrupted run reports: a Ctrl-C inside Queue.put, once the
+        #: frame was queued, left the main thread's count one short)
+        self.written = 0
         self._end_sent = False
         # set when the thread ends (after a KeyboardInterrupt in Thread.join, Python 3.11's is_alive() can say False
         # while the thread still runs)
@@ -125,6 +128,7 @@ class _Writer:
                     continue  # drain
                 try:
                     self._write(*job)
+                    self.written += 1
                 except BaseException as e:  # noqa: BLE001 - reported to the main thread
                     self.error = e
         finally:
@@ -582,7 +586,8 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
                 writer.close()
             except (OSError, ValueError) as e:
                 problem = f"; error: {e}"
-        print(f"icnet-segment: interrupted after {frames} frame(s); their outputs are in {out}{problem}",
+        done_frames = writer.written if writer is not None else frames
+        print(f"icnet-segment: interrupted after {done_frames} frame(s); their outputs are in {out}{problem}",
               file=sys.stderr)
         return stop_signals.exit_code
     finally:

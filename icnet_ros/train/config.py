@@ -30,7 +30,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "image_dir": "{split}/images", "label_dir": "{split}/labels", "label_suffix": "",
         "train_split": "train", "val_split": "val",  # "train+val" concatenates; val_split null: no validation
         "train_limit": None, "val_limit": None,  # first N samples only (smoke runs)
-        "input_scale": 1.0,  # working resolution relative to the files (2.0: CamVid at 960x720); >= 0.05
+        "input_scale": 1.0,  # working resolution relative to the files (2.0: CamVid at 960x720)
         "base_size": None,  # [H, W]: fit images into this box instead of input_scale
         "ratio_range": [0.5, 2.0], "crop_size": [512, 512], "cat_max_ratio": 0.75, "flip": 0.5,
         "photometric": True,
@@ -64,10 +64,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "time_limit": None,  # seconds: stop (resumably, after a validation) once the loop has run this long
     },
 }
-
-#: the smallest data.input_scale: at less a 1280-pixel side is below the network's minimum input (the run also refuses
-#: a scale that brings its first training frame's short side below it: Trainer._check_working_size)
-MIN_INPUT_SCALE = MIN_INPUT_SIZE / 1280
 
 # keys whose default is None: the types they accept
 _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
@@ -236,9 +232,8 @@ def validate_config(c: dict) -> None:
             raise ConfigError(f"data.eval_size {d['eval_size']}: {e}") from None
     if d["ratio_range"][0] > d["ratio_range"][1]:
         raise ConfigError(f"data.ratio_range must be [low, high] with low <= high, got {d['ratio_range']}")
-    if not d["input_scale"] >= MIN_INPUT_SCALE:
-        raise ConfigError(f"data.input_scale must be >= {MIN_INPUT_SCALE:g} (less brings a 1280-pixel side below the "
-                          f"network's minimum input, {MIN_INPUT_SIZE} pixels), got {d['input_scale']:g}")
+    if not d["input_scale"] > 0:  # (how small is too small depends on the frames: Trainer._check_working_size)
+        raise ConfigError(f"data.input_scale must be > 0, got {d['input_scale']}")
     if not 0 < d["cat_max_ratio"] <= 1 or not 0 <= d["flip"] <= 1:
         raise ConfigError("data.cat_max_ratio must be in (0, 1] and data.flip in [0, 1]")
     for k in ("train_limit", "val_limit"):

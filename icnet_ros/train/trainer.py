@@ -208,8 +208,8 @@ class Trainer:
 
     def _check_working_size(self) -> None:
         """data.input_scale (or data.base_size) must not bring the training frames below the network's minimum
-        input (the first frame tells their size): the config check only bounds the scale (config.MIN_INPUT_SCALE), and
-        before data.input_scale=1e-9 trained on 1x1 frames padded to the crop (nothing learnt, exit 0). Frames
+        input (the first frame tells their size): before, data.input_scale=1e-9 trained on 1x1 frames padded to the
+        crop (nothing learnt, exit 0). Frames
         that are that small in their files are not refused here (the scale did not make them so)."""
         d = self.config["data"]
         h, w = self.first_train_size()
@@ -771,9 +771,9 @@ class Trainer:
         if not in_sync:
             self.say(f"ERROR: replicas diverged: parameter digests {digests}")
         # finished: the whole schedule trained and its last validation done (a stop at the last iteration, before
-        # its validation, said "finished" and wrote finished: true while exiting 130)
-        finished = self.iteration >= self.config["optim"]["iterations"] and self._val_due is None \
-            and not self.interrupted
+        # its validation, said "finished" and wrote finished: true while exiting 130; without validation such a stop
+        # has finished)
+        finished = self.iteration >= self.config["optim"]["iterations"] and self._val_due is None
         summary = {"iterations": self.iteration, "finished": finished,
                    "best_val_mIoU": round(100 * self.best_miou, 4) if self.best_miou >= 0 else None,
                    "best_iteration": self.best_iteration if self.best_miou >= 0 else None,

@@ -25,7 +25,9 @@ rm -rf .whl && mkdir -p .whl
     mmsegmentation==1.2.2 mmengine==0.10.7 mmcv-lite==2.1.0 ftfy==6.3.1 prettytable==3.19.0 wcwidth==0.9.5 \
     addict==2.4.0 yapf==0.43.0 platformdirs==4.14.9 termcolor==3.3.0
 du -sh .carry .whl
-tree_kb=$(git ls-files -z --cached --others --exclude-standard | du -ck --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+# (a tracked file deleted in the working tree makes du fail: the others are still counted)
+tree_kb=$(git ls-files -z --cached --others --exclude-standard | { du -ck --files0-from=- 2>/dev/null || true; } \
+    | tail -1 | cut -f1)
 carry_kb=$(du -sk .carry | cut -f1) whl_kb=$(du -sk .whl | cut -f1)
 for set in "check bench:.whl:$((tree_kb + whl_kb))" "train:.carry .whl:$((tree_kb + carry_kb + whl_kb))"; do
     IFS=: read -r steps folders kb <<< "$set"

@@ -6,7 +6,8 @@
 #   bash scripts/device/run.sh train            (a call of its own, in a session that has not spent its device
 #   ITERS=N bash scripts/device/run.sh trainval  time on check bench: each fills most of one 10-minute call;
 #                                                carry [".carry", ".whl"])
-# Every step runs under `timeout` (its share of the call, below; STEP_SCALE=0.5 halves them all), so a hang or a
+# Every step runs under `timeout` (its share of the call, below; STEP_SCALE=0.5 halves those of check and bench;
+# train's is TRAIN_SECONDS, its own time limit, plus 60 s), so a hang or a
 # slow step costs its share, not the call; bench results are rewritten after every configuration, so a step cut
 # off keeps what it measured. Without a working CUDA the script stops at once (exit 3): nothing would be tested.
 # - check (100 s, then 50 s for the slow torch.compile test, so that it cannot starve the others): the CUDA tests
@@ -118,7 +119,7 @@ for step in "$@"; do
             probe_start=$SECONDS
             # shellcheck disable=SC2086
             : > "$OUT/train_probe.log"
-            limited 120 "$OUT/train_probe.log" python3 -m icnet_ros.train "${recipe[@]}" optim.iterations=1000000 \
+            STEP_SCALE=1 limited 120 "$OUT/train_probe.log" python3 -m icnet_ros.train "${recipe[@]}" optim.iterations=1000000 \
                 train.stop_at=60 train.log_interval=30 train.eval_interval=1000000 \
                 train.checkpoint_interval=1000000 train.output_dir=/tmp/icnet_probe ${TRAIN_OVERRIDES:-}
             budget=$((budget - (SECONDS - probe_start)))
@@ -132,7 +133,7 @@ for step in "$@"; do
         else
             # shellcheck disable=SC2086
             : > "$OUT/train.log"
-            limited $((budget + 60)) "$OUT/train.log" python3 -m icnet_ros.train "${recipe[@]}" \
+            STEP_SCALE=1 limited $((budget + 60)) "$OUT/train.log" python3 -m icnet_ros.train "${recipe[@]}" \
                 train.output_dir=/tmp/icnet_run "optim.iterations=$iters" "train.time_limit=$budget" \
                 train.checkpoint_interval=1000000 ${TRAIN_OVERRIDES:-}
             cp "/tmp/icnet_run/$weights" /tmp/icnet_run/metrics.jsonl /tmp/icnet_run/summary.json "$OUT/" \
