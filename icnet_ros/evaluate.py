@@ -207,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """icnet-eval. Ctrl-C and SIGTERM (``kill``, ``timeout``): one line ``icnet-eval: interrupted`` and exit status
+    130 / 143, nothing on stdout (before: a KeyboardInterrupt traceback; SIGTERM killed it without a word)."""
+    from .tools.cli_checks import StopSignals
+
+    with StopSignals() as stop:
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:  # loading the model, reading the data, evaluating: the report is printed whole
+            print("icnet-eval: interrupted", file=sys.stderr)  # after the evaluation or not at all
+            return stop.exit_code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from .checkpoint import CheckpointError, load_model
 
     args = build_parser().parse_args(argv)
@@ -291,16 +304,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     cm.matrix = cm.matrix[:, model_ids]  # columns (predictions) in the dataset's order
     metrics = cm.compute()
     input_size = sizes.param if sizes.kind == "fixed" else None
+    # the network input at scale 1: --input-size 100x150 runs at 96x160 (multiples of --size-divisor); the JSON
+    # reported only the requested 100x150 before
+    network_size = sizes.network_size(*sizes.param) if sizes.kind == "fixed" else None
     network_width, policy = (sizes.param if sizes.kind == "width" else None), sizes.describe()
     if args.json:
         report = {**metrics_report(metrics, class_set.classes), "model": args.model or "default",
                   "data": args.data, "split": args.split, "images": len(dataset), "classes": class_set.name,
-                  "input_size": list(input_size) if input_size else None, "network_width": network_width,
+                  "input_size": list(input_size) if input_size else None,
+                  "network_size": list(network_size) if network_size else None, "network_width": network_width,
                   "input_policy": policy, "backend": backend_name, "flip": args.flip,
                   "scales": list(args.scales), "size_divisor": size_divisor, "device": str(device),
                   "seconds": round(seconds, 3), "license": meta.get("license")}
         print(json.dumps(report, allow_nan=False))
     else:
+        if network_size and tuple(network_size) != tuple(input_size):  # type: ignore[arg-type]
+            policy += f" (network {network_size[0]}x{network_size[1]})"
         print(f"model: {args.model or 'default'}  data: {args.data} [{args.split}, {len(dataset)} images]  "
               f"input: {policy}  backend: {backend_name}  flip: {args.flip}  scales: {args.scales}  "
               f"size divisor: {size_divisor}  device: {device}  ({seconds:.1f} s)")

@@ -146,6 +146,53 @@ def check_opset(opset: int | None) -> int | None:
     return int(opset)
 
 
+def check_output_path(output: str | os.PathLike, what: str = "output") -> Path:
+    """An export's output file name as a Path; ValueError for one that ends in a path separator or names an existing
+    folder. Before: ``models/`` was taken as ``models`` (OpenVINO wrote ``models.xml`` beside an empty ``models/``,
+    ONNX failed after the whole export with ``[Errno 21] Is a directory``)."""
+    text = os.fspath(output)
+    if text.endswith(tuple(s for s in (os.sep, os.altsep) if s)):
+        raise ValueError(f"{what} {text}: ends in a path separator; name the file to write, not a folder")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{what} {text}: is a folder, not a file; name the file to write")
+    return path
+
+
+def temporary_file(final: Path, suffix: str = ".tmp", companion: str | None = None) -> Path:
+    """A new, empty, uniquely named temporary file beside ``final`` (``.NAME.XXXXXXXX`` + ``suffix``, created
+    exclusively with the usual permissions, as a plain write would), to be renamed over ``final``. ``companion``: an
+    extension whose file of the same stem is reserved too (OpenVINO writes the ``.bin`` beside the ``.xml`` it is
+    given). Before, the fixed names ``NAME.tmp`` / ``NAME.tmp.xml`` + ``.bin`` deleted a user's files of those names
+    and collided between two exports to the same folder; only these files are ever removed now."""
+    import secrets
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = final.with_name(f".{final.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(path, flags, 0o666))
+        except FileExistsError:
+            continue
+        if companion is None:
+            return path
+        try:
+            os.close(os.open(path.with_suffix(companion), flags, 0o666))
+            return path
+        except FileExistsError:
+            path.unlink(missing_ok=True)
+    raise OSError(f"cannot write {final}: no free temporary file name beside it")
+
+
+def replace_file(tmp: Path, final: Path) -> None:
+    """``os.replace(tmp, final)``; its OSError as ``cannot write FINAL: REASON`` (a folder of that name, a read-only
+    folder), as the other write errors."""
+    try:
+        os.replace(tmp, final)
+    except OSError as e:
+        raise OSError(f"cannot write {final}: {e.strerror or e}") from e
+
+
 def _onnx_version() -> str:
     import onnx
 
@@ -173,7 +220,7 @@ def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, 
     if not 1 <= int(batch) <= MAX_EXPORT_BATCH:
         raise ValueError(f"batch must be 1 to {MAX_EXPORT_BATCH}, got {batch}")
     batch = int(batch)
-    output = Path(output).expanduser()
+    output = check_output_path(output)
     if model_or_path is None:
         model_or_path = default_model_path()
     source_file = None if isinstance(model_or_path, nn.Module) else Path(model_or_path).expanduser()
@@ -207,12 +254,14 @@ def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, 
         proto.producer_name, proto.doc_string = "icnet_ros", f"ICNet {meta['arch']['backbone']} ({meta['dataset']})"
 
         output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(output.name + ".tmp")
+        tmp = None
         try:
+            tmp = temporary_file(output)  # a unique name: another export or a user's file is never touched
             onnx.save_model(proto, str(tmp))
-            os.replace(tmp, output)  # never leave a half-written model behind
+            replace_file(tmp, output)  # never leave a half-written model behind
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
         bar.update()
     finally:
         bar.close()
@@ -544,5 +593,6 @@ def _parse_entry(data: bytes) -> tuple[str, str]:
 
 
 __all__ = ["INPUT_NAME", "MAX_EXPORT_BATCH", "MAX_GRAPH_FIELDS", "MAX_TOP_LEVEL_FIELDS", "OUTPUT_NAME",
-           "check_export_size", "check_opset", "export_onnx", "export_record", "exported_meta", "inference_model",
-           "parse_export_meta", "profile_batch", "read_onnx_metadata", "supported_opsets", "validate_export_meta"]
+           "check_export_size", "check_opset", "check_output_path", "export_onnx", "export_record", "exported_meta",
+           "inference_model", "parse_export_meta", "profile_batch", "read_onnx_metadata", "replace_file",
+           "supported_opsets", "temporary_file", "validate_export_meta"]

@@ -2,6 +2,7 @@
 the default model and error paths."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -390,3 +391,39 @@ def test_a_dataset_listing_the_models_classes_in_another_order_is_matched_by_nam
     assert same_err == "" and "in another order: matched by name" in rev_err, rev_err
     assert list(rev["per_class"]) == list(reversed(CAMVID_CLASSES.classes))
     assert {k: v["IoU"] for k, v in rev["per_class"].items()} == {k: v["IoU"] for k, v in same["per_class"].items()}
+
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_are_one_line_and_no_partial_report(ckpt, signum, status):
+    """SIGINT (Ctrl-C) or SIGTERM once the evaluation started (its progress bar drawn): 'icnet-eval: interrupted',
+    exit status 130 / 143, nothing on stdout. Before: a KeyboardInterrupt traceback (exit 1), and SIGTERM killed
+    it without a word (-15)."""
+    root = require(CAMVID)
+    proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.evaluate", "--model", str(ckpt), "--data", str(root),
+                             "--split", "val", "--limit", "40", "--batch-size", "1", "--workers", "0",
+                             "--input-size", "64x96", "--json"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = b""
+    while b"icnet-eval val" not in seen:  # the progress bar (drawn with \r, no newline)
+        chunk = proc.stderr.read1(4096)
+        assert chunk, seen
+        seen += chunk
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    err = (seen + err).decode()
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("icnet-eval:")]
+    assert proc.returncode == status and lines == ["icnet-eval: interrupted"] and "Traceback" not in err, err
+    assert out == b""
+
+
+def test_json_reports_the_network_size_the_model_ran_at(capsys, ckpt):
+    """--input-size 100x150 runs the network at 96x160 (multiples of 32): the JSON said only input_size [100, 150].
+    Now network_size [96, 160] beside the requested input_size; the text report names the network size too."""
+    root = require(CAMVID)
+    report = _run_json(capsys, "--model", ckpt, "--data", root, "--limit", 1, "--input-size", "100x150")
+    assert report["input_size"] == [100, 150] and report["network_size"] == [96, 160]
+    assert _run_json(capsys, "--model", ckpt, "--data", root, "--limit", 1, "--native")["network_size"] is None
+    assert main(["--model", str(ckpt), "--data", str(root), "--limit", "1", "--workers", "0", "--no-progress",
+                 "--input-size", "100x150"]) == 0
+    assert "input: 100x150 (network 96x160)" in capsys.readouterr().out

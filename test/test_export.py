@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, export_meta, make_checkpoint, tiny_onnx
+from helpers import CAMVID, REPO, export_meta, make_checkpoint, require, tiny_onnx
 
 from icnet_ros.checkpoint import CheckpointError, file_sha256, load_model, read_metadata
 from icnet_ros.convert import export_native_checkpoint
@@ -643,3 +643,115 @@ def test_deeply_nested_metadata_refused(tmp_path, ckpt):
     for i in range(30):  # 30 exports of exports
         meta["provenance"]["exported"] = {"format": "onnx", "batch": 1, "previous": meta["provenance"]["exported"]}
     assert read_onnx_metadata(tiny_onnx(tmp_path / "chain.onnx", meta))["network_size"] == [64, 64]
+
+
+def _calib_folder(tmp_path, count=3, corrupt=False):
+    """``count`` CamVid train frames (links), and with ``corrupt`` a text file saved as zz_notes.jpg after them."""
+    frames = sorted((require(CAMVID / "train") / "images").iterdir())[:count]
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for f in frames:
+        (calib / f.name).symlink_to(f)
+    if corrupt:
+        (calib / "zz_notes.jpg").write_text("not an image, saved as .jpg")
+    return calib
+
+
+def test_int8_an_unreadable_calibration_image_fails_before_calibrating(tmp_path, ckpt, capsys, monkeypatch):
+    """A text file saved as .jpg among the calibration images. Before: NNCF met it inside its calibration loop and
+    the export failed only after calibrating. Now every chosen image is decoded first: one line naming the file,
+    exit status 2, no calibration run, no output file."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from icnet_ros.backends import openvino as ov_backend
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("the calibration ran")
+
+    monkeypatch.setattr(ov_backend, "quantize_int8", no_calibration)
+    calib = _calib_folder(tmp_path, corrupt=True)
+    out = tmp_path / "out" / "q.xml"
+    rc = export_main([str(ckpt), "--format", "openvino", "--size", "128x192", "--int8", "--calib", str(calib),
+                      "--calib-count", "4", "--output", str(out)])
+    captured = capsys.readouterr()
+    errors = [ln for ln in captured.err.replace("\r", "\n").splitlines() if ln.startswith("icnet-export: error")]
+    assert rc == 2 and len(errors) == 1 and str(calib / "zz_notes.jpg") in errors[0], captured.err
+    assert "Traceback" not in captured.err and "Statistics collection" not in captured.err + captured.out
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_int8_progress_goes_to_stderr_and_stdout_is_the_result_line(tmp_path, ckpt):
+    """icnet-export --int8 with progress: NNCF's progress bars went to stdout ahead of the result line. Now they go
+    to stderr, and stdout carries the one result line only."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    calib = _calib_folder(tmp_path, count=2)
+    out = tmp_path / "q.xml"
+    proc = subprocess.run([sys.executable, "-m", "icnet_ros.tools.export", str(ckpt), "--format", "openvino",
+                           "--size", "64x96", "--int8", "--calib", str(calib), "--calib-count", "2", "--output",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Statistics collection" not in proc.stdout, proc.stdout
+    assert proc.stdout.splitlines() == [proc.stdout.strip()] and proc.stdout.startswith(str(out)), proc.stdout
+    assert "Statistics collection" in proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino", "tensorrt"])
+def test_an_output_folder_is_refused_before_anything_runs(tmp_path, ckpt, capsys, fmt):
+    """--output models/ (a path separator at the end) or the name of an existing folder. Before, for openvino:
+    models/.xml checked, models.xml written beside an empty models/ folder (with a folder models.bin in the way,
+    a raw '[Errno 21] Is a directory' after the whole export). Now one line, exit status 2, nothing created."""
+    if fmt == "openvino":
+        pytest.importorskip("openvino")
+    ext = {"onnx": ".onnx", "openvino": ".xml", "tensorrt": ".onnx"}[fmt]
+    (tmp_path / f"folder{ext}").mkdir()
+    (tmp_path / "models.bin").mkdir()
+    for output, words in ((str(tmp_path / "models") + os.sep, "ends in a path separator"),
+                          (str(tmp_path / f"folder{ext}"), "is a folder, not a file")):
+        before = sorted(tmp_path.rglob("*"))
+        rc = export_main([str(ckpt), "--format", fmt, "--size", "128x192", "--output", output])
+        err = capsys.readouterr().err
+        errors = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("icnet-export: error")]
+        assert rc == 2 and errors == [f"icnet-export: error: --output {output}: {words}" + errors[0].split(words)[1]]
+        assert "Traceback" not in err and "->" not in err, err
+        assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_rename_that_fails_is_cannot_write(tmp_path):
+    """The last step of a write (the rename over the output) failing, e.g. a folder of that name appearing meanwhile:
+    'cannot write FILE: REASON', as the other write errors (before: a raw '[Errno 21] Is a directory' line)."""
+    from icnet_ros.export import replace_file, temporary_file
+
+    final = tmp_path / "m.bin"
+    tmp = temporary_file(final)
+    final.mkdir()
+    with pytest.raises(OSError, match=f"^cannot write {final}: Is a directory$"):
+        replace_file(tmp, final)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_user_files_named_like_temporary_files_survive_an_export(tmp_path, ckpt, fmt):
+    """The exports wrote fixed temporary names (road.onnx.tmp; road.tmp.xml and road.tmp.bin) and deleted them: a
+    user's files of those names were lost, and two exports to one folder collided. Now unique temporary names,
+    only those removed."""
+    if fmt == "openvino":
+        pytest.importorskip("openvino")
+        from icnet_ros.backends.openvino import export_openvino as export
+        out, keep = tmp_path / "road.xml", ["road.tmp.xml", "road.tmp.bin"]
+    else:
+        export, out, keep = export_onnx, tmp_path / "road.onnx", ["road.onnx.tmp"]
+    for name in keep:
+        (tmp_path / name).write_text(f"user data {name}")
+    export(ckpt, out, size=SIZE)
+    for name in keep:
+        assert (tmp_path / name).read_text() == f"user data {name}"
+    written = {out.name} | ({"road.bin"} if fmt == "openvino" else set())
+    assert {p.name for p in tmp_path.iterdir()} == written | set(keep)  # no temporary file left
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # the usual permissions, not mkstemp's 0600
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

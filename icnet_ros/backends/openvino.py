@@ -43,6 +43,7 @@ import copy
 import io
 import json
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,7 +88,7 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     ``nncf.quantize`` arguments, for accuracy experiments; recorded). ``command``: recorded in
     the provenance. ``output``: the ``.xml`` path (``.xml`` is appended when missing); the ``.bin`` goes beside
     it. Files are written atomically: a failed write is OSError ``cannot write <.xml>: <reason>``, no file left."""
-    from ..export import check_export_size, exported_meta, inference_model
+    from ..export import check_export_size, exported_meta, inference_model, replace_file, temporary_file
 
     ov = _ov()
     h, w = check_export_size(size)
@@ -103,10 +104,9 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     if int8 and calib_dir is None:
         raise ValueError("int8 export needs calibration images: pass calib_dir (an image folder or a dataset split "
                          "folder with images/)")
+    out, _ = ir_paths(output)
     calib_images = calibration_images(calib_dir, calib_count) if int8 else []
-    out = Path(output).expanduser()
-    if out.suffix.lower() != ".xml":  # (b.XML is taken as given, as icnet-export checks it)
-        out = out.with_name(out.name + ".xml")
+    check_calibration_images(calib_images)  # an unreadable one fails now, not after minutes of calibration
     if model_or_path is None:
         model_or_path = default_model_path()
     source_file = None if isinstance(model_or_path, nn.Module) else Path(model_or_path).expanduser()
@@ -146,18 +146,35 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     ov_model.set_rt_info(json.dumps(meta), META_KEY)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.xml")
+    tmp = None
     try:
-        try:
+        try:  # unique names beside the output (.NAME.xml.XXXXXXXX.xml + .bin): no user's file or other export hit
+            tmp = temporary_file(out, ".xml", companion=".bin")
             ov.save_model(ov_model, str(tmp), compress_to_fp16=fp16)
         except RuntimeError as e:  # a full disk, a file size limit, a folder it cannot write: OpenVINO's words
             raise OSError(f"cannot write {out}: {_reason(e)}") from e
-        os.replace(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
-        os.replace(tmp, out)  # the .xml last: a reader never finds a new .xml next to an old .bin
+        except OSError as e:  # the temporary files could not be created (a read-only folder)
+            raise OSError(str(e) if e.strerror is None else f"cannot write {out}: {e.strerror}") from e
+        replace_file(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
+        replace_file(tmp, out)  # the .xml last: a reader never finds a new .xml next to an old .bin
     finally:
-        for t in (tmp, tmp.with_suffix(".bin")):
-            t.unlink(missing_ok=True)
+        if tmp is not None:
+            for t in (tmp, tmp.with_suffix(".bin")):
+                t.unlink(missing_ok=True)
     return out
+
+
+def ir_paths(output: str | os.PathLike) -> tuple[Path, Path]:
+    """The ``.xml`` and ``.bin`` an OpenVINO export writes for ``output`` (``.xml`` appended when missing; ``b.XML``
+    is taken as given), shared by :func:`export_openvino` and icnet-export's checks (which checked ``models/.xml``
+    while the export wrote ``models.xml``). An output ending in a path separator or naming a folder is a
+    ValueError (:func:`icnet_ros.export.check_output_path`)."""
+    from ..export import check_output_path
+
+    out = check_output_path(output)
+    if out.suffix.lower() != ".xml":
+        out = out.with_name(out.name + ".xml")
+    return out, out.with_suffix(".bin")
 
 
 # ------------------------------------------------------------------------------------------------------ INT8
@@ -179,6 +196,16 @@ def calibration_images(calib_dir: str | os.PathLike | None, count: int) -> list[
         return files
     step = len(files) / count
     return [files[int(i * step)] for i in range(count)]
+
+
+def check_calibration_images(files: list[Path]) -> None:
+    """Each calibration image decodes, within the readers' pixel bound (:func:`icnet_ros.data.datasets.read_image`);
+    else a ValueError naming the file (``cannot read image FILE ...``). Before, NNCF met an unreadable one inside
+    its calibration loop, and the export failed after the calibration had run; now it fails before anything runs."""
+    from ..data.datasets import read_image
+
+    for f in files:
+        read_image(f)  # DatasetError (a ValueError): its message names the file
 
 
 def calibration_input(image: np.ndarray, size: tuple[int, int], normalizer: Normalizer) -> Tensor:
@@ -219,14 +246,35 @@ def quantize_int8(model: nn.Module, calib_images: list[Path], size: tuple[int, i
     """NNCF post-training INT8 quantization of an inference module (:func:`icnet_ros.export.inference_model`),
     calibrated on ``calib_images`` (see the module docstring): the module with fake-quantize operations, to be
     traced and converted. ``nncf_options`` override ``nncf.quantize``'s arguments (for accuracy experiments).
-    NNCF draws its own progress bars on stdout; ``progress=False`` hides them."""
+    NNCF draws its progress bars on stdout: they go to stderr here (before, icnet-export's stdout carried them ahead
+    of its result line); ``progress=False`` hides them."""
     nncf = require(NAME, "nncf", "openvino")
     options: dict[str, Any] = {"subset_size": len(calib_images), "preset": nncf.QuantizationPreset.PERFORMANCE,
                                "fast_bias_correction": None, "ignored_scope": int8_ignored_scope(), **nncf_options}
-    quiet = contextlib.redirect_stdout(io.StringIO()) if not progress else contextlib.nullcontext()
-    with quiet:
+    with contextlib.redirect_stdout(sys.stderr if progress else io.StringIO()), _nncf_log_to_stderr(progress):
         return nncf.quantize(model.eval(), nncf.Dataset(_CalibrationSet(calib_images, size, normalization)),
                              **options)
+
+
+@contextlib.contextmanager
+def _nncf_log_to_stderr(info: bool) -> Iterator[None]:
+    """NNCF's logger writes to the stdout it found at import (its 'INFO:nncf:...' lines went to icnet-export's
+    stdout, before its result line): to stderr meanwhile, its INFO lines only with ``info``."""
+    import logging
+
+    handlers = [h for h in logging.getLogger("nncf").handlers
+                if type(h) is logging.StreamHandler and h.stream is not sys.stderr]
+    saved = [(h, h.stream, h.level) for h in handlers]
+    try:
+        for h in handlers:
+            h.setStream(sys.stderr)
+            if not info:
+                h.setLevel(max(h.level, logging.WARNING))
+        yield
+    finally:
+        for h, stream, level in saved:
+            h.setStream(stream)
+            h.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -481,5 +529,6 @@ def open_backend(path: str | os.PathLike, options: BackendOptions = BackendOptio
     return OpenVINOBackend(path, options)
 
 
-__all__ = ["INFERENCE_PRECISIONS", "INT8_IGNORED_TYPES", "OpenVINOBackend", "calibration_input", "export_openvino",
-           "int8_ignored_scope", "open_backend", "quantize_int8", "read_openvino_metadata"]
+__all__ = ["INFERENCE_PRECISIONS", "INT8_IGNORED_TYPES", "OpenVINOBackend", "calibration_input",
+           "check_calibration_images", "export_openvino", "int8_ignored_scope", "ir_paths", "open_backend",
+           "quantize_int8", "read_openvino_metadata"]

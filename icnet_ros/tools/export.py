@@ -87,6 +87,11 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
             check_opset(args.opset)
         except ValueError as e:
             raise ValueError(f"--opset {args.opset}: {e}") from None
+    from ..export import check_output_path
+
+    # 'models/' or an existing folder: refused for every format (the OpenVINO export wrote models.xml beside an
+    # empty models/ folder; ONNX and TensorRT failed with '[Errno 21] Is a directory' after the whole export)
+    check_output_path(args.output, "--output")
     suffix = Path(args.output).suffix.lower()
     if args.format == "onnx" and suffix != ".onnx":
         raise ValueError(f"--output {args.output}: an ONNX file name ending in .onnx")
@@ -102,9 +107,10 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
     outputs = [args.output]
     if args.format == "tensorrt" and suffix != ".onnx":  # the ONNX file is written beside the engine
         outputs.append(str(Path(args.output).with_suffix(".onnx")))
-    if args.format == "openvino":  # the exporter appends .xml when missing; the weights go beside it (.bin)
-        xml = Path(args.output) if suffix == ".xml" else Path(args.output + ".xml")
-        outputs = [str(xml), str(xml.with_suffix(".bin"))]
+    if args.format == "openvino":  # the exporter's own names: .xml appended when missing, the weights beside it
+        from ..backends.openvino import ir_paths
+
+        outputs = [str(p) for p in ir_paths(args.output)]
     for path in outputs:
         problem = output_file_problem(path, "--output")
         if problem:
