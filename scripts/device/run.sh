@@ -119,8 +119,8 @@ for step in "$@"; do
             probe_start=$SECONDS
             # shellcheck disable=SC2086
             : > "$OUT/train_probe.log"
-            STEP_SCALE=1 limited 120 "$OUT/train_probe.log" python3 -m icnet_ros.train "${recipe[@]}" optim.iterations=1000000 \
-                train.stop_at=60 train.log_interval=30 train.eval_interval=1000000 \
+            STEP_SCALE=1 limited 120 "$OUT/train_probe.log" python3 -m icnet_ros.train "${recipe[@]}" \
+                optim.iterations=1000000 train.stop_at=60 train.log_interval=30 train.eval_interval=1000000 \
                 train.checkpoint_interval=1000000 train.output_dir=/tmp/icnet_probe ${TRAIN_OVERRIDES:-}
             budget=$((budget - (SECONDS - probe_start)))
             # shellcheck disable=SC2086
