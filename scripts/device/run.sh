@@ -117,8 +117,8 @@ for step in "$@"; do
         fi
         if [ -z "$iters" ]; then  # probe: the time per iteration of this recipe on this machine
             probe_start=$SECONDS
-            # shellcheck disable=SC2086
             : > "$OUT/train_probe.log"
+            # shellcheck disable=SC2086
             STEP_SCALE=1 limited 120 "$OUT/train_probe.log" python3 -m icnet_ros.train "${recipe[@]}" \
                 optim.iterations=1000000 train.stop_at=60 train.log_interval=30 train.eval_interval=1000000 \
                 train.checkpoint_interval=1000000 train.output_dir=/tmp/icnet_probe ${TRAIN_OVERRIDES:-}
@@ -131,8 +131,8 @@ for step in "$@"; do
         if [ -z "$iters" ]; then
             echo "[train] no training: the probe gave no schedule (see train_probe.log)"; status=1
         else
-            # shellcheck disable=SC2086
             : > "$OUT/train.log"
+            # shellcheck disable=SC2086
             STEP_SCALE=1 limited $((budget + 60)) "$OUT/train.log" python3 -m icnet_ros.train "${recipe[@]}" \
                 train.output_dir=/tmp/icnet_run "optim.iterations=$iters" "train.time_limit=$budget" \
                 train.checkpoint_interval=1000000 ${TRAIN_OVERRIDES:-}
