@@ -262,18 +262,28 @@ def _nncf_log_to_stderr(info: bool) -> Iterator[None]:
     stdout, before its result line): to stderr meanwhile, its INFO lines only with ``info``."""
     import logging
 
+    def swap(handler: logging.StreamHandler, stream: Any) -> None:
+        # not setStream(), which flushes the old stream first: a closed one (a test's captured stdout, where NNCF
+        # was first imported) raised "I/O operation on closed file" and the export failed
+        with contextlib.suppress(Exception):
+            handler.acquire()
+            try:
+                handler.stream = stream
+            finally:
+                handler.release()
+
     handlers = [h for h in logging.getLogger("nncf").handlers
                 if type(h) is logging.StreamHandler and h.stream is not sys.stderr]
     saved = [(h, h.stream, h.level) for h in handlers]
     try:
         for h in handlers:
-            h.setStream(sys.stderr)
+            swap(h, sys.stderr)
             if not info:
                 h.setLevel(max(h.level, logging.WARNING))
         yield
     finally:
         for h, stream, level in saved:
-            h.setStream(stream)
+            swap(h, stream)
             h.setLevel(level)
 
 
