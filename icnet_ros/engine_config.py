@@ -48,6 +48,17 @@ class FrameError(ValueError):
         self.reason = reason
 
 
+class MissingRuntimeError(RuntimeError):
+    """The runtime a backend needs is not installed; the message names the pip extra (one line). Defined here, with
+    the engine's other errors, so that a CLI can catch it without importing torch (icnet_ros.backends.base, where
+    the backends raise it, imports torch)."""
+
+    def __init__(self, backend: str, module: str, extra: str) -> None:
+        super().__init__(f"backend {backend!r} needs the Python package {module!r}, which is not installed: "
+                         f"pip install 'icnet_ros[{extra}]'")
+        self.backend, self.module, self.extra = backend, module, extra
+
+
 # ----------------------------------------------------------------------------------------------- value parsers
 def parse_input_size(value: Any, network: bool = True) -> str | tuple[int, int] | float:
     """Network input size policy -> ``"auto"`` | ``"native"`` | ``"checkpoint"`` | ``(H, W)`` | scale factor.
@@ -400,6 +411,6 @@ def from_args(args: argparse.Namespace, base: SegmenterConfig | None = None,
     return (base or SegmenterConfig()).replace(**values)
 
 
-__all__ = ["BACKENDS", "ConfigError", "LIVE_OPTIONS", "OPTIONS", "OUTPUTS", "Option", "PRECISIONS",
-           "SegmenterConfig", "add_arguments", "check", "check_network_pixels", "format_input_size", "from_args",
+__all__ = ["BACKENDS", "ConfigError", "LIVE_OPTIONS", "MissingRuntimeError", "OPTIONS", "OUTPUTS", "Option",
+           "PRECISIONS", "SegmenterConfig", "add_arguments", "check", "check_network_pixels", "format_input_size", "from_args",
            "parse_input_size", "parse_outputs"]

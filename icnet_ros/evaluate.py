@@ -240,6 +240,9 @@ def _main(argv: Sequence[str] | None) -> int:
         cfg = engine_config.from_args(args)
         from .engine import backend_for, inference_device
 
+        if args.model is None and cfg.backend not in ("auto", "torch"):  # (it evaluated with torch, exit 0)
+            raise ValueError(f"--backend {cfg.backend} runs an exported model file (icnet-export); got the default "
+                             "model: give --model")
         backend_name = "torch" if args.model is None else backend_for(args.model, cfg.backend)
         with warnings.catch_warnings():  # auto on a machine without CUDA: the CPU, as expected for an evaluation
             warnings.simplefilter("ignore", RuntimeWarning)

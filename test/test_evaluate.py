@@ -136,6 +136,16 @@ def test_stdout_is_one_json_object_with_progress_on_stderr(ckpt):
     assert 0.0 <= report["mIoU"] <= 100.0 and report["split"] == "val"
 
 
+def test_a_runtime_backend_without_a_model_file_is_refused(capsys):
+    """--backend onnxruntime (or openvino) without --model evaluated the default model with torch and exited 0,
+    its header saying 'backend: torch': an exported runtime needs an exported file, as icnet-segment says."""
+    for backend in ("onnxruntime", "openvino"):
+        assert main(["--data", str(require(CAMVID)), "--backend", backend, "--limit", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"icnet-eval: error: --backend {backend} runs an exported model file (icnet-export); got the "
+                       "default model: give --model\n"), err
+
+
 def test_readable_table(capsys, ckpt):
     root = require(CAMVID)
     assert main(["--model", str(ckpt), "--data", str(root), "--limit", "1", "--workers", "0", "--no-progress"]) == 0

@@ -344,6 +344,24 @@ def test_errors_are_one_line_exit_2(tmp_path, ckpt, capsys):
     assert "not supported on the CPU" in capsys.readouterr().err
 
 
+def test_an_exported_model_whose_runtime_is_missing_is_one_line(tmp_path, ckpt):
+    """A .onnx model where onnxruntime cannot be imported (a base install without the [onnx] extra; here blocked in
+    a fresh interpreter): one line naming the extra, exit status 2 (before: a MissingRuntimeError traceback, exit 1;
+    icnet-eval and icnet-export already said it in one line)."""
+    from icnet_ros.export import export_onnx
+
+    model = export_onnx(ckpt, tmp_path / "m.onnx", size=(64, 64))
+    image = tmp_path / "in.png"
+    cv2.imwrite(str(image), np.zeros((64, 64, 3), np.uint8))
+    code = ("import sys; sys.modules['onnxruntime'] = None; from icnet_ros.tools.segment import main; "
+            f"sys.exit(main([{str(image)!r}, '-m', {str(model)!r}, '-o', {str(tmp_path / 'out')!r}, '-q']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("icnet-segment: error: backend 'onnxruntime' needs the Python "
+                                                 "package 'onnxruntime', which is not installed: pip install "
+                                                 "'icnet_ros[onnx]'"), r.stderr
+
+
 def test_default_model_missing_exits_cleanly(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ICNET_ROS_DEFAULT_MODEL", str(tmp_path / "missing.safetensors"))
     write_image(tmp_path / "x.png", _img(64, 64, 0))

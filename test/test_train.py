@@ -160,6 +160,18 @@ def test_run_checks_class_weights_and_the_batch_batchnorm_sees():
         load_config("smoke", ["optim.batch_size=1", "train.sync_bn=false"])
 
 
+def test_config_names_are_found_in_a_pip_installs_share_folder(tmp_path, monkeypatch):
+    """pip puts setup.py's data_files, config/train/*.yaml among them, under <prefix>/share/icnet_ros: `icnet-train
+    smoke` in a pip install (no source tree, no ament index) found no config by name."""
+    from icnet_ros.train.config import find_config
+
+    share = tmp_path / "share" / "icnet_ros" / "config" / "train"
+    share.mkdir(parents=True)
+    (share / "only_installed.yaml").write_text((REPO / "config" / "train" / "smoke.yaml").read_text())
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    assert find_config("only_installed") == share / "only_installed.yaml"
+
+
 def test_no_arguments_reports_only_the_config_missing(capsys):
     """The overrides are optional ([KEY=VALUE ...] in the usage): before, 'icnet-train' alone said 'the following
     arguments are required: config, KEY=VALUE'."""

@@ -28,6 +28,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..engine_config import MissingRuntimeError  # (defined there, torch-free, for the CLIs; raised from here)
+
 #: backend name -> (module that implements it, pip extra that installs its runtime)
 BACKENDS: dict[str, tuple[str, str | None]] = {
     "torch": ("icnet_ros.backends.torch_backend", None),
@@ -35,15 +37,6 @@ BACKENDS: dict[str, tuple[str, str | None]] = {
     "openvino": ("icnet_ros.backends.openvino", "openvino"),
     "tensorrt": ("icnet_ros.backends.tensorrt", "tensorrt"),
 }
-
-
-class MissingRuntimeError(RuntimeError):
-    """The runtime a backend needs is not installed; the message names the pip extra (one line)."""
-
-    def __init__(self, backend: str, module: str, extra: str) -> None:
-        super().__init__(f"backend {backend!r} needs the Python package {module!r}, which is not installed: "
-                         f"pip install 'icnet_ros[{extra}]'")
-        self.backend, self.module, self.extra = backend, module, extra
 
 
 def require(backend: str, module: str, extra: str) -> Any:

@@ -565,7 +565,8 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
             progress.apply(bar)  # the inputs skipped after the last frame segmented
         writer.close()
         elapsed = time.perf_counter() - t0
-    except (CheckpointError, SourceError, ValueError, OSError, _OutOfMemory, MemoryError) as e:
+    except (CheckpointError, SourceError, ValueError, OSError, _OutOfMemory, MemoryError,
+            engine_config.MissingRuntimeError) as e:  # (a missing runtime was a traceback)
         # (out of memory: the frames segmented before are written and the videos finished, as on Ctrl-C; before, a
         # traceback and an MP4 without its index)
         stop.set()

@@ -7,6 +7,7 @@ import copy
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,10 @@ class ConfigError(ValueError):
 
 
 def config_dirs() -> list[Path]:
-    """Where config names are looked up: ./config/train, the source tree's, the installed package share."""
-    dirs = [Path.cwd() / "config" / "train", Path(__file__).resolve().parents[2] / "config" / "train"]
+    """Where config names are looked up: ./config/train, the source tree's, the installed package share (pip's
+    ``<prefix>/share/icnet_ros``, where setup.py's data_files go: a pip install found none of them, or colcon's)."""
+    dirs = [Path.cwd() / "config" / "train", Path(__file__).resolve().parents[2] / "config" / "train",
+            Path(sys.prefix) / "share" / "icnet_ros" / "config" / "train"]
     try:  # colcon / ament install
         from ament_index_python.packages import get_package_share_directory
 
