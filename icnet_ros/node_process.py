@@ -143,6 +143,11 @@ def main(args: list[str] | None = None) -> int:
     problem = check_ros_args(argv)
     if problem:
         return _error(problem)
+    from .ros_spin import rclpy_missing
+
+    missing = rclpy_missing(NODE_NAME, own)  # one line, not a ModuleNotFoundError traceback
+    if missing is not None:
+        return missing
 
     import rclpy
     from rclpy.signals import SignalHandlerOptions

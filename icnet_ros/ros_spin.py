@@ -25,6 +25,27 @@ MAX_CONSECUTIVE_INVALID = 100
 RETRY_WINDOW_S = 1.0
 
 
+def rclpy_missing(prog: str, argv: list[str] | None = None) -> int | None:
+    """For a tool that needs ROS 2: None when rclpy can be imported (or ``argv`` asks for ``--help``, which needs no
+    ROS), else 2 after one line on stderr saying how to get it. Without it, a base install (no ``[ros]`` extra) or a
+    shell where ROS 2's setup.bash was not sourced ended each ROS tool in a ModuleNotFoundError traceback."""
+    import importlib.util
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if "-h" in args or "--help" in args:
+        return None
+    try:
+        found = importlib.util.find_spec("rclpy") is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return None
+    print(f"{prog}: error: needs ROS 2's rclpy, which cannot be imported: source your ROS 2 setup.bash, or "
+          "pip install 'icnet_ros[ros]'", file=sys.stderr, flush=True)
+    return 2
+
+
 def spin(executor: Any) -> None:
     """``executor.spin()`` until the executor or its context shuts down, surviving the destroy race above."""
     from rclpy.executors import ExternalShutdownException

@@ -67,3 +67,24 @@ def test_colcon_build_installs_ros_layout(tmp_path):
     assert not (share / "models").exists() and (share / "LICENSE").is_file()
     assert "Apache License" in (share / "LICENSE").read_text()
     assert "unknown distribution option" not in proc.stderr.lower(), proc.stderr  # setup.py's tests_require
+
+
+@pytest.mark.parametrize("module, args", [
+    ("icnet_ros.node_process", ["icnet_node"]), ("icnet_ros.tools.play", ["frames"]),
+    ("icnet_ros.tools.record", ["/x"]), ("icnet_ros.tools.demo", ["frames"]),
+    ("icnet_ros.tools.node_bench", []), ("icnet_ros.tools.soak", [])])
+def test_ros_tools_without_rclpy_say_how_to_get_it_in_one_line(module, args):
+    """A base install (no [ros] extra) or a shell where ROS 2's setup.bash was not sourced: rclpy cannot be
+    imported (blocked here in a fresh interpreter). Each ROS tool said so with a ModuleNotFoundError traceback,
+    exit status 1; now one line naming the remedy, exit status 2 (--help still works without ROS)."""
+    code = (f"import sys; sys.modules['rclpy'] = None; from {module} import main; "
+            f"sys.exit(main({args!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    prog = {"node_process": "icnet_node", "play": "icnet-play", "record": "icnet-record", "demo": "icnet-demo",
+            "node_bench": "icnet-node-bench", "soak": "icnet-node-soak"}[module.rsplit(".", 1)[1]]
+    assert r.returncode == 2 and r.stderr == (f"{prog}: error: needs ROS 2's rclpy, which cannot be imported: source "
+                                              "your ROS 2 setup.bash, or pip install 'icnet_ros[ros]'\n"), r.stderr
+    help_args = ["icnet_node", "--help"] if prog == "icnet_node" else ["--help"]  # (icnet_node's main takes argv[0])
+    helped = subprocess.run([sys.executable, "-c", code.replace(f"{args!r}", repr(help_args))], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    assert helped.returncode == 0 and "Traceback" not in helped.stderr, helped.stderr

@@ -118,6 +118,11 @@ def _resolve_model(model: str | None, backend: str = "auto") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..ros_spin import rclpy_missing
+
+    missing = rclpy_missing(PROG, argv)  # one line, not a ModuleNotFoundError traceback
+    if missing is not None:
+        return missing
     from .cli_checks import StopSignals
 
     with StopSignals() as stop:  # SIGINT and SIGTERM: a KeyboardInterrupt, also during the imports and start-up

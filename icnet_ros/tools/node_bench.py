@@ -307,6 +307,11 @@ def _check_args(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..ros_spin import rclpy_missing
+
+    missing = rclpy_missing(PROG, argv)  # one line, not a ModuleNotFoundError traceback
+    if missing is not None:
+        return missing
     from .cli_checks import StopSignals
 
     with StopSignals() as stop:  # SIGTERM (kill, timeout) as Ctrl-C: the sizes measured so far kept

@@ -319,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..ros_spin import rclpy_missing
+
+    missing = rclpy_missing("icnet-play", argv)  # one line, not a ModuleNotFoundError traceback
+    if missing is not None:
+        return missing
     from .cli_checks import StopSignals
 
     # SIGTERM as Ctrl-C (as icnet-segment and icnet-record): the summary, exit status 143 (before, SIGTERM ended the

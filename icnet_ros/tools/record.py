@@ -395,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..ros_spin import rclpy_missing
+
+    missing = rclpy_missing("icnet-record", argv)  # one line, not a ModuleNotFoundError traceback
+    if missing is not None:
+        return missing
     args = build_parser().parse_args(argv)
     for name in ("max_frames", "idle_timeout", "duration", "max_queue_mb", "depth", "fps"):
         v = getattr(args, name)

@@ -345,6 +345,11 @@ def _diagnostics(msgs: list[Any]) -> dict[str, dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..ros_spin import rclpy_missing
+
+    missing = rclpy_missing(PROG, argv)  # one line, not a ModuleNotFoundError traceback
+    if missing is not None:
+        return missing
     from .cli_checks import StopSignals
 
     with StopSignals() as stop:  # SIGTERM (kill, timeout, a CI cancel) as Ctrl-C: the node stopped, results kept
