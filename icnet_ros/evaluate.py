@@ -141,15 +141,18 @@ def evaluate(model: nn.Module, loader: Iterable, normalizer: Normalizer, num_cla
     dtype = torch.float32 if is_module else model.input_dtype
     try:
         total = len(loader) if hasattr(loader, "__len__") else None
-        for images, labels in tqdm(loader, total=total, desc=desc, disable=not progress, leave=False,
-                                   file=sys.stderr, dynamic_ncols=True):
-            for im, lb in _groups(images, labels):
-                im = im.to(device, non_blocking=True)
-                lb = lb.to(device, non_blocking=True)
-                x = normalizer(im, "RGB").to(dtype).contiguous(memory_format=fmt)
-                scores = predict_logits(model, x, lb.shape[-2:], input_size, input_scale, base_size, scales,
-                                        flip, amp, size_divisor, network_width, size_fn)
-                cm.update(scores.argmax(dim=1), lb, check=False)
+        # closed by the with block also when an interrupt ends the loop: the bar is cleared before icnet-eval's
+        # one line (before, that line could land after the bar's text, on the same line)
+        with tqdm(loader, total=total, desc=desc, disable=not progress, leave=False, file=sys.stderr,
+                  dynamic_ncols=True) as batches:
+            for images, labels in batches:
+                for im, lb in _groups(images, labels):
+                    im = im.to(device, non_blocking=True)
+                    lb = lb.to(device, non_blocking=True)
+                    x = normalizer(im, "RGB").to(dtype).contiguous(memory_format=fmt)
+                    scores = predict_logits(model, x, lb.shape[-2:], input_size, input_scale, base_size, scales,
+                                            flip, amp, size_divisor, network_width, size_fn)
+                    cm.update(scores.argmax(dim=1), lb, check=False)
     finally:
         if is_module:
             model.train(was_training)
