@@ -141,8 +141,6 @@ def evaluate(model: nn.Module, loader: Iterable, normalizer: Normalizer, num_cla
     dtype = torch.float32 if is_module else model.input_dtype
     try:
         total = len(loader) if hasattr(loader, "__len__") else None
-        # closed by the with block also when an interrupt ends the loop: the bar is cleared before icnet-eval's
-        # one line (before, that line could land after the bar's text, on the same line)
         with tqdm(loader, total=total, desc=desc, disable=not progress, leave=False, file=sys.stderr,
                   dynamic_ncols=True) as batches:
             for images, labels in batches:
@@ -153,6 +151,10 @@ def evaluate(model: nn.Module, loader: Iterable, normalizer: Normalizer, num_cla
                     scores = predict_logits(model, x, lb.shape[-2:], input_size, input_scale, base_size, scales,
                                             flip, amp, size_divisor, network_width, size_fn)
                     cm.update(scores.argmax(dim=1), lb, check=False)
+    except KeyboardInterrupt:
+        if progress:  # the bar's line ended: the caller's one line starts on a line of its own (it could land after
+            print(file=sys.stderr, flush=True)  # the bar's text, on the same line, 1 run in 7 here)
+        raise
     finally:
         if is_module:
             model.train(was_training)
