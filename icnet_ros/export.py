@@ -55,6 +55,7 @@ from .checkpoint import (MAX_META_BYTES, META_KEY, CheckpointError, default_mode
 from .models.icnet import MIN_INPUT_SIZE
 from .optimize import FactorizedPyramidPooling, factorize_pyramid_pooling, fold_batchnorm
 from .sizes import MAX_BATCH, MAX_UPSCALED_PIXELS, SIZE_DIVISOR, aligned_size
+from .video import temporary_file
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -157,31 +158,6 @@ def check_output_path(output: str | os.PathLike, what: str = "output") -> Path:
     if path.is_dir():
         raise ValueError(f"{what} {text}: is a folder, not a file; name the file to write")
     return path
-
-
-def temporary_file(final: Path, suffix: str = ".tmp", companion: str | None = None) -> Path:
-    """A new, empty, uniquely named temporary file beside ``final`` (``.NAME.XXXXXXXX`` + ``suffix``, created
-    exclusively with the usual permissions, as a plain write would), to be renamed over ``final``. ``companion``: an
-    extension whose file of the same stem is reserved too (OpenVINO writes the ``.bin`` beside the ``.xml`` it is
-    given). Before, the fixed names ``NAME.tmp`` / ``NAME.tmp.xml`` + ``.bin`` deleted a user's files of those names
-    and collided between two exports to the same folder; only these files are ever removed now."""
-    import secrets
-
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        path = final.with_name(f".{final.name}.{secrets.token_hex(4)}{suffix}")
-        try:
-            os.close(os.open(path, flags, 0o666))
-        except FileExistsError:
-            continue
-        if companion is None:
-            return path
-        try:
-            os.close(os.open(path.with_suffix(companion), flags, 0o666))
-            return path
-        except FileExistsError:
-            path.unlink(missing_ok=True)
-    raise OSError(f"cannot write {final}: no free temporary file name beside it")
 
 
 def replace_file(tmp: Path, final: Path) -> None:
@@ -595,4 +571,4 @@ def _parse_entry(data: bytes) -> tuple[str, str]:
 __all__ = ["INPUT_NAME", "MAX_EXPORT_BATCH", "MAX_GRAPH_FIELDS", "MAX_TOP_LEVEL_FIELDS", "OUTPUT_NAME",
            "check_export_size", "check_opset", "check_output_path", "export_onnx", "export_record", "exported_meta",
            "inference_model", "parse_export_meta", "profile_batch", "read_onnx_metadata", "replace_file",
-           "supported_opsets", "temporary_file", "validate_export_meta"]
+           "supported_opsets", "validate_export_meta"]

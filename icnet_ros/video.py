@@ -189,21 +189,39 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomically(path, text.encode())
 
 
+def temporary_file(final: Path, suffix: str = "", companion: str | None = None) -> Path:
+    """A new, empty file beside ``final`` under a hidden name no other writer (thread, process) uses
+    (``.<name>.<pid>.<n>.tmp`` + ``suffix``, created exclusively, with the permissions a plain write gives), to be
+    renamed over ``final``: the one temporary-file scheme of every whole-or-nothing writer here (images, result
+    files, videos, exported models). ``companion``: an extension whose file of the same stem is reserved too
+    (OpenVINO writes the ``.bin`` beside the ``.xml`` it is given). A user's file of a similar name, or another
+    writer's, is never touched. OSError when the folder cannot take a file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        path = final.with_name(f".{final.name[:200]}.{os.getpid()}.{next(_TMP_COUNTER)}.tmp{suffix}")
+        try:
+            os.close(os.open(path, flags, 0o666))
+        except FileExistsError:
+            continue
+        if companion is None:
+            return path
+        try:
+            os.close(os.open(path.with_suffix(companion), flags, 0o666))
+            return path
+        except FileExistsError:
+            path.unlink(missing_ok=True)
+
+
 def write_bytes_atomically(path: str | os.PathLike, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` whole or not at all (see :func:`write_image`): a hidden temporary file in the same
-    folder, renamed; OSError ``cannot write <path>: <reason>`` on failure, the temporary file removed."""
+    folder (:func:`temporary_file`), renamed; OSError ``cannot write <path>: <reason>`` on failure, the temporary
+    file removed."""
     p = Path(path)
     tmp: Path | None = None
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        while True:  # a name no other writer (thread, process) uses: 'x' refuses an existing file
-            tmp = p.with_name(f".{p.name[:200]}.{os.getpid()}.{next(_TMP_COUNTER)}.tmp")
-            try:
-                f = open(tmp, "xb")  # noqa: SIM115 - closed below; its errors (a full disk) are the point
-            except FileExistsError:
-                continue
-            break
-        with f:
+        tmp = temporary_file(p)
+        with open(tmp, "wb") as f:  # its errors (a full disk) are the point
             f.write(data)
         os.replace(tmp, p)
     except OSError as e:
@@ -500,8 +518,10 @@ class VideoWriter:
                 raise OSError(f"cannot write {self.path}: the video was closed")
             self.size = (bgr.shape[1], bgr.shape[0])
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.temp_path = self.path.with_name(f".{self.path.name[:200]}.{os.getpid()}.{next(_TMP_COUNTER)}.tmp"
-                                                 f"{self.path.suffix}")
+            try:
+                self.temp_path = temporary_file(self.path, self.path.suffix)  # (the suffix picks the container)
+            except OSError as e:
+                raise OSError(f"cannot write {self.path}: {e.strerror or e}") from e
             self._writer = cv2.VideoWriter(str(self.temp_path), cv2.VideoWriter_fourcc(*self.fourcc), self.fps,
                                            self.size)
             if not self._writer.isOpened():

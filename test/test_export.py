@@ -721,7 +721,8 @@ def test_an_output_folder_is_refused_before_anything_runs(tmp_path, ckpt, capsys
 def test_a_rename_that_fails_is_cannot_write(tmp_path):
     """The last step of a write (the rename over the output) failing, e.g. a folder of that name appearing meanwhile:
     'cannot write FILE: REASON', as the other write errors (before: a raw '[Errno 21] Is a directory' line)."""
-    from icnet_ros.export import replace_file, temporary_file
+    from icnet_ros.export import replace_file
+    from icnet_ros.video import temporary_file
 
     final = tmp_path / "m.bin"
     tmp = temporary_file(final)

@@ -88,7 +88,8 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     ``nncf.quantize`` arguments, for accuracy experiments; recorded). ``command``: recorded in
     the provenance. ``output``: the ``.xml`` path (``.xml`` is appended when missing); the ``.bin`` goes beside
     it. Files are written atomically: a failed write is OSError ``cannot write <.xml>: <reason>``, no file left."""
-    from ..export import check_export_size, exported_meta, inference_model, replace_file, temporary_file
+    from ..export import check_export_size, exported_meta, inference_model, replace_file
+    from ..video import temporary_file
 
     ov = _ov()
     h, w = check_export_size(size)
@@ -148,7 +149,7 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
-        try:  # unique names beside the output (.NAME.xml.XXXXXXXX.xml + .bin): no user's file or other export hit
+        try:  # unique names beside the output (.NAME.xml.<pid>.<n>.tmp.xml + .bin): no user's file or export hit
             tmp = temporary_file(out, ".xml", companion=".bin")
             ov.save_model(ov_model, str(tmp), compress_to_fp16=fp16)
         except RuntimeError as e:  # a full disk, a file size limit, a folder it cannot write: OpenVINO's words
