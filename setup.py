@@ -64,9 +64,9 @@ setup(
             "icnet-convert = icnet_ros.tools.convert:main",
             "icnet-export = icnet_ros.tools.export:main",
             "icnet-segment = icnet_ros.tools.segment:main",
-            "icnet-bench = icnet_ros.tools.bench:main",
-            "icnet-train = icnet_ros.train:main",
-            "icnet-eval = icnet_ros.evaluate:main",
+            "icnet-bench = icnet_ros.tools.entry_points:icnet_bench",  # signal handlers before torch
+            "icnet-train = icnet_ros.tools.entry_points:icnet_train",
+            "icnet-eval = icnet_ros.tools.entry_points:icnet_eval",
             "icnet-record = icnet_ros.tools.record:main",
             "icnet-demo = icnet_ros.tools.demo:main",
             "icnet-node-bench = icnet_ros.tools.node_bench:main",

@@ -2,8 +2,10 @@
 (executables in lib/icnet_ros, launch/config/models in share/icnet_ros, the ament index marker)."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -67,6 +69,30 @@ def test_colcon_build_installs_ros_layout(tmp_path):
     assert not (share / "models").exists() and (share / "LICENSE").is_file()
     assert "Apache License" in (share / "LICENSE").read_text()
     assert "unknown distribution option" not in proc.stderr.lower(), proc.stderr  # setup.py's tests_require
+
+
+@pytest.mark.parametrize("tool, sig", [("icnet-eval", signal.SIGINT), ("icnet-train", signal.SIGTERM),
+                                       ("icnet-bench", signal.SIGINT), ("icnet-eval", signal.SIGTERM)])
+def test_installed_tools_interrupted_while_importing_torch_say_one_line(tool, sig):
+    """The console scripts of icnet-eval, icnet-train and icnet-bench imported their module, and torch with it (1-3
+    s), before main installed any handler: Ctrl-C then was a KeyboardInterrupt traceback, SIGTERM a silent death
+    (-15). Now the handlers come first (tools/entry_points.py): one line, exit status 128 + the signal. The signal
+    is sent once torch's library is being loaded, i.e. during the imports."""
+    script = Path(sys.executable).parent / tool
+    proc = subprocess.Popen([str(script), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    maps = f"/proc/{proc.pid}/maps"
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if "libtorch" in open(maps).read():
+                break
+        except OSError:
+            pass
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err, out) == (128 + sig, f"{tool}: interrupted\n", ""), (proc.returncode, err[-3000:])
 
 
 @pytest.mark.parametrize("module, args", [

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
@@ -28,6 +29,9 @@ from ..checkpoint import CheckpointError
 from ..data.datasets import DatasetError, one_line_error
 from .config import DEFAULTS, ConfigError, load_config
 from .trainer import STATE_FILE, Trainer
+
+if TYPE_CHECKING:
+    from ..tools.cli_checks import StopSignals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """icnet-train. SIGINT / SIGTERM: while training, the state is saved and the run stops (exit status 130 / 143);
+    before it (the config, the data, the model being built) or during that save (a second Ctrl-C), one line
+    ``icnet-train: interrupted; ...`` and the same status."""
+    from ..tools.cli_checks import StopSignals
+
+    with StopSignals() as stop:  # (the training loop installs its own handlers while it runs)
+        try:
+            return _main(argv, stop)
+        except KeyboardInterrupt:  # reading the config (the run's own interruptions are answered in _main)
+            print("icnet-train: interrupted", file=sys.stderr)
+            return stop.exit_code
+
+
+def _main(argv: list[str] | None, stop: StopSignals) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         config = load_config(args.config, args.overrides)
@@ -79,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             saved = (f"; the state saved last is in {trainer.out_dir}" if (trainer.out_dir / STATE_FILE).is_file()
                      else f"; no training state was saved in {trainer.out_dir}")
         print(f"icnet-train: interrupted{saved}", file=sys.stderr)
-        return 130
+        return stop.exit_code
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
