@@ -77,6 +77,7 @@ SHUTDOWN_EXIT_DELAY_S = 0.5  # from the shutdown transition to the process's end
 BAD_FRAMES_WARN_S = 10.0  # a camera that dropped bad frames is WARN in /diagnostics for this long after the last
 NO_FRAMES_WARN_S = 5.0  # a camera with a publisher but no frame this long gets a warning with the likely cause
 RETIRE_S = 5.0  # the longest a replaced image subscription stays while its successor matches the publishers
+OVERLAP_FRAME_IDS = 64  # frame_ids remembered while two subscriptions of a camera overlap (see _on_image)
 OUTPUT_DEPTH = 5  # default history depth of the output publishers
 QOS_POLICIES = (QoSPolicyKind.HISTORY, QoSPolicyKind.DEPTH, QoSPolicyKind.RELIABILITY, QoSPolicyKind.DURABILITY)
 SWAP_TIMEOUT_S = 30.0  # the longest a hot swap waits for the batch in flight on the old model
@@ -171,7 +172,9 @@ class Camera:
     # asynchronously: a reliable writer delivers only to readers it has matched), then goes; see _watch_inputs
     retiring: Any | None = None
     retire_by: float = 0.0  # monotonic deadline for ``retiring``
-    last_stamp: tuple[int, int, str] | None = None  # the last frame submitted while two subscriptions overlap
+    subscription_token: object | None = None  # passed by ``subscription``'s callback (``retiring``'s has another)
+    successor_delivered: bool = False  # while two overlap: ``subscription`` has delivered a frame
+    overlap_stamps: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # newest taken, by frame_id
 
 
 class SegmentationNode(LifecycleNode):
@@ -422,10 +425,12 @@ class SegmentationNode(LifecycleNode):
                          reliability=ReliabilityPolicy.RELIABLE if cam.reliability == "reliable"
                          else ReliabilityPolicy.BEST_EFFORT)
         events = SubscriptionEventCallbacks(incompatible_qos=lambda e, c=cam: self._incompatible(c, e))
+        token = object()
         cam.subscription = self.create_subscription(
-            CompressedImage if cam.compressed else Image, cam.topic, lambda m, t=cam.topic: self._on_image(t, m),
-            qos, callback_group=self.io_group, event_callbacks=events,
-            qos_overriding_options=QoSOverridingOptions(policies))
+            CompressedImage if cam.compressed else Image, cam.topic,
+            lambda m, t=cam.topic, k=token: self._on_image(t, m, k), qos, callback_group=self.io_group,
+            event_callbacks=events, qos_overriding_options=QoSOverridingOptions(policies))
+        cam.subscription_token, cam.successor_delivered = token, False
         if cam.fixed_reliability:
             cam.reliability = ("reliable" if cam.subscription.qos_profile.reliability == ReliabilityPolicy.RELIABLE
                                else "best_effort")
@@ -449,18 +454,39 @@ class SegmentationNode(LifecycleNode):
             f"{getattr(event, 'last_policy_kind', '?')}): its frames cannot arrive; see `ros2 topic info -v "
             f"{self.resolve_topic_name(cam.topic)}`")
 
-    def _on_image(self, topic: str, msg: Any) -> None:
+    def _on_image(self, topic: str, msg: Any, token: object = None) -> None:
         pipeline = self.pipeline
         if pipeline is None or not self._active:
             return
         cam = self._by_topic.get(topic)
-        if cam is not None and cam.retiring is not None:  # two subscriptions overlap: take each frame once
-            stamp = msg.header.stamp
-            key = (int(stamp.sec), int(stamp.nanosec), msg.header.frame_id)
-            if key[:2] != (0, 0) and key == cam.last_stamp:
-                return
-            cam.last_stamp = key
+        if cam is not None and cam.retiring is not None and not self._take_during_overlap(cam, msg, token):
+            return
         pipeline.submit(topic, msg)
+
+    @staticmethod
+    def _take_during_overlap(cam: Camera, msg: Any, token: object) -> bool:
+        """Whether to take a frame while a camera's old and new subscriptions overlap (a reliability switch): each
+        frame then arrives on both, in either order (a reliable reader that resends lost fragments lags a
+        best-effort one). The old subscription's frames are taken until the new one has delivered, none after;
+        a stamped frame only when newer than the newest taken from its frame_id (before: only an exact repeat of
+        the last frame was skipped, so a lagging copy was segmented again and published older-after-newer).
+        Unstamped frames cannot be told apart: at most one may come twice, at the hand-over."""
+        if token is cam.subscription_token:
+            cam.successor_delivered = True
+        elif cam.successor_delivered:
+            return False
+        stamp = msg.header.stamp
+        key = (int(stamp.sec), int(stamp.nanosec))
+        if key == (0, 0):
+            return True
+        frame_id = msg.header.frame_id
+        newest = cam.overlap_stamps.get(frame_id)
+        if newest is not None and key <= newest:
+            return False
+        if newest is None and len(cam.overlap_stamps) >= OVERLAP_FRAME_IDS:  # bounded, whatever the frame_ids
+            cam.overlap_stamps.clear()
+        cam.overlap_stamps[frame_id] = key
+        return True
 
     def _watch_inputs(self) -> None:
         """Follow the publishers' reliability (unless qos_overrides fixed it) and warn about cameras whose
@@ -491,11 +517,13 @@ class SegmentationNode(LifecycleNode):
                 if cam.retiring is not None:
                     self.destroy_subscription(cam.retiring)
                 cam.retiring, cam.retire_by = old, now + RETIRE_S
+                cam.overlap_stamps.clear()
                 continue
             if cam.retiring is not None and (cam.subscription.get_publisher_count() >= len(reliabilities)
                                              or now >= cam.retire_by):
                 self.destroy_subscription(cam.retiring)
-                cam.retiring, cam.last_stamp = None, None
+                cam.retiring = None
+                cam.overlap_stamps.clear()
             s = snap.get(cam.topic, {})
             silent = s.get("seconds_since_last_frame")
             if not reliabilities or (silent is not None and silent < NO_FRAMES_WARN_S):
@@ -860,7 +888,11 @@ class SegmentationNode(LifecycleNode):
                 if min(in_size) > 0:  # a camera_info still to come is published when it arrives (_on_camera_info)
                     info = cam.info_cache.match(stamp_ns(header), waiting=(header, in_size, out_size))
                     if info is not None:
-                        self._publish_info(info_pub, info, header, in_size, out_size)
+                        try:
+                            self._publish_info(info_pub, info, header, in_size, out_size)
+                        except ValueError as e:  # that camera_info's fault, not the frame's (its outputs went out)
+                            self.get_logger().warning(f"{cam.topic}: cannot publish its camera_info: {e}",
+                                                      throttle_duration_sec=10.0)
         return published
 
     @staticmethod

@@ -485,6 +485,56 @@ def test_lifecycle_in_process_frees_the_model_and_refuses_other_classes(checkpoi
             assert torch.cuda.memory_allocated() <= base
 
 
+def test_overlapping_subscriptions_take_each_frame_once_in_order(checkpoint: Path):
+    """While a camera's image subscription is replaced (a reliability switch), the old one serves until the new one
+    has matched, and each frame arrives on both, in either order. Before, only an exact repeat of the last frame was
+    skipped: with the new reader one frame behind (old N+1, new N, old N+2, new N+1, ...) every frame was segmented
+    twice and published older-after-newer. Now the old subscription's frames stop once the new one has delivered,
+    and a stamped frame is taken only when newer than the newest taken; the real subscriptions' callbacks are
+    called with the frames, and what reaches the pipeline is recorded."""
+    from builtin_interfaces.msg import Time
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    overrides = [Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
+                 Parameter("image_topics", value=["/ov/image_raw"])]
+    with _in_process_node(overrides) as node:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        (cam,) = node.cameras
+        taken: list[tuple[int, str]] = []
+        submit = node.pipeline.submit
+        node.pipeline.submit = lambda topic, msg: (taken.append((msg.header.stamp.sec, msg.header.frame_id)),
+                                                   submit(topic, msg))
+        old = cam.subscription
+        node._subscribe(cam)  # what _watch_cameras does on a switch: the new subscription, the old one retiring
+        cam.retiring = old
+        new = cam.subscription
+        assert new is not old
+
+        def msg(sec: int, frame_id: str = "cam") -> Image:
+            return image_msg(np.zeros((8, 8, 3), np.uint8), "rgb8", Time(sec=sec), frame_id)
+
+        old.callback(msg(1))  # only the old one delivers at first
+        old.callback(msg(2))
+        for n in range(3, 8):  # the new reader one frame behind the old one
+            old.callback(msg(n))
+            new.callback(msg(n - 1))
+        new.callback(msg(7))
+        new.callback(msg(8))
+        old.callback(msg(9))  # after the new one has delivered: the old one's frames are not taken
+        new.callback(msg(9))
+        old.callback(msg(0))  # unstamped, from the old one: not taken either
+        new.callback(msg(5, "other"))  # another frame_id has its own order
+        assert taken == [(1, "cam"), (2, "cam"), (3, "cam"), (4, "cam"), (5, "cam"), (6, "cam"), (7, "cam"),
+                         (8, "cam"), (9, "cam"), (5, "other")], taken
+        # the overlap ended: every frame is taken again, as delivered
+        cam.retiring = None
+        node.destroy_subscription(old)
+        new.callback(msg(3))
+        assert taken[-1] == (3, "cam")
+
+
 def test_outputs_change_at_run_time(checkpoint: Path):
     """`outputs` is live: setting it to [label] withdraws the other publishers, setting more back advertises them.
     Before, [label] (the engine option's own default) counted as 'unchanged': success reported, nothing withdrawn,
