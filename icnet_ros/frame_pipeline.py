@@ -68,12 +68,14 @@ from .engine_config import FrameError
 from .ros_image import DEFAULT_MAX_PIXELS, ImageFormatError, compressed_header, segmenter_frame, segmenter_input
 from .sizes import MIN_INPUT_SIZE
 
-__all__ = ["AGE_FROM", "BIG_FRAME", "CameraStats", "FOREIGN_CLOCK_S", "FramePipeline", "LATE_PERIODS", "LATENCY_WINDOW",
-           "PipelineOptions", "RECENT_S", "REGROW_AFTER", "WARN_PERIOD_S", "device_failure", "release_device_memory"]
+__all__ = ["AGE_FROM", "BIG_FRAME", "CameraStats", "FOREIGN_CLOCK_S", "FOREIGN_WARN_FRAMES", "FramePipeline",
+           "LATE_PERIODS", "LATENCY_WINDOW", "PipelineOptions", "RECENT_S", "REGROW_AFTER", "WARN_PERIOD_S",
+           "device_failure", "release_device_memory"]
 
 WARN_PERIOD_S = 5.0  # throttle for repeated per-camera warnings and errors of one kind
 LATENCY_WINDOW = 300  # latency samples kept per camera for the percentiles
 FOREIGN_CLOCK_S = 10.0  # a header stamp further than this from the node's clock at receipt: another clock
+FOREIGN_WARN_FRAMES = 2  # ... the log warns once this many frames in a row were so (a bag loop's jump makes one)
 LATE_PERIODS = 3.0  # batch_timeout waits for a camera only while it has missed fewer frames than this
 RECENT_S = 5.0  # ... or, for a camera of one frame so far, if that frame came this recently
 BIG_FRAME = 4  # a frame costing more than this many times the smallest pending one waits for its turn (fairness)
@@ -190,6 +192,7 @@ class _Camera:
     pending: _Item | None = None  # newest unprocessed frame
     last_log: dict[str, float] = dataclasses.field(default_factory=dict)  # reason -> time.monotonic()
     clock_warned: bool = False  # the foreign-clock warning is given once per camera
+    foreign_frames: int = 0  # stamped frames in a row from another clock
     credit: int = 0  # pixels earned toward its next frame (deficit round robin, see _take_batch)
     problem: str | None = None  # a standing problem for /diagnostics (e.g. stamps from another clock)
 
@@ -544,14 +547,20 @@ class FramePipeline:
     def _check_clock(self, it: _Item, stamp: int) -> None:
         """Keep the camera's standing problem (/diagnostics) to its newest frame's clock offset: set while its header
         stamps are far from the node's clock (another clock domain), cleared when they are back (a frame before the
-        first /clock, a bag loop's jump); the log warns once per camera."""
+        first /clock, a bag loop's jump); the log warns once per camera, once :data:`FOREIGN_WARN_FRAMES` frames in
+        a row were off (a single frame across a bag loop's jump is not another clock). On a simulated clock that has
+        not ticked yet (no /clock received: its time is 0) a stamp cannot be judged: before, a frame there used up
+        the camera's one warning, telling to set the use_sim_time that was set."""
+        if it.received_ns == 0 and self._simulated_clock():
+            return
         offset = (it.received_ns - stamp) / 1e9
         foreign = abs(offset) > FOREIGN_CLOCK_S
         where = f"{offset:.1f} s behind" if offset > 0 else f"{-offset:.1f} s ahead of"
         with self._lock:
             it.cam.stats.clock_offset_s = offset
             it.cam.problem = f"header stamps {where} this node's clock (another clock?)" if foreign else None
-        if not foreign or it.cam.clock_warned:
+        it.cam.foreign_frames = it.cam.foreign_frames + 1 if foreign else 0
+        if it.cam.foreign_frames < FOREIGN_WARN_FRAMES or it.cam.clock_warned:
             return
         it.cam.clock_warned = True
         if self.options.max_age_from == "stamp" and self.options.max_age > 0:

@@ -208,6 +208,39 @@ def test_foreign_clock_frames_are_served_and_reported_once(segmenter: Segmenter,
     assert cam["dropped"] == ({"too_old": 1} if offset_s > 0 else {}), cam
 
 
+def test_clock_warning_waits_for_a_simulated_clock_and_for_a_second_frame(segmenter: Segmenter):
+    """use_sim_time with ``ros2 bag play --clock``: frames that arrive before the first /clock meet a node clock of
+    0, 1.7e9 s behind their stamps. Before, the first such frame used up the camera's one warning, telling to set
+    the use_sim_time that was set, and a real foreign clock later went unlogged. Now a clock that has not ticked
+    judges no stamp, a single frame off (a bag loop's jump) is not warned about, and two in a row are."""
+    now = [0]
+    sink, log = Sink(), Log()
+    pipe = FramePipeline(segmenter, [("/a", False)], wanted=sink.wanted, publish=sink.publish,
+                         clock_ns=lambda: now[0], simulated_clock=lambda: True, logger=log)
+    bag = 1_700_000_000 * 10**9
+    pipe.submit("/a", image(1, stamp_ns=bag))
+    pipe.step()
+    assert pipe.snapshot()["cameras"]["/a"]["problem"] is None
+    now[0] = bag + 10**8  # /clock runs
+    pipe.submit("/a", image(2, stamp_ns=bag))
+    pipe.step()
+    now[0] = bag - 100 * 10**9  # the bag loops: /clock jumps back, one frame is stamped before the jump
+    pipe.submit("/a", image(3, stamp_ns=bag + 2 * 10**8))
+    pipe.step()
+    assert "ahead of" in pipe.snapshot()["cameras"]["/a"]["problem"]  # /diagnostics says so at once
+    now[0] = bag - 99 * 10**9
+    pipe.submit("/a", image(4, stamp_ns=bag - 99 * 10**9))
+    pipe.step()
+    assert pipe.snapshot()["cameras"]["/a"]["problem"] is None
+    assert not [text for _, text in log.lines if "another clock" in text]
+    for i in range(2):  # a camera stamping with its own clock, 1000 s behind
+        pipe.submit("/a", image(5 + i, stamp_ns=now[0] - 1000 * 10**9))
+        pipe.step()
+    warnings = [text for _, text in log.lines if "another clock" in text]
+    assert len(warnings) == 1 and "1000.0 s behind" in warnings[0], warnings
+    assert pipe.snapshot()["cameras"]["/a"]["processed"] == 6
+
+
 def test_stamps_on_this_clock_give_stamp_latency_never_negative(segmenter: Segmenter):
     now = [10**12]
     sink = Sink()
