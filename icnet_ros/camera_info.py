@@ -31,6 +31,8 @@ MAX_DISTORTION_COEFFICIENTS = 14
 #: the longest distortion model name and header frame_id a cached camera_info may carry (characters)
 MAX_NAME_CHARS = 64
 MAX_FRAME_ID_CHARS = 1024
+#: the largest value of CameraInfo's uint32 fields (width, height, ROI): a scaled one must fit
+MAX_UINT32 = 2**32 - 1
 
 
 def stamp_ns(header: Any) -> int:
@@ -196,4 +198,9 @@ def scale_camera_info(info: Any, image_size: tuple[int, int], output_size: tuple
     p[0], p[1], p[2], p[3] = p[0] * sx, p[1] * sx, p[2] * sx + shift_x, p[3] * sx
     p[5], p[6], p[7] = p[5] * sy, p[6] * sy + shift_y, p[7] * sy
     out.p = p
+    too_large = [v for v in (out.width, out.height, roi.x_offset, roi.y_offset, roi.width, roi.height)
+                 if v > MAX_UINT32]
+    if too_large:  # rclpy takes it, DDS sends it modulo 2**32: a wrong calibration, not an error, downstream
+        raise ValueError(f"the scaled camera_info does not fit its uint32 fields ({too_large[0]} for "
+                         f"{in_w}x{in_h} -> {out_w}x{out_h}, width {info.width}, height {info.height})")
     return out

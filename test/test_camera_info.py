@@ -101,6 +101,25 @@ def test_real_camera_info_message():
     np.testing.assert_allclose(out.p[:3], [750.0, 0, 480.0])
 
 
+def test_a_scaled_size_beyond_uint32_is_refused_not_wrapped():
+    """A hostile (or broken) camera_info of 3e9 px width, its image upscaled 2x (output_size model with a network
+    input larger than the frame): the scaled width 6e9 was set on the message, which rclpy accepts and DDS delivers
+    modulo 2**32 (1705032704): a wrong calibration downstream. Now a ValueError (the node warns and publishes the
+    frame's outputs without that camera_info)."""
+    pytest.importorskip("sensor_msgs")
+    from sensor_msgs.msg import CameraInfo
+
+    src = CameraInfo(width=3_000_000_000, height=480, k=[500.0, 0, 320.0, 0, 500.0, 240.0, 0, 0, 1])
+    with pytest.raises(ValueError, match=r"^the scaled camera_info does not fit its uint32 fields \(6000000000 "):
+        scale_camera_info(src, (480, 640), (960, 1280), CameraInfo())
+    src.roi.x_offset = 3_000_000_000  # an ROI offset likewise
+    src.width = 640
+    with pytest.raises(ValueError, match="does not fit"):
+        scale_camera_info(src, (480, 640), (960, 1280), CameraInfo())
+    src.roi.x_offset = 0
+    assert scale_camera_info(src, (480, 640), (960, 1280), CameraInfo()).width == 1280
+
+
 def test_cache_pairs_by_stamp():
     cache = CameraInfoCache(capacity=3)
     msgs = [info(fx=100.0 + i, stamp=(10, i)) for i in range(5)]
