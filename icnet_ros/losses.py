@@ -134,8 +134,9 @@ class LovaszSoftmax(nn.Module):
     For each present class c: the pixels' errors ``|[y = c] - p_c|`` sorted in decreasing order, dotted with
     :func:`_lovasz_grad` of the sorted ground truth; the mean over present classes. Ignored pixels count nowhere;
     0 (with gradient) when no pixel is labelled. ``label_stride`` k > 1 evaluates it on every k-th label pixel in
-    each direction (the centre of each k x k cell), logits upsampled to that grid: the per-class sorts dominate the
-    cost (about 4.5 s per batch of eight 384x512 crops on one CPU thread at k = 1, k**2 times less at k).
+    each direction (the centre of each k x k cell) with the logits upsampled to the label size there: the per-class
+    sorts dominate the cost (about 4.5 s per batch of eight 384x512 crops on one CPU thread at k = 1, k**2 times
+    less at k).
     """
 
     def __init__(self, ignore_index: int = IGNORE_INDEX, label_stride: int = 1) -> None:
@@ -147,9 +148,11 @@ class LovaszSoftmax(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         k = self.label_stride
-        if k > 1:
-            target = target[..., k // 2::k, k // 2::k]
         logits = upsample_logits(logits.float(), target.shape[-2:])
+        if k > 1:  # the logits at those pixels' own centres (resizing them to the sparse grid put each cell's
+            # value half a label pixel away from its pixel's at even k)
+            target = target[..., k // 2::k, k // 2::k]
+            logits = logits[..., k // 2::k, k // 2::k]
         probs = logits.softmax(dim=1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
         labels = target.reshape(-1).long()
         valid = labels != self.ignore_index

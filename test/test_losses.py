@@ -195,12 +195,19 @@ def test_cascade_loss_adds_weighted_lovasz_to_the_main_branch():
 
 
 def test_lovasz_label_stride_takes_the_centre_of_each_cell():
+    """Every k-th label pixel, with the logits there: those of the full-size upsampled logits at the same pixels.
+    Before, the logits were resized to the sparse grid, whose cells' centres lie half a label pixel from their
+    pixels' at even k (the default 2)."""
     torch.manual_seed(3)
     logits = torch.randn(2, 4, 6, 8)
     labels = torch.randint(0, 4, (2, 12, 16))
-    sub = labels[:, 1::2, 1::2]  # 6 x 8: the logits' own size, no upsampling
+    sub = labels[:, 1::2, 1::2]
+    at_pixels = F.interpolate(logits, size=(12, 16), mode="bilinear", align_corners=False)[..., 1::2, 1::2]
     assert LovaszSoftmax(label_stride=2)(logits, labels).item() == pytest.approx(
-        LovaszSoftmax()(logits, sub).item(), rel=1e-6)
+        LovaszSoftmax()(at_pixels, sub).item(), rel=1e-6)
+    assert LovaszSoftmax(label_stride=3)(logits, labels).item() == pytest.approx(LovaszSoftmax()(
+        F.interpolate(logits, size=(12, 16), mode="bilinear", align_corners=False)[..., 1::3, 1::3],
+        labels[:, 1::3, 1::3]).item(), rel=1e-6)
     with pytest.raises(ValueError, match="label_stride"):
         LovaszSoftmax(label_stride=0)
 
