@@ -382,7 +382,7 @@ def test_images_declaring_too_many_pixels_are_refused_before_decoding(tmp_path):
     cv2.imwrite(str(tmp_path / "train" / "images" / "a.png"), np.zeros((8, 8, 3), np.uint8))
     _png_header_only(tmp_path / "train" / "labels" / "a.png", 8000, 7000, 0)  # 56 MP grey: above the limit
     _png_header_only(tmp_path / "val" / "images" / "a.png", 7072, 7072, 2)  # 50.01 MP RGB
-    # 256 MP paletted: Pillow itself calls it a decompression bomb
+    # 256 MP paletted (Pillow itself calls it a decompression bomb): its size read from the IHDR, as every PNG's
     _png_header_only(tmp_path / "val" / "labels" / "a.png", 16000, 16000, 3, b"\x00\x00\x00" * 11)
     spec = DataSpec(str(tmp_path), layout="camvid")
     with pytest.raises(DatasetError, match=r"label .*train/labels/a.png: declares 8000x7000 = 56.0 megapixels, above "
@@ -390,8 +390,111 @@ def test_images_declaring_too_many_pixels_are_refused_before_decoding(tmp_path):
         build_dataset(spec, "train")[0]
     with pytest.raises(DatasetError, match=r"image .*val/images/a.png: declares 7072x7072"):
         build_dataset(spec, "val")[0]
-    with pytest.raises(DatasetError, match="label .*val/labels/a.png: declares too many pixels"):
+    with pytest.raises(DatasetError, match="label .*val/labels/a.png: declares 16000x16000 = 256.0 megapixels"):
         read_label(tmp_path / "val" / "labels" / "a.png", CAMVID_CLASSES)
+
+
+def _png_with_text_chunk(w, h, rows=True, bad_crc=True):
+    """A grey PNG declaring w x h pixels with a tEXt chunk; ``bad_crc``: the chunk fails its CRC check (Pillow then
+    cannot parse the header; libpng warns and decodes the image). ``rows``: all its rows (class 3; 96 KB for
+    10000 x 8000), else four."""
+    import struct
+    import zlib
+
+    def chunk(kind, data, bad=False):
+        crc = zlib.crc32(kind + data) ^ (1 if bad else 0)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    co = zlib.compressobj(9)
+    idat = b"".join(co.compress(b"\0" + b"\3" * w) for _ in range(h if rows else 4)) + co.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"tEXt", b"Comment\0hello", bad=bad_crc) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _radiance_hdr(w, h, rows=True):
+    """A Radiance HDR (a format OpenCV decodes and Pillow does not read) declaring w x h pixels. ``rows``: all its
+    run-length encoded rows (5 MB for 10000 x 8000), else none."""
+    runs = [127] * (w // 127) + ([w % 127] if w % 127 else [])
+    line = bytes([2, 2, w >> 8, w & 255]) + b"".join(bytes(b for n in runs for b in (128 + n, v))
+                                                      for v in (128, 64, 32, 129))
+    return b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y %d +X %d\n" % (h, w) + (line * h if rows else b"")
+
+
+def _one_line_refusal(read, path, message):
+    """``read(path)`` raises a one-line DatasetError starting with ``message``, having allocated no more than a few
+    copies of the file (tracemalloc sees numpy's and OpenCV's arrays: a decoded image would show)."""
+    import re
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match="^" + re.escape(message)) as info:
+            read(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(info.value)
+    assert peak < 4 * path.stat().st_size + (8 << 20), peak
+
+
+def test_a_label_whose_header_pillow_cannot_parse_is_checked_from_its_bytes(tmp_path):
+    """The label's size check was Pillow's header parser, and a PNG it cannot parse (a tEXt chunk failing its CRC)
+    went to cv2.imread unchecked: 96 KB declaring 10000x8000 (limit 50 megapixels) was decoded whole (0.6 s, 80 MB;
+    20000x20000: +770 MB), and one declaring more than OpenCV's own 2**30 pixels raised a cv2.error traceback. Now a
+    label's bytes go through the images' header walk (every chunk's CRC checked) before decoding: one line."""
+    for (w, h), rows in (((10000, 8000), True), ((40000, 30000), False)):
+        path = tmp_path / f"{w}x{h}.png"
+        path.write_bytes(_png_with_text_chunk(w, h, rows))
+        _one_line_refusal(lambda p: read_label(p, CAMVID_CLASSES), path,
+                          f"cannot decode label {path}: PNG chunk b'tEXt' at byte 33 fails its CRC check")
+    path = tmp_path / "valid.png"  # the same label with its CRC right: refused for its declared size
+    path.write_bytes(_png_with_text_chunk(10000, 8000, bad_crc=False))
+    _one_line_refusal(lambda p: read_label(p, CAMVID_CLASSES), path,
+                      f"label {path}: declares 10000x8000 = 80.0 megapixels, above the limit of 50 megapixels")
+
+
+def test_images_of_formats_whose_size_is_not_read_from_the_header_are_refused(tmp_path):
+    """The images' header walk covers JPEG and PNG, and the Pillow check gave up on formats it does not read: a
+    Radiance HDR named .jpg (5 MB declaring 10000x8000, limit 50 megapixels) was decoded to an 8000 x 10000 x 3
+    image (+1.1 GB), and one declaring more than OpenCV's own 2**30 pixels raised a cv2.error traceback. Now such
+    formats are refused before decoding, one line saying which formats are read; BMP, TIFF and WebP are read,
+    within the limit (a BMP header declaring 10000x8000 is refused)."""
+    from icnet_ros.data import read_image
+
+    for (w, h), rows in (((10000, 8000), True), ((40000, 30000), False)):
+        path = tmp_path / f"{w}x{h}.jpg"
+        path.write_bytes(_radiance_hdr(w, h, rows))
+        _one_line_refusal(read_image, path, f"cannot read image {path}: not a JPEG, PNG, BMP, TIFF or WebP file")
+    image = np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    for suffix in (".bmp", ".tif", ".webp"):
+        lossless = [cv2.IMWRITE_WEBP_QUALITY, 101] if suffix == ".webp" else []
+        cv2.imwrite(str(tmp_path / f"x{suffix}"), image, lossless)
+        np.testing.assert_array_equal(read_image(tmp_path / f"x{suffix}"), image[..., ::-1])
+    big = tmp_path / "big.bmp"
+    big.write_bytes((tmp_path / "x.bmp").read_bytes()[:18] + (10000).to_bytes(4, "little")
+                    + (8000).to_bytes(4, "little") + (tmp_path / "x.bmp").read_bytes()[26:])
+    _one_line_refusal(read_image, big, f"image {big}: declares 10000x8000 = 80.0 megapixels, above the limit")
+
+
+def test_an_opencv_error_while_decoding_is_a_dataset_error(tmp_path, monkeypatch):
+    """A cv2.error from the decoder (a header OpenCV refuses, e.g. beyond its own pixel limit) escaped both
+    readers: a traceback in icnet-eval (which reports DatasetError in one line) and a worker crash in training.
+    Now a DatasetError naming the file and OpenCV's reason, without its source file and line."""
+    from icnet_ros.data import read_image
+
+    path = tmp_path / "a.png"
+    cv2.imwrite(str(path), np.zeros((4, 6), np.uint8))
+
+    def refuse(*args):
+        raise cv2.error("OpenCV(5.1.0) /io/loadsave.cpp:80: error: (-215:Assertion failed) pixels <= "
+                        "CV_IO_MAX_IMAGE_PIXELS in function 'validateInputImageSize'")
+
+    monkeypatch.setattr(cv2, "imdecode", refuse)
+    monkeypatch.setattr(cv2, "imread", refuse)
+    for read, what in ((read_image, "image"), (lambda p: read_label(p, CAMVID_CLASSES), "label")):
+        with pytest.raises(DatasetError, match=f"^cannot decode {what} {path}: \\(-215:Assertion failed\\) pixels "
+                                               "<= CV_IO_MAX_IMAGE_PIXELS in function 'validateInputImageSize'$"):
+            read(path)
 
 
 def test_collate_stacks_equal_sizes_and_lists_mixed_sizes(tmp_path):
@@ -516,6 +619,19 @@ def test_dataset_augmentation_depends_only_on_the_sample_seed():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].shape == (96, 128, 3)
     c = ds[(1, 99)]
     assert not torch.equal(a[0], c[0])
+
+
+def test_an_int_key_gives_the_same_sample_every_time(tmp_path):
+    """dataset[i] (what an int sampler such as ShardSampler yields) ran the augmentation with fresh OS entropy: each
+    read of a sample another scale, crop, flip and colour, against the docstring ('without augmentation
+    randomness'). Now the index fixes it: dataset[i] is dataset[(i, i)], and dataset[-1] the last sample's."""
+    _folders(tmp_path, lambda p, h, w: cv2.imwrite(str(p), (np.arange(h * w) % 3).reshape(h, w).astype(np.uint8)),
+             "classes: [a, b, c]\n")
+    ds = build_dataset(DataSpec(str(tmp_path), label_suffix="_mask"), "train", transform=train_transforms((32, 48)))
+    a, b, c, last = ds[1], ds[1], ds[(1, 1)], ds[-1]
+    assert a[0].shape == (32, 48, 3) and a[1].shape == (32, 48)
+    for other in (b, c, last):
+        assert torch.equal(a[0], other[0]) and torch.equal(a[1], other[1])
 
 
 # ------------------------------------------------------------------------------------------------ samplers

@@ -366,6 +366,35 @@ def test_an_unreadable_image_is_one_line_exit_2(capsys, tmp_path, ckpt):
         assert "Traceback" not in text
 
 
+def test_a_file_whose_size_is_not_read_from_its_header_is_one_line_exit_2(capsys, tmp_path, ckpt):
+    """A label PNG whose tEXt chunk fails its CRC (Pillow cannot parse its header) and an image named .jpg holding a
+    Radiance HDR header (a format Pillow does not read), each declaring 40000x30000: their size went unchecked and
+    OpenCV's own limit (2**30 pixels) ended icnet-eval with a cv2.error traceback, exit status 1. Now each is refused
+    from its header: one line naming the file and why, exit status 2."""
+    import struct
+    import zlib
+
+    def chunk(kind, data, bad=False):
+        crc = zlib.crc32(kind + data) ^ (1 if bad else 0)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    label = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 30000, 8, 0, 0, 0, 0))
+             + chunk(b"tEXt", b"a\0b", bad=True) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    hdr = b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 30000 +X 40000\n" + b"\x80" * 256
+    for name, broken, data, why in (("label", "labels/f1.png", label, "cannot decode label {}: PNG chunk b'tEXt' at "
+                                     "byte 33 fails its CRC check"),
+                                    ("image", "images/f1.jpg", hdr, "cannot read image {}: not a JPEG, PNG, BMP, TIFF "
+                                     "or WebP file")):
+        root = tmp_path / name
+        _camvid_tree(root)
+        if broken.endswith(".jpg"):  # the image f1.jpg in place of f1.png
+            (root / "val" / "images" / "f1.png").unlink()
+        (root / "val" / broken).write_bytes(data)
+        assert main(["--model", str(ckpt), "--data", str(root), "--workers", "0", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("icnet-eval: error: " + why.format(root / "val" / broken)) and err.count("\n") == 1, err
+
+
 def test_a_dataset_listing_the_models_classes_in_another_order_is_matched_by_name(capsys, tmp_path):
     """A class file with the model's class names in another order (each name keeping its raw label value): ids were
     compared as numbers, so each class met another's pixels; labels that are the model's own prediction scored 0

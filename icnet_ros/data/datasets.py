@@ -13,18 +13,24 @@ Samples are returned as ``(image, label)``: an H x W x 3 uint8 RGB tensor and an
 (255 = ignore). Normalisation happens later, on the training device (:class:`icnet_ros.preprocess.Normalizer`).
 
 Image and label files larger than :data:`MAX_IMAGE_PIXELS` (50 megapixels; Cityscapes frames are 2) are refused
-from their header, before any decoding: a small compressed file may claim a huge size.
+from their header, before any decoding: a small compressed file may claim a huge size. The files read are JPEG, PNG,
+BMP, TIFF and WebP (:data:`HEADER_FORMATS`), whatever their suffix; other formats (Radiance HDR, PFM, ...), whose size
+is not read from their header here, are refused as corrupt files are: a one-line :class:`DatasetError` naming the
+file and the reason.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import signal
 import string
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -34,7 +40,6 @@ import yaml
 from torch.utils.data import Dataset, Sampler
 
 from ..classes import CAMVID, CITYSCAPES, IGNORE_INDEX, ClassSet, generic_palette, get_class_set
-from ..sizes import declared_image_size
 from .transforms import Transform
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -43,6 +48,11 @@ CLASS_FILE_NAMES = ("classes.yaml", "classes.yml", "classes.json", "classes.txt"
 #: the most pixels (width x height) an image or label file may declare: larger files are refused from their header
 #: before decoding (a few hundred KB of PNG can claim 16000 x 16000 pixels: gigabytes once decoded)
 MAX_IMAGE_PIXELS = 50_000_000
+#: the formats the readers decode, told by their bytes (a suffix may lie), each with its size checked from its header:
+#: JPEG and PNG by the node's bounded header walk, the others by Pillow (with only their plugins, so that OpenCV then
+#: decodes the bytes as the same format); files of other formats are refused
+HEADER_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+_PILLOW_SIZED = ("BMP", "TIFF", "WEBP")
 
 
 class DatasetError(ValueError):
@@ -179,48 +189,88 @@ def _parse_text_class_file(p: Path) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------------------------------- file reading
 
-def check_image_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int] | None:
-    """``(height, width)`` that the file's header declares (:func:`~icnet_ros.sizes.declared_image_size`), or None
-    when Pillow does not recognise the file (OpenCV then decodes it under its own limit). Raises
-    :class:`DatasetError` when the file declares more than :data:`MAX_IMAGE_PIXELS` pixels."""
+def _check_pixel_limit(height: int, width: int, path: str | os.PathLike, what: str) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DatasetError(f"{what} {path}: declares {width}x{height} = {width * height / 1e6:.1f} megapixels, above "
+                           f"the limit of {MAX_IMAGE_PIXELS / 1e6:g} megapixels "
+                           "(icnet_ros.data.datasets.MAX_IMAGE_PIXELS)")
+
+
+def _read_encoded(path: Path, what: str) -> np.ndarray:
+    """The bytes of an image or label file; a file larger than any image within :data:`MAX_IMAGE_PIXELS` can be is
+    refused unread (the CLIs' reader)."""
+    from ..video import ImageTooLargeError, SourceError, read_image_bytes
+
     try:
-        size = declared_image_size(path)
-    except OverflowError as e:
-        raise DatasetError(f"{what} {path}: declares too many pixels, above the limit of "
-                           f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels (icnet_ros.data.datasets.MAX_IMAGE_PIXELS): {e}") \
+        return read_image_bytes(path, MAX_IMAGE_PIXELS)
+    except ImageTooLargeError as e:
+        raise DatasetError(f"{str(e).replace('image ', f'{what} ', 1)} (icnet_ros.data.datasets.MAX_IMAGE_PIXELS)") \
             from None
-    if size is None:
-        return None  # missing, corrupt or not Pillow's: the decoder below reports it
-    h, w = size
-    if w * h > MAX_IMAGE_PIXELS:
-        raise DatasetError(f"{what} {path}: declares {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of "
-                           f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels (icnet_ros.data.datasets.MAX_IMAGE_PIXELS)")
-    return h, w
+    except SourceError as e:
+        raise DatasetError(str(e).replace("image ", f"{what} ", 1)) from None
+
+
+def _check_header(data: np.ndarray, path: Path, what: str) -> None:
+    """Refuse (:class:`DatasetError`) the encoded file ``data`` before it is decoded when its header declares more
+    than :data:`MAX_IMAGE_PIXELS` pixels, or when its size cannot be read from its header. JPEG and PNG (by their
+    signature) go through the node's bounded header walk (:func:`~icnet_ros.ros_image.compressed_header`: a PNG's
+    chunks and their CRCs, a JPEG's scans counted); BMP, TIFF and WebP through Pillow's header parser. A format not
+    in :data:`HEADER_FORMATS` is refused: OpenCV would decode it under only its own limit (2**30 pixels)."""
+    from ..ros_image import ImageFormatError, compressed_header, sniff_codec
+
+    if not data.size:
+        raise DatasetError(f"cannot read {what} {path}: empty file")
+    codec = sniff_codec(data)
+    if codec:
+        try:
+            _, height, width = compressed_header(SimpleNamespace(format=codec, data=data))
+        except ImageFormatError as e:
+            raise DatasetError(f"cannot decode {what} {path}: {e}") from None
+    else:
+        from PIL import Image
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data), formats=_PILLOW_SIZED) as im:  # parses the header only
+                    width, height = im.size
+        except Image.DecompressionBombError as e:
+            raise DatasetError(f"{what} {path}: declares too many pixels, above the limit of "
+                               f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels (icnet_ros.data.datasets.MAX_IMAGE_PIXELS): "
+                               f"{e}") from None
+        except Exception:  # noqa: BLE001 - Pillow's plugins raise many kinds of error on junk
+            raise DatasetError(f"cannot read {what} {path}: not a JPEG, PNG, BMP, TIFF or WebP file, or a corrupt "
+                               "one (other formats are not read: their size is not checked before decoding)") \
+                from None
+    _check_pixel_limit(height, width, path, what)
+
+
+def _decode(data: np.ndarray, flags: int, path: Path, what: str) -> np.ndarray:
+    """``cv2.imdecode``, its failures a one-line :class:`DatasetError`."""
+    try:
+        img = cv2.imdecode(data, flags)
+    except cv2.error as e:  # a header OpenCV refuses
+        reason = str(e).strip().split(" error: ", 1)[-1]  # without OpenCV's source file and line
+        raise DatasetError(f"cannot decode {what} {path}: {reason}") from None
+    except MemoryError:
+        raise DatasetError(f"cannot decode {what} {path}: out of memory") from None
+    if img is None:
+        raise DatasetError(f"cannot read {what} {path} (corrupt or unsupported format)")
+    return img
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as an H x W x 3 uint8 RGB array (files above :data:`MAX_IMAGE_PIXELS` are refused)."""
-    from ..video import ImageTooLargeError, SourceError, check_image_size as check_encoded, read_image_bytes
-
-    check_image_size(path, "image")
-    try:  # read whole only if an image within the limit can be that large (the CLIs' reader)
-        data = read_image_bytes(path, MAX_IMAGE_PIXELS)
-    except ImageTooLargeError as e:
-        raise DatasetError(f"{e} (icnet_ros.data.datasets.MAX_IMAGE_PIXELS)") from None
-    except SourceError as e:
-        raise DatasetError(str(e)) from None
+    """An image file as an H x W x 3 uint8 RGB array (files above :data:`MAX_IMAGE_PIXELS`, and files whose size
+    cannot be read from their header, are refused before decoding: :func:`_check_header`)."""
+    path = Path(path)
+    data = _read_encoded(path, "image")
     if jpeg_truncated(data):  # OpenCV decodes it, grey where the data ends, and says so only on stderr
         raise DatasetError(f"cannot read image {path}: truncated JPEG (no end-of-image marker after its last scan)")
-    try:  # the node's bounded JPEG/PNG header walk, as the CLIs' reader (a JPEG of thousands of scans: seconds)
-        check_encoded(data, Path(path), None)  # (its pixels are checked above)
-    except SourceError as e:
-        raise DatasetError(str(e)) from None
+    _check_header(data, path, "image")
     # the pixels as stored: an EXIF orientation tag is not applied (OpenCV would rotate JPEGs by it, while the PNG
     # labels, which carry none, stay as stored: a square frame silently misaligned with its label)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
-    if img is None:
-        raise DatasetError(f"cannot read image {path} (missing, corrupt or unsupported format)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(_decode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION, path, "image"),
+                        cv2.COLOR_BGR2RGB)
 
 
 def jpeg_truncated(data: np.ndarray | bytes) -> bool:
@@ -233,14 +283,10 @@ def jpeg_truncated(data: np.ndarray | bytes) -> bool:
     return sos < 0 or raw.find(b"\xff\xd9", sos) < 0
 
 
-def _png_header(path: Path) -> tuple[int, int] | None:
+def _png_header(data: np.ndarray) -> tuple[int, int] | None:
     """A PNG's IHDR (bit depth, colour type: 0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA), None for other
     files."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(26)
-    except OSError:
-        return None  # the decoder below reports it
+    head = data[:26].tobytes()
     return (head[24], head[25]) if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26 else None
 
 
@@ -251,10 +297,12 @@ def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | N
     bit depth 1, 2 or 4 are read as their stored values (0..1, 0..3, 0..15), not scaled to 0..255 as viewers show
     them; paletted PNGs are read as their palette indices; 8-bit RGB labels are matched against the class palette
     (other colours: ignore), except class values saved as RGB (:func:`_grey_values_in_rgb`). Labels of more than
-    8 bits per colour channel, or single-channel values above 255, are refused."""
+    8 bits per colour channel, or single-channel values above 255, are refused. As for images, a file above
+    :data:`MAX_IMAGE_PIXELS`, or whose size cannot be read from its header, is refused before decoding."""
     path = Path(path)
-    check_image_size(path, "label")
-    bit_depth, colour_type = (_png_header(path) or (None, None)) if path.suffix.lower() == ".png" else (None, None)
+    data = _read_encoded(path, "label")
+    _check_header(data, path, "label")
+    bit_depth, colour_type = _png_header(data) or (None, None)
     if colour_type == 3:
         try:
             from PIL import Image
@@ -262,16 +310,14 @@ def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | N
             raise DatasetError(f"{path} is a paletted PNG; reading its indices needs Pillow (pip install pillow)") \
                 from e
         try:
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
                 raw = np.asarray(im)
         except Image.DecompressionBombError as e:
             raise DatasetError(f"label {path}: declares too many pixels: {e}") from None
         except (OSError, ValueError, SyntaxError) as e:
             raise DatasetError(f"cannot read label {path} (corrupt paletted PNG: {e})") from None
     else:
-        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise DatasetError(f"cannot read label {path} (missing, corrupt or unsupported format)")
+        raw = _decode(data, cv2.IMREAD_UNCHANGED, path, "label")
     if raw.ndim == 3 and colour_type == 4:  # grey + alpha (OpenCV gives 4 channels): the grey values are the label
         raw = raw[..., 0]
     elif raw.ndim == 3 and raw.shape[2] == 4:
@@ -514,9 +560,10 @@ def _cityscapes_pairs(root: Path, split: str) -> tuple[list[tuple[Path, Path]], 
 class SegmentationDataset(Dataset):
     """Image/label pairs with an optional augmentation pipeline.
 
-    ``dataset[i]`` returns the sample without augmentation randomness; ``dataset[(i, seed)]`` (what the training
-    sampler yields) runs ``transform`` with ``numpy.random.default_rng(seed)``, so augmentation depends only on
-    the sampler's seeds."""
+    ``dataset[(i, seed)]`` (what the training sampler yields) runs ``transform`` with
+    ``numpy.random.default_rng(seed)``, so augmentation depends only on the sampler's seeds. ``dataset[i]`` is
+    ``dataset[(i, i)]`` (``i`` taken modulo the length: ``dataset[-1]`` is the last sample's): the same sample every
+    time, its augmentation (if ``transform`` has random steps) fixed by the index, never drawn from fresh entropy."""
 
     def __init__(self, samples: Sequence[tuple[Path, Path]], class_set: ClassSet, transform: Transform | None = None,
                  label_lut: np.ndarray | None = None, name: str = "dataset") -> None:
@@ -544,6 +591,8 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         image, label = self.load(index)
+        if seed is None:  # (after load: an index out of range is its IndexError)
+            seed = index % len(self.samples)
         if self.transform is not None:
             image, label = self.transform(image, label, np.random.default_rng(seed))
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label))
@@ -649,8 +698,8 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-__all__ = ["CLASS_FILE_NAMES", "DataSpec", "DatasetError", "IMAGE_EXTENSIONS", "LAYOUTS", "MAX_IMAGE_PIXELS",
-           "SegmentationDataset", "ShardSampler", "TrainBatchSampler", "build_dataset", "check_image_size",
+__all__ = ["CLASS_FILE_NAMES", "DataSpec", "DatasetError", "HEADER_FORMATS", "IMAGE_EXTENSIONS", "LAYOUTS",
+           "MAX_IMAGE_PIXELS", "SegmentationDataset", "ShardSampler", "TrainBatchSampler", "build_dataset",
            "collate_segmentation", "colors_to_ids",
            "detect_layout", "find_samples", "load_class_file", "read_image", "read_label", "resolve_class_set",
            "split_names", "worker_init"]
