@@ -1,9 +1,12 @@
 """icnet-bench: timing statistics, the stage-by-stage pipeline (same result as the fused one), JSON/Markdown
 output, the mmseg reference comparison and error handling. Sizes are tiny: these test the tool, not the speed."""
+import contextlib
 import json
 import math
 import os
 import re
+import resource
+import signal
 import time
 
 import numpy as np
@@ -370,6 +373,172 @@ def test_backend_help_offers_only_the_accepted_choices(capsys):
     assert e.value.code == 2 and "invalid choice: 'auto'" in capsys.readouterr().err
 
 
+@contextlib.contextmanager
+def _file_size_limit(nbytes):
+    """The kernel refuses to grow any file of this process past ``nbytes`` (RLIMIT_FSIZE): writes fail with EFBIG
+    ('File too large'), as they fail with ENOSPC on a full disk, without needing one. SIGXFSZ is ignored meanwhile
+    (it would end the process). (As in test_segment_cli.py.)"""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_every_configuration_is_checked_before_any_is_timed(tmp_path, capsys, monkeypatch):
+    """A configuration's model and precision were checked only when it was built, after the configurations before
+    it were timed: '--precision fp32 fp16 --device cpu' timed fp32, then exit 2 with its results unprinted (a '-'
+    JSON never printed); likewise --num-classes 0 or --width 5 of an --arch after a --model, and a second --model
+    that does not exist. Now all of them are checked first: one line, exit 2, nothing timed, no file written."""
+    from icnet_ros.tools import bench
+
+    monkeypatch.setattr(bench, "bench_one", lambda *a: pytest.fail("a configuration was timed"))
+    ckpt = str(make_checkpoint(tmp_path / "m.safetensors"))
+    js = tmp_path / "b.json"
+    quick = ["--size", "64x96", "--device", "cpu", "--iters", "1", "--warmup", "0", "--json", str(js)]
+    for args, message in ((["--arch", "icnet_r18", "--precision", "fp32", "fp16"],
+                           "--precision fp16 is not supported on the CPU (--device cpu"),
+                          (["--model", ckpt, "--arch", "icnet_r18", "--num-classes", "0"],
+                           "--arch icnet_r18 --width 1 --num-classes 0: num_classes must be an integer in 1..255"),
+                          (["--model", ckpt, "--arch", "icnet_r18", "--width", "0.5", "5"],
+                           "--arch icnet_r18 --width 5 --num-classes 19: width must be in (0, 4], got 5.0"),
+                          (["--arch", "icnet_r18", "--width", "nan"], "width must be in (0, 4], got nan"),
+                          (["--model", ckpt, str(tmp_path / "none.safetensors")], "checkpoint not found")):
+        assert main([*args, *quick]) == 2, args
+        captured = capsys.readouterr()
+        assert captured.err.startswith("icnet-bench: error:") and message in captured.err, captured.err
+        assert captured.err.count("\n") == 1 and captured.out == "" and not js.exists(), captured
+    # fp16 with --device auto on a machine without CUDA falls back to fp32 (the Segmenter's rule): not refused
+    grid = list(bench.configs(bench.build_parser().parse_args(["--precision", "fp16"])))
+    assert bench.check_configs(grid, "auto") is None
+
+
+def test_width_applies_to_the_default_model(capsys):
+    """--width without --arch (and no --model): the default model was added after the arch x width product, at width
+    1.0: the width was silently ignored. Now the default preset is timed at each --width."""
+    assert main(["--width", "0.25", "--size", "64x64", "--device", "cpu", "--iters", "1", "--warmup", "0",
+                 "--json", "-", "--quiet"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(r["model"], r["arch"]["width"]) for r in doc["results"]] == [("icnet_r50 w0.25", 0.25)]
+
+
+def test_max_seconds_must_be_a_finite_positive_number(capsys, monkeypatch):
+    """--max-seconds was taken as it came: nan switched the budget off (every --iters timed), 0 and -1 stopped each
+    measurement after 3 iterations, inf never. Now one line, exit 2, before anything is timed."""
+    from icnet_ros.tools import bench
+
+    monkeypatch.setattr(bench, "bench_one", lambda *a: pytest.fail("a configuration was timed"))
+    for value in ("nan", "-1", "0", "inf"):
+        assert main([*TINY, "--max-seconds", value]) == 2, value
+        captured = capsys.readouterr()
+        assert captured.err == (f"icnet-bench: error: --max-seconds must be a finite number > 0, got "
+                                f"{float(value)}\n") and captured.out == "", captured
+
+
+def test_sigterm_stops_the_benchmark_with_143_and_the_results_so_far(tmp_path):
+    """SIGTERM (kill, timeout) during a run: exit status 130 under the console script (its handlers made it a
+    KeyboardInterrupt, taken for Ctrl-C), and under python -m the process died at once (-15). Now 143 either way,
+    with one line and the configurations timed so far in --json."""
+    import subprocess
+    import sys
+
+    from ros_support import REPO, subprocess_env
+
+    args = ["--arch", "icnet_r18", "--width", "0.25", "--num-classes", "11", "--size", "64x64", "--device", "cpu",
+            "--threads", "1", "--iters", "100000", "--warmup", "0", "--max-seconds", "0.2", "--quiet",
+            "--precision", *["fp32"] * 60]
+    runs = {"python -m": [sys.executable, "-m", "icnet_ros.tools.bench"],
+            "console script": [sys.executable, "-c", "import sys; from icnet_ros.tools.entry_points import "
+                               "icnet_bench; sys.exit(icnet_bench())"]}
+    procs = {}
+    try:
+        for i, (name, cmd) in enumerate(runs.items()):
+            procs[name] = subprocess.Popen([*cmd, *args, "--json", str(tmp_path / f"{i}.json")], cwd=str(REPO),
+                                           env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True)
+        for i, (name, proc) in enumerate(procs.items()):
+            deadline = time.monotonic() + 120
+            while not (tmp_path / f"{i}.json").exists():  # the first configuration was timed
+                assert proc.poll() is None and time.monotonic() < deadline, (name, proc.communicate())
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+        errs = {name: proc.communicate(timeout=60)[1] for name, proc in procs.items()}
+        outcomes = {name: (procs[name].returncode, err) for name, err in errs.items()}
+        assert outcomes == dict.fromkeys(runs, (143, "icnet-bench: interrupted\n")), outcomes
+        for i in range(len(runs)):
+            timed = json.loads((tmp_path / f"{i}.json").read_text())["results"]
+            assert 1 <= len(timed) < 60 and timed[0]["precision"] == "fp32"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def test_result_files_that_cannot_be_created_are_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    """cli_checks.output_file_problem let through two paths where no file can be written: one ending in '/' (a
+    folder's name) and one in a folder that takes no new file (/proc; os.access calls it writable for root).
+    icnet-node-bench ran its whole measurement and then ended in a traceback on them, icnet-node-soak its whole
+    soak before an error, icnet-bench its first configuration. Now: one line, exit 2, before any work."""
+    from icnet_ros.tools import bench, node_bench, soak
+
+    for module in (node_bench, soak):  # the last step before a node starts
+        monkeypatch.setattr(module, "configure_dds", lambda **kw: pytest.fail("the arguments were accepted"))
+    monkeypatch.setattr(bench, "bench_one", lambda *a: pytest.fail("a configuration was timed"))
+    folder = f"{tmp_path}/results/sub/"
+    cases = [(node_bench, ["--json", folder], f"--json {folder}: ends in a path separator"),
+             (node_bench, ["--json", "/proc/x.json"], "--json /proc/x.json: "),
+             (soak, ["--json", folder], f"--json {folder}: ends in a path separator"),
+             (soak, ["--json", "/proc/x.json"], "--json /proc/x.json: "),
+             (bench, [*TINY, "--json", folder], f"--json {folder}: ends in a path separator"),
+             (bench, [*TINY, "--markdown", "/proc/x.md"], "--markdown /proc/x.md: ")]
+    for module, args, message in cases:
+        assert module.main(args) == 2, (module.__name__, args)
+        captured = capsys.readouterr()
+        assert captured.err.count("\n") == 1 and message in captured.err and "error:" in captured.err, captured
+    assert not (tmp_path / "results").exists()  # and no folder was made for it
+
+
+@pytest.mark.ros
+def test_node_bench_json_is_written_whole_or_not_at_all(tmp_path, capsys, monkeypatch):
+    """icnet-node-bench (and icnet-node-soak) wrote --json in place: a failed write at the end of the run (a full
+    disk; here RLIMIT_FSIZE from the moment the node is stopped) left a truncated file over the previous results and
+    raised out of main, a traceback; '--json -', which the shared check takes for stdout, wrote a file named '-'.
+    Now the file is replaced whole or left as it was, the failure is one line 'cannot write FILE: REASON' (exit
+    status 2, the results printed above), and '-' prints the JSON on stdout. The soak writes through the same
+    function. (In this process, one small size.)"""
+    pytest.importorskip("rclpy", reason="rclpy not installed (pip install -e .[ros])")
+    from icnet_ros.tools import node_bench, soak
+
+    model = str(make_checkpoint(tmp_path / "m.safetensors"))
+    path = tmp_path / "out" / "nb.json"
+    path.parent.mkdir()
+    path.write_text('[{"previous": "results"}]')
+    limit, real_cleanup = contextlib.ExitStack(), node_bench.cleanup
+
+    def cleanup_then_limit(*steps):
+        interrupted = real_cleanup(*steps)
+        limit.enter_context(_file_size_limit(16))  # the --json write that follows fails (EFBIG)
+        return interrupted
+    monkeypatch.setattr(node_bench, "cleanup", cleanup_then_limit)
+    with limit:
+        rc = node_bench.main(["--model", model, "--size", "64x96", "--frames", "1", "--throughput-seconds", "0.2",
+                              "--json", str(path)])
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if not line.startswith("[")]  # (the node's log)
+    assert (rc, err) == (2, [f"icnet-node-bench: error: cannot write {path}: File too large"]), captured
+    assert json.loads(captured.out.splitlines()[-1])["size"] == "64x96"  # the result, printed
+    assert json.loads(path.read_text()) == [{"previous": "results"}] and os.listdir(path.parent) == ["nb.json"]
+
+    assert soak.write_json is node_bench.write_json
+    monkeypatch.chdir(tmp_path)
+    assert node_bench.write_json("-", [{"size": "64x96"}]) is None
+    assert json.loads(capsys.readouterr().out) == [{"size": "64x96"}] and not (tmp_path / "-").exists()
+
+
 # ------------------------------------------------------------------------------------- icnet-node-soak's verdict
 def _soak_result(outputs_check, exit_status=0, exit_problem=None, frames_lost=0, growth=0.5):
     return {"rss_growth_pct": growth, "frames_lost": frames_lost, "outputs_check": outputs_check,
@@ -710,3 +879,101 @@ def test_node_soak_and_node_bench_stop_on_ctrl_c_with_the_results_so_far(tmp_pat
     result = json.loads((tmp_path / "soak.json").read_text())
     assert result["interrupted"] is True and result["node_exit_status"] == 0, result
     assert all(cam["published"] > 0 for cam in result["cameras"].values()) and result["outputs_received"], result
+
+
+@pytest.mark.ros
+def test_node_bench_demo_runs_icnet_demos_pipeline_with_its_defaults(tmp_path):
+    """icnet-node-bench --demo VIDEO (BENCHMARKS.md's command) always ended in an AttributeError traceback (its own
+    Namespace for the demo's node parameters lacked max_pixels), and that Namespace ran the node at input_size
+    native where icnet-demo runs 'auto'. Now the node runs as icnet-demo VIDEO runs it (a model with a recorded
+    network width: 'input auto (width 128)'); --json - prints the result on stdout, the log lines on stderr. The
+    recorder's overlays are removed at the end (before: a folder of PNGs left in $TMPDIR by every run)."""
+    pytest.importorskip("rclpy", reason="rclpy not installed (pip install -e .[ros])")
+    from ros_support import REPO, run_module, subprocess_env
+
+    from icnet_ros.video import VideoWriter
+
+    model = make_checkpoint(tmp_path / "w128.safetensors", network_width=128)
+    with VideoWriter(tmp_path / "clip.mp4", 10.0) as vw:
+        for i in range(2):
+            vw.write(np.random.default_rng(i).integers(0, 256, (96, 192, 3), np.uint8))
+    (tmp_path / "tmp").mkdir()
+    res = run_module("icnet_ros.tools.node_bench", ["--demo", str(tmp_path / "clip.mp4"), "--model", str(model),
+                                                    "--frames", "2", "--chunk", "1", "--json", "-"], timeout=120,
+                     env=subprocess_env(TMPDIR=str(tmp_path / "tmp")))
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    doc = json.loads(res.stdout)  # the whole of stdout
+    assert doc["size"] == "96x192" and doc["rounds"] == 2 and doc["segmenter_alone_fps_p50"] > 0, doc
+    assert "# demo vs Segmenter alone; " in res.stderr and "| input auto (width 128) " in res.stderr, res.stderr
+    assert not (tmp_path / "-").exists() and not (REPO / "-").exists()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.ros
+def test_node_bench_demo_node_parameters_are_icnet_demos(tmp_path, monkeypatch, capsys):
+    """The node's parameters with --demo are icnet-demo's own defaults for VIDEO, with node-bench's --device (before:
+    a Namespace of node-bench's own, at input_size native where icnet-demo runs 'auto', and without max_pixels)."""
+    pytest.importorskip("rclpy", reason="rclpy not installed (pip install -e .[ros])")
+    from icnet_ros import engine_config
+    from icnet_ros.ros_image import DEFAULT_MAX_PIXELS
+    from icnet_ros.tools import demo, node_bench
+
+    real, taken = demo._node_overrides, []
+
+    def node_overrides(args, model, reliable):
+        taken.append(args)
+        raise ValueError("stop before the node starts")
+    monkeypatch.setattr(demo, "_node_overrides", node_overrides)
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"")
+    model = str(make_checkpoint(tmp_path / "m.safetensors"))
+    assert node_bench.main(["--demo", str(video), "--model", model, "--frames", "2", "--chunk", "1"]) == 2
+    assert capsys.readouterr().err == "icnet-node-bench: error: stop before the node starts\n"
+    (args,) = taken
+    ours = engine_config.from_args(args, names=demo.DEMO_ENGINE_OPTIONS)
+    icnet_demo = engine_config.from_args(demo.build_parser().parse_args([str(video)]), names=demo.DEMO_ENGINE_OPTIONS)
+    assert ours.input_size == icnet_demo.input_size and engine_config.format_input_size(ours.input_size) == "auto"
+    assert (ours.device, ours.precision, ours.backend) == ("cpu", icnet_demo.precision, icnet_demo.backend)
+    params = {p.name: p.value for p in real(args, model, reliable=True)}
+    assert params["input_size"] == "auto" and params["max_pixels"] == DEFAULT_MAX_PIXELS and params["model"] == model
+
+
+@pytest.mark.ros
+def test_node_bench_demo_failures_are_one_line(tmp_path, monkeypatch, capsys):
+    """--demo on frames above the node's max_pixels: the node dropped every one unread and the first chunk ended in
+    a 'demo chunk lost frames' RuntimeError traceback; now the clip is read before the node starts and refused in
+    one line, exit 2. Any failure during the rounds (here a chunk that lost a frame) was a traceback too: now one
+    line, exit 1, the node stopped."""
+    pytest.importorskip("rclpy", reason="rclpy not installed (pip install -e .[ros])")
+    import cv2
+
+    from icnet_ros.ros_image import DEFAULT_MAX_PIXELS
+    from icnet_ros.tools import demo, node_bench
+    from icnet_ros.video import VideoWriter
+
+    model = str(make_checkpoint(tmp_path / "m.safetensors"))
+    wide = tmp_path / "wide.avi"  # 3900x2200 = 8580000 pixels, above 3840x2160
+    writer = cv2.VideoWriter(str(wide), cv2.VideoWriter_fourcc(*"MJPG"), 10, (3900, 2200))
+    writer.write(np.zeros((2200, 3900, 3), np.uint8))
+    writer.release()
+    started = node_bench.init_without_signal_handlers
+    monkeypatch.setattr(node_bench, "init_without_signal_handlers", lambda: pytest.fail("the node was started"))
+    assert node_bench.main(["--demo", str(wide), "--model", model, "--frames", "1", "--chunk", "1"]) == 2
+    assert capsys.readouterr().err == (f"icnet-node-bench: error: video {wide}: 3900x2200 = 8580000 pixels per "
+                                       f"frame exceeds the limit of {DEFAULT_MAX_PIXELS} pixels (the node's "
+                                       "max_pixels: it drops larger frames unread)\n")
+    monkeypatch.setattr(node_bench, "init_without_signal_handlers", started)
+    clip = tmp_path / "clip.mp4"
+    with VideoWriter(clip, 10.0) as vw:
+        for i in range(2):
+            vw.write(np.full((64, 96, 3), 40 * i, np.uint8))
+    play, calls = demo.DemoRun.play, []
+
+    def lossy_play(self, source, **kw):
+        res = play(self, source, **kw)
+        calls.append(len(source))
+        return {**res, "overlays": res["overlays"] - 1} if len(calls) > 1 else res  # after the warm-up
+    monkeypatch.setattr(demo.DemoRun, "play", lossy_play)
+    assert node_bench.main(["--demo", str(clip), "--model", model, "--frames", "2", "--chunk", "1"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]  # (the node's log)
+    assert len(err) == 1 and err[0].startswith("icnet-node-bench: error: demo chunk (") and "lost frames" in err[0]

@@ -22,6 +22,10 @@ batch and precision, on one device:
 Timings: warm-up iterations first, then ``--iters`` timed iterations (stopping early, after at least 3, once
 ``--max-seconds`` is spent on one measurement), CUDA synchronised before and after each iteration; median, mean,
 p10/p90, min/max are reported. ``--sweep`` runs the BENCHMARKS.md grid; ``--json``/``--markdown`` write the results.
+Bad values (every configuration's model, ``--width`` / ``--num-classes``, a precision its device cannot run,
+``--max-seconds``, the result files) are refused before the first configuration is timed: one line, exit status 2.
+Ctrl-C or SIGTERM stops the run (the configurations timed so far stay in the files): one line, exit status 130 or
+143.
 
 Timing presets build randomly initialised networks (speed does not depend on the weights); ``--model`` times a
 real checkpoint.
@@ -55,6 +59,8 @@ from ..profiling import PREFIX, STAGES, ranges
 from ..sizes import (MAX_BATCH, MAX_THREADS, MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, MIN_INPUT_SIZE, parse_hw,
                      parse_sizes)
 
+#: the model timed without --model, --arch or --sweep (at each --width)
+DEFAULT_ARCH = "icnet_r50"
 SWEEP_ARCHS = ("icnet_r18", "icnet_r50")
 SWEEP_WIDTHS = (1.0, 0.5)
 SWEEP_SIZES = ((512, 1024), (1024, 2048))
@@ -657,7 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
                "      --detail icnet_r50:1.0@512x1024 --markdown bench.md --json bench.json")
     p.add_argument("--model", nargs="+", default=[], metavar="PATH", help="native checkpoint(s) to time")
     p.add_argument("--arch", nargs="+", default=[], help="preset architecture(s), e.g. icnet_r18 icnet_r50")
-    p.add_argument("--width", nargs="+", type=float, default=None, help="width multiplier(s) for --arch (1.0)")
+    p.add_argument("--width", nargs="+", type=float, default=None,
+                   help=f"width multiplier(s) for --arch, or for {DEFAULT_ARCH} without --arch and --model (1.0)")
     p.add_argument("--num-classes", type=int, default=19, help="classes of --arch models (default 19)")
     p.add_argument("--size", nargs="+", default=None, metavar="HxW",
                    help="input size(s) (default 512x1024)")
@@ -669,7 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10, help="timed iterations per measurement (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up iterations (default 2)")
     p.add_argument("--max-seconds", type=float, default=20.0,
-                   help="stop a measurement early (after 3 iterations) past this many seconds (default 20)")
+                   help="stop a measurement early (after 3 iterations) past this many seconds, a finite number "
+                        "> 0 (default 20)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--stages", action="store_true", help="per-stage time budget")
     p.add_argument("--detail", nargs="+", default=None, metavar="NAME[:W]@HxW",
@@ -701,15 +709,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configs(args: argparse.Namespace) -> Iterator[BenchConfig]:
-    archs = args.arch or (list(SWEEP_ARCHS) if args.sweep else [])
+    # without --model, --arch and --sweep: the default preset, at each --width (before: added after the arch x width
+    # product, always at width 1.0, so --width was silently ignored)
+    archs = args.arch or (list(SWEEP_ARCHS) if args.sweep else [] if args.model else [DEFAULT_ARCH])
     widths = args.width or (list(SWEEP_WIDTHS) if args.sweep else [1.0])
     sizes = args.size or (list(SWEEP_SIZES) if args.sweep else [(512, 1024)])
     specs = [ModelSpec(path=m) for m in args.model]
     specs += [ModelSpec(arch=a, width=w, num_classes=args.num_classes) for a, w in itertools.product(archs, widths)]
-    if not specs:
-        specs = [ModelSpec(arch="icnet_r50", num_classes=args.num_classes)]
     for spec, size, batch, prec in itertools.product(specs, sizes, args.batch, args.precision):
         yield BenchConfig(spec, size, batch, prec)
+
+
+def check_configs(cfgs: list[BenchConfig], device: str) -> None:
+    """Every configuration's model and precision, checked before any is timed: CheckpointError or ValueError (one
+    line, exit status 2). Before, each was checked only when its configuration was built, after the ones before it
+    were timed, and the run then ended with exit status 2 and their results unprinted: a ``--model`` that is no
+    checkpoint, ``--num-classes`` / ``--width`` outside the model's limits, ``--precision fp16`` on the CPU (which
+    the Segmenter refuses unless the device is ``auto``, where it falls back to fp32)."""
+    from icnet_ros.checkpoint import load_model, read_metadata
+    from icnet_ros.engine import inference_device
+    from icnet_ros.models import MODEL_CONFIGS, ICNetConfig
+
+    for spec in dict.fromkeys(cfg.spec for cfg in cfgs):
+        if spec.path:
+            if Path(spec.path).suffix in (".pth", ".pt"):
+                load_model(spec.path)  # refuses a pickle before reading it ('convert it first'), as the run would
+            read_metadata(spec.path)  # the tensors are read when its configuration runs
+            continue
+        try:
+            ICNetConfig.from_dict({**MODEL_CONFIGS[spec.arch].to_dict(), "width": spec.width,
+                                   "num_classes": spec.num_classes, "aux_heads": False})
+        except ValueError as e:
+            raise ValueError(f"--arch {spec.arch} --width {spec.width:g} --num-classes {spec.num_classes}: "
+                             f"{e}") from None
+    if any(cfg.precision == "fp16" for cfg in cfgs) and str(device).strip().lower() != "auto":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            on_cpu = inference_device("torch", device).type == "cpu"
+        if on_cpu:
+            raise ValueError(f"--precision fp16 is not supported on the CPU (--device {device}; slow or missing "
+                             "kernels): use bf16 or fp32, or run on CUDA")
 
 
 def _check_detail(selectors: list[str] | None) -> None:
@@ -745,6 +784,19 @@ def _stream_handlers_to(old: Any, new: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli_checks import StopSignals
+
+    # SIGTERM (kill, timeout) as Ctrl-C: the configurations timed so far kept, one line, exit status 143 (before:
+    # 130 under the console script, whose handlers made it a KeyboardInterrupt; killed outright under python -m)
+    with StopSignals() as stop:
+        try:
+            return _main(argv, stop)
+        except KeyboardInterrupt:  # outside the run (the final output)
+            print("icnet-bench: interrupted", file=sys.stderr)
+            return stop.exit_code
+
+
+def _main(argv: list[str] | None, stop: Any) -> int:
     from icnet_ros.backends.base import MissingRuntimeError
     from icnet_ros.checkpoint import CheckpointError
     from icnet_ros.engine import resolve_device
@@ -763,6 +815,9 @@ def main(argv: list[str] | None = None) -> int:
         problem = output_file_problem(args.json, "--json") or output_file_problem(args.markdown, "--markdown")
         if problem:  # before the run, not after it
             raise ValueError(problem)
+        # (nan: no budget at all, every --iters timed; 0 and below: 3 iterations; inf: no budget)
+        if not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
+            raise ValueError(f"--max-seconds must be a finite number > 0, got {args.max_seconds}")
         args.outputs = [o for o in args.outputs.replace(",", " ").split() if o]
         args.size = parse_sizes(args.size, MIN_INPUT_SIZE) if args.size else None  # HxW and/or H W, as every tool
         args.engine = engine_config.from_args(args, names=ENGINE_FLAGS)
@@ -792,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
             if h * w > MAX_UPSCALED_PIXELS:  # a frame this large only ends in an out-of-memory error
                 raise ValueError(f"--size {h}x{w}: more than {MAX_UPSCALED_TEXT}")
         _check_detail(args.detail)
+        grid = list(configs(args))
+        check_configs(grid, args.device)
         if args.reference and args.reference_precision == "fp16":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -810,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
             if to_stdout:
                 _stream_handlers_to(real_stdout, sys.stderr)
             done = []
-            for cfg in configs(args):
+            for cfg in grid:
                 try:
                     r = bench_one(cfg, args, log)
                 except MissingRuntimeError:
@@ -833,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("icnet-bench: interrupted", file=sys.stderr)
-        return 130
+        return stop.exit_code
     write_results(args, results, errors, device, load_start, stdout=real_stdout)
     if not args.quiet and len(results) > 1:
         print(f"\n{len(results)} configurations; median pipeline fps: "

@@ -19,9 +19,13 @@ def _file_in_the_way(p: Path) -> Path | None:
 
 def output_file_problem(path: str | None, flag: str = "--json") -> str | None:
     """Why a result file cannot be written at ``path`` at the end of a run (None when it can; ``-`` is stdout). Its
-    folder is created now, so a typo in it fails before the run, not after."""
+    folder is created now, and a file is created in it and removed (as the atomic write at the end creates one), so
+    that a typo, a path ending in a separator or a folder that takes no new file (a virtual file system such as
+    /proc, where ``os.access`` says writable for root; a read-only mount) fails before the run, not after."""
     if not path or path == "-":
         return None
+    if path.endswith(tuple(s for s in (os.sep, os.altsep) if s)):  # (before folders are created for it)
+        return f"{flag} {path}: ends in a path separator; name the file to write, not a folder"
     p = Path(path).expanduser()
     if p.is_dir():
         return f"{flag} {path}: is a folder, not a file"
@@ -34,6 +38,18 @@ def output_file_problem(path: str | None, flag: str = "--json") -> str | None:
         return f"{flag} {path}: cannot create its folder: {e.strerror or e}"
     if not os.access(p.parent, os.W_OK | os.X_OK):
         return f"{flag} {path}: the folder {p.parent} is not writable"
+    refused = _creation_refused(p.parent)
+    return f"{flag} {path}: cannot create a file in {p.parent}: {refused}" if refused else None
+
+
+def _creation_refused(folder: Path) -> str | None:
+    """Why no file can be created in ``folder`` (None when one can): one is created there and removed."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".icnet-write-check-", dir=folder)
+    except OSError as e:
+        return str(e.strerror or e)
+    os.close(fd)
+    os.unlink(probe)
     return None
 
 
@@ -54,13 +70,8 @@ def output_folder_problem(path: str, flag: str = "--output", create: bool = Fals
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return f"{flag} {path}: cannot create the folder: {e.strerror or e}"
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".icnet-write-check-", dir=p)
-    except OSError as e:
-        return f"{flag} {path}: the folder is not writable: {e.strerror or e}"
-    os.close(fd)
-    os.unlink(probe)
-    return None
+    refused = _creation_refused(p)
+    return f"{flag} {path}: the folder is not writable: {refused}" if refused else None
 
 
 def topic_problem(topic: str, flag: str = "--topic", node_name: str = "node") -> str | None:

@@ -20,10 +20,18 @@ previous one, the demo's default; ``overlay``: once the previous overlay arrived
 Segmenter alone, so load changes on a shared machine hit all of them alike; medians of the per-chunk rates and of
 the per-round ratios are reported.
 
+With ``--demo``, the node's parameters are icnet-demo's defaults (``input_size`` auto, ``max_pixels``), on
+``--device``; the clip is read before the node starts, and frames above the node's ``max_pixels`` are refused then
+(one line, exit status 2). A failure during the demo's rounds (a chunk that lost frames) is one error line, exit
+status 1.
+
 Sizes are checked before anything starts (a network input the model takes, as the node judges it from the model's
 metadata; at most the node's max_pixels); a size that fails during its measurement is one error line, the other
 sizes are measured (exit status 1). Ctrl-C or SIGTERM: the sizes measured so far (printed, and in ``--json``), exit
-status 130 or 143.
+status 130 or 143. ``--json`` is checked before anything starts (its folder must take a new file) and written whole
+or not at all; a write that fails is one line ``cannot write FILE: REASON`` (exit status 2 unless a size failed or
+the run was interrupted). ``--json -`` prints the JSON on stdout, as icnet-bench does: the per-size lines then go
+to stderr.
 
 DDS stays on loopback (the demo's defaults apply when unset).
 """
@@ -203,24 +211,39 @@ def _measure(node: Any, helper: Any, pub: Any, sink: _Sink, imgs: list[np.ndarra
             "served_in_throughput_run": served}
 
 
-def bench_demo(node: Any, executor: Any, video: str, frames: int, chunk: int) -> dict[str, Any]:
-    """icnet-demo's pipeline vs the Segmenter alone, interleaved by chunks (see the module docstring)."""
-    import tempfile
-
-    from ..video import open_source
-    from .demo import DemoRun
-
+def read_clip(video: str, frames: int, chunk: int, max_pixels: int) -> list[Any]:
+    """The first ``frames`` frames of ``video`` (an image folder too, as icnet-demo), read before the node starts:
+    SourceError for frames above ``max_pixels`` (the node's: it would drop every one of them unread, and the demo
+    chunk then lost its frames after the node had started), ValueError for fewer frames than one ``chunk``."""
     import itertools
 
-    source = open_source(video, max_frames=frames)
+    from ..video import ImageTooLargeError, open_source
+
     try:
-        clip = list(itertools.islice(source, frames))  # an image folder too: at most ``frames``, as icnet-demo
-    finally:
-        source.close()
+        source = open_source(video, max_frames=frames, max_pixels=max_pixels)
+        try:
+            clip = list(itertools.islice(source, frames))
+        finally:
+            source.close()
+    except ImageTooLargeError as e:
+        raise ImageTooLargeError(f"{e} (the node's max_pixels: it drops larger frames unread)") from None
     if len(clip) < chunk:
         raise ValueError(f"{video}: {len(clip)} frame(s), fewer than one chunk of {chunk} (--chunk)")
+    return clip
+
+
+def bench_demo(node: Any, executor: Any, video: str, clip: list[Any], chunk: int) -> dict[str, Any]:
+    """icnet-demo's pipeline vs the Segmenter alone on ``clip`` (:func:`read_clip` of ``video``), interleaved by
+    chunks (see the module docstring). The recorder's overlays (its PNG writing is part of the demo's work) go to a
+    temporary folder, removed at the end (before: left in the temporary folder by every run)."""
+    import shutil
+    import tempfile
+
+    from .demo import DemoRun
+
     seg = node.pipeline.segmenter
-    run = DemoRun(node, executor, tempfile.mkdtemp(prefix="icnet_demo_bench_"))
+    overlays = tempfile.mkdtemp(prefix="icnet_demo_bench_")
+    run = DemoRun(node, executor, overlays)
     rates: dict[str, list[float]] = {"taken": [], "overlay": [], "alone": []}
     try:
         if not run.connected(60):
@@ -242,7 +265,10 @@ def bench_demo(node: Any, executor: Any, video: str, frames: int, chunk: int) ->
                         raise RuntimeError(f"demo chunk ({mode}) lost frames: {res}")
                     rates[mode].append(len(part) / res["elapsed"])
     finally:
-        run.close()
+        try:
+            run.close()
+        finally:
+            shutil.rmtree(overlays, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
     ratio = {k: statistics.median([d / a for d, a in zip(rates[k], rates["alone"])]) for k in ("taken", "overlay")}
     h, w = clip[0].bgr.shape[:2]
@@ -267,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "one on the CPU)")
     p.add_argument("--throughput-seconds", type=float, default=5.0, help="seconds of the sustained throughput run "
                    "per size (default: %(default)s)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file (its folder is created)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file (its folder is created; "
+                   "'-': on stdout, the per-size lines then on stderr)")
     p.add_argument("--demo", default=None, metavar="VIDEO", help="time icnet-demo's pipeline on this video "
                    "against the Segmenter alone instead (--frames frames in chunks of --chunk)")
     p.add_argument("--chunk", type=int, default=10, help="frames per chunk with --demo (default: %(default)s)")
@@ -304,6 +331,25 @@ def _check_args(args: argparse.Namespace) -> str | None:
     if args.demo is not None and not Path(args.demo).exists():
         return f"--demo {args.demo}: not found"
     return (model_problem(args.model) if args.model is not None else None) or output_file_problem(args.json)
+
+
+def write_json(path: str | None, doc: Any) -> str | None:
+    """``--json``: ``doc`` on stdout for ``-``, else written to ``path`` whole or not at all (a temporary file
+    renamed: a failed write leaves the previous file as it was). Returns why it could not be written (``cannot
+    write FILE: REASON``), None when it was (or no ``path``)."""
+    if not path:
+        return None
+    text = json.dumps(doc, indent=1)
+    if path == "-":
+        print(text, flush=True)
+        return None
+    from ..video import write_text_atomically
+
+    try:
+        write_text_atomically(Path(path).expanduser(), text + "\n")
+    except OSError as e:
+        return str(e)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,9 +396,12 @@ def _main(argv: list[str] | None, stop: Any) -> int:
     if args.demo is not None:
         try:
             return _main_demo(args, stop)
-        except (StartupError, SourceError, ValueError) as e:
+        except (StartupError, SourceError, ValueError) as e:  # before the demo's rounds started
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
+        except RuntimeError as e:  # during them (a chunk that lost frames): one line, not a traceback
+            print(f"{PROG}: error: {_first_line(e)}", file=sys.stderr)
+            return 1
     init_without_signal_handlers()
     stop.install()  # SIGTERM as Ctrl-C (and SIGINT's handler again, which the line above reset)
     try:
@@ -375,44 +424,45 @@ def _main(argv: list[str] | None, stop: Any) -> int:
     failed = []
     sizes = args.size or [(360, 480), (1024, 2048)]
     interrupted = False
+    log = sys.stderr if args.json == "-" else sys.stdout  # '-': stdout is only the JSON
     try:
         import torch
 
         print(f"# {node.segmenter.describe() if hasattr(node.segmenter, 'describe') else args.model}; "
-              f"torch threads {torch.get_num_threads()}", flush=True)
+              f"torch threads {torch.get_num_threads()}", file=log, flush=True)
         for size in sizes:
             try:
                 r = bench_size(node, helper, size, args.frames, kinds, args.encoding, args.throughput_seconds)
             except Exception as e:  # noqa: BLE001 - one line; the other sizes are measured, the JSON written
                 failed.append(size)
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                print(f"{PROG}: error: {size[0]}x{size[1]}: {first}", file=sys.stderr, flush=True)
+                print(f"{PROG}: error: {size[0]}x{size[1]}: {_first_line(e)}", file=sys.stderr, flush=True)
                 continue
             results.append(r)
-            print(json.dumps(r), flush=True)
+            print(json.dumps(r), file=log, flush=True)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         interrupted = cleanup(lambda: executor.shutdown(timeout_sec=2.0), node.destroy_node, helper.destroy_node,
                               rclpy.try_shutdown, join_spinners) or interrupted
-    _write_json(args.json, results)  # an interrupted run: the sizes measured so far
+    problem = write_json(args.json, results)  # an interrupted run: the sizes measured so far
+    if problem:  # (the results are on stdout above)
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+    in_file = bool(args.json) and args.json != "-" and not problem
     if interrupted:
         done = len(results) + len(failed)
         print(f"{PROG}: interrupted after {done} of {len(sizes)} size(s)"
-              f"{' (their results above' + (f' and in {args.json}' if args.json else '') + ')' if results else ''}",
+              f"{' (their results above' + (f' and in {args.json}' if in_file else '') + ')' if results else ''}",
               file=sys.stderr)
         return stop.exit_code
     if failed:
         print(f"{PROG}: {len(failed)} of {len(sizes)} size(s) failed"
-              f"{f'; the others are in {args.json}' if args.json and results else ''}", file=sys.stderr)
+              f"{f'; the others are in {args.json}' if in_file and results else ''}", file=sys.stderr)
         return 1
-    return 0
+    return 2 if problem else 0
 
 
-def _write_json(path: str | None, results: Any) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _main_demo(args: argparse.Namespace, stop: Any) -> int:
@@ -421,16 +471,21 @@ def _main_demo(args: argparse.Namespace, stop: Any) -> int:
 
     from ..node import SegmentationNode, StartupError
     from .demo import _node_overrides
+    from .demo import build_parser as demo_parser
 
-    init_without_signal_handlers()
-    stop.install()  # SIGTERM as Ctrl-C
-    demo_args = argparse.Namespace(topic="/camera/image_raw", device=args.device, precision="fp32",
-                                   input_size=None)  # the node's default, as icnet-demo
-    overrides = _node_overrides(demo_args, args.model, reliable=True)
+    # the node as `icnet-demo VIDEO` runs it: icnet-demo's own defaults (input_size auto, max_pixels, precision,
+    # topic), only the device set here (before: a Namespace of its own, at input_size native, that lacked
+    # max_pixels: an AttributeError traceback)
+    demo_args = demo_parser().parse_args(["--", args.demo])
+    demo_args.device = args.device
+    overrides = _node_overrides(demo_args, args.model, reliable=True)  # a bad --device: ValueError, one line
     if args.threads:
         from rclpy.parameter import Parameter
 
         overrides.append(Parameter("num_threads", value=args.threads))
+    clip = read_clip(args.demo, args.frames, args.chunk, demo_args.max_pixels)  # before the node starts
+    init_without_signal_handlers()
+    stop.install()  # SIGTERM as Ctrl-C
     try:
         node = SegmentationNode(parameter_overrides=overrides)
     except StartupError:
@@ -439,13 +494,14 @@ def _main_demo(args: argparse.Namespace, stop: Any) -> int:
     executor = MultiThreadedExecutor(num_threads=2)  # as icnet-demo
     executor.add_node(node)
     interrupted = False
+    log = sys.stderr if args.json == "-" else sys.stdout  # '-': stdout is only the JSON
     try:
         import torch
 
         print(f"# demo vs Segmenter alone; {node.pipeline.segmenter.describe()}; torch threads "
-              f"{torch.get_num_threads()}", flush=True)
-        result = bench_demo(node, executor, args.demo, args.frames, args.chunk)
-        print(json.dumps(result), flush=True)
+              f"{torch.get_num_threads()}", file=log, flush=True)
+        result = bench_demo(node, executor, args.demo, clip, args.chunk)
+        print(json.dumps(result), file=log, flush=True)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -455,7 +511,10 @@ def _main_demo(args: argparse.Namespace, stop: Any) -> int:
         print(f"{PROG}: interrupted (--demo: no result, the rounds are compared only when complete)",
               file=sys.stderr)
         return stop.exit_code
-    _write_json(args.json, result)
+    problem = write_json(args.json, result)
+    if problem:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 

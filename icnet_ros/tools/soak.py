@@ -29,7 +29,10 @@ Ctrl-C or SIGTERM (``kill``, ``timeout``, a CI cancel) stops the soak early: the
 are printed and written (``"interrupted": true``), no verdict, exit status 130 (143 for SIGTERM). The node process
 is also sent SIGTERM when the soak process dies (Linux: a parent-death signal), so no node outlives it. ``--size``
 and ``--rate`` are checked before the node starts (the node's frame bounds; at least
-:data:`MIN_FRAMES_PER_WINDOW` frames per subscription window, at most :data:`MAX_RATE` Hz). DDS stays on loopback.
+:data:`MIN_FRAMES_PER_WINDOW` frames per subscription window, at most :data:`MAX_RATE` Hz), and so is ``--json``
+(its folder must take a new file); it is written whole or not at all, a failed write is one line ``cannot write FILE:
+REASON`` (exit status 2 when the soak passed), and ``--json -`` prints it on stdout (the verdict then on stderr).
+DDS stays on loopback.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from .demo import configure_dds
+from .node_bench import write_json
 from .play import parse_size
 
 PROG = "icnet-node-soak"
@@ -140,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "published while its camera's outputs are subscribed to the camera's next output (default: "
                    f"max({SILENCE_MIN_S:g}, {SILENCE_PERIODS} / --rate) seconds)")
     p.add_argument("--threads", type=int, default=0, help="the node's num_threads (default: 0, its auto policy)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file (its folder is created)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file (its folder is created; "
+                   "'-': on stdout, the verdict then on stderr)")
     return p
 
 
@@ -636,15 +641,16 @@ def _soak(args: argparse.Namespace, model: str, stop: Any) -> int:
         interrupted = cleanup(*steps) or interrupted
     result = summarize(args, rss, published, diag, counter.snapshot(), counter.totals(), exit_status, exit_problem,
                        elapsed, interrupted, counter.timeline())
-    print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}), flush=True)
-    written = True
-    if args.json:
-        try:
-            Path(args.json).expanduser().write_text(json.dumps(result, indent=1))
-        except OSError as e:  # the verdict still follows
-            written = False
-            print(f"{PROG}: error: cannot write --json {args.json}: {e}", file=sys.stderr)
-    print(f"{PROG}: {report(result, args.max_growth)}", file=sys.stderr if interrupted else sys.stdout, flush=True)
+    to_stdout = args.json == "-"  # stdout is then only the JSON (as icnet-bench's '-'): the verdict on stderr
+    if not to_stdout:
+        print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}), flush=True)
+    # written whole or not at all (before: in place, a failed write left a truncated file)
+    problem = write_json(args.json, result)
+    if problem:  # the verdict still follows
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+    print(f"{PROG}: {report(result, args.max_growth)}", file=sys.stderr if interrupted or to_stdout else sys.stdout,
+          flush=True)
+    written = problem is None
     if interrupted:
         return stop.exit_code
     return (0 if written else 2) if not verdict(result, args.max_growth) else 1
