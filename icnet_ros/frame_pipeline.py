@@ -23,7 +23,8 @@ Interface (all thread-safe):
   :meth:`samples` and :meth:`idle` (benchmarks), :meth:`close`.
 
 Drop reasons (per camera, in ``snapshot()["cameras"][key]["dropped"]``): ``superseded`` (a newer frame replaced an
-unprocessed one: the newest-frame policy), ``no_subscribers``, ``too_old`` (``max_age``), the decoder's reasons
+unprocessed one: the newest-frame policy), ``deactivated`` (pending when the node stopped taking frames:
+:meth:`discard_pending`), ``no_subscribers``, ``too_old`` (``max_age``), the decoder's reasons
 (``encoding``, ``size`` (also: above ``max_pixels``), ``step``, ``truncated``, ``decode``;
 :class:`~icnet_ros.ros_image.ImageFormatError`), ``rejected`` (the Segmenter refused the frame, e.g. below the
 network minimum), ``inference_error`` (the forward pass failed for this frame alone), ``out_of_memory`` (it failed
@@ -348,6 +349,20 @@ class FramePipeline:
         return worker is None or not worker.is_alive()
 
     close = stop
+
+    def discard_pending(self, reason: str = "deactivated") -> int:
+        """Drop every camera's pending frame (counted as ``reason``); returns how many. For a stop that must not
+        serve, at the next :meth:`start`, frames received before it (the node's deactivate: a frame from before it
+        published seconds or minutes later, with its old stamp)."""
+        dropped = 0
+        with self._lock:
+            for cam in self._by_key.values():
+                if cam.pending is not None:
+                    cam.pending = None
+                    cam.stats.dropped[reason] += 1
+                    dropped += 1
+            self._lock.notify_all()  # (a producer in wait_taken)
+        return dropped
 
     @property
     def running(self) -> bool:

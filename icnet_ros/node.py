@@ -35,19 +35,20 @@ Start-up errors (bad parameter, missing or invalid model) print one clear line a
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import gc
 import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import ParameterException
 try:
@@ -149,6 +150,24 @@ def no_frames_hint(topic: str, publishers: int, reliability: str) -> str:
             f"ROS_AUTOMATIC_DISCOVERY_RANGE)")
 
 
+def _one_change_at_a_time(wait: bool = False) -> Callable[[Callable[..., TransitionCallbackReturn]],
+                                                         Callable[..., TransitionCallbackReturn]]:
+    """A lifecycle transition's callback, run under the node's change lock (:meth:`SegmentationNode._changing`):
+    refused (FAILURE, the state as it was, the reason logged) while another change runs, or, with ``wait``
+    (shutdown, error processing), run after it."""
+    def wrap(fn: Callable[..., TransitionCallbackReturn]) -> Callable[..., TransitionCallbackReturn]:
+        transition = fn.__name__.removeprefix("on_")
+
+        @functools.wraps(fn)
+        def run(self: SegmentationNode, state: State) -> TransitionCallbackReturn:
+            with self._changing(wait) as busy:
+                if busy:
+                    return self._failed(transition, busy)
+                return fn(self, state)
+        return run
+    return wrap
+
+
 @dataclasses.dataclass
 class Camera:
     """One input topic with its publishers, its subscription and its recent camera_info (its frames and statistics
@@ -185,6 +204,9 @@ class SegmentationNode(LifecycleNode):
     drives it from the executor, so that signals are served while the model loads)."""
 
     def __init__(self, node_name: str = NODE_NAME, start: bool | None = None, **node_kwargs: Any) -> None:
+        # one change at a time (a transition, a parameter change): the services, /clock and the timers are served
+        # beside it, so another change is refused while one runs (see _changing)
+        self._change_lock = threading.RLock()
         try:
             super().__init__(node_name, **node_kwargs)
         except ParameterException as e:  # rclpy's own parameters (use_sim_time:=5, ...): one line, not a traceback
@@ -241,6 +263,33 @@ class SegmentationNode(LifecycleNode):
         elif not self.config.autostart:
             self.get_logger().info("unconfigured: waiting for a lifecycle manager (autostart is false)")
 
+    @property
+    def default_callback_group(self) -> Any:
+        """The group of what rclpy creates without one: the parameter, lifecycle and type-description services and,
+        with use_sim_time, the /clock subscription. Reentrant (rclpy's default is mutually exclusive): a model hot
+        swap (a parameter change) or a configure takes seconds to minutes in its callback, during which
+        ``get_state`` / ``get_parameters`` went unanswered (a lifecycle manager's timeout) and the simulated clock
+        stood still (frames served meanwhile looked stamped from another clock). The node's own changes are
+        serialised by :meth:`_changing` instead."""
+        group = self.__dict__.get("_services_group")
+        if group is None:
+            group = self.__dict__["_services_group"] = ReentrantCallbackGroup()
+        return group
+
+    @contextlib.contextmanager
+    def _changing(self, wait: bool = False) -> Iterator[str | None]:
+        """Hold the change lock for a transition or a parameter change; yields None, or (without ``wait``, while
+        another change holds it) why the change is refused. Reentrant: a change may set parameters itself (the
+        class parameters declared at configure)."""
+        if not self._change_lock.acquire(blocking=wait):
+            yield (f"busy: {self.busy or 'another lifecycle transition or parameter change'} in progress; try again "
+                   "when it is done")
+            return
+        try:
+            yield None
+        finally:
+            self._change_lock.release()
+
     def start(self) -> None:
         """Configure and activate (autostart); raises :class:`StartupError` when configuring fails."""
         self._starting = True
@@ -254,6 +303,7 @@ class SegmentationNode(LifecycleNode):
             raise StartupError(self.startup_error or "activate failed")
 
     # ------------------------------------------------------------------ lifecycle transitions
+    @_one_change_at_a_time()
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         self.startup_error = None
         try:
@@ -306,6 +356,7 @@ class SegmentationNode(LifecycleNode):
             options=PipelineOptions.from_config(cfg), logger=self.get_logger(), on_fatal=self._on_fatal,
             simulated_clock=lambda: self.get_clock().ros_time_is_active)
 
+    @_one_change_at_a_time()
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         self.startup_error = None
         with self._sub_lock:
@@ -328,6 +379,7 @@ class SegmentationNode(LifecycleNode):
         self.get_logger().info(f"ready: {self._describe_model()}; cameras: {', '.join(cameras)}")
         return super().on_activate(state)
 
+    @_one_change_at_a_time()
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
         with self._sub_lock:
             self._active = False
@@ -335,14 +387,19 @@ class SegmentationNode(LifecycleNode):
                 self._unsubscribe(cam)
         if self.pipeline is not None:
             self.pipeline.stop()
+            # a frame received before this is never served after the next activate (seconds or minutes later, with
+            # its old stamp): dropped now, counted as 'deactivated'
+            self.pipeline.discard_pending()
         self.get_logger().info("inactive: not taking frames")
         return super().on_deactivate(state)
 
+    @_one_change_at_a_time()
     def on_cleanup(self, state: State) -> TransitionCallbackReturn:
         self._release()
         self.get_logger().info("unconfigured: model released")
         return super().on_cleanup(state)
 
+    @_one_change_at_a_time(wait=True)
     def on_shutdown(self, state: State) -> TransitionCallbackReturn:
         self._release()
         self._shut_down = True  # /diagnostics says nothing more (not 'unconfigured: waiting for configure')
@@ -353,6 +410,7 @@ class SegmentationNode(LifecycleNode):
         ending.start()
         return super().on_shutdown(state)
 
+    @_one_change_at_a_time(wait=True)
     def on_error(self, state: State) -> TransitionCallbackReturn:
         self._release()
         return TransitionCallbackReturn.SUCCESS
@@ -705,7 +763,14 @@ class SegmentationNode(LifecycleNode):
 
     def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:
         """Run-time changes (validated like at start-up): live ones apply to the next batch, ``model`` and the
-        engine options that need a new Segmenter by hot swap; a failure leaves everything as it was."""
+        engine options that need a new Segmenter by hot swap; a failure leaves everything as it was. Refused while
+        another change (a hot swap, a transition) runs."""
+        with self._changing() as busy:
+            if busy:
+                return SetParametersResult(successful=False, reason=busy)
+            return self._set_parameters_now(params)
+
+    def _set_parameters_now(self, params: list[Any]) -> SetParametersResult:
         changes = {}
         for p in params:
             if p.name not in node_params.SPECS:
@@ -761,8 +826,9 @@ class SegmentationNode(LifecycleNode):
         if problem:  # a warm-up frame is bounded like the frames, also when max_pixels changes
             raise StartupError(problem)
         new_outputs = "outputs" in changes and bool(self.cameras)
-        if new_outputs:
-            self._set_outputs(config.outputs)  # nothing changed when it fails
+        if new_outputs:  # the added outputs advertised first (nothing changed when that fails); the withdrawn ones
+            # stay until the change is applied (before: gone for the whole hot swap of a change then refused)
+            self._set_outputs(tuple(dict.fromkeys((*self.config.outputs, *config.outputs))))
         reconfigured = False
         try:
             if rebuild and self.segmenter is not None:
@@ -789,6 +855,8 @@ class SegmentationNode(LifecycleNode):
                 except StartupError as e:  # the original error is the one to report
                     self.get_logger().error(f"restoring the outputs {list(self.config.outputs)}: {e}")
             raise
+        if new_outputs:
+            self._set_outputs(config.outputs)  # (only withdraws: cannot fail)
         self.config = config
         live = {f.name for f in dataclasses.fields(PipelineOptions)}
         update = {k: v for k, v in changes.items() if k in live}

@@ -160,8 +160,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               _range(0.0, 1.0), read_only=False),
     ParamSpec("classes_topic", "~/classes", "Topic of the class metadata (std_msgs/String with JSON; transient "
               "local, published once).", "topic name", _check_classes_topic),
-    ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", "(0, 60]",
-              _range(0.0, 60.0, lo_open=True)),
+    ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages (a topic the whole robot shares: "
+              "diagnostic_updater publishes about once a second).", "[0.1, 60]", _range(0.1, 60.0)),
     ParamSpec("num_threads", 0, "PyTorch CPU threads. 0 = auto: on the CPU all cores but one (at least 1), so "
               "that OpenMP workers, which spin between parallel regions, leave a core to the executor, DDS and "
               "camera drivers; on CUDA PyTorch's default.", f"[0, {MAX_THREADS}]", _range(0, MAX_THREADS)),

@@ -165,6 +165,7 @@ def main(args: list[str] | None = None) -> int:
 
 
 def _run(stop: StopRequest) -> int:
+    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
     from rclpy.executors import MultiThreadedExecutor
 
     from .node import SegmentationNode, StartupError
@@ -174,7 +175,9 @@ def _run(stop: StopRequest) -> int:
         node = SegmentationNode(start=False)
     except StartupError as e:
         return _error(str(e))
-    executor = MultiThreadedExecutor(num_threads=2)
+    # three threads: one for a long change (a configure, a hot swap), one for the frames and the node's timers (one
+    # group), one for the services and /clock (which the node serves beside a change: its default_callback_group)
+    executor = MultiThreadedExecutor(num_threads=3)
     executor.add_node(node)
     autostart_failed: list[str] = []  # why the start at launch failed (not a later configure by a manager)
     if node.config.autostart:  # configure (model load, warm-up) and activate from the executor, not this thread
@@ -186,7 +189,9 @@ def _run(stop: StopRequest) -> int:
                 node.startup_error = str(e)
                 autostart_failed.append(str(e))
                 node.finished.set()
-        starter = node.create_timer(0.0, autostart)
+        # a group of its own: in the node's reentrant default group a second thread could start it again before
+        # the first cancelled it
+        starter = node.create_timer(0.0, autostart, callback_group=MutuallyExclusiveCallbackGroup())
     died: list[BaseException] = []
 
     def spin_and_report() -> None:

@@ -211,6 +211,10 @@ def test_node_param_helpers():
     assert node_params.check_value("max_age", 2) == 2.0  # ints are fine for doubles at run time
     with pytest.raises(node_params.ParameterError, match="not a valid ROS topic"):
         node_params.check_value("image_topics", ["/bad topic"])
+    # /diagnostics is the whole robot's: 0.0001 s was allowed (518 messages/s, frames lost to it)
+    assert node_params.check_value("diagnostics_period", 0.1) == 0.1
+    with pytest.raises(node_params.ParameterError, match=r"must be in \[0.1, 60.0\]"):
+        node_params.check_value("diagnostics_period", 0.0001)
 
 
 @pytest.mark.parametrize("topic", ["~cam/image", "/a/1b/image_raw", "1a", "/a//b", "/a/b/", "~", "/a/b c"])

@@ -535,6 +535,140 @@ def test_overlapping_subscriptions_take_each_frame_once_in_order(checkpoint: Pat
         assert taken[-1] == (3, "cam")
 
 
+def test_services_and_the_simulated_clock_are_served_during_a_hot_swap(checkpoint: Path, tmp_path: Path):
+    """A model hot swap runs in the set_parameters callback (here made 3 s long). The parameter and lifecycle
+    services and /clock were in rclpy's default (mutually exclusive) callback group with it: get_state and
+    get_parameters went unanswered for the whole swap (a lifecycle manager's timeout) and the simulated clock stood
+    still (frames served meanwhile looked stamped by another clock). Now they are answered during it, the clock
+    follows /clock, and another change is refused at once with the reason (not queued behind it)."""
+    import rclpy
+    from builtin_interfaces.msg import Time
+    from lifecycle_msgs.srv import GetState
+    from rcl_interfaces.srv import SetParameters
+    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+    from rosgraph_msgs.msg import Clock
+
+    from icnet_ros.node import SegmentationNode
+
+    other = make_checkpoint(tmp_path / "other.safetensors", seed=1)
+    ctx, client_ctx = rclpy.Context(), rclpy.Context()
+    rclpy.init(context=ctx)
+    rclpy.init(context=client_ctx)
+    node = SegmentationNode("icnet_busy", context=ctx, parameter_overrides=[
+        Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
+        Parameter("image_topics", value=["/busy/image_raw"]), Parameter("use_sim_time", value=True)])
+    executor = MultiThreadedExecutor(num_threads=3, context=ctx)  # as icnet_node's process
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    client = rclpy.create_node("busy_client", context=client_ctx)
+    client_exec = SingleThreadedExecutor(context=client_ctx)
+    client_exec.add_node(client)
+    try:
+        loading = threading.Event()
+        load = node._load_segmenter
+
+        def slow_load(config):
+            loading.set()
+            time.sleep(3.0)
+            return load(config)
+
+        node._load_segmenter = slow_load
+        set_params = client.create_client(SetParameters, "/icnet_busy/set_parameters")
+        get_params = client.create_client(GetParameters, "/icnet_busy/get_parameters")
+        get_state = client.create_client(GetState, "/icnet_busy/get_state")
+        clock = client.create_publisher(Clock, "/clock", 10)
+        for c in (set_params, get_params, get_state):
+            assert c.wait_for_service(timeout_sec=10)
+
+        def call(c, request, timeout):
+            future = c.call_async(request)
+            client_exec.spin_until_future_complete(future, timeout_sec=timeout)
+            return future.result() if future.done() else None
+
+        swap = set_params.call_async(SetParameters.Request(
+            parameters=[Parameter("model", value=str(other)).to_parameter_msg()]))
+        deadline = time.monotonic() + 10
+        while not loading.is_set() and time.monotonic() < deadline:
+            client_exec.spin_once(timeout_sec=0.05)
+        assert loading.is_set()
+        t0 = time.monotonic()
+        state = call(get_state, GetState.Request(), 1.5)
+        assert state is not None and state.current_state.label == "active", "get_state unanswered during the swap"
+        values = call(get_params, GetParameters.Request(names=["model"]), 1.5)
+        assert values is not None and values.values[0].string_value == str(checkpoint)
+        refused = call(set_params, SetParameters.Request(
+            parameters=[Parameter("max_age", value=2.0).to_parameter_msg()]), 1.5)
+        assert refused is not None and not refused.results[0].successful
+        assert refused.results[0].reason.startswith("busy: loading a model (hot swap) in progress"), refused
+        for sec in (100, 101):  # the node's clock follows /clock meanwhile
+            clock.publish(Clock(clock=Time(sec=sec)))
+            deadline = time.monotonic() + 1.5
+            while node.get_clock().now().nanoseconds != sec * 10**9 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert node.get_clock().now().nanoseconds == sec * 10**9
+        assert time.monotonic() - t0 < 3.0 and not swap.done()  # all of it while the swap was still loading
+        client_exec.spin_until_future_complete(swap, timeout_sec=60)
+        assert swap.result().results[0].successful
+        assert node.get_parameter("model").value == str(other) and node.get_parameter("max_age").value != 2.0
+    finally:
+        executor.shutdown(timeout_sec=5)
+        node.destroy_node()
+        client.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+        rclpy.try_shutdown(context=client_ctx)
+
+
+def test_a_frame_from_before_deactivate_is_not_served_after_activate(checkpoint: Path):
+    """The pipeline keeps the newest pending frame across a stop; on deactivate that frame was served at the next
+    activate, seconds or minutes later with its old stamp (or logged as too_old). Now deactivate drops it, counted
+    as 'deactivated'."""
+    from builtin_interfaces.msg import Time
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    overrides = [Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
+                 Parameter("image_topics", value=["/da/image_raw"]), Parameter("max_age", value=0.0)]
+    with _in_process_node(overrides) as node:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        node.pipeline.stop()  # the worker busy elsewhere: the frame stays pending, as one arriving in a long batch
+        node._on_image("/da/image_raw", image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8", Time(sec=5)))
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        time.sleep(0.5)
+        cam = node.pipeline.snapshot()["cameras"]["/da/image_raw"]
+        assert cam["received"] == 1 and cam["processed"] == 0 and cam["dropped"] == {"deactivated": 1}, cam
+
+
+def test_a_refused_change_keeps_the_outputs_while_it_runs(checkpoint: Path, tmp_path: Path):
+    """An atomic change of outputs (dropping color) with a model hot swap that is then refused (other classes):
+    the color publisher was destroyed before the swap (no color frames for its whole length, minutes for a large
+    warm-up or an engine build) and a new one made afterwards. Now the withdrawn outputs go only once the change
+    is applied: the same publisher serves throughout, and after a change that is applied, it is gone."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    other = make_checkpoint(tmp_path / "five_classes.safetensors", num_classes=5)
+    overrides = [Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
+                 Parameter("image_topics", value=["/rc/image_raw"]), Parameter("outputs", value=["label", "color"])]
+    with _in_process_node(overrides) as node:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        (cam,) = node.cameras
+        color = cam.publishers["color"]
+        during = []
+        load = node._load_segmenter
+        node._load_segmenter = lambda config: (during.append(dict(cam.publishers)), load(config))[1]
+        result = node.set_parameters_atomically([Parameter("outputs", value=["label", "overlay"]),
+                                                 Parameter("model", value=str(other))])
+        assert not result.successful and "classes differ" in result.reason, result
+        assert during and during[0]["color"] is color and "overlay" in during[0]  # the added one advertised first
+        assert set(cam.publishers) == {"label", "color"} and cam.publishers["color"] is color
+        assert node.set_parameters_atomically([Parameter("outputs", value=["label"])]).successful
+        assert set(cam.publishers) == {"label"}
+
+
 def test_outputs_change_at_run_time(checkpoint: Path):
     """`outputs` is live: setting it to [label] withdraws the other publishers, setting more back advertises them.
     Before, [label] (the engine option's own default) counted as 'unchanged': success reported, nothing withdrawn,
