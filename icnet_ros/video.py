@@ -154,16 +154,23 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.nda
     data = read_image_bytes(p, max_pixels)
     if data.size:
         check_image_size(data, p, max_pixels)
+    # IGNORE_ORIENTATION: the stored pixels, as the node (Pillow), icnet-eval and training decode them
+    return decode_image(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION, f"image {p}")
+
+
+def decode_image(data: np.ndarray, flags: int, name: str) -> np.ndarray:
+    """``cv2.imdecode`` of an image file's bytes; every failure a one-line :class:`SourceError` ``cannot decode
+    NAME...`` (``name``: e.g. ``image PATH``): a header OpenCV refuses (beyond its own pixel limit, ...), out of
+    memory, not an image."""
     try:
-        # IGNORE_ORIENTATION: the stored pixels, as the node (Pillow), icnet-eval and training decode them
-        img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
-    except cv2.error as e:  # a header OpenCV refuses (beyond its own pixel limit, ...)
+        img = cv2.imdecode(data, flags) if data.size else None
+    except cv2.error as e:
         reason = str(e).strip().split(" error: ", 1)[-1]  # without OpenCV's source file and line
-        raise SourceError(f"cannot decode image {p}: {reason}") from None
+        raise SourceError(f"cannot decode {name}: {reason}") from None
     except MemoryError:
-        raise SourceError(f"cannot decode image {p}: out of memory") from None
+        raise SourceError(f"cannot decode {name}: out of memory") from None
     if img is None:
-        raise SourceError(f"cannot decode image {p} (not an image, or corrupt)")
+        raise SourceError(f"cannot decode {name} (not an image, or corrupt)")
     return img
 
 

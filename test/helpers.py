@@ -1,7 +1,11 @@
 """Shared test helpers: where the read-only data lives, and tiny real checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +156,33 @@ def jpeg_of_many_scans(scans, size=(64, 64)):
     start = jpg.rfind(b"\xff\xc4", 0, last)
     start = last if start < 0 else start
     return jpg[:eoi] + jpg[start:eoi] * scans + b"\xff\xd9"
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """The kernel refuses to grow any file of this process past ``nbytes`` (RLIMIT_FSIZE): writes fail with EFBIG
+    ('File too large'), as they fail with ENOSPC on a full disk, without needing one. SIGXFSZ is ignored meanwhile
+    (it would end the process)."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def signal_once_torch_loads(proc, signum: int, timeout: float = 60.0) -> None:
+    """Send ``signum`` to the subprocess ``proc`` as soon as torch's library is mapped into it (its import under
+    way), or when it ended or ``timeout`` passed."""
+    maps = f"/proc/{proc.pid}/maps"
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if "libtorch" in open(maps).read():
+                break
+        except OSError:
+            pass
+        time.sleep(0.002)
+    proc.send_signal(signum)

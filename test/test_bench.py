@@ -5,14 +5,13 @@ import json
 import math
 import os
 import re
-import resource
 import signal
 import time
 
 import numpy as np
 import pytest
 import torch
-from helpers import make_checkpoint
+from helpers import file_size_limit, make_checkpoint
 
 from icnet_ros.engine import Segmenter
 from icnet_ros.tools.bench import (STAGES, Timing, main, profile_stages, stage_breakdown, time_fn,
@@ -373,21 +372,6 @@ def test_backend_help_offers_only_the_accepted_choices(capsys):
     assert e.value.code == 2 and "invalid choice: 'auto'" in capsys.readouterr().err
 
 
-@contextlib.contextmanager
-def _file_size_limit(nbytes):
-    """The kernel refuses to grow any file of this process past ``nbytes`` (RLIMIT_FSIZE): writes fail with EFBIG
-    ('File too large'), as they fail with ENOSPC on a full disk, without needing one. SIGXFSZ is ignored meanwhile
-    (it would end the process). (As in test_segment_cli.py.)"""
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
-
-
 def test_every_configuration_is_checked_before_any_is_timed(tmp_path, capsys, monkeypatch):
     """A configuration's model and precision were checked only when it was built, after the configurations before
     it were timed: '--precision fp32 fp16 --device cpu' timed fp32, then exit 2 with its results unprinted (a '-'
@@ -521,7 +505,7 @@ def test_node_bench_json_is_written_whole_or_not_at_all(tmp_path, capsys, monkey
 
     def cleanup_then_limit(*steps):
         interrupted = real_cleanup(*steps)
-        limit.enter_context(_file_size_limit(16))  # the --json write that follows fails (EFBIG)
+        limit.enter_context(file_size_limit(16))  # the --json write that follows fails (EFBIG)
         return interrupted
     monkeypatch.setattr(node_bench, "cleanup", cleanup_then_limit)
     with limit:

@@ -6,11 +6,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from helpers import record_icnet_builds
+from helpers import record_icnet_builds, signal_once_torch_loads
 
 from icnet_ros import CheckpointError, load_model, read_metadata
 from icnet_ros.convert import import_mmseg_checkpoint, infer_config, read_torch_checkpoint, stored_fp16
@@ -572,16 +571,7 @@ def test_convert_ctrl_c_is_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.convert", str(src), str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    maps = f"/proc/{proc.pid}/maps"
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            if "libtorch" in open(maps).read():
-                break
-        except OSError:
-            pass
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGINT)
+    signal_once_torch_loads(proc, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "icnet-convert: interrupted\n", (proc.returncode, err[-3000:])
     assert not out.exists() and not out.parent.exists()

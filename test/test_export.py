@@ -316,13 +316,13 @@ def test_a_model_that_cannot_be_written_is_one_line_and_no_file(tmp_path, ckpt, 
     too large' naming no file. Now 'cannot write FILE: REASON', exit status 2, no file or temporary file left;
     the same for a place OpenVINO cannot open its files in (/proc: 'Can't open bin file', a traceback before;
     now refused before the export)."""
-    from test_segment_cli import _file_size_limit
+    from helpers import file_size_limit
 
     if fmt == "openvino":
         pytest.importorskip("openvino")
     folder = tmp_path / "out"
     out = folder / f"m.{'xml' if fmt == 'openvino' else 'onnx'}"
-    with _file_size_limit(64 * 1024):
+    with file_size_limit(64 * 1024):
         rc = export_main([str(ckpt), "--format", fmt, "--size", "128x192", "--output", str(out)])
     err = capsys.readouterr().err
     errors = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("icnet-export: error")]

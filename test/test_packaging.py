@@ -5,13 +5,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, signal_once_torch_loads
 
 EXECUTABLES = ["icnet_node", "icnet-play", "icnet-record", "icnet-demo", "icnet-convert", "icnet-export",
                "icnet-segment", "icnet-bench", "icnet-train", "icnet-eval", "icnet-node-bench", "icnet-node-soak"]
@@ -81,16 +80,7 @@ def test_installed_tools_interrupted_while_importing_torch_say_one_line(tool, si
     script = Path(sys.executable).parent / tool
     proc = subprocess.Popen([str(script), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    maps = f"/proc/{proc.pid}/maps"
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            if "libtorch" in open(maps).read():
-                break
-        except OSError:
-            pass
-        time.sleep(0.002)
-    proc.send_signal(sig)
+    signal_once_torch_loads(proc, sig)
     out, err = proc.communicate(timeout=60)
     assert (proc.returncode, err, out) == (128 + sig, f"{tool}: interrupted\n", ""), (proc.returncode, err[-3000:])
 

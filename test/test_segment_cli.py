@@ -1,9 +1,7 @@
 """icnet-segment end to end on real files (synthetic images and videos, and the shared CamVid / video data when
 present), plus the frame sources of icnet_ros.video it is built on."""
-import contextlib
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -13,7 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import CAMVID, REPO, VIDEO, jpeg_of_many_scans, make_checkpoint, mkv_without_duration, require
+from helpers import (CAMVID, REPO, VIDEO, file_size_limit, jpeg_of_many_scans, make_checkpoint, mkv_without_duration,
+                     require)
 
 from icnet_ros.classes import CAMVID as CAMVID_CLASSES
 from icnet_ros.tools.segment import _Item, _Writer, main
@@ -42,21 +41,6 @@ def _video(path, n=8, size=(96, 128), fps=12.0):
 def _noise(h, w, seed):
     """An incompressible frame: its PNG (or MP4 frame) is as large as its pixels."""
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-@contextlib.contextmanager
-def _file_size_limit(nbytes):
-    """The kernel refuses to grow any file of this process past ``nbytes`` (RLIMIT_FSIZE): writes fail with EFBIG
-    ('File too large'), as they fail with ENOSPC on a full disk, without needing one. SIGXFSZ is ignored meanwhile
-    (it would end the process)."""
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
 
 
 def _jpeg_with_orientation(path, bgr, orientation=6):
@@ -233,7 +217,7 @@ def test_an_image_is_written_whole_or_not_at_all(tmp_path):
     out = tmp_path / "label" / "x.png"
     write_image(out, _img(64, 64, 0))
     before = out.read_bytes()
-    with _file_size_limit(64 * 1024), pytest.raises(OSError) as info:
+    with file_size_limit(64 * 1024), pytest.raises(OSError) as info:
         write_image(out, _noise(256, 256, 1))  # a ~197 KB PNG
     assert str(info.value) == f"cannot write {out}: File too large"
     assert out.read_bytes() == before and [p.name for p in out.parent.iterdir()] == ["x.png"]
@@ -248,7 +232,7 @@ def test_a_video_frame_that_cannot_be_written_stops_the_writer(tmp_path):
     file is never reopened over), and finish() checks a finished video reads back with every frame."""
     path = tmp_path / "overlay" / "clip.mp4"
     vw = VideoWriter(path, 10.0)
-    with _file_size_limit(128 * 1024), pytest.raises(OSError) as info:
+    with file_size_limit(128 * 1024), pytest.raises(OSError) as info:
         for i in range(30):  # ~100 KB of MPEG-4 per noise frame, written out in 256 KB blocks
             vw.write(_noise(360, 480, i))
     assert str(info.value) == f"cannot write {path}: File too large" and vw.frames < 6
@@ -468,14 +452,14 @@ def test_a_video_that_cannot_be_written_stops_the_run_in_one_line_and_leaves_no_
         for i in range(8):
             vw.write(_noise(360, 480, i))
     out = tmp_path / "out"
-    with _file_size_limit(128 * 1024):
+    with file_size_limit(128 * 1024):
         rc = main([str(src), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs", "overlay",
                    "--input-size", "64x96"])
     err = capsys.readouterr().err
     assert rc == 2 and err == f"icnet-segment: error: cannot write {out / 'overlay' / 'noise.mp4'}: File too large\n"
     assert os.listdir(out / "overlay") == []
     previous = _video(out / "overlay" / "noise.mp4", n=2, size=(64, 64)).read_bytes()
-    with _file_size_limit(128 * 1024):
+    with file_size_limit(128 * 1024):
         assert main([str(src), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs",
                      "overlay", "--input-size", "64x96"]) == 2
     capsys.readouterr()

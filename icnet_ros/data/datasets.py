@@ -246,17 +246,13 @@ def _check_header(data: np.ndarray, path: Path, what: str) -> None:
 
 
 def _decode(data: np.ndarray, flags: int, path: Path, what: str) -> np.ndarray:
-    """``cv2.imdecode``, its failures a one-line :class:`DatasetError`."""
+    """:func:`icnet_ros.video.decode_image`, its failures a one-line :class:`DatasetError`."""
+    from ..video import SourceError, decode_image
+
     try:
-        img = cv2.imdecode(data, flags)
-    except cv2.error as e:  # a header OpenCV refuses
-        reason = str(e).strip().split(" error: ", 1)[-1]  # without OpenCV's source file and line
-        raise DatasetError(f"cannot decode {what} {path}: {reason}") from None
-    except MemoryError:
-        raise DatasetError(f"cannot decode {what} {path}: out of memory") from None
-    if img is None:
-        raise DatasetError(f"cannot read {what} {path} (corrupt or unsupported format)")
-    return img
+        return decode_image(data, flags, f"{what} {path}")
+    except SourceError as e:
+        raise DatasetError(str(e)) from None
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
