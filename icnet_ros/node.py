@@ -161,8 +161,9 @@ def _one_change_at_a_time(wait: bool = False) -> Callable[[Callable[..., Transit
         @functools.wraps(fn)
         def run(self: SegmentationNode, state: State) -> TransitionCallbackReturn:
             with self._changing(wait) as busy:
-                if busy:
-                    return self._failed(transition, busy)
+                if busy:  # (not a failed start: startup_error, which /diagnostics reports, stays as it was)
+                    self.get_logger().warning(f"{transition} refused: {busy}")
+                    return TransitionCallbackReturn.FAILURE
                 return fn(self, state)
         return run
     return wrap
@@ -207,6 +208,8 @@ class SegmentationNode(LifecycleNode):
         # one change at a time (a transition, a parameter change): the services, /clock and the timers are served
         # beside it, so another change is refused while one runs (see _changing)
         self._change_lock = threading.RLock()
+        # rclpy's parameter table: declared into by transitions, listed by the (concurrent) parameter services
+        self._param_lock = threading.RLock()
         try:
             super().__init__(node_name, **node_kwargs)
         except ParameterException as e:  # rclpy's own parameters (use_sim_time:=5, ...): one line, not a traceback
@@ -291,16 +294,52 @@ class SegmentationNode(LifecycleNode):
             self._change_lock.release()
 
     def start(self) -> None:
-        """Configure and activate (autostart); raises :class:`StartupError` when configuring fails."""
-        self._starting = True
-        try:
-            configured = self.trigger_configure() == TransitionCallbackReturn.SUCCESS
-        finally:
-            self._starting = False
-        if not configured:
-            raise StartupError(self.startup_error or "configure failed")
-        if self.trigger_activate() != TransitionCallbackReturn.SUCCESS:
-            raise StartupError(self.startup_error or "activate failed")
+        """Configure and activate (autostart); raises :class:`StartupError` when configuring fails. One change: a
+        parameter change is refused until both are done (in the gap between them it made the activate 'busy')."""
+        with self._change_lock:
+            self._starting = True
+            try:
+                configured = self.trigger_configure() == TransitionCallbackReturn.SUCCESS
+            finally:
+                self._starting = False
+            if not configured:
+                raise StartupError(self.startup_error or "configure failed")
+            if self.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                raise StartupError(self.startup_error or "activate failed")
+
+    # rclpy's parameter API, made safe beside the reentrant services: its parameter table is a dict that
+    # list_parameters iterates while a transition declares into it ('dictionary changed size during iteration'
+    # ended the executor), and a set stores its value after the callbacks return (two sets at once could leave the
+    # parameter at one value and the running config at the other)
+    def declare_parameters(self, *args: Any, **kwargs: Any) -> Any:
+        with self._param_lock:
+            return super().declare_parameters(*args, **kwargs)
+
+    def undeclare_parameter(self, name: str) -> None:
+        with self._param_lock:
+            super().undeclare_parameter(name)
+
+    def list_parameters(self, *args: Any, **kwargs: Any) -> Any:
+        with self._param_lock:
+            return super().list_parameters(*args, **kwargs)
+
+    def get_parameters_by_prefix(self, prefix: str) -> Any:
+        with self._param_lock:
+            return super().get_parameters_by_prefix(prefix)
+
+    def set_parameters(self, parameter_list: list[Any]) -> list[SetParametersResult]:
+        with self._changing() as busy:
+            if busy:
+                return [SetParametersResult(successful=False, reason=busy) for _ in parameter_list]
+            with self._param_lock:
+                return super().set_parameters(parameter_list)
+
+    def set_parameters_atomically(self, parameter_list: list[Any]) -> SetParametersResult:
+        with self._changing() as busy:
+            if busy:
+                return SetParametersResult(successful=False, reason=busy)
+            with self._param_lock:
+                return super().set_parameters_atomically(parameter_list)
 
     # ------------------------------------------------------------------ lifecycle transitions
     @_one_change_at_a_time()

@@ -620,6 +620,110 @@ def test_services_and_the_simulated_clock_are_served_during_a_hot_swap(checkpoin
         rclpy.try_shutdown(context=client_ctx)
 
 
+def test_parameter_services_beside_transitions_neither_crash_nor_diverge(checkpoint: Path, tmp_path: Path):
+    """The parameter services run beside the transitions (the reentrant default group). rclpy's list_parameters
+    iterates its parameter table while the first configure declares into it (classes.*, qos_overrides.*): a
+    RuntimeError ('dictionary changed size during iteration') that ended the executor, exit status 1; and a set
+    stores its value after the node's callback returned, so two sets at once could leave the parameter at one
+    value and the running config at the other. Forced here with a short thread switch interval."""
+    from rclpy.parameter import Parameter
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for i in range(3):
+            with _in_process_node([Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
+                                   Parameter("image_topics", value=["/pl/image_raw", "/pm/image_raw"]),
+                                   Parameter("warmup", value="false")]) as node:
+                stop, errors = threading.Event(), []
+
+                def lister():
+                    while not stop.is_set():
+                        try:
+                            node.list_parameters([], 0)
+                        except RuntimeError as e:
+                            errors.append(e)
+
+                thread = threading.Thread(target=lister)
+                thread.start()
+                try:
+                    node.trigger_configure()
+                finally:
+                    stop.set()
+                    thread.join()
+                assert not errors, errors[0]
+                if i:
+                    continue
+                node.trigger_activate()
+                diverged = []
+                for n in range(300):
+                    barrier = threading.Barrier(2)
+
+                    def setter(value):
+                        barrier.wait()
+                        node.set_parameters_atomically([Parameter("max_age", value=value)])
+
+                    pair = [threading.Thread(target=setter, args=(v,)) for v in (1.0 + n % 40, 100.0 + n % 30)]
+                    for t in pair:
+                        t.start()
+                    for t in pair:
+                        t.join()
+                    if node.get_parameter("max_age").value != node.config.max_age:
+                        diverged.append((node.get_parameter("max_age").value, node.config.max_age))
+                assert not diverged, diverged[:3]
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def test_start_is_one_change_and_a_busy_refusal_is_no_failure(checkpoint: Path, tmp_path: Path):
+    """start() released the change lock between its configure and its activate: a parameter change arriving
+    there (a hot swap) made the activate 'busy', and icnet_node exited with status 2, the node inactive. Now the
+    change is refused during the start. A transition refused as busy was recorded as a failed start: /diagnostics
+    then reported ERROR 'activate failed: busy ...' after a later, successful transition."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    other = make_checkpoint(tmp_path / "other.safetensors", seed=1)
+    with _in_process_node([Parameter("model", value=str(checkpoint)), Parameter("device", value="cpu"),
+                           Parameter("image_topics", value=["/sb/image_raw"])]) as node:
+        activate, refused = node.trigger_activate, []
+
+        def change_then_activate():  # in the gap: a `ros2 param set model ...` from another thread
+            t = threading.Thread(target=lambda: refused.append(
+                node.set_parameters_atomically([Parameter("model", value=str(other))])))
+            t.start()
+            t.join(30)
+            return activate()
+
+        node.trigger_activate = change_then_activate
+        node.start()  # (raised StartupError 'busy: ...')
+        node.trigger_activate = activate
+        assert not refused[0].successful and refused[0].reason.startswith("busy: "), refused
+        assert node._active and node.get_parameter("model").value == str(checkpoint)
+        # a deactivate refused during a hot swap is not a failure of the node's
+        loading, load = threading.Event(), node._load_segmenter
+
+        def slow_load(config):
+            loading.set()
+            time.sleep(1.0)
+            return load(config)
+
+        node._load_segmenter = slow_load
+        swap = threading.Thread(target=lambda: node.set_parameters_atomically([Parameter("model", value=str(other))]))
+        swap.start()
+        assert loading.wait(30)
+        assert node.trigger_deactivate() == TransitionCallbackReturn.FAILURE
+        swap.join(60)
+        assert node.get_parameter("model").value == str(other)
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        sent = []
+        node._diag_pub.publish = sent.append
+        node._publish_diagnostics()
+        status = next(s for s in sent[0].status if s.name.endswith(": segmenter"))
+        assert status.level == DiagnosticStatus.OK and "failed" not in status.message, status
+
+
 def test_a_frame_from_before_deactivate_is_not_served_after_activate(checkpoint: Path):
     """The pipeline keeps the newest pending frame across a stop; on deactivate that frame was served at the next
     activate, seconds or minutes later with its old stamp (or logged as too_old). Now deactivate drops it, counted
