@@ -485,19 +485,115 @@ def check_fourcc(fourcc: str) -> str:
     return fourcc
 
 
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Standard error (file descriptor 2) goes to /dev/null meanwhile: FFmpeg's and OpenCV's own messages (``[mpeg4
+    @ 0x...] header damaged``, ``OpenCV: FFMPEG: tag ... is not supported``) while a tool probes a file, where the
+    tool says in one line what it found. Process-wide: only for the checks a tool runs before it starts threads."""
+    import sys
+
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to quiet
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+        finally:
+            os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def has_decodable_frames(source: FrameSource) -> bool:
+    """Whether ``source`` has a frame to play: its count is not 0 and, for a video, its first frame decodes (a video
+    whose container declares frames that do not decode, or declares no count, is decided by decoding it; FFmpeg's
+    messages meanwhile are quieted, see :func:`quiet_stderr`). An image folder's images are read when played (an
+    unreadable one is skipped there)."""
+    if source.frame_count == 0:
+        return False
+    if not source.is_video:
+        return True
+    with quiet_stderr():
+        return source.has_frames()
+
+
+def video_writer_problem(path: str | os.PathLike, fps: float, fourcc: str = "mp4v") -> str | None:
+    """Why :class:`VideoWriter` cannot write a video at ``path`` at ``fps`` with ``fourcc`` (None when it can),
+    found before a run rather than at its first frame or its end: a probe video of one small frame is written with
+    the same container (``path``'s suffix), codec and frame rate into a hidden temporary file beside ``path``, read
+    back, and removed. A suffix FFmpeg has no video container for (none, ``.webm`` with ``mp4v``, ``.gif``), an image
+    suffix (``.png``: no video reads back from it) and a frame rate the encoder refuses (0.001, 1e5 fps for ``mp4v``)
+    are each one line (``mp4v`` takes about 0.01 to 65535 fps: MPEG-4 time bases have at most 65535 ticks a
+    second); FFmpeg's own messages are quieted. The folder must exist (``cli_checks.output_file_problem``
+    makes it)."""
+    check_fourcc(fourcc)
+    p = Path(path).expanduser()
+    if not (math.isfinite(fps) and fps > 0):
+        return f"the frame rate must be a finite number > 0, got {fps}"
+    suffix = p.suffix
+    if not suffix:
+        return "has no file type to pick the video container by: name it .mp4 (or .mkv, .avi)"
+    if suffix.lower() in IMAGE_EXTENSIONS or suffix.lower() == ".gif":
+        return f"{suffix} is an image file type, not a video: name it .mp4 (or .mkv, .avi)"
+    opened, reads_back = _probe_writer(p, fps, fourcc)
+    if opened and reads_back:
+        return None
+    if not opened and fps != DEFAULT_IMAGE_FPS and _probe_writer(p, DEFAULT_IMAGE_FPS, fourcc)[0]:
+        return f"cannot write a {fourcc!r} video at {fps:g} fps (its encoder refuses that frame rate)"
+    if not opened:
+        return f"cannot write a {fourcc!r} video to a {suffix} file: name it .mp4 (or .mkv, .avi)"
+    return f"a {fourcc!r} video written to a {suffix} file does not read back: name it .mp4 (or .mkv, .avi)"
+
+
+def _probe_writer(path: Path, fps: float, fourcc: str) -> tuple[bool, bool]:
+    """(opened, reads back) for a one-frame probe video at ``path``'s suffix (see :func:`video_writer_problem`);
+    (False, False) when no temporary file can be made beside ``path``."""
+    try:
+        tmp = temporary_file(path, path.suffix)
+    except OSError:
+        return False, False
+    try:
+        with quiet_stderr():
+            writer = cv2.VideoWriter(str(tmp), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*fourcc), fps, (64, 64))
+            try:
+                opened = writer.isOpened() and writer.write(np.zeros((64, 64, 3), np.uint8)) is not False
+            finally:
+                writer.release()
+            if not opened:
+                return False, False
+            cap = cv2.VideoCapture(str(tmp), cv2.CAP_FFMPEG)
+            try:
+                return True, bool(cap.isOpened() and cap.read()[0])
+            finally:
+                cap.release()
+    except cv2.error:
+        return False, False
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 class VideoWriter:
     """An MP4 (``mp4v``) or other OpenCV video writer that opens on the first frame (its size sets the video size).
 
     Frames are uint8 BGR H x W x 3; frames of another size are resized to the first frame's size. The video is
     written to a hidden temporary file in the same folder (``.<name>.<pid>.<n>.tmp<suffix>``: the suffix picks the
-    container) and renamed to ``path`` only by :meth:`finish`, once it reads back: ``path`` is never a partial or
-    unplayable video (before, a full disk left an MP4 without its index at ``path``). A frame the writer could not
-    write (OpenCV's ``write`` returns False; with an OpenCV whose ``write`` returns nothing, a disk with no space
-    left) raises OSError ``cannot write <path>: <reason>`` (e.g. ``No space left on device``) and removes the
-    temporary file, and so does every later frame: no video is written. :meth:`finish` closes the file, checks it
-    reads back with every frame written (an MP4 whose index could not be written is unplayable) and renames it;
-    :meth:`close` abandons it (the temporary file removed, ``path`` untouched). As a context manager: ``finish()``
-    on success, ``close()`` on an exception.
+    container; FFmpeg's writer only, so a file type it has no container for fails at the first frame, leaving no
+    file: :func:`video_writer_problem` finds that before a run) and renamed to ``path`` only by :meth:`finish`, once
+    it reads back: ``path`` is never a partial or unplayable video (before, a full disk left an MP4 without its
+    index at ``path``). A frame the writer could not write (OpenCV's ``write`` returns False; with an OpenCV whose
+    ``write`` returns nothing, a disk with no space left) raises OSError ``cannot write <path>: <reason>`` (e.g.
+    ``No space left on device``) and removes the temporary file, and so does every later frame: no video is written.
+    :meth:`finish` closes the file, checks it reads back with every frame written (an MP4 whose index could not be
+    written is unplayable) and renames it; :meth:`close` abandons it (the temporary file removed, ``path``
+    untouched). As a context manager: ``finish()`` on success, ``close()`` on an exception.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, fourcc: str = "mp4v") -> None:
@@ -529,8 +625,10 @@ class VideoWriter:
                 self.temp_path = temporary_file(self.path, self.path.suffix)  # (the suffix picks the container)
             except OSError as e:
                 raise OSError(f"cannot write {self.path}: {e.strerror or e}") from e
-            self._writer = cv2.VideoWriter(str(self.temp_path), cv2.VideoWriter_fourcc(*self.fourcc), self.fps,
-                                           self.size)
+            # FFmpeg only: OpenCV's fallback for a file type FFmpeg does not write (.gif, .png) is its image sequence
+            # writer, which left numbered files beside the temporary file that nothing removed
+            self._writer = cv2.VideoWriter(str(self.temp_path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*self.fourcc),
+                                           self.fps, self.size)
             if not self._writer.isOpened():
                 self._writer = None
                 self._remove_temp()
@@ -630,5 +728,6 @@ def _write_problem(path: Path) -> str | None:
 
 __all__ = ["DEFAULT_IMAGE_FPS", "Frame", "FrameSource", "IMAGE_EXTENSIONS", "ImageFiles", "ImageFolder",
            "ImageTooLargeError", "SourceError", "VIDEO_EXTENSIONS", "VideoFile", "VideoWriter", "check_fourcc",
-           "check_image_size", "iter_frames", "max_file_size", "open_source", "read_image", "read_image_bytes",
-           "write_bytes_atomically", "write_image", "write_text_atomically"]
+           "check_image_size", "has_decodable_frames", "iter_frames", "max_file_size", "open_source", "quiet_stderr",
+           "read_image", "read_image_bytes", "video_writer_problem", "write_bytes_atomically", "write_image",
+           "write_text_atomically"]

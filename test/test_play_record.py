@@ -213,6 +213,38 @@ def test_play_plays_a_video_without_a_frame_count_to_its_end(tmp_path: Path, cap
     assert capsys.readouterr().err == f"icnet-play: error: no frames in {empty}\n"
 
 
+def video_without_decodable_frames(path: Path) -> Path:
+    """An MP4 whose container declares 5 frames (10 fps) and whose coded frames are zeros: none decodes."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (96, 64))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        writer.write(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    writer.release()
+    data = bytearray(path.read_bytes())
+    i = data.find(b"mdat")
+    size = int.from_bytes(data[i - 4:i], "big")
+    data[i + 4:i - 4 + size] = bytes(size - 8)  # the coded frames zeroed, the index (the frame count) kept
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_play_and_demo_refuse_a_video_from_which_no_frame_decodes(checkpoint: Path, tmp_path: Path):
+    """A video whose container declares frames that do not decode: icnet-play said 'published 0 frames', exit
+    status 0, among FFmpeg's 'header damaged' lines, and icnet-demo loaded the model and played it before finding
+    out (a 0-frame video was already 'no frames in X', exit status 2). Now its first frame is decoded up front: one
+    line 'no frames in X', exit status 2, before anything is published or the model loads."""
+    video = video_without_decodable_frames(tmp_path / "zeros.mp4")
+    res = ros_support.run_module("icnet_ros.tools.play", [str(video), "--topic", "/t_playzeros/image_raw"],
+                                 timeout=60)
+    assert (res.returncode, res.stderr) == (2, f"icnet-play: error: no frames in {video}\n"), res.stdout + res.stderr
+    assert "published" not in res.stdout
+    out = tmp_path / "out"
+    res = ros_support.run_module("icnet_ros.tools.demo", [str(video), "--model", str(checkpoint), "--output",
+                                                          str(out), "--device", "cpu"], timeout=120)
+    assert (res.returncode, res.stderr) == (2, f"icnet-demo: error: no frames in {video}\n"), res.stdout + res.stderr
+    assert "loading" not in res.stdout and not out.exists()
+
+
 def test_bad_counts_are_refused_in_one_line(tmp_path: Path):
     write_frames(tmp_path / "frames", 1)
     for module, args, message in (
@@ -495,9 +527,10 @@ def test_record_video_skips_frames_it_cannot_take_and_topics_get_folders_apart(r
     now a compressed frame whose header declares more than max_pixels (icnet-record's --max-pixels) is saved but not
     added to the video, as is a compressed frame that does not decode (before: counted failed, 'cannot save frame',
     although its file was written); a raw frame (its pixels in memory already) goes in at any size, and a video
-    none of the frames could go into is an error, not a missing file with exit status 0. Topics whose folder names were the same (/a/b/compressed and
-    /a_b/compressed) overwrote each other's frames: each now gets a short hash of its name. Indices are 9 digits:
-    past 999999 the names still sort in arrival order (and are still known as a recording)."""
+    none of the frames could go into is an error, not a missing file with exit status 0. Topics whose folder names
+    were the same (/a/b/compressed and /a_b/compressed) overwrote each other's frames: each now gets a short hash of
+    its name. Indices are 9 digits: past 999999 the names still sort in arrival order (and are still known as a
+    recording). Several topics go into the video in arrival order (not placed by their stamps)."""
     import hashlib
 
     from helpers import jpeg_with_size
@@ -618,6 +651,155 @@ def test_a_video_that_fails_mid_recording_costs_no_frame_its_image(ros: RosHarne
     assert text.count(f"cannot write {video}") >= 1 and "cannot save frame" not in text, text
 
 
+def test_record_places_video_frames_by_their_stamps(ros: RosHarness, tmp_path: Path):
+    """Frames dropped on the way compressed the video: --rate 25 --max-frames 25 through the demo gave 11 overlays
+    written back to back at 25 fps, 0.44 s of video for 1 s. Now, with one topic, each frame lands at frame
+    round((stamp - first stamp) * fps), the previous frame repeated up to there: stamps 0, 0.1 and 0.3 s at 10 fps
+    make 4 frames (the second one twice). Equal stamps follow each other; a gap longer than VIDEO_MAX_GAP_S (10 s)
+    is not filled (the video goes on from the new stamp)."""
+    from builtin_interfaces.msg import Time
+
+    from icnet_ros.tools import record
+
+    shades = [0, 80, 160, 240, 120]
+    rec = record.Recorder(ros.node, ["/t_recstamp/overlay"], tmp_path / "rec", reliability="reliable",
+                          video=tmp_path / "rec.mp4", fps=10.0)
+    try:
+        for shade, t in zip(shades, (0.0, 0.1, 0.3, 0.3, 20.3)):
+            stamp = Time(sec=1000 + int(t), nanosec=round((t % 1) * 1e9))
+            rec._on_msg("/t_recstamp/overlay", image_msg(np.full((H, W, 3), shade, np.uint8), "bgr8", stamp))
+    finally:
+        rec.close()
+    assert (rec.saved, rec.video_error) == (5, None)
+    cap = cv2.VideoCapture(str(tmp_path / "rec.mp4"))
+    means = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        means.append(int(round(frame.mean())))
+    cap.release()
+    expected = [0, 80, 80, 160, 240, 120]
+    assert len(means) == len(expected) and all(abs(m - e) <= 8 for m, e in zip(means, expected)), means
+
+
+def test_record_video_interrupted_while_it_is_finished_is_an_error(ros: RosHarness, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """A (second) Ctrl-C while Recorder.close finished the video (read back, renamed): close caught only OSError, so
+    video_error stayed unset, the hidden temporary file .rec.mp4.<pid>.<n>.tmp.mp4 stayed and icnet-record exited
+    0 with no video. Now the KeyboardInterrupt is raised on with video_error set ('not finished (interrupted)'),
+    the temporary file removed: exit status 1."""
+    import icnet_ros.video as video
+    from icnet_ros.tools import record
+
+    def finish_interrupted(self: video.VideoWriter) -> None:
+        self._release()
+        raise KeyboardInterrupt  # the signal arriving while the file is read back
+
+    monkeypatch.setattr(video.VideoWriter, "finish", finish_interrupted)
+    rec = record.Recorder(ros.node, ["/t_recki/overlay"], tmp_path / "rec", reliability="reliable",
+                          video=tmp_path / "rec.mp4")
+    img = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    for _ in range(3):
+        rec._on_msg("/t_recki/overlay", image_msg(img, "bgr8", ros.now()))
+    with pytest.raises(KeyboardInterrupt):
+        rec.close()
+    assert rec.video_error == f"cannot write {tmp_path / 'rec.mp4'}: not finished (interrupted)"
+    assert record.final_report(rec, "interrupted", 1.0)[1] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec"]
+
+
+def test_recorder_keeps_nothing_per_frame(ros: RosHarness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Recorder.stamps kept the (sec, nanosec) of every frame ever received (about 140 B a frame, 360 MB a day at
+    30 fps) and nothing read it. Now no attribute of a recorder grows with the frames received."""
+    from icnet_ros.tools import record
+
+    monkeypatch.setattr(record.Recorder, "_write", lambda self, msg, topic, stem: None)  # counting only
+    rec = record.Recorder(ros.node, ["/t_recmem/overlay"], tmp_path / "rec", reliability="reliable")
+    msg = image_msg(np.zeros((1, 1, 3), np.uint8), "bgr8", ros.now())
+    try:
+        for _ in range(200):
+            rec._on_msg("/t_recmem/overlay", msg)
+    finally:
+        rec.close()
+    assert rec.received == rec.saved == 200
+    grown = {k: len(v) for k, v in vars(rec).items() if isinstance(v, (list, dict, set, tuple)) and len(v) >= 200}
+    assert grown == {}, grown
+
+
+def test_video_writer_writes_only_what_ffmpeg_writes_and_the_tools_check_it_first(tmp_path: Path,
+                                                                                     monkeypatch: pytest.MonkeyPatch):
+    """--video x, x.webm, x.gif, x.png and icnet-record's --fps 0.001 or 1e5 passed the checks and failed at the
+    first frame or at the end (the demo after loading the model and playing its whole input), and for .gif OpenCV's
+    fallback, its image sequence writer, numbered its files after the temporary file's name: 4 stray
+    .overlay.gif.<n>.1.tmp.gif files that nothing removed. Now VideoWriter uses FFmpeg only (a file type it does not
+    write fails at the first frame, leaving no file), and video_writer_problem probes the file type and frame rate
+    before a run: one line, no file left."""
+    import itertools
+
+    import icnet_ros.video as video
+
+    # the first temporary file of a process that wrote an image before (the recorder's PNG): .<name>.<pid>.1.tmp
+    monkeypatch.setattr(video, "_TMP_COUNTER", itertools.count(1))
+    writer = video.VideoWriter(tmp_path / "overlay.gif", 10)
+    with pytest.raises(OSError, match="overlay.gif"):
+        for i in range(5):
+            writer.write(np.full((H, W, 3), 40 * i, np.uint8))
+        writer.finish()
+    writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    for name, fps, reason in (("x", 10, "has no file type"), ("x.webm", 10, "cannot write a 'mp4v' video to a .webm"),
+                              ("x.gif", 10, ".gif is an image file type"), ("x.png", 25, ".png is an image file"),
+                              ("x.mp4", 0.001, "cannot write a 'mp4v' video at 0.001 fps"),
+                              ("x.mp4", 1e5, "cannot write a 'mp4v' video at 100000 fps"),
+                              ("x.mp4", 25, None), ("x.mkv", 10, None), ("x.avi", 29.97, None)):
+        problem = video.video_writer_problem(tmp_path / name, fps)
+        assert (problem is None) if reason is None else (problem is not None and problem.startswith(reason)), \
+            (name, fps, problem)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--video", "{tmp}/out.webm"], "--video {tmp}/out.webm: cannot write a 'mp4v' video to a .webm file"),
+    (["--video", "{tmp}/out.mp4", "--fps", "1e5"], "--video {tmp}/out.mp4: cannot write a 'mp4v' video at 100000 fps")])
+def test_record_refuses_a_video_its_writer_refuses_before_it_starts(tmp_path: Path, args: list[str], reason: str):
+    """icnet-record --video out.webm (or --fps 1e5) started, recorded and failed at the first frame (an error per
+    frame, the video missing). Now one line, exit status 2, before the node starts; no file is left."""
+    res = ros_support.run_module("icnet_ros.tools.record", ["/t_recbadvid/overlay", "--output", str(tmp_path / "rec"),
+                                                            "--duration", "3", *(a.format(tmp=tmp_path) for a in args)],
+                                 timeout=60)
+    assert res.returncode == 2 and res.stderr.startswith(f"icnet-record: error: {reason.format(tmp=tmp_path)}") \
+        and res.stderr.count("\n") == 1, res.stdout + res.stderr
+    assert res.stdout == "" and [p.name for p in tmp_path.iterdir()] == ["rec"]
+    assert list((tmp_path / "rec").iterdir()) == []
+
+
+def test_record_interrupted_while_it_starts_is_one_line(tmp_path: Path):
+    """Ctrl-C while icnet-record imports rclpy (its first second): before, rclpy.init's handlers were not installed
+    yet, so SIGINT was a 32-line KeyboardInterrupt traceback (exit status 1) and SIGTERM a silent -15. Now, as
+    icnet-play: one line 'icnet-record: interrupted', exit status 130 / 143."""
+    import signal
+    import subprocess
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.record", "/t_recstart/overlay", "--output",
+                                 str(tmp_path / "rec")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=ros_support.subprocess_env(), cwd=str(ros_support.REPO),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        maps = Path("/proc") / str(proc.pid) / "maps"
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:  # rclpy's library loading: the import under way
+            try:
+                if "librcl" in maps.read_text():
+                    break
+            except OSError:
+                pass
+            time.sleep(0.002)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+        assert (proc.returncode, err) == (128 + signum, "icnet-record: interrupted\n"), (proc.returncode, out, err)
+
+
 # ---------------------------------------------------------------------------------------------- icnet-demo
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -707,6 +889,76 @@ def test_demo_and_record_check_the_video_file_before_they_start(checkpoint: Path
         assert res.returncode == 2 and len(lines) == 1, res.stdout + res.stderr
         assert lines[0].startswith(f"icnet-{tool}: error: --video {video}: ") and reason in lines[0], lines[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_demo_refuses_to_write_over_its_input(checkpoint: Path, tmp_path: Path):
+    """'icnet-demo in/drive.mp4 --video in/drive.mp4' replaced the video played by its overlays (exit status 0), and
+    'icnet-demo frames --output frames' saved the overlays among the frames (the next run played them as input).
+    Now each is one line, exit status 2, before the model loads, nothing written: a --video that is an input file
+    (by device and inode: also another spelling, a hard link), an --output that is the input folder (one inside it
+    is fine: the folder is read without its subfolders)."""
+    frames = write_frames(tmp_path / "frames", 2)
+    video = tmp_path / "in" / "drive.mp4"
+    video.parent.mkdir()
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (W, H))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    data = video.read_bytes()
+    for source, args, reason in (
+            (video, ["--output", str(tmp_path / "out"), "--video", str(tmp_path / "in" / ".." / "in" / "drive.mp4")],
+             f"input {video} would be overwritten by --video {tmp_path / 'in' / '..' / 'in' / 'drive.mp4'}"),
+            (tmp_path / "frames", ["--output", str(tmp_path / "frames")],
+             f"--output {tmp_path / 'frames'}: is the input folder")):
+        res = ros_support.run_module("icnet_ros.tools.demo", [str(source), "--model", str(checkpoint),
+                                                              "--device", "cpu", *args], timeout=120)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stdout + res.stderr
+        assert lines[0].startswith(f"icnet-demo: error: {reason}") and "loading" not in res.stdout, lines[0]
+    assert video.read_bytes() == data and sorted(p.name for p in (tmp_path / "frames").iterdir()) == [
+        "frame_000.png", "frame_001.png"] and not (tmp_path / "out").exists()
+    from icnet_ros.tools.demo import _input_written_over
+    from icnet_ros.video import open_source
+
+    (tmp_path / "link.mp4").hardlink_to(video)
+    assert _input_written_over(open_source(video), str(tmp_path / "out"), str(tmp_path / "link.mp4")) == (
+        f"input {video} would be overwritten by --video {tmp_path / 'link.mp4'}; choose another --video (or move the "
+        "input)")
+    folder = open_source(tmp_path / "frames")
+    assert _input_written_over(folder, str(tmp_path / "frames" / "."), None) == (
+        f"--output {tmp_path / 'frames' / '.'}: is the input folder: the overlays would be saved among the images "
+        "played (and played as input by a later run); choose another --output")
+    (tmp_path / "frames" / "sub").mkdir()
+    assert _input_written_over(folder, str(tmp_path / "frames" / "sub"), None) is None
+    assert _input_written_over(folder, str(tmp_path / "out"), str(tmp_path / "frames" / "x.mp4")) is None
+
+
+def test_demo_fails_when_a_frame_was_not_segmented(checkpoint: Path, tmp_path: Path):
+    """A folder with a 20x20 image (below the network's 64x64 minimum): 'node processed 2, dropped {rejected: 1}',
+    exit status 0, while an unreadable image was exit status 1; frames not taken within --timeout were counted and
+    not used. Now, at --rate 0 (every frame segmented), a frame published and not processed, or not taken in time,
+    or an overlay published and not received, is one error line and exit status 1; at --rate > 0 the node's drops
+    are expected (the summary counts them)."""
+    write_frames(tmp_path / "frames", 2, seed=4)
+    cv2.imwrite(str(tmp_path / "frames" / "frame_002.png"), np.zeros((20, 20, 3), np.uint8))
+    res = ros_support.run_module("icnet_ros.tools.demo", [str(tmp_path / "frames"), "--model", str(checkpoint),
+                                                          "--output", str(tmp_path / "out"), "--device", "cpu"],
+                                 timeout=120)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "published 3 frames; node processed 2, dropped {'rejected': 1}" in res.stdout, res.stdout
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("icnet-demo: error:")]
+    assert errors == ["icnet-demo: error: the node processed 2 of the 3 frames published (dropped: rejected 1)"], \
+        res.stderr
+    from icnet_ros.tools.demo import frames_lost
+
+    camera = {"processed": 3, "dropped": {"superseded": 0}, "computed": {"overlay": 3}}
+    result = {"published": 3, "missed": []}
+    assert frames_lost(0.0, result, camera, 3) is None
+    assert frames_lost(0.0, dict(result, missed=[1]), camera, 2) == (
+        "1 frame(s) not taken by the node within --timeout; received 2 of the 3 overlays the node published")
+    dropped = {"processed": 1, "dropped": {"superseded": 2}, "computed": {"overlay": 1}}
+    assert frames_lost(25.0, result, dropped, 1) is None  # real time: the node's drops are expected
+    assert frames_lost(25.0, result, dropped, 0) == "received 0 of the 1 overlays the node published"
 
 
 def test_demo_takes_the_exported_models_its_backends_run(checkpoint: Path, tmp_path: Path, capsys):

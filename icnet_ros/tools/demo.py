@@ -10,18 +10,23 @@ topics. The player/recorder pair and the node's input and output use RELIABLE Qo
 node produced is lost. By default (``--rate 0``) the player publishes the next frame as soon as the node has taken
 the previous one into a forward pass, so every frame is segmented whatever the machine's speed, and decoding,
 transport and recording of one frame overlap the segmentation of the previous one (waiting for each overlay before
-publishing the next frame left the network idle for the whole round trip). ``--rate FPS`` plays in real time
-instead, and the node then drops the frames it cannot keep up with (counted in the summary). The demo waits at most
+publishing the next frame left the network idle for the whole round trip); a frame the node did not segment (one
+it rejects, e.g. smaller than the network takes, or one not taken within ``--timeout``) is then an error line and
+exit status 1. ``--rate FPS`` plays in real time instead, and the node then drops the frames it cannot keep up with
+(counted in the summary; ``--video`` repeats the previous overlay for their time). At any rate an overlay the node
+published that the recorder did not receive is an error line and exit status 1. The demo waits at most
 ``--timeout`` seconds for any one frame, then stops by itself at the end of the input (or after ``--max-frames``,
 for a video or an image folder alike; nothing past it is read). An image of a folder that cannot be read, or whose
 header declares more than ``--max-pixels`` pixels, is skipped with a warning, as by ``icnet-play``: counted in the
-summary, exit status 1; a video whose frames are larger is refused, and the node gets the same ``max_pixels``.
-Without ``--output`` every run saves into a new folder ``./out/overlays/<date>-<time>/``; an ``--output`` folder
-that already holds a recording (a file named as the recorder names them) is refused before anything starts, as by
-``icnet-record``: a second run would mix its overlays into the first one's. The output folder is created, and
-checked writable, before the model is loaded. Ctrl-C (SIGINT) or SIGTERM stops playing, stops the node and saves the
-overlays received so far: one line ``icnet-demo: interrupted``, exit status 130 (SIGINT) or 143 (SIGTERM); while
-serving the camera topic (no input) they are the way to stop, exit status 0.
+summary, exit status 1; a video whose frames are larger, or from which no frame decodes, is refused, and the node
+gets the same ``max_pixels``. Without ``--output`` every run saves into a new folder
+``./out/overlays/<date>-<time>/``; an ``--output`` folder that already holds a recording (a file named as the
+recorder names them) is refused before anything starts, as by ``icnet-record``: a second run would mix its overlays
+into the first one's. So are an ``--output`` that is the input folder or inside it, a ``--video`` that is an input
+file, and a ``--video`` whose file type or the input's frame rate its writer refuses (``.webm``, ``.gif``). The
+output folder is created, and checked writable, before the model is loaded. Ctrl-C (SIGINT) or SIGTERM stops
+playing, stops the node and saves the overlays received so far: one line ``icnet-demo: interrupted``, exit status
+130 (SIGINT) or 143 (SIGTERM); while serving the camera topic (no input) they are the way to stop, exit status 0.
 
 DDS stays on this machine unless you configure it: when unset, ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and
 FASTDDS_DEFAULT_PROFILES_FILE=<package>/data/fastdds_loopback.xml (UDP on 127.0.0.1 + shared memory) are used; with
@@ -178,7 +183,8 @@ def _main(argv: list[str] | None, stop: Any) -> int:
         return _error(f"{message}; pass a checkpoint with --model PATH" if args.model is None else message)
     source = None
     if args.input is not None:
-        from ..video import ImageTooLargeError, SourceError, open_source
+        from ..video import (ImageTooLargeError, SourceError, has_decodable_frames, open_source, quiet_stderr,
+                             video_writer_problem)
         from .cli_checks import output_file_problem, output_folder_problem
         from .record import existing_recording
 
@@ -188,14 +194,26 @@ def _main(argv: list[str] | None, stop: Any) -> int:
         if problem:
             return _error(problem)
         try:
-            source = open_source(args.input, max_frames=args.max_frames, max_pixels=args.max_pixels)
-            # a video that declares no frame count: whether it has one is decided by decoding it
-            empty = source.frame_count == 0 or (source.frame_count is None and not source.has_frames())
+            with quiet_stderr():  # FFmpeg's lines about a damaged video: said below in one
+                source = open_source(args.input, max_frames=args.max_frames, max_pixels=args.max_pixels)
+            # a video's first frame decoded now, before the model loads: one that declares frames none of which
+            # decodes, or declares no frame count, is decided by decoding it
+            empty = not has_decodable_frames(source)
         except SourceError as e:
             return _error(f"{e} (--max-pixels)" if isinstance(e, ImageTooLargeError) else str(e))
         if empty:
             source.close()
             return _error(f"no frames in {args.input}")
+        # the input written over (before: '--video in/drive.mp4' replaced the video played by its overlays, exit
+        # status 0; '--output frames' saved the overlays among the frames, played as input by the next run), then
+        # a --video its writer refuses at the input's frame rate (before: found at its first frame or its end)
+        problem = _input_written_over(source, args.output, args.video)
+        if not problem and args.video is not None:
+            reason = video_writer_problem(args.video, _video_fps(source))
+            problem = f"--video {args.video}: {reason}" if reason else None
+        if problem:
+            source.close()
+            return _error(problem)
         earlier = existing_recording(Path(args.output).expanduser()) if explicit else None
         # created and written to now, before the model is loaded: /proc/x, a read-only folder
         problem = (f"--output {args.output}: already holds a recording ({earlier.name}); a new one would mix its "
@@ -207,6 +225,53 @@ def _main(argv: list[str] | None, stop: Any) -> int:
     if notes:
         print(f"{PROG}: DDS kept on this machine: {', '.join(notes)}", flush=True)
     return _run(args, model, source, stop)
+
+
+def _video_fps(source: Any) -> float:
+    """The frame rate of the demo's ``--video``: the input video's, or the image folder's (10 fps)."""
+    return source.fps or 10.0
+
+
+def _input_written_over(source: Any, output: str, video: str | None) -> str | None:
+    """Why this run would write over its own input (None when it would not), as icnet-segment refuses an input its
+    outputs would overwrite: ``--video`` is an input file (the video played, or an image of the folder; the same file
+    by device and inode, so also through links and other spellings of its path, or the same resolved path), or
+    ``--output`` is the input folder (the overlays would be saved among the images played, and played as input by a
+    later run; a folder inside it is fine: the folder's images are read without its subfolders, so ``icnet-demo .``
+    with the default ``out/overlays/...`` works)."""
+    files = [source.path] if source.is_video else list(source.paths)
+    if video is not None:
+        target = Path(video).expanduser()
+        inputs: dict[tuple[int, int], Path] = {}
+        for path in files:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            inputs.setdefault((st.st_dev, st.st_ino), path)
+        try:
+            st = os.stat(target)
+            victim = inputs.get((st.st_dev, st.st_ino))
+        except OSError:  # no such file yet: none of the inputs (unless the same path)
+            resolved = target.resolve()
+            victim = next((f for f in files if Path(f).resolve() == resolved), None)
+        if victim is not None:
+            return (f"input {victim} would be overwritten by --video {video}; choose another --video (or move the "
+                    "input)")
+    folder = getattr(source, "folder", None)  # an image folder's
+    if folder is not None:
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return None
+        try:
+            dst = os.stat(Path(output).expanduser())
+        except OSError:  # not created yet
+            return None
+        if (dst.st_dev, dst.st_ino) == (st.st_dev, st.st_ino):
+            return (f"--output {output}: is the input folder: the overlays would be saved among the images played "
+                    "(and played as input by a later run); choose another --output")
+    return None
 
 
 def _node_overrides(args: argparse.Namespace, model: str, reliable: bool) -> list[Any]:
@@ -294,10 +359,12 @@ class DemoRun:
     repeatedly (icnet-node-bench times it against the Segmenter alone). ``handshake`` decides when the next frame is
     published with ``rate`` 0: ``"taken"`` (default: once the node's pipeline took the previous frame, so the next
     one travels while the previous one is segmented) or ``"overlay"`` (once the previous overlay arrived: no
-    overlap; kept as the reference the benchmark compares with)."""
+    overlap; kept as the reference the benchmark compares with). ``video_timing``: the overlays are placed in
+    ``video`` by their stamps (:class:`~icnet_ros.tools.record.Recorder`), for frames published in real time, where
+    the node drops some; without it (frames published as fast as the node takes them) one video frame per overlay."""
 
     def __init__(self, node: Any, executor: Any, output: str | Path, fmt: str = "png", video: str | None = None,
-                 fps: float = 10.0) -> None:
+                 fps: float = 10.0, video_timing: bool = False) -> None:
         import rclpy
 
         from ..node_params import sibling_topic
@@ -313,7 +380,7 @@ class DemoRun:
         executor.add_node(self.helper)
         self._spinner = start_spinner(executor, SPINNER_THREAD)
         self.recorder = Recorder(self.helper, [self.overlay_topic], output, fmt, reliability="reliable", depth=1000,
-                                 video=video, fps=fps, subdirs=False)
+                                 video=video, fps=fps, subdirs=False, video_timing=video_timing)
         self.player = Player(self.helper, self.topic, frame_id="camera", reliable=True, depth=10)
 
     def connected(self, timeout: float) -> bool:
@@ -390,7 +457,10 @@ def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source:
     interrupted = False
     result: dict[str, Any] = {}
     try:
-        run = DemoRun(node, executor, args.output, args.format, video=args.video, fps=source.fps or 10.0)
+        # --rate > 0: the video keeps the playing's timing where the node dropped frames (11 overlays of 25 frames
+        # made 0.44 s of video for 1 s played); at --rate 0 every frame is served: one video frame per overlay
+        run = DemoRun(node, executor, args.output, args.format, video=args.video, fps=_video_fps(source),
+                      video_timing=args.rate > 0)
         if not run.connected(args.timeout):
             return _error(f"the node, player and recorder did not connect within {args.timeout:g} s")
         rate_text = "as fast as the node segments" if args.rate == 0 else f"{args.rate:g} fps"
@@ -427,9 +497,35 @@ def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source:
         print(f"{PROG}: error: {recorder.video_error}", file=sys.stderr, flush=True)
     if recorder.unwritten:  # (close waits for every write: only a frame that came after it stopped the writer)
         print(f"{PROG}: error: {recorder.unwritten} overlay(s) received but not written", file=sys.stderr, flush=True)
-    if recorder.failed or recorder.received == 0 or skipped.paths or recorder.video_error or recorder.unwritten:
+    lost = frames_lost(args.rate, result, snap, recorder.received)
+    if lost:  # before: a frame the node rejected (too small), or one not taken within --timeout, was exit status 0
+        print(f"{PROG}: error: {lost}", file=sys.stderr, flush=True)
+    if (recorder.failed or recorder.received == 0 or skipped.paths or recorder.video_error or recorder.unwritten
+            or lost):
         return 1
     return 0
+
+
+def frames_lost(rate: float, result: dict[str, Any], camera: dict[str, Any], received: int) -> str | None:
+    """What a run of :meth:`DemoRun.play` lost, in one line (None when nothing): with ``rate`` 0 (every frame
+    published once the node took the previous one: none is to be dropped), frames published that the node did not
+    process (``camera``: its pipeline's snapshot of the camera; dropped, by reason) or did not take within the
+    timeout (``result['missed']``); at any rate, overlays the node published that the recorder did not receive
+    (``received``). With ``rate`` > 0 the node drops the frames it cannot keep up with: counted in the summary, not
+    lost."""
+    reasons = []
+    if rate == 0:
+        published, processed = result["published"], camera["processed"]
+        if processed < published:
+            drops = {k: v for k, v in camera["dropped"].items() if v}
+            why = f" (dropped: {', '.join(f'{k} {v}' for k, v in drops.items())})" if drops else ""
+            reasons.append(f"the node processed {processed} of the {published} frames published{why}")
+        if result["missed"]:
+            reasons.append(f"{len(result['missed'])} frame(s) not taken by the node within --timeout")
+    computed = camera["computed"].get("overlay", 0)
+    if received < computed:
+        reasons.append(f"received {received} of the {computed} overlays the node published")
+    return "; ".join(reasons) or None
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ An image of a folder that cannot be read (corrupt, truncated, not an image, or o
 its header, as by icnet-segment) is skipped, as a camera driver drops a bad frame: one warning per file, the count in
 the summary, and exit status 1 at the end (the stream went on without it); nothing past ``--max-frames`` is read. A
 video whose frames are over ``--max-pixels`` is refused; one whose container declares no frame count (Matroska/WebM
-from live recorders) is played to its end. The summary (also after Ctrl-C) gives the frames published and their
-rate, measured from the first frame's publishing to the last's: N frames span N - 1 periods (``published 3 frames at
-2.0 fps (the first to the last in 1.0 s)`` for ``--rate 2 --max-frames 3``). SIGTERM stops it as Ctrl-C does (the
-summary, exit status 143; 130 for Ctrl-C).
+from live recorders) is played to its end; one from which no frame decodes (damaged data behind a container that
+declares frames) is ``no frames in X``, exit status 2, before anything is published. The summary (also after
+Ctrl-C) gives the frames published and their rate, measured from the first frame's publishing to the last's: N
+frames span N - 1 periods (``published 3 frames at 2.0 fps (the first to the last in 1.0 s)`` for ``--rate 2
+--max-frames 3``). SIGTERM stops it as Ctrl-C does (the summary, exit status 143; 130 for Ctrl-C).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ import numpy as np
 from ..camera_info import image_size, scale_camera_info
 from ..ros_spin import cleanup, init_without_signal_handlers
 from ..sizes import parse_hw
-from ..video import DEFAULT_IMAGE_FPS, Frame, FrameSource, ImageTooLargeError, SourceError, open_source
+from ..video import (DEFAULT_IMAGE_FPS, Frame, FrameSource, ImageTooLargeError, SourceError, has_decodable_frames,
+                     open_source, quiet_stderr)
 from .cli_checks import add_max_pixels_argument, max_pixels_problem
 
 ENCODINGS = ("bgr8", "rgb8", "mono8")
@@ -381,12 +383,14 @@ def _main(argv: list[str] | None, stop: Any) -> int:
         # --max-pixels is fine to shrink (a 4096x2160 video to 720x1280), decoding bounded by the most a limit can be
         from ..ros_image import MAX_MAX_PIXELS
 
-        source = open_source(args.source, max_pixels=MAX_MAX_PIXELS if args.size else args.max_pixels)
+        with quiet_stderr():  # FFmpeg's lines about a damaged video: said below in one
+            source = open_source(args.source, max_pixels=MAX_MAX_PIXELS if args.size else args.max_pixels)
         camera_info = load_camera_info(args.camera_info) if args.camera_info else None
         if camera_info is None:
             pinhole_camera_info(1, 1, args.fov)  # validates --fov
-        # a video that declares no frame count: whether it has one is decided by decoding it
-        empty = source.frame_count == 0 or (source.frame_count is None and not source.has_frames())
+        # a video's first frame decoded now: one that declares frames none of which decodes (before: 'published 0
+        # frames', exit status 0) or declares no frame count is decided by decoding it
+        empty = not has_decodable_frames(source)
     except (SourceError, ValueError) as e:
         hint = " (--max-pixels)" if isinstance(e, ImageTooLargeError) else ""
         print(f"icnet-play: error: {e}{hint}", file=sys.stderr)

@@ -11,17 +11,24 @@ folder name (``/a/b`` and ``/a_b``) each get ``-<8 hex digits>`` of their name's
 already holds such files (an earlier recording, whose files a second one would overwrite: the same indices, and the
 same stamps when a bag is replayed) is refused before anything starts. sensor_msgs/Image in rgb8, bgr8, rgba8,
 bgra8, mono8 and mono16 (16-bit PNG) is supported; ``<topic>/compressed`` topics are saved as received, named .jpg or
-.png after their bytes (the ``format`` field when the bytes are neither). ``--video`` is checked when closed (every
-frame in it, readable): a broken video is one error line and exit status 1. A compressed frame whose header declares
-more than ``--max-pixels`` pixels, or one that does not decode, is saved but not added to the video: a warning, and
-the count in the final line (a video none of the frames could be added to is an error, exit status 1).
-Writing happens on a separate thread, so slow disks do not stall the subscription; the frames waiting for it hold
-at most ``--max-queue-mb`` (default 512): beyond that a frame is dropped, counted and warned about (the exit
-status is then 1), never buffered without bound. When the recording stops, every frame received is written before
-icnet-record exits, however long the disk takes (a line says how many frames wait when it takes more than a few
-seconds); Ctrl-C during that wait stops it: the frames never written are counted in the final line (``not written
-N``), ``--video`` is left unfinished (an error line) and the exit status is 1. ``--reliability auto`` (default)
-subscribes reliable when every publisher of a topic is reliable (no frame lost), best effort otherwise.
+.png after their bytes (the ``format`` field when the bytes are neither). ``--video`` is checked before anything
+starts (a file type or ``--fps`` its writer refuses, e.g. ``.webm`` or ``--fps 1e5``: one line, exit status 2) and
+when closed (every frame in it, readable): a broken video is one error line and exit status 1. With one topic, each
+frame is placed in the video by its header stamp, the previous frame repeated where frames are missing (at most
+10 s of a gap), so that the video keeps the topic's timing when frames were dropped on the way; frames closer than
+``1 / --fps`` follow each other, and several topics go into one video in arrival order. A compressed frame whose
+header declares more than ``--max-pixels`` pixels, or one that does not decode, is saved but not added to the video:
+a warning, and the count in the final line (a video none of the frames could be added to is an error, exit status
+1). Writing happens on a separate thread, so slow disks do not stall the subscription; the frames waiting for it
+hold at most ``--max-queue-mb`` (default 512): beyond that a frame is dropped, counted and warned about (the exit
+status is then 1), never buffered without bound. Ctrl-C or SIGTERM stops the recording as ``--max-frames`` does
+(the final line; the same signal delivered twice at once, as ``timeout`` and ``ros2 launch`` deliver it, counts
+once); during start-up it is one line, ``icnet-record: interrupted``, exit status 130 / 143. When the recording
+stops, every frame received is written before icnet-record exits, however long the disk takes (a line says how
+many frames wait when it takes more than a few seconds); Ctrl-C during that wait stops it: the frames never written
+are counted in the final line (``not written N``), ``--video`` is left unfinished (an error line) and the exit
+status is 1. ``--reliability auto`` (default) subscribes reliable when every publisher of a topic is reliable (no
+frame lost), best effort otherwise.
 """
 from __future__ import annotations
 
@@ -49,6 +56,9 @@ MAX_DEPTH = 10000  # --depth's upper bound (the subscription's history)
 MAX_QUEUE_MB = 1 << 20  # --max-queue-mb's upper bound (1 TiB)
 #: seconds :meth:`Recorder.close` waits for the writes before it calls ``on_wait`` (icnet-record says it waits)
 WAIT_NOTICE_S = 3.0
+#: the longest gap between two frames' stamps (s) that a video placing frames by their stamps fills by repeating the
+#: previous frame; after a longer one (a paused bag, another clock) the video goes on from the new stamp
+VIDEO_MAX_GAP_S = 10.0
 
 
 def to_bgr(img: np.ndarray, encoding: str) -> np.ndarray:
@@ -106,14 +116,16 @@ class Recorder:
 
     Counters: ``received``, ``saved``, ``failed``, ``dropped`` (the write queue held ``max_queue_bytes``),
     ``unwritten`` (received and none of those: waiting to be written, or never written when :meth:`close` stopped
-    waiting); ``stamps`` holds the (sec, nanosec) of every received frame. With a ``video``, ``not_in_video`` counts
-    the frames saved but not added to it: a compressed frame declaring more than ``max_pixels`` pixels in its header
-    (None: no limit; a raw frame's pixels are in memory already), or one that does not decode."""
+    waiting). With a ``video``, ``not_in_video`` counts the frames saved but not added to it: a compressed frame
+    declaring more than ``max_pixels`` pixels in its header (None: no limit; a raw frame's pixels are in memory
+    already), or one that does not decode. ``video_timing`` (default: when one topic is recorded) places each frame in
+    the video by its header stamp: frame ``round((stamp - first stamp) * fps)``, the previous frame repeated up to
+    there (see :meth:`_video_repeats`); without it frames follow each other in arrival order."""
 
     def __init__(self, node: Any, topics: list[str], output: str | Path, fmt: str = "png",
                  reliability: str = "auto", depth: int = 100, video: str | Path | None = None,
                  fps: float = 10.0, subdirs: bool | None = None, max_queue_bytes: int = 512 << 20,
-                 max_pixels: int | None = None) -> None:
+                 max_pixels: int | None = None, video_timing: bool | None = None) -> None:
         if fmt not in ("png", "jpg"):
             raise ValueError(f"format must be png or jpg, got {fmt!r}")
         if reliability not in ("auto", "reliable", "best_effort"):
@@ -135,7 +147,6 @@ class Recorder:
         self.dropped = 0
         self.max_queue_bytes = int(max_queue_bytes)
         self._queued_bytes = 0
-        self.stamps: list[tuple[int, int]] = []
         self.first_received: float | None = None
         self.last_received: float | None = None
         self._counts: dict[str, int] = {t: 0 for t in topics}
@@ -149,6 +160,11 @@ class Recorder:
         self._subs: dict[str, Any] = {}
         self._video = None
         self.video_error: str | None = None
+        self.video_timing = len(self.topics) == 1 if video_timing is None else video_timing
+        # the writer thread's: the stamp (s) video frame 0 stands for, the last frame's stamp, the last frame
+        self._video_start: float | None = None
+        self._video_stamp: float | None = None
+        self._video_last: Any = None
         if video is not None:
             from ..video import VideoWriter
 
@@ -200,7 +216,6 @@ class Recorder:
             index = self._counts[topic]
             self._counts[topic] += 1
             self.received += 1
-            self.stamps.append((msg.header.stamp.sec, msg.header.stamp.nanosec))
             now = time.monotonic()
             self.first_received = self.first_received or now
             self.last_received = now
@@ -298,11 +313,36 @@ class Recorder:
                 bgr = np.repeat(bgr[:, :, None], 3, axis=2)
             if bgr.dtype != np.uint8:
                 bgr = (bgr >> 8).astype(np.uint8)
+            frame = np.ascontiguousarray(bgr)
             try:
-                self._video.write(np.ascontiguousarray(bgr))
+                for _ in range(self._video_repeats(msg.header.stamp)):  # frames missing before this one
+                    self._video.write(self._video_last)
+                self._video.write(frame)
+                self._video_last = frame
             except OSError as e:  # the video stops here; this frame and the next ones are still saved as images
                 self.video_error = str(e)
                 self.node.get_logger().error(f"{e}; no more frames go to the video, the images are still saved")
+
+    def _video_repeats(self, stamp: Any) -> int:
+        """How many times the previous video frame is repeated before the frame stamped ``stamp`` goes in, so that it
+        lands at frame ``round((stamp - start) * fps)`` (``start``: the first frame's stamp): frames dropped on the
+        way (a recorder, a node or a network that could not keep up) leave the previous frame on screen for their
+        time instead of compressing the video (11 frames of 25 for 1 s at 25 fps made 0.44 s of video). No repeat
+        without ``video_timing``, for a stamp equal to the previous one (zero stamps) or earlier (then the video
+        goes on from it), or after a gap longer than :data:`VIDEO_MAX_GAP_S` (a paused bag, another clock: the video
+        goes on from the new stamp); frames closer than ``1 / fps`` follow each other."""
+        if not self.video_timing or self._video is None:
+            return 0
+        t = stamp.sec + stamp.nanosec * 1e-9
+        frames, fps = self._video.frames, self._video.fps
+        previous, self._video_stamp = self._video_stamp, t
+        if previous is not None and t == previous:
+            return 0
+        missing = 0 if previous is None or t < previous else round((t - self._video_start) * fps) - frames
+        if previous is None or t < previous or missing > VIDEO_MAX_GAP_S * fps:
+            self._video_start = t - frames / fps  # the first frame, stamps that went back, a long gap: go on from t
+            return 0
+        return max(0, missing)
 
     def _not_in_video(self, topic: str, stem: Path, why: Exception) -> None:
         with self._lock:
@@ -324,7 +364,8 @@ class Recorder:
     def close(self, timeout: float | None = None, on_wait: Callable[[int], None] | None = None) -> None:
         """Stop receiving, write every queued frame, finish the video: :meth:`VideoWriter.finish` reads it back and
         checks every frame is there; its OSError is kept in ``video_error`` (never raised: close runs in finally
-        blocks), None when the video is fine or there is none.
+        blocks), None when the video is fine or there is none; a KeyboardInterrupt during the finish is raised on,
+        with ``video_error`` set and the temporary file removed.
 
         Waits for the writes without limit by default (``timeout`` seconds at most); ``on_wait(unwritten)`` is
         called once when they take more than :data:`WAIT_NOTICE_S`. When the wait ends first (the timeout, or a
@@ -363,6 +404,10 @@ class Recorder:
         except OSError as e:
             self.video_error = str(e)
             return
+        except BaseException:  # a (second) Ctrl-C while the video is read back: said, its temporary file removed
+            self.video_error = f"cannot write {self._video.path}: not finished (interrupted)"
+            self._video.close()
+            raise
         if self._video.frames == 0 and self.not_in_video:  # a video was asked for, and none could be written
             self.video_error = (f"no video written to {self._video.path}: none of the {self.not_in_video} frame(s) "
                                 "saved could be added to it (see the warnings)")
@@ -400,6 +445,19 @@ def main(argv: list[str] | None = None) -> int:
     missing = rclpy_missing("icnet-record", argv)  # one line, not a ModuleNotFoundError traceback
     if missing is not None:
         return missing
+    from .cli_checks import StopSignals
+
+    # SIGTERM as Ctrl-C, also while the tool imports and starts (before: rclpy's handlers from rclpy.init on, so a
+    # signal during the imports was a 32-line KeyboardInterrupt traceback and SIGTERM a silent exit status -15)
+    with StopSignals() as stop:
+        try:
+            return _main(argv, stop)
+        except KeyboardInterrupt:  # before the recording started (imports, start-up)
+            print("icnet-record: interrupted", file=sys.stderr, flush=True)
+            return stop.exit_code
+
+
+def _main(argv: list[str] | None, stop: Any) -> int:
     args = build_parser().parse_args(argv)
     for name in ("max_frames", "idle_timeout", "duration", "max_queue_mb", "depth", "fps"):
         v = getattr(args, name)
@@ -427,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     # the folder created and written to now, before rclpy starts (/sys/x was "[Errno 1] Operation not permitted")
     problem = (problem or output_folder_problem(args.output, create=True)
                or output_file_problem(args.video, "--video"))
+    if not problem and args.video is not None:
+        # a file type or --fps the writer refuses (x, x.webm, x.gif; --fps 1e5) failed at the first frame or the end
+        from ..video import video_writer_problem
+
+        reason = video_writer_problem(args.video, args.fps)
+        problem = f"--video {args.video}: {reason}" if reason else None
     if problem:
         print(f"icnet-record: error: {problem}", file=sys.stderr)
         return 2
@@ -439,14 +503,17 @@ def main(argv: list[str] | None = None) -> int:
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
-    rclpy.init()
-    node = rclpy.create_node("icnet_record")
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    recorder = None
+    from ..ros_spin import cleanup, init_without_signal_handlers
+
+    node = executor = recorder = None
     t0 = time.monotonic()
     reason = "interrupted"
     try:
+        init_without_signal_handlers()  # Ctrl-C: a KeyboardInterrupt, handled below
+        stop.install()  # SIGTERM as Ctrl-C (and SIGINT's handler again, which the line above reset)
+        node = rclpy.create_node("icnet_record")
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
         recorder = Recorder(node, args.topics, args.output, args.format, args.reliability, args.depth,
                             args.video, args.fps, max_queue_bytes=max(1, int(args.max_queue_mb * (1 << 20))),
                             max_pixels=args.max_pixels)
@@ -470,24 +537,22 @@ def main(argv: list[str] | None = None) -> int:
                     and now - recorder.last_received >= args.idle_timeout):
                 reason = f"no frame for {args.idle_timeout:g} s"
                 break
-    except (KeyboardInterrupt, ExternalShutdownException):
+    except (KeyboardInterrupt, ExternalShutdownException):  # Ctrl-C, SIGTERM: the recording stops
         pass
     except (ValueError, OSError) as e:
         print(f"icnet-record: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if recorder is not None:
-            try:
-                recorder.close(on_wait=wait_notice("icnet-record"))
-            except KeyboardInterrupt:  # the frames not written are counted below
-                pass
-        executor.shutdown(timeout_sec=1.0)
-        node.destroy_node()
-        rclpy.try_shutdown()
+        # each step on its own: a (second) signal during one must not skip the others or end in a traceback; a
+        # KeyboardInterrupt in the recorder's close leaves the frames not written counted below
+        steps = [] if recorder is None else [lambda: recorder.close(on_wait=wait_notice("icnet-record"))]
+        steps += [] if executor is None else [lambda: executor.shutdown(timeout_sec=1.0)]
+        steps += [] if node is None else [node.destroy_node]
+        cleanup(*steps, rclpy.try_shutdown)
     dt = time.monotonic() - t0
     if recorder is None:  # Ctrl-C before the recording started
-        print("icnet-record: interrupted", file=sys.stderr)
-        return 130
+        print("icnet-record: interrupted", file=sys.stderr, flush=True)
+        return stop.exit_code
     line, status = final_report(recorder, reason, dt)
     print(line, flush=True)
     if recorder.video_error:
