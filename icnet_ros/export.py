@@ -477,6 +477,9 @@ def _fields(window: _Window, pos: int, end: int, count: list[int], limit: int, w
         if count[0] > limit:
             raise _Malformed(f"more than {limit} {what}")
         tag, pos = _read_varint(window, pos, end)
+        if tag > 0xFFFFFFFF:  # protobuf reads a tag as 32 bits: AA 80 80 80 10 is its field 5 (a graph's tensors), not
+            # field 2**29 + 5, which this walk skipped (a tensor with external data then passed unseen)
+            raise _Malformed(f"invalid field tag (more than 32 bits) before byte {pos}")
         field, wire = tag >> 3, tag & 7
         if field == 0:
             raise _Malformed(f"invalid field number 0 at byte {pos}")
@@ -511,7 +514,8 @@ def _walk(window: _Window, pos: int, end: int, kind: str, depth: int, walked: li
     children = _CHILDREN[kind]
     name = external = None
     for field, wire, value, at in _fields(window, pos, end, walked, MAX_GRAPH_FIELDS, "fields in the graph"):
-        if wire == 0 and kind == _TENSOR and field == _DATA_LOCATION and value == _EXTERNAL:
+        if wire == 0 and kind == _TENSOR and field == _DATA_LOCATION and value & 0xFFFFFFFF == _EXTERNAL:  # (an
+            # enum is an int32 to protobuf: 2**32 + 1 is EXTERNAL)
             external = external or "its data_location is EXTERNAL"
         elif wire == 2 and field in children:
             _walk(window, at, at + value, children[field], depth + 1, walked)

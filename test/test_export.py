@@ -547,6 +547,39 @@ def test_a_tensor_stored_in_another_file_is_refused(tmp_path, ckpt, where):
                        "('weights.bin'); a model must not read other files")
 
 
+def test_a_tensor_hidden_from_the_walk_by_protobufs_32_bit_arithmetic_is_refused(tmp_path, ckpt):
+    """protobuf reads a field tag as 32 bits and an enum as an int32; the walk read both as 64-bit numbers. A tensor
+    with external data under the tag AA 80 80 80 10 (protobuf: field 5, a graph's initializer; the walk: field
+    2**29 + 5, skipped) passed it, and ONNX Runtime and OpenVINO then read a file beside the model (its bytes came
+    out as the logits); likewise a data_location of 2**32 + 1 (EXTERNAL to protobuf). Now both are refused."""
+    from onnx import TensorProto
+
+    from icnet_ros.backends.base import BackendOptions
+    from icnet_ros.backends.onnxruntime import open_backend
+
+    (tmp_path / "secret.bin").write_bytes(bytes(11 * 3 * 4))
+    weight = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[11, 3, 1, 1], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "secret.bin"), ("offset", "0"), ("length", str(11 * 3 * 4))):
+        weight.external_data.add(key=key, value=value)
+    tensor = weight.SerializeToString()
+    hidden = bytes([5 << 3 | 2 | 0x80, 0x80, 0x80, 0x80, 0x10]) + _varint(len(tensor)) + tensor
+    path = tiny_onnx(tmp_path / "tag.onnx", export_meta(ckpt), suffix=_varint(7 << 3 | 2) + _varint(len(hidden))
+                     + hidden)  # a second graph field: protobuf merges it into the first
+    for open_model in (lambda: read_onnx_metadata(path), lambda: open_backend(path, BackendOptions())):
+        with pytest.raises(CheckpointError) as e:
+            open_model()
+        one_line_error(e, str(path), "invalid field tag (more than 32 bits) before byte")
+    # a tensor under its plain tag whose data_location (its only sign of external data) is written as 2**32 + 1
+    bare = TensorProto(name="V", data_type=TensorProto.FLOAT, dims=[1]).SerializeToString()
+    bare += _varint(14 << 3) + _varint(2**32 + 1)
+    plain = _varint(5 << 3 | 2) + _varint(len(bare)) + bare
+    path = tiny_onnx(tmp_path / "enum.onnx", export_meta(ckpt),
+                     suffix=_varint(7 << 3 | 2) + _varint(len(plain)) + plain)
+    with pytest.raises(CheckpointError) as e:
+        read_onnx_metadata(path)
+    one_line_error(e, str(path), "tensor 'V' is not stored in the file: its data_location is EXTERNAL")
+
+
 def test_graph_nesting_is_bounded(tmp_path, ckpt):
     """Subgraphs nested deeper than MAX_GRAPH_NESTING (graph > node > attribute > graph ...) are refused with one
     line, not walked into Python's recursion limit."""
