@@ -31,6 +31,7 @@ import io
 import itertools
 import math
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -131,8 +132,14 @@ def read_image_bytes(path: str | os.PathLike, max_pixels: int | None = None) -> 
     p = Path(path)
     size = None
     try:
-        with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        # opened without blocking and refused unless a regular file: a FIFO named like an image blocked open() (and
+        # the tool) for good, a device such as /dev/zero reads without end
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceError(f"cannot read image {p}: not a regular file")
+            size = st.st_size
             if max_pixels is not None and size > max_file_size(max_pixels):
                 raise ImageTooLargeError(f"image {p}: a file of {size} bytes is larger than any image within the "
                                          f"limit of {max_pixels} pixels can be ({max_file_size(max_pixels)} bytes)")

@@ -94,6 +94,26 @@ def test_cityscapes_layout_maps_label_ids_to_train_ids(tmp_path):
         build_dataset(DataSpec(str(tmp_path)), "train")
 
 
+def test_fifos_named_like_images_never_block(tmp_path):
+    """A FIFO named like a Cityscapes image (the layout listed every */*_leftImg8bit.png, files or not) blocked the
+    image reader's open() for good: icnet-eval and icnet-train hung in a DataLoader worker. Now the layout lists
+    files only, and the reader refuses anything but a regular file (a FIFO, a device) without blocking."""
+    import os
+    import time
+
+    from icnet_ros.video import SourceError, read_image_bytes
+
+    _cityscapes_tree(tmp_path)
+    fifo = tmp_path / "leftImg8bit" / "val" / "aachen" / "aachen_000002_000019_leftImg8bit.png"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    assert len(build_dataset(DataSpec(str(tmp_path)), "val")) == 2
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(SourceError, match=f"^cannot read image {path}: not a regular file$"):
+            read_image_bytes(path)
+    assert time.monotonic() - t0 < 10
+
+
 def test_cityscapes_splits_with_different_label_kinds_are_not_concatenated(tmp_path):
     """train+val with *_labelIds in one split and only *_labelTrainIds in the other: one lookup table cannot read
     both (label id 7 = road would be read as train id 7 = traffic sign); refused as within one split."""

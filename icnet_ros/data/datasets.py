@@ -529,7 +529,7 @@ def _cityscapes_pairs(root: Path, split: str) -> tuple[list[tuple[Path, Path]], 
     img_dir, gt_dir = root / "leftImg8bit" / split, root / "gtFine" / split
     if not img_dir.is_dir() or not gt_dir.is_dir():
         raise DatasetError(f"Cityscapes split {split!r} not found: need {img_dir} and {gt_dir}")
-    images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
+    images = sorted(p for p in img_dir.glob("*/*_leftImg8bit.png") if p.is_file())  # (a FIFO: read, it blocks)
     if not images:
         raise DatasetError(f"no */*_leftImg8bit.png images in {img_dir}")
     pairs, train_ids, missing = [], False, []
