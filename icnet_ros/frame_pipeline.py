@@ -70,13 +70,14 @@ from .ros_image import DEFAULT_MAX_PIXELS, ImageFormatError, compressed_header, 
 from .sizes import MIN_INPUT_SIZE
 
 __all__ = ["AGE_FROM", "BIG_FRAME", "CameraStats", "FOREIGN_CLOCK_S", "FOREIGN_WARN_FRAMES", "FramePipeline",
-           "LATE_PERIODS", "LATENCY_WINDOW", "PipelineOptions", "RECENT_S", "REGROW_AFTER", "WARN_PERIOD_S",
-           "device_failure", "release_device_memory"]
+           "LATE_PERIODS", "LATENCY_WINDOW", "NO_CLOCK_WARN_S", "PipelineOptions", "RECENT_S", "REGROW_AFTER",
+           "WARN_PERIOD_S", "device_failure", "release_device_memory"]
 
 WARN_PERIOD_S = 5.0  # throttle for repeated per-camera warnings and errors of one kind
 LATENCY_WINDOW = 300  # latency samples kept per camera for the percentiles
 FOREIGN_CLOCK_S = 10.0  # a header stamp further than this from the node's clock at receipt: another clock
 FOREIGN_WARN_FRAMES = 2  # ... the log warns once this many frames in a row were so (a bag loop's jump makes one)
+NO_CLOCK_WARN_S = 3.0  # use_sim_time and frames for this long without a /clock: warned once (a bag without --clock)
 LATE_PERIODS = 3.0  # batch_timeout waits for a camera only while it has missed fewer frames than this
 RECENT_S = 5.0  # ... or, for a camera of one frame so far, if that frame came this recently
 BIG_FRAME = 4  # a frame costing more than this many times the smallest pending one waits for its turn (fairness)
@@ -193,6 +194,8 @@ class _Camera:
     pending: _Item | None = None  # newest unprocessed frame
     last_log: dict[str, float] = dataclasses.field(default_factory=dict)  # reason -> time.monotonic()
     clock_warned: bool = False  # the foreign-clock warning is given once per camera
+    no_clock_since: float | None = None  # monotonic receipt of the first frame of a run met by an unticked sim clock
+    no_clock_warned: bool = False
     foreign_frames: int = 0  # stamped frames in a row from another clock
     credit: int = 0  # pixels earned toward its next frame (deficit round robin, see _take_batch)
     problem: str | None = None  # a standing problem for /diagnostics (e.g. stamps from another clock)
@@ -565,9 +568,24 @@ class FramePipeline:
         first /clock, a bag loop's jump); the log warns once per camera, once :data:`FOREIGN_WARN_FRAMES` frames in
         a row were off (a single frame across a bag loop's jump is not another clock). On a simulated clock that has
         not ticked yet (no /clock received: its time is 0) a stamp cannot be judged: before, a frame there used up
-        the camera's one warning, telling to set the use_sim_time that was set."""
+        the camera's one warning, telling to set the use_sim_time that was set. That is the problem instead, and
+        warned once when it lasts :data:`NO_CLOCK_WARN_S` (a bag played without ``--clock``)."""
+        cam = it.cam
         if it.received_ns == 0 and self._simulated_clock():
+            if cam.no_clock_since is None:
+                cam.no_clock_since = it.received_mono
+            with self._lock:
+                cam.problem = "use_sim_time is set and no /clock has been received"
+            if not cam.no_clock_warned and it.received_mono - cam.no_clock_since >= NO_CLOCK_WARN_S:
+                cam.no_clock_warned = True
+                self.log.warning(
+                    f"{cam.key}: use_sim_time is set but no /clock has been received for "
+                    f"{it.received_mono - cam.no_clock_since:.0f} s of frames: the node's clock stands at 0, so "
+                    "header stamps cannot be judged (latency is timed from receipt). Fix: play the bag with "
+                    "`ros2 bag play --clock`, run the simulator's /clock, or set use_sim_time:=false. (Reported "
+                    "once per camera.)")
             return
+        cam.no_clock_since = None
         offset = (it.received_ns - stamp) / 1e9
         foreign = abs(offset) > FOREIGN_CLOCK_S
         where = f"{offset:.1f} s behind" if offset > 0 else f"{-offset:.1f} s ahead of"

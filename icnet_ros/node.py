@@ -48,7 +48,7 @@ from typing import Any
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import CallbackGroup, MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import ParameterException
 try:
@@ -71,7 +71,7 @@ from .frame_pipeline import FramePipeline, PipelineOptions, release_device_memor
 from .node_params import NODE_NAME, NodeConfig, ParameterError, rclpy_parameter_problem
 from .ros_image import numpy_to_image
 
-__all__ = ["SegmentationNode", "StartupError", "auto_cpu_threads"]
+__all__ = ["EntityExclusiveCallbackGroup", "SegmentationNode", "StartupError", "auto_cpu_threads"]
 
 STALE_INPUT_S = 5.0  # a camera silent this long is reported as WARN in /diagnostics
 SHUTDOWN_EXIT_DELAY_S = 0.5  # from the shutdown transition to the process's end (its response goes out first)
@@ -148,6 +148,33 @@ def no_frames_hint(topic: str, publishers: int, reliability: str) -> str:
     return (f"{head} (subscribed reliable). Likely cause: incompatible QoS or a publisher on another DDS "
             f"configuration (check `ros2 topic info -v {topic}`: durability, ROS_DOMAIN_ID, "
             f"ROS_AUTOMATIC_DISCOVERY_RANGE)")
+
+
+class EntityExclusiveCallbackGroup(CallbackGroup):
+    """Callbacks of different entities run at the same time; one entity's never twice at once (a service's
+    requests are answered in turn, /clock messages applied in order, a timer never overlaps itself). rclpy's
+    reentrant group lets the executor start an entity again as soon as its data is taken; its mutually exclusive
+    group runs one callback of the whole group at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._running: set[int] = set()
+        self._lock = threading.Lock()
+
+    def can_execute(self, entity: Any) -> bool:
+        with self._lock:
+            return id(entity) not in self._running
+
+    def beginning_execution(self, entity: Any) -> bool:
+        with self._lock:
+            if id(entity) in self._running:
+                return False
+            self._running.add(id(entity))
+            return True
+
+    def ending_execution(self, entity: Any) -> None:
+        with self._lock:
+            self._running.discard(id(entity))
 
 
 def _one_change_at_a_time(wait: bool = False) -> Callable[[Callable[..., TransitionCallbackReturn]],
@@ -269,14 +296,15 @@ class SegmentationNode(LifecycleNode):
     @property
     def default_callback_group(self) -> Any:
         """The group of what rclpy creates without one: the parameter, lifecycle and type-description services and,
-        with use_sim_time, the /clock subscription. Reentrant (rclpy's default is mutually exclusive): a model hot
-        swap (a parameter change) or a configure takes seconds to minutes in its callback, during which
-        ``get_state`` / ``get_parameters`` went unanswered (a lifecycle manager's timeout) and the simulated clock
-        stood still (frames served meanwhile looked stamped from another clock). The node's own changes are
-        serialised by :meth:`_changing` instead."""
+        with use_sim_time, the /clock subscription. Each runs beside the others (rclpy's default group runs one
+        callback at a time): a model hot swap (a parameter change) or a configure takes seconds to minutes in its
+        callback, during which ``get_state`` / ``get_parameters`` went unanswered (a lifecycle manager's timeout)
+        and the simulated clock stood still (frames served meanwhile looked stamped from another clock). One
+        entity's callbacks still run one at a time (:class:`EntityExclusiveCallbackGroup`); the node's own changes
+        are serialised by :meth:`_changing`."""
         group = self.__dict__.get("_services_group")
         if group is None:
-            group = self.__dict__["_services_group"] = ReentrantCallbackGroup()
+            group = self.__dict__["_services_group"] = EntityExclusiveCallbackGroup()
         return group
 
     @contextlib.contextmanager
@@ -307,10 +335,11 @@ class SegmentationNode(LifecycleNode):
             if self.trigger_activate() != TransitionCallbackReturn.SUCCESS:
                 raise StartupError(self.startup_error or "activate failed")
 
-    # rclpy's parameter API, made safe beside the reentrant services: its parameter table is a dict that
+    # rclpy's parameter API, made safe beside the concurrent services: its parameter table is a dict that
     # list_parameters iterates while a transition declares into it ('dictionary changed size during iteration'
     # ended the executor), and a set stores its value after the callbacks return (two sets at once could leave the
-    # parameter at one value and the running config at the other)
+    # parameter at one value and the running config at the other). A set replaces values of declared parameters
+    # (the table keeps its size), and it may run a hot swap for minutes: it holds the change lock, not the table's
     def declare_parameters(self, *args: Any, **kwargs: Any) -> Any:
         with self._param_lock:
             return super().declare_parameters(*args, **kwargs)
@@ -331,15 +360,13 @@ class SegmentationNode(LifecycleNode):
         with self._changing() as busy:
             if busy:
                 return [SetParametersResult(successful=False, reason=busy) for _ in parameter_list]
-            with self._param_lock:
-                return super().set_parameters(parameter_list)
+            return super().set_parameters(parameter_list)
 
     def set_parameters_atomically(self, parameter_list: list[Any]) -> SetParametersResult:
         with self._changing() as busy:
             if busy:
                 return SetParametersResult(successful=False, reason=busy)
-            with self._param_lock:
-                return super().set_parameters_atomically(parameter_list)
+            return super().set_parameters_atomically(parameter_list)
 
     # ------------------------------------------------------------------ lifecycle transitions
     @_one_change_at_a_time()
@@ -1076,7 +1103,8 @@ class SegmentationNode(LifecycleNode):
             s = snap["cameras"][cam.topic]
             dropped = s["dropped"]
             fps = s["processed_fps"]
-            bad = sum(v for k, v in dropped.items() if k not in ("superseded", "no_subscribers", "too_old"))
+            bad = sum(v for k, v in dropped.items()
+                      if k not in ("superseded", "no_subscribers", "too_old", "deactivated"))
             now = time.monotonic()
             if bad > cam.bad_total:  # the level says how the camera is now: WARN for a while after bad frames, not
                 cam.bad_total, cam.bad_since = bad, now  # for good (the counts stay in the values)

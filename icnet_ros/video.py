@@ -229,10 +229,17 @@ def temporary_file(final: Path, suffix: str = "", companion: str | None = None) 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` whole or not at all (see :func:`write_image`): a hidden temporary file in the same
     folder (:func:`temporary_file`), renamed; OSError ``cannot write <path>: <reason>`` on failure, the temporary
-    file removed."""
+    file removed. A symbolic link's target is written (a ``latest.json`` link: the file it names, the link kept);
+    a path that is not a regular file (``/dev/stdout``, a pipe) is written to as it is."""
     p = Path(path)
     tmp: Path | None = None
     try:
+        if p.exists() and not p.is_file() and not p.is_dir():  # a device or a pipe: no file to replace
+            with open(p, "wb") as f:
+                f.write(data)
+            return
+        if p.is_symlink():
+            p = Path(os.path.realpath(p))
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_file(p)
         with open(tmp, "wb") as f:  # its errors (a full disk) are the point

@@ -540,11 +540,13 @@ def test_services_and_the_simulated_clock_are_served_during_a_hot_swap(checkpoin
     services and /clock were in rclpy's default (mutually exclusive) callback group with it: get_state and
     get_parameters went unanswered for the whole swap (a lifecycle manager's timeout) and the simulated clock stood
     still (frames served meanwhile looked stamped by another clock). Now they are answered during it, the clock
-    follows /clock, and another change is refused at once with the reason (not queued behind it)."""
+    follows /clock, and a change through another service is refused at once with the reason, while a second
+    request to the same set service waits its turn (both set overrides had held the parameter table's lock for the
+    whole swap: list_parameters waited, and two pending lists took every executor thread)."""
     import rclpy
     from builtin_interfaces.msg import Time
     from lifecycle_msgs.srv import GetState
-    from rcl_interfaces.srv import SetParameters
+    from rcl_interfaces.srv import ListParameters, SetParameters, SetParametersAtomically
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.parameter import Parameter
     from rosgraph_msgs.msg import Clock
@@ -576,10 +578,12 @@ def test_services_and_the_simulated_clock_are_served_during_a_hot_swap(checkpoin
 
         node._load_segmenter = slow_load
         set_params = client.create_client(SetParameters, "/icnet_busy/set_parameters")
+        set_atomically = client.create_client(SetParametersAtomically, "/icnet_busy/set_parameters_atomically")
         get_params = client.create_client(GetParameters, "/icnet_busy/get_parameters")
+        list_params = [client.create_client(ListParameters, "/icnet_busy/list_parameters") for _ in range(2)]
         get_state = client.create_client(GetState, "/icnet_busy/get_state")
         clock = client.create_publisher(Clock, "/clock", 10)
-        for c in (set_params, get_params, get_state):
+        for c in (set_params, set_atomically, get_params, get_state, *list_params):
             assert c.wait_for_service(timeout_sec=10)
 
         def call(c, request, timeout):
@@ -594,14 +598,20 @@ def test_services_and_the_simulated_clock_are_served_during_a_hot_swap(checkpoin
             client_exec.spin_once(timeout_sec=0.05)
         assert loading.is_set()
         t0 = time.monotonic()
+        listed = [c.call_async(ListParameters.Request()) for c in list_params]
+        for future in listed:
+            client_exec.spin_until_future_complete(future, timeout_sec=1.5)
+            assert future.done() and "model" in future.result().result.names, "list_parameters unanswered"
         state = call(get_state, GetState.Request(), 1.5)
         assert state is not None and state.current_state.label == "active", "get_state unanswered during the swap"
         values = call(get_params, GetParameters.Request(names=["model"]), 1.5)
         assert values is not None and values.values[0].string_value == str(checkpoint)
-        refused = call(set_params, SetParameters.Request(
+        refused = call(set_atomically, SetParametersAtomically.Request(
             parameters=[Parameter("max_age", value=2.0).to_parameter_msg()]), 1.5)
-        assert refused is not None and not refused.results[0].successful
-        assert refused.results[0].reason.startswith("busy: loading a model (hot swap) in progress"), refused
+        assert refused is not None and not refused.result.successful
+        assert refused.result.reason.startswith("busy: loading a model (hot swap) in progress"), refused
+        queued = set_params.call_async(SetParameters.Request(
+            parameters=[Parameter("max_age", value=3.0).to_parameter_msg()]))  # the swap's own service: in turn
         for sec in (100, 101):  # the node's clock follows /clock meanwhile
             clock.publish(Clock(clock=Time(sec=sec)))
             deadline = time.monotonic() + 1.5
@@ -611,7 +621,9 @@ def test_services_and_the_simulated_clock_are_served_during_a_hot_swap(checkpoin
         assert time.monotonic() - t0 < 3.0 and not swap.done()  # all of it while the swap was still loading
         client_exec.spin_until_future_complete(swap, timeout_sec=60)
         assert swap.result().results[0].successful
-        assert node.get_parameter("model").value == str(other) and node.get_parameter("max_age").value != 2.0
+        client_exec.spin_until_future_complete(queued, timeout_sec=30)
+        assert queued.done() and queued.result().results[0].successful
+        assert node.get_parameter("model").value == str(other) and node.get_parameter("max_age").value == 3.0
     finally:
         executor.shutdown(timeout_sec=5)
         node.destroy_node()
@@ -724,6 +736,50 @@ def test_start_is_one_change_and_a_busy_refusal_is_no_failure(checkpoint: Path, 
         assert status.level == DiagnosticStatus.OK and "failed" not in status.message, status
 
 
+def test_the_default_group_runs_entities_side_by_side_but_each_one_in_turn():
+    """The node's default callback group (its services, /clock): rclpy's reentrant group let one entity's callbacks
+    overlap (two /clock messages applied out of order, the clock stepping back); its mutually exclusive group ran
+    one callback of the whole group at a time (every service waited for a hot swap). Here a slow timer never
+    overlaps itself on a 3-thread executor, while another entity of the group runs meanwhile."""
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+
+    from icnet_ros.node import EntityExclusiveCallbackGroup
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = rclpy.create_node("entity_group", context=ctx)
+    group = EntityExclusiveCallbackGroup()
+    lock, running, most, beside = threading.Lock(), [0], [0], []
+
+    def slow():
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+
+    def quick():
+        with lock:
+            beside.append(running[0])
+
+    node.create_timer(0.001, slow, callback_group=group)
+    node.create_timer(0.01, quick, callback_group=group)
+    executor = MultiThreadedExecutor(num_threads=3, context=ctx)
+    executor.add_node(node)
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.05)
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+    assert most[0] == 1, most  # the slow timer never ran twice at once
+    assert any(beside), beside  # the quick one ran while the slow one did
+
+
 def test_a_frame_from_before_deactivate_is_not_served_after_activate(checkpoint: Path):
     """The pipeline keeps the newest pending frame across a stop; on deactivate that frame was served at the next
     activate, seconds or minutes later with its old stamp (or logged as too_old). Now deactivate drops it, counted
@@ -744,6 +800,11 @@ def test_a_frame_from_before_deactivate_is_not_served_after_activate(checkpoint:
         time.sleep(0.5)
         cam = node.pipeline.snapshot()["cameras"]["/da/image_raw"]
         assert cam["received"] == 1 and cam["processed"] == 0 and cam["dropped"] == {"deactivated": 1}, cam
+        sent = []  # and it is no bad frame on /diagnostics (a WARN after every pause)
+        node._diag_pub.publish = sent.append
+        node._publish_diagnostics()
+        status = next(s for s in sent[0].status if s.name.endswith("/da/image_raw"))
+        assert "bad frames" not in status.message, status
 
 
 def test_a_refused_change_keeps_the_outputs_while_it_runs(checkpoint: Path, tmp_path: Path):

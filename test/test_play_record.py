@@ -683,6 +683,23 @@ def test_record_places_video_frames_by_their_stamps(ros: RosHarness, tmp_path: P
     assert len(means) == len(expected) and all(abs(m - e) <= 8 for m, e in zip(means, expected)), means
 
 
+def test_record_fills_a_gap_with_a_bounded_number_of_frames(ros: RosHarness, tmp_path: Path):
+    """A gap's repeated frames are each encoded: at --fps 1000 a 9.9 s gap took 9899 encodes (46 s at 720p, the
+    writer falling behind); at most VIDEO_MAX_REPEATS now (a longer gap is not filled: the video goes on)."""
+    from builtin_interfaces.msg import Time
+
+    from icnet_ros.tools import record
+
+    rec = record.Recorder(ros.node, ["/t_recgap/overlay"], tmp_path / "rec", reliability="reliable",
+                          video=tmp_path / "rec.mp4", fps=1000.0)
+    try:  # (the repeats counted, not written: the video's frame count stays 0)
+        assert rec._video_repeats(Time(sec=1000)) == 0  # the first frame
+        assert rec._video_repeats(Time(sec=1000, nanosec=200_000_000)) == 200  # 0.2 s at 1000 fps: filled
+        assert rec._video_repeats(Time(sec=1009, nanosec=900_000_000)) == 0  # 9.9 s: 9900 frames, not filled
+    finally:
+        rec.close()
+
+
 def test_record_video_interrupted_while_it_is_finished_is_an_error(ros: RosHarness, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch):
     """A (second) Ctrl-C while Recorder.close finished the video (read back, renamed): close caught only OSError, so

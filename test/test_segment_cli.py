@@ -111,6 +111,34 @@ def test_source_errors(tmp_path):
         open_source(tmp_path / "broken.mp4")
 
 
+def test_result_files_write_a_links_target_and_a_pipe_as_it_is(tmp_path):
+    """Result files (--json, --markdown) are written whole by renaming a temporary file over them: a 'latest.json'
+    symbolic link was replaced by a file (the run it named left as it was), and a pipe or a device such as
+    /dev/stdout would have been renamed over. Now a link's target is written (the link kept), and a path that is
+    not a regular file is written to as it is; the check before the run takes both."""
+    import os
+
+    from icnet_ros.tools.cli_checks import output_file_problem
+    from icnet_ros.video import write_text_atomically
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "run.json").write_text("old")
+    link = tmp_path / "latest.json"
+    link.symlink_to(tmp_path / "runs" / "run.json")
+    assert output_file_problem(str(link)) is None
+    write_text_atomically(link, "new")
+    assert link.is_symlink() and (tmp_path / "runs" / "run.json").read_text() == "new"
+    read, write = os.pipe()
+    try:
+        pipe = f"/proc/self/fd/{write}"
+        assert output_file_problem(pipe) is None
+        write_text_atomically(pipe, "through the pipe")
+        assert os.read(read, 100) == b"through the pipe" and os.path.exists(pipe)
+    finally:
+        os.close(read)
+        os.close(write)
+
+
 def test_a_file_larger_than_any_image_within_max_pixels_is_refused_unread(tmp_path):
     """A 200 GB file named .png (sparse: no disk used) was read whole before its header was looked at: numpy's
     MemoryError escaped (a traceback, the rest of the folder never segmented), and a file that fitted cost its size

@@ -15,7 +15,7 @@ bgra8, mono8 and mono16 (16-bit PNG) is supported; ``<topic>/compressed`` topics
 starts (a file type or ``--fps`` its writer refuses, e.g. ``.webm`` or ``--fps 1e5``: one line, exit status 2) and
 when closed (every frame in it, readable): a broken video is one error line and exit status 1. With one topic, each
 frame is placed in the video by its header stamp, the previous frame repeated where frames are missing (at most
-10 s of a gap), so that the video keeps the topic's timing when frames were dropped on the way; frames closer than
+10 s and 300 frames of a gap), so that the video keeps the topic's timing when frames were dropped on the way; frames closer than
 ``1 / --fps`` follow each other, and several topics go into one video in arrival order. A compressed frame whose
 header declares more than ``--max-pixels`` pixels, or one that does not decode, is saved but not added to the video:
 a warning, and the count in the final line (a video none of the frames could be added to is an error, exit status
@@ -59,6 +59,8 @@ WAIT_NOTICE_S = 3.0
 #: the longest gap between two frames' stamps (s) that a video placing frames by their stamps fills by repeating the
 #: previous frame; after a longer one (a paused bag, another clock) the video goes on from the new stamp
 VIDEO_MAX_GAP_S = 10.0
+#: ... and at most this many repeated frames for one gap (each is encoded: --fps 1000 made 10 s a 46 s fill)
+VIDEO_MAX_REPEATS = 300
 
 
 def to_bgr(img: np.ndarray, encoding: str) -> np.ndarray:
@@ -329,8 +331,9 @@ class Recorder:
         way (a recorder, a node or a network that could not keep up) leave the previous frame on screen for their
         time instead of compressing the video (11 frames of 25 for 1 s at 25 fps made 0.44 s of video). No repeat
         without ``video_timing``, for a stamp equal to the previous one (zero stamps) or earlier (then the video
-        goes on from it), or after a gap longer than :data:`VIDEO_MAX_GAP_S` (a paused bag, another clock: the video
-        goes on from the new stamp); frames closer than ``1 / fps`` follow each other."""
+        goes on from it), or after a gap longer than :data:`VIDEO_MAX_GAP_S` or :data:`VIDEO_MAX_REPEATS` frames (a
+        paused bag, another clock: the video goes on from the new stamp); frames closer than ``1 / fps`` follow each
+        other."""
         if not self.video_timing or self._video is None:
             return 0
         t = stamp.sec + stamp.nanosec * 1e-9
@@ -339,7 +342,7 @@ class Recorder:
         if previous is not None and t == previous:
             return 0
         missing = 0 if previous is None or t < previous else round((t - self._video_start) * fps) - frames
-        if previous is None or t < previous or missing > VIDEO_MAX_GAP_S * fps:
+        if previous is None or t < previous or missing > min(VIDEO_MAX_GAP_S * fps, VIDEO_MAX_REPEATS):
             self._video_start = t - frames / fps  # the first frame, stamps that went back, a long gap: go on from t
             return 0
         return max(0, missing)
