@@ -517,7 +517,7 @@ def test_node_bench_json_is_written_whole_or_not_at_all(tmp_path, capsys, monkey
     assert json.loads(captured.out.splitlines()[-1])["size"] == "64x96"  # the result, printed
     assert json.loads(path.read_text()) == [{"previous": "results"}] and os.listdir(path.parent) == ["nb.json"]
 
-    assert soak.write_json is node_bench.write_json
+    assert soak.write_json is node_bench.write_json  # (cli_checks.write_json)
     monkeypatch.chdir(tmp_path)
     assert node_bench.write_json("-", [{"size": "64x96"}]) is None
     assert json.loads(capsys.readouterr().out) == [{"size": "64x96"}] and not (tmp_path / "-").exists()

@@ -57,6 +57,27 @@ def _creation_refused(folder: Path) -> str | None:
     return None
 
 
+def write_json(path: str | None, doc: Any) -> str | None:
+    """``--json``: ``doc`` on stdout for ``-``, else written to ``path`` whole or not at all (a temporary file
+    renamed: a failed write leaves the previous file as it was). Returns why it could not be written (``cannot
+    write FILE: REASON``), None when it was (or no ``path``)."""
+    if not path:
+        return None
+    import json
+
+    text = json.dumps(doc, indent=1)
+    if path == "-":
+        print(text, flush=True)
+        return None
+    from ..video import write_text_atomically
+
+    try:
+        write_text_atomically(Path(path).expanduser(), text + "\n")
+    except OSError as e:
+        return str(e)
+    return None
+
+
 def output_folder_problem(path: str, flag: str = "--output", create: bool = False) -> str | None:
     """Why ``path`` cannot be (or become) an output folder (None when it can): a file is in the way. With
     ``create``, the folder is created now and a file is created in it and removed, so that a folder that cannot be
@@ -204,4 +225,4 @@ def frame_size_problem(size: tuple[int, int], model: str | None = None, max_pixe
 
 
 __all__ = ["StopSignals", "add_max_pixels_argument", "frame_size_problem", "max_pixels_problem", "model_problem",
-           "output_file_problem", "output_folder_problem", "topic_problem"]
+           "output_file_problem", "output_folder_problem", "topic_problem", "write_json"]

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from ..ros_spin import cleanup, init_without_signal_handlers, join_spinners, start_spinner
+from .cli_checks import write_json
 from .demo import configure_dds
 from .play import parse_size
 
@@ -331,25 +332,6 @@ def _check_args(args: argparse.Namespace) -> str | None:
     if args.demo is not None and not Path(args.demo).exists():
         return f"--demo {args.demo}: not found"
     return (model_problem(args.model) if args.model is not None else None) or output_file_problem(args.json)
-
-
-def write_json(path: str | None, doc: Any) -> str | None:
-    """``--json``: ``doc`` on stdout for ``-``, else written to ``path`` whole or not at all (a temporary file
-    renamed: a failed write leaves the previous file as it was). Returns why it could not be written (``cannot
-    write FILE: REASON``), None when it was (or no ``path``)."""
-    if not path:
-        return None
-    text = json.dumps(doc, indent=1)
-    if path == "-":
-        print(text, flush=True)
-        return None
-    from ..video import write_text_atomically
-
-    try:
-        write_text_atomically(Path(path).expanduser(), text + "\n")
-    except OSError as e:
-        return str(e)
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

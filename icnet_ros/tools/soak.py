@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from .demo import configure_dds
-from .node_bench import write_json
+from .cli_checks import write_json
 from .play import parse_size
 
 PROG = "icnet-node-soak"
