@@ -158,23 +158,26 @@ class EntityExclusiveCallbackGroup(CallbackGroup):
 
     def __init__(self) -> None:
         super().__init__()
-        self._running: set[int] = set()
+        # by id, each kept alive while listed: no other entity can take its id (rclpy may skip ending_execution
+        # when a waitable's take fails on a destroyed handle; that entry then stays, for an entity that is gone)
+        self._running: dict[int, Any] = {}
         self._lock = threading.Lock()
 
     def can_execute(self, entity: Any) -> bool:
         with self._lock:
-            return id(entity) not in self._running
+            return self._running.get(id(entity)) is not entity
 
     def beginning_execution(self, entity: Any) -> bool:
         with self._lock:
-            if id(entity) in self._running:
+            if self._running.get(id(entity)) is entity:
                 return False
-            self._running.add(id(entity))
+            self._running[id(entity)] = entity
             return True
 
     def ending_execution(self, entity: Any) -> None:
         with self._lock:
-            self._running.discard(id(entity))
+            if self._running.get(id(entity)) is entity:
+                del self._running[id(entity)]
 
 
 def _one_change_at_a_time(wait: bool = False) -> Callable[[Callable[..., TransitionCallbackReturn]],

@@ -231,11 +231,11 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes | memoryview) ->
     folder (:func:`temporary_file`), renamed; OSError ``cannot write <path>: <reason>`` on failure, the temporary
     file removed. A symbolic link's target is written (a ``latest.json`` link: the file it names, the link kept);
     a path that is not a regular file (``/dev/stdout``, a pipe) is written to as it is."""
-    p = Path(path)
+    given = p = Path(path)
     tmp: Path | None = None
     try:
-        if p.exists() and not p.is_file() and not p.is_dir():  # a device or a pipe: no file to replace
-            with open(p, "wb") as f:
+        if is_stream_path(p):  # /dev/stdout, a pipe, a device: appended to (a redirected stdout was replaced)
+            with open(p, "ab") as f:
                 f.write(data)
             return
         if p.is_symlink():
@@ -249,7 +249,21 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes | memoryview) ->
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        raise OSError(f"cannot write {p}: {e.strerror or e}") from e
+        raise OSError(f"cannot write {given}: {e.strerror or e}") from e
+
+
+def is_stream_path(path: str | os.PathLike) -> bool:
+    """Whether a result written to ``path`` goes to it as it is, not by replacing a file: a pipe or a device, or a
+    path through a process's open files (``/dev/stdout`` -> ``/proc/self/fd/1``, ``/dev/fd/N``), whatever they
+    point at: a file that stdout is redirected to must be appended to, not replaced."""
+    q = Path(path).expanduser().absolute()
+    for _ in range(40):  # (a link loop ends here)
+        if str(q).startswith(("/proc/", "/dev/fd/")):
+            return q.exists()
+        if not q.is_symlink():
+            break
+        q = (q.parent / os.readlink(q)).absolute()
+    return q.exists() and not q.is_file() and not q.is_dir()
 
 
 class FrameSource:
@@ -743,5 +757,5 @@ def _write_problem(path: Path) -> str | None:
 __all__ = ["DEFAULT_IMAGE_FPS", "Frame", "FrameSource", "IMAGE_EXTENSIONS", "ImageFiles", "ImageFolder",
            "ImageTooLargeError", "SourceError", "VIDEO_EXTENSIONS", "VideoFile", "VideoWriter", "check_fourcc",
            "check_image_size", "has_decodable_frames", "iter_frames", "max_file_size", "open_source", "quiet_stderr",
-           "read_image", "read_image_bytes", "video_writer_problem", "write_bytes_atomically", "write_image",
-           "write_text_atomically"]
+           "is_stream_path", "read_image", "read_image_bytes", "video_writer_problem", "write_bytes_atomically",
+           "write_image", "write_text_atomically"]

@@ -139,6 +139,27 @@ def test_result_files_write_a_links_target_and_a_pipe_as_it_is(tmp_path):
         os.close(write)
 
 
+def test_a_result_written_to_dev_stdout_is_appended_to_a_redirected_stdout(tmp_path):
+    """--json /dev/stdout with stdout redirected to a log (`>> run.log`): /dev/stdout -> /proc/self/fd/1 -> the log,
+    so the atomic write renamed a temporary file over the log (its earlier lines, and the lines printed after, lost).
+    Now a path through a process's open files is appended to, as a pipe or a device is."""
+    import json
+
+    log = tmp_path / "run.log"
+    log.write_text("earlier\n")
+    code = ("from icnet_ros.tools.cli_checks import output_file_problem, write_json\n"
+            "print('before', flush=True)\n"
+            "assert output_file_problem('/dev/stdout') is None\n"
+            "assert write_json('/dev/stdout', {'fps': 1.5}) is None\n"
+            "print('after', flush=True)\n")
+    with open(log, "a") as out:
+        r = subprocess.run([sys.executable, "-c", code], stdout=out, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = log.read_text().splitlines()
+    assert lines[:2] == ["earlier", "before"] and lines[-1] == "after", lines
+    assert json.loads("\n".join(lines[2:-1])) == {"fps": 1.5}
+
+
 def test_a_file_larger_than_any_image_within_max_pixels_is_refused_unread(tmp_path):
     """A 200 GB file named .png (sparse: no disk used) was read whole before its header was looked at: numpy's
     MemoryError escaped (a traceback, the rest of the folder never segmented), and a file that fitted cost its size

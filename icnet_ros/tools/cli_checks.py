@@ -29,7 +29,9 @@ def output_file_problem(path: str | None, flag: str = "--json") -> str | None:
     p = Path(path).expanduser()
     if p.is_dir():
         return f"{flag} {path}: is a folder, not a file"
-    if p.exists() and not p.is_file():  # a device or a pipe (/dev/stdout): written to as it is
+    from ..video import is_stream_path
+
+    if is_stream_path(p):  # /dev/stdout, a pipe, a device: appended to as it is
         return None if os.access(p, os.W_OK) else f"{flag} {path}: not writable"
     if p.is_symlink():  # its target is written (video.write_bytes_atomically)
         p = Path(os.path.realpath(p))
