@@ -3,11 +3,13 @@ and exit status 2 at once, never a traceback or a failure after a long run; and 
 that stop a tool as Ctrl-C does."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,8 @@ class StopSignals:
         self.signum: int | None = None
         self._first: float | None = None
         self._previous: dict[int, Any] = {}
+        self._held = 0
+        self._pending = False
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -173,7 +177,23 @@ class StopSignals:
             self._first, self.signum = now, signum
         elif now - self._first < self.REPEAT_S:
             return  # the first signal again
+        if self._held:
+            self._pending = True  # raised when the held step ends
+            return
         raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A step and its bookkeeping done both or neither (a frame published and counted): a signal during the
+        block is raised as the KeyboardInterrupt when it ends, not between the two."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+        if not self._held and self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
 
     @property
     def exit_code(self) -> int:

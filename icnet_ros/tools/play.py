@@ -21,6 +21,7 @@ frames span N - 1 periods (``published 3 frames at 2.0 fps (the first to the las
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import threading
@@ -128,6 +129,9 @@ class Player:
         self.image_pub = node.create_publisher(CompressedImage if compressed else Image, self.image_topic, qos)
         self.info_pub = node.create_publisher(CameraInfo, info_topic, qos)
         self.published = 0
+        #: a context manager around each frame's publishing and counting (StopSignals.held: a Ctrl-C then never
+        #: falls between the two, which left a frame subscribers got uncounted)
+        self.held: Callable[[], Any] = contextlib.nullcontext
         #: time.monotonic() when the first and the last frame were published (None before the first)
         self.first_published: float | None = None
         self.last_published: float | None = None
@@ -182,11 +186,12 @@ class Player:
         info.header = msg.header
         self.info_pub.publish(info)
         now = time.monotonic()
-        self.image_pub.publish(msg)
-        self.published += 1
-        if self.first_published is None:
-            self.first_published = now
-        self.last_published = now
+        with self.held():
+            self.image_pub.publish(msg)
+            self.published += 1
+            if self.first_published is None:
+                self.first_published = now
+            self.last_published = now
         return msg.header
 
 
@@ -416,6 +421,7 @@ def _main(argv: list[str] | None, stop: Any) -> int:
     try:
         player = Player(node, args.topic, args.frame_id, args.encoding, args.compressed, camera_info, args.fov,
                         args.size, reliable=not args.best_effort)
+        player.held = stop.held
         if args.wait_subscribers and not player.wait_for_subscribers(args.wait_subscribers, args.wait_timeout):
             print(f"icnet-play: error: fewer than {args.wait_subscribers} subscriber(s) on {player.image_topic} "
                   f"after {args.wait_timeout:g} s", file=sys.stderr)
