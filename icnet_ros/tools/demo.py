@@ -461,6 +461,7 @@ def _play_and_record(args: argparse.Namespace, node: Any, executor: Any, source:
         # made 0.44 s of video for 1 s played); at --rate 0 every frame is served: one video frame per overlay
         run = DemoRun(node, executor, args.output, args.format, video=args.video, fps=_video_fps(source),
                       video_timing=args.rate > 0)
+        run.player.held = stop.held  # a Ctrl-C never falls between a frame's publish and its count (as icnet-play)
         if not run.connected(args.timeout):
             return _error(f"the node, player and recorder did not connect within {args.timeout:g} s")
         rate_text = "as fast as the node segments" if args.rate == 0 else f"{args.rate:g} fps"
