@@ -41,7 +41,8 @@ from .backends.base import Backend, BackendOptions, in_chunks
 from .backends.torch_backend import TorchBackend, torch_backend_from
 from .checkpoint import CheckpointError, default_model_path, inference_copy, read_metadata
 from .classes import ClassSet, class_set_from_meta
-from .engine_config import LIVE_OPTIONS, OUTPUTS, ConfigError, FrameError, SegmenterConfig, format_input_size
+from .engine_config import (LIVE_OPTIONS, OUTPUTS, ConfigError, FrameError, SegmenterConfig, format_input_size,
+                            parse_input_size)
 from .engine_config import check as check_option
 from .models.icnet import MIN_INPUT_SIZE
 from .postprocess import UNKNOWN, Postprocessor
@@ -171,6 +172,10 @@ def frame_size_problem(model_path: str | os.PathLike | None, height: int, width:
     """Why a frame of ``height`` x ``width`` cannot run on the model file ``model_path`` (None: the default model)
     with ``input_size`` (the node's default: auto), judged from the file's metadata as the Segmenter would (nothing
     loaded): the same rule as :meth:`Segmenter.segment`'s refusal. A model that cannot be read is the problem."""
+    try:
+        input_size = parse_input_size(input_size)  # the option's text, as the node and CLIs give it
+    except ValueError as e:
+        return f"input_size {input_size!r}: {e}"
     try:
         path = Path(model_path).expanduser() if model_path else default_model_path()
         kind = backend_for(str(path))

@@ -95,8 +95,9 @@ def parse_sizes(tokens: str | list[str], minimum: int = 1) -> list[tuple[int, in
 class InputSizePolicy:
     """Which network input a frame of a given size gets. ``kind``: ``native`` (the frame's own size), ``fixed``
     (``param`` = (H, W)), ``scale`` (``param`` = factor) or ``width`` (``param`` = the model's trained network width:
-    ``input_size: auto``; the aspect ratio kept, upscaling at most :data:`MAX_SCALE`). Sizes are then rounded to
-    multiples of ``size_divisor`` (1: exact)."""
+    ``input_size: auto``; the aspect ratio kept, upscaling at most :data:`MAX_SCALE`, downscaling a frame at least
+    :data:`MIN_INPUT_SIZE` high no lower than that). Sizes are then rounded to multiples of ``size_divisor`` (1:
+    exact)."""
 
     kind: str
     param: Any = None
@@ -129,8 +130,11 @@ class InputSizePolicy:
             return self.param
         if self.kind == "scale":
             s = float(self.param)
-        elif self.kind == "width":  # upscaling at most MAX_SCALE: a narrow frame stays narrower
+        elif self.kind == "width":  # upscaling at most MAX_SCALE: a narrow frame stays narrower; downscaling a frame
+            # of the network minimum's height or more at most to it (a 64x4000 panorama: 64 rows, not 12, refused)
             s = min(int(self.param) / width, MAX_SCALE)
+            if height >= MIN_INPUT_SIZE:
+                s = max(s, MIN_INPUT_SIZE / height)
         else:
             return height, width
         return height * s, width * s

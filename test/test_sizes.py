@@ -63,6 +63,25 @@ def test_input_size_policy_the_engine_and_icnet_eval_share():
     assert exported.network_size(1080, 1920) == (128, 192) and exported.size_divisor == 1
 
 
+def test_auto_never_shrinks_a_wide_frame_below_the_network_minimum():
+    """input_size auto (the node's default) scales a frame to the trained width: a frame wider than about 11.5x its
+    height went below 64 rows (64x4000 -> 12x736) and was refused, although it is a valid frame of 64 rows and more
+    (native runs it). Now the downscale stops at the minimum, the aspect ratio kept; the engine agrees, and
+    frame_size_problem takes input_size as the node's text (it raised on '512x1024')."""
+    from icnet_ros.engine import frame_size_problem
+    from icnet_ros.sizes import InputSizePolicy
+
+    auto = InputSizePolicy.from_option("auto", {"network_width": 736})
+    assert auto.network_size(64, 4000) == (64, 4000) and auto.network_size(86, 1000)[0] == 64
+    assert auto.network_size(87, 1000)[0] == 64 and auto.network_size(360, 480) == (544, 736)  # (as before)
+    assert auto.network_size(32, 480) == (64, 736)  # (below the minimum already: upscaled as before, 49 -> 64)
+    for h, w in ((64, 4000), (86, 1000), (160, 2000)):
+        assert frame_size_problem(None, h, w) is None, (h, w)  # the default model, auto
+    assert frame_size_problem(None, 32, 480) is not None  # 49x736 before rounding: still refused
+    assert frame_size_problem(None, 360, 480, "512x1024") is None
+    assert frame_size_problem(None, 360, 480, "1x1").startswith("input_size '1x1': ")
+
+
 def test_network_sizes_are_rounded_once():
     """The policy's exact size is rounded to the grid once. Rounded to an integer first (Python's round, halves to
     even) and then to the grid, a 219x480 frame at width 736 (exact height 335.8) got 352 rows, not the nearest
