@@ -38,12 +38,14 @@ DDS stays on loopback (the demo's defaults apply when unset).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +101,10 @@ class _Sink:
 
 
 def bench_size(node: Any, helper: Any, size: tuple[int, int], frames: int, kinds: list[str], encoding: str,
-               throughput_s: float) -> dict[str, Any]:
+               throughput_s: float, held: Callable[[], Any] = contextlib.nullcontext) -> dict[str, Any]:
+    """One size's measurement. ``held``: a context manager around creating this measurement's publisher and
+    subscriptions (StopSignals.held: a Ctrl-C inside rclpy's create_publisher, between its list of publishers and
+    its list of event handlers, left the helper node inconsistent: its destroy_node then raised ValueError)."""
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
@@ -111,10 +116,11 @@ def bench_size(node: Any, helper: Any, size: tuple[int, int], frames: int, kinds
     # publisher and output subscriptions of this measurement
     camera = node.cameras[0]
     qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-    pub = helper.create_publisher(Image, camera.topic, qos)
     sink = _Sink(kinds)
-    subs = [helper.create_subscription(Image, camera.publishers[k].topic_name, sink.callback(k, helper.get_clock()),
-                                       qos) for k in kinds]
+    with held():
+        pub = helper.create_publisher(Image, camera.topic, qos)
+        subs = [helper.create_subscription(Image, camera.publishers[k].topic_name,
+                                           sink.callback(k, helper.get_clock()), qos) for k in kinds]
     try:
         return _measure(node, helper, pub, sink, imgs, size, frames, kinds, encoding, throughput_s)
     finally:  # also after a failure: the next size's subscriptions must be the only ones
@@ -414,7 +420,8 @@ def _main(argv: list[str] | None, stop: Any) -> int:
               f"torch threads {torch.get_num_threads()}", file=log, flush=True)
         for size in sizes:
             try:
-                r = bench_size(node, helper, size, args.frames, kinds, args.encoding, args.throughput_seconds)
+                r = bench_size(node, helper, size, args.frames, kinds, args.encoding, args.throughput_seconds,
+                               held=stop.held)
             except Exception as e:  # noqa: BLE001 - one line; the other sizes are measured, the JSON written
                 failed.append(size)
                 print(f"{PROG}: error: {size[0]}x{size[1]}: {_first_line(e)}", file=sys.stderr, flush=True)
