@@ -214,14 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """icnet-eval. Ctrl-C and SIGTERM (``kill``, ``timeout``): one line ``icnet-eval: interrupted`` and exit status
     130 / 143, nothing on stdout (before: a KeyboardInterrupt traceback; SIGTERM killed it without a word)."""
-    from .tools.cli_checks import StopSignals
+    from .tools.cli_checks import run_stoppable
 
-    with StopSignals() as stop:
-        try:
-            return _main(argv)
-        except KeyboardInterrupt:  # loading the model, reading the data, evaluating: the report is printed whole
-            print("icnet-eval: interrupted", file=sys.stderr)  # after the evaluation or not at all
-            return stop.exit_code
+    # loading the model, reading the data, evaluating: the report is printed whole after the evaluation or not at all
+    return run_stoppable("icnet-eval", lambda stop: _main(argv))
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -784,16 +784,11 @@ def _stream_handlers_to(old: Any, new: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli_checks import StopSignals
+    from .cli_checks import run_stoppable
 
     # SIGTERM (kill, timeout) as Ctrl-C: the configurations timed so far kept, one line, exit status 143 (before:
     # 130 under the console script, whose handlers made it a KeyboardInterrupt; killed outright under python -m)
-    with StopSignals() as stop:
-        try:
-            return _main(argv, stop)
-        except KeyboardInterrupt:  # outside the run (the final output)
-            print("icnet-bench: interrupted", file=sys.stderr)
-            return stop.exit_code
+    return run_stoppable("icnet-bench", lambda stop: _main(argv, stop))
 
 
 def _main(argv: list[str] | None, stop: Any) -> int:

@@ -9,7 +9,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,20 @@ class StopSignals:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
+def run_stoppable(tool: str, main: Callable[[StopSignals], int]) -> int:
+    """``main(stop)`` under :class:`StopSignals`: SIGINT and SIGTERM are a KeyboardInterrupt, which the tool answers
+    where it can (outputs finished, results kept); one that escapes ``main`` (start-up, imports, a second signal) is
+    one line ``TOOL: interrupted`` and exit status 128 + the signal (130 / 143), never a traceback."""
+    import sys
+
+    with StopSignals() as stop:
+        try:
+            return main(stop)
+        except KeyboardInterrupt:
+            print(f"{tool}: interrupted", file=sys.stderr, flush=True)
+            return stop.exit_code
+
+
 def add_max_pixels_argument(parser: Any, extra: str = "", bounds: str | None = None) -> None:
     """``--max-pixels N`` on an argparse parser (default: the node's max_pixels), as icnet-segment, icnet-play and
     icnet-demo take it; ``extra``: what else it bounds in that tool; ``bounds``: what it does there, when not the
@@ -247,4 +261,4 @@ def frame_size_problem(size: tuple[int, int], model: str | None = None, max_pixe
 
 
 __all__ = ["StopSignals", "add_max_pixels_argument", "frame_size_problem", "max_pixels_problem", "model_problem",
-           "output_file_problem", "output_folder_problem", "topic_problem", "write_json"]
+           "output_file_problem", "output_folder_problem", "run_stoppable", "topic_problem", "write_json"]

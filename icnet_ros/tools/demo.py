@@ -128,14 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = rclpy_missing(PROG, argv)  # one line, not a ModuleNotFoundError traceback
     if missing is not None:
         return missing
-    from .cli_checks import StopSignals
+    from .cli_checks import run_stoppable
 
-    with StopSignals() as stop:  # SIGINT and SIGTERM: a KeyboardInterrupt, also during the imports and start-up
-        try:
-            return _main(argv, stop)
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
-            return stop.exit_code
+    # SIGINT and SIGTERM: a KeyboardInterrupt, also during the imports and start-up
+    return run_stoppable(PROG, lambda stop: _main(argv, stop))
 
 
 def default_output(now: float | None = None) -> Path:

@@ -6,19 +6,13 @@ runs) is left without them. The other tools import their heavy modules inside ``
 from __future__ import annotations
 
 import importlib
-import sys
 
-from .cli_checks import StopSignals
+from .cli_checks import run_stoppable
 
 
 def _run(tool: str, module: str) -> int:
-    with StopSignals() as stop:  # the tool's main installs its own handlers (nested: ours come back at its end)
-        try:
-            main = importlib.import_module(module).main
-        except KeyboardInterrupt:
-            print(f"{tool}: interrupted", file=sys.stderr)
-            return stop.exit_code
-        return main()
+    # the tool's main installs its own handlers (nested: ours come back at its end)
+    return run_stoppable(tool, lambda stop: importlib.import_module(module).main())
 
 
 def icnet_eval() -> int:

@@ -346,14 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = rclpy_missing(PROG, argv)  # one line, not a ModuleNotFoundError traceback
     if missing is not None:
         return missing
-    from .cli_checks import StopSignals
+    from .cli_checks import run_stoppable
 
-    with StopSignals() as stop:  # SIGTERM (kill, timeout) as Ctrl-C: the sizes measured so far kept
-        try:
-            return _main(argv, stop)
-        except KeyboardInterrupt:  # Ctrl-C outside the measurements (start-up, model load)
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return stop.exit_code
+    # SIGTERM (kill, timeout) as Ctrl-C: the sizes measured so far kept
+    return run_stoppable(PROG, lambda stop: _main(argv, stop))
 
 
 def _main(argv: list[str] | None, stop: Any) -> int:

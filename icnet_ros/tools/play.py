@@ -331,16 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     missing = rclpy_missing("icnet-play", argv)  # one line, not a ModuleNotFoundError traceback
     if missing is not None:
         return missing
-    from .cli_checks import StopSignals
+    from .cli_checks import run_stoppable
 
     # SIGTERM as Ctrl-C (as icnet-segment and icnet-record): the summary, exit status 143 (before, SIGTERM ended the
     # process at once, with no summary)
-    with StopSignals() as stop:
-        try:
-            return _main(argv, stop)
-        except KeyboardInterrupt:  # Ctrl-C before the publishing started (imports, start-up)
-            print("icnet-play: interrupted", file=sys.stderr)
-            return stop.exit_code
+    return run_stoppable("icnet-play", lambda stop: _main(argv, stop))
 
 
 def _rate_problem(rate: float, what: str = "--rate") -> str | None:

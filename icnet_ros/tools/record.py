@@ -11,24 +11,23 @@ folder name (``/a/b`` and ``/a_b``) each get ``-<8 hex digits>`` of their name's
 already holds such files (an earlier recording, whose files a second one would overwrite: the same indices, and the
 same stamps when a bag is replayed) is refused before anything starts. sensor_msgs/Image in rgb8, bgr8, rgba8,
 bgra8, mono8 and mono16 (16-bit PNG) is supported; ``<topic>/compressed`` topics are saved as received, named .jpg or
-.png after their bytes (the ``format`` field when the bytes are neither). ``--video`` is checked before anything
-starts (a file type or ``--fps`` its writer refuses, e.g. ``.webm`` or ``--fps 1e5``: one line, exit status 2) and
-when closed (every frame in it, readable): a broken video is one error line and exit status 1. With one topic, each
-frame is placed in the video by its header stamp, the previous frame repeated where frames are missing (at most
-10 s and 300 frames of a gap), so that the video keeps the topic's timing when frames were dropped on the way; frames closer than
-``1 / --fps`` follow each other, and several topics go into one video in arrival order. A compressed frame whose
-header declares more than ``--max-pixels`` pixels, or one that does not decode, is saved but not added to the video:
-a warning, and the count in the final line (a video none of the frames could be added to is an error, exit status
-1). Writing happens on a separate thread, so slow disks do not stall the subscription; the frames waiting for it
-hold at most ``--max-queue-mb`` (default 512): beyond that a frame is dropped, counted and warned about (the exit
-status is then 1), never buffered without bound. Ctrl-C or SIGTERM stops the recording as ``--max-frames`` does
-(the final line; the same signal delivered twice at once, as ``timeout`` and ``ros2 launch`` deliver it, counts
-once); during start-up it is one line, ``icnet-record: interrupted``, exit status 130 / 143. When the recording
-stops, every frame received is written before icnet-record exits, however long the disk takes (a line says how
-many frames wait when it takes more than a few seconds); Ctrl-C during that wait stops it: the frames never written
-are counted in the final line (``not written N``), ``--video`` is left unfinished (an error line) and the exit
-status is 1. ``--reliability auto`` (default) subscribes reliable when every publisher of a topic is reliable (no
-frame lost), best effort otherwise.
+.png after their bytes (the ``format`` field when the bytes are neither). ``--video`` is checked before anything starts
+(a file type or ``--fps`` its writer refuses, e.g. ``.webm`` or ``--fps 1e5``: one line, exit status 2) and when closed
+(every frame in it, readable): a broken video is one error line and exit status 1. With one topic, each frame is placed
+in the video by its header stamp, the previous frame repeated where frames are missing (at most 10 s and 300 frames of a
+gap), so that the video keeps the topic's timing when frames were dropped on the way; frames closer than ``1 / --fps``
+follow each other, and several topics go into one video in arrival order. A compressed frame whose header declares more
+than ``--max-pixels`` pixels, or one that does not decode, is saved but not added to the video: a warning, and the count
+in the final line (a video none of the frames could be added to is an error, exit status 1). Writing happens on a
+separate thread, so slow disks do not stall the subscription; the frames waiting for it hold at most ``--max-queue-mb``
+(default 512): beyond that a frame is dropped, counted and warned about (the exit status is then 1), never buffered
+without bound. Ctrl-C or SIGTERM stops the recording as ``--max-frames`` does (the final line; the same signal delivered
+twice at once, as ``timeout`` and ``ros2 launch`` deliver it, counts once); during start-up it is one line,
+``icnet-record: interrupted``, exit status 130 / 143. When the recording stops, every frame received is written before
+icnet-record exits, however long the disk takes (a line says how many frames wait when it takes more than a few
+seconds); Ctrl-C during that wait stops it: the frames never written are counted in the final line (``not written N``),
+``--video`` is left unfinished (an error line) and the exit status is 1. ``--reliability auto`` (default) subscribes
+reliable when every publisher of a topic is reliable (no frame lost), best effort otherwise.
 """
 from __future__ import annotations
 
@@ -448,16 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     missing = rclpy_missing("icnet-record", argv)  # one line, not a ModuleNotFoundError traceback
     if missing is not None:
         return missing
-    from .cli_checks import StopSignals
+    from .cli_checks import run_stoppable
 
     # SIGTERM as Ctrl-C, also while the tool imports and starts (before: rclpy's handlers from rclpy.init on, so a
     # signal during the imports was a 32-line KeyboardInterrupt traceback and SIGTERM a silent exit status -15)
-    with StopSignals() as stop:
-        try:
-            return _main(argv, stop)
-        except KeyboardInterrupt:  # before the recording started (imports, start-up)
-            print("icnet-record: interrupted", file=sys.stderr, flush=True)
-            return stop.exit_code
+    return run_stoppable("icnet-record", lambda stop: _main(argv, stop))
 
 
 def _main(argv: list[str] | None, stop: Any) -> int:

@@ -380,14 +380,9 @@ def _batches(q: queue.Queue, batch: int) -> Iterator[list[_Item]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli_checks import StopSignals
+    from .cli_checks import run_stoppable
 
-    with StopSignals() as stop:  # SIGTERM as Ctrl-C: the videos finished either way
-        try:
-            return _main(argv, stop)
-        except KeyboardInterrupt:  # before the run (importing torch, loading the model) or a second Ctrl-C
-            print("icnet-segment: interrupted", file=sys.stderr)
-            return stop.exit_code
+    return run_stoppable("icnet-segment", lambda stop: _main(argv, stop))  # SIGTERM as Ctrl-C: videos finished
 
 
 def _cli_hint(message: str) -> str:

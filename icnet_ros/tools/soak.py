@@ -355,14 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = rclpy_missing(PROG, argv)  # one line, not a ModuleNotFoundError traceback
     if missing is not None:
         return missing
-    from .cli_checks import StopSignals
+    from .cli_checks import run_stoppable
 
-    with StopSignals() as stop:  # SIGTERM (kill, timeout, a CI cancel) as Ctrl-C: the node stopped, results kept
-        try:
-            return _main(argv, stop)
-        except KeyboardInterrupt:  # during the start-up, or again while cleaning up (the node is gone: _soak's finally)
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return stop.exit_code
+    # SIGTERM (kill, timeout, a CI cancel) as Ctrl-C: the node stopped, results kept
+    return run_stoppable(PROG, lambda stop: _main(argv, stop))
 
 
 def _main(argv: list[str] | None, stop: Any) -> int:

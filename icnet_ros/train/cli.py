@@ -51,14 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     """icnet-train. SIGINT / SIGTERM: while training, the state is saved and the run stops (exit status 130 / 143);
     before it (the config, the data, the model being built) or during that save (a second Ctrl-C), one line
     ``icnet-train: interrupted; ...`` and the same status."""
-    from ..tools.cli_checks import StopSignals
+    from ..tools.cli_checks import run_stoppable
 
-    with StopSignals() as stop:  # (the training loop installs its own handlers while it runs)
-        try:
-            return _main(argv, stop)
-        except KeyboardInterrupt:  # reading the config (the run's own interruptions are answered in _main)
-            print("icnet-train: interrupted", file=sys.stderr)
-            return stop.exit_code
+    # (the training loop installs its own handlers while it runs; its interruptions are answered in _main)
+    return run_stoppable("icnet-train", lambda stop: _main(argv, stop))
 
 
 def _main(argv: list[str] | None, stop: StopSignals) -> int:
