@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import CAMVID, REPO, require
+from helpers import CAMVID, REPO, file_size_limit, require
 from icnet_ros import load_model
 from icnet_ros.checkpoint import MMSEG_NORMALIZATION
 from icnet_ros.classes import CAMVID as CAMVID_CLASSES
@@ -123,6 +123,8 @@ def test_integer_keys_take_whole_numbers_in_scientific_notation(tmp_path):
     ("data.layout=camvd", "unknown layout 'camvd' .*choose from auto, camvid, cityscapes, folders"),
     ("train.seed=-1", r"train.seed must be in 0..4294967295, got -1"),  # numpy refuses negative seeds
     ("train.seed=99999999999999", r"train.seed must be in 0..4294967295"),  # was an int64 overflow traceback
+    # a crop above the largest network input: OpenCV was asked for 10.8 GB at the first batch (a traceback)
+    ("data.crop_size=[60000, 60000]", r"data.crop_size \[60000, 60000\]: more than 16777216 pixels"),
 ])
 def test_config_refuses_values_that_would_fail_later(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -213,6 +215,11 @@ def test_bad_values_found_while_building_are_one_line_errors(tmp_path, capsys):
                                r"\(480x360, the first\) to 0x0, below"),  # (before: trained on 1x1 frames, exit 0)
                               ("data.base_size=[40, 40]", r"data.base_size \[40, 40\] brings the training frames "
                                r"\(480x360, the first\) to 40x30, below"),
+                              # the largest random resize past the image files' bound: OpenCV was asked for
+                              # 130 GB at the first batch (a traceback, or swapping without a memory limit)
+                              ("data.ratio_range=[1000,1000]", r"data.ratio_range \[1000, 1000\] with data.input_scale "
+                               r"0.5 resizes the training frames \(480x360, the first\) up to 240000x180000, more than "
+                               r"50 megapixels"),
                               ("model.aux_dropout=1.5", r"aux_dropout must be in \[0, 1\), got 1.5")]:
         out = tmp_path / override.partition("=")[0]
         assert main(["smoke", f"data.root={root}", f"train.output_dir={out}", override, *FAST]) == 2
@@ -1049,6 +1056,57 @@ def test_csv_log_keeps_columns_aligned_when_a_new_term_appears(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "train_log.csv", newline="")))
     assert rows == [{"iter": "1", "loss": "1.5", "loss_main": "1.0", "loss_lovasz": ""},
                     {"iter": "2", "loss": "2.5", "loss_main": "2.0", "loss_lovasz": "0.25"}]
+
+
+@pytest.mark.parametrize("log_format", ["jsonl", "csv"])
+def test_a_log_that_cannot_be_written_is_one_line(tmp_path, log_format):
+    """A full disk (here a file size limit) while appending to the metrics log: a one-line CheckpointError
+    (icnet-train's exit 2), not a 40-line OSError traceback from the middle of the loop."""
+    from icnet_ros.checkpoint import CheckpointError
+    from icnet_ros.train import MetricsLog
+
+    name = "metrics.jsonl" if log_format == "jsonl" else "train_log.csv"
+    log = MetricsLog(tmp_path, log_format, tensorboard=False)
+    log.log("train", {"iter": 1, "loss": 1.5})
+    with file_size_limit((tmp_path / name).stat().st_size + 4):
+        with pytest.raises(CheckpointError, match=re.escape(f"cannot write {tmp_path / name}: File too large; "
+                                                            "the training state saved last is kept")):
+            log.log("train", {"iter": 2, "loss": 2.5})
+
+
+def test_a_full_disk_for_the_runs_config_file_is_one_line(tmp_path, capsys):
+    """config.yaml is written as the run starts: a full disk there ended the run in an OSError traceback (exit 1);
+    now one line, exit 2, like a checkpoint that cannot be written."""
+    out, name = tmp_path / "run", "config.yaml"
+    out.mkdir()
+    (out / name).symlink_to("/dev/full")
+    assert main(["smoke", f"data.root={require(CAMVID)}", f"train.output_dir={out}", "optim.iterations=2",
+                 "train.log_interval=1", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    assert f"cannot write {out / name}: No space left" in err, err
+
+
+def test_git_commit_is_none_for_a_copy_inside_another_repository(tmp_path):
+    """The package installed into a folder another repository ignores (a project's .venv, a workspace's install/):
+    git finds that repository, whose commit was recorded (as clean) in every checkpoint."""
+    import shutil
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("site/\n")
+    subprocess.run([*git, "add", ".gitignore"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=tmp_path, check=True)
+    shutil.copytree(REPO / "icnet_ros", tmp_path / "site" / "icnet_ros",
+                    ignore=shutil.ignore_patterns("weights", "__pycache__"))
+    code = "from icnet_ros.train.provenance import git_commit; print(git_commit())"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "None", out
+    here = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert here.stdout.strip().removesuffix("-dirty") == head.stdout.strip()  # the checkout itself still records it
 
 
 def test_a_data_error_from_a_dataloader_worker_is_its_own_message():

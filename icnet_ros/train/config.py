@@ -15,7 +15,7 @@ from ..checkpoint import MAX_LICENSE_CHARS, MMSEG_NORMALIZATION, network_width_f
 from ..classes import ClassSet
 from ..data.datasets import LAYOUTS, DataSpec
 from ..models.icnet import MIN_INPUT_SIZE, MODEL_CONFIGS, ICNetConfig
-from ..sizes import MAX_THREADS  # train.cpu_threads' bound: the node's num_threads'
+from ..sizes import MAX_THREADS, MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT  # MAX_THREADS: train.cpu_threads' bound
 from ..tools.cli_checks import output_folder_problem
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -225,6 +225,8 @@ def validate_config(c: dict) -> None:
     if d["layout"] not in ("auto", *LAYOUTS):
         raise ConfigError(f"unknown layout {d['layout']!r} (data.layout); choose from auto, {', '.join(LAYOUTS)}")
     _pair(c, "data.crop_size", MIN_INPUT_SIZE)  # the network's minimum input (both sides)
+    if d["crop_size"][0] * d["crop_size"][1] > MAX_UPSCALED_PIXELS:  # the largest network input (bounded memory)
+        raise ConfigError(f"data.crop_size {d['crop_size']}: more than {MAX_UPSCALED_TEXT}, the largest network input")
     _pair(c, "data.ratio_range", 1e-6)
     _pair(c, "data.base_size", 16)
     _pair(c, "data.eval_size", MIN_INPUT_SIZE)

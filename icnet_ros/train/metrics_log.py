@@ -33,31 +33,41 @@ class MetricsLog:
                                       "(pip install tensorboard)") from None
 
     def log(self, kind: str, record: dict[str, Any]) -> None:
+        """Append one record; a failed write (a full disk) is one line (:class:`CheckpointError`), the training
+        state saved last is kept (a partial last line is dropped on resume, see :meth:`truncate`)."""
         if not self.enabled:
             return
-        if self.fmt == "jsonl":
-            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"kind": kind, **record}) + "\n")
-        else:
-            path = self.out_dir / f"{kind}_log.csv"
-            flat = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in record.items()}
-            header = _csv_header(path)
-            if header is None or set(flat) - set(header):  # a new file, or new columns (a loss term turned on)
-                rows = list(csv.DictReader(path.open(newline="", encoding="utf-8"))) if header else []
-                header = (header or []) + [k for k in flat if k not in (header or [])]
-                tmp = path.with_name(path.name + ".tmp")
-                with open(tmp, "w", newline="", encoding="utf-8") as f:
-                    w = csv.DictWriter(f, fieldnames=header, restval="")
-                    w.writeheader()
-                    w.writerows(rows)
-                os.replace(tmp, path)
-            with open(path, "a", newline="", encoding="utf-8") as f:  # every row under its own column names
-                csv.DictWriter(f, fieldnames=header, restval="").writerow(flat)
+        try:
+            self._append(kind, record)
+        except OSError as e:
+            where = e.filename or self.out_dir / ("metrics.jsonl" if self.fmt == "jsonl" else f"{kind}_log.csv")
+            raise CheckpointError(f"cannot write {where}: {e.strerror or e}; the training state saved last is kept "
+                                  "(train.resume=auto continues from it)") from None
         if self.tb is not None:
             step = int(record.get("iter", 0))
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iter":
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def _append(self, kind: str, record: dict[str, Any]) -> None:
+        if self.fmt == "jsonl":
+            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"kind": kind, **record}) + "\n")
+            return
+        path = self.out_dir / f"{kind}_log.csv"
+        flat = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in record.items()}
+        header = _csv_header(path)
+        if header is None or set(flat) - set(header):  # a new file, or new columns (a loss term turned on)
+            rows = list(csv.DictReader(path.open(newline="", encoding="utf-8"))) if header else []
+            header = (header or []) + [k for k in flat if k not in (header or [])]
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=header, restval="")
+                w.writeheader()
+                w.writerows(rows)
+            os.replace(tmp, path)
+        with open(path, "a", newline="", encoding="utf-8") as f:  # every row under its own column names
+            csv.DictWriter(f, fieldnames=header, restval="").writerow(flat)
 
     def truncate(self, after_iter: int, warn: Callable[[str], None] | None = None) -> None:
         """Drop records logged after iteration ``after_iter`` (a resumed run repeats those iterations).

@@ -15,9 +15,13 @@ from .distributed import DistInfo
 
 def git_commit() -> str | None:
     """The commit of the source tree this module runs from, if it is a git checkout, with ``-dirty`` appended when
-    the package's tracked files differ from it (the code that ran is then not that commit)."""
+    the package's tracked files differ from it (the code that ran is then not that commit). None when this file is
+    not tracked by the repository git finds around it: a package installed into an ignored folder of another
+    repository (a project's .venv, a colcon workspace's install/) would otherwise record that repository's commit."""
     here = Path(__file__).resolve().parent
     try:
+        subprocess.run(["git", "ls-files", "--error-unmatch", "--", Path(__file__).name], cwd=here,
+                       capture_output=True, text=True, timeout=5, check=True)  # fails unless tracked here
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5,
                              check=True)
         commit = out.stdout.strip()

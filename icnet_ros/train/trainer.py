@@ -24,8 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError, build_meta, load_state_dict_into, network_width_for, save_checkpoint
-from ..data.datasets import (DatasetError, SegmentationDataset, ShardSampler, TrainBatchSampler, build_dataset,
-                             collate_segmentation, one_line_error, resolve_class_set, split_names, worker_init)
+from ..data.datasets import (MAX_IMAGE_PIXELS, DatasetError, SegmentationDataset, ShardSampler, TrainBatchSampler,
+                             build_dataset, collate_segmentation, one_line_error, resolve_class_set, split_names,
+                             worker_init)
 from ..data.transforms import base_scale, train_transforms
 from ..evaluate import evaluate, metrics_report
 from ..losses import CascadeLoss, upsample_logits
@@ -210,7 +211,9 @@ class Trainer:
         """data.input_scale (or data.base_size) must not bring the training frames below the network's minimum
         input (the first frame tells their size): before, data.input_scale=1e-9 trained on 1x1 frames padded to the
         crop (nothing learnt, exit 0). Frames
-        that are that small in their files are not refused here (the scale did not make them so)."""
+        that are that small in their files are not refused here (the scale did not make them so). Nor may the
+        largest random resize (data.ratio_range) take them above the image files' bound (a typo such as
+        ratio_range=[0.5, 20] asked OpenCV for tens of gigabytes at the first batch)."""
         d = self.config["data"]
         h, w = self.first_train_size()
         s = base_scale(h, w, d["input_scale"], tuple(d["base_size"]) if d["base_size"] else None)
@@ -220,6 +223,12 @@ class Trainer:
                               f"below the network's minimum input of {MIN_INPUT_SIZE} pixels a side"
                               + ("" if d["base_size"] else
                                  f" (use data.input_scale >= {math.ceil(100 * MIN_INPUT_SIZE / min(h, w)) / 100:g})"))
+        big = s * d["ratio_range"][1]  # the largest random resize: bounded like the image files (memory)
+        if h * w * big * big > MAX_IMAGE_PIXELS:
+            what = (f"data.base_size {d['base_size']}" if d["base_size"] else f"data.input_scale {d['input_scale']:g}")
+            raise ConfigError(f"data.ratio_range {d['ratio_range']} with {what} resizes the training frames "
+                              f"({w}x{h}, the first) up to {w * big:.0f}x{h * big:.0f}, more than "
+                              f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels (icnet_ros.data.datasets.MAX_IMAGE_PIXELS)")
 
     def first_train_size(self) -> tuple[int, int]:
         """(height, width) of the first training image in its file (read once)."""
@@ -547,7 +556,7 @@ class Trainer:
         if self.info.main:
             import yaml
 
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(c, sort_keys=False), encoding="utf-8")
+            _write_text(self.out_dir / "config.yaml", yaml.safe_dump(c, sort_keys=False))
         total = o["iterations"]
         end = min(total, t["stop_at"]) if t["stop_at"] else total
         loader_iter = iter(self._train_loader(self.iteration))
@@ -782,7 +791,7 @@ class Trainer:
                    "device": str(self.device), "replica_param_sha256": digests, "replicas_in_sync": in_sync,
                    "output_dir": str(self.out_dir)}
         if self.info.main:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            _write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
             if self.last_val:
                 self.say("validation at the last evaluation:\n" + format_table(self.last_val, self.class_set.classes))
             self.say(f"{'finished' if finished else 'stopped'} at iteration {self.iteration}; outputs in "
@@ -792,6 +801,16 @@ class Trainer:
         if not in_sync:
             raise RuntimeError(f"DDP replicas diverged (parameter digests {digests})")
         return summary
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write one of the run's small text files; a failure (a full disk) is one line
+    (:class:`~icnet_ros.checkpoint.CheckpointError`), the training state saved last is kept."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}; the training state saved last is kept "
+                              "(train.resume=auto continues from it)") from None
 
 
 def _load_failure(error: Exception) -> str:
