@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,9 @@ from .metrics import ConfusionMatrix, format_table, to_percent
 from .preprocess import Normalizer
 from . import engine_config
 from .sizes import MAX_SCALE, MAX_UPSCALED_PIXELS, MAX_UPSCALED_TEXT, SIZE_DIVISOR, InputSizePolicy, aligned_size
+
+if TYPE_CHECKING:
+    from .tools.cli_checks import StopSignals
 
 
 def _net_size(h: int, w: int, input_size: Sequence[int] | None, input_scale: float,
@@ -217,10 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .tools.cli_checks import run_stoppable
 
     # loading the model, reading the data, evaluating: the report is printed whole after the evaluation or not at all
-    return run_stoppable("icnet-eval", lambda stop: _main(argv))
+    return run_stoppable("icnet-eval", lambda stop: _main(argv, stop))
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: Sequence[str] | None, stop: StopSignals) -> int:
     from .checkpoint import CheckpointError, load_model
 
     args = build_parser().parse_args(argv)
@@ -296,8 +299,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     t0 = time.perf_counter()
+    with stop.held():  # a stop signal inside the workers' start-up left torch's iterator half made: its __del__
+        batches = iter(loader)  # printed an AttributeError traceback after the one line
     try:
-        cm = evaluate(model, loader, Normalizer(meta.get("normalization")), class_set.num_classes,
+        cm = evaluate(model, batches, Normalizer(meta.get("normalization")), class_set.num_classes,
                       class_set.ignore_index, device, scales=args.scales, flip=args.flip, amp=args.amp,
                       progress=not args.no_progress, desc=f"icnet-eval {args.split}",
                       size_fn=_bounded_size(sizes.network_size))

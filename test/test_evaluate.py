@@ -456,6 +456,29 @@ def test_ctrl_c_and_sigterm_are_one_line_and_no_partial_report(ckpt, signum, sta
     assert out == b""
 
 
+def test_sigterm_to_the_process_group_with_dataloader_workers_is_one_line(ckpt):
+    """timeout, Slurm and systemd signal the whole process group: the DataLoader workers died of the SIGTERM too, and
+    torch's SIGCHLD handler raised "DataLoader worker (pid N) is killed by signal" during the shutdown, a 20-line
+    traceback printed before 'icnet-eval: interrupted'."""
+    root = require(CAMVID)
+    proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.evaluate", "--model", str(ckpt), "--data", str(root),
+                             "--split", "val", "--limit", "40", "--batch-size", "1", "--workers", "2",
+                             "--input-size", "64x96", "--json"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    seen = b""
+    while b"icnet-eval val" not in seen:  # the progress bar: the workers are running
+        chunk = proc.stderr.read1(4096)
+        assert chunk, seen
+        seen += chunk
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    err = (seen + err).decode()
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("icnet-eval:")]
+    assert proc.returncode == 143 and lines == ["icnet-eval: interrupted"], err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    assert out == b""
+
+
 def test_json_reports_the_network_size_the_model_ran_at(capsys, ckpt):
     """--input-size 100x150 runs the network at 96x160 (multiples of 32): the JSON said only input_size [100, 150].
     Now network_size [96, 160] beside the requested input_size; the text report names the network size too."""

@@ -141,6 +141,10 @@ def model_problem(model: str, backend: str = "auto") -> str | None:
     return None
 
 
+def _ignore_signal(_signum: int, _frame: Any) -> None:
+    """A signal handler that does nothing."""
+
+
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM (``kill``, ``timeout``, a service manager) both as a KeyboardInterrupt in the main
     thread, so that a tool stops the same way on either: its outputs finished, one line, and exit status
@@ -167,14 +171,21 @@ class StopSignals:
 
     def install(self) -> None:
         """(Re)install the handlers: ``ros_spin.init_without_signal_handlers`` resets SIGINT's."""
-        if self._previous:
-            for s in self._previous:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if s in self._previous:
                 signal.signal(s, self._raise)
 
     def _raise(self, signum: int, frame: Any) -> None:
         now = time.monotonic()
         if self._first is None:
             self._first, self.signum = now, signum
+            if signal.SIGCHLD not in self._previous:
+                # the same stop may end the tool's DataLoader workers (a SIGTERM to the process group: timeout,
+                # Slurm, systemd): torch's SIGCHLD handler then raised "DataLoader worker (pid N) is killed by
+                # signal" during the shutdown, a traceback printed before the one line. A Python handler that does
+                # nothing, not SIG_DFL (a SIGCHLD already pending would raise "Signal 17 ignored due to race
+                # condition")
+                self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _ignore_signal)
         elif now - self._first < self.REPEAT_S:
             return  # the first signal again
         if self._held:
