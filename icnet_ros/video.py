@@ -559,7 +559,8 @@ def video_writer_problem(path: str | os.PathLike, fps: float, fourcc: str = "mp4
     back, and removed. A suffix FFmpeg has no video container for (none, ``.webm`` with ``mp4v``, ``.gif``), an image
     suffix (``.png``: no video reads back from it) and a frame rate the encoder refuses (0.001, 1e5 fps for ``mp4v``)
     are each one line (``mp4v`` takes about 0.01 to 65535 fps: MPEG-4 time bases have at most 65535 ticks a
-    second); FFmpeg's own messages are quieted. The folder must exist (``cli_checks.output_file_problem``
+    second), and so is a codec this OpenCV build has no encoder for (pip's has none for ``avc1`` / ``H264``);
+    FFmpeg's own messages are quieted. The folder must exist (``cli_checks.output_file_problem``
     makes it)."""
     check_fourcc(fourcc)
     p = Path(path).expanduser()
@@ -575,6 +576,8 @@ def video_writer_problem(path: str | os.PathLike, fps: float, fourcc: str = "mp4
         return None
     if not opened and fps != DEFAULT_IMAGE_FPS and _probe_writer(p, DEFAULT_IMAGE_FPS, fourcc)[0]:
         return f"cannot write a {fourcc!r} video at {fps:g} fps (its encoder refuses that frame rate)"
+    if not opened and fourcc != "mp4v" and _probe_writer(p, fps, "mp4v")[0]:  # the container is not the problem
+        return f"this OpenCV build has no {fourcc!r} encoder for {suffix} files ('mp4v' has one)"
     if not opened:
         return f"cannot write a {fourcc!r} video to a {suffix} file: name it .mp4 (or .mkv, .avi)"
     return f"a {fourcc!r} video written to a {suffix} file does not read back: name it .mp4 (or .mkv, .avi)"

@@ -489,6 +489,23 @@ def test_fourcc_must_be_four_characters(tmp_path, ckpt, capsys):
         VideoWriter(tmp_path / "x.mp4", 10.0, "h264x")
 
 
+def test_a_fourcc_without_an_encoder_is_refused_before_any_frame(tmp_path, ckpt, capsys):
+    """pip's OpenCV has no encoder for avc1 (browser-playable H.264, the codec users try first): the run segmented
+    and wrote every input before the video, then stopped at its first frame with FFmpeg's lines and no MP4."""
+    cv2.imwrite(str(tmp_path / "a.png"), _img(96, 128, 0))
+    video = _video(tmp_path / "clip.mp4", n=3)
+    for fourcc in ("avc1", "ABCD"):
+        out = tmp_path / fourcc
+        assert main([str(tmp_path / "a.png"), str(video), "-m", str(ckpt), "-o", str(out), "--fourcc", fourcc,
+                     "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"icnet-segment: error: overlay video ({fourcc!r}, 12 fps): this OpenCV build has no "
+                       f"{fourcc!r} encoder for .mp4 files ('mp4v' has one)\n"), err
+        assert not any(out.rglob("*")), list(out.rglob("*"))  # nothing segmented, nothing written
+    assert main([str(tmp_path / "a.png"), str(video), "-m", str(ckpt), "-o", str(tmp_path / "labels"), "--fourcc",
+                 "avc1", "--outputs", "label", "-q"]) == 0  # no overlay video: no encoder needed
+
+
 def test_a_video_that_cannot_be_written_stops_the_run_in_one_line_and_leaves_no_file(tmp_path, ckpt, capsys):
     """The disk fills up (here: a file size limit) while the overlay video is written: one line naming the video
     and the reason, exit status 2 (before: exit 0, an MP4 nothing could open; then an unplayable MP4, without its

@@ -399,7 +399,8 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
         print("icnet-segment: error: the following arguments are required: INPUT", file=sys.stderr)
         return 2
     from icnet_ros.checkpoint import CheckpointError
-    from icnet_ros.video import VIDEO_EXTENSIONS, ImageTooLargeError, SourceError, check_fourcc, open_source
+    from icnet_ros.video import (VIDEO_EXTENSIONS, ImageTooLargeError, SourceError, check_fourcc, open_source,
+                                 video_writer_problem)
 
     from .cli_checks import output_folder_problem
 
@@ -519,6 +520,12 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
         problem = output_folder_problem(args.output, "--output", create=True)
         if problem:
             raise ValueError(problem)
+        video_fps = {i: (s.fps or 10.0) / (args.stride if s.is_video else 1) for i, s in enumerate(sources)}
+        if "overlay" in kinds:  # the overlay videos' codec and rates: refused now, not after the frames before them
+            for fps in sorted({video_fps[i] for i, s in enumerate(sources) if s.is_video}):
+                problem = video_writer_problem(out / "overlay.mp4", fps, args.fourcc)
+                if problem:
+                    raise ValueError(f"overlay video ({args.fourcc!r}, {fps:g} fps): {problem}")
         for src in sources:
             if not src.is_video:
                 src.on_error = refuse
@@ -533,7 +540,6 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
         for note in seg.notes:
             print(f"icnet-segment: warning: {note}", file=sys.stderr)
         batch = args.batch or (4 if seg.device.type == "cuda" else 1)
-        video_fps = {i: (s.fps or 10.0) / (args.stride if s.is_video else 1) for i, s in enumerate(sources)}
         counts = [s.frame_count for s in sources]  # None: a video that declares no frame count
         total = None if None in counts else sum(counts)
         q: queue.Queue = queue.Queue(maxsize=max(4, 2 * batch))
