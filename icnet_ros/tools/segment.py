@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=1, help="videos: segment every N-th frame (default 1)")
     p.add_argument("--max-frames", type=int, default=None, help="videos: at most this many frames each")
     p.add_argument("--overlay-frames", action="store_true", help="videos: also write overlay PNGs per frame")
-    p.add_argument("--fourcc", default="mp4v", help="video codec for overlay videos, 4 characters (default mp4v)")
+    p.add_argument("--fourcc", default="mp4v", help="video codec for overlay videos, 4 characters (default mp4v; "
+                   "one this OpenCV cannot encode, e.g. avc1 with pip's, is refused before the run)")
     add_max_pixels_argument(p)
     p.add_argument("--threads", type=int, default=None,
                    help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's choice; 1 can be faster on an "
