@@ -249,9 +249,19 @@ class SegmentationNode(LifecycleNode):
             self.config: NodeConfig = node_params.parse(raw)
         except ParameterError as e:
             raise StartupError(str(e)) from None
+        resolved = {}  # before anything else resolves them (qos_overrides' check, configure)
+        for name, topic in [*(("image_topics", t) for t in self.config.image_topics),
+                            ("classes_topic", self.config.classes_topic)]:
+            try:
+                resolved[topic] = self.resolve_topic_name(topic)
+            except Exception as e:  # noqa: BLE001 - rclpy's RCLError ('{ns}/image' in '/': '//image'), one line
+                reason = str(e).split(", at /")[0].removeprefix("failed to resolve name: ")
+                raise StartupError(f"parameter {name!r}: cannot resolve {topic!r} in namespace "
+                                   f"{self.get_namespace()!r}: {reason}") from None
         self._warn_unknown_overrides()
-        problem = node_params.topic_collision(list(self.config.image_topics), [
-            self.resolve_topic_name(t) for t in self.config.image_topics], self.config.output_namespace)
+        problem = node_params.topic_collision(list(self.config.image_topics),
+                                              [resolved[t] for t in self.config.image_topics],
+                                              self.config.output_namespace)
         if problem:
             raise StartupError(problem)
         for name, param in (getattr(self, "_parameter_overrides", None) or {}).items():

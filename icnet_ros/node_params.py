@@ -89,14 +89,26 @@ def _range(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], str |
 #: a ROS topic name as rcl validates it: tokens of letters, digits, '_' and {substitutions}, none starting with a
 #: digit, joined by single '/'; absolute, relative, or private ('~/' only: '~cam' and '/a/1b' are not names)
 _TOPIC = re.compile(r"^(?:~/|/)?[A-Za-z_{][A-Za-z0-9_{}]*(?:/[A-Za-z_{][A-Za-z0-9_{}]*)*$")
+#: the substitutions rcl expands in a name: any other '{...}', or a brace left over, fails when the node resolves it
+_SUBSTITUTION = re.compile(r"\{(?:node|ns|namespace)\}")
+
+
+def _topic_name_problem(topic: str) -> str | None:
+    """Why rcl would refuse ``topic`` as a topic name (None when it would not)."""
+    if not _TOPIC.match(topic):
+        return "is not a valid ROS topic name"
+    if re.search(r"[{}]", _SUBSTITUTION.sub("", topic)):
+        return "is not a valid ROS topic name (the substitutions are {node}, {ns} and {namespace})"
+    return None
 
 
 def _check_topics(topics: Any) -> str | None:
     if not topics:
         return "must list at least one image topic"
     for t in topics:
-        if not _TOPIC.match(t) or "//" in t or t.endswith("/"):
-            return f"{t!r} is not a valid ROS topic name"
+        problem = _topic_name_problem(t)
+        if problem:
+            return f"{t!r} {problem}"
     if len(set(topics)) != len(topics):
         return "lists a topic twice"
     bases = [base_topic(t)[0] for t in topics]
@@ -120,7 +132,7 @@ def _check_name(v: Any) -> str | None:
 
 
 def _check_classes_topic(v: Any) -> str | None:
-    return None if _TOPIC.match(v) and not v.endswith("/") else "is not a valid ROS topic name"
+    return _topic_name_problem(v)
 
 
 PARAMS: tuple[ParamSpec, ...] = (

@@ -1,6 +1,7 @@
 """The ``icnet_node`` process: arguments, signals, start and a clean, bounded exit.
 
-- A bad ``--ros-args`` (a ``--params-file`` that does not exist or does not parse, an unknown ROS argument) or a
+- A bad ``--ros-args`` (a ``--params-file`` that does not exist or does not parse, an unknown ROS argument), an
+  argument outside ``--ros-args`` (rclpy ignores those: ``icnet_node -p model:=...`` ran the default model) or a
   bad parameter prints one line ``icnet_node: error: ...`` and exits with status 2; so does a model that cannot be
   loaded when the node starts itself (``autostart``).
 - SIGINT (Ctrl-C; under ``ros2 launch`` it arrives twice: from the terminal and from launch) and SIGTERM only
@@ -118,28 +119,52 @@ def _rcl_message(e: BaseException) -> str:
     return text.removeprefix("failed to initialize rcl: ")
 
 
-USAGE = """\
+#: the ROS arguments a node takes after --ros-args (rcl has no --help of its own)
+ROS_ARGUMENTS = ("-p/--param NAME:=VALUE", "--params-file FILE", "-r/--remap FROM:=TO", "--log-level LEVEL",
+                 "-e/--enclave ENCLAVE")
+ROS_ARGUMENTS_DOCS = "https://docs.ros.org/en/rolling/How-To-Guides/Node-arguments.html"
+ROS_ARGUMENTS_HELP = f"{', '.join(ROS_ARGUMENTS)} (more: {ROS_ARGUMENTS_DOCS})"
+
+USAGE = f"""\
 usage: icnet_node [-h] [--ros-args [-r FROM:=TO] [-p NAME:=VALUE] [--params-file FILE] ...]
        ros2 run icnet_ros icnet_node --ros-args ...   |   ros2 launch icnet_ros icnet.launch.py [NAME:=VALUE ...]
 
 ICNet semantic segmentation, a ROS 2 lifecycle node: subscribes to the image_topics (sensor_msgs/Image, or
-CompressedImage for a topic ending in /compressed) and publishes <camera>/semantic/{label,color,overlay,confidence,
-camera_info}, ~/classes and /diagnostics. ROS arguments: `ros2 run --help`, `--ros-args --help`.
+CompressedImage for a topic ending in /compressed) and publishes <camera>/semantic/{{label,color,overlay,confidence,
+camera_info}}, ~/classes and /diagnostics.
+ROS arguments, after --ros-args ({ROS_ARGUMENTS_DOCS}):
+  {', '.join(ROS_ARGUMENTS)}
 Its parameters (this is config/icnet.yaml, a params file with every default):
 
 """
+
+
+def non_ros_args(args: list[str]) -> list[str]:
+    """The arguments outside ``--ros-args ... [--]`` (as rcl splits them; ``args`` without the program name)."""
+    own, in_ros = [], False
+    for arg in args:
+        if arg == "--ros-args":
+            in_ros = True
+        elif arg == "--" and in_ros:
+            in_ros = False
+        elif not in_ros:
+            own.append(arg)
+    return own
 
 
 def main(args: list[str] | None = None) -> int:
     """Run icnet_node until a signal, a lifecycle shutdown or a fatal device error; returns the exit status."""
     stop = StopRequest()
     argv = list(sys.argv if args is None else args)
-    own = argv[1:argv.index("--ros-args")] if "--ros-args" in argv else argv[1:]
+    own = non_ros_args(argv[1:])
     if "-h" in own or "--help" in own:  # (rclpy ignores arguments outside --ros-args: this started the node)
         from .node_params import render_params_file
 
         print(USAGE + render_params_file(), end="")
         return 0
+    if own:  # `icnet_node -p model:=...` ran the default model
+        return _error(f"unexpected argument(s) {own}: ROS arguments go after --ros-args (icnet_node --ros-args -p "
+                      f"NAME:=VALUE)")
     problem = check_ros_args(argv)
     if problem:
         return _error(problem)
@@ -156,7 +181,7 @@ def main(args: list[str] | None = None) -> int:
         rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     except Exception as e:  # noqa: BLE001 - rclpy's RCLError / UnknownROSArgsError are not importable by name
         if type(e).__name__ == "UnknownROSArgsError":
-            return _error(f"unknown ROS argument(s) {e} (see `ros2 run --help` and `--ros-args --help`)")
+            return _error(f"unknown ROS argument(s) {e}; the ROS arguments: {ROS_ARGUMENTS_HELP}")
         return _error(_rcl_message(e))
     try:
         return _run(stop)  # ends the process itself once the node ran (see _shutdown)

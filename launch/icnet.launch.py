@@ -6,7 +6,8 @@
     ros2 launch icnet_ros icnet.launch.py autostart:=false   # a lifecycle manager configures and activates it
 
 Parameters come from ``params_file`` (default: the installed config/icnet.yaml); the ``model``, ``image_topics``,
-``device``, ``precision`` and ``autostart`` arguments override it only when given (empty = keep the file's value).
+``device``, ``precision``, ``autostart`` and ``use_sim_time`` arguments override it only when given (empty = keep the
+file's value).
 Every other parameter is set in a copy of the params file. ``image_topics`` takes a YAML list or a comma-separated
 list. The overrides are checked with the node's own validation (icnet_ros.node_params) before the node starts: a bad one
 (an empty or malformed ``image_topics``, an unknown device) ends the launch with the node's one-line error.
@@ -89,6 +90,9 @@ def _icnet_node(context):
     model = overrides.get("model", from_file.get("model"))
     if model and not os.path.isfile(os.path.expanduser(model)):  # the node would exit 2 while the launch exits 0
         raise RuntimeError(f"{NODE_NAME}: error: model {model!r} is not a file")
+    use_sim_time = LaunchConfiguration("use_sim_time").perform(context).lower()
+    if use_sim_time:  # rclpy's own parameter (choices: true, false or empty)
+        overrides["use_sim_time"] = BOOLEANS[use_sim_time]
     node = Node(
         package=PACKAGE,
         executable="icnet_node",
@@ -191,6 +195,10 @@ def generate_launch_description():
             "autostart", default_value="",
             description="true: the node configures and activates itself (the params file's default); false: it "
                         "stays unconfigured for a lifecycle manager (`ros2 lifecycle set /icnet_node configure`)"),
+        DeclareLaunchArgument(
+            "use_sim_time", default_value="", choices=["true", "false", "True", "False", ""],
+            description="true: the node's clock follows /clock (a simulator, `ros2 bag play --clock`); empty: the "
+                        "params file's value (there, unset = false)"),
         DeclareLaunchArgument(
             "namespace", default_value="",
             description="Namespace of the node (relative image topics resolve inside it)"),

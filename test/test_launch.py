@@ -172,6 +172,9 @@ def test_readme_launch_with_namespace_cameras_and_rviz(colcon_ws: Workspace, ros
     ("device:=gpu", "parameter 'device' = 'gpu': must be auto, cpu, cuda, cuda:N, xpu or xpu:N (xpu: an Intel GPU, "
                       "openvino backend)"),
     ("model:=/nonexistent/road.safetensors", "model '/nonexistent/road.safetensors' is not a file"),  # exited 0
+    # a substitution rcl does not know: the node started and crashed in rcl (a traceback; respawn loops)
+    ("image_topics:=/{foo}/image_raw", "parameter 'image_topics' = ['/{foo}/image_raw']: '/{foo}/image_raw' is not "
+                                       "a valid ROS topic name (the substitutions are {node}, {ns} and {namespace})"),
 ])
 def test_bad_arguments_get_the_nodes_own_error(colcon_ws: Workspace, tmp_path: Path, argument: str, message: str):
     """An empty or malformed image_topics (or another bad override) ends the launch with the node's own one-line
@@ -287,14 +290,17 @@ def test_lifecycle_driven_by_a_manager(colcon_ws: Workspace, ros: RosHarness, ch
     (its ChangeState service called over DDS) activates it (frames served), deactivates it (no frames taken) and
     cleans it up (model released); `ros2 lifecycle set` shuts it down (the process ends, and with it the launch).
     The middle transitions skip the CLI: each `ros2 lifecycle set` is a new process that discovers the graph (3-5 s
-    here), and the first and last calls already check the CLI against the node."""
-    launched = Launched([*LAUNCH, "autostart:=false", f"model:={checkpoint}", "device:=cpu"], colcon_ws, tmp_path)
+    here), and the first and last calls already check the CLI against the node. use_sim_time:=true reaches the node
+    (the launch file had no such argument: launch ignored it); frames are served without a /clock all the same."""
+    launched = Launched([*LAUNCH, "autostart:=false", f"model:={checkpoint}", "device:=cpu", "use_sim_time:=true"],
+                        colcon_ws, tmp_path)
     pub = ros.publisher(Image, "/camera/image_raw")
     label = ros.collect(Image, "/camera/semantic/label")
     node = "/icnet_node"
     try:
         launched.wait_for_output("unconfigured: waiting for a lifecycle manager", 60)
         assert "configuring:" not in launched.output()  # no model loaded yet
+        ros2_retry(colcon_ws, "param", "get", node, "use_sim_time", ok="Boolean value is: True")
         ros2_retry(colcon_ws, "lifecycle", "set", node, "configure", ok="Transitioning successful")
         launched.wait_for_output(r"configured: model " + re.escape(str(checkpoint)), 10)
         ros.wait_matched(label.subscription)

@@ -18,6 +18,7 @@ from icnet_ros import node_params
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "icnet.launch.py"
 LAUNCH_ONLY = {"params_file", "namespace", "rviz"}  # arguments that are not node parameters
+RCLPY_PARAMETERS = {"use_sim_time"}  # arguments for a parameter rclpy declares on every node (not node_params')
 REQUIRED = {"params_file", "model", "image_topics", "device", "namespace"}
 
 
@@ -93,7 +94,8 @@ def test_launch_arguments_map_to_node_parameters(tree: ast.Module):
     assert REQUIRED <= set(declared), f"missing launch arguments: {REQUIRED - set(declared)}"
     overrides = constants["OVERRIDES"]
     for arg in declared:
-        assert arg in LAUNCH_ONLY or arg in overrides, f"launch argument {arg!r} reaches no node parameter"
+        reaches = arg in LAUNCH_ONLY | RCLPY_PARAMETERS or arg in overrides
+        assert reaches, f"launch argument {arg!r} reaches no node parameter"
     for arg, param in overrides.items():
         assert arg in declared, f"OVERRIDES names an undeclared argument {arg!r}"
         assert param in node_params.SPECS, f"launch argument {arg!r} maps to unknown parameter {param!r}"
@@ -217,15 +219,18 @@ def test_node_param_helpers():
         node_params.check_value("diagnostics_period", 0.0001)
 
 
-@pytest.mark.parametrize("topic", ["~cam/image", "/a/1b/image_raw", "1a", "/a//b", "/a/b/", "~", "/a/b c"])
+@pytest.mark.parametrize("topic", ["~cam/image", "/a/1b/image_raw", "1a", "/a//b", "/a/b/", "~", "/a/b c",
+                                   "/{foo}/image_raw", "/a{b/image_raw", "/a}b/c", "/{NODE}/x", "/{}/x"])
 def test_topic_names_that_ros_refuses_are_refused_with_the_parameter(topic: str):
-    """Names rcl refuses ('~' not followed by '/', a token starting with a digit) passed the check and ended the
-    node with an RCLError traceback when it resolved them."""
+    """Names rcl refuses ('~' not followed by '/', a token starting with a digit, a substitution other than {node},
+    {ns} and {namespace}, an unbalanced brace) passed the check and ended the node with an RCLError traceback when
+    it resolved them."""
     with pytest.raises(node_params.ParameterError, match="is not a valid ROS topic name"):
         node_params.check_value("image_topics", [topic])
     with pytest.raises(node_params.ParameterError, match="is not a valid ROS topic name"):
         node_params.check_value("classes_topic", topic)
-    for good in ("~/image_raw", "camera/image_raw", "/cam_1/image_raw/compressed", "{node}/image"):
+    for good in ("~/image_raw", "camera/image_raw", "/cam_1/image_raw/compressed", "{node}/image", "{ns}/image_raw",
+                 "/a{node}b/{namespace}_c"):
         node_params.check_value("image_topics", [good])
 
 

@@ -61,6 +61,20 @@ def run_node(args: list[str], timeout: float = 60) -> subprocess.CompletedProces
      "qos_overrides./camera/image_raw.subscription.depth = -3: depth must be an integer in [0, 10000]"),
     # rclpy's own parameter, refused inside rclpy's Node constructor (was a traceback and status 1: respawn loops)
     (["--ros-args", "-p", "use_sim_time:=5"], "parameter 'use_sim_time': expected a bool, got integer 5"),
+    # a substitution rcl does not know (was an RCLError traceback from the node's constructor, status 1)
+    (["--ros-args", "-p", 'image_topics:=["/{foo}/image_raw"]'],
+     "parameter 'image_topics' = ['/{foo}/image_raw']: '/{foo}/image_raw' is not a valid ROS topic name (the "
+     "substitutions are {node}, {ns} and {namespace})"),
+    # names that only fail in the node's namespace: '{ns}/x' in '/' is '//x' (was a traceback, status 1)
+    (["--ros-args", "-p", 'image_topics:=["{ns}/image_raw"]'],
+     "parameter 'image_topics': cannot resolve '{ns}/image_raw' in namespace '/': topic name must not contain "
+     "repeated '/'"),
+    (["--ros-args", "-p", 'classes_topic:="{ns}/classes"'],
+     "parameter 'classes_topic': cannot resolve '{ns}/classes' in namespace '/': topic name must not contain "
+     "repeated '/'"),
+    # rcl has no --help: the error names the ROS arguments instead of recommending `--ros-args --help` itself
+    (["--ros-args", "--help"], "unknown ROS argument(s) ['--help']; the ROS arguments: -p/--param NAME:=VALUE, "
+                               "--params-file FILE, -r/--remap FROM:=TO, --log-level LEVEL, -e/--enclave ENCLAVE"),
 ])
 def test_bad_arguments_give_one_line(args: list[str], message: str):
     proc = run_node(args)
@@ -80,6 +94,39 @@ def test_help_prints_the_parameters_and_starts_nothing(args: list[str]):
     proc = run_node(args, timeout=30)
     assert proc.returncode == 0 and proc.stdout == USAGE + render_params_file() and not proc.stderr, proc.stderr
     assert proc.stdout.startswith("usage: icnet_node [-h] [--ros-args")
+
+
+@pytest.mark.parametrize("args,unexpected", [
+    (["-p", "model:=/nope.safetensors"], ["-p", "model:=/nope.safetensors"]),
+    (["--ros-args", "-p", "device:=cpu", "--", "extra"], ["extra"]),
+])
+def test_arguments_outside_ros_args_are_refused(args: list[str], unexpected: list[str]):
+    """rclpy ignores arguments outside --ros-args: `icnet_node -p model:=/nope.safetensors` ran the default model.
+    Now one line saying where ROS arguments go, status 2, before anything starts."""
+    proc = run_node(args, timeout=20)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines == [
+        f"icnet_node: error: unexpected argument(s) {unexpected}: ROS arguments go after --ros-args (icnet_node "
+        f"--ros-args -p NAME:=VALUE)"], proc.stderr
+    assert "configuring" not in proc.stdout + proc.stderr and TRACEBACK not in proc.stdout + proc.stderr
+
+
+def test_help_names_only_ros_arguments_that_rcl_takes():
+    """`icnet_node --help` recommended `--ros-args --help`, which rcl refuses as an unknown ROS argument. It lists
+    the ROS arguments instead: each one it names (each spelling, with a value of its kind) is one rcl takes."""
+    from rclpy.utilities import remove_ros_args
+
+    from icnet_ros.node_process import ROS_ARGUMENTS
+
+    proc = run_node(["--help"], timeout=30)
+    assert proc.returncode == 0 and "--ros-args --help" not in proc.stdout and "ros2 run --help" not in proc.stdout
+    samples = {"NAME:=VALUE": "max_batch:=2", "FILE": str(ros_support.REPO / "config" / "icnet.yaml"),
+               "FROM:=TO": "image_raw:=/cam/image_raw", "LEVEL": "debug", "ENCLAVE": "/icnet"}
+    for argument in ROS_ARGUMENTS:
+        assert argument in proc.stdout, argument
+        flags, metavar = argument.split(" ")
+        for flag in flags.split("/"):
+            assert remove_ros_args(["icnet_node", "--ros-args", flag, samples[metavar]]) == ["icnet_node"], flag
 
 
 def test_params_file_checks(tmp_path: Path):
