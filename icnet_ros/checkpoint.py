@@ -196,11 +196,12 @@ def save_checkpoint(model: ICNet, path: str | os.PathLike, meta: dict[str, Any] 
                     fp16: bool = False, include_aux: bool = True) -> None:
     """Write ``model`` (weights, BN statistics) and ``meta`` (default: ``model.meta``) to a safetensors file.
 
-    ``fp16`` halves the file; ``include_aux=False`` drops the training-only auxiliary heads (deployment). The file
-    is written whole or not at all (a temporary file beside it, renamed): a write that fails (a full disk, a file
-    size limit, a folder that cannot be made) raises :class:`CheckpointWriteError` ``cannot write <path>:
-    <reason>`` and leaves no file behind (before, safetensors' own error came out as a SafetensorError traceback
-    from icnet-convert)."""
+    ``fp16`` halves the file (a tensor with a finite value beyond float16's range, e.g. a BatchNorm running_var of
+    1e5, is a :class:`CheckpointError` before anything is written: stored as inf, no loader would accept the file);
+    ``include_aux=False`` drops the training-only auxiliary heads (deployment). The file is written whole or not at
+    all (a temporary file beside it, renamed): a write that fails (a full disk, a file size limit, a folder that
+    cannot be made) raises :class:`CheckpointWriteError` ``cannot write <path>: <reason>`` and leaves no file behind
+    (before, safetensors' own error came out as a SafetensorError traceback from icnet-convert)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -218,7 +219,11 @@ def save_checkpoint(model: ICNet, path: str | os.PathLike, meta: dict[str, Any] 
             continue
         v = v.detach().to("cpu")
         if fp16 and v.is_floating_point():
-            v = v.half()
+            half = v.half()
+            if bool((torch.isinf(half) & torch.isfinite(v)).any()):  # the loader would refuse the inf it becomes
+                raise CheckpointError(f"tensor {k} holds values up to {float(v.abs().max()):g}, beyond float16's "
+                                      f"range (+-{torch.finfo(torch.float16).max:g}); save it without --fp16")
+            v = half
         tensors[k] = v.contiguous()
     path = Path(path)
     if path.is_dir():
@@ -393,7 +398,8 @@ def inference_copy(model_or_path: Any) -> tuple[nn.Module, dict[str, Any]]:
     """A private, eval-mode, float32 copy of a model for inference (without gradients or auxiliary heads) and its
     validated metadata. ``model_or_path``: a native checkpoint path, an ICNet module (copied, never modified; its
     ``.meta``, or metadata built from its ``.config``) or None (the package's default model). What the Segmenter
-    and the exporters start from."""
+    and the exporters start from. A model whose logits on a probe input are NaN or infinite (finite weights that
+    overflow) is a :class:`CheckpointError`."""
     if model_or_path is None:
         model_or_path = default_model_path()  # raises CheckpointError until the default model is installed
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -418,7 +424,22 @@ def inference_copy(model_or_path: Any) -> tuple[nn.Module, dict[str, Any]]:
         model.auxiliary_head = None  # training-only; frees memory in our private copy
     for p in model.parameters():
         p.requires_grad_(False)
+    _check_output_finite(model, model_or_path)
     return model, meta
+
+
+def _check_output_finite(model: nn.Module, source: Any) -> None:
+    """CheckpointError when the model's logits on a small probe input (64 x 64, seeded) are NaN or infinite:
+    finite weights can still overflow (a conv weight of 1e38 from bit rot), and such a model gave NaN logits
+    (every pixel one class) or failed deep in BN folding. One forward of a few milliseconds at each load."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    probe = torch.randn(1, 3, MIN_INPUT_SIZE, MIN_INPUT_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits = model(probe.to(device))
+    if not bool(torch.isfinite(logits).all()):
+        name = f"{os.fspath(source)}: " if isinstance(source, (str, os.PathLike)) else ""
+        raise CheckpointError(f"{name}the model's output is NaN or infinite on a test input (corrupt weights?); "
+                              "not loaded")
 
 
 def record_export(meta: dict[str, Any], record: dict[str, Any]) -> None:

@@ -137,6 +137,10 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
         elif any(k.startswith("decode_head.") for k in state):
             hint = " (it looks like another mmseg segmentor)"
         raise CheckpointError(f"{source} is not an ICNet checkpoint{hint}: missing {', '.join(missing)}")
+    for key in ("backbone.backbone.stem.0.weight", "decode_head.conv_seg.weight"):  # read for width and classes
+        if state[key].dim() != 4:
+            raise CheckpointError(f"{source}: {key} has shape {list(state[key].shape)}, not a convolution weight "
+                                  "(out x in x kH x kW); not an ICNet checkpoint")
     bottleneck = "backbone.backbone.layer1.0.conv3.weight" in state
     blocks = {i: len({k.split(".")[3] for k in state if k.startswith(f"backbone.backbone.layer{i}.")})
               for i in range(1, 5)}

@@ -191,12 +191,19 @@ def _compile(value: Any) -> str:
 
 
 def _folder(value: Any) -> str:
-    """A folder path; None and '' mean none."""
+    """A folder path; None and '' mean none. One that names an existing file (or lies under one) is refused here,
+    before any work: the backends failed with a bare errno, the native TensorRT one after minutes of building."""
     if value is None:
         return ""
     if not isinstance(value, (str, os.PathLike)):
         raise ValueError(f"expected a folder path, got {type(value).__name__}")
-    return os.fspath(value)
+    text = os.fspath(value)
+    path = existing = os.path.expanduser(text)
+    while text and not os.path.lexists(existing) and os.path.dirname(existing) != existing:  # the nearest existing
+        existing = os.path.dirname(existing) or "."
+    if text and os.path.lexists(existing) and not os.path.isdir(existing):
+        raise ValueError("not a folder" if existing == path else f"not a folder ({existing} is a file)")
+    return text
 
 
 def shown(value: Any, limit: int = 200) -> str:

@@ -98,11 +98,16 @@ class _Float16(nn.Module):
 def inference_model(model_or_path: Any, size: tuple[int, int], fp16: bool = False
                     ) -> tuple[nn.Module, dict[str, Any]]:
     """The module to export and its metadata: a private eval copy (no auxiliary heads) with BatchNorm folded and
-    the pyramid pooling factorized, its resize matrices for ``size`` computed here (constants in the graph)."""
-    model, meta = inference_copy(model_or_path)
+    the pyramid pooling factorized, its resize matrices for ``size`` computed here (constants in the graph). A
+    rewrite whose verification fails (the model was restored) is left out with a RuntimeWarning, as the torch
+    backend does: the export then computes what the torch backend runs (before, a RuntimeError traceback)."""
+    model, meta = inference_copy(model_or_path)  # (a model with NaN or infinite logits is refused there)
     probe = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    fold_batchnorm(model, probe)  # exact up to rounding; verified (restores and raises otherwise)
-    factorize_pyramid_pooling(model, probe)
+    for rewrite in (fold_batchnorm, factorize_pyramid_pooling):
+        try:
+            rewrite(model, probe)  # exact up to rounding; verified (restores and raises otherwise)
+        except RuntimeError as e:
+            warnings.warn(f"{e}; exported without it", RuntimeWarning, stacklevel=2)
     ppms = [m for m in model.modules() if isinstance(m, FactorizedPyramidPooling)]
     sizes: dict[nn.Module, tuple[int, int]] = {}
 

@@ -267,7 +267,7 @@ def test_tensorrt_ep_cache_follows_the_file_content(tmp_path, monkeypatch):
     model = tmp_path / "road.onnx"
     model.write_bytes(b"weights one")
     first = _tensorrt_ep_options(monkeypatch, model, None)["trt_engine_cache_path"]
-    assert first == str(tmp_path / "road.onnx.ort-trt" / f"road.{file_sha256(model)[:16]}")
+    assert first.startswith(str(tmp_path / "road.onnx.ort-trt" / f"road.{file_sha256(model)[:16]}.ort"))
     assert os.stat(first).st_mode & 0o777 == 0o700
     assert _tensorrt_ep_options(monkeypatch, model, None)["trt_engine_cache_path"] == first  # unchanged: reused
     model.write_bytes(b"weights two")  # same path, same tensor names, new weights
@@ -317,6 +317,69 @@ def test_tensorrt_ep_cache_folder_others_can_write_is_refused(tmp_path, monkeypa
     assert list(cache.iterdir()) == []  # nothing made in it
     os.chmod(cache, 0o755)
     assert _tensorrt_ep_options(monkeypatch, model, str(cache))["trt_engine_cache_path"].startswith(str(cache))
+
+
+def test_tensorrt_ep_cache_folder_names_the_runtime_versions(tmp_path):
+    """ORT's TensorRT provider fails the session, without rebuilding, on a cached engine it cannot deserialize:
+    the engines of another onnxruntime or TensorRT (a patch upgrade) are kept apart by the folder's name."""
+    from icnet_ros.backends.onnxruntime import trt_cache_folder
+    from icnet_ros.checkpoint import file_sha256
+
+    model = tmp_path / "road.onnx"
+    model.write_bytes(b"weights")
+    try:
+        import tensorrt
+
+        trt = f".trt{tensorrt.__version__}"
+    except (ImportError, OSError):
+        trt = ""
+    folder = trt_cache_folder(model, str(tmp_path / "cache"))
+    assert folder == tmp_path / "cache" / f"road.{file_sha256(model)[:16]}.ort{ort.__version__}{trt}"
+
+
+def test_remove_cached_engines_removes_only_the_engine_files(tmp_path):
+    """What the backend removes before it makes the session once more after 'could not deserialize engine from
+    cache': the provider's .engine and .profile files in its own folder, not the timing cache, other files or
+    what a link points to."""
+    from icnet_ros.backends.onnxruntime import remove_cached_engines
+
+    folder = tmp_path / "road.0123456789abcdef.ort1"
+    folder.mkdir()
+    names = ("TRTKernel_graph_main_1_sm90.engine", "TRTKernel_graph_main_1_sm90.profile",
+             "TensorrtExecutionProvider_cache_sm90.timing", "notes.txt")
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    outside = tmp_path / "elsewhere.engine"
+    outside.write_bytes(b"keep")
+    (folder / "link.engine").symlink_to(outside)
+    assert remove_cached_engines(folder) == [folder / names[0], folder / names[1]]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*names[2:], "link.engine"])
+    assert outside.read_bytes() == b"keep"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif("TensorrtExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs onnxruntime-gpu with the TensorRT execution provider")
+def test_tensorrt_ep_rebuilds_a_cached_engine_it_cannot_deserialize(tmp_path, r18):
+    """A torn engine in the cache failed the session ('TensorRT EP could not deserialize engine from cache'); the
+    backend removes the engine files of its own folder and makes the session once more (the engine is rebuilt)."""
+    _, path = r18
+    options = BackendOptions(device=torch.device("cuda"), cache_dir=str(tmp_path / "cache"))
+    backend = open_backend(path, options)
+    assert backend.provider == "TensorrtExecutionProvider"
+    x = torch.randn(1, 3, 160, 224, generator=torch.Generator().manual_seed(0)).cuda()
+    want = backend(x).clone()
+    backend.close()
+    engines = list((tmp_path / "cache").rglob("*.engine"))
+    assert engines
+    for f in engines:  # a torn write
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    backend = open_backend(path, options)
+    assert backend.provider == "TensorrtExecutionProvider"
+    assert compare_logits(want, backend(x)).ok(rtol=1e-3)
+    assert all(f.stat().st_size > 0 for f in (tmp_path / "cache").rglob("*.engine"))
+    backend.close()
 
 
 def test_graph_output_classes_are_the_metadata_classes(tmp_path, tiny_ckpt):

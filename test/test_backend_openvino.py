@@ -159,7 +159,10 @@ def test_fp16_weights_halve_the_file_and_stay_close(tmp_path, r18):
     ckpt, fp32_xml = r18
     xml = export_openvino(ckpt, tmp_path / "half.xml", size=SIZE, fp16=True, progress=False)
     assert xml.with_suffix(".bin").stat().st_size < 0.6 * fp32_xml.with_suffix(".bin").stat().st_size
-    assert read_openvino_metadata(xml)["provenance"]["exported"]["precision"] == "fp16"
+    # only the stored weights are fp16 (decompressed at load, run at the runtime's precision): not an fp16 model
+    record = read_openvino_metadata(xml)["provenance"]["exported"]
+    assert record["weights"] == "fp16" and record["precision"] == "fp32"
+    assert "weights" not in read_openvino_metadata(fp32_xml)["provenance"]["exported"]
     x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(4))
     assert_parity(open_backend(xml)(x), torch_logits(load_model(ckpt), x), agreement=0.99, rel=1e-2)
 

@@ -575,3 +575,40 @@ def test_convert_ctrl_c_is_one_line(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "icnet-convert: interrupted\n", (proc.returncode, err[-3000:])
     assert not out.exists() and not out.parent.exists()
+
+
+def test_fp16_refuses_a_finite_value_beyond_float16_before_writing(tmp_path, capsys):
+    """A BatchNorm running_var of 1e5 (finite, above float16's 65504) became inf in an --fp16 copy, which no loader
+    accepts ('holds NaN or infinite values'), exit status 0: now one line naming the tensor and the value, exit
+    status 2 and no file; without --fp16 the same checkpoint converts."""
+    from helpers import make_checkpoint
+
+    from icnet_ros.checkpoint import save_checkpoint
+
+    src = make_checkpoint(tmp_path / "src.safetensors", license="CC0 (test weights)")
+    model = load_model(src)
+    with torch.no_grad():
+        model.backbone.backbone.stem[1].running_var[0] = 1e5
+    save_checkpoint(model, src, model.meta)
+    dst = tmp_path / "half.safetensors"
+    assert convert_main([str(src), str(dst), "--fp16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icnet-convert: error: tensor backbone.backbone.stem.1.running_var holds values up to "
+                          "100000") and "without --fp16" in err and err.count("\n") == 1, err
+    assert not dst.exists() and not list(tmp_path.glob("*.tmp"))
+    assert convert_main([str(src), str(dst)]) == 0
+    assert load_model(dst).backbone.backbone.stem[1].running_var[0] == 1e5
+
+
+def test_a_convolution_weight_that_is_not_4d_is_one_line(tmp_path, mmseg_r18_file, capsys):
+    """infer_config reads the stem's and the classifier's first dimension for the width and the classes: a 0-d
+    tensor there was an IndexError traceback."""
+    src, _ = mmseg_r18_file
+    state, _ = read_torch_checkpoint(src)
+    for key in ("backbone.backbone.stem.0.weight", "decode_head.conv_seg.weight"):
+        p = tmp_path / "scalar.pth"
+        torch.save({"state_dict": dict(state, **{key: torch.tensor(1.0)})}, p)
+        assert convert_main([str(p), str(tmp_path / "x.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"icnet-convert: error: {p}: {key} has shape [], not a convolution weight"), err
+        assert err.count("\n") == 1 and not (tmp_path / "x.safetensors").exists()

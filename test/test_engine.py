@@ -558,3 +558,25 @@ def test_compiled_segmenter_matches_eager(ckpt):
     assert counters["stats"]["unique_graphs"] == graphs, "the frames after the warm-up compiled again"
 
 
+
+
+def test_weights_that_overflow_are_refused_at_load(tmp_path):
+    """Finite weights whose output overflows float32 (a conv weight of 1e38 from bit rot) loaded with only a
+    warning about BN folding and gave NaN logits (every pixel one class): now a CheckpointError naming the file,
+    from a path as from a module."""
+    from icnet_ros.checkpoint import save_checkpoint
+
+    path = make_checkpoint(tmp_path / "bad.safetensors")
+    model = load_model(path)
+    with torch.no_grad():
+        model.backbone.conv_sub1[0].conv.weight.fill_(1e38)
+    save_checkpoint(model, path, model.meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused, not loaded with a warning
+        with pytest.raises(CheckpointError, match=re.escape(f"{path}: the model's output is NaN or infinite on a "
+                                                            "test input (corrupt weights?); not loaded")):
+            Segmenter(path, device="cpu", warmup=False)
+        with pytest.raises(CheckpointError, match="^the model's output is NaN or infinite"):
+            Segmenter(model, device="cpu", warmup=False)
+        with pytest.raises(CheckpointError, match="NaN or infinite"):
+            Segmenter(path, device="cpu", optimize=False, warmup=False)  # no folding, no probe of its own

@@ -206,3 +206,31 @@ def test_input_size_is_bounded_by_the_largest_network_input(tmp_path, capsys):
                                        "10000000000 pixels exceeds the largest network input, 16777216 pixels "
                                        "(4096x4096)\n")
     assert not (tmp_path / "o").exists()
+
+
+def test_engine_cache_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    """engine_cache naming a file (or a path under one) was a FileExistsError / bare errno from the OpenVINO and
+    ONNX Runtime backends, and the native TensorRT backend failed only after minutes of building: now a
+    ConfigError naming the option when the config is checked, for the Segmenter, icnet-segment and the node."""
+    import os
+
+    from helpers import export_meta, make_checkpoint, tiny_onnx
+
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^engine_cache = '.*afile': not a folder$"):
+        SegmenterConfig().replace(engine_cache=str(afile))
+    with pytest.raises(ConfigError, match=r"engine_cache = .*: not a folder \(.*afile is a file\)"):
+        SegmenterConfig().replace(engine_cache=afile / "sub" / "cache")
+    with pytest.raises(node_params.ParameterError, match="engine_cache"):
+        node_params.parse({"engine_cache": str(afile)})
+    for fine in (tmp_path, tmp_path / "new" / "cache", ""):  # a folder, one to be made, none
+        assert SegmenterConfig().replace(engine_cache=fine).engine_cache == os.fspath(fine)
+    ckpt = make_checkpoint(tmp_path / "m.safetensors")
+    onnx_file = tiny_onnx(tmp_path / "m.onnx", export_meta(ckpt))
+    with pytest.raises(ConfigError, match="engine_cache = .*: not a folder"):
+        Segmenter(onnx_file, backend="onnxruntime", device="cpu", engine_cache=str(afile), warmup=False)
+    assert segment.main([str(tmp_path / "x.png"), "--model", str(onnx_file), "-o", str(tmp_path / "o"),
+                         "--engine-cache", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icnet-segment: error: engine_cache = ") and err.count("\n") == 1, err

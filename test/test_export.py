@@ -792,3 +792,37 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _overflowing_checkpoint(path):
+    """A real checkpoint whose weights are finite but overflow float32 (one convolution's weights 1e38, as bit rot
+    can make them): its logits are NaN or infinite."""
+    from icnet_ros.checkpoint import save_checkpoint
+
+    model = load_model(make_checkpoint(path))
+    with torch.no_grad():
+        model.backbone.conv_sub1[0].conv.weight.fill_(1e38)
+    save_checkpoint(model, path, model.meta)
+    return path
+
+
+def test_weights_that_overflow_are_one_line_not_a_folding_traceback(tmp_path, capsys):
+    """Finite weights whose output overflows (a conv weight of 1e38) were a RuntimeError traceback from BN folding
+    ('max|diff| nan'), exit status 1: now one line, exit status 2, no file."""
+    bad = _overflowing_checkpoint(tmp_path / "bad.safetensors")
+    out = tmp_path / "bad.onnx"
+    assert export_main([str(bad), "--format", "onnx", "--size", "128x192", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("icnet-export: error")]
+    assert errors == [f"icnet-export: error: {bad}: the model's output is NaN or infinite on a test input (corrupt "
+                      "weights?); not loaded"], err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_fp16_help_says_what_each_format_does(capsys):
+    """--fp16 said 'fp16 weights and activations' for every format; OpenVINO's fp16 export compresses only the
+    stored weights (the model runs at the runtime's precision)."""
+    with pytest.raises(SystemExit):
+        export_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "openvino: fp16 weights only" in text and "onnx: fp16 weights and activations" in text, text

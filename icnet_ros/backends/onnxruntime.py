@@ -5,12 +5,17 @@ onnxruntime build has it (fp16 when ``options.precision == "fp16"``; one optimis
 export's ``batch``), else the CUDA provider; asking for CUDA with a CPU-only onnxruntime is a one-line error (``pip
 install onnxruntime-gpu``). ``provider`` names the provider the session actually uses.
 
-TensorRT engine cache: ``<stem>.<the file's SHA-256, 16 hex digits>/`` under ``options.cache_dir``, default
-``<model>.ort-trt/`` beside the model (:func:`trt_cache_folder`). ORT's own engine names hash the file name and the
-tensor names, not the weights: new weights exported to the same path get their own folder instead of the stale
-engine. Engines are native code, so folders are created 0700 and a cache folder that is not the user's (or
-root's), or that group or others can write, or a file in it of another user, is refused (one line), as the native
-TensorRT backend refuses such engines (:func:`icnet_ros.backends.tensorrt.cache_folder_problem`).
+TensorRT engine cache: ``<stem>.<the file's SHA-256, 16 hex digits>.ort<onnxruntime version>[.trt<tensorrt
+version>]/`` under ``options.cache_dir``, default ``<model>.ort-trt/`` beside the model (:func:`trt_cache_folder`).
+ORT's own engine names hash the file name and the tensor names, not the weights: new weights exported to the same
+path get their own folder instead of the stale engine, and so do a new onnxruntime and a new TensorRT (the Python
+``tensorrt`` package's version, where it is installed), which cannot load the old engines. ORT fails the session,
+without rebuilding, on a cached engine it cannot deserialize (a torn write, a TensorRT the name does not tell
+apart): the engine files in that folder are then removed and the session made once more
+(:func:`remove_cached_engines`). Engines are native code, so folders are created 0700 and a cache folder that is
+not the user's (or root's), or that group or others can write, or a file in it of another user, is refused (one
+line), as the native TensorRT backend refuses such engines (:func:`icnet_ros.backends.tensorrt.
+cache_folder_problem`).
 
 Threads: ``intra_op_num_threads = options.threads or torch.get_num_threads()``, one inter-op thread, and spinning
 disabled for both pools. ORT's worker threads otherwise busy-wait after each operator for work that, in this
@@ -24,6 +29,7 @@ against the caller's stream with stream waits before and after each run.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,12 @@ from .base import BackendOptions, checked_input, logits_buffer, require
 _TYPES: dict[str, tuple[torch.dtype, type]] = {"tensor(float)": (torch.float32, np.float32),
                                                "tensor(float16)": (torch.float16, np.float16)}
 PRECISIONS = ("fp32", "fp16")
+#: what ORT's TensorRT provider says when a cached engine cannot be loaded (it fails the session, no rebuild)
+STALE_ENGINE_ERROR = "could not deserialize engine from cache"
+#: the files ORT's TensorRT provider caches per engine (the timing cache, .timing, stays: TensorRT checks it)
+ENGINE_SUFFIXES = (".engine", ".profile")
+
+log = logging.getLogger(__name__)
 
 
 def cuda_provider_problem(ort: Any = None) -> str | None:
@@ -78,7 +90,30 @@ def trt_cache_folder(path: Path, cache_dir: str | None = None) -> Path:
         from .tensorrt import can_hold_engines, user_cache_dir
 
         base = path.with_name(path.name + ".ort-trt") if can_hold_engines(path.parent) else user_cache_dir() / "ort-trt"
-    return base / f"{path.stem}.{file_sha256(path)[:16]}"
+    import onnxruntime
+
+    trt = _tensorrt_version()
+    return base / f"{path.stem}.{file_sha256(path)[:16]}.ort{onnxruntime.__version__}{f'.trt{trt}' if trt else ''}"
+
+
+def _tensorrt_version() -> str | None:
+    """The installed Python ``tensorrt`` package's version, or None (not installed, or its libraries missing)."""
+    try:
+        import tensorrt
+    except (ImportError, OSError):
+        return None
+    return str(getattr(tensorrt, "__version__", "")) or None
+
+
+def remove_cached_engines(folder: Path) -> list[Path]:
+    """Remove the engine files (:data:`ENGINE_SUFFIXES`) ORT's TensorRT provider cached in ``folder`` (one of
+    :func:`trt_cache_folder`'s), so that the next session builds them anew; returns those removed."""
+    removed = []
+    for f in sorted(folder.iterdir()):
+        if f.suffix in ENGINE_SUFFIXES and f.is_file() and not f.is_symlink():
+            f.unlink()
+            removed.append(f)
+    return removed
 
 
 class OnnxRuntimeBackend:
@@ -98,11 +133,21 @@ class OnnxRuntimeBackend:
         self.threads = int(options.threads) or torch.get_num_threads()
         self.file_precision = "fp16" if export_record(self.meta).get("fp16") is True else "fp32"
         self._stream = None
+        self._trt_cache: Path | None = None  # set by _providers when the TensorRT provider caches engines
         providers = self._providers(ort, options)
         try:
-            self.session = ort.InferenceSession(str(self.path), session_options(ort, self.threads),
-                                                providers=providers)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types (Fail, InvalidGraph, ...)
+            try:
+                self.session = ort.InferenceSession(str(self.path), session_options(ort, self.threads),
+                                                    providers=providers)
+            except Exception as e:  # noqa: BLE001 - ORT raises its own exception types (Fail, InvalidGraph, ...)
+                if self._trt_cache is None or STALE_ENGINE_ERROR not in str(e).lower():
+                    raise
+                removed = remove_cached_engines(self._trt_cache)  # our own folder (trt_cache_folder): rebuild once
+                log.warning("ONNX Runtime cannot load its cached TensorRT engine for %s; removed %d engine file(s) "
+                            "from %s and building it again", self.path, len(removed), self._trt_cache)
+                self.session = ort.InferenceSession(str(self.path), session_options(ort, self.threads),
+                                                    providers=providers)
+        except Exception as e:  # noqa: BLE001
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{self.path}: ONNX Runtime cannot load the model: {first}") from None
         self.provider = self.session.get_providers()[0]
@@ -151,6 +196,7 @@ class OnnxRuntimeBackend:
                 raise CheckpointError(f"{self.path}: refusing ONNX Runtime's TensorRT engine cache: {problem}; "
                                       "engines are native code that runs when loaded: chmod go-w the folder and its "
                                       "files (and own them), or set engine_cache to a folder of your own")
+            self._trt_cache = cache
             trt = {"device_id": index, "user_compute_stream": stream, "trt_engine_cache_enable": True,
                    "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
                    "trt_timing_cache_path": str(cache), "trt_fp16_enable": options.precision == "fp16"}
@@ -237,4 +283,5 @@ def open_backend(path: str | Path, options: BackendOptions = BackendOptions()) -
     return OnnxRuntimeBackend(path, options)
 
 
-__all__ = ["OnnxRuntimeBackend", "open_backend", "session_options", "trt_cache_folder"]
+__all__ = ["OnnxRuntimeBackend", "open_backend", "remove_cached_engines", "session_options",
+           "trt_cache_folder"]

@@ -8,9 +8,11 @@ dynamic batch by default (``batch=None``: one compiled model serves every batch 
 about 3% at batch 1 against a fixed batch of 1, default model at 544x736 on the 2-core dev machine) or a fixed
 one. The IR is an ``.xml`` + ``.bin`` pair. The checkpoint's metadata travels in the model's ``rt_info`` under
 ``icnet_ros`` as JSON (it survives ``save_model`` / ``read_model``), with ``network_size`` = ``input_size`` =
-[H, W] and an export record in ``provenance["exported"]`` (format, size, batch, dynamic_batch, precision,
-OpenVINO version, source file and SHA-256, date; an earlier record moves under ``previous``, as with
-``icnet-convert``), like the ONNX export's.
+[H, W] and an export record in ``provenance["exported"]`` (format, size, batch, dynamic_batch, precision: fp32,
+or int8 for an INT8 model, with ``weights: fp16`` for an fp16 export, whose stored weights only are fp16: they are
+decompressed at load time, and it runs at the runtime's precision, fp32 on the CPU by default; OpenVINO
+version, source file and SHA-256, date; an earlier record moves under ``previous``, as with ``icnet-convert``),
+like the ONNX export's.
 
 INT8 (``int8=True``): post-training quantization with NNCF (``nncf.quantize``) of that torch module, before it is
 traced and converted: NNCF's PyTorch backend inserts fake-quantize operations whose ranges it measures on
@@ -115,10 +117,13 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     # the BNs itself; the factorized pooling halves R50's bottleneck multiply-adds), no auxiliary heads
     model, meta = inference_model(model_or_path, (h, w))
     meta = copy.deepcopy(meta)
-    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
+    # the precision the IR computes in; fp16 compresses only the stored weights (decompressed at load time, the
+    # model then runs at the runtime's precision): recorded as such, not as an fp16 model
     record: dict[str, Any] = {"format": "openvino", "size": [h, w], "batch": batch or 1,
-                              "dynamic_batch": batch is None, "precision": precision,
+                              "dynamic_batch": batch is None, "precision": "int8" if int8 else "fp32",
                               "openvino": ov.get_version().split("-")[0]}
+    if fp16:
+        record["weights"] = "fp16"
     if int8:
         import nncf
 

@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--static-batch the batch is fixed to N (default 1)")
     p.add_argument("--static-batch", action="store_true", help="a fixed batch of --batch instead of a dynamic one")
     p.add_argument("--fp16", action="store_true",
-                   help="fp16 weights and activations (fp32 input/output); for tensorrt an fp16 engine")
+                   help="onnx: fp16 weights and activations (fp32 input/output); tensorrt: that, built as an fp16 "
+                        "engine; openvino: fp16 weights only (half the .bin; it runs at the runtime's precision, "
+                        "fp32 on the CPU by default)")
     p.add_argument("--int8", action="store_true", help="openvino: INT8 post-training quantization (needs --calib)")
     p.add_argument("--calib", metavar="DIR", default=None,
                    help="--int8: calibration images (an image folder, or a dataset split with images/)")
