@@ -468,13 +468,16 @@ def compressed_to_numpy(msg: Any, max_pixels: int | None = None) -> tuple[np.nda
     images converted), or H x W in "MONO" (grey; uint16 for 16-bit grey PNGs). The header is checked first
     (:func:`compressed_header`; above ``max_pixels``: reason ``size``); any decoder failure raises
     :class:`ImageFormatError` with reason ``decode``."""
-    from PIL import Image as PILImage
+    from PIL import JpegImagePlugin, PngImagePlugin
 
     codec, height, width = compressed_header(msg)
     check_pixels(height, width, max_pixels, codec)
     buf = _buffer(msg.data)
     try:
-        with PILImage.open(io.BytesIO(buf), formats=("PNG" if codec == "png" else "JPEG",)) as im:
+        # the plugin's class, not Image.open: the size is bounded by max_pixels above, and Image.open's own bomb
+        # limit (89 Mpx: a DecompressionBombWarning on stderr; 179 Mpx: refused) overrode a larger max_pixels
+        opener = PngImagePlugin.PngImageFile if codec == "png" else JpegImagePlugin.JpegImageFile
+        with opener(io.BytesIO(buf)) as im:
             if im.size != (width, height):
                 raise ImageFormatError("decode", f"{codec}: decoder size {im.size} differs from the header's "
                                                  f"{width}x{height}")
@@ -488,8 +491,10 @@ def compressed_to_numpy(msg: Any, max_pixels: int | None = None) -> tuple[np.nda
             else:
                 img = np.asarray(im.convert("RGB") if mode not in ("RGB", "RGBA") else im)  # palette, CMYK, ...
             # Pillow zero-fills the rows a PNG's (complete, but short) zlib stream does not hold: count the
-            # stream's bytes when the last row is all zero or the image is interlaced (rows in passes)
-            if codec == "png" and (im.info.get("interlace") or not img[-1].any()):
+            # stream's bytes when the last row is all zero or the image is interlaced (rows in passes); a palette
+            # image's zero is index 0, whatever colour the palette gives it (its indices are looked at)
+            last = np.asarray(im)[-1] if mode in ("P", "PA") else img[-1]
+            if codec == "png" and (im.info.get("interlace") or not last.any()):
                 _check_png_data_length(buf)
     except ImageFormatError:
         raise

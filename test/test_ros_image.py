@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from helpers import jpeg_with_size, png_with_size
-from icnet_ros.ros_image import (ImageFormatError, compressed_to_numpy, compression_format, image_to_numpy,
-                                 numpy_to_compressed, numpy_to_image, pixel_format, segmenter_input,
+from icnet_ros.ros_image import (MAX_MAX_PIXELS, ImageFormatError, compressed_to_numpy, compression_format,
+                                 image_to_numpy, numpy_to_compressed, numpy_to_image, pixel_format, segmenter_input,
                                  set_image_data)
 
 
@@ -342,7 +342,7 @@ def test_bad_compressed_images_raise_with_a_reason_and_print_nothing(case, capfd
 
 
 def _png_from_rows(rows: bytes, width: int, height: int, colour: int = 2, depth: int = 8,
-                   interlace: int = 0) -> bytes:
+                   interlace: int = 0, palette: bytes = b"") -> bytes:
     """A PNG written by hand around already filtered rows (each with its filter byte): valid chunks and CRCs, a
     complete zlib stream, whatever the rows hold."""
     import struct
@@ -352,7 +352,8 @@ def _png_from_rows(rows: bytes, width: int, height: int, colour: int = 2, depth:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows))
+    plte = chunk(b"PLTE", palette) if palette else b""
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + plte + chunk(b"IDAT", zlib.compress(rows))
             + chunk(b"IEND", b""))
 
 
@@ -394,6 +395,36 @@ def test_png_whose_image_data_ends_early_is_refused():
     rows16 = b"".join(b"\x00" + grey16[r].astype(">u2").tobytes() for r in range(11))
     with pytest.raises(ImageFormatError, match="ends early"):
         compressed_to_numpy(SimpleNamespace(format="png", data=_png_from_rows(rows16, 9, 12, colour=0, depth=16)))
+
+
+def test_palette_png_whose_image_data_ends_early_is_refused():
+    """A palette PNG's zero-filled rows are index 0, which its palette may colour (here red): the "last row all
+    zero" test looked at the converted colours and let 60 invented rows of 64 through to the network."""
+    palette = np.array([[200, 10, 10], [0, 0, 255], [30, 200, 30], [90, 90, 90]], np.uint8)
+    idx = RNG.integers(1, 4, (30, 40), dtype=np.uint8)
+    rows = [b"\x00" + idx[r].tobytes() for r in range(30)]
+    whole = _png_from_rows(b"".join(rows), 40, 30, colour=3, palette=palette.tobytes())
+    np.testing.assert_array_equal(compressed_to_numpy(SimpleNamespace(format="png", data=whole))[0], palette[idx])
+    for cut in (1, 29):
+        short = _png_from_rows(b"".join(rows[:cut]), 40, 30, colour=3, palette=palette.tobytes())
+        with pytest.raises(ImageFormatError, match="ends early") as e:
+            compressed_to_numpy(SimpleNamespace(format="png", data=short))
+        assert e.value.reason == "decode"
+
+
+def test_max_pixels_above_pillows_bomb_limit_is_honoured(capfd):
+    """max_pixels (up to MAX_MAX_PIXELS) bounds a frame before decoding; Pillow's own bomb check in Image.open
+    (89 Mpx: a DecompressionBombWarning printed on stderr, outside ROS logging; 179 Mpx: refused) overrode it:
+    frames within the node's limit were dropped as 'decode'."""
+    w, h = 14000, 13000  # 182 Mpx of black: 0.2 MB compressed
+    png = _png_from_rows(bytes((w + 1) * h), w, h, colour=0)
+    got, order = compressed_to_numpy(SimpleNamespace(format="png", data=png), max_pixels=MAX_MAX_PIXELS)
+    assert order == "MONO" and got.shape == (h, w)
+    del got
+    with pytest.raises(ImageFormatError) as e:
+        compressed_to_numpy(SimpleNamespace(format="png", data=png), max_pixels=10**8)
+    assert e.value.reason == "size"
+    assert capfd.readouterr().err == ""
 
 
 def test_jpeg_with_too_many_scans_is_refused():
