@@ -466,12 +466,13 @@ def compressed_to_numpy(msg: Any, max_pixels: int | None = None) -> tuple[np.nda
 
     Returns ``(image, order)``: H x W x 3 in "RGB" (colour; alpha dropped by a view; palette, CMYK and YCbCr
     images converted), or H x W in "MONO" (grey; uint16 for 16-bit grey PNGs). The header is checked first
-    (:func:`compressed_header`; above ``max_pixels``: reason ``size``); any decoder failure raises
+    (:func:`compressed_header`; above ``max_pixels``, or :data:`MAX_MAX_PIXELS` when None: reason ``size``); any
+    decoder failure raises
     :class:`ImageFormatError` with reason ``decode``."""
     from PIL import JpegImagePlugin, PngImagePlugin
 
     codec, height, width = compressed_header(msg)
-    check_pixels(height, width, max_pixels, codec)
+    check_pixels(height, width, MAX_MAX_PIXELS if max_pixels is None else max_pixels, codec)  # always bounded
     buf = _buffer(msg.data)
     try:
         # the plugin's class, not Image.open: the size is bounded by max_pixels above, and Image.open's own bomb

@@ -574,6 +574,9 @@ def video_writer_problem(path: str | os.PathLike, fps: float, fourcc: str = "mp4
     opened, reads_back = _probe_writer(p, fps, fourcc)
     if opened and reads_back:
         return None
+    problem = _folder_write_problem(p)  # a full disk, a quota, a file size limit: not the container's fault
+    if problem:
+        return problem
     if not opened and fps != DEFAULT_IMAGE_FPS and _probe_writer(p, DEFAULT_IMAGE_FPS, fourcc)[0]:
         return f"cannot write a {fourcc!r} video at {fps:g} fps (its encoder refuses that frame rate)"
     if not opened and fourcc != "mp4v" and _probe_writer(p, fps, "mp4v")[0]:  # the container is not the problem
@@ -581,6 +584,25 @@ def video_writer_problem(path: str | os.PathLike, fps: float, fourcc: str = "mp4
     if not opened:
         return f"cannot write a {fourcc!r} video to a {suffix} file: name it .mp4 (or .mkv, .avi)"
     return f"a {fourcc!r} video written to a {suffix} file does not read back: name it .mp4 (or .mkv, .avi)"
+
+
+def _folder_write_problem(path: Path, nbytes: int = 1 << 16) -> str | None:
+    """``cannot write FOLDER: REASON`` when ``nbytes`` cannot be written to a temporary file beside ``path``."""
+    try:
+        tmp = temporary_file(path)
+    except OSError as e:
+        return f"cannot write {path.parent}: {e.strerror or e}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(bytes(nbytes))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return f"cannot write {path.parent}: {e.strerror or e}"
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return None
 
 
 def _probe_writer(path: Path, fps: float, fourcc: str) -> tuple[bool, bool]:

@@ -438,7 +438,7 @@ def test_max_pixels_refuses_large_frames_before_decoding(segmenter: Segmenter, m
     that declares 20000x20000 with the data of 64x96. The image decoders are replaced by ones that record the call
     and fail, so a frame decoded before the size check is a recorded call and a ``decode`` drop."""
     import cv2
-    import PIL.Image
+    import PIL.ImageFile
 
     decoded: list[str] = []
 
@@ -448,7 +448,7 @@ def test_max_pixels_refuses_large_frames_before_decoding(segmenter: Segmenter, m
             raise OSError(f"{name}: decoding a frame above max_pixels")
         return refuse
 
-    monkeypatch.setattr(PIL.Image, "open", decoder("PIL.Image.open"))
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "__init__", decoder("PIL's image file"))  # every Pillow decoder
     monkeypatch.setattr(cv2, "imdecode", decoder("cv2.imdecode"))
     pipe, sink, log = make(segmenter, compressed_b=True, max_pixels=H * W - 1)
     big = compressed(2)

@@ -265,14 +265,27 @@ def _progressive_jpeg(img: np.ndarray, quality: int = 90) -> bytes:
 def test_declared_size_above_max_pixels_is_refused_before_decoding(codec, monkeypatch):
     """A small message declaring 20000 x 20000 pixels: refused as ``size`` from the header, the decoder never runs
     (Pillow's open is replaced by a function that fails the test)."""
-    import PIL.Image
+    import PIL.ImageFile
 
     img = np.zeros((16, 16, 3), np.uint8)
     fmt, data = numpy_to_compressed(img, "RGB", codec)
     data = png_with_size(data, 20000, 20000) if codec == "png" else jpeg_with_size(data, 20000, 20000)
-    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("decoded a frame above max_pixels"))
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "__init__",  # every Pillow decoder starts there
+                        lambda *a, **k: pytest.fail("decoded a frame above max_pixels"))
     with pytest.raises(ImageFormatError) as e:
         compressed_to_numpy(SimpleNamespace(format=fmt, data=data), max_pixels=4096 * 4096)
+    assert e.value.reason == "size" and "20000x20000" in str(e.value)
+
+
+def test_a_compressed_frame_is_bounded_without_max_pixels(monkeypatch):
+    """max_pixels=None (the public function's default) bounded nothing itself: Pillow's Image.open limit did, and
+    decoding through the plugin classes skips it; MAX_MAX_PIXELS is the bound then (20000 x 20000 is refused)."""
+    import PIL.ImageFile
+
+    fmt, data = numpy_to_compressed(np.zeros((16, 16, 3), np.uint8), "RGB", "jpeg")
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "__init__", lambda *a, **k: pytest.fail("decoded it"))
+    with pytest.raises(ImageFormatError) as e:
+        compressed_to_numpy(SimpleNamespace(format=fmt, data=jpeg_with_size(data, 20000, 20000)))
     assert e.value.reason == "size" and "20000x20000" in str(e.value)
 
 
@@ -536,13 +549,14 @@ def test_jpeg_marker_flood_is_refused_quickly_before_decoding(name, unit, match,
     them one byte at a time in Python without counting them (2.8 s for 32 MiB, in the callback every camera
     shares) and hand the file to Pillow, whose parser took 11 s more. Now refused at the first misplaced marker /
     past the fill budget, in as many Python steps as the smallest such flood, and the decoder never runs."""
-    import PIL.Image
+    import PIL.ImageFile
 
     from icnet_ros.ros_image import MAX_JPEG_FILL_BYTES
 
     big = _SOI_SOF + unit * (16 * 1024 * 1024 // len(unit)) + b"\xff\xd9"
     small = _SOI_SOF + (unit if len(unit) == 2 else unit * (MAX_JPEG_FILL_BYTES + 2)) + b"\xff\xd9"
-    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("a marker flood reached the decoder"))
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "__init__",  # every Pillow decoder starts there
+                        lambda *a, **k: pytest.fail("a marker flood reached the decoder"))
     with pytest.raises(ImageFormatError, match=match) as e:
         compressed_to_numpy(SimpleNamespace(format="jpeg", data=big))
     assert e.value.reason == "decode" and "\n" not in str(e.value)
@@ -579,7 +593,7 @@ def test_jpeg_every_marker_counts_against_the_limit():
 def test_jpeg_fill_bytes_before_markers_are_allowed_within_a_budget(monkeypatch):
     """The spec allows fill bytes (0xFF) before any marker: a few are accepted; more than MAX_JPEG_FILL_BYTES in
     all are refused (Pillow's parser reads each one in Python)."""
-    import PIL.Image
+    import PIL.ImageFile
 
     from icnet_ros.ros_image import MAX_JPEG_FILL_BYTES
 
@@ -591,7 +605,8 @@ def test_jpeg_fill_bytes_before_markers_are_allowed_within_a_budget(monkeypatch)
     np.testing.assert_array_equal(compressed_to_numpy(SimpleNamespace(format="jpeg", data=padded))[0], reference)
     half = MAX_JPEG_FILL_BYTES // 2
     flood = jpg[:sof] + b"\xff" * half + jpg[sof:dht] + b"\xff" * (half + 1) + jpg[dht:]  # one byte too many
-    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("a fill-byte flood reached the decoder"))
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "__init__",  # every Pillow decoder starts there
+                        lambda *a, **k: pytest.fail("a fill-byte flood reached the decoder"))
     with pytest.raises(ImageFormatError, match=f"more than {MAX_JPEG_FILL_BYTES} fill bytes") as e:
         compressed_to_numpy(SimpleNamespace(format="jpeg", data=flood))
     assert e.value.reason == "decode"

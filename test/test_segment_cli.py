@@ -506,6 +506,17 @@ def test_a_fourcc_without_an_encoder_is_refused_before_any_frame(tmp_path, ckpt,
                  "avc1", "--outputs", "label", "-q"]) == 0  # no overlay video: no encoder needed
 
 
+def test_a_full_disk_before_the_run_is_named_as_such_not_as_the_video_type(tmp_path, ckpt, capsys):
+    """The overlay video's probe (written before the run) fails on a full disk too: that said 'name it .mp4' of a
+    file named .mp4; now the folder that cannot be written and the system's reason."""
+    video = _video(tmp_path / "clip.mp4", n=2)
+    out = tmp_path / "out"
+    with file_size_limit(200):
+        assert main([str(video), "-m", str(ckpt), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"icnet-segment: error: overlay video ('mp4v', 12 fps): cannot write {out}: File too large\n", err
+
+
 def test_a_video_that_cannot_be_written_stops_the_run_in_one_line_and_leaves_no_file(tmp_path, ckpt, capsys):
     """The disk fills up (here: a file size limit) while the overlay video is written: one line naming the video
     and the reason, exit status 2 (before: exit 0, an MP4 nothing could open; then an unplayable MP4, without its

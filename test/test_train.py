@@ -219,7 +219,7 @@ def test_bad_values_found_while_building_are_one_line_errors(tmp_path, capsys):
                               # 130 GB at the first batch (a traceback, or swapping without a memory limit)
                               ("data.ratio_range=[1000,1000]", r"data.ratio_range \[1000, 1000\] with data.input_scale "
                                r"0.5 resizes the training frames \(480x360, the first\) up to 240000x180000, more than "
-                               r"50 megapixels"),
+                               r"200 megapixels"),
                               ("model.aux_dropout=1.5", r"aux_dropout must be in \[0, 1\), got 1.5")]:
         out = tmp_path / override.partition("=")[0]
         assert main(["smoke", f"data.root={root}", f"train.output_dir={out}", override, *FAST]) == 2
@@ -1066,9 +1066,14 @@ def test_a_log_that_cannot_be_written_is_one_line(tmp_path, log_format):
     from icnet_ros.train import MetricsLog
 
     name = "metrics.jsonl" if log_format == "jsonl" else "train_log.csv"
-    log = MetricsLog(tmp_path, log_format, tensorboard=False)
+    state = tmp_path / STATE_FILE
+    log = MetricsLog(tmp_path, log_format, tensorboard=False, state_file=state)
     log.log("train", {"iter": 1, "loss": 1.5})
     with file_size_limit((tmp_path / name).stat().st_size + 4):
+        with pytest.raises(CheckpointError, match=re.escape(f"cannot write {tmp_path / name}: File too large; "
+                                                            "no training state was saved yet")):
+            log.log("train", {"iter": 2, "loss": 2.5})
+        state.write_bytes(b"")  # (as far as the message goes)
         with pytest.raises(CheckpointError, match=re.escape(f"cannot write {tmp_path / name}: File too large; "
                                                             "the training state saved last is kept")):
             log.log("train", {"iter": 2, "loss": 2.5})
@@ -1084,7 +1089,24 @@ def test_a_full_disk_for_the_runs_config_file_is_one_line(tmp_path, capsys):
                  "train.log_interval=1", *FAST]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "Traceback" not in err, err
-    assert f"cannot write {out / name}: No space left" in err, err
+    assert f"cannot write {out / name}: No space left on device; no training state was saved yet\n" in err, err
+
+
+def test_the_random_resize_bound_takes_large_frames_at_the_default_ratio(tmp_path):
+    """The bound on data.ratio_range's largest resize is for typos ([0.5, 20]), not for large camera frames: a
+    4000x3200 frame (12.8 Mpx) at the default x2 is 51 Mpx, which trains (it was refused at the image files' 50 Mpx
+    bound)."""
+    from icnet_ros.train import Trainer
+
+    for split in ("images", "labels"):
+        (tmp_path / "train" / split).mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "train" / "images" / "a.png"), np.zeros((3200, 4000, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "train" / "labels" / "a.png"), np.zeros((3200, 4000), np.uint8))
+    common = ["smoke", [f"data.root={tmp_path}", "data.layout=camvid", "data.val_split=null",
+                        "data.input_scale=1.0", f"train.output_dir={tmp_path / 'run'}", *FAST]]
+    Trainer(load_config(common[0], [*common[1], "data.ratio_range=[0.5, 2.0]"]), ["icnet-train"])
+    with pytest.raises(ConfigError, match=r"data.ratio_range \[0.5, 20\] .* up to 80000x64000, more than 200"):
+        Trainer(load_config(common[0], [*common[1], "data.ratio_range=[0.5, 20]"]), ["icnet-train"])
 
 
 def test_git_commit_is_none_for_a_copy_inside_another_repository(tmp_path):

@@ -14,13 +14,22 @@ from ..checkpoint import CheckpointError
 from .config import ConfigError
 
 
+def write_error(path: str | Path, error: OSError, state_file: Path | None) -> CheckpointError:
+    """The one-line error for a run's file that could not be written (a full disk), saying whether the run's
+    training state (``state_file``) is there to continue from."""
+    kept = ("; the training state saved last is kept (train.resume=auto continues from it)"
+            if state_file is not None and state_file.is_file() else "; no training state was saved yet")
+    return CheckpointError(f"cannot write {path}: {error.strerror or error}{kept}")
+
+
 class MetricsLog:
     """Append records to ``metrics.jsonl`` (one JSON object per line, with ``kind``) or to ``{kind}_log.csv``;
     mirror scalars to TensorBoard when available. Only rank 0 writes."""
 
     def __init__(self, out_dir: Path, fmt: str = "jsonl", tensorboard: bool | str = "auto",
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, state_file: Path | None = None) -> None:
         self.out_dir, self.fmt, self.enabled = out_dir, fmt, enabled
+        self.state_file = state_file  # the run's training state: a failed write says whether one is kept
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -33,16 +42,15 @@ class MetricsLog:
                                       "(pip install tensorboard)") from None
 
     def log(self, kind: str, record: dict[str, Any]) -> None:
-        """Append one record; a failed write (a full disk) is one line (:class:`CheckpointError`), the training
-        state saved last is kept (a partial last line is dropped on resume, see :meth:`truncate`)."""
+        """Append one record; a failed write (a full disk) is one line (:func:`write_error`; a partial last line is
+        dropped on resume, see :meth:`truncate`)."""
         if not self.enabled:
             return
         try:
             self._append(kind, record)
         except OSError as e:
             where = e.filename or self.out_dir / ("metrics.jsonl" if self.fmt == "jsonl" else f"{kind}_log.csv")
-            raise CheckpointError(f"cannot write {where}: {e.strerror or e}; the training state saved last is kept "
-                                  "(train.resume=auto continues from it)") from None
+            raise write_error(where, e, self.state_file) from None
         if self.tb is not None:
             step = int(record.get("iter", 0))
             for k, v in record.items():

@@ -37,12 +37,15 @@ from ..sizes import SIZE_DIVISOR, aligned_size
 from .config import ConfigError, data_spec, model_config, normalization_for, validate_for_run
 from .distributed import barrier, broadcast_buffers, gather_objects, parameter_digest, setup_distributed
 from .ema import ModelEMA
-from .metrics_log import MetricsLog
+from .metrics_log import MetricsLog, write_error
 from .model import build_model
 from .provenance import git_commit, hardware, init_provenance
 from .schedule import PolyLR
 
 STATE_FILE = "train_state.pt"
+#: the most pixels data.ratio_range's largest resize may make of the first training frame: 4x the image files' own
+#: bound (a 4000x3200 frame at x2 is 51 Mpx and trains in 0.6 GB; a typo such as [0.5, 20] asked for tens of GB)
+MAX_RESIZED_PIXELS = 4 * MAX_IMAGE_PIXELS
 STATE_VERSION = 1
 #: what a run leaves in its output folder: a fresh run does not start among another run's files
 RUN_FILES = (STATE_FILE, "last.safetensors", "best.safetensors", "metrics.jsonl", "train_log.csv", "val_log.csv",
@@ -79,7 +82,8 @@ class Trainer:
         self.use_amp = bool(config["optim"]["amp"]) and self.device.type == "cuda"
         cl = t["channels_last"]
         self.channels_last = self.device.type == "cuda" if cl == "auto" else bool(cl)
-        self.log = MetricsLog(self.out_dir, t["log_format"], t["tensorboard"], enabled=self.info.main)
+        self.log = MetricsLog(self.out_dir, t["log_format"], t["tensorboard"], enabled=self.info.main,
+                              state_file=self.out_dir / STATE_FILE)
         self.start_time = time.time()
         self.elapsed_before = 0.0
         self.iteration = 0
@@ -223,12 +227,12 @@ class Trainer:
                               f"below the network's minimum input of {MIN_INPUT_SIZE} pixels a side"
                               + ("" if d["base_size"] else
                                  f" (use data.input_scale >= {math.ceil(100 * MIN_INPUT_SIZE / min(h, w)) / 100:g})"))
-        big = s * d["ratio_range"][1]  # the largest random resize: bounded like the image files (memory)
-        if h * w * big * big > MAX_IMAGE_PIXELS:
+        big = s * d["ratio_range"][1]  # the largest random resize: bounded (memory), 4x the image files' bound
+        if h * w * big * big > MAX_RESIZED_PIXELS:
             what = (f"data.base_size {d['base_size']}" if d["base_size"] else f"data.input_scale {d['input_scale']:g}")
             raise ConfigError(f"data.ratio_range {d['ratio_range']} with {what} resizes the training frames "
                               f"({w}x{h}, the first) up to {w * big:.0f}x{h * big:.0f}, more than "
-                              f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels (icnet_ros.data.datasets.MAX_IMAGE_PIXELS)")
+                              f"{MAX_RESIZED_PIXELS / 1e6:g} megapixels (icnet_ros.train.trainer.MAX_RESIZED_PIXELS)")
 
     def first_train_size(self) -> tuple[int, int]:
         """(height, width) of the first training image in its file (read once)."""
@@ -804,13 +808,12 @@ class Trainer:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write one of the run's small text files; a failure (a full disk) is one line
-    (:class:`~icnet_ros.checkpoint.CheckpointError`), the training state saved last is kept."""
+    """Write one of the run's small text files (beside its training state); a failure (a full disk) is one line
+    (:func:`~icnet_ros.train.metrics_log.write_error`)."""
     try:
         path.write_text(text, encoding="utf-8")
     except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}; the training state saved last is kept "
-                              "(train.resume=auto continues from it)") from None
+        raise write_error(path, e, path.with_name(STATE_FILE)) from None
 
 
 def _load_failure(error: Exception) -> str:
