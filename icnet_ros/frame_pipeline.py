@@ -123,13 +123,19 @@ def device_failure(e: BaseException) -> str | None:
     # (PyTorch's CPU allocator: "DefaultCPUAllocator: can't allocate memory", ONNX Runtime's "Failed to allocate
     # memory": both plain RuntimeErrors)
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "out of memory" in low \
-            or "allocate memory" in low:
+            or "allocate memory" in low or _opencv_out_of_memory(e):
         return "oom"
     if type(e).__name__ == "AcceleratorError" or any(m in text for m in (
             "CUDA error", "CUDNN_STATUS_", "CUBLAS_STATUS_", "device-side assert", "illegal memory access",
             "unspecified launch failure", "CUDA driver", "NVML")):
         return "fatal"
     return None
+
+
+def _opencv_out_of_memory(e: BaseException) -> bool:
+    """OpenCV's own allocation failure (the CPU pre- and post-processing): a ``cv2.error`` of code -4
+    (``StsNoMem``, "Insufficient memory"), neither a MemoryError nor a RuntimeError."""
+    return type(e).__name__ == "error" and type(e).__module__.startswith("cv2") and getattr(e, "code", None) == -4
 
 
 def release_device_memory() -> None:
@@ -247,6 +253,8 @@ class FramePipeline:
         self.max_batch_seen = 0
         self.batch_limit = self.options.max_batch  # max_batch, lowered after out-of-memory errors
         self._good_batches = 0  # since the last shrink
+        self._oom_logged_at = -1e9  # the last out-of-memory warning (monotonic), and those not logged since
+        self._ooms_unlogged = 0
         self.faults: Counter[str] = Counter()  # out_of_memory, oom_retries, batch_shrinks, device_error
         self.fatal_error: str | None = None
 
@@ -742,8 +750,11 @@ class FramePipeline:
         return results
 
     def _out_of_memory(self, e: Exception, n: int) -> None:
-        """A batch of ``n`` frames ran out of memory: release the cache; the caller retries frame by frame."""
+        """A batch of ``n`` frames ran out of memory: release the cache; the caller retries frame by frame. The
+        warning is throttled (one line every :data:`WARN_PERIOD_S` with the count since the last: a camera whose
+        every frame runs out of memory logged a line per frame, forever)."""
         release_device_memory()
+        now = time.monotonic()
         with self._lock:
             self.faults["out_of_memory"] += 1
             self.faults["oom_retries"] += 1
@@ -752,8 +763,14 @@ class FramePipeline:
                 self._good_batches = 0
                 self.faults["batch_shrinks"] += 1
             limit = self.batch_limit
-        self.log.warning(f"out of device memory for a batch of {n} frame(s) ({type(e).__name__}: {e}); cache "
-                         f"released, retrying frame by frame; batch limit now {limit}")
+            self._ooms_unlogged += 1
+            if now - self._oom_logged_at < WARN_PERIOD_S:
+                return
+            self._oom_logged_at, count, self._ooms_unlogged = now, self._ooms_unlogged, 0
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        self.log.warning(f"out of device memory for a batch of {n} frame(s) ({type(e).__name__}: {reason}); cache "
+                         f"released, retrying frame by frame; batch limit now {limit}"
+                         + (f" ({count} times since the last such line)" if count > 1 else ""))
 
     def _fatal(self, e: Exception, items: list[_Item]) -> None:
         """The device is unusable: count the frames, stop taking frames, report once."""

@@ -17,7 +17,7 @@ import torch
 
 from helpers import make_checkpoint, png_with_size
 from icnet_ros.engine import Segmenter
-from icnet_ros.frame_pipeline import FramePipeline, PipelineOptions, device_failure
+from icnet_ros.frame_pipeline import WARN_PERIOD_S, FramePipeline, PipelineOptions, device_failure
 from icnet_ros.ros_image import numpy_to_compressed, numpy_to_image
 
 H, W = 64, 96
@@ -681,6 +681,41 @@ def test_the_cpu_allocators_own_error_is_out_of_memory():
     with pytest.raises(RuntimeError) as caught:
         torch.empty(1 << 60, dtype=torch.uint8)  # 1 EiB: refused by the allocator, nothing is touched
     assert device_failure(caught.value) == "oom", str(caught.value)
+
+
+def test_opencvs_own_allocation_failure_is_out_of_memory():
+    """On the CPU the pre- and post-processing run on OpenCV, whose allocation failure is a cv2.error (code -4,
+    "Insufficient memory"): it was taken for an error of the frame (inference_error, the batch never shrunk) and
+    icnet-segment ended in a traceback."""
+    import cv2
+
+    with pytest.raises(cv2.error) as caught:
+        cv2.resize(np.zeros((4, 4, 3), np.float32), (300000, 300000))  # 1 TB: refused, nothing is touched
+    assert device_failure(caught.value) == "oom", str(caught.value)
+    with pytest.raises(cv2.error) as other:
+        cv2.resize(np.zeros((4, 4, 3), np.float32), (0, 0))  # an error that is not out of memory
+    assert device_failure(other.value) is None
+
+
+def test_out_of_memory_warnings_are_throttled(segmenter: Segmenter, monkeypatch: pytest.MonkeyPatch):
+    """A camera whose every frame runs out of memory (a GPU too small for it) logged one warning per frame, forever
+    (about 650 MB of log a day at 30 fps): one line per WARN_PERIOD_S, with the count since the last."""
+    import torch
+
+    _failing_forward(segmenter, monkeypatch, lambda n: torch.OutOfMemoryError("CUDA out of memory"))
+    pipe, sink, log = make(segmenter)
+    for i in range(12):
+        pipe.submit("/a", image(i))
+        pipe.step()
+    snap = pipe.snapshot()
+    assert snap["cameras"]["/a"]["dropped"] == {"out_of_memory": 12} and not sink.published
+    lines = [text for _, text in log.lines if "out of device memory" in text]
+    assert len(lines) == 1, lines
+    monkeypatch.setattr(pipe, "_oom_logged_at", time.monotonic() - WARN_PERIOD_S)  # the period is over
+    pipe.submit("/a", image(12))
+    pipe.step()
+    lines = [text for _, text in log.lines if "out of device memory" in text]
+    assert len(lines) == 2 and lines[1].endswith("(12 times since the last such line)"), lines
 
 
 # ------------------------------------------------------------------------- scheduling (review of 2026-12-07)

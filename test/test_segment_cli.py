@@ -872,6 +872,25 @@ def test_batch_is_bounded_and_out_of_memory_is_one_line_with_the_video_finished(
     assert os.listdir(out / "overlay") == ["clip.mp4"] and len(VideoFile(out / "overlay" / "clip.mp4")) == 2
 
 
+def test_opencvs_out_of_memory_is_one_line(tmp_path, ckpt, capsys, monkeypatch):
+    """On the CPU the Segmenter's resizes run on OpenCV, whose allocation failure is a cv2.error (code -4), neither
+    a RuntimeError nor a MemoryError: it ended icnet-segment with a 43-line traceback, exit 1. (The error is
+    OpenCV's own, from an allocation it cannot make, raised where the Segmenter would raise it.)"""
+    from icnet_ros.engine import Segmenter
+
+    video = _video(tmp_path / "clip.mp4", n=4, size=(64, 64))
+    out = tmp_path / "out"
+
+    def running_out(self, frames, **kwargs):
+        cv2.resize(np.zeros((4, 4, 3), np.float32), (300000, 300000))  # 1 TB: OpenCV cannot allocate it
+
+    monkeypatch.setattr(Segmenter, "segment", running_out)
+    rc = main([str(video), "-m", str(ckpt), "-o", str(out), "--device", "cpu", "--quiet", "--outputs", "label"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("icnet-segment: error: out of memory segmenting 1 frame(s) of 64x64 at once "
+                                      "(OpenCV") and "Insufficient memory" in err and err.count("\n") == 1, err
+
+
 def test_threads_are_bounded_as_the_nodes_num_threads(tmp_path):
     """--threads had no upper bound: icnet-segment --threads 100000 crashed (a segmentation fault, exit status
     -11), 5000 hung. Now icnet-segment and icnet-bench refuse more than MAX_THREADS in one line, exit status 2,

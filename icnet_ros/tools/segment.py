@@ -480,7 +480,7 @@ def _main(argv: list[str] | None, stop_signals: Any) -> int:
                 report(f"{it.origin}: {reason}; skipped", True)
             rest = [other for other in items if other is not it and other.source_index not in skip_sources]
             return segment(rest) if rest else []
-        except (RuntimeError, MemoryError) as e:
+        except Exception as e:  # noqa: BLE001 - out of memory is one line; any other error goes on up
             from ..frame_pipeline import device_failure
 
             if device_failure(e) != "oom":  # the node's test: MemoryError, CUDA's, the CPU and ORT allocators'
