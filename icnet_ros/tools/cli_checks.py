@@ -141,8 +141,8 @@ def model_problem(model: str, backend: str = "auto") -> str | None:
     return None
 
 
-def _ignore_signal(_signum: int, _frame: Any) -> None:
-    """A signal handler that does nothing."""
+def ignore_signal(_signum: int, _frame: Any) -> None:
+    """A signal handler that does nothing (for SIGCHLD once a stop began: see :class:`StopSignals`)."""
 
 
 class StopSignals:
@@ -185,7 +185,7 @@ class StopSignals:
                 # signal" during the shutdown, a traceback printed before the one line. A Python handler that does
                 # nothing, not SIG_DFL (a SIGCHLD already pending would raise "Signal 17 ignored due to race
                 # condition")
-                self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _ignore_signal)
+                self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, ignore_signal)
         elif now - self._first < self.REPEAT_S:
             return  # the first signal again
         if self._held:
@@ -271,5 +271,6 @@ def frame_size_problem(size: tuple[int, int], model: str | None = None, max_pixe
     return f"{flag} {h}x{w}: {problem}" if problem else None
 
 
-__all__ = ["StopSignals", "add_max_pixels_argument", "frame_size_problem", "max_pixels_problem", "model_problem",
-           "output_file_problem", "output_folder_problem", "run_stoppable", "topic_problem", "write_json"]
+__all__ = ["StopSignals", "add_max_pixels_argument", "frame_size_problem", "ignore_signal", "max_pixels_problem",
+           "model_problem", "output_file_problem", "output_folder_problem", "run_stoppable", "topic_problem",
+           "write_json"]

@@ -34,6 +34,7 @@ from ..metrics import ConfusionMatrix, format_table
 from ..models.icnet import MIN_INPUT_SIZE, ICNetConfig
 from ..preprocess import Normalizer
 from ..sizes import SIZE_DIVISOR, aligned_size
+from ..tools.cli_checks import ignore_signal
 from .config import ConfigError, data_spec, model_config, normalization_for, validate_for_run
 from .distributed import barrier, broadcast_buffers, gather_objects, parameter_digest, setup_distributed
 from .ema import ModelEMA
@@ -832,10 +833,6 @@ def _load_failure(error: Exception) -> str:
     return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
 
 
-def _ignore_signal(_signum: int, _frame: Any) -> None:
-    """A signal handler that does nothing."""
-
-
 class _StopSignals:
     """SIGINT and SIGTERM while the loop runs: the first asks it to stop after the iteration in progress (the state is
     then saved); a second SIGINT aborts at once (KeyboardInterrupt). Only in the main thread (where Python delivers
@@ -853,7 +850,7 @@ class _StopSignals:
             # handler would raise "DataLoader worker is killed by signal" wherever the loop is (the state unsaved)
             # (a Python handler that does nothing, not SIG_DFL: a SIGCHLD already pending would then raise
             # "Signal 17 ignored due to race condition")
-            self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _ignore_signal)
+            self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, ignore_signal)
         self.received = self.received or signum
 
     def __enter__(self) -> _StopSignals:
