@@ -224,7 +224,8 @@ class Camera:
     retire_by: float = 0.0  # monotonic deadline for ``retiring``
     subscription_token: object | None = None  # passed by ``subscription``'s callback (``retiring``'s has another)
     successor_delivered: bool = False  # while two overlap: ``subscription`` has delivered a frame
-    overlap_stamps: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # newest taken, by frame_id
+    #: while two overlap, by frame_id: the newest stamp the old subscription delivered; None once the new one took over
+    overlap_stamps: dict[str, tuple[int, int] | None] = dataclasses.field(default_factory=dict)
 
 
 class SegmentationNode(LifecycleNode):
@@ -605,10 +606,14 @@ class SegmentationNode(LifecycleNode):
         """Whether to take a frame while a camera's old and new subscriptions overlap (a reliability switch): each
         frame then arrives on both, in either order (a reliable reader that resends lost fragments lags a
         best-effort one). The old subscription's frames are taken until the new one has delivered, none after;
-        a stamped frame only when newer than the newest taken from its frame_id (before: only an exact repeat of
-        the last frame was skipped, so a lagging copy was segmented again and published older-after-newer).
-        Unstamped frames cannot be told apart: at most one may come twice, at the hand-over."""
-        if token is cam.subscription_token:
+        the new one's, per frame_id, only when newer than the newest taken until one of them was taken (before: only
+        an exact repeat of the last frame was skipped, so a lagging copy was segmented again and published
+        older-after-newer). Stamps are compared only for that hand-over, not within one subscription's frames: a
+        stamp that steps back there is time jumping back (a bag replayed in a loop, a simulator reset), whose frames
+        were all refused as copies until the old subscription went. Unstamped frames cannot be told apart: at most
+        one may come twice, at the hand-over."""
+        from_new = token is cam.subscription_token
+        if from_new:
             cam.successor_delivered = True
         elif cam.successor_delivered:
             return False
@@ -617,12 +622,13 @@ class SegmentationNode(LifecycleNode):
         if key == (0, 0):
             return True
         frame_id = msg.header.frame_id
-        newest = cam.overlap_stamps.get(frame_id)
-        if newest is not None and key <= newest:
-            return False
-        if newest is None and len(cam.overlap_stamps) >= OVERLAP_FRAME_IDS:  # bounded, whatever the frame_ids
+        known = frame_id in cam.overlap_stamps
+        newest = cam.overlap_stamps.get(frame_id)  # None once the new subscription took this frame_id over
+        if from_new and newest is not None and key <= newest:
+            return False  # a copy of a frame the old subscription delivered
+        if not known and len(cam.overlap_stamps) >= OVERLAP_FRAME_IDS:  # bounded, whatever the frame_ids
             cam.overlap_stamps.clear()
-        cam.overlap_stamps[frame_id] = key
+        cam.overlap_stamps[frame_id] = None if from_new else key
         return True
 
     def _watch_inputs(self) -> None:

@@ -575,11 +575,27 @@ def test_overlapping_subscriptions_take_each_frame_once_in_order(checkpoint: Pat
         new.callback(msg(5, "other"))  # another frame_id has its own order
         assert taken == [(1, "cam"), (2, "cam"), (3, "cam"), (4, "cam"), (5, "cam"), (6, "cam"), (7, "cam"),
                          (8, "cam"), (9, "cam"), (5, "other")], taken
+        new.callback(msg(1))  # time jumps back (a bag replayed in a loop): the new one's frames are still taken
+        new.callback(msg(2))  # (before: refused as copies, and not counted anywhere, until the old one went)
+        assert taken[-2:] == [(1, "cam"), (2, "cam")], taken
         # the overlap ended: every frame is taken again, as delivered
         cam.retiring = None
         node.destroy_subscription(old)
         new.callback(msg(3))
         assert taken[-1] == (3, "cam")
+        # another switch; time jumps back while only the old subscription delivers: taken too
+        older = cam.subscription
+        node._subscribe(cam)
+        cam.retiring = older
+        cam.overlap_stamps.clear()  # (as _watch_cameras does on a switch)
+        newer = cam.subscription
+        del taken[:]
+        older.callback(msg(100))
+        older.callback(msg(50))
+        newer.callback(msg(50))  # a copy of the old one's last frame
+        newer.callback(msg(51))
+        newer.callback(msg(10))
+        assert taken == [(100, "cam"), (50, "cam"), (51, "cam"), (10, "cam")], taken
 
 
 def test_services_and_the_simulated_clock_are_served_during_a_hot_swap(checkpoint: Path, tmp_path: Path):
