@@ -385,15 +385,17 @@ def test_png_whose_image_data_ends_early_is_refused():
     # interlaced: the length of the 7 passes; a stream missing its last pass is refused
     import cv2
 
+    # (31 rows: the last row is in passes 1-6, so a stream missing pass 7 leaves it whole and only the length tells)
+    img31 = RNG.integers(0, 256, (31, 40, 3), dtype=np.uint8)
     passes = []  # (first row, first column, row step, column step) of each Adam7 pass
     for y0, x0, dy, dx in ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2),
                            (1, 0, 2, 1)):
-        sub = img[y0::dy, x0::dx]
+        sub = img31[y0::dy, x0::dx]
         passes.append(b"".join(b"\x00" + r.tobytes() for r in sub) if sub.size else b"")
-    adam7 = _png_from_rows(b"".join(passes), 40, 30, interlace=1)
-    np.testing.assert_array_equal(compressed_to_numpy(SimpleNamespace(format="png", data=adam7))[0], img)
+    adam7 = _png_from_rows(b"".join(passes), 40, 31, interlace=1)
+    np.testing.assert_array_equal(compressed_to_numpy(SimpleNamespace(format="png", data=adam7))[0], img31)
     with pytest.raises(ImageFormatError, match="ends early"):
-        compressed_to_numpy(SimpleNamespace(format="png", data=_png_from_rows(b"".join(passes[:6]), 40, 30,
+        compressed_to_numpy(SimpleNamespace(format="png", data=_png_from_rows(b"".join(passes[:6]), 40, 31,
                                                                               interlace=1)))
     # frames whose last row is black are checked, and pass: grey, 16-bit grey, palette-free RGB
     black = img.copy()
