@@ -339,15 +339,40 @@ def _bad_compressed() -> dict[str, tuple[str, bytes, str]]:
     }
 
 
+#: the bad files only a decoder can tell (their headers are sound); every other one is refused by the header walk,
+#: before any decoder runs (else a decoder's own failure gave the same reason, and the walk's checks went untested)
+DECODER_CASES = ("png bigger than its data", "jpeg truncated", "jpeg garbage scan")
+#: what the walk says of each case it refuses (a check that stops working would let another one refuse it)
+WALK_REASONS = {
+    "png truncated": "runs past the end of the data", "png IHDR CRC": "b'IHDR' at byte 8 fails its CRC check",
+    "png IDAT CRC": "b'IDAT' at byte 33 fails its CRC check", "png bad depth": "invalid colour type 2 / bit depth 5",
+    "png zero size": "declares an empty image", "png header only": "(no IEND chunk)",
+    "jpeg no SOF": "no frame header (SOF)", "jpeg segment past the end": "of length 65535 runs past the end",
+    "jpeg zero height (DNL)": "declares an empty image", "jpeg RST before the frame header": "restart marker RST3",
+    "jpeg TEM before the frame header": "TEM marker at byte", "jpeg second SOI": "second SOI marker",
+    "jpeg stuffed byte between segments": "is not a marker (stuffed byte",
+    "jpeg hierarchical DHP": "hierarchical-mode marker DHP",
+    "jpeg frame header longer than its components": "does not match its 3 components",
+    "jpeg DQT with 5 tables": "is not 1 to 4 quantization", "jpeg header without a scan": "no scan (SOS)",
+    "not an image": "is neither PNG nor JPEG", "format says png, data is jpeg": "format 'png' but the data is jpeg",
+    "empty": "empty CompressedImage (no data)"}
+
+
 @pytest.mark.parametrize("case", list(_bad_compressed()))
-def test_bad_compressed_images_raise_with_a_reason_and_print_nothing(case, capfd):
+def test_bad_compressed_images_raise_with_a_reason_and_print_nothing(case, capfd, monkeypatch):
     """Every failure is an ImageFormatError, none a cv2.error/OSError, and nothing reaches stderr (libpng and
     libjpeg print there from C when OpenCV decodes; Pillow does not)."""
+    import PIL.ImageFile
+
     fmt, data, reason = _bad_compressed()[case]
+    if case not in DECODER_CASES:
+        monkeypatch.setattr(PIL.ImageFile.ImageFile, "__init__",  # every Pillow decoder starts there
+                            lambda *a, **k: pytest.fail("reached the decoder"))
     try:
         compressed_to_numpy(SimpleNamespace(format=fmt, data=data), max_pixels=10**6)
     except ImageFormatError as e:
         assert e.reason == reason, str(e)
+        assert case in DECODER_CASES or WALK_REASONS[case] in str(e), str(e)
     else:  # libjpeg may conceal a corrupt scan; then the frame must have its declared size
         assert reason == "decode" and case == "jpeg garbage scan"
     out, err = capfd.readouterr()
