@@ -504,7 +504,8 @@ def _external(tensor, folder, name="weights.bin"):
 
 
 @pytest.mark.parametrize("where", ["initializer", "Constant node", "Constant node in a subgraph",
-                                   "Constant node in a model-local function", "sparse initializer"])
+                                   "Constant node in a model-local function", "sparse initializer",
+                                   "tensor in an attribute list"])
 def test_a_tensor_stored_in_another_file_is_refused(tmp_path, ckpt, where):
     """ONNX external data: ONNX Runtime and OpenVINO read any file in the model's folder that a tensor names (a
     model next to ~/.ssh/id_rsa read it, and its graph published the bytes as labels). icnet-export writes
@@ -518,7 +519,16 @@ def test_a_tensor_stored_in_another_file_is_refused(tmp_path, ckpt, where):
     model = onnx.load(str(tiny_onnx(tmp_path / "tiny.onnx", export_meta(ckpt))))
     weight = model.graph.initializer[0]
     _external(weight, tmp_path)
-    if where == "sparse initializer":  # W's values (all of them, dense) in a sparse initializer
+    if where == "tensor in an attribute list":  # W stored in the file; a copy in another file, in a node's list
+        from onnx import numpy_helper
+
+        stored = np.fromfile(tmp_path / "weights.bin", np.float32).reshape(list(weight.dims))
+        external = TensorProto()
+        external.CopyFrom(weight)
+        del model.graph.initializer[:]
+        model.graph.initializer.append(numpy_helper.from_array(stored, "W"))
+        model.graph.node.append(helper.make_node("Identity", ["W"], ["W_copy"], copies=[external]))
+    elif where == "sparse initializer":  # W's values (all of them, dense) in a sparse initializer
         del model.graph.initializer[:]
         shape = list(weight.dims)
         weight.dims[:] = [int(np.prod(shape))]
