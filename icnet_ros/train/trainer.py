@@ -331,7 +331,7 @@ class Trainer:
         try:
             save_checkpoint(self.averaged, path, meta)  # (its temporary file is removed when this fails)
         except OSError as e:
-            raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+            raise write_error(path, e, self.out_dir / STATE_FILE) from None
         return path
 
     def check_finite(self, iteration: int) -> None:
@@ -377,8 +377,7 @@ class Trainer:
             except BaseException as e:
                 tmp.unlink(missing_ok=True)
                 if isinstance(e, OSError):
-                    raise CheckpointError(f"cannot write {path}: {e.strerror or e}; the state saved before is "
-                                          "kept") from None
+                    raise write_error(path, e, path) from None  # (the state saved before, if any, is untouched)
                 raise
             self.save_weights("last.safetensors", iteration, self.last_val["mIoU"] if self.last_val else None)
         self._saved_iteration = iteration
