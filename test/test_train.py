@@ -1092,6 +1092,21 @@ def test_a_full_disk_for_the_runs_config_file_is_one_line(tmp_path, capsys):
     assert f"cannot write {out / name}: No space left on device; no training state was saved yet\n" in err, err
 
 
+def test_a_full_disk_while_saving_the_state_is_one_line(tmp_path, capsys):
+    """torch.save into a file that cannot grow raised a RuntimeError from its zip writer ('unexpected pos'): a
+    traceback, exit 1. The state is serialised in memory and written with a plain write: one line, exit 2, nothing
+    left behind (here a file size limit stands in for the full disk)."""
+    out = tmp_path / "run"
+    with file_size_limit(300_000):  # config.yaml fits, the training state does not
+        rc = main(["smoke", f"data.root={require(CAMVID)}", f"train.output_dir={out}", "optim.iterations=2",
+                   "train.checkpoint_interval=1", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"icnet-train: error: cannot write {out / STATE_FILE}: File too large; no "
+                                    "training state was saved yet"), err
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
 def test_the_random_resize_bound_takes_large_frames_at_the_default_ratio(tmp_path):
     """The bound on data.ratio_range's largest resize is for typos ([0.5, 20]), not for large camera frames: a
     4000x3200 frame (12.8 Mpx) at the default x2 is 51 Mpx, which trains (it was refused at the image files' 50 Mpx

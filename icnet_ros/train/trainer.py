@@ -4,6 +4,7 @@ periodic validation with best-on-val checkpoints, checkpoints with complete meta
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import math
 import os
@@ -371,8 +372,13 @@ class Trainer:
                      "val_due": self._val_due == iteration}
             path = self.out_dir / STATE_FILE
             tmp = self.out_dir / (STATE_FILE + ".tmp")
+            # serialised in memory, then written: torch.save into a file that cannot grow (a full disk) raised a
+            # RuntimeError from its zip writer ('unexpected pos'), a traceback; a plain write's OSError says why
+            data = io.BytesIO()
+            torch.save(state, data)
             try:
-                torch.save(state, tmp)
+                with open(tmp, "wb") as f:
+                    f.write(data.getbuffer())
                 os.replace(tmp, path)
             except BaseException as e:
                 tmp.unlink(missing_ok=True)
