@@ -93,6 +93,19 @@ def test_ohem_keeps_hard_pixels_and_at_least_min_kept():
         pytest.approx(_ce(*COUNTED[2]), rel=1e-6)
 
 
+def test_ohem_min_kept_counts_per_image():
+    """``min_kept`` is per image (mmseg's rule): a batch of two keeps the two hardest labelled pixels of the batch,
+    wherever they are."""
+    second = [[[0.0, 1.0, 0.0], [0.0, 0.2, 0.0]], [[0.0, 0.0, 0.0], [0.0, 0.0, 2.0]]]
+    logits = torch.cat([_logits(), _logits(second)])
+    labels = torch.cat([_labels(), _labels()])
+    counted = COUNTED + [(second[0][0], 0), (second[0][1], 1), (second[1][1], 0)]
+    hardest = sorted(counted, key=lambda zy: _prob(*zy))[:2]
+    assert _prob(*hardest[1]) < min(_prob(*zy) for zy in counted if zy not in hardest)
+    assert SegmentationCE(ohem_thresh=0.01, ohem_min_kept=1)(logits, labels).item() == \
+        pytest.approx(sum(_ce(*zy) for zy in hardest) / 2, rel=1e-6)
+
+
 def test_all_ignored_gives_zero_with_gradient():
     logits = torch.randn(2, 4, 8, 8, requires_grad=True)
     loss, _ = CascadeLoss()(CascadeLogits(logits, logits * 1.0, logits * 2.0), torch.full((2, 16, 16), 255))

@@ -147,3 +147,37 @@ def test_config_dict_round_trip_and_unknown_fields():
         ICNetConfig.from_dict({"backbone": "resnet18", "depth": 18})
     with pytest.raises(ValueError, match="unknown ICNet preset"):
         build_icnet("icnet_r999")
+
+
+@pytest.mark.parametrize("style", ["paper", "mmseg"])
+def test_cascade_feature_fusion_branches_by_style(style):
+    """The paper's CFF: 3x3 dilation-2 conv + BN on the upsampled low map and 1x1 conv + BN on the high map, no
+    ReLU on either branch, then sum and ReLU; mmseg's puts a ReLU on each branch. The projected low map (which
+    feeds an auxiliary head) is returned as the branch gives it."""
+    from icnet_ros.models.icnet import CascadeFeatureFusion
+    torch.manual_seed(0)
+    cff = CascadeFeatureFusion(6, 5, 8, style=style).eval()
+    for bn in (cff.conv_low.bn, cff.conv_high.bn):  # statistics that make half the outputs negative
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.bias.data.uniform_(-1, 1)
+    low, high = torch.randn(2, 6, 5, 7), torch.randn(2, 5, 10, 13)
+    with torch.no_grad():
+        fused, x_low = cff(low, high)
+        up = F.interpolate(low, size=(10, 13), mode="bilinear", align_corners=False)
+        low_branch = cff.conv_low.bn(F.conv2d(up, cff.conv_low.conv.weight, padding=2, dilation=2))
+        high_branch = cff.conv_high.bn(F.conv2d(high, cff.conv_high.conv.weight))
+    if style == "mmseg":
+        low_branch, high_branch = low_branch.relu(), high_branch.relu()
+    else:
+        assert (x_low < 0).any()  # no ReLU: the auxiliary head sees the signed projection
+    torch.testing.assert_close(x_low, low_branch)
+    torch.testing.assert_close(fused, (low_branch + high_branch).relu())
+
+
+def test_heads_dropout_layout():
+    """No dropout before the main classifier; ``aux_dropout`` before each auxiliary classifier."""
+    model = build_icnet("icnet_r18", width=0.25, num_classes=5, aux_dropout=0.2)
+    assert isinstance(model.decode_head.dropout, torch.nn.Identity)
+    for head in model.auxiliary_head:
+        assert isinstance(head.dropout, torch.nn.Dropout2d) and head.dropout.p == 0.2
