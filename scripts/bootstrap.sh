@@ -5,8 +5,10 @@
 # launch_testing, ros2cli; CPython 3.11 only) for the real `ros2 launch` tests, and colcon.
 # Idempotent: nothing is installed when setup.py and TORCH_SPEC are unchanged and the extras asked for are already
 # installed (run.sh's "ros" after test.sh's "ros,test,train" installs nothing, nor the other way round twice).
-#   PYTHON      interpreter to use (default python3; 3.10-3.12, the ROS 2 wheels exist for those)
-#   TORCH_SPEC  PyTorch requirement (default torch==2.13.0; e.g. a CUDA build's index options on a GPU machine)
+#   PYTHON      interpreter for a new .venv (default python3; 3.10-3.12, the ROS 2 wheels exist for those); an
+#               existing complete .venv is kept whatever PYTHON says
+#   TORCH_SPEC  PyTorch requirement and pip options (default torch==2.13.0; the CPU build from PyTorch's index:
+#               TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu')
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 extras=${1:-ros}
@@ -14,19 +16,37 @@ PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 LAUNCH_STACK=../shared/ros2-launch
 
-ver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-case "$ver" in
-  3.10|3.11|3.12) ;;
-  *) echo "icnet_ros needs Python 3.10-3.12 (ROS 2 wheels); $PY is $ver. Set PYTHON=python3.12 or similar." >&2; exit 2 ;;
-esac
+version_of() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
+supported() { case "$1" in 3.10|3.11|3.12) return 0 ;; *) return 1 ;; esac; }
+# A usable .venv: complete (a first run stopped early leaves bin/python without activate or pip) and made for this
+# folder (a moved or renamed checkout's activate puts the old, missing bin/ on PATH: pip would then be whatever
+# python comes next on PATH). Anything else is made again.
+venv_ok() {
+  [ -x .venv/bin/python ] && [ -f .venv/bin/activate ] && .venv/bin/python -m pip --version >/dev/null 2>&1 \
+    && (. .venv/bin/activate >/dev/null 2>&1 && [ "$VIRTUAL_ENV" -ef .venv ])
+}
 
-if [ ! -x .venv/bin/python ]; then
+if venv_ok; then  # the venv's interpreter is the one that counts (PYTHON only chooses it when the venv is made)
+  ver=$(version_of .venv/bin/python)
+  if ! supported "$ver"; then
+    echo "icnet_ros needs Python 3.10-3.12 (ROS 2 wheels); .venv has $ver. Remove .venv and set PYTHON=python3.12 or similar." >&2
+    exit 2
+  fi
+else
+  ver=$(version_of "$PY")
+  if ! supported "$ver"; then
+    echo "icnet_ros needs Python 3.10-3.12 (ROS 2 wheels); $PY is $ver. Set PYTHON=python3.12 or similar." >&2
+    exit 2
+  fi
   if ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
     echo "installing python3-venv (Debian/Ubuntu) ..." >&2
     sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
     $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq "python${ver}-venv" || $sudo_cmd apt-get install -y -qq python3-venv
   fi
-  "$PY" -m venv .venv
+  if [ -e .venv ]; then
+    echo "making .venv again (it is incomplete, or was made for another folder) ..." >&2
+  fi
+  "$PY" -m venv --clear .venv
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
@@ -48,9 +68,11 @@ fi
 all=$(printf '%s\n%s\n' "$want" "$have" | sed '/^$/d' | sort -u)
 pip_extras=$(grep -vx 'ros2-launch' <<<"$all" | paste -sd, -)
 echo "setting up .venv (extras: $pip_extras) ..." >&2
-python -m pip install -q --upgrade pip "setuptools>=77.0.3,<80" wheel
-python -m pip install -q "$TORCH_SPEC"
-python -m pip install -q -e ".[${pip_extras}]"
+read -r -a torch_args <<<"$TORCH_SPEC"  # a requirement and perhaps pip options (--index-url ...)
+venv_python="$PWD/.venv/bin/python"  # never whatever python is first on PATH
+"$venv_python" -m pip install -q --upgrade pip "setuptools>=77.0.3,<80" wheel
+"$venv_python" -m pip install -q "${torch_args[@]}"
+"$venv_python" -m pip install -q -e ".[${pip_extras}]"
 if grep -qx 'ros2-launch' <<<"$all"; then
   bash "$LAUNCH_STACK/install.sh" "$PWD/.venv/bin/python" >&2
 elif grep -qx 'test' <<<"$all"; then
