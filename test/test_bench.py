@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import time
 
@@ -461,6 +462,91 @@ def test_sigterm_stops_the_benchmark_with_143_and_the_results_so_far(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def test_json_on_stdout_keeps_the_results_so_far_when_interrupted(tmp_path):
+    """--json - printed its document only at the end: a run stopped by SIGTERM (a time limit) printed nothing, and
+    with --quiet what was timed existed nowhere. Now the configurations timed so far are printed on stdout."""
+    import subprocess
+    import sys
+
+    from ros_support import REPO, subprocess_env
+
+    md = tmp_path / "so_far.md"  # a file beside '-': written after each configuration, so the test knows when
+    proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.bench", "--arch", "icnet_r18", "--width", "0.25",
+                             "--num-classes", "11", "--size", "64x64", "--device", "cpu", "--threads", "1", "--iters",
+                             "100000", "--warmup", "0", "--max-seconds", "0.2", "--quiet", "--precision",
+                             *["fp32"] * 60, "--json", "-", "--markdown", str(md)], cwd=str(REPO),
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not md.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert (proc.returncode, err) == (143, "icnet-bench: interrupted\n")
+    timed = json.loads(out)["results"]
+    assert 1 <= len(timed) < 60 and timed[0]["precision"] == "fp32"
+
+
+def test_stages_with_compile_or_cuda_graphs_is_refused(capsys):
+    """--stages times the model's named ranges; compiled code and a replayed CUDA graph run none of them, so the
+    table showed pre/post-processing as 100% of the time (and turning the ranges on recompiled the model). Refused
+    before anything is built."""
+    for flags, name in ((["--compile", "default"], "--compile"), (["--cuda-graphs"], "--cuda-graphs")):
+        assert main([*TINY, "--stages", *flags]) == 2, flags
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith("icnet-bench: error: --stages") \
+            and name in captured.err and len(captured.err.splitlines()) == 1, captured
+
+
+def test_openvino_int8_without_nncf_is_skipped_not_a_traceback(tmp_path):
+    """OpenVINO installed without NNCF (a partial install): --backend openvino-int8 ended the run in a
+    ModuleNotFoundError traceback. Now it is skipped with a note, as a missing runtime is."""
+    import subprocess
+    import sys
+
+    from helpers import CAMVID, require
+    from ros_support import REPO, subprocess_env
+
+    pytest.importorskip("openvino")
+    js = tmp_path / "r.json"
+    code = ("import sys; sys.modules['nncf'] = None; from icnet_ros.tools.bench import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, *TINY, "--threads", "1", "--backend", "openvino-int8", "--calib",
+                        str(require(CAMVID / "train")), "--calib-count", "1", "--quiet", "--json", str(js)],
+                       capture_output=True, text=True, cwd=str(REPO), env=subprocess_env(), timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    notes = json.loads(js.read_text())["results"][0]["notes"]
+    assert any(n.startswith("openvino-int8 skipped:") and "'nncf'" in n for n in notes), notes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_each_compiled_configuration_is_compiled_not_run_eagerly(tmp_path, monkeypatch):
+    """Every configuration compiles ICNet.forward again, and torch's recompile limit (8 per function) counted the
+    earlier configurations' compilations: past it a configuration ran eagerly, still labelled compile(default)
+    (a --sweep with --compile has 16). Dynamo is reset per configuration; the limit is lowered to 1 here so that
+    two configurations show it: each compiles its own graph (torch's own count of the graphs it compiled)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    if not shutil.which("g++"):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    js = tmp_path / "r.json"
+    i = TINY.index("64x96") + 1
+    argv = [*TINY[:i], "64x128", *TINY[i:]]  # two sizes: two configurations
+    graphs = counters["stats"]["unique_graphs"]
+    assert main([*argv, "--compile", "default", "--threads", "1", "--quiet", "--json", str(js)]) == 0
+    results = json.loads(js.read_text())["results"]
+    assert [r["size"] for r in results] == [[64, 96], [64, 128]]
+    assert all("compile(default)" in r["optimizations"] for r in results)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
 
 
 def test_result_files_that_cannot_be_created_are_refused_before_the_run(tmp_path, capsys, monkeypatch):

@@ -372,6 +372,21 @@ def test_cli_missing_extra(tmp_path, ckpt):
     assert not out.exists()
 
 
+def test_cli_int8_without_nncf_is_one_line(tmp_path, ckpt):
+    """OpenVINO installed without NNCF (a partial install): --int8 ended in a ModuleNotFoundError traceback after
+    the model was loaded. Now one line naming the extra, exit status 2, no file."""
+    pytest.importorskip("openvino")
+    out, calib = tmp_path / "m.xml", _calib_folder(tmp_path, count=1)
+    code = (f"import sys; sys.modules['nncf'] = None; from icnet_ros.tools.export import main; "
+            f"sys.exit(main([{str(ckpt)!r}, '--format', 'openvino', '--int8', '--calib', {str(calib)!r}, "
+            f"'--size', '128x192', '--output', {str(out)!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("icnet-export: error:") and "'nncf'" in last and "icnet_ros[openvino]" in last, last
+    assert not list(tmp_path.glob("m.*"))
+
+
 def test_cli_openvino_delegates(tmp_path, ckpt, capsys):
     """--format openvino runs the OpenVINO exporter (real OpenVINO) with the CLI's size and batch, and records the
     command line in the provenance."""

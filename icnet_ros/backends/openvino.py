@@ -107,6 +107,7 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
     if int8 and calib_dir is None:
         raise ValueError("int8 export needs calibration images: pass calib_dir (an image folder or a dataset split "
                          "folder with images/)")
+    nncf = require(NAME, "nncf", "openvino") if int8 else None  # missing: one line now, not after the export
     out, _ = ir_paths(output)
     calib_images = calibration_images(calib_dir, calib_count) if int8 else []
     check_calibration_images(calib_images)  # an unreadable one fails now, not after minutes of calibration
@@ -124,9 +125,7 @@ def export_openvino(model_or_path: Any, output: str | os.PathLike, size: tuple[i
                               "openvino": ov.get_version().split("-")[0]}
     if fp16:
         record["weights"] = "fp16"
-    if int8:
-        import nncf
-
+    if nncf is not None:
         folder = Path(calib_dir).expanduser()  # type: ignore[arg-type]
         record["calibration"] = {"folder": folder.name if folder.name != "images" else folder.parent.name,
                                  "count": len(calib_images), "nncf": nncf.__version__, "quantized": "torch",

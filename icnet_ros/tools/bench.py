@@ -447,6 +447,8 @@ def _exported_segmenter(name: str, model: nn.Module, net_size: tuple[int, int], 
     runtime = "openvino" if name.startswith("openvino") else name
     if runtime in BACKENDS and BACKENDS[runtime][1]:  # a missing runtime is skipped before minutes of export
         require(runtime, runtime, BACKENDS[runtime][1])
+    if name == "openvino-int8":  # its calibration needs NNCF too (the openvino extra installs it)
+        require(runtime, "nncf", BACKENDS[runtime][1])
     if name not in BENCH_BACKENDS or name == "torch":
         raise ValueError(f"unknown --backend {name!r}; choose from {', '.join(BENCH_BACKENDS)}")
     with warnings.catch_warnings():
@@ -494,6 +496,10 @@ def _bench_one(cfg: BenchConfig, args: argparse.Namespace, log: Callable[[str], 
     from icnet_ros.engine import Segmenter
 
     want = frozenset(args.outputs) | {"label"}
+    if args.engine.compile or args.ablation_compile:
+        # each configuration compiles ICNet.forward again: torch's recompile limit (8 per function) counts every
+        # earlier configuration's compilations too, and past it the model runs eagerly, still labelled compiled
+        torch._dynamo.reset()
     model = cfg.spec.build()
     with warnings.catch_warnings():  # fallbacks are logged below (res.notes)
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -804,6 +810,9 @@ def _main(argv: list[str] | None, stop: Any) -> int:
     to_stdout = "-" in (args.json, args.markdown)
     real_stdout = sys.stdout
     log_file = sys.stderr if to_stdout else sys.stdout
+    results: list[BenchResult] = []
+    errors: list[str] = []
+    device, load_start = None, None
     try:
         if args.threads is not None and not 0 <= args.threads <= MAX_THREADS:  # (100000: a segmentation fault)
             raise ValueError(f"--threads must be >= 1 and <= {MAX_THREADS} (0: torch's choice), got {args.threads}")
@@ -841,6 +850,12 @@ def _main(argv: list[str] | None, stop: Any) -> int:
         for h, w in args.size or ():
             if h * w > MAX_UPSCALED_PIXELS:  # a frame this large only ends in an out-of-memory error
                 raise ValueError(f"--size {h}x{w}: more than {MAX_UPSCALED_TEXT}")
+        if args.stages and (args.engine.compile or args.engine.cuda_graphs):
+            # compiled code and a replayed CUDA graph run none of the model's named ranges: the table would show
+            # pre/post-processing as 100% (and turning the ranges on recompiles the model)
+            raise ValueError(f"--stages times the model's named stages, which "
+                             f"{'--compile' if args.engine.compile else '--cuda-graphs'} leaves out; run --stages "
+                             "without it")
         _check_detail(args.detail)
         grid = list(configs(args))
         check_configs(grid, args.device)
@@ -853,9 +868,6 @@ def _main(argv: list[str] | None, stop: Any) -> int:
                                  "the ratio would be meaningless); use fp32, bf16 or same")
         log = (lambda s: None) if args.quiet else (lambda s: print(s, file=log_file, flush=True))
         load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-        results: list[BenchResult] = []
-        errors: list[str] = []
-        device = None
         # with results on stdout, anything a library prints there (NNCF's progress bars and INFO lines) goes to
         # stderr: stdout is only the JSON / Markdown
         with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
@@ -885,6 +897,8 @@ def _main(argv: list[str] | None, stop: Any) -> int:
         return 2
     except KeyboardInterrupt:
         print("icnet-bench: interrupted", file=sys.stderr)
+        if results and "-" in (args.json, args.markdown):  # what was timed, on stdout as files keep it
+            write_results(args, results, errors, device, load_start, stdout=real_stdout)
         return stop.exit_code
     write_results(args, results, errors, device, load_start, stdout=real_stdout)
     if not args.quiet and len(results) > 1:
