@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--model", default=None, help="model file (default: the package's default model)")
     args = p.parse_args()
+    if args.runs < 1:
+        p.error(f"--runs must be >= 1, got {args.runs}")
     env = {**os.environ, "PYTHONPATH": args.repo}
     env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     env.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(HERE / "test" / "fastdds_loopback.xml"))
@@ -49,7 +52,7 @@ def main() -> int:
             return 1
         times.append(ready)
     times.sort()
-    print(f"{args.repo}: ready after {', '.join(f'{t:.2f}' for t in times)} s; median {times[len(times) // 2]:.2f} s")
+    print(f"{args.repo}: ready after {', '.join(f'{t:.2f}' for t in times)} s; median {statistics.median(times):.2f} s")
     return 0
 
 

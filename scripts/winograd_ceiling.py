@@ -11,6 +11,7 @@ outputs' relative error against the direct convolution.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from typing import Callable
@@ -87,7 +88,8 @@ def main() -> None:
             conv = torch.nn.Conv2d(c, k, 3, padding=1).eval()
             x = torch.relu(torch.randn(1, c, h, w))
             ref = conv(x)
-            xcl, convcl = x.to(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
+            # a copy: Module.to converts in place and returns the module itself, so 'direct' would time channels_last
+            xcl, convcl = x.to(memory_format=torch.channels_last), copy.deepcopy(conv).to(memory_format=torch.channels_last)
             direct = median_ms(lambda: conv(x), args.iters)
             cl = median_ms(lambda: convcl(xcl), args.iters)
             wg = {m: Winograd3x3(conv.weight, conv.bias, m) for m in (2, 4)}

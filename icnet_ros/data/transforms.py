@@ -57,7 +57,9 @@ class RandomResize:
     """Resize by ``scale`` x a ratio drawn uniformly from ``ratio_range`` (aspect ratio kept).
 
     ``scale`` is the fixed input scale of the dataset (e.g. 2.0 to train CamVid at twice its native size);
-    ``base_size`` = (H, W), when given, first fits the image into that box (keeping its aspect ratio) instead.
+    ``base_size``, when given, replaces ``scale``: the image is scaled (aspect ratio kept) so that its long side
+    fits the larger and its short side the smaller of the two numbers, whatever its orientation (mmseg's rule: a
+    portrait frame with base_size (512, 1024) comes out 1024 x 512).
     """
 
     def __init__(self, ratio_range: tuple[float, float] = (0.5, 2.0), scale: float = 1.0,

@@ -32,7 +32,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "train_split": "train", "val_split": "val",  # "train+val" concatenates; val_split null: no validation
         "train_limit": None, "val_limit": None,  # first N samples only (smoke runs)
         "input_scale": 1.0,  # working resolution relative to the files (2.0: CamVid at 960x720)
-        "base_size": None,  # [H, W]: fit images into this box instead of input_scale
+        "base_size": None,  # [a, b]: instead of input_scale, scale each image so its long side fits max(a, b) and
+        # its short side min(a, b), whatever its orientation
         "ratio_range": [0.5, 2.0], "crop_size": [512, 512], "cat_max_ratio": 0.75, "flip": 0.5,
         "photometric": True,
         "eval_size": None,  # [H, W] network input for validation (default: input_size auto's for the recorded
