@@ -681,6 +681,74 @@ def test_a_video_that_fails_mid_recording_costs_no_frame_its_image(ros: RosHarne
     assert text.count(f"cannot write {video}") >= 1 and "cannot save frame" not in text, text
 
 
+def test_a_compressed_frame_that_cannot_be_written_leaves_no_file(ros: RosHarness, tmp_path: Path):
+    """Compressed frames were written straight to their final names: a full disk (here a file-size limit) left cut
+    and empty .png files that looked like frames, counted as failed but read back as saved (and as an earlier
+    recording by the next run). Now each file is written whole or not at all, the error naming it."""
+    import resource
+    import signal as signal_module
+    import subprocess
+
+    def limit() -> None:  # in the child: no file grows past 300 KB (EFBIG), SIGXFSZ ignored
+        signal_module.signal(signal_module.SIGXFSZ, signal_module.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))
+
+    rng = np.random.default_rng(5)
+    small = [cv2.imencode(".png", np.full((H, W, 3), 40 * i, np.uint8))[1].tobytes() for i in range(3)]
+    big = [cv2.imencode(".png", rng.integers(0, 256, (360, 480, 3), dtype=np.uint8))[1].tobytes() for _ in range(2)]
+    assert max(map(len, small)) < 300_000 < min(map(len, big))
+    out, log = tmp_path / "rec", tmp_path / "rec.log"
+    pub = ros.publisher(CompressedImage, "/t_recfull/image/compressed", RosHarness.qos(reliable=True, depth=10))
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.record", "/t_recfull/image/compressed",
+                                 "--output", str(out), "--max-frames", "5"], stdout=f, stderr=subprocess.STDOUT,
+                                env=ros_support.subprocess_env(), preexec_fn=limit)
+        try:
+            ros.wait_matched(pub)
+            for i, data in enumerate((small[0], big[0], small[1], big[1], small[2])):
+                msg = CompressedImage(format="png", data=data)
+                msg.header.stamp.sec = 100 + i
+                pub.publish(msg)
+            status = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            ros.node.destroy_publisher(pub)
+    text = log.read_text(errors="replace")
+    assert status == 1 and "received 5, saved 3, failed 2" in text and "Traceback" not in text, text
+    assert text.count("cannot write ") == 2, text
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert sorted(p.read_bytes() for p in files) == sorted(small), [(p.name, p.stat().st_size) for p in files]
+
+
+def test_record_does_not_ask_for_a_publisher_after_recording_frames(ros: RosHarness, tmp_path: Path):
+    """The camera published, then left: 5 s into the run icnet-record printed 'still waiting for a publisher ...
+    (check the topic name, ROS_DOMAIN_ID and the DDS settings)' after a recording that worked. The hint is for a
+    run that has received nothing."""
+    import subprocess
+
+    out, log = tmp_path / "rec", tmp_path / "rec.log"
+    pub = ros.publisher(Image, "/t_recleft/overlay", RosHarness.qos(reliable=True, depth=10))
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.record", "/t_recleft/overlay", "--output",
+                                 str(out), "--duration", "6"], stdout=f, stderr=subprocess.STDOUT,
+                                env=ros_support.subprocess_env())
+        try:
+            ros.wait_matched(pub)
+            for _ in range(3):
+                pub.publish(image_msg(np.zeros((H, W, 3), np.uint8), "bgr8", ros.now()))
+            time.sleep(0.5)
+        finally:
+            ros.node.destroy_publisher(pub)  # the camera leaves
+        try:
+            status = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text(errors="replace")
+    assert status == 0 and "received 3, saved 3" in text and "still waiting" not in text, text
+
+
 def test_record_places_video_frames_by_their_stamps(ros: RosHarness, tmp_path: Path):
     """Frames dropped on the way compressed the video: --rate 25 --max-frames 25 through the demo gave 11 overlays
     written back to back at 25 fps, 0.44 s of video for 1 s. Now, with one topic, each frame lands at frame
@@ -872,6 +940,21 @@ def test_demo_segments_a_folder_and_stops_by_itself(checkpoint: Path, tmp_path: 
         expected = seg.segment([img], channel_order="BGR")[0].overlay
         assert got.shape == (H, W, 3)
         assert (np.abs(got.astype(int) - expected).max(axis=2) <= 1).mean() > 0.99
+
+
+def test_demo_plays_into_a_compressed_camera_topic(checkpoint: Path, tmp_path: Path):
+    """--topic .../compressed (a CompressedImage camera, which the node takes): the player published raw Images on
+    the base topic, so nothing matched and the demo failed after --timeout with 'did not connect' (60 s by
+    default). Now it publishes JPEG CompressedImages there."""
+    write_frames(tmp_path / "frames", 2, seed=4)
+    out = tmp_path / "overlays"
+    res = ros_support.run_module("icnet_ros.tools.demo", [str(tmp_path / "frames"), "--model", str(checkpoint),
+                                                          "--output", str(out), "--device", "cpu", "--topic",
+                                                          "/t_democ/image_raw/compressed", "--timeout", "30"],
+                                 timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.search(r"published 2 frames; node processed 2; received 2 overlays, saved 2", res.stdout), res.stdout
+    assert [cv2.imread(str(f)).shape for f in sorted(out.glob("*.png"))] == [(H, W, 3)] * 2
 
 
 def test_demo_caps_a_folder_at_max_frames_and_skips_an_unreadable_image(checkpoint: Path, tmp_path: Path):
@@ -1110,21 +1193,26 @@ def test_demo_without_a_model_points_to_the_model_option(tmp_path: Path):
 
 @pytest.mark.slow
 def test_demo_live_mode_serves_the_camera_topic_until_ctrl_c(ros: RosHarness, checkpoint: Path, tmp_path: Path):
-    demo = Process("icnet_ros.tools.demo", ["--model", str(checkpoint), "--topic", "/t_live/image_raw",
+    demo = Process("icnet_ros.tools.demo", ["--model", str(checkpoint), "--topic", "/t_live/image_raw/compressed",
                                             "--device", "cpu"], tmp_path, name="demo_live")
     try:
         demo.wait_for_output("waiting for frames", 120)
-        pub = ros.publisher(Image, "/t_live/image_raw")
+        # the topics the node publishes (for a compressed camera it printed /t_live/image_raw/semantic/... before)
+        assert "-> /t_live/semantic/{label,color,overlay,confidence}" in demo.output(), demo.output()
+        pub = ros.publisher(CompressedImage, "/t_live/image_raw/compressed")
         col = ros.collect(Image, "/t_live/semantic/overlay")
         ros.wait_matched(pub)
         ros.wait_matched(col.subscription)
         img = write_frames(tmp_path / "live", 1)[0]
+        jpeg = CompressedImage(format="jpeg", data=cv2.imencode(".jpg", img)[1].tobytes())
         for _ in range(5):  # best-effort input: resend until served
-            pub.publish(image_msg(img, "bgr8", ros.now()))
+            jpeg.header.stamp = ros.now().to_msg()
+            pub.publish(jpeg)
             if col.wait_for(lambda m: len(m) >= 1, 3):
                 break
         assert col.messages, "the demo node did not serve the camera topic"
-        assert col.messages[0].encoding == "bgr8" and (col.messages[0].height, col.messages[0].width) == (H, W)
+        # (a decoded CompressedImage is RGB, and the overlay keeps its input's channel order)
+        assert col.messages[0].encoding == "rgb8" and (col.messages[0].height, col.messages[0].width) == (H, W)
         ros.unsubscribe(col)
         ros.node.destroy_publisher(pub)
         assert demo.interrupt(30) == 0, demo.output()
@@ -1221,6 +1309,11 @@ def test_play_reads_camera_calibration_yaml(tmp_path: Path):
     path.write_text("image_width: 640\n")
     with pytest.raises(ValueError, match="not a camera_calibration YAML"):
         load_camera_info(path)
+    # malformed YAML, and a tag safe_load refuses: a yaml ParserError / ConstructorError traceback before
+    for text in ("image_width: [1, 2\nfoo: : :\n", "image_width: !!python/object/apply:os.system ['true']\n"):
+        path.write_text(text)
+        with pytest.raises(ValueError, match="not a camera_calibration YAML"):
+            load_camera_info(path)
 
 
 def test_player_scales_a_calibration_of_another_size(ros: RosHarness, tmp_path: Path):

@@ -22,7 +22,7 @@ summary, exit status 1; a video whose frames are larger, or from which no frame 
 gets the same ``max_pixels``. Without ``--output`` every run saves into a new folder
 ``./out/overlays/<date>-<time>/``; an ``--output`` folder that already holds a recording (a file named as the
 recorder names them) is refused before anything starts, as by ``icnet-record``: a second run would mix its overlays
-into the first one's. So are an ``--output`` that is the input folder or inside it, a ``--video`` that is an input
+into the first one's. So are an ``--output`` that is the input folder, a ``--video`` that is an input
 file, and a ``--video`` whose file type or the input's frame rate its writer refuses (``.webm``, ``.gif``). The
 output folder is created, and checked writable, before the model is loaded. Ctrl-C (SIGINT) or SIGTERM stops
 playing, stops the node and saves the overlays received so far: one line ``icnet-demo: interrupted``, exit status
@@ -334,11 +334,11 @@ def _run(args: argparse.Namespace, model: str, source: Any, stop: Any) -> int:
 def _serve(args: argparse.Namespace, executor: Any) -> int:
     """Serve the camera topic until SIGINT / SIGTERM (the way to stop it: exit status 0). The executor spins in a
     thread: the main thread waits where a signal's KeyboardInterrupt arrives at once (rcl's wait would hold it)."""
+    from ..node_params import sibling_topic
     from ..ros_spin import start_spinner
 
-    print(f"{PROG}: segmenting {args.topic} -> "
-          f"{args.topic.rsplit('/', 1)[0]}/semantic/{{label,color,overlay,confidence}}; waiting for "
-          "frames (Ctrl-C to stop)", flush=True)
+    print(f"{PROG}: segmenting {args.topic} -> {sibling_topic(args.topic, 'semantic')}/"
+          "{label,color,overlay,confidence}; waiting for frames (Ctrl-C to stop)", flush=True)
     spinner = start_spinner(executor, SPINNER_THREAD)
     try:
         while spinner.is_alive():
@@ -363,7 +363,7 @@ class DemoRun:
                  fps: float = 10.0, video_timing: bool = False) -> None:
         import rclpy
 
-        from ..node_params import sibling_topic
+        from ..node_params import base_topic, sibling_topic
         from ..ros_spin import start_spinner
         from .play import Player
         from .record import Recorder
@@ -377,7 +377,9 @@ class DemoRun:
         self._spinner = start_spinner(executor, SPINNER_THREAD)
         self.recorder = Recorder(self.helper, [self.overlay_topic], output, fmt, reliability="reliable", depth=1000,
                                  video=video, fps=fps, subdirs=False, video_timing=video_timing)
-        self.player = Player(self.helper, self.topic, frame_id="camera", reliable=True, depth=10)
+        # a CompressedImage camera topic (.../compressed) gets JPEG frames, as a camera's image_transport publishes
+        self.player = Player(self.helper, self.topic, frame_id="camera", reliable=True, depth=10,
+                             compressed="jpeg" if base_topic(self.topic)[1] else None)
 
     def connected(self, timeout: float) -> bool:
         """Wait until the player, the node and the recorder have matched each other."""

@@ -281,7 +281,7 @@ class Recorder:
 
     def _write(self, msg: Any, topic: str, stem: Path) -> None:
         from ..ros_image import compressed_to_numpy, compression_format, image_to_numpy, sniff_codec
-        from ..video import write_image
+        from ..video import write_bytes_atomically, write_image
 
         stem.parent.mkdir(parents=True, exist_ok=True)
         if topic.endswith("/compressed"):
@@ -292,7 +292,7 @@ class Recorder:
                 raise ValueError(f"the data ({len(msg.data)} bytes) is neither PNG nor JPEG and the format "
                                  f"{msg.format!r} names no codec")
             path = stem.with_name(stem.name + (".jpg" if codec == "jpeg" else ".png"))
-            path.write_bytes(bytes(msg.data))
+            write_bytes_atomically(path, bytes(msg.data))  # whole or not at all, as write_image: never a cut file
             bgr = None
             if self._video is not None and self.video_error is None:
                 # the file is saved: a frame the video cannot take is a warning, not a failed frame (its header is
@@ -520,7 +520,8 @@ def _main(argv: list[str] | None, stop: Any) -> int:
             executor.spin_once(timeout_sec=0.1)
             subscribed = recorder.subscribe_ready()
             now = time.monotonic()
-            if not hinted and now - t0 > 5.0 and (not subscribed or recorder.publisher_count() == 0):
+            if not hinted and now - t0 > 5.0 and recorder.received == 0 and (
+                    not subscribed or recorder.publisher_count() == 0):  # (not once frames came and the camera left)
                 hinted = True
                 print(f"icnet-record: still waiting for a publisher on {', '.join(args.topics)} (check the topic "
                       "name, ROS_DOMAIN_ID and the DDS settings)", flush=True)
