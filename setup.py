@@ -60,17 +60,17 @@ setup(
     entry_points={
         "console_scripts": [
             "icnet_node = icnet_ros.node_process:main",  # signal handlers before the heavy imports
-            "icnet-play = icnet_ros.tools.play:main",
-            "icnet-convert = icnet_ros.tools.convert:main",
+            "icnet-play = icnet_ros.tools.entry_points:icnet_play",  # signal handlers before numpy / OpenCV
+            "icnet-convert = icnet_ros.tools.entry_points:icnet_convert",
             "icnet-export = icnet_ros.tools.export:main",
             "icnet-segment = icnet_ros.tools.segment:main",
             "icnet-bench = icnet_ros.tools.entry_points:icnet_bench",  # signal handlers before torch
             "icnet-train = icnet_ros.tools.entry_points:icnet_train",
             "icnet-eval = icnet_ros.tools.entry_points:icnet_eval",
-            "icnet-record = icnet_ros.tools.record:main",
+            "icnet-record = icnet_ros.tools.entry_points:icnet_record",
             "icnet-demo = icnet_ros.tools.demo:main",
-            "icnet-node-bench = icnet_ros.tools.node_bench:main",
-            "icnet-node-soak = icnet_ros.tools.soak:main",
+            "icnet-node-bench = icnet_ros.tools.entry_points:icnet_node_bench",
+            "icnet-node-soak = icnet_ros.tools.entry_points:icnet_node_soak",
         ],
     },
 )

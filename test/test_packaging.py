@@ -23,6 +23,39 @@ def test_console_scripts_resolve():
         assert callable(ep.load()), name
 
 
+@pytest.mark.parametrize("tool, args", [
+    ("icnet-play", ["frames", "--max-frames", "1"]), ("icnet-record", ["/t_pkgsig/overlay", "--output", "rec"]),
+    ("icnet-convert", ["src.safetensors", "dst.safetensors"]), ("icnet-node-bench", ["--frames", "1"]),
+    ("icnet-node-soak", ["--seconds", "1"])])
+def test_a_signal_while_a_tool_imports_numpy_is_one_line(tool, args, tmp_path):
+    """These tools' modules import numpy / OpenCV when imported, and their console scripts named the modules'
+    main: Ctrl-C in those first 0.1-0.3 s was a KeyboardInterrupt traceback, SIGTERM a silent death. Their console
+    scripts now install the handlers first (tools/entry_points.py): one line 'TOOL: interrupted', 130 / 143. Each
+    run loads the installed entry point, as the console script does, and is signalled once numpy's C extension
+    is being loaded."""
+    import time
+
+    code = ("import sys; from importlib.metadata import entry_points; "
+            f"sys.exit([e for e in entry_points(group='console_scripts') if e.name == {tool!r}][0].load()())")
+    env = {**os.environ, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "ROS_DOMAIN_ID": "77",
+           "FASTDDS_DEFAULT_PROFILES_FILE": str(REPO / "test" / "fastdds_loopback.xml")}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        maps, deadline = Path("/proc") / str(proc.pid) / "maps", time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if "_multiarray_umath" in maps.read_text():
+                    break
+            except OSError:
+                pass
+            time.sleep(0.001)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+        assert (proc.returncode, err) == (128 + signum, f"{tool}: interrupted\n"), (signum, proc.returncode, err)
+
+
 def test_package_xml_is_format3_ament_python():
     import xml.etree.ElementTree as ET
 

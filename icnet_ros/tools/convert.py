@@ -68,12 +68,12 @@ def _input_size(values: list[str] | None) -> tuple[int, int] | str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli_checks import run_stoppable
+
     args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except KeyboardInterrupt:  # the checkpoint is written to a temporary file and renamed: nothing partial is left
-        print("icnet-convert: interrupted", file=sys.stderr)
-        return 130
+    # Ctrl-C or SIGTERM: one line, exit status 130 / 143 (the checkpoint is written to a temporary file and renamed:
+    # nothing partial is left; SIGTERM killed the process outright, its temporary file left behind)
+    return run_stoppable("icnet-convert", lambda stop: _main(args))
 
 
 def _main(args: argparse.Namespace) -> int:
