@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from icnet_ros.camera_info import CameraInfoCache, camera_info_problem, scale_camera_info, stamp_ns
+from icnet_ros.camera_info import CameraInfoCache, camera_info_problem, image_size, scale_camera_info, stamp_ns
 
 
 def info(width=640, height=480, fx=500.0, fy=510.0, cx=320.5, cy=240.5, tx=-25.0, binning=(0, 0),
@@ -232,3 +232,49 @@ def test_fields_no_calibration_needs_that_large_are_a_problem():
     src = info()
     src.header.frame_id = "f" * 1025
     assert "frame_id of 1025 characters" in camera_info_problem(src)
+
+
+def stereo_info(width=1281, height=961, binning=(2, 2), roi=(101, 51, 961, 721)):
+    """A rectified camera of a stereo rig: P with skew, Tx and Ty (a vertical baseline); odd ROI offsets."""
+    fx, fy, cx, cy = 500.0, 510.0, 320.5, 240.5
+    return SimpleNamespace(
+        header=SimpleNamespace(stamp=SimpleNamespace(sec=0, nanosec=0), frame_id="cam"),
+        width=width, height=height, distortion_model="plumb_bob", d=[0.0] * 5,
+        k=[fx, 2.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0], r=[1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0],
+        # a rectified stereo camera: skew, Tx = -fx' * baseline_x, Ty = -fy' * baseline_y (vertical rig)
+        p=[fx + 3, 2.0, cx + 1, -25.0, 0.0, fy + 4, cy - 2, -17.0, 0.0, 0.0, 1.0, 0.0],
+        binning_x=binning[0], binning_y=binning[1],
+        roi=SimpleNamespace(x_offset=roi[0], y_offset=roi[1], width=roi[2], height=roi[3], do_rectify=False))
+
+
+def project_p(ci, point):
+    """Pixel of a 3D point (rectified camera frame) in the delivered image, through P (3x4), ROI and binning."""
+    P = np.array(ci.p, float).reshape(3, 4)
+    u, v, w = P @ np.array([*point, 1.0])
+    bx, by = max(ci.binning_x, 1), max(ci.binning_y, 1)
+    return np.array([(u / w - ci.roi.x_offset) / bx, (v / w - ci.roi.y_offset) / by])
+
+
+@pytest.mark.parametrize("binning,roi", [((2, 2), (101, 51, 961, 721)), ((1, 1), (0, 0, 0, 0)),
+                                         ((2, 1), (101, 51, 961, 721))])
+@pytest.mark.parametrize("out", [(352, 480), (544, 736), (160, 600)])
+def test_projection_matrix_projects_like_the_resized_image(binning, roi, out):
+    """P (used on rectified images) scaled per axis, with its ROI rounding shift: x and y scales differ in the node's
+    usual case (360x480 labelled at 352x480)."""
+    src = stereo_info(binning=binning, roi=roi)
+    in_size = image_size(src)
+    dst = scale_camera_info(src, in_size, out, SimpleNamespace(roi=SimpleNamespace()))
+    sx, sy = out[1] / in_size[1], out[0] / in_size[0]
+    for point in ((0.0, 0.0, 2.0), (0.4, -0.3, 1.5), (-1.0, 0.5, 4.0)):
+        np.testing.assert_allclose(project_p(dst, point), project_p(src, point) * [sx, sy], rtol=1e-9, atol=1e-9)
+
+
+def test_image_size_divides_each_axis_by_its_own_binning():
+    assert image_size(stereo_info(width=640, height=480, binning=(1, 2), roi=(0, 0, 0, 0))) == (240, 640)
+    assert image_size(stereo_info(width=640, height=480, binning=(2, 1), roi=(0, 0, 0, 0))) == (480, 320)
+    assert image_size(stereo_info(binning=(2, 1), roi=(101, 51, 961, 721))) == (721, 480)
+    assert image_size(stereo_info(width=0, height=0, binning=(0, 0), roi=(0, 0, 0, 0))) == (0, 0)
+    # 961-wide ROI, 2x1 binning: 480 delivered columns; scaled to 736 it must describe 736, not 737
+    src = stereo_info(binning=(2, 1), roi=(101, 51, 961, 721))
+    dst = scale_camera_info(src, (721, 480), (544, 736), SimpleNamespace(roi=SimpleNamespace()))
+    assert image_size(dst) == (544, 736)

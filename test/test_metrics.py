@@ -102,3 +102,29 @@ def test_agrees_with_mmsegmentation_iou_metric():
     assert np.allclose(ours["Acc"], ref["Acc"], equal_nan=True)
     assert ours["aAcc"] == pytest.approx(float(ref["aAcc"]))
     assert ours["mIoU"] == pytest.approx(float(np.nanmean(ref["IoU"])))
+
+
+def test_accuracy_in_the_json_report_and_the_table_is_recall():
+    """Per-class Acc and mAcc (recall: TP / ground-truth pixels) where they differ from IoU, in icnet-eval's JSON
+    report and in the table: no other test could tell the columns apart."""
+    from icnet_ros.evaluate import metrics_report
+
+    gt = torch.tensor([[0, 0, 1, 255], [0, 1, 1, 255], [2, 2, 1, 1]])
+    pred = torch.tensor([[0, 1, 1, 3], [0, 1, 2, 0], [2, 0, 1, 2]])  # class 1: TP 3, GT 5, predicted 4
+    cm = ConfusionMatrix(4)
+    cm.update(pred, gt)
+    m = cm.compute()
+    names = ["sky", "road", "car", "bicyclist"]
+    report = metrics_report(m, names)
+    acc = {"sky": 2 / 3, "road": 3 / 5, "car": 1 / 2}  # TP / ground-truth pixels
+    iou = {"sky": 2 / 4, "road": 3 / 6, "car": 1 / 4}
+    for name in acc:
+        assert report["per_class"][name]["Acc"] == pytest.approx(100 * acc[name], abs=1e-4)
+        assert report["per_class"][name]["IoU"] == pytest.approx(100 * iou[name], abs=1e-4)
+    assert report["per_class"]["bicyclist"] == {"IoU": None, "Acc": None}
+    assert report["mAcc"] == pytest.approx(100 * sum(acc.values()) / 3, abs=1e-4)
+    assert report["mIoU"] == pytest.approx(100 * sum(iou.values()) / 3, abs=1e-4)
+    assert report["aAcc"] == pytest.approx(100 * 6 / 10, abs=1e-4)
+    table = format_table(m, names).splitlines()
+    assert table[3].split() == ["road", "50.00", "60.00"]
+    assert table[-1].startswith("mIoU 41.67  mAcc 58.89  aAcc 60.00")

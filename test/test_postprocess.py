@@ -1,6 +1,8 @@
 """Postprocessor on the CPU (OpenCV plane-by-plane upsampling with a running maximum) and its torch path (what runs
 on CUDA, run here on CPU tensors) against the plain torch definition: bilinear upsampling of the whole logit map
 (align_corners=False), argmax, max softmax probability."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,49 @@ def test_cpu_render_matches_the_torch_blend(alpha, channels):
     np.testing.assert_array_equal(fast["color"].numpy()[:, 5:], palette[label[:, 5:]][..., ::-1])  # BGR
     only_color = post.render(torch.from_numpy(label), torch.from_numpy(frames), "RGB", (30, 41), frozenset({"color"}))
     assert set(only_color) == {"color"}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_confidence_is_rounded_to_nearest_not_truncated(impl):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 11, 17, 23, generator=g) * 3
+    label, conf = _labels(Postprocessor(CAMVID, torch.device("cpu")), impl)(logits, (50, 61), want_confidence=True)
+    up = F.interpolate(logits, size=(50, 61), mode="bilinear", align_corners=False)
+    scaled = up.double().softmax(1).max(1).values.numpy() * 255
+    clear = np.abs(scaled - np.floor(scaled) - 0.5) > 0.01  # not at a rounding tie
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(conf.numpy()[clear], np.rint(scaled[clear]).astype(np.uint8))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unknown_pixels_take_the_class_sets_ignore_index_in_both_paths(impl):
+    classes = dataclasses.replace(CAMVID, ignore_index=250)
+    post = Postprocessor(classes, torch.device("cpu"), confidence_threshold=0.6, overlay_alpha=0.5)
+    g = torch.Generator().manual_seed(1)
+    label, _ = _labels(post, impl)(torch.randn(1, 11, 17, 23, generator=g) * 3, (40, 50), want_confidence=False)
+    values = set(np.unique(label.numpy()).tolist())
+    assert 250 in values and 255 not in values and values <= set(range(11)) | {250}
+    frames = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (1, 40, 50, 3), dtype=np.uint8))
+    render = post.render if impl == "opencv" else post._render
+    out = render(label, frames, "RGB", (40, 50), frozenset({"color", "overlay"}))
+    unknown = label.numpy() == 250
+    assert (out["color"].numpy()[unknown] == 0).all()
+    np.testing.assert_array_equal(out["overlay"].numpy()[unknown], frames.numpy()[unknown])
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_overlay_at_the_network_size_blends_the_bilinearly_resized_frame(channels):
+    """output_size 'model': the frame is resized to the label size (bilinear, half-pixel centres, rounded)."""
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (2, 72, 100, channels), dtype=np.uint8)
+    label = torch.from_numpy(rng.integers(0, 11, (2, 36, 48), dtype=np.uint8))
+    want = frozenset({"overlay"})
+    ref = F.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).double(), size=(36, 48), mode="bilinear",
+                        align_corners=False).permute(0, 2, 3, 1).expand(-1, -1, -1, 3).numpy()
+    base = Postprocessor(CAMVID, torch.device("cpu"), overlay_alpha=0.0).render(
+        label, torch.from_numpy(frames), "RGB", (36, 48), want)["overlay"].numpy()
+    assert np.abs(base - ref).max() <= 0.5 + 1e-6  # rounded to nearest, not truncated
+    color = CAMVID.palette_array()[label.numpy()].astype(float)
+    blend = Postprocessor(CAMVID, torch.device("cpu"), overlay_alpha=0.3).render(
+        label, torch.from_numpy(frames), "RGB", (36, 48), want)["overlay"].numpy()
+    assert np.abs(blend - (0.7 * base + 0.3 * color)).max() <= 0.5 + 1e-6  # (base: checked above)
