@@ -383,6 +383,9 @@ def default_model_path() -> Path:
     override = os.environ.get(DEFAULT_MODEL_ENV)
     if override:
         p = Path(override).expanduser()
+        if p.suffix.lower() != ".safetensors":  # its reader would call an export corrupt
+            raise CheckpointError(f"{DEFAULT_MODEL_ENV}={override}: the default model must be a .safetensors "
+                                  "checkpoint (an export runs as the model itself); pass a model path")
         if p.is_file():
             return p
         raise CheckpointError(f"the default model is not installed: {DEFAULT_MODEL_ENV}={override} is not a file; "

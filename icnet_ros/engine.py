@@ -55,6 +55,9 @@ CHANNEL_ORDERS = ("RGB", "BGR")
 #: model file suffix -> backend chosen by ``backend="auto"``
 SUFFIX_BACKENDS = {".safetensors": "torch", ".onnx": "onnxruntime", ".xml": "openvino", ".engine": "tensorrt",
                    ".plan": "tensorrt"}
+#: the model file types each backend reads (OpenVINO and TensorRT also take the ONNX export)
+BACKEND_SUFFIXES = {"torch": (".safetensors",), "onnxruntime": (".onnx",), "openvino": (".xml", ".onnx"),
+                    "tensorrt": (".onnx", ".engine", ".plan")}
 
 
 
@@ -190,12 +193,20 @@ def frame_size_problem(model_path: str | os.PathLike | None, height: int, width:
 
 
 def backend_for(model_or_path: Any, backend: str = "auto") -> str:
-    """The backend that runs ``model_or_path``: ``backend`` unless "auto", else by the file's suffix."""
+    """The backend that runs ``model_or_path``: ``backend`` unless "auto", else by the file's suffix. An explicit
+    backend given a model file of a type it does not read (an ONNX export with backend torch) is one line naming
+    the backend: the file's reader would call a valid file corrupt."""
+    is_path = isinstance(model_or_path, (str, os.PathLike))
+    suffix = Path(model_or_path).suffix.lower() if is_path else ""
     if backend != "auto":
+        if suffix in SUFFIX_BACKENDS and suffix not in BACKEND_SUFFIXES.get(backend, (suffix,)):
+            readers = sorted(b for b, suffixes in BACKEND_SUFFIXES.items() if suffix in suffixes)
+            raise CheckpointError(f"{Path(model_or_path).name}: backend {backend!r} runs "
+                                  f"{'/'.join(BACKEND_SUFFIXES[backend])} files; a {suffix} file runs on "
+                                  f"{' or '.join(readers)} (backend auto chooses by the file type)")
         return backend
-    if not isinstance(model_or_path, (str, os.PathLike)):
+    if not is_path:
         return "torch"  # None (the default model), a module, or something the torch loader refuses clearly
-    suffix = Path(model_or_path).suffix.lower()
     if suffix not in SUFFIX_BACKENDS:
         raise CheckpointError(f"{Path(model_or_path).name}: unknown model file type {suffix!r}; expected "
                               f"{', '.join(SUFFIX_BACKENDS)} (or set backend explicitly)")
@@ -265,7 +276,7 @@ class Segmenter:
             if model_or_path is None or isinstance(model_or_path, nn.Module):
                 raise ConfigError(f"backend {kind!r} runs an exported model file (icnet-export); got "
                                   f"{'the default model' if model_or_path is None else 'a module'}")
-            path = Path(model_or_path)
+            path = Path(model_or_path).expanduser()  # as the checkpoint loader (a '~/' in model:= or --model)
             self.meta = _file_metadata(kind, path)
             module = importlib.import_module(BACKEND_MODULES[kind][0])
             try:

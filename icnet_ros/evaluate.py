@@ -298,6 +298,7 @@ def _main(argv: Sequence[str] | None, stop: StopSignals) -> int:
                         pin_memory=device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    ran: set[tuple[int, int]] = set()  # the network sizes at scale 1 (one, or more than one)
     t0 = time.perf_counter()
     with stop.held():  # a stop signal inside the workers' start-up left torch's iterator half made: its __del__
         batches = iter(loader)  # printed an AttributeError traceback after the one line
@@ -305,7 +306,7 @@ def _main(argv: Sequence[str] | None, stop: StopSignals) -> int:
         cm = evaluate(model, batches, Normalizer(meta.get("normalization")), class_set.num_classes,
                       class_set.ignore_index, device, scales=args.scales, flip=args.flip, amp=args.amp,
                       progress=not args.no_progress, desc=f"icnet-eval {args.split}",
-                      size_fn=_bounded_size(sizes.network_size))
+                      size_fn=_bounded_size(sizes.network_size, ran))
     except (DatasetError, NetworkSizeError) as e:  # an unreadable image or label (also in a loader worker), or
         print(f"icnet-eval: error: {_one_line(e)}", file=sys.stderr)  # an image too large at one of the --scales
         return 2
@@ -315,7 +316,9 @@ def _main(argv: Sequence[str] | None, stop: StopSignals) -> int:
     input_size = sizes.param if sizes.kind == "fixed" else None
     # the network input at scale 1: --input-size 100x150 runs at 96x160 (multiples of --size-divisor); the JSON
     # reported only the requested 100x150 before
-    network_size = sizes.network_size(*sizes.param) if sizes.kind == "fixed" else None
+    # (auto or a scale: the size every frame ran at, when they all ran at one; None when they did not)
+    network_size = (sizes.network_size(*sizes.param) if sizes.kind == "fixed" else
+                    next(iter(ran)) if len(ran) == 1 else None)
     network_width, policy = (sizes.param if sizes.kind == "width" else None), sizes.describe()
     if args.json:
         report = {**metrics_report(metrics, class_set.classes), "model": args.model or "default",
@@ -327,7 +330,7 @@ def _main(argv: Sequence[str] | None, stop: StopSignals) -> int:
                   "seconds": round(seconds, 3), "license": meta.get("license")}
         print(json.dumps(report, allow_nan=False))
     else:
-        if network_size and tuple(network_size) != tuple(input_size):  # type: ignore[arg-type]
+        if input_size and network_size and tuple(network_size) != tuple(input_size):
             policy += f" (network {network_size[0]}x{network_size[1]})"
         print(f"model: {args.model or 'default'}  data: {args.data} [{args.split}, {len(dataset)} images]  "
               f"input: {policy}  backend: {backend_name}  flip: {args.flip}  scales: {args.scales}  "
@@ -346,16 +349,19 @@ class NetworkSizeError(ValueError):
     """A network input over :data:`~icnet_ros.sizes.MAX_UPSCALED_PIXELS` (an image at a large ``--scales``)."""
 
 
-def _bounded_size(size_fn: Callable[[int, int, float], tuple[int, int]]) -> Callable[[int, int, float],
-                                                                                       tuple[int, int]]:
+def _bounded_size(size_fn: Callable[[int, int, float], tuple[int, int]], ran: set[tuple[int, int]] | None = None
+                  ) -> Callable[[int, int, float], tuple[int, int]]:
     """``size_fn`` that raises :class:`NetworkSizeError` for a network input over MAX_UPSCALED_PIXELS (4096x4096:
-    the engine's, icnet-export's and the model files' bound) before anything that large is allocated."""
+    the engine's, icnet-export's and the model files' bound) before anything that large is allocated; the network
+    sizes at scale 1 are added to ``ran`` (at most 2: one size, or more than one)."""
     def sized(h: int, w: int, scale: float) -> tuple[int, int]:
         nh, nw = size_fn(h, w, scale)
         if nh * nw > MAX_UPSCALED_PIXELS:
             raise NetworkSizeError(f"--scales {scale:g}: a {h}x{w} image becomes a {nh}x{nw} network input, more "
                                    f"than {MAX_UPSCALED_TEXT}; use smaller --scales or "
                                    "--input-size")
+        if ran is not None and scale == 1.0 and len(ran) < 2:
+            ran.add((nh, nw))
         return nh, nw
     return sized
 

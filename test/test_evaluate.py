@@ -485,7 +485,13 @@ def test_json_reports_the_network_size_the_model_ran_at(capsys, ckpt):
     root = require(CAMVID)
     report = _run_json(capsys, "--model", ckpt, "--data", root, "--limit", 1, "--input-size", "100x150")
     assert report["input_size"] == [100, 150] and report["network_size"] == [96, 160]
-    assert _run_json(capsys, "--model", ckpt, "--data", root, "--limit", 1, "--native")["network_size"] is None
+    # auto (the default) and native: the size the frames ran at (null before, though every CamVid frame runs at one)
+    from icnet_ros.engine import Segmenter
+
+    for flags, policy in (([], "auto"), (["--native"], "native")):
+        expected = Segmenter(str(ckpt), device="cpu", input_size=policy, warmup=False).network_size(360, 480)
+        report = _run_json(capsys, "--model", ckpt, "--data", root, "--limit", 2, *flags)
+        assert report["network_size"] == list(expected), (policy, report)
     assert main(["--model", str(ckpt), "--data", str(root), "--limit", "1", "--workers", "0", "--no-progress",
                  "--input-size", "100x150"]) == 0
     assert "input: 100x150 (network 96x160)" in capsys.readouterr().out

@@ -291,6 +291,43 @@ def test_an_upper_case_suffix_is_written_as_named(tmp_path, ckpt):
         assert {p.name for p in folder.iterdir()} == files
         assert Segmenter(folder / name, device="cpu", warmup=False).backend.name == fmt.replace("onnx", "onnxruntime")
 
+def test_exported_files_by_a_home_relative_path_and_with_a_backend_that_cannot_read_them(tmp_path, ckpt, capsys,
+                                                                                          monkeypatch):
+    """'~/m.onnx' (model:=, --model, a params file: nothing expands it) was 'model file not found' for exports
+    while '~/m.safetensors' loaded. An explicit backend given a file type it does not read (backend torch after the
+    model became an .onnx export) called the valid file corrupt ('not a readable safetensors file'): now one line
+    naming the backends that run it. ICNET_ROS_DEFAULT_MODEL naming an export: the same. An OpenVINO --output
+    named .onnx was written as x.onnx.xml + x.onnx.bin: refused."""
+    from icnet_ros.checkpoint import default_model_path
+    from icnet_ros.engine import Segmenter
+
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for fmt, name in (("onnx", "m.onnx"), ("openvino", "v.xml")):
+        assert export_main([str(ckpt), "--format", fmt, "--size", "64x96", "--output", str(tmp_path / name)]) == 0
+    frame = np.zeros((64, 96, 3), np.uint8)
+    for name, backend in (("m.onnx", "onnxruntime"), ("v.xml", "openvino"), ("m.onnx", "openvino")):
+        seg = Segmenter(f"~/{name}", backend=backend, device="cpu", warmup=False)
+        assert seg.backend.name == backend and seg.segment([frame])[0].label.shape == (64, 96)
+    for name, backend, runs_on in (("m.onnx", "torch", "onnxruntime or openvino or tensorrt"),
+                                   ("v.xml", "onnxruntime", "openvino"), ("v.xml", "tensorrt", "openvino")):
+        with pytest.raises(CheckpointError) as e:
+            Segmenter(tmp_path / name, backend=backend, device="cpu", warmup=False)
+        assert f"backend {backend!r} runs" in str(e.value) and f"runs on {runs_on}" in str(e.value) \
+            and "corrupt" not in str(e.value) and "not a complete" not in str(e.value), str(e.value)
+    monkeypatch.setenv("ICNET_ROS_DEFAULT_MODEL", str(tmp_path / "m.onnx"))
+    with pytest.raises(CheckpointError, match="ICNET_ROS_DEFAULT_MODEL=.*m.onnx: the default model must be a "
+                                              r"\.safetensors checkpoint"):
+        default_model_path()
+    monkeypatch.delenv("ICNET_ROS_DEFAULT_MODEL")
+    capsys.readouterr()
+    assert export_main([str(ckpt), "--format", "openvino", "--size", "64x96", "--output",
+                        str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icnet-export: error: --output ") and ".onnx is another format's" in err, err
+    assert not list(tmp_path.glob("x.*"))
+
+
 def test_ctrl_c_during_the_export_is_one_line_and_leaves_no_file(tmp_path, ckpt):
     """SIGINT once the export started (its first line printed): 'icnet-export: interrupted', exit status 130, no
     output and no temporary file. Before: a KeyboardInterrupt traceback from inside torch (exit 1)."""

@@ -97,6 +97,10 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
     suffix = Path(args.output).suffix.lower()
     if args.format == "onnx" and suffix != ".onnx":
         raise ValueError(f"--output {args.output}: an ONNX file name ending in .onnx")
+    if args.format == "openvino" and suffix in (".onnx", ".engine", ".plan", ".safetensors", ".bin"):
+        # (named x.onnx.xml + x.onnx.bin before: a later model:=x.onnx loaded an older export, or nothing)
+        raise ValueError(f"--output {args.output}: an OpenVINO IR file name ending in .xml (its weights go beside "
+                         f"it as .bin); {suffix} is another format's")
     if args.format == "tensorrt" and suffix not in (".onnx", ".engine", ".plan"):
         raise ValueError(f"--output {args.output}: .onnx (the engine is cached beside it) or .engine/.plan (the "
                          "ONNX file goes beside it)")
