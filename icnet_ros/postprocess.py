@@ -9,6 +9,8 @@ plane at a time (:meth:`Postprocessor._labels_cpu`, :meth:`Postprocessor._render
 """
 from __future__ import annotations
 
+import threading
+
 import cv2
 import numpy as np
 import torch
@@ -40,6 +42,10 @@ class Postprocessor:
         # colour/overlay rendering is a chain of memory-bound element-wise ops that inductor fuses into one loop
         # (CPU, 2 megapixels: ~58 ms eager, ~2 ms compiled, identical bytes); on the CPU OpenCV's table lookup and
         # weighted sum do the same in about 1 ms at 540x720 (15 ms for the eager torch ops, one thread)
+        # the CPU label pass's H x W float/uint8 work planes, per thread, kept for the last output size: fresh
+        # frame-sized arrays per class plane were mapped and unmapped by malloc each time (1920x1080 with
+        # confidence: ~95 ms instead of ~45 ms a frame, in page faults)
+        self._scratch = threading.local()
         if device.type == "cpu":
             self.render = self._render_cpu
         else:
@@ -85,37 +91,44 @@ class Postprocessor:
         n, c = logits.shape[:2]
         planes = logits.detach().float().contiguous().numpy()
         same = tuple(planes.shape[2:]) == (h, w)
+        work = getattr(self._scratch, "planes", None)
+        if work is None or work["resized"].shape != (h, w):
+            work = self._scratch.planes = {name: np.empty((h, w), dtype) for name, dtype in (
+                ("resized", np.float32), ("best", np.float32), ("exp", np.float32), ("total", np.float32),
+                ("higher", np.uint8), ("k", np.uint8))}
+        resized, best, e, total, higher, kmask = (work[k] for k in ("resized", "best", "exp", "total", "higher", "k"))
 
-        def plane(i: int, k: int) -> np.ndarray:
+        def plane(i: int, k: int) -> np.ndarray:  # valid until the next call
             p = planes[i, k]
-            return p if same else cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)
+            return p if same else cv2.resize(p, (w, h), dst=resized, interpolation=cv2.INTER_LINEAR)
 
         labels = np.zeros((n, h, w), np.uint8)
         tiny = h * w <= 16
         threshold = self.confidence_threshold
         conf = np.empty((n, h, w), np.uint8) if want_confidence else None
         for i in range(n):
-            best = plane(i, 0).copy()
+            np.copyto(best, plane(i, 0))
             label = labels[i]
             for k in range(1, c):
                 p = plane(i, k)
-                higher = cv2.compare(p, best, cv2.CMP_GT)  # 255 where class k leads so far
+                cv2.compare(p, best, cv2.CMP_GT, dst=higher)  # 255 where class k leads so far
                 cv2.max(best, p, dst=best)
                 # every label so far is < k, so "k where higher" is max(label, min(higher, k)): SIMD, no masking
                 if tiny:  # OpenCV's binding reads a (1, 1) or (4, 1) array as a Scalar: cv2.min gave 4 numbers
                     np.maximum(label, np.minimum(higher, k), out=label)  # (and those frames were labelled 0)
                 else:
-                    cv2.max(label, cv2.min(higher, k), dst=label)
+                    cv2.max(label, cv2.min(higher, k, dst=kmask), dst=label)
             if want_confidence or threshold > 0:
                 # max softmax probability = 1 / sum_k exp(l_k - l_max), a second pass over the planes
-                total = np.zeros((h, w), np.float32)
+                total.fill(0.0)
                 for k in range(c):
-                    total += np.exp(plane(i, k) - best)
-                prob = np.reciprocal(total)
+                    np.subtract(plane(i, k), best, out=e)
+                    total += np.exp(e, out=e)
+                prob = np.reciprocal(total, out=total)
                 if threshold > 0:
                     label[prob < threshold] = self.unknown
                 if conf is not None:
-                    conf[i] = np.rint(prob * 255.0)
+                    conf[i] = np.rint(np.multiply(prob, 255.0, out=prob), out=prob)
         return torch.from_numpy(labels), None if conf is None else torch.from_numpy(conf)
 
     def _render(self, label: Tensor, frames: Tensor, order: str, out_size: tuple[int, int],

@@ -134,10 +134,10 @@ class Preprocessor:
                 x = cv2.cvtColor(x, cv2.COLOR_GRAY2RGB)
             if x.shape[:2] != (h, w):
                 x = cv2.resize(x, (w, h), interpolation=cv2.INTER_LINEAR)
-            if flip:
-                x = x[:, :, ::-1]
+            if flip:  # x is this call's own float copy: swapped in place (x[:, :, ::-1] made a strided copy)
+                x = cv2.cvtColor(x, cv2.COLOR_BGR2RGB, dst=x)
             if nhwc:  # OpenCV's per-channel scalars (numpy's broadcast over a last axis of 3 is ~5x slower)
-                cv2.multiply(np.ascontiguousarray(x), scale4, dst=out[i])
+                cv2.multiply(x, scale4, dst=out[i])
                 cv2.add(out[i], shift4, dst=out[i])
             else:
                 for k in range(3):
