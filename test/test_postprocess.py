@@ -153,3 +153,32 @@ def test_overlay_at_the_network_size_blends_the_bilinearly_resized_frame(channel
     blend = Postprocessor(CAMVID, torch.device("cpu"), overlay_alpha=0.3).render(
         label, torch.from_numpy(frames), "RGB", (36, 48), want)["overlay"].numpy()
     assert np.abs(blend - (0.7 * base + 0.3 * color)).max() <= 0.5 + 1e-6  # (base: checked above)
+
+
+def test_the_cpu_label_pass_work_planes_follow_the_size_and_the_thread():
+    """The CPU label pass keeps its frame-sized work planes between calls (per thread, for the last output size):
+    calls alternating between sizes, and two threads using one Postprocessor at once, give the reference labels and
+    confidences."""
+    import threading
+
+    post = Postprocessor(CAMVID, torch.device("cpu"))
+    cases = [(_logits(seed=s), size) for s, size in enumerate([(50, 61), (90, 120), (50, 61), (17, 23)])]
+
+    def check(errors):
+        try:
+            for _ in range(3):
+                for logits, size in cases:
+                    label, conf = post.labels(logits, size, want_confidence=True)
+                    ref_label, ref_prob, _ = _reference(logits, size)
+                    assert (label.numpy() == ref_label).mean() > 0.999
+                    assert np.abs(conf.numpy().astype(int) - np.rint(ref_prob * 255)).max() <= 1
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    errors: list = []
+    threads = [threading.Thread(target=check, args=(errors,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
