@@ -723,15 +723,16 @@ def test_a_compressed_frame_that_cannot_be_written_leaves_no_file(ros: RosHarnes
 
 def test_record_does_not_ask_for_a_publisher_after_recording_frames(ros: RosHarness, tmp_path: Path):
     """The camera published, then left: 5 s into the run icnet-record printed 'still waiting for a publisher ...
-    (check the topic name, ROS_DOMAIN_ID and the DDS settings)' after a recording that worked. The hint is for a
-    run that has received nothing."""
+    (check the topic name, ROS_DOMAIN_ID and the DDS settings)' after a recording that worked. The hint is per
+    topic: it names a second topic that never had a publisher (a typo), and not the camera that sent frames."""
     import subprocess
 
     out, log = tmp_path / "rec", tmp_path / "rec.log"
     pub = ros.publisher(Image, "/t_recleft/overlay", RosHarness.qos(reliable=True, depth=10))
     with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.record", "/t_recleft/overlay", "--output",
-                                 str(out), "--duration", "6"], stdout=f, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.record", "/t_recleft/overlay",
+                                 "/t_recleft/overlay_typo", "--reliability", "reliable", "--output", str(out),
+                                 "--duration", "6"], stdout=f, stderr=subprocess.STDOUT,
                                 env=ros_support.subprocess_env())
         try:
             ros.wait_matched(pub)
@@ -746,7 +747,10 @@ def test_record_does_not_ask_for_a_publisher_after_recording_frames(ros: RosHarn
             if proc.poll() is None:
                 proc.kill()
     text = log.read_text(errors="replace")
-    assert status == 0 and "received 3, saved 3" in text and "still waiting" not in text, text
+    hints = [line for line in text.splitlines() if "still waiting" in line]
+    assert status == 0 and "received 3, saved 3" in text, text
+    assert hints == ["icnet-record: still waiting for a publisher on /t_recleft/overlay_typo (check the topic name, "
+                     "ROS_DOMAIN_ID and the DDS settings)"], text
 
 
 def test_record_places_video_frames_by_their_stamps(ros: RosHarness, tmp_path: Path):
@@ -1309,11 +1313,15 @@ def test_play_reads_camera_calibration_yaml(tmp_path: Path):
     path.write_text("image_width: 640\n")
     with pytest.raises(ValueError, match="not a camera_calibration YAML"):
         load_camera_info(path)
-    # malformed YAML, and a tag safe_load refuses: a yaml ParserError / ConstructorError traceback before
-    for text in ("image_width: [1, 2\nfoo: : :\n", "image_width: !!python/object/apply:os.system ['true']\n"):
+    # malformed YAML, a tag safe_load refuses, an infinite size, deep nesting: tracebacks before (and PyYAML's
+    # multi-line marks in the message); one line now
+    for text in ("image_width: [1, 2\nfoo: : :\n", "image_width: !!python/object/apply:os.system ['true']\n",
+                 CALIBRATION_YAML.replace("image_width: 640", "image_width: .inf"), "[" * 5000):
+        assert text != CALIBRATION_YAML
         path.write_text(text)
-        with pytest.raises(ValueError, match="not a camera_calibration YAML"):
+        with pytest.raises(ValueError, match="not a camera_calibration YAML") as e:
             load_camera_info(path)
+        assert "\n" not in str(e.value), str(e.value)
 
 
 def test_player_scales_a_calibration_of_another_size(ros: RosHarness, tmp_path: Path):

@@ -91,8 +91,10 @@ def load_camera_info(path: str | Path) -> dict[str, Any]:
                   "r": [float(v) for v in (doc.get("rectification_matrix") or {}).get(
                       "data", [1, 0, 0, 0, 1, 0, 0, 0, 1])],
                   "p": [float(v) for v in doc["projection_matrix"]["data"]]}
-    except (OSError, KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: not a camera_calibration YAML file ({type(e).__name__}: {e})") from None
+    except (OSError, KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError,
+            yaml.YAMLError) as e:  # (an .inf size, deep nesting, a syntax error: one line, PyYAML's marks joined)
+        raise ValueError(f"{path}: not a camera_calibration YAML file ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())})") from None
     if len(fields["k"]) != 9 or len(fields["r"]) != 9 or len(fields["p"]) != 12:
         raise ValueError(f"{path}: camera_matrix needs 9 values, rectification_matrix 9, projection_matrix 12")
     return fields

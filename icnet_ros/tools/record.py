@@ -209,6 +209,14 @@ class Recorder:
     def publisher_count(self) -> int:
         return sum(s.get_publisher_count() for s in self._subs.values())
 
+    def silent_topics(self) -> list[str]:
+        """The topics that have received nothing and have no publisher (or are not subscribed yet); a topic whose
+        camera sent frames and then left is not one of them."""
+        with self._lock:
+            counts = dict(self._counts)
+        return [t for t in self.topics if counts[t] == 0
+                and (t not in self._subs or self._subs[t].get_publisher_count() == 0)]
+
     # -- receiving and writing
     def _on_msg(self, topic: str, msg: Any) -> None:
         with self._lock:
@@ -518,12 +526,12 @@ def _main(argv: list[str] | None, stop: Any) -> int:
         hinted = False
         while True:
             executor.spin_once(timeout_sec=0.1)
-            subscribed = recorder.subscribe_ready()
+            recorder.subscribe_ready()
             now = time.monotonic()
-            if not hinted and now - t0 > 5.0 and recorder.received == 0 and (
-                    not subscribed or recorder.publisher_count() == 0):  # (not once frames came and the camera left)
+            silent = recorder.silent_topics() if not hinted and now - t0 > 5.0 else []
+            if silent:  # per topic: a mistyped second topic beside a working one is named too
                 hinted = True
-                print(f"icnet-record: still waiting for a publisher on {', '.join(args.topics)} (check the topic "
+                print(f"icnet-record: still waiting for a publisher on {', '.join(silent)} (check the topic "
                       "name, ROS_DOMAIN_ID and the DDS settings)", flush=True)
             if args.max_frames is not None and recorder.received >= args.max_frames:
                 reason = f"{args.max_frames} frames"
