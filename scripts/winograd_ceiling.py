@@ -89,7 +89,8 @@ def main() -> None:
             x = torch.relu(torch.randn(1, c, h, w))
             ref = conv(x)
             # a copy: Module.to converts in place and returns the module itself, so 'direct' would time channels_last
-            xcl, convcl = x.to(memory_format=torch.channels_last), copy.deepcopy(conv).to(memory_format=torch.channels_last)
+            xcl = x.to(memory_format=torch.channels_last)
+            convcl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
             direct = median_ms(lambda: conv(x), args.iters)
             cl = median_ms(lambda: convcl(xcl), args.iters)
             wg = {m: Winograd3x3(conv.weight, conv.bias, m) for m in (2, 4)}

@@ -516,7 +516,8 @@ def test_openvino_int8_without_nncf_is_skipped_not_a_traceback(tmp_path):
 
     pytest.importorskip("openvino")
     js = tmp_path / "r.json"
-    code = ("import sys; sys.modules['nncf'] = None; from icnet_ros.tools.bench import main; sys.exit(main(sys.argv[1:]))")
+    code = ("import sys; sys.modules['nncf'] = None; from icnet_ros.tools.bench import main; "
+            "sys.exit(main(sys.argv[1:]))")
     r = subprocess.run([sys.executable, "-c", code, *TINY, "--threads", "1", "--backend", "openvino-int8", "--calib",
                         str(require(CAMVID / "train")), "--calib-count", "1", "--quiet", "--json", str(js)],
                        capture_output=True, text=True, cwd=str(REPO), env=subprocess_env(), timeout=300)
