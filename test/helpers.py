@@ -173,16 +173,30 @@ def file_size_limit(nbytes: int):
         signal.signal(signal.SIGXFSZ, handler)
 
 
-def signal_once_torch_loads(proc, signum: int, timeout: float = 60.0) -> None:
-    """Send ``signum`` to the subprocess ``proc`` as soon as torch's library is mapped into it (its import under
-    way), or when it ended or ``timeout`` passed."""
+def signal_once_loaded(proc, signum: int, library: str, timeout: float = 60.0) -> None:
+    """Send ``signum`` to the subprocess ``proc`` as soon as a shared library whose path contains ``library`` is
+    mapped into it (that import under way), or when it ended or ``timeout`` passed."""
     maps = f"/proc/{proc.pid}/maps"
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         try:
-            if "libtorch" in open(maps).read():
+            if library in open(maps).read():
                 break
         except OSError:
             pass
-        time.sleep(0.002)
+        time.sleep(0.001)
     proc.send_signal(signum)
+
+
+def signal_once_torch_loads(proc, signum: int, timeout: float = 60.0) -> None:
+    """:func:`signal_once_loaded` for torch's library."""
+    signal_once_loaded(proc, signum, "libtorch", timeout)
+
+
+def child_file_size_limit(nbytes: int):
+    """A ``preexec_fn`` for subprocess.Popen: the child cannot grow any file past ``nbytes`` (EFBIG, as a full disk
+    gives ENOSPC), SIGXFSZ ignored (see :func:`file_size_limit`)."""
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.RLIM_INFINITY))
+    return limit

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, signal_once_torch_loads
+from helpers import REPO, signal_once_loaded, signal_once_torch_loads
 
 EXECUTABLES = ["icnet_node", "icnet-play", "icnet-record", "icnet-demo", "icnet-convert", "icnet-export",
                "icnet-segment", "icnet-bench", "icnet-train", "icnet-eval", "icnet-node-bench", "icnet-node-soak"]
@@ -33,8 +33,6 @@ def test_a_signal_while_a_tool_imports_numpy_is_one_line(tool, args, tmp_path):
     scripts now install the handlers first (tools/entry_points.py): one line 'TOOL: interrupted', 130 / 143. Each
     run loads the installed entry point, as the console script does, and is signalled once numpy's C extension
     is being loaded."""
-    import time
-
     code = ("import sys; from importlib.metadata import entry_points; "
             f"sys.exit([e for e in entry_points(group='console_scripts') if e.name == {tool!r}][0].load()())")
     env = {**os.environ, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "ROS_DOMAIN_ID": "77",
@@ -43,15 +41,7 @@ def test_a_signal_while_a_tool_imports_numpy_is_one_line(tool, args, tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        maps, deadline = Path("/proc") / str(proc.pid) / "maps", time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if "_multiarray_umath" in maps.read_text():
-                    break
-            except OSError:
-                pass
-            time.sleep(0.001)
-        proc.send_signal(signum)
+        signal_once_loaded(proc, signum, "_multiarray_umath")
         out, err = proc.communicate(timeout=60)
         assert (proc.returncode, err) == (128 + signum, f"{tool}: interrupted\n"), (signum, proc.returncode, err)
 

@@ -5,14 +5,16 @@ import math
 import sys
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 
 import ros_support
-from helpers import VIDEO, make_checkpoint, require
+from helpers import VIDEO, child_file_size_limit, make_checkpoint, require, signal_once_loaded
 from ros_support import Process, RosHarness, image_msg, ros  # noqa: F401 - fixture
 
 ros_support.require_rclpy()
@@ -646,35 +648,41 @@ def test_record_reports_a_video_that_cannot_be_finished(ros: RosHarness, tmp_pat
     assert not video.exists() and not temporary()
 
 
-def test_a_video_that_fails_mid_recording_costs_no_frame_its_image(ros: RosHarness, tmp_path: Path):
-    """The video stops growing (here: a file-size limit, as a full disk would): the frames go on being saved as
-    images and count as saved; the video error is one line, exit status 1. Before, every frame after the failure
-    counted as failed (its image written all the same) with an error line each."""
-    import resource
-    import signal as signal_module
+def _record_process(ros: RosHarness, pub: Any, args: list[str], log: Path, publish: Callable[[], None],
+                    preexec_fn: Callable[[], None] | None = None) -> int:
+    """Run ``icnet-record ARGS`` as a process (output into ``log``), call ``publish`` once ``pub`` matched it, and
+    return its exit status; ``pub`` is destroyed at the end."""
     import subprocess
 
-    def limit() -> None:  # in the child: files stop growing at 600 KB (EFBIG), SIGXFSZ ignored
-        signal_module.signal(signal_module.SIGXFSZ, signal_module.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, resource.RLIM_INFINITY))
-
-    out, video, log = tmp_path / "rec", tmp_path / "rec.mp4", tmp_path / "rec.log"
-    pub = ros.publisher(Image, "/t_recfail/overlay", RosHarness.qos(reliable=True, depth=50))
     with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.record", "/t_recfail/overlay", "--output",
-                                 str(out), "--video", str(video), "--max-frames", "20"], stdout=f,
-                                stderr=subprocess.STDOUT, env=ros_support.subprocess_env(), preexec_fn=limit)
+        proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.record", *args], stdout=f,
+                                stderr=subprocess.STDOUT, env=ros_support.subprocess_env(), preexec_fn=preexec_fn)
         try:
             ros.wait_matched(pub)
-            rng = np.random.default_rng(3)
-            for _ in range(20):  # noise: ~520 KB a PNG; the video (~100 KB a frame, written in 256 KB blocks)
-                # fails at its third block
-                pub.publish(image_msg(rng.integers(0, 256, (360, 480, 3), dtype=np.uint8), "bgr8", ros.now()))
-            status = proc.wait(60)
+            publish()
+            return proc.wait(60)
         finally:
             if proc.poll() is None:
                 proc.kill()
             ros.node.destroy_publisher(pub)
+
+
+def test_a_video_that_fails_mid_recording_costs_no_frame_its_image(ros: RosHarness, tmp_path: Path):
+    """The video stops growing (here: a file-size limit, as a full disk would): the frames go on being saved as
+    images and count as saved; the video error is one line, exit status 1. Before, every frame after the failure
+    counted as failed (its image written all the same) with an error line each."""
+    limit = child_file_size_limit(600_000)  # in the child: files stop growing there (EFBIG)
+    out, video, log = tmp_path / "rec", tmp_path / "rec.mp4", tmp_path / "rec.log"
+    pub = ros.publisher(Image, "/t_recfail/overlay", RosHarness.qos(reliable=True, depth=50))
+
+    def publish() -> None:
+        rng = np.random.default_rng(3)
+        for _ in range(20):  # noise: ~520 KB a PNG; the video (~100 KB a frame, written in 256 KB blocks)
+            # fails at its third block
+            pub.publish(image_msg(rng.integers(0, 256, (360, 480, 3), dtype=np.uint8), "bgr8", ros.now()))
+
+    status = _record_process(ros, pub, ["/t_recfail/overlay", "--output", str(out), "--video", str(video),
+                                        "--max-frames", "20"], log, publish, limit)
     text = log.read_text(errors="replace")
     assert status == 1 and "received 20, saved 20" in text and "failed" not in text.split("stopped")[-1], text
     assert len(list(out.glob("*.png"))) == 20 and "Traceback" not in text
@@ -685,35 +693,21 @@ def test_a_compressed_frame_that_cannot_be_written_leaves_no_file(ros: RosHarnes
     """Compressed frames were written straight to their final names: a full disk (here a file-size limit) left cut
     and empty .png files that looked like frames, counted as failed but read back as saved (and as an earlier
     recording by the next run). Now each file is written whole or not at all, the error naming it."""
-    import resource
-    import signal as signal_module
-    import subprocess
-
-    def limit() -> None:  # in the child: no file grows past 300 KB (EFBIG), SIGXFSZ ignored
-        signal_module.signal(signal_module.SIGXFSZ, signal_module.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))
-
+    limit = child_file_size_limit(300_000)  # in the child: files stop growing there (EFBIG)
     rng = np.random.default_rng(5)
     small = [cv2.imencode(".png", np.full((H, W, 3), 40 * i, np.uint8))[1].tobytes() for i in range(3)]
     big = [cv2.imencode(".png", rng.integers(0, 256, (360, 480, 3), dtype=np.uint8))[1].tobytes() for _ in range(2)]
     assert max(map(len, small)) < 300_000 < min(map(len, big))
     out, log = tmp_path / "rec", tmp_path / "rec.log"
     pub = ros.publisher(CompressedImage, "/t_recfull/image/compressed", RosHarness.qos(reliable=True, depth=10))
-    with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "icnet_ros.tools.record", "/t_recfull/image/compressed",
-                                 "--output", str(out), "--max-frames", "5"], stdout=f, stderr=subprocess.STDOUT,
-                                env=ros_support.subprocess_env(), preexec_fn=limit)
-        try:
-            ros.wait_matched(pub)
-            for i, data in enumerate((small[0], big[0], small[1], big[1], small[2])):
-                msg = CompressedImage(format="png", data=data)
-                msg.header.stamp.sec = 100 + i
-                pub.publish(msg)
-            status = proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            ros.node.destroy_publisher(pub)
+    def publish() -> None:
+        for i, data in enumerate((small[0], big[0], small[1], big[1], small[2])):
+            msg = CompressedImage(format="png", data=data)
+            msg.header.stamp.sec = 100 + i
+            pub.publish(msg)
+
+    status = _record_process(ros, pub, ["/t_recfull/image/compressed", "--output", str(out), "--max-frames", "5"],
+                             log, publish, limit)
     text = log.read_text(errors="replace")
     assert status == 1 and "received 5, saved 3, failed 2" in text and "Traceback" not in text, text
     assert text.count("cannot write ") == 2, text
@@ -905,16 +899,7 @@ def test_record_interrupted_while_it_starts_is_one_line(tmp_path: Path):
                                  str(tmp_path / "rec")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=ros_support.subprocess_env(), cwd=str(ros_support.REPO),
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        maps = Path("/proc") / str(proc.pid) / "maps"
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:  # rclpy's library loading: the import under way
-            try:
-                if "librcl" in maps.read_text():
-                    break
-            except OSError:
-                pass
-            time.sleep(0.002)
-        proc.send_signal(signum)
+        signal_once_loaded(proc, signum, "librcl")  # rclpy's library loading: the import under way
         out, err = proc.communicate(timeout=60)
         assert (proc.returncode, err) == (128 + signum, "icnet-record: interrupted\n"), (proc.returncode, out, err)
 
