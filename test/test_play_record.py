@@ -700,6 +700,7 @@ def test_a_compressed_frame_that_cannot_be_written_leaves_no_file(ros: RosHarnes
     assert max(map(len, small)) < 300_000 < min(map(len, big))
     out, log = tmp_path / "rec", tmp_path / "rec.log"
     pub = ros.publisher(CompressedImage, "/t_recfull/image/compressed", RosHarness.qos(reliable=True, depth=10))
+
     def publish() -> None:
         for i, data in enumerate((small[0], big[0], small[1], big[1], small[2])):
             msg = CompressedImage(format="png", data=data)
