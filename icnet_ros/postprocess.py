@@ -92,11 +92,10 @@ class Postprocessor:
         planes = logits.detach().float().contiguous().numpy()
         same = tuple(planes.shape[2:]) == (h, w)
         work = getattr(self._scratch, "planes", None)
-        if work is None or work["resized"].shape != (h, w):
-            work = self._scratch.planes = {name: np.empty((h, w), dtype) for name, dtype in (
-                ("resized", np.float32), ("best", np.float32), ("exp", np.float32), ("total", np.float32),
-                ("higher", np.uint8), ("k", np.uint8))}
-        resized, best, e, total, higher, kmask = (work[k] for k in ("resized", "best", "exp", "total", "higher", "k"))
+        if work is None or work[0].shape != (h, w):  # resized, best, exp, total (float); higher, kmask (uint8)
+            dtypes = (np.float32,) * 4 + (np.uint8,) * 2
+            work = self._scratch.planes = tuple(np.empty((h, w), dtype) for dtype in dtypes)
+        resized, best, e, total, higher, kmask = work
 
         def plane(i: int, k: int) -> np.ndarray:  # valid until the next call
             p = planes[i, k]

@@ -8,42 +8,26 @@ inside ``main`` already."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 from .cli_checks import run_stoppable
 
 
-def _run(tool: str, module: str) -> int:
-    # the tool's main installs its own handlers (nested: ours come back at its end)
-    return run_stoppable(tool, lambda stop: importlib.import_module(module).main())
+def _entry_point(tool: str, module: str) -> Callable[[], int]:
+    """The console script of ``tool``: ``module``'s main, imported and run under the stop signals' handlers (the
+    tool's main installs its own, nested: ours come back at its end)."""
+    def run() -> int:
+        return run_stoppable(tool, lambda stop: importlib.import_module(module).main())
+
+    run.__name__ = run.__qualname__ = tool.replace("-", "_")
+    return run
 
 
-def icnet_eval() -> int:
-    return _run("icnet-eval", "icnet_ros.evaluate")
-
-
-def icnet_train() -> int:
-    return _run("icnet-train", "icnet_ros.train")
-
-
-def icnet_bench() -> int:
-    return _run("icnet-bench", "icnet_ros.tools.bench")
-
-
-def icnet_play() -> int:
-    return _run("icnet-play", "icnet_ros.tools.play")
-
-
-def icnet_record() -> int:
-    return _run("icnet-record", "icnet_ros.tools.record")
-
-
-def icnet_convert() -> int:
-    return _run("icnet-convert", "icnet_ros.tools.convert")
-
-
-def icnet_node_bench() -> int:
-    return _run("icnet-node-bench", "icnet_ros.tools.node_bench")
-
-
-def icnet_node_soak() -> int:
-    return _run("icnet-node-soak", "icnet_ros.tools.soak")
+icnet_eval = _entry_point("icnet-eval", "icnet_ros.evaluate")
+icnet_train = _entry_point("icnet-train", "icnet_ros.train")
+icnet_bench = _entry_point("icnet-bench", "icnet_ros.tools.bench")
+icnet_play = _entry_point("icnet-play", "icnet_ros.tools.play")
+icnet_record = _entry_point("icnet-record", "icnet_ros.tools.record")
+icnet_convert = _entry_point("icnet-convert", "icnet_ros.tools.convert")
+icnet_node_bench = _entry_point("icnet-node-bench", "icnet_ros.tools.node_bench")
+icnet_node_soak = _entry_point("icnet-node-soak", "icnet_ros.tools.soak")
