@@ -230,6 +230,18 @@ def run_stoppable(tool: str, main: Callable[[StopSignals], int]) -> int:
             return stop.exit_code
 
 
+def run_ros_tool(tool: str, argv: list[str] | None, main: Callable[[list[str] | None, StopSignals], int]) -> int:
+    """A ROS tool's entry point: one line and exit status 2 when rclpy cannot be imported (not a
+    ModuleNotFoundError traceback), else ``main(argv, stop)`` under :func:`run_stoppable`, so that SIGINT and SIGTERM
+    are a KeyboardInterrupt from the imports and start-up on (results so far kept, exit status 130 / 143)."""
+    from ..ros_spin import rclpy_missing
+
+    missing = rclpy_missing(tool, argv)
+    if missing is not None:
+        return missing
+    return run_stoppable(tool, lambda stop: main(argv, stop))
+
+
 def add_max_pixels_argument(parser: Any, extra: str = "", bounds: str | None = None) -> None:
     """``--max-pixels N`` on an argparse parser (default: the node's max_pixels), as icnet-segment, icnet-play and
     icnet-demo take it; ``extra``: what else it bounds in that tool; ``bounds``: what it does there, when not the
@@ -272,5 +284,5 @@ def frame_size_problem(size: tuple[int, int], model: str | None = None, max_pixe
 
 
 __all__ = ["StopSignals", "add_max_pixels_argument", "frame_size_problem", "ignore_signal", "max_pixels_problem",
-           "model_problem", "output_file_problem", "output_folder_problem", "run_stoppable", "topic_problem",
-           "write_json"]
+           "model_problem", "output_file_problem", "output_folder_problem", "run_ros_tool", "run_stoppable",
+           "topic_problem", "write_json"]

@@ -123,15 +123,10 @@ def _resolve_model(model: str | None, backend: str = "auto") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..ros_spin import rclpy_missing
-
-    missing = rclpy_missing(PROG, argv)  # one line, not a ModuleNotFoundError traceback
-    if missing is not None:
-        return missing
-    from .cli_checks import run_stoppable
+    from .cli_checks import run_ros_tool
 
     # SIGINT and SIGTERM: a KeyboardInterrupt, also during the imports and start-up
-    return run_stoppable(PROG, lambda stop: _main(argv, stop))
+    return run_ros_tool(PROG, argv, _main)
 
 
 def default_output(now: float | None = None) -> Path:

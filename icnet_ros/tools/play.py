@@ -328,16 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..ros_spin import rclpy_missing
-
-    missing = rclpy_missing("icnet-play", argv)  # one line, not a ModuleNotFoundError traceback
-    if missing is not None:
-        return missing
-    from .cli_checks import run_stoppable
+    from .cli_checks import run_ros_tool
 
     # SIGTERM as Ctrl-C (as icnet-segment and icnet-record): the summary, exit status 143 (before, SIGTERM ended the
     # process at once, with no summary)
-    return run_stoppable("icnet-play", lambda stop: _main(argv, stop))
+    return run_ros_tool("icnet-play", argv, _main)
 
 
 def _rate_problem(rate: float, what: str = "--rate") -> str | None:

@@ -450,16 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..ros_spin import rclpy_missing
-
-    missing = rclpy_missing("icnet-record", argv)  # one line, not a ModuleNotFoundError traceback
-    if missing is not None:
-        return missing
-    from .cli_checks import run_stoppable
+    from .cli_checks import run_ros_tool
 
     # SIGTERM as Ctrl-C, also while the tool imports and starts (before: rclpy's handlers from rclpy.init on, so a
     # signal during the imports was a 32-line KeyboardInterrupt traceback and SIGTERM a silent exit status -15)
-    return run_stoppable("icnet-record", lambda stop: _main(argv, stop))
+    return run_ros_tool("icnet-record", argv, _main)
 
 
 def _main(argv: list[str] | None, stop: Any) -> int:

@@ -350,15 +350,10 @@ def _diagnostics(msgs: list[Any]) -> dict[str, dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..ros_spin import rclpy_missing
-
-    missing = rclpy_missing(PROG, argv)  # one line, not a ModuleNotFoundError traceback
-    if missing is not None:
-        return missing
-    from .cli_checks import run_stoppable
+    from .cli_checks import run_ros_tool
 
     # SIGTERM (kill, timeout, a CI cancel) as Ctrl-C: the node stopped, results kept
-    return run_stoppable(PROG, lambda stop: _main(argv, stop))
+    return run_ros_tool(PROG, argv, _main)
 
 
 def _main(argv: list[str] | None, stop: Any) -> int:
