@@ -122,6 +122,10 @@ def test_missing_unexpected_and_mismatched_keys(tmp_path):
     # finite in float64, not in the float32 arithmetic: std 1e-300 is 0 there (every logit NaN, every pixel class 0)
     ({"normalization": {"mean": [0, 0, 0], "std": [1e-300, 1, 1], "channel_order": "RGB"}}, "invalid normalization"),
     ({"normalization": {"mean": [1e308, 0, 0], "std": [1, 1, 1], "channel_order": "RGB"}}, "invalid normalization"),
+    # the order the network was trained in: without it (or with another spelling) the preprocessing cannot tell
+    # whether to swap a frame's channels
+    ({"normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}}, "invalid normalization"),
+    ({"normalization": {"mean": [0, 0, 0], "std": [1, 1, 1], "channel_order": "rgb"}}, "invalid normalization"),
     ({"input_size": [10, 10]}, "invalid input_size"),
     ({"network_width": 32}, "invalid network_width"),
     ({"network_width": 100000}, "invalid network_width"),  # auto inference resizes every frame to it: bounded

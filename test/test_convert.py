@@ -357,6 +357,61 @@ def test_infer_config_variants():
         infer_config({k.replace("backbone.ppm.", "backbone."): v for k, v in m.state_dict().items()})
 
 
+@pytest.mark.parametrize("depth", [18, 34, 50, 101])
+def test_infer_config_maps_each_resnet_depth(depth):
+    """BasicBlock (2, 2, 2, 2) is R18 and (3, 4, 6, 3) R34; Bottleneck (3, 4, 6, 3) is R50 and (3, 4, 23, 3) R101
+    (built on the meta device: shapes only)."""
+    from icnet_ros.models import build_icnet
+    from icnet_ros.models.icnet import ICNetConfig
+
+    with torch.device("meta"):
+        m = build_icnet(ICNetConfig(backbone=f"resnet{depth}", num_classes=7))
+    state = {k.replace("backbone.ppm.", "backbone."): v for k, v in m.state_dict().items()}
+    assert infer_config(state).backbone == f"resnet{depth}"
+
+
+def test_a_19_class_mmseg_checkpoint_without_class_names_is_cityscapes(tmp_path, capsys):
+    """mmseg's ICNet checkpoints are Cityscapes models: 19 classes and no (usable) class names in the file's meta
+    give Cityscapes' names and palette; names of the right count without a palette keep the names."""
+    from icnet_ros.classes import CITYSCAPES, generic_palette
+    from icnet_ros.models import build_icnet
+
+    model = build_icnet("icnet_r18", width=0.25, num_classes=19)
+    state = {k.replace("backbone.ppm.", "backbone."): v for k, v in model.state_dict().items()}
+    for i, wrapper in enumerate(({"state_dict": state}, {"meta": {"CLASSES": ["road"]}, "state_dict": state})):
+        src, dst = tmp_path / f"city{i}.pth", tmp_path / f"city{i}.safetensors"
+        torch.save(wrapper, src)
+        assert convert_main([str(src), str(dst)]) == 0
+        assert "19 classes" in capsys.readouterr().out
+        meta = read_metadata(dst)
+        assert meta["dataset"] == "cityscapes" and meta["classes"] == list(CITYSCAPES.classes)
+        assert meta["palette"] == [list(c) for c in CITYSCAPES.palette]
+    names = [f"c{i}" for i in range(19)]
+    torch.save({"meta": {"dataset_meta": {"classes": names}}, "state_dict": state}, tmp_path / "named.pth")
+    meta = import_mmseg_checkpoint(tmp_path / "named.pth").meta
+    assert meta["classes"] == names and meta["palette"] == [list(c) for c in generic_palette(19)]
+
+
+def test_no_aux_drops_the_auxiliary_heads_of_an_mmseg_checkpoint(tmp_path, mmseg_r18_file, capsys):
+    """--no-aux on a .pth conversion: the written file has no auxiliary-head tensors and says so in its arch;
+    without the flag they are kept."""
+    from safetensors import safe_open
+
+    src, model = mmseg_r18_file
+    assert model.config.aux_heads
+    for flags, aux in (([], True), (["--no-aux"], False)):
+        dst = tmp_path / f"aux_{aux}.safetensors"
+        assert convert_main([str(src), str(dst), *flags]) == 0
+        capsys.readouterr()
+        with safe_open(str(dst), "pt") as f:
+            assert any(k.startswith("auxiliary_head.") for k in f.keys()) == aux
+        assert read_metadata(dst)["arch"]["aux_heads"] == aux
+        loaded = load_model(dst)
+        x = torch.randn(1, 3, 96, 96)
+        with torch.no_grad():
+            assert torch.allclose(loaded.eval()(x), model.eval()(x), atol=1e-5)
+
+
 def test_hostile_pth_tensors_are_refused_before_memory_is_spent(tmp_path, mmseg_r18_file, monkeypatch):
     """A stride-0 view declares any shape over one stored number (an 85 KB file imported as a 4.3 GB ResNet-101
     at width 4, written out as a 4.27 GB checkpoint); a stem claiming width 4 over small tensors built that model
@@ -464,8 +519,12 @@ def test_convert_averages_native_checkpoints_and_records_them(tmp_path, capsys):
     # refused with one line, nothing written: another architecture, other classes, missing heads, an mmseg file
     wide = make_checkpoint(tmp_path / "wide.safetensors", width=0.5)
     few = make_checkpoint(tmp_path / "few.safetensors", num_classes=5)
+    # the same network trained on BGR frames with other statistics: its weights expect other inputs
+    bgr = make_checkpoint(tmp_path / "bgr.safetensors", seed=3, normalization={
+        "mean": [103.53, 116.28, 123.675], "std": [57.375, 57.12, 58.395], "channel_order": "BGR"})
     cases = (([str(a), "--average", str(wide)], "its arch differs"),
              ([str(a), "--average", str(few)], "differs from the first checkpoint's"),
+             ([str(a), "--average", str(bgr)], "its normalization differs from the first checkpoint's"),
              ([str(a), "--average", str(dst)], "lacks"),  # dst has no auxiliary heads
              ([str(a), "--average", str(tmp_path / "x.pth")], "only native .safetensors"),
              ([str(tmp_path / "m.pth"), "--average", str(b)], "--average takes native"))

@@ -557,7 +557,7 @@ def _external(tensor, folder, name="weights.bin"):
 
 @pytest.mark.parametrize("where", ["initializer", "Constant node", "Constant node in a subgraph",
                                    "Constant node in a model-local function", "sparse initializer",
-                                   "tensor in an attribute list"])
+                                   "sparse initializer's indices", "tensor in an attribute list"])
 def test_a_tensor_stored_in_another_file_is_refused(tmp_path, ckpt, where):
     """ONNX external data: ONNX Runtime and OpenVINO read any file in the model's folder that a tensor names (a
     model next to ~/.ssh/id_rsa read it, and its graph published the bytes as labels). icnet-export writes
@@ -587,6 +587,15 @@ def test_a_tensor_stored_in_another_file_is_refused(tmp_path, ckpt, where):
         indices = helper.make_tensor("W_indices", TensorProto.INT64, [weight.dims[0]],
                                      list(range(weight.dims[0])))
         model.graph.sparse_initializer.append(helper.make_sparse_tensor(weight, indices, shape))
+    elif where == "sparse initializer's indices":  # W's values in the file, their indices in another one
+        from onnx import numpy_helper
+
+        del model.graph.initializer[:]
+        shape = list(weight.dims)
+        values = numpy_helper.from_array(np.fromfile(tmp_path / "weights.bin", np.float32), "W")
+        indices = numpy_helper.from_array(np.arange(int(np.prod(shape)), dtype=np.int64), "W_indices")
+        _external(indices, tmp_path)  # (weights.bin now holds the indices)
+        model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, shape))
     elif where != "initializer":  # W from a Constant node instead of an initializer
         del model.graph.initializer[:]
         constant = helper.make_node("Constant", [], ["W"], value=weight)
@@ -616,8 +625,8 @@ def test_a_tensor_stored_in_another_file_is_refused(tmp_path, ckpt, where):
     for open_model in opened:
         with pytest.raises(CheckpointError) as e:
             open_model()
-        one_line_error(e, str(path), "tensor 'W' is not stored in the file: its data is in another file "
-                       "('weights.bin'); a model must not read other files")
+        one_line_error(e, str(path), f"tensor {'W_indices' if 'indices' in where else 'W'!r} is not stored in the "
+                       "file: its data is in another file ('weights.bin'); a model must not read other files")
 
 
 def test_a_tensor_hidden_from_the_walk_by_protobufs_32_bit_arithmetic_is_refused(tmp_path, ckpt):
@@ -668,6 +677,37 @@ def test_graph_nesting_is_bounded(tmp_path, ckpt):
     with pytest.raises(CheckpointError) as e:
         read_onnx_metadata(path)
     one_line_error(e, str(path), f"messages nested more than {export_module.MAX_GRAPH_NESTING} deep")
+
+
+def test_a_negative_integer_attribute_across_a_read_chunk_is_read(tmp_path, ckpt):
+    """A negative integer attribute (LogSoftmax axis=-3) is a 10-byte varint in protobuf; the walk reads the file in
+    chunks of 64 KiB and must read all 10 bytes of a varint that starts 9 bytes before a chunk's end (a doc_string
+    places it there) instead of calling the file truncated. The model is real: ONNX Runtime opens it too."""
+    from onnx import helper
+
+    import icnet_ros.export as export_module
+    from icnet_ros.backends.base import BackendOptions
+    from icnet_ros.backends.onnxruntime import open_backend
+
+    model = onnx.load(str(tiny_onnx(tmp_path / "tiny.onnx", export_meta(ckpt))))
+    model.graph.node[-1].output[0] = "scores"
+    model.graph.node.append(helper.make_node("LogSoftmax", ["scores"], ["logits"], axis=-3))  # over the classes
+    minus3 = _varint(2**64 - 3)
+    assert len(minus3) == 10
+    path, want = tmp_path / "axis.onnx", export_module._CHUNK - 9
+    model.doc_string = "x" * 60_000
+    at = model.SerializeToString().index(minus3)
+    model.doc_string = "x" * (60_000 + want - at)
+    data = model.SerializeToString()
+    assert data.index(minus3) == want
+    path.write_bytes(data)
+    assert read_onnx_metadata(path)["network_size"] == [64, 64]
+    backend = open_backend(path, BackendOptions())
+    try:
+        logits = backend(torch.zeros(1, 3, 64, 64))
+        assert torch.allclose(logits.exp().sum(dim=1), torch.ones(1, 8, 8), atol=1e-5)
+    finally:
+        backend.close()
 
 
 def _varint(n):

@@ -263,6 +263,34 @@ def test_a_simulated_clock_that_never_ticks_is_reported(segmenter: Segmenter, mo
     assert pipe.snapshot()["cameras"]["/a"]["processed"] == 3
 
 
+def test_the_no_clock_warning_waits_for_no_clock_warn_s_of_frames(segmenter: Segmenter,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """The warning comes once frames have met an unticked simulated clock for NO_CLOCK_WARN_S (3 s: a bag started
+    a moment before its /clock is not warned about), once; a clock that ticks in between starts the wait again."""
+    import icnet_ros.frame_pipeline as fp
+
+    now, node_clock = [1000.0], [0]
+    monkeypatch.setattr(fp, "time", SimpleNamespace(monotonic=lambda: now[0], perf_counter=time.perf_counter))
+    sink, log = Sink(), Log()
+    pipe = FramePipeline(segmenter, [("/a", False)], wanted=sink.wanted, publish=sink.publish,
+                         clock_ns=lambda: node_clock[0], simulated_clock=lambda: True, logger=log)
+
+    def frame_at(t: float) -> list[str]:
+        now[0] = 1000.0 + t
+        pipe.submit("/a", image(1, stamp_ns=1_700_000_000 * 10**9))
+        pipe.step()
+        return [text for _, text in log.lines if "no /clock" in text]
+    assert fp.NO_CLOCK_WARN_S == 3.0
+    assert frame_at(0.0) == [] and frame_at(1.5) == [] and frame_at(2.9) == []
+    node_clock[0] = 1_700_000_000 * 10**9  # /clock ticks once ...
+    assert frame_at(3.5) == []
+    node_clock[0] = 0  # ... then stands at 0 again (the simulator restarted): the 3 s count from here
+    assert frame_at(4.0) == [] and frame_at(6.9) == []
+    warnings = frame_at(7.0)
+    assert len(warnings) == 1 and "for 3 s of frames" in warnings[0], warnings
+    assert frame_at(20.0) == warnings  # once per camera
+
+
 def test_stamps_on_this_clock_give_stamp_latency_never_negative(segmenter: Segmenter):
     now = [10**12]
     sink = Sink()
@@ -286,6 +314,27 @@ def test_on_a_simulated_clock_latency_is_timed_from_receipt(segmenter: Segmenter
     pipe.step()
     cam = pipe.snapshot()["cameras"]["/a"]
     assert cam["latency_from"] == "receipt" and cam["latency_p50_ms"] > 0, cam
+
+
+def test_receipt_latency_is_in_milliseconds(segmenter: Segmenter, monkeypatch: pytest.MonkeyPatch):
+    """Latency from receipt (an unstamped frame, a simulated clock) is reported in ms like the stamp latency: a frame
+    published 40 ms (on the steady clock) after it was received reads 40, not 0.04."""
+    import icnet_ros.frame_pipeline as fp
+
+    now = [1000.0]
+    monkeypatch.setattr(fp, "time", SimpleNamespace(monotonic=lambda: now[0], perf_counter=time.perf_counter))
+
+    def forward_pass(frames: list) -> None:
+        now[0] += 0.040
+    for simulated, stamp in ((False, 0), (True, 10**12)):
+        pipe = FramePipeline(Counting(segmenter, forward_pass), [("/a", False)], wanted=lambda key: {"label"},
+                             publish=lambda *args: ["label"], clock_ns=lambda: 10**12,
+                             simulated_clock=lambda: simulated)
+        pipe.submit("/a", image(1, stamp_ns=stamp))
+        pipe.step()
+        cam = pipe.snapshot()["cameras"]["/a"]
+        assert cam["latency_from"] == "receipt" and cam["latency_p50_ms"] == pytest.approx(40.0), cam
+        assert pipe.samples("/a")["latency_ms"] == [pytest.approx(40.0)]
 
 
 def test_malformed_frame_is_that_frames_drop(segmenter: Segmenter):
@@ -512,6 +561,39 @@ def test_out_of_memory_retries_frame_by_frame_and_shrinks_the_batch(segmenter: S
     assert sizes[3:] == [1, 1] and len(sink.published) == 4
     pipe.configure(max_batch=2)  # a new max_batch resets the limit
     assert pipe.snapshot()["batch_limit"] == 2
+
+
+def test_the_batch_limit_grows_back_after_an_out_of_memory_shrink(segmenter: Segmenter,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """After a shrink the limit grows by one every REGROW_AFTER good batches (counted afresh after each step), up
+    to max_batch and no further."""
+    import icnet_ros.frame_pipeline as fp
+
+    monkeypatch.setattr(fp, "REGROW_AFTER", 3)
+    failed = []
+
+    def once(n: int) -> Exception | None:
+        if n > 1 and not failed:
+            failed.append(n)
+            return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return None
+    sizes = _failing_forward(segmenter, monkeypatch, once)
+    keys = ["/a", "/b", "/c"]
+    pipe, published, _ = pipe_of(segmenter, keys, max_batch=3, max_age=0)
+    limits = []
+    for i in range(12):
+        for k in keys:
+            pipe.submit(k, image(i))
+        pipe.step()
+        limits.append(pipe.snapshot()["batch_limit"])
+    # batch 1: 3 frames, out of memory, each alone, limit 1; then batches of 1 until the limit is 2, 3 batches of
+    # 2 -> 3 (max_batch), and no further
+    assert failed == [3] and sizes[:4] == [3, 1, 1, 1]
+    grown = limits.index(2)
+    assert grown in (2, 3) and limits[:grown] == [1] * grown, limits  # (the shrunk batch itself may count)
+    assert limits[grown:] == [2, 2, 2] + [3] * (len(limits) - grown - 3), limits
+    assert sizes[4:] == limits[:-1], sizes  # each batch as large as the limit the step before left
+    assert pipe.snapshot()["faults"] == {"out_of_memory": 1, "oom_retries": 1, "batch_shrinks": 1}
 
 
 def test_out_of_memory_for_one_frame_alone_is_that_frames_drop(segmenter: Segmenter,

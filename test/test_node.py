@@ -520,7 +520,10 @@ def test_class_metadata_topic_and_parameters(harness: RosHarness):
     doc = json.loads(col.messages[0].data)
     assert [c["name"] for c in doc["classes"]] == list(CAMVID.classes)
     assert [c["id"] for c in doc["classes"]] == list(range(CAMVID.num_classes))
-    assert doc["classes"][3]["color"] == "#%02x%02x%02x" % CAMVID.palette[3]
+    # every colour, '#rrggbb' in RGB order (CamVid's building (128, 0, 0) is '#800000'; a swap gives '#000080')
+    rgb = ["#%02x%02x%02x" % c for c in CAMVID.palette]
+    assert rgb[1] == "#800000"
+    assert [c["color"] for c in doc["classes"]] == rgb
     assert doc["ignore_index"] == 255
     client = ros.node.create_client(GetParameters, "/icnet_node/get_parameters")
     try:
@@ -531,9 +534,19 @@ def test_class_metadata_topic_and_parameters(harness: RosHarness):
         ros.node.destroy_client(client)
     names, colors, ignore, topics = res.values
     assert list(names.string_array_value) == list(CAMVID.classes)
-    assert colors.string_array_value[0] == "#%02x%02x%02x" % CAMVID.palette[0]
+    assert list(colors.string_array_value) == rgb
     assert ignore.integer_value == 255
     assert list(topics.string_array_value) == [CAM_A, CAM_B]
+    # the classes.* parameters are the model's: read-only, a `ros2 param set` of one is refused
+    client = ros.node.create_client(SetParameters, "/icnet_node/set_parameters")
+    try:
+        assert client.wait_for_service(timeout_sec=10)
+        value = ParameterValue(type=ParameterType.PARAMETER_STRING_ARRAY, string_array_value=rgb[::-1])
+        res = client.call(SetParameters.Request(parameters=[ParameterMsg(name="classes.colors", value=value)]),
+                          timeout_sec=10)
+    finally:
+        ros.node.destroy_client(client)
+    assert not res.results[0].successful and "read-only" in res.results[0].reason, res
 
 
 def test_a_parameter_dump_loads_back(harness: RosHarness, tmp_path: Path):

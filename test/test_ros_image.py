@@ -309,6 +309,7 @@ def _bad_compressed() -> dict[str, tuple[str, bytes, str]]:
     dqt = jpg.index(b"\xff\xdb")
     return {
         "png truncated": ("png", png[: len(png) // 2], "decode"),
+        "png truncated in a CRC": ("png", png[: png.index(b"IEND") - 6], "decode"),  # the IDAT's CRC, 2 of 4 bytes
         "png IHDR CRC": ("png", png[:30] + bytes([png[30] ^ 0xFF]) + png[31:], "decode"),
         "png IDAT CRC": ("png", png[: idat + 10] + bytes([png[idat + 10] ^ 0xFF]) + png[idat + 11:], "decode"),
         "png bad depth": ("png", png[:24] + b"\x05" + png[25:], "decode"),
@@ -318,6 +319,7 @@ def _bad_compressed() -> dict[str, tuple[str, bytes, str]]:
         "jpeg truncated": ("jpeg", jpg[: len(jpg) // 2], "decode"),
         "jpeg no SOF": ("jpeg", b"\xff\xd8\xff\xd9", "decode"),
         "jpeg segment past the end": ("jpeg", jpg[:2] + b"\xff\xe0\xff\xff" + jpg[6:40], "decode"),
+        "jpeg truncated in a segment length": ("jpeg", jpg[:sof + 3], "decode"),  # SOF's length: 1 of 2 bytes
         "jpeg zero height (DNL)": ("jpeg", jpeg_with_size(jpg, 0, 32), "size"),
         "jpeg garbage scan": ("jpeg", jpg[:-200] + bytes(range(256))[:198] + b"\xff\xd9", "decode"),
         # markers that cannot stand between segments: RSTn/TEM outside entropy-coded data, a second SOI, 0xFF00
@@ -347,6 +349,7 @@ WALK_REASONS = {
     "png truncated": "runs past the end of the data", "png IHDR CRC": "b'IHDR' at byte 8 fails its CRC check",
     "png IDAT CRC": "b'IDAT' at byte 33 fails its CRC check", "png bad depth": "invalid colour type 2 / bit depth 5",
     "png zero size": "declares an empty image", "png header only": "(no IEND chunk)",
+    "png truncated in a CRC": "b'IDAT' of", "jpeg truncated in a segment length": "JPEG ends inside a marker segment",
     "jpeg no SOF": "no frame header (SOF)", "jpeg segment past the end": "of length 65535 runs past the end",
     "jpeg zero height (DNL)": "declares an empty image", "jpeg RST before the frame header": "restart marker RST3",
     "jpeg TEM before the frame header": "TEM marker at byte", "jpeg second SOI": "second SOI marker",
@@ -435,6 +438,20 @@ def test_png_whose_image_data_ends_early_is_refused():
     rows16 = b"".join(b"\x00" + grey16[r].astype(">u2").tobytes() for r in range(11))
     with pytest.raises(ImageFormatError, match="ends early"):
         compressed_to_numpy(SimpleNamespace(format="png", data=_png_from_rows(rows16, 9, 12, colour=0, depth=16)))
+
+
+def test_grey_alpha_png_whose_image_data_ends_early_is_refused():
+    """Grey+alpha PNGs have two samples per pixel: a stream holding 6 of 10 rows has more bytes than 10 rows of one
+    sample would need, so the length check must count both (the zero-filled rows reached the network)."""
+    la = RNG.integers(1, 256, (10, 8, 2), dtype=np.uint8)
+    rows = [b"\x00" + la[r].tobytes() for r in range(10)]
+    got, order = compressed_to_numpy(SimpleNamespace(format="png", data=_png_from_rows(b"".join(rows), 8, 10,
+                                                                                       colour=4)))
+    assert order == "MONO"
+    np.testing.assert_array_equal(got, la[:, :, 0])
+    with pytest.raises(ImageFormatError, match="ends early: 102 of the 170 bytes") as e:
+        compressed_to_numpy(SimpleNamespace(format="png", data=_png_from_rows(b"".join(rows[:6]), 8, 10, colour=4)))
+    assert e.value.reason == "decode"
 
 
 def test_palette_png_whose_image_data_ends_early_is_refused():
