@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .backends.base import in_chunks
-from .classes import ClassSet, class_set_from_meta
+from .classes import CLASS_SETS, ClassSet, class_set_from_meta
 from .data.datasets import (DataSpec, DatasetError, ShardSampler, build_dataset, collate_segmentation,
                             detect_layout, resolve_class_set, worker_init)
 from .data.transforms import base_scale
@@ -198,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="split to evaluate (default: val); a+b concatenates")
     p.add_argument("--layout", default="auto", choices=("auto", "camvid", "cityscapes", "folders"))
     p.add_argument("--class-file", help="class file for generic folders (see icnet_ros.data.load_class_file)")
+    p.add_argument("--class-set", choices=sorted(CLASS_SETS), help="a named class set for the labels (as "
+                   "icnet-train's data.class_set; default: the layout's, or the class file's)")
+    p.add_argument("--image-dir", default=DataSpec.image_dir, help="image folder under the root, {split} filled in "
+                   "(as data.image_dir; default: %(default)s)")
+    p.add_argument("--label-dir", default=DataSpec.label_dir, help="label folder under the root, {split} filled in "
+                   "(as data.label_dir; default: %(default)s)")
     p.add_argument("--label-suffix", default="", help="label file = image stem + suffix + .png (generic folders)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: 2)")
@@ -271,8 +277,8 @@ def _main(argv: Sequence[str] | None, stop: StopSignals) -> int:
             for s in args.scales:
                 _bounded_size(sizes.network_size)(*sizes.param, s)
         model_classes = class_set_from_meta(meta)
-        spec = DataSpec(root=args.data, layout=args.layout, class_file=args.class_file,
-                        label_suffix=args.label_suffix)
+        spec = DataSpec(root=args.data, layout=args.layout, class_set=args.class_set, class_file=args.class_file,
+                        image_dir=args.image_dir, label_dir=args.label_dir, label_suffix=args.label_suffix)
         class_set = _dataset_class_set(spec, model_classes)
         if class_set.num_classes != model_classes.num_classes:
             raise DatasetError(f"the dataset has {class_set.num_classes} classes ({class_set.name}) but the model "
@@ -289,6 +295,9 @@ def _main(argv: Sequence[str] | None, stop: StopSignals) -> int:
                 print(f"icnet-eval: warning: class names differ between the dataset ({class_set.name}) and the "
                       f"model ({model_classes.name}); compared id by id, reporting the dataset's", file=sys.stderr)
         dataset = build_dataset(spec, args.split, limit=args.limit, class_set=class_set)
+        warning = dataset.unclaimed_values_warning()
+        if warning:
+            print(f"icnet-eval: warning: {warning}", file=sys.stderr)
     except (CheckpointError, DatasetError, ValueError, OSError, RuntimeError) as e:
         print(f"icnet-eval: error: {e}", file=sys.stderr)
         return 2

@@ -240,6 +240,107 @@ def test_paletted_png_labels_are_read_as_indices(tmp_path):
     assert lab[0, 0] == 255 and lab[10, 10] == 0 and (lab[24:] == 2).all()
 
 
+def test_colour_labels_saved_with_a_palette_of_their_own_are_read_by_colour(tmp_path):
+    """A colour label saved as a paletted PNG by a quantiser or an editor's indexed export holds CamVid's colours
+    at indices in the order the file met them; read as indices, most pixels took another class (index 0 showed
+    the pole colour and was read as sky). Labels of class values with PASCAL VOC's palette (whose index 2 shows the
+    colour the generated palettes give class 1) or a grey ramp stay indices."""
+    from PIL import Image
+
+    ids = np.full((48, 64), IGNORE_INDEX, np.uint8)
+    for k, c in enumerate((2, 5, 3, 8, 0)):  # pole, tree, road, car, sky in bands; a void band at the bottom
+        ids[8 * k:8 * (k + 1)] = c
+    rgb = CAMVID_CLASSES.palette_array()[ids]  # void black
+    path = tmp_path / "colour.png"
+    quantised = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    quantised.save(path)
+    stored = np.asarray(Image.open(path))
+    assert not np.array_equal(stored, np.where(ids == IGNORE_INDEX, stored, ids))  # indices are not the classes
+    assert np.array_equal(read_label(path, CAMVID_CLASSES), ids)
+
+    generic = load_class_file(_write(tmp_path / "classes.txt", "bg\nperson\ncar\n"))  # generated palette
+    voc = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0, 0, 0] * 252
+    grey = [v for i in range(256) for v in (i, i, i)]
+    for palette in (voc, grey):
+        values = np.zeros((48, 64), np.uint8)
+        values[16:32], values[32:] = 1, 2
+        im = Image.fromarray(values, mode="P")
+        im.putpalette(palette)
+        im.save(tmp_path / "values.png")
+        assert np.array_equal(read_label(tmp_path / "values.png", generic), values)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_label_values_no_class_claims_are_reported(tmp_path):
+    """Values no class claims are read as ignore: a dataset that stored road as 40, or one with more classes than
+    the class set, trained and evaluated without a word. The dataset now says which values, where and how much;
+    void values (CamVid's 11, the gaps in Cityscapes' label ids, the ignore index) are not reported."""
+    for split in ("train", "val"):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "labels").mkdir(parents=True)
+    for i in range(20):
+        cv2.imwrite(str(tmp_path / "train" / "images" / f"f{i:02}.png"), np.zeros((16, 32, 3), np.uint8))
+        lbl = np.full((16, 32), 11, np.uint8)  # void
+        lbl[:4], lbl[4:6] = 0, 255
+        if i in (5, 15):
+            lbl[8:] = 40  # an export that wrote road as 40: half the file
+            lbl[8, :8] = 12
+        cv2.imwrite(str(tmp_path / "train" / "labels" / f"f{i:02}.png"), lbl)
+    ds = build_dataset(DataSpec(str(tmp_path)), "train")
+    warning = ds.unclaimed_values_warning(max_files=20)
+    assert warning == ("label values 12, 40 belong to no class of 'camvid' (its classes take 0..10; 255 is ignore): "
+                       f"2 of the 20 label files checked hold them (e.g. {tmp_path / 'train' / 'labels' / 'f05.png'}; "
+                       "50.0% of their pixels), and they are read as unlabelled (ignored); check the label files, "
+                       "or give the dataset a class file that names every value")
+    assert "1 of the 5 label files checked" in ds.unclaimed_values_warning(max_files=5)  # f00, f05, f10, f14, f19
+    clean = build_dataset(DataSpec(str(tmp_path)), "train", limit=5)
+    assert clean.unclaimed_values_warning() is None
+    _cityscapes_tree(tmp_path / "cs")  # label ids 0 (unlabelled), 7, 26, 33: no warning
+    assert build_dataset(DataSpec(str(tmp_path / "cs")), "val").unclaimed_values_warning() is None
+
+
+def _alias_bomb(depth):
+    """A YAML flow list of a few hundred bytes whose anchors make lists of up to 10**depth elements (shared, not
+    copied, by the loader): its str() or repr() is what costs, 10x per level."""
+    items = ["&a0 [x, x, x, x, x, x, x, x, x, x]"]
+    items += [f"&a{k} [" + ", ".join([f"*a{k - 1}"] * 10) + "]" for k in range(1, depth + 1)]
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("- {name: BOMB}", "class #0: the name must be text, got "),
+    ("- {name: road, color: BOMB}", r"class #0 \('road'\): bad color "),
+    ("- {name: road, id: BOMB}", r"the raw label value\) must be an integer in 0\.\.255, got "),
+    ("- BOMB", "class #0: expected a name or a mapping with 'name', got "),
+])
+def test_a_class_file_of_yaml_aliases_is_refused_in_bounded_time_and_memory(tmp_path, entry, message):
+    """A dataset's classes.yaml is read automatically: a few hundred bytes of YAML aliases make lists nested
+    nine levels deep; their str() or repr() (a name taken as text, a value shown in an error) took 26 s and
+    2.6 GB at depth 8, ~25 GB at depth 9. Now a name must be text and an error shows a bounded excerpt."""
+    f = tmp_path / "classes.yaml"
+    f.write_text("classes:\n  " + entry.replace("BOMB", _alias_bomb(9)) + "\n")
+    with pytest.raises(DatasetError, match=message + r"\[\['x', 'x', 'x', 'x', \.\.\.\], \[\[") as info:
+        load_class_file(f)
+    assert len(str(info.value)) < 300 + len(str(f)), len(str(info.value))
+
+
+def test_a_home_relative_root_and_class_file_choose_the_datasets_classes(tmp_path, monkeypatch):
+    """``data.root=~/x`` (a shell leaves it as written) found the files, but the class set was chosen for the
+    unexpanded path: a folder with a class file, or a Cityscapes tree, was trained with CamVid's classes."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _folders(tmp_path / "yard", lambda p, h, w: cv2.imwrite(str(p), np.zeros((h, w), np.uint8)), "classes: [a, b]\n")
+    spec = DataSpec("~/yard", label_suffix="_mask")
+    assert spec.root == str(tmp_path / "yard") and resolve_class_set(spec).classes == ("a", "b")
+    _cityscapes_tree(tmp_path / "cs")
+    assert build_dataset(DataSpec("~/cs"), "val").class_set is CITYSCAPES
+    (tmp_path / "other.txt").write_text("x\ny\nz\n")
+    assert resolve_class_set(DataSpec("~/yard", class_file="~/other.txt")).classes == ("x", "y", "z")
+
+
 def test_grey_and_alpha_label_pngs_are_read_as_grey(tmp_path):
     """A grey + alpha PNG label (OpenCV reads it as 4 channels) holds class values in its grey channel; it was
     matched against the palette as a colour label and every pixel became ignore."""
@@ -580,6 +681,20 @@ def test_random_resize_range_and_input_scale():
     assert all(100 <= h <= 400 and abs(w - 2 * h) <= 1 for h, w in sizes) and len(sizes) > 5
     img, lab = RandomResize((1.0, 1.0), base_size=(50, 100))(image, label, np.random.default_rng(0))
     assert img.shape[:2] == lab.shape == (50, 100)
+
+
+def test_random_resize_is_bounded_for_every_frame(monkeypatch):
+    """The training config is checked against the first frame only: a 50-megapixel frame further on was resized
+    by up to 2x, hundreds of megapixels per sample and worker. No frame is resized above MAX_RESIZED_PIXELS (here
+    lowered to 30,000) whatever the ratio drawn; smaller frames keep their ratio."""
+    import icnet_ros.data.transforms as transforms
+
+    monkeypatch.setattr(transforms, "MAX_RESIZED_PIXELS", 30_000)
+    image, label = _coded_pair(100, 200)
+    img, lab = RandomResize((2.0, 2.0))(image, label, np.random.default_rng(0))
+    assert img.shape[:2] == lab.shape == (122, 245)  # sqrt(30000 / 20000) = 1.22
+    small, _ = _coded_pair(50, 100)
+    assert RandomResize((2.0, 2.0))(small, small[..., 0], np.random.default_rng(0))[0].shape[:2] == (100, 200)
 
 
 def test_random_crop_caps_the_share_of_one_class():

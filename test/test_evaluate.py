@@ -309,6 +309,31 @@ def test_labels_without_a_labelled_pixel_say_so(capsys, tmp_path, ckpt):
     assert "icnet-eval: error: no labelled pixel in 2 label file(s)" in capsys.readouterr().err
 
 
+def test_datasets_in_other_folders_and_class_sets_are_evaluated_as_trained(capsys, tmp_path, ckpt):
+    """icnet-train reads data.image_dir / data.label_dir / data.class_set; icnet-eval had no flags for them, so a
+    model trained on an ADE20K-style tree (images/training, annotations/training) could not be evaluated on it.
+    Label values no class claims are reported (they are read as ignore: a class missing from the table)."""
+    samples = _camvid_tree(tmp_path / "camvid")
+    root = tmp_path / "ade"
+    for kind, sub in (("images", 0), ("annotations", 1)):
+        (root / kind / "validation").mkdir(parents=True)
+        for pair in samples:
+            (root / kind / "validation" / pair[sub].name).write_bytes(pair[sub].read_bytes())
+    args = ["--model", ckpt, "--data", root, "--split", "validation", "--image-dir", "images/{split}",
+            "--label-dir", "annotations/{split}"]
+    ade, camvid = _run_json(capsys, *args), _run_json(capsys, "--model", ckpt, "--data", tmp_path / "camvid")
+    assert ade["per_class"] == camvid["per_class"] and ade["pixels"] == camvid["pixels"] == 2 * 64 * 96
+    assert _run_json(capsys, *args, "--class-set", "camvid")["classes"] == "camvid"
+    assert main([*map(str, args), "--class-set", "cityscapes", "--workers", "0", "--no-progress"]) == 2
+    assert "the dataset has 19 classes (cityscapes) but the model predicts 11" in capsys.readouterr().err
+    label = samples[0][1]
+    cv2.imwrite(str(label), np.full((64, 96), 40, np.uint8))
+    assert main(["--model", str(ckpt), "--data", str(tmp_path / "camvid"), "--workers", "0", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert (f"icnet-eval: warning: label values 40 belong to no class of 'camvid' (its classes take 0..10; 255 is "
+            f"ignore): 1 of the 2 label files checked hold them (e.g. {label}; 100.0% of their pixels)") in err, err
+
+
 def _camvid_tree(root, n=2, size=(64, 96), seed=0):
     """A CamVid-layout split (val/images/*.png, val/labels/*.png with train ids 0..10) of small noisy images."""
     rng = np.random.default_rng(seed)

@@ -492,8 +492,15 @@ def test_checkpoints_record_network_width_and_license(tmp_path):
     run = _smoke(tmp_path / "x15", *one, "data.input_scale=1.5", "data.val_split=null", f"data.license={licence}")
     meta = load_model(run / "last.safetensors").meta
     assert meta["network_width"] == 736 and meta["license"] == licence  # 480 x 1.5 = 720 -> 736
+    # validated at a fixed data.eval_size: that size is recorded and input_size auto runs it (a recorded width made
+    # auto run 352x480 frames at 96x160's width, 128x160 here: other sizes than the ones that chose the checkpoint)
     run = _smoke(tmp_path / "eval_size", *one, "data.eval_size=[96, 160]")
-    assert load_model(run / "best.safetensors").meta["network_width"] == 160
+    meta = load_model(run / "best.safetensors").meta
+    assert "network_width" not in meta and meta["input_size"] == [96, 160]
+    from icnet_ros.sizes import InputSizePolicy
+
+    policy = InputSizePolicy.from_option("auto", meta)
+    assert (policy.kind, policy.param) == ("fixed", (96, 160))
 
 
 def test_crop_size_off_the_network_grid_warns(tmp_path, capsys):
@@ -550,6 +557,52 @@ def test_init_from_checkpoint_with_other_classes(tmp_path):
     assert "kept fresh: auxiliary_head.0.conv_seg.bias" in messages[0]
     with pytest.raises(Exception, match="checkpoint not found"):
         init_from_checkpoint(model, str(tmp_path / "missing.safetensors"))
+
+
+def test_init_from_takes_a_home_relative_path_and_refuses_a_damaged_file(tmp_path, monkeypatch, capsys):
+    """model.init_from=~/x.safetensors passed the metadata check (which expands ~) and then ended in a 39-line
+    FileNotFoundError traceback; tensors holding NaN (a diverged run) were copied in unchecked. The file is read as
+    every checkpoint is now: ~ expanded, damage a one-line CheckpointError from icnet-train (exit status 2)."""
+    from helpers import make_checkpoint
+    from icnet_ros.train import init_from_checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    src = load_model(make_checkpoint(tmp_path / "src.safetensors", num_classes=11))
+    config = load_config("smoke", [])
+    model = build_model(config, model_config(config, CAMVID_CLASSES), log=lambda m: None)
+    messages = []
+    init_from_checkpoint(model, "~/src.safetensors", log=messages.append)
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+    assert messages[0].startswith(f"initialised {len(src.state_dict())}/")
+    from icnet_ros.checkpoint import save_checkpoint
+
+    with torch.no_grad():
+        src.backbone.conv_sub1[0].conv.weight.fill_(float("nan"))
+    save_checkpoint(src, tmp_path / "nan.safetensors", src.meta)
+    assert main(["smoke", f"data.root={require(CAMVID)}", f"train.output_dir={tmp_path / 'run'}", *FAST,
+                 "model.init_from=~/nan.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{tmp_path / 'nan.safetensors'}: tensor backbone.conv_sub1.0.conv.weight holds NaN or infinite values"
+            in err and "Traceback" not in err), err
+
+
+def test_label_values_no_class_claims_are_reported_before_training(tmp_path, capsys):
+    """A dataset whose labels hold a value no class claims (road exported as 40) trained with exit status 0 and
+    no word, road never learnt; the run now says so at start, per split."""
+    for split in ("train", "val"):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "labels").mkdir(parents=True)
+        for i in range(2):
+            cv2.imwrite(str(tmp_path / split / "images" / f"f{i}.png"), np.full((64, 96, 3), 40 * i, np.uint8))
+            label = np.full((64, 96), 3 if split == "val" else 40, np.uint8)
+            label[:, :48] = 0
+            cv2.imwrite(str(tmp_path / split / "labels" / f"f{i}.png"), label)
+    assert main(["smoke", f"data.root={tmp_path}", f"train.output_dir={tmp_path / 'run'}", *FAST,
+                 "optim.iterations=1", "train.eval_interval=1", "data.input_scale=1", "data.crop_size=[64, 96]"]) == 0
+    err = capsys.readouterr().err
+    assert ("[icnet-train] warning: train split: label values 40 belong to no class of 'camvid' (its classes take "
+            "0..10; 255 is ignore): 2 of the 2 label files checked hold them") in err, err
+    assert "val split: label values" not in err
 
 
 def test_fine_tuning_records_the_starting_checkpoint(tmp_path):

@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import reprlib
 import signal
 import string
 import warnings
@@ -98,9 +99,9 @@ def load_class_file(path: str | os.PathLike) -> ClassSet:
         color, raw = e.get("color"), e.get("id")
         if color is not None and not (isinstance(color, (list, tuple)) and len(color) == 3
                                       and all(_is_int(v) and 0 <= v <= 255 for v in color)):
-            raise DatasetError(f"{where}: bad color {color!r} (need three integers [R, G, B] in 0..255)")
+            raise DatasetError(f"{where}: bad color {_brief(color)} (need three integers [R, G, B] in 0..255)")
         if raw is not None and not _is_int(raw):
-            raise DatasetError(f"{where}: id (the raw label value) must be an integer in 0..255, got {raw!r}")
+            raise DatasetError(f"{where}: id (the raw label value) must be an integer in 0..255, got {_brief(raw)}")
     explicit: dict[tuple[int, ...], str] = {}
     for e in entries:
         if e.get("color") is not None:
@@ -131,6 +132,16 @@ def load_class_file(path: str | os.PathLike) -> ClassSet:
         raise DatasetError(f"{p}: {e}") from e
 
 
+#: how a value read from a class file is shown in an error: bounded (a few hundred bytes of YAML aliases make a
+#: list nested nine levels deep with billions of elements, whose repr or str took minutes and gigabytes)
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother = 2, 4, 4, 4, 60, 60
+
+
+def _brief(v: Any) -> str:
+    return _BRIEF.repr(v)
+
+
 def _is_int(v: Any) -> bool:
     """An integer (not a bool, not a float such as 3.7 that ``int`` would silently truncate)."""
     return isinstance(v, int) and not isinstance(v, bool)
@@ -148,7 +159,7 @@ def _parse_structured_class_file(p: Path) -> tuple[list[dict[str, Any]], str | N
         raise ValueError(f"unknown keys {sorted(unknown)} (known: name, ignore_index, classes, palette)")
     palette = doc.get("palette")
     if palette is not None and not isinstance(palette, list):
-        raise ValueError(f"palette must be a list of [R, G, B] colours, got {palette!r}")
+        raise ValueError(f"palette must be a list of [R, G, B] colours, got {_brief(palette)}")
     if palette is not None and len(palette) != len(doc["classes"]):
         raise ValueError(f"{len(doc['classes'])} classes but {len(palette)} palette colours")
     entries = []
@@ -156,20 +167,25 @@ def _parse_structured_class_file(p: Path) -> tuple[list[dict[str, Any]], str | N
         if isinstance(c, str):
             c = {"name": c}
         if not isinstance(c, dict) or "name" not in c:
-            raise ValueError(f"class #{i}: expected a name or a mapping with 'name', got {c!r}")
+            raise ValueError(f"class #{i}: expected a name or a mapping with 'name', got {_brief(c)}")
         bad = set(c) - {"name", "color", "id"}
         if bad:
             raise ValueError(f"class #{i}: unknown keys {sorted(bad)} (known: name, color, id)")
-        entry = {"name": str(c["name"]), "color": c.get("color"), "id": c.get("id")}
+        name = c["name"]
+        if isinstance(name, bool) or not isinstance(name, (str, int, float)):  # (a number: `- {name: 2024}`)
+            raise ValueError(f"class #{i}: the name must be text, got {_brief(name)}")
+        entry = {"name": str(name), "color": c.get("color"), "id": c.get("id")}
         if entry["color"] is None and palette is not None:
             entry["color"] = palette[i]
         entries.append(entry)
     ignore = doc.get("ignore_index", IGNORE_INDEX)
     if not _is_int(ignore):
-        raise ValueError(f"ignore_index must be an integer in 0..255, got {ignore!r}")
+        raise ValueError(f"ignore_index must be an integer in 0..255, got {_brief(ignore)}")
     name = doc.get("name")
     if isinstance(name, (int, float)) and not isinstance(name, bool):  # `name: 2024` (YAML reads a number)
         name = str(name)
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"name must be text, got {_brief(name)}")
     return entries, name, ignore
 
 
@@ -291,11 +307,20 @@ def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | N
 
     Single-channel labels hold raw values mapped through ``lut`` (default: ``class_set.label_lut()``); grey PNGs of
     bit depth 1, 2 or 4 are read as their stored values (0..1, 0..3, 0..15), not scaled to 0..255 as viewers show
-    them; paletted PNGs are read as their palette indices; 8-bit RGB labels are matched against the class palette
-    (other colours: ignore), except class values saved as RGB (:func:`_grey_values_in_rgb`). Labels of more than
-    8 bits per colour channel, or single-channel values above 255, are refused. As for images, a file above
-    :data:`MAX_IMAGE_PIXELS`, or whose size cannot be read from its header, is refused before decoding."""
-    path = Path(path)
+    them; paletted PNGs are read as their palette indices, except colour labels saved with a palette of their own
+    (:func:`_palette_is_colours`); 8-bit RGB labels are matched against the class palette (other colours: ignore),
+    except class values saved as RGB (:func:`_grey_values_in_rgb`). Labels of more than 8 bits per colour channel,
+    or single-channel values above 255, are refused. As for images, a file above :data:`MAX_IMAGE_PIXELS`, or
+    whose size cannot be read from its header, is refused before decoding."""
+    table = class_set.label_lut() if lut is None else lut
+    values, ids = _read_label_values(Path(path), class_set, table)
+    return table[values] if values is not None else ids
+
+
+def _read_label_values(path: Path, class_set: ClassSet, table: np.ndarray) -> tuple[np.ndarray | None,
+                                                                                      np.ndarray | None]:
+    """:func:`read_label`'s reading: (raw uint8 values to map through ``table``, None), or (None, train ids) for a
+    colour label."""
     data = _read_encoded(path, "label")
     _check_header(data, path, "label")
     bit_depth, colour_type = _png_header(data) or (None, None)
@@ -308,24 +333,29 @@ def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | N
         try:
             with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
                 raw = np.asarray(im)
+                file_palette = im.getpalette() or []
         except Image.DecompressionBombError as e:
             raise DatasetError(f"label {path}: declares too many pixels: {e}") from None
         except (OSError, ValueError, SyntaxError) as e:
             raise DatasetError(f"cannot read label {path} (corrupt paletted PNG: {e})") from None
+        colours = np.zeros((256, 3), np.uint8)  # index -> its colour (indices past the palette: black, as Pillow)
+        pal = np.asarray(file_palette[:768], np.uint8).reshape(-1, 3)
+        colours[:len(pal)] = pal
+        if raw.ndim == 2 and raw.dtype == np.uint8 and _palette_is_colours(raw, colours, class_set):
+            return None, colors_to_ids(colours[raw], class_set)
     else:
         raw = _decode(data, cv2.IMREAD_UNCHANGED, path, "label")
     if raw.ndim == 3 and colour_type == 4:  # grey + alpha (OpenCV gives 4 channels): the grey values are the label
         raw = raw[..., 0]
     elif raw.ndim == 3 and raw.shape[2] == 4:
         raw = raw[..., :3]
-    table = class_set.label_lut() if lut is None else lut
     if raw.ndim == 3:
         if raw.dtype != np.uint8:  # the palette is 8-bit: every 16-bit colour would be unknown (ignore)
             raise DatasetError(f"label {path}: {8 * raw.itemsize}-bit colour label; colour labels must have 8 bits "
                                "per channel (or save the class values as a single-channel PNG)")
         rgb = cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)
         grey = _grey_values_in_rgb(rgb, class_set, table)
-        return table[grey] if grey is not None else colors_to_ids(rgb, class_set)
+        return (grey, None) if grey is not None else (None, colors_to_ids(rgb, class_set))
     if colour_type == 0 and bit_depth in (1, 2, 4) and raw.dtype == np.uint8:
         # OpenCV (libpng) scales low-bit grey samples to 0..255 (value v -> v * 255 / (2**bits - 1)): a 1-bit mask's
         # foreground 1 became 255, the ignore index. The stored values are the class values, as in 8-bit files.
@@ -340,7 +370,27 @@ def read_label(path: str | os.PathLike, class_set: ClassSet, lut: np.ndarray | N
             raise DatasetError(f"{path}: label values up to {int(raw.max())}; only 8-bit class values (0..255) "
                                "are supported")
         raw = raw.astype(np.uint8)
-    return table[raw]
+    return raw, None
+
+
+def _palette_is_colours(indices: np.ndarray, colours: np.ndarray, class_set: ClassSet) -> bool:
+    """Whether a paletted label is a colour label saved with a palette of its own (a quantiser's, or an editor's
+    indexed export: CamVid's colours at indices in the order the file met them) rather than class values with a
+    palette for viewing. So when every index in use shows a class colour or black (the void of colour labels),
+    some index shows another class's colour than its own, and the palette is not one that labels of class values
+    use: PASCAL VOC's (index 0 black, then VOC's colours: generated class palettes are VOC's from index 1, so a
+    VOC label's index 2 shows class 1's colour) or a grey ramp (index v shows (v, v, v)). Read as indices, a
+    colour label saved so gave most pixels the wrong class (index 0, the pole colour, read as sky)."""
+    used = np.flatnonzero(np.bincount(indices.ravel(), minlength=256))
+    shown = colours[used].astype(np.int64)
+    voc = np.array(((0, 0, 0), *generic_palette(255)), np.int64)
+    if (shown == voc[used]).all() or (shown == used[:, None]).all():
+        return False
+    class_colours = {tuple(c): i for i, c in enumerate(class_set.palette)}
+    owner = [class_colours.get(tuple(int(v) for v in colours[u]), None) for u in used]
+    if any(o is None and colours[u].any() for u, o in zip(used, owner)):
+        return False  # a colour of no class: not a colour label of this class set
+    return any(o is not None and o != u for u, o in zip(used, owner))
 
 
 def _grey_values_in_rgb(rgb: np.ndarray, class_set: ClassSet, table: np.ndarray) -> np.ndarray | None:
@@ -407,6 +457,14 @@ class DataSpec:
     image_dir: str = "{split}/images"  # camvid / folders layouts
     label_dir: str = "{split}/labels"
     label_suffix: str = ""  # label file = image stem + suffix + ".png"
+
+    def __post_init__(self) -> None:
+        # ``~`` expanded once, for every reader of the spec: a shell leaves ``data.root=~/x`` as it is, and a YAML
+        # ``root: ~/x`` is never expanded; only the file search expanded it, so the class set was chosen for a
+        # missing folder (CamVid's, for a Cityscapes or class-file dataset: trained on wrong classes, exit 0)
+        object.__setattr__(self, "root", os.path.expanduser(os.fspath(self.root)))
+        if self.class_file is not None:
+            object.__setattr__(self, "class_file", os.path.expanduser(os.fspath(self.class_file)))
 
 
 def detect_layout(root: str | os.PathLike) -> str:
@@ -584,6 +642,44 @@ class SegmentationDataset(Dataset):
                                f"{lbl_path} is {label.shape[1]}x{label.shape[0]}")
         return image, label
 
+    def unclaimed_values_warning(self, max_files: int = 16) -> str | None:
+        """A one-line warning when label files hold values that no class claims (None when none does), from up to
+        ``max_files`` label files spread over the dataset (read once, at start). Such values are read as ignore,
+        so a dataset exported with a wrong value (road saved as 40), or with more classes than the class set (a
+        20-class dataset in the CamVid layout without a class file), trained and evaluated without a word, the
+        class missing from the results. Values up to the largest claimed one plus one (the gaps of Cityscapes'
+        label ids, a void value after the classes as CamVid's 11) and the ignore index are not reported: datasets
+        use them for void. Colour labels are not checked (any colour of no class is void in them)."""
+        table = self.label_lut
+        claimed = np.flatnonzero(table != self.class_set.ignore_index)
+        void_up_to = int(claimed.max()) + 1 if claimed.size else 0
+        picks = sorted({round(i) for i in np.linspace(0, len(self.samples) - 1, min(max_files, len(self.samples)))})
+        counts = np.zeros(256, np.int64)
+        total, files, example = 0, 0, None
+        for i in picks:
+            path = self.samples[i][1]
+            values, _ = _read_label_values(path, self.class_set, table)
+            if values is None:
+                continue
+            hist = np.bincount(values.ravel(), minlength=256)
+            hist[: void_up_to + 1] = 0
+            hist[self.class_set.ignore_index] = 0
+            hist[claimed] = 0
+            if hist.any():
+                total += values.size
+                counts += hist
+                files += 1
+                example = example or path
+        if not files:
+            return None
+        found = np.flatnonzero(counts)
+        shown = ", ".join(str(v) for v in found[:10]) + (f" and {len(found) - 10} more" if len(found) > 10 else "")
+        return (f"label values {shown} belong to no class of {self.class_set.name!r} (its classes take "
+                f"{_ranges(claimed)}; {self.class_set.ignore_index} is ignore): {files} of the {len(picks)} label "
+                f"files checked hold them (e.g. {example}; {counts.sum() / total:.1%} of their pixels), and "
+                "they are read as unlabelled (ignored); check the label files, or give the dataset a class file "
+                "that names every value")
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         image, label = self.load(index)
@@ -592,6 +688,17 @@ class SegmentationDataset(Dataset):
         if self.transform is not None:
             image, label = self.transform(image, label, np.random.default_rng(seed))
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label))
+
+
+def _ranges(values: np.ndarray) -> str:
+    """Sorted integers as ranges: ``0..10``, ``7, 8, 11..13``."""
+    out: list[str] = []
+    for v in (int(x) for x in values):
+        if out and out[-1].split("..")[-1] == str(v - 1):
+            out[-1] = f"{out[-1].split('..')[0]}..{v}"
+        else:
+            out.append(str(v))
+    return ", ".join(out)
 
 
 def build_dataset(spec: DataSpec, split: str, transform: Transform | None = None, limit: int | None = None,

@@ -10,6 +10,7 @@ range, random crop that caps the share of a single class, horizontal flip, photo
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -19,6 +20,11 @@ import numpy as np
 from ..classes import IGNORE_INDEX
 
 Pair = tuple[np.ndarray, np.ndarray]
+#: the most pixels :class:`RandomResize` makes of one frame: 4x the image files' own bound (50 megapixels; a
+#: 4000x3200 frame at x2 is 51 Mpx and trains in 0.6 GB). The training config is checked against it on its first
+#: frame (a typo such as data.ratio_range=[0.5, 20] asked for tens of GB); a larger frame later in the dataset is
+#: resized by less, to this many pixels
+MAX_RESIZED_PIXELS = 200_000_000
 
 
 class Transform(Protocol):
@@ -54,7 +60,8 @@ class Compose:
 
 
 class RandomResize:
-    """Resize by ``scale`` x a ratio drawn uniformly from ``ratio_range`` (aspect ratio kept).
+    """Resize by ``scale`` x a ratio drawn uniformly from ``ratio_range`` (aspect ratio kept), to at most
+    :data:`MAX_RESIZED_PIXELS` pixels (a frame that the ratio would take above it is resized to that many).
 
     ``scale`` is the fixed input scale of the dataset (e.g. 2.0 to train CamVid at twice its native size);
     ``base_size``, when given, replaces ``scale``: the image is scaled (aspect ratio kept) so that its long side
@@ -78,6 +85,9 @@ class RandomResize:
         base = base_scale(h, w, self.scale, self.base_size)
         lo, hi = self.ratio_range
         ratio = base * (float(rng.uniform(lo, hi)) if hi > lo else lo)
+        # bounded per frame: the config check sees the first frame only, and a 50-megapixel one further on took
+        # gigabytes per worker at the largest ratio
+        ratio = min(ratio, math.sqrt(MAX_RESIZED_PIXELS / (h * w)))
         return resize_pair(image, label, (max(1, round(h * ratio)), max(1, round(w * ratio))))
 
     def __repr__(self) -> str:

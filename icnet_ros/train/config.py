@@ -36,8 +36,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # its short side min(a, b), whatever its orientation
         "ratio_range": [0.5, 2.0], "crop_size": [512, 512], "cat_max_ratio": 0.75, "flip": 0.5,
         "photometric": True,
-        "eval_size": None,  # [H, W] network input for validation (default: input_size auto's for the recorded
-        #                     network width, the first training frame's width x input_scale on the 32 grid)
+        "eval_size": None,  # [H, W] network input for validation, recorded in checkpoints as their input size
+        #                     (what input_size auto then runs); default: input_size auto's for the recorded
+        #                     network width, the first training frame's width x input_scale on the 32 grid
         "license": None,  # the terms of the data, recorded in checkpoints as the weights' license (one line)
     },
     "loss": {
@@ -232,7 +233,7 @@ def validate_config(c: dict) -> None:
     _pair(c, "data.base_size", 16)
     _pair(c, "data.eval_size", MIN_INPUT_SIZE)
     if d["eval_size"]:
-        try:  # the width checkpoints record (network_width) is bounded
+        try:  # the network input that checkpoints record is bounded
             network_width_for(d["eval_size"][1], 1.0)
         except ValueError as e:
             raise ConfigError(f"data.eval_size {d['eval_size']}: {e}") from None

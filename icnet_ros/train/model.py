@@ -2,6 +2,7 @@
 ``model.init_from`` where names and shapes match."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,13 +40,18 @@ def build_model(config: dict, arch: ICNetConfig, log: Any = print, initial_weigh
 
 def init_from_checkpoint(model: ICNet, path: str, log: Any = print) -> None:
     """Copy the tensors of native checkpoint ``path`` whose names and shapes match (e.g. all but the classifiers
-    when the class count differs)."""
-    from safetensors.torch import load_file
+    when the class count differs). The file is read as every checkpoint is (:func:`~icnet_ros.checkpoint.load_model`:
+    ``~`` expanded, a corrupt, truncated or mismatched file, tensors of a wrong type or with NaN a one-line
+    CheckpointError); before, ``~/x.safetensors`` passed the metadata check and ended in a FileNotFoundError
+    traceback, and the tensors were copied unchecked."""
+    from safetensors import safe_open
 
-    from ..checkpoint import read_metadata
+    from ..checkpoint import load_model
 
-    read_metadata(path)  # validates it is a native checkpoint
-    state = load_file(str(path), device="cpu")
+    checked = load_model(path)
+    with safe_open(str(Path(path).expanduser()), framework="pt") as f:  # (an auxiliary head the file lacks: not copied)
+        stored = set(f.keys())
+    state = {k: v for k, v in checked.state_dict().items() if k in stored}
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(own) - set(usable))

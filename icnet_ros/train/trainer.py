@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError, build_meta, load_state_dict_into, network_width_for, save_checkpoint
-from ..data.datasets import (MAX_IMAGE_PIXELS, DatasetError, SegmentationDataset, ShardSampler, TrainBatchSampler,
+from ..data.datasets import (DatasetError, SegmentationDataset, ShardSampler, TrainBatchSampler,
                              build_dataset, collate_segmentation, one_line_error, resolve_class_set, split_names,
                              worker_init)
-from ..data.transforms import base_scale, train_transforms
+from ..data.transforms import MAX_RESIZED_PIXELS, base_scale, train_transforms
 from ..evaluate import evaluate, metrics_report
 from ..losses import CascadeLoss, upsample_logits
 from ..metrics import ConfusionMatrix, format_table
@@ -45,9 +45,6 @@ from .provenance import git_commit, hardware, init_provenance
 from .schedule import PolyLR
 
 STATE_FILE = "train_state.pt"
-#: the most pixels data.ratio_range's largest resize may make of the first training frame: 4x the image files' own
-#: bound (a 4000x3200 frame at x2 is 51 Mpx and trains in 0.6 GB; a typo such as [0.5, 20] asked for tens of GB)
-MAX_RESIZED_PIXELS = 4 * MAX_IMAGE_PIXELS
 STATE_VERSION = 1
 #: what a run leaves in its output folder: a fresh run does not start among another run's files
 RUN_FILES = (STATE_FILE, "last.safetensors", "best.safetensors", "metrics.jsonl", "train_log.csv", "val_log.csv",
@@ -202,6 +199,11 @@ class Trainer:
                  + (f", {len(self.val_set)} validation samples ({d['val_split']})" if self.val_set else "")
                  + f"; {self.class_set.num_classes} classes ({self.class_set.name}); {self.info.world_size} "
                  f"process(es) on {self.device}; AMP {'on' if self.use_amp else 'off'}")
+        if self.info.main:  # label values no class claims are read as ignore: said here, not learnt silently
+            for name, ds in ((d["train_split"], self.train_set), (d["val_split"], self.val_set)):
+                warning = ds.unclaimed_values_warning() if ds is not None else None
+                if warning:
+                    self.say(f"warning: {name} split: {warning}")
         if any(int(v) % SIZE_DIVISOR for v in d["crop_size"]):
             h, w = (int(v) for v in d["crop_size"])
             ah, aw = aligned_size(h, w)
@@ -234,7 +236,7 @@ class Trainer:
             what = (f"data.base_size {d['base_size']}" if d["base_size"] else f"data.input_scale {d['input_scale']:g}")
             raise ConfigError(f"data.ratio_range {d['ratio_range']} with {what} resizes the training frames "
                               f"({w}x{h}, the first) up to {w * big:.0f}x{h * big:.0f}, more than "
-                              f"{MAX_RESIZED_PIXELS / 1e6:g} megapixels (icnet_ros.train.trainer.MAX_RESIZED_PIXELS)")
+                              f"{MAX_RESIZED_PIXELS / 1e6:g} megapixels (icnet_ros.data.transforms.MAX_RESIZED_PIXELS)")
 
     def first_train_size(self) -> tuple[int, int]:
         """(height, width) of the first training image in its file (read once)."""
@@ -290,13 +292,16 @@ class Trainer:
             self._input_size = [max(64, round(h * s)), max(64, round(w * s))]
         return list(self._input_size)
 
-    def network_width(self) -> int:
-        """The network width recorded in checkpoints (``input_size: auto`` resizes frames to it): data.eval_size's
-        width, else the first training image's width at the working scale (data.input_scale, or data.base_size),
-        rounded to a multiple of 32 (CamVid's 480-wide frames at x1.5: 736)."""
+    def network_width(self) -> int | None:
+        """The network width recorded in checkpoints (``input_size: auto`` resizes frames to it, keeping their
+        aspect ratio): the first training image's width at the working scale (data.input_scale, or
+        data.base_size), rounded to a multiple of 32 (CamVid's 480-wide frames at x1.5: 736). None with
+        data.eval_size: validation ran at that fixed size, which the checkpoints record as their input size and
+        ``auto`` then uses (a recorded width made ``auto`` run other sizes than the ones that chose the best
+        checkpoint: eval_size [192, 480] was validated at 192x480, evaluated at 352x480)."""
         d = self.config["data"]
         if d["eval_size"]:
-            return network_width_for(int(d["eval_size"][1]), 1.0)
+            return None
         if self._network_width is None:
             h, w = self.first_train_size()
             s = base_scale(h, w, d["input_scale"], tuple(d["base_size"]) if d["base_size"] else None)
@@ -526,7 +531,7 @@ class Trainer:
         # icnet-eval 544x736)
         cm = evaluate(self.averaged, self._val_loader(), self.normalizer, self.class_set.num_classes,
                       self.class_set.ignore_index, self.device, input_size=d["eval_size"],
-                      network_width=None if d["eval_size"] else self.network_width(),
+                      network_width=self.network_width(),
                       amp=self.use_amp, progress=self.info.main and self.config["train"]["progress"],
                       desc=f"val @{iteration}")
         metrics = cm.compute()
