@@ -82,7 +82,10 @@ class CameraInfoCache:
     A camera_info may also arrive after its image (a driver that publishes the image first, DDS reordering the two
     topics): ``match(stamp, waiting=item)`` then keeps ``item`` (what the caller needs to publish it later) for the
     last ``pending`` unmatched frames, and ``add`` returns the items its camera_info completes, as a time
-    synchroniser with a queue of ``pending`` pairs them."""
+    synchroniser with a queue of ``pending`` pairs them. A frame pushed out of that queue gave up: ``unmatched``
+    counts them, ``unmatched_gap_ns`` is the last one's stamp minus the nearest camera_info's (a driver that stamps
+    its camera_info apart from its image: image_transport's CameraSubscriber warns of it too), and
+    ``last_matched`` says whether the newest frame settled was matched (None before any)."""
 
     def __init__(self, capacity: int = 1024, pending: int = 10) -> None:
         if capacity < 1 or pending < 0:
@@ -94,6 +97,9 @@ class CameraInfoCache:
         self._static: Any | None = None
         self._lock = threading.Lock()
         self.received = 0
+        self.unmatched = 0
+        self.unmatched_gap_ns: int | None = None
+        self.last_matched: bool | None = None
 
     def add(self, info: Any) -> list[tuple[Any, Any]]:
         """Keep ``info``; returns ``(info, item)`` for each waiting frame it describes (its stamp, or every waiting
@@ -113,6 +119,7 @@ class CameraInfoCache:
             done = [item for s, item in self._waiting if s == stamp]  # two frames may share a stamp
             if done:
                 self._waiting = deque(((s, it) for s, it in self._waiting if s != stamp), maxlen=self.pending)
+                self.last_matched = True
             return [(info, item) for item in done]
 
     def match(self, stamp: int, waiting: Any = None) -> Any | None:
@@ -122,9 +129,22 @@ class CameraInfoCache:
             info = self._by_stamp.get(stamp)
             if info is None:
                 info = self._static
-            if info is None and waiting is not None and self.pending > 0:
-                self._waiting.append((stamp, waiting))  # the oldest beyond ``pending`` gives up
+            if info is not None:
+                self.last_matched = True
+            elif waiting is not None and self.pending > 0:
+                if len(self._waiting) == self.pending:  # the oldest gives up
+                    self._gave_up(self._waiting[0][0])
+                self._waiting.append((stamp, waiting))
+            elif waiting is not None:
+                self._gave_up(stamp)
             return info
+
+    def _gave_up(self, stamp: int) -> None:
+        """Under the lock: a frame stamped ``stamp`` will have no camera_info."""
+        self.unmatched += 1
+        self.last_matched = False
+        nearest = min(self._by_stamp, key=lambda s: abs(stamp - s), default=None)  # (only when a frame gives up)
+        self.unmatched_gap_ns = None if nearest is None else stamp - nearest
 
     def __len__(self) -> int:
         with self._lock:

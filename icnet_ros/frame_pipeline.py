@@ -24,7 +24,7 @@ Interface (all thread-safe):
 
 Drop reasons (per camera, in ``snapshot()["cameras"][key]["dropped"]``): ``superseded`` (a newer frame replaced an
 unprocessed one: the newest-frame policy), ``deactivated`` (pending when the node stopped taking frames:
-:meth:`discard_pending`), ``no_subscribers``, ``too_old`` (``max_age``), the decoder's reasons
+:meth:`discard_pending`; in flight when :meth:`stop` was called; submitted between :meth:`stop` and :meth:`start`), ``no_subscribers``, ``too_old`` (``max_age``), the decoder's reasons
 (``encoding``, ``size`` (also: above ``max_pixels``), ``step``, ``truncated``, ``decode``;
 :class:`~icnet_ros.ros_image.ImageFormatError`), ``rejected`` (the Segmenter refused the frame, e.g. below the
 network minimum), ``inference_error`` (the forward pass failed for this frame alone), ``out_of_memory`` (it failed
@@ -218,6 +218,7 @@ class _Item:
     wanted: set[str] | frozenset[str] = frozenset()
     frame: np.ndarray | None = None
     order: str = "RGB"
+    slotless: bool = False  # taken while nobody watched its camera: no place in the batch, dropped when served
 
 
 class FramePipeline:
@@ -244,6 +245,10 @@ class FramePipeline:
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._worker_ending = False  # the worker decided to end (under the lock)
+        # stop() ends the batch in flight's right to publish (its frames are counted 'deactivated') and refuses
+        # frames until start(): a frame or a result from before a deactivate never goes out after it
+        self._epoch = 0
+        self._accepting = True
         self._retired: list[Any] = []  # swapped-out Segmenters to close when the batch using them ends
         self._worker: threading.Thread | None = None
         self._rr = 0  # round-robin start of the next batch
@@ -268,12 +273,16 @@ class FramePipeline:
         return self._segmenter
 
     def submit(self, key: str, msg: Any) -> None:
-        """Store ``msg`` as camera ``key``'s newest frame (an unprocessed older one is dropped as ``superseded``)."""
+        """Store ``msg`` as camera ``key``'s newest frame (an unprocessed older one is dropped as ``superseded``);
+        between :meth:`stop` and :meth:`start` it is dropped as ``deactivated``."""
         cam = self._by_key[key]
         item = _Item(cam, msg, time.monotonic(), self._clock_ns(), self._cost(cam, msg))
         with self._lock:
             s = cam.stats
             s.received += 1
+            if not self._accepting:  # after stop() (a callback that passed the node's check while it deactivated)
+                s.dropped["deactivated"] += 1
+                return
             if s.last_received is not None:
                 dt = item.received_mono - s.last_received
                 s.period = dt if s.period is None else 0.8 * s.period + 0.2 * dt
@@ -319,6 +328,8 @@ class FramePipeline:
         return the old one (free to release). Returns after ``timeout`` seconds at the latest."""
         with self._lock:
             old, self._segmenter = self._segmenter, segmenter
+            if segmenter is not old:  # out-of-memory shrinks were the old model's (a smaller or fp16 one fits more)
+                self.batch_limit, self._good_batches = self.options.max_batch, 0
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._in_use is old and old is not segmenter:
                 left = None if deadline is None else deadline - time.monotonic()
@@ -342,6 +353,7 @@ class FramePipeline:
         :meth:`stop` that timed out serves on (it decides whether to end under the same lock)."""
         with self._lock:
             self._stop.clear()
+            self._accepting = True
             if self._worker is not None and self._worker.is_alive() and not self._worker_ending:
                 return
             self._worker_ending = False
@@ -349,10 +361,14 @@ class FramePipeline:
             self._worker.start()
 
     def stop(self, timeout: float = 10.0) -> bool:
-        """Stop taking frames; waits up to ``timeout`` s for the batch in flight. Frames that arrive meanwhile stay
-        pending (the newest per camera) for the next :meth:`start`. Returns whether the worker has ended."""
+        """Stop taking frames; waits up to ``timeout`` s for the batch in flight, whose frames are no longer
+        published (counted ``deactivated``: a forward pass that outlasted the timeout published after the node
+        said inactive, or after the next :meth:`start`). Frames pending now stay pending for the next start (see
+        :meth:`discard_pending`); frames submitted until then are dropped. Returns whether the worker has ended."""
         self._stop.set()
         with self._lock:
+            self._epoch += 1
+            self._accepting = False
             self._lock.notify_all()
         worker = self._worker
         if worker is not None and worker.is_alive() and threading.current_thread() is not worker:
@@ -444,14 +460,21 @@ class FramePipeline:
     def step(self, timeout: float = 0.0) -> int:
         """Take one batch (waiting up to ``timeout`` s for a first frame) and serve it; returns the frames taken.
         The worker thread calls this in a loop; tests may call it directly (without :meth:`start`)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:  # a frame first, then who watches (a viewer who subscribed while the worker waited counts)
+            while not self._stop.is_set() and not any(c.pending is not None for c in self._cameras):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return 0
+                self._lock.wait(left)
         watched = self._watched()  # outside the lock: the adapter's callback
         with self._lock:
-            batch, seg = self._take_batch(timeout, watched), self._segmenter
+            batch, seg, epoch = self._take_batch(0.0, watched), self._segmenter, self._epoch
             if not batch:
                 return 0
             self._in_use = seg
         try:
-            self._serve(seg, batch)
+            self._serve(seg, batch, epoch)
         except Exception as e:  # noqa: BLE001 - a bug here must not end the worker; report it, keep serving
             if not self._stop.is_set():
                 self._log_throttled(batch[0].cam, "internal_error", "error",
@@ -531,6 +554,7 @@ class FramePipeline:
                 continue
             if not watched.get(cam.key, True):  # dropped when served: takes no place in the batch
                 cam.credit = min(cam.credit, 0)
+                item.slotless = True
                 batch.append(item)
                 cam.pending = None
                 continue
@@ -631,10 +655,19 @@ class FramePipeline:
                 "clock sync/use_sim_time, raise max_age or use max_age_from 'receipt'" if age > opts.max_age
                 else None)
 
-    def _serve(self, seg: Any, batch: list[_Item]) -> None:
+    def _stopped_since(self, epoch: int) -> bool:
+        with self._lock:
+            return self._epoch != epoch
+
+    def _serve(self, seg: Any, batch: list[_Item], epoch: int | None = None) -> None:
+        """Serve a batch taken at stop-epoch ``epoch`` (None: the current one)."""
         opts = self.options
+        epoch = self._epoch if epoch is None else epoch
         items = []
         for it in batch:
+            if it.slotless:  # no subscriber when taken: asked again, one who came meanwhile would make the batch
+                self._drop(it.cam, "no_subscribers")  # larger than max_batch and the out-of-memory limit allow
+                continue
             try:
                 it.wanted = self._wanted(it.cam.key)
                 stamp = _stamp_ns(it.msg.header) if it.wanted else 0
@@ -666,7 +699,13 @@ class FramePipeline:
             items.append(it)
         if not items:
             return
+        if self._stopped_since(epoch):
+            for it in items:
+                self._drop(it.cam, "deactivated")
+            return
         outputs = tuple(k for k in ("label", "color", "overlay", "confidence") if any(k in it.wanted for it in items))
+        with self._lock:
+            shrinks = self.faults["batch_shrinks"]
         t0 = time.perf_counter()
         results = self._segment(seg, items, outputs)
         infer_ms = (time.perf_counter() - t0) * 1e3
@@ -676,12 +715,16 @@ class FramePipeline:
                 self.batches += 1
                 self.frames_batched += len(served)
                 self.max_batch_seen = max(self.max_batch_seen, len(served))
-                if self.batch_limit < self.options.max_batch:  # grow back after an out-of-memory shrink
+                # grow back after an out-of-memory shrink (the batch that shrank it is not a good one)
+                if self.batch_limit < self.options.max_batch and self.faults["batch_shrinks"] == shrinks:
                     self._good_batches += 1
                     if self._good_batches >= REGROW_AFTER:
                         self.batch_limit += 1
                         self._good_batches = 0
         for it, res in served:
+            if self._stopped_since(epoch):  # stopped (deactivated) while this batch ran: not published after it
+                self._drop(it.cam, "deactivated")
+                continue
             try:
                 kinds = list(self._publish(it.cam.key, it.msg, it.order, res, it.wanted))
             except Exception as e:  # noqa: BLE001 - one frame's publishing failure is that frame's
@@ -717,7 +760,7 @@ class FramePipeline:
                 self._fatal(e, items)
                 return [None] * len(items)
             if kind == "oom":
-                self._out_of_memory(e, len(items))
+                self._out_of_memory(e, len(items), seg)
             elif isinstance(e, FrameError) and 0 <= e.index < len(items):  # that frame's; the others as a batch
                 self._frame_failed(items[e.index], e)
                 rest = items[:e.index] + items[e.index + 1:]
@@ -749,16 +792,17 @@ class FramePipeline:
                 results.append(None)
         return results
 
-    def _out_of_memory(self, e: Exception, n: int) -> None:
-        """A batch of ``n`` frames ran out of memory: release the cache; the caller retries frame by frame. The
-        warning is throttled (one line every :data:`WARN_PERIOD_S` with the count since the last: a camera whose
-        every frame runs out of memory logged a line per frame, forever)."""
+    def _out_of_memory(self, e: Exception, n: int, seg: Any = None) -> None:
+        """A batch of ``n`` frames ran out of memory on ``seg``: release the cache; the caller retries frame by
+        frame. The batch limit shrinks unless ``seg`` was swapped out meanwhile (its limit is not the new model's).
+        The warning is throttled (one line every :data:`WARN_PERIOD_S` with the count since the last: a camera
+        whose every frame runs out of memory logged a line per frame, forever)."""
         release_device_memory()
         now = time.monotonic()
         with self._lock:
             self.faults["out_of_memory"] += 1
             self.faults["oom_retries"] += 1
-            if n > 1:
+            if n > 1 and (seg is None or seg is self._segmenter):
                 self.batch_limit = max(1, min(self.batch_limit, n) // 2)
                 self._good_batches = 0
                 self.faults["batch_shrinks"] += 1

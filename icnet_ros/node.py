@@ -150,6 +150,21 @@ def no_frames_hint(topic: str, publishers: int, reliability: str) -> str:
             f"ROS_AUTOMATIC_DISCOVERY_RANGE)")
 
 
+def _message_type_name(msg_type: Any) -> str:
+    """``sensor_msgs/msg/Image`` for the Image class (the name ROS graph queries give)."""
+    return f"{msg_type.__module__.split('.')[0]}/msg/{msg_type.__name__}"
+
+
+def wrong_type_hint(topic: str, others: list[str], compressed: bool) -> str:
+    """The warning for a camera topic whose publishers publish another message type than the node takes there."""
+    want = _message_type_name(CompressedImage if compressed else Image)
+    fix = ("a topic that does not end in /compressed takes sensor_msgs/msg/Image; for CompressedImage frames name "
+           "the camera's .../compressed topic in image_topics" if not compressed else
+           "a topic ending in /compressed takes sensor_msgs/msg/CompressedImage; for raw frames name the raw topic")
+    return (f"{topic}: published as {', '.join(others)}, but this node subscribes to it as {want}: no frame can "
+            f"arrive ({fix})")
+
+
 class EntityExclusiveCallbackGroup(CallbackGroup):
     """Callbacks of different entities run at the same time; one entity's never twice at once (a service's
     requests are answered in turn, /clock messages applied in order, a timer never overlaps itself). rclpy's
@@ -218,6 +233,7 @@ class Camera:
     bad_total: int = 0  # bad frames dropped, as last reported on /diagnostics
     bad_since: float | None = None  # monotonic time of the report that first saw bad_total's latest increase
     reported: tuple[int, int] = (0, 0)  # (frames served or dropped, dropped as too_old) at the last report
+    info_unmatched_seen: int = 0  # frames without a camera_info of their stamp, as last warned of
     # a replaced image subscription serves on until its successor has matched every publisher (DDS matches
     # asynchronously: a reliable writer delivers only to readers it has matched), then goes; see _watch_inputs
     retiring: Any | None = None
@@ -501,8 +517,8 @@ class SegmentationNode(LifecycleNode):
             self._active = False
             for cam in self.cameras:
                 self._unsubscribe(cam)
-        if self.pipeline is not None:
-            self.pipeline.stop(timeout)
+        pipeline = self.pipeline
+        ended = pipeline.stop(timeout) if pipeline is not None else True
         with self._pub_lock:
             for cam in self.cameras:
                 for pub in (*cam.publishers.values(), cam.info_publisher):
@@ -514,7 +530,10 @@ class SegmentationNode(LifecycleNode):
             self._classes_pub = None
         self.cameras, self._by_topic, self.pipeline = [], {}, None
         if self.segmenter is not None:
-            self.segmenter.close()
+            # a forward pass that outlasted the stop's timeout still runs on it: the worker closes it when that
+            # batch ends (its frames are not published), never under it
+            if ended or pipeline is None or pipeline.retire(self.segmenter):
+                self.segmenter.close()
             self.segmenter = None
             gc.collect()  # the model's tensors, before the allocator's cache goes back to the device
             release_device_memory()
@@ -547,9 +566,18 @@ class SegmentationNode(LifecycleNode):
         name = f"qos_overrides.{self.resolve_topic_name(topic)}.subscription.{policy}"
         return name in (getattr(self, "_parameter_overrides", None) or {}) or self.has_parameter(name)
 
-    def _publisher_reliabilities(self, topic: str) -> list[str]:
-        return ["reliable" if i.qos_profile.reliability == ReliabilityPolicy.RELIABLE else "best_effort"
-                for i in self.get_publishers_info_by_topic(self.resolve_topic_name(topic))]
+    def _camera_publishers(self, cam: Camera) -> tuple[list[str], list[str]]:
+        """The reliabilities of the publishers of the camera's message type on its topic, and the other message
+        types published there (whose messages never reach this subscription: counted, they made the subscription
+        follow a CompressedImage publisher's reliability and the no-frames warning blame QoS or DDS)."""
+        want = _message_type_name(CompressedImage if cam.compressed else Image)
+        same, other = [], set()
+        for i in self.get_publishers_info_by_topic(self.resolve_topic_name(cam.topic)):
+            if i.topic_type == want:
+                same.append("reliable" if i.qos_profile.reliability == ReliabilityPolicy.RELIABLE else "best_effort")
+            else:
+                other.add(i.topic_type)
+        return same, sorted(other)
 
     def _subscribe(self, cam: Camera) -> None:
         """The image subscription (reliability from qos_overrides, else from the publishers) and the camera_info
@@ -558,7 +586,7 @@ class SegmentationNode(LifecycleNode):
         policies = QOS_POLICIES if cam.fixed_reliability else tuple(p for p in QOS_POLICIES
                                                                     if p != QoSPolicyKind.RELIABILITY)
         if not cam.fixed_reliability:
-            cam.reliability = input_reliability(self._publisher_reliabilities(cam.topic))
+            cam.reliability = input_reliability(self._camera_publishers(cam)[0])
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, durability=DurabilityPolicy.VOLATILE,
                          reliability=ReliabilityPolicy.RELIABLE if cam.reliability == "reliable"
                          else ReliabilityPolicy.BEST_EFFORT)
@@ -644,7 +672,10 @@ class SegmentationNode(LifecycleNode):
         for cam in self.cameras:
             if cam.subscription is None:
                 continue
-            reliabilities = self._publisher_reliabilities(cam.topic)
+            reliabilities, others = self._camera_publishers(cam)
+            if others and not reliabilities and not cam.warned_no_frames:
+                cam.warned_no_frames = True
+                self.get_logger().warning(wrong_type_hint(self.resolve_topic_name(cam.topic), others, cam.compressed))
             wanted = input_reliability(reliabilities)
             if not cam.fixed_reliability and reliabilities and wanted != cam.reliability:
                 self.get_logger().info(f"{cam.topic}: publisher(s) {sorted(set(reliabilities))}: subscribing "
@@ -805,10 +836,16 @@ class SegmentationNode(LifecycleNode):
         names, announced = tuple(seg.class_set.classes), self._class_contract[0]
         seg.close()
         if names != announced:
-            raise StartupError(f"the model's {len(names)} classes differ from the {len(announced)} this node "
-                               f"announced (class ids would change under its subscribers); restart the node to use it")
+            if len(names) != len(announced):
+                what = f"the model has {len(names)} classes, this node announced {len(announced)}"
+            else:
+                i = next(i for i, (a, b) in enumerate(zip(names, announced)) if a != b)
+                what = f"the model's class {i} is {names[i]!r}, this node announced {announced[i]!r}"
+            raise StartupError(f"{what} (class ids would change under its subscribers: the class set is fixed for "
+                               "the node's lifetime, also across cleanup); restart the node to use it")
         raise StartupError("the model's class colors or ignore index differ from those this node announced (the "
-                           "classes.* parameters and the color output); restart the node to use it")
+                           "classes.* parameters and the color output; fixed for the node's lifetime, also across "
+                           "cleanup); restart the node to use it")
 
     def _describe_model(self) -> str:
         seg = self.segmenter
@@ -1040,6 +1077,7 @@ class SegmentationNode(LifecycleNode):
                 out_size, in_size = tuple(res.label.shape[:2]), tuple(res.frame_size)
                 if min(in_size) > 0:  # a camera_info still to come is published when it arrives (_on_camera_info)
                     info = cam.info_cache.match(stamp_ns(header), waiting=(header, in_size, out_size))
+                    self._warn_unmatched_camera_info(cam)
                     if info is not None:
                         try:
                             self._publish_info(info_pub, info, header, in_size, out_size)
@@ -1047,6 +1085,21 @@ class SegmentationNode(LifecycleNode):
                             self.get_logger().warning(f"{cam.topic}: cannot publish its camera_info: {e}",
                                                       throttle_duration_sec=10.0)
         return published
+
+    def _warn_unmatched_camera_info(self, cam: Camera) -> None:
+        """Say (throttled) that frames found no camera_info with their stamp: a driver or relay that stamps its
+        camera_info apart from its images (even by 1 ms) had no camera_info output at all, and no word of why."""
+        cache = cam.info_cache
+        count, gap = cache.unmatched, cache.unmatched_gap_ns
+        if count <= cam.info_unmatched_seen:
+            return
+        cam.info_unmatched_seen = count
+        where = ("" if gap is None else f" (the nearest camera_info is stamped {abs(gap) / 1e6:.3f} ms "
+                 f"{'before' if gap > 0 else 'after'} the frame)")
+        self.get_logger().warning(
+            f"{cam.topic}: {count} frame(s) so far found no camera_info with their header stamp{where}: no "
+            f"{self.config.output_namespace}/camera_info is published for them. The camera's driver must stamp each "
+            "camera_info as its image (or publish one stamped 0 for every frame)", throttle_duration_sec=10.0)
 
     @staticmethod
     def _publish_info(pub: Any, info: Any, header: Any, in_size: tuple[int, int], out_size: tuple[int, int]) -> None:
@@ -1141,7 +1194,7 @@ class SegmentationNode(LifecycleNode):
             elif s["received"] == 0 or silent is None:
                 level, message = DiagnosticStatus.WARN, "no frames received yet"
                 if cam.warned_no_frames:
-                    message += " although a publisher exists (QoS or frame size: see the node's log)"
+                    message += " although a publisher exists (QoS, frame size or message type: see the node's log)"
             elif silent > STALE_INPUT_S:
                 level, message = DiagnosticStatus.WARN, f"no frames for {silent:.0f} s"
             elif new_old and 2 * new_old >= new_frames:  # most frames lately: a camera nothing is served to
@@ -1154,6 +1207,10 @@ class SegmentationNode(LifecycleNode):
                                                          f"{BAD_FRAMES_WARN_S:g} s ({bad} in all)")
             elif s["problem"]:
                 level, message = DiagnosticStatus.WARN, f"{fps:.1f} fps; {s['problem']}"
+            elif cam.info_cache.last_matched is False:
+                level, message = DiagnosticStatus.WARN, (
+                    f"{fps:.1f} fps; camera_info stamps do not match the frames': no camera_info published "
+                    "(see the node's log)")
             st = DiagnosticStatus(level=level, name=f"{name}: {self.resolve_topic_name(cam.topic)}", hardware_id=device,
                                   message=message)
             values = [("input_rate_hz", f"{s['input_rate_hz']:.2f}"), ("processed_fps", f"{fps:.2f}"),
@@ -1166,6 +1223,7 @@ class SegmentationNode(LifecycleNode):
                       ("frames_dropped", sum(v for k, v in dropped.items() if k != "no_subscribers")),
                       ("frames_skipped_no_subscribers", dropped.get("no_subscribers", 0)),
                       ("input_reliability", cam.reliability),
+                      ("camera_info_unmatched", cam.info_cache.unmatched),
                       ("device", device), ("model", self.model_path)]
             values += [(f"dropped_{k}", v) for k, v in sorted(dropped.items()) if k != "no_subscribers"]
             with self._pub_lock:  # `outputs` set live adds and removes publishers on another thread

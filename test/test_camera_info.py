@@ -163,6 +163,23 @@ def test_a_camera_info_after_its_image_completes_the_waiting_frame():
     assert same.add(late) == [(late, "b"), (late, "c"), (late, "d")]  # the oldest beyond pending=3 gave up
 
 
+def test_the_cache_counts_frames_that_found_no_camera_info_and_by_how_much():
+    """A driver that stamps its camera_info apart from its image (1 ms later here) gave no camera_info output and
+    no word of why: the frames that give up waiting are counted with the gap to the newest camera_info."""
+    cache = CameraInfoCache(pending=2)
+    assert (cache.unmatched, cache.last_matched) == (0, None)
+    for i in range(5):
+        cache.add(info(stamp=(10, i * 100_000_000 + 1_000_000)))  # camera_info 1 ms after each frame
+        assert cache.match(10 * 10**9 + i * 100_000_000, waiting=i) is None
+    assert cache.unmatched == 3 and cache.last_matched is False  # frames 0-2 gave up (2 still wait)
+    assert cache.unmatched_gap_ns == -1_000_000  # frame 2 vs the nearest camera_info, 1 ms after it
+    late = info(stamp=(10, 4 * 100_000_000))
+    assert cache.add(late) == [(late, 4)] and cache.last_matched is True and cache.unmatched == 3
+    alone = CameraInfoCache(pending=0)  # nothing waits: a frame without its camera_info gives up at once
+    assert alone.match(5, waiting="x") is None and alone.unmatched == 1 and alone.unmatched_gap_ns is None
+    assert alone.match(5) is None and alone.unmatched == 1  # match() alone (no frame to publish) counts nothing
+
+
 def test_cache_is_thread_safe():
     cache = CameraInfoCache(capacity=8)
     errors = []

@@ -518,7 +518,7 @@ def test_lifecycle_in_process_frees_the_model_and_refuses_other_classes(checkpoi
             assert torch.cuda.memory_allocated() > base
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS and node.pipeline.running
         result = node.set_parameters([Parameter("model", value=str(other))])[0]
-        assert not result.successful and "classes differ" in result.reason, result
+        assert not result.successful and "the model has 5 classes, this node announced 11" in result.reason
         recolored = load_model(checkpoint)  # the same classes in other colors: the classes.* parameters would lie
         meta = {**recolored.meta, "palette": [[255 - v for v in c] for c in recolored.meta["palette"]]}
         save_checkpoint(recolored, tmp_path / "recolored.safetensors", meta)
@@ -530,6 +530,16 @@ def test_lifecycle_in_process_frees_the_model_and_refuses_other_classes(checkpoi
         assert node.segmenter is None and node.pipeline is None and node.cameras == []
         if device == "cuda":
             assert torch.cuda.memory_allocated() <= base
+        # the class set is the node's for its lifetime, also across cleanup; the refusal names the first difference
+        # (it said "the model's 11 classes differ from the 11 this node announced")
+        renamed = load_model(checkpoint)
+        names = list(renamed.meta["classes"])
+        save_checkpoint(renamed, tmp_path / "renamed.safetensors",
+                        {**renamed.meta, "classes": [names[0], "heaven", *names[2:]]})
+        assert node.set_parameters([Parameter("model", value=str(tmp_path / "renamed.safetensors"))])[0].successful
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert node.startup_error.startswith(f"the model's class 1 is 'heaven', this node announced {names[1]!r} "
+                                             "(class ids would change"), node.startup_error
 
 
 def test_overlapping_subscriptions_take_each_frame_once_in_order(checkpoint: Path):
@@ -896,7 +906,7 @@ def test_a_refused_change_keeps_the_outputs_while_it_runs(checkpoint: Path, tmp_
         node._load_segmenter = lambda config: (during.append(dict(cam.publishers)), load(config))[1]
         result = node.set_parameters_atomically([Parameter("outputs", value=["label", "overlay"]),
                                                  Parameter("model", value=str(other))])
-        assert not result.successful and "classes differ" in result.reason, result
+        assert not result.successful and "this node announced 11" in result.reason, result
         assert during and during[0]["color"] is color and "overlay" in during[0]  # the added one advertised first
         assert set(cam.publishers) == {"label", "color"} and cam.publishers["color"] is color
         assert node.set_parameters_atomically([Parameter("outputs", value=["label"])]).successful
@@ -1165,6 +1175,79 @@ def test_compressed_camera_info_is_scaled_from_the_frame_not_the_live_output_siz
         node._publish(topic, msg, "RGB", res, {"camera_info"})
         assert len(sent) == 1 and (sent[0].width, sent[0].height) == (48, 32), sent
         assert sent[0].k[0] == pytest.approx(40.0)
+
+
+def test_camera_info_stamped_apart_from_the_frames_is_said_in_the_log_and_diagnostics(checkpoint: Path, capfd):
+    """A driver or relay that stamps camera_info 1 ms after its image: the node published no camera_info at all,
+    with no warning and /diagnostics OK. Now one throttled warning with the gap, and the camera is WARN while its
+    frames find no camera_info; a matching one makes it OK again."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from sensor_msgs.msg import CameraInfo
+
+    from icnet_ros.engine import SegmentResult
+
+    with _diagnostics_node(checkpoint) as (node, camera_status, wait_counts):
+        topic = "/dg/image_raw"
+        cam = node._by_topic[topic]
+        node.pipeline.submit(topic, image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8"))  # the camera publishes
+        wait_counts("processed", 1)
+        assert camera_status().level == DiagnosticStatus.OK
+        sent: list = []
+
+        class Subscribed:  # the camera_info publisher, with a subscriber
+            def get_subscription_count(self):
+                return 1
+
+            def publish(self, m):
+                sent.append(m)
+        cam.info_publisher = Subscribed()
+        res = SegmentResult(label=np.zeros((64, 96), np.uint8), frame_size=(64, 96))
+        for i in range(cam.info_cache.pending + 3):
+            info = CameraInfo(width=96, height=64, k=[80.0, 0, 48, 0, 80.0, 32, 0, 0, 1])
+            info.header.stamp.sec, info.header.stamp.nanosec = 7, i * 10_000_000 + 1_000_000
+            node._on_camera_info(cam, info)
+            msg = image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8")
+            msg.header.stamp.sec, msg.header.stamp.nanosec = 7, i * 10_000_000
+            node._publish(topic, msg, "RGB", res, {"camera_info"})
+        assert sent == [] and cam.info_cache.unmatched == 3
+        st = camera_status()
+        assert st.level == DiagnosticStatus.WARN and "camera_info stamps do not match the frames'" in st.message, st
+        assert {kv.key: kv.value for kv in st.values}["camera_info_unmatched"] == "3"
+        info.header.stamp.nanosec = msg.header.stamp.nanosec  # the driver fixed: stamped as its image
+        node._on_camera_info(cam, info)
+        assert len(sent) == 1 and sent[0].header.stamp == msg.header.stamp  # the waiting frame's, published late
+        assert camera_status().level == DiagnosticStatus.OK
+    err = capfd.readouterr().err
+    assert err.count("frame(s) so far found no camera_info with their header stamp") == 1, err  # throttled
+    assert ("/dg/image_raw: 1 frame(s) so far found no camera_info with their header stamp (the nearest camera_info "
+            "is stamped 1.000 ms after the frame): no semantic/camera_info is published for them") in err, err
+
+
+def test_a_publisher_of_another_message_type_is_named_not_blamed_on_qos(ros: RosHarness, checkpoint: Path, capfd):
+    """A CompressedImage publisher on a raw Image topic: the node counted it as a publisher of frames, switched its
+    subscription to the publisher's reliability, and warned of incompatible QoS or another DDS configuration. Now
+    it is left out of the reliability choice and the warning names the type and the fix, at once."""
+    from sensor_msgs.msg import CompressedImage
+
+    with _diagnostics_node(checkpoint) as (node, _, _):
+        (cam,) = node.cameras
+        assert cam.reliability == "best_effort"
+        pub = ros.publisher(CompressedImage, "/dg/image_raw")  # reliable, from another participant
+        try:
+            deadline = time.monotonic() + 10
+            while not node.get_publishers_info_by_topic("/dg/image_raw") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            node._watch_cameras()
+            node._watch_cameras()
+            assert cam.reliability == "best_effort" and cam.warned_no_frames
+        finally:
+            ros.node.destroy_publisher(pub)
+    err = capfd.readouterr().err
+    assert err.count("/dg/image_raw: published as") == 1 and "Likely cause" not in err, err
+    assert ("/dg/image_raw: published as sensor_msgs/msg/CompressedImage, but this node subscribes to it as "
+            "sensor_msgs/msg/Image: no frame can arrive (a topic that does not end in /compressed takes "
+            "sensor_msgs/msg/Image; for CompressedImage frames name the camera's .../compressed topic in "
+            "image_topics)") in err, err
 
 
 def test_diagnostics_of_an_unconfigured_node_say_why(checkpoint: Path, tmp_path: Path):
