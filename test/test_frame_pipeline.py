@@ -563,6 +563,19 @@ def test_out_of_memory_retries_frame_by_frame_and_shrinks_the_batch(segmenter: S
     assert pipe.snapshot()["batch_limit"] == 2
 
 
+def _out_of_memory_once() -> tuple[Callable[[int], Exception | None], list[int]]:
+    """An error function for :func:`_failing_forward`: the first batch of more than one frame runs out of memory
+    (its size recorded in the returned list), nothing else does."""
+    failed: list[int] = []
+
+    def once(n: int) -> Exception | None:
+        if n > 1 and not failed:
+            failed.append(n)
+            return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return None
+    return once, failed
+
+
 def test_the_batch_limit_grows_back_after_an_out_of_memory_shrink(segmenter: Segmenter,
                                                                    monkeypatch: pytest.MonkeyPatch):
     """After a shrink the limit grows by one every REGROW_AFTER good batches (counted afresh after each step), up
@@ -570,13 +583,7 @@ def test_the_batch_limit_grows_back_after_an_out_of_memory_shrink(segmenter: Seg
     import icnet_ros.frame_pipeline as fp
 
     monkeypatch.setattr(fp, "REGROW_AFTER", 3)
-    failed = []
-
-    def once(n: int) -> Exception | None:
-        if n > 1 and not failed:
-            failed.append(n)
-            return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return None
+    once, failed = _out_of_memory_once()
     sizes = _failing_forward(segmenter, monkeypatch, once)
     keys = ["/a", "/b", "/c"]
     pipe, published, _ = pipe_of(segmenter, keys, max_batch=3, max_age=0)
@@ -599,13 +606,7 @@ def test_the_batch_limit_grows_back_after_an_out_of_memory_shrink(segmenter: Seg
 def test_a_swap_gives_the_new_model_the_whole_max_batch(segmenter: Segmenter, monkeypatch: pytest.MonkeyPatch):
     """Out-of-memory shrinks were the old model's: swapping to a model that fits (fp16, a smaller one: what a user
     tries after such errors) ran at batch 1, then 2, for REGROW_AFTER batches each."""
-    failed = []
-
-    def once(n: int) -> Exception | None:
-        if n > 1 and not failed:
-            failed.append(n)
-            return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return None
+    once, _ = _out_of_memory_once()
     _failing_forward(segmenter, monkeypatch, once)
     keys = ["/a", "/b", "/c"]
     pipe, _, _ = pipe_of(segmenter, keys, max_batch=3, max_age=0)

@@ -1145,6 +1145,19 @@ def test_diagnostics_of_a_deactivated_node_are_not_stale_input(checkpoint: Path,
         assert camera_status().level == DiagnosticStatus.WARN  # active again and silent for 0.4 s: stale
 
 
+class _SubscribedPublisher:
+    """A camera_info publisher with a subscriber: what it publishes is kept in ``sent``."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def get_subscription_count(self) -> int:
+        return 1
+
+    def publish(self, msg: Any) -> None:
+        self.sent.append(msg)
+
+
 def test_compressed_camera_info_is_scaled_from_the_frame_not_the_live_output_size(checkpoint: Path):
     """A compressed camera's camera_info is scaled from the JPEG's own size to the label's. It took the label's
     size as the frame's whenever output_size was 'input' now: a frame segmented at output_size 'model' and
@@ -1158,15 +1171,9 @@ def test_compressed_camera_info_is_scaled_from_the_frame_not_the_live_output_siz
         assert node.config.engine.output_size == "input"
         topic = "/dg/image_raw"
         cam = node._by_topic[topic]
-        sent: list = []
-
-        class Subscribed:  # the camera_info publisher, with a subscriber
-            def get_subscription_count(self):
-                return 1
-
-            def publish(self, m):
-                sent.append(m)
-        cam.compressed, cam.info_publisher = True, Subscribed()
+        info_publisher = _SubscribedPublisher()
+        sent = info_publisher.sent
+        cam.compressed, cam.info_publisher = True, info_publisher
         stamp = node.get_clock().now().to_msg()
         cam.info_cache.add(CameraInfo(width=96, height=64, k=[80.0, 0, 48, 0, 80.0, 32, 0, 0, 1]))
         msg = CompressedImage(format="jpeg", data=cv2.imencode(".jpg", np.zeros((64, 96, 3), np.uint8))[1].tobytes())
@@ -1192,15 +1199,9 @@ def test_camera_info_stamped_apart_from_the_frames_is_said_in_the_log_and_diagno
         node.pipeline.submit(topic, image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8"))  # the camera publishes
         wait_counts("processed", 1)
         assert camera_status().level == DiagnosticStatus.OK
-        sent: list = []
-
-        class Subscribed:  # the camera_info publisher, with a subscriber
-            def get_subscription_count(self):
-                return 1
-
-            def publish(self, m):
-                sent.append(m)
-        cam.info_publisher = Subscribed()
+        info_publisher = _SubscribedPublisher()
+        sent = info_publisher.sent
+        cam.info_publisher = info_publisher
         res = SegmentResult(label=np.zeros((64, 96), np.uint8), frame_size=(64, 96))
         for i in range(cam.info_cache.pending + 3):
             info = CameraInfo(width=96, height=64, k=[80.0, 0, 48, 0, 80.0, 32, 0, 0, 1])
