@@ -1251,6 +1251,43 @@ def test_a_publisher_of_another_message_type_is_named_not_blamed_on_qos(ros: Ros
             "image_topics)") in err, err
 
 
+def test_cleanup_during_a_forward_pass_longer_than_its_wait_leaves_the_model_to_the_worker(checkpoint: Path):
+    """Cleanup waits a bounded time for the forward pass in flight; when that runs out, the model was closed under
+    the running pass and its frames were published by a node already unconfigured. Now the worker closes the model
+    when the pass ends, and its frames are counted as deactivated, not published."""
+    import threading
+
+    with _diagnostics_node(checkpoint) as (node, _, _):
+        pipeline, real = node.pipeline, node.segmenter
+        entered, gate, closed, published = threading.Event(), threading.Event(), [], []
+
+        class Slow:  # the real Segmenter behind a gate; close() recorded
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def segment(self, *args, **kwargs):
+                entered.set()
+                gate.wait(30)
+                return real.segment(*args, **kwargs)
+
+            def close(self):
+                closed.append(self)
+        slow = Slow()
+        node.segmenter = slow
+        pipeline.swap_segmenter(slow)
+        pipeline._publish = lambda *args: published.append(args) or ["label"]
+        pipeline.submit("/dg/image_raw", image_msg(np.zeros((64, 96, 3), np.uint8), "rgb8"))
+        assert entered.wait(30)
+        node._release(timeout=0.1)  # what cleanup does, with a wait the pass outlasts
+        assert node.segmenter is None and closed == []  # not closed under the running pass
+        gate.set()
+        deadline = time.monotonic() + 30
+        while not closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert closed == [slow] and published == []
+        assert pipeline.snapshot()["cameras"]["/dg/image_raw"]["dropped"] == {"deactivated": 1}
+
+
 def test_diagnostics_of_an_unconfigured_node_say_why(checkpoint: Path, tmp_path: Path):
     """Under a lifecycle manager (autostart false) a node that is waiting, or whose configure failed, reports its
     state on /diagnostics (it published nothing until configured: a failed configure was only in the log)."""
