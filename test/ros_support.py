@@ -26,6 +26,8 @@ import pytest
 TEST_DIR = Path(__file__).resolve().parent
 REPO = TEST_DIR.parent
 PROFILE = TEST_DIR / "fastdds_loopback.xml"
+#: the same without shared memory, for children of a test that SIGKILLs a DDS process (see the file)
+UDP_PROFILE = TEST_DIR / "fastdds_loopback_udp.xml"
 
 
 def ensure_ros_env() -> None:

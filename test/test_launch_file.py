@@ -183,6 +183,12 @@ def test_rviz_config_shows_input_overlay_and_color():
 def test_dds_profiles_bind_loopback_only():
     import xml.etree.ElementTree as ET
 
+    root = ET.parse(REPO / "test" / "fastdds_loopback_udp.xml").getroot()  # UDP only (tests that SIGKILL a peer)
+    ns = {"d": "http://www.eprosima.com"}
+    types = [t.findtext("d:type", None, ns) for t in root.iterfind(".//d:transport_descriptor", ns)]
+    assert types == ["UDPv4"] and [a.text for a in root.iterfind(".//d:interfaceWhiteList/d:address", ns)] == [
+        "127.0.0.1"] and root.findtext(".//d:participant/d:rtps/d:useBuiltinTransports", None, ns) == "false"
+
     for path in (REPO / "test" / "fastdds_loopback.xml", REPO / "icnet_ros" / "data" / "fastdds_loopback.xml"):
         root = ET.parse(path).getroot()
         ns = {"d": "http://www.eprosima.com"}
