@@ -62,7 +62,7 @@ setup(
             "icnet_node = icnet_ros.node_process:main",  # signal handlers before the heavy imports
             "icnet-play = icnet_ros.tools.entry_points:icnet_play",  # signal handlers before numpy / OpenCV
             "icnet-convert = icnet_ros.tools.entry_points:icnet_convert",
-            "icnet-export = icnet_ros.tools.export:main",
+            "icnet-export = icnet_ros.tools.entry_points:icnet_export",
             "icnet-segment = icnet_ros.tools.segment:main",
             "icnet-bench = icnet_ros.tools.entry_points:icnet_bench",  # signal handlers before torch
             "icnet-train = icnet_ros.tools.entry_points:icnet_train",

@@ -211,8 +211,9 @@ def export_onnx(model_or_path: Any, output: str | os.PathLike, size: tuple[int, 
         model, meta = inference_model(model_or_path, (h, w), fp16)
         bar.update()
         bar.set_postfix_str("torch.onnx.export (dynamo)")
-        # dynamic batch: an example batch of 2 (torch.export specialises a batch of 1 to the constant 1)
-        example = torch.randn(max(2, batch) if dynamic_batch else batch, 3, h, w)
+        # dynamic batch: an example batch of 2 (torch.export specialises a batch of 1 to the constant 1), whatever
+        # --batch records (an example of 64 frames took 1.5 GB more at 1024x2048, for a shape alone)
+        example = torch.randn(2 if dynamic_batch else batch, 3, h, w)
         dynamic_shapes = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
         with _quiet_exporter():
             program = torch.onnx.export(model, (example,), None, dynamo=True, external_data=False, verbose=False,

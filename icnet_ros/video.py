@@ -378,6 +378,13 @@ class ImageFolder(ImageFiles):
         self.names = ["__".join(p.relative_to(self.folder).with_suffix("").parts) for p in paths]
 
 
+def _ffmpeg_path(path: str | os.PathLike) -> str:
+    """A file's path as FFmpeg must be given it (OpenCV passes it on as a URL): absolute, so that a relative name
+    with a colon (``2024-05-01T12:30:00.mp4``, an output ``run:1/x.mp4``) is not read as a protocol
+    (``2024-05-01T12:``) and the video could not be opened or written (the writer said to name it .mp4)."""
+    return os.path.abspath(os.fspath(path))
+
+
 class VideoFile(FrameSource):
     """Frames of a video file decoded by OpenCV; ``start``/``stride``/``max_frames`` select a sub-sequence (indices
     stay those of the video). Timestamps are ``index / fps`` (nominal rate), else the decoder's position.
@@ -420,7 +427,7 @@ class VideoFile(FrameSource):
         self._cap: cv2.VideoCapture | None = None
 
     def _open(self) -> cv2.VideoCapture:
-        cap = cv2.VideoCapture(str(self.path))
+        cap = cv2.VideoCapture(_ffmpeg_path(self.path))
         if not cap.isOpened():
             cap.release()
             raise SourceError(f"cannot open video {self.path} (unsupported container or codec?)")
@@ -614,14 +621,14 @@ def _probe_writer(path: Path, fps: float, fourcc: str) -> tuple[bool, bool]:
         return False, False
     try:
         with quiet_stderr():
-            writer = cv2.VideoWriter(str(tmp), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*fourcc), fps, (64, 64))
+            writer = cv2.VideoWriter(_ffmpeg_path(tmp), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*fourcc), fps, (64, 64))
             try:
                 opened = writer.isOpened() and writer.write(np.zeros((64, 64, 3), np.uint8)) is not False
             finally:
                 writer.release()
             if not opened:
                 return False, False
-            cap = cv2.VideoCapture(str(tmp), cv2.CAP_FFMPEG)
+            cap = cv2.VideoCapture(_ffmpeg_path(tmp), cv2.CAP_FFMPEG)
             try:
                 return True, bool(cap.isOpened() and cap.read()[0])
             finally:
@@ -680,8 +687,8 @@ class VideoWriter:
                 raise OSError(f"cannot write {self.path}: {e.strerror or e}") from e
             # FFmpeg only: OpenCV's fallback for a file type FFmpeg does not write (.gif, .png) is its image sequence
             # writer, which left numbered files beside the temporary file that nothing removed
-            self._writer = cv2.VideoWriter(str(self.temp_path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*self.fourcc),
-                                           self.fps, self.size)
+            self._writer = cv2.VideoWriter(_ffmpeg_path(self.temp_path), cv2.CAP_FFMPEG,
+                                           cv2.VideoWriter_fourcc(*self.fourcc), self.fps, self.size)
             if not self._writer.isOpened():
                 self._writer = None
                 self._remove_temp()
@@ -728,7 +735,7 @@ class VideoWriter:
             raise OSError(self.error)
         if not self.frames or self.temp_path is None:
             return
-        cap = cv2.VideoCapture(str(self.temp_path))
+        cap = cv2.VideoCapture(_ffmpeg_path(self.temp_path))
         try:
             count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else None
         finally:

@@ -232,6 +232,16 @@ def test_graph_input_is_the_metadata_network_size(tmp_path, tiny_ckpt):
         open_backend(path, BackendOptions(threads=1))
     assert "graph's input is 4160x4160, the metadata's network_size 64x64" in str(e.value)
     assert "\n" not in str(e.value)
+    # a graph whose H and W are symbolic (an edited export) runs at the metadata's size: it was taken as "any
+    # size", and input_size auto's frames of another size failed in ORT, every one, with a multi-line message
+    from icnet_ros.engine import Segmenter
+
+    free = open_backend(_tiny_onnx(tmp_path / "free.onnx", tiny_ckpt, in_shape=["N", 3, "H", "W"],
+                                   out_shape=["N", 11, "h", "w"]), BackendOptions(threads=1))
+    assert free.fixed_size == (64, 64)
+    seg = Segmenter(str(tmp_path / "free.onnx"), device="cpu", warmup=False)
+    assert seg.network_size(360, 480) == (64, 64)
+    assert seg.segment([np.zeros((360, 480, 3), np.uint8)])[0].label.shape == (360, 480)
 
 
 def _tensorrt_ep_options(monkeypatch, path, cache_dir):

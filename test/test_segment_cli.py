@@ -94,6 +94,19 @@ def test_video_source(tmp_path):
     assert [s.description for s, _ in iter_frames([open_source(path), ImageFiles([])])] == [str(path)] * 9
 
 
+def test_videos_with_a_colon_in_a_relative_name_are_read_and_written(tmp_path, monkeypatch):
+    """FFmpeg takes what precedes a colon as a protocol: a relative ISO-timestamp name (2024-05-01T12:30:00.mp4)
+    could not be opened ("unsupported container or codec?"), and a video could not be written into run:1/ ("name
+    it .mp4"). Paths now reach FFmpeg absolute."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run:1").mkdir()
+    with VideoWriter("run:1/2024-05-01T12:30:00.mp4", 10.0) as writer:
+        for i in range(4):
+            writer.write(np.full((64, 96, 3), 40 * i, np.uint8))
+    src = open_source("run:1/2024-05-01T12:30:00.mp4")
+    assert len(src) == 4 and [f.bgr.shape for f in src] == [(64, 96, 3)] * 4
+
+
 def test_source_errors(tmp_path):
     with pytest.raises(SourceError, match="input not found"):
         open_source(tmp_path / "nope.png")

@@ -226,11 +226,14 @@ class OnnxRuntimeBackend:
         self.exact_batch = self.max_batch is not None  # a fixed batch axis (a TensorRT profile is a limit)
         if self.provider == "TensorrtExecutionProvider" and self.max_batch is None:
             self.max_batch = profile_batch(self.meta)
-        self.fixed_size: tuple[int, int] | None = (h, w) if isinstance(h, int) and isinstance(w, int) else None
         network = tuple(self.meta["network_size"])  # validated: at most MAX_UPSCALED_PIXELS
         if any(isinstance(d, int) and d != v for d, v in zip((h, w), network)):
             raise CheckpointError(f"{self.path}: the graph's input is {h}x{w}, the metadata's network_size "
                                   f"{network[0]}x{network[1]}; a model file sets one network size")
+        # the network size is the metadata's also where the graph leaves H or W symbolic (an edited file): its
+        # pyramid pooling was exported for that size, and frames resized by ``auto`` to another failed in ORT,
+        # every one, with a multi-line message (OpenVINO refuses such a file at load)
+        self.fixed_size: tuple[int, int] | None = (int(network[0]), int(network[1]))
         self.num_classes = int(self.meta["arch"]["num_classes"])
         self.logits_size = ICNetConfig.from_dict(self.meta["arch"]).logits_size  # validated with the metadata
         # the logits must be what the metadata says (labels index its classes): the class axis where the graph fixes

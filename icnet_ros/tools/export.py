@@ -125,12 +125,12 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli_checks import run_stoppable
+
     args = build_parser().parse_args(argv)
-    try:
-        return _main(args, argv)
-    except KeyboardInterrupt:  # files are written to a temporary file and renamed: nothing partial is left
-        print("icnet-export: interrupted", file=sys.stderr)
-        return 130
+    # files are written to a temporary file and renamed: a Ctrl-C or SIGTERM (timeout, systemd, docker stop) leaves
+    # nothing partial (SIGTERM killed the process before its cleanup: a 50 MB hidden temporary file per run)
+    return run_stoppable("icnet-export", lambda stop: _main(args, argv))
 
 
 def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
