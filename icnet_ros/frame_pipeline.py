@@ -469,7 +469,7 @@ class FramePipeline:
                 self._lock.wait(left)
         watched = self._watched()  # outside the lock: the adapter's callback
         with self._lock:
-            batch, seg, epoch = self._take_batch(0.0, watched), self._segmenter, self._epoch
+            batch, seg, epoch = self._take_batch(watched), self._segmenter, self._epoch
             if not batch:
                 return 0
             self._in_use = seg
@@ -505,18 +505,12 @@ class FramePipeline:
                 watched[cam.key] = True
         return watched
 
-    def _take_batch(self, timeout: float, watched: dict[str, bool] | None = None) -> list[_Item]:
-        """Under the lock: wait for frames; return the newest frame of up to ``max_batch`` watched cameras (round
-        robin, starting after the camera served last), plus the pending frames of unwatched cameras (``watched``:
-        no subscriber; they take no place in the batch and are dropped as ``no_subscribers`` when served)."""
-        watched = watched or {}
-        deadline = time.monotonic() + timeout
-        while not self._stop.is_set() and not any(c.pending is not None for c in self._cameras):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return []
-            self._lock.wait(left)
-        if self._stop.is_set():
+    def _take_batch(self, watched: dict[str, bool]) -> list[_Item]:
+        """Under the lock, once a frame is pending (:meth:`step` waits for it): the newest frame of up to
+        ``max_batch`` watched cameras (round robin, starting after the camera served last), plus the pending frames
+        of unwatched cameras (``watched``: no subscriber; they take no place in the batch and are dropped as
+        ``no_subscribers`` when served). Nothing when stopped or when no frame is pending any more."""
+        if self._stop.is_set() or not any(c.pending is not None for c in self._cameras):
             return []
         opts = self.options
         n = len(self._cameras)
@@ -659,10 +653,9 @@ class FramePipeline:
         with self._lock:
             return self._epoch != epoch
 
-    def _serve(self, seg: Any, batch: list[_Item], epoch: int | None = None) -> None:
-        """Serve a batch taken at stop-epoch ``epoch`` (None: the current one)."""
+    def _serve(self, seg: Any, batch: list[_Item], epoch: int) -> None:
+        """Serve a batch taken at stop-epoch ``epoch`` (a :meth:`stop` since then: nothing is published)."""
         opts = self.options
-        epoch = self._epoch if epoch is None else epoch
         items = []
         for it in batch:
             if it.slotless:  # no subscriber when taken: asked again, one who came meanwhile would make the batch

@@ -20,6 +20,7 @@ file and the reason.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -373,6 +374,13 @@ def _read_label_values(path: Path, class_set: ClassSet, table: np.ndarray) -> tu
     return raw, None
 
 
+@functools.cache
+def _voc_palette() -> np.ndarray:
+    """PASCAL VOC's 256 x 3 palette (index 0 black; the generated class palettes are its colours from index 1),
+    made once (per label file it cost a 2,000-step Python loop)."""
+    return np.array(((0, 0, 0), *generic_palette(255)), np.int64)
+
+
 def _palette_is_colours(indices: np.ndarray, colours: np.ndarray, class_set: ClassSet) -> bool:
     """Whether a paletted label is a colour label saved with a palette of its own (a quantiser's, or an editor's
     indexed export: CamVid's colours at indices in the order the file met them) rather than class values with a
@@ -383,8 +391,7 @@ def _palette_is_colours(indices: np.ndarray, colours: np.ndarray, class_set: Cla
     colour label saved so gave most pixels the wrong class (index 0, the pole colour, read as sky)."""
     used = np.flatnonzero(np.bincount(indices.ravel(), minlength=256))
     shown = colours[used].astype(np.int64)
-    voc = np.array(((0, 0, 0), *generic_palette(255)), np.int64)
-    if (shown == voc[used]).all() or (shown == used[:, None]).all():
+    if (shown == _voc_palette()[used]).all() or (shown == used[:, None]).all():
         return False
     class_colours = {tuple(c): i for i, c in enumerate(class_set.palette)}
     owner = [class_colours.get(tuple(int(v) for v in colours[u]), None) for u in used]
@@ -662,9 +669,8 @@ class SegmentationDataset(Dataset):
             if values is None:
                 continue
             hist = np.bincount(values.ravel(), minlength=256)
-            hist[: void_up_to + 1] = 0
+            hist[: void_up_to + 1] = 0  # the claimed values and the void ones up to one past them
             hist[self.class_set.ignore_index] = 0
-            hist[claimed] = 0
             if hist.any():
                 total += values.size
                 counts += hist
